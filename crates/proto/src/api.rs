@@ -1,0 +1,254 @@
+//! Bodies of the native JSON API under `/v1` (snake_case keys that scripts can rely on).
+//!
+//! | route | body | answer |
+//! |---|---|---|
+//! | `GET /v1/health` (no token) | | [`Health`] |
+//! | `POST /v1/activations` | [`CreateActivation`] | [`Activation`] |
+//! | `GET /v1/activations` | | `[Activation]` |
+//! | `GET /v1/nodes` | | `[Node]` |
+//! | `GET /v1/nodes/{node_id}` | | [`Node`] |
+//! | `POST /v1/commands` | [`SendCommand`] | [`Command`] (201) |
+//! | `GET /v1/commands?limit=N&before=CURSOR` | | `[Command]` newest first, without invocations |
+//! | `GET /v1/commands/{command_id}` | | [`Command`] with invocations |
+//! | `GET /v1/commands/{command_id}/watch` | | NDJSON of [`Command`] (no invocations), one per change, ending when terminal |
+//! | `GET /v1/commands/{command_id}/invocations` | | `[Invocation]` |
+//! | `GET /v1/commands/{command_id}/invocations/{node_id}/output/{stdout,stderr}[?follow=true]` | | the raw bytes |
+//! | `POST /v1/commands/{command_id}/cancel` | [`CancelCommand`] | [`Command`] |
+//! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
+//!
+//! Every route but health and the agent channel needs `Authorization: Bearer TOKEN`. Errors are
+//! [`ErrorBody`] with a 4xx status (5xx only for faults of the server itself).
+
+use crate::ids::{CommandId, NodeId};
+use crate::status::{CommandStatus, InvocationStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// SSM's document for shell scripts: the only document fleetrun runs today.
+pub const DOCUMENT_RUN_SHELL_SCRIPT: &str = "AWS-RunShellScript";
+
+/// Answer of `GET /v1/health`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// Server version.
+    pub version: String,
+    /// Agent channel protocol version.
+    pub protocol_version: u32,
+}
+
+/// Error answer of every route.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Machine-readable code, e.g. `InvalidTarget`, `CommandNotFound`, `Unauthorized`.
+    pub code: String,
+    /// One line naming what is wrong.
+    pub message: String,
+}
+
+/// Body of `POST /v1/activations`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateActivation {
+    /// Tags given to every node that registers with the activation.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Most nodes that may register with it (default 1, as SSM).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// Seconds until it expires (default 24 h, as SSM; at most 30 days).
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    /// A note for operators.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// An activation: a code agents register with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Activation {
+    /// Public id of the activation.
+    pub activation_id: String,
+    /// The secret code; shown only when created (empty in listings).
+    pub code: String,
+    /// Tags given to registering nodes.
+    pub tags: BTreeMap<String, String>,
+    /// Most registrations.
+    pub limit: u64,
+    /// Registrations so far.
+    pub registrations: u64,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Expiry time (RFC 3339).
+    pub expires_at: String,
+    /// Whether it has expired.
+    pub expired: bool,
+    /// A note for operators.
+    pub description: String,
+}
+
+/// A managed node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Node {
+    /// `mi-...`.
+    pub node_id: NodeId,
+    /// Display name.
+    pub name: String,
+    /// `Online` or `ConnectionLost`.
+    pub ping_status: String,
+    /// Last time the node was connected (RFC 3339).
+    pub last_seen: String,
+    /// Hostname.
+    pub hostname: String,
+    /// OS.
+    pub os: String,
+    /// Architecture.
+    pub arch: String,
+    /// IP addresses.
+    pub ips: Vec<String>,
+    /// Agent version.
+    pub agent_version: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// The activation it registered with.
+    pub activation_id: String,
+    /// Registration time (RFC 3339).
+    pub registered_at: String,
+}
+
+/// Body of `POST /v1/commands`: run a shell script on nodes. Fields follow SSM's SendCommand.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendCommand {
+    /// Nodes by id.
+    #[serde(default)]
+    pub node_ids: Vec<NodeId>,
+    /// A target expression (crate::targets), e.g. `tag:env=prod`.
+    #[serde(default)]
+    pub targets: Option<String>,
+    /// The document; only `AWS-RunShellScript` today (the default).
+    #[serde(default)]
+    pub document_name: Option<String>,
+    /// The document's `commands` parameter: lines of the script.
+    pub commands: Vec<String>,
+    /// The document's `workingDirectory` parameter.
+    #[serde(default)]
+    pub working_directory: Option<String>,
+    /// The document's `executionTimeout` parameter, in seconds (default 3600, at most 172800).
+    #[serde(default)]
+    pub execution_timeout_secs: Option<u64>,
+    /// Delivery timeout, in seconds (SSM's `TimeoutSeconds`; default 3600).
+    #[serde(default)]
+    pub delivery_timeout_secs: Option<u64>,
+    /// `N` or `N%` (default 50).
+    #[serde(default)]
+    pub max_concurrency: Option<String>,
+    /// `N` or `N%` (default 0).
+    #[serde(default)]
+    pub max_errors: Option<String>,
+    /// Up to 100 characters.
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// A command: one document run sent to some nodes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Command {
+    /// UUID.
+    pub command_id: CommandId,
+    /// `AWS-RunShellScript`.
+    pub document_name: String,
+    /// The document's parameters, as SSM shows them (`commands`, `workingDirectory`, `executionTimeout`).
+    pub parameters: BTreeMap<String, Vec<String>>,
+    /// Comment.
+    pub comment: String,
+    /// Node ids asked for.
+    pub node_ids: Vec<NodeId>,
+    /// Target expression asked for (empty if none).
+    pub targets: String,
+    /// Rolled-up status.
+    pub status: CommandStatus,
+    /// Rolled-up status details.
+    pub status_details: String,
+    /// When it was sent (RFC 3339).
+    pub requested_at: String,
+    /// `N` or `N%`.
+    pub max_concurrency: String,
+    /// `N` or `N%`.
+    pub max_errors: String,
+    /// Delivery timeout, seconds.
+    pub delivery_timeout_secs: u64,
+    /// Execution timeout, seconds.
+    pub execution_timeout_secs: u64,
+    /// Number of invocations.
+    pub target_count: u64,
+    /// Invocations that reached a terminal status.
+    pub completed_count: u64,
+    /// Invocations that Failed or timed out while executing.
+    pub error_count: u64,
+    /// Invocations that were never delivered in time.
+    pub delivery_timed_out_count: u64,
+    /// The invocations (only in `GET /v1/commands/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invocations: Vec<Invocation>,
+}
+
+/// One command on one node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Invocation {
+    /// The command.
+    pub command_id: CommandId,
+    /// The node.
+    pub node_id: NodeId,
+    /// The node's name.
+    pub node_name: String,
+    /// Status.
+    pub status: InvocationStatus,
+    /// Status details.
+    pub status_details: String,
+    /// Exit code; -1 if it has not ended or never started (SSM's ResponseCode).
+    pub exit_code: i32,
+    /// Signal that ended it, if any.
+    pub signal: Option<i32>,
+    /// First stdout bytes (24,000 at most), lossily decoded as UTF-8.
+    pub stdout: String,
+    /// First stderr bytes (8,000 at most), lossily decoded as UTF-8.
+    pub stderr: String,
+    /// Whether stdout was longer than its inline copy.
+    pub stdout_truncated: bool,
+    /// Whether stderr was longer than its inline copy.
+    pub stderr_truncated: bool,
+    /// Bytes of stdout stored.
+    pub stdout_bytes: u64,
+    /// Bytes of stderr stored.
+    pub stderr_bytes: u64,
+    /// When it started (RFC 3339), if it did.
+    pub started_at: Option<String>,
+    /// When it ended (RFC 3339), if it did.
+    pub finished_at: Option<String>,
+    /// User CPU, ms.
+    pub cpu_user_ms: Option<u64>,
+    /// System CPU, ms.
+    pub cpu_system_ms: Option<u64>,
+    /// Peak RSS, KiB.
+    pub max_rss_kb: Option<u64>,
+    /// A note from the node (why it could not start, which signal ended it).
+    pub message: String,
+}
+
+/// Body of `POST /v1/commands/{id}/cancel`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelCommand {
+    /// Only these nodes' invocations; all of them when empty.
+    #[serde(default)]
+    pub node_ids: Vec<NodeId>,
+}

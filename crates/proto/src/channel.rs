@@ -1,0 +1,265 @@
+//! Frames of the agent channel: one WebSocket per agent, binary messages, each one postcard-encoded
+//! [`AgentFrame`] (agent to server) or [`ServerFrame`] (server to agent). See docs/protocol.md.
+//!
+//! The channel multiplexes streams. Today a stream is one output pipe of one invocation
+//! ([`StreamId`]); PTY sessions and file transfers will be further streams. Each stream is
+//! flow-controlled on its own: the sender may have at most [`crate::limits::OUTPUT_WINDOW`] bytes
+//! past the receiver's last `Ack`, and the receiver acknowledges only bytes it has durably stored.
+//! Every data frame carries its stream and byte offset, so a sender can resend from the last
+//! acknowledged offset after a reconnect and the receiver can drop what it already has.
+
+use crate::ids::{CommandId, NodeId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Facts about a node that its agent reports on every connect.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Display name (`--name`, default the hostname).
+    pub name: String,
+    /// The machine's hostname.
+    pub hostname: String,
+    /// OS name and version, e.g. `Debian GNU/Linux 12 (bookworm)`.
+    pub os: String,
+    /// CPU architecture, e.g. `x86_64`.
+    pub arch: String,
+    /// Non-loopback IP addresses.
+    pub ips: Vec<String>,
+    /// The agent's version.
+    pub agent_version: String,
+}
+
+/// Which output pipe of an invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Pipe {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl Pipe {
+    /// `stdout` or `stderr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pipe::Stdout => "stdout",
+            Pipe::Stderr => "stderr",
+        }
+    }
+}
+
+/// A flow-controlled stream on the channel.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum StreamId {
+    /// One output pipe of the invocation of a command on this node.
+    Output {
+        /// The command.
+        command_id: CommandId,
+        /// Which pipe.
+        pipe: Pipe,
+    },
+}
+
+/// What the agent sends. The first frame on a connection is `Hello` or `Register`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AgentFrame {
+    /// Since version 1. First frame of an enrolled agent: who it is and what it still holds.
+    Hello {
+        /// The agent's protocol version.
+        protocol_version: u32,
+        /// The node's id, from registration.
+        node_id: NodeId,
+        /// The node's secret, from registration.
+        secret: String,
+        /// Facts about the node.
+        info: NodeInfo,
+        /// Invocations the agent knows of (queued, running, or with a result not yet acknowledged).
+        /// An invocation the server thinks is running but is not here was lost by the agent.
+        known: Vec<CommandId>,
+    },
+    /// Since version 1. First frame of a new agent: enrol with an activation code.
+    Register {
+        /// The agent's protocol version.
+        protocol_version: u32,
+        /// The activation code (`fleetrun activation create`).
+        activation_code: String,
+        /// Facts about the node.
+        info: NodeInfo,
+        /// Tags the node asks for, added to the activation's.
+        tags: BTreeMap<String, String>,
+    },
+    /// Since version 1. The invocation's process has started.
+    Started {
+        /// The command.
+        command_id: CommandId,
+        /// Start time, epoch milliseconds on the node.
+        started_at_ms: i64,
+    },
+    /// Since version 1. Bytes of a stream, starting at `offset`.
+    Output {
+        /// The stream.
+        stream: StreamId,
+        /// Byte offset of `data[0]` in the stream.
+        offset: u64,
+        /// The bytes (never more than [`crate::limits::OUTPUT_FRAME_MAX`]).
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Since version 1. The invocation ended. Sent after every byte of its output.
+    Finished {
+        /// The command.
+        command_id: CommandId,
+        /// What happened.
+        result: ExecResult,
+    },
+}
+
+/// How an invocation ended on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Exit code; for a signal, 128 + the signal number (as a shell reports it); -1 if it never ran.
+    pub exit_code: i32,
+    /// The signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// Start and end, epoch milliseconds on the node.
+    pub started_at_ms: i64,
+    /// End time, epoch milliseconds on the node.
+    pub finished_at_ms: i64,
+    /// User CPU time of the command and its waited-for descendants.
+    pub cpu_user_ms: u64,
+    /// System CPU time of the command and its waited-for descendants.
+    pub cpu_system_ms: u64,
+    /// Peak resident set size of the largest process, in KiB.
+    pub max_rss_kb: u64,
+    /// Total bytes written to stdout and stderr.
+    pub stdout_bytes: u64,
+    /// Total bytes written to stderr.
+    pub stderr_bytes: u64,
+    /// A human-readable note (why it could not start, which signal ended it).
+    pub message: String,
+}
+
+/// How an invocation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Ran to the end (success or failure follows from the exit code).
+    Exited,
+    /// Killed after its execution timeout.
+    TimedOut,
+    /// Killed by a cancel.
+    Cancelled,
+    /// Could not be started (bad working directory, spawn failure).
+    NotStarted,
+}
+
+/// What the server sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// Since version 1. Answer to `Hello`: the agent is known and connected.
+    Welcome {
+        /// The server's protocol version.
+        protocol_version: u32,
+        /// Seconds between the agent's pings; the server drops a connection silent for 3 of them.
+        heartbeat_secs: u64,
+    },
+    /// Since version 1. Answer to `Register`: the node's identity, to be kept by the agent.
+    Registered {
+        /// The new node's id.
+        node_id: NodeId,
+        /// The node's secret; the server keeps only its hash.
+        secret: String,
+    },
+    /// Since version 1. Run a command.
+    Run(RunRequest),
+    /// Since version 1. Cancel a queued or running invocation.
+    Cancel {
+        /// The command.
+        command_id: CommandId,
+    },
+    /// Since version 1. Every byte of the stream before `offset` is durably stored: the agent may
+    /// forget them and send up to `offset + window` .
+    Ack {
+        /// The stream.
+        stream: StreamId,
+        /// Stored length of the stream.
+        offset: u64,
+    },
+    /// Since version 1. The result is durably stored; the agent may forget the invocation.
+    ResultAck {
+        /// The command.
+        command_id: CommandId,
+    },
+    /// Since version 1. The connection is refused or a frame was bad; the server closes after this.
+    Error {
+        /// Machine-readable reason, e.g. `InvalidActivation`, `UnknownNode`, `ProtocolVersion`.
+        code: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A command to run on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    /// The command.
+    pub command_id: CommandId,
+    /// The script: the document's `commands` joined with newlines.
+    pub script: String,
+    /// Working directory; empty for the agent's per-command directory.
+    pub working_dir: String,
+    /// Seconds after which the process group is terminated.
+    pub execution_timeout_secs: u64,
+}
+
+/// A frame that did not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed channel frame: {0}")]
+pub struct FrameError(#[from] postcard::Error);
+
+impl AgentFrame {
+    /// Encodes the frame for a binary WebSocket message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("postcard encodes every AgentFrame")
+    }
+    /// Decodes a binary WebSocket message.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+impl ServerFrame {
+    /// Encodes the frame for a binary WebSocket message.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("postcard encodes every ServerFrame")
+    }
+    /// Decodes a binary WebSocket message.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
+        Ok(postcard::from_bytes(bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_raw_bytes() {
+        let f = AgentFrame::Output {
+            stream: StreamId::Output {
+                command_id: CommandId::from_random(7),
+                pipe: Pipe::Stderr,
+            },
+            offset: 42,
+            data: vec![0xff, 0x00, 0xfe],
+        };
+        assert_eq!(AgentFrame::decode(&f.encode()).unwrap(), f);
+        assert!(AgentFrame::decode(&[0xff, 0xff]).is_err());
+        let s = ServerFrame::Welcome {
+            protocol_version: 1,
+            heartbeat_secs: 15,
+        };
+        assert_eq!(ServerFrame::decode(&s.encode()).unwrap(), s);
+    }
+}

@@ -1,0 +1,16 @@
+//! Wire types shared by the fleetrun server, agent and CLI.
+//!
+//! This crate is serde types and constants only: it knows nothing of tokio, axum, sqlx or the network.
+//! Database rows and in-memory state are converted to these types at the boundary.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod channel;
+pub mod ids;
+pub mod limits;
+pub mod status;
+pub mod targets;
+pub mod version;
+
+pub use ids::{CommandId, NodeId};
+pub use status::{CommandStatus, InvocationStatus};

@@ -1,0 +1,34 @@
+//! Limits and defaults that the server, the agent and the CLI agree on (SSM's where SSM has one).
+
+/// Inline stdout kept with an invocation for listings (SSM's `StandardOutputContent` cap).
+pub const INLINE_STDOUT_MAX: usize = 24_000;
+/// Inline stderr kept with an invocation for listings (SSM's `StandardErrorContent` cap).
+pub const INLINE_STDERR_MAX: usize = 8_000;
+
+/// Default and largest execution timeout, in seconds.
+pub const EXECUTION_TIMEOUT_DEFAULT: u64 = 3_600;
+/// Largest execution timeout accepted, in seconds (48 h, as SSM).
+pub const EXECUTION_TIMEOUT_MAX: u64 = 172_800;
+/// Default delivery timeout, in seconds.
+pub const DELIVERY_TIMEOUT_DEFAULT: u64 = 3_600;
+/// Smallest delivery timeout accepted, in seconds. SSM's floor is 30; fleetrun takes 1 so tests and
+/// impatient operators need not wait.
+pub const DELIVERY_TIMEOUT_MIN: u64 = 1;
+/// Largest delivery timeout accepted, in seconds (30 days, as SSM).
+pub const DELIVERY_TIMEOUT_MAX: u64 = 2_592_000;
+/// Default max concurrency (SSM's).
+pub const MAX_CONCURRENCY_DEFAULT: &str = "50";
+/// Default max errors (SSM's).
+pub const MAX_ERRORS_DEFAULT: &str = "0";
+/// Longest comment accepted (SSM's).
+pub const COMMENT_MAX: usize = 100;
+/// Largest script accepted, in bytes (SSM's document size).
+pub const SCRIPT_MAX: usize = 64 * 1024;
+/// Longest working directory accepted (SSM's).
+pub const WORKING_DIR_MAX: usize = 4_096;
+
+/// Bytes of one output stream that an agent may have sent and not yet had acknowledged. The flow-control
+/// window of the channel: the agent reads no more from the command's pipe until the server acknowledges.
+pub const OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
+/// Largest data payload in one `Output` frame.
+pub const OUTPUT_FRAME_MAX: usize = 64 * 1024;

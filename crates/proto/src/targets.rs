@@ -1,0 +1,285 @@
+//! Target expressions (which nodes a command goes to) and rate-control values (`N` or `N%`).
+//!
+//! A target expression is one or more whitespace-separated terms, all of which must hold (AND):
+//! - `all`: every registered node;
+//! - `tag:KEY=VALUE[,VALUE...]`: the node has tag KEY with one of the values (OR within one term);
+//! - `tag-key:KEY`: the node has tag KEY, whatever its value;
+//! - `id:NODE_ID[,NODE_ID...]`: the node is one of these.
+
+use crate::ids::NodeId;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One term of a target expression.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TargetTerm {
+    /// Every node.
+    All,
+    /// The node has tag `key` with one of `values`.
+    Tag {
+        /// Tag key.
+        key: String,
+        /// Accepted values (at least one).
+        values: Vec<String>,
+    },
+    /// The node has tag `key`.
+    TagKey(String),
+    /// The node is one of these.
+    Ids(Vec<NodeId>),
+}
+
+/// A parsed target expression: every term must hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetExpr(pub Vec<TargetTerm>);
+
+/// A target expression or rate value that did not parse; the message names what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// Longest tag key or value accepted (SSM's: keys 128, values 256).
+pub const TAG_KEY_MAX: usize = 128;
+/// Longest tag value accepted.
+pub const TAG_VALUE_MAX: usize = 256;
+
+/// Checks a tag key: 1..=128 characters, no `=`, `,` or whitespace (so expressions stay unambiguous).
+pub fn check_tag_key(key: &str) -> Result<(), ParseError> {
+    if key.is_empty() || key.len() > TAG_KEY_MAX {
+        return Err(ParseError(format!(
+            "tag key {key:?} must be 1 to {TAG_KEY_MAX} characters"
+        )));
+    }
+    if key
+        .chars()
+        .any(|c| c == '=' || c == ',' || c.is_whitespace() || c.is_control())
+    {
+        return Err(ParseError(format!(
+            "tag key {key:?} must not contain '=', ',' or whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a tag value: at most 256 characters, no `,`, whitespace or control characters.
+pub fn check_tag_value(value: &str) -> Result<(), ParseError> {
+    if value.len() > TAG_VALUE_MAX {
+        return Err(ParseError(format!(
+            "tag value {value:?} is longer than {TAG_VALUE_MAX} characters"
+        )));
+    }
+    if value
+        .chars()
+        .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+    {
+        return Err(ParseError(format!(
+            "tag value {value:?} must not contain ',' or whitespace"
+        )));
+    }
+    Ok(())
+}
+
+/// Parses `KEY=VALUE` as given to `--tag`.
+pub fn parse_tag(s: &str) -> Result<(String, String), ParseError> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| ParseError(format!("tag {s:?} must be KEY=VALUE")))?;
+    check_tag_key(k)?;
+    check_tag_value(v)?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+impl TargetExpr {
+    /// Parses an expression such as `tag:env=prod tag-key:web` or `all`.
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        let terms = s
+            .split_whitespace()
+            .map(parse_term)
+            .collect::<Result<Vec<_>, _>>()?;
+        if terms.is_empty() {
+            return Err(ParseError("empty target expression: use `all`, `tag:KEY=VALUE`, `tag-key:KEY` or `id:NODE_ID`".into()));
+        }
+        Ok(TargetExpr(terms))
+    }
+}
+
+fn parse_term(t: &str) -> Result<TargetTerm, ParseError> {
+    if t == "all" {
+        return Ok(TargetTerm::All);
+    }
+    if let Some(rest) = t.strip_prefix("tag:") {
+        let (key, values) = rest
+            .split_once('=')
+            .ok_or_else(|| ParseError(format!("target term {t:?} must be tag:KEY=VALUE")))?;
+        check_tag_key(key)?;
+        let values: Vec<String> = values.split(',').map(str::to_owned).collect();
+        if values.iter().any(|v| v.is_empty()) {
+            return Err(ParseError(format!("target term {t:?} has an empty value")));
+        }
+        for v in &values {
+            check_tag_value(v)?;
+        }
+        return Ok(TargetTerm::Tag {
+            key: key.to_owned(),
+            values,
+        });
+    }
+    if let Some(key) = t.strip_prefix("tag-key:") {
+        check_tag_key(key)?;
+        return Ok(TargetTerm::TagKey(key.to_owned()));
+    }
+    if let Some(ids) = t.strip_prefix("id:") {
+        let ids = ids
+            .split(',')
+            .map(|s| s.parse::<NodeId>().map_err(|e| ParseError(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(TargetTerm::Ids(ids));
+    }
+    Err(ParseError(format!(
+        "unknown target term {t:?}: use `all`, `tag:KEY=VALUE[,VALUE]`, `tag-key:KEY` or `id:NODE_ID[,NODE_ID]`"
+    )))
+}
+
+impl fmt::Display for TargetExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, term) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            match term {
+                TargetTerm::All => f.write_str("all")?,
+                TargetTerm::Tag { key, values } => write!(f, "tag:{key}={}", values.join(","))?,
+                TargetTerm::TagKey(k) => write!(f, "tag-key:{k}")?,
+                TargetTerm::Ids(ids) => {
+                    let ids: Vec<&str> = ids.iter().map(NodeId::as_str).collect();
+                    write!(f, "id:{}", ids.join(","))?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A rate-control value: an absolute count or a percentage of the targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    /// At most this many.
+    Count(u64),
+    /// At most this percentage of the target count.
+    Percent(u8),
+}
+
+impl Rate {
+    /// Parses `max-concurrency` (`N` >= 1 or `1%`..`100%`, SSM's pattern).
+    pub fn parse_concurrency(s: &str) -> Result<Self, ParseError> {
+        let r = Self::parse(s, "max-concurrency")?;
+        match r {
+            Rate::Count(0) | Rate::Percent(0) => Err(ParseError(format!(
+                "max-concurrency {s:?} must be at least 1 or 1%"
+            ))),
+            r => Ok(r),
+        }
+    }
+    /// Parses `max-errors` (`N` >= 0 or `0%`..`100%`, SSM's pattern).
+    pub fn parse_errors(s: &str) -> Result<Self, ParseError> {
+        Self::parse(s, "max-errors")
+    }
+    fn parse(s: &str, what: &str) -> Result<Self, ParseError> {
+        let bad = || {
+            ParseError(format!(
+                "{what} {s:?} must be a whole number (e.g. 10) or a percentage from 0% to 100% (e.g. 25%)"
+            ))
+        };
+        let digits_ok = |d: &str| {
+            !d.is_empty()
+                && d.bytes().all(|b| b.is_ascii_digit())
+                && !(d.len() > 1 && d.starts_with('0'))
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            if !digits_ok(p) {
+                return Err(bad());
+            }
+            let p: u8 = p.parse().map_err(|_| bad())?;
+            if p > 100 {
+                return Err(bad());
+            }
+            Ok(Rate::Percent(p))
+        } else {
+            if !digits_ok(s) {
+                return Err(bad());
+            }
+            Ok(Rate::Count(s.parse().map_err(|_| bad())?))
+        }
+    }
+    /// The absolute limit for `targets` nodes. Percentages round up and a non-zero percentage is at
+    /// least 1 (as SSM: 10% of 5 nodes is 1).
+    pub fn resolve(self, targets: u64) -> u64 {
+        match self {
+            Rate::Count(n) => n,
+            Rate::Percent(p) => (targets * u64::from(p)).div_ceil(100),
+        }
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::Count(n) => write!(f, "{n}"),
+            Rate::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_terms() {
+        let e = TargetExpr::parse("tag:env=prod,stage  tag-key:web all").unwrap();
+        assert_eq!(
+            e.0,
+            vec![
+                TargetTerm::Tag {
+                    key: "env".into(),
+                    values: vec!["prod".into(), "stage".into()]
+                },
+                TargetTerm::TagKey("web".into()),
+                TargetTerm::All
+            ]
+        );
+        assert_eq!(e.to_string(), "tag:env=prod,stage tag-key:web all");
+    }
+
+    #[test]
+    fn rejects_bad_expressions_with_a_reason() {
+        for (bad, needle) in [
+            ("", "empty"),
+            ("tag:env", "tag:KEY=VALUE"),
+            ("tag:=x", "tag key"),
+            ("tag:env=", "empty value"),
+            ("color:red", "unknown target term"),
+            ("id:mi-123", "invalid node id"),
+        ] {
+            let err = TargetExpr::parse(bad).unwrap_err().0;
+            assert!(err.contains(needle), "{bad:?} -> {err}");
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse_concurrency("50").unwrap(), Rate::Count(50));
+        assert_eq!(Rate::parse_concurrency("10%").unwrap(), Rate::Percent(10));
+        assert!(Rate::parse_concurrency("0").is_err());
+        assert!(Rate::parse_concurrency("0%").is_err());
+        assert!(Rate::parse_concurrency("101%").is_err());
+        assert!(Rate::parse_concurrency("-1").is_err());
+        assert!(Rate::parse_concurrency("05").is_err());
+        assert!(Rate::parse_concurrency("x%").is_err());
+        assert_eq!(Rate::parse_errors("0").unwrap(), Rate::Count(0));
+        assert_eq!(Rate::parse_errors("0%").unwrap(), Rate::Percent(0));
+        assert_eq!(Rate::Percent(10).resolve(5), 1);
+        assert_eq!(Rate::Percent(50).resolve(5), 3);
+        assert_eq!(Rate::Percent(0).resolve(5), 0);
+        assert_eq!(Rate::Count(7).resolve(5), 7);
+    }
+}
