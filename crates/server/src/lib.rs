@@ -1,1 +1,146 @@
-//! placeholder
+//! The fleetrun control plane: HTTP API, agent channel hub, dispatcher and storage.
+//!
+//! Start with [`start`]; the data flow of a command is in ARCHITECTURE.md.
+
+pub mod api;
+pub mod channel;
+pub mod clock;
+pub mod dispatch;
+pub mod hub;
+pub mod output;
+pub mod secrets;
+pub mod store;
+
+use anyhow::Context;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Settings of one server process.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Where the SQLite database, output objects and admin token live.
+    pub data_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Seconds between agent pings.
+    pub heartbeat_secs: u64,
+}
+
+/// State shared by every request and task.
+pub struct AppState {
+    /// The database.
+    pub store: store::Store,
+    /// Output objects.
+    pub objects: Arc<dyn ObjectStore>,
+    /// Connected agents.
+    pub hub: hub::Hub,
+    /// Output actors of running invocations.
+    pub outputs: output::Outputs,
+    /// Dispatchers of running commands.
+    pub dispatchers: dispatch::Dispatchers,
+    /// Seconds between agent pings.
+    pub heartbeat_secs: u64,
+}
+
+/// A server that is listening.
+pub struct RunningServer {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// The admin token, when it was created by this start (print it once); None when it existed.
+    pub admin_token: Option<String>,
+    /// Where the admin token is kept.
+    pub admin_token_path: PathBuf,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the storage, creates the admin token on first start, resumes unfinished commands and starts
+/// listening.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    if config.heartbeat_secs == 0 {
+        anyhow::bail!("heartbeat must be at least 1 second");
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("fleetrun.db");
+    let store = store::Store::open_sqlite(&db_path)
+        .await
+        .with_context(|| format!("cannot open database {}", db_path.display()))?;
+    tracing::info!(path = %db_path.display(), "database open");
+    let objects_dir = config.data_dir.join("objects");
+    std::fs::create_dir_all(&objects_dir)
+        .with_context(|| format!("cannot create {}", objects_dir.display()))?;
+    let objects: Arc<dyn ObjectStore> = Arc::new(
+        LocalFileSystem::new_with_prefix(&objects_dir)
+            .with_context(|| format!("cannot open object directory {}", objects_dir.display()))?,
+    );
+
+    let admin_token_path = config.data_dir.join("admin.token");
+    let admin_token = if store.has_api_tokens().await? {
+        None
+    } else {
+        let token = format!("frt_{}", secrets::random_token(40));
+        write_secret_file(&admin_token_path, &token)?;
+        store
+            .insert_api_token(&secrets::hash(&token), "admin")
+            .await?;
+        tracing::info!(path = %admin_token_path.display(), "admin token created");
+        Some(token)
+    };
+
+    let state = Arc::new(AppState {
+        store,
+        objects,
+        hub: hub::Hub::default(),
+        outputs: output::Outputs::default(),
+        dispatchers: dispatch::Dispatchers::default(),
+        heartbeat_secs: config.heartbeat_secs,
+    });
+    for id in state.store.active_command_ids().await? {
+        if let Some(row) = state.store.command_row(&id).await? {
+            tracing::info!(command = %id, "resuming dispatch");
+            dispatch::spawn(state.clone(), row);
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    tracing::info!(%local_addr, "listening");
+    let app = api::router(state);
+    let serve = tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(RunningServer {
+        local_addr,
+        admin_token,
+        admin_token_path,
+        serve,
+    })
+}
+
+impl RunningServer {
+    /// Serves until the process is stopped or a fatal error happens.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.serve
+            .await
+            .context("server task failed")?
+            .context("server stopped")
+    }
+}
+
+/// Writes a secret readable by its owner only.
+fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{secret}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

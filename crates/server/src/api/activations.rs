@@ -1,0 +1,86 @@
+//! `POST /v1/activations`, `GET /v1/activations`: codes that agents register with.
+
+use super::{ApiError, ApiJson};
+use crate::clock::{now_ms, rfc3339};
+use crate::{AppState, secrets};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use fleetrun_proto::api::{Activation, CreateActivation};
+use fleetrun_proto::targets::{check_tag_key, check_tag_value};
+use std::sync::Arc;
+
+const DEFAULT_EXPIRY_SECS: u64 = 24 * 3600;
+const MAX_EXPIRY_SECS: u64 = 30 * 24 * 3600;
+const MAX_LIMIT: u64 = 1_000_000;
+const MAX_TAGS: usize = 50;
+
+/// Creates an activation and returns its code (the only time the code is shown).
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<CreateActivation>,
+) -> Result<(StatusCode, Json<Activation>), ApiError> {
+    if req.tags.len() > MAX_TAGS {
+        return Err(ApiError::bad_request(
+            "InvalidTag",
+            format!("at most {MAX_TAGS} tags"),
+        ));
+    }
+    for (k, v) in &req.tags {
+        check_tag_key(k).map_err(|e| ApiError::bad_request("InvalidTag", e.0))?;
+        check_tag_value(v).map_err(|e| ApiError::bad_request("InvalidTag", e.0))?;
+    }
+    let limit = req.limit.unwrap_or(1);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "InvalidParameters",
+            format!("limit must be 1 to {MAX_LIMIT}, got {limit}"),
+        ));
+    }
+    let expires_in = req.expires_in_secs.unwrap_or(DEFAULT_EXPIRY_SECS);
+    if !(1..=MAX_EXPIRY_SECS).contains(&expires_in) {
+        return Err(ApiError::bad_request(
+            "InvalidParameters",
+            format!("expiry must be 1 s to 30 days ({MAX_EXPIRY_SECS} s), got {expires_in} s"),
+        ));
+    }
+    if req.description.len() > 256 {
+        return Err(ApiError::bad_request(
+            "InvalidParameters",
+            "description is longer than 256 bytes",
+        ));
+    }
+    let code = secrets::random_token(20);
+    let activation_id = fleetrun_proto::CommandId::from_random(secrets::random_u128()).to_string();
+    let now = now_ms();
+    let expires_at = now + expires_in as i64 * 1000;
+    state
+        .store
+        .insert_activation(
+            &activation_id,
+            &secrets::hash(&code),
+            &req.tags,
+            limit,
+            &req.description,
+            now,
+            expires_at,
+        )
+        .await?;
+    let activation = Activation {
+        activation_id,
+        code,
+        tags: req.tags,
+        limit,
+        registrations: 0,
+        created_at: rfc3339(now),
+        expires_at: rfc3339(expires_at),
+        expired: false,
+        description: req.description,
+    };
+    Ok((StatusCode::CREATED, Json(activation)))
+}
+
+/// Lists activations (without codes).
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Activation>>, ApiError> {
+    Ok(Json(state.store.list_activations().await?))
+}

@@ -1,0 +1,175 @@
+//! The native JSON API under `/v1` (routes listed in fleetrun_proto::api): router, errors, auth.
+
+mod activations;
+mod commands;
+mod nodes;
+mod output;
+
+use crate::{AppState, secrets};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
+use std::sync::Arc;
+
+/// Builds the HTTP router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let authed = Router::new()
+        .route(
+            "/v1/activations",
+            post(activations::create).get(activations::list),
+        )
+        .route("/v1/nodes", get(nodes::list))
+        .route("/v1/nodes/{node_id}", get(nodes::get))
+        .route("/v1/commands", post(commands::send).get(commands::list))
+        .route("/v1/commands/{command_id}", get(commands::get))
+        .route("/v1/commands/{command_id}/watch", get(commands::watch))
+        .route(
+            "/v1/commands/{command_id}/invocations",
+            get(commands::invocations),
+        )
+        .route(
+            "/v1/commands/{command_id}/invocations/{node_id}/output/{pipe}",
+            get(output::get),
+        )
+        .route("/v1/commands/{command_id}/cancel", post(commands::cancel))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/agent/connect", get(crate::channel::connect))
+        .merge(authed)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
+        .with_state(state)
+}
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: fleetrun_proto::version::FLEETRUN_VERSION.into(),
+        protocol_version: fleetrun_proto::version::PROTOCOL_VERSION,
+    })
+}
+
+/// Every API route but health and the agent channel needs a bearer token.
+async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return ApiError::unauthorized(
+            "missing Authorization header: pass `Authorization: Bearer TOKEN`",
+        )
+        .into_response();
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return ApiError::unauthorized("malformed Authorization header: expected `Bearer TOKEN`")
+            .into_response();
+    };
+    match state.store.api_token_exists(&secrets::hash(token)).await {
+        Ok(true) => next.run(req).await,
+        Ok(false) => ApiError::unauthorized("invalid API token").into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+/// An API error: status, machine-readable code and a one-line message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with a status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    /// 400 with a code.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    /// 404 with a code.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+    fn unauthorized(message: &str) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", message)
+    }
+    /// 500: a fault of the server itself; the detail goes to the log, not the client.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!("internal error: {e}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "internal server error (see the server log)",
+        )
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A JSON body whose rejections are [`ApiError`]s naming what is wrong.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let status = if status.is_client_error() {
+                    status
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                Err(ApiError::new(
+                    status,
+                    "InvalidRequest",
+                    rejection.body_text(),
+                ))
+            }
+        }
+    }
+}
+
+/// Parses a path segment as an id, or a 4xx naming it.
+pub fn parse_id<T: std::str::FromStr>(s: &str, code: &'static str) -> Result<T, ApiError>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse()
+        .map_err(|e: T::Err| ApiError::bad_request(code, e.to_string()))
+}

@@ -1,0 +1,177 @@
+//! `GET /v1/commands/{id}/invocations/{node}/output/{stdout|stderr}[?follow=true]`: raw output bytes.
+//!
+//! Without `follow`, the stored bytes. With `follow`, the stored bytes, then live bytes as the node
+//! produces them (pushed by the invocation's output actor), until the invocation ends. Either way the
+//! body streams: no whole output is ever held in memory.
+
+use super::{ApiError, parse_id};
+use crate::AppState;
+use crate::output::{OutputMsg, pipe_prefix, read_stored};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use fleetrun_proto::channel::Pipe;
+use fleetrun_proto::{CommandId, NodeId};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Query of the output route.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Streams an invocation's output.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path((cmd, node, pipe)): Path<(String, String, String)>,
+    query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let cmd: CommandId = parse_id(&cmd, "InvalidCommandId")?;
+    let node: NodeId = parse_id(&node, "InvalidNodeId")?;
+    let pipe = match pipe.as_str() {
+        "stdout" => Pipe::Stdout,
+        "stderr" => Pipe::Stderr,
+        other => {
+            return Err(ApiError::bad_request(
+                "InvalidParameters",
+                format!("unknown output {other:?}: use stdout or stderr"),
+            ));
+        }
+    };
+    if state.store.get_command(&cmd).await?.is_none() {
+        return Err(ApiError::not_found(
+            "CommandNotFound",
+            format!("no command {cmd}"),
+        ));
+    }
+    if state.store.get_invocation(&cmd, &node).await?.is_none() {
+        return Err(ApiError::not_found(
+            "InvocationNotFound",
+            format!("command {cmd} has no invocation on node {node}"),
+        ));
+    }
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let r = if q.follow {
+            follow(&state, &cmd, &node, pipe, &tx).await
+        } else {
+            copy_stored(&state, &cmd, &node, pipe, 0, &tx)
+                .await
+                .map(|_| ())
+        };
+        if let Err(e) = r {
+            tracing::warn!(%cmd, %node, "output stream ended early: {e}");
+            let _ = tx.send(Err(std::io::Error::other(e))).await;
+        }
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// Sends stored bytes from `from` on; returns the offset after the last byte sent.
+async fn copy_stored(
+    state: &AppState,
+    cmd: &CommandId,
+    node: &NodeId,
+    pipe: Pipe,
+    from: u64,
+    tx: &Tx,
+) -> Result<u64, String> {
+    let mut pos = from;
+    let mut segs = std::pin::pin!(read_stored(
+        state.objects.clone(),
+        pipe_prefix(cmd, node, pipe),
+        from
+    ));
+    while let Some(seg) = segs.next().await {
+        let (off, data) = seg.map_err(|e| e.to_string())?;
+        if off > pos {
+            return Err(format!("stored output has a gap at byte {pos}"));
+        }
+        let skip = (pos - off) as usize;
+        if skip < data.len() {
+            pos += (data.len() - skip) as u64;
+            tx.send(Ok(data.slice(skip..)))
+                .await
+                .map_err(|_| "client went away".to_string())?;
+        }
+    }
+    Ok(pos)
+}
+
+/// Stored bytes, then live bytes until the invocation ends.
+async fn follow(
+    state: &Arc<AppState>,
+    cmd: &CommandId,
+    node: &NodeId,
+    pipe: Pipe,
+    tx: &Tx,
+) -> Result<(), String> {
+    let key = (cmd.clone(), node.clone());
+    let mut pos = 0u64;
+    loop {
+        let inv = state
+            .store
+            .get_invocation(cmd, node)
+            .await
+            .map_err(|e| e.to_string())?;
+        if inv.is_none_or(|i| i.status.is_terminal()) {
+            copy_stored(state, cmd, node, pipe, pos, tx).await?;
+            return Ok(());
+        }
+        // Subscribe through the actor, so stored + pending + live covers every byte exactly once.
+        let (reply, answer) = oneshot::channel();
+        state
+            .outputs
+            .send(state, &key, OutputMsg::Follow { pipe, reply });
+        let Ok(start) = answer.await else { continue };
+        let mut live = start.live;
+        // Storage holds at least [0, stored); later flushes may have added more, which is fine.
+        pos = copy_stored(state, cmd, node, pipe, pos, tx).await?;
+        if start.stored > pos {
+            return Err(format!(
+                "stored output is shorter ({pos}) than recorded ({})",
+                start.stored
+            ));
+        }
+        pos = emit(tx, pos, start.stored, start.pending).await?;
+        loop {
+            match live.recv().await {
+                // Live chunks follow `pending` without a gap; a gap would mean lost events: resync.
+                Ok(chunk) if chunk.pipe == pipe && chunk.offset > pos => break,
+                Ok(chunk) if chunk.pipe == pipe => {
+                    pos = emit(tx, pos, chunk.offset, chunk.data).await?
+                }
+                Ok(_) => {}
+                // Fell behind, or the actor stopped (the invocation ended): resync from storage.
+                Err(broadcast::error::RecvError::Lagged(_))
+                | Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+}
+
+/// Sends the part of `data` (at `offset`) past `pos`; returns the new position.
+async fn emit(tx: &Tx, pos: u64, offset: u64, data: Bytes) -> Result<u64, String> {
+    let end = offset + data.len() as u64;
+    if end <= pos || offset > pos {
+        // Already sent; a gap is handled by the caller.
+        return Ok(pos);
+    }
+    tx.send(Ok(data.slice((pos - offset) as usize..)))
+        .await
+        .map_err(|_| "client went away".to_string())?;
+    Ok(end)
+}

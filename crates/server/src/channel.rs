@@ -1,0 +1,380 @@
+//! The agent channel: `GET /v1/agent/connect` upgrades to a WebSocket that carries postcard frames
+//! (fleetrun_proto::channel). The first frame registers a new node or identifies an enrolled one; then
+//! the reader routes frames (output to the invocation's actor, starts and results to storage) and a
+//! writer task drains the node's queue in the hub.
+
+use crate::AppState;
+use crate::clock::now_ms;
+use crate::dispatch::{DispatchMsg, end_invocations};
+use crate::output::OutputMsg;
+use crate::secrets;
+use crate::store::{Finish, NewNode, RegisterError};
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::Bytes;
+use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame, StreamId};
+use fleetrun_proto::status::details;
+use fleetrun_proto::targets::{check_tag_key, check_tag_value};
+use fleetrun_proto::version::PROTOCOL_VERSION;
+use fleetrun_proto::{InvocationStatus, NodeId};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Time an agent has to send its first frame.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame accepted from an agent (an output frame is at most 64 KiB plus framing).
+const MAX_FRAME: usize = 1024 * 1024;
+
+/// Upgrades the request to the agent channel.
+pub async fn connect(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    ws.max_message_size(MAX_FRAME)
+        .on_upgrade(move |socket| serve(state, socket))
+}
+
+async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut socket)).await {
+        Ok(Some(Ok(f))) => f,
+        Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
+        Ok(None) => return,
+        Err(_) => {
+            return refuse(
+                socket,
+                "HandshakeTimeout",
+                "no Hello or Register frame within 10 s",
+            )
+            .await;
+        }
+    };
+    match first {
+        AgentFrame::Register {
+            protocol_version,
+            activation_code,
+            info,
+            tags,
+        } => {
+            if let Err(msg) = check_version(protocol_version) {
+                return refuse(socket, "ProtocolVersion", &msg).await;
+            }
+            match register(&state, &activation_code, info, tags).await {
+                Ok((node_id, secret)) => {
+                    tracing::info!(%node_id, "node registered");
+                    let _ = socket
+                        .send(binary(ServerFrame::Registered { node_id, secret }))
+                        .await;
+                    let _ = socket.close().await;
+                }
+                Err((code, msg)) => refuse(socket, code, &msg).await,
+            }
+        }
+        AgentFrame::Hello {
+            protocol_version,
+            node_id,
+            secret,
+            info,
+            known,
+        } => {
+            if let Err(msg) = check_version(protocol_version) {
+                return refuse(socket, "ProtocolVersion", &msg).await;
+            }
+            match state.store.node_secret_hash(&node_id).await {
+                Ok(Some(h)) if secrets::hashes_equal(&h, &secrets::hash(&secret)) => {}
+                Ok(_) => {
+                    return refuse(
+                        socket,
+                        "UnknownNode",
+                        &format!("node {node_id} is not registered here, or its secret is wrong"),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    tracing::error!("cannot look up node: {e}");
+                    return refuse(
+                        socket,
+                        "InternalError",
+                        "the server cannot read its database",
+                    )
+                    .await;
+                }
+            }
+            if let Err(msg) = check_info(&info) {
+                return refuse(socket, "BadNodeInfo", &msg).await;
+            }
+            session(state, socket, node_id, info, known.into_iter().collect()).await;
+        }
+        _ => {
+            refuse(
+                socket,
+                "BadFrame",
+                "the first frame must be Hello or Register",
+            )
+            .await
+        }
+    }
+}
+
+/// An identified agent's connection, until it drops.
+async fn session(
+    state: Arc<AppState>,
+    socket: WebSocket,
+    node: NodeId,
+    info: NodeInfo,
+    known: HashSet<fleetrun_proto::CommandId>,
+) {
+    if let Err(e) = state.store.node_connected(&node, &info).await {
+        tracing::error!(%node, "cannot record connect: {e}");
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<ServerFrame>();
+    let conn_id = state.hub.connect(&node, tx.clone());
+    let _ = tx.send(ServerFrame::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        heartbeat_secs: state.heartbeat_secs,
+    });
+    tracing::info!(%node, name = %info.name, "agent connected");
+
+    let (mut sink, mut stream) = socket.split();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(binary(frame)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    if let Err(e) = reconcile(&state, &node, &known).await {
+        tracing::error!(%node, "cannot reconcile deliveries: {e}");
+    }
+    state.hub.announce_online(&node);
+
+    let silence = Duration::from_secs(state.heartbeat_secs.max(1) * 3);
+    loop {
+        let msg = match tokio::time::timeout(silence, stream.next()).await {
+            Err(_) => {
+                tracing::info!(%node, "agent silent for {silence:?}; dropping connection");
+                break;
+            }
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(m))) => m,
+        };
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Text(_) => {
+                let _ = tx.send(error_frame(
+                    "BadFrame",
+                    "text messages are not part of the protocol",
+                ));
+                break;
+            }
+        };
+        let frame = match AgentFrame::decode(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(%node, "bad frame: {e}");
+                let _ = tx.send(error_frame("BadFrame", &e.to_string()));
+                break;
+            }
+        };
+        if let Err(msg) = route(&state, &node, frame, bytes).await {
+            tracing::warn!(%node, "protocol error: {msg}");
+            let _ = tx.send(error_frame("ProtocolError", &msg));
+            break;
+        }
+    }
+
+    state.hub.disconnect(&node, conn_id);
+    drop(tx);
+    // Give queued frames (an error, acks) a moment to leave, then close.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    if let Err(e) = state.store.node_seen(&node).await {
+        tracing::error!(%node, "cannot record disconnect: {e}");
+    }
+    tracing::info!(%node, "agent disconnected");
+}
+
+/// Handles one frame of an identified agent.
+async fn route(
+    state: &Arc<AppState>,
+    node: &NodeId,
+    frame: AgentFrame,
+    _raw: Bytes,
+) -> Result<(), String> {
+    match frame {
+        AgentFrame::Started {
+            command_id,
+            started_at_ms,
+        } => {
+            match state
+                .store
+                .mark_started(&command_id, node, started_at_ms)
+                .await
+            {
+                Ok(true) => state.dispatchers.bump(&command_id),
+                Ok(false) => {}
+                Err(e) => tracing::error!(%node, %command_id, "cannot record start: {e}"),
+            }
+        }
+        AgentFrame::Output {
+            stream: StreamId::Output { command_id, pipe },
+            offset,
+            data,
+        } => {
+            if data.len() > fleetrun_proto::limits::OUTPUT_FRAME_MAX {
+                return Err(format!(
+                    "output frame of {} bytes exceeds {}",
+                    data.len(),
+                    fleetrun_proto::limits::OUTPUT_FRAME_MAX
+                ));
+            }
+            let key = (command_id, node.clone());
+            state.outputs.send(
+                state,
+                &key,
+                OutputMsg::Data {
+                    pipe,
+                    offset,
+                    data: Bytes::from(data),
+                },
+            );
+        }
+        AgentFrame::Finished { command_id, result } => {
+            let key = (command_id, node.clone());
+            state.outputs.send(state, &key, OutputMsg::Finished(result));
+        }
+        AgentFrame::Hello { .. } | AgentFrame::Register { .. } => {
+            return Err("Hello and Register are only valid as the first frame".into());
+        }
+    }
+    Ok(())
+}
+
+/// Squares the server's view of a node's deliveries with what its agent still holds: a delivery the
+/// agent does not know was lost before it started (deliver again) or while it ran (Terminated).
+async fn reconcile(
+    state: &Arc<AppState>,
+    node: &NodeId,
+    known: &HashSet<fleetrun_proto::CommandId>,
+) -> Result<(), crate::store::StoreError> {
+    for (cmd, started) in state.store.open_deliveries(node).await? {
+        if known.contains(&cmd) {
+            continue;
+        }
+        if started {
+            let f = Finish::without_running(
+                InvocationStatus::Failed,
+                details::TERMINATED,
+                now_ms(),
+                "the agent restarted while the command ran; its result is unknown",
+            );
+            end_invocations(state, &cmd, vec![(node.clone(), f)]).await?;
+            state.outputs.close(&(cmd, node.clone()));
+        } else {
+            state.store.mark_undelivered(&cmd, node).await?;
+            state
+                .dispatchers
+                .send(&cmd, DispatchMsg::Undelivered(node.clone()));
+        }
+    }
+    Ok(())
+}
+
+async fn register(
+    state: &AppState,
+    code: &str,
+    info: NodeInfo,
+    tags: BTreeMap<String, String>,
+) -> Result<(NodeId, String), (&'static str, String)> {
+    check_info(&info).map_err(|m| ("BadNodeInfo", m))?;
+    for (k, v) in &tags {
+        check_tag_key(k).map_err(|e| ("InvalidTag", e.0))?;
+        check_tag_value(v).map_err(|e| ("InvalidTag", e.0))?;
+    }
+    let node_id = NodeId::from_random(secrets::random_u128());
+    let secret = secrets::random_token(40);
+    let new = NewNode {
+        node_id: node_id.clone(),
+        secret_hash: secrets::hash(&secret),
+        info,
+        tags,
+    };
+    match state.store.register_node(&secrets::hash(code), new).await {
+        Ok(()) => Ok((node_id, secret)),
+        Err(RegisterError::Store(e)) => {
+            tracing::error!("cannot register node: {e}");
+            Err((
+                "InternalError",
+                "the server cannot write its database".into(),
+            ))
+        }
+        Err(e) => Err(("InvalidActivation", format!("registration refused: {e}"))),
+    }
+}
+
+fn check_version(v: u32) -> Result<(), String> {
+    if v == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent speaks protocol version {v}, this server speaks {PROTOCOL_VERSION}"
+        ))
+    }
+}
+
+fn check_info(info: &NodeInfo) -> Result<(), String> {
+    let fields = [
+        ("name", &info.name),
+        ("hostname", &info.hostname),
+        ("os", &info.os),
+        ("arch", &info.arch),
+        ("agent_version", &info.agent_version),
+    ];
+    for (what, v) in fields {
+        if v.len() > 255 {
+            return Err(format!("node {what} is longer than 255 bytes"));
+        }
+    }
+    if info.name.trim().is_empty() {
+        return Err("node name is empty".into());
+    }
+    if info.ips.len() > 64 || info.ips.iter().any(|ip| ip.len() > 64) {
+        return Err("node reports too many or too long IP addresses".into());
+    }
+    Ok(())
+}
+
+async fn next_frame(socket: &mut WebSocket) -> Option<Result<AgentFrame, String>> {
+    loop {
+        match socket.recv().await? {
+            Ok(Message::Binary(b)) => {
+                return Some(AgentFrame::decode(&b).map_err(|e| e.to_string()));
+            }
+            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(Message::Text(_)) => {
+                return Some(Err("text messages are not part of the protocol".into()));
+            }
+        }
+    }
+}
+
+async fn refuse(mut socket: WebSocket, code: &str, message: &str) {
+    tracing::info!(code, "agent connection refused: {message}");
+    let _ = socket.send(binary(error_frame(code, message))).await;
+    let _ = socket.close().await;
+}
+
+fn error_frame(code: &str, message: &str) -> ServerFrame {
+    ServerFrame::Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+fn binary(frame: ServerFrame) -> Message {
+    Message::Binary(frame.encode().into())
+}

@@ -1,0 +1,87 @@
+//! Which agents are connected, and the way to send them frames.
+//!
+//! One entry per connected node, holding the sending side of its connection's writer queue. The queue
+//! is unbounded on purpose: what the server sends is bounded by the protocol (Run frames by max
+//! concurrency, Acks by the data the agent sent within its window), and a dispatcher must never block
+//! on one slow agent.
+
+use fleetrun_proto::NodeId;
+use fleetrun_proto::channel::ServerFrame;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{broadcast, mpsc};
+
+/// Capacity of the node-online broadcast; a dispatcher that lags rescans the nodes it waits for.
+const ONLINE_EVENTS: usize = 4096;
+
+/// The registry of live agent connections.
+pub struct Hub {
+    conns: Mutex<HashMap<NodeId, Conn>>,
+    next_conn: AtomicU64,
+    online: broadcast::Sender<NodeId>,
+}
+
+struct Conn {
+    id: u64,
+    tx: mpsc::UnboundedSender<ServerFrame>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            conns: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            online: broadcast::channel(ONLINE_EVENTS).0,
+        }
+    }
+}
+
+impl Hub {
+    /// Registers a node's new connection, replacing (and so closing) an older one. Returns its id.
+    pub fn connect(&self, node: &NodeId, tx: mpsc::UnboundedSender<ServerFrame>) -> u64 {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(node.clone(), Conn { id, tx });
+        id
+    }
+
+    /// Tells dispatchers that a node is online (after its connection was reconciled).
+    pub fn announce_online(&self, node: &NodeId) {
+        let _ = self.online.send(node.clone());
+    }
+
+    /// Removes a node's connection, unless a newer one replaced it.
+    pub fn disconnect(&self, node: &NodeId, conn_id: u64) {
+        let mut conns = self.lock();
+        if conns.get(node).is_some_and(|c| c.id == conn_id) {
+            conns.remove(node);
+        }
+    }
+
+    /// Queues a frame for a node; false when the node is not connected.
+    pub fn send(&self, node: &NodeId, frame: ServerFrame) -> bool {
+        self.lock()
+            .get(node)
+            .is_some_and(|c| c.tx.send(frame).is_ok())
+    }
+
+    /// Whether a node is connected.
+    pub fn is_online(&self, node: &NodeId) -> bool {
+        self.lock().contains_key(node)
+    }
+
+    /// Number of connected nodes.
+    pub fn online_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Node-online events.
+    pub fn subscribe_online(&self) -> broadcast::Receiver<NodeId> {
+        self.online.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Conn>> {
+        // A panic while holding this lock cannot leave the map half-updated, so poison is ignored.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,608 @@
+//! Commands and their invocations: creation, state transitions and listings.
+//!
+//! Every transition of an invocation to a terminal status goes through [`Store::finish_invocations`],
+//! which moves the command's counters in the same transaction and only from a non-terminal status,
+//! so a counter can never count one invocation twice.
+
+use super::{Result, Store};
+use crate::clock::rfc3339;
+use fleetrun_proto::api::{Command, Invocation};
+use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
+use fleetrun_proto::status::details;
+use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::collections::BTreeMap;
+
+/// A command to create, with its resolved targets.
+pub struct NewCommand {
+    /// Its id.
+    pub command_id: CommandId,
+    /// `AWS-RunShellScript`.
+    pub document_name: String,
+    /// Script lines.
+    pub commands: Vec<String>,
+    /// Working directory ("" for the agent's default).
+    pub working_dir: String,
+    /// Seconds.
+    pub execution_timeout: u64,
+    /// Seconds.
+    pub delivery_timeout: u64,
+    /// Comment.
+    pub comment: String,
+    /// Node ids asked for.
+    pub node_ids: Vec<NodeId>,
+    /// Target expression asked for.
+    pub targets: String,
+    /// As given.
+    pub max_concurrency: String,
+    /// As given.
+    pub max_errors: String,
+    /// Epoch ms.
+    pub requested_at: i64,
+    /// Resolved targets (id, name), in dispatch order.
+    pub invocations: Vec<(NodeId, String)>,
+}
+
+/// The parts of a command row the dispatcher needs.
+#[derive(Clone, Debug)]
+pub struct CommandRow {
+    /// Id.
+    pub command_id: CommandId,
+    /// Script lines.
+    pub commands: Vec<String>,
+    /// Working directory.
+    pub working_dir: String,
+    /// Seconds.
+    pub execution_timeout: u64,
+    /// Seconds.
+    pub delivery_timeout: u64,
+    /// As given.
+    pub max_concurrency: String,
+    /// As given.
+    pub max_errors: String,
+    /// Epoch ms.
+    pub requested_at: i64,
+    /// Status.
+    pub status: CommandStatus,
+    /// Counters.
+    pub target_count: u64,
+    /// Counters.
+    pub error_count: u64,
+    /// Whether an operator cancelled the command.
+    pub cancel_requested: bool,
+}
+
+/// The parts of an invocation row the dispatcher and the channel need.
+#[derive(Clone, Debug)]
+pub struct InvocationRow {
+    /// Node.
+    pub node_id: NodeId,
+    /// Status.
+    pub status: InvocationStatus,
+    /// Whether the Run frame was sent.
+    pub delivered: bool,
+    /// Whether the node reported the start.
+    pub started: bool,
+}
+
+/// How an invocation ended.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    /// Terminal status.
+    pub status: InvocationStatus,
+    /// Status details.
+    pub details: &'static str,
+    /// Exit code (-1 when it never ran).
+    pub exit_code: i32,
+    /// Signal, if one ended it.
+    pub signal: Option<i32>,
+    /// Epoch ms, if it started.
+    pub started_at: Option<i64>,
+    /// Epoch ms.
+    pub finished_at: i64,
+    /// Resource use, if it ran.
+    pub cpu_user_ms: Option<u64>,
+    /// Resource use, if it ran.
+    pub cpu_system_ms: Option<u64>,
+    /// Resource use, if it ran.
+    pub max_rss_kb: Option<u64>,
+    /// A note.
+    pub message: String,
+}
+
+impl Finish {
+    /// An invocation that ended without running.
+    pub fn without_running(
+        status: InvocationStatus,
+        details: &'static str,
+        now: i64,
+        message: &str,
+    ) -> Self {
+        Finish {
+            status,
+            details,
+            exit_code: -1,
+            signal: None,
+            started_at: None,
+            finished_at: now,
+            cpu_user_ms: None,
+            cpu_system_ms: None,
+            max_rss_kb: None,
+            message: message.to_owned(),
+        }
+    }
+    /// Whether it counts against max errors (SSM: Failed, or timed out while executing).
+    pub fn is_error(&self) -> bool {
+        match self.status {
+            InvocationStatus::Failed => true,
+            InvocationStatus::TimedOut => self.details != details::DELIVERY_TIMED_OUT,
+            _ => false,
+        }
+    }
+}
+
+impl Store {
+    /// Creates a command and all its invocations (Pending) in one transaction.
+    pub async fn insert_command(&self, c: &NewCommand) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query(
+            "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
+                delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, status,
+                status_details, requested_at, target_count)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?)",
+        )
+        .bind(c.command_id.as_str())
+        .bind(&c.document_name)
+        .bind(serde_json::to_string(&c.commands)?)
+        .bind(&c.working_dir)
+        .bind(c.execution_timeout as i64)
+        .bind(c.delivery_timeout as i64)
+        .bind(&c.comment)
+        .bind(serde_json::to_string(&c.node_ids)?)
+        .bind(&c.targets)
+        .bind(&c.max_concurrency)
+        .bind(&c.max_errors)
+        .bind(c.requested_at)
+        .bind(c.invocations.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+        for (chunk_no, chunk) in c.invocations.chunks(200).enumerate() {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO invocations (command_id, node_id, seq, node_name, status, status_details) ",
+            );
+            qb.push_values(chunk.iter().enumerate(), |mut b, (i, (node, name))| {
+                b.push_bind(c.command_id.as_str())
+                    .push_bind(node.as_str())
+                    .push_bind((chunk_no * 200 + i) as i64)
+                    .push_bind(name.as_str())
+                    .push_bind("Pending")
+                    .push_bind(details::PENDING);
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Commands, newest first, without invocations.
+    pub async fn list_commands(&self, limit: u32) -> Result<Vec<Command>> {
+        let rows = sqlx::query(
+            "SELECT * FROM commands ORDER BY requested_at DESC, command_id DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(command_from_row).collect()
+    }
+
+    /// One command, without invocations.
+    pub async fn get_command(&self, id: &CommandId) -> Result<Option<Command>> {
+        let row = sqlx::query("SELECT * FROM commands WHERE command_id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(command_from_row).transpose()
+    }
+
+    /// The dispatcher's view of a command.
+    pub async fn command_row(&self, id: &CommandId) -> Result<Option<CommandRow>> {
+        let row = sqlx::query("SELECT * FROM commands WHERE command_id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(CommandRow {
+            command_id: id.clone(),
+            commands: serde_json::from_str(r.get("commands"))?,
+            working_dir: r.get("working_dir"),
+            execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
+            delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
+            max_concurrency: r.get("max_concurrency"),
+            max_errors: r.get("max_errors"),
+            requested_at: r.get("requested_at"),
+            status: parse_command_status(r.get("status")),
+            target_count: r.get::<i64, _>("target_count") as u64,
+            error_count: r.get::<i64, _>("error_count") as u64,
+            cancel_requested: r.get::<i64, _>("cancel_requested") != 0,
+        }))
+    }
+
+    /// Ids of commands that have not ended (to resume their dispatch after a restart).
+    pub async fn active_command_ids(&self) -> Result<Vec<CommandId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT command_id FROM commands WHERE status IN ('Pending', 'InProgress', 'Cancelling') ORDER BY requested_at",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// A command's invocations, in dispatch order.
+    pub async fn list_invocations(&self, id: &CommandId) -> Result<Vec<Invocation>> {
+        let rows = sqlx::query("SELECT * FROM invocations WHERE command_id = ? ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(invocation_from_row).collect()
+    }
+
+    /// One invocation.
+    pub async fn get_invocation(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+    ) -> Result<Option<Invocation>> {
+        let row = sqlx::query("SELECT * FROM invocations WHERE command_id = ? AND node_id = ?")
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(invocation_from_row).transpose()
+    }
+
+    /// The dispatcher's view of a command's invocations, in dispatch order.
+    pub async fn invocation_rows(&self, id: &CommandId) -> Result<Vec<InvocationRow>> {
+        let rows = sqlx::query(
+            "SELECT node_id, status, delivered_at, started_at FROM invocations WHERE command_id = ? ORDER BY seq",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().filter_map(invocation_row).collect())
+    }
+
+    /// Invocations on a node that were delivered and have not ended: (command, started).
+    pub async fn open_deliveries(&self, node: &NodeId) -> Result<Vec<(CommandId, bool)>> {
+        let q = concat!(
+            "SELECT command_id, started_at FROM invocations WHERE node_id = ? AND delivered_at IS NOT NULL",
+            " AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
+        );
+        let rows = sqlx::query(q)
+            .bind(node.as_str())
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id = r.get::<String, _>("command_id").parse().ok()?;
+                Some((id, r.get::<Option<i64>, _>("started_at").is_some()))
+            })
+            .collect())
+    }
+
+    /// Marks invocations as delivered (their Run frame is about to be sent), and the command as
+    /// InProgress.
+    pub async fn mark_delivered(&self, id: &CommandId, nodes: &[NodeId], now: i64) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for chunk in nodes.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("UPDATE invocations SET delivered_at = ");
+            qb.push_bind(now);
+            qb.push(", status_details = ");
+            qb.push_bind(details::DELIVERED);
+            qb.push(" WHERE command_id = ");
+            qb.push_bind(id.as_str());
+            qb.push(" AND status = 'Pending' AND node_id IN (");
+            let mut sep = qb.separated(", ");
+            for n in chunk {
+                sep.push_bind(n.as_str());
+            }
+            qb.push(")");
+            qb.build().execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "UPDATE commands SET status = 'InProgress', status_details = 'InProgress'
+             WHERE command_id = ? AND status = 'Pending'",
+        )
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Returns a delivered, not started invocation to Pending (its node lost it before starting).
+    pub async fn mark_undelivered(&self, id: &CommandId, node: &NodeId) -> Result<()> {
+        sqlx::query(
+            "UPDATE invocations SET delivered_at = NULL, status_details = 'Pending'
+             WHERE command_id = ? AND node_id = ? AND status = 'Pending' AND started_at IS NULL",
+        )
+        .bind(id.as_str())
+        .bind(node.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that the node started the invocation (a Cancelling one stays Cancelling).
+    pub async fn mark_started(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+        started_at: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE invocations SET started_at = COALESCE(started_at, ?),
+                 status = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END,
+                 status_details = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END
+             WHERE command_id = ? AND node_id = ? AND status IN ('Pending', 'InProgress', 'Cancelling')",
+        )
+        .bind(started_at)
+        .bind(id.as_str())
+        .bind(node.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Marks invocations Cancelling (a cancel was sent to their nodes).
+    pub async fn mark_cancelling(&self, id: &CommandId, nodes: &[NodeId]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for n in nodes {
+            sqlx::query(
+                "UPDATE invocations SET status = 'Cancelling', status_details = 'Cancelling'
+                 WHERE command_id = ? AND node_id = ? AND status IN ('Pending', 'InProgress')",
+            )
+            .bind(id.as_str())
+            .bind(n.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = ?")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records that an operator cancelled the command.
+    pub async fn mark_cancel_requested(&self, id: &CommandId) -> Result<()> {
+        sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = ?")
+            .bind(id.as_str())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends invocations, moving the command's counters in the same transaction. Returns the nodes
+    /// whose invocation this call ended (an invocation already terminal is left as it is).
+    pub async fn finish_invocations(
+        &self,
+        id: &CommandId,
+        ends: &[(NodeId, Finish)],
+    ) -> Result<Vec<NodeId>> {
+        let mut tx = self.write.begin().await?;
+        let mut ended = Vec::new();
+        let (mut errors, mut delivery_timeouts) = (0i64, 0i64);
+        let q = concat!(
+            "UPDATE invocations SET status = ?, status_details = ?, exit_code = ?, signal = ?,",
+            " started_at = COALESCE(started_at, ?), finished_at = ?, cpu_user_ms = ?, cpu_system_ms = ?,",
+            " max_rss_kb = ?, message = ?",
+            " WHERE command_id = ? AND node_id = ? AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
+        );
+        for (node, f) in ends {
+            let r = sqlx::query(q)
+                .bind(f.status.as_str())
+                .bind(f.details)
+                .bind(f.exit_code)
+                .bind(f.signal)
+                .bind(f.started_at)
+                .bind(f.finished_at)
+                .bind(f.cpu_user_ms.map(|v| v as i64))
+                .bind(f.cpu_system_ms.map(|v| v as i64))
+                .bind(f.max_rss_kb.map(|v| v as i64))
+                .bind(&f.message)
+                .bind(id.as_str())
+                .bind(node.as_str())
+                .execute(&mut *tx)
+                .await?;
+            if r.rows_affected() > 0 {
+                ended.push(node.clone());
+                errors += i64::from(f.is_error());
+                delivery_timeouts += i64::from(f.details == details::DELIVERY_TIMED_OUT);
+            }
+        }
+        sqlx::query(
+            "UPDATE commands SET completed_count = completed_count + ?, error_count = error_count + ?,
+                 delivery_timed_out_count = delivery_timed_out_count + ?
+             WHERE command_id = ?",
+        )
+        .bind(ended.len() as i64)
+        .bind(errors)
+        .bind(delivery_timeouts)
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    /// Records how much of an output pipe is stored, and its inline copy (its first bytes).
+    pub async fn update_output(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+        stderr: bool,
+        stored: u64,
+        inline: &[u8],
+    ) -> Result<()> {
+        let q = if stderr {
+            "UPDATE invocations SET stderr_bytes = ?, stderr_inline = ? WHERE command_id = ? AND node_id = ?"
+        } else {
+            "UPDATE invocations SET stdout_bytes = ?, stdout_inline = ? WHERE command_id = ? AND node_id = ?"
+        };
+        sqlx::query(q)
+            .bind(stored as i64)
+            .bind(inline)
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Stored length and inline copy of an output pipe.
+    pub async fn output_state(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+        stderr: bool,
+    ) -> Result<(u64, Vec<u8>)> {
+        let q = if stderr {
+            "SELECT stderr_bytes AS n, stderr_inline AS inline FROM invocations WHERE command_id = ? AND node_id = ?"
+        } else {
+            "SELECT stdout_bytes AS n, stdout_inline AS inline FROM invocations WHERE command_id = ? AND node_id = ?"
+        };
+        let row = sqlx::query(q)
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row
+            .map(|r| (r.get::<i64, _>("n") as u64, r.get("inline")))
+            .unwrap_or_default())
+    }
+
+    /// Sets a command's final (or Cancelling) status.
+    pub async fn set_command_status(
+        &self,
+        id: &CommandId,
+        status: CommandStatus,
+        details: &str,
+    ) -> Result<()> {
+        sqlx::query("UPDATE commands SET status = ?, status_details = ? WHERE command_id = ?")
+            .bind(status.as_str())
+            .bind(details)
+            .bind(id.as_str())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts of a command's invocations by (status, details).
+    pub async fn invocation_tally(
+        &self,
+        id: &CommandId,
+    ) -> Result<BTreeMap<(String, String), u64>> {
+        let rows = sqlx::query(
+            "SELECT status, status_details, COUNT(*) AS n FROM invocations WHERE command_id = ? GROUP BY status, status_details",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    (r.get("status"), r.get("status_details")),
+                    r.get::<i64, _>("n") as u64,
+                )
+            })
+            .collect())
+    }
+}
+
+fn parse_command_status(s: &str) -> CommandStatus {
+    CommandStatus::parse(s).unwrap_or(CommandStatus::Failed)
+}
+
+fn invocation_row(r: &SqliteRow) -> Option<InvocationRow> {
+    Some(InvocationRow {
+        node_id: r.get::<String, _>("node_id").parse().ok()?,
+        status: InvocationStatus::parse(r.get("status"))?,
+        delivered: r.get::<Option<i64>, _>("delivered_at").is_some(),
+        started: r.get::<Option<i64>, _>("started_at").is_some(),
+    })
+}
+
+fn decode_id<T: std::str::FromStr>(s: String) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    s.parse()
+        .map_err(|e: T::Err| sqlx::Error::Decode(Box::new(e)).into())
+}
+
+fn command_from_row(r: &SqliteRow) -> Result<Command> {
+    let commands: Vec<String> = serde_json::from_str(r.get("commands"))?;
+    let working_dir: String = r.get("working_dir");
+    let execution_timeout = r.get::<i64, _>("execution_timeout") as u64;
+    let parameters = BTreeMap::from([
+        ("commands".to_owned(), commands),
+        ("workingDirectory".to_owned(), vec![working_dir]),
+        (
+            "executionTimeout".to_owned(),
+            vec![execution_timeout.to_string()],
+        ),
+    ]);
+    Ok(Command {
+        command_id: decode_id(r.get("command_id"))?,
+        document_name: r.get("document_name"),
+        parameters,
+        comment: r.get("comment"),
+        node_ids: serde_json::from_str(r.get("node_ids"))?,
+        targets: r.get("targets"),
+        status: parse_command_status(r.get("status")),
+        status_details: r.get("status_details"),
+        requested_at: rfc3339(r.get("requested_at")),
+        max_concurrency: r.get("max_concurrency"),
+        max_errors: r.get("max_errors"),
+        delivery_timeout_secs: r.get::<i64, _>("delivery_timeout") as u64,
+        execution_timeout_secs: execution_timeout,
+        target_count: r.get::<i64, _>("target_count") as u64,
+        completed_count: r.get::<i64, _>("completed_count") as u64,
+        error_count: r.get::<i64, _>("error_count") as u64,
+        delivery_timed_out_count: r.get::<i64, _>("delivery_timed_out_count") as u64,
+        invocations: Vec::new(),
+    })
+}
+
+fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
+    let stdout_inline: Vec<u8> = r.get("stdout_inline");
+    let stderr_inline: Vec<u8> = r.get("stderr_inline");
+    let stdout_bytes = r.get::<i64, _>("stdout_bytes") as u64;
+    let stderr_bytes = r.get::<i64, _>("stderr_bytes") as u64;
+    Ok(Invocation {
+        command_id: decode_id(r.get("command_id"))?,
+        node_id: decode_id(r.get("node_id"))?,
+        node_name: r.get("node_name"),
+        status: InvocationStatus::parse(r.get("status")).unwrap_or(InvocationStatus::Failed),
+        status_details: r.get("status_details"),
+        exit_code: r.get("exit_code"),
+        signal: r.get("signal"),
+        stdout: String::from_utf8_lossy(&stdout_inline).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr_inline).into_owned(),
+        stdout_truncated: stdout_bytes > INLINE_STDOUT_MAX as u64,
+        stderr_truncated: stderr_bytes > INLINE_STDERR_MAX as u64,
+        stdout_bytes,
+        stderr_bytes,
+        started_at: r.get::<Option<i64>, _>("started_at").map(rfc3339),
+        finished_at: r.get::<Option<i64>, _>("finished_at").map(rfc3339),
+        cpu_user_ms: r.get::<Option<i64>, _>("cpu_user_ms").map(|v| v as u64),
+        cpu_system_ms: r.get::<Option<i64>, _>("cpu_system_ms").map(|v| v as u64),
+        max_rss_kb: r.get::<Option<i64>, _>("max_rss_kb").map(|v| v as u64),
+        message: r.get("message"),
+    })
+}

@@ -1,0 +1,350 @@
+//! API tokens, activations, nodes and their tags.
+
+use super::{Result, Store};
+use crate::clock::{now_ms, rfc3339};
+use fleetrun_proto::NodeId;
+use fleetrun_proto::api::{Activation, Node};
+use fleetrun_proto::channel::NodeInfo;
+use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::collections::BTreeMap;
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// No activation has this code.
+    #[error("unknown activation code")]
+    UnknownCode,
+    /// The activation has expired.
+    #[error("the activation expired at {0}")]
+    Expired(String),
+    /// The activation's registration limit is used up.
+    #[error("the activation's registration limit ({0}) is used up")]
+    LimitReached(u64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] super::StoreError),
+}
+
+/// A node to create at registration.
+pub struct NewNode {
+    /// Its id.
+    pub node_id: NodeId,
+    /// Hash of its secret.
+    pub secret_hash: String,
+    /// What its agent reported.
+    pub info: NodeInfo,
+    /// Tags the agent asked for (the activation's are added, and win on conflict).
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Store {
+    /// Whether any API token exists (first start creates the admin token).
+    pub async fn has_api_tokens(&self) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Stores an API token's hash.
+    pub async fn insert_api_token(&self, token_hash: &str, name: &str) -> Result<()> {
+        sqlx::query("INSERT INTO api_tokens (token_hash, name, created_at) VALUES (?, ?, ?)")
+            .bind(token_hash)
+            .bind(name)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether a token hash is a known API token.
+    pub async fn api_token_exists(&self, token_hash: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM api_tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Creates an activation.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_activation(
+        &self,
+        activation_id: &str,
+        code_hash: &str,
+        tags: &BTreeMap<String, String>,
+        limit: u64,
+        description: &str,
+        created_at: i64,
+        expires_at: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO activations (activation_id, code_hash, tags, reg_limit, description, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(activation_id)
+        .bind(code_hash)
+        .bind(serde_json::to_string(tags)?)
+        .bind(limit as i64)
+        .bind(description)
+        .bind(created_at)
+        .bind(expires_at)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Every activation, newest first (codes are not stored, so `code` is empty).
+    pub async fn list_activations(&self) -> Result<Vec<Activation>> {
+        let rows = sqlx::query(
+            "SELECT activation_id, tags, reg_limit, registrations, description, created_at, expires_at
+             FROM activations ORDER BY created_at DESC",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        let now = now_ms();
+        rows.iter()
+            .map(|r| {
+                let expires_at: i64 = r.get("expires_at");
+                Ok(Activation {
+                    activation_id: r.get("activation_id"),
+                    code: String::new(),
+                    tags: serde_json::from_str(r.get("tags"))?,
+                    limit: r.get::<i64, _>("reg_limit") as u64,
+                    registrations: r.get::<i64, _>("registrations") as u64,
+                    created_at: rfc3339(r.get("created_at")),
+                    expires_at: rfc3339(expires_at),
+                    expired: expires_at <= now,
+                    description: r.get("description"),
+                })
+            })
+            .collect()
+    }
+
+    /// Registers a node with an activation code, in one transaction: the activation's count and the
+    /// node row move together, so a limit is never exceeded.
+    pub async fn register_node(&self, code_hash: &str, node: NewNode) -> Result<(), RegisterError> {
+        let mut tx = self.write.begin().await.map_err(super::StoreError::from)?;
+        let row = sqlx::query(
+            "SELECT activation_id, tags, reg_limit, registrations, expires_at FROM activations WHERE code_hash = ?",
+        )
+        .bind(code_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(super::StoreError::from)?
+        .ok_or(RegisterError::UnknownCode)?;
+        let now = now_ms();
+        let expires_at: i64 = row.get("expires_at");
+        if expires_at <= now {
+            return Err(RegisterError::Expired(rfc3339(expires_at)));
+        }
+        let limit = row.get::<i64, _>("reg_limit");
+        if row.get::<i64, _>("registrations") >= limit {
+            return Err(RegisterError::LimitReached(limit as u64));
+        }
+        let activation_id: String = row.get("activation_id");
+        let mut tags = node.tags;
+        let activation_tags: BTreeMap<String, String> =
+            serde_json::from_str(row.get("tags")).map_err(super::StoreError::from)?;
+        tags.extend(activation_tags);
+        let q = async {
+            sqlx::query(
+                "UPDATE activations SET registrations = registrations + 1 WHERE activation_id = ?",
+            )
+            .bind(&activation_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO nodes (node_id, secret_hash, name, hostname, os, arch, ips, agent_version, tags,
+                                    activation_id, registered_at, last_seen_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(node.node_id.as_str())
+            .bind(&node.secret_hash)
+            .bind(&node.info.name)
+            .bind(&node.info.hostname)
+            .bind(&node.info.os)
+            .bind(&node.info.arch)
+            .bind(serde_json::to_string(&node.info.ips).unwrap_or_else(|_| "[]".into()))
+            .bind(&node.info.agent_version)
+            .bind(serde_json::to_string(&tags).unwrap_or_else(|_| "{}".into()))
+            .bind(&activation_id)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            for (k, v) in &tags {
+                sqlx::query("INSERT INTO node_tags (node_id, key, value) VALUES (?, ?, ?)")
+                    .bind(node.node_id.as_str())
+                    .bind(k)
+                    .bind(v)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        q.await.map_err(super::StoreError::from)?;
+        tx.commit().await.map_err(super::StoreError::from)?;
+        Ok(())
+    }
+
+    /// The stored secret hash of a node, if the node exists.
+    pub async fn node_secret_hash(&self, node_id: &NodeId) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT secret_hash FROM nodes WHERE node_id = ?")
+                .bind(node_id.as_str())
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    /// Records a connect: what the agent reports now, and the time.
+    pub async fn node_connected(&self, node_id: &NodeId, info: &NodeInfo) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET name = ?, hostname = ?, os = ?, arch = ?, ips = ?, agent_version = ?, last_seen_at = ?
+             WHERE node_id = ?",
+        )
+        .bind(&info.name)
+        .bind(&info.hostname)
+        .bind(&info.os)
+        .bind(&info.arch)
+        .bind(serde_json::to_string(&info.ips)?)
+        .bind(&info.agent_version)
+        .bind(now_ms())
+        .bind(node_id.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the time a node was last connected.
+    pub async fn node_seen(&self, node_id: &NodeId) -> Result<()> {
+        sqlx::query("UPDATE nodes SET last_seen_at = ? WHERE node_id = ?")
+            .bind(now_ms())
+            .bind(node_id.as_str())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Every node, by name; `online` tells the ping status.
+    pub async fn list_nodes(&self, online: impl Fn(&NodeId) -> bool) -> Result<Vec<Node>> {
+        let rows = sqlx::query(NODE_SELECT_ALL).fetch_all(&self.read).await?;
+        rows.iter().map(|r| node_from_row(r, &online)).collect()
+    }
+
+    /// One node.
+    pub async fn get_node(
+        &self,
+        node_id: &NodeId,
+        online: impl Fn(&NodeId) -> bool,
+    ) -> Result<Option<Node>> {
+        let row = sqlx::query(NODE_SELECT_ONE)
+            .bind(node_id.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|r| node_from_row(&r, &online)).transpose()
+    }
+
+    /// Node ids and names among `ids` that exist.
+    pub async fn node_names(&self, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT node_id, name FROM nodes WHERE node_id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.as_str());
+            }
+            qb.push(")");
+            for r in qb.build().fetch_all(&self.read).await? {
+                if let Ok(id) = r.get::<String, _>("node_id").parse() {
+                    out.push((id, r.get("name")));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Nodes (id, name) matching every term of a target expression, ordered by id.
+    pub async fn resolve_targets(&self, expr: &TargetExpr) -> Result<Vec<(NodeId, String)>> {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT n.node_id, n.name FROM nodes n WHERE 1 = 1");
+        for term in &expr.0 {
+            match term {
+                TargetTerm::All => {}
+                TargetTerm::Tag { key, values } => {
+                    qb.push(" AND n.node_id IN (SELECT node_id FROM node_tags WHERE key = ");
+                    qb.push_bind(key.clone());
+                    qb.push(" AND value IN (");
+                    let mut sep = qb.separated(", ");
+                    for v in values {
+                        sep.push_bind(v.clone());
+                    }
+                    qb.push("))");
+                }
+                TargetTerm::TagKey(key) => {
+                    qb.push(" AND n.node_id IN (SELECT node_id FROM node_tags WHERE key = ");
+                    qb.push_bind(key.clone());
+                    qb.push(")");
+                }
+                TargetTerm::Ids(ids) => {
+                    qb.push(" AND n.node_id IN (");
+                    let mut sep = qb.separated(", ");
+                    for id in ids {
+                        sep.push_bind(id.as_str().to_owned());
+                    }
+                    qb.push(")");
+                }
+            }
+        }
+        qb.push(" ORDER BY n.node_id");
+        let rows = qb.build().fetch_all(&self.read).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.get::<String, _>("node_id").parse().ok()?, r.get("name"))))
+            .collect())
+    }
+}
+
+macro_rules! node_columns {
+    () => {
+        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at"
+    };
+}
+const NODE_SELECT_ALL: &str = concat!(
+    "SELECT ",
+    node_columns!(),
+    " FROM nodes ORDER BY name, node_id"
+);
+const NODE_SELECT_ONE: &str = concat!("SELECT ", node_columns!(), " FROM nodes WHERE node_id = ?");
+
+fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool) -> Result<Node> {
+    let id: String = r.get("node_id");
+    let node_id: NodeId = id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    let is_online = online(&node_id);
+    Ok(Node {
+        ping_status: if is_online {
+            "Online"
+        } else {
+            "ConnectionLost"
+        }
+        .into(),
+        last_seen: rfc3339(if is_online {
+            now_ms()
+        } else {
+            r.get("last_seen_at")
+        }),
+        node_id,
+        name: r.get("name"),
+        hostname: r.get("hostname"),
+        os: r.get("os"),
+        arch: r.get("arch"),
+        ips: serde_json::from_str(r.get("ips"))?,
+        agent_version: r.get("agent_version"),
+        tags: serde_json::from_str(r.get("tags"))?,
+        activation_id: r.get("activation_id"),
+        registered_at: rfc3339(r.get("registered_at")),
+    })
+}
