@@ -1,1 +1,87 @@
-//! placeholder
+//! The fleetrun agent: one outbound WebSocket to the server, commands run as local process
+//! groups, their output streamed back with flow control and resent after reconnects.
+//!
+//! Embeddable: [`run`] takes an [`AgentConfig`] and runs until a fatal error (the CLI's
+//! `fleetrun dev` runs an agent in-process; dropping the future kills the commands it runs).
+//! [`exec::execute`] runs one command without any server, which is how the executor is tested.
+//!
+//! Modules:
+//! - [`config`]: settings and their validation;
+//! - [`identity`]: the node id and secret kept in the state directory;
+//! - [`sysinfo`]: the facts reported about the machine;
+//! - [`connection`]: the connection state machine, its reader and writer;
+//! - [`outbox`]: invocations held and the frames due for the server;
+//! - [`stream`]: one flow-controlled output stream and the pump that fills it;
+//! - [`scheduler`]: queueing and concurrency of invocations;
+//! - [`exec`]: spawning, waiting for and killing one command.
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod exec;
+pub mod identity;
+pub mod outbox;
+pub mod scheduler;
+pub mod stream;
+pub mod sysinfo;
+
+pub use config::AgentConfig;
+pub use error::AgentError;
+
+use std::future::Future;
+use std::sync::Arc;
+
+/// Runs the agent: registers if needed, then keeps a connection to the server and runs what it
+/// sends. Returns only for a fatal error (bad settings, registration refused, identity rejected).
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    run_until(config, std::future::pending()).await
+}
+
+/// Like [`run`], but also returns `Ok(())` when `shutdown` resolves, after killing the commands
+/// still running.
+pub async fn run_until(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let url = config.connect_url()?;
+    identity::ensure_state_dir(&config.state_dir)?;
+    let identity = identity::load(&config.state_dir)?;
+    if identity.is_none() && config.activation_code.is_none() {
+        return Err(AgentError::NoIdentity(config.state_dir.clone()).into());
+    }
+    // Invocations live in memory only: directories left by an earlier agent process are stale.
+    let runs = config.state_dir.join(scheduler::RUNS_DIR);
+    match std::fs::remove_dir_all(&runs) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %runs.display(), error = %e, "cannot remove stale run directories");
+        }
+        _ => {}
+    }
+    let info = sysinfo::node_info(config.name.as_deref());
+    tracing::info!(
+        state_dir = %config.state_dir.display(),
+        node_id = identity.as_ref().map(|i| i.node_id.as_str()).unwrap_or("(unregistered)"),
+        name = %info.name,
+        "agent starting"
+    );
+    let outbox = Arc::new(outbox::Outbox::new());
+    let _stop = StopOnDrop(Arc::clone(&outbox));
+    let mut channel = connection::Channel::new(&config, url, info, outbox, identity);
+    tokio::select! {
+        r = channel.run() => Err(r.err().map_or_else(|| anyhow::anyhow!("agent stopped"), Into::into)),
+        () = shutdown => {
+            tracing::info!("agent stopping");
+            Ok(())
+        }
+    }
+}
+
+/// Kills the running commands when the agent stops for any reason, so none is orphaned.
+struct StopOnDrop(Arc<outbox::Outbox>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}

@@ -133,7 +133,7 @@ pub struct ExecResult {
     pub cpu_system_ms: u64,
     /// Peak resident set size of the largest process, in KiB.
     pub max_rss_kb: u64,
-    /// Total bytes written to stdout and stderr.
+    /// Total bytes written to stdout.
     pub stdout_bytes: u64,
     /// Total bytes written to stderr.
     pub stderr_bytes: u64,
@@ -161,7 +161,8 @@ pub enum ServerFrame {
     Welcome {
         /// The server's protocol version.
         protocol_version: u32,
-        /// Seconds between the agent's pings; the server drops a connection silent for 3 of them.
+        /// Seconds between pings; the agent pings at the shorter of this and its own setting, and
+        /// either side drops a connection silent for 3 intervals.
         heartbeat_secs: u64,
     },
     /// Since version 1. Answer to `Register`: the node's identity, to be kept by the agent.

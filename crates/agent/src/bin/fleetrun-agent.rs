@@ -1,1 +1,73 @@
-fn main() {}
+//! The `fleetrun-agent` binary: parses arguments, sets up logging, runs the agent library.
+
+use clap::Parser;
+use fleetrun_agent::AgentConfig;
+use fleetrun_agent::config::{HEARTBEAT_SECS_DEFAULT, MAX_CONCURRENT_COMMANDS_DEFAULT, parse_tags};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Connects this machine to a fleetrun server and runs the commands it sends.
+#[derive(Debug, Parser)]
+#[command(name = "fleetrun-agent", version)]
+struct Args {
+    /// The server's URL, e.g. http://127.0.0.1:8080
+    #[arg(long, env = "FLEETRUN_SERVER")]
+    server: String,
+    /// Directory for the node's identity and per-command files
+    #[arg(long, env = "FLEETRUN_STATE_DIR")]
+    state_dir: PathBuf,
+    /// Activation code, needed on the first start only
+    #[arg(long, env = "FLEETRUN_ACTIVATION_CODE", hide_env_values = true)]
+    activation_code: Option<String>,
+    /// Display name of the node (default: the hostname)
+    #[arg(long)]
+    name: Option<String>,
+    /// A tag KEY=VALUE to ask for at registration (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    /// Seconds between pings to the server
+    #[arg(long, default_value_t = HEARTBEAT_SECS_DEFAULT)]
+    heartbeat_secs: u64,
+    /// Commands run at once; more wait in a queue
+    #[arg(long, default_value_t = MAX_CONCURRENT_COMMANDS_DEFAULT)]
+    max_concurrent_commands: usize,
+}
+
+fn config(args: Args) -> anyhow::Result<AgentConfig> {
+    let mut config = AgentConfig::new(args.server, args.state_dir);
+    config.activation_code = args.activation_code;
+    config.name = args.name;
+    config.tags = parse_tags(&args.tags)?;
+    config.heartbeat_secs = args.heartbeat_secs;
+    config.max_concurrent_commands = args.max_concurrent_commands;
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = config(args).and_then(|config| {
+        // One thread is plenty for one connection and a few pipes, and keeps the agent small;
+        // `wait4` runs on tokio's blocking threads.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let r = rt.block_on(fleetrun_agent::run(config));
+        // Do not wait for blocking threads (a `wait4` may still be running) on the way out.
+        std::mem::forget(rt);
+        r
+    });
+    if let Err(e) = result {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("fleetrun-agent: {msg}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,188 @@
+//! The agent's settings: one documented struct with defaults, validated before anything connects.
+
+use crate::AgentError;
+use fleetrun_proto::targets::{check_tag_key, check_tag_value, parse_tag};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default seconds between WebSocket pings.
+pub const HEARTBEAT_SECS_DEFAULT: u64 = 15;
+/// Default number of commands run at once (SSM runs up to 5 documents at once; fleetrun allows more).
+pub const MAX_CONCURRENT_COMMANDS_DEFAULT: usize = 8;
+/// Default time between SIGTERM and SIGKILL when a command is stopped.
+pub const KILL_GRACE_DEFAULT: Duration = Duration::from_secs(5);
+/// The WebSocket path of the agent channel, under the server's base URL.
+pub const CONNECT_PATH: &str = "/v1/agent/connect";
+
+/// Everything the agent needs to run. Passed explicitly to [`crate::run`]; never global.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The server's base URL, e.g. `http://127.0.0.1:8080` (`ws://` is accepted too).
+    pub server_url: String,
+    /// Where the agent keeps its identity and per-command directories.
+    pub state_dir: PathBuf,
+    /// Activation code for the first start (ignored once an identity exists).
+    pub activation_code: Option<String>,
+    /// Display name of the node (default: the hostname).
+    pub name: Option<String>,
+    /// Tags the node asks for at registration.
+    pub tags: BTreeMap<String, String>,
+    /// Seconds between pings; a connection silent for 3 of them is dropped.
+    pub heartbeat_secs: u64,
+    /// Commands run at once; further ones wait in a queue.
+    pub max_concurrent_commands: usize,
+    /// Time between SIGTERM and SIGKILL when a command times out or is cancelled.
+    pub kill_grace: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with the defaults for everything but the server and the state directory.
+    pub fn new(server_url: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            server_url: server_url.into(),
+            state_dir: state_dir.into(),
+            activation_code: None,
+            name: None,
+            tags: BTreeMap::new(),
+            heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
+            max_concurrent_commands: MAX_CONCURRENT_COMMANDS_DEFAULT,
+            kill_grace: KILL_GRACE_DEFAULT,
+        }
+    }
+
+    /// Checks every setting; the error says which one is wrong and why.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        connect_url(&self.server_url)?;
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(AgentError::Config("--state-dir must not be empty".into()));
+        }
+        if self.heartbeat_secs == 0 || self.heartbeat_secs > 3_600 {
+            return Err(AgentError::Config(format!(
+                "--heartbeat-secs must be 1 to 3600, not {}",
+                self.heartbeat_secs
+            )));
+        }
+        if self.max_concurrent_commands == 0 || self.max_concurrent_commands > 1_024 {
+            return Err(AgentError::Config(format!(
+                "--max-concurrent-commands must be 1 to 1024, not {}",
+                self.max_concurrent_commands
+            )));
+        }
+        if let Some(code) = &self.activation_code
+            && code.trim().is_empty()
+        {
+            return Err(AgentError::Config(
+                "--activation-code must not be empty".into(),
+            ));
+        }
+        if let Some(name) = &self.name
+            && (name.trim().is_empty() || name.len() > 255)
+        {
+            return Err(AgentError::Config(
+                "--name must be 1 to 255 characters".into(),
+            ));
+        }
+        for (k, v) in &self.tags {
+            check_tag_key(k)
+                .and_then(|()| check_tag_value(v))
+                .map_err(|e| AgentError::Config(format!("invalid tag: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The WebSocket URL of the agent channel on the configured server.
+    pub fn connect_url(&self) -> Result<String, AgentError> {
+        connect_url(&self.server_url)
+    }
+}
+
+/// Parses `--tag KEY=VALUE` arguments into a map; a repeated key is an error.
+pub fn parse_tags<S: AsRef<str>>(args: &[S]) -> Result<BTreeMap<String, String>, AgentError> {
+    let mut tags = BTreeMap::new();
+    for arg in args {
+        let arg = arg.as_ref();
+        let (k, v) =
+            parse_tag(arg).map_err(|e| AgentError::Config(format!("invalid --tag: {e}")))?;
+        if tags.insert(k.clone(), v).is_some() {
+            return Err(AgentError::Config(format!(
+                "invalid --tag: key {k:?} given twice"
+            )));
+        }
+    }
+    Ok(tags)
+}
+
+/// Maps the server's base URL to the channel's WebSocket URL: `http://H:P[/prefix]` becomes
+/// `ws://H:P[/prefix]/v1/agent/connect`.
+fn connect_url(server_url: &str) -> Result<String, AgentError> {
+    let url = server_url.trim();
+    let rest = if let Some(rest) = url.strip_prefix("http://") {
+        rest
+    } else if let Some(rest) = url.strip_prefix("ws://") {
+        rest
+    } else if url.starts_with("https://") || url.starts_with("wss://") {
+        return Err(AgentError::Config(format!(
+            "server URL {url:?}: TLS not supported yet, use http://"
+        )));
+    } else {
+        return Err(AgentError::Config(format!(
+            "server URL {url:?} must start with http:// (e.g. http://127.0.0.1:8080)"
+        )));
+    };
+    let rest = rest.trim_end_matches('/');
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
+        return Err(AgentError::Config(format!(
+            "server URL {url:?} must be http://HOST[:PORT][/PATH]"
+        )));
+    }
+    Ok(format!("ws://{rest}{CONNECT_PATH}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls_map_to_the_channel_url() {
+        assert_eq!(
+            connect_url("http://127.0.0.1:8080").unwrap(),
+            "ws://127.0.0.1:8080/v1/agent/connect"
+        );
+        assert_eq!(
+            connect_url("http://h:1/base/").unwrap(),
+            "ws://h:1/base/v1/agent/connect"
+        );
+        assert_eq!(
+            connect_url("ws://h:1").unwrap(),
+            "ws://h:1/v1/agent/connect"
+        );
+        let tls = connect_url("https://h").unwrap_err().to_string();
+        assert!(tls.contains("TLS not supported yet"), "{tls}");
+        assert!(connect_url("ftp://h").is_err());
+        assert!(connect_url("http://").is_err());
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let mut c = AgentConfig::new("http://127.0.0.1:1", "/tmp/x");
+        assert!(c.validate().is_ok());
+        c.max_concurrent_commands = 0;
+        assert!(c.validate().is_err());
+        c.max_concurrent_commands = 5;
+        c.heartbeat_secs = 0;
+        assert!(c.validate().is_err());
+        c.heartbeat_secs = 1;
+        c.tags.insert("bad key".into(), "v".into());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn tags_parse_and_reject_duplicates() {
+        let t = parse_tags(&["env=prod", "role=web"]).unwrap();
+        assert_eq!(t.get("env").map(String::as_str), Some("prod"));
+        assert!(parse_tags(&["env"]).is_err());
+        assert!(parse_tags(&["a=1", "a=2"]).is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! Runs one command: writes its script, spawns `sh -c` in its own session, pumps its pipes into
+//! [`OutputStream`]s, reaps it with `wait4` (for rusage), and stops its whole process group on
+//! timeout or cancel (SIGTERM, a grace, SIGKILL).
+//!
+//! This is usable without a server: give it a [`RunRequest`], two streams and a cancel future.
+
+use crate::stream::{DRAIN_AFTER_EXIT, OutputStream, pump};
+use fleetrun_proto::channel::{ExecResult, Outcome, RunRequest};
+use fleetrun_proto::limits::{EXECUTION_TIMEOUT_DEFAULT, EXECUTION_TIMEOUT_MAX};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::future::Future;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Name of the script file in the run directory.
+pub const SCRIPT_FILE: &str = "script.sh";
+
+/// Where and how to run a command.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    /// The invocation's own directory (`STATE_DIR/runs/<command_id>`), created here; the script is
+    /// written into it and it is the working directory unless the request names one.
+    pub run_dir: PathBuf,
+    /// Put in the command's environment as `FLEETRUN_NODE_ID`.
+    pub node_id: String,
+    /// Time between SIGTERM and SIGKILL when the command is stopped.
+    pub kill_grace: Duration,
+}
+
+/// What happened while running, for the caller to report as it happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The process exists. It leads its own process group: `pgid` is its pid.
+    Started {
+        /// The process group (and the main process's pid).
+        pgid: i32,
+        /// Start time, epoch milliseconds.
+        started_at_ms: i64,
+    },
+    /// The main process has been reaped; the group was killed if it was stopped. The pipes may
+    /// still be drained for a while.
+    Reaped,
+}
+
+/// Why a running command was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Timeout,
+    Cancel,
+}
+
+/// Epoch milliseconds now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A result for an invocation that never ran (bad working directory, spawn failure, cancelled
+/// while queued).
+pub fn not_started(outcome: Outcome, message: String) -> ExecResult {
+    let now = now_ms();
+    ExecResult {
+        outcome,
+        exit_code: -1,
+        signal: None,
+        started_at_ms: now,
+        finished_at_ms: now,
+        cpu_user_ms: 0,
+        cpu_system_ms: 0,
+        max_rss_kb: 0,
+        stdout_bytes: 0,
+        stderr_bytes: 0,
+        message,
+    }
+}
+
+/// Aborts a task when dropped, so pumps do not outlive an abandoned invocation.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs `req` to its end and returns its result. Output goes to `stdout`/`stderr` (both are at EOF
+/// when this returns); `cancel` resolving stops the command; `on_event` hears of the start and the
+/// reaping of the main process.
+pub async fn execute(
+    req: &RunRequest,
+    opts: &ExecOptions,
+    stdout: Arc<OutputStream>,
+    stderr: Arc<OutputStream>,
+    cancel: impl Future<Output = ()>,
+    mut on_event: impl FnMut(ExecEvent),
+) -> ExecResult {
+    let fail = |message: String| {
+        stdout.set_eof();
+        stderr.set_eof();
+        not_started(Outcome::NotStarted, message)
+    };
+    let cwd = match check_working_dir(&req.working_dir, &opts.run_dir) {
+        Ok(cwd) => cwd,
+        Err(message) => return fail(message),
+    };
+    let script = match write_script(&opts.run_dir, &req.script) {
+        Ok(path) => path,
+        Err(e) => {
+            return fail(format!(
+                "cannot write the script into {}: {e}",
+                opts.run_dir.display()
+            ));
+        }
+    };
+
+    // `sh -c 'exec "$0"' SCRIPT` rather than `sh -c SCRIPT`: the same lookup (a shebang is
+    // honoured, a plain script runs in sh), but the script replaces the outer shell instead of
+    // running in a child of it. Otherwise the outer shell, not the script, gets the SIGTERM and
+    // dies at once, and a script trapping TERM to clean up gets no grace.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("exec \"$0\"")
+        .arg(&script)
+        .current_dir(&cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("FLEETRUN_COMMAND_ID", req.command_id.as_str())
+        .env("FLEETRUN_NODE_ID", &opts.node_id);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Its own session and process group (pgid = pid), so the whole group can be stopped.
+            nix::unistd::setsid().map(drop).map_err(io::Error::from)
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start sh: {e}")),
+    };
+    let pid = child.id() as i32;
+    let started_at_ms = now_ms();
+    on_event(ExecEvent::Started {
+        pgid: pid,
+        started_at_ms,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(None);
+    let pumps = [
+        (child.stdout.take().map(OwnedFd::from), &stdout),
+        (child.stderr.take().map(OwnedFd::from), &stderr),
+    ]
+    .map(|(fd, stream)| start_pump(fd, Arc::clone(stream), stop_rx.clone()));
+    // The std `Child` is not waited on: `wait4` below reaps the pid (tokio::process is not used
+    // because its SIGCHLD reaper would race with wait4).
+    drop(child);
+
+    let mut wait = tokio::task::spawn_blocking(move || wait4(pid));
+    let timeout_secs = match req.execution_timeout_secs {
+        0 => EXECUTION_TIMEOUT_DEFAULT,
+        s => s.min(EXECUTION_TIMEOUT_MAX),
+    };
+    let timeout = tokio::time::sleep(Duration::from_secs(timeout_secs));
+    let (stop, waited) = tokio::select! {
+        r = &mut wait => (None, r),
+        () = timeout => (Some(Stop::Timeout), kill_group(pid, &mut wait, opts.kill_grace).await),
+        () = cancel => (Some(Stop::Cancel), kill_group(pid, &mut wait, opts.kill_grace).await),
+    };
+    if stop.is_some() {
+        // Members that outlived the main process (or escaped the TERM) go too.
+        signal_group(pid, Signal::SIGKILL);
+    }
+    let finished_at_ms = now_ms();
+    on_event(ExecEvent::Reaped);
+
+    let _ = stop_tx.send(Some(Instant::now() + DRAIN_AFTER_EXIT));
+    for mut p in pumps.into_iter().flatten() {
+        let _ = (&mut p.0).await;
+    }
+    stdout.set_eof();
+    stderr.set_eof();
+
+    let mut result = ExecResult {
+        outcome: match stop {
+            None => Outcome::Exited,
+            Some(Stop::Timeout) => Outcome::TimedOut,
+            Some(Stop::Cancel) => Outcome::Cancelled,
+        },
+        exit_code: -1,
+        signal: None,
+        started_at_ms,
+        finished_at_ms,
+        cpu_user_ms: 0,
+        cpu_system_ms: 0,
+        max_rss_kb: 0,
+        stdout_bytes: stdout.total_len(),
+        stderr_bytes: stderr.total_len(),
+        message: String::new(),
+    };
+    let mut notes = Vec::new();
+    match stop {
+        Some(Stop::Timeout) => notes.push(format!("timed out after {timeout_secs} s")),
+        Some(Stop::Cancel) => notes.push("cancelled".to_owned()),
+        None => {}
+    }
+    match waited {
+        Ok(Ok((status, ru))) => {
+            result.cpu_user_ms = timeval_ms(ru.ru_utime);
+            result.cpu_system_ms = timeval_ms(ru.ru_stime);
+            result.max_rss_kb = u64::try_from(ru.ru_maxrss).unwrap_or(0);
+            if libc::WIFEXITED(status) {
+                result.exit_code = libc::WEXITSTATUS(status);
+            } else if libc::WIFSIGNALED(status) {
+                let sig = libc::WTERMSIG(status);
+                result.signal = Some(sig);
+                result.exit_code = 128 + sig;
+                let name = Signal::try_from(sig)
+                    .map(Signal::as_str)
+                    .unwrap_or("unknown");
+                notes.push(format!("killed by signal {sig} ({name})"));
+            }
+        }
+        Ok(Err(e)) => notes.push(format!("lost track of the process: {e}")),
+        Err(e) => notes.push(format!("lost track of the process: {e}")),
+    }
+    result.message = notes.join("; ");
+    result
+}
+
+fn start_pump(
+    fd: Option<OwnedFd>,
+    stream: Arc<OutputStream>,
+    stop_at: watch::Receiver<Option<Instant>>,
+) -> Option<AbortOnDrop> {
+    let rx = fd.map(pipe::Receiver::from_owned_fd);
+    match rx {
+        Some(Ok(rx)) => Some(AbortOnDrop(tokio::spawn(pump(rx, stream, stop_at)))),
+        Some(Err(e)) => {
+            tracing::error!(stream = ?stream.id(), error = %e, "cannot read the command's pipe");
+            None
+        }
+        None => None,
+    }
+}
+
+/// The directory to run in: the request's (absolute, existing) or the run directory.
+fn check_working_dir(working_dir: &str, run_dir: &Path) -> Result<PathBuf, String> {
+    if working_dir.is_empty() {
+        return Ok(run_dir.to_owned());
+    }
+    let dir = Path::new(working_dir);
+    if !dir.is_absolute() {
+        return Err(format!(
+            "working directory {working_dir} is not an absolute path"
+        ));
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(dir.to_owned()),
+        Ok(_) => Err(format!(
+            "working directory {working_dir} is not a directory"
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(format!("working directory {working_dir} does not exist"))
+        }
+        Err(e) => Err(format!("working directory {working_dir}: {e}")),
+    }
+}
+
+/// Creates the run directory and writes the script (mode 0700) into it; returns its path.
+fn write_script(run_dir: &Path, script: &str) -> io::Result<PathBuf> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)?;
+    let path = std::path::absolute(run_dir.join(SCRIPT_FILE))?;
+    // A leftover from an earlier agent process must not keep its mode or content.
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(&path)?;
+    f.write_all(script.as_bytes())?;
+    Ok(path)
+}
+
+/// Stops the group: SIGTERM, up to `grace` for the main process, then SIGKILL.
+async fn kill_group(
+    pgid: i32,
+    wait: &mut JoinHandle<io::Result<(i32, libc::rusage)>>,
+    grace: Duration,
+) -> Result<io::Result<(i32, libc::rusage)>, tokio::task::JoinError> {
+    signal_group(pgid, Signal::SIGTERM);
+    match tokio::time::timeout(grace, &mut *wait).await {
+        Ok(r) => r,
+        Err(_) => {
+            signal_group(pgid, Signal::SIGKILL);
+            wait.await
+        }
+    }
+}
+
+/// Signals a process group; a group that is already gone is fine.
+fn signal_group(pgid: i32, sig: Signal) {
+    match killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pgid, signal = %sig, error = %e, "cannot signal process group"),
+    }
+}
+
+/// Sends SIGKILL to a process group (used when the agent stops with commands still running).
+pub fn kill_process_group(pgid: i32) {
+    signal_group(pgid, Signal::SIGKILL);
+}
+
+/// Waits for `pid` (blocking) and returns its wait status and resource usage.
+fn wait4(pid: i32) -> io::Result<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: both pointers are valid for the duration of the call.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            return Ok((status, ru));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn timeval_ms(tv: libc::timeval) -> u64 {
+    let secs = u64::try_from(tv.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(tv.tv_usec).unwrap_or(0);
+    secs.saturating_mul(1_000).saturating_add(micros / 1_000)
+}

@@ -1,0 +1,428 @@
+//! The agent against a scripted stand-in for the server on a real WebSocket: registration,
+//! Hello/Welcome, running, streaming, resending after reconnects, acks, cancels and refusals.
+
+use fleetrun_agent::identity::{self, Identity};
+use fleetrun_agent::{AgentConfig, run};
+use fleetrun_proto::channel::{AgentFrame, Outcome, Pipe, RunRequest, ServerFrame, StreamId};
+use fleetrun_proto::limits::OUTPUT_WINDOW;
+use fleetrun_proto::version::PROTOCOL_VERSION;
+use fleetrun_proto::{CommandId, NodeId};
+use futures_util::{SinkExt, StreamExt};
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+struct Server {
+    listener: TcpListener,
+    state: tempfile::TempDir,
+}
+
+impl Server {
+    async fn new() -> Self {
+        Server {
+            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            state: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn config(&self) -> AgentConfig {
+        let addr = self.listener.local_addr().unwrap();
+        AgentConfig::new(format!("http://{addr}"), self.state.path())
+    }
+
+    fn start(&self, config: AgentConfig) -> JoinHandle<anyhow::Result<()>> {
+        tokio::spawn(run(config))
+    }
+
+    async fn accept(&self) -> Ws {
+        let (tcp, _) = within("a connection", self.listener.accept())
+            .await
+            .unwrap();
+        tokio_tungstenite::accept_async(tcp).await.unwrap()
+    }
+
+    /// Accepts a connection, expects `Hello`, answers `Welcome`; returns the `known` list.
+    async fn welcome(&self, node_id: &NodeId) -> (Ws, Vec<CommandId>) {
+        let mut ws = self.accept().await;
+        match recv(&mut ws).await {
+            AgentFrame::Hello {
+                protocol_version,
+                node_id: n,
+                secret,
+                known,
+                info,
+            } => {
+                assert_eq!(protocol_version, PROTOCOL_VERSION);
+                assert_eq!(&n, node_id);
+                assert_eq!(secret, "s3cret");
+                assert!(!info.hostname.is_empty());
+                send(
+                    &mut ws,
+                    ServerFrame::Welcome {
+                        protocol_version: PROTOCOL_VERSION,
+                        heartbeat_secs: 15,
+                    },
+                )
+                .await;
+                (ws, known)
+            }
+            other => panic!("expected Hello, got {other:?}"),
+        }
+    }
+
+    fn enrol(&self) -> NodeId {
+        let node_id = NodeId::from_random(0xabc);
+        identity::save(
+            self.state.path(),
+            &Identity {
+                node_id: node_id.clone(),
+                secret: "s3cret".into(),
+            },
+        )
+        .unwrap();
+        node_id
+    }
+}
+
+async fn recv(ws: &mut Ws) -> AgentFrame {
+    loop {
+        match within("a frame", ws.next()).await {
+            Some(Ok(Message::Binary(b))) => return AgentFrame::decode(&b).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, frame: ServerFrame) {
+    ws.send(Message::Binary(frame.encode().into()))
+        .await
+        .unwrap();
+}
+
+fn run_req(id: &CommandId, script: &str) -> ServerFrame {
+    ServerFrame::Run(RunRequest {
+        command_id: id.clone(),
+        script: script.into(),
+        working_dir: String::new(),
+        execution_timeout_secs: 60,
+    })
+}
+
+/// What one connection carried for a command until its `Finished`.
+#[derive(Debug, Default)]
+struct Seen {
+    started: usize,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    first_offsets: (Option<u64>, Option<u64>),
+    result: Option<fleetrun_proto::channel::ExecResult>,
+}
+
+/// Reads frames until `id`'s `Finished`, checking order and contiguous offsets; with `ack`,
+/// acknowledges every output frame.
+async fn collect(ws: &mut Ws, id: &CommandId, ack: bool) -> Seen {
+    let mut seen = Seen::default();
+    loop {
+        match recv(ws).await {
+            AgentFrame::Started { command_id, .. } if &command_id == id => {
+                assert!(
+                    seen.stdout.is_empty() && seen.stderr.is_empty(),
+                    "Started first"
+                );
+                seen.started += 1;
+            }
+            AgentFrame::Output {
+                stream,
+                offset,
+                data,
+            } => {
+                let StreamId::Output { command_id, pipe } = &stream;
+                if command_id != id {
+                    continue;
+                }
+                let (buf, first) = match pipe {
+                    Pipe::Stdout => (&mut seen.stdout, &mut seen.first_offsets.0),
+                    Pipe::Stderr => (&mut seen.stderr, &mut seen.first_offsets.1),
+                };
+                let base = *first.get_or_insert(offset);
+                assert_eq!(offset, base + buf.len() as u64, "contiguous offsets");
+                buf.extend_from_slice(&data);
+                if ack {
+                    let end = offset + data.len() as u64;
+                    send(
+                        ws,
+                        ServerFrame::Ack {
+                            stream,
+                            offset: end,
+                        },
+                    )
+                    .await;
+                }
+            }
+            AgentFrame::Finished { command_id, result } if &command_id == id => {
+                seen.result = Some(result);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn registers_runs_and_resends_after_reconnect() {
+    let server = Server::new().await;
+    let mut config = server.config();
+    config.activation_code = Some("code-1".into());
+    config.name = Some("node-one".into());
+    config.tags.insert("env".into(), "test".into());
+    let agent = server.start(config);
+
+    // Registration on a first connection.
+    let node_id = NodeId::from_random(0x1234);
+    let mut ws = server.accept().await;
+    match recv(&mut ws).await {
+        AgentFrame::Register {
+            activation_code,
+            info,
+            tags,
+            ..
+        } => {
+            assert_eq!(activation_code, "code-1");
+            assert_eq!(info.name, "node-one");
+            assert_eq!(tags.get("env").map(String::as_str), Some("test"));
+        }
+        other => panic!("expected Register, got {other:?}"),
+    }
+    send(
+        &mut ws,
+        ServerFrame::Registered {
+            node_id: node_id.clone(),
+            secret: "s3cret".into(),
+        },
+    )
+    .await;
+
+    // Then Hello, a command, its output and result; nothing acknowledged.
+    let (mut ws, known) = server.welcome(&node_id).await;
+    let saved = identity::load(server.state.path()).unwrap().unwrap();
+    assert_eq!(saved.node_id, node_id);
+    assert!(known.is_empty());
+    let id = CommandId::from_random(1);
+    send(
+        &mut ws,
+        run_req(&id, r"printf 'a\377'; echo err >&2; exit 4"),
+    )
+    .await;
+    send(&mut ws, run_req(&id, "echo twice")).await; // a duplicate: ignored
+    let first = collect(&mut ws, &id, false).await;
+    assert_eq!(first.started, 1);
+    assert_eq!(first.stdout, [b'a', 0xff]);
+    assert_eq!(first.stderr, b"err\n");
+    let result = first.result.unwrap();
+    assert_eq!(result.outcome, Outcome::Exited);
+    assert_eq!(result.exit_code, 4);
+    assert_eq!((result.stdout_bytes, result.stderr_bytes), (2, 4));
+    drop(ws);
+
+    // A new connection: the agent still holds the command and resends everything unacknowledged,
+    // but no Started (the command has finished).
+    let (mut ws, known) = server.welcome(&node_id).await;
+    assert_eq!(known, std::slice::from_ref(&id));
+    let again = collect(&mut ws, &id, true).await;
+    assert_eq!(again.started, 0);
+    assert_eq!(again.first_offsets, (Some(0), Some(0)));
+    assert_eq!(again.stdout, first.stdout);
+    assert_eq!(again.stderr, first.stderr);
+    assert_eq!(again.result.unwrap(), result);
+    send(
+        &mut ws,
+        ServerFrame::ResultAck {
+            command_id: id.clone(),
+        },
+    )
+    .await;
+    // A frame that does not decode: the agent drops the connection and comes back.
+    ws.send(Message::Binary(vec![0xff, 0xff, 0xff].into()))
+        .await
+        .unwrap();
+
+    // Forgotten after ResultAck.
+    let (mut ws, known) = server.welcome(&node_id).await;
+    assert!(known.is_empty(), "{known:?}");
+    // The node is unknown to the server: fatal.
+    send(
+        &mut ws,
+        ServerFrame::Error {
+            code: "UnknownNode".into(),
+            message: "no such node".into(),
+        },
+    )
+    .await;
+    let err = within("the agent to stop", agent)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("UnknownNode"), "{err}");
+    // The run directory goes after ResultAck (removed in the background: bounded wait).
+    let run_dir = server.state.path().join("runs").join(id.as_str());
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while run_dir.exists() {
+        assert!(
+            std::time::Instant::now() < until,
+            "{} not removed",
+            run_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn flow_control_and_resend_from_the_acknowledged_offset() {
+    const TOTAL: u64 = OUTPUT_WINDOW + 300_000;
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let id = CommandId::from_random(2);
+    send(
+        &mut ws,
+        run_req(&id, &format!("head -c {TOTAL} /dev/zero | tr '\\000' y")),
+    )
+    .await;
+    // Without acks the agent sends exactly one window, no more.
+    let mut next = 0u64;
+    let mut first_frame_end = None;
+    while next < OUTPUT_WINDOW {
+        if let AgentFrame::Output { offset, data, .. } = recv(&mut ws).await {
+            assert_eq!(offset, next);
+            next += data.len() as u64;
+            first_frame_end.get_or_insert(next);
+        }
+    }
+    assert_eq!(next, OUTPUT_WINDOW, "never past the window");
+    // Acknowledge the first frame only: exactly that much more comes, which also shows the ack
+    // was applied.
+    let acked = first_frame_end.unwrap();
+    let stream = StreamId::Output {
+        command_id: id.clone(),
+        pipe: Pipe::Stdout,
+    };
+    send(
+        &mut ws,
+        ServerFrame::Ack {
+            stream,
+            offset: acked,
+        },
+    )
+    .await;
+    while next < OUTPUT_WINDOW + acked {
+        if let AgentFrame::Output { offset, data, .. } = recv(&mut ws).await {
+            assert_eq!(offset, next);
+            next += data.len() as u64;
+        }
+    }
+    assert_eq!(next, OUTPUT_WINDOW + acked);
+    drop(ws);
+    // After the reconnect, the resend starts at the acknowledged offset.
+    let (mut ws, known) = server.welcome(&node_id).await;
+    assert_eq!(known, std::slice::from_ref(&id));
+    let seen = collect(&mut ws, &id, true).await;
+    assert_eq!(seen.first_offsets.0, Some(acked));
+    assert_eq!(acked + seen.stdout.len() as u64, TOTAL);
+    assert!(seen.stdout.iter().all(|&b| b == b'y'));
+    assert_eq!(seen.result.unwrap().stdout_bytes, TOTAL);
+    agent.abort();
+}
+
+#[tokio::test]
+async fn cancels_reach_queued_and_running_commands() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.max_concurrent_commands = 1;
+    config.kill_grace = Duration::from_millis(200);
+    let agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let (a, b) = (CommandId::from_random(3), CommandId::from_random(4));
+    send(&mut ws, run_req(&a, "echo ready; sleep 1000")).await;
+    send(&mut ws, run_req(&b, "echo never")).await;
+    // Wait for A's output, so A holds the only slot and B is queued.
+    loop {
+        if let AgentFrame::Output { stream, .. } = recv(&mut ws).await {
+            assert_eq!(
+                stream,
+                StreamId::Output {
+                    command_id: a.clone(),
+                    pipe: Pipe::Stdout
+                }
+            );
+            break;
+        }
+    }
+    send(
+        &mut ws,
+        ServerFrame::Cancel {
+            command_id: CommandId::from_random(99),
+        },
+    )
+    .await;
+    send(
+        &mut ws,
+        ServerFrame::Cancel {
+            command_id: b.clone(),
+        },
+    )
+    .await;
+    let seen_b = collect(&mut ws, &b, true).await;
+    assert_eq!(seen_b.started, 0);
+    let rb = seen_b.result.unwrap();
+    assert_eq!((rb.outcome, rb.exit_code), (Outcome::Cancelled, -1));
+    send(
+        &mut ws,
+        ServerFrame::Cancel {
+            command_id: a.clone(),
+        },
+    )
+    .await;
+    let ra = collect(&mut ws, &a, true).await.result.unwrap();
+    assert_eq!(ra.outcome, Outcome::Cancelled);
+    assert_eq!(ra.signal, Some(15));
+    agent.abort();
+}
+
+#[tokio::test]
+async fn a_silent_server_is_dropped_and_redialed() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.heartbeat_secs = 1;
+    let agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    // The agent pings every heartbeat (its own 1 s, shorter than the server's 15 s).
+    match within("a ping", ws.next()).await {
+        Some(Ok(Message::Ping(_))) => {}
+        other => panic!("expected a ping, got {other:?}"),
+    }
+    // From now on the server reads nothing (so sends no pong): after 3 silent heartbeats the
+    // agent drops the connection and dials again.
+    let silent_since = std::time::Instant::now();
+    let (_ws, _) = server.welcome(&node_id).await;
+    assert!(silent_since.elapsed() >= Duration::from_secs(2));
+    drop(ws);
+    agent.abort();
+}

@@ -1,0 +1,95 @@
+//! The `fleetrun-agent` binary's argument handling: bad input gives a one-line error and exit 1.
+
+use std::process::Command;
+
+fn agent(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetrun-agent"))
+        .args(args)
+        .env_remove("FLEETRUN_SERVER")
+        .env_remove("FLEETRUN_STATE_DIR")
+        .env_remove("FLEETRUN_ACTIVATION_CODE")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(out.stdout.is_empty());
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(code: i32, stderr: &str, needle: &str) {
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("fleetrun-agent: "), "{stderr}");
+    assert!(stderr.contains(needle), "{stderr}");
+}
+
+#[test]
+fn bad_tag_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let (code, err) = agent(&[
+        "--server",
+        "http://127.0.0.1:9",
+        "--state-dir",
+        state,
+        "--tag",
+        "novalue",
+    ]);
+    assert_one_line_error(code, &err, "must be KEY=VALUE");
+    let (code, err) = agent(&[
+        "--server",
+        "http://127.0.0.1:9",
+        "--state-dir",
+        state,
+        "--tag",
+        "a b=c",
+    ]);
+    assert_one_line_error(code, &err, "invalid --tag");
+}
+
+#[test]
+fn missing_identity_without_activation_code_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (code, err) = agent(&[
+        "--server",
+        "http://127.0.0.1:9",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_one_line_error(code, &err, "no identity in");
+    assert!(err.contains("no --activation-code given"), "{err}");
+}
+
+#[test]
+fn tls_and_bad_urls_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_str().unwrap();
+    let (code, err) = agent(&[
+        "--server",
+        "https://example.com",
+        "--state-dir",
+        state,
+        "--activation-code",
+        "x",
+    ]);
+    assert_one_line_error(code, &err, "TLS not supported yet");
+    let (code, err) = agent(&[
+        "--server",
+        "example.com",
+        "--state-dir",
+        state,
+        "--activation-code",
+        "x",
+    ]);
+    assert_one_line_error(code, &err, "must start with http://");
+}
+
+#[test]
+fn missing_required_arguments_fail() {
+    let (code, err) = agent(&[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--server"), "{err}");
+}
