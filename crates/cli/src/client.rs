@@ -1,0 +1,259 @@
+//! Typed client of the `/v1` JSON API (routes and bodies in `fleetrun_proto::api`).
+//!
+//! Every failure becomes one readable line: API errors as `MESSAGE (CODE)`, transport errors as
+//! `cannot reach server at URL: CAUSE`.
+
+use crate::config::Connection;
+use anyhow::Context;
+use bytes::Bytes;
+use fleetrun_proto::api::{
+    Activation, CancelCommand, Command, CreateActivation, ErrorBody, Invocation, Node, SendCommand,
+};
+use fleetrun_proto::{CommandId, NodeId};
+use reqwest::{Method, RequestBuilder, Response};
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::time::Duration;
+
+/// An error answer of the API.
+#[derive(Debug)]
+pub struct ApiError {
+    /// Wire code, e.g. `CommandNotFound`.
+    pub code: String,
+    /// One-line message.
+    pub message: String,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Which output stream of an invocation.
+#[derive(Clone, Copy, Debug)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A client bound to one server and token.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    /// Builds a client. No overall request timeout: watches and followed output last as long as the
+    /// command does.
+    pub fn new(conn: &Connection) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .no_proxy()
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client {
+            http,
+            base: conn.server.clone(),
+            token: conn.token.clone(),
+        })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+    }
+
+    /// Sends a request; turns transport failures and non-2xx answers into readable errors.
+    async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
+        let resp = req.send().await.map_err(|e| self.transport_error(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => ApiError {
+                code: e.error.code,
+                message: e.error.message,
+            }
+            .into(),
+            Err(_) => {
+                let text = String::from_utf8_lossy(&body);
+                let text = text.lines().next().unwrap_or("").trim();
+                anyhow::anyhow!("server answered {status}: {text}")
+            }
+        })
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> anyhow::Error {
+        // reqwest's own message ("error sending request") hides the cause, so name the innermost one.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        anyhow::anyhow!("cannot reach server at {}: {cause}", self.base)
+    }
+
+    async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<T> {
+        let resp = self.send(req).await?;
+        let body = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+        serde_json::from_slice(&body).context("the server's answer is not what this CLI expects")
+    }
+
+    /// `POST /v1/activations`.
+    pub async fn create_activation(&self, body: &CreateActivation) -> anyhow::Result<Activation> {
+        self.json(self.request(Method::POST, "/v1/activations").json(body))
+            .await
+    }
+
+    /// `GET /v1/activations`.
+    pub async fn activations(&self) -> anyhow::Result<Vec<Activation>> {
+        self.json(self.request(Method::GET, "/v1/activations"))
+            .await
+    }
+
+    /// `GET /v1/nodes`.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
+        self.json(self.request(Method::GET, "/v1/nodes")).await
+    }
+
+    /// `POST /v1/commands`.
+    pub async fn send_command(&self, body: &SendCommand) -> anyhow::Result<Command> {
+        self.json(self.request(Method::POST, "/v1/commands").json(body))
+            .await
+    }
+
+    /// `GET /v1/commands?limit=N`, newest first.
+    pub async fn commands(&self, limit: Option<u32>) -> anyhow::Result<Vec<Command>> {
+        let path = match limit {
+            Some(n) => format!("/v1/commands?limit={n}"),
+            None => "/v1/commands".to_owned(),
+        };
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `GET /v1/commands/{id}`, with invocations.
+    pub async fn command(&self, id: &CommandId) -> anyhow::Result<Command> {
+        self.json(self.request(Method::GET, &format!("/v1/commands/{id}")))
+            .await
+    }
+
+    /// `GET /v1/commands/{id}/invocations`.
+    pub async fn invocations(&self, id: &CommandId) -> anyhow::Result<Vec<Invocation>> {
+        self.json(self.request(Method::GET, &format!("/v1/commands/{id}/invocations")))
+            .await
+    }
+
+    /// `POST /v1/commands/{id}/cancel`.
+    pub async fn cancel(&self, id: &CommandId, body: &CancelCommand) -> anyhow::Result<Command> {
+        self.json(
+            self.request(Method::POST, &format!("/v1/commands/{id}/cancel"))
+                .json(body),
+        )
+        .await
+    }
+
+    /// `GET /v1/commands/{id}/watch`: snapshots until the command is terminal.
+    pub async fn watch(&self, id: &CommandId) -> anyhow::Result<Watch<'_>> {
+        let resp = self
+            .send(self.request(Method::GET, &format!("/v1/commands/{id}/watch")))
+            .await?;
+        Ok(Watch {
+            client: self,
+            resp,
+            buf: Vec::new(),
+        })
+    }
+
+    /// `GET .../output/{stdout,stderr}[?follow=true]`: the raw bytes, to be read chunk by chunk.
+    pub async fn output(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+        stream: Stream,
+        follow: bool,
+    ) -> anyhow::Result<Output<'_>> {
+        let name = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        let mut path = format!("/v1/commands/{id}/invocations/{node}/output/{name}");
+        if follow {
+            path.push_str("?follow=true");
+        }
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        Ok(Output { client: self, resp })
+    }
+}
+
+/// A body of raw output bytes.
+pub struct Output<'a> {
+    client: &'a Client,
+    resp: Response,
+}
+
+impl Output<'_> {
+    /// The next chunk as received, or None at the end.
+    pub async fn chunk(&mut self) -> anyhow::Result<Option<Bytes>> {
+        self.resp
+            .chunk()
+            .await
+            .map_err(|e| self.client.transport_error(e))
+    }
+}
+
+/// An NDJSON stream of command snapshots.
+pub struct Watch<'a> {
+    client: &'a Client,
+    resp: Response,
+    buf: Vec<u8>,
+}
+
+impl Watch<'_> {
+    /// The next snapshot, or None when the server ended the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Command>> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let line = line.trim_ascii();
+                if line.is_empty() {
+                    continue;
+                }
+                return serde_json::from_slice(line)
+                    .map(Some)
+                    .context("the server sent a watch line this CLI does not understand");
+            }
+            match self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| self.client.transport_error(e))?
+            {
+                Some(chunk) => self.buf.extend_from_slice(&chunk),
+                None => {
+                    // A last line without its newline still counts.
+                    let rest = std::mem::take(&mut self.buf);
+                    let rest = rest.trim_ascii();
+                    if rest.is_empty() {
+                        return Ok(None);
+                    }
+                    return serde_json::from_slice(rest)
+                        .map(Some)
+                        .context("the server sent a watch line this CLI does not understand");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! `fleetrun commands`, `fleetrun command CMD`, `fleetrun invocations CMD`: what was sent and how it went.
+
+use super::{Ctx, parse_command_id};
+use crate::render::{self, Format};
+use fleetrun_proto::api::{Command, Invocation};
+use std::process::ExitCode;
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Most commands to list
+    #[arg(long, value_name = "N")]
+    limit: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The command id
+    #[arg(value_name = "COMMAND_ID")]
+    command: String,
+}
+
+pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<ExitCode> {
+    let list = ctx.client()?.commands(args.limit).await?;
+    if ctx.format == Format::Json {
+        render::print_json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = render::table(&[
+        "COMMAND ID",
+        "REQUESTED",
+        "STATUS",
+        "DETAILS",
+        "TARGETS",
+        "DONE",
+        "ERRORS",
+        "SCRIPT",
+    ]);
+    for c in &list {
+        t.add_row(vec![
+            c.command_id.to_string(),
+            render::ago(&c.requested_at),
+            c.status.to_string(),
+            c.status_details.clone(),
+            targets(c),
+            format!("{}/{}", c.completed_count, c.target_count),
+            c.error_count.to_string(),
+            render::first_line(&script(c), 40),
+        ]);
+    }
+    render::print_table(&t)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn show(ctx: &Ctx, args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let id = parse_command_id(&args.command)?;
+    let c = ctx.client()?.command(&id).await?;
+    if ctx.format == Format::Json {
+        render::print_json(&c)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_command(&c)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn invocations(ctx: &Ctx, args: ShowArgs) -> anyhow::Result<ExitCode> {
+    let id = parse_command_id(&args.command)?;
+    let list = ctx.client()?.invocations(&id).await?;
+    if ctx.format == Format::Json {
+        render::print_json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = render::table(&[
+        "NODE ID",
+        "NAME",
+        "STATUS",
+        "DETAILS",
+        "EXIT",
+        "STARTED",
+        "DURATION",
+        "CPU USER ms",
+        "CPU SYS ms",
+        "MAX RSS KB",
+    ]);
+    for i in &list {
+        t.add_row(vec![
+            i.node_id.to_string(),
+            i.node_name.clone(),
+            i.status.to_string(),
+            i.status_details.clone(),
+            render::exit_code(i.exit_code, i.signal),
+            render::ago_opt(i.started_at.as_deref()),
+            render::between(i.started_at.as_deref(), i.finished_at.as_deref()),
+            render::opt(i.cpu_user_ms),
+            render::opt(i.cpu_system_ms),
+            render::opt(i.max_rss_kb),
+        ]);
+    }
+    render::print_table(&t)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The command's key facts, one per line.
+pub fn header(c: &Command) -> String {
+    let mut lines = vec![
+        format!("command:      {}", c.command_id),
+        format!("status:       {} ({})", c.status, c.status_details),
+        format!("requested:    {}", render::ago(&c.requested_at)),
+        format!("targets:      {}", targets(c)),
+        format!(
+            "progress:     {}/{} done, {} errors, {} not delivered",
+            c.completed_count, c.target_count, c.error_count, c.delivery_timed_out_count
+        ),
+        format!(
+            "rate:         max concurrency {}, max errors {}",
+            c.max_concurrency, c.max_errors
+        ),
+        format!(
+            "timeouts:     execution {}s, delivery {}s",
+            c.execution_timeout_secs, c.delivery_timeout_secs
+        ),
+    ];
+    if !c.comment.is_empty() {
+        lines.push(format!("comment:      {}", c.comment));
+    }
+    lines.push(format!(
+        "script:       {}",
+        render::first_line(&script(c), 80)
+    ));
+    lines.push(String::new());
+    lines.join("\n")
+}
+
+/// Prints the header and the per-node summary.
+pub fn print_command(c: &Command) -> anyhow::Result<()> {
+    render::emit(&header(c))?;
+    render::emit("\n")?;
+    print_summary(&c.invocations)
+}
+
+/// One line per invocation: where, how it ended, what it cost, and its first line of output.
+pub fn print_summary(invocations: &[Invocation]) -> anyhow::Result<()> {
+    let mut t = render::table(&[
+        "NODE", "NAME", "STATUS", "DETAILS", "EXIT", "CPU ms", "MAX RSS", "STDOUT",
+    ]);
+    for i in invocations {
+        let cpu = match (i.cpu_user_ms, i.cpu_system_ms) {
+            (None, None) => None,
+            (u, s) => Some(u.unwrap_or(0) + s.unwrap_or(0)),
+        };
+        t.add_row(vec![
+            i.node_id.to_string(),
+            i.node_name.clone(),
+            i.status.to_string(),
+            i.status_details.clone(),
+            render::exit_code(i.exit_code, i.signal),
+            render::opt(cpu),
+            i.max_rss_kb
+                .map(|kb| format!("{kb} KB"))
+                .unwrap_or_else(|| "-".into()),
+            render::first_line(&i.stdout, 60),
+        ]);
+    }
+    render::print_table(&t)
+}
+
+/// Node ids and target expression, as asked for.
+fn targets(c: &Command) -> String {
+    let mut parts: Vec<String> = c.node_ids.iter().map(ToString::to_string).collect();
+    if !c.targets.is_empty() {
+        parts.push(c.targets.clone());
+    }
+    parts.join(" ")
+}
+
+/// The script's lines, joined.
+fn script(c: &Command) -> String {
+    c.parameters
+        .get("commands")
+        .map(|lines| lines.join("\n"))
+        .unwrap_or_default()
+}

@@ -1,0 +1,138 @@
+//! The command tree (clap derive) and dispatch; one file per subcommand family.
+
+mod activation;
+mod cancel;
+mod command;
+mod dev;
+mod nodes;
+mod output;
+mod send;
+mod server;
+
+use crate::client::Client;
+use crate::config;
+use crate::render::Format;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Run shell commands on a fleet of machines: a self-hosted take on AWS SSM Run Command.
+#[derive(Debug, Parser)]
+#[command(name = "fleetrun", version, propagate_version = true)]
+pub struct Cli {
+    /// Server URL, e.g. http://127.0.0.1:8080 (else the config file's `server`)
+    #[arg(
+        long,
+        env = "FLEETRUN_SERVER",
+        global = true,
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = "Global options"
+    )]
+    server: Option<String>,
+    /// API token (else the config file's `token`)
+    #[arg(
+        long,
+        env = "FLEETRUN_TOKEN",
+        global = true,
+        hide_env_values = true,
+        value_name = "TOKEN",
+        help_heading = "Global options"
+    )]
+    token: Option<String>,
+    /// Output format
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value_t = Format::Table,
+        global = true,
+        help_heading = "Global options"
+    )]
+    format: Format,
+    #[command(subcommand)]
+    command: Subcommands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Subcommands {
+    /// Run the control plane
+    Server(server::Args),
+    /// Run a server and an agent in this process, and point the CLI at them
+    Dev(dev::Args),
+    /// Create or list activation codes that agents register with
+    #[command(subcommand)]
+    Activation(activation::Cmd),
+    /// List managed nodes
+    Nodes,
+    /// Run a shell script on nodes
+    Send(send::Args),
+    /// List recent commands, newest first
+    Commands(command::ListArgs),
+    /// Show one command and its invocations
+    Command(command::ShowArgs),
+    /// List a command's invocations
+    Invocations(command::ShowArgs),
+    /// Print one invocation's output, byte for byte
+    Output(output::Args),
+    /// Cancel a command, or some of its invocations
+    Cancel(cancel::Args),
+}
+
+/// What every API subcommand needs: the connection settings and the output format.
+pub struct Ctx {
+    server: Option<String>,
+    token: Option<String>,
+    format: Format,
+}
+
+impl Ctx {
+    /// A client for the resolved server and token.
+    fn client(&self) -> anyhow::Result<Client> {
+        let conn = config::resolve(self.server.clone(), self.token.clone())?;
+        Client::new(&conn)
+    }
+}
+
+/// Runs the parsed command line; the exit code tells success (0) from failure (1).
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Ctx {
+        server: cli.server,
+        token: cli.token,
+        format: cli.format,
+    };
+    match cli.command {
+        Subcommands::Server(args) => server::run(args).await,
+        Subcommands::Dev(args) => dev::run(args).await,
+        Subcommands::Activation(cmd) => activation::run(&ctx, cmd).await,
+        Subcommands::Nodes => nodes::run(&ctx).await,
+        Subcommands::Send(args) => send::run(&ctx, args).await,
+        Subcommands::Commands(args) => command::list(&ctx, args).await,
+        Subcommands::Command(args) => command::show(&ctx, args).await,
+        Subcommands::Invocations(args) => command::invocations(&ctx, args).await,
+        Subcommands::Output(args) => output::run(&ctx, args).await,
+        Subcommands::Cancel(args) => cancel::run(&ctx, args).await,
+    }
+}
+
+/// Parses a command id given on the command line.
+fn parse_command_id(s: &str) -> anyhow::Result<fleetrun_proto::CommandId> {
+    Ok(s.trim().parse()?)
+}
+
+/// Parses node ids given on the command line.
+fn parse_node_ids(ids: &[String]) -> anyhow::Result<Vec<fleetrun_proto::NodeId>> {
+    ids.iter()
+        .map(|s| s.trim().parse().map_err(anyhow::Error::from))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,316 @@
+//! `fleetrun send`: run a shell script on nodes, optionally waiting for the result.
+//!
+//! Everything the proto crate can check is checked here first, so mistakes cost one line and no request.
+
+use super::command::print_command;
+use super::{Ctx, parse_node_ids};
+use crate::client::Client;
+use crate::render::{self, Format};
+use anyhow::{Context, bail};
+use fleetrun_proto::api::{Command, SendCommand};
+use fleetrun_proto::limits;
+use fleetrun_proto::targets::{Rate, TargetExpr};
+use fleetrun_proto::{CommandId, InvocationStatus};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Run on this node (repeatable)
+    #[arg(long = "node", value_name = "NODE_ID")]
+    nodes: Vec<String>,
+    /// Run on the nodes matching an expression: all, tag:KEY=VALUE[,VALUE], tag-key:KEY, id:NODE_ID[,...]
+    #[arg(long, value_name = "EXPR")]
+    targets: Option<String>,
+    /// Most invocations running at once: N or N% [server default: 50]
+    #[arg(long, value_name = "N|N%", allow_negative_numbers = true)]
+    max_concurrency: Option<String>,
+    /// Errors after which no more invocations start: N or N% [server default: 0]
+    #[arg(long, value_name = "N|N%", allow_negative_numbers = true)]
+    max_errors: Option<String>,
+    /// Seconds the script may run before it is killed [server default: 3600]
+    #[arg(long, value_name = "SECS")]
+    execution_timeout: Option<u64>,
+    /// Seconds a node may take to start it before it times out [server default: 3600]
+    #[arg(long, value_name = "SECS")]
+    delivery_timeout: Option<u64>,
+    /// Directory to run the script in
+    #[arg(long, value_name = "DIR")]
+    working_dir: Option<String>,
+    /// A note kept with the command (at most 100 characters)
+    #[arg(long, value_name = "TEXT")]
+    comment: Option<String>,
+    /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
+    #[arg(long)]
+    wait: bool,
+    /// Read the script from a file, one command per line (`-` for stdin)
+    #[arg(long, value_name = "PATH", conflicts_with = "script")]
+    file: Option<PathBuf>,
+    /// The script: words after `--`, joined with spaces into one line
+    #[arg(last = true, value_name = "SCRIPT")]
+    script: Vec<String>,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
+    let wait = args.wait;
+    let body = build(args)?;
+    let client = ctx.client()?;
+    let cmd = client.send_command(&body).await?;
+    if !wait {
+        if ctx.format == Format::Json {
+            render::print_json(&cmd)?;
+        } else {
+            render::emit(&format!("{}\n", cmd.command_id))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if ctx.format == Format::Table {
+        eprintln!(
+            "command {} sent to {} node(s)",
+            cmd.command_id, cmd.target_count
+        );
+    }
+    follow(&client, &cmd).await?;
+    let done = client.command(&cmd.command_id).await?;
+    if ctx.format == Format::Json {
+        render::print_json(&done)?;
+    } else {
+        print_command(&done)?;
+    }
+    let all_ok = done.status == fleetrun_proto::CommandStatus::Success
+        && done
+            .invocations
+            .iter()
+            .all(|i| i.status == InvocationStatus::Success);
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Checks the arguments and builds the request body.
+fn build(args: Args) -> anyhow::Result<SendCommand> {
+    let node_ids = parse_node_ids(&args.nodes)?;
+    let targets = args
+        .targets
+        .map(|t| {
+            TargetExpr::parse(&t)
+                .map(|e| e.to_string())
+                .with_context(|| format!("bad --targets {t:?}"))
+        })
+        .transpose()?;
+    if node_ids.is_empty() && targets.is_none() {
+        bail!("say where to run it: --node NODE_ID or --targets EXPR (e.g. --targets all)");
+    }
+    if let Some(c) = &args.max_concurrency {
+        Rate::parse_concurrency(c)?;
+    }
+    if let Some(e) = &args.max_errors {
+        Rate::parse_errors(e)?;
+    }
+    if let Some(t) = args.execution_timeout
+        && !(1..=limits::EXECUTION_TIMEOUT_MAX).contains(&t)
+    {
+        bail!(
+            "--execution-timeout {t} is out of range: 1 to {} seconds",
+            limits::EXECUTION_TIMEOUT_MAX
+        );
+    }
+    if let Some(t) = args.delivery_timeout
+        && !(limits::DELIVERY_TIMEOUT_MIN..=limits::DELIVERY_TIMEOUT_MAX).contains(&t)
+    {
+        bail!(
+            "--delivery-timeout {t} is out of range: {} to {} seconds",
+            limits::DELIVERY_TIMEOUT_MIN,
+            limits::DELIVERY_TIMEOUT_MAX
+        );
+    }
+    if let Some(c) = &args.comment
+        && c.chars().count() > limits::COMMENT_MAX
+    {
+        bail!(
+            "--comment is longer than {} characters",
+            limits::COMMENT_MAX
+        );
+    }
+    if let Some(d) = &args.working_dir
+        && (d.is_empty() || d.len() > limits::WORKING_DIR_MAX)
+    {
+        bail!(
+            "--working-dir must be 1 to {} characters",
+            limits::WORKING_DIR_MAX
+        );
+    }
+    let commands = match &args.file {
+        Some(path) => read_script(path)?,
+        None => {
+            if args.script.is_empty() {
+                bail!(
+                    "no script given: put it after `--` (e.g. fleetrun send --targets all -- uname -a) or use --file"
+                );
+            }
+            vec![args.script.join(" ")]
+        }
+    };
+    let size: usize = commands.iter().map(|l| l.len() + 1).sum();
+    if commands.iter().all(|l| l.trim().is_empty()) {
+        bail!("the script is empty");
+    }
+    if size > limits::SCRIPT_MAX {
+        bail!(
+            "the script is {size} bytes; at most {} are accepted",
+            limits::SCRIPT_MAX
+        );
+    }
+    Ok(SendCommand {
+        node_ids,
+        targets,
+        document_name: None,
+        commands,
+        working_directory: args.working_dir,
+        execution_timeout_secs: args.execution_timeout,
+        delivery_timeout_secs: args.delivery_timeout,
+        max_concurrency: args.max_concurrency,
+        max_errors: args.max_errors,
+        comment: args.comment,
+    })
+}
+
+/// Lines of a script file (`-` is stdin).
+fn read_script(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let mut bytes = Vec::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read the script from stdin")?;
+    } else {
+        bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read script file {}", path.display()))?;
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("script file {} is not UTF-8", path.display()))?;
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// Follows the command until it is terminal, with a progress bar when a person is watching.
+async fn follow(client: &Client, cmd: &Command) -> anyhow::Result<()> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(cmd.target_count);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    let show = |c: &Command| {
+        if let Some(bar) = &bar {
+            bar.set_length(c.target_count);
+            bar.set_position(c.completed_count);
+            bar.set_message(format!("{}, {} failed", c.status, c.error_count));
+        }
+    };
+    show(cmd);
+    let mut terminal = cmd.status.is_terminal();
+    if !terminal {
+        let mut watch = client.watch(&cmd.command_id).await?;
+        while let Some(snap) = watch.next().await? {
+            show(&snap);
+            if snap.status.is_terminal() {
+                terminal = true;
+                break;
+            }
+        }
+    }
+    if !terminal {
+        // The watch ended early (a proxy or the server closed it): poll instead.
+        poll_until_terminal(client, &cmd.command_id, &show).await?;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(())
+}
+
+async fn poll_until_terminal(
+    client: &Client,
+    id: &CommandId,
+    show: &impl Fn(&Command),
+) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let c = client.command(id).await?;
+        show(&c);
+        if c.status.is_terminal() {
+            return Ok(());
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn build_from(argv: &[&str]) -> anyhow::Result<SendCommand> {
+        let t = T::try_parse_from(std::iter::once("send").chain(argv.iter().copied()))?;
+        build(t.args)
+    }
+
+    #[test]
+    fn joins_words_after_dashes_into_one_line() {
+        let b = build_from(&["--targets", "all", "--", "echo", "a b", "-n"]).unwrap();
+        assert_eq!(b.commands, vec!["echo a b -n"]);
+        assert_eq!(b.targets.as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn rejects_bad_input_locally() {
+        for (argv, needle) in [
+            (&["--targets", "color:red", "--", "x"][..], "--targets"),
+            (
+                &["--targets", "all", "--max-concurrency", "101%", "--", "x"],
+                "max-concurrency",
+            ),
+            (
+                &["--targets", "all", "--max-errors", "x", "--", "x"],
+                "max-errors",
+            ),
+            (
+                &[
+                    "--targets",
+                    "all",
+                    "--execution-timeout",
+                    "999999",
+                    "--",
+                    "x",
+                ],
+                "out of range",
+            ),
+            (
+                &["--targets", "all", "--delivery-timeout", "0", "--", "x"],
+                "out of range",
+            ),
+            (&["--node", "mi-1", "--", "x"], "invalid node id"),
+            (&["--", "x"], "--targets"),
+            (&["--targets", "all"], "no script"),
+        ] {
+            let err = format!("{:#}", build_from(argv).unwrap_err());
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! `--help` snapshots (so a changed flag shows up in review) and the crate's tidiness rules.
+//!
+//! Refresh the snapshots with `FLEETRUN_UPDATE_SNAPSHOTS=1 cargo test -p fleetrun-cli --test e2e help`.
+
+use crate::support::{fleetrun_bin, run};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn snapshot(name: &str, args: &[&str]) {
+    let mut c = Command::new(fleetrun_bin());
+    c.args(args)
+        .env_remove("FLEETRUN_SERVER")
+        .env_remove("FLEETRUN_TOKEN");
+    let out = run(c, Duration::from_secs(30)).ok();
+    let got = out.stdout_str();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("FLEETRUN_UPDATE_SNAPSHOTS").is_some() {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, &got).expect("write snapshot");
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; set FLEETRUN_UPDATE_SNAPSHOTS=1 to create it",
+            path.display()
+        )
+    });
+    assert_eq!(
+        got,
+        want,
+        "`fleetrun {}` changed; set FLEETRUN_UPDATE_SNAPSHOTS=1 if intended",
+        args.join(" ")
+    );
+}
+
+#[test]
+fn help_snapshots() {
+    snapshot("help", &["--help"]);
+    snapshot("send-help", &["send", "--help"]);
+    snapshot("server-help", &["server", "--help"]);
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_file_opens_with_a_doc_line() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tests"), &mut files);
+    assert!(files.len() > 10);
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read");
+        let first = text.lines().find(|l| !l.starts_with("#![")).unwrap_or("");
+        assert!(
+            first.starts_with("//!"),
+            "{} must open with a `//!` line",
+            f.display()
+        );
+    }
+}

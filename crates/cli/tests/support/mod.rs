@@ -1,0 +1,586 @@
+//! Test harness: the real `fleetrun` server and `fleetrun-agent` binaries in a fresh temp dir, on a free
+//! port, logging to files, stopped on drop. Waits are bounded polls of the API, never blind sleeps.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `fleetrun` binary under test.
+pub fn fleetrun_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fleetrun"))
+}
+
+/// The agent binary, built next to `fleetrun`.
+pub fn agent_bin() -> PathBuf {
+    let p = fleetrun_bin().with_file_name("fleetrun-agent");
+    assert!(
+        p.exists(),
+        "{} is missing; build it: cargo build -p fleetrun-agent",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+fn free_port() -> u16 {
+    // Bind port 0 to learn a free port, then release it for the server; a race with another process is
+    // possible but unlikely on a test machine.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    String::from_utf8_lossy(&text[start..]).into_owned()
+}
+
+/// An HTTP answer: status and body bytes.
+pub struct Http {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Http {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// One HTTP request with reqwest (a real client), run on a throwaway runtime so tests stay synchronous.
+pub fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+) -> Result<Http, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut req = client.request(method, url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some((ctype, bytes)) = body {
+            req = req.header("content-type", ctype).body(bytes);
+        }
+        let resp = req.send().await.map_err(|e| format!("{e:?}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| e.to_string())?.to_vec();
+        Ok(Http { status, body })
+    })
+}
+
+/// A running `fleetrun server`.
+pub struct Server {
+    pub url: String,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    child: Child,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        let port = free_port();
+        let log = dir.path().join("server.log");
+        let child = Command::new(fleetrun_bin())
+            .args(["server", "--data-dir"])
+            .arg(&data_dir)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--heartbeat-secs",
+                "1",
+            ])
+            .env("RUST_LOG", "info")
+            .env_remove("FLEETRUN_SERVER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log_file(&dir.path().join("server.out")))
+            .stderr(log_file(&log))
+            .spawn()
+            .expect("spawn fleetrun server");
+        let mut server = Server {
+            url: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            dir,
+            data_dir,
+            child,
+        };
+        let health = format!("{}/v1/health", server.url);
+        wait_until(
+            "the server to answer /v1/health",
+            Duration::from_secs(10),
+            || {
+                if let Ok(Some(st)) = server.child.try_wait() {
+                    panic!("server exited with {st}:\n{}", server.logs());
+                }
+                http("GET", &health, None, None)
+                    .ok()
+                    .filter(|r| r.status == 200)
+            },
+        );
+        let token_path = server.data_dir.join("admin.token");
+        server.token = std::fs::read_to_string(&token_path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", token_path.display()))
+            .trim()
+            .to_owned();
+        assert!(!server.token.is_empty(), "empty admin token");
+        server
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- server stdout\n{}\n--- server stderr (tail)\n{}",
+            tail(&self.dir.path().join("server.out"), 2_000),
+            tail(&self.dir.path().join("server.log"), 8_000)
+        )
+    }
+
+    /// A scratch directory for scripts to write into.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("scratch").join(name);
+        std::fs::create_dir_all(&p).expect("mkdir scratch");
+        p
+    }
+
+    pub fn get(&self, path: &str) -> Http {
+        http(
+            "GET",
+            &format!("{}{path}", self.url),
+            Some(&self.token),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub fn get_json(&self, path: &str) -> Value {
+        let r = self.get(path);
+        assert_eq!(
+            r.status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Http {
+        http(
+            "POST",
+            &format!("{}{path}", self.url),
+            Some(&self.token),
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
+    /// Creates an activation and returns its code.
+    pub fn activation_code(&self, tags: &[(&str, &str)], limit: u64) -> String {
+        let tags: serde_json::Map<String, Value> = tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+            .collect();
+        let r = self.post_json(
+            "/v1/activations",
+            &serde_json::json!({"tags": tags, "limit": limit}),
+        );
+        assert!(
+            r.status == 200 || r.status == 201,
+            "create activation: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        r.json()["code"]
+            .as_str()
+            .expect("activation code")
+            .to_owned()
+    }
+
+    pub fn nodes(&self) -> Vec<Value> {
+        match self.get_json("/v1/nodes") {
+            Value::Array(a) => a,
+            other => panic!("/v1/nodes is not an array: {other}"),
+        }
+    }
+
+    /// The node with this name, once it is Online.
+    pub fn wait_online(&self, name: &str) -> Value {
+        wait_until(
+            &format!("node {name} to be Online"),
+            Duration::from_secs(15),
+            || {
+                self.nodes()
+                    .into_iter()
+                    .find(|n| n["name"] == name && n["ping_status"] == "Online")
+            },
+        )
+    }
+
+    pub fn command(&self, id: &str) -> Value {
+        self.get_json(&format!("/v1/commands/{id}"))
+    }
+
+    /// The command (with invocations) once it is terminal.
+    pub fn wait_terminal(&self, id: &str, timeout: Duration) -> Value {
+        wait_until(&format!("command {id} to end"), timeout, || {
+            let c = self.command(id);
+            let st = c["status"].as_str().unwrap_or("").to_owned();
+            ["Success", "Failed", "TimedOut", "Cancelled"]
+                .contains(&st.as_str())
+                .then_some(c)
+        })
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> CliOut {
+        run(self.cli_cmd(args), Duration::from_secs(90))
+    }
+
+    /// The CLI command with this server's URL and token in env and a private config path, so the
+    /// user's own config never leaks in.
+    pub fn cli_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(fleetrun_bin());
+        c.args(args)
+            .env("FLEETRUN_SERVER", &self.url)
+            .env("FLEETRUN_TOKEN", &self.token)
+            .env("FLEETRUN_CONFIG", self.dir.path().join("cli-config.toml"))
+            .env_remove("RUST_LOG");
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// A running `fleetrun-agent`.
+pub struct Agent {
+    pub name: String,
+    pub state_dir: PathBuf,
+    url: String,
+    log: PathBuf,
+    tags: Vec<(String, String)>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Agent {
+    /// Enrols a new agent: creates an activation for it, starts it and waits until it is Online.
+    pub fn start(server: &Server, name: &str, tags: &[(&str, &str)]) -> Agent {
+        let code = server.activation_code(&[], 1);
+        let agent = Agent::start_with_code(server, name, tags, &code);
+        server.wait_online(name);
+        agent
+    }
+
+    /// Starts an agent with a given code, without waiting.
+    pub fn start_with_code(
+        server: &Server,
+        name: &str,
+        tags: &[(&str, &str)],
+        code: &str,
+    ) -> Agent {
+        let mut agent = Agent {
+            name: name.to_owned(),
+            state_dir: server.dir.path().join("agents").join(name),
+            url: server.url.clone(),
+            log: server.dir.path().join("agents").join(format!("{name}.log")),
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            child: None,
+            starts: 0,
+        };
+        agent.spawn(Some(code));
+        agent
+    }
+
+    fn spawn(&mut self, code: Option<&str>) {
+        std::fs::create_dir_all(&self.state_dir).expect("mkdir state dir");
+        self.starts += 1;
+        let log = self.log.with_extension(format!("{}.log", self.starts));
+        let mut c = Command::new(agent_bin());
+        c.arg("--server")
+            .arg(&self.url)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--name", &self.name, "--heartbeat-secs", "1"]);
+        if let Some(code) = code {
+            c.args(["--activation-code", code]);
+        }
+        for (k, v) in &self.tags {
+            c.arg("--tag").arg(format!("{k}={v}"));
+        }
+        let child = c
+            .env("RUST_LOG", "info")
+            .env_remove("FLEETRUN_SERVER")
+            .env_remove("FLEETRUN_STATE_DIR")
+            .env_remove("FLEETRUN_ACTIVATION_CODE")
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log.with_extension("err")))
+            .spawn()
+            .expect("spawn fleetrun-agent");
+        self.log = log;
+        self.child = Some(child);
+    }
+
+    /// Kills the agent (SIGKILL, as a crash would).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again with its state dir; it needs no activation code.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(None);
+    }
+
+    /// Waits for the agent process to exit by itself; its status and stderr.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, String) {
+        let child = self.child.as_mut().expect("agent not running");
+        let st = wait_until("the agent to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        (st, tail(&self.log.with_extension("err"), 4_000))
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- agent {} stderr (tail)\n{}",
+            self.name,
+            tail(&self.log.with_extension("err"), 6_000)
+        )
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// What a CLI run gave.
+pub struct CliOut {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl CliOut {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.stdout_str(),
+                self.stderr
+            )
+        })
+    }
+    /// Asserts exit 0 and returns self.
+    pub fn ok(self) -> Self {
+        assert!(
+            self.status.success(),
+            "expected success, got {}\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout_str(),
+            self.stderr
+        );
+        self
+    }
+    /// Asserts a one-line `error: ...` on stderr and exit 1; returns the line.
+    pub fn one_line_error(&self) -> String {
+        assert_eq!(
+            self.code(),
+            Some(1),
+            "expected exit 1\nstdout: {}\nstderr: {}",
+            self.stdout_str(),
+            self.stderr
+        );
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one error line, got: {:?}",
+            self.stderr
+        );
+        assert!(lines[0].starts_with("error: "), "{:?}", self.stderr);
+        lines[0].to_owned()
+    }
+}
+
+/// Runs a command to its end with a deadline, reading its pipes concurrently (outputs can be large).
+pub fn run(cmd: Command, timeout: Duration) -> CliOut {
+    run_input(cmd, None, timeout)
+}
+
+/// [`run`], feeding `input` to stdin.
+pub fn run_input(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> CliOut {
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        let input = input.to_vec();
+        // From a thread, so a child that does not read stdin cannot block the test.
+        std::thread::spawn(move || stdin.write_all(&input));
+    }
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = t_err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not finish in {timeout:?}; stderr: {}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    CliOut {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// Whether a process is alive (exists and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses, which may itself contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Pids of live processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&cmdline).contains(marker)
+            && alive(pid)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// A unique marker for one test's processes.
+pub fn marker(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("FLEETRUN_MARKER_{tag}_{}_{nanos}", std::process::id())
+}
+
+/// Reads a pid written by a script.
+pub fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The invocations of a command JSON.
+pub fn invocations(cmd: &Value) -> Vec<Value> {
+    cmd["invocations"].as_array().cloned().unwrap_or_default()
+}
