@@ -178,7 +178,8 @@ impl Channel {
         tracing::debug!(url = %self.url, "connecting");
         let (mut ws, _) = tokio::time::timeout(
             DIAL_TIMEOUT,
-            tokio_tungstenite::connect_async(self.url.as_str()),
+            // Nagle off: small frames (Started, Finished, a line of output) must leave at once.
+            tokio_tungstenite::connect_async_with_config(self.url.as_str(), None, true),
         )
         .await
         .map_err(|_| transport("timed out"))?

@@ -27,6 +27,11 @@ use std::collections::BTreeMap;
 /// SSM's document for shell scripts: the only document fleetrun runs today.
 pub const DOCUMENT_RUN_SHELL_SCRIPT: &str = "AWS-RunShellScript";
 
+/// `Node::ping_status` of a node whose agent is connected.
+pub const PING_ONLINE: &str = "Online";
+/// `Node::ping_status` of a node whose agent is not connected.
+pub const PING_CONNECTION_LOST: &str = "ConnectionLost";
+
 /// Answer of `GET /v1/health`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Health {

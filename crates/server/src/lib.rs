@@ -12,6 +12,7 @@ pub mod secrets;
 pub mod store;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use std::net::SocketAddr;
@@ -109,6 +110,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
+    // Nagle off: agent frames and watch lines are small and latency-bound.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     tracing::info!(%local_addr, "listening");
     let app = api::router(state);
     let serve = tokio::spawn(async move { axum::serve(listener, app).await });

@@ -140,7 +140,7 @@ async fn wait_online(client: &Client, name: &str) -> Option<String> {
         if let Ok(nodes) = client.nodes().await
             && let Some(n) = nodes
                 .iter()
-                .find(|n| n.name == name && n.ping_status == "Online")
+                .find(|n| n.name == name && n.ping_status == fleetrun_proto::api::PING_ONLINE)
         {
             return Some(n.node_id.to_string());
         }

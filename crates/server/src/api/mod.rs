@@ -149,11 +149,10 @@ where
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
-                let status = rejection.status();
-                let status = if status.is_client_error() {
-                    status
-                } else {
-                    StatusCode::BAD_REQUEST
+                // 413 and 415 say something precise; every other malformed body is a plain 400.
+                let status = match rejection.status() {
+                    s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
+                    _ => StatusCode::BAD_REQUEST,
                 };
                 Err(ApiError::new(
                     status,

@@ -3,7 +3,7 @@
 use super::{Result, Store};
 use crate::clock::{now_ms, rfc3339};
 use fleetrun_proto::NodeId;
-use fleetrun_proto::api::{Activation, Node};
+use fleetrun_proto::api::{Activation, Node, PING_CONNECTION_LOST, PING_ONLINE};
 use fleetrun_proto::channel::NodeInfo;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use sqlx::{QueryBuilder, Row, Sqlite};
@@ -326,9 +326,9 @@ fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool)
     let is_online = online(&node_id);
     Ok(Node {
         ping_status: if is_online {
-            "Online"
+            PING_ONLINE
         } else {
-            "ConnectionLost"
+            PING_CONNECTION_LOST
         }
         .into(),
         last_seen: rfc3339(if is_online {
