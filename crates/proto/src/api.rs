@@ -201,8 +201,9 @@ pub struct Command {
     pub error_count: u64,
     /// Invocations that were never delivered in time.
     pub delivery_timed_out_count: u64,
-    /// The invocations (only in `GET /v1/commands/{id}`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The invocations: filled by `GET /v1/commands/{id}`; empty in the answer to `POST`, in listings
+    /// and in watch lines (a fleet-wide command's would be large).
+    #[serde(default)]
     pub invocations: Vec<Invocation>,
 }
 

@@ -160,6 +160,7 @@ pub async fn send(
         .await?
         .ok_or_else(|| ApiError::internal("command vanished after insert"))?;
     dispatch::spawn(state.clone(), row);
+    // Without invocations: for a fleet-wide command they would be a large answer nobody asked for.
     let cmd = state
         .store
         .get_command(&command_id)
