@@ -14,6 +14,7 @@
 //! | `GET /v1/commands/{command_id}/invocations` | | `[Invocation]` |
 //! | `GET /v1/commands/{command_id}/invocations/{node_id}/output/{stdout,stderr}[?follow=true]` | | the raw bytes |
 //! | `POST /v1/commands/{command_id}/cancel` | [`CancelCommand`] | [`Command`] |
+//! | `GET /v1/storage` | | [`Storage`] |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
 //!
 //! Every route but health and the agent channel needs `Authorization: Bearer TOKEN`. Errors are
@@ -162,6 +163,15 @@ pub struct SendCommand {
     /// Up to 100 characters.
     #[serde(default)]
     pub comment: Option<String>,
+    /// Run as this user (name or uid) on the nodes; their agents must run as root.
+    #[serde(default)]
+    pub run_as: Option<String>,
+    /// Most memory the command may use on each node, in MiB.
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
+    /// Most CPU the command may use on each node, in percent of one core (150 = 1.5 cores).
+    #[serde(default)]
+    pub cpu_limit_percent: Option<u32>,
 }
 
 /// A command: one document run sent to some nodes.
@@ -193,6 +203,12 @@ pub struct Command {
     pub delivery_timeout_secs: u64,
     /// Execution timeout, seconds.
     pub execution_timeout_secs: u64,
+    /// Run-as user ("" for the agent's).
+    pub run_as: String,
+    /// Memory limit per node, MiB.
+    pub memory_limit_mb: Option<u64>,
+    /// CPU limit per node, percent of one core.
+    pub cpu_limit_percent: Option<u32>,
     /// Number of invocations.
     pub target_count: u64,
     /// Invocations that reached a terminal status.
@@ -246,8 +262,30 @@ pub struct Invocation {
     pub cpu_system_ms: Option<u64>,
     /// Peak RSS, KiB.
     pub max_rss_kb: Option<u64>,
+    /// Wall time from start to end, ms.
+    pub wall_ms: Option<u64>,
+    /// Which mechanism enforced limits on the node: `cgroup2`, `cgroup1`, `rlimit`, `none` ("" if it
+    /// has not ended).
+    pub limits_applied: String,
     /// A note from the node (why it could not start, which signal ended it).
     pub message: String,
+}
+
+/// Answer of `GET /v1/storage`: what the server keeps.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Storage {
+    /// Size of the database files, bytes.
+    pub database_bytes: u64,
+    /// Total size of stored output, bytes.
+    pub output_bytes: u64,
+    /// Commands kept.
+    pub commands: u64,
+    /// Invocations kept.
+    pub invocations: u64,
+    /// Commands older than this many seconds are purged (with their output).
+    pub retention_secs: u64,
+    /// The oldest command kept (RFC 3339), if any.
+    pub oldest_command_at: Option<String>,
 }
 
 /// Body of `POST /v1/commands/{id}/cancel`.

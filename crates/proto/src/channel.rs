@@ -137,8 +137,10 @@ pub struct ExecResult {
     pub stdout_bytes: u64,
     /// Total bytes written to stderr.
     pub stderr_bytes: u64,
-    /// A human-readable note (why it could not start, which signal ended it).
+    /// A human-readable note (why it could not start, which signal ended it, spool throttling).
     pub message: String,
+    /// Which mechanism enforced the limits: `cgroup2`, `cgroup1`, `rlimit`, or `none`.
+    pub limits_applied: String,
 }
 
 /// How an invocation ended.
@@ -150,8 +152,13 @@ pub enum Outcome {
     TimedOut,
     /// Killed by a cancel.
     Cancelled,
-    /// Could not be started (bad working directory, spawn failure).
+    /// Could not be started (bad working directory, unknown run-as user, spawn failure).
     NotStarted,
+    /// Killed for using more memory than its limit.
+    MemoryLimitExceeded,
+    /// It was running when the agent stopped (crash, kill -9, reboot); its exit status is unknown
+    /// and the agent killed what was left of its process group when it came back.
+    AgentRestarted,
 }
 
 /// What the server sends.
@@ -212,6 +219,12 @@ pub struct RunRequest {
     pub working_dir: String,
     /// Seconds after which the process group is terminated.
     pub execution_timeout_secs: u64,
+    /// Since version 1. Run as this user (name or uid) instead of the agent's; the agent must be root.
+    pub run_as: Option<String>,
+    /// Since version 1. Most memory the command's processes together may use, in bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// Since version 1. Most CPU the command may use, in percent of one core (150 = 1.5 cores).
+    pub cpu_limit_percent: Option<u32>,
 }
 
 /// A frame that did not decode.

@@ -32,3 +32,12 @@ pub const WORKING_DIR_MAX: usize = 4_096;
 pub const OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
 /// Largest data payload in one `Output` frame.
 pub const OUTPUT_FRAME_MAX: usize = 64 * 1024;
+
+/// Smallest memory limit accepted, in MiB.
+pub const MEMORY_LIMIT_MIN_MB: u64 = 4;
+/// Largest memory limit accepted, in MiB (1 TiB).
+pub const MEMORY_LIMIT_MAX_MB: u64 = 1024 * 1024;
+/// Smallest CPU limit accepted, in percent of one core.
+pub const CPU_LIMIT_MIN_PERCENT: u32 = 1;
+/// Largest CPU limit accepted, in percent of one core (1024 cores).
+pub const CPU_LIMIT_MAX_PERCENT: u32 = 102_400;

@@ -63,6 +63,8 @@ pub mod details {
     pub const UNDELIVERABLE: &str = "Undeliverable";
     /// The agent restarted while it ran, so its result is unknown.
     pub const TERMINATED: &str = "Terminated";
+    /// Killed for exceeding the command's memory limit.
+    pub const MEMORY_LIMIT_EXCEEDED: &str = "Memory Limit Exceeded";
     /// Cancelled by an operator.
     pub const CANCELLED: &str = "Cancelled";
     /// A cancel was sent to the node.

@@ -55,6 +55,9 @@ CREATE TABLE commands (
     targets            TEXT NOT NULL,       -- target expression, as asked
     max_concurrency    TEXT NOT NULL,
     max_errors         TEXT NOT NULL,
+    run_as             TEXT NOT NULL DEFAULT '',
+    memory_limit_mb    INTEGER,
+    cpu_limit_percent  INTEGER,
     status             TEXT NOT NULL,
     status_details     TEXT NOT NULL,
     requested_at       INTEGER NOT NULL,
@@ -87,6 +90,7 @@ CREATE TABLE invocations (
     stdout_bytes   INTEGER NOT NULL DEFAULT 0,
     stderr_bytes   INTEGER NOT NULL DEFAULT 0,
     message        TEXT NOT NULL DEFAULT '',
+    limits_applied TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (command_id, node_id)
 );
 CREATE INDEX invocations_command_seq ON invocations (command_id, seq);

@@ -11,7 +11,8 @@ use crate::secrets;
 use crate::store::{Finish, NewNode, RegisterError};
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame, StreamId};
 use fleetrun_proto::status::details;
@@ -22,20 +23,32 @@ use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 /// Time an agent has to send its first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame accepted from an agent (an output frame is at most 64 KiB plus framing).
 const MAX_FRAME: usize = 1024 * 1024;
 
-/// Upgrades the request to the agent channel.
+/// Upgrades the request to the agent channel. When too many handshakes are in progress (a reconnect
+/// storm after a restart), answers 503 with a jittered Retry-After instead, so the server sheds load
+/// rather than falling over; agents wait that long before re-dialling.
 pub async fn connect(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+    let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+        let retry_after = 1 + rand::random::<u64>() % 5;
+        let headers = [(header::RETRY_AFTER, retry_after.to_string())];
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            headers,
+            "too many agent handshakes in progress; retry later\n",
+        )
+            .into_response();
+    };
     ws.max_message_size(MAX_FRAME)
-        .on_upgrade(move |socket| serve(state, socket))
+        .on_upgrade(move |socket| serve(state, socket, permit))
 }
 
-async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
+async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: OwnedSemaphorePermit) {
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut socket)).await {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
@@ -103,7 +116,15 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket) {
             if let Err(msg) = check_info(&info) {
                 return refuse(socket, "BadNodeInfo", &msg).await;
             }
-            session(state, socket, node_id, info, known.into_iter().collect()).await;
+            session(
+                state,
+                socket,
+                node_id,
+                info,
+                known.into_iter().collect(),
+                permit,
+            )
+            .await;
         }
         _ => {
             refuse(
@@ -123,6 +144,7 @@ async fn session(
     node: NodeId,
     info: NodeInfo,
     known: HashSet<fleetrun_proto::CommandId>,
+    permit: OwnedSemaphorePermit,
 ) {
     if let Err(e) = state.store.node_connected(&node, &info).await {
         tracing::error!(%node, "cannot record connect: {e}");
@@ -149,6 +171,8 @@ async fn session(
         tracing::error!(%node, "cannot reconcile deliveries: {e}");
     }
     state.hub.announce_online(&node);
+    // The handshake's work is done; the session itself costs little.
+    drop(permit);
 
     let silence = Duration::from_secs(state.heartbeat_secs.max(1) * 3);
     loop {

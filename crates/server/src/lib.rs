@@ -8,6 +8,7 @@ pub mod clock;
 pub mod dispatch;
 pub mod hub;
 pub mod output;
+pub mod retention;
 pub mod secrets;
 pub mod store;
 
@@ -18,6 +19,7 @@ use object_store::local::LocalFileSystem;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Settings of one server process.
 #[derive(Clone, Debug)]
@@ -28,6 +30,33 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Seconds between agent pings.
     pub heartbeat_secs: u64,
+    /// Commands older than this are purged with their output.
+    pub retention: Duration,
+    /// How often the retention purge runs.
+    pub purge_interval: Duration,
+    /// Most agent handshakes in progress at once; more get 503 with Retry-After (reconnect storms).
+    pub max_handshakes: usize,
+}
+
+impl ServerConfig {
+    /// Default retention (30 days, as SSM keeps history).
+    pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// Default purge interval.
+    pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+    /// Default handshake limit.
+    pub const DEFAULT_MAX_HANDSHAKES: usize = 128;
+
+    /// Settings with defaults for everything but where to keep data and where to listen.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        ServerConfig {
+            data_dir,
+            listen,
+            heartbeat_secs: 15,
+            retention: Self::DEFAULT_RETENTION,
+            purge_interval: Self::DEFAULT_PURGE_INTERVAL,
+            max_handshakes: Self::DEFAULT_MAX_HANDSHAKES,
+        }
+    }
 }
 
 /// State shared by every request and task.
@@ -44,6 +73,12 @@ pub struct AppState {
     pub dispatchers: dispatch::Dispatchers,
     /// Seconds between agent pings.
     pub heartbeat_secs: u64,
+    /// Where data lives.
+    pub data_dir: PathBuf,
+    /// Retention period.
+    pub retention: Duration,
+    /// Permits for agent handshakes in progress.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 /// A server that is listening.
@@ -63,6 +98,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     if config.heartbeat_secs == 0 {
         anyhow::bail!("heartbeat must be at least 1 second");
     }
+    if config.purge_interval.is_zero() {
+        anyhow::bail!("purge interval must be more than 0");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let db_path = config.data_dir.join("fleetrun.db");
@@ -75,7 +113,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("cannot create {}", objects_dir.display()))?;
     let objects: Arc<dyn ObjectStore> = Arc::new(
         LocalFileSystem::new_with_prefix(&objects_dir)
-            .with_context(|| format!("cannot open object directory {}", objects_dir.display()))?,
+            .with_context(|| format!("cannot open object directory {}", objects_dir.display()))?
+            .with_automatic_cleanup(true),
     );
 
     let admin_token_path = config.data_dir.join("admin.token");
@@ -98,6 +137,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         outputs: output::Outputs::default(),
         dispatchers: dispatch::Dispatchers::default(),
         heartbeat_secs: config.heartbeat_secs,
+        data_dir: config.data_dir.clone(),
+        retention: config.retention,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
     });
     for id in state.store.active_command_ids().await? {
         if let Some(row) = state.store.command_row(&id).await? {
@@ -105,6 +147,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             dispatch::spawn(state.clone(), row);
         }
     }
+
+    tokio::spawn(retention::run(
+        state.clone(),
+        config.retention,
+        config.purge_interval,
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -129,6 +129,11 @@ impl Outputs {
     }
 }
 
+/// The object path under which all of a command's output lives.
+pub fn command_prefix(cmd: &CommandId) -> ObjectPath {
+    ObjectPath::from(format!("output/{cmd}"))
+}
+
 /// The object path of a pipe's segments.
 pub fn pipe_prefix(cmd: &CommandId, node: &NodeId, pipe: Pipe) -> ObjectPath {
     ObjectPath::from(format!("output/{cmd}/{node}/{}", pipe.as_str()))
@@ -333,6 +338,8 @@ pub fn finish_from_result(r: &ExecResult) -> Finish {
         Outcome::TimedOut => (InvocationStatus::TimedOut, details::EXECUTION_TIMED_OUT),
         Outcome::Cancelled => (InvocationStatus::Cancelled, details::CANCELLED),
         Outcome::NotStarted => (InvocationStatus::Failed, details::UNDELIVERABLE),
+        Outcome::MemoryLimitExceeded => (InvocationStatus::Failed, details::MEMORY_LIMIT_EXCEEDED),
+        Outcome::AgentRestarted => (InvocationStatus::Failed, details::TERMINATED),
     };
     let ran = r.outcome != Outcome::NotStarted;
     Finish {
@@ -350,6 +357,7 @@ pub fn finish_from_result(r: &ExecResult) -> Finish {
         cpu_system_ms: ran.then_some(r.cpu_system_ms),
         max_rss_kb: ran.then_some(r.max_rss_kb),
         message: r.message.clone(),
+        limits_applied: r.limits_applied.clone(),
     }
 }
 

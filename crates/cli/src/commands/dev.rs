@@ -32,9 +32,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => default_data_dir()?.join("dev"),
     };
     let server = fleetrun_server::start(fleetrun_server::ServerConfig {
-        data_dir: data_dir.clone(),
-        listen: args.listen,
         heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
+        ..fleetrun_server::ServerConfig::new(data_dir.clone(), args.listen)
     })
     .await
     .with_context(|| format!("cannot start the server (data dir {})", data_dir.display()))?;

@@ -78,9 +78,8 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         bail!("heartbeat_secs must be 1 to 3600, not {heartbeat_secs}");
     }
     Ok(fleetrun_server::ServerConfig {
-        data_dir,
-        listen,
         heartbeat_secs,
+        ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
 

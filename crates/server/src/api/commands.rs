@@ -109,6 +109,38 @@ pub async fn send(
         .unwrap_or_else(|| MAX_ERRORS_DEFAULT.into());
     Rate::parse_errors(&max_errors).map_err(|e| bad("InvalidParameters", e.0))?;
 
+    let run_as = req.run_as.clone().unwrap_or_default();
+    if run_as.len() > 32
+        || run_as
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!("run-as user {run_as:?} is not a valid user name or uid"),
+        ));
+    }
+    if let Some(mb) = req.memory_limit_mb
+        && !(MEMORY_LIMIT_MIN_MB..=MEMORY_LIMIT_MAX_MB).contains(&mb)
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "memory limit {mb} MiB is out of range: {MEMORY_LIMIT_MIN_MB} to {MEMORY_LIMIT_MAX_MB} MiB"
+            ),
+        ));
+    }
+    if let Some(pct) = req.cpu_limit_percent
+        && !(CPU_LIMIT_MIN_PERCENT..=CPU_LIMIT_MAX_PERCENT).contains(&pct)
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "cpu limit {pct}% is out of range: {CPU_LIMIT_MIN_PERCENT}% to {CPU_LIMIT_MAX_PERCENT}%"
+            ),
+        ));
+    }
+
     let targets = req.targets.as_deref().map(str::trim).unwrap_or("");
     let invocations = match (req.node_ids.is_empty(), targets.is_empty()) {
         (true, true) => {
@@ -150,6 +182,9 @@ pub async fn send(
         targets: targets.to_owned(),
         max_concurrency,
         max_errors,
+        run_as,
+        memory_limit_mb: req.memory_limit_mb,
+        cpu_limit_percent: req.cpu_limit_percent,
         requested_at: now_ms(),
         invocations,
     };

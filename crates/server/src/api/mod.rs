@@ -4,6 +4,7 @@ mod activations;
 mod commands;
 mod nodes;
 mod output;
+mod storage;
 
 use crate::{AppState, secrets};
 use axum::extract::rejection::JsonRejection;
@@ -37,6 +38,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(output::get),
         )
         .route("/v1/commands/{command_id}/cancel", post(commands::cancel))
+        .route("/v1/storage", get(storage::get))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))

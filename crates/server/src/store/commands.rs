@@ -38,6 +38,12 @@ pub struct NewCommand {
     pub max_concurrency: String,
     /// As given.
     pub max_errors: String,
+    /// Run-as user ("" for the agent's).
+    pub run_as: String,
+    /// MiB.
+    pub memory_limit_mb: Option<u64>,
+    /// Percent of one core.
+    pub cpu_limit_percent: Option<u32>,
     /// Epoch ms.
     pub requested_at: i64,
     /// Resolved targets (id, name), in dispatch order.
@@ -61,6 +67,12 @@ pub struct CommandRow {
     pub max_concurrency: String,
     /// As given.
     pub max_errors: String,
+    /// Run-as user ("" for the agent's).
+    pub run_as: String,
+    /// MiB.
+    pub memory_limit_mb: Option<u64>,
+    /// Percent of one core.
+    pub cpu_limit_percent: Option<u32>,
     /// Epoch ms.
     pub requested_at: i64,
     /// Status.
@@ -109,6 +121,8 @@ pub struct Finish {
     pub max_rss_kb: Option<u64>,
     /// A note.
     pub message: String,
+    /// How the node enforced limits ("" when unknown).
+    pub limits_applied: String,
 }
 
 impl Finish {
@@ -130,6 +144,7 @@ impl Finish {
             cpu_system_ms: None,
             max_rss_kb: None,
             message: message.to_owned(),
+            limits_applied: String::new(),
         }
     }
     /// Whether it counts against max errors (SSM: Failed, or timed out while executing).
@@ -148,9 +163,9 @@ impl Store {
         let mut tx = self.write.begin().await?;
         sqlx::query(
             "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
-                delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, status,
-                status_details, requested_at, target_count)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?)",
+                delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
+                memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?)",
         )
         .bind(c.command_id.as_str())
         .bind(&c.document_name)
@@ -163,6 +178,9 @@ impl Store {
         .bind(&c.targets)
         .bind(&c.max_concurrency)
         .bind(&c.max_errors)
+        .bind(&c.run_as)
+        .bind(c.memory_limit_mb.map(|v| v as i64))
+        .bind(c.cpu_limit_percent.map(i64::from))
         .bind(c.requested_at)
         .bind(c.invocations.len() as i64)
         .execute(&mut *tx)
@@ -220,6 +238,11 @@ impl Store {
             delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
             max_concurrency: r.get("max_concurrency"),
             max_errors: r.get("max_errors"),
+            run_as: r.get("run_as"),
+            memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
+            cpu_limit_percent: r
+                .get::<Option<i64>, _>("cpu_limit_percent")
+                .map(|v| v as u32),
             requested_at: r.get("requested_at"),
             status: parse_command_status(r.get("status")),
             target_count: r.get::<i64, _>("target_count") as u64,
@@ -399,7 +422,7 @@ impl Store {
         let q = concat!(
             "UPDATE invocations SET status = ?, status_details = ?, exit_code = ?, signal = ?,",
             " started_at = COALESCE(started_at, ?), finished_at = ?, cpu_user_ms = ?, cpu_system_ms = ?,",
-            " max_rss_kb = ?, message = ?",
+            " max_rss_kb = ?, message = ?, limits_applied = ?",
             " WHERE command_id = ? AND node_id = ? AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
         );
         for (node, f) in ends {
@@ -414,6 +437,7 @@ impl Store {
                 .bind(f.cpu_system_ms.map(|v| v as i64))
                 .bind(f.max_rss_kb.map(|v| v as i64))
                 .bind(&f.message)
+                .bind(&f.limits_applied)
                 .bind(id.as_str())
                 .bind(node.as_str())
                 .execute(&mut *tx)
@@ -571,6 +595,11 @@ fn command_from_row(r: &SqliteRow) -> Result<Command> {
         max_errors: r.get("max_errors"),
         delivery_timeout_secs: r.get::<i64, _>("delivery_timeout") as u64,
         execution_timeout_secs: execution_timeout,
+        run_as: r.get("run_as"),
+        memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
+        cpu_limit_percent: r
+            .get::<Option<i64>, _>("cpu_limit_percent")
+            .map(|v| v as u32),
         target_count: r.get::<i64, _>("target_count") as u64,
         completed_count: r.get::<i64, _>("completed_count") as u64,
         error_count: r.get::<i64, _>("error_count") as u64,
@@ -584,6 +613,8 @@ fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
     let stderr_inline: Vec<u8> = r.get("stderr_inline");
     let stdout_bytes = r.get::<i64, _>("stdout_bytes") as u64;
     let stderr_bytes = r.get::<i64, _>("stderr_bytes") as u64;
+    let started_at: Option<i64> = r.get("started_at");
+    let finished_at: Option<i64> = r.get("finished_at");
     Ok(Invocation {
         command_id: decode_id(r.get("command_id"))?,
         node_id: decode_id(r.get("node_id"))?,
@@ -598,11 +629,78 @@ fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
         stderr_truncated: stderr_bytes > INLINE_STDERR_MAX as u64,
         stdout_bytes,
         stderr_bytes,
-        started_at: r.get::<Option<i64>, _>("started_at").map(rfc3339),
-        finished_at: r.get::<Option<i64>, _>("finished_at").map(rfc3339),
+        started_at: started_at.map(rfc3339),
+        finished_at: finished_at.map(rfc3339),
+        wall_ms: started_at
+            .zip(finished_at)
+            .map(|(s, f)| f.saturating_sub(s).max(0) as u64),
+        limits_applied: r.get("limits_applied"),
         cpu_user_ms: r.get::<Option<i64>, _>("cpu_user_ms").map(|v| v as u64),
         cpu_system_ms: r.get::<Option<i64>, _>("cpu_system_ms").map(|v| v as u64),
         max_rss_kb: r.get::<Option<i64>, _>("max_rss_kb").map(|v| v as u64),
         message: r.get("message"),
     })
+}
+
+/// Totals for `GET /v1/storage`.
+pub struct Totals {
+    /// Commands kept.
+    pub commands: u64,
+    /// Invocations kept.
+    pub invocations: u64,
+    /// Stored output bytes.
+    pub output_bytes: u64,
+    /// Epoch ms of the oldest command.
+    pub oldest_command_at: Option<i64>,
+}
+
+impl Store {
+    /// Counts of what is kept.
+    pub async fn totals(&self) -> Result<Totals> {
+        let c = sqlx::query("SELECT COUNT(*) AS n, MIN(requested_at) AS oldest FROM commands")
+            .fetch_one(&self.read)
+            .await?;
+        let i = sqlx::query(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(stdout_bytes + stderr_bytes), 0) AS bytes FROM invocations",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok(Totals {
+            commands: c.get::<i64, _>("n") as u64,
+            oldest_command_at: c.get("oldest"),
+            invocations: i.get::<i64, _>("n") as u64,
+            output_bytes: i.get::<i64, _>("bytes") as u64,
+        })
+    }
+
+    /// Up to `limit` ended commands requested before `before` (epoch ms), oldest first.
+    pub async fn expired_commands(&self, before: i64, limit: u32) -> Result<Vec<CommandId>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT command_id FROM commands
+             WHERE requested_at < ? AND status IN ('Success', 'Failed', 'TimedOut', 'Cancelled')
+             ORDER BY requested_at LIMIT ?",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?;
+        Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// Deletes commands and their invocations (their output objects must be deleted first).
+    pub async fn delete_commands(&self, ids: &[CommandId]) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM invocations WHERE command_id = ?")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM commands WHERE command_id = ?")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }

@@ -1,0 +1,27 @@
+//! `GET /v1/storage`: what the server keeps, and for how long.
+
+use super::ApiError;
+use crate::AppState;
+use crate::clock::rfc3339;
+use axum::Json;
+use axum::extract::State;
+use fleetrun_proto::api::Storage;
+use std::sync::Arc;
+
+/// Sizes and counts of stored state.
+pub async fn get(State(state): State<Arc<AppState>>) -> Result<Json<Storage>, ApiError> {
+    let totals = state.store.totals().await?;
+    let database_bytes = ["fleetrun.db", "fleetrun.db-wal", "fleetrun.db-shm"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(state.data_dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(Json(Storage {
+        database_bytes,
+        output_bytes: totals.output_bytes,
+        commands: totals.commands,
+        invocations: totals.invocations,
+        retention_secs: state.retention.as_secs(),
+        oldest_command_at: totals.oldest_command_at.map(rfc3339),
+    }))
+}
