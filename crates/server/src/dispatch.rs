@@ -137,29 +137,30 @@ impl Dispatcher {
     ) -> Result<Self, StoreError> {
         let online = state.hub.subscribe_online();
         let invocations = state.store.invocation_rows(&row.command_id).await?;
+        let spec = &row.spec;
         let targets = row.target_count;
         // Values were validated when the command was accepted; defaults guard a hand-edited row.
-        let max_concurrency = Rate::parse_concurrency(&row.max_concurrency)
+        let max_concurrency = Rate::parse_concurrency(&spec.max_concurrency)
             .map(|r| r.resolve(targets))
             .unwrap_or(50)
             .max(1);
-        let max_errors = Rate::parse_errors(&row.max_errors)
+        let max_errors = Rate::parse_errors(&spec.max_errors)
             .map(|r| r.resolve(targets))
             .unwrap_or(0);
         let now = now_ms();
         let at =
             |ms: i64| Instant::now() + Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
-        let delivery_end = row.requested_at + row.delivery_timeout as i64 * 1000;
+        let delivery_end = spec.requested_at + spec.delivery_timeout as i64 * 1000;
         let mut d = Dispatcher {
             cmd: row.command_id.clone(),
             run: RunRequest {
                 command_id: row.command_id.clone(),
-                script: row.commands.join("\n"),
-                working_dir: row.working_dir.clone(),
-                execution_timeout_secs: row.execution_timeout,
-                run_as: Some(row.run_as.clone()).filter(|u| !u.is_empty()),
-                memory_limit_bytes: row.memory_limit_mb.map(|mb| mb * 1024 * 1024),
-                cpu_limit_percent: row.cpu_limit_percent,
+                script: spec.commands.join("\n"),
+                working_dir: spec.working_dir.clone(),
+                execution_timeout_secs: spec.execution_timeout,
+                run_as: Some(spec.run_as.clone()).filter(|u| !u.is_empty()),
+                memory_limit_bytes: spec.memory_limit_mb.map(|mb| mb * 1024 * 1024),
+                cpu_limit_percent: spec.cpu_limit_percent,
             },
             rx,
             online,
@@ -172,7 +173,7 @@ impl Dispatcher {
             errors: row.error_count,
             stopped: None,
             delivery_deadline: at(delivery_end),
-            expiry: at(delivery_end + row.execution_timeout as i64 * 1000) + EXPIRY_GRACE,
+            expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + EXPIRY_GRACE,
             state,
         };
         for inv in invocations {

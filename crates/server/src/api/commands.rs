@@ -3,7 +3,7 @@
 use super::{ApiError, ApiJson, parse_id};
 use crate::clock::now_ms;
 use crate::dispatch::{self, DispatchMsg};
-use crate::store::NewCommand;
+use crate::store::{CommandRow, CommandSpec, NewCommand};
 use crate::{AppState, secrets};
 use axum::Json;
 use axum::body::Body;
@@ -15,7 +15,7 @@ use fleetrun_proto::api::{
 };
 use fleetrun_proto::limits::*;
 use fleetrun_proto::targets::{Rate, TargetExpr};
-use fleetrun_proto::{CommandId, NodeId};
+use fleetrun_proto::{CommandId, CommandStatus, NodeId};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -173,27 +173,32 @@ pub async fn send(
     let new = NewCommand {
         command_id: command_id.clone(),
         document_name,
-        commands: req.commands,
-        working_dir,
-        execution_timeout,
-        delivery_timeout,
         comment,
         node_ids: req.node_ids,
         targets: targets.to_owned(),
-        max_concurrency,
-        max_errors,
-        run_as,
-        memory_limit_mb: req.memory_limit_mb,
-        cpu_limit_percent: req.cpu_limit_percent,
-        requested_at: now_ms(),
+        spec: CommandSpec {
+            commands: req.commands,
+            working_dir,
+            execution_timeout,
+            delivery_timeout,
+            max_concurrency,
+            max_errors,
+            run_as,
+            memory_limit_mb: req.memory_limit_mb,
+            cpu_limit_percent: req.cpu_limit_percent,
+            requested_at: now_ms(),
+        },
         invocations,
     };
     state.store.insert_command(&new).await?;
-    let row = state
-        .store
-        .command_row(&command_id)
-        .await?
-        .ok_or_else(|| ApiError::internal("command vanished after insert"))?;
+    let row = CommandRow {
+        command_id: command_id.clone(),
+        target_count: new.invocations.len() as u64,
+        spec: new.spec,
+        status: CommandStatus::Pending,
+        error_count: 0,
+        cancel_requested: false,
+    };
     dispatch::spawn(state.clone(), row);
     // Without invocations: for a fleet-wide command they would be a large answer nobody asked for.
     let cmd = state

@@ -14,12 +14,10 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::collections::BTreeMap;
 
-/// A command to create, with its resolved targets.
-pub struct NewCommand {
-    /// Its id.
-    pub command_id: CommandId,
-    /// `AWS-RunShellScript`.
-    pub document_name: String,
+/// What a command asks of each node and how it is rolled out: the part of a command the dispatcher
+/// works from, the same when it is created and when it is resumed.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
     /// Script lines.
     pub commands: Vec<String>,
     /// Working directory ("" for the agent's default).
@@ -28,15 +26,9 @@ pub struct NewCommand {
     pub execution_timeout: u64,
     /// Seconds.
     pub delivery_timeout: u64,
-    /// Comment.
-    pub comment: String,
-    /// Node ids asked for.
-    pub node_ids: Vec<NodeId>,
-    /// Target expression asked for.
-    pub targets: String,
-    /// As given.
+    /// `N` or `N%`, as given.
     pub max_concurrency: String,
-    /// As given.
+    /// `N` or `N%`, as given.
     pub max_errors: String,
     /// Run-as user ("" for the agent's).
     pub run_as: String,
@@ -46,6 +38,22 @@ pub struct NewCommand {
     pub cpu_limit_percent: Option<u32>,
     /// Epoch ms.
     pub requested_at: i64,
+}
+
+/// A command to create, with its resolved targets.
+pub struct NewCommand {
+    /// Its id.
+    pub command_id: CommandId,
+    /// `AWS-RunShellScript`.
+    pub document_name: String,
+    /// Comment.
+    pub comment: String,
+    /// Node ids asked for.
+    pub node_ids: Vec<NodeId>,
+    /// Target expression asked for.
+    pub targets: String,
+    /// What to run and how.
+    pub spec: CommandSpec,
     /// Resolved targets (id, name), in dispatch order.
     pub invocations: Vec<(NodeId, String)>,
 }
@@ -55,26 +63,8 @@ pub struct NewCommand {
 pub struct CommandRow {
     /// Id.
     pub command_id: CommandId,
-    /// Script lines.
-    pub commands: Vec<String>,
-    /// Working directory.
-    pub working_dir: String,
-    /// Seconds.
-    pub execution_timeout: u64,
-    /// Seconds.
-    pub delivery_timeout: u64,
-    /// As given.
-    pub max_concurrency: String,
-    /// As given.
-    pub max_errors: String,
-    /// Run-as user ("" for the agent's).
-    pub run_as: String,
-    /// MiB.
-    pub memory_limit_mb: Option<u64>,
-    /// Percent of one core.
-    pub cpu_limit_percent: Option<u32>,
-    /// Epoch ms.
-    pub requested_at: i64,
+    /// What to run and how.
+    pub spec: CommandSpec,
     /// Status.
     pub status: CommandStatus,
     /// Counters.
@@ -160,6 +150,7 @@ impl Finish {
 impl Store {
     /// Creates a command and all its invocations (Pending) in one transaction.
     pub async fn insert_command(&self, c: &NewCommand) -> Result<()> {
+        let spec = &c.spec;
         let mut tx = self.write.begin().await?;
         sqlx::query(
             "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
@@ -169,19 +160,19 @@ impl Store {
         )
         .bind(c.command_id.as_str())
         .bind(&c.document_name)
-        .bind(serde_json::to_string(&c.commands)?)
-        .bind(&c.working_dir)
-        .bind(c.execution_timeout as i64)
-        .bind(c.delivery_timeout as i64)
+        .bind(serde_json::to_string(&spec.commands)?)
+        .bind(&spec.working_dir)
+        .bind(spec.execution_timeout as i64)
+        .bind(spec.delivery_timeout as i64)
         .bind(&c.comment)
         .bind(serde_json::to_string(&c.node_ids)?)
         .bind(&c.targets)
-        .bind(&c.max_concurrency)
-        .bind(&c.max_errors)
-        .bind(&c.run_as)
-        .bind(c.memory_limit_mb.map(|v| v as i64))
-        .bind(c.cpu_limit_percent.map(i64::from))
-        .bind(c.requested_at)
+        .bind(&spec.max_concurrency)
+        .bind(&spec.max_errors)
+        .bind(&spec.run_as)
+        .bind(spec.memory_limit_mb.map(|v| v as i64))
+        .bind(spec.cpu_limit_percent.map(i64::from))
+        .bind(spec.requested_at)
         .bind(c.invocations.len() as i64)
         .execute(&mut *tx)
         .await?;
@@ -232,18 +223,20 @@ impl Store {
         let Some(r) = row else { return Ok(None) };
         Ok(Some(CommandRow {
             command_id: id.clone(),
-            commands: serde_json::from_str(r.get("commands"))?,
-            working_dir: r.get("working_dir"),
-            execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
-            delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
-            max_concurrency: r.get("max_concurrency"),
-            max_errors: r.get("max_errors"),
-            run_as: r.get("run_as"),
-            memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
-            cpu_limit_percent: r
-                .get::<Option<i64>, _>("cpu_limit_percent")
-                .map(|v| v as u32),
-            requested_at: r.get("requested_at"),
+            spec: CommandSpec {
+                commands: serde_json::from_str(r.get("commands"))?,
+                working_dir: r.get("working_dir"),
+                execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
+                delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
+                max_concurrency: r.get("max_concurrency"),
+                max_errors: r.get("max_errors"),
+                run_as: r.get("run_as"),
+                memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
+                cpu_limit_percent: r
+                    .get::<Option<i64>, _>("cpu_limit_percent")
+                    .map(|v| v as u32),
+                requested_at: r.get("requested_at"),
+            },
             status: parse_command_status(r.get("status")),
             target_count: r.get::<i64, _>("target_count") as u64,
             error_count: r.get::<i64, _>("error_count") as u64,

@@ -6,7 +6,7 @@
 mod commands;
 mod nodes;
 
-pub use commands::{CommandRow, Finish, InvocationRow, NewCommand, Totals};
+pub use commands::{CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, Totals};
 pub use nodes::{NewNode, RegisterError};
 
 use sqlx::SqlitePool;
