@@ -65,7 +65,8 @@ CREATE TABLE commands (
     completed_count    INTEGER NOT NULL DEFAULT 0,
     error_count        INTEGER NOT NULL DEFAULT 0,
     delivery_timed_out_count INTEGER NOT NULL DEFAULT 0,
-    cancel_requested   INTEGER NOT NULL DEFAULT 0
+    cancel_requested   INTEGER NOT NULL DEFAULT 0,
+    ssm_extra          TEXT NOT NULL DEFAULT '{}'  -- JSON: members only the SSM API shows
 );
 CREATE INDEX commands_requested ON commands (requested_at, command_id);
 CREATE INDEX commands_status ON commands (status);

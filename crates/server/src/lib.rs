@@ -10,6 +10,7 @@ pub mod hub;
 pub mod output;
 pub mod retention;
 pub mod secrets;
+pub mod send;
 pub mod store;
 
 use anyhow::Context;

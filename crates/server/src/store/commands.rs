@@ -56,6 +56,8 @@ pub struct NewCommand {
     pub spec: CommandSpec,
     /// Resolved targets (id, name), in dispatch order.
     pub invocations: Vec<(NodeId, String)>,
+    /// Members only the SSM-compatible API shows (its Targets, DocumentVersion, OutputS3*...).
+    pub ssm_extra: Option<serde_json::Value>,
 }
 
 /// The parts of a command row the dispatcher needs.
@@ -155,8 +157,9 @@ impl Store {
         sqlx::query(
             "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
                 delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
-                memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?)",
+                memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count,
+                ssm_extra)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?)",
         )
         .bind(c.command_id.as_str())
         .bind(&c.document_name)
@@ -174,6 +177,7 @@ impl Store {
         .bind(spec.cpu_limit_percent.map(i64::from))
         .bind(spec.requested_at)
         .bind(c.invocations.len() as i64)
+        .bind(c.ssm_extra.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into()))
         .execute(&mut *tx)
         .await?;
         for (chunk_no, chunk) in c.invocations.chunks(200).enumerate() {

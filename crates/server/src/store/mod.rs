@@ -31,6 +31,9 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row that must exist does not.
+    #[error("missing row: {0}")]
+    Missing(&'static str),
     /// A stored JSON column did not decode.
     #[error("stored JSON: {0}")]
     Json(#[from] serde_json::Error),

@@ -1,0 +1,287 @@
+//! Accepting a command, shared by the native API and the SSM-compatible API: validation, target
+//! resolution, persistence (command and all invocations in one transaction), then dispatch.
+
+use crate::clock::now_ms;
+use crate::dispatch;
+use crate::store::{CommandRow, CommandSpec, NewCommand, StoreError};
+use crate::{AppState, secrets};
+use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
+use fleetrun_proto::limits::*;
+use fleetrun_proto::targets::{Rate, TargetExpr};
+use fleetrun_proto::{CommandId, CommandStatus, NodeId};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// How the caller wants a send handled beyond the request itself.
+#[derive(Default)]
+pub struct SendOptions {
+    /// Targets already parsed (the SSM API builds them from `Targets`); overrides `req.targets`.
+    pub target_expr: Option<TargetExpr>,
+    /// Accept a target expression that matches no node (SSM does; the native API refuses).
+    pub allow_no_targets: bool,
+    /// SSM-only members to keep and show back (JSON object).
+    pub ssm_extra: Option<serde_json::Value>,
+}
+
+/// Why a send was refused.
+#[derive(Debug)]
+pub enum SendError {
+    /// Bad input: a native error code and what is wrong.
+    Invalid {
+        /// `InvalidParameters`, `InvalidDocument`, `MaxDocumentSizeExceeded`, `InvalidTarget`,
+        /// `MissingTarget`, `DuplicateNodeId` or `InvalidNodeId`.
+        code: &'static str,
+        /// One line naming the problem.
+        message: String,
+    },
+    /// Storage failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for SendError {
+    fn from(e: StoreError) -> Self {
+        SendError::Store(e)
+    }
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> SendError {
+    SendError::Invalid {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Accepts a command: validates it, resolves its targets, persists it with all its invocations, then
+/// starts its dispatcher. Returns the command (without invocations: for a fleet-wide command they
+/// would be a large answer nobody asked for).
+pub async fn send_command(
+    state: &Arc<AppState>,
+    req: SendCommand,
+    opts: SendOptions,
+) -> Result<Command, SendError> {
+    let bad = |code: &'static str, message: String| SendError::Invalid { code, message };
+    let document_name = req
+        .document_name
+        .clone()
+        .unwrap_or_else(|| DOCUMENT_RUN_SHELL_SCRIPT.into());
+    if document_name != DOCUMENT_RUN_SHELL_SCRIPT {
+        return Err(bad(
+            "InvalidDocument",
+            format!("document {document_name:?} is not supported: use {DOCUMENT_RUN_SHELL_SCRIPT}"),
+        ));
+    }
+    if req.commands.is_empty() {
+        return Err(bad(
+            "InvalidParameters",
+            "commands is empty: give at least one script line".into(),
+        ));
+    }
+    let script_len: usize = req.commands.iter().map(|c| c.len() + 1).sum();
+    if script_len > SCRIPT_MAX {
+        return Err(bad(
+            "MaxDocumentSizeExceeded",
+            format!("the script is {script_len} bytes; the limit is {SCRIPT_MAX}"),
+        ));
+    }
+    if req.commands.iter().any(|c| c.contains('\0')) {
+        return Err(bad(
+            "InvalidParameters",
+            "commands contain a NUL byte".into(),
+        ));
+    }
+    let working_dir = req.working_directory.clone().unwrap_or_default();
+    if working_dir.len() > WORKING_DIR_MAX {
+        return Err(bad(
+            "InvalidParameters",
+            format!("working directory is longer than {WORKING_DIR_MAX} bytes"),
+        ));
+    }
+    if !working_dir.is_empty() && !working_dir.starts_with('/') {
+        return Err(bad(
+            "InvalidParameters",
+            format!("working directory {working_dir:?} must be an absolute path"),
+        ));
+    }
+    let execution_timeout = req
+        .execution_timeout_secs
+        .unwrap_or(EXECUTION_TIMEOUT_DEFAULT);
+    if !(1..=EXECUTION_TIMEOUT_MAX).contains(&execution_timeout) {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "execution timeout {execution_timeout} s is out of range: 1 to {EXECUTION_TIMEOUT_MAX} s"
+            ),
+        ));
+    }
+    let delivery_timeout = req
+        .delivery_timeout_secs
+        .unwrap_or(DELIVERY_TIMEOUT_DEFAULT);
+    if !(DELIVERY_TIMEOUT_MIN..=DELIVERY_TIMEOUT_MAX).contains(&delivery_timeout) {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "delivery timeout {delivery_timeout} s is out of range: {DELIVERY_TIMEOUT_MIN} to {DELIVERY_TIMEOUT_MAX} s"
+            ),
+        ));
+    }
+    let comment = req.comment.clone().unwrap_or_default();
+    if comment.chars().count() > COMMENT_MAX {
+        return Err(bad(
+            "InvalidParameters",
+            format!("comment is longer than {COMMENT_MAX} characters"),
+        ));
+    }
+    let max_concurrency = req
+        .max_concurrency
+        .clone()
+        .unwrap_or_else(|| MAX_CONCURRENCY_DEFAULT.into());
+    Rate::parse_concurrency(&max_concurrency).map_err(|e| bad("InvalidParameters", e.0))?;
+    let max_errors = req
+        .max_errors
+        .clone()
+        .unwrap_or_else(|| MAX_ERRORS_DEFAULT.into());
+    Rate::parse_errors(&max_errors).map_err(|e| bad("InvalidParameters", e.0))?;
+
+    let run_as = req.run_as.clone().unwrap_or_default();
+    if run_as.len() > 32
+        || run_as
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!("run-as user {run_as:?} is not a valid user name or uid"),
+        ));
+    }
+    if let Some(mb) = req.memory_limit_mb
+        && !(MEMORY_LIMIT_MIN_MB..=MEMORY_LIMIT_MAX_MB).contains(&mb)
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "memory limit {mb} MiB is out of range: {MEMORY_LIMIT_MIN_MB} to {MEMORY_LIMIT_MAX_MB} MiB"
+            ),
+        ));
+    }
+    if let Some(pct) = req.cpu_limit_percent
+        && !(CPU_LIMIT_MIN_PERCENT..=CPU_LIMIT_MAX_PERCENT).contains(&pct)
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "cpu limit {pct}% is out of range: {CPU_LIMIT_MIN_PERCENT}% to {CPU_LIMIT_MAX_PERCENT}%"
+            ),
+        ));
+    }
+
+    let targets_text = match &opts.target_expr {
+        Some(expr) => expr.to_string(),
+        None => req
+            .targets
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or("")
+            .to_owned(),
+    };
+    let targets = targets_text.as_str();
+    let invocations = match (req.node_ids.is_empty(), targets.is_empty()) {
+        (true, true) => {
+            return Err(bad(
+                "MissingTarget",
+                "give node ids or a target expression".into(),
+            ));
+        }
+        (false, false) => {
+            return Err(bad(
+                "InvalidTarget",
+                "give node ids or a target expression, not both".into(),
+            ));
+        }
+        (false, true) => resolve_ids(state, &req.node_ids).await?,
+        (true, false) => {
+            let expr = match opts.target_expr {
+                Some(expr) => expr,
+                None => TargetExpr::parse(targets).map_err(|e| bad("InvalidTarget", e.0))?,
+            };
+            let found = state.store.resolve_targets(&expr).await?;
+            if found.is_empty() && !opts.allow_no_targets {
+                return Err(bad(
+                    "InvalidTarget",
+                    format!("no node matches the target expression {targets:?}"),
+                ));
+            }
+            found
+        }
+    };
+
+    let command_id = CommandId::from_random(secrets::random_u128());
+    let new = NewCommand {
+        command_id: command_id.clone(),
+        document_name,
+        comment,
+        node_ids: req.node_ids,
+        targets: targets.to_owned(),
+        spec: CommandSpec {
+            commands: req.commands,
+            working_dir,
+            execution_timeout,
+            delivery_timeout,
+            max_concurrency,
+            max_errors,
+            run_as,
+            memory_limit_mb: req.memory_limit_mb,
+            cpu_limit_percent: req.cpu_limit_percent,
+            requested_at: now_ms(),
+        },
+        invocations,
+        ssm_extra: opts.ssm_extra,
+    };
+    state.store.insert_command(&new).await?;
+    let row = CommandRow {
+        command_id: command_id.clone(),
+        target_count: new.invocations.len() as u64,
+        spec: new.spec,
+        status: CommandStatus::Pending,
+        error_count: 0,
+        cancel_requested: false,
+    };
+    dispatch::spawn(state.clone(), row);
+    let cmd = state
+        .store
+        .get_command(&command_id)
+        .await?
+        .ok_or(SendError::Store(StoreError::Missing(
+            "command vanished after insert",
+        )))?;
+    tracing::info!(%command_id, targets = cmd.target_count, "command accepted");
+    Ok(cmd)
+}
+
+async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>, SendError> {
+    let mut seen = HashSet::new();
+    if let Some(dup) = ids.iter().find(|id| !seen.insert(*id)) {
+        return Err(invalid(
+            "DuplicateNodeId",
+            format!("node {dup} is given more than once"),
+        ));
+    }
+    let found = state.store.node_names(ids).await?;
+    let known: HashSet<&NodeId> = found.iter().map(|(id, _)| id).collect();
+    let unknown: Vec<&str> = ids
+        .iter()
+        .filter(|id| !known.contains(id))
+        .map(NodeId::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(invalid(
+            "InvalidNodeId",
+            format!("unknown node id(s): {}", unknown.join(", ")),
+        ));
+    }
+    // Keep the order the operator gave.
+    let names: std::collections::HashMap<NodeId, String> = found.into_iter().collect();
+    Ok(ids
+        .iter()
+        .map(|id| (id.clone(), names.get(id).cloned().unwrap_or_default()))
+        .collect())
+}
