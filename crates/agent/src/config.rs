@@ -12,6 +12,10 @@ pub const HEARTBEAT_SECS_DEFAULT: u64 = 15;
 pub const MAX_CONCURRENT_COMMANDS_DEFAULT: usize = 8;
 /// Default time between SIGTERM and SIGKILL when a command is stopped.
 pub const KILL_GRACE_DEFAULT: Duration = Duration::from_secs(5);
+/// Default bound on spooled output, over all commands (256 MiB).
+pub const SPOOL_MAX_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+/// Smallest spool accepted (one pipe read).
+pub const SPOOL_MAX_BYTES_MIN: u64 = 64 * 1024;
 /// The WebSocket path of the agent channel, under the server's base URL.
 pub const CONNECT_PATH: &str = "/v1/agent/connect";
 
@@ -34,6 +38,9 @@ pub struct AgentConfig {
     pub max_concurrent_commands: usize,
     /// Time between SIGTERM and SIGKILL when a command times out or is cancelled.
     pub kill_grace: Duration,
+    /// Most bytes of unacknowledged output kept on disk, over all commands; when full, commands
+    /// block writing output until the server catches up (reported in their results).
+    pub spool_max_bytes: u64,
 }
 
 impl AgentConfig {
@@ -48,6 +55,7 @@ impl AgentConfig {
             heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
             max_concurrent_commands: MAX_CONCURRENT_COMMANDS_DEFAULT,
             kill_grace: KILL_GRACE_DEFAULT,
+            spool_max_bytes: SPOOL_MAX_BYTES_DEFAULT,
         }
     }
 
@@ -67,6 +75,12 @@ impl AgentConfig {
             return Err(AgentError::Config(format!(
                 "--max-concurrent-commands must be 1 to 1024, not {}",
                 self.max_concurrent_commands
+            )));
+        }
+        if self.spool_max_bytes < SPOOL_MAX_BYTES_MIN {
+            return Err(AgentError::Config(format!(
+                "--spool-max-bytes must be at least {SPOOL_MAX_BYTES_MIN}, not {}",
+                self.spool_max_bytes
             )));
         }
         if let Some(code) = &self.activation_code

@@ -2,7 +2,9 @@
 //! Connecting → Connected → Disconnected (jittered exponential backoff) → Connecting.
 //!
 //! Only transport errors are retried. A refusal of the node (`Error` answering `Register`, or
-//! `UnknownNode`/`InvalidActivation`/`ProtocolVersion` answering `Hello`) is fatal.
+//! `UnknownNode`/`InvalidActivation`/`ProtocolVersion` answering `Hello`) is fatal. A server that
+//! sheds load answers the handshake with HTTP 503 and `Retry-After: N`: the agent then waits at
+//! least N seconds plus up to N/2 of jitter, so a fleet does not come back all at once.
 
 use crate::error::AgentError;
 use crate::identity::{self, Identity};
@@ -33,6 +35,8 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that lasted this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Largest `Retry-After` honoured.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(3_600);
 /// Error codes answering `Hello` that no retry can fix.
 const FATAL_CODES: [&str; 3] = ["UnknownNode", "InvalidActivation", "ProtocolVersion"];
 
@@ -41,6 +45,9 @@ const FATAL_CODES: [&str; 3] = ["UnknownNode", "InvalidActivation", "ProtocolVer
 enum ConnError {
     /// Network trouble, a bad frame or an unexpected answer: re-dial after a backoff.
     Transport(String),
+    /// The server is overloaded (HTTP 503): re-dial after the backoff or `retry_after` (plus
+    /// jitter), whichever is longer.
+    Throttled { why: String, retry_after: Duration },
     /// The server refuses the node: give up.
     Fatal(AgentError),
 }
@@ -52,8 +59,14 @@ fn transport(what: impl std::fmt::Display) -> ConnError {
 /// The connection's states.
 enum State {
     Connecting,
-    Connected { ws: Box<Ws>, heartbeat: Duration },
-    Disconnected,
+    Connected {
+        ws: Box<Ws>,
+        heartbeat: Duration,
+    },
+    /// Waiting to re-dial; at least `retry_after` (plus jitter) if the server asked for it.
+    Disconnected {
+        retry_after: Option<Duration>,
+    },
 }
 
 /// Full-jitter exponential backoff.
@@ -77,6 +90,39 @@ impl Backoff {
     }
 }
 
+/// The wait before re-dialling: the backoff's delay, or, when the server sent `Retry-After: N`,
+/// at least N plus `jitter` (0 to 1) times N/2.
+fn redial_delay(backoff: Duration, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    match retry_after {
+        None => backoff,
+        Some(n) => backoff.max(n + n.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)),
+    }
+}
+
+/// Seconds of a `Retry-After` header (the HTTP-date form is not used by fleetrun's server).
+fn retry_after_secs(value: Option<&str>) -> Option<Duration> {
+    let secs: u64 = value?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX))
+}
+
+/// A failed dial: HTTP 503 is throttling, anything else a transport error.
+fn dial_error(e: tokio_tungstenite::tungstenite::Error) -> ConnError {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Http(resp) if resp.status().as_u16() == 503 => {
+            let header = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok());
+            ConnError::Throttled {
+                why: "server busy (HTTP 503)".into(),
+                retry_after: retry_after_secs(header).unwrap_or_default(),
+            }
+        }
+        e => transport(e),
+    }
+}
+
 /// What the connection needs to know and to drive.
 pub struct Channel {
     url: String,
@@ -93,14 +139,15 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// A channel to `url` (the WebSocket URL) for an agent with these settings.
+    /// A channel to `url` (the WebSocket URL) for an agent with these settings. With an identity,
+    /// it takes over what an earlier agent process left in the state directory.
     pub fn new(
         config: &crate::AgentConfig,
         url: String,
         info: NodeInfo,
         outbox: Arc<Outbox>,
         identity: Option<Identity>,
-    ) -> Self {
+    ) -> Result<Self, AgentError> {
         let mut channel = Channel {
             url,
             state_dir: config.state_dir.clone(),
@@ -115,20 +162,24 @@ impl Channel {
             scheduler: None,
         };
         if let Some(identity) = identity {
-            channel.adopt(identity);
+            channel.adopt(identity)?;
         }
-        channel
+        Ok(channel)
     }
 
-    fn adopt(&mut self, identity: Identity) {
-        self.scheduler = Some(Scheduler::new(
+    fn adopt(&mut self, identity: Identity) -> Result<(), AgentError> {
+        let scheduler = Scheduler::new(
             Arc::clone(&self.outbox),
             &self.state_dir,
             identity.node_id.to_string(),
             self.max_concurrent,
             self.kill_grace,
-        ));
+        )
+        .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
+        scheduler.recover();
+        self.scheduler = Some(scheduler);
         self.identity = Some(identity);
+        Ok(())
     }
 
     /// Runs the state machine; returns only for a fatal error.
@@ -147,7 +198,13 @@ impl Channel {
                     Err(ConnError::Fatal(e)) => return Err(e),
                     Err(ConnError::Transport(why)) => {
                         tracing::warn!(url = %self.url, "cannot connect: {why}");
-                        State::Disconnected
+                        State::Disconnected { retry_after: None }
+                    }
+                    Err(ConnError::Throttled { why, retry_after }) => {
+                        tracing::warn!(url = %self.url, ?retry_after, "cannot connect: {why}");
+                        State::Disconnected {
+                            retry_after: Some(retry_after),
+                        }
                     }
                 },
                 State::Connected { ws, heartbeat } => {
@@ -155,15 +212,21 @@ impl Channel {
                     tracing::info!(url = %self.url, "connected");
                     match self.serve(*ws, heartbeat).await {
                         ConnError::Fatal(e) => return Err(e),
-                        ConnError::Transport(why) => tracing::warn!("disconnected: {why}"),
+                        ConnError::Transport(why) | ConnError::Throttled { why, .. } => {
+                            tracing::warn!("disconnected: {why}");
+                        }
                     }
                     if since.elapsed() > STABLE_AFTER {
                         backoff.reset();
                     }
-                    State::Disconnected
+                    State::Disconnected { retry_after: None }
                 }
-                State::Disconnected => {
-                    let delay = backoff.next_delay();
+                State::Disconnected { retry_after } => {
+                    let delay = redial_delay(
+                        backoff.next_delay(),
+                        retry_after,
+                        rand::rng().random_range(0.0..=1.0),
+                    );
                     tracing::debug!(?delay, "waiting before re-dialing");
                     tokio::time::sleep(delay).await;
                     State::Connecting
@@ -183,7 +246,7 @@ impl Channel {
         )
         .await
         .map_err(|_| transport("timed out"))?
-        .map_err(transport)?;
+        .map_err(dial_error)?;
         let answer_timeout = self.heartbeat * 3;
         match &self.identity {
             None => {
@@ -203,7 +266,7 @@ impl Channel {
                         let identity = Identity { node_id, secret };
                         identity::save(&self.state_dir, &identity).map_err(ConnError::Fatal)?;
                         tracing::info!(node_id = %identity.node_id, "registered");
-                        self.adopt(identity);
+                        self.adopt(identity).map_err(ConnError::Fatal)?;
                         let _ = ws.close(None).await;
                         Ok(None)
                     }
@@ -420,6 +483,49 @@ mod tests {
         assert!(b.failures >= 40);
         b.reset();
         assert!(b.next_delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn retry_after_sets_a_floor_with_jitter() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        // No Retry-After: the backoff's own (already jittered) delay.
+        assert_eq!(redial_delay(ms(150), None, 0.7), ms(150));
+        // Retry-After: N to 1.5 N, never below the backoff.
+        assert_eq!(redial_delay(ms(150), Some(s(10)), 0.0), s(10));
+        assert_eq!(redial_delay(ms(150), Some(s(10)), 1.0), s(15));
+        assert_eq!(redial_delay(ms(150), Some(s(10)), 0.5), ms(12_500));
+        assert_eq!(redial_delay(s(20), Some(s(10)), 0.5), s(20));
+        assert_eq!(redial_delay(ms(150), Some(s(0)), 1.0), ms(150));
+        assert_eq!(retry_after_secs(Some(" 7 ")), Some(s(7)));
+        assert_eq!(retry_after_secs(Some("999999")), Some(RETRY_AFTER_MAX));
+        assert_eq!(
+            retry_after_secs(Some("Wed, 21 Oct 2015 07:28:00 GMT")),
+            None
+        );
+        assert_eq!(retry_after_secs(None), None);
+    }
+
+    #[test]
+    fn a_503_handshake_is_throttling() {
+        use tokio_tungstenite::tungstenite::Error;
+        use tokio_tungstenite::tungstenite::http::Response;
+        let resp = Response::builder()
+            .status(503)
+            .header("Retry-After", "12")
+            .body(None)
+            .unwrap();
+        match dial_error(Error::Http(Box::new(resp))) {
+            ConnError::Throttled { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(12));
+            }
+            other => panic!("{other:?}"),
+        }
+        let resp = Response::builder().status(500).body(None).unwrap();
+        assert!(matches!(
+            dial_error(Error::Http(Box::new(resp))),
+            ConnError::Transport(_)
+        ));
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! Runs one command: writes its script, spawns `sh -c` in its own session, pumps its pipes into
-//! [`OutputStream`]s, reaps it with `wait4` (for rusage), and stops its whole process group on
-//! timeout or cancel (SIGTERM, a grace, SIGKILL).
+//! Runs one command: writes its script, spawns `sh -c` in its own session (in its resource limits,
+//! as its run-as user), pumps its pipes into [`OutputStream`]s, reaps it with `wait4` (for rusage),
+//! and stops its whole process group on timeout or cancel (SIGTERM, a grace, SIGKILL).
 //!
 //! This is usable without a server: give it a [`RunRequest`], two streams and a cancel future.
 
+use crate::limits::Limits;
 use crate::stream::{DRAIN_AFTER_EXIT, OutputStream, pump};
+use crate::user;
 use fleetrun_proto::channel::{ExecResult, Outcome, RunRequest};
 use fleetrun_proto::limits::{EXECUTION_TIMEOUT_DEFAULT, EXECUTION_TIMEOUT_MAX};
 use nix::sys::signal::{Signal, killpg};
@@ -23,14 +25,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Name of the script file in the run directory.
+/// Name of the script file in the work directory.
 pub const SCRIPT_FILE: &str = "script.sh";
+/// Name of the command's own directory in the run directory: its script and default cwd.
+pub const WORK_DIR: &str = "work";
 
 /// Where and how to run a command.
 #[derive(Clone, Debug)]
 pub struct ExecOptions {
-    /// The invocation's own directory (`STATE_DIR/runs/<command_id>`), created here; the script is
-    /// written into it and it is the working directory unless the request names one.
+    /// The invocation's directory (`STATE_DIR/runs/<command_id>`), created if missing. Its `work`
+    /// subdirectory holds the script and is the working directory unless the request names one.
     pub run_dir: PathBuf,
     /// Put in the command's environment as `FLEETRUN_NODE_ID`.
     pub node_id: String,
@@ -41,6 +45,8 @@ pub struct ExecOptions {
 /// What happened while running, for the caller to report as it happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExecEvent {
+    /// About to spawn: everything is ready. An error from the handler stops here (not started).
+    Spawning,
     /// The process exists. It leads its own process group: `pgid` is its pid.
     Started {
         /// The process group (and the main process's pid).
@@ -73,6 +79,7 @@ pub fn now_ms() -> i64 {
 pub fn not_started(outcome: Outcome, message: String) -> ExecResult {
     let now = now_ms();
     ExecResult {
+        limits_applied: "none".into(),
         outcome,
         exit_code: -1,
         signal: None,
@@ -97,34 +104,64 @@ impl Drop for AbortOnDrop {
 }
 
 /// Runs `req` to its end and returns its result. Output goes to `stdout`/`stderr` (both are at EOF
-/// when this returns); `cancel` resolving stops the command; `on_event` hears of the start and the
-/// reaping of the main process.
+/// when this returns); `cancel` resolving stops the command; `on_event` hears of the spawn, the
+/// start and the reaping of the main process (an error answering `Spawning` means not started).
 pub async fn execute(
     req: &RunRequest,
     opts: &ExecOptions,
     stdout: Arc<OutputStream>,
     stderr: Arc<OutputStream>,
     cancel: impl Future<Output = ()>,
-    mut on_event: impl FnMut(ExecEvent),
+    mut on_event: impl FnMut(ExecEvent) -> Result<(), String>,
 ) -> ExecResult {
     let fail = |message: String| {
         stdout.set_eof();
         stderr.set_eof();
         not_started(Outcome::NotStarted, message)
     };
-    let cwd = match check_working_dir(&req.working_dir, &opts.run_dir) {
+    let run_as = match req.run_as.as_deref().map(user::resolve).transpose() {
+        Ok(r) => r,
+        Err(message) => return fail(message),
+    };
+    let work = opts.run_dir.join(WORK_DIR);
+    let cwd = match check_working_dir(&req.working_dir, &work) {
         Ok(cwd) => cwd,
         Err(message) => return fail(message),
     };
-    let script = match write_script(&opts.run_dir, &req.script) {
+    let script = match write_script(&work, &req.script) {
         Ok(path) => path,
         Err(e) => {
             return fail(format!(
                 "cannot write the script into {}: {e}",
-                opts.run_dir.display()
+                work.display()
             ));
         }
     };
+    if let Some(u) = &run_as
+        && let Err(e) = u.grant(&opts.run_dir, &work, &script)
+    {
+        return fail(format!(
+            "cannot give user {} access to {}: {e}",
+            u.name,
+            work.display()
+        ));
+    }
+    let limits = Limits::prepare(
+        &req.command_id,
+        req.memory_limit_bytes,
+        req.cpu_limit_percent,
+    );
+    let limits = Arc::new(limits);
+    let fail = |message: String| {
+        // Groups created for nothing: remove them (nothing is in them yet).
+        limits.cleanup();
+        let mut r = fail(message);
+        r.limits_applied = limits.mechanism.into();
+        r
+    };
+    if let Err(message) = on_event(ExecEvent::Spawning) {
+        return fail(message);
+    }
 
     // `sh -c 'exec "$0"' SCRIPT` rather than `sh -c SCRIPT`: the same lookup (a shebang is
     // honoured, a plain script runs in sh), but the script replaces the outer shell instead of
@@ -140,11 +177,24 @@ pub async fn execute(
         .stderr(Stdio::piped())
         .env("FLEETRUN_COMMAND_ID", req.command_id.as_str())
         .env("FLEETRUN_NODE_ID", &opts.node_id);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    if let Some(u) = &run_as {
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
+    }
+    let in_child = (Arc::clone(&limits), run_as.clone());
+    // SAFETY: only async-signal-safe system calls on data prepared before the fork (setsid,
+    // open/write/close of cgroup files, setrlimit, setgroups/setgid/setuid).
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Its own session and process group (pgid = pid), so the whole group can be stopped.
-            nix::unistd::setsid().map(drop).map_err(io::Error::from)
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            // Limits first: joining a cgroup needs the agent's privileges.
+            in_child.0.enter()?;
+            match &in_child.1 {
+                Some(u) => u.enter(),
+                None => Ok(()),
+            }
         });
     }
     let mut child = match cmd.spawn() {
@@ -153,10 +203,12 @@ pub async fn execute(
     };
     let pid = child.id() as i32;
     let started_at_ms = now_ms();
-    on_event(ExecEvent::Started {
+    if let Err(e) = on_event(ExecEvent::Started {
         pgid: pid,
         started_at_ms,
-    });
+    }) {
+        tracing::warn!(command_id = %req.command_id, "{e}");
+    }
 
     let (stop_tx, stop_rx) = watch::channel(None);
     let pumps = [
@@ -184,7 +236,7 @@ pub async fn execute(
         signal_group(pid, Signal::SIGKILL);
     }
     let finished_at_ms = now_ms();
-    on_event(ExecEvent::Reaped);
+    let _ = on_event(ExecEvent::Reaped);
 
     let _ = stop_tx.send(Some(Instant::now() + DRAIN_AFTER_EXIT));
     for mut p in pumps.into_iter().flatten() {
@@ -194,6 +246,7 @@ pub async fn execute(
     stderr.set_eof();
 
     let mut result = ExecResult {
+        limits_applied: limits.mechanism.into(),
         outcome: match stop {
             None => Outcome::Exited,
             Some(Stop::Timeout) => Outcome::TimedOut,
@@ -236,6 +289,20 @@ pub async fn execute(
         Ok(Err(e)) => notes.push(format!("lost track of the process: {e}")),
         Err(e) => notes.push(format!("lost track of the process: {e}")),
     }
+    if stop.is_none() && limits.oom_killed(result.signal) {
+        result.outcome = Outcome::MemoryLimitExceeded;
+        notes.insert(0, limits.oom_message());
+    }
+    let l = Arc::clone(&limits);
+    // Leftovers in the groups go with them (a limited command leaves nothing behind).
+    let _ = tokio::task::spawn_blocking(move || l.cleanup()).await;
+    notes.extend(limits.notes.iter().cloned());
+    notes.extend(stdout.error());
+    notes.extend(stderr.error());
+    let paused = stdout.paused().max(stderr.paused());
+    if !paused.is_zero() {
+        notes.push(stdout.spool_note(paused));
+    }
     result.message = notes.join("; ");
     result
 }
@@ -256,10 +323,10 @@ fn start_pump(
     }
 }
 
-/// The directory to run in: the request's (absolute, existing) or the run directory.
-fn check_working_dir(working_dir: &str, run_dir: &Path) -> Result<PathBuf, String> {
+/// The directory to run in: the request's (absolute, existing) or the work directory.
+fn check_working_dir(working_dir: &str, work: &Path) -> Result<PathBuf, String> {
     if working_dir.is_empty() {
-        return Ok(run_dir.to_owned());
+        return Ok(work.to_owned());
     }
     let dir = Path::new(working_dir);
     if !dir.is_absolute() {
@@ -279,13 +346,13 @@ fn check_working_dir(working_dir: &str, run_dir: &Path) -> Result<PathBuf, Strin
     }
 }
 
-/// Creates the run directory and writes the script (mode 0700) into it; returns its path.
-fn write_script(run_dir: &Path, script: &str) -> io::Result<PathBuf> {
+/// Creates the work directory and writes the script (mode 0700) into it; returns its path.
+fn write_script(work: &Path, script: &str) -> io::Result<PathBuf> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(run_dir)?;
-    let path = std::path::absolute(run_dir.join(SCRIPT_FILE))?;
+        .create(work)?;
+    let path = std::path::absolute(work.join(SCRIPT_FILE))?;
     // A leftover from an earlier agent process must not keep its mode or content.
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),

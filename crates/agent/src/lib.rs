@@ -1,5 +1,6 @@
 //! The fleetrun agent: one outbound WebSocket to the server, commands run as local process
-//! groups, their output streamed back with flow control and resent after reconnects.
+//! groups, their output spooled to disk and streamed back with flow control, resent after
+//! reconnects and agent restarts; every invocation runs at most once.
 //!
 //! Embeddable: [`run`] takes an [`AgentConfig`] and runs until a fatal error (the CLI's
 //! `fleetrun dev` runs an agent in-process; dropping the future kills the commands it runs).
@@ -11,19 +12,25 @@
 //! - [`sysinfo`]: the facts reported about the machine;
 //! - [`connection`]: the connection state machine, its reader and writer;
 //! - [`outbox`]: invocations held and the frames due for the server;
-//! - [`stream`]: one flow-controlled output stream and the pump that fills it;
-//! - [`scheduler`]: queueing and concurrency of invocations;
-//! - [`exec`]: spawning, waiting for and killing one command.
+//! - [`stream`]: one output stream spooled to disk, and the pump that fills it;
+//! - [`journal`]: the durable record of invocations (request, start marker, result, completed);
+//! - [`scheduler`]: exactly-once acceptance, queueing, concurrency, recovery after a restart;
+//! - [`exec`]: spawning, waiting for and killing one command;
+//! - [`limits`]: memory and CPU limits (cgroup v2, cgroup v1, rlimit);
+//! - [`user`]: running as another user.
 
 pub mod config;
 pub mod connection;
 pub mod error;
 pub mod exec;
 pub mod identity;
+pub mod journal;
+pub mod limits;
 pub mod outbox;
 pub mod scheduler;
 pub mod stream;
 pub mod sysinfo;
+pub mod user;
 
 pub use config::AgentConfig;
 pub use error::AgentError;
@@ -50,14 +57,6 @@ pub async fn run_until(
     if identity.is_none() && config.activation_code.is_none() {
         return Err(AgentError::NoIdentity(config.state_dir.clone()).into());
     }
-    // Invocations live in memory only: directories left by an earlier agent process are stale.
-    let runs = config.state_dir.join(scheduler::RUNS_DIR);
-    match std::fs::remove_dir_all(&runs) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            tracing::warn!(dir = %runs.display(), error = %e, "cannot remove stale run directories");
-        }
-        _ => {}
-    }
     let info = sysinfo::node_info(config.name.as_deref());
     tracing::info!(
         state_dir = %config.state_dir.display(),
@@ -65,9 +64,12 @@ pub async fn run_until(
         name = %info.name,
         "agent starting"
     );
-    let outbox = Arc::new(outbox::Outbox::new());
+    let outbox = Arc::new(outbox::Outbox::new(stream::Spool::new(
+        config.spool_max_bytes,
+    )));
     let _stop = StopOnDrop(Arc::clone(&outbox));
-    let mut channel = connection::Channel::new(&config, url, info, outbox, identity);
+    // Takes over `runs/` of an earlier agent process (see `scheduler::Scheduler::recover`).
+    let mut channel = connection::Channel::new(&config, url, info, outbox, identity)?;
     tokio::select! {
         r = channel.run() => Err(r.err().map_or_else(|| anyhow::anyhow!("agent stopped"), Into::into)),
         () = shutdown => {

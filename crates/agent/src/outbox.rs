@@ -1,6 +1,7 @@
 //! Everything the agent holds for the server: the invocations it knows (queued, running, or
-//! finished with a result not yet acknowledged), their output streams, and which `Started`,
-//! `Output` and `Finished` frames are due on the current connection.
+//! finished with a result not yet acknowledged), their output streams (spooled to disk, see
+//! [`crate::stream`]), and which `Started`, `Output` and `Finished` frames are due on the current
+//! connection.
 //!
 //! It is pull-based: producers (pumps, invocation tasks) only update state and wake the
 //! connection's writer, which asks [`Outbox::next_batch`] for frames. On a new connection
@@ -8,22 +9,24 @@
 //! reconnects; the server drops what it already has.
 
 use crate::exec::kill_process_group;
-use crate::stream::OutputStream;
+use crate::stream::{OutputStream, Spool};
 use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::{AgentFrame, ExecResult, Pipe, StreamId};
 use fleetrun_proto::limits::OUTPUT_FRAME_MAX;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
-/// The invocations the agent holds. Lock order: the outbox, then a stream.
-#[derive(Debug, Default)]
+/// The invocations the agent holds. Lock order: the outbox, then a stream, then the spool.
+#[derive(Debug)]
 pub struct Outbox {
     inner: Mutex<BTreeMap<CommandId, Entry>>,
     /// Wakes the writer: something may be due (one waiter; `notify_one` keeps a permit).
     ready: Arc<Notify>,
+    /// The bound shared by every stream.
+    spool: Arc<Spool>,
 }
 
 /// What a new invocation's runner gets from [`Outbox::insert`].
@@ -55,9 +58,18 @@ struct Entry {
 }
 
 impl Outbox {
-    /// An empty outbox.
-    pub fn new() -> Self {
-        Outbox::default()
+    /// An empty outbox whose streams share `spool`.
+    pub fn new(spool: Arc<Spool>) -> Self {
+        Outbox {
+            inner: Mutex::default(),
+            ready: Arc::default(),
+            spool,
+        }
+    }
+
+    /// The spool shared by the streams.
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
     }
 
     /// Notified whenever a frame may have become due.
@@ -80,7 +92,12 @@ impl Outbox {
                 command_id: command_id.clone(),
                 pipe,
             };
-            Arc::new(OutputStream::new(id, Arc::clone(&self.ready)))
+            Arc::new(OutputStream::create(
+                id,
+                run_dir.clone(),
+                Arc::clone(&self.spool),
+                Arc::clone(&self.ready),
+            ))
         };
         let (cancel_tx, cancel_rx) = oneshot::channel();
         let entry = Entry {
@@ -103,6 +120,65 @@ impl Outbox {
         };
         inner.insert(command_id.clone(), entry);
         Some(new)
+    }
+
+    /// The output streams an earlier agent process left in `run_dir`.
+    pub fn recover_streams(
+        &self,
+        command_id: &CommandId,
+        run_dir: &Path,
+    ) -> std::io::Result<[Arc<OutputStream>; 2]> {
+        let stream = |pipe| {
+            let id = StreamId::Output {
+                command_id: command_id.clone(),
+                pipe,
+            };
+            OutputStream::recover(
+                id,
+                run_dir.to_owned(),
+                Arc::clone(&self.spool),
+                Arc::clone(&self.ready),
+            )
+            .map(Arc::new)
+        };
+        Ok([stream(Pipe::Stdout)?, stream(Pipe::Stderr)?])
+    }
+
+    /// Holds an invocation an earlier agent process left with a result: its remaining output
+    /// and its result are due on every connection until acknowledged. No `Started` is sent.
+    pub fn insert_finished(
+        &self,
+        command_id: &CommandId,
+        run_dir: PathBuf,
+        [stdout, stderr]: [Arc<OutputStream>; 2],
+        result: ExecResult,
+    ) {
+        let entry = Entry {
+            stdout,
+            stderr,
+            started_at_ms: None,
+            started_sent: false,
+            started_ever_sent: false,
+            pgid: None,
+            result: Some(result),
+            finished_sent: false,
+            cancel: None,
+            task: None,
+            run_dir,
+        };
+        self.lock().insert(command_id.clone(), entry);
+        self.ready.notify_one();
+    }
+
+    /// A duplicate `Run` for a held invocation: if it has a result, make sure it goes out again
+    /// (the server may have missed it); anything else is already due or will be.
+    pub fn resend_result(&self, command_id: &CommandId) {
+        if let Some(e) = self.lock().get_mut(command_id)
+            && e.result.is_some()
+        {
+            e.finished_sent = false;
+        }
+        self.ready.notify_one();
     }
 
     /// Remembers the invocation's task, to abort it if the agent stops.
@@ -162,13 +238,16 @@ impl Outbox {
         }
     }
 
-    /// The server stored the result: forget the invocation. Returns its run directory, to be
-    /// removed; `None` if there is no result yet (the ack is premature and ignored) or the id is
-    /// unknown.
+    /// The server stored the result: forget the invocation (its bytes leave the spool). Returns
+    /// its run directory, to be removed; `None` if there is no result yet (the ack is premature
+    /// and ignored) or the id is unknown.
     pub fn result_acked(&self, command_id: &CommandId) -> Option<PathBuf> {
         let mut inner = self.lock();
         inner.get(command_id)?.result.as_ref()?;
-        inner.remove(command_id).map(|e| e.run_dir)
+        let e = inner.remove(command_id)?;
+        e.stdout.discard();
+        e.stderr.discard();
+        Some(e.run_dir)
     }
 
     /// Every invocation held, for `Hello.known`.
@@ -269,9 +348,13 @@ mod tests {
             .collect()
     }
 
+    fn outbox() -> Outbox {
+        Outbox::new(Spool::new(1 << 20))
+    }
+
     #[test]
     fn frames_come_in_order_and_are_resent_after_rewind() {
-        let outbox = Outbox::new();
+        let outbox = outbox();
         let id = CommandId::from_random(5);
         let new = outbox.insert(&id, PathBuf::from("/nonexistent")).unwrap();
         assert!(outbox.insert(&id, PathBuf::new()).is_none(), "never twice");
@@ -303,7 +386,7 @@ mod tests {
 
     #[test]
     fn premature_result_ack_and_unknown_acks_are_ignored() {
-        let outbox = Outbox::new();
+        let outbox = outbox();
         let id = CommandId::from_random(6);
         let _new = outbox.insert(&id, PathBuf::new()).unwrap();
         assert!(outbox.result_acked(&id).is_none());

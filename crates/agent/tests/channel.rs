@@ -120,6 +120,9 @@ fn run_req(id: &CommandId, script: &str) -> ServerFrame {
         script: script.into(),
         working_dir: String::new(),
         execution_timeout_secs: 60,
+        run_as: None,
+        memory_limit_bytes: None,
+        cpu_limit_percent: None,
     })
 }
 
@@ -425,4 +428,233 @@ async fn a_silent_server_is_dropped_and_redialed() {
     assert!(silent_since.elapsed() >= Duration::from_secs(2));
     drop(ws);
     agent.abort();
+}
+
+/// The real agent binary, SIGKILLed on drop.
+struct AgentProcess(std::process::Child);
+
+impl AgentProcess {
+    fn start(server: &Server) -> Self {
+        let addr = server.listener.local_addr().unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(server.state.path().join("agent.log"))
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetrun-agent"))
+            .args(["--server", &format!("http://{addr}"), "--state-dir"])
+            .arg(server.state.path())
+            .env("RUST_LOG", "fleetrun_agent=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        AgentProcess(child)
+    }
+
+    /// kill -9, and reap it.
+    fn kill9(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Live (non-zombie) processes in process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[2] == pgid.to_string() && !matches!(f[0], "Z" | "X") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits (bounded) for `cond`, checking every 20 ms: for effects in another process.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn read_started_pid(server: &Server, id: &CommandId) -> Option<i32> {
+    let path = server
+        .state
+        .path()
+        .join("runs")
+        .join(id.as_str())
+        .join("started.json");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v.get("pid")?.as_i64().and_then(|p| i32::try_from(p).ok())
+}
+
+/// Regression test for "Nothing lost": kill -9 of the agent mid-command. After the restart what
+/// is left of the command is killed, its unacknowledged output is resent byte-exact from the
+/// acknowledged offset, and it ends AgentRestarted; a duplicate Run never runs it again.
+#[tokio::test]
+async fn nothing_lost_when_the_agent_is_killed_mid_command() {
+    const BYTES: u64 = 200_000;
+    const ACKED: u64 = 70_000;
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let counter_dir = tempfile::tempdir().unwrap();
+    let counter = counter_dir.path().join("runs");
+    let agent = AgentProcess::start(&server);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let id = CommandId::from_random(11);
+    let script = format!(
+        "echo run >> {c}; head -c {BYTES} /dev/zero | tr '\\000' a; echo ready >&2; sleep 1000",
+        c = counter.display()
+    );
+    send(&mut ws, run_req(&id, &script)).await;
+    let mut stdout_len = 0u64;
+    let mut stderr_seen = Vec::new();
+    while stdout_len < BYTES || !stderr_seen.ends_with(b"ready\n") {
+        if let AgentFrame::Output {
+            stream: StreamId::Output { pipe, .. },
+            offset,
+            data,
+        } = recv(&mut ws).await
+        {
+            match pipe {
+                Pipe::Stdout => {
+                    assert_eq!(offset, stdout_len);
+                    stdout_len += data.len() as u64;
+                }
+                Pipe::Stderr => stderr_seen.extend_from_slice(&data),
+            }
+        }
+    }
+    let stdout_stream = StreamId::Output {
+        command_id: id.clone(),
+        pipe: Pipe::Stdout,
+    };
+    send(
+        &mut ws,
+        ServerFrame::Ack {
+            stream: stdout_stream,
+            offset: ACKED,
+        },
+    )
+    .await;
+    let run_dir = server.state.path().join("runs").join(id.as_str());
+    eventually("the ack to be recorded", || {
+        std::fs::read_to_string(run_dir.join("stdout.acked"))
+            .is_ok_and(|s| s.trim().parse::<u64>().ok() == Some(ACKED))
+    })
+    .await;
+    let pgid = read_started_pid(&server, &id).expect("started.json with the pid");
+    agent.kill9();
+    drop(ws);
+    assert!(
+        !group_members(pgid).is_empty(),
+        "the command outlives a kill -9 of the agent"
+    );
+
+    let agent = AgentProcess::start(&server);
+    let (mut ws, known) = server.welcome(&node_id).await;
+    assert_eq!(known, std::slice::from_ref(&id));
+    eventually("the leftover group to be killed", || {
+        group_members(pgid).is_empty()
+    })
+    .await;
+    let seen = collect(&mut ws, &id, true).await;
+    assert_eq!(seen.started, 0);
+    assert_eq!(seen.first_offsets, (Some(ACKED), Some(0)));
+    assert_eq!(seen.stdout.len() as u64, BYTES - ACKED);
+    assert!(seen.stdout.iter().all(|&b| b == b'a'));
+    assert_eq!(seen.stderr, b"ready\n");
+    let result = seen.result.unwrap();
+    assert_eq!(result.outcome, Outcome::AgentRestarted);
+    assert_eq!(result.exit_code, -1);
+    assert_eq!(
+        result.message,
+        "the agent stopped while the command ran; its exit status is unknown"
+    );
+    assert_eq!((result.stdout_bytes, result.stderr_bytes), (BYTES, 6));
+
+    // A duplicate Run while the result is held: not run, the result comes again.
+    send(&mut ws, run_req(&id, &script)).await;
+    let again = collect(&mut ws, &id, true).await;
+    assert_eq!(again.result.unwrap().outcome, Outcome::AgentRestarted);
+    send(
+        &mut ws,
+        ServerFrame::ResultAck {
+            command_id: id.clone(),
+        },
+    )
+    .await;
+    eventually("the run directory to go", || !run_dir.exists()).await;
+    // After ResultAck (completed.log), across another restart: still never again.
+    agent.kill9();
+    drop(ws);
+    let _agent = AgentProcess::start(&server);
+    let (mut ws, known) = server.welcome(&node_id).await;
+    assert!(known.is_empty(), "{known:?}");
+    send(&mut ws, run_req(&id, &script)).await;
+    // A barrier: a later command that appends to the same counter.
+    let b = CommandId::from_random(12);
+    send(
+        &mut ws,
+        run_req(&b, &format!("echo run >> {}", counter.display())),
+    )
+    .await;
+    let rb = collect(&mut ws, &b, true).await.result.unwrap();
+    assert_eq!(rb.exit_code, 0);
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\nrun\n");
+    assert!(!run_dir.exists());
+}
+
+/// Regression test for "Nothing lost": a result the server never acknowledged is resent, with
+/// its output, after a kill -9 of the agent; the command does not run again.
+#[tokio::test]
+async fn an_unacknowledged_result_is_resent_after_a_restart() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let counter_dir = tempfile::tempdir().unwrap();
+    let counter = counter_dir.path().join("runs");
+    let agent = AgentProcess::start(&server);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let id = CommandId::from_random(13);
+    let script = format!("echo run >> {}; echo out; exit 3", counter.display());
+    send(&mut ws, run_req(&id, &script)).await;
+    let first = collect(&mut ws, &id, false).await;
+    let result = first.result.unwrap();
+    assert_eq!((result.outcome, result.exit_code), (Outcome::Exited, 3));
+    agent.kill9();
+    drop(ws);
+
+    let _agent = AgentProcess::start(&server);
+    let (mut ws, known) = server.welcome(&node_id).await;
+    assert_eq!(known, std::slice::from_ref(&id));
+    let again = collect(&mut ws, &id, true).await;
+    assert_eq!(again.first_offsets.0, Some(0));
+    assert_eq!(again.stdout, b"out\n");
+    assert_eq!(again.result.unwrap(), result);
+    send(&mut ws, run_req(&id, &script)).await;
+    let dup = collect(&mut ws, &id, true).await;
+    assert_eq!(dup.result.unwrap(), result);
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\n");
 }

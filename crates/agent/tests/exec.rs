@@ -1,11 +1,10 @@
 //! The executor against real child processes: output, exit codes, working directories, timeouts,
-//! cancels, rusage and flow control, without any server.
+//! cancels, rusage, the spool bound, run-as and resource limits, without any server.
 
 use fleetrun_agent::exec::{ExecEvent, ExecOptions, execute};
-use fleetrun_agent::stream::OutputStream;
+use fleetrun_agent::stream::{OutputStream, Spool};
 use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::{ExecResult, Outcome, Pipe, RunRequest, StreamId};
-use fleetrun_proto::limits::OUTPUT_WINDOW;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,29 +43,47 @@ struct Done {
     pgid: Option<i32>,
 }
 
-fn start(script: &str, working_dir: &str, timeout_secs: u64, grace: Duration) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let command_id = CommandId::from_random(rand_u128());
-    let ready = Arc::new(Notify::new());
-    let stream = |pipe| {
-        let id = StreamId::Output {
-            command_id: command_id.clone(),
-            pipe,
-        };
-        Arc::new(OutputStream::new(id, Arc::clone(&ready)))
-    };
-    let (stdout, stderr) = (stream(Pipe::Stdout), stream(Pipe::Stderr));
-    let req = RunRequest {
-        command_id,
+fn request(script: &str) -> RunRequest {
+    RunRequest {
+        command_id: CommandId::from_random(rand_u128()),
         script: script.to_owned(),
-        working_dir: working_dir.to_owned(),
-        execution_timeout_secs: timeout_secs,
-    };
+        working_dir: String::new(),
+        execution_timeout_secs: 60,
+        run_as: None,
+        memory_limit_bytes: None,
+        cpu_limit_percent: None,
+    }
+}
+
+fn start(script: &str, working_dir: &str, timeout_secs: u64, grace: Duration) -> Running {
+    let mut req = request(script);
+    req.working_dir = working_dir.to_owned();
+    req.execution_timeout_secs = timeout_secs;
+    start_req(req, grace, Spool::new(1 << 30))
+}
+
+fn start_req(req: RunRequest, grace: Duration, spool: Arc<Spool>) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = Arc::new(Notify::new());
     let opts = ExecOptions {
         run_dir: dir.path().join("runs").join(req.command_id.as_str()),
         node_id: "mi-0123456789abcdef0".into(),
         kill_grace: grace,
     };
+    std::fs::create_dir_all(&opts.run_dir).unwrap();
+    let stream = |pipe| {
+        let id = StreamId::Output {
+            command_id: req.command_id.clone(),
+            pipe,
+        };
+        Arc::new(OutputStream::create(
+            id,
+            opts.run_dir.clone(),
+            Arc::clone(&spool),
+            Arc::clone(&ready),
+        ))
+    };
+    let (stdout, stderr) = (stream(Pipe::Stdout), stream(Pipe::Stderr));
     let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
     let (ev_tx, events) = mpsc::unbounded_channel();
     let (o, e) = (Arc::clone(&stdout), Arc::clone(&stderr));
@@ -78,6 +95,7 @@ fn start(script: &str, working_dir: &str, timeout_secs: u64, grace: Duration) ->
         };
         execute(&req, &opts, o, e, cancel, |ev| {
             let _ = ev_tx.send(ev);
+            Ok(())
         })
         .await
     });
@@ -112,7 +130,6 @@ fn drain(r: &Running) -> (JoinHandle<Output>, watch::Receiver<Vec<u8>>) {
         loop {
             let mut progressed = false;
             for (s, buf) in [(&out, &mut bufs.0), (&err, &mut bufs.1)] {
-                assert!(s.buffered() as u64 <= OUTPUT_WINDOW);
                 while let Some((offset, data)) = s.next_chunk(64 * 1024) {
                     assert_eq!(offset, buf.len() as u64, "contiguous offsets");
                     buf.extend_from_slice(&data);
@@ -404,21 +421,24 @@ async fn five_commands_run_at_once() {
     }
 }
 
+/// Regression test for "Nothing lost": with the spool full and no acks, the command blocks on
+/// its output (nothing is dropped, the bound holds), and its result says it was held up.
 #[tokio::test]
-async fn output_beyond_the_window_waits_for_acks() {
-    const TOTAL: u64 = OUTPUT_WINDOW + 2 * 1024 * 1024 + 17;
-    let mut r = start(
-        &format!("head -c {TOTAL} /dev/zero | tr '\\000' x"),
-        "",
-        60,
+async fn a_full_spool_blocks_the_producer_and_is_reported() {
+    const MAX: u64 = 256 * 1024;
+    const TOTAL: u64 = 3 * 1024 * 1024 + 17;
+    let spool = Spool::new(MAX);
+    let mut r = start_req(
+        request(&format!("head -c {TOTAL} /dev/zero | tr '\\000' x")),
         Duration::from_secs(5),
+        Arc::clone(&spool),
     );
-    // Nobody acknowledges: the buffer fills to exactly the window and stays there.
-    within("a full window", async {
+    // Nobody acknowledges: the spool fills to exactly its bound and stays there.
+    within("a full spool", async {
         loop {
-            let n = r.stdout.buffered() as u64;
-            assert!(n <= OUTPUT_WINDOW);
-            if n == OUTPUT_WINDOW {
+            let n = spool.used();
+            assert!(n <= MAX, "{n} > {MAX}");
+            if r.stdout.spooled() == MAX {
                 break;
             }
             r.ready.notified().await;
@@ -426,19 +446,124 @@ async fn output_beyond_the_window_waits_for_acks() {
     })
     .await;
     assert!(!r.result.is_finished(), "the producer must be blocked");
+    assert!(matches!(r.events.try_recv(), Ok(ExecEvent::Spawning)));
     assert!(matches!(r.events.try_recv(), Ok(ExecEvent::Started { .. })));
     assert!(
         r.events.try_recv().is_err(),
         "the process must not have exited"
     );
-    // Sending what is buffered without acks frees nothing.
+    // Sending without acks frees nothing.
     while r.stdout.next_chunk(64 * 1024).is_some() {}
-    assert_eq!(r.stdout.buffered() as u64, OUTPUT_WINDOW);
+    assert_eq!(spool.used(), MAX);
     r.stdout.rewind();
-    // Acks come: everything arrives, byte-exact, and the command ends.
+    // Acks come: everything arrives, byte-exact, the command ends, and its result says why it
+    // was slow.
     let (drained, _) = drain(&r);
     let d = finish(r, drained).await;
     assert_eq!(d.result.exit_code, 0);
     assert_eq!(d.stdout.len() as u64, TOTAL);
     assert!(d.stdout.iter().all(|&b| b == b'x'));
+    assert!(
+        d.result
+            .message
+            .contains("because the agent's spool (256 KiB) was full"),
+        "{}",
+        d.result.message
+    );
+    assert_eq!(spool.used(), 0);
+}
+
+async fn run_req(req: RunRequest) -> Done {
+    let r = start_req(req, Duration::from_secs(5), Spool::new(1 << 30));
+    let (drained, _) = drain(&r);
+    finish(r, drained).await
+}
+
+#[tokio::test]
+async fn run_as_nobody() {
+    let mut req = request("id -u; echo \"$USER $LOGNAME\"; pwd");
+    req.run_as = Some("nobody".into());
+    let d = run_req(req).await;
+    assert_eq!(d.result.outcome, Outcome::Exited, "{:?}", d.result);
+    let out = String::from_utf8(d.stdout).unwrap();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("65534"));
+    assert_eq!(lines.next(), Some("nobody nobody"));
+    assert!(lines.next().unwrap().ends_with("/work"), "{out}");
+    // By uid too.
+    let mut req = request("id -un");
+    req.run_as = Some("65534".into());
+    assert_eq!(run_req(req).await.stdout, b"nobody\n");
+}
+
+#[tokio::test]
+async fn run_as_an_unknown_user_does_not_start() {
+    let mut req = request("echo never");
+    req.run_as = Some("fleetrun-no-such-user".into());
+    let d = run_req(req).await;
+    assert_eq!(d.result.outcome, Outcome::NotStarted);
+    assert_eq!(d.result.message, "no such user fleetrun-no-such-user");
+    assert_eq!(d.pgid, None);
+}
+
+#[tokio::test]
+async fn a_memory_hog_ends_memory_limit_exceeded() {
+    let mut req = request("exec python3 -c 'b = bytearray(400 * 1024 * 1024); print(len(b))'");
+    req.memory_limit_bytes = Some(64 * 1024 * 1024);
+    let d = run_req(req).await;
+    assert!(
+        ["cgroup1", "cgroup2"].contains(&d.result.limits_applied.as_str()),
+        "{:?}",
+        d.result
+    );
+    assert_eq!(
+        d.result.outcome,
+        Outcome::MemoryLimitExceeded,
+        "{:?}",
+        d.result
+    );
+    assert_eq!(d.result.signal, Some(9));
+    assert!(
+        d.result
+            .message
+            .starts_with("killed: memory limit of 64 MiB exceeded"),
+        "{}",
+        d.result.message
+    );
+    assert!(d.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn a_cpu_limit_is_a_cgroup_quota() {
+    // The command reads its own cgroup's quota (cgroup v1 here; v2 keeps it in cpu.max).
+    let mut req = request(
+        "p=$(grep -E '^[0-9]+:(cpu|cpu,cpuacct):' /proc/self/cgroup | head -n1 | cut -d: -f3); \
+         if [ -n \"$p\" ]; then cat /sys/fs/cgroup/cpu$p/cpu.cfs_quota_us; \
+         else cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/cpu.max; fi",
+    );
+    req.cpu_limit_percent = Some(25);
+    let id = req.command_id.clone();
+    let d = run_req(req).await;
+    assert_eq!(d.result.exit_code, 0, "{:?}", d.result);
+    let out = String::from_utf8(d.stdout).unwrap();
+    assert!(
+        out == "25000\n" || out == "25000 100000\n",
+        "{out:?} {:?}",
+        d.result
+    );
+    assert!(["cgroup1", "cgroup2"].contains(&d.result.limits_applied.as_str()));
+    // The group is gone afterwards.
+    for h in ["", "cpu"] {
+        let dir = std::path::Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join("fleetrun")
+            .join(id.as_str());
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
+
+#[tokio::test]
+async fn no_limits_asked_means_none() {
+    let d = run("true").await;
+    assert_eq!(d.result.limits_applied, "none");
 }

@@ -2,7 +2,9 @@
 
 use clap::Parser;
 use fleetrun_agent::AgentConfig;
-use fleetrun_agent::config::{HEARTBEAT_SECS_DEFAULT, MAX_CONCURRENT_COMMANDS_DEFAULT, parse_tags};
+use fleetrun_agent::config::{
+    HEARTBEAT_SECS_DEFAULT, MAX_CONCURRENT_COMMANDS_DEFAULT, SPOOL_MAX_BYTES_DEFAULT, parse_tags,
+};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -31,6 +33,10 @@ struct Args {
     /// Commands run at once; more wait in a queue
     #[arg(long, default_value_t = MAX_CONCURRENT_COMMANDS_DEFAULT)]
     max_concurrent_commands: usize,
+    /// Most bytes of unacknowledged output kept on disk (all commands); when full, commands
+    /// block on output until the server catches up
+    #[arg(long, env = "FLEETRUN_SPOOL_MAX_BYTES", default_value_t = SPOOL_MAX_BYTES_DEFAULT)]
+    spool_max_bytes: u64,
 }
 
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
@@ -40,6 +46,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     config.tags = parse_tags(&args.tags)?;
     config.heartbeat_secs = args.heartbeat_secs;
     config.max_concurrent_commands = args.max_concurrent_commands;
+    config.spool_max_bytes = args.spool_max_bytes;
     config.validate()?;
     Ok(config)
 }

@@ -1,0 +1,310 @@
+//! The durable record of invocations in the state directory, which makes "never run twice" and
+//! "nothing lost" hold across agent crashes and restarts.
+//!
+//! ```text
+//! STATE_DIR/completed.log          ids whose result the server acknowledged (the last 10,000)
+//! STATE_DIR/runs/<id>/request.json the accepted RunRequest (fsynced before anything runs)
+//!                     started.json start marker: written (pid unknown) before spawn, then with the pid
+//!                     result.json  the ExecResult (fsynced before Finished is sent)
+//!                     stdout.<offset:020>, stdout.acked, stderr.*   the output spool (see stream.rs)
+//!                     work/        the command's own directory: script.sh, default cwd
+//! ```
+//!
+//! A `Run` is executed only if its id has no run directory and is not in `completed.log`.
+
+use fleetrun_proto::CommandId;
+use fleetrun_proto::channel::{ExecResult, RunRequest};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// The accepted request.
+pub const REQUEST_FILE: &str = "request.json";
+/// The start marker.
+pub const STARTED_FILE: &str = "started.json";
+/// The result.
+pub const RESULT_FILE: &str = "result.json";
+/// Ids of invocations whose result the server acknowledged.
+pub const COMPLETED_LOG: &str = "completed.log";
+/// How many acknowledged ids are remembered.
+pub const COMPLETED_KEEP: usize = 10_000;
+
+/// The start marker: `pid` is `None` between "about to spawn" and "spawned".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRecord {
+    /// The main process (it leads its own process group: `pgid == pid`).
+    pub pid: Option<i32>,
+    /// The process group.
+    pub pgid: Option<i32>,
+    /// Start time, epoch milliseconds.
+    pub started_at_ms: i64,
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks since boot), to tell the process from a later
+    /// one that reuses its pid.
+    pub proc_start_time: Option<u64>,
+}
+
+/// Writes `value` as `dir/name` atomically and durably: a synced temporary file renamed into
+/// place, then the directory synced.
+pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> io::Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&json)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// Reads `path` as JSON; `None` if it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes a directory's entries durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Accepts `req`: creates its run directory and records the request durably. Fails with
+/// `AlreadyExists` if the directory exists (the invocation was accepted before).
+pub fn accept(runs_dir: &Path, req: &RunRequest) -> io::Result<PathBuf> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(runs_dir)?;
+    let run_dir = runs_dir.join(req.command_id.as_str());
+    fs::DirBuilder::new().mode(0o700).create(&run_dir)?;
+    write_json(&run_dir, REQUEST_FILE, req)?;
+    sync_dir(runs_dir)?;
+    Ok(run_dir)
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the process's start time in clock ticks after boot.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after `(comm)` start with field 3 (state): field 22 is the 20th of them.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What an earlier agent process left in one run directory.
+#[derive(Debug)]
+pub enum Leftover {
+    /// The invocation has a result: resend its output and result.
+    Finished {
+        /// Its directory.
+        run_dir: PathBuf,
+        /// Its result.
+        result: ExecResult,
+    },
+    /// It was (or may have been) running when the agent stopped.
+    Interrupted {
+        /// Its directory.
+        run_dir: PathBuf,
+        /// Its start marker.
+        started: StartRecord,
+    },
+    /// Accepted, never started: run it now.
+    NotStarted {
+        /// Its directory.
+        run_dir: PathBuf,
+        /// Its request.
+        request: RunRequest,
+    },
+}
+
+/// Reads every run directory under `runs_dir`. Directories of ids in `completed` (acknowledged,
+/// removal interrupted) and ones without a request (acceptance interrupted) are removed.
+pub fn scan(runs_dir: &Path, completed: &Completed) -> Vec<(CommandId, Leftover)> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(runs_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return found,
+        Err(e) => {
+            tracing::error!(dir = %runs_dir.display(), error = %e, "cannot read the run directories");
+            return found;
+        }
+    };
+    for entry in entries.flatten() {
+        let run_dir = entry.path();
+        let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<CommandId>().ok())
+        else {
+            tracing::warn!(dir = %run_dir.display(), "not a run directory: ignored");
+            continue;
+        };
+        if completed.contains(&id) {
+            remove_run_dir(&run_dir);
+            continue;
+        }
+        match read_leftover(&run_dir) {
+            Ok(Some(l)) => found.push((id, l)),
+            Ok(None) => {
+                tracing::info!(command_id = %id, "removing a run directory without a request");
+                remove_run_dir(&run_dir);
+            }
+            Err(e) => {
+                tracing::error!(command_id = %id, error = %e, "unreadable run directory: left alone");
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+fn read_leftover(run_dir: &Path) -> io::Result<Option<Leftover>> {
+    let run_dir = run_dir.to_owned();
+    if let Some(result) = read_json(&run_dir.join(RESULT_FILE))? {
+        return Ok(Some(Leftover::Finished { run_dir, result }));
+    }
+    // An unreadable marker (torn write) still means the command may have started.
+    match read_json::<StartRecord>(&run_dir.join(STARTED_FILE)) {
+        Ok(Some(started)) => return Ok(Some(Leftover::Interrupted { run_dir, started })),
+        Ok(None) => {}
+        Err(_) => {
+            let started = StartRecord::default();
+            return Ok(Some(Leftover::Interrupted { run_dir, started }));
+        }
+    }
+    Ok(read_json(&run_dir.join(REQUEST_FILE))?
+        .map(|request| Leftover::NotStarted { run_dir, request }))
+}
+
+/// Removes a run directory; a missing one is fine.
+pub fn remove_run_dir(dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove run directory");
+        }
+        _ => {}
+    }
+}
+
+/// The ids whose result the server acknowledged: a late duplicate `Run` for one of them is
+/// ignored. Bounded to the last [`COMPLETED_KEEP`]; the file is compacted when it has twice that.
+#[derive(Debug)]
+pub struct Completed {
+    path: PathBuf,
+    order: VecDeque<CommandId>,
+    set: HashSet<CommandId>,
+    lines: usize,
+}
+
+impl Completed {
+    /// Loads `STATE_DIR/completed.log` (missing: empty; unparsable lines are skipped).
+    pub fn load(state_dir: &Path) -> io::Result<Self> {
+        let path = state_dir.join(COMPLETED_LOG);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let mut c = Completed {
+            path,
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            lines: 0,
+        };
+        for line in text.lines() {
+            c.lines += 1;
+            if let Ok(id) = line.trim().parse::<CommandId>() {
+                c.remember(id);
+            }
+        }
+        Ok(c)
+    }
+
+    fn remember(&mut self, id: CommandId) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > COMPLETED_KEEP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `id`'s result was acknowledged.
+    pub fn contains(&self, id: &CommandId) -> bool {
+        self.set.contains(id)
+    }
+
+    /// Records `id` durably (appended and synced; compacted now and then).
+    pub fn add(&mut self, id: &CommandId) -> io::Result<()> {
+        self.remember(id.clone());
+        if self.lines >= 2 * COMPLETED_KEEP {
+            let mut text = String::new();
+            for id in &self.order {
+                text.push_str(id.as_str());
+                text.push('\n');
+            }
+            let tmp = self.path.with_extension("log.tmp");
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            self.lines = self.order.len();
+            return self.path.parent().map_or(Ok(()), sync_dir);
+        }
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        f.write_all(format!("{}\n", id.as_str()).as_bytes())?;
+        f.sync_data()?;
+        self.lines += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completed_ids_survive_reloads_and_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Completed::load(dir.path()).unwrap();
+        let ids: Vec<_> = (0..COMPLETED_KEEP as u128 + 5)
+            .map(CommandId::from_random)
+            .collect();
+        for id in &ids[..3] {
+            c.add(id).unwrap();
+        }
+        let c2 = Completed::load(dir.path()).unwrap();
+        assert!(c2.contains(&ids[0]) && c2.contains(&ids[2]));
+        assert!(!c2.contains(&ids[3]));
+        for id in &ids[3..] {
+            c.remember(id.clone());
+        }
+        assert!(!c.contains(&ids[0]), "the oldest are forgotten");
+        assert!(c.contains(&ids[ids.len() - 1]));
+    }
+
+    #[test]
+    fn proc_start_time_of_this_process() {
+        let me = std::process::id() as i32;
+        assert!(proc_start_time(me).is_some());
+        assert_eq!(proc_start_time(me), proc_start_time(me));
+    }
+}
