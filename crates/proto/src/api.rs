@@ -15,6 +15,9 @@
 //! | `GET /v1/commands/{command_id}/invocations/{node_id}/output/{stdout,stderr}[?follow=true]` | | the raw bytes |
 //! | `POST /v1/commands/{command_id}/cancel` | [`CancelCommand`] | [`Command`] |
 //! | `GET /v1/storage` | | [`Storage`] |
+//! | `POST /v1/access-keys` | [`CreateAccessKey`] | [`AccessKey`] (201; the only time the secret is shown) |
+//! | `GET /v1/access-keys` | | `[AccessKey]` without secrets |
+//! | `POST /` | AWS JSON 1.1, SigV4-signed (the SSM-compatible API) | |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
 //!
 //! Every route but health and the agent channel needs `Authorization: Bearer TOKEN`. Errors are
@@ -286,6 +289,28 @@ pub struct Storage {
     pub retention_secs: u64,
     /// The oldest command kept (RFC 3339), if any.
     pub oldest_command_at: Option<String>,
+}
+
+/// Body of `POST /v1/access-keys`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccessKey {
+    /// A note saying whose key it is.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A SigV4 access key for the SSM-compatible API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccessKey {
+    /// `FRAK...`, the AWS_ACCESS_KEY_ID.
+    pub access_key_id: String,
+    /// The AWS_SECRET_ACCESS_KEY; shown only when created (empty in listings).
+    pub secret_access_key: String,
+    /// The note.
+    pub name: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
 }
 
 /// Body of `POST /v1/commands/{id}/cancel`.

@@ -3,7 +3,7 @@
 //! A target expression is one or more whitespace-separated terms, all of which must hold (AND):
 //! - `all`: every registered node;
 //! - `tag:KEY=VALUE[,VALUE...]`: the node has tag KEY with one of the values (OR within one term);
-//! - `tag-key:KEY`: the node has tag KEY, whatever its value;
+//! - `tag-key:KEY[,KEY...]`: the node has one of these tag keys, whatever the value;
 //! - `id:NODE_ID[,NODE_ID...]`: the node is one of these.
 
 use crate::ids::NodeId;
@@ -22,8 +22,8 @@ pub enum TargetTerm {
         /// Accepted values (at least one).
         values: Vec<String>,
     },
-    /// The node has tag `key`.
-    TagKey(String),
+    /// The node has one of these tag keys.
+    TagKey(Vec<String>),
     /// The node is one of these.
     Ids(Vec<NodeId>),
 }
@@ -123,9 +123,12 @@ fn parse_term(t: &str) -> Result<TargetTerm, ParseError> {
             values,
         });
     }
-    if let Some(key) = t.strip_prefix("tag-key:") {
-        check_tag_key(key)?;
-        return Ok(TargetTerm::TagKey(key.to_owned()));
+    if let Some(keys) = t.strip_prefix("tag-key:") {
+        let keys: Vec<String> = keys.split(',').map(str::to_owned).collect();
+        for k in &keys {
+            check_tag_key(k)?;
+        }
+        return Ok(TargetTerm::TagKey(keys));
     }
     if let Some(ids) = t.strip_prefix("id:") {
         let ids = ids
@@ -135,7 +138,7 @@ fn parse_term(t: &str) -> Result<TargetTerm, ParseError> {
         return Ok(TargetTerm::Ids(ids));
     }
     Err(ParseError(format!(
-        "unknown target term {t:?}: use `all`, `tag:KEY=VALUE[,VALUE]`, `tag-key:KEY` or `id:NODE_ID[,NODE_ID]`"
+        "unknown target term {t:?}: use `all`, `tag:KEY=VALUE[,VALUE]`, `tag-key:KEY[,KEY]` or `id:NODE_ID[,NODE_ID]`"
     )))
 }
 
@@ -148,7 +151,7 @@ impl fmt::Display for TargetExpr {
             match term {
                 TargetTerm::All => f.write_str("all")?,
                 TargetTerm::Tag { key, values } => write!(f, "tag:{key}={}", values.join(","))?,
-                TargetTerm::TagKey(k) => write!(f, "tag-key:{k}")?,
+                TargetTerm::TagKey(keys) => write!(f, "tag-key:{}", keys.join(","))?,
                 TargetTerm::Ids(ids) => {
                     let ids: Vec<&str> = ids.iter().map(NodeId::as_str).collect();
                     write!(f, "id:{}", ids.join(","))?
@@ -243,7 +246,7 @@ mod tests {
                     key: "env".into(),
                     values: vec!["prod".into(), "stage".into()]
                 },
-                TargetTerm::TagKey("web".into()),
+                TargetTerm::TagKey(vec!["web".into()]),
                 TargetTerm::All
             ]
         );

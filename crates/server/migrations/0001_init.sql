@@ -96,3 +96,13 @@ CREATE TABLE invocations (
 );
 CREATE INDEX invocations_command_seq ON invocations (command_id, seq);
 CREATE INDEX invocations_node_status ON invocations (node_id, status);
+
+-- SigV4 access keys for the SSM-compatible API. The secret is needed to verify signatures, so it is
+-- kept encrypted (XChaCha20-Poly1305 with the data dir's key), not hashed.
+CREATE TABLE access_keys (
+    access_key_id TEXT PRIMARY KEY,
+    secret_nonce  BLOB NOT NULL,
+    secret_enc    BLOB NOT NULL,
+    name          TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
+);

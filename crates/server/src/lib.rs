@@ -11,6 +11,7 @@ pub mod output;
 pub mod retention;
 pub mod secrets;
 pub mod send;
+pub mod ssm;
 pub mod store;
 
 use anyhow::Context;
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     pub purge_interval: Duration,
     /// Most agent handshakes in progress at once; more get 503 with Retry-After (reconnect storms).
     pub max_handshakes: usize,
+    /// The URL clients reach this server at (for output URLs); default `http://` + the listen address.
+    pub public_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -56,6 +59,7 @@ impl ServerConfig {
             retention: Self::DEFAULT_RETENTION,
             purge_interval: Self::DEFAULT_PURGE_INTERVAL,
             max_handshakes: Self::DEFAULT_MAX_HANDSHAKES,
+            public_url: None,
         }
     }
 }
@@ -80,6 +84,10 @@ pub struct AppState {
     pub retention: Duration,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Seals secrets the server must read back (access keys).
+    pub secret_box: secrets::SecretBox,
+    /// The URL clients reach this server at.
+    pub public_url: String,
 }
 
 /// A server that is listening.
@@ -131,6 +139,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Some(token)
     };
 
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    let secret_box = secrets::SecretBox::open(&config.data_dir.join("secrets.key"))?;
     let state = Arc::new(AppState {
         store,
         objects,
@@ -141,6 +154,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         data_dir: config.data_dir.clone(),
         retention: config.retention,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
+        secret_box,
+        public_url: config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local_addr}"))
+            .trim_end_matches('/')
+            .to_owned(),
     });
     for id in state.store.active_command_ids().await? {
         if let Some(row) = state.store.command_row(&id).await? {
@@ -155,10 +175,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config.purge_interval,
     ));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let local_addr = listener.local_addr()?;
     // Nagle off: agent frames and watch lines are small and latency-bound.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
@@ -188,6 +204,11 @@ impl RunningServer {
 
 /// Writes a secret readable by its owner only.
 fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    write_private_file(path, format!("{secret}\n").as_bytes())
+}
+
+/// Writes a file readable by its owner only (created with mode 0600, never world-readable).
+pub(crate) fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -197,6 +218,7 @@ fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()>
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(f, "{secret}").with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

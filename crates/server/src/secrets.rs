@@ -32,3 +32,49 @@ pub fn hashes_equal(a: &str, b: &str) -> bool {
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
 }
+
+/// Encrypts secrets the server must be able to read back (SigV4 secret keys), with a 256-bit key kept
+/// in the data dir (`secrets.key`, owner-only). A stolen database alone reveals none of them.
+pub struct SecretBox {
+    cipher: chacha20poly1305::XChaCha20Poly1305,
+}
+
+impl SecretBox {
+    /// Loads the key from `path`, creating it (mode 0600) on first use.
+    pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        use chacha20poly1305::KeyInit;
+        let key = match std::fs::read(path) {
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                crate::write_private_file(path, &key)?;
+                key.to_vec()
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new_from_slice(&key)
+            .map_err(|_| anyhow::anyhow!("{} must hold exactly 32 bytes", path.display()))?;
+        Ok(SecretBox { cipher })
+    }
+
+    /// Encrypts; returns (nonce, ciphertext).
+    pub fn seal(&self, plain: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use chacha20poly1305::aead::Aead;
+        let nonce: [u8; 24] = rand::random();
+        let sealed = self
+            .cipher
+            .encrypt(&chacha20poly1305::XNonce::from(nonce), plain)
+            .unwrap_or_default();
+        (nonce.to_vec(), sealed)
+    }
+
+    /// Decrypts; None when the data or nonce was tampered with or the key changed.
+    pub fn open_sealed(&self, nonce: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::Aead;
+        let nonce: [u8; 24] = nonce.try_into().ok()?;
+        self.cipher
+            .decrypt(&chacha20poly1305::XNonce::from(nonce), sealed)
+            .ok()
+    }
+}

@@ -1,5 +1,6 @@
 //! The native JSON API under `/v1` (routes listed in fleetrun_proto::api): router, errors, auth.
 
+mod access_keys;
 mod activations;
 mod commands;
 mod nodes;
@@ -39,8 +40,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/commands/{command_id}/cancel", post(commands::cancel))
         .route("/v1/storage", get(storage::get))
+        .route(
+            "/v1/access-keys",
+            post(access_keys::create).get(access_keys::list),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", post(crate::ssm::handle))
         .route("/v1/health", get(health))
         .route("/v1/agent/connect", get(crate::channel::connect))
         .merge(authed)

@@ -566,7 +566,7 @@ where
         .map_err(|e: T::Err| sqlx::Error::Decode(Box::new(e)).into())
 }
 
-fn command_from_row(r: &SqliteRow) -> Result<Command> {
+pub(super) fn command_from_row(r: &SqliteRow) -> Result<Command> {
     let commands: Vec<String> = serde_json::from_str(r.get("commands"))?;
     let working_dir: String = r.get("working_dir");
     let execution_timeout = r.get::<i64, _>("execution_timeout") as u64;
@@ -605,7 +605,7 @@ fn command_from_row(r: &SqliteRow) -> Result<Command> {
     })
 }
 
-fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
+pub(super) fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
     let stdout_inline: Vec<u8> = r.get("stdout_inline");
     let stderr_inline: Vec<u8> = r.get("stderr_inline");
     let stdout_bytes = r.get::<i64, _>("stdout_bytes") as u64;

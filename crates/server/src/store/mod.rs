@@ -5,9 +5,11 @@
 
 mod commands;
 mod nodes;
+mod ssm;
 
 pub use commands::{CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, Totals};
 pub use nodes::{NewNode, RegisterError};
+pub use ssm::{CommandMeta, CommandQuery};
 
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

@@ -284,10 +284,13 @@ impl Store {
                     }
                     qb.push("))");
                 }
-                TargetTerm::TagKey(key) => {
-                    qb.push(" AND n.node_id IN (SELECT node_id FROM node_tags WHERE key = ");
-                    qb.push_bind(key.clone());
-                    qb.push(")");
+                TargetTerm::TagKey(keys) => {
+                    qb.push(" AND n.node_id IN (SELECT node_id FROM node_tags WHERE key IN (");
+                    let mut sep = qb.separated(", ");
+                    for k in keys {
+                        sep.push_bind(k.clone());
+                    }
+                    qb.push("))");
                 }
                 TargetTerm::Ids(ids) => {
                     qb.push(" AND n.node_id IN (");

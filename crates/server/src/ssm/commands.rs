@@ -1,0 +1,772 @@
+//! SendCommand, ListCommands, ListCommandInvocations, GetCommandInvocation, CancelCommand.
+
+use super::shapes::*;
+use super::{
+    SsmError, SsmResult, check_command_id, check_instance_id, check_max_results, epoch, next_token,
+    parse_token,
+};
+use crate::AppState;
+use crate::dispatch::DispatchMsg;
+use crate::send::{SendError, SendOptions};
+use crate::store::{CommandMeta, CommandQuery};
+use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, Invocation, SendCommand};
+use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use fleetrun_proto::{InvocationStatus, NodeId};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// The plugin of AWS-RunShellScript, as SSM names it.
+const PLUGIN: &str = "aws:runShellScript";
+/// SSM's cap on plugin `Output` (the agent's MaximumPluginOutputSize).
+const PLUGIN_OUTPUT_MAX: usize = 2400;
+/// What SSM appends to truncated output content.
+const TRUNCATED: &str = "--output truncated--";
+const STDOUT_CONTENT_MAX: usize = 24_000;
+const STDERR_CONTENT_MAX: usize = 8_000;
+
+pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> SsmResult {
+    let v = |m: String| SsmError::new("ValidationException", m);
+    let name = req.document_name.clone().ok_or_else(|| v("1 validation error detected: Value null at 'documentName' failed to satisfy constraint: Member must not be null".into()))?;
+    let name_ok = (3..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:/".contains(&b));
+    if !name_ok {
+        return Err(v(format!(
+            "1 validation error detected: Value '{name}' at 'documentName' failed to satisfy constraint: Member must satisfy regular expression pattern: ^[a-zA-Z0-9_\\-.:/]{{3,128}}$"
+        )));
+    }
+    if name != DOCUMENT_RUN_SHELL_SCRIPT {
+        return Err(SsmError::new(
+            "InvalidDocument",
+            format!("Document with name {name} does not exist."),
+        ));
+    }
+    let version = req
+        .document_version
+        .clone()
+        .unwrap_or_else(|| "$DEFAULT".into());
+    if !matches!(version.as_str(), "$DEFAULT" | "$LATEST" | "1") {
+        return Err(SsmError::new(
+            "InvalidDocumentVersion",
+            format!("Document {name} has no version {version}."),
+        ));
+    }
+    if let Some(t) = req.timeout_seconds
+        && !(30..=2_592_000).contains(&t)
+    {
+        return Err(v(format!(
+            "1 validation error detected: Value '{t}' at 'timeoutSeconds' failed to satisfy constraint: Member must have value between 30 and 2592000"
+        )));
+    }
+    if let Some(c) = &req.comment
+        && c.chars().count() > 100
+    {
+        return Err(v("1 validation error detected: Value at 'comment' failed to satisfy constraint: Member must have length less than or equal to 100".into()));
+    }
+    check_rate(
+        &req.max_concurrency,
+        "maxConcurrency",
+        "^([1-9][0-9]*|[1-9][0-9]%|[1-9]%|100%)$",
+        |s| fleetrun_proto::targets::Rate::parse_concurrency(s).is_ok(),
+    )?;
+    check_rate(
+        &req.max_errors,
+        "maxErrors",
+        "^([1-9][0-9]*|[0]|[1-9][0-9]%|[0-9]%|100%)$",
+        |s| fleetrun_proto::targets::Rate::parse_errors(s).is_ok(),
+    )?;
+    for (what, value, min, max) in [
+        ("outputS3BucketName", &req.output_s3_bucket_name, 3, 63),
+        ("outputS3Region", &req.output_s3_region, 3, 20),
+        ("outputS3KeyPrefix", &req.output_s3_key_prefix, 0, 500),
+    ] {
+        if let Some(s) = value
+            && !(min..=max).contains(&s.len())
+        {
+            return Err(v(format!(
+                "1 validation error detected: Value '{s}' at '{what}' failed to satisfy constraint: Member must have length between {min} and {max}"
+            )));
+        }
+    }
+
+    // Document parameters, as AWS-RunShellScript (schema 1.2) defines them.
+    let params = req.parameters.clone().unwrap_or_default();
+    let bad_param = |m: String| SsmError::new("InvalidParameters", m);
+    for key in params.keys() {
+        if !matches!(
+            key.as_str(),
+            "commands" | "workingDirectory" | "executionTimeout"
+        ) {
+            return Err(bad_param(format!(
+                "Parameter \"{key}\" is not defined in document {name}."
+            )));
+        }
+    }
+    let commands = params.get("commands").cloned().unwrap_or_default();
+    if commands.is_empty() {
+        return Err(bad_param(format!(
+            "Parameter \"commands\" is required by document {name}."
+        )));
+    }
+    let single = |key: &str| -> Result<Option<String>, SsmError> {
+        match params.get(key).map(Vec::as_slice) {
+            None | Some([]) => Ok(None),
+            Some([one]) => Ok(Some(one.clone())),
+            Some(_) => Err(bad_param(format!(
+                "Parameter \"{key}\" takes a single value."
+            ))),
+        }
+    };
+    let working_directory = single("workingDirectory")?.filter(|w| !w.is_empty());
+    let execution_timeout = match single("executionTimeout")? {
+        None => None,
+        Some(t) => match t.trim().parse::<u64>() {
+            Ok(n) if (1..=172_800).contains(&n) => Some(n),
+            _ => {
+                return Err(bad_param(format!(
+                    "Parameter \"executionTimeout\" value {t:?} is not an integer between 1 and 172800."
+                )));
+            }
+        },
+    };
+
+    // Targets: instance ids, or up to 5 target keys (ANDed).
+    let instance_ids = req.instance_ids.clone().unwrap_or_default();
+    let targets = req.targets.clone().unwrap_or_default();
+    if instance_ids.len() > 50 {
+        return Err(v("1 validation error detected: Value at 'instanceIds' failed to satisfy constraint: Member must have length less than or equal to 50".into()));
+    }
+    if targets.len() > 5 {
+        return Err(v("1 validation error detected: Value at 'targets' failed to satisfy constraint: Member must have length less than or equal to 5".into()));
+    }
+    let mut node_ids = Vec::with_capacity(instance_ids.len());
+    let mut seen = HashSet::new();
+    for id in &instance_ids {
+        if !seen.insert(id) {
+            return Err(SsmError::new(
+                "DuplicateInstanceId",
+                format!("Instance Id {id} is specified more than once."),
+            ));
+        }
+        node_ids.push(check_instance_id(id)?);
+    }
+    let target_expr = match (instance_ids.is_empty(), targets.is_empty()) {
+        (true, true) => return Err(v("InstanceIds or Targets must be specified.".into())),
+        (false, false) => {
+            return Err(v("InstanceIds and Targets cannot both be specified.".into()));
+        }
+        (false, true) => None,
+        (true, false) => Some(targets_to_expr(&targets)?),
+    };
+
+    let extra = json!({
+        "DocumentVersion": version,
+        "Targets": targets,
+        "TimeoutSeconds": req.timeout_seconds,
+        "OutputS3Region": req.output_s3_region,
+        "OutputS3BucketName": req.output_s3_bucket_name,
+        "OutputS3KeyPrefix": req.output_s3_key_prefix,
+        "ServiceRole": req.service_role_arn,
+        "NotificationConfig": req.notification_config,
+        "CloudWatchOutputConfig": req.cloud_watch_output_config,
+    });
+    let send = SendCommand {
+        node_ids,
+        targets: None,
+        document_name: Some(name),
+        commands,
+        working_directory,
+        execution_timeout_secs: execution_timeout,
+        delivery_timeout_secs: req.timeout_seconds.map(|t| t as u64),
+        max_concurrency: req.max_concurrency.clone(),
+        max_errors: req.max_errors.clone(),
+        comment: req.comment.clone(),
+        run_as: None,
+        memory_limit_mb: None,
+        cpu_limit_percent: None,
+    };
+    let opts = SendOptions {
+        target_expr,
+        allow_no_targets: true,
+        ssm_extra: Some(extra.clone()),
+    };
+    let cmd = crate::send::send_command(state, send, opts)
+        .await
+        .map_err(|e| match e {
+            SendError::Store(e) => SsmError::internal(e),
+            SendError::Invalid { code, message } => SsmError::new(
+                match code {
+                    "InvalidDocument" => "InvalidDocument",
+                    "MaxDocumentSizeExceeded" => "MaxDocumentSizeExceeded",
+                    "DuplicateNodeId" => "DuplicateInstanceId",
+                    "InvalidNodeId" => "InvalidInstanceId",
+                    "MissingTarget" => "ValidationException",
+                    _ => "InvalidParameters",
+                },
+                message,
+            ),
+        })?;
+    Ok(json!({ "Command": ssm_command(&cmd, &extra) }))
+}
+
+fn check_rate(
+    value: &Option<String>,
+    member: &str,
+    pattern: &str,
+    ok: impl Fn(&str) -> bool,
+) -> Result<(), SsmError> {
+    match value {
+        Some(s) if s.is_empty() || s.len() > 7 || !ok(s) => Err(SsmError::new(
+            "ValidationException",
+            format!(
+                "1 validation error detected: Value '{s}' at '{member}' failed to satisfy constraint: Member must satisfy regular expression pattern: {pattern}"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// SSM `Targets` as a fleetrun target expression (terms ANDed, values of one key ORed).
+fn targets_to_expr(targets: &[Target]) -> Result<TargetExpr, SsmError> {
+    let bad = |m: String| SsmError::new("InvalidParameters", m);
+    let mut terms = Vec::new();
+    for t in targets {
+        let key = t.key.clone().unwrap_or_default();
+        if t.values.is_empty() {
+            return Err(bad(format!("Target with key {key} has no values.")));
+        }
+        if t.values.len() > 50 {
+            return Err(SsmError::new(
+                "ValidationException",
+                "1 validation error detected: Value at 'targets.member.values' failed to satisfy constraint: Member must have length less than or equal to 50",
+            ));
+        }
+        if key == "InstanceIds" {
+            if t.values.iter().any(|v| v == "*") {
+                terms.push(TargetTerm::All);
+            } else {
+                let ids = t
+                    .values
+                    .iter()
+                    .map(|v| check_instance_id(v))
+                    .collect::<Result<Vec<NodeId>, _>>()?;
+                terms.push(TargetTerm::Ids(ids));
+            }
+        } else if key == "tag-key" {
+            terms.push(TargetTerm::TagKey(t.values.clone()));
+        } else if let Some(k) = key.strip_prefix("tag:") {
+            if k.is_empty() {
+                return Err(bad("Target key tag: needs a tag name.".into()));
+            }
+            terms.push(TargetTerm::Tag {
+                key: k.to_owned(),
+                values: t.values.clone(),
+            });
+        } else {
+            return Err(bad(format!(
+                "Target key {key:?} is not supported: use InstanceIds, tag:<key> or tag-key."
+            )));
+        }
+    }
+    Ok(TargetExpr(terms))
+}
+
+/// A command as SSM shows it: every member present.
+fn ssm_command(cmd: &Command, extra: &Value) -> Value {
+    let requested = rfc_ms(&cmd.requested_at);
+    let timeout = extra
+        .get("TimeoutSeconds")
+        .and_then(Value::as_u64)
+        .unwrap_or(cmd.delivery_timeout_secs);
+    let mut parameters = cmd.parameters.clone();
+    parameters.retain(|k, v| !(k == "workingDirectory" && v.iter().all(String::is_empty)));
+    json!({
+        "CommandId": cmd.command_id,
+        "DocumentName": cmd.document_name,
+        "DocumentVersion": str_or(extra, "DocumentVersion", "$DEFAULT"),
+        "Comment": cmd.comment,
+        "ExpiresAfter": epoch(requested + ((timeout + cmd.execution_timeout_secs) * 1000) as i64),
+        "Parameters": parameters,
+        "InstanceIds": cmd.node_ids,
+        "Targets": extra.get("Targets").filter(|t| t.is_array()).cloned().unwrap_or_else(|| native_targets(&cmd.targets)),
+        "RequestedDateTime": epoch(requested),
+        "Status": cmd.status,
+        "StatusDetails": cmd.status_details,
+        "OutputS3Region": str_or(extra, "OutputS3Region", ""),
+        "OutputS3BucketName": str_or(extra, "OutputS3BucketName", ""),
+        "OutputS3KeyPrefix": str_or(extra, "OutputS3KeyPrefix", ""),
+        "MaxConcurrency": cmd.max_concurrency,
+        "MaxErrors": cmd.max_errors,
+        "TargetCount": cmd.target_count,
+        "CompletedCount": cmd.completed_count,
+        "ErrorCount": cmd.error_count,
+        "DeliveryTimedOutCount": cmd.delivery_timed_out_count,
+        "ServiceRole": str_or(extra, "ServiceRole", ""),
+        "NotificationConfig": notification_config(extra),
+        "CloudWatchOutputConfig": cloudwatch_config(extra),
+        "TimeoutSeconds": timeout,
+    })
+}
+
+fn str_or(extra: &Value, key: &str, default: &str) -> Value {
+    json!(extra.get(key).and_then(Value::as_str).unwrap_or(default))
+}
+
+fn notification_config(extra: &Value) -> Value {
+    let c = extra.get("NotificationConfig").filter(|v| v.is_object());
+    json!({
+        "NotificationArn": c.and_then(|c| c.get("NotificationArn")).and_then(Value::as_str).unwrap_or(""),
+        "NotificationEvents": c.and_then(|c| c.get("NotificationEvents")).cloned().unwrap_or_else(|| json!([])),
+        "NotificationType": c.and_then(|c| c.get("NotificationType")).and_then(Value::as_str).unwrap_or(""),
+    })
+}
+
+fn cloudwatch_config(extra: &Value) -> Value {
+    let c = extra
+        .get("CloudWatchOutputConfig")
+        .filter(|v| v.is_object());
+    json!({
+        "CloudWatchLogGroupName": c.and_then(|c| c.get("CloudWatchLogGroupName")).and_then(Value::as_str).unwrap_or(""),
+        "CloudWatchOutputEnabled": c.and_then(|c| c.get("CloudWatchOutputEnabled")).and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+/// A native target expression as SSM `Targets` (for commands sent through the native API).
+fn native_targets(expr: &str) -> Value {
+    let Ok(expr) = TargetExpr::parse(expr) else {
+        return json!([]);
+    };
+    let targets: Vec<Value> = expr
+        .0
+        .iter()
+        .map(|t| match t {
+            TargetTerm::All => json!({"Key": "InstanceIds", "Values": ["*"]}),
+            TargetTerm::Tag { key, values } => {
+                json!({"Key": format!("tag:{key}"), "Values": values})
+            }
+            TargetTerm::TagKey(keys) => json!({"Key": "tag-key", "Values": keys}),
+            TargetTerm::Ids(ids) => json!({"Key": "InstanceIds", "Values": ids}),
+        })
+        .collect();
+    json!(targets)
+}
+
+fn rfc_ms(s: &str) -> i64 {
+    humantime::parse_rfc3339(s)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn command_query(req: &ListCommandsRequest, on_command: bool) -> Result<CommandQuery, SsmError> {
+    let mut q = CommandQuery {
+        command_id: req
+            .command_id
+            .as_deref()
+            .map(check_command_id)
+            .transpose()?,
+        node_id: req
+            .instance_id
+            .as_deref()
+            .map(check_instance_id)
+            .transpose()?,
+        ..CommandQuery::default()
+    };
+    let filters = req.filters.as_deref().unwrap_or_default();
+    if req.filters.is_some() && !(1..=5).contains(&filters.len()) {
+        return Err(SsmError::new(
+            "ValidationException",
+            "1 validation error detected: Value at 'filters' failed to satisfy constraint: Member must have length between 1 and 5",
+        ));
+    }
+    let bad_value = |f: &CommandFilter| {
+        SsmError::new(
+            "InvalidFilterValue",
+            format!("Filter value {:?} is not valid for key {}.", f.value, f.key),
+        )
+    };
+    for f in filters {
+        match f.key.as_str() {
+            "InvokedAfter" => {
+                q.invoked_after = Some(parse_iso(&f.value).ok_or_else(|| bad_value(f))?)
+            }
+            "InvokedBefore" => {
+                q.invoked_before = Some(parse_iso(&f.value).ok_or_else(|| bad_value(f))?)
+            }
+            "DocumentName" => q.document_name = Some(f.value.clone()),
+            "ExecutionStage" => {
+                q.complete = Some(match f.value.as_str() {
+                    "Executing" => false,
+                    "Complete" => true,
+                    _ => return Err(bad_value(f)),
+                })
+            }
+            "Status" => {
+                let ok = if on_command {
+                    fleetrun_proto::CommandStatus::parse(&f.value).is_some()
+                } else {
+                    InvocationStatus::parse(&f.value).is_some()
+                };
+                if !ok {
+                    return Err(bad_value(f));
+                }
+                q.status = Some(f.value.clone());
+            }
+            other => {
+                return Err(SsmError::new(
+                    "InvalidFilterKey",
+                    format!("Filter key {other} is not valid."),
+                ));
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// ISO 8601 date or date-time, as SSM's InvokedAfter/InvokedBefore take them.
+fn parse_iso(s: &str) -> Option<i64> {
+    let t = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_owned()
+    };
+    let t = humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
+}
+
+async fn ensure_command_exists(state: &AppState, q: &CommandQuery) -> Result<(), SsmError> {
+    if let Some(id) = &q.command_id
+        && state.store.get_command(id).await?.is_none()
+    {
+        return Err(SsmError::new(
+            "InvalidCommandId",
+            format!("Command {id} does not exist."),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn list_commands(state: &Arc<AppState>, req: ListCommandsRequest) -> SsmResult {
+    let q = command_query(&req, true)?;
+    let limit = check_max_results(req.max_results, 1, 50, 50)?;
+    let offset = parse_token(req.next_token.as_deref())?;
+    ensure_command_exists(state, &q).await?;
+    let page = state.store.query_commands(&q, offset, limit).await?;
+    let commands: Vec<Value> = page
+        .iter()
+        .map(|(c, extra)| ssm_command(c, extra))
+        .collect();
+    let mut out = json!({ "Commands": commands });
+    let token = next_token(offset, page.len(), limit);
+    if !token.is_null() {
+        out["NextToken"] = token;
+    }
+    Ok(out)
+}
+
+pub async fn list_command_invocations(
+    state: &Arc<AppState>,
+    req: ListCommandsRequest,
+) -> SsmResult {
+    let q = command_query(&req, false)?;
+    let limit = check_max_results(req.max_results, 1, 50, 50)?;
+    let offset = parse_token(req.next_token.as_deref())?;
+    ensure_command_exists(state, &q).await?;
+    let page = state.store.query_invocations(&q, offset, limit).await?;
+    let base = &state.public_url;
+    let items: Vec<Value> = page
+        .iter()
+        .map(|(inv, meta)| ssm_invocation(inv, meta, req.details, base))
+        .collect();
+    let mut out = json!({ "CommandInvocations": items });
+    let token = next_token(offset, page.len(), limit);
+    if !token.is_null() {
+        out["NextToken"] = token;
+    }
+    Ok(out)
+}
+
+fn output_urls(base: &str, inv: &Invocation) -> (String, String) {
+    let url = |pipe: &str| {
+        format!(
+            "{base}/v1/commands/{}/invocations/{}/output/{pipe}",
+            inv.command_id, inv.node_id
+        )
+    };
+    (url("stdout"), url("stderr"))
+}
+
+fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &str) -> Value {
+    let (stdout_url, stderr_url) = output_urls(base, inv);
+    let plugins = if details {
+        let plugin_status = match inv.status {
+            InvocationStatus::Pending | InvocationStatus::Delayed => "Pending",
+            InvocationStatus::InProgress | InvocationStatus::Cancelling => "InProgress",
+            s => s.as_str(),
+        };
+        let mut p = json!({
+            "Name": PLUGIN,
+            "Status": plugin_status,
+            "StatusDetails": inv.status_details,
+            "ResponseCode": response_code(inv),
+            "Output": truncate_output(&inv.stdout, &inv.stderr, PLUGIN_OUTPUT_MAX),
+            "StandardOutputUrl": stdout_url,
+            "StandardErrorUrl": stderr_url,
+            "OutputS3Region": str_or(&meta.ssm_extra, "OutputS3Region", ""),
+            "OutputS3BucketName": str_or(&meta.ssm_extra, "OutputS3BucketName", ""),
+            "OutputS3KeyPrefix": str_or(&meta.ssm_extra, "OutputS3KeyPrefix", ""),
+        });
+        if let Some(s) = &inv.started_at {
+            p["ResponseStartDateTime"] = epoch(rfc_ms(s));
+        }
+        if let Some(f) = &inv.finished_at {
+            p["ResponseFinishDateTime"] = epoch(rfc_ms(f));
+        }
+        json!([p])
+    } else {
+        json!([])
+    };
+    json!({
+        "CommandId": inv.command_id,
+        "InstanceId": inv.node_id,
+        "InstanceName": inv.node_name,
+        "Comment": meta.comment,
+        "DocumentName": meta.document_name,
+        "DocumentVersion": str_or(&meta.ssm_extra, "DocumentVersion", "$DEFAULT"),
+        "RequestedDateTime": epoch(meta.requested_at),
+        "Status": inv.status,
+        "StatusDetails": inv.status_details,
+        "TraceOutput": "",
+        "StandardOutputUrl": stdout_url,
+        "StandardErrorUrl": stderr_url,
+        "CommandPlugins": plugins,
+        "ServiceRole": str_or(&meta.ssm_extra, "ServiceRole", ""),
+        "NotificationConfig": notification_config(&meta.ssm_extra),
+        "CloudWatchOutputConfig": cloudwatch_config(&meta.ssm_extra),
+    })
+}
+
+/// Exit code once ended; -1 before (SSM's ResponseCode).
+fn response_code(inv: &Invocation) -> i32 {
+    if inv.status.is_terminal() {
+        inv.exit_code
+    } else {
+        -1
+    }
+}
+
+pub async fn get_command_invocation(
+    state: &Arc<AppState>,
+    req: GetCommandInvocationRequest,
+) -> SsmResult {
+    let missing = |m: &str| {
+        SsmError::new(
+            "ValidationException",
+            format!(
+                "1 validation error detected: Value null at '{m}' failed to satisfy constraint: Member must not be null"
+            ),
+        )
+    };
+    let cmd_id = check_command_id(
+        req.command_id
+            .as_deref()
+            .ok_or_else(|| missing("commandId"))?,
+    )?;
+    let node = check_instance_id(
+        req.instance_id
+            .as_deref()
+            .ok_or_else(|| missing("instanceId"))?,
+    )?;
+    if let Some(p) = &req.plugin_name
+        && p != PLUGIN
+    {
+        return Err(SsmError::new(
+            "InvalidPluginName",
+            format!("Plugin {p} is not part of this command's document; its plugin is {PLUGIN}."),
+        ));
+    }
+    let q = CommandQuery {
+        command_id: Some(cmd_id.clone()),
+        node_id: Some(node.clone()),
+        ..CommandQuery::default()
+    };
+    let page = state.store.query_invocations(&q, 0, 1).await?;
+    let Some((inv, meta)) = page.into_iter().next() else {
+        return Err(SsmError::new(
+            "InvocationDoesNotExist",
+            format!("Command {cmd_id} has no invocation on instance {node}."),
+        ));
+    };
+    let (stdout_url, stderr_url) = output_urls(&state.public_url, &inv);
+    let elapsed = match (&inv.started_at, &inv.finished_at) {
+        (Some(s), Some(f)) => format!("PT{:.3}S", (rfc_ms(f) - rfc_ms(s)).max(0) as f64 / 1000.0),
+        _ => String::new(),
+    };
+    Ok(json!({
+        "CommandId": inv.command_id,
+        "InstanceId": inv.node_id,
+        "Comment": meta.comment,
+        "DocumentName": meta.document_name,
+        "DocumentVersion": str_or(&meta.ssm_extra, "DocumentVersion", "$DEFAULT"),
+        "PluginName": PLUGIN,
+        "ResponseCode": response_code(&inv),
+        "ExecutionStartDateTime": inv.started_at.clone().unwrap_or_default(),
+        "ExecutionElapsedTime": elapsed,
+        "ExecutionEndDateTime": inv.finished_at.clone().unwrap_or_default(),
+        "Status": inv.status,
+        "StatusDetails": inv.status_details,
+        "StandardOutputContent": string_prefix(&inv.stdout, inv.stdout_bytes, STDOUT_CONTENT_MAX),
+        "StandardOutputUrl": stdout_url,
+        "StandardErrorContent": string_prefix(&inv.stderr, inv.stderr_bytes, STDERR_CONTENT_MAX),
+        "StandardErrorUrl": stderr_url,
+        "CloudWatchOutputConfig": cloudwatch_config(&meta.ssm_extra),
+    }))
+}
+
+pub async fn cancel_command(state: &Arc<AppState>, req: CancelCommandRequest) -> SsmResult {
+    let id = req.command_id.as_deref().ok_or_else(|| {
+        SsmError::new("ValidationException", "1 validation error detected: Value null at 'commandId' failed to satisfy constraint: Member must not be null")
+    })?;
+    let id = check_command_id(id)?;
+    let Some(cmd) = state.store.get_command(&id).await? else {
+        return Err(SsmError::new(
+            "InvalidCommandId",
+            format!("Command {id} does not exist."),
+        ));
+    };
+    let ids = req.instance_ids.unwrap_or_default();
+    if ids.len() > 50 {
+        return Err(SsmError::new(
+            "ValidationException",
+            "1 validation error detected: Value at 'instanceIds' failed to satisfy constraint: Member must have length less than or equal to 50",
+        ));
+    }
+    let mut nodes = Vec::with_capacity(ids.len());
+    let mut seen = HashSet::new();
+    for i in &ids {
+        if !seen.insert(i) {
+            return Err(SsmError::new(
+                "DuplicateInstanceId",
+                format!("Instance Id {i} is specified more than once."),
+            ));
+        }
+        nodes.push(check_instance_id(i)?);
+    }
+    if !nodes.is_empty() {
+        let invs = state.store.list_invocations(&id).await?;
+        let known: HashSet<&NodeId> = invs.iter().map(|i| &i.node_id).collect();
+        if let Some(n) = nodes.iter().find(|n| !known.contains(n)) {
+            return Err(SsmError::new(
+                "InvalidInstanceId",
+                format!("Command {id} was not sent to instance {n}."),
+            ));
+        }
+    }
+    if !cmd.status.is_terminal() {
+        state.dispatchers.send(&id, DispatchMsg::Cancel(nodes));
+    }
+    Ok(json!({}))
+}
+
+/// SSM's StringPrefix: content of `total` bytes whose first bytes are `text`, cut to `max` with the
+/// truncation suffix when the output is `max` bytes or longer.
+fn string_prefix(text: &str, total: u64, max: usize) -> String {
+    if (total as usize) < max && text.len() < max {
+        return text.to_owned();
+    }
+    let keep = floor_char_boundary(text, max - TRUNCATED.len());
+    format!("{}{TRUNCATED}", &text[..keep])
+}
+
+/// SSM's TruncateOutput: stdout, an error title, stderr, cut to `capacity` with markers.
+fn truncate_output(stdout: &str, stderr: &str, capacity: usize) -> String {
+    const TRUNC_OUT: &str = "\n---Output truncated---";
+    const TRUNC_ERR: &str = "\n---Error truncated----";
+    let (out_len, err_len) = (stdout.len(), stderr.len());
+    let title = if err_len > 0 {
+        "\n----------ERROR-------\n"
+    } else {
+        ""
+    };
+    let avail = capacity - title.len();
+    let cut = |s: &str, n: usize| s[..floor_char_boundary(s, n)].to_owned();
+    if out_len + err_len < avail {
+        return format!("{stdout}{title}{stderr}");
+    }
+    if out_len > avail / 2 && err_len > avail / 2 {
+        let size = avail - TRUNC_ERR.len() - TRUNC_OUT.len();
+        return format!(
+            "{}{TRUNC_OUT}{title}{}{TRUNC_ERR}",
+            cut(stdout, size / 2),
+            cut(stderr, size / 2)
+        );
+    }
+    if out_len < avail / 2 {
+        let size = avail - TRUNC_ERR.len();
+        return format!("{stdout}{title}{}{TRUNC_ERR}", cut(stderr, size - out_len));
+    }
+    let size = avail - TRUNC_OUT.len();
+    format!("{}{TRUNC_OUT}{title}{stderr}", cut(stdout, size - err_len))
+}
+
+fn floor_char_boundary(s: &str, n: usize) -> usize {
+    let mut i = n.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_is_cut_as_ssm_cuts_it() {
+        assert_eq!(string_prefix("hi", 2, 24_000), "hi");
+        let long = "x".repeat(24_000);
+        let cut = string_prefix(&long, 30_000, 24_000);
+        assert_eq!(cut.len(), 24_000);
+        assert!(cut.ends_with(TRUNCATED));
+    }
+
+    #[test]
+    fn plugin_output_is_cut_as_ssm_cuts_it() {
+        assert_eq!(truncate_output("out", "", 2400), "out");
+        assert_eq!(
+            truncate_output("out", "err", 2400),
+            "out\n----------ERROR-------\nerr"
+        );
+        let big = "o".repeat(5000);
+        let t = truncate_output(&big, "err", 2400);
+        assert!(t.len() <= 2400 && t.contains("---Output truncated---") && t.ends_with("err"));
+        let t = truncate_output(&big, &"e".repeat(5000), 2400);
+        assert!(t.len() <= 2400 && t.ends_with("---Error truncated----"));
+    }
+
+    #[test]
+    fn targets_map_to_expressions() {
+        let t = |k: &str, v: &[&str]| Target {
+            key: Some(k.into()),
+            values: v.iter().map(|s| s.to_string()).collect(),
+        };
+        let e =
+            targets_to_expr(&[t("tag:env", &["prod", "stage"]), t("tag-key", &["web"])]).unwrap();
+        assert_eq!(e.to_string(), "tag:env=prod,stage tag-key:web");
+        assert_eq!(
+            targets_to_expr(&[t("InstanceIds", &["*"])])
+                .unwrap()
+                .to_string(),
+            "all"
+        );
+        assert_eq!(
+            targets_to_expr(&[t("resource-groups:Name", &["x"])])
+                .unwrap_err()
+                .code,
+            "InvalidParameters"
+        );
+    }
+}

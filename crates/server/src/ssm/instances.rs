@@ -1,0 +1,202 @@
+//! DescribeInstanceInformation: the fleet as SSM's managed instances.
+
+use super::shapes::*;
+use super::{
+    SsmError, SsmResult, check_instance_id, check_max_results, epoch, next_token, parse_token,
+};
+use crate::AppState;
+use fleetrun_proto::NodeId;
+use fleetrun_proto::api::Node;
+use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Keys of the legacy filter list (SSM's InstanceInformationFilterKey enum).
+const LEGACY_KEYS: [&str; 8] = [
+    "InstanceIds",
+    "AgentVersion",
+    "PingStatus",
+    "PlatformTypes",
+    "ActivationIds",
+    "IamRole",
+    "ResourceType",
+    "AssociationStatus",
+];
+
+pub async fn describe_instance_information(
+    state: &Arc<AppState>,
+    req: DescribeInstanceInformationRequest,
+) -> SsmResult {
+    if req.filters.is_some() && req.instance_information_filter_list.is_some() {
+        return Err(SsmError::new(
+            "InvalidFilterKey",
+            "Filters and InstanceInformationFilterList cannot be used in the same request.",
+        ));
+    }
+    let limit = check_max_results(req.max_results, 5, 50, 10)?;
+    let offset = parse_token(req.next_token.as_deref())?;
+    let mut filters: Vec<(String, Vec<String>)> = Vec::new();
+    for f in req.instance_information_filter_list.unwrap_or_default() {
+        if !LEGACY_KEYS.contains(&f.key.as_str()) {
+            return Err(SsmError::new(
+                "InvalidFilterKey",
+                format!("Filter key {} is not valid.", f.key),
+            ));
+        }
+        filters.push((f.key, f.value_set));
+    }
+    for f in req.filters.unwrap_or_default() {
+        let ok = LEGACY_KEYS.contains(&f.key.as_str())
+            || f.key == "tag-key"
+            || f.key.starts_with("tag:");
+        if !ok {
+            return Err(SsmError::new(
+                "InvalidFilterKey",
+                format!("Filter key {} is not valid.", f.key),
+            ));
+        }
+        filters.push((f.key, f.values));
+    }
+    for (key, values) in &filters {
+        if values.is_empty() || values.len() > 100 {
+            return Err(SsmError::new(
+                "InvalidInstanceInformationFilterValue",
+                format!("Filter {key} needs 1 to 100 values."),
+            ));
+        }
+        if key == "PingStatus"
+            && values
+                .iter()
+                .any(|v| !matches!(v.as_str(), "Online" | "ConnectionLost" | "Inactive"))
+        {
+            return Err(SsmError::new(
+                "InvalidInstanceInformationFilterValue",
+                format!(
+                    "PingStatus values must be Online, ConnectionLost or Inactive, not {values:?}."
+                ),
+            ));
+        }
+        if key == "InstanceIds" {
+            for v in values {
+                check_instance_id(v).map_err(|_| {
+                    SsmError::new(
+                        "InvalidInstanceId",
+                        format!("Instance Id {v} is not valid."),
+                    )
+                })?;
+            }
+        }
+    }
+
+    // Tag filters go through the tag index; the rest are checked per node.
+    let tag_terms: Vec<TargetTerm> = filters
+        .iter()
+        .filter_map(|(k, v)| match k.as_str() {
+            "tag-key" => Some(TargetTerm::TagKey(v.clone())),
+            k => k.strip_prefix("tag:").map(|t| TargetTerm::Tag {
+                key: t.to_owned(),
+                values: v.clone(),
+            }),
+        })
+        .collect();
+    let tagged: Option<HashSet<NodeId>> = if tag_terms.is_empty() {
+        None
+    } else {
+        Some(
+            state
+                .store
+                .resolve_targets(&TargetExpr(tag_terms))
+                .await?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect(),
+        )
+    };
+    let nodes = state.store.list_nodes(|n| state.hub.is_online(n)).await?;
+    let matching: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| tagged.as_ref().is_none_or(|t| t.contains(&n.node_id)))
+        .filter(|n| filters.iter().all(|(k, v)| matches_filter(n, k, v)))
+        .collect();
+    let page: Vec<Value> = matching
+        .iter()
+        .skip(offset as usize)
+        .take(limit as usize)
+        .map(|n| instance(n))
+        .collect();
+    let mut out = json!({ "InstanceInformationList": page });
+    let token = next_token(offset, page.len(), limit);
+    if !token.is_null() && (offset as usize + page.len()) < matching.len() {
+        out["NextToken"] = token;
+    }
+    Ok(out)
+}
+
+fn matches_filter(n: &Node, key: &str, values: &[String]) -> bool {
+    let any = |v: &str| values.iter().any(|x| x == v);
+    match key {
+        "InstanceIds" => any(n.node_id.as_str()),
+        "AgentVersion" => any(&n.agent_version),
+        "PingStatus" => any(&n.ping_status),
+        "PlatformTypes" => any("Linux"),
+        "ActivationIds" => any(&n.activation_id),
+        "ResourceType" => any("ManagedInstance"),
+        "IamRole" | "AssociationStatus" => false,
+        _ => true, // tag filters were applied through the index
+    }
+}
+
+/// `Debian GNU/Linux 12 (bookworm)` → (`Debian GNU/Linux`, `12`).
+fn platform(os: &str) -> (String, String) {
+    let mut name = Vec::new();
+    let mut words = os.split_whitespace();
+    for w in words.by_ref() {
+        if w.starts_with(|c: char| c.is_ascii_digit()) {
+            return (name.join(" "), w.to_owned());
+        }
+        name.push(w);
+    }
+    (name.join(" "), String::new())
+}
+
+fn instance(n: &Node) -> Value {
+    let (platform_name, platform_version) = platform(&n.os);
+    let ms = |s: &str| {
+        humantime::parse_rfc3339(s)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    };
+    json!({
+        "InstanceId": n.node_id,
+        "PingStatus": n.ping_status,
+        "LastPingDateTime": epoch(ms(&n.last_seen)),
+        "AgentVersion": n.agent_version,
+        "IsLatestVersion": n.agent_version == fleetrun_proto::version::FLEETRUN_VERSION,
+        "PlatformType": "Linux",
+        "PlatformName": platform_name,
+        "PlatformVersion": platform_version,
+        "ActivationId": n.activation_id,
+        "RegistrationDate": epoch(ms(&n.registered_at)),
+        "ResourceType": "ManagedInstance",
+        "Name": n.name,
+        "IPAddress": n.ips.first().cloned().unwrap_or_default(),
+        "ComputerName": n.hostname,
+        "SourceId": n.node_id,
+        "SourceType": "AWS::SSM::ManagedInstance",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn platform_splits_name_and_version() {
+        assert_eq!(
+            super::platform("Debian GNU/Linux 12 (bookworm)"),
+            ("Debian GNU/Linux".into(), "12".into())
+        );
+        assert_eq!(super::platform("Linux"), ("Linux".into(), String::new()));
+    }
+}

@@ -1,0 +1,245 @@
+//! The SSM-compatible API: AWS JSON 1.1 (`POST /` with `X-Amz-Target: AmazonSSM.<Operation>`), signed
+//! with SigV4 by access keys from `fleetrun access-key create`, so the AWS CLI, boto3 and tools built on
+//! them run commands on fleetrun with `--endpoint-url`.
+//!
+//! Member names, types, enums, limits and error shapes follow botocore's SSM model
+//! (`botocore/data/ssm/2014-11-06/service-2.json`).
+
+mod commands;
+mod instances;
+mod shapes;
+pub mod sigv4;
+
+use crate::AppState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// An SSM error: HTTP status, AWS error code (`__type`) and message.
+#[derive(Debug)]
+pub struct SsmError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl SsmError {
+    /// A 400 with an AWS error code.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        SsmError {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message: message.into(),
+        }
+    }
+    /// A server fault (500 InternalServerError); the detail goes to the log only.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!("SSM API internal error: {e}");
+        SsmError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "InternalServerError",
+            message: "internal server error".into(),
+        }
+    }
+    fn validation(message: impl Into<String>) -> Self {
+        Self::new("ValidationException", message)
+    }
+}
+
+impl From<crate::store::StoreError> for SsmError {
+    fn from(e: crate::store::StoreError) -> Self {
+        SsmError::internal(e)
+    }
+}
+
+type SsmResult = Result<Value, SsmError>;
+
+/// `POST /`: one SSM operation.
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let result = match authenticate(&state, &method, &uri, &headers, &body).await {
+        Ok(()) => dispatch(&state, &headers, &body).await,
+        Err(e) => Err(e),
+    };
+    let (status, value) = match result {
+        Ok(v) => (StatusCode::OK, v),
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(code = e.code, "SSM request failed");
+            }
+            (e.status, json!({ "__type": e.code, "message": e.message }))
+        }
+    };
+    let headers = [
+        (
+            header::CONTENT_TYPE,
+            "application/x-amz-json-1.1".to_owned(),
+        ),
+        (
+            header::HeaderName::from_static("x-amzn-requestid"),
+            request_id,
+        ),
+    ];
+    (status, headers, value.to_string()).into_response()
+}
+
+async fn authenticate(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), SsmError> {
+    let sig_err = |e: sigv4::SigError| SsmError::new(e.code, e.message);
+    let auth_value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
+    let Some((nonce, sealed)) = state.store.access_key_secret(&auth.access_key_id).await? else {
+        return Err(SsmError::new(
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        ));
+    };
+    let secret = state
+        .secret_box
+        .open_sealed(&nonce, &sealed)
+        .and_then(|s| String::from_utf8(s).ok())
+        .ok_or_else(|| {
+            SsmError::internal("an access key's secret does not decrypt with this data dir's key")
+        })?;
+    let pairs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let req = sigv4::Request {
+        method: method.as_str(),
+        path: uri.path(),
+        query: uri.query().unwrap_or(""),
+        headers: &pairs,
+        body,
+    };
+    sigv4::verify(&auth, &req, &secret, SystemTime::now()).map_err(sig_err)
+}
+
+async fn dispatch(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> SsmResult {
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(op) = target.strip_prefix("AmazonSSM.") else {
+        return Err(SsmError::new(
+            "UnknownOperationException",
+            format!("unknown X-Amz-Target {target:?}"),
+        ));
+    };
+    match op {
+        "SendCommand" => commands::send_command(state, parse(body)?).await,
+        "ListCommands" => commands::list_commands(state, parse(body)?).await,
+        "ListCommandInvocations" => commands::list_command_invocations(state, parse(body)?).await,
+        "GetCommandInvocation" => commands::get_command_invocation(state, parse(body)?).await,
+        "CancelCommand" => commands::cancel_command(state, parse(body)?).await,
+        "DescribeInstanceInformation" => {
+            instances::describe_instance_information(state, parse(body)?).await
+        }
+        other => Err(SsmError::new(
+            "UnknownOperationException",
+            format!("operation {other} is not supported by fleetrun"),
+        )),
+    }
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, SsmError> {
+    let body = if body.is_empty() {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        SsmError::new(
+            "SerializationException",
+            format!("cannot read the request: {e}"),
+        )
+    })
+}
+
+/// Epoch seconds, as the JSON protocol sends timestamps.
+fn epoch(ms: i64) -> Value {
+    json!(ms as f64 / 1000.0)
+}
+
+/// Opaque pagination token: the offset of the next page.
+fn next_token(offset: u64, page_len: usize, limit: u32) -> Value {
+    if page_len < limit as usize {
+        Value::Null
+    } else {
+        json!(format!(
+            "fr1.{}",
+            hex::encode((offset + page_len as u64).to_be_bytes())
+        ))
+    }
+}
+
+fn parse_token(token: Option<&str>) -> Result<u64, SsmError> {
+    let Some(t) = token else { return Ok(0) };
+    let bad = || SsmError::new("InvalidNextToken", "The specified token is not valid.");
+    let hex_part = t.strip_prefix("fr1.").ok_or_else(bad)?;
+    let bytes: [u8; 8] = hex::decode(hex_part)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn check_max_results(v: Option<i64>, min: i64, max: i64, default: u32) -> Result<u32, SsmError> {
+    match v {
+        None => Ok(default),
+        Some(n) if (min..=max).contains(&n) => Ok(n as u32),
+        Some(n) => Err(SsmError::validation(format!(
+            "1 validation error detected: Value '{n}' at 'maxResults' failed to satisfy constraint: Member must have value between {min} and {max}"
+        ))),
+    }
+}
+
+/// SSM's instance id pattern: `i-` + 8 or 17 word characters, or `mi-` + 17.
+fn check_instance_id(id: &str) -> Result<fleetrun_proto::NodeId, SsmError> {
+    let word = |s: &str| s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let ssm_shape = (id.starts_with("mi-") && id.len() == 20 && word(&id[3..]))
+        || (id.starts_with("i-") && (id.len() == 10 || id.len() == 19) && word(&id[2..]));
+    if !ssm_shape {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value '{id}' at 'instanceId' failed to satisfy constraint: Member must satisfy regular expression pattern: (^i-(\\w{{8}}|\\w{{17}})$)|(^mi-\\w{{17}}$)"
+        )));
+    }
+    id.parse().map_err(|_| {
+        SsmError::new(
+            "InvalidInstanceId",
+            format!("Instance Id {id} is not a valid managed node"),
+        )
+    })
+}
+
+fn check_command_id(id: &str) -> Result<fleetrun_proto::CommandId, SsmError> {
+    if id.len() != 36 {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value '{id}' at 'commandId' failed to satisfy constraint: Member must have length equal to 36"
+        )));
+    }
+    id.parse().map_err(|_| {
+        SsmError::new(
+            "InvalidCommandId",
+            format!("{id} is not a valid command id"),
+        )
+    })
+}

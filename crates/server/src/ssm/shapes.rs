@@ -1,0 +1,102 @@
+//! Request members of the SSM operations (field docs: see the SSM model; names say it all) fleetrun serves (names and types as botocore's SSM model).
+//! Responses are built as JSON in the operation modules so every member is present, as SSM sends them.
+
+#![allow(missing_docs)]
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A `Target` of SendCommand.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Target {
+    /// `InstanceIds`, `tag:<key>`, `tag-key`, `resource-groups:Name`...
+    pub key: Option<String>,
+    /// Values.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// SendCommand's input (members fleetrun ignores, such as DocumentHash, are left out).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SendCommandRequest {
+    pub instance_ids: Option<Vec<String>>,
+    pub targets: Option<Vec<Target>>,
+    pub document_name: Option<String>,
+    pub document_version: Option<String>,
+    pub timeout_seconds: Option<i64>,
+    pub comment: Option<String>,
+    pub parameters: Option<BTreeMap<String, Vec<String>>>,
+    pub output_s3_region: Option<String>,
+    pub output_s3_bucket_name: Option<String>,
+    pub output_s3_key_prefix: Option<String>,
+    pub max_concurrency: Option<String>,
+    pub max_errors: Option<String>,
+    pub service_role_arn: Option<String>,
+    pub notification_config: Option<serde_json::Value>,
+    pub cloud_watch_output_config: Option<serde_json::Value>,
+}
+
+/// A `CommandFilter` (lowercase member names, as in SSM's model).
+#[derive(Debug, Deserialize)]
+pub struct CommandFilter {
+    pub key: String,
+    pub value: String,
+}
+
+/// ListCommands' and ListCommandInvocations' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListCommandsRequest {
+    pub command_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+    pub filters: Option<Vec<CommandFilter>>,
+    #[serde(default)]
+    pub details: bool,
+}
+
+/// GetCommandInvocation's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetCommandInvocationRequest {
+    pub command_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub plugin_name: Option<String>,
+}
+
+/// CancelCommand's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CancelCommandRequest {
+    pub command_id: Option<String>,
+    pub instance_ids: Option<Vec<String>>,
+}
+
+/// DescribeInstanceInformation's `Filters` item.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StringFilter {
+    pub key: String,
+    pub values: Vec<String>,
+}
+
+/// DescribeInstanceInformation's legacy `InstanceInformationFilterList` item.
+#[derive(Debug, Deserialize)]
+pub struct LegacyFilter {
+    pub key: String,
+    #[serde(rename = "valueSet")]
+    pub value_set: Vec<String>,
+}
+
+/// DescribeInstanceInformation's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeInstanceInformationRequest {
+    pub instance_information_filter_list: Option<Vec<LegacyFilter>>,
+    pub filters: Option<Vec<StringFilter>>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+}
