@@ -316,11 +316,18 @@ fn str_or(extra: &Value, key: &str, default: &str) -> Value {
 
 fn notification_config(extra: &Value) -> Value {
     let c = extra.get("NotificationConfig").filter(|v| v.is_object());
-    json!({
+    let mut v = json!({
         "NotificationArn": c.and_then(|c| c.get("NotificationArn")).and_then(Value::as_str).unwrap_or(""),
         "NotificationEvents": c.and_then(|c| c.get("NotificationEvents")).cloned().unwrap_or_else(|| json!([])),
-        "NotificationType": c.and_then(|c| c.get("NotificationType")).and_then(Value::as_str).unwrap_or(""),
-    })
+    });
+    // SSM sends "" here when unset, which its own model's enum does not allow; leave it out instead.
+    if let Some(t) = c
+        .and_then(|c| c.get("NotificationType"))
+        .and_then(Value::as_str)
+    {
+        v["NotificationType"] = json!(t);
+    }
+    v
 }
 
 fn cloudwatch_config(extra: &Value) -> Value {

@@ -169,7 +169,7 @@ fn instance(n: &Node) -> Value {
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0)
     };
-    json!({
+    let mut v = json!({
         "InstanceId": n.node_id,
         "PingStatus": n.ping_status,
         "LastPingDateTime": epoch(ms(&n.last_seen)),
@@ -182,11 +182,15 @@ fn instance(n: &Node) -> Value {
         "RegistrationDate": epoch(ms(&n.registered_at)),
         "ResourceType": "ManagedInstance",
         "Name": n.name,
-        "IPAddress": n.ips.first().cloned().unwrap_or_default(),
         "ComputerName": n.hostname,
         "SourceId": n.node_id,
         "SourceType": "AWS::SSM::ManagedInstance",
-    })
+    });
+    // SSM's IPAddress has a minimum length of 1: leave it out rather than send "".
+    if let Some(ip) = n.ips.first() {
+        v["IPAddress"] = json!(ip);
+    }
+    v
 }
 
 #[cfg(test)]

@@ -1,0 +1,408 @@
+"""SSM-compatible API scenarios, run with the real AWS CLI (v1) and boto3 against a fleetrun server.
+
+Started by tests/ssm.rs, which runs the server and agents and passes, in the environment:
+FLEETRUN_ENDPOINT, FLEETRUN_TOKEN, FLEETRUN_NODES (JSON name -> node id), FLEETRUN_SCRATCH (a dir the
+agents can see), AWS_CLI (path of `aws`) and the access key. Prints one line per scenario and
+"N passed, N failed"; exits non-zero on any failure.
+
+Every raw response boto3 receives is also checked against the SSM model shipped in botocore: member
+names, types, enums, lengths and patterns (`conformance`).
+"""
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+import uuid
+
+import boto3
+import botocore.session
+from botocore.config import Config
+from botocore.exceptions import ClientError, WaiterError
+
+ENDPOINT = os.environ["FLEETRUN_ENDPOINT"]
+TOKEN = os.environ["FLEETRUN_TOKEN"]
+NODES = json.loads(os.environ["FLEETRUN_NODES"])
+SCRATCH = os.environ["FLEETRUN_SCRATCH"]
+AWS = os.environ["AWS_CLI"]
+KEY_ID = os.environ["AWS_ACCESS_KEY_ID"]
+SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]
+REGION = os.environ["AWS_DEFAULT_REGION"]
+
+WEB1, WEB2, DB1 = NODES["web-1"], NODES["web-2"], NODES["db-1"]
+
+RAW_RESPONSES = []  # (operation, raw JSON body) of every boto3 call
+
+
+def client(validate=True, **kw):
+    c = boto3.client(
+        "ssm",
+        endpoint_url=ENDPOINT,
+        region_name=REGION,
+        config=Config(parameter_validation=validate, retries={"max_attempts": 1}),
+        **kw,
+    )
+    c.meta.events.register("after-call.ssm.*", capture)
+    return c
+
+
+def capture(http_response, model, **_):
+    if http_response.status_code == 200:
+        RAW_RESPONSES.append((model.name, http_response.content))
+
+
+SSM = client()
+LOOSE = client(validate=False)  # sends what the model forbids, to see the server refuse it
+
+
+def aws(*args, check=True):
+    """Runs the AWS CLI; returns parsed JSON (or None for empty output)."""
+    cmd = [AWS, "--endpoint-url", ENDPOINT, "--output", "json", "ssm", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {p.returncode}: {p.stderr}")
+    if not check:
+        return p
+    return json.loads(p.stdout) if p.stdout.strip() else None
+
+
+def wait_for(what, fn, timeout=30.0):
+    deadline = time.time() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def invocation(cid, node):
+    return SSM.get_command_invocation(CommandId=cid, InstanceId=node)
+
+
+def wait_status(cid, node, statuses, timeout=30.0):
+    return wait_for(
+        f"{cid} on {node} to be one of {statuses}",
+        lambda: (lambda r: r if r["Status"] in statuses else None)(invocation(cid, node)),
+        timeout,
+    )
+
+
+def error_code(fn, **kw):
+    try:
+        fn(**kw)
+    except ClientError as e:
+        return e.response["Error"]["Code"], e.response["Error"].get("Message", "")
+    raise AssertionError(f"{fn.__name__}({kw}) succeeded; an error was expected")
+
+
+def shell(commands, **kw):
+    return {"DocumentName": "AWS-RunShellScript", "Parameters": {"commands": commands}, **kw}
+
+
+SCENARIOS = []
+
+
+def scenario(fn):
+    SCENARIOS.append(fn)
+    return fn
+
+
+@scenario
+def send_by_instance_ids_with_the_aws_cli_and_wait():
+    out = aws(
+        "send-command",
+        "--instance-ids", WEB1, WEB2,
+        "--document-name", "AWS-RunShellScript",
+        "--parameters", 'commands=["echo hello from $FLEETRUN_NODE_ID"]',
+        "--comment", "by ids",
+    )
+    cmd = out["Command"]
+    assert cmd["TargetCount"] == 2 and cmd["InstanceIds"] == [WEB1, WEB2], cmd
+    assert cmd["DocumentName"] == "AWS-RunShellScript" and cmd["Comment"] == "by ids"
+    cid = cmd["CommandId"]
+    aws("wait", "command-executed", "--command-id", cid, "--instance-id", WEB1)
+    inv = aws("get-command-invocation", "--command-id", cid, "--instance-id", WEB1)
+    assert inv["Status"] == "Success" and inv["ResponseCode"] == 0, inv
+    assert inv["StandardOutputContent"] == f"hello from {WEB1}\n", inv
+    assert inv["PluginName"] == "aws:runShellScript"
+    assert re.fullmatch(r"PT\d+(\.\d+)?S", inv["ExecutionElapsedTime"]), inv["ExecutionElapsedTime"]
+
+
+@scenario
+def send_by_tag_with_boto3():
+    cmd = SSM.send_command(Targets=[{"Key": "tag:role", "Values": ["web"]}], **shell(["hostname >/dev/null", "echo tagged"]))["Command"]
+    assert cmd["TargetCount"] == 2, cmd
+    assert cmd["Targets"] == [{"Key": "tag:role", "Values": ["web"]}], cmd["Targets"]
+    for node in (WEB1, WEB2):
+        inv = wait_status(cmd["CommandId"], node, {"Success", "Failed"})
+        assert inv["Status"] == "Success" and inv["StandardOutputContent"] == "tagged\n", inv
+    db = error_code(SSM.get_command_invocation, CommandId=cmd["CommandId"], InstanceId=DB1)
+    assert db[0] == "InvocationDoesNotExist", db
+    # tag-key and InstanceIds=* select too; several targets are ANDed.
+    cmd = SSM.send_command(Targets=[{"Key": "tag-key", "Values": ["role"]}], **shell(["true"]))["Command"]
+    assert cmd["TargetCount"] == 3, cmd
+    cmd = SSM.send_command(Targets=[{"Key": "InstanceIds", "Values": ["*"]}, {"Key": "tag:role", "Values": ["db"]}], **shell(["true"]))["Command"]
+    assert cmd["TargetCount"] == 1, cmd
+
+
+@scenario
+def list_commands_and_invocations_paginate_past_50():
+    sent = set()
+    for i in range(55):
+        sent.add(SSM.send_command(InstanceIds=[DB1], **shell([f"echo {i}"]))["Command"]["CommandId"])
+    listed = aws("list-commands")["Commands"]  # the CLI follows NextToken by itself
+    ids = [c["CommandId"] for c in listed]
+    assert len(ids) == len(set(ids)), "duplicates across pages"
+    assert sent <= set(ids), f"{len(sent - set(ids))} commands missing from list-commands"
+    pages = SSM.get_paginator("list_commands").paginate(PaginationConfig={"PageSize": 7})
+    paged = [c["CommandId"] for p in pages for c in p["Commands"]]
+    assert set(paged) == set(ids) and len(paged) == len(ids)
+    invs = aws("list-command-invocations", "--instance-id", DB1)["CommandInvocations"]
+    assert sent <= {i["CommandId"] for i in invs}
+    by_filter = aws("list-commands", "--filters", "key=DocumentName,value=AWS-RunShellScript", "key=ExecutionStage,value=Complete", "--instance-id", DB1)
+    assert len(by_filter["Commands"]) >= 1
+    assert all(c["Status"] in ("Success", "Failed", "TimedOut", "Cancelled") for c in by_filter["Commands"])
+
+
+@scenario
+def get_command_invocation_before_during_and_after():
+    mark = os.path.join(SCRATCH, f"go-{uuid.uuid4()}")
+    cmd = SSM.send_command(InstanceIds=[WEB1, WEB2], MaxConcurrency="1", **shell([f"while [ ! -f {mark} ]; do sleep 0.05; done", "echo released"]))["Command"]
+    cid = cmd["CommandId"]
+    running = wait_for("one invocation to run", lambda: next((n for n in (WEB1, WEB2) if invocation(cid, n)["Status"] == "InProgress"), None))
+    waiting = WEB2 if running == WEB1 else WEB1
+    before = invocation(cid, waiting)
+    assert before["Status"] == "Pending" and before["ResponseCode"] == -1, before
+    assert before["ExecutionStartDateTime"] == "" and before["ExecutionEndDateTime"] == "", before
+    during = invocation(cid, running)
+    assert during["ResponseCode"] == -1 and during["ExecutionStartDateTime"] != "" and during["ExecutionEndDateTime"] == "", during
+    open(mark, "w").close()
+    for n in (WEB1, WEB2):
+        after = wait_status(cid, n, {"Success", "Failed"})
+        assert after["Status"] == "Success" and after["ResponseCode"] == 0 and after["StandardOutputContent"] == "released\n", after
+    full = SSM.list_command_invocations(CommandId=cid, Details=True)["CommandInvocations"]
+    plugins = [i["CommandPlugins"][0] for i in full]
+    assert all(p["Name"] == "aws:runShellScript" and p["Output"] == "released\n" for p in plugins), plugins
+    bare = SSM.list_command_invocations(CommandId=cid)["CommandInvocations"]
+    assert all(i["CommandPlugins"] == [] for i in bare)
+
+
+@scenario
+def cancel_command():
+    cid = SSM.send_command(InstanceIds=[DB1], **shell(["sleep 60"]))["Command"]["CommandId"]
+    wait_status(cid, DB1, {"InProgress"})
+    SSM.cancel_command(CommandId=cid)
+    inv = wait_status(cid, DB1, {"Cancelled"})
+    assert inv["StatusDetails"] == "Cancelled", inv
+    cmd = wait_for("the command to end", lambda: (lambda c: c if c["Status"] == "Cancelled" else None)(SSM.list_commands(CommandId=cid)["Commands"][0]))
+    assert cmd["CompletedCount"] == 1
+    p = aws("wait", "command-executed", "--command-id", cid, "--instance-id", DB1, check=False)
+    assert p.returncode != 0 and "Cancelled" in p.stderr + p.stdout, p.stderr
+
+
+@scenario
+def describe_instance_information_filters_and_pages():
+    def ids(**kw):
+        out = []
+        for page in SSM.get_paginator("describe_instance_information").paginate(**kw):
+            out += [i["InstanceId"] for i in page["InstanceInformationList"]]
+        return sorted(out)
+
+    assert ids() == sorted(NODES.values())
+    assert ids(Filters=[{"Key": "tag:role", "Values": ["web"]}]) == sorted([WEB1, WEB2])
+    assert ids(Filters=[{"Key": "tag-key", "Values": ["role"]}, {"Key": "PingStatus", "Values": ["Online"]}]) == sorted(NODES.values())
+    assert ids(Filters=[{"Key": "InstanceIds", "Values": [DB1]}]) == [DB1]
+    assert ids(InstanceInformationFilterList=[{"key": "PingStatus", "valueSet": ["ConnectionLost"]}]) == []
+    assert ids(PaginationConfig={"PageSize": 5}) == sorted(NODES.values())
+    one = SSM.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [WEB1]}])["InstanceInformationList"][0]
+    assert one["PingStatus"] == "Online" and one["PlatformType"] == "Linux" and one["ResourceType"] == "ManagedInstance", one
+    code = error_code(LOOSE.describe_instance_information, MaxResults=4)
+    assert code[0] == "ValidationException", code
+
+
+@scenario
+def documented_errors():
+    cases = [
+        ("InvalidInstanceId", LOOSE.send_command, dict(InstanceIds=["mi-00000000000000000"], **shell(["true"]))),
+        ("DuplicateInstanceId", LOOSE.send_command, dict(InstanceIds=[WEB1, WEB1], **shell(["true"]))),
+        ("InvalidDocument", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName="No-Such-Document", Parameters={"commands": ["true"]})),
+        ("InvalidDocumentVersion", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentVersion="7", **shell(["true"]))),
+        ("InvalidParameters", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName="AWS-RunShellScript", Parameters={"commands": ["true"], "bogus": ["1"]})),
+        ("InvalidParameters", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName="AWS-RunShellScript", Parameters={})),
+        ("ValidationException", LOOSE.send_command, dict(InstanceIds=[WEB1], TimeoutSeconds=10, **shell(["true"]))),
+        ("ValidationException", LOOSE.send_command, dict(InstanceIds=[WEB1], MaxConcurrency="0", **shell(["true"]))),
+        ("ValidationException", LOOSE.send_command, dict(InstanceIds=["i-bad"], **shell(["true"]))),
+        ("InvocationDoesNotExist", LOOSE.get_command_invocation, dict(CommandId=str(uuid.uuid4()), InstanceId=WEB1)),
+        ("InvalidPluginName", LOOSE.get_command_invocation, dict(CommandId=str(uuid.uuid4()), InstanceId=WEB1, PluginName="aws:runPowerShellScript")),
+        ("InvalidCommandId", LOOSE.list_commands, dict(CommandId=str(uuid.uuid4()))),
+        ("InvalidCommandId", LOOSE.list_command_invocations, dict(CommandId=str(uuid.uuid4()))),
+        ("InvalidCommandId", LOOSE.cancel_command, dict(CommandId=str(uuid.uuid4()))),
+        ("InvalidNextToken", LOOSE.list_commands, dict(NextToken="not-a-token")),
+        ("InvalidNextToken", LOOSE.describe_instance_information, dict(NextToken="fr1.zz")),
+        ("InvalidFilterKey", LOOSE.list_commands, dict(Filters=[{"key": "Bogus", "value": "x"}])),
+        ("InvalidFilterKey", LOOSE.describe_instance_information, dict(Filters=[{"Key": "Bogus", "Values": ["x"]}])),
+        ("InvalidFilterValue", LOOSE.list_commands, dict(Filters=[{"key": "Status", "value": "Sleeping"}])),
+        ("InvalidInstanceInformationFilterValue", LOOSE.describe_instance_information, dict(Filters=[{"Key": "PingStatus", "Values": ["Asleep"]}])),
+    ]
+    wrong = []
+    for want, fn, kw in cases:
+        got, msg = error_code(fn, **kw)
+        if got != want:
+            wrong.append(f"{fn.__name__}({kw}): want {want}, got {got} ({msg})")
+        elif not msg:
+            wrong.append(f"{fn.__name__}: {got} without a message")
+    assert not wrong, "\n".join(wrong)
+
+
+@scenario
+def signatures_are_checked():
+    bad_secret = client(aws_access_key_id=KEY_ID, aws_secret_access_key="x" * 40)
+    assert error_code(bad_secret.list_commands)[0] == "InvalidSignatureException"
+    unknown = client(aws_access_key_id="FRAKNOSUCHKEY0000000", aws_secret_access_key=SECRET)
+    assert error_code(unknown.list_commands)[0] == "UnrecognizedClientException"
+    # A correct signature, but dated 20 minutes ago.
+    status, body = signed_post("ListCommands", {}, datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=20))
+    assert status == 400 and body["__type"] == "InvalidSignatureException" and "expired" in body["message"], body
+    # The same request dated now passes: the hand signer agrees with the server.
+    status, body = signed_post("ListCommands", {}, datetime.datetime.now(datetime.timezone.utc))
+    assert status == 200 and "Commands" in body, body
+    # No signature at all.
+    req = urllib.request.Request(ENDPOINT + "/", data=b"{}", method="POST", headers={"X-Amz-Target": "AmazonSSM.ListCommands", "Content-Type": "application/x-amz-json-1.1"})
+    status, body = http(req)
+    assert status == 400 and body["__type"] == "MissingAuthenticationTokenException", body
+
+
+def signed_post(op, payload, when):
+    body = json.dumps(payload).encode()
+    host = ENDPOINT.split("://", 1)[1]
+    amz_date = when.strftime("%Y%m%dT%H%M%SZ")
+    date = amz_date[:8]
+    headers = {"content-type": "application/x-amz-json-1.1", "host": host, "x-amz-date": amz_date, "x-amz-target": f"AmazonSSM.{op}"}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join(["POST", "/", "", "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)), signed, hashlib.sha256(body).hexdigest()])
+    scope = f"{date}/{REGION}/ssm/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + SECRET).encode()
+    for part in (date, REGION, "ssm", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = f"AWS4-HMAC-SHA256 Credential={KEY_ID}/{scope}, SignedHeaders={signed}, Signature={sig}"
+    return http(urllib.request.Request(ENDPOINT + "/", data=body, method="POST", headers=headers))
+
+
+def http(req):
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@scenario
+def output_urls_give_the_full_output():
+    script = ["head -c 30000 /dev/zero | tr '\\0' a", "echo oops >&2"]
+    cid = SSM.send_command(InstanceIds=[WEB2], **shell(script))["Command"]["CommandId"]
+    inv = wait_status(cid, WEB2, {"Success", "Failed"})
+    content = inv["StandardOutputContent"]
+    assert len(content) == 24000 and content.endswith("--output truncated--"), (len(content), content[-30:])
+    assert inv["StandardErrorContent"] == "oops\n"
+    req = urllib.request.Request(inv["StandardOutputUrl"], headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        full = r.read()
+    assert full == b"a" * 30000, len(full)
+    plugin = SSM.list_command_invocations(CommandId=cid, Details=True)["CommandInvocations"][0]["CommandPlugins"][0]
+    assert len(plugin["Output"]) <= 2500 and "---Output truncated---" in plugin["Output"] and plugin["Output"].endswith("oops\n"), plugin["Output"][-60:]
+
+
+def conformance():
+    """Checks every captured raw response against botocore's SSM model."""
+    model = botocore.session.get_session().get_service_model("ssm")
+    problems = []
+
+    def check(shape, value, path):
+        t = shape.type_name
+        if t == "structure":
+            if not isinstance(value, dict):
+                return problems.append(f"{path}: {shape.name} should be an object")
+            for k, v in value.items():
+                if k not in shape.members:
+                    problems.append(f"{path}: {k} is not a member of {shape.name}")
+                else:
+                    check(shape.members[k], v, f"{path}.{k}")
+        elif t == "list":
+            if not isinstance(value, list):
+                return problems.append(f"{path}: should be a list")
+            for i, v in enumerate(value):
+                check(shape.member, v, f"{path}[{i}]")
+        elif t == "map":
+            if not isinstance(value, dict):
+                return problems.append(f"{path}: should be a map")
+            for k, v in value.items():
+                check(shape.value, v, f"{path}[{k}]")
+        elif t == "string":
+            if not isinstance(value, str):
+                return problems.append(f"{path}: should be a string, is {value!r}")
+            enum, meta = shape.enum, shape.metadata
+            if enum and value not in enum:
+                problems.append(f"{path}: {value!r} is not one of {enum}")
+            if "max" in meta and len(value) > meta["max"]:
+                problems.append(f"{path}: longer than {meta['max']}")
+            if value and "min" in meta and len(value) < meta["min"]:
+                problems.append(f"{path}: shorter than {meta['min']}")
+            pattern = meta.get("pattern")
+            if value and pattern and shape.name != "StringDateTime":
+                try:
+                    rx = re.compile(pattern)
+                except re.error:
+                    rx = None
+                if rx and not rx.search(value):
+                    problems.append(f"{path}: {value!r} does not match {pattern}")
+        elif t in ("integer", "long"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"{path}: should be an integer, is {value!r}")
+        elif t == "boolean":
+            if not isinstance(value, bool):
+                problems.append(f"{path}: should be a boolean, is {value!r}")
+        elif t in ("timestamp", "double", "float"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                problems.append(f"{path}: should be a number (epoch seconds), is {value!r}")
+
+    ops = set()
+    for op, raw in RAW_RESPONSES:
+        ops.add(op)
+        check(model.operation_model(op).output_shape, json.loads(raw or b"{}"), op)
+    expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation"}
+    assert expected <= ops, f"not exercised: {expected - ops}"
+    assert not problems, "\n".join(problems[:40])
+
+
+SCENARIOS.append(conformance)
+
+
+def main():
+    passed = failed = 0
+    for fn in SCENARIOS:
+        start = time.time()
+        try:
+            fn()
+            passed += 1
+            print(f"ok   {fn.__name__} ({time.time() - start:.1f} s)", flush=True)
+        except (AssertionError, ClientError, WaiterError, Exception):  # noqa: B014 - report every failure
+            failed += 1
+            print(f"FAIL {fn.__name__}\n{traceback.format_exc()}", flush=True)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
