@@ -16,13 +16,20 @@ const PIP_PACKAGES: [&str; 2] = ["awscli==1.46.3", "boto3==1.44.5"];
 
 /// A venv with the AWS CLI and boto3: `FLEETRUN_AWS_VENV`, else a cache dir shared between runs.
 fn aws_venv() -> PathBuf {
-    let dir = std::env::var_os("FLEETRUN_AWS_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        home.join(".cache").join("fleetrun-aws-venv")
-    });
+    let dir = std::env::var_os("FLEETRUN_AWS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
+            home.join(".cache").join("fleetrun-aws-venv")
+        });
     let python = dir.join("bin").join("python");
     let ready = |p: &PathBuf| {
-        Command::new(p).args(["-c", "import boto3, awscli"]).output().is_ok_and(|o| o.status.success())
+        Command::new(p)
+            .args(["-c", "import boto3, awscli"])
+            .output()
+            .is_ok_and(|o| o.status.success())
             && dir.join("bin").join("aws").exists()
     };
     if ready(&python) {
@@ -32,15 +39,24 @@ fn aws_venv() -> PathBuf {
         .args(["-m", "venv"])
         .arg(&dir)
         .status()
-        .unwrap_or_else(|e| panic!("the SSM tests need python3 to make a venv for awscli and boto3: {e}"));
+        .unwrap_or_else(|e| {
+            panic!("the SSM tests need python3 to make a venv for awscli and boto3: {e}")
+        });
     assert!(st.success(), "python3 -m venv {} failed", dir.display());
     let st = Command::new(dir.join("bin").join("pip"))
         .args(["install", "--quiet", "--disable-pip-version-check"])
         .args(PIP_PACKAGES)
         .status()
         .unwrap_or_else(|e| panic!("pip in {}: {e}", dir.display()));
-    assert!(st.success(), "pip install {PIP_PACKAGES:?} failed (is the PyPI registry reachable?)");
-    assert!(ready(&python), "awscli and boto3 did not install into {}", dir.display());
+    assert!(
+        st.success(),
+        "pip install {PIP_PACKAGES:?} failed (is the PyPI registry reachable?)"
+    );
+    assert!(
+        ready(&python),
+        "awscli and boto3 did not install into {}",
+        dir.display()
+    );
     dir
 }
 
@@ -53,11 +69,21 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         .map(|(name, role)| Agent::start(&server, name, &[("role", role), ("env", "test")]))
         .collect();
     let key = server.post_json("/v1/access-keys", &serde_json::json!({"name": "ssm-test"}));
-    assert_eq!(key.status, 201, "create access key: {}", String::from_utf8_lossy(&key.body));
+    assert_eq!(
+        key.status,
+        201,
+        "create access key: {}",
+        String::from_utf8_lossy(&key.body)
+    );
     let key = key.json();
     let nodes: serde_json::Map<String, serde_json::Value> = agents
         .iter()
-        .map(|a| (a.name.clone(), serde_json::Value::from(server.node_id(&a.name))))
+        .map(|a| {
+            (
+                a.name.clone(),
+                serde_json::Value::from(server.node_id(&a.name)),
+            )
+        })
         .collect();
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ssm/scenarios.py");
@@ -65,11 +91,20 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         .arg(&script)
         .env("FLEETRUN_ENDPOINT", &server.url)
         .env("FLEETRUN_TOKEN", &server.token)
-        .env("FLEETRUN_NODES", serde_json::Value::Object(nodes).to_string())
+        .env(
+            "FLEETRUN_NODES",
+            serde_json::Value::Object(nodes).to_string(),
+        )
         .env("FLEETRUN_SCRATCH", server.dir.path())
         .env("AWS_CLI", venv.join("bin").join("aws"))
-        .env("AWS_ACCESS_KEY_ID", key["access_key_id"].as_str().unwrap_or_default())
-        .env("AWS_SECRET_ACCESS_KEY", key["secret_access_key"].as_str().unwrap_or_default())
+        .env(
+            "AWS_ACCESS_KEY_ID",
+            key["access_key_id"].as_str().unwrap_or_default(),
+        )
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            key["secret_access_key"].as_str().unwrap_or_default(),
+        )
         .env("AWS_DEFAULT_REGION", "eu-west-1")
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
@@ -81,6 +116,13 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
-    assert!(out.status.success(), "SSM scenarios failed:\n{stdout}\n{stderr}\nserver log:\n{}", server.logs());
-    assert!(stdout.contains(" passed, 0 failed"), "no summary line:\n{stdout}");
+    assert!(
+        out.status.success(),
+        "SSM scenarios failed:\n{stdout}\n{stderr}\nserver log:\n{}",
+        server.logs()
+    );
+    assert!(
+        stdout.contains(" passed, 0 failed"),
+        "no summary line:\n{stdout}"
+    );
 }

@@ -14,6 +14,12 @@
 //! | `GET /v1/commands/{command_id}/invocations` | | `[Invocation]` |
 //! | `GET /v1/commands/{command_id}/invocations/{node_id}/output/{stdout,stderr}[?follow=true]` | | the raw bytes |
 //! | `POST /v1/commands/{command_id}/cancel` | [`CancelCommand`] | [`Command`] |
+//! | `POST /v1/documents` | [`CreateDocument`] | [`Document`] (201) |
+//! | `GET /v1/documents` | | `[Document]` without content, by name |
+//! | `GET /v1/documents/{name}[?version=N\|$LATEST\|$DEFAULT]` | | [`Document`] with content (default version by default) |
+//! | `PUT /v1/documents/{name}` | [`UpdateDocument`] | [`Document`]: the new version |
+//! | `PUT /v1/documents/{name}/default-version` | [`SetDefaultVersion`] | [`Document`] |
+//! | `DELETE /v1/documents/{name}` | | 204 |
 //! | `GET /v1/storage` | | [`Storage`] |
 //! | `POST /v1/access-keys` | [`CreateAccessKey`] | [`AccessKey`] (201; the only time the secret is shown) |
 //! | `GET /v1/access-keys` | | `[AccessKey]` without secrets |
@@ -28,7 +34,7 @@ use crate::status::{CommandStatus, InvocationStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// SSM's document for shell scripts: the only document fleetrun runs today.
+/// SSM's document for shell scripts: built in, and the default of a send.
 pub const DOCUMENT_RUN_SHELL_SCRIPT: &str = "AWS-RunShellScript";
 
 /// `Node::ping_status` of a node whose agent is connected.
@@ -143,15 +149,24 @@ pub struct SendCommand {
     /// A target expression (crate::targets), e.g. `tag:env=prod`.
     #[serde(default)]
     pub targets: Option<String>,
-    /// The document; only `AWS-RunShellScript` today (the default).
+    /// The document (default `AWS-RunShellScript`).
     #[serde(default)]
     pub document_name: Option<String>,
-    /// The document's `commands` parameter: lines of the script.
+    /// The document's version: `N`, `$LATEST` or `$DEFAULT` (the default).
+    #[serde(default)]
+    pub document_version: Option<String>,
+    /// The document's parameters by name (SSM's `Parameters`); each value is a list, as in SSM.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, Vec<String>>,
+    /// Shorthand for AWS-RunShellScript's `commands` parameter: lines of the script (required by
+    /// that document unless `parameters` has `commands`; not accepted with other documents).
+    #[serde(default)]
     pub commands: Vec<String>,
-    /// The document's `workingDirectory` parameter.
+    /// Shorthand for AWS-RunShellScript's `workingDirectory` parameter.
     #[serde(default)]
     pub working_directory: Option<String>,
-    /// The document's `executionTimeout` parameter, in seconds (default 3600, at most 172800).
+    /// Shorthand for AWS-RunShellScript's `executionTimeout` parameter, in seconds (default 3600, at
+    /// most 172800).
     #[serde(default)]
     pub execution_timeout_secs: Option<u64>,
     /// Delivery timeout, in seconds (SSM's `TimeoutSeconds`; default 3600).
@@ -182,9 +197,14 @@ pub struct SendCommand {
 pub struct Command {
     /// UUID.
     pub command_id: CommandId,
-    /// `AWS-RunShellScript`.
+    /// The document it runs, e.g. `AWS-RunShellScript`.
     pub document_name: String,
-    /// The document's parameters, as SSM shows them (`commands`, `workingDirectory`, `executionTimeout`).
+    /// The version of the document it runs (a number; "" for commands sent before documents had
+    /// versions).
+    #[serde(default)]
+    pub document_version: String,
+    /// The document's parameters as given (for AWS-RunShellScript: `commands`, `workingDirectory`,
+    /// `executionTimeout`, with their defaults).
     pub parameters: BTreeMap<String, Vec<String>>,
     /// Comment.
     pub comment: String,
@@ -320,4 +340,89 @@ pub struct CancelCommand {
     /// Only these nodes' invocations; all of them when empty.
     #[serde(default)]
     pub node_ids: Vec<NodeId>,
+}
+
+/// Body of `POST /v1/documents`: a Command document (SSM schema 1.2, 2.0 or 2.2, JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDocument {
+    /// `^[a-zA-Z0-9_.-]{3,128}$`; names starting with `AWS-`, `aws-` or `amazon` are reserved.
+    pub name: String,
+    /// The document: its JSON text, or the JSON object itself.
+    pub content: serde_json::Value,
+    /// A label for this version (`^[a-zA-Z0-9_.-]{1,128}$`).
+    #[serde(default)]
+    pub version_name: Option<String>,
+}
+
+/// Body of `PUT /v1/documents/{name}`: a new version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDocument {
+    /// The new content: JSON text or object.
+    pub content: serde_json::Value,
+    /// The version this one replaces: `$LATEST` (the default) or the latest version's number.
+    #[serde(default)]
+    pub document_version: Option<String>,
+    /// A label for the new version.
+    #[serde(default)]
+    pub version_name: Option<String>,
+}
+
+/// Body of `PUT /v1/documents/{name}/default-version`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDefaultVersion {
+    /// A version number of the document.
+    pub document_version: String,
+}
+
+/// A document version, as `/v1/documents` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Document {
+    /// Name.
+    pub name: String,
+    /// `Command`.
+    pub document_type: String,
+    /// `JSON`.
+    pub document_format: String,
+    /// `Amazon` for built-in documents, else the account that owns it (`Self` in listings filters).
+    pub owner: String,
+    /// The version shown ("1", "2"...).
+    pub document_version: String,
+    /// Its label, if it has one.
+    pub version_name: Option<String>,
+    /// The version sends use by default.
+    pub default_version: String,
+    /// The newest version.
+    pub latest_version: String,
+    /// `1.2`, `2.0` or `2.2`.
+    pub schema_version: String,
+    /// The document's description.
+    pub description: String,
+    /// Hex SHA-256 of the content.
+    pub hash: String,
+    /// Parameters the document takes.
+    pub parameters: Vec<DocumentParameter>,
+    /// Whether fleetrun ships it (it cannot be updated or deleted).
+    pub built_in: bool,
+    /// When the document was created (RFC 3339).
+    pub created_at: String,
+    /// The content of this version (JSON text); absent in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One parameter of a document.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DocumentParameter {
+    /// Name (`{{ name }}` in the document).
+    pub name: String,
+    /// `String`, `StringList`, `Boolean`, `Integer`, `StringMap` or `MapList`.
+    #[serde(rename = "type")]
+    pub param_type: String,
+    /// Description.
+    pub description: String,
+    /// The default as JSON text (absent: the parameter is required).
+    pub default_value: Option<String>,
 }

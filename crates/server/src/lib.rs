@@ -6,6 +6,7 @@ pub mod api;
 pub mod channel;
 pub mod clock;
 pub mod dispatch;
+pub mod document;
 pub mod hub;
 pub mod output;
 pub mod retention;

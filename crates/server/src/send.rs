@@ -3,14 +3,18 @@
 
 use crate::clock::now_ms;
 use crate::dispatch;
+use crate::document;
 use crate::store::{CommandRow, CommandSpec, NewCommand, StoreError};
 use crate::{AppState, secrets};
 use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
 use fleetrun_proto::limits::*;
 use fleetrun_proto::targets::{Rate, TargetExpr};
 use fleetrun_proto::{CommandId, CommandStatus, NodeId};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+
+/// The plugin (step) name SSM gives AWS-RunShellScript's one step.
+pub const PLUGIN_RUN_SHELL_SCRIPT: &str = "aws:runShellScript";
 
 /// How the caller wants a send handled beyond the request itself.
 #[derive(Default)]
@@ -64,32 +68,54 @@ pub async fn send_command(
         .document_name
         .clone()
         .unwrap_or_else(|| DOCUMENT_RUN_SHELL_SCRIPT.into());
-    if document_name != DOCUMENT_RUN_SHELL_SCRIPT {
-        return Err(bad(
-            "InvalidDocument",
-            format!("document {document_name:?} is not supported: use {DOCUMENT_RUN_SHELL_SCRIPT}"),
-        ));
-    }
-    if req.commands.is_empty() {
+    let given = shorthand_parameters(&req, &document_name)?;
+    let prepared = document::prepare(
+        &state.store,
+        &document_name,
+        req.document_version.as_deref(),
+        &given,
+    )
+    .await
+    .map_err(|e| match e {
+        document::Error::Invalid(e) => bad(e.code, e.message),
+        document::Error::Store(e) => SendError::Store(e),
+    })?;
+    let document_version = prepared.document.version.version.to_string();
+    let plugins: Vec<String> = if prepared.document.content.schema_version == "1.2" {
+        vec![PLUGIN_RUN_SHELL_SCRIPT.to_owned()]
+    } else if prepared.rendered.steps.is_empty() {
+        prepared
+            .document
+            .content
+            .steps
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    } else {
+        prepared.rendered.steps.clone()
+    };
+    let rendered = prepared.rendered;
+    let commands = rendered.commands;
+    if commands.is_empty() {
         return Err(bad(
             "InvalidParameters",
             "commands is empty: give at least one script line".into(),
         ));
     }
-    let script_len: usize = req.commands.iter().map(|c| c.len() + 1).sum();
+    let script_len: usize = commands.iter().map(|c| c.len() + 1).sum();
     if script_len > SCRIPT_MAX {
         return Err(bad(
             "MaxDocumentSizeExceeded",
             format!("the script is {script_len} bytes; the limit is {SCRIPT_MAX}"),
         ));
     }
-    if req.commands.iter().any(|c| c.contains('\0')) {
+    if commands.iter().any(|c| c.contains('\0')) {
         return Err(bad(
             "InvalidParameters",
             "commands contain a NUL byte".into(),
         ));
     }
-    let working_dir = req.working_directory.clone().unwrap_or_default();
+    let working_dir = rendered.working_dir;
     if working_dir.len() > WORKING_DIR_MAX {
         return Err(bad(
             "InvalidParameters",
@@ -102,17 +128,7 @@ pub async fn send_command(
             format!("working directory {working_dir:?} must be an absolute path"),
         ));
     }
-    let execution_timeout = req
-        .execution_timeout_secs
-        .unwrap_or(EXECUTION_TIMEOUT_DEFAULT);
-    if !(1..=EXECUTION_TIMEOUT_MAX).contains(&execution_timeout) {
-        return Err(bad(
-            "InvalidParameters",
-            format!(
-                "execution timeout {execution_timeout} s is out of range: 1 to {EXECUTION_TIMEOUT_MAX} s"
-            ),
-        ));
-    }
+    let execution_timeout = rendered.execution_timeout;
     let delivery_timeout = req
         .delivery_timeout_secs
         .unwrap_or(DELIVERY_TIMEOUT_DEFAULT);
@@ -214,15 +230,22 @@ pub async fn send_command(
         }
     };
 
+    let mut ssm_extra = opts
+        .ssm_extra
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    ssm_extra["Plugins"] = serde_json::json!(plugins);
     let command_id = CommandId::from_random(secrets::random_u128());
     let new = NewCommand {
         command_id: command_id.clone(),
         document_name,
+        document_version,
+        parameters: prepared.values,
         comment,
         node_ids: req.node_ids,
         targets: targets.to_owned(),
         spec: CommandSpec {
-            commands: req.commands,
+            commands,
             working_dir,
             execution_timeout,
             delivery_timeout,
@@ -234,7 +257,7 @@ pub async fn send_command(
             requested_at: now_ms(),
         },
         invocations,
-        ssm_extra: opts.ssm_extra,
+        ssm_extra: Some(ssm_extra),
     };
     state.store.insert_command(&new).await?;
     let row = CommandRow {
@@ -255,6 +278,61 @@ pub async fn send_command(
         )))?;
     tracing::info!(%command_id, targets = cmd.target_count, "command accepted");
     Ok(cmd)
+}
+
+/// The parameters of a send: `parameters`, plus AWS-RunShellScript's shorthands (`commands`,
+/// `working_directory`, `execution_timeout_secs`), which other documents do not take.
+fn shorthand_parameters(
+    req: &SendCommand,
+    document_name: &str,
+) -> Result<BTreeMap<String, Vec<String>>, SendError> {
+    let mut given = req.parameters.clone();
+    let has_shorthand = !req.commands.is_empty()
+        || req.working_directory.is_some()
+        || req.execution_timeout_secs.is_some();
+    if document_name != DOCUMENT_RUN_SHELL_SCRIPT {
+        if has_shorthand {
+            return Err(invalid(
+                "InvalidParameters",
+                format!(
+                    "commands, working_directory and execution_timeout_secs are for {DOCUMENT_RUN_SHELL_SCRIPT}; give the parameters of {document_name} in parameters"
+                ),
+            ));
+        }
+        return Ok(given);
+    }
+    let mut put = |key: &str, values: Vec<String>| {
+        if given.contains_key(key) {
+            return Err(invalid(
+                "InvalidParameters",
+                format!("{key} is given twice: as a field and in parameters"),
+            ));
+        }
+        given.insert(key.to_owned(), values);
+        Ok(())
+    };
+    if !req.commands.is_empty() {
+        put("commands", req.commands.clone())?;
+    }
+    if let Some(wd) = &req.working_directory {
+        put("workingDirectory", vec![wd.clone()])?;
+    }
+    if let Some(t) = req.execution_timeout_secs {
+        if !(1..=EXECUTION_TIMEOUT_MAX).contains(&t) {
+            return Err(invalid(
+                "InvalidParameters",
+                format!("execution timeout {t} s is out of range: 1 to {EXECUTION_TIMEOUT_MAX} s"),
+            ));
+        }
+        put("executionTimeout", vec![t.to_string()])?;
+    }
+    if given.get("commands").is_none_or(Vec::is_empty) {
+        return Err(invalid(
+            "InvalidParameters",
+            "commands is empty: give at least one script line",
+        ));
+    }
+    Ok(given)
 }
 
 async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>, SendError> {

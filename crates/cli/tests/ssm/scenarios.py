@@ -324,6 +324,155 @@ def output_urls_give_the_full_output():
     assert len(plugin["Output"]) <= 2500 and "---Output truncated---" in plugin["Output"] and plugin["Output"].endswith("oops\n"), plugin["Output"][-60:]
 
 
+def doc_content(greeting_default, extra_step=None):
+    steps = [
+        {"action": "aws:runShellScript", "name": "greet",
+         "precondition": {"StringEquals": ["platformType", "Linux"]},
+         "inputs": {"runCommand": ["for n in {{ names }}; do echo {{greeting}} $n; done"]}},
+        {"action": "aws:runPowerShellScript", "name": "windowsOnly",
+         "precondition": {"StringEquals": ["platformType", "Windows"]},
+         "inputs": {"runCommand": ["Write-Output never"]}},
+        {"action": "aws:runShellScript", "name": "mode",
+         "inputs": {"runCommand": ["echo mode {{ mode }}"], "timeoutSeconds": "60"}},
+    ]
+    if extra_step:
+        steps.append(extra_step)
+    return json.dumps({
+        "schemaVersion": "2.2",
+        "description": "Greets names",
+        "parameters": {
+            "greeting": {"type": "String", "default": greeting_default, "allowedPattern": "^[a-z]+$"},
+            "names": {"type": "StringList", "description": "who", "minItems": 1},
+            "mode": {"type": "String", "default": "fast", "allowedValues": ["fast", "slow"]},
+        },
+        "mainSteps": steps,
+    }, indent=2)
+
+
+DOC_NAME = f"Greeter-{uuid.uuid4().hex[:8]}"
+
+
+@scenario
+def documents_are_created_described_listed_and_versioned():
+    v1 = doc_content("hello")
+    d = SSM.create_document(Name=DOC_NAME, Content=v1, DocumentType="Command", DocumentFormat="JSON")["DocumentDescription"]
+    assert d["Name"] == DOC_NAME and d["DocumentVersion"] == "1" and d["LatestVersion"] == "1" and d["DefaultVersion"] == "1", d
+    assert d["Status"] == "Active" and d["SchemaVersion"] == "2.2" and d["DocumentType"] == "Command" and d["DocumentFormat"] == "JSON", d
+    assert d["HashType"] == "Sha256" and d["Hash"] == hashlib.sha256(v1.encode()).hexdigest(), d
+    assert d["Owner"] not in ("", "Amazon") and d["PlatformTypes"] == ["Linux"] and d["Description"] == "Greets names", d
+    params = {p["Name"]: p for p in d["Parameters"]}
+    assert set(params) == {"greeting", "names", "mode"}, params
+    assert params["greeting"]["DefaultValue"] == "hello" and "DefaultValue" not in params["names"], params
+    assert params["names"]["Type"] == "StringList" and params["names"]["Description"] == "who", params
+    assert SSM.describe_document(Name=DOC_NAME)["Document"]["Hash"] == d["Hash"]
+    got = SSM.get_document(Name=DOC_NAME)
+    assert got["Content"] == v1 and got["DocumentVersion"] == "1" and got["Status"] == "Active", got
+    mine = [i["Name"] for p in SSM.get_paginator("list_documents").paginate(Filters=[{"Key": "Owner", "Values": ["Self"]}]) for i in p["DocumentIdentifiers"]]
+    assert DOC_NAME in mine and "AWS-RunShellScript" not in mine, mine
+    amazon = aws("list-documents", "--filters", "Key=Owner,Values=Amazon")["DocumentIdentifiers"]
+    assert [i["Name"] for i in amazon] == ["AWS-RunShellScript"], amazon
+    legacy = SSM.list_documents(DocumentFilterList=[{"key": "Name", "value": DOC_NAME}])["DocumentIdentifiers"]
+    assert [i["Name"] for i in legacy] == [DOC_NAME], legacy
+    builtin = SSM.describe_document(Name="AWS-RunShellScript")["Document"]
+    assert builtin["Owner"] == "Amazon" and builtin["SchemaVersion"] == "1.2", builtin
+    assert {p["Name"]: p.get("DefaultValue") for p in builtin["Parameters"]} == {"commands": None, "workingDirectory": "", "executionTimeout": "3600"}
+    # Version 2 with another default greeting; the default version stays 1 until it is moved.
+    v2 = doc_content("hi")
+    d2 = SSM.update_document(Name=DOC_NAME, Content=v2, DocumentVersion="$LATEST")["DocumentDescription"]
+    assert d2["DocumentVersion"] == "2" and d2["LatestVersion"] == "2" and d2["DefaultVersion"] == "1", d2
+    assert error_code(SSM.update_document, Name=DOC_NAME, Content=v2, DocumentVersion="$LATEST")[0] == "DuplicateDocumentContent"
+    assert error_code(SSM.update_document, Name=DOC_NAME, Content=doc_content("hey"), DocumentVersion="1")[0] == "InvalidDocumentVersion"
+    assert SSM.get_document(Name=DOC_NAME, DocumentVersion="$LATEST")["Content"] == v2
+    desc = SSM.update_document_default_version(Name=DOC_NAME, DocumentVersion="2")["Description"]
+    assert desc == {"Name": DOC_NAME, "DefaultVersion": "2"}, desc
+    assert SSM.describe_document(Name=DOC_NAME)["Document"]["DefaultVersion"] == "2"
+
+
+@scenario
+def send_a_document_with_parameters_by_tag_with_the_aws_cli():
+    out = aws(
+        "send-command",
+        "--targets", "Key=tag:role,Values=web",
+        "--document-name", DOC_NAME,
+        "--parameters", json.dumps({"names": ["alpha", "beta"], "mode": ["slow"]}),
+    )
+    cmd = out["Command"]
+    assert cmd["DocumentName"] == DOC_NAME and cmd["TargetCount"] == 2, cmd
+    assert cmd["Parameters"]["names"] == ["alpha", "beta"] and cmd["Parameters"]["mode"] == ["slow"], cmd["Parameters"]
+    cid = cmd["CommandId"]
+    for node in (WEB1, WEB2):
+        inv = wait_status(cid, node, {"Success", "Failed"})
+        # Default version 2 greets with "hi"; the Windows step is skipped.
+        assert inv["Status"] == "Success" and inv["StandardOutputContent"] == "hi alpha\nhi beta\nmode slow\n", inv
+        assert inv["DocumentName"] == DOC_NAME and inv["PluginName"] == "greet", inv
+    listed = aws("list-commands", "--command-id", cid)["Commands"][0]
+    assert listed["DocumentName"] == DOC_NAME and listed["Parameters"]["greeting"] == ["hi"], listed
+    # An explicit version, and a parameter's default overridden.
+    cid = SSM.send_command(InstanceIds=[DB1], DocumentName=DOC_NAME, DocumentVersion="1", Parameters={"names": ["x"], "greeting": ["yo"]})["Command"]["CommandId"]
+    inv = wait_status(cid, DB1, {"Success", "Failed"})
+    assert inv["StandardOutputContent"] == "yo x\nmode fast\n" and inv["DocumentVersion"] == "1", inv
+
+
+@scenario
+def a_failing_step_stops_the_steps_after_it():
+    name = f"Steps-{uuid.uuid4().hex[:8]}"
+    content = json.dumps({"schemaVersion": "2.2", "mainSteps": [
+        {"action": "aws:runShellScript", "name": "first", "inputs": {"runCommand": ["echo one", "exit 0", "echo not-here"]}},
+        {"action": "aws:runShellScript", "name": "second", "inputs": {"runCommand": ["echo two", "exit 7"]}},
+        {"action": "aws:runShellScript", "name": "third", "inputs": {"runCommand": ["echo three"]}},
+    ]})
+    SSM.create_document(Name=name, Content=content)
+    cid = SSM.send_command(InstanceIds=[WEB1], DocumentName=name)["Command"]["CommandId"]
+    inv = wait_status(cid, WEB1, {"Success", "Failed"})
+    assert inv["Status"] == "Failed" and inv["ResponseCode"] == 7 and inv["StandardOutputContent"] == "one\ntwo\n", inv
+    SSM.delete_document(Name=name)
+
+
+@scenario
+def document_errors():
+    steps = lambda action, **pre: [{"action": action, "name": "s", **pre, "inputs": {"runCommand": ["true"]}}]
+    bad_content = [
+        "{not json",
+        json.dumps({"schemaVersion": "2.2", "mainSteps": steps("aws:runPowerShellScript")}),
+        json.dumps({"schemaVersion": "2.2", "mainSteps": [{"action": "aws:runShellScript", "name": "s", "inputs": {"runCommand": ["echo {{ undefined }}"]}}]}),
+        json.dumps({"schemaVersion": "2.2", "parameters": {"p": {"type": "Float"}}, "mainSteps": steps("aws:runShellScript")}),
+    ]
+    cases = [("InvalidDocumentContent", LOOSE.create_document, dict(Name=f"Bad-{i}-{uuid.uuid4().hex[:6]}", Content=c)) for i, c in enumerate(bad_content)]
+    good = json.dumps({"schemaVersion": "2.2", "mainSteps": steps("aws:runShellScript")})
+    big = json.dumps({"schemaVersion": "2.2", "description": "x" * 70000, "mainSteps": steps("aws:runShellScript")})
+    cases += [
+        ("InvalidDocumentContent", LOOSE.create_document, dict(Name="Yaml-Doc", Content="schemaVersion: '2.2'", DocumentFormat="YAML")),
+        ("MaxDocumentSizeExceeded", LOOSE.create_document, dict(Name="Big-Doc", Content=big)),
+        ("ValidationException", LOOSE.create_document, dict(Name="AWS-Mine", Content=good)),
+        ("DocumentAlreadyExists", LOOSE.create_document, dict(Name=DOC_NAME, Content=good)),
+        ("InvalidDocumentOperation", LOOSE.delete_document, dict(Name="AWS-RunShellScript")),
+        ("InvalidDocumentOperation", LOOSE.update_document, dict(Name="AWS-RunShellScript", Content=good, DocumentVersion="$LATEST")),
+        ("InvalidDocument", LOOSE.describe_document, dict(Name="No-Such-Document")),
+        ("InvalidDocument", LOOSE.delete_document, dict(Name="No-Such-Document")),
+        ("InvalidDocumentVersion", LOOSE.get_document, dict(Name=DOC_NAME, DocumentVersion="9")),
+        ("InvalidDocumentVersion", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName=DOC_NAME, DocumentVersion="9", Parameters={"names": ["a"]})),
+        ("InvalidParameters", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName=DOC_NAME, Parameters={})),
+        ("InvalidParameters", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName=DOC_NAME, Parameters={"names": ["a"], "bogus": ["1"]})),
+        ("InvalidParameters", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName=DOC_NAME, Parameters={"names": ["a"], "mode": ["medium"]})),
+        ("InvalidParameters", LOOSE.send_command, dict(InstanceIds=[WEB1], DocumentName=DOC_NAME, Parameters={"names": ["a"], "greeting": ["Hi There"]})),
+        ("InvalidFilterKey", LOOSE.list_documents, dict(Filters=[{"Key": "Bogus", "Values": ["x"]}])),
+    ]
+    wrong = []
+    for want, fn, kw in cases:
+        got, msg = error_code(fn, **kw)
+        if got != want:
+            wrong.append(f"{fn.__name__}({str(kw)[:120]}): want {want}, got {got} ({msg})")
+        elif not msg:
+            wrong.append(f"{fn.__name__}: {got} without a message")
+    assert not wrong, "\n".join(wrong)
+    code, msg = error_code(LOOSE.send_command, InstanceIds=[WEB1], DocumentName=DOC_NAME, Parameters={"names": ["a"], "mode": ["medium"]})
+    assert '"mode"' in msg, msg
+    # Deleted: sends of it are refused, and it is gone from listings.
+    SSM.delete_document(Name=DOC_NAME)
+    assert error_code(LOOSE.send_command, InstanceIds=[WEB1], DocumentName=DOC_NAME, Parameters={"names": ["a"]})[0] == "InvalidDocument"
+    assert DOC_NAME not in [i["Name"] for i in SSM.list_documents()["DocumentIdentifiers"]]
+
+
 def conformance():
     """Checks every captured raw response against botocore's SSM model."""
     model = botocore.session.get_session().get_service_model("ssm")
@@ -381,7 +530,8 @@ def conformance():
     for op, raw in RAW_RESPONSES:
         ops.add(op)
         check(model.operation_model(op).output_shape, json.loads(raw or b"{}"), op)
-    expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation"}
+    expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation",
+                "CreateDocument", "GetDocument", "DescribeDocument", "ListDocuments", "UpdateDocument", "DeleteDocument", "UpdateDocumentDefaultVersion"}
     assert expected <= ops, f"not exercised: {expected - ops}"
     assert not problems, "\n".join(problems[:40])
 

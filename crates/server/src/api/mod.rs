@@ -3,6 +3,7 @@
 mod access_keys;
 mod activations;
 mod commands;
+mod documents;
 mod nodes;
 mod output;
 mod storage;
@@ -13,7 +14,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
 use std::sync::Arc;
@@ -39,6 +40,20 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(output::get),
         )
         .route("/v1/commands/{command_id}/cancel", post(commands::cancel))
+        .route(
+            "/v1/documents",
+            post(documents::create).get(documents::list),
+        )
+        .route(
+            "/v1/documents/{name}",
+            get(documents::get)
+                .put(documents::update)
+                .delete(documents::delete),
+        )
+        .route(
+            "/v1/documents/{name}/default-version",
+            put(documents::set_default),
+        )
         .route("/v1/storage", get(storage::get))
         .route(
             "/v1/access-keys",

@@ -9,7 +9,7 @@ use crate::AppState;
 use crate::dispatch::DispatchMsg;
 use crate::send::{SendError, SendOptions};
 use crate::store::{CommandMeta, CommandQuery};
-use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, Invocation, SendCommand};
+use fleetrun_proto::api::{Command, Invocation, SendCommand};
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use fleetrun_proto::{InvocationStatus, NodeId};
 use serde_json::{Value, json};
@@ -37,22 +37,10 @@ pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> Ssm
             "1 validation error detected: Value '{name}' at 'documentName' failed to satisfy constraint: Member must satisfy regular expression pattern: ^[a-zA-Z0-9_\\-.:/]{{3,128}}$"
         )));
     }
-    if name != DOCUMENT_RUN_SHELL_SCRIPT {
-        return Err(SsmError::new(
-            "InvalidDocument",
-            format!("Document with name {name} does not exist."),
-        ));
-    }
     let version = req
         .document_version
         .clone()
         .unwrap_or_else(|| "$DEFAULT".into());
-    if !matches!(version.as_str(), "$DEFAULT" | "$LATEST" | "1") {
-        return Err(SsmError::new(
-            "InvalidDocumentVersion",
-            format!("Document {name} has no version {version}."),
-        ));
-    }
     if let Some(t) = req.timeout_seconds
         && !(30..=2_592_000).contains(&t)
     {
@@ -90,47 +78,6 @@ pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> Ssm
             )));
         }
     }
-
-    // Document parameters, as AWS-RunShellScript (schema 1.2) defines them.
-    let params = req.parameters.clone().unwrap_or_default();
-    let bad_param = |m: String| SsmError::new("InvalidParameters", m);
-    for key in params.keys() {
-        if !matches!(
-            key.as_str(),
-            "commands" | "workingDirectory" | "executionTimeout"
-        ) {
-            return Err(bad_param(format!(
-                "Parameter \"{key}\" is not defined in document {name}."
-            )));
-        }
-    }
-    let commands = params.get("commands").cloned().unwrap_or_default();
-    if commands.is_empty() {
-        return Err(bad_param(format!(
-            "Parameter \"commands\" is required by document {name}."
-        )));
-    }
-    let single = |key: &str| -> Result<Option<String>, SsmError> {
-        match params.get(key).map(Vec::as_slice) {
-            None | Some([]) => Ok(None),
-            Some([one]) => Ok(Some(one.clone())),
-            Some(_) => Err(bad_param(format!(
-                "Parameter \"{key}\" takes a single value."
-            ))),
-        }
-    };
-    let working_directory = single("workingDirectory")?.filter(|w| !w.is_empty());
-    let execution_timeout = match single("executionTimeout")? {
-        None => None,
-        Some(t) => match t.trim().parse::<u64>() {
-            Ok(n) if (1..=172_800).contains(&n) => Some(n),
-            _ => {
-                return Err(bad_param(format!(
-                    "Parameter \"executionTimeout\" value {t:?} is not an integer between 1 and 172800."
-                )));
-            }
-        },
-    };
 
     // Targets: instance ids, or up to 5 target keys (ANDed).
     let instance_ids = req.instance_ids.clone().unwrap_or_default();
@@ -176,9 +123,11 @@ pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> Ssm
         node_ids,
         targets: None,
         document_name: Some(name),
-        commands,
-        working_directory,
-        execution_timeout_secs: execution_timeout,
+        document_version: Some(version.clone()),
+        parameters: req.parameters.clone().unwrap_or_default(),
+        commands: Vec::new(),
+        working_directory: None,
+        execution_timeout_secs: None,
         delivery_timeout_secs: req.timeout_seconds.map(|t| t as u64),
         max_concurrency: req.max_concurrency.clone(),
         max_errors: req.max_errors.clone(),
@@ -199,6 +148,9 @@ pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> Ssm
             SendError::Invalid { code, message } => SsmError::new(
                 match code {
                     "InvalidDocument" => "InvalidDocument",
+                    "InvalidDocumentVersion" => "InvalidDocumentVersion",
+                    "InvalidDocumentContent" => "InvalidDocumentContent",
+                    "InvalidDocumentSchemaVersion" => "InvalidDocumentContent",
                     "MaxDocumentSizeExceeded" => "MaxDocumentSizeExceeded",
                     "DuplicateNodeId" => "DuplicateInstanceId",
                     "InvalidNodeId" => "InvalidInstanceId",
@@ -515,7 +467,7 @@ fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &st
             s => s.as_str(),
         };
         let mut p = json!({
-            "Name": PLUGIN,
+            "Name": plugin_names(&meta.ssm_extra)[0],
             "Status": plugin_status,
             "StatusDetails": inv.status_details,
             "ResponseCode": response_code(inv),
@@ -556,6 +508,26 @@ fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &st
     })
 }
 
+/// The plugin (step) names a command's invocations report: the steps that ran (they are reported
+/// as one plugin, the first, since the steps run as one script); `aws:runShellScript` for schema 1.2.
+fn plugin_names(extra: &Value) -> Vec<String> {
+    let names: Vec<String> = extra
+        .get("Plugins")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.is_empty() {
+        vec![PLUGIN.to_owned()]
+    } else {
+        names
+    }
+}
+
 /// Exit code once ended; -1 before (SSM's ResponseCode).
 fn response_code(inv: &Invocation) -> i32 {
     if inv.status.is_terminal() {
@@ -587,26 +559,38 @@ pub async fn get_command_invocation(
             .as_deref()
             .ok_or_else(|| missing("instanceId"))?,
     )?;
-    if let Some(p) = &req.plugin_name
-        && p != PLUGIN
-    {
-        return Err(SsmError::new(
-            "InvalidPluginName",
-            format!("Plugin {p} is not part of this command's document; its plugin is {PLUGIN}."),
-        ));
-    }
     let q = CommandQuery {
         command_id: Some(cmd_id.clone()),
         node_id: Some(node.clone()),
         ..CommandQuery::default()
     };
     let page = state.store.query_invocations(&q, 0, 1).await?;
-    let Some((inv, meta)) = page.into_iter().next() else {
+    let found = page.into_iter().next();
+    let plugins = found
+        .as_ref()
+        .map(|(_, meta)| plugin_names(&meta.ssm_extra))
+        .unwrap_or_else(|| vec![PLUGIN.to_owned()]);
+    if let Some(p) = &req.plugin_name
+        && !plugins.contains(p)
+    {
+        return Err(SsmError::new(
+            "InvalidPluginName",
+            format!(
+                "Plugin {p} is not part of this command's document; its plugins are {}.",
+                plugins.join(", ")
+            ),
+        ));
+    }
+    let Some((inv, meta)) = found else {
         return Err(SsmError::new(
             "InvocationDoesNotExist",
             format!("Command {cmd_id} has no invocation on instance {node}."),
         ));
     };
+    let plugin = req
+        .plugin_name
+        .clone()
+        .unwrap_or_else(|| plugins[0].clone());
     let (stdout_url, stderr_url) = output_urls(&state.public_url, &inv);
     let elapsed = match (&inv.started_at, &inv.finished_at) {
         (Some(s), Some(f)) => format!("PT{:.3}S", (rfc_ms(f) - rfc_ms(s)).max(0) as f64 / 1000.0),
@@ -618,7 +602,7 @@ pub async fn get_command_invocation(
         "Comment": meta.comment,
         "DocumentName": meta.document_name,
         "DocumentVersion": str_or(&meta.ssm_extra, "DocumentVersion", "$DEFAULT"),
-        "PluginName": PLUGIN,
+        "PluginName": plugin,
         "ResponseCode": response_code(&inv),
         "ExecutionStartDateTime": inv.started_at.clone().unwrap_or_default(),
         "ExecutionElapsedTime": elapsed,

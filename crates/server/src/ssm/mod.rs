@@ -6,6 +6,7 @@
 //! (`botocore/data/ssm/2014-11-06/service-2.json`).
 
 mod commands;
+mod documents;
 mod instances;
 mod shapes;
 pub mod sigv4;
@@ -152,6 +153,15 @@ async fn dispatch(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> Ss
         "CancelCommand" => commands::cancel_command(state, parse(body)?).await,
         "DescribeInstanceInformation" => {
             instances::describe_instance_information(state, parse(body)?).await
+        }
+        "CreateDocument" => documents::create_document(state, parse(body)?).await,
+        "GetDocument" => documents::get_document(state, parse(body)?).await,
+        "DescribeDocument" => documents::describe_document(state, parse(body)?).await,
+        "ListDocuments" => documents::list_documents(state, parse(body)?).await,
+        "UpdateDocument" => documents::update_document(state, parse(body)?).await,
+        "DeleteDocument" => documents::delete_document(state, parse(body)?).await,
+        "UpdateDocumentDefaultVersion" => {
+            documents::update_document_default_version(state, parse(body)?).await
         }
         other => Err(SsmError::new(
             "UnknownOperationException",

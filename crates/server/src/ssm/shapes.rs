@@ -100,3 +100,87 @@ pub struct DescribeInstanceInformationRequest {
     pub max_results: Option<i64>,
     pub next_token: Option<String>,
 }
+
+/// CreateDocument's input (Attachments, Requires, TargetType and Tags are not supported).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateDocumentRequest {
+    pub content: Option<String>,
+    pub name: Option<String>,
+    pub display_name: Option<String>,
+    pub version_name: Option<String>,
+    pub document_type: Option<String>,
+    pub document_format: Option<String>,
+    pub target_type: Option<String>,
+    pub requires: Option<serde_json::Value>,
+    pub attachments: Option<serde_json::Value>,
+    pub tags: Option<serde_json::Value>,
+}
+
+/// GetDocument's and DescribeDocument's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetDocumentRequest {
+    pub name: Option<String>,
+    pub version_name: Option<String>,
+    pub document_version: Option<String>,
+    pub document_format: Option<String>,
+}
+
+/// A `DocumentKeyValuesFilter`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DocumentKeyValuesFilter {
+    pub key: Option<String>,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// A legacy `DocumentFilter` (lowercase member names, as in SSM's model).
+#[derive(Debug, Deserialize)]
+pub struct DocumentFilter {
+    pub key: String,
+    pub value: String,
+}
+
+/// ListDocuments' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListDocumentsRequest {
+    pub document_filter_list: Option<Vec<DocumentFilter>>,
+    pub filters: Option<Vec<DocumentKeyValuesFilter>>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+}
+
+/// UpdateDocument's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateDocumentRequest {
+    pub content: Option<String>,
+    pub name: Option<String>,
+    pub display_name: Option<String>,
+    pub version_name: Option<String>,
+    pub document_version: Option<String>,
+    pub document_format: Option<String>,
+    pub target_type: Option<String>,
+    pub attachments: Option<serde_json::Value>,
+}
+
+/// DeleteDocument's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeleteDocumentRequest {
+    pub name: Option<String>,
+    pub document_version: Option<String>,
+    pub version_name: Option<String>,
+    pub force: Option<bool>,
+}
+
+/// UpdateDocumentDefaultVersion's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateDocumentDefaultVersionRequest {
+    pub name: Option<String>,
+    pub document_version: Option<String>,
+}

@@ -44,8 +44,12 @@ pub struct CommandSpec {
 pub struct NewCommand {
     /// Its id.
     pub command_id: CommandId,
-    /// `AWS-RunShellScript`.
+    /// The document, e.g. `AWS-RunShellScript`.
     pub document_name: String,
+    /// The version of the document that runs.
+    pub document_version: String,
+    /// The document's parameters as given.
+    pub parameters: BTreeMap<String, Vec<String>>,
     /// Comment.
     pub comment: String,
     /// Node ids asked for.
@@ -158,8 +162,8 @@ impl Store {
             "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
                 delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
                 memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count,
-                ssm_extra)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?)",
+                ssm_extra, document_version, parameters)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?, ?, ?)",
         )
         .bind(c.command_id.as_str())
         .bind(&c.document_name)
@@ -178,6 +182,8 @@ impl Store {
         .bind(spec.requested_at)
         .bind(c.invocations.len() as i64)
         .bind(c.ssm_extra.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into()))
+        .bind(&c.document_version)
+        .bind(serde_json::to_string(&c.parameters)?)
         .execute(&mut *tx)
         .await?;
         for (chunk_no, chunk) in c.invocations.chunks(200).enumerate() {
@@ -570,17 +576,24 @@ pub(super) fn command_from_row(r: &SqliteRow) -> Result<Command> {
     let commands: Vec<String> = serde_json::from_str(r.get("commands"))?;
     let working_dir: String = r.get("working_dir");
     let execution_timeout = r.get::<i64, _>("execution_timeout") as u64;
-    let parameters = BTreeMap::from([
-        ("commands".to_owned(), commands),
-        ("workingDirectory".to_owned(), vec![working_dir]),
-        (
-            "executionTimeout".to_owned(),
-            vec![execution_timeout.to_string()],
-        ),
-    ]);
+    let given: &str = r.get("parameters");
+    let parameters = if given.is_empty() {
+        // Stored before commands kept their parameters: AWS-RunShellScript's, from the script.
+        BTreeMap::from([
+            ("commands".to_owned(), commands),
+            ("workingDirectory".to_owned(), vec![working_dir]),
+            (
+                "executionTimeout".to_owned(),
+                vec![execution_timeout.to_string()],
+            ),
+        ])
+    } else {
+        serde_json::from_str(given)?
+    };
     Ok(Command {
         command_id: decode_id(r.get("command_id"))?,
         document_name: r.get("document_name"),
+        document_version: r.get("document_version"),
         parameters,
         comment: r.get("comment"),
         node_ids: serde_json::from_str(r.get("node_ids"))?,

@@ -4,10 +4,12 @@
 //! under load) and reads through a separate pool; WAL keeps readers from blocking the writer.
 
 mod commands;
+mod documents;
 mod nodes;
 mod ssm;
 
 pub use commands::{CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, Totals};
+pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, RegisterError};
 pub use ssm::{CommandMeta, CommandQuery};
 

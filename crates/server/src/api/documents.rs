@@ -1,0 +1,110 @@
+//! `/v1/documents`: create, list, show, update (new version), set the default version, delete.
+
+use super::{ApiError, ApiJson};
+use crate::AppState;
+use crate::document;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use fleetrun_proto::api::{CreateDocument, Document, SetDefaultVersion, UpdateDocument};
+use serde::Deserialize;
+use std::sync::Arc;
+
+impl From<document::Error> for ApiError {
+    fn from(e: document::Error) -> Self {
+        match e {
+            document::Error::Invalid(e) => {
+                let status = match e.code {
+                    "InvalidDocument" => StatusCode::NOT_FOUND,
+                    "DocumentAlreadyExists" => StatusCode::CONFLICT,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError::new(status, e.code, e.message)
+            }
+            document::Error::Store(e) => e.into(),
+        }
+    }
+}
+
+/// The content as text: a JSON string as it is, a JSON object pretty-printed.
+fn content_text(v: &serde_json::Value) -> Result<String, ApiError> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Object(_) => serde_json::to_string_pretty(v).map_err(ApiError::internal),
+        _ => Err(ApiError::bad_request(
+            "InvalidDocumentContent",
+            "content must be the document's JSON text or the JSON object itself",
+        )),
+    }
+}
+
+/// Creates a document (version 1). Answers 201.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<CreateDocument>,
+) -> Result<(StatusCode, Json<Document>), ApiError> {
+    let text = content_text(&req.content)?;
+    let d = document::create(&state.store, &req.name, &text, req.version_name.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(d.to_api(true))))
+}
+
+/// Every document at its default version, without content.
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Document>>, ApiError> {
+    let docs = document::list(&state.store).await?;
+    Ok(Json(docs.iter().map(|d| d.to_api(false)).collect()))
+}
+
+/// Query of `GET /v1/documents/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowQuery {
+    version: Option<String>,
+}
+
+/// One version (default: the default version) with its content.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    query: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Document>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let d = document::load(&state.store, &name, q.version.as_deref(), None).await?;
+    Ok(Json(d.to_api(true)))
+}
+
+/// Adds a version. Answers with it.
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UpdateDocument>,
+) -> Result<Json<Document>, ApiError> {
+    let text = content_text(&req.content)?;
+    let d = document::update(
+        &state.store,
+        &name,
+        &text,
+        req.document_version.as_deref(),
+        req.version_name.as_deref(),
+    )
+    .await?;
+    Ok(Json(d.to_api(true)))
+}
+
+/// Makes a version the default. Answers with it.
+pub async fn set_default(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<SetDefaultVersion>,
+) -> Result<Json<Document>, ApiError> {
+    let d = document::set_default(&state.store, &name, &req.document_version).await?;
+    Ok(Json(d.to_api(false)))
+}
+
+/// Deletes a document with all its versions. Answers 204.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    document::delete(&state.store, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
