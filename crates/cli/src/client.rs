@@ -8,6 +8,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use fleetrun_proto::api::{
     Activation, CancelCommand, Command, CreateActivation, ErrorBody, Invocation, Node, SendCommand,
+    Storage,
 };
 use fleetrun_proto::{CommandId, NodeId};
 use reqwest::{Method, RequestBuilder, Response};
@@ -163,6 +164,11 @@ impl Client {
                 .json(body),
         )
         .await
+    }
+
+    /// `GET /v1/storage`.
+    pub async fn storage(&self) -> anyhow::Result<Storage> {
+        self.json(self.request(Method::GET, "/v1/storage")).await
     }
 
     /// `GET /v1/commands/{id}/watch`: snapshots until the command is terminal.

@@ -116,6 +116,40 @@ pub fn between(start: Option<&str>, end: Option<&str>) -> String {
     }
 }
 
+/// Milliseconds as `between` shows a duration: `1.5s` under two minutes, else its largest unit.
+pub fn duration_ms(ms: u64) -> String {
+    let d = Duration::from_millis(ms);
+    if d.as_secs() < 120 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        short_duration(d)
+    }
+}
+
+/// A byte count in binary units: `512 B`, `1.5 KiB`, `20.0 MiB`, `3.2 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Text, or `-` when empty.
+pub fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
+
 /// `k=v,k2=v2`.
 pub fn tags(tags: &BTreeMap<String, String>) -> String {
     let parts: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -164,5 +198,11 @@ mod tests {
         assert_eq!(first_line("a\nb", 10), "a…");
         assert_eq!(first_line("abc", 10), "abc");
         assert_eq!(exit_code(-1, None), "-");
+        assert_eq!(duration_ms(1500), "1.5s");
+        assert_eq!(duration_ms(3_600_000), "60m");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(20 * 1024 * 1024), "20.0 MiB");
+        assert_eq!(or_dash(""), "-");
     }
 }

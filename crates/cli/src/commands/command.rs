@@ -76,10 +76,11 @@ pub async fn invocations(ctx: &Ctx, args: ShowArgs) -> anyhow::Result<ExitCode> 
         "DETAILS",
         "EXIT",
         "STARTED",
-        "DURATION",
+        "WALL",
         "CPU USER ms",
         "CPU SYS ms",
         "MAX RSS KB",
+        "LIMITS",
     ]);
     for i in &list {
         t.add_row(vec![
@@ -89,10 +90,11 @@ pub async fn invocations(ctx: &Ctx, args: ShowArgs) -> anyhow::Result<ExitCode> 
             i.status_details.clone(),
             render::exit_code(i.exit_code, i.signal),
             render::ago_opt(i.started_at.as_deref()),
-            render::between(i.started_at.as_deref(), i.finished_at.as_deref()),
+            wall(i),
             render::opt(i.cpu_user_ms),
             render::opt(i.cpu_system_ms),
             render::opt(i.max_rss_kb),
+            render::or_dash(&i.limits_applied),
         ]);
     }
     render::print_table(&t)?;
@@ -119,6 +121,12 @@ pub fn header(c: &Command) -> String {
             c.execution_timeout_secs, c.delivery_timeout_secs
         ),
     ];
+    if !c.run_as.is_empty() {
+        lines.push(format!("run as:       {}", c.run_as));
+    }
+    if let Some(l) = limits(c) {
+        lines.push(format!("limits:       {l}"));
+    }
     if !c.comment.is_empty() {
         lines.push(format!("comment:      {}", c.comment));
     }
@@ -161,6 +169,26 @@ pub fn print_summary(invocations: &[Invocation]) -> anyhow::Result<()> {
         ]);
     }
     render::print_table(&t)
+}
+
+/// The command's resource limits (`memory 64 MiB, cpu 50%`), if it has any.
+fn limits(c: &Command) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(mb) = c.memory_limit_mb {
+        parts.push(format!("memory {mb} MiB"));
+    }
+    if let Some(pct) = c.cpu_limit_percent {
+        parts.push(format!("cpu {pct}% of one core"));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// How long an invocation ran: the node's measure when it has ended, else from the stored times.
+fn wall(i: &Invocation) -> String {
+    match i.wall_ms {
+        Some(ms) => render::duration_ms(ms),
+        None => render::between(i.started_at.as_deref(), i.finished_at.as_deref()),
+    }
 }
 
 /// Node ids and target expression, as asked for.

@@ -8,6 +8,7 @@ mod nodes;
 mod output;
 mod send;
 mod server;
+mod storage;
 
 use crate::client::Client;
 use crate::config;
@@ -76,6 +77,8 @@ enum Subcommands {
     Output(output::Args),
     /// Cancel a command, or some of its invocations
     Cancel(cancel::Args),
+    /// Show what the server stores and how long it keeps it
+    Storage,
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -111,6 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Invocations(args) => command::invocations(&ctx, args).await,
         Subcommands::Output(args) => output::run(&ctx, args).await,
         Subcommands::Cancel(args) => cancel::run(&ctx, args).await,
+        Subcommands::Storage => storage::run(&ctx).await,
     }
 }
 

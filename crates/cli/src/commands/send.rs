@@ -43,6 +43,15 @@ pub struct Args {
     /// A note kept with the command (at most 100 characters)
     #[arg(long, value_name = "TEXT")]
     comment: Option<String>,
+    /// Run the script as this user (name or uid); the nodes' agents must run as root
+    #[arg(long, value_name = "USER")]
+    run_as: Option<String>,
+    /// Most memory the script may use on each node: 64M, 512MiB, 2G (a bare number is MiB)
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory_limit)]
+    memory_limit: Option<u64>,
+    /// Most CPU the script may use on each node, in percent of one core: 50% or 150 (1.5 cores)
+    #[arg(long, value_name = "PCT", value_parser = parse_cpu_limit)]
+    cpu_limit: Option<u32>,
     /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
     #[arg(long)]
     wait: bool,
@@ -145,6 +154,7 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
             limits::WORKING_DIR_MAX
         );
     }
+    let run_as = args.run_as.as_deref().map(check_run_as).transpose()?;
     let commands = match &args.file {
         Some(path) => read_script(path)?,
         None => {
@@ -169,7 +179,6 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
     Ok(SendCommand {
         node_ids,
         targets,
-        document_name: None,
         commands,
         working_directory: args.working_dir,
         execution_timeout_secs: args.execution_timeout,
@@ -177,7 +186,77 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         max_concurrency: args.max_concurrency,
         max_errors: args.max_errors,
         comment: args.comment,
+        run_as,
+        memory_limit_mb: args.memory_limit,
+        cpu_limit_percent: args.cpu_limit,
+        ..SendCommand::default()
     })
+}
+
+/// Checks a `--run-as` user: a name or uid, without spaces or control characters.
+fn check_run_as(user: &str) -> anyhow::Result<String> {
+    let user = user.trim();
+    if user.is_empty() {
+        bail!("--run-as needs a user name or uid");
+    }
+    if user.len() > 256 || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("--run-as {user:?} is not a user name or uid");
+    }
+    Ok(user.to_owned())
+}
+
+/// Parses a `--memory-limit` size into whole MiB: `64M`, `512MiB`, `2G`, `1T`, `65536K`; a bare number
+/// is MiB. Units are binary (M = MiB), as the kernel counts memory.
+fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: use e.g. 64M, 512MiB or 2G"))?;
+    let kib_per_unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "k" | "kb" | "kib" => 1,
+        "" | "m" | "mb" | "mib" => 1024,
+        "g" | "gb" | "gib" => 1024 * 1024,
+        "t" | "tb" | "tib" => 1024 * 1024 * 1024,
+        _ => {
+            return Err(format!(
+                "{s:?} has an unknown unit: use K, M, G or T (e.g. 64M)"
+            ));
+        }
+    };
+    let kib = n
+        .checked_mul(kib_per_unit)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    if !kib.is_multiple_of(1024) {
+        return Err(format!("{s:?} is not a whole number of MiB"));
+    }
+    let mb = kib / 1024;
+    if !(limits::MEMORY_LIMIT_MIN_MB..=limits::MEMORY_LIMIT_MAX_MB).contains(&mb) {
+        return Err(format!(
+            "{s:?} is out of range: {} MiB to {} MiB",
+            limits::MEMORY_LIMIT_MIN_MB,
+            limits::MEMORY_LIMIT_MAX_MB
+        ));
+    }
+    Ok(mb)
+}
+
+/// Parses a `--cpu-limit` in percent of one core: `50%`, `150` (1.5 cores).
+fn parse_cpu_limit(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let num = t.strip_suffix('%').unwrap_or(t).trim();
+    let pct: u32 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage: use e.g. 50% or 150"))?;
+    if !(limits::CPU_LIMIT_MIN_PERCENT..=limits::CPU_LIMIT_MAX_PERCENT).contains(&pct) {
+        return Err(format!(
+            "{s:?} is out of range: {}% to {}% (percent of one core)",
+            limits::CPU_LIMIT_MIN_PERCENT,
+            limits::CPU_LIMIT_MAX_PERCENT
+        ));
+    }
+    Ok(pct)
 }
 
 /// Lines of a script file (`-` is stdin).
@@ -279,6 +358,39 @@ mod tests {
     }
 
     #[test]
+    fn sizes_and_percentages() {
+        assert_eq!(parse_memory_limit("64M"), Ok(64));
+        assert_eq!(parse_memory_limit("512MiB"), Ok(512));
+        assert_eq!(parse_memory_limit("2G"), Ok(2048));
+        assert_eq!(parse_memory_limit("2gib"), Ok(2048));
+        assert_eq!(parse_memory_limit("100"), Ok(100));
+        assert_eq!(parse_memory_limit("8192K"), Ok(8));
+        assert_eq!(parse_memory_limit("1T"), Ok(1024 * 1024));
+        assert!(parse_memory_limit("2T").is_err());
+        assert!(parse_memory_limit("").is_err());
+        assert!(parse_memory_limit("-1M").is_err());
+        assert_eq!(parse_cpu_limit("50%"), Ok(50));
+        assert_eq!(parse_cpu_limit("150"), Ok(150));
+        assert!(parse_cpu_limit("102401").is_err());
+        let b = build_from(&[
+            "--targets",
+            "all",
+            "--run-as",
+            "nobody",
+            "--memory-limit",
+            "64M",
+            "--cpu-limit",
+            "50%",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(b.run_as.as_deref(), Some("nobody"));
+        assert_eq!(b.memory_limit_mb, Some(64));
+        assert_eq!(b.cpu_limit_percent, Some(50));
+    }
+
+    #[test]
     fn rejects_bad_input_locally() {
         for (argv, needle) in [
             (&["--targets", "color:red", "--", "x"][..], "--targets"),
@@ -308,6 +420,30 @@ mod tests {
             (&["--node", "mi-1", "--", "x"], "invalid node id"),
             (&["--", "x"], "--targets"),
             (&["--targets", "all"], "no script"),
+            (
+                &["--targets", "all", "--memory-limit", "2M", "--", "x"],
+                "out of range",
+            ),
+            (
+                &["--targets", "all", "--memory-limit", "64X", "--", "x"],
+                "unknown unit",
+            ),
+            (
+                &["--targets", "all", "--memory-limit", "1500K", "--", "x"],
+                "whole number of MiB",
+            ),
+            (
+                &["--targets", "all", "--cpu-limit", "0%", "--", "x"],
+                "out of range",
+            ),
+            (
+                &["--targets", "all", "--cpu-limit", "half", "--", "x"],
+                "not a percentage",
+            ),
+            (
+                &["--targets", "all", "--run-as", "a b", "--", "x"],
+                "--run-as",
+            ),
         ] {
             let err = format!("{:#}", build_from(argv).unwrap_err());
             assert!(err.contains(needle), "{argv:?}: {err}");

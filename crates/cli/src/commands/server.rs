@@ -8,6 +8,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Listen address when none is given.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
@@ -35,7 +36,33 @@ pub struct Args {
     /// Seconds between agent pings [default: 15]
     #[arg(long, value_name = "N")]
     heartbeat_secs: Option<u64>,
-    /// A TOML file with data_dir, listen and heartbeat_secs
+    /// Purge commands and their output older than this, e.g. 30d, 12h, 90s [default: 30d]
+    #[arg(
+        long,
+        env = "FLEETRUN_RETENTION",
+        hide_env_values = true,
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    retention: Option<Duration>,
+    /// How often to look for commands past retention, e.g. 1h, 10m [default: 1h]
+    #[arg(
+        long,
+        env = "FLEETRUN_PURGE_INTERVAL",
+        hide_env_values = true,
+        value_name = "DURATION",
+        value_parser = parse_duration
+    )]
+    purge_interval: Option<Duration>,
+    /// Most agent handshakes at once; more are told to retry later (503) [default: 128]
+    #[arg(
+        long,
+        env = "FLEETRUN_MAX_HANDSHAKES",
+        hide_env_values = true,
+        value_name = "N"
+    )]
+    max_handshakes: Option<usize>,
+    /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval and max_handshakes
     #[arg(
         long,
         env = "FLEETRUN_SERVER_CONFIG",
@@ -52,6 +79,23 @@ struct ServerFile {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     heartbeat_secs: Option<u64>,
+    /// A duration such as "30d".
+    retention: Option<String>,
+    /// A duration such as "1h".
+    purge_interval: Option<String>,
+    max_handshakes: Option<usize>,
+}
+
+/// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30d, 12h or 90s"))
+}
+
+/// A duration from the config file, named by its key in errors.
+fn file_duration(key: &str, v: Option<String>) -> anyhow::Result<Option<Duration>> {
+    v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("bad {key} in server config: {e}")))
+        .transpose()
 }
 
 /// Resolves the server's settings: flag > env (clap merges these two) > file > default.
@@ -77,8 +121,34 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
     if !(1..=3600).contains(&heartbeat_secs) {
         bail!("heartbeat_secs must be 1 to 3600, not {heartbeat_secs}");
     }
+    let retention = match args.retention {
+        Some(r) => r,
+        None => file_duration("retention", file.retention)?
+            .unwrap_or(fleetrun_server::ServerConfig::DEFAULT_RETENTION),
+    };
+    if retention < Duration::from_secs(1) {
+        bail!("retention must be at least 1s");
+    }
+    let purge_interval = match args.purge_interval {
+        Some(p) => p,
+        None => file_duration("purge_interval", file.purge_interval)?
+            .unwrap_or(fleetrun_server::ServerConfig::DEFAULT_PURGE_INTERVAL),
+    };
+    if purge_interval < Duration::from_secs(1) {
+        bail!("purge interval must be at least 1s");
+    }
+    let max_handshakes = args
+        .max_handshakes
+        .or(file.max_handshakes)
+        .unwrap_or(fleetrun_server::ServerConfig::DEFAULT_MAX_HANDSHAKES);
+    if max_handshakes == 0 {
+        bail!("max handshakes must be at least 1");
+    }
     Ok(fleetrun_server::ServerConfig {
         heartbeat_secs,
+        retention,
+        purge_interval,
+        max_handshakes,
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -138,16 +208,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("server.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:9\"\nheartbeat_secs = 3\n").unwrap();
-        let args = Args {
+        let args = |config: Option<PathBuf>| Args {
             data_dir: Some(dir.path().into()),
             listen: None,
             heartbeat_secs: None,
-            config: Some(path.clone()),
+            retention: None,
+            purge_interval: None,
+            max_handshakes: None,
+            config,
         };
-        let c = resolve(args).unwrap();
+        let c = resolve(args(Some(path.clone()))).unwrap();
         assert_eq!(c.listen.port(), 9);
         assert_eq!(c.heartbeat_secs, 3);
         assert_eq!(c.data_dir, dir.path());
+        assert_eq!(
+            c.retention,
+            fleetrun_server::ServerConfig::DEFAULT_RETENTION
+        );
+        assert_eq!(c.max_handshakes, 128);
+
+        std::fs::write(
+            &path,
+            "retention = \"2d\"\npurge_interval = \"10m\"\nmax_handshakes = 4\n",
+        )
+        .unwrap();
+        let c = resolve(args(Some(path.clone()))).unwrap();
+        assert_eq!(c.retention, Duration::from_secs(2 * 86_400));
+        assert_eq!(c.purge_interval, Duration::from_secs(600));
+        assert_eq!(c.max_handshakes, 4);
+        // Flags win over the file.
+        let mut a = args(Some(path.clone()));
+        a.retention = Some(Duration::from_secs(2));
+        a.max_handshakes = Some(9);
+        let c = resolve(a).unwrap();
+        assert_eq!(c.retention, Duration::from_secs(2));
+        assert_eq!(c.max_handshakes, 9);
+
+        std::fs::write(&path, "retention = \"soon\"\n").unwrap();
+        let err = format!("{:#}", resolve(args(Some(path.clone()))).unwrap_err());
+        assert!(err.contains("retention"), "{err}");
+        let mut a = args(None);
+        a.max_handshakes = Some(0);
+        assert!(resolve(a).is_err());
 
         std::fs::write(&path, "listn = \"127.0.0.1:9\"\n").unwrap();
         let err = load_file(&path).unwrap_err().to_string();
