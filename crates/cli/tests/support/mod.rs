@@ -41,11 +41,71 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
-fn free_port() -> u16 {
-    // Bind port 0 to learn a free port, then release it for the server; a race with another process is
-    // possible but unlikely on a test machine.
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+/// A free port below the kernel's ephemeral range, so that while a restarted server is down no outgoing
+/// connection of another test can take its port as a local port.
+fn free_port(ip: &str) -> u16 {
+    let (lo, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let lo = lo.clamp(12_000, 32_768);
+    let span = u32::from(lo) - 10_000;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ (std::process::id() << 8);
+    for _ in 0..200 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let port = 10_000 + ((seed >> 8) % span) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    // Give up on the quiet range: any free port.
+    let l = TcpListener::bind((ip, 0)).expect("bind port 0");
     l.local_addr().expect("local addr").port()
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(
+        r,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A `VmHWM`/`VmRSS`-style field of `/proc/PID/status`, in KiB.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Peak and current resident memory of a process, in KiB.
+#[derive(Clone, Copy, Debug)]
+pub struct Rss {
+    pub hwm_kb: u64,
+    pub rss_kb: u64,
+}
+
+/// Reads [`Rss`] of a live process.
+pub fn rss(pid: u32) -> Rss {
+    Rss {
+        hwm_kb: proc_status_kb(pid, "VmHWM").unwrap_or_else(|| panic!("no VmHWM for {pid}")),
+        rss_kb: proc_status_kb(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for {pid}")),
+    }
 }
 
 fn log_file(path: &Path) -> std::fs::File {
@@ -108,57 +168,46 @@ pub fn http(
     })
 }
 
-/// A running `fleetrun server`.
+/// A running `fleetrun server`. It can be killed and started again on the same data dir and the same
+/// address, so agents re-dial the URL they know.
 pub struct Server {
     pub url: String,
     pub token: String,
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
-    child: Child,
+    listen: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
 }
 
 impl Server {
+    /// A server on loopback with the harness's defaults (1 s heartbeats).
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A server on loopback with extra flags.
+    pub fn start_with(args: &[&str]) -> Server {
+        Server::start_on("127.0.0.1", args)
+    }
+
+    /// A server listening on `ip` (a veth address in a network test), with extra flags.
+    pub fn start_on(ip: &str, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
-        let port = free_port();
-        let log = dir.path().join("server.log");
-        let child = Command::new(fleetrun_bin())
-            .args(["server", "--data-dir"])
-            .arg(&data_dir)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--heartbeat-secs",
-                "1",
-            ])
-            .env("RUST_LOG", "info")
-            .env_remove("FLEETRUN_SERVER_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(log_file(&dir.path().join("server.out")))
-            .stderr(log_file(&log))
-            .spawn()
-            .expect("spawn fleetrun server");
+        let port = free_port(ip);
         let mut server = Server {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{ip}:{port}"),
             token: String::new(),
             dir,
             data_dir,
-            child,
+            listen: format!("{ip}:{port}"),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            child: None,
+            starts: 0,
         };
-        let health = format!("{}/v1/health", server.url);
-        wait_until(
-            "the server to answer /v1/health",
-            Duration::from_secs(10),
-            || {
-                if let Ok(Some(st)) = server.child.try_wait() {
-                    panic!("server exited with {st}:\n{}", server.logs());
-                }
-                http("GET", &health, None, None)
-                    .ok()
-                    .filter(|r| r.status == 200)
-            },
-        );
+        server.spawn_ready();
         let token_path = server.data_dir.join("admin.token");
         server.token = std::fs::read_to_string(&token_path)
             .unwrap_or_else(|e| panic!("read {}: {e}", token_path.display()))
@@ -168,11 +217,118 @@ impl Server {
         server
     }
 
+    fn log_path(&self, n: u32) -> PathBuf {
+        self.dir.path().join(if n <= 1 {
+            "server.log".to_owned()
+        } else {
+            format!("server.{n}.log")
+        })
+    }
+
+    /// Starts the process and waits until it answers /v1/health. The address was free a moment ago;
+    /// when another process grabbed it meanwhile (or the old socket lingers), it tries again.
+    fn spawn_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.starts += 1;
+            let log = self.log_path(self.starts);
+            let child = Command::new(fleetrun_bin())
+                .args(["server", "--data-dir"])
+                .arg(&self.data_dir)
+                .args(["--listen", &self.listen, "--heartbeat-secs", "1"])
+                .args(&self.args)
+                .env("RUST_LOG", "info")
+                .env_remove("FLEETRUN_SERVER_CONFIG")
+                .env_remove("FLEETRUN_RETENTION")
+                .env_remove("FLEETRUN_PURGE_INTERVAL")
+                .env_remove("FLEETRUN_MAX_HANDSHAKES")
+                .stdin(Stdio::null())
+                .stdout(log_file(&log.with_extension("out")))
+                .stderr(log_file(&log))
+                .spawn()
+                .expect("spawn fleetrun server");
+            self.child = Some(child);
+            let health = format!("{}/v1/health", self.url);
+            let up = wait_until(
+                "the server to answer /v1/health",
+                Duration::from_secs(10),
+                || {
+                    let child = self.child.as_mut().expect("child");
+                    if let Ok(Some(st)) = child.try_wait() {
+                        return Some(Err(st));
+                    }
+                    http("GET", &health, None, None)
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .map(Ok)
+                },
+            );
+            match up {
+                Ok(_) => return,
+                Err(st) => {
+                    let log_text = tail(&log, 2_000);
+                    self.child = None;
+                    if log_text.contains("cannot listen") && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    panic!("server exited with {st}:\n{}", self.logs());
+                }
+            }
+        }
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server not running").id()
+    }
+
+    /// Whether the server process is still running (it may be stopped).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the server (if running) and starts it again on the same data dir and address.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn_ready();
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn stop(&self) {
+        signal(self.pid(), libc::SIGSTOP);
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn cont(&self) {
+        signal(self.pid(), libc::SIGCONT);
+    }
+
+    /// Every log line the server wrote, over all its starts.
+    pub fn all_logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                String::from_utf8_lossy(&std::fs::read(self.log_path(n)).unwrap_or_default())
+                    .into_owned()
+            })
+            .collect()
+    }
+
     pub fn logs(&self) -> String {
+        let log = self.log_path(self.starts);
         format!(
-            "--- server stdout\n{}\n--- server stderr (tail)\n{}",
-            tail(&self.dir.path().join("server.out"), 2_000),
-            tail(&self.dir.path().join("server.log"), 8_000)
+            "--- server stdout\n{}\n--- server stderr (tail, start {})\n{}",
+            tail(&log.with_extension("out"), 2_000),
+            self.starts,
+            tail(&log, 8_000)
         )
     }
 
@@ -245,15 +401,25 @@ impl Server {
 
     /// The node with this name, once it is Online.
     pub fn wait_online(&self, name: &str) -> Value {
-        wait_until(
-            &format!("node {name} to be Online"),
-            Duration::from_secs(15),
-            || {
-                self.nodes()
-                    .into_iter()
-                    .find(|n| n["name"] == name && n["ping_status"] == "Online")
-            },
-        )
+        self.wait_ping(name, "Online", Duration::from_secs(15))
+    }
+
+    /// The node with this name, once its ping status is `status`.
+    pub fn wait_ping(&self, name: &str, status: &str, timeout: Duration) -> Value {
+        wait_until(&format!("node {name} to be {status}"), timeout, || {
+            self.nodes()
+                .into_iter()
+                .find(|n| n["name"] == name && n["ping_status"] == status)
+        })
+    }
+
+    /// The id of the node with this name.
+    pub fn node_id(&self, name: &str) -> String {
+        self.nodes()
+            .into_iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["node_id"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no node named {name}"))
     }
 
     pub fn command(&self, id: &str) -> Value {
@@ -269,6 +435,19 @@ impl Server {
                 .contains(&st.as_str())
                 .then_some(c)
         })
+    }
+
+    /// Sends a script with `fleetrun send` (extra flags before `--`); returns the command id.
+    pub fn send(&self, flags: &[&str], script: &str) -> String {
+        let mut args = vec!["send"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", script]);
+        self.cli(&args).ok().stdout_str().trim().to_owned()
+    }
+
+    /// The whole stdout of an invocation, byte for byte, through `fleetrun output`.
+    pub fn output(&self, id: &str, node: &str) -> Vec<u8> {
+        self.cli(&["output", id, node]).ok().stdout
     }
 
     /// Runs the CLI against this server.
@@ -291,10 +470,37 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &self.child {
+            // A frozen process dies of SIGKILL too, but let it see the signal at once.
+            let _ = signal_quiet(c.id(), libc::SIGCONT);
+        }
+        self.kill9();
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn signal_quiet(pid: u32, sig: i32) -> bool {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+}
+
+/// How to start an agent beyond its name: tags, extra flags, a network namespace to run in.
+#[derive(Clone, Debug, Default)]
+pub struct AgentOpts {
+    pub tags: Vec<(String, String)>,
+    pub args: Vec<String>,
+    /// Run inside this network namespace (`ip netns exec NS ...`).
+    pub netns: Option<String>,
+}
+
+impl AgentOpts {
+    /// Options with these extra flags.
+    pub fn args(args: &[&str]) -> AgentOpts {
+        AgentOpts {
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            ..AgentOpts::default()
         }
     }
 }
@@ -304,8 +510,8 @@ pub struct Agent {
     pub name: String,
     pub state_dir: PathBuf,
     url: String,
-    log: PathBuf,
-    tags: Vec<(String, String)>,
+    logs_dir: PathBuf,
+    opts: AgentOpts,
     child: Option<Child>,
     starts: u32,
 }
@@ -313,8 +519,20 @@ pub struct Agent {
 impl Agent {
     /// Enrols a new agent: creates an activation for it, starts it and waits until it is Online.
     pub fn start(server: &Server, name: &str, tags: &[(&str, &str)]) -> Agent {
+        let opts = AgentOpts {
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..AgentOpts::default()
+        };
+        Agent::start_opts(server, name, opts)
+    }
+
+    /// [`Agent::start`] with extra flags or a namespace.
+    pub fn start_opts(server: &Server, name: &str, opts: AgentOpts) -> Agent {
         let code = server.activation_code(&[], 1);
-        let agent = Agent::start_with_code(server, name, tags, &code);
+        let agent = Agent::spawn_with_code(server, name, opts, &code);
         server.wait_online(name);
         agent
     }
@@ -326,15 +544,24 @@ impl Agent {
         tags: &[(&str, &str)],
         code: &str,
     ) -> Agent {
-        let mut agent = Agent {
-            name: name.to_owned(),
-            state_dir: server.dir.path().join("agents").join(name),
-            url: server.url.clone(),
-            log: server.dir.path().join("agents").join(format!("{name}.log")),
+        let opts = AgentOpts {
             tags: tags
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            ..AgentOpts::default()
+        };
+        Agent::spawn_with_code(server, name, opts, code)
+    }
+
+    /// Starts an agent with a given code and options, without waiting.
+    pub fn spawn_with_code(server: &Server, name: &str, opts: AgentOpts, code: &str) -> Agent {
+        let mut agent = Agent {
+            name: name.to_owned(),
+            state_dir: server.dir.path().join("agents").join(name),
+            url: server.url.clone(),
+            logs_dir: server.dir.path().join("agents"),
+            opts,
             child: None,
             starts: 0,
         };
@@ -345,8 +572,14 @@ impl Agent {
     fn spawn(&mut self, code: Option<&str>) {
         std::fs::create_dir_all(&self.state_dir).expect("mkdir state dir");
         self.starts += 1;
-        let log = self.log.with_extension(format!("{}.log", self.starts));
-        let mut c = Command::new(agent_bin());
+        let mut c = match &self.opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
         c.arg("--server")
             .arg(&self.url)
             .arg("--state-dir")
@@ -355,29 +588,46 @@ impl Agent {
         if let Some(code) = code {
             c.args(["--activation-code", code]);
         }
-        for (k, v) in &self.tags {
+        for (k, v) in &self.opts.tags {
             c.arg("--tag").arg(format!("{k}={v}"));
         }
+        c.args(&self.opts.args);
         let child = c
             .env("RUST_LOG", "info")
             .env_remove("FLEETRUN_SERVER")
             .env_remove("FLEETRUN_STATE_DIR")
             .env_remove("FLEETRUN_ACTIVATION_CODE")
+            .env_remove("FLEETRUN_SPOOL_MAX_BYTES")
             .stdin(Stdio::null())
-            .stdout(log_file(&log))
-            .stderr(log_file(&log.with_extension("err")))
+            .stdout(log_file(&self.log_path(self.starts).with_extension("out")))
+            .stderr(log_file(&self.log_path(self.starts)))
             .spawn()
             .expect("spawn fleetrun-agent");
-        self.log = log;
         self.child = Some(child);
+    }
+
+    /// The agent's pid (`ip netns exec` execs the agent, so it is the agent's too).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent not running").id()
     }
 
     /// Kills the agent (SIGKILL, as a crash would).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = signal_quiet(c.id(), libc::SIGCONT);
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Freezes the agent (SIGSTOP).
+    pub fn stop(&self) {
+        signal(self.pid(), libc::SIGSTOP);
+    }
+
+    /// Thaws a frozen agent (SIGCONT).
+    pub fn cont(&self) {
+        signal(self.pid(), libc::SIGCONT);
     }
 
     /// Starts the agent again with its state dir; it needs no activation code.
@@ -393,14 +643,35 @@ impl Agent {
             child.try_wait().ok().flatten()
         });
         self.child = None;
-        (st, tail(&self.log.with_extension("err"), 4_000))
+        (st, tail(&self.log_path(self.starts), 4_000))
+    }
+
+    /// The stderr log of the agent's `n`th start.
+    fn log_path(&self, n: u32) -> PathBuf {
+        self.logs_dir.join(format!("{}.{n}.log", self.name))
+    }
+
+    /// The directory the agent keeps an invocation's journal and output spool in.
+    pub fn run_dir(&self, command_id: &str) -> PathBuf {
+        self.state_dir.join("runs").join(command_id)
+    }
+
+    /// Everything this agent logged, over all its starts.
+    pub fn all_logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                String::from_utf8_lossy(&std::fs::read(self.log_path(n)).unwrap_or_default())
+                    .into_owned()
+            })
+            .collect()
     }
 
     pub fn logs(&self) -> String {
         format!(
-            "--- agent {} stderr (tail)\n{}",
+            "--- agent {} stderr (tail, start {})\n{}",
             self.name,
-            tail(&self.log.with_extension("err"), 6_000)
+            self.starts,
+            tail(&self.log_path(self.starts), 6_000)
         )
     }
 }
@@ -583,4 +854,19 @@ pub fn read_pid(path: &Path) -> Option<u32> {
 /// The invocations of a command JSON.
 pub fn invocations(cmd: &Value) -> Vec<Value> {
     cmd["invocations"].as_array().cloned().unwrap_or_default()
+}
+
+/// A shell snippet that waits (boundedly, 30 s) until `path` exists.
+pub fn wait_for_file(path: &Path) -> String {
+    format!(
+        "n=0; while [ ! -e '{p}' ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done",
+        p = path.display()
+    )
+}
+
+/// Lines in a counter file that a script appends to once per run.
+pub fn runs(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }
