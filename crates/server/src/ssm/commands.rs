@@ -6,6 +6,7 @@ use super::{
     parse_token,
 };
 use crate::AppState;
+use crate::clock::parse_rfc3339_ms;
 use crate::dispatch::DispatchMsg;
 use crate::send::{SendError, SendOptions};
 use crate::store::{CommandMeta, CommandQuery};
@@ -227,7 +228,7 @@ fn targets_to_expr(targets: &[Target]) -> Result<TargetExpr, SsmError> {
 
 /// A command as SSM shows it: every member present.
 fn ssm_command(cmd: &Command, extra: &Value) -> Value {
-    let requested = rfc_ms(&cmd.requested_at);
+    let requested = parse_rfc3339_ms(&cmd.requested_at);
     let timeout = extra
         .get("TimeoutSeconds")
         .and_then(Value::as_u64)
@@ -310,14 +311,6 @@ fn native_targets(expr: &str) -> Value {
         })
         .collect();
     json!(targets)
-}
-
-fn rfc_ms(s: &str) -> i64 {
-    humantime::parse_rfc3339(s)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn command_query(req: &ListCommandsRequest, on_command: bool) -> Result<CommandQuery, SsmError> {
@@ -479,10 +472,10 @@ fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &st
             "OutputS3KeyPrefix": str_or(&meta.ssm_extra, "OutputS3KeyPrefix", ""),
         });
         if let Some(s) = &inv.started_at {
-            p["ResponseStartDateTime"] = epoch(rfc_ms(s));
+            p["ResponseStartDateTime"] = epoch(parse_rfc3339_ms(s));
         }
         if let Some(f) = &inv.finished_at {
-            p["ResponseFinishDateTime"] = epoch(rfc_ms(f));
+            p["ResponseFinishDateTime"] = epoch(parse_rfc3339_ms(f));
         }
         json!([p])
     } else {
@@ -593,7 +586,10 @@ pub async fn get_command_invocation(
         .unwrap_or_else(|| plugins[0].clone());
     let (stdout_url, stderr_url) = output_urls(&state.public_url, &inv);
     let elapsed = match (&inv.started_at, &inv.finished_at) {
-        (Some(s), Some(f)) => format!("PT{:.3}S", (rfc_ms(f) - rfc_ms(s)).max(0) as f64 / 1000.0),
+        (Some(s), Some(f)) => format!(
+            "PT{:.3}S",
+            (parse_rfc3339_ms(f) - parse_rfc3339_ms(s)).max(0) as f64 / 1000.0
+        ),
         _ => String::new(),
     };
     Ok(json!({

@@ -162,13 +162,7 @@ fn platform(os: &str) -> (String, String) {
 
 fn instance(n: &Node) -> Value {
     let (platform_name, platform_version) = platform(&n.os);
-    let ms = |s: &str| {
-        humantime::parse_rfc3339(s)
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-    };
+    let ms = crate::clock::parse_rfc3339_ms;
     let mut v = json!({
         "InstanceId": n.node_id,
         "PingStatus": n.ping_status,

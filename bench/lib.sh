@@ -1,0 +1,38 @@
+# Shared set-up of the benchmark scripts (sourced): a release build, a temp dir cleaned on exit, a
+# server on a free loopback port with the CLI pointed at it, and helpers to start agents and read RSS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetrun-target}"
+cargo build --release --quiet --bin fleetrun --bin fleetrun-agent
+bin="$CARGO_TARGET_DIR/release"
+work=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export FLEETRUN_SERVER="http://127.0.0.1:$port" FLEETRUN_CONFIG="$work/cli.toml"
+RUST_LOG=warn "$bin/fleetrun" server --data-dir "$work/server" --listen "127.0.0.1:$port" ${SERVER_ARGS:-} >"$work/server.log" 2>&1 &
+server_pid=$!; pids+=("$server_pid")
+for _ in $(seq 100); do [ -s "$work/server/admin.token" ] && curl -sf "$FLEETRUN_SERVER/v1/health" >/dev/null && break; sleep 0.1; done
+FLEETRUN_TOKEN=$(cat "$work/server/admin.token"); export FLEETRUN_TOKEN
+
+# start_agents N: enrols N agents named bench-1..N and waits until all are Online.
+start_agents() {
+  local n=$1 code online=0
+  code=$("$bin/fleetrun" activation create --limit "$n" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["code"])')
+  for i in $(seq "$n"); do
+    RUST_LOG=warn "$bin/fleetrun-agent" --server "$FLEETRUN_SERVER" --state-dir "$work/agents/$i" \
+      --activation-code "$code" --name "bench-$i" --tag bench=yes >"$work/agent-$i.log" 2>&1 &
+    pids+=("$!")
+  done
+  for _ in $(seq 1200); do
+    online=$("$bin/fleetrun" nodes -o json | python3 -c 'import json,sys; print(sum(1 for n in json.load(sys.stdin) if n["ping_status"]=="Online"))')
+    [ "$online" -ge "$n" ] && break; sleep 0.1
+  done
+  echo "agents online: $online / $n"
+}
+
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+ms() { python3 -c 'import sys; print(f"{(int(sys.argv[2])-int(sys.argv[1]))/1e6:.1f}")' "$1" "$2"; }
