@@ -7,8 +7,9 @@ use crate::config::Connection;
 use anyhow::Context;
 use bytes::Bytes;
 use fleetrun_proto::api::{
-    Activation, CancelCommand, Command, CreateActivation, ErrorBody, Invocation, Node, SendCommand,
-    Storage,
+    AccessKey, Activation, CancelCommand, Command, CreateAccessKey, CreateActivation,
+    CreateDocument, Document, ErrorBody, Invocation, Node, SendCommand, SetDefaultVersion, Storage,
+    UpdateDocument,
 };
 use fleetrun_proto::{CommandId, NodeId};
 use reqwest::{Method, RequestBuilder, Response};
@@ -171,6 +172,66 @@ impl Client {
         self.json(self.request(Method::GET, "/v1/storage")).await
     }
 
+    /// `POST /v1/access-keys`: the answer holds the secret, this once.
+    pub async fn create_access_key(&self, body: &CreateAccessKey) -> anyhow::Result<AccessKey> {
+        self.json(self.request(Method::POST, "/v1/access-keys").json(body))
+            .await
+    }
+
+    /// `GET /v1/access-keys`, without secrets.
+    pub async fn access_keys(&self) -> anyhow::Result<Vec<AccessKey>> {
+        self.json(self.request(Method::GET, "/v1/access-keys"))
+            .await
+    }
+
+    /// `POST /v1/documents`.
+    pub async fn create_document(&self, body: &CreateDocument) -> anyhow::Result<Document> {
+        self.json(self.request(Method::POST, "/v1/documents").json(body))
+            .await
+    }
+
+    /// `GET /v1/documents`: every document at its default version, without content.
+    pub async fn documents(&self) -> anyhow::Result<Vec<Document>> {
+        self.json(self.request(Method::GET, "/v1/documents")).await
+    }
+
+    /// `GET /v1/documents/{name}[?version=V]`, with content (the default version when `version` is
+    /// None).
+    pub async fn document(&self, name: &str, version: Option<&str>) -> anyhow::Result<Document> {
+        let mut path = format!("/v1/documents/{}", encode(name));
+        if let Some(v) = version {
+            path.push_str(&format!("?version={}", encode(v)));
+        }
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `PUT /v1/documents/{name}`: adds a version; the answer is the new version.
+    pub async fn update_document(
+        &self,
+        name: &str,
+        body: &UpdateDocument,
+    ) -> anyhow::Result<Document> {
+        let path = format!("/v1/documents/{}", encode(name));
+        self.json(self.request(Method::PUT, &path).json(body)).await
+    }
+
+    /// `PUT /v1/documents/{name}/default-version`.
+    pub async fn set_default_document_version(
+        &self,
+        name: &str,
+        body: &SetDefaultVersion,
+    ) -> anyhow::Result<Document> {
+        let path = format!("/v1/documents/{}/default-version", encode(name));
+        self.json(self.request(Method::PUT, &path).json(body)).await
+    }
+
+    /// `DELETE /v1/documents/{name}`.
+    pub async fn delete_document(&self, name: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/documents/{}", encode(name));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
     /// `GET /v1/commands/{id}/watch`: snapshots until the command is terminal.
     pub async fn watch(&self, id: &CommandId) -> anyhow::Result<Watch<'_>> {
         let resp = self
@@ -202,6 +263,20 @@ impl Client {
         let resp = self.send(self.request(Method::GET, &path)).await?;
         Ok(Output { client: self, resp })
     }
+}
+
+/// Percent-encodes text for a path segment or a query value: everything but RFC 3986's unreserved
+/// characters (so `$LATEST` and names with `/` or spaces reach the server as they were typed).
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A body of raw output bytes.
@@ -261,5 +336,18 @@ impl Watch<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode;
+
+    #[test]
+    fn encodes_path_segments_and_query_values() {
+        assert_eq!(encode("my-doc_1.x"), "my-doc_1.x");
+        assert_eq!(encode("$LATEST"), "%24LATEST");
+        assert_eq!(encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(encode("é"), "%C3%A9");
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{Ctx, parse_command_id};
 use crate::render::{self, Format};
-use fleetrun_proto::api::{Command, Invocation};
+use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, Invocation};
 use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
@@ -44,7 +44,7 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<ExitCode> {
             targets(c),
             format!("{}/{}", c.completed_count, c.target_count),
             c.error_count.to_string(),
-            render::first_line(&script(c), 40),
+            render::first_line(&what(c), 40),
         ]);
     }
     render::print_table(&t)?;
@@ -130,10 +130,22 @@ pub fn header(c: &Command) -> String {
     if !c.comment.is_empty() {
         lines.push(format!("comment:      {}", c.comment));
     }
-    lines.push(format!(
-        "script:       {}",
-        render::first_line(&script(c), 80)
-    ));
+    if c.document_name == DOCUMENT_RUN_SHELL_SCRIPT {
+        lines.push(format!(
+            "script:       {}",
+            render::first_line(&script(c), 80)
+        ));
+    } else {
+        lines.push(format!(
+            "document:     {} version {}",
+            c.document_name,
+            render::or_dash(&c.document_version)
+        ));
+        lines.push(format!(
+            "parameters:   {}",
+            render::or_dash(&render::first_line(&parameters(c), 80))
+        ));
+    }
     lines.push(String::new());
     lines.join("\n")
 }
@@ -197,6 +209,30 @@ fn targets(c: &Command) -> String {
     if !c.targets.is_empty() {
         parts.push(c.targets.clone());
     }
+    parts.join(" ")
+}
+
+/// What a command runs: AWS-RunShellScript's script, else the document, its version and parameters.
+fn what(c: &Command) -> String {
+    if c.document_name == DOCUMENT_RUN_SHELL_SCRIPT {
+        return script(c);
+    }
+    let params = parameters(c);
+    let mut s = format!("{} v{}", c.document_name, c.document_version);
+    if !params.is_empty() {
+        s.push(' ');
+        s.push_str(&params);
+    }
+    s
+}
+
+/// A document's parameters as given: `k=v k2=a,b`.
+fn parameters(c: &Command) -> String {
+    let parts: Vec<String> = c
+        .parameters
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.join(",")))
+        .collect();
     parts.join(" ")
 }
 

@@ -1,9 +1,11 @@
 //! The command tree (clap derive) and dispatch; one file per subcommand family.
 
+mod access_key;
 mod activation;
 mod cancel;
 mod command;
 mod dev;
+mod documents;
 mod nodes;
 mod output;
 mod send;
@@ -65,8 +67,8 @@ enum Subcommands {
     Activation(activation::Cmd),
     /// List managed nodes
     Nodes,
-    /// Run a shell script on nodes
-    Send(send::Args),
+    /// Run a shell script, or a Command document, on nodes
+    Send(Box<send::Args>),
     /// List recent commands, newest first
     Commands(command::ListArgs),
     /// Show one command and its invocations
@@ -79,6 +81,12 @@ enum Subcommands {
     Cancel(cancel::Args),
     /// Show what the server stores and how long it keeps it
     Storage,
+    /// Create, list, show, update and delete Command documents for `send --document`
+    #[command(subcommand)]
+    Documents(documents::Cmd),
+    /// Create or list access keys for the SSM-compatible API (AWS CLI, boto3)
+    #[command(subcommand)]
+    AccessKey(access_key::Cmd),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -108,13 +116,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Dev(args) => dev::run(args).await,
         Subcommands::Activation(cmd) => activation::run(&ctx, cmd).await,
         Subcommands::Nodes => nodes::run(&ctx).await,
-        Subcommands::Send(args) => send::run(&ctx, args).await,
+        Subcommands::Send(args) => send::run(&ctx, *args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,
         Subcommands::Command(args) => command::show(&ctx, args).await,
         Subcommands::Invocations(args) => command::invocations(&ctx, args).await,
         Subcommands::Output(args) => output::run(&ctx, args).await,
         Subcommands::Cancel(args) => cancel::run(&ctx, args).await,
         Subcommands::Storage => storage::run(&ctx).await,
+        Subcommands::Documents(cmd) => documents::run(&ctx, cmd).await,
+        Subcommands::AccessKey(cmd) => access_key::run(&ctx, cmd).await,
     }
 }
 

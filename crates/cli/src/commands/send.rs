@@ -1,4 +1,5 @@
-//! `fleetrun send`: run a shell script on nodes, optionally waiting for the result.
+//! `fleetrun send`: run a shell script (or a Command document) on nodes, optionally waiting for the
+//! result.
 //!
 //! Everything the proto crate can check is checked here first, so mistakes cost one line and no request.
 
@@ -7,11 +8,12 @@ use super::{Ctx, parse_node_ids};
 use crate::client::Client;
 use crate::render::{self, Format};
 use anyhow::{Context, bail};
-use fleetrun_proto::api::{Command, SendCommand};
+use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
 use fleetrun_proto::limits;
 use fleetrun_proto::targets::{Rate, TargetExpr};
 use fleetrun_proto::{CommandId, InvocationStatus};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,13 +54,22 @@ pub struct Args {
     /// Most CPU the script may use on each node, in percent of one core: 50% or 150 (1.5 cores)
     #[arg(long, value_name = "PCT", value_parser = parse_cpu_limit)]
     cpu_limit: Option<u32>,
+    /// Run this document instead of a script (its parameters with --parameter) [default: AWS-RunShellScript]
+    #[arg(long, value_name = "NAME")]
+    document: Option<String>,
+    /// The document's version: a number, $LATEST or $DEFAULT [default: $DEFAULT]
+    #[arg(long, value_name = "N|$LATEST|$DEFAULT")]
+    document_version: Option<String>,
+    /// A document parameter (repeatable; repeat a key to give a list: --parameter names=a --parameter names=b)
+    #[arg(long = "parameter", value_name = "KEY=VALUE")]
+    parameters: Vec<String>,
     /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
     #[arg(long)]
     wait: bool,
-    /// Read the script from a file, one command per line (`-` for stdin)
+    /// Read the script from a file, one command per line (`-` for stdin; AWS-RunShellScript only)
     #[arg(long, value_name = "PATH", conflicts_with = "script")]
     file: Option<PathBuf>,
-    /// The script: words after `--`, joined with spaces into one line
+    /// The script: words after `--`, joined with spaces into one line (AWS-RunShellScript only)
     #[arg(last = true, value_name = "SCRIPT")]
     script: Vec<String>,
 }
@@ -155,19 +166,66 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         );
     }
     let run_as = args.run_as.as_deref().map(check_run_as).transpose()?;
-    let commands = match &args.file {
-        Some(path) => read_script(path)?,
-        None => {
-            if args.script.is_empty() {
+    let parameters = parse_parameters(&args.parameters)?;
+    let document = args.document.as_deref().map(str::trim);
+    if document.is_some_and(str::is_empty) {
+        bail!("--document needs a document name");
+    }
+    if let Some(name) = document.filter(|d| *d != DOCUMENT_RUN_SHELL_SCRIPT) {
+        // Other documents take only their own parameters; the script shorthands are AWS-RunShellScript's.
+        for (given, flag) in [
+            (!args.script.is_empty(), "a script after `--`"),
+            (args.file.is_some(), "--file"),
+            (args.working_dir.is_some(), "--working-dir"),
+            (args.execution_timeout.is_some(), "--execution-timeout"),
+        ] {
+            if given {
                 bail!(
-                    "no script given: put it after `--` (e.g. fleetrun send --targets all -- uname -a) or use --file"
+                    "{flag} is for {DOCUMENT_RUN_SHELL_SCRIPT} only: give the parameters of {name} with --parameter KEY=VALUE"
                 );
             }
-            vec![args.script.join(" ")]
         }
+        return Ok(SendCommand {
+            node_ids,
+            targets,
+            document_name: Some(name.to_owned()),
+            document_version: args.document_version,
+            parameters,
+            delivery_timeout_secs: args.delivery_timeout,
+            max_concurrency: args.max_concurrency,
+            max_errors: args.max_errors,
+            comment: args.comment,
+            run_as,
+            memory_limit_mb: args.memory_limit,
+            cpu_limit_percent: args.cpu_limit,
+            ..SendCommand::default()
+        });
+    }
+    let script_given = args.file.is_some() || !args.script.is_empty();
+    if parameters.contains_key("commands") {
+        if script_given {
+            bail!("the script is given twice: as --parameter commands=... and as a script");
+        }
+    } else if !script_given {
+        bail!(
+            "no script given: put it after `--` (e.g. fleetrun send --targets all -- uname -a) or use --file"
+        );
+    }
+    for (key, flag) in [
+        ("workingDirectory", args.working_dir.is_some()),
+        ("executionTimeout", args.execution_timeout.is_some()),
+    ] {
+        if flag && parameters.contains_key(key) {
+            bail!("{key} is given twice: as --parameter {key}=... and as its flag");
+        }
+    }
+    let commands = match &args.file {
+        Some(path) => read_script(path)?,
+        None if args.script.is_empty() => Vec::new(),
+        None => vec![args.script.join(" ")],
     };
     let size: usize = commands.iter().map(|l| l.len() + 1).sum();
-    if commands.iter().all(|l| l.trim().is_empty()) {
+    if script_given && commands.iter().all(|l| l.trim().is_empty()) {
         bail!("the script is empty");
     }
     if size > limits::SCRIPT_MAX {
@@ -179,6 +237,9 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
     Ok(SendCommand {
         node_ids,
         targets,
+        document_name: document.map(str::to_owned),
+        document_version: args.document_version,
+        parameters,
         commands,
         working_directory: args.working_dir,
         execution_timeout_secs: args.execution_timeout,
@@ -189,8 +250,25 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         run_as,
         memory_limit_mb: args.memory_limit,
         cpu_limit_percent: args.cpu_limit,
-        ..SendCommand::default()
     })
+}
+
+/// `--parameter KEY=VALUE` values by key, split on the first `=`; a repeated key gives a list, in order.
+fn parse_parameters(given: &[String]) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in given {
+        let Some((key, value)) = p.split_once('=') else {
+            bail!("--parameter {p:?} must be KEY=VALUE");
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            bail!("--parameter {p:?} has no name before `=`");
+        }
+        out.entry(key.to_owned())
+            .or_default()
+            .push(value.to_owned());
+    }
+    Ok(out)
 }
 
 /// Checks a `--run-as` user: a name or uid, without spaces or control characters.
@@ -355,6 +433,105 @@ mod tests {
         let b = build_from(&["--targets", "all", "--", "echo", "a b", "-n"]).unwrap();
         assert_eq!(b.commands, vec!["echo a b -n"]);
         assert_eq!(b.targets.as_deref(), Some("all"));
+    }
+
+    #[test]
+    fn documents_and_parameters() {
+        let b = build_from(&[
+            "--targets",
+            "all",
+            "--document",
+            "my-doc",
+            "--document-version",
+            "$LATEST",
+            "--parameter",
+            "names=a",
+            "--parameter",
+            "greeting=x=y",
+            "--parameter",
+            "names=b",
+            "--parameter",
+            "empty=",
+        ])
+        .unwrap();
+        assert_eq!(b.document_name.as_deref(), Some("my-doc"));
+        assert_eq!(b.document_version.as_deref(), Some("$LATEST"));
+        assert_eq!(b.parameters["names"], ["a", "b"]);
+        assert_eq!(b.parameters["greeting"], ["x=y"], "split on the first `=`");
+        assert_eq!(b.parameters["empty"], [""]);
+        assert!(b.commands.is_empty());
+
+        // Without --document nothing changes; the default document may take its parameters too.
+        let b = build_from(&["--targets", "all", "--", "uptime"]).unwrap();
+        assert_eq!(b.document_name, None);
+        assert!(b.parameters.is_empty());
+        let b = build_from(&["--targets", "all", "--parameter", "commands=uptime"]).unwrap();
+        assert_eq!(b.parameters["commands"], ["uptime"]);
+        assert!(b.commands.is_empty());
+        let b = build_from(&[
+            "--targets",
+            "all",
+            "--document",
+            "AWS-RunShellScript",
+            "--",
+            "uptime",
+        ])
+        .unwrap();
+        assert_eq!(b.commands, ["uptime"]);
+
+        for (argv, needle) in [
+            (
+                &["--targets", "all", "--document", "my-doc", "--", "x"][..],
+                "a script after `--` is for AWS-RunShellScript only",
+            ),
+            (
+                &["--targets", "all", "--document", "my-doc", "--file", "x"],
+                "--file is for AWS-RunShellScript only",
+            ),
+            (
+                &[
+                    "--targets",
+                    "all",
+                    "--document",
+                    "my-doc",
+                    "--working-dir",
+                    "/",
+                ],
+                "--working-dir",
+            ),
+            (
+                &["--targets", "all", "--parameter", "greeting", "--", "x"],
+                "KEY=VALUE",
+            ),
+            (
+                &["--targets", "all", "--parameter", "=v", "--", "x"],
+                "no name",
+            ),
+            (
+                &["--targets", "all", "--parameter", "commands=a", "--", "x"],
+                "given twice",
+            ),
+            (
+                &[
+                    "--targets",
+                    "all",
+                    "--parameter",
+                    "workingDirectory=/",
+                    "--working-dir",
+                    "/tmp",
+                    "--",
+                    "x",
+                ],
+                "given twice",
+            ),
+            (
+                &["--targets", "all", "--document", " ", "--", "x"],
+                "--document",
+            ),
+        ] {
+            let err = format!("{:#}", build_from(argv).unwrap_err());
+            assert!(err.contains(needle), "{argv:?}: {err}");
+        }
     }
 
     #[test]

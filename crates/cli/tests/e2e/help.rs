@@ -41,6 +41,8 @@ fn help_snapshots() {
     snapshot("help", &["--help"]);
     snapshot("send-help", &["send", "--help"]);
     snapshot("server-help", &["server", "--help"]);
+    snapshot("documents-help", &["documents", "--help"]);
+    snapshot("access-key-help", &["access-key", "--help"]);
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

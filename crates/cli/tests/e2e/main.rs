@@ -8,6 +8,7 @@ mod support;
 
 mod bad_input;
 mod dev;
+mod documents;
 mod faults;
 mod faults_agent;
 mod faults_netcut;
