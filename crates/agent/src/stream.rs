@@ -341,8 +341,14 @@ impl OutputStream {
         if let Err(e) = write_acked(&acked_path, offset) {
             tracing::warn!(stream = ?self.id, error = %e, "cannot record the acknowledged offset");
         }
+        // The window moved: the writer may be waiting for room to send more (once the command
+        // has ended, no pump will wake it).
+        let more_to_send = st.sent < st.end;
         drop(st);
         self.spool.release(freed);
+        if more_to_send {
+            self.ready.notify_one();
+        }
     }
 
     /// Starts over on a new connection: everything not acknowledged is sent again.
@@ -677,7 +683,20 @@ mod tests {
             sent += data.len() as u64;
         }
         assert_eq!(sent, OUTPUT_WINDOW, "never past the window");
+        s.set_eof();
+        // Regression: an ack that opens the window must wake the writer even after the command
+        // ended (no pump is left to do it); without it, sending stalled until the next ping.
+        let ready = Arc::clone(&s.ready);
+        // Take the wake-up the appends left, so only the ack can give another.
+        let _ = futures_util::FutureExt::now_or_never(ready.notified());
+        let woken = ready.notified();
+        tokio::pin!(woken);
+        assert!(!woken.as_mut().enable(), "a wake-up is pending before the ack");
         s.ack(SEGMENT_MAX + 1);
+        assert!(
+            futures_util::FutureExt::now_or_never(woken).is_some(),
+            "the ack did not wake the writer"
+        );
         assert_eq!(s.spooled(), total - SEGMENT_MAX);
         assert!(!s.segment_path(0).exists());
         assert!(s.segment_path(SEGMENT_MAX).exists());
