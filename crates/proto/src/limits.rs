@@ -31,7 +31,7 @@ pub const WORKING_DIR_MAX: usize = 4_096;
 /// window of the channel: the agent reads no more from the command's pipe until the server acknowledges.
 pub const OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
 /// Largest data payload in one `Output` frame.
-pub const OUTPUT_FRAME_MAX: usize = 64 * 1024;
+pub const OUTPUT_FRAME_MAX: usize = 256 * 1024;
 
 /// Smallest memory limit accepted, in MiB.
 pub const MEMORY_LIMIT_MIN_MB: u64 = 4;
