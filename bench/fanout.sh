@@ -6,6 +6,7 @@ n=${1:-20}
 rounds=${2:-10}
 source "$(dirname "$0")/lib.sh"
 start_agents "$n"
+echo "idle with $n agents: server RSS $(rss "$server_pid") KiB, one agent RSS $(rss "${pids[1]}") KiB"
 one=$("$bin/fleetrun" nodes -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["node_id"])')
 
 run() {  # label, args...
@@ -24,4 +25,4 @@ print(f'$label: median {v[len(v)//2]:.1f} ms, min {v[0]:.1f} ms, max {v[-1]:.1f}
 }
 run "send --wait echo, 1 node" --node "$one"
 run "send --wait echo, $n nodes" --targets all --max-concurrency 100%
-echo "server RSS: $(rss "$server_pid") KiB; one agent RSS: $(rss "${pids[1]}") KiB"
+echo "after the fan-outs: server RSS $(rss "$server_pid") KiB, peak $(hwm "$server_pid") KiB; one agent RSS $(rss "${pids[1]}") KiB"

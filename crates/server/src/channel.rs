@@ -27,6 +27,8 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 /// Time an agent has to send its first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Initial read and write buffer of an agent's WebSocket.
+const SOCKET_BUFFER: usize = 8 * 1024;
 /// Largest frame accepted from an agent (an output frame is at most 64 KiB plus framing).
 const MAX_FRAME: usize = 1024 * 1024;
 
@@ -45,6 +47,10 @@ pub async fn connect(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -
             .into_response();
     };
     ws.max_message_size(MAX_FRAME)
+        // tungstenite's defaults (128 KiB each way) cost 256 KiB per idle agent; big frames grow
+        // the buffers only while they pass.
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| serve(state, socket, permit))
 }
 

@@ -188,7 +188,9 @@ async fn run_actor(
             inline,
         });
     }
-    let (live, _) = broadcast::channel(FOLLOW_BACKLOG);
+    // Made when the first follower comes: most invocations have none, and the channel preallocates
+    // its whole backlog.
+    let mut live: Option<broadcast::Sender<Chunk>> = None;
     loop {
         let deadline = pipes
             .iter()
@@ -225,11 +227,13 @@ async fn run_actor(
                     continue;
                 }
                 let fresh = data.slice((received - offset) as usize..);
-                let _ = live.send(Chunk {
-                    pipe,
-                    offset: received,
-                    data: fresh.clone(),
-                });
+                if let Some(live) = &live {
+                    let _ = live.send(Chunk {
+                        pipe,
+                        offset: received,
+                        data: fresh.clone(),
+                    });
+                }
                 p.buf.extend_from_slice(&fresh);
                 p.first_unflushed.get_or_insert_with(Instant::now);
                 if p.buf.len() >= SEGMENT_BYTES {
@@ -241,7 +245,9 @@ async fn run_actor(
                 let _ = reply.send(FollowStart {
                     stored: p.stored,
                     pending: Bytes::copy_from_slice(&p.buf),
-                    live: live.subscribe(),
+                    live: live
+                        .get_or_insert_with(|| broadcast::channel(FOLLOW_BACKLOG).0)
+                        .subscribe(),
                 });
             }
             Some(OutputMsg::Finished(result)) => {
