@@ -239,13 +239,25 @@ async fn route(
             command_id,
             started_at_ms,
         } => {
+            // The output actor starts first, so the stored output read with the start is current
+            // for it (it is the only writer of it) and it need not read it again.
+            let key = (command_id.clone(), node.clone());
+            let (actor, new) = state.outputs.ensure(state, &key);
             match state
                 .store
                 .mark_started(&command_id, node, started_at_ms)
                 .await
             {
-                Ok(true) => state.dispatchers.bump(&command_id),
-                Ok(false) => {}
+                Ok(Some(stored)) => {
+                    let _ = actor.send(OutputMsg::Primed(stored));
+                    state.dispatchers.bump(&command_id);
+                }
+                Ok(None) => {
+                    // Ended already (or unknown): nothing more will come for a new actor.
+                    if new {
+                        let _ = actor.send(OutputMsg::Close);
+                    }
+                }
                 Err(e) => tracing::error!(%node, %command_id, "cannot record start: {e}"),
             }
         }

@@ -2,14 +2,16 @@
 //! what is stored, and fans live bytes out to followers.
 //!
 //! Output of a pipe is kept as segment objects `output/{command}/{node}/{pipe}/{offset:020}` of at most
-//! [`SEGMENT_BYTES`]; reading concatenates them in offset order. The actor buffers at most one segment
+//! [`SEGMENT_BYTES`] (plus the inline copy's size); reading concatenates them in offset order. While a
+//! pipe's whole output fits in its inline copy in the database, no object is written: readers serve
+//! the inline copy when the stored length equals its length. The actor buffers at most one segment
 //! per pipe, flushes when it is full, [`FLUSH_AFTER`] after its first unflushed byte, or when the
 //! invocation ends, and only then sends `Ack` — so the agent's window bounds memory on both sides and
 //! nothing acknowledged is lost.
 
 use crate::AppState;
 use crate::clock::now_ms;
-use crate::store::Finish;
+use crate::store::{Finish, OutputState};
 use bytes::{Bytes, BytesMut};
 use fleetrun_proto::channel::{ExecResult, Outcome, Pipe, ServerFrame, StreamId};
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
@@ -51,6 +53,9 @@ pub enum OutputMsg {
     },
     /// The invocation was ended by the server (timeout, cancel, lost): flush and stop.
     Close,
+    /// What storage held for the invocation when its start was recorded, read after this actor
+    /// began (so no write of ours can be missing from it): spares the actor reading it itself.
+    Primed(OutputState),
 }
 
 /// Live bytes of a pipe.
@@ -108,6 +113,22 @@ impl Outputs {
         }
     }
 
+    /// Makes sure an actor runs for the invocation: its channel, and whether this call started it.
+    pub fn ensure(
+        &self,
+        state: &Arc<AppState>,
+        key: &InvocationKey,
+    ) -> (mpsc::UnboundedSender<OutputMsg>, bool) {
+        let mut actors = self.lock();
+        if let Some(tx) = actors.get(key) {
+            return (tx.clone(), false);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+        actors.insert(key.clone(), tx.clone());
+        (tx, true)
+    }
+
     /// Stops the invocation's actor if one runs (the invocation ended elsewhere).
     pub fn close(&self, key: &InvocationKey) {
         if let Some(tx) = self.lock().get(key) {
@@ -141,21 +162,53 @@ pub fn pipe_prefix(cmd: &CommandId, node: &NodeId, pipe: Pipe) -> ObjectPath {
 
 struct PipeState {
     pipe: Pipe,
+    /// Bytes stored (recorded in the database).
     stored: u64,
+    /// Bytes `[0, in_objects)` are in segment objects. Below `stored` only while the whole stored
+    /// output fits in `inline` (then `inline` holds it all; readers serve it from there).
+    in_objects: u64,
     buf: BytesMut,
     first_unflushed: Option<Instant>,
     inline: Vec<u8>,
 }
 
 impl PipeState {
+    fn pair(s: OutputState) -> Vec<Self> {
+        vec![
+            Self::new(Pipe::Stdout, s.stdout),
+            Self::new(Pipe::Stderr, s.stderr),
+        ]
+    }
+    fn new(pipe: Pipe, (stored, inline): (u64, Vec<u8>)) -> Self {
+        // A whole output that fits inline may have no objects (or some of it): rewrite from 0 if it
+        // outgrows the inline copy (objects of the same offsets hold the same bytes).
+        let in_objects = if stored as usize <= inline_max(pipe) {
+            0
+        } else {
+            stored
+        };
+        PipeState {
+            pipe,
+            stored,
+            in_objects,
+            buf: BytesMut::new(),
+            first_unflushed: None,
+            inline,
+        }
+    }
     fn received(&self) -> u64 {
         self.stored + self.buf.len() as u64
     }
     fn inline_max(&self) -> usize {
-        match self.pipe {
-            Pipe::Stdout => INLINE_STDOUT_MAX,
-            Pipe::Stderr => INLINE_STDERR_MAX,
-        }
+        inline_max(self.pipe)
+    }
+}
+
+/// Bytes of a pipe kept inline in the database.
+pub fn inline_max(pipe: Pipe) -> usize {
+    match pipe {
+        Pipe::Stdout => INLINE_STDOUT_MAX,
+        Pipe::Stderr => INLINE_STDERR_MAX,
     }
 }
 
@@ -166,28 +219,8 @@ async fn run_actor(
     me: mpsc::UnboundedSender<OutputMsg>,
 ) {
     let (cmd, node) = key.clone();
-    let mut pipes = Vec::with_capacity(2);
-    for pipe in [Pipe::Stdout, Pipe::Stderr] {
-        let (stored, inline) = match state
-            .store
-            .output_state(&cmd, &node, pipe == Pipe::Stderr)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(%cmd, %node, "cannot load output state: {e}");
-                state.outputs.remove(&key, &me);
-                return;
-            }
-        };
-        pipes.push(PipeState {
-            pipe,
-            stored,
-            buf: BytesMut::new(),
-            first_unflushed: None,
-            inline,
-        });
-    }
+    // Loaded from storage on the first message, unless a `Primed` comes first.
+    let mut pipes: Vec<PipeState> = Vec::new();
     // Made when the first follower comes: most invocations have none, and the channel preallocates
     // its whole backlog.
     let mut live: Option<broadcast::Sender<Chunk>> = None;
@@ -208,9 +241,27 @@ async fn run_actor(
                 continue;
             }
         };
+        let Some(msg) = msg else { break };
+        if pipes.is_empty() {
+            let loaded = match msg {
+                OutputMsg::Primed(s) => {
+                    pipes = PipeState::pair(s);
+                    continue;
+                }
+                _ => match state.store.output_state(&cmd, &node).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(%cmd, %node, "cannot load output state: {e}");
+                        break;
+                    }
+                },
+            };
+            pipes = PipeState::pair(loaded);
+        }
         match msg {
-            None => break,
-            Some(OutputMsg::Data { pipe, offset, data }) => {
+            // Storage was read already (a resent Started of a running invocation).
+            OutputMsg::Primed(_) => {}
+            OutputMsg::Data { pipe, offset, data } => {
                 let p = pipe_mut(&mut pipes, pipe);
                 let end = offset + data.len() as u64;
                 let received = p.received();
@@ -240,7 +291,7 @@ async fn run_actor(
                     flush(&state, &cmd, &node, p).await;
                 }
             }
-            Some(OutputMsg::Follow { pipe, reply }) => {
+            OutputMsg::Follow { pipe, reply } => {
                 let p = pipe_mut(&mut pipes, pipe);
                 let _ = reply.send(FollowStart {
                     stored: p.stored,
@@ -250,7 +301,7 @@ async fn run_actor(
                         .subscribe(),
                 });
             }
-            Some(OutputMsg::Finished(result)) => {
+            OutputMsg::Finished(result) => {
                 for p in pipes.iter_mut() {
                     flush(&state, &cmd, &node, p).await;
                 }
@@ -270,7 +321,7 @@ async fn run_actor(
                 }
                 break;
             }
-            Some(OutputMsg::Close) => {
+            OutputMsg::Close => {
                 for p in pipes.iter_mut() {
                     flush(&state, &cmd, &node, p).await;
                 }
@@ -293,38 +344,58 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Stores the buffered bytes of a pipe as one segment, records the stored length, then acknowledges.
+/// Stores the buffered bytes of a pipe, records the stored length, then acknowledges. While the
+/// whole output fits in the inline copy, the database row holds it all and no object is written; once
+/// it outgrows it, one segment object holds everything not yet in objects.
 async fn flush(state: &AppState, cmd: &CommandId, node: &NodeId, p: &mut PipeState) {
     if p.buf.is_empty() {
         p.first_unflushed = None;
         return;
     }
     let data = p.buf.split().freeze();
-    let path = pipe_prefix(cmd, node, p.pipe).join(format!("{:020}", p.stored).as_str());
-    if let Err(e) = state
-        .objects
-        .put(&path, PutPayload::from(data.clone()))
-        .await
-    {
+    let stored = p.stored + data.len() as u64;
+    let inline_only = stored <= p.inline_max() as u64;
+    let restore = |p: &mut PipeState, data: &Bytes| {
         // Keep the bytes; the next flush retries. The agent keeps them too until acknowledged.
-        tracing::error!(%cmd, %node, "cannot store output segment {path}: {e}");
         let mut back = BytesMut::from(&data[..]);
         back.extend_from_slice(&p.buf);
         p.buf = back;
-        return;
+    };
+    if !inline_only {
+        let seg = if p.in_objects < p.stored {
+            // Only while everything stored fits inline, so `inline` holds `[in_objects, stored)`.
+            let mut seg = BytesMut::with_capacity((stored - p.in_objects) as usize);
+            seg.extend_from_slice(&p.inline[p.in_objects as usize..p.stored as usize]);
+            seg.extend_from_slice(&data);
+            seg.freeze()
+        } else {
+            data.clone()
+        };
+        let path = pipe_prefix(cmd, node, p.pipe).join(format!("{:020}", p.in_objects).as_str());
+        if let Err(e) = state.objects.put(&path, PutPayload::from(seg)).await {
+            tracing::error!(%cmd, %node, "cannot store output segment {path}: {e}");
+            restore(p, &data);
+            return;
+        }
     }
-    let room = p.inline_max().saturating_sub(p.inline.len());
+    let inline_len = p.inline.len();
+    let room = p.inline_max().saturating_sub(inline_len);
     p.inline.extend_from_slice(&data[..room.min(data.len())]);
-    p.stored += data.len() as u64;
-    p.first_unflushed = None;
     if let Err(e) = state
         .store
-        .update_output(cmd, node, p.pipe == Pipe::Stderr, p.stored, &p.inline)
+        .update_output(cmd, node, p.pipe == Pipe::Stderr, stored, &p.inline)
         .await
     {
         tracing::error!(%cmd, %node, "cannot record output length: {e}");
+        p.inline.truncate(inline_len);
+        restore(p, &data);
         return;
     }
+    p.stored = stored;
+    if !inline_only {
+        p.in_objects = stored;
+    }
+    p.first_unflushed = None;
     ack(state, cmd, node, p.pipe, p.stored);
 }
 

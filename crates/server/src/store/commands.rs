@@ -4,6 +4,7 @@
 //! which moves the command's counters in the same transaction and only from a non-terminal status,
 //! so a counter can never count one invocation twice.
 
+use super::writer::WriteOp;
 use super::{Result, Store};
 use crate::clock::rfc3339;
 use fleetrun_proto::api::{Command, Invocation};
@@ -11,7 +12,7 @@ use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::status::details;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use std::collections::BTreeMap;
 
 /// What a command asks of each node and how it is rolled out: the part of a command the dispatcher
@@ -361,25 +362,23 @@ impl Store {
         Ok(())
     }
 
-    /// Records that the node started the invocation (a Cancelling one stays Cancelling).
+    /// Records that the node started the invocation (a Cancelling one stays Cancelling). Returns
+    /// the invocation's stored output when it was updated (None when it has ended or does not exist).
     pub async fn mark_started(
         &self,
         id: &CommandId,
         node: &NodeId,
         started_at: i64,
-    ) -> Result<bool> {
-        let r = sqlx::query(
-            "UPDATE invocations SET started_at = COALESCE(started_at, ?),
-                 status = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END,
-                 status_details = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END
-             WHERE command_id = ? AND node_id = ? AND status IN ('Pending', 'InProgress', 'Cancelling')",
-        )
-        .bind(started_at)
-        .bind(id.as_str())
-        .bind(node.as_str())
-        .execute(&self.write)
-        .await?;
-        Ok(r.rows_affected() > 0)
+    ) -> Result<Option<OutputState>> {
+        let (id, node) = (id.clone(), node.clone());
+        self.writer
+            .write(|reply| WriteOp::MarkStarted {
+                id,
+                node,
+                started_at,
+                reply,
+            })
+            .await
     }
 
     /// Marks invocations Cancelling (a cancel was sent to their nodes).
@@ -419,51 +418,10 @@ impl Store {
         id: &CommandId,
         ends: &[(NodeId, Finish)],
     ) -> Result<Vec<NodeId>> {
-        let mut tx = self.write.begin().await?;
-        let mut ended = Vec::new();
-        let (mut errors, mut delivery_timeouts) = (0i64, 0i64);
-        let q = concat!(
-            "UPDATE invocations SET status = ?, status_details = ?, exit_code = ?, signal = ?,",
-            " started_at = COALESCE(started_at, ?), finished_at = ?, cpu_user_ms = ?, cpu_system_ms = ?,",
-            " max_rss_kb = ?, message = ?, limits_applied = ?",
-            " WHERE command_id = ? AND node_id = ? AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
-        );
-        for (node, f) in ends {
-            let r = sqlx::query(q)
-                .bind(f.status.as_str())
-                .bind(f.details)
-                .bind(f.exit_code)
-                .bind(f.signal)
-                .bind(f.started_at)
-                .bind(f.finished_at)
-                .bind(f.cpu_user_ms.map(|v| v as i64))
-                .bind(f.cpu_system_ms.map(|v| v as i64))
-                .bind(f.max_rss_kb.map(|v| v as i64))
-                .bind(&f.message)
-                .bind(&f.limits_applied)
-                .bind(id.as_str())
-                .bind(node.as_str())
-                .execute(&mut *tx)
-                .await?;
-            if r.rows_affected() > 0 {
-                ended.push(node.clone());
-                errors += i64::from(f.is_error());
-                delivery_timeouts += i64::from(f.details == details::DELIVERY_TIMED_OUT);
-            }
-        }
-        sqlx::query(
-            "UPDATE commands SET completed_count = completed_count + ?, error_count = error_count + ?,
-                 delivery_timed_out_count = delivery_timed_out_count + ?
-             WHERE command_id = ?",
-        )
-        .bind(ended.len() as i64)
-        .bind(errors)
-        .bind(delivery_timeouts)
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(ended)
+        let (id, ends) = (id.clone(), ends.to_vec());
+        self.writer
+            .write(|reply| WriteOp::Finish { id, ends, reply })
+            .await
     }
 
     /// Records how much of an output pipe is stored, and its inline copy (its first bytes).
@@ -475,41 +433,30 @@ impl Store {
         stored: u64,
         inline: &[u8],
     ) -> Result<()> {
-        let q = if stderr {
-            "UPDATE invocations SET stderr_bytes = ?, stderr_inline = ? WHERE command_id = ? AND node_id = ?"
-        } else {
-            "UPDATE invocations SET stdout_bytes = ?, stdout_inline = ? WHERE command_id = ? AND node_id = ?"
-        };
-        sqlx::query(q)
-            .bind(stored as i64)
-            .bind(inline)
-            .bind(id.as_str())
-            .bind(node.as_str())
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        let (id, node, inline) = (id.clone(), node.clone(), inline.to_vec());
+        self.writer
+            .write(|reply| WriteOp::UpdateOutput {
+                id,
+                node,
+                stderr,
+                stored,
+                inline,
+                reply,
+            })
+            .await
     }
 
-    /// Stored length and inline copy of an output pipe.
-    pub async fn output_state(
-        &self,
-        id: &CommandId,
-        node: &NodeId,
-        stderr: bool,
-    ) -> Result<(u64, Vec<u8>)> {
-        let q = if stderr {
-            "SELECT stderr_bytes AS n, stderr_inline AS inline FROM invocations WHERE command_id = ? AND node_id = ?"
-        } else {
-            "SELECT stdout_bytes AS n, stdout_inline AS inline FROM invocations WHERE command_id = ? AND node_id = ?"
-        };
-        let row = sqlx::query(q)
-            .bind(id.as_str())
-            .bind(node.as_str())
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row
-            .map(|r| (r.get::<i64, _>("n") as u64, r.get("inline")))
-            .unwrap_or_default())
+    /// Stored length and inline copy of both pipes of an invocation (empty when it has none).
+    pub async fn output_state(&self, id: &CommandId, node: &NodeId) -> Result<OutputState> {
+        let row = sqlx::query(
+            "SELECT stdout_bytes, stdout_inline, stderr_bytes, stderr_inline FROM invocations
+             WHERE command_id = ? AND node_id = ?",
+        )
+        .bind(id.as_str())
+        .bind(node.as_str())
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.as_ref().map(output_state_from_row).unwrap_or_default())
     }
 
     /// Sets a command's final (or Cancelling) status.
@@ -713,4 +660,130 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Stored length and inline copy of both pipes of an invocation.
+#[derive(Clone, Debug, Default)]
+pub struct OutputState {
+    /// Stdout: stored length, inline copy.
+    pub stdout: (u64, Vec<u8>),
+    /// Stderr: stored length, inline copy.
+    pub stderr: (u64, Vec<u8>),
+}
+
+impl OutputState {
+    /// One pipe's stored length and inline copy.
+    pub fn pipe(self, pipe: fleetrun_proto::channel::Pipe) -> (u64, Vec<u8>) {
+        match pipe {
+            fleetrun_proto::channel::Pipe::Stdout => self.stdout,
+            fleetrun_proto::channel::Pipe::Stderr => self.stderr,
+        }
+    }
+}
+
+fn output_state_from_row(r: &SqliteRow) -> OutputState {
+    OutputState {
+        stdout: (
+            r.get::<i64, _>("stdout_bytes") as u64,
+            r.get("stdout_inline"),
+        ),
+        stderr: (
+            r.get::<i64, _>("stderr_bytes") as u64,
+            r.get("stderr_inline"),
+        ),
+    }
+}
+
+pub(super) async fn mark_started(
+    conn: &mut SqliteConnection,
+    id: &CommandId,
+    node: &NodeId,
+    started_at: i64,
+) -> Result<Option<OutputState>> {
+    let row = sqlx::query(
+        "UPDATE invocations SET started_at = COALESCE(started_at, ?),
+             status = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END,
+             status_details = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END
+         WHERE command_id = ? AND node_id = ? AND status IN ('Pending', 'InProgress', 'Cancelling')
+         RETURNING stdout_bytes, stdout_inline, stderr_bytes, stderr_inline",
+    )
+    .bind(started_at)
+    .bind(id.as_str())
+    .bind(node.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.as_ref().map(output_state_from_row))
+}
+
+pub(super) async fn update_output(
+    conn: &mut SqliteConnection,
+    id: &CommandId,
+    node: &NodeId,
+    stderr: bool,
+    stored: u64,
+    inline: &[u8],
+) -> Result<()> {
+    let q = if stderr {
+        "UPDATE invocations SET stderr_bytes = ?, stderr_inline = ? WHERE command_id = ? AND node_id = ?"
+    } else {
+        "UPDATE invocations SET stdout_bytes = ?, stdout_inline = ? WHERE command_id = ? AND node_id = ?"
+    };
+    sqlx::query(q)
+        .bind(stored as i64)
+        .bind(inline)
+        .bind(id.as_str())
+        .bind(node.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn finish_invocations(
+    conn: &mut SqliteConnection,
+    id: &CommandId,
+    ends: &[(NodeId, Finish)],
+) -> Result<Vec<NodeId>> {
+    let mut ended = Vec::new();
+    let (mut errors, mut delivery_timeouts) = (0i64, 0i64);
+    let q = concat!(
+        "UPDATE invocations SET status = ?, status_details = ?, exit_code = ?, signal = ?,",
+        " started_at = COALESCE(started_at, ?), finished_at = ?, cpu_user_ms = ?, cpu_system_ms = ?,",
+        " max_rss_kb = ?, message = ?, limits_applied = ?",
+        " WHERE command_id = ? AND node_id = ? AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
+    );
+    for (node, f) in ends {
+        let r = sqlx::query(q)
+            .bind(f.status.as_str())
+            .bind(f.details)
+            .bind(f.exit_code)
+            .bind(f.signal)
+            .bind(f.started_at)
+            .bind(f.finished_at)
+            .bind(f.cpu_user_ms.map(|v| v as i64))
+            .bind(f.cpu_system_ms.map(|v| v as i64))
+            .bind(f.max_rss_kb.map(|v| v as i64))
+            .bind(&f.message)
+            .bind(&f.limits_applied)
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .execute(&mut *conn)
+            .await?;
+        if r.rows_affected() > 0 {
+            ended.push(node.clone());
+            errors += i64::from(f.is_error());
+            delivery_timeouts += i64::from(f.details == details::DELIVERY_TIMED_OUT);
+        }
+    }
+    sqlx::query(
+        "UPDATE commands SET completed_count = completed_count + ?, error_count = error_count + ?,
+             delivery_timed_out_count = delivery_timed_out_count + ?
+         WHERE command_id = ?",
+    )
+    .bind(ended.len() as i64)
+    .bind(errors)
+    .bind(delivery_timeouts)
+    .bind(id.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(ended)
 }

@@ -1,14 +1,18 @@
 //! Persistent state in SQL: the schema lives in `migrations/`, queries in one file per resource.
 //!
 //! SQLite allows one writer at a time, so writes go through a pool of one connection (no `SQLITE_BUSY`
-//! under load) and reads through a separate pool; WAL keeps readers from blocking the writer.
+//! under load) and reads through a separate pool; WAL keeps readers from blocking the writer. The hot
+//! writes (starts, output lengths, results) are group-committed by one task (`writer.rs`).
 
 mod commands;
 mod documents;
 mod nodes;
 mod ssm;
+mod writer;
 
-pub use commands::{CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, Totals};
+pub use commands::{
+    CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, OutputState, Totals,
+};
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, RegisterError};
 pub use ssm::{CommandMeta, CommandQuery};
@@ -24,6 +28,8 @@ use std::time::Duration;
 pub struct Store {
     read: SqlitePool,
     write: SqlitePool,
+    /// Group commit of the hot writes, on the `write` connection.
+    writer: writer::Writer,
 }
 
 /// A storage failure. Shown to API clients only as an internal error.
@@ -86,6 +92,11 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        Ok(Store { read, write })
+        let writer = writer::Writer::spawn(write.clone());
+        Ok(Store {
+            read,
+            write,
+            writer,
+        })
     }
 }
