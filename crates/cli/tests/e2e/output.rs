@@ -147,3 +147,32 @@ fn follow_prints_output_before_the_command_ends() {
     let c = server.wait_terminal(&id, Duration::from_secs(15));
     assert_eq!(c["status"], "Success");
 }
+
+/// Output first kept inline (it fits the 24,000-byte copy), then outgrowing it, reads back whole —
+/// around the boundary and across a pause that makes the server store the inline part first.
+#[test]
+fn output_that_outgrows_its_inline_copy_is_byte_exact() {
+    let server = Server::start();
+    let _a = Agent::start(&server, "a", &[]);
+    let node = server.wait_online("a")["node_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    for len in [23_999usize, 24_000, 24_001] {
+        let id = send_and_wait(
+            &server,
+            &node,
+            &format!("head -c {len} /dev/zero | tr '\\0' x"),
+        );
+        assert_eq!(server.output(&id, &node), vec![b'x'; len], "{len} bytes");
+    }
+    // 20,000 bytes, a pause (stored inline meanwhile), then 10,000 more.
+    let script =
+        "head -c 20000 /dev/zero | tr '\\0' a; sleep 0.5; head -c 10000 /dev/zero | tr '\\0' b";
+    let id = send_and_wait(&server, &node, script);
+    let mut expected = vec![b'a'; 20_000];
+    expected.extend(vec![b'b'; 10_000]);
+    assert_eq!(server.output(&id, &node), expected);
+    let followed = server.cli(&["output", &id, &node, "--follow"]).ok().stdout;
+    assert_eq!(followed, expected, "--follow of an ended invocation");
+}
