@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! STATE_DIR/completed.log          ids whose result the server acknowledged (the last 10,000)
-//! STATE_DIR/runs/<id>/request.json the accepted RunRequest (fsynced before anything runs)
-//!                     started.json start marker: written (pid unknown) before spawn, then with the pid
+//! STATE_DIR/runs/<id>/request.json the accepted RunRequest (data synced on acceptance; its entry
+//!                                  and the run directory's are synced with the start marker)
+//!                     started.json start marker, fixed size: written and synced (with both
+//!                                  directories) before spawn without a pid, then the pid filled
+//!                                  in by one in-place write
 //!                     result.json  the ExecResult (fsynced before Finished is sent)
 //!                     stdout.<offset:020>, stdout.acked, stderr.*   the output spool (see stream.rs)
 //!                     work/        the command's own directory: script.sh, default cwd
@@ -19,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The accepted request.
@@ -59,7 +62,7 @@ pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> io::Result<
         .mode(0o600)
         .open(&tmp)?;
     f.write_all(&json)?;
-    f.sync_all()?;
+    f.sync_data()?;
     drop(f);
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
@@ -81,18 +84,79 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Accepts `req`: creates its run directory and records the request durably. Fails with
+/// Accepts `req`: creates its run directory and writes the request into it (data synced; the
+/// directory entries are synced by [`mark_spawning`], before anything runs). Fails with
 /// `AlreadyExists` if the directory exists (the invocation was accepted before).
 pub fn accept(runs_dir: &Path, req: &RunRequest) -> io::Result<PathBuf> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(runs_dir)?;
     let run_dir = runs_dir.join(req.command_id.as_str());
-    fs::DirBuilder::new().mode(0o700).create(&run_dir)?;
-    write_json(&run_dir, REQUEST_FILE, req)?;
-    sync_dir(runs_dir)?;
+    match fs::DirBuilder::new().mode(0o700).create(&run_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(runs_dir)?;
+            fs::DirBuilder::new().mode(0o700).create(&run_dir)?;
+        }
+        r => r?,
+    }
+    let json = serde_json::to_vec_pretty(req).map_err(io::Error::other)?;
+    // The directory is new and nobody else writes in it: no temporary file is needed. A torn
+    // request (power cut before the marker's syncs) has no marker, so it never ran: `scan`
+    // drops it and the server sends the `Run` again.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(run_dir.join(REQUEST_FILE))?;
+    f.write_all(&json)?;
+    f.sync_data()?;
     Ok(run_dir)
+}
+
+/// Size of the start marker file: the record padded with spaces, so the pid is filled in later by
+/// one in-place write of the whole file (no temporary file, no rename, no new inode).
+const MARKER_LEN: usize = 256;
+
+fn marker_bytes(record: &StartRecord) -> io::Result<Vec<u8>> {
+    let mut json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+    if json.len() >= MARKER_LEN {
+        return Err(io::Error::other("start marker too long"));
+    }
+    json.resize(MARKER_LEN - 1, b' ');
+    json.push(b'\n');
+    Ok(json)
+}
+
+/// Writes the start marker before the spawn and makes it, the request and the run directory
+/// durable: the marker's data, the run directory (the entries of request and marker) and the
+/// directory of runs (the run directory's entry) are synced.
+pub fn mark_spawning(run_dir: &Path, record: &StartRecord) -> io::Result<()> {
+    let bytes = marker_bytes(record)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(run_dir.join(STARTED_FILE))?;
+    f.write_all_at(&bytes, 0)?;
+    f.sync_data()?;
+    drop(f);
+    sync_dir(run_dir)?;
+    match run_dir.parent() {
+        Some(runs_dir) => sync_dir(runs_dir),
+        None => Ok(()),
+    }
+}
+
+/// Fills the pid into the start marker: one in-place write of the same length, not synced. The
+/// pid matters after a crash of the agent, when the page cache survives; after a power cut the
+/// process is gone anyway, and a torn marker still counts as started.
+pub fn record_pid(run_dir: &Path, record: &StartRecord) -> io::Result<()> {
+    let bytes = marker_bytes(record)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(run_dir.join(STARTED_FILE))?;
+    f.write_all_at(&bytes, 0)
 }
 
 /// Field 22 of `/proc/<pid>/stat`: the process's start time in clock ticks after boot.
@@ -184,8 +248,13 @@ fn read_leftover(run_dir: &Path) -> io::Result<Option<Leftover>> {
             return Ok(Some(Leftover::Interrupted { run_dir, started }));
         }
     }
-    Ok(read_json(&run_dir.join(REQUEST_FILE))?
-        .map(|request| Leftover::NotStarted { run_dir, request }))
+    // No marker: it never ran. A torn request (acceptance interrupted) is dropped like a
+    // missing one; the server sends the `Run` again.
+    match read_json(&run_dir.join(REQUEST_FILE)) {
+        Ok(request) => Ok(request.map(|request| Leftover::NotStarted { run_dir, request })),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes a run directory; a missing one is fine.

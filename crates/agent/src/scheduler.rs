@@ -252,7 +252,7 @@ async fn run_invocation(
                 started_at_ms: now_ms(),
                 ..StartRecord::default()
             };
-            journal::write_json(&run_dir, journal::STARTED_FILE, &marker)
+            journal::mark_spawning(&run_dir, &marker)
                 .map_err(|e| format!("the agent cannot record the start of the command: {e}"))
         }
         ExecEvent::Started {
@@ -267,7 +267,7 @@ async fn run_invocation(
                 started_at_ms,
                 proc_start_time: journal::proc_start_time(pgid),
             };
-            journal::write_json(&run_dir, journal::STARTED_FILE, &record)
+            journal::record_pid(&run_dir, &record)
                 .map_err(|e| format!("cannot record the command's pid: {e}"))
         }
         ExecEvent::Reaped => {

@@ -691,7 +691,10 @@ mod tests {
         let _ = futures_util::FutureExt::now_or_never(ready.notified());
         let woken = ready.notified();
         tokio::pin!(woken);
-        assert!(!woken.as_mut().enable(), "a wake-up is pending before the ack");
+        assert!(
+            !woken.as_mut().enable(),
+            "a wake-up is pending before the ack"
+        );
         s.ack(SEGMENT_MAX + 1);
         assert!(
             futures_util::FutureExt::now_or_never(woken).is_some(),
