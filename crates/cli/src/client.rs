@@ -7,9 +7,9 @@ use crate::config::Connection;
 use anyhow::Context;
 use bytes::Bytes;
 use fleetrun_proto::api::{
-    AccessKey, Activation, CancelCommand, Command, CreateAccessKey, CreateActivation,
-    CreateDocument, Document, ErrorBody, Invocation, Node, SendCommand, SetDefaultVersion, Storage,
-    UpdateDocument,
+    AccessKey, Activation, AuditQuery, AuditRecord, AuditVerify, CancelCommand, Command,
+    CreateAccessKey, CreateActivation, CreateDocument, Document, ErrorBody, Invocation, Node,
+    SendCommand, SetDefaultVersion, Storage, UpdateDocument,
 };
 use fleetrun_proto::{CommandId, NodeId};
 use reqwest::{Method, RequestBuilder, Response};
@@ -129,6 +129,44 @@ impl Client {
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
         self.json(self.request(Method::GET, "/v1/nodes")).await
+    }
+
+    /// `DELETE /v1/nodes/{id}`: deregisters a node.
+    pub async fn deregister_node(&self, id: &NodeId) -> anyhow::Result<Node> {
+        self.json(self.request(Method::DELETE, &format!("/v1/nodes/{id}")))
+            .await
+    }
+
+    /// `GET /v1/audit`.
+    pub async fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditRecord>> {
+        let mut url = reqwest::Url::parse("http://query.invalid/v1/audit")?;
+        {
+            let mut pairs = url.query_pairs_mut();
+            let fields = [
+                ("principal", q.principal.clone()),
+                ("action", q.action.clone()),
+                ("node", q.node.clone()),
+                ("since", q.since.clone()),
+                ("until", q.until.clone()),
+                ("limit", q.limit.map(|n| n.to_string())),
+            ];
+            for (k, v) in fields {
+                if let Some(v) = v {
+                    pairs.append_pair(k, &v);
+                }
+            }
+        }
+        let path = match url.query() {
+            Some(query) => format!("/v1/audit?{query}"),
+            None => "/v1/audit".to_owned(),
+        };
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `POST /v1/audit/verify`.
+    pub async fn audit_verify(&self) -> anyhow::Result<AuditVerify> {
+        self.json(self.request(Method::POST, "/v1/audit/verify"))
+            .await
     }
 
     /// `POST /v1/commands`.

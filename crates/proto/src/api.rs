@@ -23,6 +23,9 @@
 //! | `GET /v1/storage` | | [`Storage`] |
 //! | `POST /v1/access-keys` | [`CreateAccessKey`] | [`AccessKey`] (201; the only time the secret is shown) |
 //! | `GET /v1/access-keys` | | `[AccessKey]` without secrets |
+//! | `DELETE /v1/nodes/{node_id}` | | [`Node`]: deregistered (gone from listings, channel refused) |
+//! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
+//! | `POST /v1/audit/verify` | | [`AuditVerify`] |
 //! | `POST /` | AWS JSON 1.1, SigV4-signed (the SSM-compatible API) | |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
 //!
@@ -425,4 +428,68 @@ pub struct DocumentParameter {
     pub description: String,
     /// The default as JSON text (absent: the parameter is required).
     pub default_value: Option<String>,
+}
+
+/// Query of `GET /v1/audit`; every member is optional and they combine with AND.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only this principal (`admin`, an access key id, a node id, `anonymous`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal: Option<String>,
+    /// Only this action (`commands.send`); a trailing `*` matches a prefix (`ssm.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Only records naming this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Not before this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Not after this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// At most this many records (1 to 10,000; default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One record of the audit trail.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the chain (1, 2, ...).
+    pub seq: u64,
+    /// When (RFC 3339).
+    pub time: String,
+    /// Who: an API token's name (`admin`), an access key id, a node id, or `anonymous`.
+    pub principal: String,
+    /// The client's address.
+    pub source: String,
+    /// What: `commands.send`, `ssm.SendCommand`, `nodes.deregister`, `agent.hello`...
+    pub action: String,
+    /// The command acted on (empty when none).
+    pub command_id: String,
+    /// The nodes acted on.
+    pub node_ids: Vec<String>,
+    /// The document acted on (empty when none).
+    pub document: String,
+    /// The request's parameters with secrets redacted (a send's script is kept).
+    pub params: serde_json::Value,
+    /// The outcome: HTTP status and error code, or the channel's answer.
+    pub result: String,
+    /// The record's chain hash (hex SHA-256).
+    pub hash: String,
+}
+
+/// Answer of `POST /v1/audit/verify`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditVerify {
+    /// Whether the whole chain is intact.
+    pub ok: bool,
+    /// Records checked and found intact (before the first bad one).
+    pub records: u64,
+    /// The first record that does not fit the chain.
+    pub first_bad_seq: Option<u64>,
+    /// Why, in one line.
+    pub reason: Option<String>,
 }

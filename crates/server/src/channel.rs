@@ -4,13 +4,14 @@
 //! writer task drains the node's queue in the hub.
 
 use crate::AppState;
+use crate::audit::{self as trail, ANONYMOUS};
 use crate::clock::now_ms;
 use crate::dispatch::{DispatchMsg, end_invocations};
 use crate::output::OutputMsg;
 use crate::secrets;
-use crate::store::{Finish, NewNode, RegisterError};
-use axum::extract::State;
+use crate::store::{AuditEntry, Finish, NewNode, RegisterError};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use fleetrun_proto::version::PROTOCOL_VERSION;
 use fleetrun_proto::{InvocationStatus, NodeId};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -35,7 +37,11 @@ const MAX_FRAME: usize = 1024 * 1024;
 /// Upgrades the request to the agent channel. When too many handshakes are in progress (a reconnect
 /// storm after a restart), answers 503 with a jittered Retry-After instead, so the server sheds load
 /// rather than falling over; agents wait that long before re-dialling.
-pub async fn connect(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
+pub async fn connect(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
         let retry_after = 1 + rand::random::<u64>() % 5;
         let headers = [(header::RETRY_AFTER, retry_after.to_string())];
@@ -51,10 +57,38 @@ pub async fn connect(State(state): State<Arc<AppState>>, ws: WebSocketUpgrade) -
         // the buffers only while they pass.
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
-        .on_upgrade(move |socket| serve(state, socket, permit))
+        .on_upgrade(move |socket| serve(state, socket, permit, addr.to_string()))
 }
 
-async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: OwnedSemaphorePermit) {
+/// Audits a channel action (waiting for its commit: handshakes are not the hot path).
+async fn audit(
+    state: &AppState,
+    source: &str,
+    principal: &str,
+    action: &str,
+    node: Option<&NodeId>,
+    params: serde_json::Value,
+    result: &str,
+) {
+    let entry = AuditEntry {
+        at: now_ms(),
+        principal: principal.into(),
+        source: source.into(),
+        action: action.into(),
+        node_ids: node.map(|n| vec![n.to_string()]).unwrap_or_default(),
+        params,
+        result: result.into(),
+        ..AuditEntry::default()
+    };
+    trail::record(state, entry, true).await;
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    mut socket: WebSocket,
+    permit: OwnedSemaphorePermit,
+    source: String,
+) {
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut socket)).await {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
@@ -78,7 +112,25 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: OwnedSemapho
             if let Err(msg) = check_version(protocol_version) {
                 return refuse(socket, "ProtocolVersion", &msg).await;
             }
-            match register(&state, &activation_code, info, tags).await {
+            let params = serde_json::json!({
+                "name": info.name, "hostname": info.hostname, "tags": tags,
+            });
+            let registered = register(&state, &activation_code, info, tags).await;
+            let (principal, node, result) = match &registered {
+                Ok((id, _)) => (id.to_string(), Some(id), "Registered"),
+                Err((code, _)) => (ANONYMOUS.to_owned(), None, *code),
+            };
+            audit(
+                &state,
+                &source,
+                &principal,
+                "agent.register",
+                node,
+                params,
+                result,
+            )
+            .await;
+            match registered {
                 Ok((node_id, secret)) => {
                     tracing::info!(%node_id, "node registered");
                     let _ = socket
@@ -99,9 +151,38 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: OwnedSemapho
             if let Err(msg) = check_version(protocol_version) {
                 return refuse(socket, "ProtocolVersion", &msg).await;
             }
+            let refused = |result: &'static str| {
+                let (state, source, node_id) = (&state, &source, &node_id);
+                async move {
+                    let params = serde_json::json!({ "claimed_node_id": node_id.to_string() });
+                    audit(
+                        state,
+                        source,
+                        ANONYMOUS,
+                        "agent.hello",
+                        Some(node_id),
+                        params,
+                        result,
+                    )
+                    .await;
+                }
+            };
             match state.store.node_secret_hash(&node_id).await {
-                Ok(Some(h)) if secrets::hashes_equal(&h, &secrets::hash(&secret)) => {}
+                Ok(Some((h, deregistered)))
+                    if secrets::hashes_equal(&h, &secrets::hash(&secret)) =>
+                {
+                    if deregistered {
+                        refused("UnknownNode: deregistered").await;
+                        return refuse(
+                            socket,
+                            "UnknownNode",
+                            &format!("node {node_id} was deregistered"),
+                        )
+                        .await;
+                    }
+                }
                 Ok(_) => {
+                    refused("UnknownNode").await;
                     return refuse(
                         socket,
                         "UnknownNode",
@@ -122,6 +203,20 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: OwnedSemapho
             if let Err(msg) = check_info(&info) {
                 return refuse(socket, "BadNodeInfo", &msg).await;
             }
+            let params = serde_json::json!({
+                "name": info.name, "hostname": info.hostname, "agent_version": info.agent_version,
+            });
+            let principal = node_id.to_string();
+            audit(
+                &state,
+                &source,
+                &principal,
+                "agent.hello",
+                Some(&node_id),
+                params,
+                "Connected",
+            )
+            .await;
             session(
                 state,
                 socket,
@@ -156,7 +251,14 @@ async fn session(
         tracing::error!(%node, "cannot record connect: {e}");
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<ServerFrame>();
-    let conn_id = state.hub.connect(&node, tx.clone());
+    let (conn_id, mut revoked) = state.hub.connect(&node, tx.clone());
+    // A deregistration between the handshake's check and this connect would have found no connection
+    // to close: look again now that the connection is in the hub.
+    if let Ok(Some((_, true))) = state.store.node_secret_hash(&node).await {
+        state
+            .hub
+            .revoke(&node, &format!("node {node} was deregistered"));
+    }
     let _ = tx.send(ServerFrame::Welcome {
         protocol_version: PROTOCOL_VERSION,
         heartbeat_secs: state.heartbeat_secs,
@@ -182,7 +284,14 @@ async fn session(
 
     let silence = Duration::from_secs(state.heartbeat_secs.max(1) * 3);
     loop {
-        let msg = match tokio::time::timeout(silence, stream.next()).await {
+        let next = tokio::select! {
+            r = tokio::time::timeout(silence, stream.next()) => r,
+            _ = &mut revoked => {
+                tracing::info!(%node, "node revoked; closing its connection");
+                break;
+            }
+        };
+        let msg = match next {
             Err(_) => {
                 tracing::info!(%node, "agent silent for {silence:?}; dropping connection");
                 break;

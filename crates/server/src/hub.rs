@@ -10,7 +10,7 @@ use fleetrun_proto::channel::ServerFrame;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Capacity of the node-online broadcast; a dispatcher that lags rescans the nodes it waits for.
 const ONLINE_EVENTS: usize = 4096;
@@ -25,6 +25,8 @@ pub struct Hub {
 struct Conn {
     id: u64,
     tx: mpsc::UnboundedSender<ServerFrame>,
+    /// Fired to end the session at once (deregistration).
+    revoked: Option<oneshot::Sender<()>>,
 }
 
 impl Default for Hub {
@@ -38,11 +40,40 @@ impl Default for Hub {
 }
 
 impl Hub {
-    /// Registers a node's new connection, replacing (and so closing) an older one. Returns its id.
-    pub fn connect(&self, node: &NodeId, tx: mpsc::UnboundedSender<ServerFrame>) -> u64 {
+    /// Registers a node's new connection, replacing (and so closing) an older one. Returns its id and
+    /// a receiver that fires when the node is revoked (the session must then end).
+    pub fn connect(
+        &self,
+        node: &NodeId,
+        tx: mpsc::UnboundedSender<ServerFrame>,
+    ) -> (u64, oneshot::Receiver<()>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(node.clone(), Conn { id, tx });
-        id
+        let (revoked, on_revoke) = oneshot::channel();
+        self.lock().insert(
+            node.clone(),
+            Conn {
+                id,
+                tx,
+                revoked: Some(revoked),
+            },
+        );
+        (id, on_revoke)
+    }
+
+    /// Ends a node's live connection at once: queues `Error{UnknownNode}` (the agent exits on it) and
+    /// tells its session to close. Returns whether it was connected.
+    pub fn revoke(&self, node: &NodeId, message: &str) -> bool {
+        let Some(mut conn) = self.lock().remove(node) else {
+            return false;
+        };
+        let _ = conn.tx.send(ServerFrame::Error {
+            code: "UnknownNode".into(),
+            message: message.into(),
+        });
+        if let Some(r) = conn.revoked.take() {
+            let _ = r.send(());
+        }
+        true
     }
 
     /// Tells dispatchers that a node is online (after its connection was reconciled).

@@ -3,6 +3,7 @@
 //! Start with [`start`]; the data flow of a command is in ARCHITECTURE.md.
 
 pub mod api;
+pub mod audit;
 pub mod channel;
 pub mod clock;
 pub mod dispatch;
@@ -184,6 +185,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     });
     tracing::info!(%local_addr, "listening");
     let app = api::router(state);
+    // Connect info gives the audit trail each caller's address.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let serve = tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(RunningServer {
         local_addr,

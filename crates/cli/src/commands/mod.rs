@@ -2,6 +2,7 @@
 
 mod access_key;
 mod activation;
+mod audit;
 mod cancel;
 mod command;
 mod dev;
@@ -65,8 +66,11 @@ enum Subcommands {
     /// Create or list activation codes that agents register with
     #[command(subcommand)]
     Activation(activation::Cmd),
-    /// List managed nodes
-    Nodes,
+    /// List managed nodes, or deregister one
+    Nodes {
+        #[command(subcommand)]
+        cmd: Option<nodes::Cmd>,
+    },
     /// Run a shell script, or a Command document, on nodes
     Send(Box<send::Args>),
     /// List recent commands, newest first
@@ -87,6 +91,8 @@ enum Subcommands {
     /// Create or list access keys for the SSM-compatible API (AWS CLI, boto3)
     #[command(subcommand)]
     AccessKey(access_key::Cmd),
+    /// Query the audit trail, or verify its hash chain
+    Audit(audit::Args),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -115,7 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Server(args) => server::run(args).await,
         Subcommands::Dev(args) => dev::run(args).await,
         Subcommands::Activation(cmd) => activation::run(&ctx, cmd).await,
-        Subcommands::Nodes => nodes::run(&ctx).await,
+        Subcommands::Nodes { cmd } => nodes::run(&ctx, cmd).await,
         Subcommands::Send(args) => send::run(&ctx, *args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,
         Subcommands::Command(args) => command::show(&ctx, args).await,
@@ -125,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Storage => storage::run(&ctx).await,
         Subcommands::Documents(cmd) => documents::run(&ctx, cmd).await,
         Subcommands::AccessKey(cmd) => access_key::run(&ctx, cmd).await,
+        Subcommands::Audit(args) => audit::run(&ctx, args).await,
     }
 }
 

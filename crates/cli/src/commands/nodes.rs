@@ -1,10 +1,31 @@
-//! `fleetrun nodes`: the managed nodes and whether they are connected.
+//! `fleetrun nodes`: the managed nodes and whether they are connected; `nodes deregister ID`.
 
 use super::Ctx;
 use crate::render::{self, Format};
+use clap::Subcommand;
 use std::process::ExitCode;
 
-pub async fn run(ctx: &Ctx) -> anyhow::Result<ExitCode> {
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Revoke a node: close its connection, refuse its reconnects, end its unfinished invocations.
+    /// Its history is kept; it is no longer listed or targeted
+    Deregister {
+        /// Node id (mi-...)
+        node_id: String,
+    },
+}
+
+pub async fn run(ctx: &Ctx, cmd: Option<Cmd>) -> anyhow::Result<ExitCode> {
+    if let Some(Cmd::Deregister { node_id }) = cmd {
+        let id = node_id.trim().parse()?;
+        let node = ctx.client()?.deregister_node(&id).await?;
+        if ctx.format == Format::Json {
+            render::print_json(&node)?;
+        } else {
+            render::emit(&format!("deregistered {} ({})\n", node.node_id, node.name))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let nodes = ctx.client()?.nodes().await?;
     if ctx.format == Format::Json {
         render::print_json(&nodes)?;

@@ -6,7 +6,9 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod audit;
 mod bad_input;
+mod deregister;
 mod dev;
 mod documents;
 mod faults;

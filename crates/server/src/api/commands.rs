@@ -2,13 +2,14 @@
 
 use super::{ApiError, ApiJson, parse_id};
 use crate::AppState;
+use crate::audit::CreatedCommand;
 use crate::dispatch::DispatchMsg;
 use crate::send::{SendError, SendOptions};
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use fleetrun_proto::api::{CancelCommand, Command, Invocation, SendCommand};
 use fleetrun_proto::{CommandId, NodeId};
 use serde::Deserialize;
@@ -19,9 +20,13 @@ use std::sync::Arc;
 pub async fn send(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<SendCommand>,
-) -> Result<(StatusCode, Json<Command>), ApiError> {
+) -> Result<(StatusCode, Extension<CreatedCommand>, Json<Command>), ApiError> {
     match crate::send::send_command(&state, req, SendOptions::default()).await {
-        Ok(cmd) => Ok((StatusCode::CREATED, Json(cmd))),
+        Ok(cmd) => Ok((
+            StatusCode::CREATED,
+            Extension(CreatedCommand(cmd.command_id.to_string())),
+            Json(cmd),
+        )),
         Err(SendError::Invalid { code, message }) => Err(ApiError::bad_request(code, message)),
         Err(SendError::Store(e)) => Err(e.into()),
     }

@@ -2,21 +2,27 @@
 
 mod access_keys;
 mod activations;
+mod audit;
 mod commands;
 mod documents;
 mod nodes;
 mod output;
 mod storage;
 
+use crate::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
+use crate::clock::now_ms;
+use crate::store::AuditEntry;
 use crate::{AppState, secrets};
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
+use serde_json::Value;
 use std::sync::Arc;
 
 /// Builds the HTTP router.
@@ -27,7 +33,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(activations::create).get(activations::list),
         )
         .route("/v1/nodes", get(nodes::list))
-        .route("/v1/nodes/{node_id}", get(nodes::get))
+        .route(
+            "/v1/nodes/{node_id}",
+            get(nodes::get).delete(nodes::deregister),
+        )
         .route("/v1/commands", post(commands::send).get(commands::list))
         .route("/v1/commands/{command_id}", get(commands::get))
         .route("/v1/commands/{command_id}/watch", get(commands::watch))
@@ -59,7 +68,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/access-keys",
             post(access_keys::create).get(access_keys::list),
         )
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/audit/verify", post(audit::verify))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/", post(crate::ssm::handle))
         .route("/v1/health", get(health))
@@ -77,13 +88,91 @@ async fn health() -> Json<Health> {
     })
 }
 
-/// Every API route but health and the agent channel needs a bearer token.
-async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return ApiError::unauthorized(
+/// Largest request body read for the audit record (and so accepted); axum's JSON limit is 2 MiB.
+const AUDIT_BODY_MAX: usize = 2 * 1024 * 1024;
+
+/// Every API route but health and the agent channel needs a bearer token; every call, authenticated
+/// or not, is audited here (see crate::audit). Writes wait for their record's commit before the answer
+/// is sent; reads queue theirs.
+async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let mut entry = AuditEntry {
+        at: now_ms(),
+        principal: ANONYMOUS.into(),
+        source: trail::source(req.extensions()),
+        action: trail::api_action(req.method(), &route),
+        ..AuditEntry::default()
+    };
+    trail::resources_from_path(&mut entry, &route, req.uri().path());
+    let mut wait = req.method() != Method::GET;
+    let query = req.uri().query().map(str::to_owned);
+    let resp = match principal(&state, req.headers()).await {
+        Err(e) => {
+            // A refused caller is worth the wait: brute force must show up at once.
+            wait = true;
+            e.into_response()
+        }
+        Ok(name) => {
+            entry.principal = name;
+            let (parts, body) = req.into_parts();
+            let mut params = serde_json::Map::new();
+            if let Some(q) = query {
+                params.insert("query".into(), Value::String(q));
+            }
+            let bytes = match axum::body::to_bytes(body, AUDIT_BODY_MAX).await {
+                Ok(b) => b,
+                Err(_) => {
+                    let e = ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "InvalidRequest",
+                        format!("request body larger than {AUDIT_BODY_MAX} bytes"),
+                    );
+                    entry.params = Value::Object(params);
+                    return finish(&state, entry, e.into_response(), wait).await;
+                }
+            };
+            if !bytes.is_empty() {
+                match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(v) => {
+                        trail::resources_from_body(&mut entry, &v, &["document_name", "name"]);
+                        params.insert("body".into(), trail::redact(v));
+                    }
+                    Err(_) => {
+                        params.insert("body_bytes".into(), bytes.len().into());
+                    }
+                }
+            }
+            entry.params = Value::Object(params);
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+    };
+    finish(&state, entry, resp, wait).await
+}
+
+/// Records the outcome of a call, then lets the answer go.
+async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, wait: bool) -> Response {
+    if let Some(CreatedCommand(id)) = resp.extensions().get::<CreatedCommand>() {
+        entry.command_id = id.clone();
+    }
+    entry.result = match resp.extensions().get::<ErrorCode>() {
+        Some(ErrorCode(code)) => format!("{} {code}", resp.status().as_u16()),
+        None => resp.status().as_u16().to_string(),
+    };
+    trail::record(state, entry, wait).await;
+    resp
+}
+
+/// The principal a request's bearer token belongs to.
+async fn principal(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
             "missing Authorization header: pass `Authorization: Bearer TOKEN`",
-        )
-        .into_response();
+        ));
     };
     let token = value
         .to_str()
@@ -91,14 +180,15 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return ApiError::unauthorized("malformed Authorization header: expected `Bearer TOKEN`")
-            .into_response();
+        return Err(ApiError::unauthorized(
+            "malformed Authorization header: expected `Bearer TOKEN`",
+        ));
     };
-    match state.store.api_token_exists(&secrets::hash(token)).await {
-        Ok(true) => next.run(req).await,
-        Ok(false) => ApiError::unauthorized("invalid API token").into_response(),
-        Err(e) => ApiError::internal(e).into_response(),
-    }
+    state
+        .store
+        .api_token_name(&secrets::hash(token))
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("invalid API token"))
 }
 
 /// An API error: status, machine-readable code and a one-line message.
@@ -154,7 +244,9 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorCode(self.code));
+        resp
     }
 }
 

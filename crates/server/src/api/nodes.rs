@@ -1,14 +1,18 @@
-//! `GET /v1/nodes`, `GET /v1/nodes/{node_id}`: the fleet.
+//! `GET /v1/nodes`, `GET /v1/nodes/{node_id}`, `DELETE /v1/nodes/{node_id}`: the fleet.
 
 use super::{ApiError, parse_id};
 use crate::AppState;
+use crate::clock::now_ms;
+use crate::dispatch::end_invocations;
+use crate::store::Finish;
 use axum::Json;
 use axum::extract::{Path, State};
-use fleetrun_proto::NodeId;
 use fleetrun_proto::api::Node;
+use fleetrun_proto::status::details;
+use fleetrun_proto::{InvocationStatus, NodeId};
 use std::sync::Arc;
 
-/// Every node with its ping status.
+/// Every node with its ping status (deregistered nodes are not listed).
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Node>>, ApiError> {
     Ok(Json(
         state.store.list_nodes(|n| state.hub.is_online(n)).await?,
@@ -27,4 +31,39 @@ pub async fn get(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found("NodeNotFound", format!("no node {id}")))
+}
+
+/// Deregisters a node: marks it (its row and history stay), closes its live connection with
+/// `UnknownNode` (the agent exits), and ends its unfinished invocations (`Failed` / `Undeliverable`,
+/// or `Terminated` when one had started). From then on it is not listed, not targeted, and its
+/// reconnects are refused. Answers with the node as it was.
+pub async fn deregister(
+    State(state): State<Arc<AppState>>,
+    Path(node_id): Path<String>,
+) -> Result<Json<Node>, ApiError> {
+    let id: NodeId = parse_id(&node_id, "InvalidNodeId")?;
+    let node = state
+        .store
+        .get_node(&id, |n| state.hub.is_online(n))
+        .await?
+        .ok_or_else(|| ApiError::not_found("NodeNotFound", format!("no node {id}")))?;
+    state.store.deregister_node(&id, now_ms()).await?;
+    state
+        .hub
+        .revoke(&id, &format!("node {id} was deregistered"));
+    for (cmd, started) in state.store.open_invocations(&id).await? {
+        let (detail, note) = if started {
+            (
+                details::TERMINATED,
+                "the node was deregistered while the command ran",
+            )
+        } else {
+            (details::UNDELIVERABLE, "the node was deregistered")
+        };
+        let f = Finish::without_running(InvocationStatus::Failed, detail, now_ms(), note);
+        end_invocations(&state, &cmd, vec![(id.clone(), f)]).await?;
+        state.outputs.close(&(cmd, id.clone()));
+    }
+    tracing::info!(node = %id, "node deregistered");
+    Ok(Json(node))
 }

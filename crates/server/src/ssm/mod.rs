@@ -12,12 +12,16 @@ mod shapes;
 pub mod sigv4;
 
 use crate::AppState;
+use crate::audit::{self as trail, ANONYMOUS};
+use crate::clock::now_ms;
+use crate::store::AuditEntry;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -60,28 +64,59 @@ impl From<crate::store::StoreError> for SsmError {
 
 type SsmResult = Result<Value, SsmError>;
 
-/// `POST /`: one SSM operation.
+/// `POST /`: one SSM operation, audited (as `ssm.<Operation>`) before it is answered.
 pub async fn handle(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
+    let op: String = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .map(|t| t.strip_prefix("AmazonSSM.").unwrap_or(t))
+        .unwrap_or("")
+        .chars()
+        .take(64)
+        .collect();
+    let mut entry = AuditEntry {
+        at: now_ms(),
+        principal: ANONYMOUS.into(),
+        source: addr.to_string(),
+        action: format!("ssm.{op}"),
+        ..AuditEntry::default()
+    };
     let result = match authenticate(&state, &method, &uri, &headers, &body).await {
-        Ok(()) => dispatch(&state, &headers, &body).await,
+        Ok(key_id) => {
+            entry.principal = key_id;
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                trail::resources_from_body(&mut entry, &v, &["DocumentName", "Name"]);
+                entry.params = trail::redact(v);
+            }
+            dispatch(&state, &headers, &body).await
+        }
         Err(e) => Err(e),
     };
     let (status, value) = match result {
-        Ok(v) => (StatusCode::OK, v),
+        Ok(v) => {
+            if let Some(id) = v.pointer("/Command/CommandId").and_then(Value::as_str) {
+                entry.command_id = id.to_owned();
+            }
+            entry.result = "200".into();
+            (StatusCode::OK, v)
+        }
         Err(e) => {
             if e.status.is_server_error() {
                 tracing::warn!(code = e.code, "SSM request failed");
             }
+            entry.result = format!("{} {}", e.status.as_u16(), e.code);
             (e.status, json!({ "__type": e.code, "message": e.message }))
         }
     };
+    trail::record(&state, entry, true).await;
     let headers = [
         (
             header::CONTENT_TYPE,
@@ -95,13 +130,14 @@ pub async fn handle(
     (status, headers, value.to_string()).into_response()
 }
 
+/// Verifies the request's SigV4 signature; the access key id is the principal.
 async fn authenticate(
     state: &AppState,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(), SsmError> {
+) -> Result<String, SsmError> {
     let sig_err = |e: sigv4::SigError| SsmError::new(e.code, e.message);
     let auth_value = headers
         .get(header::AUTHORIZATION)
@@ -131,7 +167,8 @@ async fn authenticate(
         headers: &pairs,
         body,
     };
-    sigv4::verify(&auth, &req, &secret, SystemTime::now()).map_err(sig_err)
+    sigv4::verify(&auth, &req, &secret, SystemTime::now()).map_err(sig_err)?;
+    Ok(auth.access_key_id.to_string())
 }
 
 async fn dispatch(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> SsmResult {

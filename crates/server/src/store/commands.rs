@@ -318,6 +318,25 @@ impl Store {
             .collect())
     }
 
+    /// Invocations on a node that have not ended, delivered or not: (command, started).
+    pub async fn open_invocations(&self, node: &NodeId) -> Result<Vec<(CommandId, bool)>> {
+        let q = concat!(
+            "SELECT command_id, started_at FROM invocations WHERE node_id = ?",
+            " AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
+        );
+        let rows = sqlx::query(q)
+            .bind(node.as_str())
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let id = r.get::<String, _>("command_id").parse().ok()?;
+                Some((id, r.get::<Option<i64>, _>("started_at").is_some()))
+            })
+            .collect())
+    }
+
     /// Marks invocations as delivered (their Run frame is about to be sent), and the command as
     /// InProgress.
     pub async fn mark_delivered(&self, id: &CommandId, nodes: &[NodeId], now: i64) -> Result<()> {

@@ -2,14 +2,16 @@
 //!
 //! SQLite allows one writer at a time, so writes go through a pool of one connection (no `SQLITE_BUSY`
 //! under load) and reads through a separate pool; WAL keeps readers from blocking the writer. The hot
-//! writes (starts, output lengths, results) are group-committed by one task (`writer.rs`).
+//! writes (starts, output lengths, results, audit records) are group-committed by one task (`writer.rs`).
 
+pub mod audit;
 mod commands;
 mod documents;
 mod nodes;
 mod ssm;
 mod writer;
 
+pub use audit::AuditEntry;
 pub use commands::{
     CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, OutputState, Totals,
 };

@@ -58,13 +58,14 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a token hash is a known API token.
-    pub async fn api_token_exists(&self, token_hash: &str) -> Result<bool> {
-        let row = sqlx::query("SELECT 1 FROM api_tokens WHERE token_hash = ?")
-            .bind(token_hash)
-            .fetch_optional(&self.read)
-            .await?;
-        Ok(row.is_some())
+    /// The name of the API token with this hash (its principal), if it is one.
+    pub async fn api_token_name(&self, token_hash: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT name FROM api_tokens WHERE token_hash = ?")
+                .bind(token_hash)
+                .fetch_optional(&self.read)
+                .await?,
+        )
     }
 
     /// Creates an activation.
@@ -189,14 +190,26 @@ impl Store {
         Ok(())
     }
 
-    /// The stored secret hash of a node, if the node exists.
-    pub async fn node_secret_hash(&self, node_id: &NodeId) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT secret_hash FROM nodes WHERE node_id = ?")
+    /// The stored secret hash of a node and whether it was deregistered, if the node exists.
+    pub async fn node_secret_hash(&self, node_id: &NodeId) -> Result<Option<(String, bool)>> {
+        let row: Option<(String, Option<i64>)> =
+            sqlx::query_as("SELECT secret_hash, deregistered_at FROM nodes WHERE node_id = ?")
                 .bind(node_id.as_str())
                 .fetch_optional(&self.read)
-                .await?,
+                .await?;
+        Ok(row.map(|(h, d)| (h, d.is_some())))
+    }
+
+    /// Marks a node deregistered (its row stays, for history). False when it was not registered.
+    pub async fn deregister_node(&self, node_id: &NodeId, now: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE nodes SET deregistered_at = ? WHERE node_id = ? AND deregistered_at IS NULL",
         )
+        .bind(now)
+        .bind(node_id.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     /// Records a connect: what the agent reports now, and the time.
@@ -251,8 +264,9 @@ impl Store {
     pub async fn node_names(&self, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("SELECT node_id, name FROM nodes WHERE node_id IN (");
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT node_id, name FROM nodes WHERE deregistered_at IS NULL AND node_id IN (",
+            );
             let mut sep = qb.separated(", ");
             for id in chunk {
                 sep.push_bind(id.as_str());
@@ -269,8 +283,9 @@ impl Store {
 
     /// Nodes (id, name) matching every term of a target expression, ordered by id.
     pub async fn resolve_targets(&self, expr: &TargetExpr) -> Result<Vec<(NodeId, String)>> {
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT n.node_id, n.name FROM nodes n WHERE 1 = 1");
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT n.node_id, n.name FROM nodes n WHERE n.deregistered_at IS NULL",
+        );
         for term in &expr.0 {
             match term {
                 TargetTerm::All => {}
@@ -319,9 +334,13 @@ macro_rules! node_columns {
 const NODE_SELECT_ALL: &str = concat!(
     "SELECT ",
     node_columns!(),
-    " FROM nodes ORDER BY name, node_id"
+    " FROM nodes WHERE deregistered_at IS NULL ORDER BY name, node_id"
 );
-const NODE_SELECT_ONE: &str = concat!("SELECT ", node_columns!(), " FROM nodes WHERE node_id = ?");
+const NODE_SELECT_ONE: &str = concat!(
+    "SELECT ",
+    node_columns!(),
+    " FROM nodes WHERE node_id = ? AND deregistered_at IS NULL"
+);
 
 fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool) -> Result<Node> {
     let id: String = r.get("node_id");

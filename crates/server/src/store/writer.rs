@@ -1,4 +1,4 @@
-//! Group commit for the hot write paths (starts, output lengths, results).
+//! Group commit for the hot write paths (starts, output lengths, results, audit records).
 //!
 //! Every SQLite statement costs a hand-off to sqlx's worker thread, and a transaction of its own costs
 //! three (begin, statement, commit) on the single writer connection. Under a fan-out to many nodes the
@@ -7,6 +7,7 @@
 //! once its own write is durable. When the batch fails, each write is retried in a transaction of its
 //! own, so one bad write cannot fail the others.
 
+use super::audit::{self, AuditEntry};
 use super::commands::{self, OutputState};
 use super::{Finish, Result, StoreError};
 use fleetrun_proto::{CommandId, NodeId};
@@ -37,6 +38,10 @@ pub(super) enum WriteOp {
         ends: Vec<(NodeId, Finish)>,
         reply: oneshot::Sender<Result<Vec<NodeId>>>,
     },
+    Audit {
+        entry: AuditEntry,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// What a write returned, held until its transaction commits.
@@ -44,6 +49,7 @@ enum Done {
     Started(Option<OutputState>),
     Output,
     Finished(Vec<NodeId>),
+    Audited,
 }
 
 impl WriteOp {
@@ -69,6 +75,10 @@ impl WriteOp {
             WriteOp::Finish { id, ends, .. } => {
                 Done::Finished(commands::finish_invocations(conn, id, ends).await?)
             }
+            WriteOp::Audit { entry, .. } => {
+                audit::append(conn, entry).await?;
+                Done::Audited
+            }
         })
     }
 
@@ -92,6 +102,9 @@ impl WriteOp {
                     Done::Finished(v) => Some(v),
                     _ => None,
                 }));
+            }
+            WriteOp::Audit { reply, .. } => {
+                let _ = reply.send(pick(r, |d| matches!(d, Done::Audited).then_some(())));
             }
         }
     }

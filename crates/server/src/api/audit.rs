@@ -1,0 +1,55 @@
+//! `GET /v1/audit`, `POST /v1/audit/verify`: reading and checking the audit trail (bearer token).
+
+use super::ApiError;
+use crate::AppState;
+use axum::Json;
+use axum::extract::{Query, State};
+use fleetrun_proto::api::{AuditQuery, AuditRecord, AuditVerify};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+/// Records matching the query, newest first.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AuditRecord>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "InvalidParameters",
+            format!("limit must be 1 to 10000, got {limit}"),
+        ));
+    }
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| time_ms("since", s))
+        .transpose()?;
+    let until = q
+        .until
+        .as_deref()
+        .map(|s| time_ms("until", s))
+        .transpose()?;
+    Ok(Json(
+        state.store.audit_records(&q, since, until, limit).await?,
+    ))
+}
+
+/// Walks the whole chain.
+pub async fn verify(State(state): State<Arc<AppState>>) -> Result<Json<AuditVerify>, ApiError> {
+    Ok(Json(state.store.verify_audit().await?))
+}
+
+fn time_ms(what: &str, s: &str) -> Result<i64, ApiError> {
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "InvalidParameters",
+                format!("{what} must be an RFC 3339 time, got {s:?}"),
+            )
+        })
+}
