@@ -411,7 +411,7 @@ async fn reconcile(
     node: &NodeId,
     known: &HashSet<fleetrun_proto::CommandId>,
 ) -> Result<(), crate::store::StoreError> {
-    for (cmd, started) in state.store.open_deliveries(node).await? {
+    for (cmd, started) in state.store.open_invocations(node, true).await? {
         if known.contains(&cmd) {
             continue;
         }

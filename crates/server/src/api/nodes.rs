@@ -51,7 +51,7 @@ pub async fn deregister(
     state
         .hub
         .revoke(&id, &format!("node {id} was deregistered"));
-    for (cmd, started) in state.store.open_invocations(&id).await? {
+    for (cmd, started) in state.store.open_invocations(&id, false).await? {
         let (detail, note) = if started {
             (
                 details::TERMINATED,

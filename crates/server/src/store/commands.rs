@@ -299,33 +299,21 @@ impl Store {
         Ok(rows.iter().filter_map(invocation_row).collect())
     }
 
-    /// Invocations on a node that were delivered and have not ended: (command, started).
-    pub async fn open_deliveries(&self, node: &NodeId) -> Result<Vec<(CommandId, bool)>> {
-        let q = concat!(
-            "SELECT command_id, started_at FROM invocations WHERE node_id = ? AND delivered_at IS NOT NULL",
-            " AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
-        );
-        let rows = sqlx::query(q)
-            .bind(node.as_str())
-            .fetch_all(&self.read)
-            .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                let id = r.get::<String, _>("command_id").parse().ok()?;
-                Some((id, r.get::<Option<i64>, _>("started_at").is_some()))
-            })
-            .collect())
-    }
-
-    /// Invocations on a node that have not ended, delivered or not: (command, started).
-    pub async fn open_invocations(&self, node: &NodeId) -> Result<Vec<(CommandId, bool)>> {
+    /// Invocations on a node that have not ended — only those already delivered when
+    /// `delivered_only` — as (command, started).
+    pub async fn open_invocations(
+        &self,
+        node: &NodeId,
+        delivered_only: bool,
+    ) -> Result<Vec<(CommandId, bool)>> {
         let q = concat!(
             "SELECT command_id, started_at FROM invocations WHERE node_id = ?",
+            " AND (delivered_at IS NOT NULL OR NOT ?)",
             " AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
         );
         let rows = sqlx::query(q)
             .bind(node.as_str())
+            .bind(delivered_only)
             .fetch_all(&self.read)
             .await?;
         Ok(rows
