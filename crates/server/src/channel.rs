@@ -42,6 +42,15 @@ pub async fn connect(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(retry) = state.auth_guard.check(addr.ip()) {
+        let headers = [(header::RETRY_AFTER, retry.as_secs().max(1).to_string())];
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            headers,
+            "too many failed registrations or identifications from this address; retry later\n",
+        )
+            .into_response();
+    }
     let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
         let retry_after = 1 + rand::random::<u64>() % 5;
         let headers = [(header::RETRY_AFTER, retry_after.to_string())];
@@ -57,7 +66,7 @@ pub async fn connect(
         // the buffers only while they pass.
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
-        .on_upgrade(move |socket| serve(state, socket, permit, addr.to_string()))
+        .on_upgrade(move |socket| serve(state, socket, permit, addr))
 }
 
 /// Audits a channel action (waiting for its commit: handshakes are not the hot path).
@@ -87,8 +96,9 @@ async fn serve(
     state: Arc<AppState>,
     mut socket: WebSocket,
     permit: OwnedSemaphorePermit,
-    source: String,
+    addr: SocketAddr,
 ) {
+    let source = addr.to_string();
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut socket)).await {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
@@ -138,7 +148,12 @@ async fn serve(
                         .await;
                     let _ = socket.close().await;
                 }
-                Err((code, msg)) => refuse(socket, code, &msg).await,
+                Err((code, msg)) => {
+                    if code == "InvalidActivation" {
+                        state.auth_guard.failed(addr.ip());
+                    }
+                    refuse(socket, code, &msg).await
+                }
             }
         }
         AgentFrame::Hello {
@@ -182,6 +197,7 @@ async fn serve(
                     }
                 }
                 Ok(_) => {
+                    state.auth_guard.failed(addr.ip());
                     refused("UnknownNode").await;
                     return refuse(
                         socket,

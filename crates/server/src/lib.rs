@@ -8,6 +8,7 @@ pub mod channel;
 pub mod clock;
 pub mod dispatch;
 pub mod document;
+pub mod guard;
 pub mod hub;
 pub mod output;
 pub mod retention;
@@ -90,6 +91,8 @@ pub struct AppState {
     pub secret_box: secrets::SecretBox,
     /// The URL clients reach this server at.
     pub public_url: String,
+    /// Failed-authentication counts per source (brute-force guard).
+    pub auth_guard: guard::AuthGuard,
 }
 
 /// A server that is listening.
@@ -157,6 +160,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         retention: config.retention,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         secret_box,
+        auth_guard: guard::AuthGuard::default(),
         public_url: config
             .public_url
             .clone()

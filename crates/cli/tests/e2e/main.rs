@@ -8,6 +8,7 @@ mod support;
 
 mod audit;
 mod bad_input;
+mod brute_force;
 mod deregister;
 mod dev;
 mod documents;

@@ -15,7 +15,7 @@ use crate::store::AuditEntry;
 use crate::{AppState, secrets};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Builds the HTTP router.
@@ -110,11 +111,26 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
     trail::resources_from_path(&mut entry, &route, req.uri().path());
     let mut wait = req.method() != Method::GET;
     let query = req.uri().query().map(str::to_owned);
-    let resp = match principal(&state, req.headers()).await {
-        Err(e) => {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let checked = match ip.map(|ip| state.auth_guard.check(ip)) {
+        Some(Err(retry)) => Err(throttled(retry)),
+        _ => principal(&state, req.headers()).await.map_err(|e| {
+            if e.status == StatusCode::UNAUTHORIZED
+                && let Some(ip) = ip
+            {
+                state.auth_guard.failed(ip);
+            }
+            e.into_response()
+        }),
+    };
+    let resp = match checked {
+        Err(resp) => {
             // A refused caller is worth the wait: brute force must show up at once.
             wait = true;
-            e.into_response()
+            resp
         }
         Ok(name) => {
             entry.principal = name;
@@ -168,6 +184,25 @@ async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, wait: b
 }
 
 /// The principal a request's bearer token belongs to.
+/// 429 for a source that failed authentication too often (see [`crate::guard`]).
+fn throttled(retry: std::time::Duration) -> Response {
+    let secs = retry.as_secs().max(1);
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "TooManyFailedAuthentications".into(),
+            message: format!(
+                "too many failed authentications from this address; retry in {secs} s"
+            ),
+        },
+    };
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, secs.to_string())],
+        Json(body),
+    )
+        .into_response()
+}
+
 async fn principal(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(

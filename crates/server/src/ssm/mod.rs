@@ -89,7 +89,23 @@ pub async fn handle(
         action: format!("ssm.{op}"),
         ..AuditEntry::default()
     };
-    let result = match authenticate(&state, &method, &uri, &headers, &body).await {
+    let authenticated = match state.auth_guard.check(addr.ip()) {
+        Err(retry) => Err(SsmError::new(
+            "ThrottlingException",
+            format!(
+                "Rate exceeded: too many failed authentications from this address; retry in {} s",
+                retry.as_secs().max(1)
+            ),
+        )),
+        Ok(()) => authenticate(&state, &method, &uri, &headers, &body)
+            .await
+            .inspect_err(|e| {
+                if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::FORBIDDEN {
+                    state.auth_guard.failed(addr.ip());
+                }
+            }),
+    };
+    let result = match authenticated {
         Ok(key_id) => {
             entry.principal = key_id;
             if let Ok(v) = serde_json::from_slice::<Value>(&body) {

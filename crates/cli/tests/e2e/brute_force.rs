@@ -1,0 +1,41 @@
+//! Token brute force is rate limited: after 10 failed authentications from one address in a minute,
+//! that address is refused (429 + Retry-After) before its credentials are looked at, and the CLI says
+//! so in one line. Agents with a wrong secret or activation code count too.
+
+use crate::support::{Server, http};
+
+#[test]
+fn failed_authentications_lock_the_source_out() {
+    let server = Server::start();
+    let url = format!("{}/v1/nodes", server.url);
+    for i in 0..10 {
+        let r = http("GET", &url, Some(&format!("frt_wrong_{i}")), None).expect("request");
+        assert_eq!(
+            r.status,
+            401,
+            "attempt {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let r = http("GET", &url, Some("frt_wrong_again"), None).expect("request");
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "TooManyFailedAuthentications");
+    // While locked out, even the right token from this address waits: guessing must not go on.
+    let r = http("GET", &url, Some(&server.token), None).expect("request");
+    assert_eq!(r.status, 429);
+
+    let out = server.cli(&["nodes"]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("too many failed authentications"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+
+    let log = server.logs();
+    assert!(
+        log.contains("too many failed authentications"),
+        "no warning in the server log"
+    );
+}
