@@ -25,12 +25,17 @@ fn send_wait(server: &Server, flags: &[&str], script: &str) -> serde_json::Value
 
 #[test]
 fn run_as_switches_user_and_names_an_unknown_one() {
-    if !is_root() {
-        eprintln!("skipped: run-as needs the agent to run as root");
-        return;
-    }
     let server = Server::start();
     let _a = Agent::start(&server, "a", &[]);
+    if !is_root() {
+        // Not skipped: an agent that is not root must refuse run-as and say why.
+        let c = send_wait(&server, &["--run-as", "nobody"], "id -u");
+        let inv = &invocations(&c)[0];
+        assert_eq!(inv["status"], "Failed", "{c}");
+        let msg = inv["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("needs the agent to run as root"), "{inv}");
+        return;
+    }
     let c = send_wait(&server, &["--run-as", "nobody"], "id -u; id -g");
     let inv = &invocations(&c)[0];
     assert_eq!(inv["status"], "Success", "{c}");
