@@ -8,8 +8,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use fleetrun_proto::api::{
     AccessKey, Activation, AuditQuery, AuditRecord, AuditVerify, CancelCommand, Command,
-    CreateAccessKey, CreateActivation, CreateDocument, Document, ErrorBody, Invocation, Node,
-    SendCommand, SetDefaultVersion, Storage, UpdateDocument,
+    CreateAccessKey, CreateActivation, CreateDocument, CreateToken, CreateUser, Document,
+    ErrorBody, Invocation, Node, SendCommand, SetDefaultVersion, Storage, Token, UpdateDocument,
+    UpdateUser, User, WhoAmI,
 };
 use fleetrun_proto::{CommandId, NodeId};
 use reqwest::{Method, RequestBuilder, Response};
@@ -220,6 +221,63 @@ impl Client {
     pub async fn access_keys(&self) -> anyhow::Result<Vec<AccessKey>> {
         self.json(self.request(Method::GET, "/v1/access-keys"))
             .await
+    }
+
+    /// `GET /v1/whoami`.
+    pub async fn whoami(&self) -> anyhow::Result<WhoAmI> {
+        self.json(self.request(Method::GET, "/v1/whoami")).await
+    }
+
+    /// `POST /v1/users`.
+    pub async fn create_user(&self, body: &CreateUser) -> anyhow::Result<User> {
+        self.json(self.request(Method::POST, "/v1/users").json(body))
+            .await
+    }
+
+    /// `GET /v1/users`.
+    pub async fn users(&self) -> anyhow::Result<Vec<User>> {
+        self.json(self.request(Method::GET, "/v1/users")).await
+    }
+
+    /// `GET /v1/users/{name}`.
+    pub async fn user(&self, name: &str) -> anyhow::Result<User> {
+        let path = format!("/v1/users/{}", encode(name));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `PUT /v1/users/{name}`.
+    pub async fn update_user(&self, name: &str, body: &UpdateUser) -> anyhow::Result<User> {
+        let path = format!("/v1/users/{}", encode(name));
+        self.json(self.request(Method::PUT, &path).json(body)).await
+    }
+
+    /// `DELETE /v1/users/{name}`.
+    pub async fn delete_user(&self, name: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/users/{}", encode(name));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/tokens`: the answer holds the token, this once.
+    pub async fn create_token(&self, body: &CreateToken) -> anyhow::Result<Token> {
+        self.json(self.request(Method::POST, "/v1/tokens").json(body))
+            .await
+    }
+
+    /// `GET /v1/tokens[?user=NAME]`.
+    pub async fn tokens(&self, user: Option<&str>) -> anyhow::Result<Vec<Token>> {
+        let path = match user {
+            Some(u) => format!("/v1/tokens?user={}", encode(u)),
+            None => "/v1/tokens".to_owned(),
+        };
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `DELETE /v1/tokens/{id}`.
+    pub async fn delete_token(&self, id: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/tokens/{}", encode(id));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
     }
 
     /// `POST /v1/documents`.

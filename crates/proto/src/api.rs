@@ -26,6 +26,15 @@
 //! | `DELETE /v1/nodes/{node_id}` | | [`Node`]: deregistered (gone from listings, channel refused) |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |
+//! | `GET /v1/whoami` | | [`WhoAmI`] |
+//! | `POST /v1/users` | [`CreateUser`] | [`User`] (201) |
+//! | `GET /v1/users` | | `[User]` |
+//! | `GET /v1/users/{name}` | | [`User`] |
+//! | `PUT /v1/users/{name}` | [`UpdateUser`] | [`User`] |
+//! | `DELETE /v1/users/{name}` | | 204 (its tokens and access keys go with it) |
+//! | `POST /v1/tokens` | [`CreateToken`] | [`Token`] (201; the only time the token is shown) |
+//! | `GET /v1/tokens[?user=NAME]` | | `[Token]` without secrets |
+//! | `DELETE /v1/tokens/{id}` | | 204 |
 //! | `POST /` | AWS JSON 1.1, SigV4-signed (the SSM-compatible API) | |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
 //!
@@ -318,9 +327,12 @@ pub struct Storage {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAccessKey {
-    /// A note saying whose key it is.
+    /// A note saying what the key is for.
     #[serde(default)]
     pub name: String,
+    /// The user the key acts as; the caller when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// A SigV4 access key for the SSM-compatible API.
@@ -332,6 +344,9 @@ pub struct AccessKey {
     pub secret_access_key: String,
     /// The note.
     pub name: String,
+    /// The user the key acts as.
+    #[serde(default)]
+    pub user: String,
     /// Creation time (RFC 3339).
     pub created_at: String,
 }
@@ -492,4 +507,135 @@ pub struct AuditVerify {
     pub first_bad_seq: Option<u64>,
     /// Why, in one line.
     pub reason: Option<String>,
+}
+
+/// A user's role: the built-in policies it starts from (crates/server/src/authz.rs has their text).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Run, cancel and read commands on every node; manage documents and parameters.
+    Operator,
+    /// Read nodes, commands, output and documents.
+    Viewer,
+    /// Nothing but what the user's own policy permits.
+    None,
+}
+
+impl Role {
+    /// Every role, for help texts and errors.
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Operator, Role::Viewer, Role::None];
+
+    /// The role's name as written in the API and CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?}: expected admin, operator, viewer or none"))
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Body of `POST /v1/users`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// `[A-Za-z0-9_.@-]`, 1 to 64 characters.
+    pub name: String,
+    /// Built-in role.
+    pub role: Role,
+    /// Cedar policies added to the role's (see `fleetrun policies validate`).
+    #[serde(default)]
+    pub policy: String,
+}
+
+/// Body of `PUT /v1/users/{name}`: what to change.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    /// New role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// New policy text (empty removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+/// A user: a principal that tokens and access keys act as.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct User {
+    /// Name.
+    pub name: String,
+    /// Built-in role.
+    pub role: Role,
+    /// Its own Cedar policies ('' when none).
+    pub policy: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// API tokens it has.
+    pub tokens: u32,
+    /// SigV4 access keys it has.
+    pub access_keys: u32,
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// The user the token acts as; the caller when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A note saying what the token is for.
+    #[serde(default)]
+    pub name: String,
+    /// Seconds until the token stops working; never when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// An API token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Token {
+    /// `tok_` + 16 hex: names the token without revealing it.
+    pub id: String,
+    /// The user it acts as.
+    pub user: String,
+    /// The note.
+    pub name: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// When it stops working (RFC 3339), if ever.
+    pub expires_at: Option<String>,
+    /// The bearer token: only in the answer that created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Answer of `GET /v1/whoami`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// The user.
+    pub user: String,
+    /// Its role.
+    pub role: Role,
+    /// The credential used: a token id or an access key id.
+    pub credential: String,
 }

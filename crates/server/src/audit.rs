@@ -20,6 +20,19 @@ pub const ANONYMOUS: &str = "anonymous";
 #[derive(Clone, Debug)]
 pub struct CreatedCommand(pub String);
 
+/// Put in a response's extensions by an authorization refusal: the nodes it named.
+#[derive(Clone, Debug)]
+pub struct DeniedNodes(pub Vec<String>);
+
+/// Adds nodes to a record's resources, once each.
+pub fn add_nodes(entry: &mut AuditEntry, nodes: &[String]) {
+    for n in nodes {
+        if !entry.node_ids.contains(n) {
+            entry.node_ids.push(n.clone());
+        }
+    }
+}
+
 /// Put in a response's extensions by `ApiError`, so the record carries the error code.
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
@@ -116,6 +129,15 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("POST", "/v1/access-keys") => "access-keys.create",
         ("GET", "/v1/access-keys") => "access-keys.list",
         ("GET", "/v1/audit") => "audit.list",
+        ("GET", "/v1/whoami") => "whoami",
+        ("POST", "/v1/users") => "users.create",
+        ("GET", "/v1/users") => "users.list",
+        ("GET", "/v1/users/{name}") => "users.get",
+        ("PUT", "/v1/users/{name}") => "users.update",
+        ("DELETE", "/v1/users/{name}") => "users.delete",
+        ("POST", "/v1/tokens") => "tokens.create",
+        ("GET", "/v1/tokens") => "tokens.list",
+        ("DELETE", "/v1/tokens/{id}") => "tokens.delete",
         ("POST", "/v1/audit/verify") => "audit.verify",
         (m, r) => return format!("{} {r}", m.to_ascii_uppercase()),
     };

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod authz;
 pub mod channel;
 pub mod clock;
 pub mod dispatch;
@@ -93,6 +94,8 @@ pub struct AppState {
     pub public_url: String,
     /// Failed-authentication counts per source (brute-force guard).
     pub auth_guard: guard::AuthGuard,
+    /// Decides what principals may do (compiled Cedar policies).
+    pub authz: authz::Authz,
 }
 
 /// A server that is listening.
@@ -138,7 +141,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         let token = format!("frt_{}", secrets::random_token(40));
         write_secret_file(&admin_token_path, &token)?;
         store
-            .insert_api_token(&secrets::hash(&token), "admin")
+            .insert_token(&secrets::hash(&token), "admin", "admin", None)
             .await?;
         tracing::info!(path = %admin_token_path.display(), "admin token created");
         Some(token)
@@ -161,6 +164,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         secret_box,
         auth_guard: guard::AuthGuard::default(),
+        authz: authz::Authz::default(),
         public_url: config
             .public_url
             .clone()

@@ -1,6 +1,7 @@
 //! Accepting a command, shared by the native API and the SSM-compatible API: validation, target
 //! resolution, persistence (command and all invocations in one transaction), then dispatch.
 
+use crate::authz::{Action, Denied, NodeRef, Principal};
 use crate::clock::now_ms;
 use crate::dispatch;
 use crate::document;
@@ -38,6 +39,8 @@ pub enum SendError {
         /// One line naming the problem.
         message: String,
     },
+    /// The principal may not send to some of the targets (named in the refusal); nothing was created.
+    Denied(Denied),
     /// Storage failed.
     Store(StoreError),
 }
@@ -60,6 +63,7 @@ fn invalid(code: &'static str, message: impl Into<String>) -> SendError {
 /// would be a large answer nobody asked for).
 pub async fn send_command(
     state: &Arc<AppState>,
+    principal: &Principal,
     req: SendCommand,
     opts: SendOptions,
 ) -> Result<Command, SendError> {
@@ -229,6 +233,7 @@ pub async fn send_command(
             found
         }
     };
+    authorize(state, principal, &invocations).await?;
 
     let mut ssm_extra = opts
         .ssm_extra
@@ -278,6 +283,32 @@ pub async fn send_command(
         )))?;
     tracing::info!(%command_id, targets = cmd.target_count, "command accepted");
     Ok(cmd)
+}
+
+/// Refuses the whole send unless the principal may send to every target node.
+async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    targets: &[(NodeId, String)],
+) -> Result<(), SendError> {
+    let nodes: Vec<NodeRef> = if state.authz.node_independent(principal) {
+        // Tags cannot change the answer: skip loading them.
+        targets
+            .iter()
+            .map(|(id, name)| NodeRef {
+                node_id: id.clone(),
+                name: name.clone(),
+                tags: BTreeMap::new(),
+            })
+            .collect()
+    } else {
+        let ids: Vec<NodeId> = targets.iter().map(|(id, _)| id.clone()).collect();
+        state.store.node_refs(Some(&ids)).await?
+    };
+    state
+        .authz
+        .require_nodes(principal, Action::SendCommand, &nodes)
+        .map_err(SendError::Denied)
 }
 
 /// The parameters of a send: `parameters`, plus AWS-RunShellScript's shorthands (`commands`,

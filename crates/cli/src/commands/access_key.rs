@@ -19,9 +19,12 @@ pub enum Cmd {
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// A note saying whose key it is (at most 128 bytes)
+    /// A note saying what the key is for (at most 128 bytes)
     #[arg(long, value_name = "NOTE")]
     name: Option<String>,
+    /// The user the key acts as (default: you; another user's needs manage-access-keys)
+    #[arg(long)]
+    user: Option<String>,
 }
 
 pub async fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
@@ -37,15 +40,21 @@ async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
         bail!("--name is longer than {NAME_MAX} bytes");
     }
     let client = ctx.client()?;
-    let key = client.create_access_key(&CreateAccessKey { name }).await?;
+    let key = client
+        .create_access_key(&CreateAccessKey {
+            name,
+            user: args.user,
+        })
+        .await?;
     if ctx.format == Format::Json {
         render::print_json(&key)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = render::table(&["ACCESS KEY ID", "SECRET ACCESS KEY", "NAME"]);
+    let mut t = render::table(&["ACCESS KEY ID", "SECRET ACCESS KEY", "USER", "NAME"]);
     t.add_row(vec![
         key.access_key_id.clone(),
         key.secret_access_key.clone(),
+        key.user.clone(),
         key.name.clone(),
     ]);
     render::print_table(&t)?;
@@ -66,10 +75,11 @@ async fn list(ctx: &Ctx) -> anyhow::Result<ExitCode> {
         render::print_json(&keys)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = render::table(&["ACCESS KEY ID", "NAME", "CREATED"]);
+    let mut t = render::table(&["ACCESS KEY ID", "USER", "NAME", "CREATED"]);
     for k in &keys {
         t.add_row(vec![
             k.access_key_id.clone(),
+            k.user.clone(),
             k.name.clone(),
             render::ago(&k.created_at),
         ]);

@@ -9,9 +9,11 @@ mod dev;
 mod documents;
 mod nodes;
 mod output;
+mod policies;
 mod send;
 mod server;
 mod storage;
+mod users;
 
 use crate::client::Client;
 use crate::config;
@@ -93,6 +95,19 @@ enum Subcommands {
     AccessKey(access_key::Cmd),
     /// Query the audit trail, or verify its hash chain
     Audit(audit::Args),
+    /// Create, list, change and delete users (principals that tokens and access keys act as)
+    #[command(subcommand)]
+    Users(users::UsersCmd),
+    /// Create, list and revoke API tokens
+    #[command(subcommand)]
+    Tokens(users::TokensCmd),
+    /// Check a token against a server and save both in the CLI config
+    Login(users::LoginArgs),
+    /// Show who the CLI's token acts as
+    Whoami,
+    /// Validate Cedar policy files; show the schema and the built-in roles
+    #[command(subcommand)]
+    Policies(policies::Cmd),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -132,6 +147,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Documents(cmd) => documents::run(&ctx, cmd).await,
         Subcommands::AccessKey(cmd) => access_key::run(&ctx, cmd).await,
         Subcommands::Audit(args) => audit::run(&ctx, args).await,
+        Subcommands::Users(cmd) => users::users(&ctx, cmd).await,
+        Subcommands::Tokens(cmd) => users::tokens(&ctx, cmd).await,
+        Subcommands::Login(args) => users::login(&ctx, args).await,
+        Subcommands::Whoami => users::whoami(&ctx).await,
+        Subcommands::Policies(cmd) => policies::run(cmd),
     }
 }
 

@@ -7,6 +7,7 @@
 mod support;
 
 mod audit;
+mod authz;
 mod bad_input;
 mod brute_force;
 mod deregister;

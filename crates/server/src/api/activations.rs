@@ -1,11 +1,12 @@
 //! `POST /v1/activations`, `GET /v1/activations`: codes that agents register with.
 
 use super::{ApiError, ApiJson};
+use crate::authz::{Action, Principal, Resource};
 use crate::clock::{now_ms, rfc3339};
 use crate::{AppState, secrets};
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use fleetrun_proto::api::{Activation, CreateActivation};
 use fleetrun_proto::targets::{check_tag_key, check_tag_value};
 use std::sync::Arc;
@@ -18,8 +19,12 @@ const MAX_TAGS: usize = 50;
 /// Creates an activation and returns its code (the only time the code is shown).
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateActivation>,
 ) -> Result<(StatusCode, Json<Activation>), ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageActivations, Resource::Fleet)?;
     if req.tags.len() > MAX_TAGS {
         return Err(ApiError::bad_request(
             "InvalidTag",
@@ -81,6 +86,12 @@ pub async fn create(
 }
 
 /// Lists activations (without codes).
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Activation>>, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<Activation>>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageActivations, Resource::Fleet)?;
     Ok(Json(state.store.list_activations().await?))
 }

@@ -2,8 +2,9 @@
 
 use super::ApiError;
 use crate::AppState;
-use axum::Json;
+use crate::authz::{Action, Principal, Resource};
 use axum::extract::{Query, State};
+use axum::{Extension, Json};
 use fleetrun_proto::api::{AuditQuery, AuditRecord, AuditVerify};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -11,8 +12,12 @@ use std::time::UNIX_EPOCH;
 /// Records matching the query, newest first.
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<AuditRecord>>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ReadAudit, Resource::Fleet)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=10_000).contains(&limit) {
@@ -37,7 +42,13 @@ pub async fn list(
 }
 
 /// Walks the whole chain.
-pub async fn verify(State(state): State<Arc<AppState>>) -> Result<Json<AuditVerify>, ApiError> {
+pub async fn verify(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<AuditVerify>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ReadAudit, Resource::Fleet)?;
     Ok(Json(state.store.verify_audit().await?))
 }
 

@@ -3,6 +3,7 @@
 use super::{ApiError, ApiJson, parse_id};
 use crate::AppState;
 use crate::audit::CreatedCommand;
+use crate::authz::{self, Action, Principal};
 use crate::dispatch::DispatchMsg;
 use crate::send::{SendError, SendOptions};
 use axum::body::Body;
@@ -19,15 +20,17 @@ use std::sync::Arc;
 /// Accepts a command (see [`crate::send`]). Answers 201 with the command.
 pub async fn send(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<SendCommand>,
 ) -> Result<(StatusCode, Extension<CreatedCommand>, Json<Command>), ApiError> {
-    match crate::send::send_command(&state, req, SendOptions::default()).await {
+    match crate::send::send_command(&state, &p, req, SendOptions::default()).await {
         Ok(cmd) => Ok((
             StatusCode::CREATED,
             Extension(CreatedCommand(cmd.command_id.to_string())),
             Json(cmd),
         )),
         Err(SendError::Invalid { code, message }) => Err(ApiError::bad_request(code, message)),
+        Err(SendError::Denied(d)) => Err(d.into()),
         Err(SendError::Store(e)) => Err(e.into()),
     }
 }
@@ -39,9 +42,10 @@ pub struct ListQuery {
     limit: Option<u32>,
 }
 
-/// Commands, newest first.
+/// Commands with an invocation on a node the caller may read, newest first.
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Command>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
@@ -52,7 +56,10 @@ pub async fn list(
             format!("limit must be 1 to 1000, got {limit}"),
         ));
     }
-    Ok(Json(state.store.list_commands(limit).await?))
+    let scope = authz::node_scope(&state, &p, Action::ReadOutput).await?;
+    Ok(Json(
+        state.store.list_commands(limit, scope.as_filter()).await?,
+    ))
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Command, ApiError> {
@@ -64,32 +71,52 @@ async fn load(state: &AppState, id: &str) -> Result<Command, ApiError> {
         .ok_or_else(|| ApiError::not_found("CommandNotFound", format!("no command {id}")))
 }
 
-/// One command with its invocations.
+/// One command with its invocations on the nodes the caller may read.
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Command>, ApiError> {
     let mut cmd = load(&state, &id).await?;
-    cmd.invocations = state.store.list_invocations(&cmd.command_id).await?;
+    cmd.invocations = readable_invocations(&state, &p, &cmd.command_id).await?;
     Ok(Json(cmd))
 }
 
-/// A command's invocations.
+/// A command's invocations on the nodes the caller may read.
 pub async fn invocations(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Invocation>>, ApiError> {
     let cmd = load(&state, &id).await?;
-    Ok(Json(state.store.list_invocations(&cmd.command_id).await?))
+    Ok(Json(
+        readable_invocations(&state, &p, &cmd.command_id).await?,
+    ))
+}
+
+/// The invocations of a command on nodes the principal may read; refused when there is none.
+async fn readable_invocations(
+    state: &AppState,
+    p: &Principal,
+    id: &CommandId,
+) -> Result<Vec<Invocation>, ApiError> {
+    let scope = authz::command_scope(state, p, Action::ReadOutput, id).await?;
+    let mut invs = state.store.list_invocations(id).await?;
+    invs.retain(|i| scope.contains(&i.node_id));
+    Ok(invs)
 }
 
 /// Cancels a command's invocations (all, or some nodes'). Answers with the command.
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<CancelCommand>,
 ) -> Result<Json<Command>, ApiError> {
     let cmd = load(&state, &id).await?;
+    // Refused whole when any node to cancel on is not the caller's to cancel on.
+    authz::require_command_nodes(&state, &p, Action::Cancel, &cmd.command_id, &req.node_ids)
+        .await?;
     if !req.node_ids.is_empty() {
         let invs = state.store.list_invocations(&cmd.command_id).await?;
         let known: HashSet<&NodeId> = invs.iter().map(|i| &i.node_id).collect();
@@ -113,9 +140,11 @@ pub async fn cancel(
 /// Streams the command (without invocations) as NDJSON: now, then after every change, until it ends.
 pub async fn watch(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let first = load(&state, &id).await?;
+    authz::command_scope(&state, &p, Action::ReadOutput, &first.command_id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     let mut changes = state.dispatchers.watch(&first.command_id);
     tokio::spawn(async move {

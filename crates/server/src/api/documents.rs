@@ -2,10 +2,11 @@
 
 use super::{ApiError, ApiJson};
 use crate::AppState;
+use crate::authz::{Action, Principal, Resource};
 use crate::document;
-use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use fleetrun_proto::api::{CreateDocument, Document, SetDefaultVersion, UpdateDocument};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -41,17 +42,34 @@ fn content_text(v: &serde_json::Value) -> Result<String, ApiError> {
 /// Creates a document (version 1). Answers 201.
 pub async fn create(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateDocument>,
 ) -> Result<(StatusCode, Json<Document>), ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageDocuments, Resource::Document(&req.name))?;
     let text = content_text(&req.content)?;
     let d = document::create(&state.store, &req.name, &text, req.version_name.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(d.to_api(true))))
 }
 
 /// Every document at its default version, without content.
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Document>>, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<Document>>, ApiError> {
     let docs = document::list(&state.store).await?;
-    Ok(Json(docs.iter().map(|d| d.to_api(false)).collect()))
+    state.authz.filtered(&p);
+    Ok(Json(
+        docs.iter()
+            .filter(|d| {
+                state
+                    .authz
+                    .allowed(&p, Action::List, Resource::Document(&d.row.name))
+            })
+            .map(|d| d.to_api(false))
+            .collect(),
+    ))
 }
 
 /// Query of `GET /v1/documents/{name}`.
@@ -64,9 +82,13 @@ pub struct ShowQuery {
 /// One version (default: the default version) with its content.
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
     query: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Document>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::List, Resource::Document(&name))?;
     let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
     let d = document::load(&state.store, &name, q.version.as_deref(), None).await?;
     Ok(Json(d.to_api(true)))
@@ -75,9 +97,13 @@ pub async fn get(
 /// Adds a version. Answers with it.
 pub async fn update(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<UpdateDocument>,
 ) -> Result<Json<Document>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageDocuments, Resource::Document(&name))?;
     let text = content_text(&req.content)?;
     let d = document::update(
         &state.store,
@@ -93,9 +119,13 @@ pub async fn update(
 /// Makes a version the default. Answers with it.
 pub async fn set_default(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<SetDefaultVersion>,
 ) -> Result<Json<Document>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageDocuments, Resource::Document(&name))?;
     let d = document::set_default(&state.store, &name, &req.document_version).await?;
     Ok(Json(d.to_api(false)))
 }
@@ -103,8 +133,12 @@ pub async fn set_default(
 /// Deletes a document with all its versions. Answers 204.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageDocuments, Resource::Document(&name))?;
     document::delete(&state.store, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

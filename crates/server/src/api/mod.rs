@@ -8,8 +8,11 @@ mod documents;
 mod nodes;
 mod output;
 mod storage;
+mod tokens;
+mod users;
 
 use crate::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
+use crate::authz::{Denied, Principal};
 use crate::clock::now_ms;
 use crate::store::AuditEntry;
 use crate::{AppState, secrets};
@@ -25,6 +28,8 @@ use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+pub(crate) use nodes::node_ref;
 
 /// Builds the HTTP router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -69,6 +74,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/access-keys",
             post(access_keys::create).get(access_keys::list),
         )
+        .route("/v1/whoami", get(users::whoami))
+        .route("/v1/users", post(users::create).get(users::list))
+        .route(
+            "/v1/users/{name}",
+            get(users::get).put(users::update).delete(users::delete),
+        )
+        .route("/v1/tokens", post(tokens::create).get(tokens::list))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::delete))
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", post(audit::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -132,9 +145,10 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             wait = true;
             resp
         }
-        Ok(name) => {
-            entry.principal = name;
-            let (parts, body) = req.into_parts();
+        Ok(principal) => {
+            entry.principal = principal.name().to_owned();
+            let (mut parts, body) = req.into_parts();
+            parts.extensions.insert(principal.clone());
             let mut params = serde_json::Map::new();
             if let Some(q) = query {
                 params.insert("query".into(), Value::String(q));
@@ -163,8 +177,22 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
                 }
             }
             entry.params = Value::Object(params);
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
+            let resp = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            if resp.status().is_success() && !principal.was_authorized() {
+                // Deny by default: a handler that answered without asking crate::authz is a bug,
+                // and must not hand anything out.
+                tracing::error!(%route, "handler answered without an authorization check; refused");
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "AccessDenied",
+                    "this route has no authorization rule; refused",
+                )
+                .into_response()
+            } else {
+                resp
+            }
         }
     };
     finish(&state, entry, resp, wait).await
@@ -175,6 +203,9 @@ async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, wait: b
     if let Some(CreatedCommand(id)) = resp.extensions().get::<CreatedCommand>() {
         entry.command_id = id.clone();
     }
+    if let Some(trail::DeniedNodes(nodes)) = resp.extensions().get::<trail::DeniedNodes>() {
+        trail::add_nodes(&mut entry, nodes);
+    }
     entry.result = match resp.extensions().get::<ErrorCode>() {
         Some(ErrorCode(code)) => format!("{} {code}", resp.status().as_u16()),
         None => resp.status().as_u16().to_string(),
@@ -183,7 +214,6 @@ async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, wait: b
     resp
 }
 
-/// The principal a request's bearer token belongs to.
 /// 429 for a source that failed authentication too often (see [`crate::guard`]).
 fn throttled(retry: std::time::Duration) -> Response {
     let secs = retry.as_secs().max(1);
@@ -203,7 +233,8 @@ fn throttled(retry: std::time::Duration) -> Response {
         .into_response()
 }
 
-async fn principal(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+/// The principal a request's bearer token acts as.
+async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
             "missing Authorization header: pass `Authorization: Bearer TOKEN`",
@@ -219,11 +250,12 @@ async fn principal(state: &AppState, headers: &HeaderMap) -> Result<String, ApiE
             "malformed Authorization header: expected `Bearer TOKEN`",
         ));
     };
-    state
+    let (user, token_id) = state
         .store
-        .api_token_name(&secrets::hash(token))
+        .token_principal(&secrets::hash(token))
         .await?
-        .ok_or_else(|| ApiError::unauthorized("invalid API token"))
+        .ok_or_else(|| ApiError::unauthorized("invalid or expired API token"))?;
+    Ok(Principal::new(user, token_id))
 }
 
 /// An API error: status, machine-readable code and a one-line message.
@@ -232,6 +264,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Nodes an authorization refusal named (for the audit record).
+    denied_nodes: Vec<String>,
 }
 
 impl ApiError {
@@ -241,6 +275,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            denied_nodes: Vec::new(),
         }
     }
     /// 400 with a code.
@@ -265,6 +300,23 @@ impl ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        let mut e = ApiError::new(StatusCode::FORBIDDEN, "AccessDenied", d.message);
+        e.denied_nodes = d.nodes.iter().map(ToString::to_string).collect();
+        e
+    }
+}
+
+impl From<crate::authz::CheckError> for ApiError {
+    fn from(e: crate::authz::CheckError) -> Self {
+        match e {
+            crate::authz::CheckError::Denied(d) => d.into(),
+            crate::authz::CheckError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         ApiError::internal(e)
@@ -281,6 +333,10 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (self.status, Json(body)).into_response();
         resp.extensions_mut().insert(ErrorCode(self.code));
+        if !self.denied_nodes.is_empty() {
+            resp.extensions_mut()
+                .insert(trail::DeniedNodes(self.denied_nodes));
+        }
         resp
     }
 }

@@ -2,29 +2,50 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
+use crate::authz::{self, Action, NodeRef, Principal, Resource};
 use crate::clock::now_ms;
 use crate::dispatch::end_invocations;
 use crate::store::Finish;
-use axum::Json;
 use axum::extract::{Path, State};
+use axum::{Extension, Json};
 use fleetrun_proto::api::Node;
 use fleetrun_proto::status::details;
 use fleetrun_proto::{InvocationStatus, NodeId};
 use std::sync::Arc;
 
 /// Every node with its ping status (deregistered nodes are not listed).
-pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Vec<Node>>, ApiError> {
-    Ok(Json(
-        state.store.list_nodes(|n| state.hub.is_online(n)).await?,
-    ))
+/// Only the nodes the caller may list.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<Node>>, ApiError> {
+    let mut nodes = state.store.list_nodes(|n| state.hub.is_online(n)).await?;
+    state.authz.filtered(&p);
+    nodes.retain(|n| {
+        state
+            .authz
+            .allowed(&p, Action::List, Resource::Node(&node_ref(n)))
+    });
+    Ok(Json(nodes))
+}
+
+/// A listed node as policies see it.
+pub(crate) fn node_ref(n: &Node) -> NodeRef {
+    NodeRef {
+        node_id: n.node_id.clone(),
+        name: n.name.clone(),
+        tags: n.tags.clone(),
+    }
 }
 
 /// One node.
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     let id: NodeId = parse_id(&node_id, "InvalidNodeId")?;
+    authz::require_node(&state, &p, Action::List, &id).await?;
     state
         .store
         .get_node(&id, |n| state.hub.is_online(n))
@@ -39,9 +60,11 @@ pub async fn get(
 /// reconnects are refused. Answers with the node as it was.
 pub async fn deregister(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     let id: NodeId = parse_id(&node_id, "InvalidNodeId")?;
+    authz::require_node(&state, &p, Action::ManageNodes, &id).await?;
     let node = state
         .store
         .get_node(&id, |n| state.hub.is_online(n))

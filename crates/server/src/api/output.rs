@@ -7,7 +7,9 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
+use crate::authz::{self, Action, Principal};
 use crate::output::{OutputMsg, pipe_prefix, read_stored};
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::header;
@@ -33,6 +35,7 @@ type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
 /// Streams an invocation's output.
 pub async fn get(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path((cmd, node, pipe)): Path<(String, String, String)>,
     query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -49,6 +52,7 @@ pub async fn get(
             ));
         }
     };
+    authz::require_node(&state, &p, Action::ReadOutput, &node).await?;
     if state.store.get_command(&cmd).await?.is_none() {
         return Err(ApiError::not_found(
             "CommandNotFound",

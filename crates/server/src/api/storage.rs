@@ -2,14 +2,19 @@
 
 use super::ApiError;
 use crate::AppState;
+use crate::authz::{Action, Principal, Resource};
 use crate::clock::rfc3339;
-use axum::Json;
 use axum::extract::State;
+use axum::{Extension, Json};
 use fleetrun_proto::api::Storage;
 use std::sync::Arc;
 
 /// Sizes and counts of stored state.
-pub async fn get(State(state): State<Arc<AppState>>) -> Result<Json<Storage>, ApiError> {
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Storage>, ApiError> {
+    state.authz.require(&p, Action::List, Resource::Fleet)?;
     let totals = state.store.totals().await?;
     let database_bytes = ["fleetrun.db", "fleetrun.db-wal", "fleetrun.db-shm"]
         .iter()

@@ -6,6 +6,7 @@ use super::{
     parse_token,
 };
 use crate::AppState;
+use crate::authz::{self, Action, Principal};
 use crate::clock::parse_rfc3339_ms;
 use crate::dispatch::DispatchMsg;
 use crate::send::{SendError, SendOptions};
@@ -26,7 +27,11 @@ const TRUNCATED: &str = "--output truncated--";
 const STDOUT_CONTENT_MAX: usize = 24_000;
 const STDERR_CONTENT_MAX: usize = 8_000;
 
-pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> SsmResult {
+pub async fn send_command(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: SendCommandRequest,
+) -> SsmResult {
     let v = |m: String| SsmError::new("ValidationException", m);
     let name = req.document_name.clone().ok_or_else(|| v("1 validation error detected: Value null at 'documentName' failed to satisfy constraint: Member must not be null".into()))?;
     let name_ok = (3..=128).contains(&name.len())
@@ -142,10 +147,11 @@ pub async fn send_command(state: &Arc<AppState>, req: SendCommandRequest) -> Ssm
         allow_no_targets: true,
         ssm_extra: Some(extra.clone()),
     };
-    let cmd = crate::send::send_command(state, send, opts)
+    let cmd = crate::send::send_command(state, p, send, opts)
         .await
         .map_err(|e| match e {
             SendError::Store(e) => SsmError::internal(e),
+            SendError::Denied(d) => d.into(),
             SendError::Invalid { code, message } => SsmError::new(
                 match code {
                     "InvalidDocument" => "InvalidDocument",
@@ -389,6 +395,23 @@ fn parse_iso(s: &str) -> Option<i64> {
     Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
 }
 
+/// The nodes whose invocations the caller may read, to filter a listing by. Asking for one command
+/// or one node it may not read is refused outright (and audited as such), not answered empty.
+async fn visible(
+    state: &AppState,
+    p: &Principal,
+    q: &CommandQuery,
+) -> Result<Option<HashSet<NodeId>>, SsmError> {
+    if let Some(node) = &q.node_id {
+        authz::require_node(state, p, Action::ReadOutput, node).await?;
+    }
+    let scope = match &q.command_id {
+        Some(id) => authz::command_scope(state, p, Action::ReadOutput, id).await?,
+        None => authz::node_scope(state, p, Action::ReadOutput).await?,
+    };
+    Ok(scope.as_filter().cloned())
+}
+
 async fn ensure_command_exists(state: &AppState, q: &CommandQuery) -> Result<(), SsmError> {
     if let Some(id) = &q.command_id
         && state.store.get_command(id).await?.is_none()
@@ -401,11 +424,16 @@ async fn ensure_command_exists(state: &AppState, q: &CommandQuery) -> Result<(),
     Ok(())
 }
 
-pub async fn list_commands(state: &Arc<AppState>, req: ListCommandsRequest) -> SsmResult {
-    let q = command_query(&req, true)?;
+pub async fn list_commands(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: ListCommandsRequest,
+) -> SsmResult {
+    let mut q = command_query(&req, true)?;
     let limit = check_max_results(req.max_results, 1, 50, 50)?;
     let offset = parse_token(req.next_token.as_deref())?;
     ensure_command_exists(state, &q).await?;
+    q.visible = visible(state, p, &q).await?;
     let page = state.store.query_commands(&q, offset, limit).await?;
     let commands: Vec<Value> = page
         .iter()
@@ -421,12 +449,14 @@ pub async fn list_commands(state: &Arc<AppState>, req: ListCommandsRequest) -> S
 
 pub async fn list_command_invocations(
     state: &Arc<AppState>,
+    p: &Principal,
     req: ListCommandsRequest,
 ) -> SsmResult {
-    let q = command_query(&req, false)?;
+    let mut q = command_query(&req, false)?;
     let limit = check_max_results(req.max_results, 1, 50, 50)?;
     let offset = parse_token(req.next_token.as_deref())?;
     ensure_command_exists(state, &q).await?;
+    q.visible = visible(state, p, &q).await?;
     let page = state.store.query_invocations(&q, offset, limit).await?;
     let base = &state.public_url;
     let items: Vec<Value> = page
@@ -532,6 +562,7 @@ fn response_code(inv: &Invocation) -> i32 {
 
 pub async fn get_command_invocation(
     state: &Arc<AppState>,
+    p: &Principal,
     req: GetCommandInvocationRequest,
 ) -> SsmResult {
     let missing = |m: &str| {
@@ -552,6 +583,7 @@ pub async fn get_command_invocation(
             .as_deref()
             .ok_or_else(|| missing("instanceId"))?,
     )?;
+    authz::require_node(state, p, Action::ReadOutput, &node).await?;
     let q = CommandQuery {
         command_id: Some(cmd_id.clone()),
         node_id: Some(node.clone()),
@@ -613,7 +645,11 @@ pub async fn get_command_invocation(
     }))
 }
 
-pub async fn cancel_command(state: &Arc<AppState>, req: CancelCommandRequest) -> SsmResult {
+pub async fn cancel_command(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: CancelCommandRequest,
+) -> SsmResult {
     let id = req.command_id.as_deref().ok_or_else(|| {
         SsmError::new("ValidationException", "1 validation error detected: Value null at 'commandId' failed to satisfy constraint: Member must not be null")
     })?;
@@ -652,6 +688,7 @@ pub async fn cancel_command(state: &Arc<AppState>, req: CancelCommandRequest) ->
             ));
         }
     }
+    authz::require_command_nodes(state, p, Action::Cancel, &id, &nodes).await?;
     if !cmd.status.is_terminal() {
         state.dispatchers.send(&id, DispatchMsg::Cancel(nodes));
     }

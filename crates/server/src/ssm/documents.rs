@@ -4,6 +4,7 @@
 use super::shapes::*;
 use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token};
 use crate::AppState;
+use crate::authz::{Action, Principal, Resource};
 use crate::document::{self, Loaded, OWNER_AMAZON, default_text};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -116,9 +117,16 @@ fn identifier(d: &Loaded) -> Value {
     v
 }
 
-pub async fn create_document(state: &Arc<AppState>, req: CreateDocumentRequest) -> SsmResult {
+pub async fn create_document(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: CreateDocumentRequest,
+) -> SsmResult {
     let content = required(req.content, "content")?;
     let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::ManageDocuments, Resource::Document(&name))?;
     match req.document_type.as_deref() {
         None | Some("Command") => {}
         Some(t) => {
@@ -145,8 +153,15 @@ pub async fn create_document(state: &Arc<AppState>, req: CreateDocumentRequest) 
     Ok(json!({ "DocumentDescription": description(&d) }))
 }
 
-pub async fn get_document(state: &Arc<AppState>, req: GetDocumentRequest) -> SsmResult {
+pub async fn get_document(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: GetDocumentRequest,
+) -> SsmResult {
     let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::List, Resource::Document(&name))?;
     check_format(req.document_format.as_deref(), "ValidationException")?;
     let d = document::load(
         &state.store,
@@ -170,8 +185,15 @@ pub async fn get_document(state: &Arc<AppState>, req: GetDocumentRequest) -> Ssm
     Ok(v)
 }
 
-pub async fn describe_document(state: &Arc<AppState>, req: GetDocumentRequest) -> SsmResult {
+pub async fn describe_document(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: GetDocumentRequest,
+) -> SsmResult {
     let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::List, Resource::Document(&name))?;
     let d = document::load(
         &state.store,
         &name,
@@ -211,7 +233,11 @@ fn filter_matches(d: &Loaded, key: &str, values: &[String]) -> Result<bool, SsmE
     })
 }
 
-pub async fn list_documents(state: &Arc<AppState>, req: ListDocumentsRequest) -> SsmResult {
+pub async fn list_documents(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: ListDocumentsRequest,
+) -> SsmResult {
     let limit = check_max_results(req.max_results, 1, 50, 50)?;
     let offset = parse_token(req.next_token.as_deref())?;
     if req.filters.as_ref().is_some_and(|f| f.len() > 6) {
@@ -244,11 +270,15 @@ pub async fn list_documents(state: &Arc<AppState>, req: ListDocumentsRequest) ->
         filters.push((f.key, vec![f.value]));
     }
     let mut matching = Vec::new();
+    state.authz.filtered(p);
     for d in document::list(&state.store).await? {
         let mut keep = true;
         for (key, values) in &filters {
             keep &= filter_matches(&d, key, values)?;
         }
+        keep &= state
+            .authz
+            .allowed(p, Action::List, Resource::Document(&d.row.name));
         if keep {
             matching.push(d);
         }
@@ -267,9 +297,16 @@ pub async fn list_documents(state: &Arc<AppState>, req: ListDocumentsRequest) ->
     Ok(out)
 }
 
-pub async fn update_document(state: &Arc<AppState>, req: UpdateDocumentRequest) -> SsmResult {
+pub async fn update_document(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: UpdateDocumentRequest,
+) -> SsmResult {
     let content = required(req.content, "content")?;
     let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::ManageDocuments, Resource::Document(&name))?;
     check_format(req.document_format.as_deref(), "InvalidDocumentContent")?;
     unsupported("Attachments", req.attachments.is_some())?;
     unsupported("TargetType", req.target_type.is_some())?;
@@ -285,8 +322,15 @@ pub async fn update_document(state: &Arc<AppState>, req: UpdateDocumentRequest) 
     Ok(json!({ "DocumentDescription": description(&d) }))
 }
 
-pub async fn delete_document(state: &Arc<AppState>, req: DeleteDocumentRequest) -> SsmResult {
+pub async fn delete_document(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: DeleteDocumentRequest,
+) -> SsmResult {
     let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::ManageDocuments, Resource::Document(&name))?;
     if req.document_version.is_some() || req.version_name.is_some() {
         return Err(SsmError::new(
             "InvalidDocumentOperation",
@@ -300,9 +344,13 @@ pub async fn delete_document(state: &Arc<AppState>, req: DeleteDocumentRequest) 
 
 pub async fn update_document_default_version(
     state: &Arc<AppState>,
+    p: &Principal,
     req: UpdateDocumentDefaultVersionRequest,
 ) -> SsmResult {
     let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::ManageDocuments, Resource::Document(&name))?;
     let version = required(req.document_version, "documentVersion")?;
     let d = document::set_default(&state.store, &name, &version).await?;
     let mut v = json!({

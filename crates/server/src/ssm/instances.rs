@@ -5,6 +5,7 @@ use super::{
     SsmError, SsmResult, check_instance_id, check_max_results, epoch, next_token, parse_token,
 };
 use crate::AppState;
+use crate::authz::{Action, Principal, Resource};
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::Node;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
@@ -26,6 +27,7 @@ const LEGACY_KEYS: [&str; 8] = [
 
 pub async fn describe_instance_information(
     state: &Arc<AppState>,
+    p: &Principal,
     req: DescribeInstanceInformationRequest,
 ) -> SsmResult {
     if req.filters.is_some() && req.instance_information_filter_list.is_some() {
@@ -113,7 +115,12 @@ pub async fn describe_instance_information(
                 .collect(),
         )
     };
-    let nodes = state.store.list_nodes(|n| state.hub.is_online(n)).await?;
+    let mut nodes = state.store.list_nodes(|n| state.hub.is_online(n)).await?;
+    state.authz.filtered(p);
+    nodes.retain(|n| {
+        let r = crate::api::node_ref(n);
+        state.authz.allowed(p, Action::List, Resource::Node(&r))
+    });
     let matching: Vec<&Node> = nodes
         .iter()
         .filter(|n| tagged.as_ref().is_none_or(|t| t.contains(&n.node_id)))

@@ -13,6 +13,7 @@ pub mod sigv4;
 
 use crate::AppState;
 use crate::audit::{self as trail, ANONYMOUS};
+use crate::authz::{CheckError, Denied, Principal};
 use crate::clock::now_ms;
 use crate::store::AuditEntry;
 use axum::body::Bytes;
@@ -31,6 +32,8 @@ pub struct SsmError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Nodes an authorization refusal named (for the audit record).
+    denied_nodes: Vec<String>,
 }
 
 impl SsmError {
@@ -40,6 +43,7 @@ impl SsmError {
             status: StatusCode::BAD_REQUEST,
             code,
             message: message.into(),
+            denied_nodes: Vec::new(),
         }
     }
     /// A server fault (500 InternalServerError); the detail goes to the log only.
@@ -49,10 +53,28 @@ impl SsmError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: "InternalServerError",
             message: "internal server error".into(),
+            denied_nodes: Vec::new(),
         }
     }
     fn validation(message: impl Into<String>) -> Self {
         Self::new("ValidationException", message)
+    }
+}
+
+impl From<Denied> for SsmError {
+    fn from(d: Denied) -> Self {
+        let mut e = SsmError::new("AccessDeniedException", d.message);
+        e.denied_nodes = d.nodes.iter().map(ToString::to_string).collect();
+        e
+    }
+}
+
+impl From<CheckError> for SsmError {
+    fn from(e: CheckError) -> Self {
+        match e {
+            CheckError::Denied(d) => d.into(),
+            CheckError::Store(e) => e.into(),
+        }
     }
 }
 
@@ -106,13 +128,20 @@ pub async fn handle(
             }),
     };
     let result = match authenticated {
-        Ok(key_id) => {
-            entry.principal = key_id;
+        Ok(principal) => {
+            entry.principal = principal.name().to_owned();
             if let Ok(v) = serde_json::from_slice::<Value>(&body) {
                 trail::resources_from_body(&mut entry, &v, &["DocumentName", "Name"]);
                 entry.params = trail::redact(v);
             }
-            dispatch(&state, &headers, &body).await
+            match dispatch(&state, &principal, &headers, &body).await {
+                // Deny by default, as on the native API: an operation that never asked is refused.
+                Ok(_) if !principal.was_authorized() => Err(SsmError::new(
+                    "AccessDeniedException",
+                    format!("operation {op} has no authorization rule; refused"),
+                )),
+                r => r,
+            }
         }
         Err(e) => Err(e),
     };
@@ -129,6 +158,7 @@ pub async fn handle(
                 tracing::warn!(code = e.code, "SSM request failed");
             }
             entry.result = format!("{} {}", e.status.as_u16(), e.code);
+            trail::add_nodes(&mut entry, &e.denied_nodes);
             (e.status, json!({ "__type": e.code, "message": e.message }))
         }
     };
@@ -146,20 +176,21 @@ pub async fn handle(
     (status, headers, value.to_string()).into_response()
 }
 
-/// Verifies the request's SigV4 signature; the access key id is the principal.
+/// Verifies the request's SigV4 signature; the principal is the user the access key belongs to.
 async fn authenticate(
     state: &AppState,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<String, SsmError> {
+) -> Result<Principal, SsmError> {
     let sig_err = |e: sigv4::SigError| SsmError::new(e.code, e.message);
     let auth_value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
-    let Some((nonce, sealed)) = state.store.access_key_secret(&auth.access_key_id).await? else {
+    let Some((nonce, sealed, user)) = state.store.access_key_secret(&auth.access_key_id).await?
+    else {
         return Err(SsmError::new(
             "UnrecognizedClientException",
             "The security token included in the request is invalid.",
@@ -184,10 +215,19 @@ async fn authenticate(
         body,
     };
     sigv4::verify(&auth, &req, &secret, SystemTime::now()).map_err(sig_err)?;
-    Ok(auth.access_key_id.to_string())
+    let user =
+        state.store.user(&user).await?.ok_or_else(|| {
+            SsmError::internal("an access key belongs to a user that does not exist")
+        })?;
+    Ok(Principal::new(user, auth.access_key_id.to_string()))
 }
 
-async fn dispatch(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> SsmResult {
+async fn dispatch(
+    state: &Arc<AppState>,
+    p: &Principal,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> SsmResult {
     let target = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
@@ -199,22 +239,24 @@ async fn dispatch(state: &Arc<AppState>, headers: &HeaderMap, body: &[u8]) -> Ss
         ));
     };
     match op {
-        "SendCommand" => commands::send_command(state, parse(body)?).await,
-        "ListCommands" => commands::list_commands(state, parse(body)?).await,
-        "ListCommandInvocations" => commands::list_command_invocations(state, parse(body)?).await,
-        "GetCommandInvocation" => commands::get_command_invocation(state, parse(body)?).await,
-        "CancelCommand" => commands::cancel_command(state, parse(body)?).await,
-        "DescribeInstanceInformation" => {
-            instances::describe_instance_information(state, parse(body)?).await
+        "SendCommand" => commands::send_command(state, p, parse(body)?).await,
+        "ListCommands" => commands::list_commands(state, p, parse(body)?).await,
+        "ListCommandInvocations" => {
+            commands::list_command_invocations(state, p, parse(body)?).await
         }
-        "CreateDocument" => documents::create_document(state, parse(body)?).await,
-        "GetDocument" => documents::get_document(state, parse(body)?).await,
-        "DescribeDocument" => documents::describe_document(state, parse(body)?).await,
-        "ListDocuments" => documents::list_documents(state, parse(body)?).await,
-        "UpdateDocument" => documents::update_document(state, parse(body)?).await,
-        "DeleteDocument" => documents::delete_document(state, parse(body)?).await,
+        "GetCommandInvocation" => commands::get_command_invocation(state, p, parse(body)?).await,
+        "CancelCommand" => commands::cancel_command(state, p, parse(body)?).await,
+        "DescribeInstanceInformation" => {
+            instances::describe_instance_information(state, p, parse(body)?).await
+        }
+        "CreateDocument" => documents::create_document(state, p, parse(body)?).await,
+        "GetDocument" => documents::get_document(state, p, parse(body)?).await,
+        "DescribeDocument" => documents::describe_document(state, p, parse(body)?).await,
+        "ListDocuments" => documents::list_documents(state, p, parse(body)?).await,
+        "UpdateDocument" => documents::update_document(state, p, parse(body)?).await,
+        "DeleteDocument" => documents::delete_document(state, p, parse(body)?).await,
         "UpdateDocumentDefaultVersion" => {
-            documents::update_document_default_version(state, parse(body)?).await
+            documents::update_document_default_version(state, p, parse(body)?).await
         }
         other => Err(SsmError::new(
             "UnknownOperationException",

@@ -4,6 +4,19 @@
 //! which moves the command's counters in the same transaction and only from a non-terminal status,
 //! so a counter can never count one invocation twice.
 
+/// SQL true for a command (table alias given) with an invocation on a node in the JSON array bound
+/// as `?1`, or for every command when NULL is bound (see [`visible_json`]). A macro so queries stay
+/// literal strings.
+macro_rules! visible_clause {
+    ($alias:literal) => {
+        concat!(
+            "(?1 IS NULL OR EXISTS (SELECT 1 FROM invocations vi WHERE vi.command_id = ",
+            $alias,
+            ".command_id AND vi.node_id IN (SELECT value FROM json_each(?1))))"
+        )
+    };
+}
+
 use super::writer::WriteOp;
 use super::{Result, Store};
 use crate::clock::rfc3339;
@@ -13,7 +26,7 @@ use fleetrun_proto::status::details;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// What a command asks of each node and how it is rolled out: the part of a command the dispatcher
 /// works from, the same when it is created and when it is resumed.
@@ -206,10 +219,18 @@ impl Store {
     }
 
     /// Commands, newest first, without invocations.
-    pub async fn list_commands(&self, limit: u32) -> Result<Vec<Command>> {
-        let rows = sqlx::query(
-            "SELECT * FROM commands ORDER BY requested_at DESC, command_id DESC LIMIT ?",
-        )
+    /// Only commands with an invocation on a node in `visible`, when given.
+    pub async fn list_commands(
+        &self,
+        limit: u32,
+        visible: Option<&HashSet<NodeId>>,
+    ) -> Result<Vec<Command>> {
+        let rows = sqlx::query(concat!(
+            "SELECT * FROM commands c WHERE ",
+            visible_clause!("c"),
+            " ORDER BY requested_at DESC, command_id DESC LIMIT ?2"
+        ))
+        .bind(visible_json(visible))
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?;
@@ -793,4 +814,16 @@ pub(super) async fn finish_invocations(
     .execute(&mut *conn)
     .await?;
     Ok(ended)
+}
+
+/// The bind value for [`visible_clause`]: NULL for no restriction, else a JSON array of node ids.
+pub(crate) fn visible_json(visible: Option<&HashSet<NodeId>>) -> Option<String> {
+    visible.map(|set| {
+        serde_json::Value::from(
+            set.iter()
+                .map(|n| n.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .to_string()
+    })
 }

@@ -8,6 +8,7 @@ pub mod audit;
 mod commands;
 mod documents;
 mod nodes;
+mod principals;
 mod ssm;
 mod writer;
 
@@ -17,6 +18,7 @@ pub use commands::{
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, RegisterError};
+pub use principals::{UserError, UserRow, token_id};
 pub use ssm::{CommandMeta, CommandQuery};
 
 use sqlx::SqlitePool;

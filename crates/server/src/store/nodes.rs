@@ -1,11 +1,12 @@
 //! API tokens, activations, nodes and their tags.
 
 use super::{Result, Store};
+use crate::authz::NodeRef;
 use crate::clock::{now_ms, rfc3339};
-use fleetrun_proto::NodeId;
 use fleetrun_proto::api::{Activation, Node, PING_CONNECTION_LOST, PING_ONLINE};
 use fleetrun_proto::channel::NodeInfo;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use fleetrun_proto::{CommandId, NodeId};
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::collections::BTreeMap;
 
@@ -45,27 +46,6 @@ impl Store {
             .fetch_one(&self.read)
             .await?;
         Ok(n > 0)
-    }
-
-    /// Stores an API token's hash.
-    pub async fn insert_api_token(&self, token_hash: &str, name: &str) -> Result<()> {
-        sqlx::query("INSERT INTO api_tokens (token_hash, name, created_at) VALUES (?, ?, ?)")
-            .bind(token_hash)
-            .bind(name)
-            .bind(now_ms())
-            .execute(&self.write)
-            .await?;
-        Ok(())
-    }
-
-    /// The name of the API token with this hash (its principal), if it is one.
-    pub async fn api_token_name(&self, token_hash: &str) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT name FROM api_tokens WHERE token_hash = ?")
-                .bind(token_hash)
-                .fetch_optional(&self.read)
-                .await?,
-        )
     }
 
     /// Creates an activation.
@@ -260,6 +240,43 @@ impl Store {
         row.map(|r| node_from_row(&r, &online)).transpose()
     }
 
+    /// Nodes as policies see them (crate::authz): these ids, or every node ever registered (deregistered
+    /// ones too: their history stays readable to whom it was).
+    pub async fn node_refs(&self, ids: Option<&[NodeId]>) -> Result<Vec<NodeRef>> {
+        let Some(ids) = ids else {
+            let rows = sqlx::query("SELECT node_id, name, tags FROM nodes")
+                .fetch_all(&self.read)
+                .await?;
+            return rows.iter().map(node_ref).collect();
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT node_id, name, tags FROM nodes WHERE node_id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.as_str());
+            }
+            qb.push(")");
+            for r in qb.build().fetch_all(&self.read).await? {
+                out.push(node_ref(&r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The nodes of a command's invocations, as policies see them.
+    pub async fn command_node_refs(&self, command: &CommandId) -> Result<Vec<NodeRef>> {
+        let rows = sqlx::query(
+            "SELECT n.node_id, n.name, n.tags FROM invocations i JOIN nodes n ON n.node_id = i.node_id \
+             WHERE i.command_id = ? ORDER BY i.seq",
+        )
+        .bind(command.as_str())
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(node_ref).collect()
+    }
+
     /// Node ids and names among `ids` that exist.
     pub async fn node_names(&self, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>> {
         let mut out = Vec::with_capacity(ids.len());
@@ -341,6 +358,17 @@ const NODE_SELECT_ONE: &str = concat!(
     node_columns!(),
     " FROM nodes WHERE node_id = ? AND deregistered_at IS NULL"
 );
+
+fn node_ref(r: &sqlx::sqlite::SqliteRow) -> Result<NodeRef> {
+    let id: String = r.get("node_id");
+    Ok(NodeRef {
+        node_id: id
+            .parse()
+            .map_err(|_| super::StoreError::Missing("valid node id"))?,
+        name: r.get("name"),
+        tags: serde_json::from_str(r.get("tags"))?,
+    })
+}
 
 fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool) -> Result<Node> {
     let id: String = r.get("node_id");

@@ -1,12 +1,13 @@
 //! Queries of the SSM-compatible API: access keys, and command/invocation listings with SSM's filters
 //! and offset pagination.
 
-use super::commands::{command_from_row, invocation_from_row};
+use super::commands::{command_from_row, invocation_from_row, visible_json};
 use super::{Result, Store};
 use crate::clock::now_ms;
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::{CommandId, NodeId};
 use sqlx::{QueryBuilder, Row, Sqlite};
+use std::collections::HashSet;
 
 /// Which commands (or their invocations) a listing wants.
 #[derive(Default, Debug)]
@@ -25,6 +26,8 @@ pub struct CommandQuery {
     pub document_name: Option<String>,
     /// `Some(true)`: ended; `Some(false)`: still running.
     pub complete: Option<bool>,
+    /// Only these nodes' invocations (and commands with one): what the caller may read.
+    pub visible: Option<HashSet<NodeId>>,
 }
 
 /// A command's members that SSM shows with each invocation.
@@ -49,38 +52,59 @@ impl Store {
         nonce: &[u8],
         sealed: &[u8],
         name: &str,
+        user: &str,
     ) -> Result<()> {
-        sqlx::query("INSERT INTO access_keys (access_key_id, secret_nonce, secret_enc, name, created_at) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO access_keys (access_key_id, secret_nonce, secret_enc, name, created_at, user_name) VALUES (?, ?, ?, ?, ?, ?)")
             .bind(id)
             .bind(nonce)
             .bind(sealed)
             .bind(name)
             .bind(now_ms())
+            .bind(user)
             .execute(&self.write)
             .await?;
         Ok(())
     }
 
-    /// The sealed secret of an access key: (nonce, ciphertext).
-    pub async fn access_key_secret(&self, id: &str) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        let row =
-            sqlx::query("SELECT secret_nonce, secret_enc FROM access_keys WHERE access_key_id = ?")
-                .bind(id)
-                .fetch_optional(&self.read)
-                .await?;
-        Ok(row.map(|r| (r.get("secret_nonce"), r.get("secret_enc"))))
+    /// The sealed secret of an access key and the user it acts as: (nonce, ciphertext, user).
+    pub async fn access_key_secret(&self, id: &str) -> Result<Option<(Vec<u8>, Vec<u8>, String)>> {
+        let row = sqlx::query(
+            "SELECT secret_nonce, secret_enc, user_name FROM access_keys WHERE access_key_id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|r| {
+            (
+                r.get("secret_nonce"),
+                r.get("secret_enc"),
+                r.get("user_name"),
+            )
+        }))
     }
 
-    /// Access keys: (id, name, created_at ms), newest first.
-    pub async fn list_access_keys(&self) -> Result<Vec<(String, String, i64)>> {
+    /// Access keys: (id, name, user, created_at ms), newest first; only `user`'s when given.
+    pub async fn list_access_keys(
+        &self,
+        user: Option<&str>,
+    ) -> Result<Vec<(String, String, String, i64)>> {
         let rows = sqlx::query(
-            "SELECT access_key_id, name, created_at FROM access_keys ORDER BY created_at DESC",
+            "SELECT access_key_id, name, user_name, created_at FROM access_keys \
+             WHERE ?1 IS NULL OR user_name = ?1 ORDER BY created_at DESC",
         )
+        .bind(user)
         .fetch_all(&self.read)
         .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get("access_key_id"), r.get("name"), r.get("created_at")))
+            .map(|r| {
+                (
+                    r.get("access_key_id"),
+                    r.get("name"),
+                    r.get("user_name"),
+                    r.get("created_at"),
+                )
+            })
             .collect())
     }
 
@@ -171,6 +195,18 @@ fn push_command_filters(qb: &mut QueryBuilder<Sqlite>, q: &CommandQuery, on_comm
     if let Some(s) = &q.status {
         qb.push(format_args!(" AND {status_col} = "))
             .push_bind(s.clone());
+    }
+    if let Some(visible) = &q.visible {
+        let json = visible_json(Some(visible));
+        if on_command {
+            qb.push(" AND c.command_id IN (SELECT command_id FROM invocations WHERE node_id IN (SELECT value FROM json_each(")
+                .push_bind(json)
+                .push(")))");
+        } else {
+            qb.push(" AND i.node_id IN (SELECT value FROM json_each(")
+                .push_bind(json)
+                .push("))");
+        }
     }
     match q.complete {
         Some(true) => {
