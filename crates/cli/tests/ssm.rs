@@ -11,6 +11,15 @@ use std::path::PathBuf;
 use std::process::Command;
 use support::{Agent, Server};
 
+/// What the web team may do: everything on role=web nodes, nothing else.
+const WEB_TEAM_POLICY: &str = r#"
+permit (
+    principal,
+    action in [Action::"list", Action::"send-command", Action::"cancel", Action::"read-output"],
+    resource is Node
+) when { resource.hasTag("role") && resource.getTag("role") == "web" };
+"#;
+
 /// Versions checked to work together (awscli pins its botocore).
 const PIP_PACKAGES: [&str; 2] = ["awscli==1.46.3", "boto3==1.44.5"];
 
@@ -86,6 +95,19 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         })
         .collect();
 
+    // The web team's user may only touch role=web nodes; its access key drives one scenario.
+    let team = server.post_json(
+        "/v1/users",
+        &serde_json::json!({"name": "web-team", "role": "none", "policy": WEB_TEAM_POLICY}),
+    );
+    assert_eq!(team.status, 201, "{}", String::from_utf8_lossy(&team.body));
+    let team_key = server.post_json(
+        "/v1/access-keys",
+        &serde_json::json!({"name": "web team", "user": "web-team"}),
+    );
+    assert_eq!(team_key.status, 201, "{}", String::from_utf8_lossy(&team_key.body));
+    let team_key = team_key.json();
+
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ssm/scenarios.py");
     let out = Command::new(venv.join("bin").join("python"))
         .arg(&script)
@@ -104,6 +126,14 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         .env(
             "AWS_SECRET_ACCESS_KEY",
             key["secret_access_key"].as_str().unwrap_or_default(),
+        )
+        .env(
+            "TEAM_KEY_ID",
+            team_key["access_key_id"].as_str().unwrap_or_default(),
+        )
+        .env(
+            "TEAM_SECRET",
+            team_key["secret_access_key"].as_str().unwrap_or_default(),
         )
         .env("AWS_DEFAULT_REGION", "eu-west-1")
         .env("AWS_CONFIG_FILE", "/dev/null")

@@ -211,6 +211,50 @@ def cancel_command():
 
 
 @scenario
+def a_team_key_reaches_only_its_nodes():
+    """The web team's access key (its user may only touch role=web nodes) through boto3."""
+    team = client(aws_access_key_id=os.environ["TEAM_KEY_ID"], aws_secret_access_key=os.environ["TEAM_SECRET"])
+    # Its own node: send, wait, read.
+    cid = team.send_command(InstanceIds=[WEB1], **shell(["echo team-ok"]))["Command"]["CommandId"]
+    wait_for("the team's command", lambda: team.get_command_invocation(CommandId=cid, InstanceId=WEB1)["Status"] == "Success")
+    assert team.get_command_invocation(CommandId=cid, InstanceId=WEB1)["StandardOutputContent"] == "team-ok\n"
+    # Another team's node, alone or in a mix: refused whole, naming the node; nothing is created.
+    newest = lambda: SSM.list_commands(MaxResults=1)["Commands"][0]["CommandId"]  # noqa: E731
+    before = newest()
+    for ids in ([DB1], [WEB1, DB1]):
+        code, message = error_code(team.send_command, InstanceIds=ids, **shell(["echo no"]))
+        assert code == "AccessDeniedException" and DB1 in message and WEB1 not in message, (code, message)
+    code, _ = error_code(team.send_command, Targets=[{"Key": "tag:role", "Values": ["db"]}], **shell(["echo no"]))
+    assert code == "AccessDeniedException", code
+    assert newest() == before, "a refused send created a command"
+    # An admin's command on the db node: the team can neither read nor cancel it, nor see it listed.
+    db_cid = SSM.send_command(InstanceIds=[DB1], **shell(["sleep 30"]))["Command"]["CommandId"]
+    for fn, kw in [
+        (team.get_command_invocation, {"CommandId": db_cid, "InstanceId": DB1}),
+        (team.list_command_invocations, {"CommandId": db_cid, "Details": True}),
+        (team.list_commands, {"CommandId": db_cid}),
+        (team.cancel_command, {"CommandId": db_cid}),
+    ]:
+        code, _ = error_code(fn, **kw)
+        assert code == "AccessDeniedException", (fn.__name__, code)
+    listed = [c["CommandId"] for c in team.list_commands()["Commands"]]
+    assert cid in listed and db_cid not in listed, listed
+    invs = team.list_command_invocations()["CommandInvocations"]
+    assert invs and all(i["InstanceId"] in (WEB1, WEB2) for i in invs), invs
+    seen = {i["InstanceId"] for i in team.describe_instance_information()["InstanceInformationList"]}
+    assert seen == {WEB1, WEB2}, seen
+    assert wait_status(db_cid, DB1, {"InProgress", "Pending"})
+    SSM.cancel_command(CommandId=db_cid)
+    # Every refusal is in the audit trail under the team's user.
+    req = urllib.request.Request(ENDPOINT + "/v1/audit?principal=web-team&limit=1000", headers={"Authorization": "Bearer " + TOKEN})
+    status, records = http(req)
+    assert status == 200, records
+    denied = {r["action"] for r in records if r["result"] == "400 AccessDeniedException"}
+    for op in ("SendCommand", "GetCommandInvocation", "ListCommandInvocations", "ListCommands", "CancelCommand"):
+        assert "ssm." + op in denied, (op, denied)
+
+
+@scenario
 def describe_instance_information_filters_and_pages():
     def ids(**kw):
         out = []
