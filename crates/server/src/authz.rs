@@ -632,6 +632,23 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_policies_are_valid_and_do_what_they_say() {
+        let authz = Authz::default();
+        let team = include_str!("../../../docs/policies/dev-team.cedar");
+        let junior = include_str!("../../../docs/policies/operator-but-not-prod.cedar");
+        validate(team).expect("dev-team.cedar");
+        validate(junior).expect("operator-but-not-prod.cedar");
+        let (dev, prod) = (node(1, "dev"), node(2, "prod"));
+        let p = principal(Role::None, team);
+        assert!(authz.allowed(&p, Action::Shell, Resource::Node(&dev)));
+        assert!(!authz.allowed(&p, Action::ReadOutput, Resource::Node(&prod)));
+        assert!(authz.allowed(&p, Action::List, Resource::Document("AWS-RunShellScript")));
+        let p = principal(Role::Operator, junior);
+        assert!(authz.allowed(&p, Action::SendCommand, Resource::Node(&dev)));
+        assert!(!authz.allowed(&p, Action::List, Resource::Node(&prod)));
+    }
+
+    #[test]
     fn roles_grant_what_they_say() {
         let authz = Authz::default();
         let dev = node(1, "dev");
