@@ -299,16 +299,44 @@ impl Dispatcher {
         if batch.is_empty() {
             return Ok(());
         }
+        // Parameters are substituted here, with their values of now, and only into the frame.
+        let run = match crate::params::render(&self.state, &self.run.script).await {
+            Ok(script) => RunRequest {
+                script: script.into_owned(),
+                ..self.run.clone()
+            },
+            Err(crate::params::RenderError::Store(e)) => {
+                self.pending.extend(batch);
+                return Err(e);
+            }
+            Err(crate::params::RenderError::Missing(names)) => {
+                let message = format!(
+                    "not delivered: the script references parameter(s) that no longer exist: {}",
+                    names.join(", ")
+                );
+                let now = now_ms();
+                let ends = batch
+                    .into_iter()
+                    .map(|n| {
+                        let f = Finish::without_running(
+                            InvocationStatus::Failed,
+                            details::UNDELIVERABLE,
+                            now,
+                            &message,
+                        );
+                        (n, f)
+                    })
+                    .collect();
+                end_invocations(&self.state, &self.cmd, ends).await?;
+                return Ok(());
+            }
+        };
         self.state
             .store
             .mark_delivered(&self.cmd, &batch, now_ms())
             .await?;
         for node in batch {
-            if self
-                .state
-                .hub
-                .send(&node, ServerFrame::Run(self.run.clone()))
-            {
+            if self.state.hub.send(&node, ServerFrame::Run(run.clone())) {
                 self.in_flight.insert(node);
             } else {
                 // Went offline between the check and the send: it waits for the node again.

@@ -11,6 +11,7 @@ pub mod document;
 pub mod guard;
 pub mod hub;
 pub mod output;
+pub mod params;
 pub mod retention;
 pub mod secrets;
 pub mod send;

@@ -9,6 +9,7 @@ mod dev;
 mod documents;
 mod nodes;
 mod output;
+mod params;
 mod send;
 mod server;
 mod storage;
@@ -93,6 +94,9 @@ enum Subcommands {
     AccessKey(access_key::Cmd),
     /// Query the audit trail, or verify its hash chain
     Audit(audit::Args),
+    /// Put, list, show and delete parameters that scripts reference as {{param:NAME}}
+    #[command(subcommand)]
+    Params(params::Cmd),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -132,6 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Documents(cmd) => documents::run(&ctx, cmd).await,
         Subcommands::AccessKey(cmd) => access_key::run(&ctx, cmd).await,
         Subcommands::Audit(args) => audit::run(&ctx, args).await,
+        Subcommands::Params(cmd) => params::run(&ctx, cmd).await,
     }
 }
 

@@ -7,6 +7,7 @@ mod commands;
 mod documents;
 mod nodes;
 mod output;
+mod params;
 mod storage;
 
 use crate::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
@@ -68,6 +69,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/access-keys",
             post(access_keys::create).get(access_keys::list),
+        )
+        .route("/v1/params", get(params::list))
+        .route(
+            "/v1/params/{name}",
+            get(params::get).put(params::put).delete(params::delete),
         )
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", post(audit::verify))

@@ -8,6 +8,7 @@ pub mod audit;
 mod commands;
 mod documents;
 mod nodes;
+mod params;
 mod ssm;
 mod writer;
 
@@ -17,6 +18,7 @@ pub use commands::{
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, RegisterError};
+pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use ssm::{CommandMeta, CommandQuery};
 
 use sqlx::SqlitePool;
