@@ -76,16 +76,16 @@ pub fn redact(v: Value) -> Value {
         Value::Object(m) => {
             let param_body = m.contains_key("secure");
             Value::Object(
-            m.into_iter()
-                .map(|(k, v)| {
-                    let v = if is_secret_name(&k) || (param_body && k == "value") {
-                        Value::String("[REDACTED]".into())
-                    } else {
-                        redact(v)
-                    };
-                    (k, v)
-                })
-                .collect(),
+                m.into_iter()
+                    .map(|(k, v)| {
+                        let v = if is_secret_name(&k) || (param_body && k == "value") {
+                            Value::String("[REDACTED]".into())
+                        } else {
+                            redact(v)
+                        };
+                        (k, v)
+                    })
+                    .collect(),
             )
         }
         Value::Array(a) => Value::Array(a.into_iter().map(redact).collect()),

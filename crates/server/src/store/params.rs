@@ -62,7 +62,13 @@ fn param_row(r: &SqliteRow) -> ParamRow {
 
 impl Store {
     /// Creates or replaces a parameter, one version up.
-    pub async fn put_param(&self, name: &str, value: &StoredValue, at: i64, by: &str) -> Result<Put> {
+    pub async fn put_param(
+        &self,
+        name: &str,
+        value: &StoredValue,
+        at: i64,
+        by: &str,
+    ) -> Result<Put> {
         let mut tx = self.write.begin().await?;
         let current: Option<i64> = sqlx::query_scalar("SELECT version FROM params WHERE name = ?")
             .bind(name)
