@@ -172,3 +172,34 @@ fn a_secure_param_reaches_the_script_and_nothing_else() {
         .one_line_error();
     assert!(err.contains("region"), "{err}");
 }
+
+#[test]
+fn a_configured_secrets_key_file_seals_params_and_must_exist() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key = keys.path().join("fleetrun.key");
+    std::fs::write(&key, [7u8; 32]).expect("write key");
+    let server = Server::start_with(&["--secrets-key-file", key.to_str().unwrap()]);
+    let _a = Agent::start(&server, "par2", &[]);
+    let node = server.node_id("par2");
+    server
+        .cli(&["params", "put", "k", "kv-secret-9", "--secure"])
+        .ok();
+    let id = server.send(&["--node", &node], "printf %s '{{param:k}}' | wc -c");
+    server.wait_terminal(&id, Duration::from_secs(30));
+    assert_eq!(
+        String::from_utf8_lossy(&server.output(&id, &node)).trim(),
+        "11"
+    );
+    assert!(!server.data_dir.join("secrets.key").exists());
+
+    // A configured key that is missing is an error, not a fresh key.
+    let data = keys.path().join("data");
+    let mut c = std::process::Command::new(crate::support::fleetrun_bin());
+    c.args(["server", "--listen", "127.0.0.1:0", "--secrets-key-file"])
+        .arg(keys.path().join("missing.key"))
+        .arg("--data-dir")
+        .arg(&data);
+    let out = crate::support::run(c, Duration::from_secs(30));
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("missing.key"), "{}", out.stderr);
+}
