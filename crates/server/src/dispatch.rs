@@ -10,6 +10,7 @@ use crate::AppState;
 use crate::clock::now_ms;
 use crate::store::{CommandRow, Finish, StoreError};
 use fleetrun_proto::channel::{RunRequest, ServerFrame};
+use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::Rate;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
@@ -300,20 +301,28 @@ impl Dispatcher {
             return Ok(());
         }
         // Parameters are substituted here, with their values of now, and only into the frame.
-        let run = match crate::params::render(&self.state, &self.run.script).await {
-            Ok(script) => RunRequest {
-                script: script.into_owned(),
-                ..self.run.clone()
-            },
+        let rendered = match crate::params::render(&self.state, &self.run.script).await {
+            // A value put since the send may have grown the script past what a frame may carry.
+            Ok(script) if script.len() > SCRIPT_MAX => Err(format!(
+                "not delivered: with its parameters substituted the script is {} bytes; the limit is {SCRIPT_MAX}",
+                script.len()
+            )),
+            Ok(script) => Ok(script),
             Err(crate::params::RenderError::Store(e)) => {
                 self.pending.extend(batch);
                 return Err(e);
             }
-            Err(crate::params::RenderError::Missing(names)) => {
-                let message = format!(
-                    "not delivered: the script references parameter(s) that no longer exist: {}",
-                    names.join(", ")
-                );
+            Err(crate::params::RenderError::Missing(names)) => Err(format!(
+                "not delivered: the script references parameter(s) that no longer exist: {}",
+                names.join(", ")
+            )),
+        };
+        let run = match rendered {
+            Ok(script) => RunRequest {
+                script: script.into_owned(),
+                ..self.run.clone()
+            },
+            Err(message) => {
                 let now = now_ms();
                 let ends = batch
                     .into_iter()
