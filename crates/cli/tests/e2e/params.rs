@@ -111,8 +111,51 @@ fn a_secure_param_reaches_the_script_and_nothing_else() {
         "v1"
     );
 
+    // Nothing in the data dir holds the value in clear (the database, its WAL, output objects).
+    let mut files = Vec::new();
+    all_bytes(&server.data_dir, &mut files);
+    for (path, bytes) in &files {
+        assert!(!contains(bytes, SECRET), "secret in clear in {path}");
+    }
+
+    // A script that prints the secret (stored as printed, like any output): masked in every output
+    // view and in a live follow; the second copy sits after more than a segment (1 MiB) of output.
+    // Values split across chunks are covered by the unit tests of params::MaskStream.
+    let leak = server.send(
+        &["--node", &node],
+        "echo \"pw={{param:db_pass}}\"; head -c 1048550 /dev/zero | tr '\\0' x; echo '{{ssm-secure:db_pass}}'; sleep 1; echo \"{{param:db_pass}}\" >&2",
+    );
+    let follow = server
+        .cli(&["output", &leak, &node, "--follow"])
+        .ok()
+        .stdout;
+    server.wait_terminal(&leak, Duration::from_secs(60));
+    let stored = server.output(&leak, &node);
+    for out in [&follow, &stored] {
+        assert_eq!(out.len(), "pw=****\n".len() + 1048550 + "****\n".len());
+        assert!(out.starts_with(b"pw=****\nxxx") && out.ends_with(b"xxx****\n"));
+    }
+    let stderr = server.get(&format!(
+        "/v1/commands/{leak}/invocations/{node}/output/stderr"
+    ));
+    assert_eq!(String::from_utf8_lossy(&stderr.body), "****\n");
+    let invs = server.get_json(&format!("/v1/commands/{leak}/invocations"));
+    assert!(
+        invs[0]["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("pw=****\nxxx"),
+        "{}",
+        &invs.to_string()[..100]
+    );
+    assert_eq!(invs[0]["stderr"], "****\n");
+
     // Every answer the API gives, the audit trail included.
     let mut answers = vec![
+        String::from_utf8_lossy(&follow).into_owned(),
+        String::from_utf8_lossy(&stored).into_owned(),
+        invs.to_string(),
+        server.get_json(&format!("/v1/commands/{leak}")).to_string(),
         server
             .cli(&["params", "list", "-o", "json"])
             .ok()
@@ -157,11 +200,6 @@ fn a_secure_param_reaches_the_script_and_nothing_else() {
         !agent.all_logs().contains(SECRET),
         "secret in the agent log"
     );
-    let mut files = Vec::new();
-    all_bytes(&server.data_dir, &mut files);
-    for (path, bytes) in &files {
-        assert!(!contains(bytes, SECRET), "secret in clear in {path}");
-    }
 
     // Delete: gone, and a send that needs it is refused.
     server.cli(&["params", "delete", "region"]).ok();

@@ -71,6 +71,7 @@ pub async fn get(
 ) -> Result<Json<Command>, ApiError> {
     let mut cmd = load(&state, &id).await?;
     cmd.invocations = state.store.list_invocations(&cmd.command_id).await?;
+    crate::params::mask_invocations(&state, &mut cmd.invocations).await?;
     Ok(Json(cmd))
 }
 
@@ -80,7 +81,9 @@ pub async fn invocations(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Invocation>>, ApiError> {
     let cmd = load(&state, &id).await?;
-    Ok(Json(state.store.list_invocations(&cmd.command_id).await?))
+    let mut invs = state.store.list_invocations(&cmd.command_id).await?;
+    crate::params::mask_invocations(&state, &mut invs).await?;
+    Ok(Json(invs))
 }
 
 /// Cancels a command's invocations (all, or some nodes'). Answers with the command.

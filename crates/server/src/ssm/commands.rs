@@ -427,7 +427,10 @@ pub async fn list_command_invocations(
     let limit = check_max_results(req.max_results, 1, 50, 50)?;
     let offset = parse_token(req.next_token.as_deref())?;
     ensure_command_exists(state, &q).await?;
-    let page = state.store.query_invocations(&q, offset, limit).await?;
+    let mut page = state.store.query_invocations(&q, offset, limit).await?;
+    if req.details {
+        crate::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
+    }
     let base = &state.public_url;
     let items: Vec<Value> = page
         .iter()
@@ -557,7 +560,8 @@ pub async fn get_command_invocation(
         node_id: Some(node.clone()),
         ..CommandQuery::default()
     };
-    let page = state.store.query_invocations(&q, 0, 1).await?;
+    let mut page = state.store.query_invocations(&q, 0, 1).await?;
+    crate::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
     let found = page.into_iter().next();
     let plugins = found
         .as_ref()
