@@ -26,6 +26,7 @@
 //! | `DELETE /v1/nodes/{node_id}` | | [`Node`]: deregistered (gone from listings, channel refused) |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |
+//! | `PUT\|GET\|DELETE /v1/params/{name}`, `GET /v1/params` | see [`crate::params`] | |
 //! | `POST /` | AWS JSON 1.1, SigV4-signed (the SSM-compatible API) | |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
 //!
