@@ -474,6 +474,15 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
     }
 }
 
+/// The channel's WebSocket limits: no message or frame larger than the largest legal server frame
+/// (tungstenite's defaults would buffer up to 64 MiB from a misbehaving server).
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let max = Some(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX);
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(max)
+        .max_frame_size(max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,13 +552,4 @@ mod tests {
             ConnError::Transport(_)
         ));
     }
-}
-
-/// The channel's WebSocket limits: no message or frame larger than the largest legal server frame
-/// (tungstenite's defaults would buffer up to 64 MiB from a misbehaving server).
-fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    let max = Some(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX);
-    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .max_message_size(max)
-        .max_frame_size(max)
 }

@@ -191,7 +191,7 @@ fn a_secure_param_reaches_the_script_and_nothing_else() {
         .find(|r| r["document"] == "db_pass")
         .unwrap_or_else(|| panic!("no params.put record: {audit}"));
     assert_eq!(rec["params"]["body"]["value"], "[REDACTED]", "{rec}");
-    assert!(server.all_logs().len() > 0);
+    assert!(!server.all_logs().is_empty());
     assert!(
         !server.all_logs().contains(SECRET),
         "secret in the server log"
