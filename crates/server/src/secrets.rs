@@ -60,6 +60,12 @@ impl SecretBox {
         use anyhow::Context;
         let key = std::fs::read(path)
             .with_context(|| format!("cannot read the secrets key file {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path.display(), "the secrets key file is readable by other users; chmod 600 it");
+        }
         Self::from_key(path, &key)
     }
 
