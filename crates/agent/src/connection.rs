@@ -242,7 +242,11 @@ impl Channel {
         let (mut ws, _) = tokio::time::timeout(
             DIAL_TIMEOUT,
             // Nagle off: small frames (Started, Finished, a line of output) must leave at once.
-            tokio_tungstenite::connect_async_with_config(self.url.as_str(), None, true),
+            tokio_tungstenite::connect_async_with_config(
+                self.url.as_str(),
+                Some(ws_config()),
+                true,
+            ),
         )
         .await
         .map_err(|_| transport("timed out"))?
@@ -468,6 +472,15 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::ResultAck { .. } => "ResultAck",
         ServerFrame::Error { .. } => "Error",
     }
+}
+
+/// The channel's WebSocket limits: no message or frame larger than the largest legal server frame
+/// (tungstenite's defaults would buffer up to 64 MiB from a misbehaving server).
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let max = Some(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX);
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(max)
+        .max_frame_size(max)
 }
 
 #[cfg(test)]

@@ -328,6 +328,34 @@ impl Client {
         Ok(())
     }
 
+    /// `PUT /v1/params/{name}`.
+    pub async fn put_param(
+        &self,
+        name: &str,
+        body: &fleetrun_proto::params::PutParam,
+    ) -> anyhow::Result<fleetrun_proto::params::Param> {
+        let path = format!("/v1/params/{}", encode(name));
+        self.json(self.request(Method::PUT, &path).json(body)).await
+    }
+
+    /// `GET /v1/params`.
+    pub async fn params(&self) -> anyhow::Result<Vec<fleetrun_proto::params::Param>> {
+        self.json(self.request(Method::GET, "/v1/params")).await
+    }
+
+    /// `GET /v1/params/{name}`.
+    pub async fn param(&self, name: &str) -> anyhow::Result<fleetrun_proto::params::Param> {
+        let path = format!("/v1/params/{}", encode(name));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `DELETE /v1/params/{name}`.
+    pub async fn delete_param(&self, name: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/params/{}", encode(name));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
     /// `GET /v1/commands/{id}/watch`: snapshots until the command is terminal.
     pub async fn watch(&self, id: &CommandId) -> anyhow::Result<Watch<'_>> {
         let resp = self

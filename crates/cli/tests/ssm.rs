@@ -105,7 +105,12 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         "/v1/access-keys",
         &serde_json::json!({"name": "web team", "user": "web-team"}),
     );
-    assert_eq!(team_key.status, 201, "{}", String::from_utf8_lossy(&team_key.body));
+    assert_eq!(
+        team_key.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&team_key.body)
+    );
     let team_key = team_key.json();
 
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ssm/scenarios.py");

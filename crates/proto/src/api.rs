@@ -35,6 +35,7 @@
 //! | `POST /v1/tokens` | [`CreateToken`] | [`Token`] (201; the only time the token is shown) |
 //! | `GET /v1/tokens[?user=NAME]` | | `[Token]` without secrets |
 //! | `DELETE /v1/tokens/{id}` | | 204 |
+//! | `PUT\|GET\|DELETE /v1/params/{name}`, `GET /v1/params` | see [`crate::params`] | |
 //! | `POST /` | AWS JSON 1.1, SigV4-signed (the SSM-compatible API) | |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
 //!

@@ -8,6 +8,7 @@ pub mod api;
 pub mod channel;
 pub mod ids;
 pub mod limits;
+pub mod params;
 pub mod status;
 pub mod targets;
 pub mod version;

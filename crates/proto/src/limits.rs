@@ -32,6 +32,14 @@ pub const WORKING_DIR_MAX: usize = 4_096;
 pub const OUTPUT_WINDOW: u64 = 4 * 1024 * 1024;
 /// Largest data payload in one `Output` frame.
 pub const OUTPUT_FRAME_MAX: usize = 256 * 1024;
+/// Largest WebSocket message (and frame) either side of the agent channel accepts: room for an
+/// `Output` frame ([`OUTPUT_FRAME_MAX`]), a `Run` (script of at most [`SCRIPT_MAX`] bytes, with its
+/// parameters substituted) and a `Hello` listing thousands of known invocations, with framing.
+pub const CHANNEL_MESSAGE_MAX: usize = 1024 * 1024;
+const _: () = assert!(
+    CHANNEL_MESSAGE_MAX >= OUTPUT_FRAME_MAX + 1024
+        && CHANNEL_MESSAGE_MAX >= SCRIPT_MAX + WORKING_DIR_MAX + 1024
+);
 
 /// Smallest memory limit accepted, in MiB.
 pub const MEMORY_LIMIT_MIN_MB: u64 = 4;

@@ -83,20 +83,24 @@ fn is_secret_name(name: &str) -> bool {
 }
 
 /// A copy of a JSON value with every secret-named member replaced by `"[REDACTED]"`, at any depth.
+/// A parameter store body (`{value, secure}`) has its `value` redacted too, secure or not.
 pub fn redact(v: Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(
-            m.into_iter()
-                .map(|(k, v)| {
-                    let v = if is_secret_name(&k) {
-                        Value::String("[REDACTED]".into())
-                    } else {
-                        redact(v)
-                    };
-                    (k, v)
-                })
-                .collect(),
-        ),
+        Value::Object(m) => {
+            let param_body = m.contains_key("secure");
+            Value::Object(
+                m.into_iter()
+                    .map(|(k, v)| {
+                        let v = if is_secret_name(&k) || (param_body && k == "value") {
+                            Value::String("[REDACTED]".into())
+                        } else {
+                            redact(v)
+                        };
+                        (k, v)
+                    })
+                    .collect(),
+            )
+        }
         Value::Array(a) => Value::Array(a.into_iter().map(redact).collect()),
         other => other,
     }
@@ -128,6 +132,10 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/storage") => "storage.get",
         ("POST", "/v1/access-keys") => "access-keys.create",
         ("GET", "/v1/access-keys") => "access-keys.list",
+        ("GET", "/v1/params") => "params.list",
+        ("GET", "/v1/params/{name}") => "params.get",
+        ("PUT", "/v1/params/{name}") => "params.put",
+        ("DELETE", "/v1/params/{name}") => "params.delete",
         ("GET", "/v1/audit") => "audit.list",
         ("GET", "/v1/whoami") => "whoami",
         ("POST", "/v1/users") => "users.create",
@@ -205,6 +213,9 @@ mod tests {
         assert_eq!(v["nested"][0]["api_token"], "[REDACTED]");
         assert_eq!(v["password"], "[REDACTED]");
         assert!(!v.to_string().contains("\"abc\""));
+        let p = redact(json!({"value": "s3cr3t", "secure": true}));
+        assert_eq!(p["value"], "[REDACTED]");
+        assert_eq!(p["secure"], true);
     }
 
     #[test]

@@ -31,8 +31,6 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial read and write buffer of an agent's WebSocket.
 const SOCKET_BUFFER: usize = 8 * 1024;
-/// Largest frame accepted from an agent (an output frame is at most 64 KiB plus framing).
-const MAX_FRAME: usize = 1024 * 1024;
 
 /// Upgrades the request to the agent channel. When too many handshakes are in progress (a reconnect
 /// storm after a restart), answers 503 with a jittered Retry-After instead, so the server sheds load
@@ -61,7 +59,8 @@ pub async fn connect(
         )
             .into_response();
     };
-    ws.max_message_size(MAX_FRAME)
+    ws.max_message_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
+        .max_frame_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
         // tungstenite's defaults (128 KiB each way) cost 256 KiB per idle agent; big frames grow
         // the buffers only while they pass.
         .read_buffer_size(SOCKET_BUFFER)

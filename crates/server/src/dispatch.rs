@@ -10,6 +10,7 @@ use crate::AppState;
 use crate::clock::now_ms;
 use crate::store::{CommandRow, Finish, StoreError};
 use fleetrun_proto::channel::{RunRequest, ServerFrame};
+use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::Rate;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
@@ -299,16 +300,52 @@ impl Dispatcher {
         if batch.is_empty() {
             return Ok(());
         }
+        // Parameters are substituted here, with their values of now, and only into the frame.
+        let rendered = match crate::params::render(&self.state, &self.run.script).await {
+            // A value put since the send may have grown the script past what a frame may carry.
+            Ok(script) if script.len() > SCRIPT_MAX => Err(format!(
+                "not delivered: with its parameters substituted the script is {} bytes; the limit is {SCRIPT_MAX}",
+                script.len()
+            )),
+            Ok(script) => Ok(script),
+            Err(crate::params::RenderError::Store(e)) => {
+                self.pending.extend(batch);
+                return Err(e);
+            }
+            Err(crate::params::RenderError::Missing(names)) => Err(format!(
+                "not delivered: the script references parameter(s) that no longer exist: {}",
+                names.join(", ")
+            )),
+        };
+        let run = match rendered {
+            Ok(script) => RunRequest {
+                script: script.into_owned(),
+                ..self.run.clone()
+            },
+            Err(message) => {
+                let now = now_ms();
+                let ends = batch
+                    .into_iter()
+                    .map(|n| {
+                        let f = Finish::without_running(
+                            InvocationStatus::Failed,
+                            details::UNDELIVERABLE,
+                            now,
+                            &message,
+                        );
+                        (n, f)
+                    })
+                    .collect();
+                end_invocations(&self.state, &self.cmd, ends).await?;
+                return Ok(());
+            }
+        };
         self.state
             .store
             .mark_delivered(&self.cmd, &batch, now_ms())
             .await?;
         for node in batch {
-            if self
-                .state
-                .hub
-                .send(&node, ServerFrame::Run(self.run.clone()))
-            {
+            if self.state.hub.send(&node, ServerFrame::Run(run.clone())) {
                 self.in_flight.insert(node);
             } else {
                 // Went offline between the check and the send: it waits for the node again.

@@ -12,6 +12,7 @@ pub mod document;
 pub mod guard;
 pub mod hub;
 pub mod output;
+pub mod params;
 pub mod retention;
 pub mod secrets;
 pub mod send;
@@ -44,6 +45,10 @@ pub struct ServerConfig {
     pub max_handshakes: usize,
     /// The URL clients reach this server at (for output URLs); default `http://` + the listen address.
     pub public_url: Option<String>,
+    /// API requests per second per principal (bursts of 4x); 0 = no limit.
+    pub rate_limit: u32,
+    /// The key sealing secrets; None for `DATA_DIR/secrets.key` (created on first start).
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -53,6 +58,8 @@ impl ServerConfig {
     pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
     /// Default handshake limit.
     pub const DEFAULT_MAX_HANDSHAKES: usize = 128;
+    /// Default per-principal request rate.
+    pub const DEFAULT_RATE_LIMIT: u32 = guard::RateLimiter::DEFAULT_RATE;
 
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
@@ -64,6 +71,8 @@ impl ServerConfig {
             purge_interval: Self::DEFAULT_PURGE_INTERVAL,
             max_handshakes: Self::DEFAULT_MAX_HANDSHAKES,
             public_url: None,
+            rate_limit: Self::DEFAULT_RATE_LIMIT,
+            secrets_key_file: None,
         }
     }
 }
@@ -96,6 +105,8 @@ pub struct AppState {
     pub auth_guard: guard::AuthGuard,
     /// Decides what principals may do (compiled Cedar policies).
     pub authz: authz::Authz,
+    /// Requests per principal (token buckets).
+    pub rate_limiter: guard::RateLimiter,
 }
 
 /// A server that is listening.
@@ -151,7 +162,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
-    let secret_box = secrets::SecretBox::open(&config.data_dir.join("secrets.key"))?;
+    let secret_box = match &config.secrets_key_file {
+        // A configured key must exist: creating a fresh one would orphan everything sealed before.
+        Some(path) => secrets::SecretBox::open_existing(path)?,
+        None => secrets::SecretBox::open(&config.data_dir.join("secrets.key"))?,
+    };
     let state = Arc::new(AppState {
         store,
         objects,
@@ -165,6 +180,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         secret_box,
         auth_guard: guard::AuthGuard::default(),
         authz: authz::Authz::default(),
+        rate_limiter: guard::RateLimiter::new(
+            config.rate_limit,
+            config.rate_limit.saturating_mul(4),
+        ),
         public_url: config
             .public_url
             .clone()

@@ -43,7 +43,6 @@ impl SecretBox {
     /// Loads the key from `path`, creating it (mode 0600) on first use.
     pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context;
-        use chacha20poly1305::KeyInit;
         let key = match std::fs::read(path) {
             Ok(k) => k,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -53,7 +52,26 @@ impl SecretBox {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let cipher = chacha20poly1305::XChaCha20Poly1305::new_from_slice(&key)
+        Self::from_key(path, &key)
+    }
+
+    /// Loads the key from `path`, which must exist (a configured key file).
+    pub fn open_existing(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let key = std::fs::read(path)
+            .with_context(|| format!("cannot read the secrets key file {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path.display(), "the secrets key file is readable by other users; chmod 600 it");
+        }
+        Self::from_key(path, &key)
+    }
+
+    fn from_key(path: &std::path::Path, key: &[u8]) -> anyhow::Result<Self> {
+        use chacha20poly1305::KeyInit;
+        let cipher = chacha20poly1305::XChaCha20Poly1305::new_from_slice(key)
             .map_err(|_| anyhow::anyhow!("{} must hold exactly 32 bytes", path.display()))?;
         Ok(SecretBox { cipher })
     }

@@ -119,6 +119,7 @@ pub async fn send_command(
             "commands contain a NUL byte".into(),
         ));
     }
+    check_param_references(state, &commands).await?;
     let working_dir = rendered.working_dir;
     if working_dir.len() > WORKING_DIR_MAX {
         return Err(bad(
@@ -309,6 +310,30 @@ async fn authorize(
         .authz
         .require_nodes(principal, Action::SendCommand, &nodes)
         .map_err(SendError::Denied)
+}
+
+/// Every `{{param:NAME}}` the script references must exist now, and the script with today's values
+/// must fit [`SCRIPT_MAX`]. The values themselves are read again at delivery (see crate::params).
+async fn check_param_references(state: &AppState, commands: &[String]) -> Result<(), SendError> {
+    let script = commands.join("\n");
+    match crate::params::render(state, &script).await {
+        Ok(rendered) if rendered.len() > SCRIPT_MAX => Err(invalid(
+            "MaxDocumentSizeExceeded",
+            format!(
+                "the script with its parameters substituted is {} bytes; the limit is {SCRIPT_MAX}",
+                rendered.len()
+            ),
+        )),
+        Ok(_) => Ok(()),
+        Err(crate::params::RenderError::Missing(names)) => Err(invalid(
+            "InvalidParameters",
+            format!(
+                "the script references unknown parameter(s): {}",
+                names.join(", ")
+            ),
+        )),
+        Err(crate::params::RenderError::Store(e)) => Err(SendError::Store(e)),
+    }
 }
 
 /// The parameters of a send: `parameters`, plus AWS-RunShellScript's shorthands (`commands`,

@@ -9,6 +9,7 @@ mod dev;
 mod documents;
 mod nodes;
 mod output;
+mod params;
 mod policies;
 mod send;
 mod server;
@@ -108,6 +109,9 @@ enum Subcommands {
     /// Validate Cedar policy files; show the schema and the built-in roles
     #[command(subcommand)]
     Policies(policies::Cmd),
+    /// Put, list, show and delete parameters that scripts reference as {{param:NAME}}
+    #[command(subcommand)]
+    Params(params::Cmd),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -152,6 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Login(args) => users::login(&ctx, args).await,
         Subcommands::Whoami => users::whoami(&ctx).await,
         Subcommands::Policies(cmd) => policies::run(cmd),
+        Subcommands::Params(cmd) => params::run(&ctx, cmd).await,
     }
 }
 

@@ -62,7 +62,8 @@ pub struct Args {
         value_name = "N"
     )]
     max_handshakes: Option<usize>,
-    /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval and max_handshakes
+    /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
+    /// rate_limit and secrets_key_file
     #[arg(
         long,
         env = "FLEETRUN_SERVER_CONFIG",
@@ -70,6 +71,22 @@ pub struct Args {
         value_name = "FILE"
     )]
     config: Option<PathBuf>,
+    /// Requests per second each API principal may make (bursts of 4x); 0 turns the limit off [default: 50]
+    #[arg(
+        long,
+        env = "FLEETRUN_RATE_LIMIT",
+        hide_env_values = true,
+        value_name = "N"
+    )]
+    rate_limit: Option<u32>,
+    /// The 32-byte key that seals secrets (secure parameters, access keys) [default: DATA_DIR/secrets.key]
+    #[arg(
+        long,
+        env = "FLEETRUN_SECRETS_KEY_FILE",
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    secrets_key_file: Option<PathBuf>,
 }
 
 /// The server's config file. Unknown keys are an error, so a typo does not silently fall back.
@@ -84,6 +101,8 @@ struct ServerFile {
     /// A duration such as "1h".
     purge_interval: Option<String>,
     max_handshakes: Option<usize>,
+    rate_limit: Option<u32>,
+    secrets_key_file: Option<PathBuf>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -144,11 +163,17 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
     if max_handshakes == 0 {
         bail!("max handshakes must be at least 1");
     }
+    let rate_limit = args
+        .rate_limit
+        .or(file.rate_limit)
+        .unwrap_or(fleetrun_server::ServerConfig::DEFAULT_RATE_LIMIT);
     Ok(fleetrun_server::ServerConfig {
         heartbeat_secs,
         retention,
         purge_interval,
         max_handshakes,
+        rate_limit,
+        secrets_key_file: args.secrets_key_file.or(file.secrets_key_file),
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -216,6 +241,8 @@ mod tests {
             purge_interval: None,
             max_handshakes: None,
             config,
+            rate_limit: None,
+            secrets_key_file: None,
         };
         let c = resolve(args(Some(path.clone()))).unwrap();
         assert_eq!(c.listen.port(), 9);

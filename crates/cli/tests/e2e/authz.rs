@@ -478,3 +478,47 @@ fn policies_are_validated_before_they_are_stored() {
     let me = run(c, Duration::from_secs(30)).ok().json();
     assert_eq!(me["user"], "admin");
 }
+
+#[test]
+fn each_principal_has_its_own_request_rate_limit() {
+    // 2 requests/s with bursts of 8: a tight loop of 30 is over it; another user is not affected.
+    let server = Server::start_with(&["--rate-limit", "2"]);
+    let busy = user_with_token(&server, "busy", "viewer", None);
+    let statuses: Vec<u16> = (0..30)
+        .map(|_| call(&server, &busy, "GET", "/v1/whoami", None).status)
+        .collect();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(statuses[0] == 200 && limited >= 15, "{statuses:?}");
+    let r = call(&server, &busy, "GET", "/v1/whoami", None);
+    let (status, code, message) = error_of(&r);
+    assert_eq!(
+        (status, code.as_str()),
+        (429, "TooManyRequests"),
+        "{message}"
+    );
+    assert!(message.contains("busy"), "{message}");
+    assert_eq!(
+        call(&server, &server.token, "GET", "/v1/whoami", None).status,
+        200
+    );
+    let records = server
+        .cli(&[
+            "audit",
+            "--principal",
+            "busy",
+            "--limit",
+            "100",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert!(
+        records
+            .as_array()
+            .expect("records")
+            .iter()
+            .any(|r| r["result"] == "429 TooManyRequests"),
+        "{records}"
+    );
+}

@@ -21,6 +21,7 @@ mod faults_spool;
 mod help;
 mod limits;
 mod output;
+mod params;
 mod rate;
 mod retention;
 mod send;

@@ -94,7 +94,8 @@ pub async fn invocations(
     ))
 }
 
-/// The invocations of a command on nodes the principal may read; refused when there is none.
+/// The invocations of a command on nodes the principal may read (secure values masked in their
+/// inline output); refused when there is none.
 async fn readable_invocations(
     state: &AppState,
     p: &Principal,
@@ -103,6 +104,7 @@ async fn readable_invocations(
     let scope = authz::command_scope(state, p, Action::ReadOutput, id).await?;
     let mut invs = state.store.list_invocations(id).await?;
     invs.retain(|i| scope.contains(&i.node_id));
+    crate::params::mask_invocations(state, &mut invs).await?;
     Ok(invs)
 }
 

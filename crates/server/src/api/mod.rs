@@ -7,6 +7,7 @@ mod commands;
 mod documents;
 mod nodes;
 mod output;
+mod params;
 mod storage;
 mod tokens;
 mod users;
@@ -82,6 +83,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/tokens", post(tokens::create).get(tokens::list))
         .route("/v1/tokens/{id}", axum::routing::delete(tokens::delete))
+        .route("/v1/params", get(params::list))
+        .route(
+            "/v1/params/{name}",
+            get(params::get).put(params::put).delete(params::delete),
+        )
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", post(audit::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -144,6 +150,10 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             // A refused caller is worth the wait: brute force must show up at once.
             wait = true;
             resp
+        }
+        Ok(principal) if let Err(retry) = state.rate_limiter.check(principal.name()) => {
+            entry.principal = principal.name().to_owned();
+            rate_limited(principal.name(), retry)
         }
         Ok(principal) => {
             entry.principal = principal.name().to_owned();
@@ -211,6 +221,25 @@ async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, wait: b
         None => resp.status().as_u16().to_string(),
     };
     trail::record(state, entry, wait).await;
+    resp
+}
+
+/// 429 for a principal over its request rate (`--rate-limit`).
+fn rate_limited(who: &str, retry: std::time::Duration) -> Response {
+    let secs = retry.as_secs().max(1);
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "TooManyRequests".into(),
+            message: format!("{who} is over its request rate limit; retry in {secs} s"),
+        },
+    };
+    let mut resp = (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, secs.to_string())],
+        Json(body),
+    )
+        .into_response();
+    resp.extensions_mut().insert(ErrorCode("TooManyRequests"));
     resp
 }
 

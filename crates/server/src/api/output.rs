@@ -3,12 +3,14 @@
 //! Without `follow`, the stored bytes. With `follow`, the stored bytes, then live bytes as the node
 //! produces them (pushed by the invocation's output actor), until the invocation ends. Either way the
 //! body streams: no whole output is ever held in memory. An output that fits in its inline copy is
-//! served from the database row (it may have no segment objects).
+//! served from the database row (it may have no segment objects). Secure parameter values the
+//! command's script references are masked on the way out (crate::params::Masker).
 
 use super::{ApiError, parse_id};
 use crate::AppState;
 use crate::authz::{self, Action, Principal};
 use crate::output::{OutputMsg, pipe_prefix, read_stored};
+use crate::params::MaskStream;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -65,6 +67,7 @@ pub async fn get(
             format!("command {cmd} has no invocation on node {node}"),
         ));
     }
+    let masker = crate::params::masker_for(&state, &cmd).await?;
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let r = if q.follow {
@@ -79,10 +82,31 @@ pub async fn get(
             let _ = tx.send(Err(std::io::Error::other(e))).await;
         }
     });
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
+    let body = match masker {
+        None => Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })),
+        Some(m) => Body::from_stream(masked(rx, MaskStream::new(m))),
+    };
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// The chunks of `rx` with secure values masked, the held-back tail let out at the end.
+fn masked(
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    stream: MaskStream,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(Some((rx, stream)), |st| async move {
+        let (mut rx, mut stream) = st?;
+        match rx.recv().await {
+            Some(Ok(chunk)) => {
+                let out = Bytes::from(stream.push(&chunk));
+                Some((Ok(out), Some((rx, stream))))
+            }
+            Some(Err(e)) => Some((Err(e), None)),
+            None => Some((Ok(Bytes::from(stream.finish())), None)),
+        }
+    })
 }
 
 /// Sends stored bytes from `from` on; returns the offset after the last byte sent.

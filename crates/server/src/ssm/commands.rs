@@ -457,7 +457,10 @@ pub async fn list_command_invocations(
     let offset = parse_token(req.next_token.as_deref())?;
     ensure_command_exists(state, &q).await?;
     q.visible = visible(state, p, &q).await?;
-    let page = state.store.query_invocations(&q, offset, limit).await?;
+    let mut page = state.store.query_invocations(&q, offset, limit).await?;
+    if req.details {
+        crate::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
+    }
     let base = &state.public_url;
     let items: Vec<Value> = page
         .iter()
@@ -589,7 +592,8 @@ pub async fn get_command_invocation(
         node_id: Some(node.clone()),
         ..CommandQuery::default()
     };
-    let page = state.store.query_invocations(&q, 0, 1).await?;
+    let mut page = state.store.query_invocations(&q, 0, 1).await?;
+    crate::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
     let found = page.into_iter().next();
     let plugins = found
         .as_ref()

@@ -128,6 +128,17 @@ pub async fn handle(
             }),
     };
     let result = match authenticated {
+        Ok(principal) if let Err(retry) = state.rate_limiter.check(principal.name()) => {
+            entry.principal = principal.name().to_owned();
+            Err(SsmError::new(
+                "ThrottlingException",
+                format!(
+                    "Rate exceeded: {} is over its request rate limit; retry in {} s",
+                    principal.name(),
+                    retry.as_secs().max(1)
+                ),
+            ))
+        }
         Ok(principal) => {
             entry.principal = principal.name().to_owned();
             if let Ok(v) = serde_json::from_slice::<Value>(&body) {

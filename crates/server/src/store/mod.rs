@@ -8,6 +8,7 @@ pub mod audit;
 mod commands;
 mod documents;
 mod nodes;
+mod params;
 mod principals;
 mod ssm;
 mod writer;
@@ -18,6 +19,7 @@ pub use commands::{
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, RegisterError};
+pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
 pub use ssm::{CommandMeta, CommandQuery};
 

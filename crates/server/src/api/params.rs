@@ -1,0 +1,134 @@
+//! `PUT|GET|DELETE /v1/params/{name}`, `GET /v1/params`: the parameter store. A secure value is
+//! sealed before it is stored and never leaves the server again except inside a `Run` frame.
+
+use super::{ApiError, ApiJson};
+use crate::authz::{Action, Principal, Resource};
+use crate::clock::{now_ms, rfc3339};
+use crate::store::{ParamRow, Put, StoredValue};
+use crate::{AppState, params};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use fleetrun_proto::params::{PARAM_VALUE_MAX, Param, PutParam, name_error};
+use std::sync::Arc;
+
+fn checked_name(name: &str) -> Result<(), ApiError> {
+    match name_error(name) {
+        Some(e) => Err(ApiError::bad_request("InvalidParameterName", e)),
+        None => Ok(()),
+    }
+}
+
+/// The API view of a row: never the value of a secure one.
+fn view(row: ParamRow) -> Param {
+    let (secure, value) = match row.value {
+        StoredValue::Plain(v) => (false, Some(v)),
+        StoredValue::Sealed(..) => (true, None),
+    };
+    Param {
+        name: row.name,
+        secure,
+        value,
+        version: row.version.max(0) as u64,
+        updated_at: rfc3339(row.updated_at),
+        updated_by: row.updated_by,
+    }
+}
+
+/// Creates or replaces a parameter.
+pub async fn put(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<PutParam>,
+) -> Result<Json<Param>, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageParams, Resource::Fleet)?;
+    checked_name(&name)?;
+    if req.value.is_empty() {
+        return Err(ApiError::bad_request(
+            "InvalidParameterValue",
+            "value is empty",
+        ));
+    }
+    if req.value.len() > PARAM_VALUE_MAX {
+        return Err(ApiError::bad_request(
+            "ParameterValueTooLarge",
+            format!(
+                "value is {} bytes; the limit is {PARAM_VALUE_MAX}",
+                req.value.len()
+            ),
+        ));
+    }
+    if req.value.contains('\0') {
+        return Err(ApiError::bad_request(
+            "InvalidParameterValue",
+            "value contains a NUL byte",
+        ));
+    }
+    let by = p.name().to_owned();
+    let stored = params::seal(&state, &req.value, req.secure);
+    let at = now_ms();
+    match state.store.put_param(&name, &stored, at, &by).await? {
+        Put::Ok(version) => Ok(Json(view(ParamRow {
+            name,
+            value: stored,
+            version,
+            updated_at: at,
+            updated_by: by,
+        }))),
+        Put::LimitExceeded => Err(ApiError::bad_request(
+            "ParameterLimitExceeded",
+            format!(
+                "there are {} parameters already; delete some first",
+                crate::store::PARAMS_MAX
+            ),
+        )),
+    }
+}
+
+/// Every parameter, by name.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Result<Json<Vec<Param>>, ApiError> {
+    state.authz.require(&p, Action::List, Resource::Fleet)?;
+    let rows = state.store.list_params().await?;
+    Ok(Json(rows.into_iter().map(view).collect()))
+}
+
+/// One parameter.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<Json<Param>, ApiError> {
+    state.authz.require(&p, Action::List, Resource::Fleet)?;
+    checked_name(&name)?;
+    match state.store.get_param(&name).await? {
+        Some(row) => Ok(Json(view(row))),
+        None => Err(not_found(&name)),
+    }
+}
+
+/// Deletes a parameter. Commands already sent that reference it fail on delivery.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ManageParams, Resource::Fleet)?;
+    checked_name(&name)?;
+    if state.store.delete_param(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_found(&name))
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::not_found("ParameterNotFound", format!("no parameter named {name:?}"))
+}
