@@ -7,8 +7,8 @@ use crate::config::Connection;
 use anyhow::Context;
 use bytes::Bytes;
 use fleetrun_proto::api::{
-    AccessKey, Activation, AuditQuery, AuditRecord, AuditVerify, CancelCommand, Command,
-    CreateAccessKey, CreateActivation, CreateDocument, CreateToken, CreateUser, Document,
+    AccessKey, Activation, AuditAnchor, AuditQuery, AuditRecord, AuditVerify, CancelCommand,
+    Command, CreateAccessKey, CreateActivation, CreateDocument, CreateToken, CreateUser, Document,
     ErrorBody, Invocation, Node, SendCommand, SetDefaultVersion, Storage, Token, UpdateDocument,
     UpdateUser, User, WhoAmI,
 };
@@ -165,9 +165,12 @@ impl Client {
     }
 
     /// `POST /v1/audit/verify`.
-    pub async fn audit_verify(&self) -> anyhow::Result<AuditVerify> {
-        self.json(self.request(Method::POST, "/v1/audit/verify"))
-            .await
+    pub async fn audit_verify(&self, anchor: Option<&AuditAnchor>) -> anyhow::Result<AuditVerify> {
+        let mut req = self.request(Method::POST, "/v1/audit/verify");
+        if let Some(a) = anchor {
+            req = req.json(a);
+        }
+        self.json(req).await
     }
 
     /// `POST /v1/commands`.

@@ -508,6 +508,20 @@ pub struct AuditVerify {
     pub first_bad_seq: Option<u64>,
     /// Why, in one line.
     pub reason: Option<String>,
+    /// The last intact record: keep it somewhere else and pass it back as an [`AuditAnchor`] next
+    /// time, and a removal of the newest records is found too.
+    #[serde(default)]
+    pub head: Option<AuditAnchor>,
+}
+
+/// A record the chain must still hold, unchanged (optional body of `POST /v1/audit/verify`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditAnchor {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
 }
 
 /// A user's role: the built-in policies it starts from (crates/server/src/authz.rs has their text).

@@ -3,7 +3,7 @@
 use super::Ctx;
 use crate::render::{self, Format};
 use clap::Subcommand;
-use fleetrun_proto::api::AuditQuery;
+use fleetrun_proto::api::{AuditAnchor, AuditQuery};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -32,13 +32,54 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Walk the hash chain; exit 1 with the first bad record when it is broken
-    Verify,
+    Verify {
+        /// A file holding the head of the last verification (`SEQ HASH`): the chain must still hold
+        /// that record, so removing the newest records is found too; rewritten with the new head
+        /// after an intact walk. Keep it where the server's database cannot reach.
+        #[arg(long, value_name = "FILE")]
+        anchor: Option<std::path::PathBuf>,
+    },
+}
+
+/// Reads an anchor file (`SEQ HASH`); a missing file is no anchor yet (the first verification).
+fn read_anchor(path: &std::path::Path) -> anyhow::Result<Option<AuditAnchor>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => anyhow::bail!("cannot read anchor file {}: {e}", path.display()),
+    };
+    let mut parts = text.split_whitespace();
+    match (
+        parts.next().map(str::parse::<u64>),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some(Ok(seq)), Some(hash), None) => Ok(Some(AuditAnchor {
+            seq,
+            hash: hash.to_owned(),
+        })),
+        _ => anyhow::bail!(
+            "anchor file {} must hold `SEQ HASH` (as `fleetrun audit verify --anchor` writes it)",
+            path.display()
+        ),
+    }
+}
+
+fn write_anchor(path: &std::path::Path, head: &AuditAnchor) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{} {}\n", head.seq, head.hash))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| anyhow::anyhow!("cannot write anchor file {}: {e}", path.display()))
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let client = ctx.client()?;
-    if let Some(Cmd::Verify) = args.cmd {
-        let v = client.audit_verify().await?;
+    if let Some(Cmd::Verify { anchor }) = args.cmd {
+        let known = anchor.as_deref().map(read_anchor).transpose()?.flatten();
+        let v = client.audit_verify(known.as_ref()).await?;
+        if let (Some(path), Some(head)) = (&anchor, &v.head) {
+            write_anchor(path, head)?;
+        }
         if ctx.format == Format::Json {
             render::print_json(&v)?;
         } else if v.ok {

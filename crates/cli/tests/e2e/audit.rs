@@ -154,3 +154,67 @@ fn unsigned_ssm(server: &Server, body: String) -> Http {
         Http { status, body }
     })
 }
+
+#[test]
+fn an_anchor_kept_outside_finds_the_newest_records_removed() {
+    let server = Server::start();
+    let anchor = server.dir.path().join("audit.anchor");
+    let anchor_arg = anchor.to_str().expect("utf-8 path");
+    server.cli(&["nodes"]).ok();
+    // The first verification has no anchor yet; it writes the head.
+    let v = server
+        .cli(&["audit", "verify", "--anchor", anchor_arg])
+        .ok();
+    assert!(
+        v.stdout_str().contains("audit chain intact"),
+        "{}",
+        v.stdout_str()
+    );
+    let head = std::fs::read_to_string(&anchor).expect("anchor written");
+    let seq: u64 = head
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("anchor {head:?}"));
+    // More calls, and the anchor moves on with every intact walk.
+    server.cli(&["nodes"]).ok();
+    server
+        .cli(&["audit", "verify", "--anchor", anchor_arg])
+        .ok();
+    let head2 = std::fs::read_to_string(&anchor).expect("anchor");
+    assert_ne!(head, head2);
+    let seq2: u64 = head2
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("seq");
+    assert!(seq2 > seq);
+
+    // Remove the newest records, the anchor's among them: the chain alone still links up...
+    let db = server.data_dir.join("fleetrun.db");
+    let out = Command::new("sqlite3")
+        .arg("-cmd")
+        .arg(".timeout 10000")
+        .arg(&db)
+        .arg(format!("DELETE FROM audit_log WHERE seq >= {seq2};"))
+        .output()
+        .expect("sqlite3 (install the sqlite3 CLI)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = server.cli(&["audit", "verify", "-o", "json"]).json();
+    assert_eq!(plain["ok"], true, "{plain}");
+    // ...but not with the anchor.
+    let bad = server.cli(&["audit", "verify", "--anchor", anchor_arg]);
+    assert_eq!(bad.code(), Some(1), "{}", bad.stdout_str());
+    // (New records have taken the removed numbers since, so the anchor's number now holds another.)
+    assert!(
+        bad.stderr.contains(&format!("record {seq2}")) && bad.stderr.contains("anchor"),
+        "{}",
+        bad.stderr
+    );
+    // A broken walk leaves the anchor as it was.
+    assert_eq!(std::fs::read_to_string(&anchor).expect("anchor"), head2);
+}

@@ -5,7 +5,7 @@ use crate::AppState;
 use crate::authz::{Action, Principal, Resource};
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
-use fleetrun_proto::api::{AuditQuery, AuditRecord, AuditVerify};
+use fleetrun_proto::api::{AuditAnchor, AuditQuery, AuditRecord, AuditVerify};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -41,15 +41,26 @@ pub async fn list(
     ))
 }
 
-/// Walks the whole chain.
+/// Walks the whole chain; with an [`AuditAnchor`] body, it must also still hold that record.
 pub async fn verify(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
+    body: axum::body::Bytes,
 ) -> Result<Json<AuditVerify>, ApiError> {
     state
         .authz
         .require(&p, Action::ReadAudit, Resource::Fleet)?;
-    Ok(Json(state.store.verify_audit().await?))
+    let anchor: Option<AuditAnchor> = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "InvalidRequest",
+                format!("the body must be an anchor {{\"seq\": N, \"hash\": \"...\"}}: {e}"),
+            )
+        })?)
+    };
+    Ok(Json(state.store.verify_audit(anchor.as_ref()).await?))
 }
 
 fn time_ms(what: &str, s: &str) -> Result<i64, ApiError> {

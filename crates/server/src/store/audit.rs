@@ -8,7 +8,7 @@
 
 use super::{Result, Store};
 use crate::clock::rfc3339;
-use fleetrun_proto::api::{AuditQuery, AuditRecord, AuditVerify};
+use fleetrun_proto::api::{AuditAnchor, AuditQuery, AuditRecord, AuditVerify};
 use sha2::{Digest, Sha256};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
@@ -197,7 +197,8 @@ impl Store {
     }
 
     /// Walks the whole chain from the first record; names the first record that does not fit.
-    pub async fn verify_audit(&self) -> Result<AuditVerify> {
+    /// With an anchor (a head returned earlier), the chain must still hold that record unchanged.
+    pub async fn verify_audit(&self, anchor: Option<&AuditAnchor>) -> Result<AuditVerify> {
         let mut checker = Checker::default();
         loop {
             let rows = sqlx::query(concat!(
@@ -226,13 +227,37 @@ impl Store {
                 if let Err(v) = checker.check(&stored, r.get("prev_hash"), r.get("hash")) {
                     return Ok(v);
                 }
+                if let Some(a) = anchor.filter(|a| a.seq as i64 == checker.last_seq)
+                    && a.hash != checker.last_hash
+                {
+                    return Ok(checker.verdict(
+                        stored.seq,
+                        format!(
+                            "record {} is not the anchor's record: it was replaced",
+                            a.seq
+                        ),
+                    ));
+                }
             }
             if n < VERIFY_PAGE {
+                if let Some(a) = anchor.filter(|a| a.seq as i64 > checker.last_seq) {
+                    return Ok(checker.verdict(
+                        checker.last_seq + 1,
+                        format!(
+                            "the anchor's record {} is gone: the chain ends at record {}, so the newest records were removed",
+                            a.seq, checker.last_seq
+                        ),
+                    ));
+                }
                 return Ok(AuditVerify {
                     ok: true,
                     records: checker.records,
                     first_bad_seq: None,
                     reason: None,
+                    head: (checker.last_seq > 0).then(|| AuditAnchor {
+                        seq: checker.last_seq as u64,
+                        hash: checker.last_hash.clone(),
+                    }),
                 });
             }
         }
@@ -257,14 +282,20 @@ impl Default for Checker {
 }
 
 impl Checker {
-    /// Checks the next record; on a break, the verdict naming it.
-    fn check(&mut self, r: &Stored<'_>, prev_hash: &str, hash: &str) -> Result<(), AuditVerify> {
-        let bad = |seq: i64, reason: String| AuditVerify {
+    /// A broken chain's verdict.
+    fn verdict(&self, seq: i64, reason: String) -> AuditVerify {
+        AuditVerify {
             ok: false,
             records: self.records,
             first_bad_seq: Some(seq.max(0) as u64),
             reason: Some(reason),
-        };
+            head: None,
+        }
+    }
+
+    /// Checks the next record; on a break, the verdict naming it.
+    fn check(&mut self, r: &Stored<'_>, prev_hash: &str, hash: &str) -> Result<(), AuditVerify> {
+        let bad = |seq: i64, reason: String| self.verdict(seq, reason);
         if r.seq != self.last_seq + 1 {
             return Err(bad(
                 r.seq,
