@@ -54,7 +54,8 @@ pub fn rotate_message(node_id: &NodeId, old_public_key: &[u8], new_public_key: &
 }
 
 fn message(context: &[u8], fields: &[&[u8]]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(context.len() + fields.iter().map(|f| 4 + f.len()).sum::<usize>());
+    let mut m =
+        Vec::with_capacity(context.len() + fields.iter().map(|f| 4 + f.len()).sum::<usize>());
     m.extend_from_slice(context);
     for f in fields {
         // Fields are at most a few dozen bytes; a length that does not fit u32 cannot occur.
@@ -137,7 +138,10 @@ mod tests {
         let nonce = [7u8; NONCE_LEN];
         let pk = a.public_key();
         let sig = a.sign(&hello_message(&node, &nonce, &pk));
-        assert_eq!(verify(&pk, &hello_message(&node, &nonce, &pk), &sig), Ok(()));
+        assert_eq!(
+            verify(&pk, &hello_message(&node, &nonce, &pk), &sig),
+            Ok(())
+        );
         // Another nonce (a replay), another node, another key: refused.
         let err = Err(AuthError::BadSignature);
         assert_eq!(verify(&pk, &hello_message(&node, &[8; 32], &pk), &sig), err);
@@ -169,9 +173,6 @@ mod tests {
 
     #[test]
     fn length_prefixes_keep_fields_apart() {
-        assert_ne!(
-            register_message(b"ab", b"c"),
-            register_message(b"a", b"bc")
-        );
+        assert_ne!(register_message(b"ab", b"c"), register_message(b"a", b"bc"));
     }
 }

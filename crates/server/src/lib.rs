@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod document;
 pub mod guard;
 pub mod hub;
+pub mod node_auth;
 pub mod output;
 pub mod retention;
 pub mod secrets;

@@ -16,7 +16,7 @@ pub use commands::{
     CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, OutputState, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
-pub use nodes::{NewNode, RegisterError};
+pub use nodes::{NewNode, NodeKeys, RegisterError};
 pub use ssm::{CommandMeta, CommandQuery};
 
 use sqlx::SqlitePool;
