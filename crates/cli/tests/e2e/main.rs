@@ -19,6 +19,7 @@ mod faults_server;
 mod faults_spool;
 mod help;
 mod limits;
+mod node_identity;
 mod output;
 mod rate;
 mod retention;
