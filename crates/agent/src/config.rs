@@ -14,6 +14,8 @@ pub const MAX_CONCURRENT_COMMANDS_DEFAULT: usize = 8;
 pub const KILL_GRACE_DEFAULT: Duration = Duration::from_secs(5);
 /// Default bound on spooled output, over all commands (256 MiB).
 pub const SPOOL_MAX_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
+/// Default age after which the node's key is rotated.
+pub const KEY_ROTATION_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Smallest spool accepted (one pipe read).
 pub const SPOOL_MAX_BYTES_MIN: u64 = 64 * 1024;
 /// The WebSocket path of the agent channel, under the server's base URL.
@@ -41,6 +43,8 @@ pub struct AgentConfig {
     /// Most bytes of unacknowledged output kept on disk, over all commands; when full, commands
     /// block writing output until the server catches up (reported in their results).
     pub spool_max_bytes: u64,
+    /// Age after which the node's key is replaced by a new one, over the live connection.
+    pub key_rotation: Duration,
 }
 
 impl AgentConfig {
@@ -56,6 +60,7 @@ impl AgentConfig {
             max_concurrent_commands: MAX_CONCURRENT_COMMANDS_DEFAULT,
             kill_grace: KILL_GRACE_DEFAULT,
             spool_max_bytes: SPOOL_MAX_BYTES_DEFAULT,
+            key_rotation: KEY_ROTATION_DEFAULT,
         }
     }
 
@@ -81,6 +86,12 @@ impl AgentConfig {
             return Err(AgentError::Config(format!(
                 "--spool-max-bytes must be at least {SPOOL_MAX_BYTES_MIN}, not {}",
                 self.spool_max_bytes
+            )));
+        }
+        if self.key_rotation < Duration::from_secs(1) {
+            return Err(AgentError::Config(format!(
+                "--key-rotation must be at least 1s, not {}",
+                humantime::format_duration(self.key_rotation)
             )));
         }
         if let Some(code) = &self.activation_code

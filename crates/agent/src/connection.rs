@@ -10,6 +10,7 @@ use crate::error::AgentError;
 use crate::identity::{self, Identity};
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
+use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame};
 use fleetrun_proto::version::PROTOCOL_VERSION;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -18,9 +19,10 @@ use rand::Rng;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -38,7 +40,12 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Largest `Retry-After` honoured.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(3_600);
 /// Error codes answering `Hello` that no retry can fix.
-const FATAL_CODES: [&str; 3] = ["UnknownNode", "InvalidActivation", "ProtocolVersion"];
+const FATAL_CODES: [&str; 4] = [
+    "UnknownNode",
+    "BadSignature",
+    "InvalidActivation",
+    "ProtocolVersion",
+];
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -134,8 +141,14 @@ pub struct Channel {
     kill_grace: Duration,
     info: NodeInfo,
     outbox: Arc<Outbox>,
-    identity: Option<Identity>,
+    /// Changed by a key rotation while a connection is served (never locked across an await).
+    identity: Mutex<Option<Identity>>,
     scheduler: Option<Scheduler>,
+    key_rotation: Duration,
+    /// Frames of the key rotation, sent by the writer before the outbox's.
+    control: Mutex<Vec<AgentFrame>>,
+    /// Notified when a rotation finished.
+    rotated: Notify,
 }
 
 impl Channel {
@@ -158,8 +171,11 @@ impl Channel {
             kill_grace: config.kill_grace,
             info,
             outbox,
-            identity: None,
+            identity: Mutex::new(None),
             scheduler: None,
+            key_rotation: config.key_rotation,
+            control: Mutex::default(),
+            rotated: Notify::new(),
         };
         if let Some(identity) = identity {
             channel.adopt(identity)?;
@@ -178,7 +194,7 @@ impl Channel {
         .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
         scheduler.recover();
         self.scheduler = Some(scheduler);
-        self.identity = Some(identity);
+        *lock(&self.identity) = Some(identity);
         Ok(())
     }
 
@@ -252,22 +268,38 @@ impl Channel {
         .map_err(|_| transport("timed out"))?
         .map_err(dial_error)?;
         let answer_timeout = self.heartbeat * 3;
-        match &self.identity {
+        // The server speaks first: the challenge our first frame signs.
+        let nonce = match receive(&mut ws, Instant::now() + answer_timeout).await? {
+            ServerFrame::Challenge { nonce } => nonce,
+            ServerFrame::Error { code, message } => return Err(refusal(code, message)),
+            other => {
+                return Err(transport(format!(
+                    "expected Challenge, got {} (is the server older than this agent?)",
+                    frame_name(&other)
+                )));
+            }
+        };
+        let identity = lock(&self.identity).clone();
+        match identity {
             None => {
                 let Some(activation_code) = self.activation_code.clone() else {
                     return Err(ConnError::Fatal(AgentError::NoIdentity(
                         self.state_dir.clone(),
                     )));
                 };
+                let key = identity::generate_key();
+                let public_key = key.public_key();
                 let hello = AgentFrame::Register {
                     protocol_version: PROTOCOL_VERSION,
                     activation_code,
+                    public_key: public_key.to_vec(),
+                    signature: key.sign(&auth::register_message(&nonce, &public_key)),
                     info: self.info.clone(),
                     tags: self.tags.clone(),
                 };
                 match exchange(&mut ws, hello, answer_timeout).await? {
-                    ServerFrame::Registered { node_id, secret } => {
-                        let identity = Identity { node_id, secret };
+                    ServerFrame::Registered { node_id } => {
+                        let identity = Identity::new(node_id, key, now_ms());
                         identity::save(&self.state_dir, &identity).map_err(ConnError::Fatal)?;
                         tracing::info!(node_id = %identity.node_id, "registered");
                         self.adopt(identity).map_err(ConnError::Fatal)?;
@@ -287,10 +319,12 @@ impl Channel {
                 }
             }
             Some(identity) => {
+                let (public_key, signature) = identity.sign_hello(&nonce);
                 let hello = AgentFrame::Hello {
                     protocol_version: PROTOCOL_VERSION,
                     node_id: identity.node_id.clone(),
-                    secret: identity.secret.clone(),
+                    public_key,
+                    signature,
                     info: self.info.clone(),
                     known: self.outbox.known(),
                 };
@@ -322,10 +356,13 @@ impl Channel {
     /// a writer sending due frames and pings, run side by side so neither blocks the other.
     async fn serve(&self, ws: Ws, heartbeat: Duration) -> ConnError {
         self.outbox.rewind();
+        // A rotation cut off with the last connection starts again from the identity file's state.
+        lock(&self.control).clear();
         let (sink, source) = ws.split();
         let ended = tokio::select! {
             r = self.read_loop(source, heartbeat * 3) => r,
             r = self.write_loop(sink, heartbeat) => r,
+            r = self.rotate_loop() => r,
         };
         match ended {
             Err(e) => e,
@@ -376,7 +413,8 @@ impl Channel {
                     .map_err(transport)?;
                 next_ping = Instant::now() + heartbeat;
             }
-            let batch = self.outbox.next_batch();
+            let mut batch = std::mem::take(&mut *lock(&self.control));
+            batch.extend(self.outbox.next_batch());
             if batch.is_empty() {
                 tokio::select! {
                     () = self.outbox.ready().notified() => {}
@@ -414,12 +452,91 @@ impl Channel {
                 }
             }
             ServerFrame::Error { code, message } => return Err(refusal(code, message)),
-            other @ (ServerFrame::Welcome { .. } | ServerFrame::Registered { .. }) => {
+            ServerFrame::KeyRotated { public_key } => self.key_rotated(&public_key),
+            other @ (ServerFrame::Welcome { .. }
+            | ServerFrame::Registered { .. }
+            | ServerFrame::Challenge { .. }) => {
                 tracing::debug!("ignoring unexpected {}", frame_name(&other));
             }
         }
         Ok(())
     }
+}
+
+impl Channel {
+    /// Rotates the node's key whenever it is older than `--key-rotation`, over the live connection:
+    /// persist a pending key, send `RotateKey`, and wait for `KeyRotated` (see [`identity`]).
+    async fn rotate_loop(&self) -> Result<Infallible, ConnError> {
+        loop {
+            let due_in = match &*lock(&self.identity) {
+                Some(id) => id.rotation_due_in(now_ms(), self.key_rotation),
+                None => Duration::MAX,
+            };
+            tokio::time::sleep(due_in.min(Duration::from_secs(86_400))).await;
+            let frame = {
+                let mut guard = lock(&self.identity);
+                let Some(id) = guard.as_mut() else { continue };
+                if !id.rotation_due_in(now_ms(), self.key_rotation).is_zero() {
+                    continue;
+                }
+                // Work on a copy: the pending key is in use only once it is on disk.
+                let mut next = id.clone();
+                let frame = next.begin_rotation();
+                if let Err(e) = identity::save(&self.state_dir, &next) {
+                    tracing::error!("cannot rotate the node key: {e}");
+                    None
+                } else {
+                    *id = next;
+                    Some(frame)
+                }
+            };
+            let Some(frame) = frame else {
+                // Try again later; the current key stays valid meanwhile.
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                continue;
+            };
+            tracing::info!("rotating the node key");
+            lock(&self.control).push(frame);
+            self.outbox.ready().notify_one();
+            // Wait for KeyRotated; without it (a lost answer) the next connection resends.
+            self.rotated.notified().await;
+        }
+    }
+
+    /// The server stored the new key: make it current, on disk first, then confirm it.
+    fn key_rotated(&self, public_key: &[u8]) {
+        let confirm = {
+            let mut guard = lock(&self.identity);
+            let Some(id) = guard.as_mut() else { return };
+            let mut next = id.clone();
+            let Some(confirm) = next.finish_rotation(public_key, now_ms()) else {
+                tracing::debug!("KeyRotated for a key not pending: ignored");
+                return;
+            };
+            if let Err(e) = identity::save(&self.state_dir, &next) {
+                // The server accepts the old key until the new one is confirmed: retried after
+                // the next reconnect.
+                tracing::error!("cannot store the rotated node key: {e}");
+                return;
+            }
+            *id = next;
+            confirm
+        };
+        tracing::info!(key = %auth::fingerprint(public_key), "node key rotated");
+        lock(&self.control).push(confirm);
+        self.outbox.ready().notify_one();
+        self.rotated.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// An `Error` frame: fatal for the codes no retry can fix, a transport error otherwise.
@@ -440,7 +557,11 @@ async fn exchange(
     ws.send(Message::Binary(first.encode().into()))
         .await
         .map_err(transport)?;
-    let deadline = Instant::now() + timeout;
+    receive(ws, Instant::now() + timeout).await
+}
+
+/// Waits for the server's next binary frame during the handshake.
+async fn receive(ws: &mut Ws, deadline: Instant) -> Result<ServerFrame, ConnError> {
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
@@ -471,6 +592,8 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::Ack { .. } => "Ack",
         ServerFrame::ResultAck { .. } => "ResultAck",
         ServerFrame::Error { .. } => "Error",
+        ServerFrame::Challenge { .. } => "Challenge",
+        ServerFrame::KeyRotated { .. } => "KeyRotated",
     }
 }
 

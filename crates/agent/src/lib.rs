@@ -8,7 +8,7 @@
 //!
 //! Modules:
 //! - [`config`]: settings and their validation;
-//! - [`identity`]: the node id and secret kept in the state directory;
+//! - [`identity`]: the node id and its Ed25519 keys kept in the state directory, and their rotation;
 //! - [`sysinfo`]: the facts reported about the machine;
 //! - [`connection`]: the connection state machine, its reader and writer;
 //! - [`outbox`]: invocations held and the frames due for the server;

@@ -3,6 +3,7 @@
 
 use fleetrun_agent::identity::{self, Identity};
 use fleetrun_agent::{AgentConfig, run};
+use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, Outcome, Pipe, RunRequest, ServerFrame, StreamId};
 use fleetrun_proto::limits::OUTPUT_WINDOW;
 use fleetrun_proto::version::PROTOCOL_VERSION;
@@ -16,6 +17,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// The stand-in server's challenge.
+const NONCE: [u8; 32] = [5; 32];
 
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(DEADLINE, f).await {
@@ -52,7 +55,10 @@ impl Server {
         let (tcp, _) = within("a connection", self.listener.accept())
             .await
             .unwrap();
-        tokio_tungstenite::accept_async(tcp).await.unwrap()
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let nonce = NONCE.to_vec();
+        send(&mut ws, ServerFrame::Challenge { nonce }).await;
+        ws
     }
 
     /// Accepts a connection, expects `Hello`, answers `Welcome`; returns the `known` list.
@@ -62,13 +68,18 @@ impl Server {
             AgentFrame::Hello {
                 protocol_version,
                 node_id: n,
-                secret,
+                public_key,
+                signature,
                 known,
                 info,
             } => {
                 assert_eq!(protocol_version, PROTOCOL_VERSION);
                 assert_eq!(&n, node_id);
-                assert_eq!(secret, "s3cret");
+                // Signed over this connection's challenge with the key on disk.
+                let saved = identity::load(self.state.path()).unwrap().unwrap();
+                assert_eq!(public_key, saved.key().public_key());
+                let msg = auth::hello_message(node_id, &NONCE, &public_key);
+                auth::verify(&public_key, &msg, &signature).expect("Hello signature");
                 assert!(!info.hostname.is_empty());
                 send(
                     &mut ws,
@@ -88,14 +99,17 @@ impl Server {
         let node_id = NodeId::from_random(0xabc);
         identity::save(
             self.state.path(),
-            &Identity {
-                node_id: node_id.clone(),
-                secret: "s3cret".into(),
-            },
+            // A fresh key: no rotation is due during the test.
+            &Identity::new(node_id.clone(), identity::generate_key(), now_ms()),
         )
         .unwrap();
         node_id
     }
+}
+
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.unwrap().as_millis() as i64
 }
 
 async fn recv(ws: &mut Ws) -> AgentFrame {
@@ -201,10 +215,14 @@ async fn registers_runs_and_resends_after_reconnect() {
     match recv(&mut ws).await {
         AgentFrame::Register {
             activation_code,
+            public_key,
+            signature,
             info,
             tags,
             ..
         } => {
+            let msg = auth::register_message(&NONCE, &public_key);
+            auth::verify(&public_key, &msg, &signature).expect("Register signature");
             assert_eq!(activation_code, "code-1");
             assert_eq!(info.name, "node-one");
             assert_eq!(tags.get("env").map(String::as_str), Some("test"));
@@ -215,7 +233,6 @@ async fn registers_runs_and_resends_after_reconnect() {
         &mut ws,
         ServerFrame::Registered {
             node_id: node_id.clone(),
-            secret: "s3cret".into(),
         },
     )
     .await;

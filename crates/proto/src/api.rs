@@ -150,6 +150,12 @@ pub struct Node {
     pub activation_id: String,
     /// Registration time (RFC 3339).
     pub registered_at: String,
+    /// Fingerprint of the node's current public key (`SHA256:` + 32 hex digits).
+    #[serde(default)]
+    pub key_fingerprint: String,
+    /// When the node last rotated its key (RFC 3339), if it ever did.
+    #[serde(default)]
+    pub key_rotated_at: Option<String>,
 }
 
 /// Body of `POST /v1/commands`: run a shell script on nodes. Fields follow SSM's SendCommand.

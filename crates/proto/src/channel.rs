@@ -60,17 +60,23 @@ pub enum StreamId {
     },
 }
 
-/// What the agent sends. The first frame on a connection is `Hello` or `Register`.
+/// What the agent sends. The first frame on a connection is `Hello` or `Register`, after the server's
+/// `Challenge`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AgentFrame {
-    /// Since version 1. First frame of an enrolled agent: who it is and what it still holds.
+    /// Since version 1 (key and signature since version 2). First frame of an enrolled agent: who it
+    /// is, proof that it holds the node's key, and what it still holds.
     Hello {
         /// The agent's protocol version.
         protocol_version: u32,
         /// The node's id, from registration.
         node_id: NodeId,
-        /// The node's secret, from registration.
-        secret: String,
+        /// The node's Ed25519 public key (current, or the previous one during a rotation).
+        #[serde(with = "serde_bytes")]
+        public_key: Vec<u8>,
+        /// Signature over [`crate::auth::hello_message`] of the server's challenge.
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
         /// Facts about the node.
         info: NodeInfo,
         /// Invocations the agent knows of (queued, running, or with a result not yet acknowledged).
@@ -83,6 +89,12 @@ pub enum AgentFrame {
         protocol_version: u32,
         /// The activation code (`fleetrun activation create`).
         activation_code: String,
+        /// Since version 2. The new node's Ed25519 public key.
+        #[serde(with = "serde_bytes")]
+        public_key: Vec<u8>,
+        /// Since version 2. Signature over [`crate::auth::register_message`] of the challenge.
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
         /// Facts about the node.
         info: NodeInfo,
         /// Tags the node asks for, added to the activation's.
@@ -111,6 +123,27 @@ pub enum AgentFrame {
         command_id: CommandId,
         /// What happened.
         result: ExecResult,
+    },
+    /// Since version 2. Replace the node's key with a new one (the agent persisted it first). The
+    /// server stores it, keeps the key of this session as the previous one, and answers `KeyRotated`;
+    /// sending the same key again is harmless.
+    RotateKey {
+        /// The key this session authenticated with.
+        #[serde(with = "serde_bytes")]
+        old_public_key: Vec<u8>,
+        /// The new Ed25519 public key.
+        #[serde(with = "serde_bytes")]
+        new_public_key: Vec<u8>,
+        /// Signature by the new key over [`crate::auth::rotate_message`].
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+    },
+    /// Since version 2. The agent now uses `public_key` (after `KeyRotated`): the server stops
+    /// accepting the previous key.
+    KeyConfirmed {
+        /// The node's current key.
+        #[serde(with = "serde_bytes")]
+        public_key: Vec<u8>,
     },
 }
 
@@ -172,12 +205,11 @@ pub enum ServerFrame {
         /// either side drops a connection silent for 3 intervals.
         heartbeat_secs: u64,
     },
-    /// Since version 1. Answer to `Register`: the node's identity, to be kept by the agent.
+    /// Since version 1 (no secret since version 2). Answer to `Register`: the node's id, to be kept
+    /// by the agent with its key.
     Registered {
         /// The new node's id.
         node_id: NodeId,
-        /// The node's secret; the server keeps only its hash.
-        secret: String,
     },
     /// Since version 1. Run a command.
     Run(RunRequest),
@@ -205,6 +237,19 @@ pub enum ServerFrame {
         code: String,
         /// What is wrong.
         message: String,
+    },
+    /// Since version 2. The server's first frame on every connection: the challenge the agent's
+    /// `Hello` or `Register` signs.
+    Challenge {
+        /// [`crate::auth::NONCE_LEN`] random bytes, new for each connection.
+        #[serde(with = "serde_bytes")]
+        nonce: Vec<u8>,
+    },
+    /// Since version 2. The new key of a `RotateKey` is stored: the agent may make it current.
+    KeyRotated {
+        /// The new key.
+        #[serde(with = "serde_bytes")]
+        public_key: Vec<u8>,
     },
 }
 
@@ -271,7 +316,7 @@ mod tests {
         assert_eq!(AgentFrame::decode(&f.encode()).unwrap(), f);
         assert!(AgentFrame::decode(&[0xff, 0xff]).is_err());
         let s = ServerFrame::Welcome {
-            protocol_version: 1,
+            protocol_version: 2,
             heartbeat_secs: 15,
         };
         assert_eq!(ServerFrame::decode(&s.encode()).unwrap(), s);

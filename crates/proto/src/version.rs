@@ -4,7 +4,10 @@
 ///
 /// Since version 1: `Hello`, `Register`, `Welcome`, `Registered`, `Run`, `Cancel`, `Started`, `Output`,
 /// `Ack`, `Finished`, `ResultAck`, `Error`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Since version 2: nodes authenticate with an Ed25519 key over the server's `Challenge`
+/// (`Hello`/`Register` carry a public key and signature, `Registered` no secret), and rotate it with
+/// `RotateKey`, `KeyRotated`, `KeyConfirmed`.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Version of the fleetrun packages, reported by agents and servers.
 pub const FLEETRUN_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -7,6 +7,7 @@ use crate::AppState;
 use crate::audit::{self as trail, ANONYMOUS};
 use crate::clock::now_ms;
 use crate::dispatch::{DispatchMsg, end_invocations};
+use crate::node_auth;
 use crate::output::OutputMsg;
 use crate::secrets;
 use crate::store::{AuditEntry, Finish, NewNode, RegisterError};
@@ -15,6 +16,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use fleetrun_proto::auth::fingerprint;
 use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame, StreamId};
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::{check_tag_key, check_tag_value};
@@ -98,6 +100,15 @@ async fn serve(
     addr: SocketAddr,
 ) {
     let source = addr.to_string();
+    // The challenge goes out at once, so it costs no round trip: it travels while the agent
+    // finishes its side of the upgrade.
+    let nonce = node_auth::challenge();
+    let challenge = ServerFrame::Challenge {
+        nonce: nonce.to_vec(),
+    };
+    if socket.send(binary(challenge)).await.is_err() {
+        return;
+    }
     let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut socket)).await {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
@@ -115,6 +126,8 @@ async fn serve(
         AgentFrame::Register {
             protocol_version,
             activation_code,
+            public_key,
+            signature,
             info,
             tags,
         } => {
@@ -123,10 +136,14 @@ async fn serve(
             }
             let params = serde_json::json!({
                 "name": info.name, "hostname": info.hostname, "tags": tags,
+                "key": fingerprint(&public_key),
             });
-            let registered = register(&state, &activation_code, info, tags).await;
+            let registered = match node_auth::check_register(&nonce, &public_key, &signature) {
+                Ok(key) => register(&state, &activation_code, key, info, tags).await,
+                Err(r) => Err((r.code, r.message)),
+            };
             let (principal, node, result) = match &registered {
-                Ok((id, _)) => (id.to_string(), Some(id), "Registered"),
+                Ok(id) => (id.to_string(), Some(id), "Registered"),
                 Err((code, _)) => (ANONYMOUS.to_owned(), None, *code),
             };
             audit(
@@ -140,15 +157,15 @@ async fn serve(
             )
             .await;
             match registered {
-                Ok((node_id, secret)) => {
+                Ok(node_id) => {
                     tracing::info!(%node_id, "node registered");
                     let _ = socket
-                        .send(binary(ServerFrame::Registered { node_id, secret }))
+                        .send(binary(ServerFrame::Registered { node_id }))
                         .await;
                     let _ = socket.close().await;
                 }
                 Err((code, msg)) => {
-                    if code == "InvalidActivation" {
+                    if code == "InvalidActivation" || code == "BadSignature" {
                         state.auth_guard.failed(addr.ip());
                     }
                     refuse(socket, code, &msg).await
@@ -158,14 +175,15 @@ async fn serve(
         AgentFrame::Hello {
             protocol_version,
             node_id,
-            secret,
+            public_key,
+            signature,
             info,
             known,
         } => {
             if let Err(msg) = check_version(protocol_version) {
                 return refuse(socket, "ProtocolVersion", &msg).await;
             }
-            let refused = |result: &'static str| {
+            let refused = |result: String| {
                 let (state, source, node_id) = (&state, &source, &node_id);
                 async move {
                     let params = serde_json::json!({ "claimed_node_id": node_id.to_string() });
@@ -176,45 +194,26 @@ async fn serve(
                         "agent.hello",
                         Some(node_id),
                         params,
-                        result,
+                        &result,
                     )
                     .await;
                 }
             };
-            match state.store.node_secret_hash(&node_id).await {
-                Ok(Some((h, deregistered)))
-                    if secrets::hashes_equal(&h, &secrets::hash(&secret)) =>
+            let session_key =
+                match node_auth::check_hello(&state, &node_id, &nonce, &public_key, &signature)
+                    .await
                 {
-                    if deregistered {
-                        refused("UnknownNode: deregistered").await;
-                        return refuse(
-                            socket,
-                            "UnknownNode",
-                            &format!("node {node_id} was deregistered"),
-                        )
-                        .await;
+                    Ok(key) => key,
+                    Err(r) => {
+                        if r.counts {
+                            state.auth_guard.failed(addr.ip());
+                        }
+                        if r.code != "InternalError" {
+                            refused(r.audit).await;
+                        }
+                        return refuse(socket, r.code, &r.message).await;
                     }
-                }
-                Ok(_) => {
-                    state.auth_guard.failed(addr.ip());
-                    refused("UnknownNode").await;
-                    return refuse(
-                        socket,
-                        "UnknownNode",
-                        &format!("node {node_id} is not registered here, or its secret is wrong"),
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    tracing::error!("cannot look up node: {e}");
-                    return refuse(
-                        socket,
-                        "InternalError",
-                        "the server cannot read its database",
-                    )
-                    .await;
-                }
-            }
+                };
             if let Err(msg) = check_info(&info) {
                 return refuse(socket, "BadNodeInfo", &msg).await;
             }
@@ -232,10 +231,15 @@ async fn serve(
                 "Connected",
             )
             .await;
+            let auth = SessionAuth {
+                key: session_key,
+                source,
+            };
             session(
                 state,
                 socket,
                 node_id,
+                auth,
                 info,
                 known.into_iter().collect(),
                 permit,
@@ -253,11 +257,18 @@ async fn serve(
     }
 }
 
+/// How a session was authenticated: the node's key it proved (changed by a rotation) and the peer.
+struct SessionAuth {
+    key: String,
+    source: String,
+}
+
 /// An identified agent's connection, until it drops.
 async fn session(
     state: Arc<AppState>,
     socket: WebSocket,
     node: NodeId,
+    mut auth: SessionAuth,
     info: NodeInfo,
     known: HashSet<fleetrun_proto::CommandId>,
     permit: OwnedSemaphorePermit,
@@ -269,7 +280,9 @@ async fn session(
     let (conn_id, mut revoked) = state.hub.connect(&node, tx.clone());
     // A deregistration between the handshake's check and this connect would have found no connection
     // to close: look again now that the connection is in the hub.
-    if let Ok(Some((_, true))) = state.store.node_secret_hash(&node).await {
+    if let Ok(Some(keys)) = state.store.node_keys(&node).await
+        && keys.deregistered
+    {
         state
             .hub
             .revoke(&node, &format!("node {node} was deregistered"));
@@ -334,6 +347,20 @@ async fn session(
                 break;
             }
         };
+        let frame = match key_frame(&state, &node, &mut auth, frame).await {
+            Ok(KeyFrame::Handled(reply)) => {
+                if let Some(reply) = reply {
+                    let _ = tx.send(reply);
+                }
+                continue;
+            }
+            Ok(KeyFrame::Other(f)) => f,
+            Err(msg) => {
+                tracing::warn!(%node, "protocol error: {msg}");
+                let _ = tx.send(error_frame("ProtocolError", &msg));
+                break;
+            }
+        };
         if let Err(msg) = route(&state, &node, frame, bytes).await {
             tracing::warn!(%node, "protocol error: {msg}");
             let _ = tx.send(error_frame("ProtocolError", &msg));
@@ -349,6 +376,68 @@ async fn session(
         tracing::error!(%node, "cannot record disconnect: {e}");
     }
     tracing::info!(%node, "agent disconnected");
+}
+
+/// A frame after [`key_frame`].
+enum KeyFrame {
+    /// A key rotation frame, done, with the answer if there is one.
+    Handled(Option<ServerFrame>),
+    /// Any other frame, for [`route`].
+    Other(AgentFrame),
+}
+
+/// Handles the key rotation frames of a session (they change how it is authenticated), audited.
+async fn key_frame(
+    state: &AppState,
+    node: &NodeId,
+    auth: &mut SessionAuth,
+    frame: AgentFrame,
+) -> Result<KeyFrame, String> {
+    match frame {
+        AgentFrame::RotateKey {
+            old_public_key,
+            new_public_key,
+            signature,
+        } => {
+            let before = auth.key.clone();
+            let rotated = node_auth::rotate(
+                state,
+                node,
+                &mut auth.key,
+                &old_public_key,
+                &new_public_key,
+                &signature,
+            )
+            .await;
+            let params = serde_json::json!({
+                "old_key": fingerprint(&old_public_key),
+                "new_key": fingerprint(&new_public_key),
+            });
+            let result = match &rotated {
+                Ok(_) if before == auth.key => "Unchanged".to_owned(),
+                Ok(_) => "KeyRotated".to_owned(),
+                Err(e) => e.clone(),
+            };
+            let principal = node.to_string();
+            let action = "agent.rotate_key";
+            audit(
+                state,
+                &auth.source,
+                &principal,
+                action,
+                Some(node),
+                params,
+                &result,
+            )
+            .await;
+            rotated.map(|f| KeyFrame::Handled(Some(f)))
+        }
+        AgentFrame::KeyConfirmed { public_key } => {
+            node_auth::confirmed(state, node, &auth.key, &public_key).await?;
+            Ok(KeyFrame::Handled(None))
+        }
+        other => Ok(KeyFrame::Other(other)),
+    }
 }
 
 /// Handles one frame of an identified agent.
@@ -415,6 +504,9 @@ async fn route(
         AgentFrame::Hello { .. } | AgentFrame::Register { .. } => {
             return Err("Hello and Register are only valid as the first frame".into());
         }
+        AgentFrame::RotateKey { .. } | AgentFrame::KeyConfirmed { .. } => {
+            return Err("key rotation frames are handled by the session".into());
+        }
     }
     Ok(())
 }
@@ -452,24 +544,24 @@ async fn reconcile(
 async fn register(
     state: &AppState,
     code: &str,
+    public_key: String,
     info: NodeInfo,
     tags: BTreeMap<String, String>,
-) -> Result<(NodeId, String), (&'static str, String)> {
+) -> Result<NodeId, (&'static str, String)> {
     check_info(&info).map_err(|m| ("BadNodeInfo", m))?;
     for (k, v) in &tags {
         check_tag_key(k).map_err(|e| ("InvalidTag", e.0))?;
         check_tag_value(v).map_err(|e| ("InvalidTag", e.0))?;
     }
     let node_id = NodeId::from_random(secrets::random_u128());
-    let secret = secrets::random_token(40);
     let new = NewNode {
         node_id: node_id.clone(),
-        secret_hash: secrets::hash(&secret),
+        public_key,
         info,
         tags,
     };
     match state.store.register_node(&secrets::hash(code), new).await {
-        Ok(()) => Ok((node_id, secret)),
+        Ok(()) => Ok(node_id),
         Err(RegisterError::Store(e)) => {
             tracing::error!("cannot register node: {e}");
             Err((

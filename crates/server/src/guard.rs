@@ -1,5 +1,5 @@
 //! Brute-force guard: a source address that fails authentication too often (bad API token, bad
-//! SigV4 signature or key, bad node secret or activation code) is refused for the rest of the
+//! SigV4 signature or key, bad node signature or activation code) is refused for the rest of the
 //! window before its credentials are even looked at.
 //!
 //! Counted per IP address in fixed windows. The table is pruned of expired windows when it grows, so

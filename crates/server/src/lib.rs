@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod document;
 pub mod guard;
 pub mod hub;
+pub mod node_auth;
 pub mod output;
 pub mod params;
 pub mod retention;

@@ -37,6 +37,10 @@ struct Args {
     /// block on output until the server catches up
     #[arg(long, env = "FLEETRUN_SPOOL_MAX_BYTES", default_value_t = SPOOL_MAX_BYTES_DEFAULT)]
     spool_max_bytes: u64,
+    /// Age after which the node's key pair is replaced, without dropping the connection
+    /// (e.g. 30d, 12h)
+    #[arg(long, env = "FLEETRUN_KEY_ROTATION", default_value = "30d", value_parser = humantime::parse_duration)]
+    key_rotation: std::time::Duration,
 }
 
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
@@ -47,6 +51,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     config.heartbeat_secs = args.heartbeat_secs;
     config.max_concurrent_commands = args.max_concurrent_commands;
     config.spool_max_bytes = args.spool_max_bytes;
+    config.key_rotation = args.key_rotation;
     config.validate()?;
     Ok(config)
 }

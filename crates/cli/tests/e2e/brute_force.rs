@@ -1,6 +1,6 @@
 //! Token brute force is rate limited: after 10 failed authentications from one address in a minute,
 //! that address is refused (429 + Retry-After) before its credentials are looked at, and the CLI says
-//! so in one line. Agents with a wrong secret or activation code count too.
+//! so in one line. Agents with a bad key signature or activation code count too.
 
 use crate::support::{Server, http};
 

@@ -20,6 +20,7 @@ mod faults_server;
 mod faults_spool;
 mod help;
 mod limits;
+mod node_identity;
 mod output;
 mod params;
 mod rate;

@@ -598,6 +598,7 @@ impl Agent {
             .env_remove("FLEETRUN_STATE_DIR")
             .env_remove("FLEETRUN_ACTIVATION_CODE")
             .env_remove("FLEETRUN_SPOOL_MAX_BYTES")
+            .env_remove("FLEETRUN_KEY_ROTATION")
             .stdin(Stdio::null())
             .stdout(log_file(&self.log_path(self.starts).with_extension("out")))
             .stderr(log_file(&self.log_path(self.starts)))

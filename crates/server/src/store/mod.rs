@@ -18,7 +18,7 @@ pub use commands::{
     CommandRow, CommandSpec, Finish, InvocationRow, NewCommand, OutputState, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
-pub use nodes::{NewNode, RegisterError};
+pub use nodes::{NewNode, NodeKeys, RegisterError};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
 pub use ssm::{CommandMeta, CommandQuery};

@@ -4,6 +4,7 @@ use super::{Result, Store};
 use crate::authz::NodeRef;
 use crate::clock::{now_ms, rfc3339};
 use fleetrun_proto::api::{Activation, Node, PING_CONNECTION_LOST, PING_ONLINE};
+use fleetrun_proto::auth::fingerprint;
 use fleetrun_proto::channel::NodeInfo;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use fleetrun_proto::{CommandId, NodeId};
@@ -27,12 +28,23 @@ pub enum RegisterError {
     Store(#[from] super::StoreError),
 }
 
+/// The keys a node may authenticate with (hex Ed25519 public keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeKeys {
+    /// Its key; `None` for a node registered with protocol version 1 (it must register again).
+    pub current: Option<String>,
+    /// The key before the last rotation, until the node proves the new one.
+    pub previous: Option<String>,
+    /// Whether the node was deregistered.
+    pub deregistered: bool,
+}
+
 /// A node to create at registration.
 pub struct NewNode {
     /// Its id.
     pub node_id: NodeId,
-    /// Hash of its secret.
-    pub secret_hash: String,
+    /// Its Ed25519 public key, hex.
+    pub public_key: String,
     /// What its agent reported.
     pub info: NodeInfo,
     /// Tags the agent asked for (the activation's are added, and win on conflict).
@@ -137,12 +149,12 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "INSERT INTO nodes (node_id, secret_hash, name, hostname, os, arch, ips, agent_version, tags,
+                "INSERT INTO nodes (node_id, public_key, name, hostname, os, arch, ips, agent_version, tags,
                                     activation_id, registered_at, last_seen_at)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(node.node_id.as_str())
-            .bind(&node.secret_hash)
+            .bind(&node.public_key)
             .bind(&node.info.name)
             .bind(&node.info.hostname)
             .bind(&node.info.os)
@@ -170,14 +182,61 @@ impl Store {
         Ok(())
     }
 
-    /// The stored secret hash of a node and whether it was deregistered, if the node exists.
-    pub async fn node_secret_hash(&self, node_id: &NodeId) -> Result<Option<(String, bool)>> {
-        let row: Option<(String, Option<i64>)> =
-            sqlx::query_as("SELECT secret_hash, deregistered_at FROM nodes WHERE node_id = ?")
-                .bind(node_id.as_str())
-                .fetch_optional(&self.read)
-                .await?;
-        Ok(row.map(|(h, d)| (h, d.is_some())))
+    /// The keys a node may authenticate with, if the node exists.
+    pub async fn node_keys(&self, node_id: &NodeId) -> Result<Option<NodeKeys>> {
+        let row: Option<(Option<String>, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT public_key, previous_public_key, deregistered_at FROM nodes WHERE node_id = ?",
+        )
+        .bind(node_id.as_str())
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(|(current, previous, d)| NodeKeys {
+            current,
+            previous,
+            deregistered: d.is_some(),
+        }))
+    }
+
+    /// The node proved `public_key` (a `Hello` or `KeyConfirmed` with its current key): the previous
+    /// key of a rotation is no longer accepted.
+    pub async fn node_key_proven(&self, node_id: &NodeId, public_key: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE nodes SET previous_public_key = NULL
+             WHERE node_id = ? AND public_key = ? AND previous_public_key IS NOT NULL",
+        )
+        .bind(node_id.as_str())
+        .bind(public_key)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces a node's key with `new` for a session authenticated with `old`, which stays accepted
+    /// as the previous key until the new one is proven. Idempotent: a rotation to the current key
+    /// changes nothing. `Ok(false)` when `old` is no longer one of the node's keys.
+    pub async fn rotate_node_key(
+        &self,
+        node_id: &NodeId,
+        old: &str,
+        new: &str,
+        now: i64,
+    ) -> Result<bool> {
+        // One statement: the check and the change cannot interleave with another rotation.
+        let r = sqlx::query(
+            "UPDATE nodes SET
+                 previous_public_key = CASE WHEN public_key = ?2 THEN previous_public_key ELSE ?1 END,
+                 key_rotated_at = CASE WHEN public_key = ?2 THEN key_rotated_at ELSE ?3 END,
+                 public_key = ?2
+             WHERE node_id = ?4 AND deregistered_at IS NULL
+               AND (public_key = ?2 OR public_key = ?1 OR previous_public_key = ?1)",
+        )
+        .bind(old)
+        .bind(new)
+        .bind(now)
+        .bind(node_id.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     /// Marks a node deregistered (its row stays, for history). False when it was not registered.
@@ -345,7 +404,7 @@ impl Store {
 
 macro_rules! node_columns {
     () => {
-        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at"
+        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at, public_key, key_rotated_at"
     };
 }
 const NODE_SELECT_ALL: &str = concat!(
@@ -396,5 +455,11 @@ fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool)
         tags: serde_json::from_str(r.get("tags"))?,
         activation_id: r.get("activation_id"),
         registered_at: rfc3339(r.get("registered_at")),
+        key_fingerprint: r
+            .get::<Option<String>, _>("public_key")
+            .and_then(|k| hex::decode(k).ok())
+            .map(|k| fingerprint(&k))
+            .unwrap_or_default(),
+        key_rotated_at: r.get::<Option<i64>, _>("key_rotated_at").map(rfc3339),
     })
 }

@@ -1,0 +1,248 @@
+//! Issue 5 (security), node identity: an agent proves its node's Ed25519 key over the server's
+//! per-connection challenge. Claiming another node's id, or replaying a signature made for another
+//! challenge, is refused; keys rotate over the live connection without dropping it, and an old key
+//! stops working once the new one is confirmed.
+
+use crate::support::{Agent, AgentOpts, Server, invocations, wait_until};
+use fleetrun_agent::identity::{self, Identity};
+use fleetrun_proto::NodeId;
+use fleetrun_proto::auth::{self, NodeKey};
+use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame};
+use fleetrun_proto::version::PROTOCOL_VERSION;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Opens the agent channel by hand, reads the challenge, and sends a `Hello` for `node_id` with
+/// `key`, signed over the challenge or, with `nonce`, over another one. The server's answer.
+fn raw_hello(
+    server: &Server,
+    node_id: &NodeId,
+    key: &NodeKey,
+    nonce: Option<[u8; 32]>,
+) -> ServerFrame {
+    let url = format!(
+        "{}/v1/agent/connect",
+        server.url.replacen("http://", "ws://", 1)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("dial the agent channel");
+        let ServerFrame::Challenge { nonce: challenge } = next_frame(&mut ws).await else {
+            panic!("the server's first frame is not a Challenge");
+        };
+        let signed = nonce.map_or(challenge, |n| n.to_vec());
+        let pk = key.public_key();
+        let hello = AgentFrame::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: node_id.clone(),
+            public_key: pk.to_vec(),
+            signature: key.sign(&auth::hello_message(node_id, &signed, &pk)),
+            info: NodeInfo {
+                name: "impostor".into(),
+                ..NodeInfo::default()
+            },
+            known: vec![],
+        };
+        ws.send(Message::Binary(hello.encode().into()))
+            .await
+            .expect("send Hello");
+        let answer = next_frame(&mut ws).await;
+        let _ = ws.close(None).await;
+        answer
+    })
+}
+
+async fn next_frame(ws: &mut Ws) -> ServerFrame {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("an open connection")
+            .expect("a message");
+        if let Message::Binary(b) = msg {
+            return ServerFrame::decode(&b).expect("a server frame");
+        }
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn load_identity(state_dir: &Path) -> Identity {
+    identity::load(state_dir)
+        .expect("read identity")
+        .expect("an identity")
+}
+
+fn error_code(frame: &ServerFrame) -> &str {
+    match frame {
+        ServerFrame::Error { code, .. } => code,
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+fn node(server: &Server, name: &str) -> Value {
+    server
+        .nodes()
+        .into_iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+fn audit_results(server: &Server, node: &str, action: &str) -> Vec<String> {
+    let v = server
+        .cli(&["audit", "--node", node, "--limit", "1000", "-o", "json"])
+        .ok()
+        .json();
+    v.as_array()
+        .expect("array")
+        .iter()
+        .filter(|r| r["action"] == action)
+        .filter_map(|r| r["result"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn an_agent_claiming_another_nodes_id_is_refused() {
+    let server = Server::start();
+    let mut a = Agent::start(&server, "mallory", &[]);
+    let _b = Agent::start(&server, "victim", &[]);
+    let victim = server.node_id("victim");
+    let victim_key = node(&server, "victim")["key_fingerprint"].clone();
+    assert!(
+        victim_key
+            .as_str()
+            .is_some_and(|k| k.starts_with("SHA256:")),
+        "{victim_key}"
+    );
+
+    // Mallory keeps its own key but claims the victim's node id.
+    a.kill();
+    let path = a.state_dir.join(identity::IDENTITY_FILE);
+    let mut file: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    file["node_id"] = Value::String(victim.clone());
+    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    a.restart();
+    let (status, log) = a.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "agent exited {status}\n{log}");
+    assert!(log.contains("BadSignature"), "{log}");
+    assert!(log.contains(&format!("not node {victim}'s key")), "{log}");
+
+    // The victim is unaffected: still Online under its own key, and it runs commands.
+    let v = node(&server, "victim");
+    assert_eq!(v["ping_status"], "Online", "{v}");
+    assert_eq!(v["key_fingerprint"], victim_key);
+    let id = server.send(&["--node", &victim], "echo still me");
+    let c = server.wait_terminal(&id, Duration::from_secs(20));
+    assert_eq!(invocations(&c)[0]["status"], "Success", "{c}");
+    assert!(
+        !server.logs().contains("impostor"),
+        "the impostor's info was stored"
+    );
+    let hellos = audit_results(&server, &victim, "agent.hello");
+    assert!(
+        hellos
+            .iter()
+            .any(|r| r == "BadSignature: not the node's key"),
+        "{hellos:?}"
+    );
+}
+
+#[test]
+fn a_hello_signed_over_another_challenge_is_refused() {
+    let server = Server::start();
+    let mut b = Agent::start(&server, "b", &[]);
+    let node_id: NodeId = server.node_id("b").parse().unwrap();
+    let id = load_identity(&b.state_dir);
+    b.kill();
+    server.wait_ping("b", "ConnectionLost", Duration::from_secs(15));
+
+    // A signature over another challenge (what a captured Hello would hold) does not verify.
+    let answer = raw_hello(&server, &node_id, id.key(), Some([7; 32]));
+    assert_eq!(error_code(&answer), "BadSignature", "{answer:?}");
+    // A key that is not the node's, signing correctly, is refused too.
+    let stranger = identity::generate_key();
+    let answer = raw_hello(&server, &node_id, &stranger, None);
+    assert_eq!(error_code(&answer), "BadSignature", "{answer:?}");
+    // An unknown node id.
+    let answer = raw_hello(&server, &NodeId::from_random(1), id.key(), None);
+    assert_eq!(error_code(&answer), "UnknownNode", "{answer:?}");
+    // The same client with the node's key over this connection's challenge gets in: the refusals
+    // above are about the signatures, not the client.
+    let answer = raw_hello(&server, &node_id, id.key(), None);
+    assert!(matches!(answer, ServerFrame::Welcome { .. }), "{answer:?}");
+}
+
+#[test]
+fn keys_rotate_without_dropping_the_connection() {
+    let server = Server::start();
+    let agent = Agent::start_opts(&server, "rot", AgentOpts::args(&["--key-rotation", "1s"]));
+    let node_id: NodeId = server.node_id("rot").parse().unwrap();
+    let first = load_identity(&agent.state_dir);
+    let first_fp = auth::fingerprint(&first.key().public_key());
+
+    // A command runs across the rotations.
+    let dir = server.scratch("rot");
+    let done = dir.join("go");
+    let script = format!(
+        "echo before; while [ ! -e '{}' ]; do sleep 0.1; done; echo after",
+        done.display()
+    );
+    let cmd = server.send(&["--node", node_id.as_str()], &script);
+
+    // At least two rotations, seen in the store, while the node stays Online.
+    let mut seen = vec![first_fp.clone()];
+    wait_until("two key rotations", Duration::from_secs(30), || {
+        let n = node(&server, "rot");
+        assert_eq!(n["ping_status"], "Online", "{n}\n{}", agent.logs());
+        let fp = n["key_fingerprint"].as_str().unwrap_or_default().to_owned();
+        if !seen.contains(&fp) {
+            seen.push(fp);
+        }
+        (seen.len() >= 3).then_some(())
+    });
+    std::fs::write(&done, "").unwrap();
+    let c = server.wait_terminal(&cmd, Duration::from_secs(30));
+    let inv = &invocations(&c)[0];
+    assert_eq!(inv["status"], "Success", "{c}");
+    assert_eq!(
+        String::from_utf8_lossy(&server.output(&cmd, node_id.as_str())),
+        "before\nafter\n"
+    );
+    let n = node(&server, "rot");
+    assert_eq!(n["ping_status"], "Online", "{n}");
+    assert!(n["key_rotated_at"].is_string(), "{n}");
+    let id = server.send(&["--node", node_id.as_str()], "echo again");
+    let c = server.wait_terminal(&id, Duration::from_secs(20));
+    assert_eq!(invocations(&c)[0]["status"], "Success", "{c}");
+
+    // One connection all along.
+    let log = agent.all_logs();
+    assert!(!log.contains("disconnected"), "{log}");
+    assert!(log.matches("node key rotated").count() >= 2, "{log}");
+    assert!(
+        !log.contains(&hex(&first.key().seed())),
+        "the private key was logged"
+    );
+
+    // The first key is no longer accepted; the agent's current one is.
+    let answer = raw_hello(&server, &node_id, first.key(), None);
+    assert_eq!(error_code(&answer), "BadSignature", "{answer:?}");
+    let rotations = audit_results(&server, node_id.as_str(), "agent.rotate_key");
+    assert!(
+        rotations.iter().filter(|r| *r == "KeyRotated").count() >= 2,
+        "{rotations:?}"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
