@@ -224,6 +224,10 @@ async fn run_actor(
     // Made when the first follower comes: most invocations have none, and the channel preallocates
     // its whole backlog.
     let mut live: Option<broadcast::Sender<Chunk>> = None;
+    // Set when the node has no such invocation (never delivered to it, or purged since): a node may
+    // only write its own invocations' output, so nothing is stored, but everything is acknowledged
+    // so the agent's spool drains.
+    let mut foreign = false;
     loop {
         let deadline = pipes
             .iter()
@@ -248,8 +252,13 @@ async fn run_actor(
                     pipes = PipeState::pair(s);
                     continue;
                 }
-                _ => match state.store.output_state(&cmd, &node).await {
-                    Ok(s) => s,
+                _ => match state.store.invocation_output_state(&cmd, &node).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        tracing::warn!(%cmd, %node, "node sent output or a result for a command it has no invocation of; not stored");
+                        foreign = true;
+                        OutputState::default()
+                    }
                     Err(e) => {
                         tracing::error!(%cmd, %node, "cannot load output state: {e}");
                         break;
@@ -261,6 +270,18 @@ async fn run_actor(
         match msg {
             // Storage was read already (a resent Started of a running invocation).
             OutputMsg::Primed(_) => {}
+            OutputMsg::Data { pipe, offset, data } if foreign => {
+                ack(&state, &cmd, &node, pipe, offset + data.len() as u64);
+            }
+            OutputMsg::Finished(_) if foreign => {
+                state.hub.send(
+                    &node,
+                    ServerFrame::ResultAck {
+                        command_id: cmd.clone(),
+                    },
+                );
+                break;
+            }
             OutputMsg::Data { pipe, offset, data } => {
                 let p = pipe_mut(&mut pipes, pipe);
                 let end = offset + data.len() as u64;

@@ -23,6 +23,22 @@ fn raw_hello(
     key: &NodeKey,
     nonce: Option<[u8; 32]>,
 ) -> ServerFrame {
+    raw_session(server, node_id, key, nonce, Vec::new(), |_| true)
+        .into_iter()
+        .next()
+        .expect("an answer")
+}
+
+/// [`raw_hello`], then, once welcomed, sends `frames` and collects the server's frames until `done`
+/// says enough (within 10 s each). The answer to the Hello comes first.
+fn raw_session(
+    server: &Server,
+    node_id: &NodeId,
+    key: &NodeKey,
+    nonce: Option<[u8; 32]>,
+    frames: Vec<AgentFrame>,
+    mut done: impl FnMut(&[ServerFrame]) -> bool,
+) -> Vec<ServerFrame> {
     let url = format!(
         "{}/v1/agent/connect",
         server.url.replacen("http://", "ws://", 1)
@@ -54,9 +70,19 @@ fn raw_hello(
         ws.send(Message::Binary(hello.encode().into()))
             .await
             .expect("send Hello");
-        let answer = next_frame(&mut ws).await;
+        let mut got = vec![next_frame(&mut ws).await];
+        if matches!(got[0], ServerFrame::Welcome { .. }) {
+            for f in frames {
+                ws.send(Message::Binary(f.encode().into()))
+                    .await
+                    .expect("send a frame");
+            }
+            while !done(&got) {
+                got.push(next_frame(&mut ws).await);
+            }
+        }
         let _ = ws.close(None).await;
-        answer
+        got
     })
 }
 
@@ -245,4 +271,87 @@ fn keys_rotate_without_dropping_the_connection() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_node_cannot_write_another_nodes_output_or_result() {
+    let server = Server::start();
+    let mut a = Agent::start(&server, "writer-a", &[]);
+    let _b = Agent::start(&server, "writer-b", &[]);
+    let (a_id, b_id) = (server.node_id("writer-a"), server.node_id("writer-b"));
+    let cmd = server.send(&["--node", &b_id], "echo b-output");
+    server.wait_terminal(&cmd, Duration::from_secs(30));
+
+    // Node a, authenticated as itself, sends output and a result for b's command.
+    let key = load_identity(&a.state_dir);
+    a.kill();
+    server.wait_ping("writer-a", "ConnectionLost", Duration::from_secs(15));
+    let command_id: fleetrun_proto::CommandId = cmd.parse().expect("command id");
+    let stream = fleetrun_proto::channel::StreamId::Output {
+        command_id: command_id.clone(),
+        pipe: fleetrun_proto::channel::Pipe::Stdout,
+    };
+    let forged = AgentFrame::Output {
+        stream: stream.clone(),
+        offset: 0,
+        data: b"forged by a\n".to_vec(),
+    };
+    let finished = AgentFrame::Finished {
+        command_id: command_id.clone(),
+        result: fleetrun_proto::channel::ExecResult {
+            outcome: fleetrun_proto::channel::Outcome::Exited,
+            exit_code: 1,
+            signal: None,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            cpu_user_ms: 0,
+            cpu_system_ms: 0,
+            max_rss_kb: 0,
+            stdout_bytes: 12,
+            stderr_bytes: 0,
+            message: String::new(),
+            limits_applied: String::new(),
+        },
+    };
+    let a_node: NodeId = a_id.parse().expect("node id");
+    let got = raw_session(
+        &server,
+        &a_node,
+        key.key(),
+        None,
+        vec![forged, finished],
+        |got| {
+            got.iter()
+                .any(|f| matches!(f, ServerFrame::ResultAck { .. }))
+        },
+    );
+    assert!(matches!(got[0], ServerFrame::Welcome { .. }), "{got:?}");
+    // Acknowledged (so a confused agent's spool drains) but stored nowhere: b's output and result
+    // are untouched, and a gained no invocation of the command.
+    assert!(
+        got.iter()
+            .any(|f| matches!(f, ServerFrame::Ack { stream: s, offset: 12 } if *s == stream)),
+        "{got:?}"
+    );
+    assert_eq!(server.output(&cmd, &b_id), b"b-output\n");
+    let c = server.command(&cmd);
+    let invs = invocations(&c);
+    assert_eq!(invs.len(), 1, "{c}");
+    assert_eq!(
+        (invs[0]["node_id"].as_str(), invs[0]["status"].as_str()),
+        (Some(b_id.as_str()), Some("Success"))
+    );
+    assert!(
+        !server
+            .data_dir
+            .join("objects/output")
+            .join(&cmd)
+            .join(&a_id)
+            .exists(),
+        "objects were written for node a"
+    );
+    assert!(
+        server.logs().contains("has no invocation of"),
+        "the server says why it ignored them"
+    );
 }

@@ -476,6 +476,18 @@ impl Store {
 
     /// Stored length and inline copy of both pipes of an invocation (empty when it has none).
     pub async fn output_state(&self, id: &CommandId, node: &NodeId) -> Result<OutputState> {
+        Ok(self
+            .invocation_output_state(id, node)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// The stored output of an invocation, or None when the node has no invocation of the command.
+    pub async fn invocation_output_state(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+    ) -> Result<Option<OutputState>> {
         let row = sqlx::query(
             "SELECT stdout_bytes, stdout_inline, stderr_bytes, stderr_inline FROM invocations
              WHERE command_id = ? AND node_id = ?",
@@ -484,7 +496,7 @@ impl Store {
         .bind(node.as_str())
         .fetch_optional(&self.read)
         .await?;
-        Ok(row.as_ref().map(output_state_from_row).unwrap_or_default())
+        Ok(row.as_ref().map(output_state_from_row))
     }
 
     /// Sets a command's final (or Cancelling) status.
