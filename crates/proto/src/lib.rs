@@ -10,6 +10,7 @@ pub mod ids;
 pub mod limits;
 pub mod status;
 pub mod targets;
+pub mod tls;
 pub mod version;
 
 pub use ids::{CommandId, NodeId};
