@@ -23,3 +23,4 @@ mod output;
 mod rate;
 mod retention;
 mod send;
+mod tls;
