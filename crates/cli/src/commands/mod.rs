@@ -49,6 +49,7 @@ pub struct Cli {
         long,
         env = "FLEETRUN_CA_CERT",
         global = true,
+        hide_env_values = true,
         value_name = "FILE",
         help_heading = "Global options"
     )]
