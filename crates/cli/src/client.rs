@@ -385,19 +385,6 @@ impl Watch<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::encode;
-
-    #[test]
-    fn encodes_path_segments_and_query_values() {
-        assert_eq!(encode("my-doc_1.x"), "my-doc_1.x");
-        assert_eq!(encode("$LATEST"), "%24LATEST");
-        assert_eq!(encode("a/b c"), "a%2Fb%20c");
-        assert_eq!(encode("é"), "%C3%A9");
-    }
-}
-
 /// The certificates of a PEM file, to trust as roots.
 fn read_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
     let pem = std::fs::read(path)
@@ -427,4 +414,17 @@ fn is_untrusted_certificate(e: &reqwest::Error) -> bool {
         e.source().is_some_and(find)
     }
     find(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode;
+
+    #[test]
+    fn encodes_path_segments_and_query_values() {
+        assert_eq!(encode("my-doc_1.x"), "my-doc_1.x");
+        assert_eq!(encode("$LATEST"), "%24LATEST");
+        assert_eq!(encode("a/b c"), "a%2Fb%20c");
+        assert_eq!(encode("é"), "%C3%A9");
+    }
 }
