@@ -1,5 +1,7 @@
 # Shared set-up of the benchmark scripts (sourced): a release build, a temp dir cleaned on exit, a
 # server on a free loopback port with the CLI pointed at it, and helpers to start agents and read RSS.
+# The server serves TLS with its own CA; the CLI, curl and the agents trust its ca.pem
+# (FLEETRUN_CA_CERT is read by both the CLI and the agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetrun-target}"
@@ -11,10 +13,10 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm 
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-export FLEETRUN_SERVER="http://127.0.0.1:$port" FLEETRUN_CONFIG="$work/cli.toml"
+export FLEETRUN_SERVER="https://127.0.0.1:$port" FLEETRUN_CONFIG="$work/cli.toml" FLEETRUN_CA_CERT="$work/server/ca.pem"
 RUST_LOG=warn "$bin/fleetrun" server --data-dir "$work/server" --listen "127.0.0.1:$port" ${SERVER_ARGS:-} >"$work/server.log" 2>&1 &
 server_pid=$!; pids+=("$server_pid")
-for _ in $(seq 100); do [ -s "$work/server/admin.token" ] && curl -sf "$FLEETRUN_SERVER/v1/health" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do [ -s "$work/server/admin.token" ] && curl -sf --cacert "$FLEETRUN_CA_CERT" "$FLEETRUN_SERVER/v1/health" >/dev/null && break; sleep 0.1; done
 FLEETRUN_TOKEN=$(cat "$work/server/admin.token"); export FLEETRUN_TOKEN
 
 # start_agents N: enrols N agents named bench-1..N and waits until all are Online.

@@ -24,7 +24,8 @@ pub const CONNECT_PATH: &str = "/v1/agent/connect";
 /// Everything the agent needs to run. Passed explicitly to [`crate::run`]; never global.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// The server's base URL, e.g. `http://127.0.0.1:8080` (`ws://` is accepted too).
+    /// The server's base URL, e.g. `https://fleet.example:8080` (`wss://` is accepted too; `http://`
+    /// and `ws://` only with `insecure_http`).
     pub server_url: String,
     /// Where the agent keeps its identity and per-command directories.
     pub state_dir: PathBuf,
@@ -45,6 +46,13 @@ pub struct AgentConfig {
     pub spool_max_bytes: u64,
     /// Age after which the node's key is replaced by a new one, over the live connection.
     pub key_rotation: Duration,
+    /// A PEM file with the CA that signs the server's certificate (`--ca-cert`).
+    pub ca_cert: Option<PathBuf>,
+    /// Fingerprint of the server's CA to pin on first contact (`--ca-fingerprint`); canonical
+    /// lowercase hex once validated.
+    pub ca_fingerprint: Option<String>,
+    /// Allows a plain `http://` server URL (`--insecure-http`).
+    pub insecure_http: bool,
 }
 
 impl AgentConfig {
@@ -61,12 +69,24 @@ impl AgentConfig {
             kill_grace: KILL_GRACE_DEFAULT,
             spool_max_bytes: SPOOL_MAX_BYTES_DEFAULT,
             key_rotation: KEY_ROTATION_DEFAULT,
+            ca_cert: None,
+            ca_fingerprint: None,
+            insecure_http: false,
         }
     }
 
     /// Checks every setting; the error says which one is wrong and why.
     pub fn validate(&self) -> Result<(), AgentError> {
-        connect_url(&self.server_url)?;
+        self.connect_url()?;
+        if self.ca_cert.is_some() && self.ca_fingerprint.is_some() {
+            return Err(AgentError::Config(
+                "give --ca-cert or --ca-fingerprint, not both".into(),
+            ));
+        }
+        if let Some(f) = &self.ca_fingerprint {
+            fleetrun_proto::tls::parse_fingerprint(f)
+                .map_err(|e| AgentError::Config(format!("--ca-fingerprint: {e}")))?;
+        }
         if self.state_dir.as_os_str().is_empty() {
             return Err(AgentError::Config("--state-dir must not be empty".into()));
         }
@@ -118,7 +138,14 @@ impl AgentConfig {
 
     /// The WebSocket URL of the agent channel on the configured server.
     pub fn connect_url(&self) -> Result<String, AgentError> {
-        connect_url(&self.server_url)
+        let url = connect_url(&self.server_url)?;
+        if url.starts_with("ws://") && !self.insecure_http {
+            return Err(AgentError::Config(format!(
+                "server URL {:?} is plain HTTP: the node's secret and every command would cross the network in clear text; use https://, or pass --insecure-http to accept that",
+                self.server_url.trim()
+            )));
+        }
+        Ok(url)
     }
 }
 
@@ -138,31 +165,31 @@ pub fn parse_tags<S: AsRef<str>>(args: &[S]) -> Result<BTreeMap<String, String>,
     Ok(tags)
 }
 
-/// Maps the server's base URL to the channel's WebSocket URL: `http://H:P[/prefix]` becomes
-/// `ws://H:P[/prefix]/v1/agent/connect`.
+/// Maps the server's base URL to the channel's WebSocket URL: `https://H:P[/prefix]` becomes
+/// `wss://H:P[/prefix]/v1/agent/connect`, `http://` becomes `ws://`.
 fn connect_url(server_url: &str) -> Result<String, AgentError> {
     let url = server_url.trim();
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        ("wss", rest)
+    } else if let Some(rest) = url.strip_prefix("wss://") {
+        ("wss", rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        ("ws", rest)
     } else if let Some(rest) = url.strip_prefix("ws://") {
-        rest
-    } else if url.starts_with("https://") || url.starts_with("wss://") {
-        return Err(AgentError::Config(format!(
-            "server URL {url:?}: TLS not supported yet, use http://"
-        )));
+        ("ws", rest)
     } else {
         return Err(AgentError::Config(format!(
-            "server URL {url:?} must start with http:// (e.g. http://127.0.0.1:8080)"
+            "server URL {url:?} must start with https:// (e.g. https://127.0.0.1:8080)"
         )));
     };
     let rest = rest.trim_end_matches('/');
     let host = rest.split('/').next().unwrap_or_default();
     if host.is_empty() || rest.contains(['?', '#']) || rest.chars().any(char::is_whitespace) {
         return Err(AgentError::Config(format!(
-            "server URL {url:?} must be http://HOST[:PORT][/PATH]"
+            "server URL {url:?} must be https://HOST[:PORT][/PATH]"
         )));
     }
-    Ok(format!("ws://{rest}{CONNECT_PATH}"))
+    Ok(format!("{scheme}://{rest}{CONNECT_PATH}"))
 }
 
 #[cfg(test)]
@@ -183,8 +210,10 @@ mod tests {
             connect_url("ws://h:1").unwrap(),
             "ws://h:1/v1/agent/connect"
         );
-        let tls = connect_url("https://h").unwrap_err().to_string();
-        assert!(tls.contains("TLS not supported yet"), "{tls}");
+        assert_eq!(
+            connect_url("https://h:1/").unwrap(),
+            "wss://h:1/v1/agent/connect"
+        );
         assert!(connect_url("ftp://h").is_err());
         assert!(connect_url("http://").is_err());
     }
@@ -192,7 +221,14 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         let mut c = AgentConfig::new("http://127.0.0.1:1", "/tmp/x");
+        let plain = c.validate().unwrap_err().to_string();
+        assert!(plain.contains("--insecure-http"), "{plain}");
+        c.insecure_http = true;
         assert!(c.validate().is_ok());
+        c.server_url = "https://127.0.0.1:1".into();
+        c.ca_fingerprint = Some("nope".into());
+        assert!(c.validate().is_err());
+        c.ca_fingerprint = None;
         c.max_concurrent_commands = 0;
         assert!(c.validate().is_err());
         c.max_concurrent_commands = 5;

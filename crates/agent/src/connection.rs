@@ -126,13 +126,17 @@ fn dial_error(e: tokio_tungstenite::tungstenite::Error) -> ConnError {
                 retry_after: retry_after_secs(header).unwrap_or_default(),
             }
         }
-        e => transport(e),
+        e => match crate::tls::describe_dial_error(&e) {
+            Some(why) => transport(why),
+            None => transport(e),
+        },
     }
 }
 
 /// What the connection needs to know and to drive.
 pub struct Channel {
     url: String,
+    tls: crate::tls::Tls,
     state_dir: PathBuf,
     activation_code: Option<String>,
     tags: BTreeMap<String, String>,
@@ -157,12 +161,14 @@ impl Channel {
     pub fn new(
         config: &crate::AgentConfig,
         url: String,
+        tls: crate::tls::Tls,
         info: NodeInfo,
         outbox: Arc<Outbox>,
         identity: Option<Identity>,
     ) -> Result<Self, AgentError> {
         let mut channel = Channel {
             url,
+            tls,
             state_dir: config.state_dir.clone(),
             activation_code: config.activation_code.clone(),
             tags: config.tags.clone(),
@@ -258,10 +264,11 @@ impl Channel {
         let (mut ws, _) = tokio::time::timeout(
             DIAL_TIMEOUT,
             // Nagle off: small frames (Started, Finished, a line of output) must leave at once.
-            tokio_tungstenite::connect_async_with_config(
+            tokio_tungstenite::connect_async_tls_with_config(
                 self.url.as_str(),
                 Some(ws_config()),
                 true,
+                Some(self.tls.connector()),
             ),
         )
         .await
@@ -299,6 +306,9 @@ impl Channel {
                 };
                 match exchange(&mut ws, hello, answer_timeout).await? {
                     ServerFrame::Registered { node_id } => {
+                        // A pinned CA is kept before the identity: a node never holds an
+                        // identity without knowing whom to trust.
+                        self.tls.confirm().map_err(ConnError::Fatal)?;
                         let identity = Identity::new(node_id, key, now_ms());
                         identity::save(&self.state_dir, &identity).map_err(ConnError::Fatal)?;
                         tracing::info!(node_id = %identity.node_id, "registered");
@@ -334,6 +344,7 @@ impl Channel {
                         heartbeat_secs,
                     } => {
                         tracing::debug!(protocol_version, heartbeat_secs, "welcome");
+                        self.tls.confirm().map_err(ConnError::Fatal)?;
                         // The server drops connections silent for 3 of its heartbeats: ping at
                         // least that often.
                         let heartbeat = match heartbeat_secs {

@@ -11,6 +11,7 @@
 //! - [`identity`]: the node id and its Ed25519 keys kept in the state directory, and their rotation;
 //! - [`sysinfo`]: the facts reported about the machine;
 //! - [`connection`]: the connection state machine, its reader and writer;
+//! - [`tls`]: whom the agent trusts on `wss://` (CA file, pinned CA fingerprint, system roots);
 //! - [`outbox`]: invocations held and the frames due for the server;
 //! - [`stream`]: one output stream spooled to disk, and the pump that fills it;
 //! - [`journal`]: the durable record of invocations (request, start marker, result, completed);
@@ -30,6 +31,7 @@ pub mod outbox;
 pub mod scheduler;
 pub mod stream;
 pub mod sysinfo;
+pub mod tls;
 pub mod user;
 
 pub use config::AgentConfig;
@@ -50,8 +52,19 @@ pub async fn run_until(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    if let Some(f) = &config.ca_fingerprint {
+        config.ca_fingerprint =
+            Some(fleetrun_proto::tls::parse_fingerprint(f).map_err(AgentError::Config)?);
+    }
     config.validate()?;
     let url = config.connect_url()?;
+    if url.starts_with("ws://") {
+        tracing::warn!(
+            url = %url,
+            "TLS is OFF (--insecure-http): the node's secret, commands and output cross the network in clear text"
+        );
+    }
     identity::ensure_state_dir(&config.state_dir)?;
     let identity = identity::load(&config.state_dir)?;
     if identity.is_none() && config.activation_code.is_none() {
@@ -69,7 +82,8 @@ pub async fn run_until(
     )));
     let _stop = StopOnDrop(Arc::clone(&outbox));
     // Takes over `runs/` of an earlier agent process (see `scheduler::Scheduler::recover`).
-    let mut channel = connection::Channel::new(&config, url, info, outbox, identity)?;
+    let tls = tls::Tls::new(&config, &url)?;
+    let mut channel = connection::Channel::new(&config, url, tls, info, outbox, identity)?;
     tokio::select! {
         r = channel.run() => Err(r.err().map_or_else(|| anyhow::anyhow!("agent stopped"), Into::into)),
         () = shutdown => {

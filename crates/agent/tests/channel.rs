@@ -44,7 +44,10 @@ impl Server {
 
     fn config(&self) -> AgentConfig {
         let addr = self.listener.local_addr().unwrap();
-        AgentConfig::new(format!("http://{addr}"), self.state.path())
+        // The fake server speaks plain WebSocket: these tests are about the channel, not TLS.
+        let mut config = AgentConfig::new(format!("http://{addr}"), self.state.path());
+        config.insecure_http = true;
+        config
     }
 
     fn start(&self, config: AgentConfig) -> JoinHandle<anyhow::Result<()>> {
@@ -459,7 +462,12 @@ impl AgentProcess {
             .open(server.state.path().join("agent.log"))
             .unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetrun-agent"))
-            .args(["--server", &format!("http://{addr}"), "--state-dir"])
+            .args([
+                "--server",
+                &format!("http://{addr}"),
+                "--insecure-http",
+                "--state-dir",
+            ])
             .arg(server.state.path())
             .env("RUST_LOG", "fleetrun_agent=debug")
             .stdout(std::process::Stdio::null())

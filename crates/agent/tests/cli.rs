@@ -31,7 +31,7 @@ fn bad_tag_is_refused() {
     let state = dir.path().to_str().unwrap();
     let (code, err) = agent(&[
         "--server",
-        "http://127.0.0.1:9",
+        "https://127.0.0.1:9",
         "--state-dir",
         state,
         "--tag",
@@ -40,7 +40,7 @@ fn bad_tag_is_refused() {
     assert_one_line_error(code, &err, "must be KEY=VALUE");
     let (code, err) = agent(&[
         "--server",
-        "http://127.0.0.1:9",
+        "https://127.0.0.1:9",
         "--state-dir",
         state,
         "--tag",
@@ -55,7 +55,7 @@ fn missing_identity_without_activation_code_is_refused() {
     let state = dir.path().join("state");
     let (code, err) = agent(&[
         "--server",
-        "http://127.0.0.1:9",
+        "https://127.0.0.1:9",
         "--state-dir",
         state.to_str().unwrap(),
     ]);
@@ -64,18 +64,18 @@ fn missing_identity_without_activation_code_is_refused() {
 }
 
 #[test]
-fn tls_and_bad_urls_are_refused() {
+fn plain_http_and_bad_urls_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().to_str().unwrap();
     let (code, err) = agent(&[
         "--server",
-        "https://example.com",
+        "http://example.com",
         "--state-dir",
         state,
         "--activation-code",
         "x",
     ]);
-    assert_one_line_error(code, &err, "TLS not supported yet");
+    assert_one_line_error(code, &err, "--insecure-http");
     let (code, err) = agent(&[
         "--server",
         "example.com",
@@ -84,7 +84,7 @@ fn tls_and_bad_urls_are_refused() {
         "--activation-code",
         "x",
     ]);
-    assert_one_line_error(code, &err, "must start with http://");
+    assert_one_line_error(code, &err, "must start with https://");
 }
 
 #[test]

@@ -55,11 +55,13 @@ impl Client {
     /// Builds a client. No overall request timeout: watches and followed output last as long as the
     /// command does.
     pub fn new(conn: &Connection) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .no_proxy()
-            .build()
-            .context("cannot build the HTTP client")?;
+            .no_proxy();
+        if let Some(path) = &conn.ca_cert {
+            builder = builder.tls_certs_only(read_ca(path)?);
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
         Ok(Client {
             http,
             base: conn.server.clone(),
@@ -105,6 +107,12 @@ impl Client {
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
             cause = next;
+        }
+        if is_untrusted_certificate(&e) {
+            return anyhow::anyhow!(
+                "cannot reach server at {}: its TLS certificate is not trusted ({cause}); give the server's CA with --ca-cert FILE or FLEETRUN_CA_CERT (a fleetrun server keeps it in DATA_DIR/ca.pem), or `ca_cert` in the config file",
+                self.base
+            );
         }
         anyhow::anyhow!("cannot reach server at {}: {cause}", self.base)
     }
@@ -464,6 +472,37 @@ impl Watch<'_> {
             }
         }
     }
+}
+
+/// The certificates of a PEM file, to trust as roots.
+fn read_ca(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("bad CA certificate {}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("no certificate in {}", path.display());
+    }
+    Ok(certs)
+}
+
+/// Whether a failed request was refused because the server's certificate is not trusted. rustls'
+/// error travels inside an `io::Error`, whose `source()` skips it, so look into those too.
+fn is_untrusted_certificate(e: &reqwest::Error) -> bool {
+    fn find(e: &(dyn std::error::Error + 'static)) -> bool {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && find(inner)
+        {
+            return true;
+        }
+        e.source().is_some_and(find)
+    }
+    find(e)
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The CLI's own settings: where the server is and the token to use, from flags, env or a config file.
+//! The CLI's own settings: where the server is, the token to use and the CA to trust, from flags, env
+//! or a config file.
 //!
 //! Precedence is flag > env > file; clap already merges flag and env, so this module adds the file. The
 //! file is `$XDG_CONFIG_HOME/fleetrun/config.toml` unless `FLEETRUN_CONFIG` names another path.
@@ -16,12 +17,16 @@ pub const CONFIG_ENV: &str = "FLEETRUN_CONFIG";
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CliConfigFile {
-    /// Base URL of the server, e.g. `http://127.0.0.1:8080`.
+    /// Base URL of the server, e.g. `https://127.0.0.1:8080`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
     /// Bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// PEM file with the CA the server's certificate is signed by (the server's `DATA_DIR/ca.pem`);
+    /// relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// Where to reach the server and how to authenticate.
@@ -31,6 +36,8 @@ pub struct Connection {
     pub server: String,
     /// Bearer token.
     pub token: String,
+    /// A CA to trust for `https://` (else the system's roots).
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// The project's standard directories (`~/.config/fleetrun`, `~/.local/share/fleetrun` on Linux).
@@ -84,9 +91,13 @@ pub fn save(path: &Path, config: &CliConfigFile) -> anyhow::Result<()> {
 }
 
 /// Resolves the connection from flag-or-env values and the config file.
-pub fn resolve(server: Option<String>, token: Option<String>) -> anyhow::Result<Connection> {
+pub fn resolve(
+    server: Option<String>,
+    token: Option<String>,
+    ca_cert: Option<PathBuf>,
+) -> anyhow::Result<Connection> {
     let path = config_path()?;
-    let need_file = server.is_none() || token.is_none();
+    let need_file = server.is_none() || token.is_none() || ca_cert.is_none();
     let file = if need_file {
         load(&path)?
     } else {
@@ -105,9 +116,18 @@ pub fn resolve(server: Option<String>, token: Option<String>) -> anyhow::Result<
             path.display()
         );
     };
+    // A relative path in the file is relative to the file, not to wherever the CLI runs.
+    let file_ca = file
+        .ca_cert
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| match path.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        });
     Ok(Connection {
         server: normalize_server(&server)?,
         token: token.trim().to_owned(),
+        ca_cert: ca_cert.filter(|p| !p.as_os_str().is_empty()).or(file_ca),
     })
 }
 
@@ -115,7 +135,7 @@ pub fn resolve(server: Option<String>, token: Option<String>) -> anyhow::Result<
 pub fn normalize_server(s: &str) -> anyhow::Result<String> {
     let s = s.trim().trim_end_matches('/');
     if !(s.starts_with("http://") || s.starts_with("https://")) {
-        bail!("server URL {s:?} must start with http:// (e.g. http://127.0.0.1:8080)");
+        bail!("server URL {s:?} must start with https:// (e.g. https://127.0.0.1:8080)");
     }
     Ok(s.to_owned())
 }
@@ -131,11 +151,13 @@ mod tests {
         let cfg = CliConfigFile {
             server: Some("http://127.0.0.1:1".into()),
             token: Some("t".into()),
+            ca_cert: Some("ca.pem".into()),
         };
         save(&path, &cfg).unwrap();
         let back = load(&path).unwrap();
         assert_eq!(back.server.as_deref(), Some("http://127.0.0.1:1"));
         assert_eq!(back.token.as_deref(), Some("t"));
+        assert_eq!(back.ca_cert.as_deref(), Some(Path::new("ca.pem")));
         std::fs::write(&path, "servr = \"x\"\n").unwrap();
         let err = format!("{:#}", load(&path).unwrap_err());
         assert!(err.contains("servr"), "{err}");

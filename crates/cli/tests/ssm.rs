@@ -117,6 +117,8 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
     let out = Command::new(venv.join("bin").join("python"))
         .arg(&script)
         .env("FLEETRUN_ENDPOINT", &server.url)
+        // Both the AWS CLI and boto3 trust the server's own CA through this.
+        .env("AWS_CA_BUNDLE", server.ca.as_ref().expect("TLS server"))
         .env("FLEETRUN_TOKEN", &server.token)
         .env(
             "FLEETRUN_NODES",

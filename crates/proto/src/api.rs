@@ -121,6 +121,11 @@ pub struct Activation {
     pub expired: bool,
     /// A note for operators.
     pub description: String,
+    /// SHA-256 of the server's CA certificate ([`crate::tls::fingerprint`]), for the agent's
+    /// `--ca-fingerprint` on first contact; only in the answer to a create, when the server made
+    /// its own CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_fingerprint: Option<String>,
 }
 
 /// A managed node.

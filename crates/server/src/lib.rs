@@ -19,9 +19,9 @@ pub mod secrets;
 pub mod send;
 pub mod ssm;
 pub mod store;
+pub mod tls;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use std::net::SocketAddr;
@@ -44,12 +44,15 @@ pub struct ServerConfig {
     pub purge_interval: Duration,
     /// Most agent handshakes in progress at once; more get 503 with Retry-After (reconnect storms).
     pub max_handshakes: usize,
-    /// The URL clients reach this server at (for output URLs); default `http://` + the listen address.
+    /// The URL clients reach this server at (for output URLs); default `https://` (`http://`
+    /// with [`tls::TlsMode::Insecure`]) + the listen address.
     pub public_url: Option<String>,
     /// API requests per second per principal (bursts of 4x); 0 = no limit.
     pub rate_limit: u32,
     /// The key sealing secrets; None for `DATA_DIR/secrets.key` (created on first start).
     pub secrets_key_file: Option<PathBuf>,
+    /// How the listener is secured: the server's own CA by default.
+    pub tls: tls::TlsMode,
 }
 
 impl ServerConfig {
@@ -74,6 +77,7 @@ impl ServerConfig {
             public_url: None,
             rate_limit: Self::DEFAULT_RATE_LIMIT,
             secrets_key_file: None,
+            tls: tls::TlsMode::default(),
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct AppState {
     pub authz: authz::Authz,
     /// Requests per principal (token buckets).
     pub rate_limiter: guard::RateLimiter,
+    /// Fingerprint of the server's own CA, handed out with activation codes for agents to pin.
+    pub ca_fingerprint: Option<String>,
 }
 
 /// A server that is listening.
@@ -118,6 +124,12 @@ pub struct RunningServer {
     pub admin_token: Option<String>,
     /// Where the admin token is kept.
     pub admin_token_path: PathBuf,
+    /// The URL clients reach this server at (`https://` unless serving plain HTTP).
+    pub public_url: String,
+    /// The CA certificate clients should trust, when the server is its own CA (`DATA_DIR/ca.pem`).
+    pub ca_path: Option<PathBuf>,
+    /// That CA's fingerprint (SHA-256 of its DER, lowercase hex), for `--ca-fingerprint`.
+    pub ca_fingerprint: Option<String>,
     serve: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -163,6 +175,20 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
+    let tls = tls::setup(
+        &config.tls,
+        &config.data_dir,
+        local_addr,
+        config.public_url.as_deref(),
+    )?;
+    let scheme = if tls.acceptor.is_some() {
+        "https"
+    } else {
+        tracing::warn!(
+            "TLS is OFF (--insecure-http): tokens, scripts and output cross the network in clear text"
+        );
+        "http"
+    };
     let secret_box = match &config.secrets_key_file {
         // A configured key must exist: creating a fresh one would orphan everything sealed before.
         Some(path) => secrets::SecretBox::open_existing(path)?,
@@ -188,10 +214,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         public_url: config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{local_addr}"))
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"))
             .trim_end_matches('/')
             .to_owned(),
+        ca_fingerprint: tls.ca_fingerprint.clone(),
     });
+    let public_url = state.public_url.clone();
     for id in state.store.active_command_ids().await? {
         if let Some(row) = state.store.command_row(&id).await? {
             tracing::info!(command = %id, "resuming dispatch");
@@ -205,21 +233,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config.purge_interval,
     ));
 
-    // Nagle off: agent frames and watch lines are small and latency-bound.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
-    tracing::info!(%local_addr, "listening");
+    tracing::info!(%local_addr, %scheme, "listening");
     let app = api::router(state);
-    // Connect info gives the audit trail each caller's address.
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let serve = tokio::spawn(async move { axum::serve(listener, app).await });
+    let serve = tokio::spawn(tls::serve(listener, tls.acceptor, app));
     Ok(RunningServer {
         local_addr,
         admin_token,
         admin_token_path,
+        public_url,
+        ca_path: tls.ca_path,
+        ca_fingerprint: tls.ca_fingerprint,
         serve,
     })
 }

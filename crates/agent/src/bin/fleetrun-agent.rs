@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "fleetrun-agent", version)]
 struct Args {
-    /// The server's URL, e.g. http://127.0.0.1:8080
+    /// The server's URL, e.g. https://fleet.example:8080
     #[arg(long, env = "FLEETRUN_SERVER")]
     server: String,
     /// Directory for the node's identity and per-command files
@@ -41,6 +41,16 @@ struct Args {
     /// (e.g. 30d, 12h)
     #[arg(long, env = "FLEETRUN_KEY_ROTATION", default_value = "30d", value_parser = humantime::parse_duration)]
     key_rotation: std::time::Duration,
+    /// PEM file with the CA the server's certificate is signed by (its DATA_DIR/ca.pem)
+    #[arg(long, env = "FLEETRUN_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Pin the server's CA on first contact by its SHA-256 fingerprint (printed with activation
+    /// codes); the CA is then saved to the state dir
+    #[arg(long, env = "FLEETRUN_CA_FINGERPRINT", value_name = "HEX")]
+    ca_fingerprint: Option<String>,
+    /// Allow a plain http:// server URL: commands, output and parameters cross the network in clear
+    #[arg(long)]
+    insecure_http: bool,
 }
 
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
@@ -52,6 +62,9 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     config.max_concurrent_commands = args.max_concurrent_commands;
     config.spool_max_bytes = args.spool_max_bytes;
     config.key_rotation = args.key_rotation;
+    config.ca_cert = args.ca_cert;
+    config.ca_fingerprint = args.ca_fingerprint;
+    config.insecure_http = args.insecure_http;
     config.validate()?;
     Ok(config)
 }

@@ -76,8 +76,20 @@ async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
         render::ago(&a.expires_at),
     ]);
     render::print_table(&t)?;
+    let trust = match &a.ca_fingerprint {
+        Some(f) => {
+            eprintln!("\nserver CA fingerprint (SHA-256): {f}");
+            format!(" --ca-fingerprint {f}")
+        }
+        None => String::new(),
+    };
+    let insecure = if client.base().starts_with("http://") {
+        " --insecure-http"
+    } else {
+        ""
+    };
     eprintln!(
-        "\nregister an agent with:\n  fleetrun-agent --server {} --activation-code {}",
+        "\nregister an agent with:\n  fleetrun-agent --server {} --state-dir /var/lib/fleetrun-agent --activation-code {}{trust}{insecure}",
         client.base(),
         a.code
     );

@@ -41,10 +41,13 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(t) => t.clone(),
         None => read_token(&server.admin_token_path)?,
     };
-    let url = format!("http://{}", reachable(server.local_addr));
+    let url = format!("https://{}", reachable(server.local_addr));
+    // The dev server is its own CA; the CLI and the local agent trust it by its certificate.
+    let ca_cert = server.ca_path.clone();
     let conn = Connection {
         server: url.clone(),
         token,
+        ca_cert: ca_cert.clone(),
     };
     let client = Client::new(&conn)?;
     let name = format!("dev-{}", hostname().unwrap_or_else(|| "local".into()));
@@ -65,6 +68,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     agent_config.name = Some(name.clone());
     agent_config.tags = BTreeMap::from([("env".to_owned(), "dev".to_owned())]);
     agent_config.heartbeat_secs = HEARTBEAT_SECS_DEFAULT;
+    agent_config.ca_cert = ca_cert.clone();
     let agent = fleetrun_agent::run(agent_config);
     tokio::pin!(agent);
 
@@ -74,6 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         &CliConfigFile {
             server: Some(conn.server.clone()),
             token: Some(conn.token.clone()),
+            ca_cert: ca_cert.clone(),
         },
     )?;
 
@@ -86,8 +91,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("fleetrun dev is running (Ctrl-C to stop)");
     println!("  server: {url}");
     println!("  data:   {}", data_dir.display());
+    if let Some(ca) = &ca_cert {
+        println!("  CA:     {}", ca.display());
+    }
     println!(
-        "  config: {} (server and token for the CLI)",
+        "  config: {} (server, token and CA certificate for the CLI)",
         config_path.display()
     );
     match node {

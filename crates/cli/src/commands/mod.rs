@@ -26,7 +26,7 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "fleetrun", version, propagate_version = true)]
 pub struct Cli {
-    /// Server URL, e.g. http://127.0.0.1:8080 (else the config file's `server`)
+    /// Server URL, e.g. https://127.0.0.1:8080 (else the config file's `server`)
     #[arg(
         long,
         env = "FLEETRUN_SERVER",
@@ -46,6 +46,17 @@ pub struct Cli {
         help_heading = "Global options"
     )]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for the server, e.g. its DATA_DIR/ca.pem (else the config
+    /// file's `ca_cert`, else the system's roots)
+    #[arg(
+        long,
+        env = "FLEETRUN_CA_CERT",
+        global = true,
+        hide_env_values = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    ca_cert: Option<std::path::PathBuf>,
     /// Output format
     #[arg(
         short = 'o',
@@ -118,13 +129,18 @@ enum Subcommands {
 pub struct Ctx {
     server: Option<String>,
     token: Option<String>,
+    ca_cert: Option<std::path::PathBuf>,
     format: Format,
 }
 
 impl Ctx {
     /// A client for the resolved server and token.
     fn client(&self) -> anyhow::Result<Client> {
-        let conn = config::resolve(self.server.clone(), self.token.clone())?;
+        let conn = config::resolve(
+            self.server.clone(),
+            self.token.clone(),
+            self.ca_cert.clone(),
+        )?;
         Client::new(&conn)
     }
 }
@@ -134,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Ctx {
         server: cli.server,
         token: cli.token,
+        ca_cert: cli.ca_cert,
         format: cli.format,
     };
     match cli.command {

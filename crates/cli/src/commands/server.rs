@@ -62,8 +62,32 @@ pub struct Args {
         value_name = "N"
     )]
     max_handshakes: Option<usize>,
+    /// PEM certificate chain to serve instead of the server's own CA's certificate (with --tls-key)
+    #[arg(
+        long,
+        env = "FLEETRUN_TLS_CERT",
+        hide_env_values = true,
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(
+        long,
+        env = "FLEETRUN_TLS_KEY",
+        hide_env_values = true,
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Another DNS name or IP address for the server's own certificate (repeatable)
+    #[arg(long = "tls-san", value_name = "NAME")]
+    tls_sans: Vec<String>,
+    /// Serve plain HTTP, without TLS: tokens, scripts and output cross the network in clear text
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_sans"])]
+    insecure_http: bool,
     /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
-    /// rate_limit and secrets_key_file
+    /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans and insecure_http
     #[arg(
         long,
         env = "FLEETRUN_SERVER_CONFIG",
@@ -103,6 +127,10 @@ struct ServerFile {
     max_handshakes: Option<usize>,
     rate_limit: Option<u32>,
     secrets_key_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_sans: Option<Vec<String>>,
+    insecure_http: Option<bool>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -167,7 +195,18 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         .rate_limit
         .or(file.rate_limit)
         .unwrap_or(fleetrun_server::ServerConfig::DEFAULT_RATE_LIMIT);
+    let tls = tls_mode(
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+        if args.tls_sans.is_empty() {
+            file.tls_sans.unwrap_or_default()
+        } else {
+            args.tls_sans
+        },
+        args.insecure_http || file.insecure_http.unwrap_or(false),
+    )?;
     Ok(fleetrun_server::ServerConfig {
+        tls,
         heartbeat_secs,
         retention,
         purge_interval,
@@ -176,6 +215,32 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         secrets_key_file: args.secrets_key_file.or(file.secrets_key_file),
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
+}
+
+/// The listener's TLS: the server's own CA unless the operator gives a certificate and key, or
+/// asks for plain HTTP.
+fn tls_mode(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    sans: Vec<String>,
+    insecure_http: bool,
+) -> anyhow::Result<fleetrun_server::tls::TlsMode> {
+    use fleetrun_server::tls::TlsMode;
+    if let Some(bad) = sans.iter().find(|s| s.trim().is_empty() || s.contains(',')) {
+        bail!("--tls-san {bad:?} must be one DNS name or IP address");
+    }
+    match (cert, key, insecure_http) {
+        (None, None, true) if sans.is_empty() => Ok(TlsMode::Insecure),
+        (_, _, true) => {
+            bail!("insecure_http cannot be combined with tls_cert, tls_key or tls_sans")
+        }
+        (Some(cert), Some(key), false) if sans.is_empty() => Ok(TlsMode::Files { cert, key }),
+        (Some(_), Some(_), false) => bail!(
+            "tls_sans apply to the server's own certificate; with tls_cert the names are in that certificate"
+        ),
+        (None, None, false) => Ok(TlsMode::Auto { extra_sans: sans }),
+        _ => bail!("tls_cert and tls_key go together: give both or neither"),
+    }
 }
 
 fn load_file(path: &Path) -> anyhow::Result<ServerFile> {
@@ -219,7 +284,19 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             server.admin_token_path.display()
         );
     }
-    println!("listening on http://{}", server.local_addr);
+    if server.public_url.starts_with("http://") {
+        eprintln!(
+            "WARNING: TLS is OFF (--insecure-http): API tokens, access keys, scripts and output cross the network in clear text. Use this only on a network you trust completely."
+        );
+    }
+    println!("listening on {} ({})", server.public_url, server.local_addr);
+    if let (Some(ca), Some(fingerprint)) = (&server.ca_path, &server.ca_fingerprint) {
+        println!(
+            "CA certificate: {} (fingerprint {fingerprint})",
+            ca.display()
+        );
+        println!("  the CLI trusts it with --ca-cert {}", ca.display());
+    }
     server.wait().await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -240,6 +317,10 @@ mod tests {
             retention: None,
             purge_interval: None,
             max_handshakes: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_sans: Vec::new(),
+            insecure_http: false,
             config,
             rate_limit: None,
             secrets_key_file: None,
@@ -277,6 +358,17 @@ mod tests {
         let mut a = args(None);
         a.max_handshakes = Some(0);
         assert!(resolve(a).is_err());
+
+        std::fs::write(&path, "insecure_http = true\ntls_sans = [\"a\"]\n").unwrap();
+        let err = format!("{:#}", resolve(args(Some(path.clone()))).unwrap_err());
+        assert!(err.contains("insecure_http"), "{err}");
+        std::fs::write(&path, "tls_sans = [\"fleet.example\"]\n").unwrap();
+        assert!(matches!(
+            resolve(args(Some(path.clone()))).unwrap().tls,
+            fleetrun_server::tls::TlsMode::Auto { ref extra_sans } if extra_sans == &["fleet.example"]
+        ));
+        std::fs::write(&path, "tls_cert = \"c.pem\"\n").unwrap();
+        assert!(resolve(args(Some(path.clone()))).is_err());
 
         std::fs::write(&path, "listn = \"127.0.0.1:9\"\n").unwrap();
         let err = load_file(&path).unwrap_err().to_string();

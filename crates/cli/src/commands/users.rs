@@ -288,9 +288,19 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<ExitCode> {
             read_token_line()?
         }
     };
+    // The CA to trust: --ca-cert / FLEETRUN_CA_CERT, else what the config file already names. Kept
+    // as an absolute path, so the saved config works from any directory.
+    let ca_cert = match ctx.ca_cert.clone() {
+        Some(p) => Some(
+            std::path::absolute(&p)
+                .with_context(|| format!("cannot resolve --ca-cert {}", p.display()))?,
+        ),
+        None => config::resolve(Some(server.clone()), Some(token.clone()), None)?.ca_cert,
+    };
     let conn = config::Connection {
         server: config::normalize_server(&server)?,
         token: token.clone(),
+        ca_cert: ca_cert.clone(),
     };
     let me = Client::new(&conn)?
         .whoami()
@@ -298,6 +308,9 @@ pub async fn login(ctx: &Ctx, args: LoginArgs) -> anyhow::Result<ExitCode> {
         .context("the server refused the token")?;
     file.server = Some(conn.server.clone());
     file.token = Some(token);
+    if ca_cert.is_some() {
+        file.ca_cert = ca_cert;
+    }
     config::save(&path, &file)?;
     if ctx.format == Format::Json {
         render::print_json(&me)?;

@@ -138,8 +138,7 @@ fn unsigned_ssm(server: &Server, body: String) -> Http {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let resp = reqwest::Client::builder()
-            .no_proxy()
+        let resp = crate::support::client_builder(server.ca.as_deref())
             .build()
             .expect("client")
             .post(format!("{}/", server.url))

@@ -2,7 +2,7 @@
 //! and a team limited to `env=dev` nodes that can neither send to, cancel on, nor read the output of an
 //! `env=prod` node; a mixed send is refused whole; every refusal is in the audit trail.
 
-use crate::support::{Agent, Http, Server, http, run, run_input};
+use crate::support::{Agent, Http, Server, run, run_input};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -19,7 +19,8 @@ permit (
 
 fn call(server: &Server, token: &str, method: &str, path: &str, body: Option<Value>) -> Http {
     let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
-    http(method, &format!("{}{path}", server.url), Some(token), body)
+    server
+        .http(method, path, Some(token), body)
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 

@@ -215,9 +215,18 @@ fn raw_api_answers_4xx_json() {
         assert!(body["error"]["message"].is_string(), "{what}: {body}");
     };
     let post = |path: &str, body: Vec<u8>| {
-        http("POST", &url(path), t, Some(("application/json", body))).expect("POST")
+        http(
+            server.ca.as_deref(),
+            "POST",
+            &url(path),
+            t,
+            Some(("application/json", body)),
+        )
+        .expect("POST")
     };
-    let get = |path: &str, token: Option<&str>| http("GET", &url(path), token, None).expect("GET");
+    let get = |path: &str, token: Option<&str>| {
+        http(server.ca.as_deref(), "GET", &url(path), token, None).expect("GET")
+    };
 
     let h = get("/v1/health", None);
     assert_eq!(h.status, 200);

@@ -9,7 +9,14 @@ fn failed_authentications_lock_the_source_out() {
     let server = Server::start();
     let url = format!("{}/v1/nodes", server.url);
     for i in 0..10 {
-        let r = http("GET", &url, Some(&format!("frt_wrong_{i}")), None).expect("request");
+        let r = http(
+            server.ca.as_deref(),
+            "GET",
+            &url,
+            Some(&format!("frt_wrong_{i}")),
+            None,
+        )
+        .expect("request");
         assert_eq!(
             r.status,
             401,
@@ -17,11 +24,18 @@ fn failed_authentications_lock_the_source_out() {
             String::from_utf8_lossy(&r.body)
         );
     }
-    let r = http("GET", &url, Some("frt_wrong_again"), None).expect("request");
+    let r = http(
+        server.ca.as_deref(),
+        "GET",
+        &url,
+        Some("frt_wrong_again"),
+        None,
+    )
+    .expect("request");
     assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["code"], "TooManyFailedAuthentications");
     // While locked out, even the right token from this address waits: guessing must not go on.
-    let r = http("GET", &url, Some(&server.token), None).expect("request");
+    let r = http(server.ca.as_deref(), "GET", &url, Some(&server.token), None).expect("request");
     assert_eq!(r.status, 429);
 
     let out = server.cli(&["nodes"]);

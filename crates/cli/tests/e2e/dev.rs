@@ -65,10 +65,11 @@ fn dev_starts_everything_and_writes_the_cli_config() {
     let config = dir.path().join("config.toml");
     let (child, text) = start_dev(dir.path(), &config);
     assert!(text.contains("is Online"), "{text}");
+    let written = std::fs::read_to_string(&config).expect("config written");
+    // The dev server speaks TLS; the CLI trusts its CA through the config file.
     assert!(
-        std::fs::read_to_string(&config)
-            .expect("config written")
-            .contains("token")
+        written.contains("token") && written.contains("ca_cert") && written.contains("https://"),
+        "{written}"
     );
 
     // The CLI finds server and token in the config file alone.

@@ -26,3 +26,4 @@ mod params;
 mod rate;
 mod retention;
 mod send;
+mod tls;

@@ -41,16 +41,28 @@ fn raw_session(
 ) -> Vec<ServerFrame> {
     let url = format!(
         "{}/v1/agent/connect",
-        server.url.replacen("http://", "ws://", 1)
+        server
+            .url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1)
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .expect("dial the agent channel");
+        // Trusting the server's CA as an agent does (the same TLS setup, from the agent crate).
+        let mut trust = fleetrun_agent::AgentConfig::new(url.as_str(), server.dir.path());
+        trust.ca_cert = server.ca.clone();
+        let tls = fleetrun_agent::tls::Tls::new(&trust, &url).expect("TLS setup");
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            url.as_str(),
+            None,
+            false,
+            Some(tls.connector()),
+        )
+        .await
+        .expect("dial the agent channel");
         let ServerFrame::Challenge { nonce: challenge } = next_frame(&mut ws).await else {
             panic!("the server's first frame is not a Challenge");
         };

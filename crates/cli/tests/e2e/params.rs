@@ -2,20 +2,21 @@
 //! node receives; a secure value never shows up in an API answer, the audit trail, the server's log or
 //! its data dir in clear.
 
-use crate::support::{Agent, Server, http, run_input};
+use crate::support::{Agent, Server, run_input};
 use serde_json::{Value, json};
 use std::time::Duration;
 
 const SECRET: &str = "s3cr3t-Value-42";
 
 fn put_http(server: &Server, name: &str, body: Value) -> crate::support::Http {
-    http(
-        "PUT",
-        &format!("{}/v1/params/{name}", server.url),
-        Some(&server.token),
-        Some(("application/json", body.to_string().into_bytes())),
-    )
-    .expect("PUT param")
+    server
+        .http(
+            "PUT",
+            &format!("/v1/params/{name}"),
+            Some(&server.token),
+            Some(("application/json", body.to_string().into_bytes())),
+        )
+        .expect("PUT param")
 }
 
 /// Every file under `dir`, read whole (SQLite file, WAL, objects, keys).

@@ -15,6 +15,7 @@ import hmac
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +30,10 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, WaiterError
 
 ENDPOINT = os.environ["FLEETRUN_ENDPOINT"]
+# The server is its own CA: urllib trusts the same bundle as the AWS CLI and boto3.
+if os.environ.get("AWS_CA_BUNDLE"):
+    urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(
+        context=ssl.create_default_context(cafile=os.environ["AWS_CA_BUNDLE"]))))
 TOKEN = os.environ["FLEETRUN_TOKEN"]
 NODES = json.loads(os.environ["FLEETRUN_NODES"])
 SCRATCH = os.environ["FLEETRUN_SCRATCH"]

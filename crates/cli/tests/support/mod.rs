@@ -1,5 +1,9 @@
 //! Test harness: the real `fleetrun` server and `fleetrun-agent` binaries in a fresh temp dir, on a free
 //! port, logging to files, stopped on drop. Waits are bounded polls of the API, never blind sleeps.
+//!
+//! Servers serve TLS with their own CA, as by default (`--insecure-http` among a server's flags
+//! makes it plain HTTP): the harness's requests and CLI runs trust `DATA_DIR/ca.pem`, and agents pin
+//! the CA by the fingerprint the activation answer carries, as an operator would.
 #![allow(dead_code)]
 
 use serde_json::Value;
@@ -136,8 +140,10 @@ impl Http {
     }
 }
 
-/// One HTTP request with reqwest (a real client), run on a throwaway runtime so tests stay synchronous.
+/// One HTTP request with reqwest (a real client), run on a throwaway runtime so tests stay
+/// synchronous; `https://` trusts the CA certificate in the PEM file `ca` (else the system roots).
 pub fn http(
+    ca: Option<&Path>,
     method: &str,
     url: &str,
     token: Option<&str>,
@@ -148,8 +154,7 @@ pub fn http(
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
+        let client = client_builder(ca)
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| e.to_string())?;
@@ -168,10 +173,28 @@ pub fn http(
     })
 }
 
+/// A reqwest client builder without proxies that trusts the CA in the PEM file `ca`, if given.
+pub fn client_builder(ca: Option<&Path>) -> reqwest::ClientBuilder {
+    let b = reqwest::Client::builder().no_proxy();
+    match ca {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            b.tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).expect("CA PEM"))
+        }
+        None => b,
+    }
+}
+
 /// A running `fleetrun server`. It can be killed and started again on the same data dir and the same
 /// address, so agents re-dial the URL they know.
 pub struct Server {
     pub url: String,
+    /// The CA certificate clients trust: the server's own (`DATA_DIR/ca.pem`), or the operator's
+    /// `--tls-cert` chain; None for a plain-HTTP server.
+    pub ca: Option<PathBuf>,
+    /// Whether the server is its own CA (agents pin it by fingerprint).
+    pub own_ca: bool,
     pub token: String,
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
@@ -197,8 +220,22 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         let port = free_port(ip);
+        let insecure = args.contains(&"--insecure-http");
+        let scheme = if insecure { "http" } else { "https" };
+        let operator_cert = args
+            .iter()
+            .position(|a| *a == "--tls-cert")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from);
+        let own_ca = !insecure && operator_cert.is_none();
         let mut server = Server {
-            url: format!("http://{ip}:{port}"),
+            url: format!("{scheme}://{ip}:{port}"),
+            ca: if own_ca {
+                Some(data_dir.join("ca.pem"))
+            } else {
+                operator_cert
+            },
+            own_ca,
             token: String::new(),
             dir,
             data_dir,
@@ -242,6 +279,8 @@ impl Server {
                 .env_remove("FLEETRUN_RETENTION")
                 .env_remove("FLEETRUN_PURGE_INTERVAL")
                 .env_remove("FLEETRUN_MAX_HANDSHAKES")
+                .env_remove("FLEETRUN_TLS_CERT")
+                .env_remove("FLEETRUN_TLS_KEY")
                 .stdin(Stdio::null())
                 .stdout(log_file(&log.with_extension("out")))
                 .stderr(log_file(&log))
@@ -257,7 +296,12 @@ impl Server {
                     if let Ok(Some(st)) = child.try_wait() {
                         return Some(Err(st));
                     }
-                    http("GET", &health, None, None)
+                    // The CA file appears during the start, before the server listens.
+                    let ca = self.ca.as_deref().filter(|p| p.exists());
+                    if self.ca.is_some() && ca.is_none() {
+                        return None;
+                    }
+                    http(ca, "GET", &health, None, None)
                         .ok()
                         .filter(|r| r.status == 200)
                         .map(Ok)
@@ -339,8 +383,47 @@ impl Server {
         p
     }
 
+    /// A request to `path` on this server, trusting its CA.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Http, String> {
+        http(
+            self.ca.as_deref(),
+            method,
+            &format!("{}{path}", self.url),
+            token,
+            body,
+        )
+    }
+
+    /// The SHA-256 fingerprint of the server's own CA (None unless it is its own CA).
+    pub fn ca_fingerprint(&self) -> Option<String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let path = self.ca.as_ref().filter(|_| self.own_ca)?;
+        let der = CertificateDer::from_pem_file(path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        Some(fleetrun_proto::tls::fingerprint(&der))
+    }
+
+    /// The flags an agent needs to trust this server on first contact: the CA fingerprint to pin
+    /// (as `activation create` prints it), the operator's certificate file, or `--insecure-http`
+    /// for a plain-HTTP server.
+    pub fn agent_trust_args(&self) -> Vec<String> {
+        match (self.ca_fingerprint(), &self.ca) {
+            (Some(f), _) => vec!["--ca-fingerprint".into(), f],
+            (None, Some(ca)) => vec!["--ca-cert".into(), ca.display().to_string()],
+            (None, None) => vec!["--insecure-http".into()],
+        }
+    }
+
     pub fn get(&self, path: &str) -> Http {
         http(
+            self.ca.as_deref(),
             "GET",
             &format!("{}{path}", self.url),
             Some(&self.token),
@@ -362,6 +445,7 @@ impl Server {
 
     pub fn post_json(&self, path: &str, body: &Value) -> Http {
         http(
+            self.ca.as_deref(),
             "POST",
             &format!("{}{path}", self.url),
             Some(&self.token),
@@ -372,6 +456,14 @@ impl Server {
 
     /// Creates an activation and returns its code.
     pub fn activation_code(&self, tags: &[(&str, &str)], limit: u64) -> String {
+        self.activation(tags, limit)["code"]
+            .as_str()
+            .expect("activation code")
+            .to_owned()
+    }
+
+    /// Creates an activation and returns the whole answer (code, CA fingerprint, ...).
+    pub fn activation(&self, tags: &[(&str, &str)], limit: u64) -> Value {
         let tags: serde_json::Map<String, Value> = tags
             .iter()
             .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
@@ -386,10 +478,7 @@ impl Server {
             r.status,
             String::from_utf8_lossy(&r.body)
         );
-        r.json()["code"]
-            .as_str()
-            .expect("activation code")
-            .to_owned()
+        r.json()
     }
 
     pub fn nodes(&self) -> Vec<Value> {
@@ -463,7 +552,11 @@ impl Server {
             .env("FLEETRUN_SERVER", &self.url)
             .env("FLEETRUN_TOKEN", &self.token)
             .env("FLEETRUN_CONFIG", self.dir.path().join("cli-config.toml"))
+            .env_remove("FLEETRUN_CA_CERT")
             .env_remove("RUST_LOG");
+        if let Some(ca) = &self.ca {
+            c.env("FLEETRUN_CA_CERT", ca);
+        }
         c
     }
 }
@@ -510,6 +603,8 @@ pub struct Agent {
     pub name: String,
     pub state_dir: PathBuf,
     url: String,
+    /// Flags for the first start: how to trust the server (see [`Server::agent_trust_args`]).
+    trust: Vec<String>,
     logs_dir: PathBuf,
     opts: AgentOpts,
     child: Option<Child>,
@@ -531,8 +626,15 @@ impl Agent {
 
     /// [`Agent::start`] with extra flags or a namespace.
     pub fn start_opts(server: &Server, name: &str, opts: AgentOpts) -> Agent {
-        let code = server.activation_code(&[], 1);
-        let agent = Agent::spawn_with_code(server, name, opts, &code);
+        let activation = server.activation(&[], 1);
+        // The agent pins the CA by the fingerprint the activation answer carries.
+        assert_eq!(
+            activation["ca_fingerprint"].as_str().map(str::to_owned),
+            server.ca_fingerprint(),
+            "activation answer's CA fingerprint"
+        );
+        let code = activation["code"].as_str().expect("activation code");
+        let agent = Agent::spawn_with_code(server, name, opts, code);
         server.wait_online(name);
         agent
     }
@@ -560,6 +662,16 @@ impl Agent {
             name: name.to_owned(),
             state_dir: server.dir.path().join("agents").join(name),
             url: server.url.clone(),
+            // A test that says how to trust the server itself gets nothing added.
+            trust: if opts
+                .args
+                .iter()
+                .any(|a| a.starts_with("--ca-") || a == "--insecure-http")
+            {
+                Vec::new()
+            } else {
+                server.agent_trust_args()
+            },
             logs_dir: server.dir.path().join("agents"),
             opts,
             child: None,
@@ -588,6 +700,11 @@ impl Agent {
         if let Some(code) = code {
             c.args(["--activation-code", code]);
         }
+        // Trust on first contact; later starts use the CA saved in the state dir (a CA file or
+        // plain HTTP are given every time).
+        if code.is_some() || self.trust.first().is_some_and(|a| a != "--ca-fingerprint") {
+            c.args(&self.trust);
+        }
         for (k, v) in &self.opts.tags {
             c.arg("--tag").arg(format!("{k}={v}"));
         }
@@ -599,6 +716,8 @@ impl Agent {
             .env_remove("FLEETRUN_ACTIVATION_CODE")
             .env_remove("FLEETRUN_SPOOL_MAX_BYTES")
             .env_remove("FLEETRUN_KEY_ROTATION")
+            .env_remove("FLEETRUN_CA_CERT")
+            .env_remove("FLEETRUN_CA_FINGERPRINT")
             .stdin(Stdio::null())
             .stdout(log_file(&self.log_path(self.starts).with_extension("out")))
             .stderr(log_file(&self.log_path(self.starts)))

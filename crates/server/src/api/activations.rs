@@ -81,6 +81,7 @@ pub async fn create(
         expires_at: rfc3339(expires_at),
         expired: false,
         description: req.description,
+        ca_fingerprint: state.ca_fingerprint.clone(),
     };
     Ok((StatusCode::CREATED, Json(activation)))
 }

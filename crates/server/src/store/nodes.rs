@@ -110,6 +110,7 @@ impl Store {
                     expires_at: rfc3339(expires_at),
                     expired: expires_at <= now,
                     description: r.get("description"),
+                    ca_fingerprint: None,
                 })
             })
             .collect()
