@@ -5,9 +5,9 @@
 
 use crate::AppState;
 use crate::audit::{self as trail, ANONYMOUS};
+use crate::authn::node as node_auth;
 use crate::clock::now_ms;
 use crate::dispatch::{DispatchMsg, end_invocations};
-use crate::node_auth;
 use crate::output::OutputMsg;
 use crate::secrets;
 use crate::store::{AuditEntry, Finish, NewNode, RegisterError};

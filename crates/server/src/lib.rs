@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod authn;
 pub mod authz;
 pub mod channel;
 pub mod clock;
@@ -11,7 +12,6 @@ pub mod dispatch;
 pub mod document;
 pub mod guard;
 pub mod hub;
-pub mod node_auth;
 pub mod output;
 pub mod params;
 pub mod retention;

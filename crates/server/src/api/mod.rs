@@ -12,15 +12,16 @@ mod storage;
 mod tokens;
 mod users;
 
+use crate::AppState;
 use crate::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
-use crate::authz::{Denied, Principal};
+use crate::authn::AuthnError;
+use crate::authz::Denied;
 use crate::clock::now_ms;
 use crate::store::AuditEntry;
-use crate::{AppState, secrets};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -136,14 +137,17 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         .map(|c| c.0.ip());
     let checked = match ip.map(|ip| state.auth_guard.check(ip)) {
         Some(Err(retry)) => Err(throttled(retry)),
-        _ => principal(&state, req.headers()).await.map_err(|e| {
-            if e.status == StatusCode::UNAUTHORIZED
-                && let Some(ip) = ip
-            {
-                state.auth_guard.failed(ip);
-            }
-            e.into_response()
-        }),
+        _ => crate::authn::bearer(&state, req.headers())
+            .await
+            .map_err(|e| match e {
+                AuthnError::Refused { message, .. } => {
+                    if let Some(ip) = ip {
+                        state.auth_guard.failed(ip);
+                    }
+                    ApiError::unauthorized(&message).into_response()
+                }
+                AuthnError::Internal(e) => ApiError::internal(e).into_response(),
+            }),
     };
     let resp = match checked {
         Err(resp) => {
@@ -260,31 +264,6 @@ fn throttled(retry: std::time::Duration) -> Response {
         Json(body),
     )
         .into_response()
-}
-
-/// The principal a request's bearer token acts as.
-async fn principal(state: &AppState, headers: &HeaderMap) -> Result<Principal, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::unauthorized(
-            "missing Authorization header: pass `Authorization: Bearer TOKEN`",
-        ));
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return Err(ApiError::unauthorized(
-            "malformed Authorization header: expected `Bearer TOKEN`",
-        ));
-    };
-    let (user, token_id) = state
-        .store
-        .token_principal(&secrets::hash(token))
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("invalid or expired API token"))?;
-    Ok(Principal::new(user, token_id))
 }
 
 /// An API error: status, machine-readable code and a one-line message.

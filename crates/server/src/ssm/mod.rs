@@ -9,10 +9,10 @@ mod commands;
 mod documents;
 mod instances;
 mod shapes;
-pub mod sigv4;
 
 use crate::AppState;
 use crate::audit::{self as trail, ANONYMOUS};
+use crate::authn::AuthnError;
 use crate::authz::{CheckError, Denied, Principal};
 use crate::clock::now_ms;
 use crate::store::AuditEntry;
@@ -24,7 +24,6 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// An SSM error: HTTP status, AWS error code (`__type`) and message.
 #[derive(Debug)]
@@ -119,8 +118,12 @@ pub async fn handle(
                 retry.as_secs().max(1)
             ),
         )),
-        Ok(()) => authenticate(&state, &method, &uri, &headers, &body)
+        Ok(()) => crate::authn::sigv4(&state, &method, &uri, &headers, &body)
             .await
+            .map_err(|e| match e {
+                AuthnError::Refused { code, message } => SsmError::new(code, message),
+                AuthnError::Internal(e) => SsmError::internal(e),
+            })
             .inspect_err(|e| {
                 if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::FORBIDDEN {
                     state.auth_guard.failed(addr.ip());
@@ -185,52 +188,6 @@ pub async fn handle(
         ),
     ];
     (status, headers, value.to_string()).into_response()
-}
-
-/// Verifies the request's SigV4 signature; the principal is the user the access key belongs to.
-async fn authenticate(
-    state: &AppState,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Principal, SsmError> {
-    let sig_err = |e: sigv4::SigError| SsmError::new(e.code, e.message);
-    let auth_value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
-    let Some((nonce, sealed, user)) = state.store.access_key_secret(&auth.access_key_id).await?
-    else {
-        return Err(SsmError::new(
-            "UnrecognizedClientException",
-            "The security token included in the request is invalid.",
-        ));
-    };
-    let secret = state
-        .secret_box
-        .open_sealed(&nonce, &sealed)
-        .and_then(|s| String::from_utf8(s).ok())
-        .ok_or_else(|| {
-            SsmError::internal("an access key's secret does not decrypt with this data dir's key")
-        })?;
-    let pairs: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|(n, v)| Some((n.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_owned())))
-        .collect();
-    let req = sigv4::Request {
-        method: method.as_str(),
-        path: uri.path(),
-        query: uri.query().unwrap_or(""),
-        headers: &pairs,
-        body,
-    };
-    sigv4::verify(&auth, &req, &secret, SystemTime::now()).map_err(sig_err)?;
-    let user =
-        state.store.user(&user).await?.ok_or_else(|| {
-            SsmError::internal("an access key belongs to a user that does not exist")
-        })?;
-    Ok(Principal::new(user, auth.access_key_id.to_string()))
 }
 
 async fn dispatch(
