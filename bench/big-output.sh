@@ -2,7 +2,7 @@
 # Large-output benchmark: one server, one agent; a command writes SIZE bytes to stdout. Reports the
 # throughput (send to Success) and the peak RSS growth of the server and the agent, then reads the
 # output back through the API and checks its length.
-#   usage: bench/big-output.sh [SIZE_BYTES]        (default 1 GiB; release build)
+#   usage: bench/big-output.sh [SIZE_BYTES]        (default 1 GiB; `--profile dist` build)
 size=${1:-1073741824}
 source "$(dirname "$0")/lib.sh"
 start_agents 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fan-out benchmark: one server and N real agents on loopback; times `fleetrun send --wait` of `echo`
 # to one node and to all nodes, and reports RSS of the server and an agent.
-#   usage: bench/fanout.sh [N_AGENTS] [ROUNDS]      (release build; writes nothing but a temp dir)
+#   usage: bench/fanout.sh [N_AGENTS] [ROUNDS]      (`--profile dist` build; writes nothing but a temp dir)
 n=${1:-20}
 rounds=${2:-10}
 source "$(dirname "$0")/lib.sh"
