@@ -188,7 +188,7 @@ pub enum NodeScope {
     /// Every node.
     All,
     /// Only these.
-    Only(HashSet<NodeId>),
+    Only(Arc<HashSet<NodeId>>),
 }
 
 impl NodeScope {
@@ -204,7 +204,7 @@ impl NodeScope {
     pub fn as_filter(&self) -> Option<&HashSet<NodeId>> {
         match self {
             NodeScope::All => None,
-            NodeScope::Only(set) => Some(set),
+            NodeScope::Only(set) => Some(set.as_ref()),
         }
     }
 }
@@ -256,10 +256,21 @@ struct Compiled {
     fixed: Mutex<HashMap<(Action, &'static str), bool>>,
 }
 
-/// The authorizer: compiled policy sets per user, cached until the user's role or policy changes.
+/// A user's whole-fleet scope for an action, as of a fleet generation.
+struct CachedScope {
+    fleet: u64,
+    user: UserRow,
+    scope: NodeScope,
+}
+
+/// The authorizer: compiled policy sets per user, cached until the user's role or policy changes;
+/// whole-fleet scopes of users with their own policies, cached until the fleet changes.
 pub struct Authz {
     authorizer: Authorizer,
     compiled: Mutex<HashMap<String, Arc<Compiled>>>,
+    /// Bumped whenever a node registers or leaves (tags only change then).
+    fleet: std::sync::atomic::AtomicU64,
+    scopes: Mutex<HashMap<(String, Action), CachedScope>>,
 }
 
 impl Default for Authz {
@@ -267,6 +278,8 @@ impl Default for Authz {
         Authz {
             authorizer: Authorizer::new(),
             compiled: Mutex::default(),
+            fleet: Default::default(),
+            scopes: Mutex::default(),
         }
     }
 }
@@ -380,16 +393,21 @@ impl Authz {
             return if self.allowed(principal, action, Resource::Node(&any)) {
                 NodeScope::All
             } else {
-                NodeScope::Only(HashSet::new())
+                NodeScope::Only(Arc::default())
             };
         }
-        NodeScope::Only(
+        NodeScope::Only(Arc::new(
             nodes
                 .iter()
                 .filter(|n| self.allowed(principal, action, Resource::Node(n)))
                 .map(|n| n.node_id.clone())
                 .collect(),
-        )
+        ))
+    }
+
+    /// Says the fleet changed (a node registered or left): scopes cached for [`node_scope`] are stale.
+    pub fn fleet_changed(&self) {
+        self.fleet.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the principal's decisions cannot depend on which node (it has no policy of its own),
@@ -513,11 +531,32 @@ pub async fn node_scope(
     principal: &Principal,
     action: Action,
 ) -> Result<NodeScope, StoreError> {
-    if state.authz.node_independent(principal) {
-        return Ok(state.authz.scope(principal, action, &[]));
+    let authz = &state.authz;
+    if authz.node_independent(principal) {
+        return Ok(authz.scope(principal, action, &[]));
+    }
+    // Evaluating a tag policy over every node is the costly part (50,000 nodes: ~1 s); the answer
+    // only changes with the user or the fleet, so it is kept until either does.
+    let key = (principal.user.name.clone(), action);
+    let fleet = authz.fleet.load(Ordering::Relaxed);
+    if let Some(c) = lock(&authz.scopes)
+        .get(&key)
+        .filter(|c| c.fleet == fleet && c.user == principal.user)
+    {
+        authz.filtered(principal);
+        return Ok(c.scope.clone());
     }
     let nodes = state.store.node_refs(None).await?;
-    Ok(state.authz.scope(principal, action, &nodes))
+    let scope = authz.scope(principal, action, &nodes);
+    lock(&authz.scopes).insert(
+        key,
+        CachedScope {
+            fleet,
+            user: principal.user.clone(),
+            scope: scope.clone(),
+        },
+    );
+    Ok(scope)
 }
 
 /// `Ok` when the principal may do `action` on this node. A node that does not exist is checked
@@ -641,6 +680,18 @@ mod tests {
         let (dev, prod) = (node(1, "dev"), node(2, "prod"));
         let p = principal(Role::None, team);
         assert!(authz.allowed(&p, Action::Shell, Resource::Node(&dev)));
+        // Shells and copies are decided like sends (their routes come with the shell feature).
+        for action in [
+            Action::Shell,
+            Action::Cp,
+            Action::SendCommand,
+            Action::Cancel,
+        ] {
+            assert!(
+                !authz.allowed(&p, action, Resource::Node(&prod)),
+                "{action:?}"
+            );
+        }
         assert!(!authz.allowed(&p, Action::ReadOutput, Resource::Node(&prod)));
         assert!(authz.allowed(&p, Action::List, Resource::Document("AWS-RunShellScript")));
         let p = principal(Role::Operator, junior);
@@ -701,7 +752,7 @@ mod tests {
         let NodeScope::Only(set) = authz.scope(&p, Action::ReadOutput, &mixed) else {
             panic!("a tag policy is node dependent");
         };
-        assert_eq!(set, HashSet::from([dev.node_id.clone()]));
+        assert_eq!(*set, HashSet::from([dev.node_id.clone()]));
     }
 
     #[test]

@@ -561,7 +561,10 @@ async fn register(
         tags,
     };
     match state.store.register_node(&secrets::hash(code), new).await {
-        Ok(()) => Ok(node_id),
+        Ok(()) => {
+            state.authz.fleet_changed();
+            Ok(node_id)
+        }
         Err(RegisterError::Store(e)) => {
             tracing::error!("cannot register node: {e}");
             Err((

@@ -194,6 +194,20 @@ fn a_team_limited_to_dev_nodes_cannot_touch_prod_and_every_refusal_is_audited() 
     );
     assert!(!ids.contains(&prod_cmd.as_str()), "{ids:?}");
 
+    // A dev node that joins later is the team's at once (cached scopes follow the fleet).
+    let _dev2 = Agent::start(&server, "authz-dev-2", &[("env", "dev")]);
+    let dev2 = server.node_id("authz-dev-2");
+    let later = server.send(&["--node", &dev2], "echo later");
+    let listed = call(&server, &team, "GET", "/v1/commands", None).json();
+    assert!(
+        listed
+            .as_array()
+            .expect("commands")
+            .iter()
+            .any(|c| c["command_id"] == later.as_str()),
+        "{listed}"
+    );
+
     // Cancel on prod is refused and the command keeps running; on its own node it may.
     let r = call(
         &server,

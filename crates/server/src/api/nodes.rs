@@ -71,6 +71,7 @@ pub async fn deregister(
         .await?
         .ok_or_else(|| ApiError::not_found("NodeNotFound", format!("no node {id}")))?;
     state.store.deregister_node(&id, now_ms()).await?;
+    state.authz.fleet_changed();
     state
         .hub
         .revoke(&id, &format!("node {id} was deregistered"));
