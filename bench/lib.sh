@@ -1,12 +1,12 @@
-# Shared set-up of the benchmark scripts (sourced): the shipped build (`--profile dist`), a temp dir cleaned on exit, a
+# Shared set-up of the benchmark scripts (sourced): the shipped build (`--profile dist`, or BENCH_PROFILE), a temp dir cleaned on exit, a
 # server on a free loopback port with the CLI pointed at it, and helpers to start agents and read RSS.
 # The server serves TLS with its own CA; the CLI, curl and the agents trust its ca.pem
 # (FLEETRUN_CA_CERT is read by both the CLI and the agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetrun-target}"
-cargo build --profile dist --quiet --bin fleetrun --bin fleetrun-agent
-bin="$CARGO_TARGET_DIR/dist"
+cargo build --profile ${BENCH_PROFILE:-dist} --quiet --bin fleetrun --bin fleetrun-agent
+bin="$CARGO_TARGET_DIR/${BENCH_PROFILE:-dist}"
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub max_concurrent_commands: usize,
     /// Time between SIGTERM and SIGKILL when a command times out or is cancelled.
     pub kill_grace: Duration,
+    /// How long acknowledged run directories wait before they are removed together.
+    pub sweep_after: Duration,
     /// Most bytes of unacknowledged output kept on disk, over all commands; when full, commands
     /// block writing output until the server catches up (reported in their results).
     pub spool_max_bytes: u64,
@@ -55,6 +57,10 @@ pub struct AgentConfig {
     pub insecure_http: bool,
 }
 
+/// Default of [`AgentConfig::sweep_after`]: run directories are removed in batches, off the command
+/// path (see `scheduler.rs`).
+pub const SWEEP_AFTER_DEFAULT: Duration = Duration::from_secs(30);
+
 impl AgentConfig {
     /// A configuration with the defaults for everything but the server and the state directory.
     pub fn new(server_url: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
@@ -67,6 +73,7 @@ impl AgentConfig {
             heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
             max_concurrent_commands: MAX_CONCURRENT_COMMANDS_DEFAULT,
             kill_grace: KILL_GRACE_DEFAULT,
+            sweep_after: SWEEP_AFTER_DEFAULT,
             spool_max_bytes: SPOOL_MAX_BYTES_DEFAULT,
             key_rotation: KEY_ROTATION_DEFAULT,
             ca_cert: None,

@@ -143,6 +143,7 @@ pub struct Channel {
     heartbeat: Duration,
     max_concurrent: usize,
     kill_grace: Duration,
+    sweep_after: Duration,
     info: NodeInfo,
     outbox: Arc<Outbox>,
     /// Changed by a key rotation while a connection is served (never locked across an await).
@@ -175,6 +176,7 @@ impl Channel {
             heartbeat: Duration::from_secs(config.heartbeat_secs.max(1)),
             max_concurrent: config.max_concurrent_commands,
             kill_grace: config.kill_grace,
+            sweep_after: config.sweep_after,
             info,
             outbox,
             identity: Mutex::new(None),
@@ -196,6 +198,7 @@ impl Channel {
             identity.node_id.to_string(),
             self.max_concurrent,
             self.kill_grace,
+            self.sweep_after,
         )
         .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
         scheduler.recover();

@@ -31,7 +31,14 @@ pub struct Scheduler {
     node_id: String,
     kill_grace: Duration,
     completed: Mutex<Completed>,
+    /// Directories of acknowledged runs, removed together later (see [`Scheduler::result_acked`]).
+    trash: Arc<Mutex<Vec<PathBuf>>>,
+    /// How long they wait.
+    sweep_after: Duration,
 }
+
+/// More waiting than this are removed at once, bounding what the state dir holds.
+const SWEEP_MAX: usize = 1_000;
 
 impl Scheduler {
     /// A scheduler filling `outbox`, running commands under `state_dir/runs`.
@@ -41,6 +48,7 @@ impl Scheduler {
         node_id: String,
         max_concurrent: usize,
         kill_grace: Duration,
+        sweep_after: Duration,
     ) -> std::io::Result<Self> {
         Ok(Scheduler {
             outbox,
@@ -49,6 +57,8 @@ impl Scheduler {
             node_id,
             kill_grace,
             completed: Mutex::new(Completed::load(state_dir)?),
+            trash: Arc::default(),
+            sweep_after,
         })
     }
 
@@ -169,15 +179,48 @@ impl Scheduler {
     }
 
     /// The server stored the result: remember the id in `completed.log`, forget the invocation
-    /// and remove its directory.
+    /// and, later, remove its directory.
+    ///
+    /// Removal is batched off the command path: a sweep `sweep_after` the first waiting directory
+    /// (or at once past [`SWEEP_MAX`]) removes every waiting one. Unlinking costs a run's files
+    /// again, and on ext4 without a journal each fresh inode allocation then skips over the recently
+    /// deleted ones (`recently_deleted`), which made the next runs' file creation the agent's
+    /// hottest path. A directory left by a crash is an acknowledged one in `completed.log`, which
+    /// the start-up scan removes.
     pub fn result_acked(&self, command_id: &CommandId) {
         if let Some(dir) = self.outbox.result_acked(command_id) {
             if let Err(e) = self.completed().add(command_id) {
                 tracing::warn!(%command_id, error = %e, "cannot record the completed command");
             }
-            tokio::task::spawn_blocking(move || journal::remove_run_dir(&dir));
+            let (first, full) = {
+                let mut trash = lock(&self.trash);
+                trash.push(dir);
+                (trash.len() == 1, trash.len() >= SWEEP_MAX)
+            };
+            if full {
+                sweep(&self.trash);
+            } else if first {
+                let trash = Arc::clone(&self.trash);
+                let after = self.sweep_after;
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    sweep(&trash);
+                });
+            }
         }
     }
+}
+
+/// Removes every waiting run directory (in a blocking-pool thread).
+fn sweep(trash: &Mutex<Vec<PathBuf>>) {
+    let dirs = std::mem::take(&mut *lock(trash));
+    if !dirs.is_empty() {
+        tokio::task::spawn_blocking(move || dirs.iter().for_each(|d| journal::remove_run_dir(d)));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Kills what is left of an interrupted invocation's process group, unless its pid now belongs

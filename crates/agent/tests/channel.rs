@@ -46,6 +46,8 @@ impl Server {
         let addr = self.listener.local_addr().unwrap();
         // The fake server speaks plain WebSocket: these tests are about the channel, not TLS.
         let mut config = AgentConfig::new(format!("http://{addr}"), self.state.path());
+        // Acknowledged run directories go at once, so tests can watch them go.
+        config.sweep_after = Duration::ZERO;
         config.insecure_http = true;
         config
     }
@@ -466,6 +468,8 @@ impl AgentProcess {
                 "--server",
                 &format!("http://{addr}"),
                 "--insecure-http",
+                "--sweep-after",
+                "0s",
                 "--state-dir",
             ])
             .arg(server.state.path())

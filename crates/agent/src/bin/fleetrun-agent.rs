@@ -41,6 +41,10 @@ struct Args {
     /// (e.g. 30d, 12h)
     #[arg(long, env = "FLEETRUN_KEY_ROTATION", default_value = "30d", value_parser = humantime::parse_duration)]
     key_rotation: std::time::Duration,
+    /// How long a finished command's run directory is kept after the server stored its result;
+    /// they are removed in batches, off the command path (e.g. 30s, 10m)
+    #[arg(long, env = "FLEETRUN_SWEEP_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    sweep_after: std::time::Duration,
     /// PEM file with the CA the server's certificate is signed by (its DATA_DIR/ca.pem)
     #[arg(long, env = "FLEETRUN_CA_CERT", value_name = "FILE")]
     ca_cert: Option<PathBuf>,
@@ -62,6 +66,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     config.max_concurrent_commands = args.max_concurrent_commands;
     config.spool_max_bytes = args.spool_max_bytes;
     config.key_rotation = args.key_rotation;
+    config.sweep_after = args.sweep_after;
     config.ca_cert = args.ca_cert;
     config.ca_fingerprint = args.ca_fingerprint;
     config.insecure_http = args.insecure_http;

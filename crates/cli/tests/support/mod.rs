@@ -716,6 +716,7 @@ impl Agent {
             .env_remove("FLEETRUN_ACTIVATION_CODE")
             .env_remove("FLEETRUN_SPOOL_MAX_BYTES")
             .env_remove("FLEETRUN_KEY_ROTATION")
+            .env_remove("FLEETRUN_SWEEP_AFTER")
             .env_remove("FLEETRUN_CA_CERT")
             .env_remove("FLEETRUN_CA_FINGERPRINT")
             .stdin(Stdio::null())
