@@ -5,7 +5,7 @@
 
 use crate::AppState;
 use crate::audit::{self as trail, ANONYMOUS};
-use crate::authn::node as node_auth;
+use crate::authn;
 use crate::clock::now_ms;
 use crate::dispatch::{DispatchMsg, end_invocations};
 use crate::output::OutputMsg;
@@ -102,7 +102,7 @@ async fn serve(
     let source = addr.to_string();
     // The challenge goes out at once, so it costs no round trip: it travels while the agent
     // finishes its side of the upgrade.
-    let nonce = node_auth::challenge();
+    let nonce = authn::node::challenge();
     let challenge = ServerFrame::Challenge {
         nonce: nonce.to_vec(),
     };
@@ -138,7 +138,7 @@ async fn serve(
                 "name": info.name, "hostname": info.hostname, "tags": tags,
                 "key": fingerprint(&public_key),
             });
-            let registered = match node_auth::check_register(&nonce, &public_key, &signature) {
+            let registered = match authn::node::check_register(&nonce, &public_key, &signature) {
                 Ok(key) => register(&state, &activation_code, key, info, tags).await,
                 Err(r) => Err((r.code, r.message)),
             };
@@ -200,7 +200,7 @@ async fn serve(
                 }
             };
             let session_key =
-                match node_auth::check_hello(&state, &node_id, &nonce, &public_key, &signature)
+                match authn::node::check_hello(&state, &node_id, &nonce, &public_key, &signature)
                     .await
                 {
                     Ok(key) => key,
@@ -400,7 +400,7 @@ async fn key_frame(
             signature,
         } => {
             let before = auth.key.clone();
-            let rotated = node_auth::rotate(
+            let rotated = authn::node::rotate(
                 state,
                 node,
                 &mut auth.key,
@@ -433,7 +433,7 @@ async fn key_frame(
             rotated.map(|f| KeyFrame::Handled(Some(f)))
         }
         AgentFrame::KeyConfirmed { public_key } => {
-            node_auth::confirmed(state, node, &auth.key, &public_key).await?;
+            authn::node::confirmed(state, node, &auth.key, &public_key).await?;
             Ok(KeyFrame::Handled(None))
         }
         other => Ok(KeyFrame::Other(other)),
