@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 /// Time an agent has to send its first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial read and write buffer of an agent's WebSocket.
-const SOCKET_BUFFER: usize = 8 * 1024;
+const SOCKET_BUFFER: usize = 4 * 1024;
 
 /// Upgrades the request to the agent channel. When too many handshakes are in progress (a reconnect
 /// storm after a restart), answers 503 with a jittered Retry-After instead, so the server sheds load
