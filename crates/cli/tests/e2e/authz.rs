@@ -496,14 +496,15 @@ fn policies_are_validated_before_they_are_stored() {
 
 #[test]
 fn each_principal_has_its_own_request_rate_limit() {
-    // 2 requests/s with bursts of 8: a tight loop of 30 is over it; another user is not affected.
-    let server = Server::start_with(&["--rate-limit", "2"]);
+    // 1 request/s with bursts of 4: a tight loop of 30 is over it (even if a loaded machine makes
+    // the loop take 15 s); another user is not affected.
+    let server = Server::start_with(&["--rate-limit", "1"]);
     let busy = user_with_token(&server, "busy", "viewer", None);
     let statuses: Vec<u16> = (0..30)
         .map(|_| call(&server, &busy, "GET", "/v1/whoami", None).status)
         .collect();
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert!(statuses[0] == 200 && limited >= 15, "{statuses:?}");
+    assert!(statuses[0] == 200 && limited >= 10, "{statuses:?}");
     let r = call(&server, &busy, "GET", "/v1/whoami", None);
     let (status, code, message) = error_of(&r);
     assert_eq!(
