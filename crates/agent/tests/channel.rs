@@ -46,8 +46,9 @@ impl Server {
         let addr = self.listener.local_addr().unwrap();
         // The fake server speaks plain WebSocket: these tests are about the channel, not TLS.
         let mut config = AgentConfig::new(format!("http://{addr}"), self.state.path());
-        // Acknowledged run directories go at once, so tests can watch them go.
-        config.sweep_after = Duration::ZERO;
+        // Acknowledged run directories go a second later (the batched sweep's timer path; the
+        // agent-process tests use 0s), so tests can watch them go.
+        config.sweep_after = Duration::from_secs(1);
         config.insecure_http = true;
         config
     }
