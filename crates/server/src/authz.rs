@@ -28,11 +28,13 @@ entity Role;
 entity User in [Role] { role: String };
 entity Node { name: String } tags String;
 entity Document { name: String };
+entity Parameter { name: String };
 entity Fleet;
 action "list" appliesTo { principal: [User], resource: [Node, Document, Fleet] };
 action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes"
     appliesTo { principal: [User], resource: [Node] };
 action "manage-documents" appliesTo { principal: [User], resource: [Document] };
+action "use-param" appliesTo { principal: [User], resource: [Parameter] };
 action "manage-users", "manage-activations", "manage-access-keys", "manage-params", "read-audit"
     appliesTo { principal: [User], resource: [Fleet] };
 "#;
@@ -44,11 +46,13 @@ pub const ROLE_POLICIES: &str = r#"
 permit (principal in Role::"admin", action, resource);
 
 // operator: run, cancel and read commands on every node, open shells and copy files, manage
-// documents and parameters. Not users, activations, access keys, node removal or the audit trail.
+// documents and parameters and use them in scripts. Not users, activations, access keys, node
+// removal or the audit trail.
 permit (
     principal in Role::"operator",
     action in [Action::"list", Action::"send-command", Action::"cancel", Action::"read-output",
-               Action::"shell", Action::"cp", Action::"manage-documents", Action::"manage-params"],
+               Action::"shell", Action::"cp", Action::"manage-documents", Action::"manage-params",
+               Action::"use-param"],
     resource
 );
 
@@ -83,6 +87,8 @@ pub enum Action {
     ManageAccessKeys,
     /// Create, change and delete parameters.
     ManageParams,
+    /// Reference a parameter (`{{param:NAME}}`) in a script sent to nodes.
+    UseParam,
     /// Read and verify the audit trail.
     ReadAudit,
 }
@@ -103,6 +109,7 @@ impl Action {
             Action::ManageActivations => "manage-activations",
             Action::ManageAccessKeys => "manage-access-keys",
             Action::ManageParams => "manage-params",
+            Action::UseParam => "use-param",
             Action::ReadAudit => "read-audit",
         }
     }
@@ -128,6 +135,8 @@ pub enum Resource<'a> {
     Node(&'a NodeRef),
     /// A document, by name.
     Document(&'a str),
+    /// A parameter of the parameter store, by name.
+    Parameter(&'a str),
 }
 
 impl Resource<'_> {
@@ -136,6 +145,7 @@ impl Resource<'_> {
             Resource::Fleet => "Fleet",
             Resource::Node(_) => "Node",
             Resource::Document(_) => "Document",
+            Resource::Parameter(_) => "Parameter",
         }
     }
 }
@@ -327,6 +337,7 @@ impl Authz {
             Resource::Fleet => String::new(),
             Resource::Node(n) => format!(" on node {} ({})", n.node_id, n.name),
             Resource::Document(d) => format!(" on document {d}"),
+            Resource::Parameter(n) => format!(" on parameter {n}"),
         };
         Err(Denied {
             message: format!(
@@ -473,8 +484,9 @@ impl Authz {
                 let u = uid("Fleet", "fleet")?;
                 (u.clone(), Entity::with_uid(u))
             }
-            Resource::Document(name) => {
-                let u = uid("Document", name)?;
+            Resource::Document(name) | Resource::Parameter(name) => {
+                let kind = resource.kind();
+                let u = uid(kind, name)?;
                 let e = Entity::new(
                     u.clone(),
                     HashMap::from([(
@@ -694,6 +706,8 @@ mod tests {
         }
         assert!(!authz.allowed(&p, Action::ReadOutput, Resource::Node(&prod)));
         assert!(authz.allowed(&p, Action::List, Resource::Document("AWS-RunShellScript")));
+        assert!(authz.allowed(&p, Action::UseParam, Resource::Parameter("dev/api-token")));
+        assert!(!authz.allowed(&p, Action::UseParam, Resource::Parameter("prod/db-pass")));
         let p = principal(Role::Operator, junior);
         assert!(authz.allowed(&p, Action::SendCommand, Resource::Node(&dev)));
         assert!(!authz.allowed(&p, Action::List, Resource::Node(&prod)));

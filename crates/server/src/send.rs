@@ -1,7 +1,7 @@
 //! Accepting a command, shared by the native API and the SSM-compatible API: validation, target
 //! resolution, persistence (command and all invocations in one transaction), then dispatch.
 
-use crate::authz::{Action, Denied, NodeRef, Principal};
+use crate::authz::{Action, Denied, NodeRef, Principal, Resource};
 use crate::clock::now_ms;
 use crate::dispatch;
 use crate::document;
@@ -119,6 +119,7 @@ pub async fn send_command(
             "commands contain a NUL byte".into(),
         ));
     }
+    authorize_params(state, principal, &commands)?;
     check_param_references(state, &commands).await?;
     let working_dir = rendered.working_dir;
     if working_dir.len() > WORKING_DIR_MAX {
@@ -310,6 +311,27 @@ async fn authorize(
         .authz
         .require_nodes(principal, Action::SendCommand, &nodes)
         .map_err(SendError::Denied)
+}
+
+/// Every parameter the script references must be one the principal may use (`use-param`): a script
+/// could print any value it is given, masking or not.
+fn authorize_params(
+    state: &AppState,
+    principal: &Principal,
+    commands: &[String],
+) -> Result<(), SendError> {
+    let mut seen = HashSet::new();
+    for c in commands {
+        for r in fleetrun_proto::params::references(c) {
+            if seen.insert(r.name) {
+                state
+                    .authz
+                    .require(principal, Action::UseParam, Resource::Parameter(r.name))
+                    .map_err(SendError::Denied)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every `{{param:NAME}}` the script references must exist now, and the script with today's values

@@ -15,6 +15,10 @@ permit (
                Action::"shell", Action::"cp"],
     resource is Node
 ) when { resource.hasTag("env") && resource.getTag("env") == "dev" };
+
+// ...and uses the parameters under dev/ in its scripts, no others.
+permit (principal, action == Action::"use-param", resource is Parameter)
+when { resource.name like "dev/*" };
 "#;
 
 fn call(server: &Server, token: &str, method: &str, path: &str, body: Option<Value>) -> Http {
@@ -104,6 +108,39 @@ fn a_team_limited_to_dev_nodes_cannot_touch_prod_and_every_refusal_is_audited() 
         (out.status, out.body.as_slice()),
         (200, b"dev-ok\n".as_slice())
     );
+
+    // Parameters: its own (dev/...) work in its scripts; another team's secret is refused, naming
+    // it, even on its own node (a script could print any value it is given).
+    server
+        .cli(&["params", "put", "dev/token", "dev-value"])
+        .ok();
+    server
+        .cli(&["params", "put", "prod/db_pass", "prod-secret", "--secure"])
+        .ok();
+    let r = call(
+        &server,
+        &team,
+        "POST",
+        "/v1/commands",
+        Some(send_body(&[&dev], "echo {{param:prod/db_pass}}")),
+    );
+    let (status, code, message) = error_of(&r);
+    assert_eq!((status, code.as_str()), (403, "AccessDenied"), "{message}");
+    assert!(
+        message.contains("use-param") && message.contains("prod/db_pass"),
+        "{message}"
+    );
+    let r = call(
+        &server,
+        &team,
+        "POST",
+        "/v1/commands",
+        Some(send_body(&[&dev], "echo {{param:dev/token}}")),
+    );
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let param_cmd = r.json()["command_id"].as_str().expect("id").to_owned();
+    server.wait_terminal(&param_cmd, Duration::from_secs(30));
+    assert_eq!(server.output(&param_cmd, &dev), b"dev-value\n");
 
     // A send to prod, or to a mix, is refused whole, naming the prod node and only it.
     let before = commands_count(&server);
@@ -456,7 +493,7 @@ fn policies_are_validated_before_they_are_stored() {
     let out = server.cli(&["policies", "validate", good.to_str().expect("path")]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     assert!(
-        out.stdout_str().contains("1 policies, valid"),
+        out.stdout_str().contains("2 policies, valid"),
         "{}",
         out.stdout_str()
     );
