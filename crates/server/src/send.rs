@@ -1,7 +1,7 @@
 //! Accepting a command, shared by the native API and the SSM-compatible API: validation, target
 //! resolution, persistence (command and all invocations in one transaction), then dispatch.
 
-use crate::authz::{Action, Denied, NodeRef, Principal, Resource};
+use crate::authz::{Action, Denied, Principal, Resource};
 use crate::clock::now_ms;
 use crate::dispatch;
 use crate::document;
@@ -287,26 +287,18 @@ pub async fn send_command(
     Ok(cmd)
 }
 
-/// Refuses the whole send unless the principal may send to every target node.
+/// Refuses the whole send unless the principal may send to every target node. Tags are loaded only
+/// when the answer can depend on them, or to name the refused nodes.
 async fn authorize(
     state: &AppState,
     principal: &Principal,
     targets: &[(NodeId, String)],
 ) -> Result<(), SendError> {
-    let nodes: Vec<NodeRef> = if state.authz.node_independent(principal) {
-        // Tags cannot change the answer: skip loading them.
-        targets
-            .iter()
-            .map(|(id, name)| NodeRef {
-                node_id: id.clone(),
-                name: name.clone(),
-                tags: BTreeMap::new(),
-            })
-            .collect()
-    } else {
-        let ids: Vec<NodeId> = targets.iter().map(|(id, _)| id.clone()).collect();
-        state.store.node_refs(Some(&ids)).await?
-    };
+    if state.authz.on_every_node(principal, Action::SendCommand) == Some(true) {
+        return Ok(());
+    }
+    let ids: Vec<NodeId> = targets.iter().map(|(id, _)| id.clone()).collect();
+    let nodes = state.store.node_refs(Some(&ids)).await?;
     state
         .authz
         .require_nodes(principal, Action::SendCommand, &nodes)
