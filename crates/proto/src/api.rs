@@ -333,6 +333,10 @@ pub struct Storage {
     pub retention_secs: u64,
     /// The oldest command kept (RFC 3339), if any.
     pub oldest_command_at: Option<String>,
+    /// Output actors running now (one per invocation receiving output): a gauge of the server's
+    /// in-memory state, for operators and leak tests.
+    #[serde(default)]
+    pub live_output_actors: u64,
 }
 
 /// Body of `POST /v1/access-keys`.

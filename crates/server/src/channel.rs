@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-/// Time an agent has to send its first frame.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a refusal (an `Error` frame, then the close) may take to leave: a client that reads
+/// nothing must not hold the connection open.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Initial read and write buffer of an agent's WebSocket.
 const SOCKET_BUFFER: usize = 4 * 1024;
 
@@ -52,14 +53,24 @@ pub async fn connect(
             .into_response();
     }
     let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
-        let retry_after = 1 + rand::random::<u64>() % 5;
-        let headers = [(header::RETRY_AFTER, retry_after.to_string())];
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            headers,
-            "too many agent handshakes in progress; retry later\n",
-        )
-            .into_response();
+        return busy("too many agent handshakes in progress; retry later\n".into());
+    };
+    let by_address = match state.handshakes_by_address.acquire(
+        addr.ip(),
+        state.max_handshakes_per_address,
+        0,
+    ) {
+        Ok(slot) => slot,
+        Err(_) => {
+            return busy(format!(
+                "too many agent handshakes in progress from this address (limit {}); retry later\n",
+                state.max_handshakes_per_address
+            ));
+        }
+    };
+    let permit = Handshake {
+        _global: permit,
+        _by_address: by_address,
     };
     ws.max_message_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
         .max_frame_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
@@ -68,6 +79,20 @@ pub async fn connect(
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
         .on_upgrade(move |socket| serve(state, socket, permit, addr))
+}
+
+/// 503 with a jittered Retry-After: agents wait that long before re-dialling.
+fn busy(message: String) -> Response {
+    let retry_after = 1 + rand::random::<u64>() % 5;
+    let headers = [(header::RETRY_AFTER, retry_after.to_string())];
+    (StatusCode::SERVICE_UNAVAILABLE, headers, message).into_response()
+}
+
+/// A handshake's slots: one of `max_handshakes`, one of its address's; both freed together once
+/// the agent is identified (or refused).
+struct Handshake {
+    _global: OwnedSemaphorePermit,
+    _by_address: crate::conn::Slot,
 }
 
 /// Audits a channel action (waiting for its commit: handshakes are not the hot path).
@@ -93,33 +118,34 @@ async fn audit(
     trail::record(state, entry, true).await;
 }
 
-async fn serve(
-    state: Arc<AppState>,
-    mut socket: WebSocket,
-    permit: OwnedSemaphorePermit,
-    addr: SocketAddr,
-) {
+async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, addr: SocketAddr) {
     let source = addr.to_string();
     // The challenge goes out at once, so it costs no round trip: it travels while the agent
-    // finishes its side of the upgrade.
+    // finishes its side of the upgrade. Sending it and receiving the first frame share one
+    // deadline: a silent (or unreading) client gives its handshake slots back when it passes.
     let nonce = authn::node::challenge();
     let challenge = ServerFrame::Challenge {
         nonce: nonce.to_vec(),
     };
-    if socket.send(binary(challenge)).await.is_err() {
-        return;
-    }
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, next_frame(&mut socket)).await {
+    let limit = state.agent_handshake_timeout;
+    let first = tokio::time::timeout(limit, async {
+        if socket.send(binary(challenge)).await.is_err() {
+            return None;
+        }
+        next_frame(&mut socket).await
+    })
+    .await;
+    let first = match first {
         Ok(Some(Ok(f))) => f,
         Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
         Ok(None) => return,
         Err(_) => {
-            return refuse(
-                socket,
-                "HandshakeTimeout",
-                "no Hello or Register frame within 10 s",
-            )
-            .await;
+            tracing::debug!(%addr, "agent handshake timed out");
+            let msg = format!(
+                "no Hello or Register frame within {} (the agent handshake timeout)",
+                humantime::format_duration(limit)
+            );
+            return refuse(socket, "HandshakeTimeout", &msg).await;
         }
     };
     match first {
@@ -271,7 +297,7 @@ async fn session(
     mut auth: SessionAuth,
     info: NodeInfo,
     known: HashSet<fleetrun_proto::CommandId>,
-    permit: OwnedSemaphorePermit,
+    permit: Handshake,
 ) {
     if let Err(e) = state.store.node_connected(&node, &info).await {
         tracing::error!(%node, "cannot record connect: {e}");
@@ -311,6 +337,7 @@ async fn session(
     drop(permit);
 
     let silence = Duration::from_secs(state.heartbeat_secs.max(1) * 3);
+    let mut owned = Owned::default();
     loop {
         let next = tokio::select! {
             r = tokio::time::timeout(silence, stream.next()) => r,
@@ -361,13 +388,23 @@ async fn session(
                 break;
             }
         };
-        if let Err(msg) = route(&state, &node, frame, bytes).await {
+        if let Err(msg) = route(&state, &node, &mut owned, frame, bytes).await {
             tracing::warn!(%node, "protocol error: {msg}");
             let _ = tx.send(error_frame("ProtocolError", &msg));
             break;
         }
     }
 
+    if owned.foreign_frames > 0 {
+        tracing::warn!(
+            %node,
+            frames = owned.foreign_frames,
+            commands = owned.foreign_commands,
+            "this connection sent {} output or result frames for {} commands the node has no invocation of; acknowledged, not stored",
+            owned.foreign_frames,
+            owned.foreign_commands
+        );
+    }
     state.hub.disconnect(&node, conn_id);
     drop(tx);
     // Give queued frames (an error, acks) a moment to leave, then close.
@@ -440,10 +477,72 @@ async fn key_frame(
     }
 }
 
+/// Most commands a connection remembers the ownership of (see [`Owned`]); past it the memory is
+/// cleared and rebuilt from lookups.
+const OWNED_CACHE_MAX: usize = 4096;
+
+/// Which commands a connection's node has an invocation of, looked up once per command and
+/// connection (a running invocation's actor is proof enough and needs no lookup), and what was sent
+/// for commands it has none of.
+#[derive(Default)]
+struct Owned {
+    known: std::collections::HashMap<fleetrun_proto::CommandId, bool>,
+    /// Output and result frames for commands the node has no invocation of.
+    foreign_frames: u64,
+    /// Distinct such commands (as far as the memory reaches).
+    foreign_commands: u64,
+}
+
+impl Owned {
+    /// Whether the node has an invocation of the command. A new lookup that finds one starts the
+    /// invocation's actor primed with what it read, so the actor need not read it again.
+    async fn check(
+        &mut self,
+        state: &Arc<AppState>,
+        key: &crate::output::InvocationKey,
+    ) -> Result<bool, String> {
+        if state.outputs.has(key) {
+            return Ok(true);
+        }
+        if let Some(&owned) = self.known.get(&key.0) {
+            return Ok(owned);
+        }
+        let stored = state
+            .store
+            .invocation_output_state(&key.0, &key.1)
+            .await
+            .map_err(|e| {
+                tracing::error!(node = %key.1, command = %key.0, "cannot look up invocation: {e}");
+                "the server cannot read its database".to_string()
+            })?;
+        if self.known.len() >= OWNED_CACHE_MAX {
+            self.known.clear();
+        }
+        let owned = stored.is_some();
+        self.known.insert(key.0.clone(), owned);
+        match stored {
+            Some(stored) => {
+                let (actor, new) = state.outputs.ensure(state, key);
+                if new {
+                    let _ = actor.send(OutputMsg::Primed(stored));
+                }
+            }
+            None => {
+                if self.foreign_commands == 0 {
+                    tracing::warn!(node = %key.1, command = %key.0, "node sent output or a result for a command it has no invocation of; acknowledged, not stored (further ones are counted, and logged when the connection ends)");
+                }
+                self.foreign_commands += 1;
+            }
+        }
+        Ok(owned)
+    }
+}
+
 /// Handles one frame of an identified agent.
 async fn route(
     state: &Arc<AppState>,
     node: &NodeId,
+    owned: &mut Owned,
     frame: AgentFrame,
     _raw: Bytes,
 ) -> Result<(), String> {
@@ -487,6 +586,17 @@ async fn route(
                 ));
             }
             let key = (command_id, node.clone());
+            if !owned.check(state, &key).await? {
+                // Acknowledged all the same, so a confused agent's spool drains.
+                owned.foreign_frames += 1;
+                let stream = StreamId::Output {
+                    command_id: key.0,
+                    pipe,
+                };
+                let offset = offset.saturating_add(data.len() as u64);
+                state.hub.send(node, ServerFrame::Ack { stream, offset });
+                return Ok(());
+            }
             state.outputs.send(
                 state,
                 &key,
@@ -499,6 +609,12 @@ async fn route(
         }
         AgentFrame::Finished { command_id, result } => {
             let key = (command_id, node.clone());
+            if !owned.check(state, &key).await? {
+                owned.foreign_frames += 1;
+                let command_id = key.0;
+                state.hub.send(node, ServerFrame::ResultAck { command_id });
+                return Ok(());
+            }
             state.outputs.send(state, &key, OutputMsg::Finished(result));
         }
         AgentFrame::Hello { .. } | AgentFrame::Register { .. } => {
@@ -625,8 +741,11 @@ async fn next_frame(socket: &mut WebSocket) -> Option<Result<AgentFrame, String>
 
 async fn refuse(mut socket: WebSocket, code: &str, message: &str) {
     tracing::info!(code, "agent connection refused: {message}");
-    let _ = socket.send(binary(error_frame(code, message))).await;
-    let _ = socket.close().await;
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
+        let _ = socket.send(binary(error_frame(code, message))).await;
+        let _ = socket.close().await;
+    })
+    .await;
 }
 
 fn error_frame(code: &str, message: &str) -> ServerFrame {

@@ -8,6 +8,7 @@ pub mod authn;
 pub mod authz;
 pub mod channel;
 pub mod clock;
+pub mod conn;
 pub mod dispatch;
 pub mod document;
 pub mod guard;
@@ -53,6 +54,22 @@ pub struct ServerConfig {
     pub secrets_key_file: Option<PathBuf>,
     /// How the listener is secured: the server's own CA by default.
     pub tls: tls::TlsMode,
+    /// Longest wait for a request head (the first one from the accept on, TLS handshake included;
+    /// later ones from the previous answer, so also the idle keep-alive timeout); then the
+    /// connection is closed.
+    pub header_read_timeout: Duration,
+    /// Longest time a request's body may take to arrive after its head; then 408.
+    pub body_read_timeout: Duration,
+    /// Time an agent has, from the WebSocket upgrade, to send a valid `Hello` or `Register`.
+    pub agent_handshake_timeout: Duration,
+    /// Most connections open at once, upgraded agent channels included; 0 = the process's
+    /// open-file limit less [`conn::FD_RESERVE`].
+    pub max_connections: usize,
+    /// Most HTTP connections one source address may hold open (agent channels leave the count once
+    /// upgraded); 0 = no limit.
+    pub max_connections_per_address: usize,
+    /// Most agent handshakes in progress from one source address; 0 = no limit.
+    pub max_handshakes_per_address: usize,
 }
 
 impl ServerConfig {
@@ -64,6 +81,16 @@ impl ServerConfig {
     pub const DEFAULT_MAX_HANDSHAKES: usize = 128;
     /// Default per-principal request rate.
     pub const DEFAULT_RATE_LIMIT: u32 = guard::RateLimiter::DEFAULT_RATE;
+    /// Default header read (and idle keep-alive) timeout.
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default body read timeout.
+    pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default time from an agent's upgrade to its `Hello` or `Register`.
+    pub const DEFAULT_AGENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default cap of HTTP connections per source address.
+    pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
+    /// Default cap of agent handshakes in progress per source address.
+    pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
 
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
@@ -78,6 +105,12 @@ impl ServerConfig {
             rate_limit: Self::DEFAULT_RATE_LIMIT,
             secrets_key_file: None,
             tls: tls::TlsMode::default(),
+            header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: Self::DEFAULT_BODY_READ_TIMEOUT,
+            agent_handshake_timeout: Self::DEFAULT_AGENT_HANDSHAKE_TIMEOUT,
+            max_connections: 0,
+            max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
         }
     }
 }
@@ -102,6 +135,14 @@ pub struct AppState {
     pub retention: Duration,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Agent handshakes in progress per source address.
+    pub handshakes_by_address: conn::Counter,
+    /// Most agent handshakes in progress per source address (0 = no limit).
+    pub max_handshakes_per_address: usize,
+    /// Time an agent has from its upgrade to a valid `Hello` or `Register`.
+    pub agent_handshake_timeout: Duration,
+    /// Longest time a request body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Seals secrets the server must read back (access keys).
     pub secret_box: secrets::SecretBox,
     /// The URL clients reach this server at.
@@ -142,6 +183,21 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     if config.purge_interval.is_zero() {
         anyhow::bail!("purge interval must be more than 0");
     }
+    for (what, d) in [
+        ("header read timeout", config.header_read_timeout),
+        ("body read timeout", config.body_read_timeout),
+        ("agent handshake timeout", config.agent_handshake_timeout),
+    ] {
+        if d.is_zero() {
+            anyhow::bail!("{what} must be more than 0");
+        }
+    }
+    let nofile = conn::raise_nofile_limit();
+    let max_connections = match config.max_connections {
+        0 => conn::default_max_connections(nofile),
+        n => n,
+    };
+    tracing::info!(open_files = nofile, max_connections, "connection limits");
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let db_path = config.data_dir.join("fleetrun.db");
@@ -204,6 +260,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         data_dir: config.data_dir.clone(),
         retention: config.retention,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
+        handshakes_by_address: conn::Counter::default(),
+        max_handshakes_per_address: config.max_handshakes_per_address,
+        agent_handshake_timeout: config.agent_handshake_timeout,
+        body_read_timeout: config.body_read_timeout,
         secret_box,
         auth_guard: guard::AuthGuard::default(),
         authz: authz::Authz::default(),
@@ -235,7 +295,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     tracing::info!(%local_addr, %scheme, "listening");
     let app = api::router(state);
-    let serve = tokio::spawn(tls::serve(listener, tls.acceptor, app));
+    let settings = tls::ConnSettings {
+        header_read_timeout: config.header_read_timeout,
+        max_connections,
+        max_connections_per_address: config.max_connections_per_address,
+    };
+    let serve = tokio::spawn(tls::serve(listener, tls.acceptor, app, settings));
     Ok(RunningServer {
         local_addr,
         admin_token,

@@ -129,6 +129,16 @@ impl Outputs {
         (tx, true)
     }
 
+    /// Whether an actor runs for the invocation.
+    pub fn has(&self, key: &InvocationKey) -> bool {
+        self.lock().contains_key(key)
+    }
+
+    /// Actors running now.
+    pub fn live(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Stops the invocation's actor if one runs (the invocation ended elsewhere).
     pub fn close(&self, key: &InvocationKey) {
         if let Some(tx) = self.lock().get(key) {

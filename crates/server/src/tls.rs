@@ -8,16 +8,21 @@
 //! must now answer to (a new listen address, `public_url` host or `--tls-san`), so pinned clients
 //! keep working.
 
+use crate::conn::{Counter, Refused, Slot};
 use anyhow::{Context, bail};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
 
 /// How the server secures its listener.
@@ -58,8 +63,6 @@ pub struct Tls {
     pub ca_path: Option<PathBuf>,
 }
 
-/// Longest wait for a client's TLS handshake; a silent client then loses its connection.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Subject of the server's own CA. The issuer of later server certificates is rebuilt from it, so it
 /// never changes.
 const CA_NAME: &str = "fleetrun CA";
@@ -285,22 +288,69 @@ fn write_public_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// How the accept loop bounds connections (see [`crate::ServerConfig`] for the defaults).
+#[derive(Clone, Debug)]
+pub struct ConnSettings {
+    /// Longest wait for a request head: the first one (TLS handshake included) from the accept on,
+    /// and each later one on a kept-alive connection from the end of the previous answer (so it is
+    /// also the idle keep-alive timeout). WebSockets, once upgraded, leave these timeouts.
+    pub header_read_timeout: Duration,
+    /// Most connections open at once (upgraded WebSockets included); more are closed at accept.
+    pub max_connections: usize,
+    /// Most HTTP connections one source address may hold open (upgraded WebSockets leave the
+    /// count); more are closed at accept.
+    pub max_connections_per_address: usize,
+}
+
+/// Interval of HTTP/2 keep-alive pings; a peer that answers none within [`H2_KEEPALIVE_TIMEOUT`]
+/// loses its connection.
+pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an HTTP/2 keep-alive ping may go unanswered.
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most concurrent HTTP/2 streams per connection.
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Largest HTTP/2 header list accepted, in bytes.
+pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Most HTTP/2 streams a client may open and reset before they are accepted (rapid-reset attacks).
+pub const H2_MAX_PENDING_RESETS: usize = 32;
+
 /// Accepts connections until the listener fails for good. Each connection gets its own task, and
 /// the TLS handshake runs in it, so a slow or silent client never holds up the accepts of others.
 /// The caller's address reaches handlers as `ConnectInfo<SocketAddr>` (audit trail, brute-force
-/// guard).
+/// guard). Connections over [`ConnSettings`]' caps are closed at once; a connection that has not
+/// sent a whole request head within `header_read_timeout` is closed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: Option<TlsAcceptor>,
     app: axum::Router,
+    settings: ConnSettings,
 ) -> std::io::Result<()> {
     use tower_service::Service;
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
+    // Every open socket (a slot lives as long as the socket, upgraded or not), and HTTP connections
+    // per source (a slot lives as long as the connection serves HTTP).
+    let open = Counter::default();
+    let http = Counter::default();
+    let mut refusals = Refusals::default();
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 accept_error(e).await;
+                continue;
+            }
+        };
+        let socket_slot = match open.acquire(remote.ip(), 0, settings.max_connections) {
+            Ok(s) => s,
+            Err(r) => {
+                refusals.log(remote, r);
+                continue;
+            }
+        };
+        let http_slot = match http.acquire(remote.ip(), settings.max_connections_per_address, 0) {
+            Ok(s) => s,
+            Err(r) => {
+                refusals.log(remote, r);
                 continue;
             }
         };
@@ -313,20 +363,41 @@ pub async fn serve(
             Err(never) => match never {},
         };
         let acceptor = acceptor.clone();
+        let header_timeout = settings.header_read_timeout;
         tokio::spawn(async move {
-            let service = TowerToHyperService::new(service);
+            let first_head_by = tokio::time::Instant::now() + header_timeout;
+            let seen = Arc::new(AtomicBool::new(false));
+            let service = FirstRequest {
+                inner: TowerToHyperService::new(service),
+                seen: seen.clone(),
+            };
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // Extended CONNECT: WebSockets over HTTP/2.
-            builder.http2().enable_connect_protocol();
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                // Extended CONNECT: WebSockets over HTTP/2.
+                .enable_connect_protocol()
+                .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+                .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(H2_MAX_HEADER_LIST_SIZE)
+                .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
             let served = match acceptor {
                 None => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-                        .await
+                    let io = Counted {
+                        inner: tcp,
+                        _slot: socket_slot,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    until_first_head(conn, first_head_by, &seen, remote).await
                 }
                 Some(acceptor) => {
                     let stream =
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        match tokio::time::timeout_at(first_head_by, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => stream,
                             Ok(Err(e)) => {
                                 tracing::debug!(%remote, "TLS handshake failed: {e}");
@@ -337,15 +408,146 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await
+                    let io = Counted {
+                        inner: stream,
+                        _slot: socket_slot,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    until_first_head(conn, first_head_by, &seen, remote).await
                 }
             };
+            // An upgraded connection has left (it keeps its socket slot); the HTTP one ends here.
+            drop(http_slot);
             if let Err(e) = served {
                 tracing::trace!(%remote, "connection ended: {e}");
             }
         });
+    }
+}
+
+/// Serves a connection, closing it if no whole request head came by `deadline` (a silent client,
+/// a half-sent head, an HTTP/2 preface that never completes); later heads are bounded by hyper's
+/// own header timeout.
+async fn until_first_head<F, E>(
+    conn: F,
+    deadline: tokio::time::Instant,
+    seen: &AtomicBool,
+    remote: SocketAddr,
+) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = &mut conn => return r,
+        _ = tokio::time::sleep_until(deadline) => {}
+    }
+    if !seen.load(Ordering::Acquire) {
+        tracing::debug!(%remote, "no request head within the header timeout; closing");
+        return Ok(());
+    }
+    conn.await
+}
+
+/// The connection's service, noting that a whole request head arrived.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    seen: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.seen.store(true, Ordering::Release);
+        self.inner.call(req)
+    }
+}
+
+/// A socket with its slot in the server's connection count, released when the socket closes.
+struct Counted<T> {
+    inner: T,
+    _slot: Slot,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Logs refused connections without a line per refusal: the first, then a count at most every
+/// [`REFUSAL_LOG_EVERY`].
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+/// Least time between two log lines about refused connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Refusals {
+    fn log(&mut self, remote: SocketAddr, why: Refused) {
+        self.since_log += 1;
+        let due = self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY);
+        if due {
+            let why = match why {
+                Refused::PerAddress { limit } => {
+                    format!("{} holds {limit} connections already", remote.ip())
+                }
+                Refused::Total { limit } => format!("{limit} connections are open already"),
+            };
+            tracing::warn!(
+                %remote,
+                refused = self.since_log,
+                "connection refused: {why} (refusals since the last report: {})",
+                self.since_log
+            );
+            self.since_log = 0;
+            self.last_log = Some(std::time::Instant::now());
+        }
     }
 }
 

@@ -87,7 +87,8 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_sans"])]
     insecure_http: bool,
     /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
-    /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans and insecure_http
+    /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans, insecure_http and the timeouts and
+    /// connection caps below
     #[arg(
         long,
         env = "FLEETRUN_SERVER_CONFIG",
@@ -111,6 +112,24 @@ pub struct Args {
         value_name = "FILE"
     )]
     secrets_key_file: Option<PathBuf>,
+    /// Longest wait for a request head, also between requests on a kept-alive connection [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    header_read_timeout: Option<Duration>,
+    /// Longest time a request body may take to arrive; then 408 [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    body_read_timeout: Option<Duration>,
+    /// Time an agent has from its WebSocket upgrade to a valid Hello or Register [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    agent_handshake_timeout: Option<Duration>,
+    /// Most connections open at once, agents included [default: the open-file limit less 256]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Most HTTP connections one address may hold open; 0 = no limit [default: 256]
+    #[arg(long, value_name = "N")]
+    max_connections_per_address: Option<usize>,
+    /// Most agent handshakes in progress from one address; 0 = no limit [default: 32]
+    #[arg(long, value_name = "N")]
+    max_handshakes_per_address: Option<usize>,
 }
 
 /// The server's config file. Unknown keys are an error, so a typo does not silently fall back.
@@ -131,6 +150,13 @@ struct ServerFile {
     tls_key: Option<PathBuf>,
     tls_sans: Option<Vec<String>>,
     insecure_http: Option<bool>,
+    /// Durations such as "30s".
+    header_read_timeout: Option<String>,
+    body_read_timeout: Option<String>,
+    agent_handshake_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
+    max_handshakes_per_address: Option<usize>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -195,6 +221,44 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         .rate_limit
         .or(file.rate_limit)
         .unwrap_or(fleetrun_server::ServerConfig::DEFAULT_RATE_LIMIT);
+    use fleetrun_server::ServerConfig as D;
+    let timeout = |key: &str, flag: Option<Duration>, file: Option<String>, default: Duration| {
+        let d = match flag {
+            Some(d) => d,
+            None => file_duration(key, file)?.unwrap_or(default),
+        };
+        if d.is_zero() {
+            bail!("{key} must be more than 0");
+        }
+        Ok::<_, anyhow::Error>(d)
+    };
+    let header_read_timeout = timeout(
+        "header_read_timeout",
+        args.header_read_timeout,
+        file.header_read_timeout,
+        D::DEFAULT_HEADER_READ_TIMEOUT,
+    )?;
+    let body_read_timeout = timeout(
+        "body_read_timeout",
+        args.body_read_timeout,
+        file.body_read_timeout,
+        D::DEFAULT_BODY_READ_TIMEOUT,
+    )?;
+    let agent_handshake_timeout = timeout(
+        "agent_handshake_timeout",
+        args.agent_handshake_timeout,
+        file.agent_handshake_timeout,
+        D::DEFAULT_AGENT_HANDSHAKE_TIMEOUT,
+    )?;
+    let max_connections = args.max_connections.or(file.max_connections).unwrap_or(0);
+    let max_connections_per_address = args
+        .max_connections_per_address
+        .or(file.max_connections_per_address)
+        .unwrap_or(D::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS);
+    let max_handshakes_per_address = args
+        .max_handshakes_per_address
+        .or(file.max_handshakes_per_address)
+        .unwrap_or(D::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS);
     let tls = tls_mode(
         args.tls_cert.or(file.tls_cert),
         args.tls_key.or(file.tls_key),
@@ -213,6 +277,12 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         max_handshakes,
         rate_limit,
         secrets_key_file: args.secrets_key_file.or(file.secrets_key_file),
+        header_read_timeout,
+        body_read_timeout,
+        agent_handshake_timeout,
+        max_connections,
+        max_connections_per_address,
+        max_handshakes_per_address,
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -324,6 +394,12 @@ mod tests {
             config,
             rate_limit: None,
             secrets_key_file: None,
+            header_read_timeout: None,
+            body_read_timeout: None,
+            agent_handshake_timeout: None,
+            max_connections: None,
+            max_connections_per_address: None,
+            max_handshakes_per_address: None,
         };
         let c = resolve(args(Some(path.clone()))).unwrap();
         assert_eq!(c.listen.port(), 9);
@@ -351,6 +427,19 @@ mod tests {
         let c = resolve(a).unwrap();
         assert_eq!(c.retention, Duration::from_secs(2));
         assert_eq!(c.max_handshakes, 9);
+
+        std::fs::write(
+            &path,
+            "header_read_timeout = \"3s\"\nmax_connections_per_address = 7\n",
+        )
+        .unwrap();
+        let c = resolve(args(Some(path.clone()))).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections_per_address, 7);
+        let mut a = args(None);
+        a.agent_handshake_timeout = Some(Duration::ZERO);
+        assert!(resolve(a).is_err());
 
         std::fs::write(&path, "retention = \"soon\"\n").unwrap();
         let err = format!("{:#}", resolve(args(Some(path.clone()))).unwrap_err());

@@ -31,7 +31,7 @@ fn raw_hello(
 
 /// [`raw_hello`], then, once welcomed, sends `frames` and collects the server's frames until `done`
 /// says enough (within 10 s each). The answer to the Hello comes first.
-fn raw_session(
+pub(crate) fn raw_session(
     server: &Server,
     node_id: &NodeId,
     key: &NodeKey,
@@ -114,7 +114,7 @@ async fn next_frame(ws: &mut Ws) -> ServerFrame {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn load_identity(state_dir: &Path) -> Identity {
+pub(crate) fn load_identity(state_dir: &Path) -> Identity {
     identity::load(state_dir)
         .expect("read identity")
         .expect("an identity")

@@ -98,7 +98,32 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/agent/connect", get(crate::channel::connect))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), body_deadline))
         .with_state(state)
+}
+
+/// Every request body must arrive within the body read timeout (see [`crate::conn::DeadlineBody`]);
+/// bodiless requests (GETs, the agent channel's upgrade) are left as they are.
+async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = Body::new(crate::conn::DeadlineBody::new(
+        body,
+        state.body_read_timeout,
+    ));
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// 408 for a body that did not arrive within the body read timeout.
+pub(crate) fn body_timeout_error(limit: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "RequestTimeout",
+        crate::conn::BodyTimedOut(limit).to_string(),
+    )
 }
 
 async fn health() -> Json<Health> {
@@ -169,6 +194,11 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             }
             let bytes = match axum::body::to_bytes(body, AUDIT_BODY_MAX).await {
                 Ok(b) => b,
+                Err(e) if let Some(limit) = crate::conn::body_timed_out(&e) => {
+                    entry.params = Value::Object(params);
+                    let resp = body_timeout_error(limit).into_response();
+                    return finish(&state, entry, resp, wait).await;
+                }
                 Err(_) => {
                     let e = ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,

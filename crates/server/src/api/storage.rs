@@ -28,5 +28,6 @@ pub async fn get(
         invocations: totals.invocations,
         retention_secs: state.retention.as_secs(),
         oldest_command_at: totals.oldest_command_at.map(rfc3339),
+        live_output_actors: state.outputs.live() as u64,
     }))
 }

@@ -25,6 +25,20 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+/// The SSM error for a request body that could not be read: not within the body read timeout, or
+/// over the size limit.
+fn body_rejection(r: &axum::extract::rejection::BytesRejection) -> SsmError {
+    if let Some(limit) = crate::conn::body_timed_out(r) {
+        return SsmError::new(
+            "RequestTimeout",
+            crate::conn::BodyTimedOut(limit).to_string(),
+        );
+    }
+    let mut e = SsmError::validation(format!("cannot read the request body: {}", r.body_text()));
+    e.status = r.status();
+    e
+}
+
 /// An SSM error: HTTP status, AWS error code (`__type`) and message.
 #[derive(Debug)]
 pub struct SsmError {
@@ -92,8 +106,14 @@ pub async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    // A body that could not be read (too large, or not sent within the body read timeout) is
+    // answered in SSM's shape, naming the limit.
+    let (body, unreadable) = match body {
+        Ok(b) => (b, None),
+        Err(r) => (Bytes::new(), Some(body_rejection(&r))),
+    };
     let request_id = uuid::Uuid::new_v4().to_string();
     let op: String = headers
         .get("x-amz-target")
@@ -111,6 +131,7 @@ pub async fn handle(
         ..AuditEntry::default()
     };
     let authenticated = match state.auth_guard.check(addr.ip()) {
+        _ if let Some(e) = unreadable => Err(e),
         Err(retry) => Err(SsmError::new(
             "ThrottlingException",
             format!(
