@@ -272,10 +272,150 @@ pub struct RunRequest {
     pub cpu_limit_percent: Option<u32>,
 }
 
-/// A frame that did not decode.
+/// A frame that did not decode: which kind of frame, which variant and field (as far as decoding
+/// got), and what was wrong there.
 #[derive(Debug, thiserror::Error)]
-#[error("malformed channel frame: {0}")]
-pub struct FrameError(#[from] postcard::Error);
+#[error("malformed {kind} ({len} bytes): {detail}")]
+pub struct FrameError {
+    kind: &'static str,
+    len: usize,
+    detail: String,
+    #[source]
+    cause: postcard::Error,
+}
+
+/// Variants of [`AgentFrame`] in declaration (wire) order, with their fields.
+const AGENT_VARIANTS: &[(&str, &[&str])] = &[
+    (
+        "Hello",
+        &[
+            "protocol_version",
+            "node_id",
+            "public_key",
+            "signature",
+            "info",
+            "known",
+        ],
+    ),
+    (
+        "Register",
+        &[
+            "protocol_version",
+            "activation_code",
+            "public_key",
+            "signature",
+            "info",
+            "tags",
+        ],
+    ),
+    ("Started", &["command_id", "started_at_ms"]),
+    ("Output", &["stream", "offset", "data"]),
+    ("Finished", &["command_id", "result"]),
+    (
+        "RotateKey",
+        &["old_public_key", "new_public_key", "signature"],
+    ),
+    ("KeyConfirmed", &["public_key"]),
+];
+
+/// Variants of [`ServerFrame`] in declaration (wire) order, with their fields.
+const SERVER_VARIANTS: &[(&str, &[&str])] = &[
+    ("Welcome", &["protocol_version", "heartbeat_secs"]),
+    ("Registered", &["node_id"]),
+    ("Run", &["0"]),
+    ("Cancel", &["command_id"]),
+    ("Ack", &["stream", "offset"]),
+    ("ResultAck", &["command_id"]),
+    ("Error", &["code", "message"]),
+    ("Challenge", &["nonce"]),
+    ("KeyRotated", &["public_key"]),
+];
+
+/// Decodes a postcard frame; on failure, says where and what.
+fn decode_frame<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    variants: &[(&str, &[&str])],
+    bytes: &[u8],
+) -> Result<T, FrameError> {
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    let err = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    use serde_path_to_error::Segment;
+    // The path: the variant (its index), the field's index in it, then whatever lies inside.
+    let mut segs = err.path().iter().skip(1);
+    let field = match segs.next() {
+        Some(Segment::Seq { index }) => Some(*index),
+        _ => None,
+    };
+    let inner: String = segs
+        .map(|s| match s {
+            Segment::Seq { index } => format!("[{index}]"),
+            Segment::Map { key } => format!(".{key}"),
+            Segment::Enum { variant } => format!(".{variant}"),
+            Segment::Unknown => ".?".to_owned(),
+        })
+        .collect();
+    let cause = err.into_inner();
+    // The variant, from its discriminant (a varint at the start).
+    let variant = postcard::take_from_bytes::<u32>(bytes)
+        .ok()
+        .map(|(i, _)| i)
+        .map(|i| match variants.get(i as usize) {
+            Some((name, fields)) => Ok((*name, *fields)),
+            None => Err(i),
+        });
+    let mut detail = match variant {
+        None => "no frame type (the message is empty or its first varint is cut)".to_owned(),
+        Some(Err(i)) => format!(
+            "unknown frame type {i} (this side knows {} types; is the peer newer?)",
+            variants.len()
+        ),
+        Some(Ok((name, fields))) => match field.and_then(|i| fields.get(i).copied()) {
+            Some(f) if inner.is_empty() => format!("{name} frame, field {f}"),
+            Some(f) => format!("{name} frame, field {f} (at {inner})"),
+            None => format!("{name} frame"),
+        },
+    };
+    detail.push_str(": ");
+    let id_field = match (variant, field) {
+        (Some(Ok((_, fields))), Some(i)) => fields.get(i).is_some_and(|f| f.ends_with("_id")),
+        _ => false,
+    };
+    if id_field && inner.is_empty() && matches!(cause, postcard::Error::SerdeDeCustom) {
+        detail.push_str("not a valid id");
+    } else {
+        detail.push_str(&describe(&cause));
+    }
+    Err(FrameError {
+        kind,
+        len: bytes.len(),
+        detail,
+        cause,
+    })
+}
+
+/// What a postcard error means, in words (its own text for a rejected value is only "Serde
+/// Deserialization Error").
+fn describe(e: &postcard::Error) -> String {
+    use postcard::Error as E;
+    match e {
+        E::DeserializeUnexpectedEnd => "the message ends in the middle of it".into(),
+        E::DeserializeBadVarint => "a number is not a valid varint".into(),
+        E::DeserializeBadBool => "a bool is neither 0 nor 1".into(),
+        E::DeserializeBadChar => "a char is not a valid Unicode scalar".into(),
+        E::DeserializeBadUtf8 => "a string is not valid UTF-8".into(),
+        E::DeserializeBadOption => "an option tag is neither 0 nor 1".into(),
+        E::DeserializeBadEnum => "an enum tag is out of range".into(),
+        E::DeserializeBadEncoding => "bad encoding (e.g. a length that does not fit)".into(),
+        E::SerdeDeCustom => {
+            "a value is out of range or malformed (e.g. an unknown enum tag or an id that does not parse)"
+                .into()
+        }
+        other => other.to_string(),
+    }
+}
 
 impl AgentFrame {
     /// Encodes the frame for a binary WebSocket message.
@@ -284,7 +424,7 @@ impl AgentFrame {
     }
     /// Decodes a binary WebSocket message.
     pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
-        Ok(postcard::from_bytes(bytes)?)
+        decode_frame("AgentFrame", AGENT_VARIANTS, bytes)
     }
 }
 
@@ -295,7 +435,7 @@ impl ServerFrame {
     }
     /// Decodes a binary WebSocket message.
     pub fn decode(bytes: &[u8]) -> Result<Self, FrameError> {
-        Ok(postcard::from_bytes(bytes)?)
+        decode_frame("ServerFrame", SERVER_VARIANTS, bytes)
     }
 }
 
@@ -320,5 +460,206 @@ mod tests {
             heartbeat_secs: 15,
         };
         assert_eq!(ServerFrame::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn decode_errors_name_the_frame_the_field_and_the_fault() {
+        let started = AgentFrame::Started {
+            command_id: CommandId::from_random(7),
+            started_at_ms: 1,
+        };
+        let good = started.encode();
+        let cut = AgentFrame::decode(&good[..5]).unwrap_err().to_string();
+        assert!(cut.contains("AgentFrame (5 bytes)"), "{cut}");
+        assert!(cut.contains("Started frame, field command_id"), "{cut}");
+        assert!(cut.contains("ends in the middle"), "{cut}");
+        let unknown = AgentFrame::decode(&[42]).unwrap_err().to_string();
+        assert!(unknown.contains("unknown frame type 42"), "{unknown}");
+        let empty = ServerFrame::decode(&[]).unwrap_err().to_string();
+        assert!(empty.contains("no frame type"), "{empty}");
+        // A command id that is not one: its string is replaced by junk of the same length.
+        let mut bad = good.clone();
+        for b in bad.iter_mut().skip(2).take(8) {
+            *b = b'z';
+        }
+        let e = AgentFrame::decode(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("Started frame, field command_id: not a valid id"),
+            "{e}"
+        );
+        // A nested field.
+        let out = AgentFrame::Output {
+            stream: StreamId::Output {
+                command_id: CommandId::from_random(1),
+                pipe: Pipe::Stdout,
+            },
+            offset: 0,
+            data: vec![1],
+        }
+        .encode();
+        let e = AgentFrame::decode(&out[..out.len() - 1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Output frame, field data"), "{e}");
+        // Every variant's tag is its index in the tables the messages use.
+        let frames = [
+            AgentFrame::KeyConfirmed { public_key: vec![] },
+            AgentFrame::RotateKey {
+                old_public_key: vec![],
+                new_public_key: vec![],
+                signature: vec![],
+            },
+        ];
+        for f in frames {
+            let name = format!("{f:?}");
+            let tag = f.encode()[0] as usize;
+            assert!(
+                name.starts_with(AGENT_VARIANTS[tag].0),
+                "{name} has tag {tag}"
+            );
+        }
+        let s = ServerFrame::KeyRotated { public_key: vec![] };
+        assert!(format!("{s:?}").starts_with(SERVER_VARIANTS[s.encode()[0] as usize].0));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn command_id() -> impl Strategy<Value = CommandId> {
+            any::<u128>().prop_map(CommandId::from_random)
+        }
+
+        fn pipe() -> impl Strategy<Value = Pipe> {
+            prop_oneof![Just(Pipe::Stdout), Just(Pipe::Stderr)]
+        }
+
+        fn agent_frame() -> impl Strategy<Value = AgentFrame> {
+            prop_oneof![
+                (command_id(), any::<i64>()).prop_map(|(command_id, started_at_ms)| {
+                    AgentFrame::Started {
+                        command_id,
+                        started_at_ms,
+                    }
+                }),
+                (
+                    command_id(),
+                    pipe(),
+                    any::<u64>(),
+                    proptest::collection::vec(any::<u8>(), 0..512)
+                )
+                    .prop_map(|(command_id, pipe, offset, data)| {
+                        AgentFrame::Output {
+                            stream: StreamId::Output { command_id, pipe },
+                            offset,
+                            data,
+                        }
+                    }),
+                (
+                    any::<u32>(),
+                    any::<u128>(),
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                    ".{0,40}",
+                    proptest::collection::vec(command_id(), 0..8)
+                )
+                    .prop_map(|(v, node, key, name, known)| AgentFrame::Hello {
+                        protocol_version: v,
+                        node_id: NodeId::from_random(node),
+                        public_key: key.clone(),
+                        signature: key,
+                        info: NodeInfo {
+                            name,
+                            ..NodeInfo::default()
+                        },
+                        known,
+                    }),
+                (
+                    ".{0,40}",
+                    proptest::collection::btree_map(".{0,8}", ".{0,8}", 0..4)
+                )
+                    .prop_map(|(code, tags)| AgentFrame::Register {
+                        protocol_version: 2,
+                        activation_code: code,
+                        public_key: vec![1; 32],
+                        signature: vec![2; 64],
+                        info: NodeInfo::default(),
+                        tags,
+                    }),
+                proptest::collection::vec(any::<u8>(), 0..64)
+                    .prop_map(|public_key| AgentFrame::KeyConfirmed { public_key }),
+            ]
+        }
+
+        fn server_frame() -> impl Strategy<Value = ServerFrame> {
+            prop_oneof![
+                (any::<u32>(), any::<u64>()).prop_map(|(protocol_version, heartbeat_secs)| {
+                    ServerFrame::Welcome {
+                        protocol_version,
+                        heartbeat_secs,
+                    }
+                }),
+                (command_id(), pipe(), any::<u64>()).prop_map(|(command_id, pipe, offset)| {
+                    ServerFrame::Ack {
+                        stream: StreamId::Output { command_id, pipe },
+                        offset,
+                    }
+                }),
+                (".{0,40}", ".{0,200}")
+                    .prop_map(|(code, message)| ServerFrame::Error { code, message }),
+                (
+                    command_id(),
+                    ".{0,200}",
+                    any::<u64>(),
+                    proptest::option::of(any::<u64>())
+                )
+                    .prop_map(|(command_id, script, t, mem)| ServerFrame::Run(
+                        RunRequest {
+                            command_id,
+                            script,
+                            working_dir: String::new(),
+                            execution_timeout_secs: t,
+                            run_as: None,
+                            memory_limit_bytes: mem,
+                            cpu_limit_percent: None,
+                        }
+                    )),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_decoders(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                if let Err(e) = AgentFrame::decode(&bytes) {
+                    prop_assert!(e.to_string().starts_with("malformed AgentFrame"));
+                }
+                if let Err(e) = ServerFrame::decode(&bytes) {
+                    prop_assert!(e.to_string().starts_with("malformed ServerFrame"));
+                }
+            }
+
+            #[test]
+            fn agent_frames_round_trip(f in agent_frame()) {
+                prop_assert_eq!(AgentFrame::decode(&f.encode()).unwrap(), f);
+            }
+
+            #[test]
+            fn server_frames_round_trip(f in server_frame()) {
+                prop_assert_eq!(ServerFrame::decode(&f.encode()).unwrap(), f);
+            }
+
+            #[test]
+            fn cut_or_flipped_frames_fail_cleanly(f in agent_frame(), cut in any::<proptest::sample::Index>(), flip in any::<(proptest::sample::Index, u8)>()) {
+                let bytes = f.encode();
+                let n = cut.index(bytes.len());
+                // Cut anywhere: an error (a prefix of a valid frame may itself decode; then fine).
+                let _ = AgentFrame::decode(&bytes[..n]);
+                let mut flipped = bytes.clone();
+                let i = flip.0.index(flipped.len());
+                flipped[i] ^= flip.1;
+                let _ = AgentFrame::decode(&flipped);
+            }
+        }
     }
 }

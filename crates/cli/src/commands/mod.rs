@@ -74,7 +74,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Subcommands {
     /// Run the control plane
-    Server(server::Args),
+    Server(Box<server::Args>),
     /// Run a server and an agent in this process, and point the CLI at them
     Dev(dev::Args),
     /// Create or list activation codes that agents register with
@@ -154,7 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         format: cli.format,
     };
     match cli.command {
-        Subcommands::Server(args) => server::run(args).await,
+        Subcommands::Server(args) => server::run(*args).await,
         Subcommands::Dev(args) => dev::run(args).await,
         Subcommands::Activation(cmd) => activation::run(&ctx, cmd).await,
         Subcommands::Nodes { cmd } => nodes::run(&ctx, cmd).await,
