@@ -6,10 +6,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// Descriptors kept back from the connection cap for the database, output objects, logs and TLS
-/// files, so a full house of clients cannot starve the server's own work.
+/// files, so a full house of clients cannot starve the server's own work (half the limit when it
+/// is below twice this).
 pub const FD_RESERVE: u64 = 256;
-/// Smallest total connection cap derived from the descriptor limit.
-pub const MAX_CONNECTIONS_FLOOR: usize = 64;
 
 /// Counts of things held open per source address and in total; a [`Slot`] is one of them, released
 /// when dropped.
@@ -115,13 +114,23 @@ pub fn raise_nofile_limit() -> Option<u64> {
     }
 }
 
-/// The total connection cap when none is configured: the descriptor limit less [`FD_RESERVE`].
+/// The total connection cap when none is configured: the descriptor limit less [`FD_RESERVE`]
+/// (or less half of it, when it is small).
 pub fn default_max_connections(nofile: Option<u64>) -> usize {
     let fds = nofile.unwrap_or(1024);
-    let n = fds.saturating_sub(FD_RESERVE);
-    usize::try_from(n)
-        .unwrap_or(usize::MAX)
-        .max(MAX_CONNECTIONS_FLOOR)
+    let n = fds.saturating_sub(FD_RESERVE.min(fds / 2)).max(1);
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The per-address cap in force: at most half the total, so one source can never take every
+/// connection (0, no per-address limit, becomes that half too).
+pub fn effective_per_address(per_address: usize, total: usize) -> usize {
+    let half = (total / 2).max(1);
+    if per_address == 0 {
+        half
+    } else {
+        per_address.min(half)
+    }
 }
 
 #[cfg(test)]
@@ -161,7 +170,10 @@ mod tests {
         assert_eq!(raise_nofile_limit(), Some(hard));
         assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
         assert_eq!(default_max_connections(Some(1024)), 768);
-        assert_eq!(default_max_connections(Some(100)), MAX_CONNECTIONS_FLOOR);
+        assert_eq!(default_max_connections(Some(100)), 50);
+        assert_eq!(effective_per_address(256, 768), 256);
+        assert_eq!(effective_per_address(256, 50), 25);
+        assert_eq!(effective_per_address(0, 50), 25);
     }
 }
 

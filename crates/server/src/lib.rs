@@ -66,7 +66,7 @@ pub struct ServerConfig {
     /// open-file limit less [`conn::FD_RESERVE`].
     pub max_connections: usize,
     /// Most HTTP connections one source address may hold open (agent channels leave the count once
-    /// upgraded); 0 = no limit.
+    /// upgraded); never more than half of `max_connections` (0 = that half).
     pub max_connections_per_address: usize,
     /// Most agent handshakes in progress from one source address; 0 = no limit.
     pub max_handshakes_per_address: usize,
@@ -197,7 +197,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         0 => conn::default_max_connections(nofile),
         n => n,
     };
-    tracing::info!(open_files = nofile, max_connections, "connection limits");
+    let max_connections_per_address =
+        conn::effective_per_address(config.max_connections_per_address, max_connections);
+    tracing::info!(
+        open_files = nofile,
+        max_connections,
+        max_connections_per_address,
+        "connection limits"
+    );
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let db_path = config.data_dir.join("fleetrun.db");
@@ -298,7 +305,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let settings = tls::ConnSettings {
         header_read_timeout: config.header_read_timeout,
         max_connections,
-        max_connections_per_address: config.max_connections_per_address,
+        max_connections_per_address,
     };
     let serve = tokio::spawn(tls::serve(listener, tls.acceptor, app, settings));
     Ok(RunningServer {

@@ -302,6 +302,8 @@ pub struct ConnSettings {
     pub max_connections_per_address: usize,
 }
 
+/// Longest wait for a client's TLS handshake (or the header read timeout, if shorter).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval of HTTP/2 keep-alive pings; a peer that answers none within [`H2_KEEPALIVE_TIMEOUT`]
 /// loses its connection.
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -396,8 +398,10 @@ pub async fn serve(
                     until_first_head(conn, first_head_by, &seen, remote).await
                 }
                 Some(acceptor) => {
+                    let handshake_by =
+                        first_head_by.min(tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT);
                     let stream =
-                        match tokio::time::timeout_at(first_head_by, acceptor.accept(tcp)).await {
+                        match tokio::time::timeout_at(handshake_by, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => stream,
                             Ok(Err(e)) => {
                                 tracing::debug!(%remote, "TLS handshake failed: {e}");
@@ -541,7 +545,6 @@ impl Refusals {
             };
             tracing::warn!(
                 %remote,
-                refused = self.since_log,
                 "connection refused: {why} (refusals since the last report: {})",
                 self.since_log
             );

@@ -124,7 +124,7 @@ pub struct Args {
     /// Most connections open at once, agents included [default: the open-file limit less 256]
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
-    /// Most HTTP connections one address may hold open; 0 = no limit [default: 256]
+    /// Most HTTP connections one address may hold open, at most half of --max-connections [default: 256]
     #[arg(long, value_name = "N")]
     max_connections_per_address: Option<usize>,
     /// Most agent handshakes in progress from one address; 0 = no limit [default: 32]
