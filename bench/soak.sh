@@ -10,7 +10,8 @@
 #   send and malformed-POST latency p50/p99, invocations offered vs done per second, 5xx count,
 #   lost / duplicated runs, server RSS start / peak / end-idle.
 #   usage: bench/soak.sh [N_AGENTS] [DURATION_S]   env: CLIENTS FOLLOWERS KILL SEND_EVERY IDLE CLIENT_PAUSE
-#   (CLIENT_PAUSE: seconds each API client waits between requests, default 0.1; 0 = back to back)
+#   (CLIENT_PAUSE: seconds each API client waits between requests, default 0.1; 0 = back to back;
+#   BIG_POST_BYTES: when set, every other malformed POST is a valid JSON send of that size, refused 400)
 #   (`--profile dist` build unless BENCH_PROFILE; loopback only; stops by itself)
 n=${1:-200}
 duration=${2:-300}
@@ -25,13 +26,15 @@ echo "load: $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) before the soak; $(npr
 
 BIN="$bin" WORK="$work" PORT="$port" N="$n" DURATION="$duration" SERVER_ARGS="$SERVER_ARGS" \
   CLIENTS="${CLIENTS:-50}" FOLLOWERS="${FOLLOWERS:-3}" KILL="${KILL:-10}" SEND_EVERY="${SEND_EVERY:-2}" \
-  IDLE="${IDLE:-30}" CLIENT_PAUSE="${CLIENT_PAUSE:-0.1}" python3 - <<'EOF'
+  IDLE="${IDLE:-30}" CLIENT_PAUSE="${CLIENT_PAUSE:-0.1}" BIG_POST_BYTES="${BIG_POST_BYTES:-0}" python3 - <<'EOF'
 import http.client, json, os, signal, ssl, subprocess, sys, threading, time
 
 B, W, PORT, N = os.environ["BIN"], os.environ["WORK"], int(os.environ["PORT"]), int(os.environ["N"])
 DUR, CLIENTS, FOLLOWERS = float(os.environ["DURATION"]), int(os.environ["CLIENTS"]), int(os.environ["FOLLOWERS"])
 KILL, EVERY, IDLE = int(os.environ["KILL"]), float(os.environ["SEND_EVERY"]), float(os.environ["IDLE"])
 PAUSE = float(os.environ["CLIENT_PAUSE"])
+BIG = int(os.environ["BIG_POST_BYTES"])
+BIG_BODY = json.dumps({"targets": "all", "commands": ["x" * BIG]}).encode() if BIG else b""
 TOKEN, CA = os.environ["FLEETRUN_TOKEN"], os.environ["FLEETRUN_CA_CERT"]
 RAN = f"{W}/ran.log"
 lock = threading.Lock()
@@ -53,6 +56,13 @@ def rss_kib(pid):
     except OSError:
         return 0
     return 0
+
+def cpu_secs(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
 
 def ctx():
     c = ssl.create_default_context(cafile=CA)
@@ -85,7 +95,8 @@ def client(i):
         try:
             t0 = time.perf_counter()
             if kind == 0:
-                st, _ = request(conn, "POST", "/v1/commands", b'{"targets": "all", "commands": ')
+                bad = BIG_BODY if BIG and k % 8 == 0 else b'{"targets": "all", "commands": '
+                st, _ = request(conn, "POST", "/v1/commands", bad)
             elif kind == 1:
                 st, _ = request(conn, "GET", "/v1/commands?limit=20")
             elif kind == 2:
@@ -191,10 +202,12 @@ stop.wait(max(0, t_start + DUR / 2 - time.time()))
 os.kill(server_pid(), signal.SIGKILL)
 time.sleep(0.2)
 server = start_server(f"{W}/server2.log")
+t_restart = time.time()
 print(f"  t={time.time() - t_start:.0f}s killed -9 and restarted the server", flush=True)
 stop.wait(max(0, t_start + DUR - time.time()))
 stop.set()
 load_secs = time.time() - t_start
+cpu2 = cpu_secs(server_pid()) / max(time.time() - t_restart, 1)
 done_in_load = sum(1 for _ in open(RAN)) if os.path.exists(RAN) else 0
 with lock:
     accepted = list(sent)
@@ -232,6 +245,8 @@ for c in accepted:
         statuses[s] = statuses.get(s, 0) + 1
         if s == "Success" and (c, inv["node_id"]) not in ran:
             success_no_run += 1
+db_bytes = sum(os.path.getsize(f"{W}/server/{f}") for f in ("fleetrun.db", "fleetrun.db-wal")
+               if os.path.exists(f"{W}/server/{f}"))
 stop_t = time.time()
 time.sleep(IDLE)
 rss_idle = rss_kib(server_pid())
@@ -251,5 +266,5 @@ print(f"invocations: offered {len(accepted) * N / load_secs:.1f}/s, done during 
 print(f"runs: {len(accepted)} commands accepted, {len(missing)} missing after the restart, {len(pending)} not ended after the drain; "
       f"invocations {statuses}; ran twice: {dups}; Success without a run: {success_no_run}")
 print(f"server RSS: start {rss_start} KiB, peak {s['peak_rss']} KiB, end-idle ({IDLE:g} s after the drain) {rss_idle} KiB; "
-      f"load {open('/proc/loadavg').read().split()[0]} (1 min)")
+      f"load {open('/proc/loadavg').read().split()[0]} (1 min); restarted server's CPU under load: {cpu2:.2f} cores")
 EOF
