@@ -267,4 +267,5 @@ print(f"runs: {len(accepted)} commands accepted, {len(missing)} missing after th
       f"invocations {statuses}; ran twice: {dups}; Success without a run: {success_no_run}")
 print(f"server RSS: start {rss_start} KiB, peak {s['peak_rss']} KiB, end-idle ({IDLE:g} s after the drain) {rss_idle} KiB; "
       f"load {open('/proc/loadavg').read().split()[0]} (1 min); restarted server's CPU under load: {cpu2:.2f} cores")
+print(f"database files after the drain: {db_bytes / 1048576:.1f} MiB")
 EOF
