@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetrun-target}"
-cargo build --profile ${BENCH_PROFILE:-dist} --quiet --bin fleetrun --bin fleetrun-agent
-bin="$CARGO_TARGET_DIR/${BENCH_PROFILE:-dist}"
+# BENCH_BIN: a directory holding already built fleetrun and fleetrun-agent (e.g. an older build to compare).
+if [ -z "${BENCH_BIN:-}" ]; then
+  cargo build --profile ${BENCH_PROFILE:-dist} --quiet --bin fleetrun --bin fleetrun-agent
+fi
+bin="${BENCH_BIN:-$CARGO_TARGET_DIR/${BENCH_PROFILE:-dist}}"
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -37,21 +37,59 @@ pub fn add_nodes(entry: &mut AuditEntry, nodes: &[String]) {
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
 
-/// Appends a record. With `wait`, returns once it is committed; otherwise it is queued (reads, which
-/// must stay cheap). A record that cannot be written is never dropped silently: it is logged as an
-/// error with its action and principal.
+/// Request bodies longer than this are recorded, when the request is refused, as their length and
+/// SHA-256 only (a refused body is attacker-sized; an accepted one is bounded by its route's limits).
+pub const BODY_INLINE_MAX: usize = 4 * 1024;
+
+/// What an audit record keeps of a request body.
+pub enum BodyRecord {
+    /// The body's JSON, secrets redacted.
+    Json(Value),
+    /// Members describing a body not kept: `body_bytes`, and `body_sha256` (hex).
+    Digest(serde_json::Map<String, Value>),
+}
+
+/// What a record keeps of a request `body`: the redacted JSON (and the resources it names, added
+/// to `entry`) when it is valid JSON and either at most [`BODY_INLINE_MAX`] bytes or `accepted`;
+/// otherwise its length and SHA-256 digest. `None` for an empty body.
+pub fn body_record(
+    entry: &mut AuditEntry,
+    body: &[u8],
+    accepted: bool,
+    document_member: &[&str],
+) -> Option<BodyRecord> {
+    if body.is_empty() {
+        return None;
+    }
+    if (accepted || body.len() <= BODY_INLINE_MAX)
+        && let Ok(v) = serde_json::from_slice::<Value>(body)
+    {
+        resources_from_body(entry, &v, document_member);
+        return Some(BodyRecord::Json(redact(v)));
+    }
+    use sha2::Digest;
+    let mut m = serde_json::Map::new();
+    m.insert("body_bytes".into(), body.len().into());
+    m.insert(
+        "body_sha256".into(),
+        hex::encode(sha2::Sha256::digest(body)).into(),
+    );
+    Some(BodyRecord::Digest(m))
+}
+
+/// Appends a record. With `wait` (accepted writes), returns once it is committed; otherwise it is
+/// queued (reads and refused requests, which must stay cheap: they never wait for the writer, only,
+/// past `AUDIT_QUEUE_MAX` queued records, for room in its queue). A record that cannot be written
+/// is never dropped silently: it is logged as an error with its action and principal.
 pub async fn record(state: &AppState, entry: AuditEntry, wait: bool) {
-    let store = state.store.clone();
-    let write = async move {
-        let (action, principal) = (entry.action.clone(), entry.principal.clone());
-        if let Err(e) = store.append_audit(entry).await {
-            tracing::error!(%action, %principal, "AUDIT RECORD LOST: cannot write it: {e}");
-        }
-    };
-    if wait {
-        write.await;
+    let (action, principal) = (entry.action.clone(), entry.principal.clone());
+    let r = if wait {
+        state.store.append_audit(entry).await
     } else {
-        tokio::spawn(write);
+        state.store.queue_audit(entry).await
+    };
+    if let Err(e) = r {
+        tracing::error!(%action, %principal, "AUDIT RECORD LOST: cannot write it: {e}");
     }
 }
 
@@ -216,6 +254,39 @@ mod tests {
         let p = redact(json!({"value": "s3cr3t", "secure": true}));
         assert_eq!(p["value"], "[REDACTED]");
         assert_eq!(p["secure"], true);
+    }
+
+    #[test]
+    fn big_refused_bodies_are_kept_as_a_digest_small_or_accepted_ones_whole() {
+        let big = format!(
+            "{{\"commands\": [\"{}\"], \"node_ids\": [\"mi-1\"]}}",
+            "x".repeat(BODY_INLINE_MAX)
+        );
+        let mut e = AuditEntry::default();
+        let Some(BodyRecord::Digest(m)) = body_record(&mut e, big.as_bytes(), false, &[]) else {
+            panic!("a big refused body is kept whole");
+        };
+        assert_eq!(m["body_bytes"], big.len());
+        assert_eq!(m["body_sha256"].as_str().map(str::len), Some(64));
+        assert!(
+            e.node_ids.is_empty(),
+            "resources taken from a body not kept"
+        );
+        let Some(BodyRecord::Json(v)) = body_record(&mut e, big.as_bytes(), true, &[]) else {
+            panic!("an accepted body is not kept");
+        };
+        assert_eq!(v["node_ids"][0], "mi-1");
+        assert_eq!(e.node_ids, ["mi-1"]);
+        let small = br#"{"commands": ["ls"], "token": "t"}"#;
+        let Some(BodyRecord::Json(v)) = body_record(&mut e, small, false, &[]) else {
+            panic!("a small refused body is not kept");
+        };
+        assert_eq!(v["token"], "[REDACTED]");
+        assert!(matches!(
+            body_record(&mut e, b"{not json", false, &[]),
+            Some(BodyRecord::Digest(_))
+        ));
+        assert!(body_record(&mut e, b"", false, &[]).is_none());
     }
 
     #[test]

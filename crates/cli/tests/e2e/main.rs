@@ -20,6 +20,7 @@ mod faults_server;
 mod faults_spool;
 mod help;
 mod hostile_conn;
+mod hostile_load;
 mod limits;
 mod node_identity;
 mod output;

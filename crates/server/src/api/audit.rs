@@ -36,6 +36,8 @@ pub async fn list(
         .as_deref()
         .map(|s| time_ms("until", s))
         .transpose()?;
+    // Reads and refused calls only queue their records: the listing shows every call made before it.
+    state.store.flush_audit().await?;
     Ok(Json(
         state.store.audit_records(&q, since, until, limit).await?,
     ))
@@ -60,6 +62,7 @@ pub async fn verify(
             )
         })?)
     };
+    state.store.flush_audit().await?;
     Ok(Json(state.store.verify_audit(anchor.as_ref()).await?))
 }
 

@@ -138,8 +138,9 @@ async fn health() -> Json<Health> {
 const AUDIT_BODY_MAX: usize = 2 * 1024 * 1024;
 
 /// Every API route but health and the agent channel needs a bearer token; every call, authenticated
-/// or not, is audited here (see crate::audit). Writes wait for their record's commit before the answer
-/// is sent; reads queue theirs.
+/// or not, is audited here (see crate::audit). Accepted writes wait for their record's commit before
+/// the answer is sent; reads and refused requests only queue theirs, so they never wait for the
+/// writer (and a flood of them cannot delay the writes).
 async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -154,7 +155,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         ..AuditEntry::default()
     };
     trail::resources_from_path(&mut entry, &route, req.uri().path());
-    let mut wait = req.method() != Method::GET;
+    let write = req.method() != Method::GET;
     let query = req.uri().query().map(str::to_owned);
     let ip = req
         .extensions()
@@ -175,11 +176,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             }),
     };
     let resp = match checked {
-        Err(resp) => {
-            // A refused caller is worth the wait: brute force must show up at once.
-            wait = true;
-            resp
-        }
+        Err(resp) => resp,
         Ok(principal) if let Err(retry) = state.rate_limiter.check(principal.name()) => {
             entry.principal = principal.name().to_owned();
             rate_limited(principal.name(), retry)
@@ -206,24 +203,21 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
                         format!("request body larger than {AUDIT_BODY_MAX} bytes"),
                     );
                     entry.params = Value::Object(params);
-                    return finish(&state, entry, e.into_response(), wait).await;
+                    return finish(&state, entry, e.into_response(), write).await;
                 }
             };
-            if !bytes.is_empty() {
-                match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(v) => {
-                        trail::resources_from_body(&mut entry, &v, &["document_name", "name"]);
-                        params.insert("body".into(), trail::redact(v));
-                    }
-                    Err(_) => {
-                        params.insert("body_bytes".into(), bytes.len().into());
-                    }
+            let resp = next
+                .run(Request::from_parts(parts, Body::from(bytes.clone())))
+                .await;
+            let accepted = resp.status().is_success();
+            match trail::body_record(&mut entry, &bytes, accepted, &["document_name", "name"]) {
+                Some(trail::BodyRecord::Json(v)) => {
+                    params.insert("body".into(), v);
                 }
+                Some(trail::BodyRecord::Digest(m)) => params.extend(m),
+                None => {}
             }
             entry.params = Value::Object(params);
-            let resp = next
-                .run(Request::from_parts(parts, Body::from(bytes)))
-                .await;
             if resp.status().is_success() && !principal.was_authorized() {
                 // Deny by default: a handler that answered without asking crate::authz is a bug,
                 // and must not hand anything out.
@@ -239,11 +233,13 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             }
         }
     };
-    finish(&state, entry, resp, wait).await
+    finish(&state, entry, resp, write).await
 }
 
-/// Records the outcome of a call, then lets the answer go.
-async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, wait: bool) -> Response {
+/// Records the outcome of a call, then lets the answer go: after its record's commit for an
+/// accepted `write`, at once (the record queued) for anything else.
+async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, write: bool) -> Response {
+    let wait = write && resp.status().is_success();
     if let Some(CreatedCommand(id)) = resp.extensions().get::<CreatedCommand>() {
         entry.command_id = id.clone();
     }

@@ -165,21 +165,26 @@ pub async fn handle(
         }
         Ok(principal) => {
             entry.principal = principal.name().to_owned();
-            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
-                trail::resources_from_body(&mut entry, &v, &["DocumentName", "Name"]);
-                entry.params = trail::redact(v);
-            }
-            match dispatch(&state, &principal, &headers, &body).await {
+            let r = match dispatch(&state, &principal, &headers, &body).await {
                 // Deny by default, as on the native API: an operation that never asked is refused.
                 Ok(_) if !principal.was_authorized() => Err(SsmError::new(
                     "AccessDeniedException",
                     format!("operation {op} has no authorization rule; refused"),
                 )),
                 r => r,
+            };
+            // A big refused body is recorded as its length and digest only.
+            match trail::body_record(&mut entry, &body, r.is_ok(), &["DocumentName", "Name"]) {
+                Some(trail::BodyRecord::Json(v)) => entry.params = v,
+                Some(trail::BodyRecord::Digest(m)) => entry.params = Value::Object(m),
+                None => {}
             }
+            r
         }
         Err(e) => Err(e),
     };
+    // Only an accepted write waits for its record's commit; reads and refusals queue theirs.
+    let wait = result.is_ok() && is_write(&op);
     let (status, value) = match result {
         Ok(v) => {
             if let Some(id) = v.pointer("/Command/CommandId").and_then(Value::as_str) {
@@ -197,7 +202,7 @@ pub async fn handle(
             (e.status, json!({ "__type": e.code, "message": e.message }))
         }
     };
-    trail::record(&state, entry, true).await;
+    trail::record(&state, entry, wait).await;
     let headers = [
         (
             header::CONTENT_TYPE,
@@ -209,6 +214,13 @@ pub async fn handle(
         ),
     ];
     (status, headers, value.to_string()).into_response()
+}
+
+/// Whether an SSM operation changes state (its record is committed before it is answered).
+fn is_write(op: &str) -> bool {
+    !["List", "Get", "Describe"]
+        .iter()
+        .any(|p| op.starts_with(p))
 }
 
 async fn dispatch(

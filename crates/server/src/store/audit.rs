@@ -80,48 +80,69 @@ fn chain_hash(prev_hash: &str, r: &Stored<'_>) -> String {
     hex::encode(h.finalize())
 }
 
-/// Appends one record on the writer connection (inside the writer's transaction), after the current
-/// head of the chain.
-pub(super) async fn append(conn: &mut SqliteConnection, e: &AuditEntry) -> Result<()> {
+/// Audit rows stored per `INSERT` (12 bound values each; SQLite allows 32,766).
+const INSERT_ROWS_MAX: usize = 500;
+
+/// Appends records on the writer connection (inside the writer's transaction), in order, after the
+/// current head of the chain: one query for the head, the chain computed here, one `INSERT` per
+/// [`INSERT_ROWS_MAX`] records.
+pub(super) async fn append(conn: &mut SqliteConnection, entries: &[&AuditEntry]) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
     let head: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
             .await?;
-    let (prev_seq, prev_hash) = head.unwrap_or((0, GENESIS.to_owned()));
-    let node_ids = serde_json::to_string(&e.node_ids)?;
-    let params = e.params.to_string();
-    let stored = Stored {
-        seq: prev_seq + 1,
-        at: e.at,
-        principal: &e.principal,
-        source: &e.source,
-        action: &e.action,
-        command_id: &e.command_id,
-        node_ids: &node_ids,
-        document: &e.document,
-        params: &params,
-        result: &e.result,
-    };
-    let hash = chain_hash(&prev_hash, &stored);
-    sqlx::query(
-        "INSERT INTO audit_log (seq, at, principal, source, action, command_id, node_ids, document,
-                                params, result, prev_hash, hash)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(stored.seq)
-    .bind(e.at)
-    .bind(&e.principal)
-    .bind(&e.source)
-    .bind(&e.action)
-    .bind(&e.command_id)
-    .bind(&node_ids)
-    .bind(&e.document)
-    .bind(&params)
-    .bind(&e.result)
-    .bind(&prev_hash)
-    .bind(&hash)
-    .execute(&mut *conn)
-    .await?;
+    let (mut seq, mut prev_hash) = head.unwrap_or((0, GENESIS.to_owned()));
+    // (seq, node_ids, params, prev_hash, hash) of each entry.
+    let mut rows = Vec::with_capacity(entries.len());
+    for e in entries {
+        seq += 1;
+        let node_ids = serde_json::to_string(&e.node_ids)?;
+        let params = e.params.to_string();
+        let hash = chain_hash(
+            &prev_hash,
+            &Stored {
+                seq,
+                at: e.at,
+                principal: &e.principal,
+                source: &e.source,
+                action: &e.action,
+                command_id: &e.command_id,
+                node_ids: &node_ids,
+                document: &e.document,
+                params: &params,
+                result: &e.result,
+            },
+        );
+        let prev = std::mem::replace(&mut prev_hash, hash.clone());
+        rows.push((seq, node_ids, params, prev, hash));
+    }
+    for (entries, rows) in entries
+        .chunks(INSERT_ROWS_MAX)
+        .zip(rows.chunks(INSERT_ROWS_MAX))
+    {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO audit_log (seq, at, principal, source, action, command_id, node_ids, document,
+                                    params, result, prev_hash, hash) ",
+        );
+        qb.push_values(entries.iter().zip(rows), |mut b, (e, r)| {
+            b.push_bind(r.0)
+                .push_bind(e.at)
+                .push_bind(&e.principal)
+                .push_bind(&e.source)
+                .push_bind(&e.action)
+                .push_bind(&e.command_id)
+                .push_bind(&r.1)
+                .push_bind(&e.document)
+                .push_bind(&r.2)
+                .push_bind(&e.result)
+                .push_bind(&r.3)
+                .push_bind(&r.4);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
@@ -137,6 +158,18 @@ impl Store {
         self.writer
             .write(|reply| super::writer::WriteOp::Audit { entry, reply })
             .await
+    }
+
+    /// Queues an audit record without waiting for its commit (see `writer.rs`: it cannot delay the
+    /// hot writes); a record that cannot be written is logged as lost.
+    pub async fn queue_audit(&self, entry: AuditEntry) -> Result<()> {
+        self.writer.queue(entry).await
+    }
+
+    /// Returns once every audit record queued before the call is committed (so a listing or a
+    /// verification sees the calls made before it).
+    pub async fn flush_audit(&self) -> Result<()> {
+        self.writer.flush_audit().await
     }
 
     /// Audit records matching a query, newest first. `since`/`until` are epoch ms.

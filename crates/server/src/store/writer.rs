@@ -6,6 +6,13 @@
 //! in one transaction, and only after the commit answers each caller: a caller still returns only
 //! once its own write is durable. When the batch fails, each write is retried in a transaction of its
 //! own, so one bad write cannot fail the others.
+//!
+//! Audit records come in two kinds. A write's record (and a caller who must see it committed) goes
+//! through the hot queue with the other writes. The records of reads and refused requests are only
+//! queued ([`Writer::queue`]): they go through a queue of their own, bounded by [`AUDIT_QUEUE_MAX`],
+//! that the writer drains after the hot writes of each batch, so a flood of reads cannot delay a
+//! write; at least [`AUDIT_PER_BATCH_MIN`] of them ride along with every batch, so they cannot
+//! starve either. A batch's audit records are chained in memory and stored with one `INSERT`.
 
 use super::audit::{self, AuditEntry};
 use super::commands::{self, OutputState};
@@ -16,6 +23,12 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most writes committed in one transaction.
 pub const BATCH_MAX: usize = 512;
+
+/// Most queued (not awaited) audit records held in memory; past it, queueing one waits for room.
+pub const AUDIT_QUEUE_MAX: usize = 8192;
+
+/// Queued audit records taken into each batch even when hot writes fill it.
+pub const AUDIT_PER_BATCH_MIN: usize = 64;
 
 /// A write queued for the writer task, with where to send its result.
 pub(super) enum WriteOp {
@@ -42,6 +55,8 @@ pub(super) enum WriteOp {
         entry: AuditEntry,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Answered once every audit record queued before it is committed.
+    Barrier { reply: oneshot::Sender<Result<()>> },
 }
 
 /// What a write returned, held until its transaction commits.
@@ -53,7 +68,12 @@ enum Done {
 }
 
 impl WriteOp {
-    async fn exec(&self, conn: &mut SqliteConnection) -> Result<Done> {
+    /// Runs the write; an audit record is only added to `audits`, stored at the end of the batch.
+    async fn exec<'a>(
+        &'a self,
+        conn: &mut SqliteConnection,
+        audits: &mut Vec<&'a AuditEntry>,
+    ) -> Result<Done> {
         Ok(match self {
             WriteOp::MarkStarted {
                 id,
@@ -76,9 +96,10 @@ impl WriteOp {
                 Done::Finished(commands::finish_invocations(conn, id, ends).await?)
             }
             WriteOp::Audit { entry, .. } => {
-                audit::append(conn, entry).await?;
+                audits.push(entry);
                 Done::Audited
             }
+            WriteOp::Barrier { .. } => Done::Audited,
         })
     }
 
@@ -103,7 +124,18 @@ impl WriteOp {
                     _ => None,
                 }));
             }
-            WriteOp::Audit { reply, .. } => {
+            WriteOp::Audit { entry, reply } => {
+                let r = pick(r, |d| matches!(d, Done::Audited).then_some(()));
+                // Nobody waits for a queued record: its loss is logged here.
+                if let Err(Err(e)) = reply.send(r) {
+                    tracing::error!(
+                        action = %entry.action,
+                        principal = %entry.principal,
+                        "AUDIT RECORD LOST: cannot write it: {e}"
+                    );
+                }
+            }
+            WriteOp::Barrier { reply } => {
                 let _ = reply.send(pick(r, |d| matches!(d, Done::Audited).then_some(())));
             }
         }
@@ -114,14 +146,50 @@ impl WriteOp {
 #[derive(Clone)]
 pub(super) struct Writer {
     tx: mpsc::UnboundedSender<WriteOp>,
+    /// Audit records nobody waits for (reads, refused requests), and barriers.
+    audit: mpsc::Sender<WriteOp>,
 }
 
 impl Writer {
     /// Starts the writer task on `pool` (the single writer connection).
     pub(super) fn spawn(pool: SqlitePool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, rx));
-        Writer { tx }
+        let (audit, audit_rx) = mpsc::channel(AUDIT_QUEUE_MAX);
+        tokio::spawn(run(pool, rx, audit_rx));
+        Writer { tx, audit }
+    }
+
+    /// Queues an audit record without waiting for its commit (only for room in the queue, when
+    /// [`AUDIT_QUEUE_MAX`] records are already waiting). Its result, an error included, is logged.
+    pub(super) async fn queue(&self, entry: AuditEntry) -> Result<()> {
+        let (reply, _) = oneshot::channel();
+        let op = WriteOp::Audit { entry, reply };
+        let op = match self.audit.try_send(op) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(op)) => Some(op),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(StoreError::Missing("database writer task"));
+            }
+        };
+        if let Some(op) = op {
+            self.audit
+                .send(op)
+                .await
+                .map_err(|_| StoreError::Missing("database writer task"))?;
+        }
+        Ok(())
+    }
+
+    /// Returns once every audit record queued before the call is committed.
+    pub(super) async fn flush_audit(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.audit
+            .send(WriteOp::Barrier { reply })
+            .await
+            .map_err(|_| StoreError::Missing("database writer task"))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Missing("database writer task"))?
     }
 
     /// Queues a write made by `make` (given its reply channel) and waits until it is committed.
@@ -139,9 +207,35 @@ impl Writer {
     }
 }
 
-async fn run(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
-    let mut batch = Vec::with_capacity(BATCH_MAX);
-    while rx.recv_many(&mut batch, BATCH_MAX).await > 0 {
+async fn run(
+    pool: SqlitePool,
+    mut rx: mpsc::UnboundedReceiver<WriteOp>,
+    mut audit: mpsc::Receiver<WriteOp>,
+) {
+    let mut batch = Vec::with_capacity(BATCH_MAX + AUDIT_PER_BATCH_MIN);
+    loop {
+        // Hot writes first; queued audit records fill what room is left (at least their minimum).
+        let first = tokio::select! {
+            biased;
+            op = rx.recv() => op,
+            op = audit.recv() => op,
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < BATCH_MAX
+            && let Ok(op) = rx.try_recv()
+        {
+            batch.push(op);
+        }
+        let room = BATCH_MAX
+            .saturating_sub(batch.len())
+            .max(AUDIT_PER_BATCH_MIN);
+        for _ in 0..room {
+            match audit.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
         match commit(&pool, &batch).await {
             Ok(done) => {
                 for (op, d) in batch.drain(..).zip(done) {
@@ -170,12 +264,17 @@ async fn run(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
 }
 
 /// Runs `ops` in one transaction; their results, once it committed.
+///
+/// The transaction takes the write lock at `BEGIN` (`IMMEDIATE`): a deferred one that read first
+/// and then found the lock held (by some other process) would fail at once, without the busy timeout.
 async fn commit(pool: &SqlitePool, ops: &[WriteOp]) -> Result<Vec<Done>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut done = Vec::with_capacity(ops.len());
+    let mut audits = Vec::new();
     for op in ops {
-        done.push(op.exec(&mut tx).await?);
+        done.push(op.exec(&mut tx, &mut audits).await?);
     }
+    audit::append(&mut tx, &audits).await?;
     tx.commit().await?;
     Ok(done)
 }
