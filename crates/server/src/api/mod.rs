@@ -194,7 +194,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
                 Err(e) if let Some(limit) = crate::conn::body_timed_out(&e) => {
                     entry.params = Value::Object(params);
                     let resp = body_timeout_error(limit).into_response();
-                    return finish(&state, entry, resp, wait).await;
+                    return finish(&state, entry, resp, write).await;
                 }
                 Err(_) => {
                     let e = ApiError::new(
