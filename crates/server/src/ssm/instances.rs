@@ -25,6 +25,10 @@ const LEGACY_KEYS: [&str; 8] = [
     "AssociationStatus",
 ];
 
+/// Most filters in one request (either list; SSM's model sets no maximum, its keys are few: ten
+/// distinct keys cover every sensible query). Bounds the tag-index query built from them.
+const FILTERS_MAX: usize = 10;
+
 pub async fn describe_instance_information(
     state: &Arc<AppState>,
     p: &Principal,
@@ -38,6 +42,22 @@ pub async fn describe_instance_information(
     }
     let limit = check_max_results(req.max_results, 5, 50, 10)?;
     let offset = parse_token(req.next_token.as_deref())?;
+    for (member, n) in [
+        (
+            "instanceInformationFilterList",
+            req.instance_information_filter_list.as_ref().map_or(0, Vec::len),
+        ),
+        ("filters", req.filters.as_ref().map_or(0, Vec::len)),
+    ] {
+        if n > FILTERS_MAX {
+            return Err(SsmError::new(
+                "ValidationException",
+                format!(
+                    "1 validation error detected: Value at '{member}' failed to satisfy constraint: Member must have length less than or equal to {FILTERS_MAX}"
+                ),
+            ));
+        }
+    }
     let mut filters: Vec<(String, Vec<String>)> = Vec::new();
     for f in req.instance_information_filter_list.unwrap_or_default() {
         if !LEGACY_KEYS.contains(&f.key.as_str()) {
