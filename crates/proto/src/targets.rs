@@ -338,21 +338,34 @@ mod tests {
         let id = |n: usize| format!("mi-{n:017x}");
         let many_terms = vec!["tag:k=v"; TARGET_TERMS_MAX + 1].join(" ");
         let err = TargetExpr::parse(&many_terms).unwrap_err().0;
-        assert!(err.contains(&format!("limit is {TARGET_TERMS_MAX}")), "{err}");
+        assert!(
+            err.contains(&format!("limit is {TARGET_TERMS_MAX}")),
+            "{err}"
+        );
         assert!(TargetExpr::parse(&vec!["tag:k=v"; TARGET_TERMS_MAX].join(" ")).is_ok());
 
         let values: Vec<String> = (0..=TARGET_VALUES_MAX).map(|n| n.to_string()).collect();
-        let err = TargetExpr::parse(&format!("tag:k={}", values.join(","))).unwrap_err().0;
-        assert!(err.contains(&format!("limit is {TARGET_VALUES_MAX} per term")), "{err}");
+        let err = TargetExpr::parse(&format!("tag:k={}", values.join(",")))
+            .unwrap_err()
+            .0;
+        assert!(
+            err.contains(&format!("limit is {TARGET_VALUES_MAX} per term")),
+            "{err}"
+        );
         let ids: Vec<String> = (0..=TARGET_VALUES_MAX).map(id).collect();
-        let err = TargetExpr::parse(&format!("id:{}", ids.join(","))).unwrap_err().0;
+        let err = TargetExpr::parse(&format!("id:{}", ids.join(",")))
+            .unwrap_err()
+            .0;
         assert!(err.contains("per term"), "{err}");
         let ok_ids: Vec<String> = (0..TARGET_VALUES_MAX).map(id).collect();
         assert!(TargetExpr::parse(&format!("id:{}", ok_ids.join(","))).is_ok());
 
         let huge = "all ".repeat(250_000);
         let err = TargetExpr::parse(&huge).unwrap_err().0;
-        assert!(err.contains(&format!("the limit is {TARGET_EXPR_MAX}")), "{err}");
+        assert!(
+            err.contains(&format!("the limit is {TARGET_EXPR_MAX}")),
+            "{err}"
+        );
 
         let built = TargetExpr(vec![TargetTerm::All; TARGET_TERMS_MAX + 1]);
         assert!(built.check_limits().unwrap_err().0.contains("terms"));
@@ -385,5 +398,65 @@ mod tests {
         assert_eq!(Rate::Percent(50).resolve(5), 3);
         assert_eq!(Rate::Percent(0).resolve(5), 0);
         assert_eq!(Rate::Count(7).resolve(5), 7);
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Fragments that make expressions of every kind, valid and not, short and long.
+        fn fragment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("all".to_owned()),
+                Just("tag:".to_owned()),
+                Just("tag-key:".to_owned()),
+                Just("id:".to_owned()),
+                Just("mi-0123456789abcdef0".to_owned()),
+                Just("env=prod".to_owned()),
+                Just(",".to_owned()),
+                Just("=".to_owned()),
+                Just(" ".to_owned()),
+                Just("\t".to_owned()),
+                (1usize..400).prop_map(|n| "v".repeat(n)),
+                (1usize..60).prop_map(|n| vec!["x"; n].join(",")),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any text: no panic; what is accepted respects every cap and round-trips.
+            #[test]
+            fn parse_never_panics_and_accepted_round_trips(
+                parts in proptest::collection::vec(fragment(), 0..40),
+                repeat in 1usize..300,
+            ) {
+                let text = parts.concat().repeat(repeat);
+                if let Ok(expr) = TargetExpr::parse(&text) {
+                    prop_assert!(text.len() <= TARGET_EXPR_MAX);
+                    prop_assert!(expr.0.len() <= TARGET_TERMS_MAX);
+                    prop_assert!(expr.check_limits().is_ok());
+                    let shown = expr.to_string();
+                    prop_assert!(shown.len() <= TARGET_EXPR_MAX);
+                    prop_assert_eq!(TargetExpr::parse(&shown), Ok(expr));
+                }
+            }
+
+            /// Well-formed tag terms are accepted exactly while within the caps.
+            #[test]
+            fn well_formed_terms_are_accepted_within_the_caps(
+                terms in 1usize..14,
+                values in 1usize..60,
+                len in 1usize..40,
+            ) {
+                let term = format!("tag:k={}", vec!["v".repeat(len); values].join(","));
+                let text = vec![term; terms].join(" ");
+                let fits = terms <= TARGET_TERMS_MAX
+                    && values <= TARGET_VALUES_MAX
+                    && text.len() <= TARGET_EXPR_MAX;
+                prop_assert_eq!(TargetExpr::parse(&text).is_ok(), fits, "{}", text.len());
+            }
+        }
     }
 }

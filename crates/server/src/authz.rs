@@ -891,8 +891,15 @@ mod tests {
     fn deep_nesting_is_refused_before_parsing() {
         let head = "permit(principal, action, resource) when { ";
         let parens = format!("{head}{}true{} }};", "(".repeat(150), ")".repeat(150));
-        let ifs = format!("{head}{}true }};", "if true then ".repeat(2_000) + "true else ".repeat(2_000).as_str());
-        let brackets = format!("{head}{}1{} == [] }};", "[".repeat(8_000), "]".repeat(8_000));
+        let ifs = format!(
+            "{head}{}true }};",
+            "if true then ".repeat(2_000) + "true else ".repeat(2_000).as_str()
+        );
+        let brackets = format!(
+            "{head}{}1{} == [] }};",
+            "[".repeat(8_000),
+            "]".repeat(8_000)
+        );
         for text in [&parens, &ifs, &brackets] {
             let err = validate(text).unwrap_err().0;
             assert!(
@@ -909,7 +916,11 @@ mod tests {
         );
         assert_eq!(validate(&fine).unwrap(), 1);
         let chain = format!("{head}true{} }};", " || true".repeat(6_000));
-        assert_eq!(validate(&chain).unwrap(), 1, "long flat chains are no nesting");
+        assert_eq!(
+            validate(&chain).unwrap(),
+            1,
+            "long flat chains are no nesting"
+        );
     }
 
     #[test]

@@ -223,8 +223,7 @@ pub async fn send_command(
         (true, false) => {
             let expr = match opts.target_expr {
                 Some(expr) => {
-                    expr.check_limits()
-                        .map_err(|e| bad("InvalidTarget", e.0))?;
+                    expr.check_limits().map_err(|e| bad("InvalidTarget", e.0))?;
                     expr
                 }
                 None => TargetExpr::parse(targets).map_err(|e| bad("InvalidTarget", e.0))?,

@@ -25,7 +25,11 @@ fn deep_policies() -> Vec<(&'static str, String)> {
         ),
         (
             "8,000 nested [",
-            format!("{HEAD}{}1{} == [] }};", "[".repeat(8_000), "]".repeat(8_000)),
+            format!(
+                "{HEAD}{}1{} == [] }};",
+                "[".repeat(8_000),
+                "]".repeat(8_000)
+            ),
         ),
     ]
 }
@@ -72,14 +76,24 @@ fn deeply_nested_policies_are_refused_and_the_server_stays_up() {
         std::fs::write(&file, &policy).expect("write policy");
         let out = server.cli(&["policies", "validate", file.to_str().expect("path")]);
         assert_eq!(out.code(), Some(1), "{what}: {}", out.stderr);
-        assert!(out.stderr.contains("the limit is 32"), "{what}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("the limit is 32"),
+            "{what}: {}",
+            out.stderr
+        );
     }
     let huge = format!("// {}\n", "x".repeat(70_000));
     let r = server.post_json(
         "/v1/users",
         &json!({"name": "huge", "role": "viewer", "policy": huge}),
     );
-    assert_refused(&server, "a 70 KB policy", &r, "InvalidPolicy", "the limit is 65536");
+    assert_refused(
+        &server,
+        "a 70 KB policy",
+        &r,
+        "InvalidPolicy",
+        "the limit is 65536",
+    );
     assert!(server.running(), "the server process is alive");
     wait_until("the server answers", Duration::from_secs(10), || {
         (server.get("/v1/health").status == 200).then_some(())
@@ -96,7 +110,12 @@ fn unbounded_target_expressions_are_refused_naming_the_limit() {
         )
     };
     let id = |n: usize| format!("mi-{n:017x}");
-    let values = |n: usize| (0..n).map(|i| format!("v{i}")).collect::<Vec<_>>().join(",");
+    let values = |n: usize| {
+        (0..n)
+            .map(|i| format!("v{i}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     for (what, targets, needle) in [
         (
             "1,001 tag terms",
@@ -139,7 +158,13 @@ fn unbounded_target_expressions_are_refused_naming_the_limit() {
         .join(" ");
     assert!(ten_terms.len() <= 8192);
     let r = send(ten_terms);
-    assert_refused(&server, "10 terms of 50 values", &r, "InvalidTarget", "no node matches");
+    assert_refused(
+        &server,
+        "10 terms of 50 values",
+        &r,
+        "InvalidTarget",
+        "no node matches",
+    );
     let ids = format!("id:{}", (0..50).map(id).collect::<Vec<_>>().join(","));
     let r = send(ids);
     assert_refused(&server, "50 ids", &r, "InvalidTarget", "no node matches");

@@ -10,7 +10,6 @@ use axum::{Extension, Json};
 use fleetrun_proto::api::{CreateUser, UpdateUser, User, WhoAmI};
 use std::sync::Arc;
 
-
 /// Who the caller is. Anyone authenticated may ask.
 pub async fn whoami(
     State(state): State<Arc<AppState>>,

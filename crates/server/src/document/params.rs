@@ -455,11 +455,18 @@ mod tests {
         let v = resolve("D", &doc, &given(&[("p", &[big.as_str()])])).unwrap();
         let e = render(&doc, &v).unwrap_err();
         assert_eq!(e.code, "MaxDocumentSizeExceeded");
-        assert!(e.message.contains(&format!("limit is {SCRIPT_MAX}")), "{}", e.message);
+        assert!(
+            e.message.contains(&format!("limit is {SCRIPT_MAX}")),
+            "{}",
+            e.message
+        );
 
         let many: Vec<&str> = vec!["0123456789"; SCRIPT_MAX / 10];
         let v = resolve("D", &doc, &given(&[("p", &["x"]), ("l", &many)])).unwrap();
-        assert_eq!(render(&doc, &v).unwrap_err().code, "MaxDocumentSizeExceeded");
+        assert_eq!(
+            render(&doc, &v).unwrap_err().code,
+            "MaxDocumentSizeExceeded"
+        );
 
         let fits: Vec<&str> = vec!["0123456789"; 1_000];
         let v = resolve("D", &doc, &given(&[("p", &["x"]), ("l", &fits)])).unwrap();
@@ -629,5 +636,109 @@ mod tests {
             {"action":"aws:runPowerShellScript","name":"w","precondition":{"StringEquals":["platformType","Windows"]},"inputs":{"runCommand":["x"]}}]}"#).unwrap();
         let r = render(&doc, &BTreeMap::new()).unwrap();
         assert!(r.steps.is_empty() && r.commands[0].starts_with(':'));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever the references and values: the rendered script never passes the script
+            /// limit; past it rendering is refused with MaxDocumentSizeExceeded.
+            #[test]
+            fn rendering_never_exceeds_the_script_limit(
+                refs in 0usize..1_500,
+                value_len in 0usize..30_000,
+                list in proptest::collection::vec(0usize..5_000, 0..200),
+                steps in 1usize..4,
+            ) {
+                let line = "echo {{p}} ".repeat(refs) + "{{ p}}";
+                let step = |i: usize| format!(
+                    r#"{{"action": "aws:runShellScript", "name": "s{i}",
+                        "inputs": {{"runCommand": ["{line}", "{{{{l}}}}"], "workingDirectory": "/{{{{p}}}}"}}}}"#
+                );
+                let doc = format!(
+                    r#"{{"schemaVersion": "2.2", "description": "p",
+                      "parameters": {{"p": {{"type": "String"}}, "l": {{"type": "StringList"}}}},
+                      "mainSteps": [{}]}}"#,
+                    (0..steps).map(step).collect::<Vec<_>>().join(",")
+                );
+                let doc = parse(&doc).unwrap();
+                let value = "v".repeat(value_len);
+                let items: Vec<String> = list.iter().map(|n| "i".repeat(*n)).collect();
+                let mut g = BTreeMap::new();
+                g.insert("p".to_owned(), vec![value]);
+                g.insert("l".to_owned(), items);
+                let v = resolve("D", &doc, &g).unwrap();
+                match render(&doc, &v) {
+                    Ok(r) => {
+                        let n: usize = r.commands.iter().map(|c| c.len() + 1).sum();
+                        // Multi-step wrappers (a few lines per step) may add to the body's lines.
+                        prop_assert!(n <= SCRIPT_MAX + 256 * steps, "{}", n);
+                    }
+                    Err(e) => prop_assert!(
+                        e.code == "MaxDocumentSizeExceeded" || e.message.contains("workingDirectory"),
+                        "{:?}", e
+                    ),
+                }
+            }
+
+            /// Random JSON as a send body: decoding and the body's own checks (targets, rates,
+            /// rendering of the built-in document) never panic.
+            #[test]
+            fn random_send_bodies_never_panic(body in json_value(4)) {
+                if let Ok(req) = serde_json::from_value::<fleetrun_proto::api::SendCommand>(body) {
+                    if let Some(t) = &req.targets {
+                        let _ = fleetrun_proto::targets::TargetExpr::parse(t);
+                    }
+                    for r in [&req.max_concurrency, &req.max_errors].into_iter().flatten() {
+                        let _ = fleetrun_proto::targets::Rate::parse_concurrency(r);
+                        let _ = fleetrun_proto::targets::Rate::parse_errors(r);
+                    }
+                    let doc = parse(super::super::super::RUN_SHELL_SCRIPT_CONTENT).unwrap();
+                    let mut g = req.parameters.clone();
+                    if !req.commands.is_empty() {
+                        g.insert("commands".into(), req.commands.clone());
+                    }
+                    if let Ok(v) = resolve("AWS-RunShellScript", &doc, &g) {
+                        let _ = render(&doc, &v);
+                    }
+                }
+            }
+        }
+
+        /// Arbitrary JSON, biased towards a send body's member names.
+        fn json_value(depth: u32) -> impl Strategy<Value = serde_json::Value> {
+            use serde_json::Value;
+            let key = prop_oneof![
+                Just("targets".to_owned()),
+                Just("node_ids".to_owned()),
+                Just("commands".to_owned()),
+                Just("parameters".to_owned()),
+                Just("max_concurrency".to_owned()),
+                Just("max_errors".to_owned()),
+                Just("document_name".to_owned()),
+                Just("comment".to_owned()),
+                any::<String>(),
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+                Just(Value::from("all")),
+                Just(Value::from("{{ commands }}")),
+            ];
+            leaf.prop_recursive(depth, 64, 8, move |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                    proptest::collection::btree_map(key.clone(), inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
     }
 }

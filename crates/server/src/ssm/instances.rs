@@ -45,7 +45,9 @@ pub async fn describe_instance_information(
     for (member, n) in [
         (
             "instanceInformationFilterList",
-            req.instance_information_filter_list.as_ref().map_or(0, Vec::len),
+            req.instance_information_filter_list
+                .as_ref()
+                .map_or(0, Vec::len),
         ),
         ("filters", req.filters.as_ref().map_or(0, Vec::len)),
     ] {

@@ -479,7 +479,10 @@ mod tests {
             .execute(&store.write)
             .await
             .unwrap();
-            for (k, v) in [("env".to_owned(), format!("e{i}")), (format!("k{}", i % 2), "x".into())] {
+            for (k, v) in [
+                ("env".to_owned(), format!("e{i}")),
+                (format!("k{}", i % 2), "x".into()),
+            ] {
                 sqlx::query("INSERT INTO node_tags (node_id, key, value) VALUES (?, ?, ?)")
                     .bind(id.as_str())
                     .bind(k)
