@@ -336,13 +336,13 @@ mod tests {
     #[test]
     fn sizes_are_capped_with_the_limit_named() {
         let id = |n: usize| format!("mi-{n:017x}");
-        let many_terms = vec!["tag:k=v"; TARGET_TERMS_MAX + 1].join(" ");
+        let many_terms = ["tag:k=v"; TARGET_TERMS_MAX + 1].join(" ");
         let err = TargetExpr::parse(&many_terms).unwrap_err().0;
         assert!(
             err.contains(&format!("limit is {TARGET_TERMS_MAX}")),
             "{err}"
         );
-        assert!(TargetExpr::parse(&vec!["tag:k=v"; TARGET_TERMS_MAX].join(" ")).is_ok());
+        assert!(TargetExpr::parse(&["tag:k=v"; TARGET_TERMS_MAX].join(" ")).is_ok());
 
         let values: Vec<String> = (0..=TARGET_VALUES_MAX).map(|n| n.to_string()).collect();
         let err = TargetExpr::parse(&format!("tag:k={}", values.join(",")))

@@ -124,7 +124,7 @@ fn unbounded_target_expressions_are_refused_naming_the_limit() {
         ),
         (
             "11 terms",
-            vec!["tag:env=prod"; 11].join(" "),
+            ["tag:env=prod"; 11].join(" "),
             "the limit is 10",
         ),
         (
