@@ -29,19 +29,8 @@ const LEGACY_KEYS: [&str; 8] = [
 /// distinct keys cover every sensible query). Bounds the tag-index query built from them.
 const FILTERS_MAX: usize = 10;
 
-pub async fn describe_instance_information(
-    state: &Arc<AppState>,
-    p: &Principal,
-    req: DescribeInstanceInformationRequest,
-) -> SsmResult {
-    if req.filters.is_some() && req.instance_information_filter_list.is_some() {
-        return Err(SsmError::new(
-            "InvalidFilterKey",
-            "Filters and InstanceInformationFilterList cannot be used in the same request.",
-        ));
-    }
-    let limit = check_max_results(req.max_results, 5, 50, 10)?;
-    let offset = parse_token(req.next_token.as_deref())?;
+/// Refuses more than [`FILTERS_MAX`] filters in either list.
+fn check_filter_counts(req: &DescribeInstanceInformationRequest) -> Result<(), SsmError> {
     for (member, n) in [
         (
             "instanceInformationFilterList",
@@ -60,6 +49,23 @@ pub async fn describe_instance_information(
             ));
         }
     }
+    Ok(())
+}
+
+pub async fn describe_instance_information(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: DescribeInstanceInformationRequest,
+) -> SsmResult {
+    if req.filters.is_some() && req.instance_information_filter_list.is_some() {
+        return Err(SsmError::new(
+            "InvalidFilterKey",
+            "Filters and InstanceInformationFilterList cannot be used in the same request.",
+        ));
+    }
+    let limit = check_max_results(req.max_results, 5, 50, 10)?;
+    let offset = parse_token(req.next_token.as_deref())?;
+    check_filter_counts(&req)?;
     let mut filters: Vec<(String, Vec<String>)> = Vec::new();
     for f in req.instance_information_filter_list.unwrap_or_default() {
         if !LEGACY_KEYS.contains(&f.key.as_str()) {
@@ -225,5 +231,40 @@ mod tests {
             ("Debian GNU/Linux".into(), "12".into())
         );
         assert_eq!(super::platform("Linux"), ("Linux".into(), String::new()));
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    /// 1,001 tag filters built one query past SQLite's expression depth (a 500); now a 400.
+    #[test]
+    fn filter_lists_are_capped_naming_the_limit() {
+        let filters = |n: usize| json!({"Filters": (0..n).map(|i| json!({"Key": format!("tag:k{i}"), "Values": ["v"]})).collect::<Vec<_>>()});
+        let req: DescribeInstanceInformationRequest =
+            serde_json::from_value(filters(1_001)).unwrap();
+        let e = check_filter_counts(&req).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (axum::http::StatusCode::BAD_REQUEST, "ValidationException")
+        );
+        assert!(
+            e.message
+                .contains(&format!("less than or equal to {FILTERS_MAX}")),
+            "{}",
+            e.message
+        );
+        let req: DescribeInstanceInformationRequest =
+            serde_json::from_value(filters(FILTERS_MAX)).unwrap();
+        assert!(check_filter_counts(&req).is_ok());
+        let legacy = json!({"InstanceInformationFilterList": (0..11).map(|_| json!({"key": "PingStatus", "valueSet": ["Online"]})).collect::<Vec<_>>()});
+        let req: DescribeInstanceInformationRequest = serde_json::from_value(legacy).unwrap();
+        assert!(
+            check_filter_counts(&req)
+                .unwrap_err()
+                .message
+                .contains("instanceInformationFilterList")
+        );
     }
 }
