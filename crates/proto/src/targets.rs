@@ -41,6 +41,12 @@ pub struct ParseError(pub String);
 pub const TAG_KEY_MAX: usize = 128;
 /// Longest tag value accepted.
 pub const TAG_VALUE_MAX: usize = 256;
+/// Longest target expression accepted, in bytes (room for SSM's 5 targets of 50 instance ids).
+pub const TARGET_EXPR_MAX: usize = 8 * 1024;
+/// Most terms in one target expression (SSM allows 5 `Targets`).
+pub const TARGET_TERMS_MAX: usize = 10;
+/// Most values (tag values, tag keys or node ids) in one term (SSM's 50 values per target).
+pub const TARGET_VALUES_MAX: usize = 50;
 
 /// Checks a tag key: 1..=128 characters, no `=`, `,` or whitespace (so expressions stay unambiguous).
 pub fn check_tag_key(key: &str) -> Result<(), ParseError> {
@@ -90,16 +96,72 @@ pub fn parse_tag(s: &str) -> Result<(String, String), ParseError> {
 
 impl TargetExpr {
     /// Parses an expression such as `tag:env=prod tag-key:web` or `all`.
+    /// Within [`TARGET_EXPR_MAX`] bytes, [`TARGET_TERMS_MAX`] terms and [`TARGET_VALUES_MAX`] values
+    /// per term; the sizes are checked before anything is split or allocated per term.
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        let terms = s
-            .split_whitespace()
-            .map(parse_term)
-            .collect::<Result<Vec<_>, _>>()?;
+        check_expr_len(s.len())?;
+        let mut terms = Vec::new();
+        for t in s.split_whitespace() {
+            if terms.len() == TARGET_TERMS_MAX {
+                return Err(too_many_terms());
+            }
+            terms.push(parse_term(t)?);
+        }
         if terms.is_empty() {
             return Err(ParseError("empty target expression: use `all`, `tag:KEY=VALUE`, `tag-key:KEY` or `id:NODE_ID`".into()));
         }
         Ok(TargetExpr(terms))
     }
+
+    /// Checks the caps [`TargetExpr::parse`] enforces on an expression built another way (the SSM
+    /// API builds one from `Targets`): terms, values per term and the length of its text.
+    pub fn check_limits(&self) -> Result<(), ParseError> {
+        if self.0.len() > TARGET_TERMS_MAX {
+            return Err(too_many_terms());
+        }
+        for term in &self.0 {
+            let n = match term {
+                TargetTerm::All => 0,
+                TargetTerm::Tag { values, .. } => values.len(),
+                TargetTerm::TagKey(keys) => keys.len(),
+                TargetTerm::Ids(ids) => ids.len(),
+            };
+            if n > TARGET_VALUES_MAX {
+                return Err(too_many_values(n));
+            }
+        }
+        check_expr_len(self.to_string().len())
+    }
+}
+
+fn check_expr_len(len: usize) -> Result<(), ParseError> {
+    if len > TARGET_EXPR_MAX {
+        return Err(ParseError(format!(
+            "the target expression is {len} bytes; the limit is {TARGET_EXPR_MAX}"
+        )));
+    }
+    Ok(())
+}
+
+fn too_many_terms() -> ParseError {
+    ParseError(format!(
+        "the target expression has more than {TARGET_TERMS_MAX} terms; the limit is {TARGET_TERMS_MAX}"
+    ))
+}
+
+fn too_many_values(n: usize) -> ParseError {
+    ParseError(format!(
+        "a target term has {n} values; the limit is {TARGET_VALUES_MAX} per term"
+    ))
+}
+
+/// Splits a term's comma-separated list, refusing more than [`TARGET_VALUES_MAX`] items.
+fn split_values(list: &str) -> Result<Vec<&str>, ParseError> {
+    let n = list.split(',').count();
+    if n > TARGET_VALUES_MAX {
+        return Err(too_many_values(n));
+    }
+    Ok(list.split(',').collect())
 }
 
 fn parse_term(t: &str) -> Result<TargetTerm, ParseError> {
@@ -111,7 +173,10 @@ fn parse_term(t: &str) -> Result<TargetTerm, ParseError> {
             .split_once('=')
             .ok_or_else(|| ParseError(format!("target term {t:?} must be tag:KEY=VALUE")))?;
         check_tag_key(key)?;
-        let values: Vec<String> = values.split(',').map(str::to_owned).collect();
+        let values: Vec<String> = split_values(values)?
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         if values.iter().any(|v| v.is_empty()) {
             return Err(ParseError(format!("target term {t:?} has an empty value")));
         }
@@ -124,15 +189,15 @@ fn parse_term(t: &str) -> Result<TargetTerm, ParseError> {
         });
     }
     if let Some(keys) = t.strip_prefix("tag-key:") {
-        let keys: Vec<String> = keys.split(',').map(str::to_owned).collect();
+        let keys: Vec<String> = split_values(keys)?.into_iter().map(str::to_owned).collect();
         for k in &keys {
             check_tag_key(k)?;
         }
         return Ok(TargetTerm::TagKey(keys));
     }
     if let Some(ids) = t.strip_prefix("id:") {
-        let ids = ids
-            .split(',')
+        let ids = split_values(ids)?
+            .into_iter()
             .map(|s| s.parse::<NodeId>().map_err(|e| ParseError(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(TargetTerm::Ids(ids));
@@ -269,6 +334,55 @@ mod tests {
     }
 
     #[test]
+    fn sizes_are_capped_with_the_limit_named() {
+        let id = |n: usize| format!("mi-{n:017x}");
+        let many_terms = ["tag:k=v"; TARGET_TERMS_MAX + 1].join(" ");
+        let err = TargetExpr::parse(&many_terms).unwrap_err().0;
+        assert!(
+            err.contains(&format!("limit is {TARGET_TERMS_MAX}")),
+            "{err}"
+        );
+        assert!(TargetExpr::parse(&["tag:k=v"; TARGET_TERMS_MAX].join(" ")).is_ok());
+
+        let values: Vec<String> = (0..=TARGET_VALUES_MAX).map(|n| n.to_string()).collect();
+        let err = TargetExpr::parse(&format!("tag:k={}", values.join(",")))
+            .unwrap_err()
+            .0;
+        assert!(
+            err.contains(&format!("limit is {TARGET_VALUES_MAX} per term")),
+            "{err}"
+        );
+        let ids: Vec<String> = (0..=TARGET_VALUES_MAX).map(id).collect();
+        let err = TargetExpr::parse(&format!("id:{}", ids.join(",")))
+            .unwrap_err()
+            .0;
+        assert!(err.contains("per term"), "{err}");
+        let ok_ids: Vec<String> = (0..TARGET_VALUES_MAX).map(id).collect();
+        assert!(TargetExpr::parse(&format!("id:{}", ok_ids.join(","))).is_ok());
+
+        let huge = "all ".repeat(250_000);
+        let err = TargetExpr::parse(&huge).unwrap_err().0;
+        assert!(
+            err.contains(&format!("the limit is {TARGET_EXPR_MAX}")),
+            "{err}"
+        );
+
+        let built = TargetExpr(vec![TargetTerm::All; TARGET_TERMS_MAX + 1]);
+        assert!(built.check_limits().unwrap_err().0.contains("terms"));
+        let built = TargetExpr(vec![TargetTerm::TagKey(vec!["k".into(); 51])]);
+        assert!(built.check_limits().unwrap_err().0.contains("per term"));
+        let long = "v".repeat(TAG_VALUE_MAX);
+        let built = TargetExpr(vec![
+            TargetTerm::Tag {
+                key: "k".into(),
+                values: vec![long; TARGET_VALUES_MAX]
+            };
+            5
+        ]);
+        assert!(built.check_limits().unwrap_err().0.contains("bytes"));
+    }
+
+    #[test]
     fn rates() {
         assert_eq!(Rate::parse_concurrency("50").unwrap(), Rate::Count(50));
         assert_eq!(Rate::parse_concurrency("10%").unwrap(), Rate::Percent(10));
@@ -284,5 +398,65 @@ mod tests {
         assert_eq!(Rate::Percent(50).resolve(5), 3);
         assert_eq!(Rate::Percent(0).resolve(5), 0);
         assert_eq!(Rate::Count(7).resolve(5), 7);
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Fragments that make expressions of every kind, valid and not, short and long.
+        fn fragment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("all".to_owned()),
+                Just("tag:".to_owned()),
+                Just("tag-key:".to_owned()),
+                Just("id:".to_owned()),
+                Just("mi-0123456789abcdef0".to_owned()),
+                Just("env=prod".to_owned()),
+                Just(",".to_owned()),
+                Just("=".to_owned()),
+                Just(" ".to_owned()),
+                Just("\t".to_owned()),
+                (1usize..400).prop_map(|n| "v".repeat(n)),
+                (1usize..60).prop_map(|n| vec!["x"; n].join(",")),
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any text: no panic; what is accepted respects every cap and round-trips.
+            #[test]
+            fn parse_never_panics_and_accepted_round_trips(
+                parts in proptest::collection::vec(fragment(), 0..40),
+                repeat in 1usize..300,
+            ) {
+                let text = parts.concat().repeat(repeat);
+                if let Ok(expr) = TargetExpr::parse(&text) {
+                    prop_assert!(text.len() <= TARGET_EXPR_MAX);
+                    prop_assert!(expr.0.len() <= TARGET_TERMS_MAX);
+                    prop_assert!(expr.check_limits().is_ok());
+                    let shown = expr.to_string();
+                    prop_assert!(shown.len() <= TARGET_EXPR_MAX);
+                    prop_assert_eq!(TargetExpr::parse(&shown), Ok(expr));
+                }
+            }
+
+            /// Well-formed tag terms are accepted exactly while within the caps.
+            #[test]
+            fn well_formed_terms_are_accepted_within_the_caps(
+                terms in 1usize..14,
+                values in 1usize..60,
+                len in 1usize..40,
+            ) {
+                let term = format!("tag:k={}", vec!["v".repeat(len); values].join(","));
+                let text = vec![term; terms].join(" ");
+                let fits = terms <= TARGET_TERMS_MAX
+                    && values <= TARGET_VALUES_MAX
+                    && text.len() <= TARGET_EXPR_MAX;
+                prop_assert_eq!(TargetExpr::parse(&text).is_ok(), fits, "{}", text.len());
+            }
+        }
     }
 }

@@ -226,14 +226,98 @@ pub struct InvalidPolicy(pub String);
 
 /// Checks a user policy: it must parse and validate against [`SCHEMA`] (strict mode), so a typo in an
 /// action, attribute or tag type is found when the policy is stored, not when a request is denied.
+/// Checks its size and nesting first ([`check_shape`]), so no text makes the parser recurse without bound.
 pub fn validate(policy: &str) -> Result<usize, InvalidPolicy> {
-    let set = PolicySet::from_str(policy).map_err(|e| InvalidPolicy(pretty(&e)))?;
-    let result = Validator::new(schema()).validate(&set, ValidationMode::Strict);
-    if !result.validation_passed() {
-        let errors: Vec<String> = result.validation_errors().map(|e| pretty(e)).collect();
-        return Err(InvalidPolicy(errors.join("\n")));
+    check_shape(policy)?;
+    let text = policy.to_owned();
+    on_big_stack(move || {
+        let set = PolicySet::from_str(&text).map_err(|e| InvalidPolicy(pretty(&e)))?;
+        let result = Validator::new(schema()).validate(&set, ValidationMode::Strict);
+        if !result.validation_passed() {
+            let errors: Vec<String> = result.validation_errors().map(|e| pretty(e)).collect();
+            return Err(InvalidPolicy(errors.join("\n")));
+        }
+        Ok(set.policies().count())
+    })
+}
+
+/// Longest policy text a user may carry, in bytes.
+pub const POLICY_TEXT_MAX: usize = 64 * 1024;
+/// Deepest nesting of parentheses, brackets and braces in a policy text, and most `if` expressions
+/// in one policy. Cedar's parser recurses once per level (150 nested parentheses overflowed a 2 MiB
+/// stack); real policies nest a handful deep.
+pub const POLICY_NESTING_MAX: usize = 32;
+/// Stack of the thread that parses and validates a policy text: room for whatever [`check_shape`]
+/// lets through (long operator chains build deep trees too), whatever the caller's stack.
+const POLICY_PARSE_STACK: usize = 64 * 1024 * 1024;
+
+/// Runs `f` (a parse) on a thread with [`POLICY_PARSE_STACK`] bytes of stack; what it returns is
+/// dropped on that thread too unless it is moved out.
+fn on_big_stack<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, InvalidPolicy> + Send + 'static,
+) -> Result<T, InvalidPolicy> {
+    std::thread::Builder::new()
+        .name("policy-parse".into())
+        .stack_size(POLICY_PARSE_STACK)
+        .spawn(f)
+        .map_err(|e| InvalidPolicy(format!("cannot start the policy parser: {e}")))?
+        .join()
+        .map_err(|_| InvalidPolicy("the policy parser failed".into()))?
+}
+
+/// A cheap scan before any parse: the text's size ([`POLICY_TEXT_MAX`]) and its nesting (brackets
+/// of all kinds, and `if` expressions per policy; [`POLICY_NESTING_MAX`]), string literals and `//`
+/// comments skipped.
+pub fn check_shape(policy: &str) -> Result<(), InvalidPolicy> {
+    if policy.len() > POLICY_TEXT_MAX {
+        return Err(InvalidPolicy(format!(
+            "the policy text is {} bytes; the limit is {POLICY_TEXT_MAX}",
+            policy.len()
+        )));
     }
-    Ok(set.policies().count())
+    let deep = |what: &str, at: usize| {
+        InvalidPolicy(format!(
+            "{what} nested deeper than {POLICY_NESTING_MAX} (at byte {at}); the limit is {POLICY_NESTING_MAX}"
+        ))
+    };
+    let b = policy.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let (mut depth, mut ifs, mut i) = (0usize, 0usize, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > POLICY_NESTING_MAX {
+                    return Err(deep("parentheses, brackets or braces are", i));
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b';' if depth == 0 => ifs = 0,
+            b'i' if b.get(i + 1) == Some(&b'f')
+                && (i == 0 || !ident(b[i - 1]))
+                && !b.get(i + 2).is_some_and(|&c| ident(c)) =>
+            {
+                ifs += 1;
+                if ifs > POLICY_NESTING_MAX {
+                    return Err(deep("if-expressions are", i));
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// A diagnostic with its source position and help, as one text.
@@ -441,7 +525,10 @@ impl Authz {
         // A stored policy was validated when stored; if it no longer parses (hand-edited row), the
         // user keeps only its role's permissions and the server says why.
         let text = format!("{ROLE_POLICIES}\n{}", user.policy);
-        let set = PolicySet::from_str(&text).unwrap_or_else(|e| {
+        let parsed = check_shape(&user.policy).and_then(|()| {
+            on_big_stack(move || PolicySet::from_str(&text).map_err(|e| InvalidPolicy(pretty(&e))))
+        });
+        let set = parsed.unwrap_or_else(|e| {
             tracing::error!(user = %user.name, "stored policy does not parse, ignoring it: {e}");
             PolicySet::from_str(ROLE_POLICIES).unwrap_or_default()
         });
@@ -796,6 +883,44 @@ mod tests {
         );
         assert!(!authz.allowed(&p, Action::SendCommand, Resource::Node(&prod)));
         assert!(authz.allowed(&p, Action::SendCommand, Resource::Node(&node(1, "dev"))));
+    }
+
+    /// Texts that overflowed the parser's stack (the process aborted) are refused by name, before
+    /// the parser sees them, on any thread; legal nesting and brackets in strings and comments pass.
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let head = "permit(principal, action, resource) when { ";
+        let parens = format!("{head}{}true{} }};", "(".repeat(150), ")".repeat(150));
+        let ifs = format!(
+            "{head}{}true }};",
+            "if true then ".repeat(2_000) + "true else ".repeat(2_000).as_str()
+        );
+        let brackets = format!(
+            "{head}{}1{} == [] }};",
+            "[".repeat(8_000),
+            "]".repeat(8_000)
+        );
+        for text in [&parens, &ifs, &brackets] {
+            let err = validate(text).unwrap_err().0;
+            assert!(
+                err.contains(&format!("deeper than {POLICY_NESTING_MAX}")),
+                "{err}"
+            );
+        }
+        let huge = format!("// {}\n", "x".repeat(POLICY_TEXT_MAX));
+        assert!(validate(&huge).unwrap_err().0.contains("limit is 65536"));
+        let fine = format!(
+            "// ((((((((((((((((((((((((((((((((((((((((\n{head}\"(((((((((((((((((((((((((((((((((((([[\" == \"x\" && {}true{} }};",
+            "(".repeat(POLICY_NESTING_MAX - 1),
+            ")".repeat(POLICY_NESTING_MAX - 1)
+        );
+        assert_eq!(validate(&fine).unwrap(), 1);
+        let chain = format!("{head}true{} }};", " || true".repeat(6_000));
+        assert_eq!(
+            validate(&chain).unwrap(),
+            1,
+            "long flat chains are no nesting"
+        );
     }
 
     #[test]

@@ -222,7 +222,10 @@ pub async fn send_command(
         (false, true) => resolve_ids(state, &req.node_ids).await?,
         (true, false) => {
             let expr = match opts.target_expr {
-                Some(expr) => expr,
+                Some(expr) => {
+                    expr.check_limits().map_err(|e| bad("InvalidTarget", e.0))?;
+                    expr
+                }
                 None => TargetExpr::parse(targets).map_err(|e| bad("InvalidTarget", e.0))?,
             };
             let found = state.store.resolve_targets(&expr).await?;

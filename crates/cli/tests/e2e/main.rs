@@ -21,6 +21,7 @@ mod faults_spool;
 mod help;
 mod hostile_conn;
 mod hostile_load;
+mod hostile_input;
 mod limits;
 mod node_identity;
 mod output;

@@ -10,9 +10,6 @@ use axum::{Extension, Json};
 use fleetrun_proto::api::{CreateUser, UpdateUser, User, WhoAmI};
 use std::sync::Arc;
 
-/// Longest policy text a user may carry.
-const POLICY_MAX: usize = 64 * 1024;
-
 /// Who the caller is. Anyone authenticated may ask.
 pub async fn whoami(
     State(state): State<Arc<AppState>>,
@@ -130,12 +127,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 }
 
 fn check_policy(policy: &str) -> Result<(), ApiError> {
-    if policy.len() > POLICY_MAX {
-        return Err(ApiError::bad_request(
-            "InvalidPolicy",
-            format!("policy is longer than {POLICY_MAX} bytes"),
-        ));
-    }
+    authz::check_shape(policy)
+        .map_err(|e| ApiError::bad_request("InvalidPolicy", format!("invalid policy: {e}")))?;
     if policy.trim().is_empty() {
         return Ok(());
     }

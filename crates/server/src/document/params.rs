@@ -9,7 +9,9 @@
 
 use super::DocError;
 use super::content::{Content, ParamDef, ParamType, Step};
-use fleetrun_proto::limits::{EXECUTION_TIMEOUT_DEFAULT, EXECUTION_TIMEOUT_MAX, WORKING_DIR_MAX};
+use fleetrun_proto::limits::{
+    EXECUTION_TIMEOUT_DEFAULT, EXECUTION_TIMEOUT_MAX, SCRIPT_MAX, WORKING_DIR_MAX,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -189,7 +191,32 @@ pub fn references(s: &str) -> Vec<String> {
 
 /// `s` with every reference replaced by its parameter's value (a list's values joined by `sep`).
 pub fn substitute(s: &str, values: &BTreeMap<String, Vec<String>>, sep: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+    substitute_within(s, values, sep, usize::MAX).unwrap_or_default()
+}
+
+/// Length of `values` joined by `sep`.
+fn joined_len(values: &[String], sep: &str) -> usize {
+    values.iter().map(String::len).sum::<usize>() + sep.len() * values.len().saturating_sub(1)
+}
+
+/// [`substitute`], or `None` when the result would be longer than `max` bytes: the length is
+/// computed first, so a short text referring many times to a long value is never built.
+fn substitute_within(
+    s: &str,
+    values: &BTreeMap<String, Vec<String>>,
+    sep: &str,
+    max: usize,
+) -> Option<String> {
+    let mut len = s.len();
+    scan(s, |range, name| {
+        if let Some(v) = values.get(name) {
+            len = len.saturating_add(joined_len(v, sep)) - range.len();
+        }
+    });
+    if len > max {
+        return None;
+    }
+    let mut out = String::with_capacity(len);
     let mut last = 0;
     scan(s, |range, name| {
         if let Some(v) = values.get(name) {
@@ -199,7 +226,32 @@ pub fn substitute(s: &str, values: &BTreeMap<String, Vec<String>>, sep: &str) ->
         }
     });
     out.push_str(&s[last..]);
-    out
+    Some(out)
+}
+
+/// Bytes of rendered script still allowed (each line costs its length and a newline); rendering
+/// stops with an error as soon as the script would pass [`SCRIPT_MAX`].
+struct Budget(usize);
+
+impl Budget {
+    fn take(&mut self, len: usize) -> Result<(), DocError> {
+        match self.0.checked_sub(len.saturating_add(1)) {
+            Some(left) => {
+                self.0 = left;
+                Ok(())
+            }
+            None => Err(too_big()),
+        }
+    }
+}
+
+fn too_big() -> DocError {
+    DocError::new(
+        "MaxDocumentSizeExceeded",
+        format!(
+            "the script with its parameters substituted is more than {SCRIPT_MAX} bytes; the limit is {SCRIPT_MAX}"
+        ),
+    )
 }
 
 /// The name `s` refers to when it is nothing but one reference.
@@ -216,7 +268,11 @@ fn whole_reference(s: &str) -> Option<String> {
 
 /// A step's script lines: a line that is only a reference to a list expands to its values (one
 /// line each); a list inside a longer line is its values joined with spaces.
-fn step_lines(step: &Step, values: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+fn step_lines(
+    step: &Step,
+    values: &BTreeMap<String, Vec<String>>,
+    budget: &mut Budget,
+) -> Result<Vec<String>, DocError> {
     let items: Vec<&str> = match step.inputs.get("runCommand") {
         Some(Value::String(s)) => vec![s.as_str()],
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
@@ -225,19 +281,42 @@ fn step_lines(step: &Step, values: &BTreeMap<String, Vec<String>>) -> Vec<String
     let mut lines = Vec::new();
     for item in items {
         match whole_reference(item).and_then(|n| values.get(&n)) {
-            Some(list) => lines.extend(list.iter().cloned()),
-            None => lines.push(substitute(item, values, " ")),
+            Some(list) => {
+                for v in list {
+                    budget.take(v.len())?;
+                    lines.push(v.clone());
+                }
+            }
+            None => {
+                let line = substitute_within(item, values, " ", budget.0).ok_or_else(too_big)?;
+                budget.take(line.len())?;
+                lines.push(line);
+            }
         }
     }
-    lines
+    Ok(lines)
 }
 
-fn input_text(step: &Step, key: &str, values: &BTreeMap<String, Vec<String>>) -> Option<String> {
-    match step.inputs.get(key)? {
-        Value::String(s) => Some(substitute(s, values, " ")),
-        Value::Number(n) => Some(n.to_string()),
+fn input_text(
+    step: &Step,
+    key: &str,
+    values: &BTreeMap<String, Vec<String>>,
+) -> Result<Option<String>, DocError> {
+    Ok(match step.inputs.get(key) {
+        Some(Value::String(s)) => Some(
+            substitute_within(s, values, " ", WORKING_DIR_MAX).ok_or_else(|| {
+                DocError::new(
+                    "InvalidParameters",
+                    format!(
+                        "Step {:?}: {key} is longer than {WORKING_DIR_MAX} bytes with its parameters substituted.",
+                        step.name
+                    ),
+                )
+            })?,
+        ),
+        Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
-    }
+    })
 }
 
 /// Renders the runnable steps with the parameter values (from [`resolve`]).
@@ -247,10 +326,11 @@ pub fn render(
 ) -> Result<Rendered, DocError> {
     let bad = |m: String| DocError::new("InvalidParameters", m);
     let mut parts = Vec::new();
+    let mut budget = Budget(SCRIPT_MAX);
     for step in content.steps.iter().filter(|s| s.runs()) {
-        let lines = step_lines(step, values);
-        let wd = input_text(step, "workingDirectory", values).unwrap_or_default();
-        let timeout = match input_text(step, "timeoutSeconds", values) {
+        let lines = step_lines(step, values, &mut budget)?;
+        let wd = input_text(step, "workingDirectory", values)?.unwrap_or_default();
+        let timeout = match input_text(step, "timeoutSeconds", values)? {
             None => EXECUTION_TIMEOUT_DEFAULT,
             Some(t) if t.trim().is_empty() => EXECUTION_TIMEOUT_DEFAULT,
             Some(t) => match t.trim().parse::<u64>() {
@@ -358,6 +438,42 @@ mod tests {
          "inputs": {"runCommand": "echo {{count}} {{ loud }}", "timeoutSeconds": 30}}
       ]
     }"#;
+
+    /// 10,000 references to a 10 KB value would render 100 MB: rendering stops at the script limit,
+    /// for references inside a line and for list lines alike, without building the long text.
+    #[test]
+    fn rendering_stops_at_the_script_limit() {
+        let line = "{{p}}".repeat(10_000);
+        let doc = format!(
+            r#"{{"schemaVersion": "2.2", "description": "amplify",
+              "parameters": {{"p": {{"type": "String"}}, "l": {{"type": "StringList", "default": ["x"]}}}},
+              "mainSteps": [{{"action": "aws:runShellScript", "name": "s",
+                "inputs": {{"runCommand": ["{line}", "{{{{l}}}}"]}}}}]}}"#
+        );
+        let doc = parse(&doc).unwrap();
+        let big = "v".repeat(10_000);
+        let v = resolve("D", &doc, &given(&[("p", &[big.as_str()])])).unwrap();
+        let e = render(&doc, &v).unwrap_err();
+        assert_eq!(e.code, "MaxDocumentSizeExceeded");
+        assert!(
+            e.message.contains(&format!("limit is {SCRIPT_MAX}")),
+            "{}",
+            e.message
+        );
+
+        let many: Vec<&str> = vec!["0123456789"; SCRIPT_MAX / 10];
+        let v = resolve("D", &doc, &given(&[("p", &["x"]), ("l", &many)])).unwrap();
+        assert_eq!(
+            render(&doc, &v).unwrap_err().code,
+            "MaxDocumentSizeExceeded"
+        );
+
+        let fits: Vec<&str> = vec!["0123456789"; 1_000];
+        let v = resolve("D", &doc, &given(&[("p", &["x"]), ("l", &fits)])).unwrap();
+        let r = render(&doc, &v).unwrap();
+        assert_eq!(r.commands.len(), 1_001);
+        assert!(r.commands.iter().map(|c| c.len() + 1).sum::<usize>() <= SCRIPT_MAX);
+    }
 
     #[test]
     fn parameters_are_checked_and_defaulted() {
@@ -520,5 +636,109 @@ mod tests {
             {"action":"aws:runPowerShellScript","name":"w","precondition":{"StringEquals":["platformType","Windows"]},"inputs":{"runCommand":["x"]}}]}"#).unwrap();
         let r = render(&doc, &BTreeMap::new()).unwrap();
         assert!(r.steps.is_empty() && r.commands[0].starts_with(':'));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever the references and values: the rendered script never passes the script
+            /// limit; past it rendering is refused with MaxDocumentSizeExceeded.
+            #[test]
+            fn rendering_never_exceeds_the_script_limit(
+                refs in 0usize..1_500,
+                value_len in 0usize..30_000,
+                list in proptest::collection::vec(0usize..5_000, 0..200),
+                steps in 1usize..4,
+            ) {
+                let line = "echo {{p}} ".repeat(refs) + "{{ p}}";
+                let step = |i: usize| format!(
+                    r#"{{"action": "aws:runShellScript", "name": "s{i}",
+                        "inputs": {{"runCommand": ["{line}", "{{{{l}}}}"], "workingDirectory": "/{{{{p}}}}"}}}}"#
+                );
+                let doc = format!(
+                    r#"{{"schemaVersion": "2.2", "description": "p",
+                      "parameters": {{"p": {{"type": "String"}}, "l": {{"type": "StringList"}}}},
+                      "mainSteps": [{}]}}"#,
+                    (0..steps).map(step).collect::<Vec<_>>().join(",")
+                );
+                let doc = parse(&doc).unwrap();
+                let value = "v".repeat(value_len);
+                let items: Vec<String> = list.iter().map(|n| "i".repeat(*n)).collect();
+                let mut g = BTreeMap::new();
+                g.insert("p".to_owned(), vec![value]);
+                g.insert("l".to_owned(), items);
+                let v = resolve("D", &doc, &g).unwrap();
+                match render(&doc, &v) {
+                    Ok(r) => {
+                        let n: usize = r.commands.iter().map(|c| c.len() + 1).sum();
+                        // Multi-step wrappers (a few lines per step) may add to the body's lines.
+                        prop_assert!(n <= SCRIPT_MAX + 256 * steps, "{}", n);
+                    }
+                    Err(e) => prop_assert!(
+                        e.code == "MaxDocumentSizeExceeded" || e.message.contains("workingDirectory"),
+                        "{:?}", e
+                    ),
+                }
+            }
+
+            /// Random JSON as a send body: decoding and the body's own checks (targets, rates,
+            /// rendering of the built-in document) never panic.
+            #[test]
+            fn random_send_bodies_never_panic(body in json_value(4)) {
+                if let Ok(req) = serde_json::from_value::<fleetrun_proto::api::SendCommand>(body) {
+                    if let Some(t) = &req.targets {
+                        let _ = fleetrun_proto::targets::TargetExpr::parse(t);
+                    }
+                    for r in [&req.max_concurrency, &req.max_errors].into_iter().flatten() {
+                        let _ = fleetrun_proto::targets::Rate::parse_concurrency(r);
+                        let _ = fleetrun_proto::targets::Rate::parse_errors(r);
+                    }
+                    let doc = parse(super::super::super::RUN_SHELL_SCRIPT_CONTENT).unwrap();
+                    let mut g = req.parameters.clone();
+                    if !req.commands.is_empty() {
+                        g.insert("commands".into(), req.commands.clone());
+                    }
+                    if let Ok(v) = resolve("AWS-RunShellScript", &doc, &g) {
+                        let _ = render(&doc, &v);
+                    }
+                }
+            }
+        }
+
+        /// Arbitrary JSON, biased towards a send body's member names.
+        fn json_value(depth: u32) -> impl Strategy<Value = serde_json::Value> {
+            use serde_json::Value;
+            let key = prop_oneof![
+                Just("targets".to_owned()),
+                Just("node_ids".to_owned()),
+                Just("commands".to_owned()),
+                Just("parameters".to_owned()),
+                Just("max_concurrency".to_owned()),
+                Just("max_errors".to_owned()),
+                Just("document_name".to_owned()),
+                Just("comment".to_owned()),
+                any::<String>(),
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::from),
+                Just(Value::from("all")),
+                Just(Value::from("{{ commands }}")),
+            ];
+            leaf.prop_recursive(depth, 64, 8, move |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                    proptest::collection::btree_map(key.clone(), inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
     }
 }

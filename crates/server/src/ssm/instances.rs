@@ -25,6 +25,33 @@ const LEGACY_KEYS: [&str; 8] = [
     "AssociationStatus",
 ];
 
+/// Most filters in one request (either list; SSM's model sets no maximum, its keys are few: ten
+/// distinct keys cover every sensible query). Bounds the tag-index query built from them.
+const FILTERS_MAX: usize = 10;
+
+/// Refuses more than [`FILTERS_MAX`] filters in either list.
+fn check_filter_counts(req: &DescribeInstanceInformationRequest) -> Result<(), SsmError> {
+    for (member, n) in [
+        (
+            "instanceInformationFilterList",
+            req.instance_information_filter_list
+                .as_ref()
+                .map_or(0, Vec::len),
+        ),
+        ("filters", req.filters.as_ref().map_or(0, Vec::len)),
+    ] {
+        if n > FILTERS_MAX {
+            return Err(SsmError::new(
+                "ValidationException",
+                format!(
+                    "1 validation error detected: Value at '{member}' failed to satisfy constraint: Member must have length less than or equal to {FILTERS_MAX}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn describe_instance_information(
     state: &Arc<AppState>,
     p: &Principal,
@@ -38,6 +65,7 @@ pub async fn describe_instance_information(
     }
     let limit = check_max_results(req.max_results, 5, 50, 10)?;
     let offset = parse_token(req.next_token.as_deref())?;
+    check_filter_counts(&req)?;
     let mut filters: Vec<(String, Vec<String>)> = Vec::new();
     for f in req.instance_information_filter_list.unwrap_or_default() {
         if !LEGACY_KEYS.contains(&f.key.as_str()) {
@@ -203,5 +231,40 @@ mod tests {
             ("Debian GNU/Linux".into(), "12".into())
         );
         assert_eq!(super::platform("Linux"), ("Linux".into(), String::new()));
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    /// 1,001 tag filters built one query past SQLite's expression depth (a 500); now a 400.
+    #[test]
+    fn filter_lists_are_capped_naming_the_limit() {
+        let filters = |n: usize| json!({"Filters": (0..n).map(|i| json!({"Key": format!("tag:k{i}"), "Values": ["v"]})).collect::<Vec<_>>()});
+        let req: DescribeInstanceInformationRequest =
+            serde_json::from_value(filters(1_001)).unwrap();
+        let e = check_filter_counts(&req).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (axum::http::StatusCode::BAD_REQUEST, "ValidationException")
+        );
+        assert!(
+            e.message
+                .contains(&format!("less than or equal to {FILTERS_MAX}")),
+            "{}",
+            e.message
+        );
+        let req: DescribeInstanceInformationRequest =
+            serde_json::from_value(filters(FILTERS_MAX)).unwrap();
+        assert!(check_filter_counts(&req).is_ok());
+        let legacy = json!({"InstanceInformationFilterList": (0..11).map(|_| json!({"key": "PingStatus", "valueSet": ["Online"]})).collect::<Vec<_>>()});
+        let req: DescribeInstanceInformationRequest = serde_json::from_value(legacy).unwrap();
+        assert!(
+            check_filter_counts(&req)
+                .unwrap_err()
+                .message
+                .contains("instanceInformationFilterList")
+        );
     }
 }

@@ -358,39 +358,35 @@ impl Store {
         Ok(out)
     }
 
-    /// Nodes (id, name) matching every term of a target expression, ordered by id.
+    /// Nodes (id, name) matching every term of a target expression, ordered by id. Each term's values
+    /// are bound as one JSON array (`json_each`), so a term's size changes neither the number of SQL
+    /// variables nor the expression depth; callers bound the terms (`TargetExpr::parse` caps them).
     pub async fn resolve_targets(&self, expr: &TargetExpr) -> Result<Vec<(NodeId, String)>> {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT n.node_id, n.name FROM nodes n WHERE n.deregistered_at IS NULL",
         );
+        let json = |v: Vec<&str>| serde_json::Value::from(v).to_string();
         for term in &expr.0 {
             match term {
                 TargetTerm::All => {}
                 TargetTerm::Tag { key, values } => {
                     qb.push(" AND n.node_id IN (SELECT node_id FROM node_tags WHERE key = ");
                     qb.push_bind(key.clone());
-                    qb.push(" AND value IN (");
-                    let mut sep = qb.separated(", ");
-                    for v in values {
-                        sep.push_bind(v.clone());
-                    }
-                    qb.push("))");
+                    qb.push(" AND value IN (SELECT value FROM json_each(");
+                    qb.push_bind(json(values.iter().map(String::as_str).collect()));
+                    qb.push(")))");
                 }
                 TargetTerm::TagKey(keys) => {
-                    qb.push(" AND n.node_id IN (SELECT node_id FROM node_tags WHERE key IN (");
-                    let mut sep = qb.separated(", ");
-                    for k in keys {
-                        sep.push_bind(k.clone());
-                    }
-                    qb.push("))");
+                    qb.push(
+                        " AND n.node_id IN (SELECT node_id FROM node_tags WHERE key IN (SELECT value FROM json_each(",
+                    );
+                    qb.push_bind(json(keys.iter().map(String::as_str).collect()));
+                    qb.push(")))");
                 }
                 TargetTerm::Ids(ids) => {
-                    qb.push(" AND n.node_id IN (");
-                    let mut sep = qb.separated(", ");
-                    for id in ids {
-                        sep.push_bind(id.as_str().to_owned());
-                    }
-                    qb.push(")");
+                    qb.push(" AND n.node_id IN (SELECT value FROM json_each(");
+                    qb.push_bind(json(ids.iter().map(NodeId::as_str).collect()));
+                    qb.push("))");
                 }
             }
         }
@@ -463,4 +459,69 @@ fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool)
             .unwrap_or_default(),
         key_rotated_at: r.get::<Option<i64>, _>("key_rotated_at").map(rfc3339),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store with nodes mi-0..mi-(n-1), node i tagged `env=e{i}` and `k{i % 2}=x`.
+    async fn store_with_nodes(dir: &std::path::Path, n: u128) -> Store {
+        let store = Store::open_sqlite(&dir.join("db.sqlite")).await.unwrap();
+        for i in 0..n {
+            let id = NodeId::from_random(i);
+            sqlx::query(
+                "INSERT INTO nodes (node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at)
+                 VALUES (?, ?, 'h', 'linux', 'x86_64', '[]', '1', '{}', 'a', 0, 0)",
+            )
+            .bind(id.as_str())
+            .bind(format!("n{i}"))
+            .execute(&store.write)
+            .await
+            .unwrap();
+            for (k, v) in [
+                ("env".to_owned(), format!("e{i}")),
+                (format!("k{}", i % 2), "x".into()),
+            ] {
+                sqlx::query("INSERT INTO node_tags (node_id, key, value) VALUES (?, ?, ?)")
+                    .bind(id.as_str())
+                    .bind(k)
+                    .bind(v)
+                    .execute(&store.write)
+                    .await
+                    .unwrap();
+            }
+        }
+        store
+    }
+
+    /// 40,000 values in one term (past SQLite's 32,766 variables when each value was bound on its
+    /// own: "too many SQL variables", a 500) resolve correctly, whatever the term kind.
+    #[tokio::test]
+    async fn terms_of_any_size_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_nodes(dir.path(), 6).await;
+        let mut values: Vec<String> = (0..40_000).map(|i| format!("e{}", i + 1_000)).collect();
+        values.extend(["e1".into(), "e4".into()]);
+        let mut ids: Vec<NodeId> = (10_000..50_000u128).map(NodeId::from_random).collect();
+        ids.extend([1, 2, 4].map(NodeId::from_random));
+        let mut keys: Vec<String> = (0..40_000).map(|i| format!("key{i}")).collect();
+        keys.push("k0".into());
+        let expr = TargetExpr(vec![
+            TargetTerm::Tag {
+                key: "env".into(),
+                values,
+            },
+            TargetTerm::Ids(ids),
+            TargetTerm::TagKey(keys),
+        ]);
+        let found: Vec<NodeId> = store
+            .resolve_targets(&expr)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(found, vec![NodeId::from_random(4)]);
+    }
 }
