@@ -171,7 +171,9 @@ impl Client {
         }
         TransportError {
             message: format!("cannot reach server at {}: {cause}", self.base),
-            retryable: !e.is_builder() && !e.is_decode(),
+            // A body cut short is reported as a decode error too: every failure but a bad request
+            // (the builder's) may pass on a new connection.
+            retryable: !e.is_builder(),
         }
         .into()
     }
