@@ -61,10 +61,9 @@ fn text(buf: &Arc<Mutex<Vec<u8>>>) -> String {
 
 /// Waits (bounded) for a child to exit.
 fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let st = wait_until("the CLI to exit", timeout, || {
+    wait_until("the CLI to exit", timeout, || {
         child.try_wait().expect("try_wait")
-    });
-    st
+    })
 }
 
 fn commands_count(server: &Server) -> usize {
@@ -266,4 +265,115 @@ fn output_follow_survives_a_server_restart_without_dup_or_gap() {
     assert_eq!(text(&out), expected, "follower output (stderr: {stderr})");
     let c = server.wait_terminal(&id, Duration::from_secs(30));
     assert_eq!(c["status"], "Success", "{c}");
+}
+
+/// A TCP relay in front of a plain-HTTP server that loses the first answer: it passes the first
+/// connection's request on, and when the answer starts it closes that connection instead of passing
+/// the answer (the request was stored; the client sees the connection die). Then it waits for
+/// `go` before it accepts again, and relays every later connection whole.
+fn lossy_proxy(
+    upstream: String,
+    lost: std::sync::mpsc::Sender<()>,
+    go: std::sync::mpsc::Receiver<()>,
+) -> String {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr");
+    let pipe = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    };
+    std::thread::spawn(move || {
+        let Ok((client, _)) = listener.accept() else {
+            return;
+        };
+        let mut up = TcpStream::connect(&upstream).expect("connect upstream");
+        pipe(
+            client.try_clone().expect("clone"),
+            up.try_clone().expect("clone"),
+        );
+        let mut first = [0u8; 1];
+        let _ = up.read(&mut first);
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = up.shutdown(Shutdown::Both);
+        let _ = lost.send(());
+        if go.recv().is_err() {
+            return;
+        }
+        for conn in listener.incoming() {
+            let Ok(client) = conn else { return };
+            let Ok(up) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            pipe(
+                client.try_clone().expect("clone"),
+                up.try_clone().expect("clone"),
+            );
+            pipe(up, client);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn cli_send_whose_answer_is_lost_and_server_restarted_runs_once() {
+    let mut server = Server::start_with(&["--insecure-http"]);
+    let _a = Agent::start(&server, "lost-a", &[]);
+    let _b = Agent::start(&server, "lost-b", &[]);
+    server.wait_online("lost-a");
+    server.wait_online("lost-b");
+    let dir = server.scratch("lost");
+    let upstream = server
+        .url
+        .strip_prefix("http://")
+        .expect("plain-HTTP server")
+        .to_owned();
+    let (lost_tx, lost_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let proxy = lossy_proxy(upstream, lost_tx, go_rx);
+    let mut child = server
+        .cli_cmd(&[
+            "send",
+            "--targets",
+            "all",
+            "--",
+            &format!("echo run >> '{}/'$FLEETRUN_NODE_ID", dir.display()),
+        ])
+        .env("FLEETRUN_SERVER", &proxy)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fleetrun send");
+    let out = collect(child.stdout.take().expect("stdout"));
+    let err = collect(child.stderr.take().expect("stderr"));
+    lost_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the first answer to be cut");
+    // The first attempt was stored; the CLI did not hear so. Crash the server before the retry.
+    assert_eq!(commands_count(&server), 1);
+    server.restart();
+    go_tx.send(()).expect("proxy alive");
+    let st = wait_exit(&mut child, Duration::from_secs(60));
+    let stderr = text(&err);
+    assert!(st.success(), "send failed: {stderr}");
+    assert!(stderr.contains("retrying"), "{stderr}");
+    let id = text(&out).trim().to_owned();
+    let c = server.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(c["status"], "Success", "{c}");
+    assert_eq!(
+        commands_count(&server),
+        1,
+        "the retry made no second command"
+    );
+    for name in ["lost-a", "lost-b"] {
+        let node = server.node_id(name);
+        assert_eq!(
+            runs(&dir.join(&node)),
+            1,
+            "{name} ran more or less than once"
+        );
+    }
 }
