@@ -11,6 +11,16 @@ use std::time::Duration;
 
 /// `POST /v1/commands` with an optional `Idempotency-Key`: (status, replayed header, JSON body).
 fn post_send(server: &Server, key: Option<&str>, body: &Value) -> (u16, Option<String>, Value) {
+    post_send_as(server, &server.token, key, body)
+}
+
+/// [`post_send`] with another bearer token.
+fn post_send_as(
+    server: &Server,
+    token: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, Option<String>, Value) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -22,7 +32,7 @@ fn post_send(server: &Server, key: Option<&str>, body: &Value) -> (u16, Option<S
             .expect("client");
         let mut req = client
             .post(format!("{}/v1/commands", server.url))
-            .bearer_auth(&server.token)
+            .bearer_auth(token)
             .json(body);
         if let Some(k) = key {
             req = req.header("Idempotency-Key", k);
@@ -138,6 +148,22 @@ fn same_idempotency_key_twice_makes_one_command_that_runs_once_per_node() {
     assert_eq!(st, 201, "{fresh}");
     assert_ne!(fresh["command_id"], first["command_id"]);
     assert_eq!(commands_count(&server), 2);
+
+    // Keys are per principal: another user's same key is its own, a new command.
+    let user = server.post_json("/v1/users", &json!({"name": "op2", "role": "operator"}));
+    assert_eq!(user.status, 201, "{}", String::from_utf8_lossy(&user.body));
+    let token = server.post_json("/v1/tokens", &json!({"name": "op2", "user": "op2"}));
+    assert_eq!(
+        token.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&token.body)
+    );
+    let token = token.json()["token"].as_str().expect("token").to_owned();
+    let (st, replayed, theirs) = post_send_as(&server, &token, Some("key-1"), &body);
+    assert_eq!((st, replayed), (201, None), "{theirs}");
+    assert_ne!(theirs["command_id"], first["command_id"]);
+    assert_eq!(commands_count(&server), 3);
 }
 
 #[test]
@@ -375,5 +401,42 @@ fn cli_send_whose_answer_is_lost_and_server_restarted_runs_once() {
             1,
             "{name} ran more or less than once"
         );
+    }
+}
+
+#[test]
+fn output_offset_skips_served_bytes_masked_or_not() {
+    let server = Server::start();
+    let _a = Agent::start(&server, "offset-a", &[]);
+    let node = server.node_id("offset-a");
+    server
+        .cli(&["params", "put", "pw", "a-long-secret-value", "--secure"])
+        .ok();
+    let plain = server.send(&["--targets", "all"], "seq 1 50");
+    let masked = server.send(
+        &["--targets", "all"],
+        "echo start; echo 'pw={{param:pw}} end'; seq 1 20",
+    );
+    for id in [&plain, &masked] {
+        server.wait_terminal(id, Duration::from_secs(30));
+        let path = format!("/v1/commands/{id}/invocations/{node}/output/stdout");
+        let full = server.get(&path);
+        assert_eq!(full.status, 200);
+        let full = full.body;
+        if id == &masked {
+            let text = String::from_utf8_lossy(&full);
+            assert!(
+                text.contains("pw=**** end") && !text.contains("secret"),
+                "{text}"
+            );
+        }
+        let len = full.len();
+        for k in [0, 1, 7, 13, len - 1, len, len + 10] {
+            let part = server.get(&format!("{path}?offset={k}"));
+            assert_eq!(part.status, 200);
+            assert_eq!(part.body, full[k.min(len)..].to_vec(), "{id} from byte {k}");
+        }
+        let bad = server.get(&format!("{path}?offset=-1"));
+        assert_eq!(bad.status, 400);
     }
 }
