@@ -440,3 +440,22 @@ fn output_offset_skips_served_bytes_masked_or_not() {
         assert_eq!(bad.status, 400);
     }
 }
+
+#[test]
+fn an_idempotency_key_expires_with_its_command() {
+    let server = Server::start_with(&["--retention", "2s", "--purge-interval", "1s"]);
+    let _a = Agent::start(&server, "expiry-a", &[]);
+    server.wait_online("expiry-a");
+    let body = json!({"targets": "all", "commands": ["true"]});
+    let (st, _, first) = post_send(&server, Some("expiring"), &body);
+    assert_eq!(st, 201, "{first}");
+    let id = first["command_id"].as_str().expect("id").to_owned();
+    server.wait_terminal(&id, Duration::from_secs(30));
+    wait_until("the command to be purged", Duration::from_secs(20), || {
+        (server.get(&format!("/v1/commands/{id}")).status == 404).then_some(())
+    });
+    // Purged with its command: the key makes a new command now.
+    let (st, replayed, again) = post_send(&server, Some("expiring"), &body);
+    assert_eq!((st, replayed), (201, None), "{again}");
+    assert_ne!(again["command_id"], first["command_id"]);
+}
