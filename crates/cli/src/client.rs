@@ -35,6 +35,52 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// A request that got no answer (connection refused, reset or closed before the answer): it may be
+/// worth retrying. `retryable` is false when retrying cannot help (an untrusted certificate).
+#[derive(Debug)]
+pub struct TransportError {
+    /// One line: `cannot reach server at URL: CAUSE`.
+    pub message: String,
+    /// Whether a retry may succeed.
+    pub retryable: bool,
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+/// Whether an error is worth a retry: no answer came (a transport error), or a proxy or a starting
+/// server answered 502, 503 or 504.
+pub fn is_retryable(e: &anyhow::Error) -> bool {
+    if let Some(t) = e.downcast_ref::<TransportError>() {
+        return t.retryable;
+    }
+    e.downcast_ref::<UnavailableError>().is_some()
+}
+
+/// A 502, 503 or 504 answer without an API error body.
+#[derive(Debug)]
+pub struct UnavailableError(String);
+
+impl fmt::Display for UnavailableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UnavailableError {}
+
+/// How many times `fleetrun send` tries a request that got no answer (with one idempotency key).
+pub const SEND_ATTEMPTS: u32 = 8;
+/// First wait between attempts; doubled after each, up to [`RETRY_DELAY_MAX`].
+pub const RETRY_DELAY_FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between attempts.
+pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
+
 /// Which output stream of an invocation.
 #[derive(Clone, Copy, Debug)]
 pub enum Stream {
@@ -97,7 +143,12 @@ impl Client {
             Err(_) => {
                 let text = String::from_utf8_lossy(&body);
                 let text = text.lines().next().unwrap_or("").trim();
-                anyhow::anyhow!("server answered {status}: {text}")
+                let msg = format!("server answered {status}: {text}");
+                if matches!(status.as_u16(), 502..=504) {
+                    UnavailableError(msg).into()
+                } else {
+                    anyhow::anyhow!(msg)
+                }
             }
         })
     }
@@ -109,12 +160,22 @@ impl Client {
             cause = next;
         }
         if is_untrusted_certificate(&e) {
-            return anyhow::anyhow!(
-                "cannot reach server at {}: its TLS certificate is not trusted ({cause}); give the server's CA with --ca-cert FILE or FLEETRUN_CA_CERT (a fleetrun server keeps it in DATA_DIR/ca.pem), or `ca_cert` in the config file",
-                self.base
-            );
+            return TransportError {
+                message: format!(
+                    "cannot reach server at {}: its TLS certificate is not trusted ({cause}); give the server's CA with --ca-cert FILE or FLEETRUN_CA_CERT (a fleetrun server keeps it in DATA_DIR/ca.pem), or `ca_cert` in the config file",
+                    self.base
+                ),
+                retryable: false,
+            }
+            .into();
         }
-        anyhow::anyhow!("cannot reach server at {}: {cause}", self.base)
+        TransportError {
+            message: format!("cannot reach server at {}: {cause}", self.base),
+            // A body cut short is reported as a decode error too: every failure but a bad request
+            // (the builder's) may pass on a new connection.
+            retryable: !e.is_builder(),
+        }
+        .into()
     }
 
     async fn json<T: DeserializeOwned>(&self, req: RequestBuilder) -> anyhow::Result<T> {
@@ -181,10 +242,39 @@ impl Client {
         self.json(req).await
     }
 
-    /// `POST /v1/commands`.
-    pub async fn send_command(&self, body: &SendCommand) -> anyhow::Result<Command> {
-        self.json(self.request(Method::POST, "/v1/commands").json(body))
-            .await
+    /// `POST /v1/commands` with an `Idempotency-Key`, tried up to [`SEND_ATTEMPTS`] times while no
+    /// answer comes (the server restarting, a connection cut): every attempt carries the same key,
+    /// so one that was stored but whose answer was lost is answered, not run again.
+    pub async fn send_command(&self, body: &SendCommand, key: &str) -> anyhow::Result<Command> {
+        let mut delay = RETRY_DELAY_FIRST;
+        let started = std::time::Instant::now();
+        let mut attempt = 1;
+        loop {
+            let req = self
+                .request(Method::POST, "/v1/commands")
+                .header(fleetrun_proto::limits::IDEMPOTENCY_KEY_HEADER, key)
+                .json(body);
+            match self.json(req).await {
+                Ok(cmd) => return Ok(cmd),
+                Err(e) if is_retryable(&e) && attempt < SEND_ATTEMPTS => {
+                    eprintln!(
+                        "{e}; retrying in {:.1} s (attempt {}/{SEND_ATTEMPTS}, idempotency key {key})",
+                        delay.as_secs_f64(),
+                        attempt + 1
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_DELAY_MAX);
+                    attempt += 1;
+                }
+                Err(e) if is_retryable(&e) => {
+                    return Err(e.context(format!(
+                        "gave up after {attempt} attempts over {} s; the command may have been accepted: run the same `fleetrun send` again with --idempotency-key {key} to get it without running it twice",
+                        started.elapsed().as_secs()
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `GET /v1/commands?limit=N`, newest first.
@@ -379,21 +469,24 @@ impl Client {
         })
     }
 
-    /// `GET .../output/{stdout,stderr}[?follow=true]`: the raw bytes, to be read chunk by chunk.
+    /// `GET .../output/{stdout,stderr}?offset=N[&follow=true]`: the raw bytes from byte `offset` of
+    /// what the route serves, to be read chunk by chunk.
     pub async fn output(
         &self,
         id: &CommandId,
         node: &NodeId,
         stream: Stream,
         follow: bool,
+        offset: u64,
     ) -> anyhow::Result<Output<'_>> {
         let name = match stream {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
         };
-        let mut path = format!("/v1/commands/{id}/invocations/{node}/output/{name}");
+        let mut path =
+            format!("/v1/commands/{id}/invocations/{node}/output/{name}?offset={offset}");
         if follow {
-            path.push_str("?follow=true");
+            path.push_str("&follow=true");
         }
         let resp = self.send(self.request(Method::GET, &path)).await?;
         Ok(Output { client: self, resp })

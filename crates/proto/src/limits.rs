@@ -49,3 +49,44 @@ pub const MEMORY_LIMIT_MAX_MB: u64 = 1024 * 1024;
 pub const CPU_LIMIT_MIN_PERCENT: u32 = 1;
 /// Largest CPU limit accepted, in percent of one core (1024 cores).
 pub const CPU_LIMIT_MAX_PERCENT: u32 = 102_400;
+
+/// The header of `POST /v1/commands` that makes a send idempotent: a retry with the same key and the
+/// same body answers the command the first attempt made (200, `Idempotent-Replayed: true`) instead
+/// of making another.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// Longest idempotency key accepted, in bytes (visible ASCII only, 0x21 to 0x7E).
+pub const IDEMPOTENCY_KEY_MAX: usize = 128;
+
+/// Checks an idempotency key: 1 to [`IDEMPOTENCY_KEY_MAX`] visible ASCII characters. The error names
+/// what is wrong and the limit.
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX {
+        return Err(format!(
+            "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} characters, got {}",
+            key.len()
+        ));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "Idempotency-Key must be visible ASCII characters (0x21 to 0x7E), without spaces"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod idempotency_tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        assert!(check_idempotency_key("0b7c-Abc_1.x").is_ok());
+        assert!(check_idempotency_key(&"k".repeat(IDEMPOTENCY_KEY_MAX)).is_ok());
+        let long = check_idempotency_key(&"k".repeat(IDEMPOTENCY_KEY_MAX + 1)).unwrap_err();
+        assert!(long.contains("1 to 128"), "{long}");
+        assert!(check_idempotency_key("").is_err());
+        assert!(check_idempotency_key("a b").is_err());
+        assert!(check_idempotency_key("é").is_err());
+    }
+}

@@ -5,7 +5,7 @@ use crate::authz::{Action, Denied, Principal, Resource};
 use crate::clock::now_ms;
 use crate::dispatch;
 use crate::document;
-use crate::store::{CommandRow, CommandSpec, NewCommand, StoreError};
+use crate::store::{CommandRow, CommandSpec, IdempotencyKey, InsertError, NewCommand, StoreError};
 use crate::{AppState, secrets};
 use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
 use fleetrun_proto::limits::*;
@@ -26,6 +26,25 @@ pub struct SendOptions {
     pub allow_no_targets: bool,
     /// SSM-only members to keep and show back (JSON object).
     pub ssm_extra: Option<serde_json::Value>,
+    /// The send's idempotency key (already checked), if the caller gave one.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// An idempotency key as a send gets it from its API.
+pub struct Idempotency {
+    /// The key, prefixed with its API (`native:` or `ssm:`), so the two never meet.
+    pub key: String,
+    /// Hex SHA-256 of the request (a canonical form of its body): the same key with another request
+    /// is refused.
+    pub request_hash: String,
+}
+
+/// A send's answer: the command, and whether an earlier send with the same idempotency key made it.
+pub struct Sent {
+    /// The command (without invocations).
+    pub command: Command,
+    /// True when this is a retry answered with the command the key already made (nothing new ran).
+    pub replayed: bool,
 }
 
 /// Why a send was refused.
@@ -41,6 +60,13 @@ pub enum SendError {
     },
     /// The principal may not send to some of the targets (named in the refusal); nothing was created.
     Denied(Denied),
+    /// The idempotency key was used before for another request (nothing was created).
+    KeyMismatch {
+        /// The command the key made.
+        command_id: CommandId,
+        /// One line naming the mismatch.
+        message: String,
+    },
     /// Storage failed.
     Store(StoreError),
 }
@@ -66,7 +92,13 @@ pub async fn send_command(
     principal: &Principal,
     req: SendCommand,
     opts: SendOptions,
-) -> Result<Command, SendError> {
+) -> Result<Sent, SendError> {
+    // A retry of a send that was stored (its answer may have been lost) gets that command back.
+    if let Some(idem) = &opts.idempotency
+        && let Some(sent) = replay(state, principal, idem).await?
+    {
+        return Ok(sent);
+    }
     let bad = |code: &'static str, message: String| SendError::Invalid { code, message };
     let document_name = req
         .document_name
@@ -246,6 +278,11 @@ pub async fn send_command(
         .unwrap_or_else(|| serde_json::json!({}));
     ssm_extra["Plugins"] = serde_json::json!(plugins);
     let command_id = CommandId::from_random(secrets::random_u128());
+    let idempotency = opts.idempotency.as_ref().map(|i| IdempotencyKey {
+        principal: principal.name().to_owned(),
+        key: i.key.clone(),
+        request_hash: i.request_hash.clone(),
+    });
     let new = NewCommand {
         command_id: command_id.clone(),
         document_name,
@@ -268,8 +305,23 @@ pub async fn send_command(
         },
         invocations,
         ssm_extra: Some(ssm_extra),
+        idempotency,
     };
-    state.store.insert_command(&new).await?;
+    match state.store.insert_command(&new).await {
+        Ok(()) => {}
+        Err(InsertError::DuplicateKey) => {
+            // A concurrent send with the same key committed first: answer as its retry.
+            if let Some(idem) = &opts.idempotency
+                && let Some(sent) = replay(state, principal, idem).await?
+            {
+                return Ok(sent);
+            }
+            return Err(SendError::Store(StoreError::Missing(
+                "command of a duplicate idempotency key",
+            )));
+        }
+        Err(InsertError::Store(e)) => return Err(SendError::Store(e)),
+    }
     let row = CommandRow {
         command_id: command_id.clone(),
         target_count: new.invocations.len() as u64,
@@ -287,7 +339,52 @@ pub async fn send_command(
             "command vanished after insert",
         )))?;
     tracing::info!(%command_id, targets = cmd.target_count, "command accepted");
-    Ok(cmd)
+    Ok(Sent {
+        command: cmd,
+        replayed: false,
+    })
+}
+
+/// The command an idempotency key of this principal already made, if any: refused when the key came
+/// with another request, or when the principal may no longer send to the command's nodes.
+async fn replay(
+    state: &AppState,
+    principal: &Principal,
+    idem: &Idempotency,
+) -> Result<Option<Sent>, SendError> {
+    let Some((cmd, hash)) = state
+        .store
+        .command_by_idempotency_key(principal.name(), &idem.key)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if !secrets::hashes_equal(&hash, &idem.request_hash) {
+        return Err(SendError::KeyMismatch {
+            message: format!(
+                "this idempotency key was already used for command {} with a different request; use a new key for a new command",
+                cmd.command_id
+            ),
+            command_id: cmd.command_id,
+        });
+    }
+    if state.authz.on_every_node(principal, Action::SendCommand) != Some(true) {
+        let nodes = state.store.command_node_refs(&cmd.command_id).await?;
+        state
+            .authz
+            .require_nodes(principal, Action::SendCommand, &nodes)
+            .map_err(SendError::Denied)?;
+    }
+    tracing::info!(command_id = %cmd.command_id, "idempotent retry answered with the stored command");
+    Ok(Some(Sent {
+        command: cmd,
+        replayed: true,
+    }))
+}
+
+/// Hex SHA-256 of a request in canonical form (serde_json's serialization of the parsed body).
+pub fn request_hash(req: &impl serde::Serialize) -> String {
+    secrets::hash(&serde_json::to_string(req).unwrap_or_default())
 }
 
 /// Refuses the whole send unless the principal may send to every target node. Tags are loaded only

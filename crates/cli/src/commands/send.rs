@@ -66,6 +66,11 @@ pub struct Args {
     /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
     #[arg(long)]
     wait: bool,
+    /// Key that makes the send idempotent: a send with a key already used (with the same request)
+    /// answers the command it made and runs nothing again [default: a new random key; every
+    /// retry of this invocation after a lost connection reuses it]
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     /// Read the script from a file, one command per line (`-` for stdin; AWS-RunShellScript only)
     #[arg(long, value_name = "PATH", conflicts_with = "script")]
     file: Option<PathBuf>,
@@ -76,9 +81,17 @@ pub struct Args {
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     let wait = args.wait;
+    let key = match args.idempotency_key.clone() {
+        Some(k) => {
+            limits::check_idempotency_key(&k)
+                .map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
+            k
+        }
+        None => format!("{:032x}", fleetrun_server::secrets::random_u128()),
+    };
     let body = build(args)?;
     let client = ctx.client()?;
-    let cmd = client.send_command(&body).await?;
+    let cmd = client.send_command(&body, &key).await?;
     if !wait {
         if ctx.format == Format::Json {
             render::print_json(&cmd)?;

@@ -22,6 +22,7 @@ mod help;
 mod hostile_conn;
 mod hostile_load;
 mod hostile_input;
+mod hostile_retry;
 mod limits;
 mod node_identity;
 mod output;

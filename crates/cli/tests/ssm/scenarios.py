@@ -161,6 +161,45 @@ def send_by_tag_with_boto3():
 
 
 @scenario
+def a_send_command_retried_by_botocore_after_a_lost_answer_runs_once():
+    # SendCommand has no ClientToken; botocore sends amz-sdk-invocation-id, the same on every retry
+    # of one call, and fleetrun takes it as the idempotency key. The first attempt really reaches the
+    # server; its answer is dropped as if the connection died, and botocore retries.
+    c = boto3.client("ssm", endpoint_url=ENDPOINT, region_name=REGION,
+                     config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+    seen = []
+
+    def lose_first_answer(request, **_):
+        h = lambda k: (lambda v: v.decode() if isinstance(v, bytes) else v)(request.headers.get(k))
+        seen.append((h("amz-sdk-invocation-id"), h("amz-sdk-request")))
+        if len(seen) == 1:
+            raw = c._endpoint.http_session.send(request)
+            seen.append(json.loads(raw.content)["Command"]["CommandId"])
+            from botocore.exceptions import ConnectionClosedError
+            raise ConnectionClosedError(endpoint_url=request.url)
+        return None
+
+    c.meta.events.register("before-send.ssm.SendCommand", lose_first_answer)
+    marker = os.path.join(SCRATCH, "ssm-idem-" + uuid.uuid4().hex)
+    cmd = c.send_command(InstanceIds=[WEB1], **shell([f"echo run >> {marker}"]), Comment="retried")["Command"]
+    (first_id, first_req), stored_id, (second_id, second_req) = seen
+    assert first_id and first_id == second_id, seen
+    assert "attempt=1" in first_req and "attempt=2" in second_req, seen
+    assert cmd["CommandId"] == stored_id, (cmd["CommandId"], stored_id)
+    inv = wait_status(stored_id, WEB1, {"Success", "Failed"})
+    assert inv["Status"] == "Success", inv
+    with open(marker) as f:
+        assert f.read() == "run\n", "the retried SendCommand ran more or less than once"
+    # The same invocation id with another request is refused, as SSM refuses a reused ClientToken.
+    def same_id(context, **_):
+        context.setdefault("retries", {})["invocation-id"] = first_id
+    other = client()
+    other.meta.events.register("before-call.ssm.SendCommand", same_id)
+    code, msg = error_code(other.send_command, InstanceIds=[WEB1], **shell(["echo other"]))
+    assert code == "IdempotentParameterMismatch" and stored_id in msg, (code, msg)
+
+
+@scenario
 def list_commands_and_invocations_paginate_past_50():
     sent = set()
     for i in range(55):

@@ -5,34 +5,81 @@ use crate::AppState;
 use crate::audit::CreatedCommand;
 use crate::authz::{self, Action, Principal};
 use crate::dispatch::DispatchMsg;
-use crate::send::{SendError, SendOptions};
+use crate::send::{Idempotency, SendError, SendOptions, Sent};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use fleetrun_proto::api::{CancelCommand, Command, Invocation, SendCommand};
+use fleetrun_proto::limits::{IDEMPOTENCY_KEY_HEADER, check_idempotency_key};
 use fleetrun_proto::{CommandId, NodeId};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Accepts a command (see [`crate::send`]). Answers 201 with the command.
+/// Accepts a command (see [`crate::send`]). Answers 201 with the command; with an `Idempotency-Key`
+/// header that this principal already sent with the same body, 200 with the command that key made
+/// (and `Idempotent-Replayed: true`); the same key with another body is refused with 422
+/// `IdempotencyKeyMismatch`.
 pub async fn send(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<SendCommand>,
-) -> Result<(StatusCode, Extension<CreatedCommand>, Json<Command>), ApiError> {
-    match crate::send::send_command(&state, &p, req, SendOptions::default()).await {
-        Ok(cmd) => Ok((
-            StatusCode::CREATED,
-            Extension(CreatedCommand(cmd.command_id.to_string())),
-            Json(cmd),
-        )),
+) -> Result<Response, ApiError> {
+    let idempotency = idempotency_key(&headers)?.map(|key| Idempotency {
+        key: format!("native:{key}"),
+        request_hash: crate::send::request_hash(&req),
+    });
+    let opts = SendOptions {
+        idempotency,
+        ..SendOptions::default()
+    };
+    match crate::send::send_command(&state, &p, req, opts).await {
+        Ok(Sent { command, replayed }) => {
+            let created = Extension(CreatedCommand(command.command_id.to_string()));
+            Ok(if replayed {
+                (
+                    StatusCode::OK,
+                    [(IDEMPOTENT_REPLAYED, "true")],
+                    created,
+                    Json(command),
+                )
+                    .into_response()
+            } else {
+                (StatusCode::CREATED, created, Json(command)).into_response()
+            })
+        }
         Err(SendError::Invalid { code, message }) => Err(ApiError::bad_request(code, message)),
+        Err(SendError::KeyMismatch { message, .. }) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "IdempotencyKeyMismatch",
+            message,
+        )),
         Err(SendError::Denied(d)) => Err(d.into()),
         Err(SendError::Store(e)) => Err(e.into()),
     }
+}
+
+/// The header a replayed send's answer carries.
+const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The `Idempotency-Key` header, checked: at most one, 1 to 128 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let bad = |m: String| ApiError::bad_request("InvalidIdempotencyKey", m);
+    let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(bad("Idempotency-Key is given more than once".into()));
+    }
+    let key = value.to_str().map_err(|_| {
+        bad("Idempotency-Key must be visible ASCII characters (0x21 to 0x7E)".into())
+    })?;
+    check_idempotency_key(key).map_err(bad)?;
+    Ok(Some(key.to_owned()))
 }
 
 /// Query of `GET /v1/commands`.

@@ -30,6 +30,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 pub struct OutputQuery {
     #[serde(default)]
     follow: bool,
+    /// Skip the first `offset` bytes of what this route serves (a follower resuming after a lost
+    /// connection asks from the byte it had). Beyond the end: nothing (or, with `follow`, what comes
+    /// past it).
+    #[serde(default)]
+    offset: u64,
 }
 
 type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
@@ -68,12 +73,18 @@ pub async fn get(
         ));
     }
     let masker = crate::params::masker_for(&state, &cmd).await?;
+    // Unmasked, served bytes are stored bytes: start there. Masked, a value may change length: mask
+    // from the start and skip what was served.
+    let (from, skip) = match masker {
+        None => (q.offset, 0),
+        Some(_) => (0, q.offset),
+    };
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let r = if q.follow {
-            follow(&state, &cmd, &node, pipe, &tx).await
+            follow(&state, &cmd, &node, pipe, from, &tx).await
         } else {
-            copy_stored(&state, &cmd, &node, pipe, 0, &tx)
+            copy_stored(&state, &cmd, &node, pipe, from, &tx)
                 .await
                 .map(|_| ())
         };
@@ -86,7 +97,7 @@ pub async fn get(
         None => Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         })),
-        Some(m) => Body::from_stream(masked(rx, MaskStream::new(m))),
+        Some(m) => Body::from_stream(skipped(masked(rx, MaskStream::new(m)), skip)),
     };
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
@@ -106,6 +117,29 @@ fn masked(
             Some(Err(e)) => Some((Err(e), None)),
             None => Some((Ok(Bytes::from(stream.finish())), None)),
         }
+    })
+}
+
+/// The bytes of `stream` past its first `skip`.
+fn skipped(
+    stream: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>>,
+    skip: u64,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    let mut left = skip;
+    stream.filter_map(move |item| {
+        let out = match item {
+            Ok(chunk) if left >= chunk.len() as u64 => {
+                left -= chunk.len() as u64;
+                None
+            }
+            Ok(chunk) => {
+                let at = left as usize;
+                left = 0;
+                Some(Ok(chunk.slice(at..)))
+            }
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(out)
     })
 }
 
@@ -161,10 +195,11 @@ async fn follow(
     cmd: &CommandId,
     node: &NodeId,
     pipe: Pipe,
+    from: u64,
     tx: &Tx,
 ) -> Result<(), String> {
     let key = (cmd.clone(), node.clone());
-    let mut pos = 0u64;
+    let mut pos = from;
     loop {
         let inv = state
             .store

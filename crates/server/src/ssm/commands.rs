@@ -9,7 +9,7 @@ use crate::AppState;
 use crate::authz::{self, Action, Principal};
 use crate::clock::parse_rfc3339_ms;
 use crate::dispatch::DispatchMsg;
-use crate::send::{SendError, SendOptions};
+use crate::send::{Idempotency, SendError, SendOptions};
 use crate::store::{CommandMeta, CommandQuery};
 use fleetrun_proto::api::{Command, Invocation, SendCommand};
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
@@ -27,10 +27,56 @@ const TRUNCATED: &str = "--output truncated--";
 const STDOUT_CONTENT_MAX: usize = 24_000;
 const STDERR_CONTENT_MAX: usize = 8_000;
 
+/// The header every AWS SDK sends with one value per operation call, the same across its retries of
+/// that call (botocore: `amz-sdk-invocation-id`, a UUID).
+const SDK_INVOCATION_ID: &str = "amz-sdk-invocation-id";
+
+/// SendCommand's idempotency key. SSM's SendCommand has no ClientToken member, but SDKs retry it
+/// on connection errors: a caller's explicit `Idempotency-Key` header (checked as on the native
+/// API), else the SDK's `amz-sdk-invocation-id` (when usable as a key), makes such a retry answer
+/// the command its first attempt made. The request hash is over the parsed JSON body.
+pub fn idempotency(
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Result<Option<Idempotency>, SsmError> {
+    use fleetrun_proto::limits::{IDEMPOTENCY_KEY_HEADER, check_idempotency_key};
+    let explicit: Vec<_> = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter().collect();
+    let key = match explicit.as_slice() {
+        [] => headers
+            .get(SDK_INVOCATION_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| check_idempotency_key(k).is_ok())
+            .map(|k| format!("ssm:sdk:{k}")),
+        [one] => {
+            let k = one.to_str().map_err(|_| {
+                SsmError::new(
+                    "ValidationException",
+                    "Idempotency-Key must be visible ASCII characters (0x21 to 0x7E)",
+                )
+            })?;
+            check_idempotency_key(k).map_err(|m| SsmError::new("ValidationException", m))?;
+            Some(format!("ssm:key:{k}"))
+        }
+        _ => {
+            return Err(SsmError::new(
+                "ValidationException",
+                "Idempotency-Key is given more than once",
+            ));
+        }
+    };
+    Ok(key.map(|key| Idempotency {
+        key,
+        request_hash: crate::send::request_hash(
+            &serde_json::from_slice::<Value>(body).unwrap_or(Value::Null),
+        ),
+    }))
+}
+
 pub async fn send_command(
     state: &Arc<AppState>,
     p: &Principal,
     req: SendCommandRequest,
+    idempotency: Option<Idempotency>,
 ) -> SsmResult {
     let v = |m: String| SsmError::new("ValidationException", m);
     let name = req.document_name.clone().ok_or_else(|| v("1 validation error detected: Value null at 'documentName' failed to satisfy constraint: Member must not be null".into()))?;
@@ -146,11 +192,16 @@ pub async fn send_command(
         target_expr,
         allow_no_targets: true,
         ssm_extra: Some(extra.clone()),
+        idempotency,
     };
     let cmd = crate::send::send_command(state, p, send, opts)
         .await
+        .map(|sent| sent.command)
         .map_err(|e| match e {
             SendError::Store(e) => SsmError::internal(e),
+            SendError::KeyMismatch { message, .. } => {
+                SsmError::new("IdempotentParameterMismatch", message)
+            }
             SendError::Denied(d) => d.into(),
             SendError::Invalid { code, message } => SsmError::new(
                 match code {

@@ -240,7 +240,10 @@ async fn dispatch(
         ));
     };
     match op {
-        "SendCommand" => commands::send_command(state, p, parse(body)?).await,
+        "SendCommand" => {
+            let idempotency = commands::idempotency(headers, body)?;
+            commands::send_command(state, p, parse(body)?, idempotency).await
+        }
         "ListCommands" => commands::list_commands(state, p, parse(body)?).await,
         "ListCommandInvocations" => {
             commands::list_command_invocations(state, p, parse(body)?).await

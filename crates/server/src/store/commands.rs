@@ -76,6 +76,46 @@ pub struct NewCommand {
     pub invocations: Vec<(NodeId, String)>,
     /// Members only the SSM-compatible API shows (its Targets, DocumentVersion, OutputS3*...).
     pub ssm_extra: Option<serde_json::Value>,
+    /// The send's idempotency key, if it had one.
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// An idempotency key of a send, scoped to its principal.
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    /// The principal (user name) the key belongs to.
+    pub principal: String,
+    /// The key, prefixed with its API (`native:` or `ssm:`).
+    pub key: String,
+    /// Hex SHA-256 of the request it came with.
+    pub request_hash: String,
+}
+
+/// Why a command was not inserted.
+#[derive(Debug)]
+pub enum InsertError {
+    /// Its idempotency key is already stored (a concurrent send with the same key won).
+    DuplicateKey,
+    /// Storage failed.
+    Store(super::StoreError),
+}
+
+impl From<super::StoreError> for InsertError {
+    fn from(e: super::StoreError) -> Self {
+        InsertError::Store(e)
+    }
+}
+
+impl From<sqlx::Error> for InsertError {
+    fn from(e: sqlx::Error) -> Self {
+        InsertError::Store(e.into())
+    }
+}
+
+impl From<serde_json::Error> for InsertError {
+    fn from(e: serde_json::Error) -> Self {
+        InsertError::Store(e.into())
+    }
 }
 
 /// The parts of a command row the dispatcher needs.
@@ -169,15 +209,16 @@ impl Finish {
 
 impl Store {
     /// Creates a command and all its invocations (Pending) in one transaction.
-    pub async fn insert_command(&self, c: &NewCommand) -> Result<()> {
+    pub async fn insert_command(&self, c: &NewCommand) -> Result<(), InsertError> {
         let spec = &c.spec;
         let mut tx = self.write.begin().await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
                 delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
                 memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count,
-                ssm_extra, document_version, parameters)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?, ?, ?)",
+                ssm_extra, document_version, parameters, idempotency_principal, idempotency_key,
+                idempotency_hash)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(c.command_id.as_str())
         .bind(&c.document_name)
@@ -198,8 +239,17 @@ impl Store {
         .bind(c.ssm_extra.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into()))
         .bind(&c.document_version)
         .bind(serde_json::to_string(&c.parameters)?)
+        .bind(c.idempotency.as_ref().map(|k| k.principal.as_str()))
+        .bind(c.idempotency.as_ref().map(|k| k.key.as_str()))
+        .bind(c.idempotency.as_ref().map(|k| k.request_hash.as_str()))
         .execute(&mut *tx)
-        .await?;
+        .await;
+        match inserted {
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.idempotency.is_some() => {
+                return Err(InsertError::DuplicateKey);
+            }
+            r => r?,
+        };
         for (chunk_no, chunk) in c.invocations.chunks(200).enumerate() {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO invocations (command_id, node_id, seq, node_name, status, status_details) ",
@@ -216,6 +266,24 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The command a principal's idempotency key made, with the hash of the request it came with.
+    pub async fn command_by_idempotency_key(
+        &self,
+        principal: &str,
+        key: &str,
+    ) -> Result<Option<(Command, String)>> {
+        let row = sqlx::query(
+            "SELECT * FROM commands WHERE idempotency_principal = ? AND idempotency_key = ?",
+        )
+        .bind(principal)
+        .bind(key)
+        .fetch_optional(&self.read)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: String = row.try_get("idempotency_hash")?;
+        Ok(Some((command_from_row(&row)?, hash)))
     }
 
     /// Commands, newest first, without invocations.
