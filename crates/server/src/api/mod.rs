@@ -5,6 +5,7 @@ mod activations;
 mod audit;
 mod commands;
 mod documents;
+mod errors;
 mod nodes;
 mod output;
 mod params;
@@ -93,11 +94,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audit/verify", post(audit::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
-        .route("/", post(crate::ssm::handle))
+        .route(
+            "/",
+            post(crate::ssm::handle).layer(axum::extract::DefaultBodyLimit::max(
+                crate::ssm::BODY_MAX,
+            )),
+        )
         .route("/v1/health", get(health))
         .route("/v1/agent/connect", get(crate::channel::connect))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
+        .layer(middleware::from_fn(errors::json_errors))
         .with_state(state)
 }
 

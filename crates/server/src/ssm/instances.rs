@@ -8,7 +8,7 @@ use crate::AppState;
 use crate::authz::{Action, Principal, Resource};
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::Node;
-use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use fleetrun_proto::targets::{TargetExpr, TargetTerm, shown};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,6 +24,9 @@ const LEGACY_KEYS: [&str; 8] = [
     "ResourceType",
     "AssociationStatus",
 ];
+
+/// Most filters one DescribeInstanceInformation takes (both lists together).
+const FILTERS_MAX: usize = 50;
 
 pub async fn describe_instance_information(
     state: &Arc<AppState>,
@@ -43,7 +46,7 @@ pub async fn describe_instance_information(
         if !LEGACY_KEYS.contains(&f.key.as_str()) {
             return Err(SsmError::new(
                 "InvalidFilterKey",
-                format!("Filter key {} is not valid.", f.key),
+                format!("Filter key {} is not valid.", shown(&f.key)),
             ));
         }
         filters.push((f.key, f.value_set));
@@ -55,12 +58,22 @@ pub async fn describe_instance_information(
         if !ok {
             return Err(SsmError::new(
                 "InvalidFilterKey",
-                format!("Filter key {} is not valid.", f.key),
+                format!("Filter key {} is not valid.", shown(&f.key)),
             ));
         }
         filters.push((f.key, f.values));
     }
+    if filters.len() > FILTERS_MAX {
+        return Err(SsmError::new(
+            "InvalidFilter",
+            format!(
+                "{} filters given; at most {FILTERS_MAX} are accepted.",
+                filters.len()
+            ),
+        ));
+    }
     for (key, values) in &filters {
+        super::check_target_key(key, "filters.member.key", values, "filters.member.values")?;
         if values.is_empty() || values.len() > 100 {
             return Err(SsmError::new(
                 "InvalidInstanceInformationFilterValue",

@@ -17,6 +17,7 @@ use crate::authz::{CheckError, Denied, Principal};
 use crate::clock::now_ms;
 use crate::store::AuditEntry;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -85,6 +86,9 @@ impl From<crate::store::StoreError> for SsmError {
 
 type SsmResult = Result<Value, SsmError>;
 
+/// Largest SSM request body read (2 MiB: SSM's largest member, a document's content, is 64 KB).
+pub const BODY_MAX: usize = 2 * 1024 * 1024;
+
 /// `POST /`: one SSM operation, audited (as `ssm.<Operation>`) before it is answered.
 pub async fn handle(
     State(state): State<Arc<AppState>>,
@@ -92,7 +96,7 @@ pub async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let op: String = headers
@@ -109,6 +113,16 @@ pub async fn handle(
         source: addr.to_string(),
         action: format!("ssm.{op}"),
         ..AuditEntry::default()
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            // Too large, or cut off: answered in SSM's shape, and audited, like any other refusal.
+            let e = body_error(&rejection);
+            entry.result = format!("{} {}", e.status.as_u16(), e.code);
+            trail::record(&state, entry, true).await;
+            return answer(e.status, json!({ "__type": e.code, "message": e.message }), request_id);
+        }
     };
     let authenticated = match state.auth_guard.check(addr.ip()) {
         Err(retry) => Err(SsmError::new(
@@ -177,6 +191,11 @@ pub async fn handle(
         }
     };
     trail::record(&state, entry, true).await;
+    answer(status, value, request_id)
+}
+
+/// An SSM answer: AWS JSON 1.1 with a request id.
+fn answer(status: StatusCode, value: Value, request_id: String) -> Response {
     let headers = [
         (
             header::CONTENT_TYPE,
@@ -188,6 +207,20 @@ pub async fn handle(
         ),
     ];
     (status, headers, value.to_string()).into_response()
+}
+
+/// A body that could not be read: over [`BODY_MAX`], or not received whole.
+fn body_error(rejection: &BytesRejection) -> SsmError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        SsmError::validation(format!(
+            "1 validation error detected: the request body is larger than {BODY_MAX} bytes, the most the SSM API reads"
+        ))
+    } else {
+        SsmError::new(
+            "SerializationException",
+            format!("cannot read the request body: {}", rejection.body_text()),
+        )
+    }
 }
 
 async fn dispatch(
@@ -264,6 +297,9 @@ fn next_token(offset: u64, page_len: usize, limit: u32) -> Value {
     }
 }
 
+/// The offset a `NextToken` names. Offsets are bound to SQL as `i64`: a token past `i64::MAX` (which
+/// no listing hands out) is refused rather than wrapped to a negative offset, which SQLite reads as
+/// "no offset" and answers with the first page.
 fn parse_token(token: Option<&str>) -> Result<u64, SsmError> {
     let Some(t) = token else { return Ok(0) };
     let bad = || SsmError::new("InvalidNextToken", "The specified token is not valid.");
@@ -272,7 +308,11 @@ fn parse_token(token: Option<&str>) -> Result<u64, SsmError> {
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(bad)?;
-    Ok(u64::from_be_bytes(bytes))
+    let offset = u64::from_be_bytes(bytes);
+    if i64::try_from(offset).is_err() {
+        return Err(bad());
+    }
+    Ok(offset)
 }
 
 fn check_max_results(v: Option<i64>, min: i64, max: i64, default: u32) -> Result<u32, SsmError> {
@@ -283,6 +323,66 @@ fn check_max_results(v: Option<i64>, min: i64, max: i64, default: u32) -> Result
             "1 validation error detected: Value '{n}' at 'maxResults' failed to satisfy constraint: Member must have value between {min} and {max}"
         ))),
     }
+}
+
+/// SSM's longest target (and filter) key: `TargetKey` in botocore's model.
+pub const TARGET_KEY_MAX: usize = 163;
+/// SSM's longest target value.
+pub const TARGET_VALUE_MAX: usize = 256;
+
+/// Checks a `tag:NAME` / `tag-key` target or filter key and its values (`key_member` and
+/// `values_member` name them as SSM does): the key at most [`TARGET_KEY_MAX`] characters, values at
+/// most [`TARGET_VALUE_MAX`], and the tag names and values as fleetrun stores tags (the native API's
+/// limits: `check_tag_key`, `check_tag_value`), so no control character or oversized text gets
+/// through.
+fn check_target_key(
+    key: &str,
+    key_member: &str,
+    values: &[String],
+    values_member: &str,
+) -> Result<(), SsmError> {
+    use fleetrun_proto::targets::{check_tag_key, check_tag_value, shown};
+    let chars = key.chars().count();
+    if chars > TARGET_KEY_MAX {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value {} at '{key_member}' failed to satisfy constraint: Member must have length less than or equal to {TARGET_KEY_MAX} ({chars} characters)",
+            shown(key)
+        )));
+    }
+    if let Some(v) = values
+        .iter()
+        .find(|v| v.chars().count() > TARGET_VALUE_MAX)
+    {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value {} at '{values_member}' failed to satisfy constraint: Member must have length less than or equal to {TARGET_VALUE_MAX}",
+            shown(v)
+        )));
+    }
+    let invalid = |e: fleetrun_proto::targets::ParseError| {
+        SsmError::validation(format!(
+            "1 validation error detected: {key_member} {}: {}",
+            shown(key),
+            e.0
+        ))
+    };
+    if let Some(name) = key.strip_prefix("tag:") {
+        if !name.is_empty() {
+            check_tag_key(name).map_err(invalid)?;
+        }
+        for v in values {
+            check_tag_value(v).map_err(invalid)?;
+        }
+    } else if key == "tag-key" {
+        for v in values {
+            check_tag_key(v).map_err(invalid)?;
+        }
+    } else if key.chars().any(char::is_control) {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value {} at '{key_member}' failed to satisfy constraint: Member must not contain control characters",
+            shown(key)
+        )));
+    }
+    Ok(())
 }
 
 /// SSM's instance id pattern: `i-` + 8 or 17 word characters, or `mi-` + 17.
