@@ -19,6 +19,7 @@ mod faults_netcut;
 mod faults_server;
 mod faults_spool;
 mod help;
+mod hostile_api;
 mod limits;
 mod node_identity;
 mod output;

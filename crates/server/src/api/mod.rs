@@ -142,14 +142,15 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let checked = match ip.map(|ip| state.auth_guard.check(ip)) {
+    let credential = crate::authn::bearer_credential(req.headers());
+    let checked = match ip.map(|ip| state.auth_guard.check_credential(ip, credential.as_deref())) {
         Some(Err(retry)) => Err(throttled(retry)),
         _ => crate::authn::bearer(&state, req.headers())
             .await
             .map_err(|e| match e {
                 AuthnError::Refused { message, .. } => {
                     if let Some(ip) = ip {
-                        state.auth_guard.failed(ip);
+                        state.auth_guard.failed_credential(ip, credential.as_deref());
                     }
                     ApiError::unauthorized(&message).into_response()
                 }
@@ -261,7 +262,7 @@ fn throttled(retry: std::time::Duration) -> Response {
         error: ErrorDetail {
             code: "TooManyFailedAuthentications".into(),
             message: format!(
-                "too many failed authentications from this address; retry in {secs} s"
+                "too many failed authentications from this address or with this credential; retry in {secs} s"
             ),
         },
     };

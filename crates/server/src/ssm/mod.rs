@@ -124,11 +124,15 @@ pub async fn handle(
             return answer(e.status, json!({ "__type": e.code, "message": e.message }), request_id);
         }
     };
-    let authenticated = match state.auth_guard.check(addr.ip()) {
+    let credential = crate::authn::sigv4_credential(&headers);
+    let authenticated = match state
+        .auth_guard
+        .check_credential(addr.ip(), credential.as_deref())
+    {
         Err(retry) => Err(SsmError::new(
             "ThrottlingException",
             format!(
-                "Rate exceeded: too many failed authentications from this address; retry in {} s",
+                "Rate exceeded: too many failed authentications from this address or with this access key; retry in {} s",
                 retry.as_secs().max(1)
             ),
         )),
@@ -140,7 +144,9 @@ pub async fn handle(
             })
             .inspect_err(|e| {
                 if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::FORBIDDEN {
-                    state.auth_guard.failed(addr.ip());
+                    state
+                        .auth_guard
+                        .failed_credential(addr.ip(), credential.as_deref());
                 }
             }),
     };
