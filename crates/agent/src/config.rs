@@ -257,7 +257,10 @@ mod tests {
         for bad in ["web\u{0}1", "web\u{1b}[2J", "two\nlines"] {
             c.name = Some(bad.into());
             let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains("invalid --name") && e.contains("control character"), "{e}");
+            assert!(
+                e.contains("invalid --name") && e.contains("control character"),
+                "{e}"
+            );
         }
     }
 

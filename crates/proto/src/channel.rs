@@ -373,7 +373,10 @@ mod tests {
                 ..ok.clone()
             };
             let e = info.check().unwrap_err();
-            assert!(e.contains("node name contains the control character"), "{e}");
+            assert!(
+                e.contains("node name contains the control character"),
+                "{e}"
+            );
         }
         let long = NodeInfo {
             hostname: "h".repeat(NODE_INFO_TEXT_MAX + 1),

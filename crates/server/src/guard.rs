@@ -34,8 +34,23 @@ pub const TRACKED_MAX: usize = 100_000;
 /// Failure counts per source address and per credential id.
 #[derive(Default)]
 pub struct AuthGuard {
-    windows: Mutex<HashMap<IpAddr, Window>>,
-    credentials: Mutex<HashMap<[u8; 16], Window>>,
+    windows: Mutex<Table<IpAddr>>,
+    credentials: Mutex<Table<[u8; 16]>>,
+}
+
+/// Windows by key, and when the table was last pruned full.
+struct Table<K> {
+    map: HashMap<K, Window>,
+    full_prune: Option<Instant>,
+}
+
+impl<K> Default for Table<K> {
+    fn default() -> Self {
+        Table {
+            map: HashMap::new(),
+            full_prune: None,
+        }
+    }
 }
 
 struct Window {
@@ -51,9 +66,9 @@ fn credential_key(credential: &str) -> [u8; 16] {
     key
 }
 
-fn locked<K: Hash + Eq>(table: &HashMap<K, Window>, key: &K, max: u32) -> Result<(), Duration> {
+fn locked<K: Hash + Eq>(table: &Table<K>, key: &K, max: u32) -> Result<(), Duration> {
     let now = Instant::now();
-    match table.get(key) {
+    match table.map.get(key) {
         Some(w) if w.failures >= max && now < w.start + WINDOW => {
             Err((w.start + WINDOW - now).max(Duration::from_secs(1)))
         }
@@ -61,16 +76,31 @@ fn locked<K: Hash + Eq>(table: &HashMap<K, Window>, key: &K, max: u32) -> Result
     }
 }
 
-/// Counts a failure of `key`; true when it reaches `max` (just locked).
-fn count<K: Hash + Eq>(table: &mut HashMap<K, Window>, key: K, max: u32) -> bool {
+/// Counts a failure of `key`; true when it reaches `max` (just locked). Expired windows are pruned
+/// when the table reaches a multiple of [`PRUNE_AT`] entries, and when it is full at most once a
+/// second, so a table kept full by a spray costs one pass per [`PRUNE_AT`] new entries (or per
+/// second), not one per failure.
+fn count<K: Hash + Eq>(table: &mut Table<K>, key: K, max: u32) -> bool {
     let now = Instant::now();
-    if table.len() >= PRUNE_AT && !table.contains_key(&key) {
-        table.retain(|_, w| now < w.start + WINDOW);
-        if table.len() >= TRACKED_MAX {
-            return false;
+    if !table.map.contains_key(&key) {
+        let len = table.map.len();
+        if len >= TRACKED_MAX {
+            if table
+                .full_prune
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return false;
+            }
+            table.full_prune = Some(now);
+            table.map.retain(|_, w| now < w.start + WINDOW);
+            if table.map.len() >= TRACKED_MAX {
+                return false;
+            }
+        } else if len >= PRUNE_AT && len % PRUNE_AT == 0 {
+            table.map.retain(|_, w| now < w.start + WINDOW);
         }
     }
-    let w = table.entry(key).or_insert(Window {
+    let w = table.map.entry(key).or_insert(Window {
         start: now,
         failures: 0,
     });
@@ -127,7 +157,7 @@ impl AuthGuard {
     }
 }
 
-fn lock<K>(m: &Mutex<HashMap<K, Window>>) -> std::sync::MutexGuard<'_, HashMap<K, Window>> {
+fn lock<K>(m: &Mutex<Table<K>>) -> std::sync::MutexGuard<'_, Table<K>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -286,8 +316,12 @@ mod tests {
         let g = AuthGuard::default();
         for i in 0..TRACKED_MAX + 10 {
             let c = format!("tok_{i}");
-            count(&mut lock(&g.credentials), credential_key(&c), MAX_FAILURES_PER_CREDENTIAL);
+            count(
+                &mut lock(&g.credentials),
+                credential_key(&c),
+                MAX_FAILURES_PER_CREDENTIAL,
+            );
         }
-        assert!(lock(&g.credentials).len() <= TRACKED_MAX);
+        assert!(lock(&g.credentials).map.len() <= TRACKED_MAX);
     }
 }

@@ -28,7 +28,13 @@ impl Raw {
 }
 
 /// One request with the given headers, through reqwest against the real server.
-fn raw(server: &Server, method: &str, path: &str, headers: &[(&str, String)], body: Vec<u8>) -> Raw {
+fn raw(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> Raw {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -131,12 +137,7 @@ fn ssm_call(
 }
 
 fn assert_ssm_error(r: &Raw, status: u16, code: &str) -> String {
-    assert_eq!(
-        r.status,
-        status,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.content_type, "application/x-amz-json-1.1");
     let v = r.json();
     assert_eq!(v["__type"], code, "{v}");
@@ -144,13 +145,12 @@ fn assert_ssm_error(r: &Raw, status: u16, code: &str) -> String {
 }
 
 fn assert_native_error(r: &Raw, status: u16, code: &str) -> String {
-    assert_eq!(
-        r.status,
-        status,
+    assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.content_type.starts_with("application/json"),
         "{}",
-        String::from_utf8_lossy(&r.body)
+        r.content_type
     );
-    assert!(r.content_type.starts_with("application/json"), "{}", r.content_type);
     let v = r.json();
     assert_eq!(v["error"]["code"], code, "{v}");
     v["error"]["message"].as_str().expect("message").to_owned()
@@ -201,7 +201,10 @@ fn numbers_past_i64_are_refused_not_wrapped() {
         br#"{"seq": 9223372036854775808, "hash": "00"}"#.to_vec(),
     );
     let m = assert_native_error(&r, 400, "InvalidParameters");
-    assert!(m.contains("seq") && m.contains("9223372036854775807"), "{m}");
+    assert!(
+        m.contains("seq") && m.contains("9223372036854775807"),
+        "{m}"
+    );
 }
 
 // Item 10. Fails before the fix: a 10 KB tag key was accepted.
@@ -216,12 +219,23 @@ fn oversized_ssm_target_keys_and_values_are_refused() {
             "Parameters": {"commands": ["true"]},
         })
         .to_string();
-        ssm_call(&server, &key, "SendCommand", body.as_bytes(), body.as_bytes(), false)
+        ssm_call(
+            &server,
+            &key,
+            "SendCommand",
+            body.as_bytes(),
+            body.as_bytes(),
+            false,
+        )
     };
     let long_key = format!("tag:{}", "k".repeat(10 * 1024));
     let m = assert_ssm_error(&send(&long_key, "v"), 400, "ValidationException");
     assert!(m.contains("163") && m.len() < 1000, "{m}");
-    let m = assert_ssm_error(&send("tag:env", &"v".repeat(300)), 400, "ValidationException");
+    let m = assert_ssm_error(
+        &send("tag:env", &"v".repeat(300)),
+        400,
+        "ValidationException",
+    );
     assert!(m.contains("256"), "{m}");
     let m = assert_ssm_error(&send("tag:en\u{0}v", "v"), 400, "ValidationException");
     assert!(m.contains("control"), "{m}");
@@ -241,16 +255,29 @@ fn oversized_ssm_target_keys_and_values_are_refused() {
 #[test]
 fn framework_errors_are_the_apis_json() {
     let server = Server::start();
-    let r = raw(&server, "DELETE", "/v1/audit/verify", &[bearer(&server)], vec![]);
+    let r = raw(
+        &server,
+        "DELETE",
+        "/v1/audit/verify",
+        &[bearer(&server)],
+        vec![],
+    );
     let m = assert_native_error(&r, 405, "MethodNotAllowed");
-    assert!(m.contains("DELETE") && m.contains("/v1/audit/verify"), "{m}");
+    assert!(
+        m.contains("DELETE") && m.contains("/v1/audit/verify"),
+        "{m}"
+    );
     let r = raw(&server, "GET", "/", &[], vec![]);
     assert_ssm_error(&r, 405, "UnknownOperationException");
     let r = raw(&server, "GET", "/v1/nodes/%ff", &[bearer(&server)], vec![]);
     assert_native_error(&r, 400, "InvalidRequest");
     let r = raw(&server, "GET", "/v1/agent/connect", &[], vec![]);
     assert!(r.status >= 400, "{}", r.status);
-    assert!(r.content_type.starts_with("application/json"), "{}", r.content_type);
+    assert!(
+        r.content_type.starts_with("application/json"),
+        "{}",
+        r.content_type
+    );
     let big = vec![b' '; 3 * 1024 * 1024];
     let r = raw(
         &server,
@@ -281,7 +308,8 @@ fn commands_list_before_a_cursor() {
         })
         .collect();
     let listed = |q: &str| -> Vec<String> {
-        server.get_json(&format!("/v1/commands?{q}"))
+        server
+            .get_json(&format!("/v1/commands?{q}"))
             .as_array()
             .expect("array")
             .iter()
@@ -289,7 +317,10 @@ fn commands_list_before_a_cursor() {
             .collect()
     };
     assert_eq!(listed("limit=2"), vec![ids[2].clone(), ids[1].clone()]);
-    assert_eq!(listed(&format!("limit=2&before={}", ids[1])), vec![ids[0].clone()]);
+    assert_eq!(
+        listed(&format!("limit=2&before={}", ids[1])),
+        vec![ids[0].clone()]
+    );
     assert_eq!(listed(&format!("before={}", ids[0])), Vec::<String>::new());
     let at = server.command(&ids[2])["requested_at"]
         .as_str()
@@ -299,7 +330,13 @@ fn commands_list_before_a_cursor() {
         listed(&format!("before={at}")),
         vec![ids[1].clone(), ids[0].clone()]
     );
-    let r = raw(&server, "GET", "/v1/commands?before=yesterday", &[bearer(&server)], vec![]);
+    let r = raw(
+        &server,
+        "GET",
+        "/v1/commands?before=yesterday",
+        &[bearer(&server)],
+        vec![],
+    );
     let m = assert_native_error(&r, 400, "InvalidParameters");
     assert!(m.contains("before"), "{m}");
 }
@@ -323,7 +360,11 @@ fn a_valid_token_gets_in_after_a_neighbour_fails_and_the_guessed_one_stays_locke
         .as_array()
         .expect("array")
         .iter()
-        .filter(|a| a["result"].as_str().is_some_and(|r| r.starts_with("401") || r.starts_with("429")))
+        .filter(|a| {
+            a["result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("401") || r.starts_with("429"))
+        })
         .count();
     assert!(refused >= 11, "{audit}");
 }

@@ -65,7 +65,9 @@ fn is_json(resp: &Response) -> bool {
     resp.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/json") || t.starts_with("application/x-amz-json"))
+        .is_some_and(|t| {
+            t.starts_with("application/json") || t.starts_with("application/x-amz-json")
+        })
 }
 
 fn message(

@@ -96,9 +96,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/",
-            post(crate::ssm::handle).layer(axum::extract::DefaultBodyLimit::max(
-                crate::ssm::BODY_MAX,
-            )),
+            post(crate::ssm::handle)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::ssm::BODY_MAX)),
         )
         .route("/v1/health", get(health))
         .route("/v1/agent/connect", get(crate::channel::connect))
@@ -150,7 +149,9 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             .map_err(|e| match e {
                 AuthnError::Refused { message, .. } => {
                     if let Some(ip) = ip {
-                        state.auth_guard.failed_credential(ip, credential.as_deref());
+                        state
+                            .auth_guard
+                            .failed_credential(ip, credential.as_deref());
                     }
                     ApiError::unauthorized(&message).into_response()
                 }

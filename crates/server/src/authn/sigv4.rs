@@ -435,7 +435,13 @@ mod tests {
         if with_header {
             names.push("x-amz-content-sha256");
         }
-        let value = sign("AKIDTEST", SECRET, "eu-west-1", &request(&signed_headers, body), &names)?;
+        let value = sign(
+            "AKIDTEST",
+            SECRET,
+            "eu-west-1",
+            &request(&signed_headers, body),
+            &names,
+        )?;
         let auth = parse_authorization(Some(&value))?;
         let at = parse_amz_date(AT).unwrap();
         verify(&auth, &request(&signed_headers, sent), SECRET, at)
@@ -451,7 +457,11 @@ mod tests {
         assert_eq!(check(a, a, false), Ok(()));
         let swapped = check(a, b, true).unwrap_err();
         assert_eq!(swapped.code, "InvalidSignatureException");
-        assert!(swapped.message.contains("x-amz-content-sha256"), "{}", swapped.message);
+        assert!(
+            swapped.message.contains("x-amz-content-sha256"),
+            "{}",
+            swapped.message
+        );
         let swapped = check(a, b, false).unwrap_err();
         assert_eq!(swapped.code, "InvalidSignatureException");
         assert!(swapped.message.contains("signature"), "{}", swapped.message);
@@ -536,5 +546,4 @@ mod tests {
             }
         }
     }
-
 }

@@ -121,7 +121,11 @@ pub async fn handle(
             let e = body_error(&rejection);
             entry.result = format!("{} {}", e.status.as_u16(), e.code);
             trail::record(&state, entry, true).await;
-            return answer(e.status, json!({ "__type": e.code, "message": e.message }), request_id);
+            return answer(
+                e.status,
+                json!({ "__type": e.code, "message": e.message }),
+                request_id,
+            );
         }
     };
     let credential = crate::authn::sigv4_credential(&headers);
@@ -355,10 +359,7 @@ fn check_target_key(
             shown(key)
         )));
     }
-    if let Some(v) = values
-        .iter()
-        .find(|v| v.chars().count() > TARGET_VALUE_MAX)
-    {
+    if let Some(v) = values.iter().find(|v| v.chars().count() > TARGET_VALUE_MAX) {
         return Err(SsmError::validation(format!(
             "1 validation error detected: Value {} at '{values_member}' failed to satisfy constraint: Member must have length less than or equal to {TARGET_VALUE_MAX}",
             shown(v)
