@@ -367,7 +367,7 @@ mod tests {
             ..NodeInfo::default()
         };
         assert_eq!(ok.check(), Ok(()));
-        for bad in ["web\01", "web\x1b[31m", "a\nb", "\u{85}"] {
+        for bad in ["web\u{0}1", "web\x1b[31m", "a\nb", "\u{85}"] {
             let info = NodeInfo {
                 name: bad.into(),
                 ..ok.clone()

@@ -96,7 +96,7 @@ fn count<K: Hash + Eq>(table: &mut Table<K>, key: K, max: u32) -> bool {
             if table.map.len() >= TRACKED_MAX {
                 return false;
             }
-        } else if len >= PRUNE_AT && len % PRUNE_AT == 0 {
+        } else if len >= PRUNE_AT && len.is_multiple_of(PRUNE_AT) {
             table.map.retain(|_, w| now < w.start + WINDOW);
         }
     }

@@ -347,7 +347,13 @@ fn a_valid_token_gets_in_after_a_neighbour_fails_and_the_guessed_one_stays_locke
     let server = Server::start();
     let bad = ("authorization", "Bearer frt_guessed".to_owned());
     for _ in 0..10 {
-        let r = raw(&server, "GET", "/v1/nodes", &[bad.clone()], vec![]);
+        let r = raw(
+            &server,
+            "GET",
+            "/v1/nodes",
+            std::slice::from_ref(&bad),
+            vec![],
+        );
         assert_native_error(&r, 401, "Unauthorized");
     }
     let r = raw(&server, "GET", "/v1/nodes", &[bearer(&server)], vec![]);
