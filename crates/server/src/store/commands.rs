@@ -239,14 +239,16 @@ impl Store {
         visible: Option<&HashSet<NodeId>>,
         before: Option<&CommandCursor>,
     ) -> Result<Vec<Command>> {
+        // No cursor is one past every command, so the condition is always the index's range seek
+        // (an `?3 IS NULL OR` would turn it into a scan from the newest).
         let (at, id) = match before {
-            Some(c) => (Some(c.requested_at), c.command_id.as_str()),
-            None => (None, ""),
+            Some(c) => (c.requested_at, c.command_id.as_str()),
+            None => (i64::MAX, ""),
         };
         let rows = sqlx::query(concat!(
             "SELECT * FROM commands c WHERE ",
             visible_clause!("c"),
-            " AND (?3 IS NULL OR (c.requested_at, c.command_id) < (?3, ?4))",
+            " AND (c.requested_at, c.command_id) < (?3, ?4)",
             " ORDER BY requested_at DESC, command_id DESC LIMIT ?2"
         ))
         .bind(visible_json(visible))
