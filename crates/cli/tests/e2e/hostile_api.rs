@@ -374,3 +374,92 @@ fn a_valid_token_gets_in_after_a_neighbour_fails_and_the_guessed_one_stays_locke
         .count();
     assert!(refused >= 11, "{audit}");
 }
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_frame(ws: &mut Ws) -> fleetrun_proto::channel::ServerFrame {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("an open connection")
+            .expect("a message");
+        if let Message::Binary(b) = msg {
+            return fleetrun_proto::channel::ServerFrame::decode(&b).expect("a server frame");
+        }
+    }
+}
+
+/// Registers by hand over the agent channel with `info`; the server's answer.
+fn raw_register(server: &Server, code: &str, info: fleetrun_proto::channel::NodeInfo) -> Value {
+    use fleetrun_proto::auth::{self, NodeKey};
+    use fleetrun_proto::channel::{AgentFrame, ServerFrame};
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!(
+        "{}/v1/agent/connect",
+        server.url.replacen("https://", "wss://", 1)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut trust = fleetrun_agent::AgentConfig::new(url.as_str(), server.dir.path());
+        trust.ca_cert = server.ca.clone();
+        let tls = fleetrun_agent::tls::Tls::new(&trust, &url).expect("TLS setup");
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            url.as_str(),
+            None,
+            false,
+            Some(tls.connector()),
+        )
+        .await
+        .expect("dial the agent channel");
+        let ServerFrame::Challenge { nonce } = next_frame(&mut ws).await else {
+            panic!("the server's first frame is not a Challenge");
+        };
+        let key = NodeKey::from_seed([7; 32]);
+        let pk = key.public_key();
+        let register = AgentFrame::Register {
+            protocol_version: fleetrun_proto::version::PROTOCOL_VERSION,
+            activation_code: code.to_owned(),
+            public_key: pk.to_vec(),
+            signature: key.sign(&auth::register_message(&nonce, &pk)),
+            info,
+            tags: Default::default(),
+        };
+        ws.send(Message::Binary(register.encode().into()))
+            .await
+            .expect("send Register");
+        match next_frame(&mut ws).await {
+            ServerFrame::Error { code, message } => json!({"error": code, "message": message}),
+            ServerFrame::Registered { node_id } => json!({"registered": node_id.to_string()}),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    })
+}
+
+// Item 10. Fails before the fix: a NUL in a node name was registered and stored.
+#[test]
+fn a_register_frame_with_a_control_character_in_the_name_is_refused() {
+    use fleetrun_proto::channel::NodeInfo;
+    let server = Server::start();
+    let code = server.activation_code(&[], 2);
+    let info = |name: &str| NodeInfo {
+        name: name.into(),
+        hostname: "h".into(),
+        ..NodeInfo::default()
+    };
+    let answer = raw_register(&server, &code, info("web\u{0}1"));
+    assert_eq!(answer["error"], "BadNodeInfo", "{answer}");
+    let m = answer["message"].as_str().expect("message");
+    assert!(m.contains("control character U+0000"), "{m}");
+    assert!(server.nodes().is_empty());
+    // The same registration with a printable name goes through: only the name was wrong.
+    let answer = raw_register(&server, &code, info("web-1"));
+    assert!(answer["registered"].is_string(), "{answer}");
+}
