@@ -1,6 +1,7 @@
 //! The agent's settings: one documented struct with defaults, validated before anything connects.
 
 use crate::AgentError;
+use fleetrun_proto::channel::NODE_INFO_TEXT_MAX;
 use fleetrun_proto::targets::{check_tag_key, check_tag_value, parse_tag};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -128,12 +129,14 @@ impl AgentConfig {
                 "--activation-code must not be empty".into(),
             ));
         }
-        if let Some(name) = &self.name
-            && (name.trim().is_empty() || name.len() > 255)
-        {
-            return Err(AgentError::Config(
-                "--name must be 1 to 255 characters".into(),
-            ));
+        if let Some(name) = &self.name {
+            if name.trim().is_empty() || name.len() > NODE_INFO_TEXT_MAX {
+                return Err(AgentError::Config(format!(
+                    "--name must be 1 to {NODE_INFO_TEXT_MAX} characters"
+                )));
+            }
+            fleetrun_proto::channel::check_node_text("name", name)
+                .map_err(|e| AgentError::Config(format!("invalid --name: {e}")))?;
         }
         for (k, v) in &self.tags {
             check_tag_key(k)
@@ -244,6 +247,21 @@ mod tests {
         c.heartbeat_secs = 1;
         c.tags.insert("bad key".into(), "v".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_name_with_control_characters_is_refused() {
+        let mut c = AgentConfig::new("https://127.0.0.1:1", "/tmp/x");
+        c.name = Some("web-1".into());
+        assert!(c.validate().is_ok());
+        for bad in ["web\u{0}1", "web\u{1b}[2J", "two\nlines"] {
+            c.name = Some(bad.into());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("invalid --name") && e.contains("control character"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! | `GET /v1/nodes` | | `[Node]` |
 //! | `GET /v1/nodes/{node_id}` | | [`Node`] |
 //! | `POST /v1/commands` | [`SendCommand`] | [`Command`] (201) |
-//! | `GET /v1/commands?limit=N&before=CURSOR` | | `[Command]` newest first, without invocations |
+//! | `GET /v1/commands?limit=N&before=CURSOR` | | `[Command]` newest first, without invocations; CURSOR is a command id (the commands after it: the last id of a page gives the next page) or an RFC 3339 time (commands requested before it) |
 //! | `GET /v1/commands/{command_id}` | | [`Command`] with invocations |
 //! | `GET /v1/commands/{command_id}/watch` | | NDJSON of [`Command`] (no invocations), one per change, ending when terminal |
 //! | `GET /v1/commands/{command_id}/invocations` | | `[Invocation]` |

@@ -29,6 +29,61 @@ pub struct NodeInfo {
     pub agent_version: String,
 }
 
+/// Longest text member of [`NodeInfo`] (name, hostname, os, arch, agent version), in bytes.
+pub const NODE_INFO_TEXT_MAX: usize = 255;
+/// Most IP addresses a [`NodeInfo`] lists.
+pub const NODE_IPS_MAX: usize = 64;
+/// Longest IP address a [`NodeInfo`] lists, in bytes.
+pub const NODE_IP_MAX: usize = 64;
+
+/// Checks a text member of [`NodeInfo`] (`what` names it): at most [`NODE_INFO_TEXT_MAX`] bytes
+/// and no control characters (a NUL or an escape sequence in a node name would reach every
+/// listing and terminal that shows it).
+pub fn check_node_text(what: &str, value: &str) -> Result<(), String> {
+    if value.len() > NODE_INFO_TEXT_MAX {
+        return Err(format!(
+            "node {what} is longer than {NODE_INFO_TEXT_MAX} bytes ({} bytes)",
+            value.len()
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "node {what} contains the control character U+{:04X}: use printable characters",
+            u32::from(c)
+        ));
+    }
+    Ok(())
+}
+
+impl NodeInfo {
+    /// Checks every member: texts by [`check_node_text`], a non-empty name, at most
+    /// [`NODE_IPS_MAX`] addresses of at most [`NODE_IP_MAX`] bytes each.
+    pub fn check(&self) -> Result<(), String> {
+        let texts = [
+            ("name", &self.name),
+            ("hostname", &self.hostname),
+            ("os", &self.os),
+            ("arch", &self.arch),
+            ("agent_version", &self.agent_version),
+        ];
+        for (what, v) in texts {
+            check_node_text(what, v)?;
+        }
+        if self.name.trim().is_empty() {
+            return Err("node name is empty".into());
+        }
+        if self.ips.len() > NODE_IPS_MAX || self.ips.iter().any(|ip| ip.len() > NODE_IP_MAX) {
+            return Err(format!(
+                "node reports too many or too long IP addresses (at most {NODE_IPS_MAX} of {NODE_IP_MAX} bytes)"
+            ));
+        }
+        for ip in &self.ips {
+            check_node_text("IP address", ip)?;
+        }
+        Ok(())
+    }
+}
+
 /// Which output pipe of an invocation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Pipe {
@@ -442,6 +497,38 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_info_refuses_control_characters_and_long_texts() {
+        let ok = NodeInfo {
+            name: "web-1".into(),
+            hostname: "web-1.example".into(),
+            ips: vec!["10.0.0.1".into()],
+            ..NodeInfo::default()
+        };
+        assert_eq!(ok.check(), Ok(()));
+        for bad in ["web\u{0}1", "web\x1b[31m", "a\nb", "\u{85}"] {
+            let info = NodeInfo {
+                name: bad.into(),
+                ..ok.clone()
+            };
+            let e = info.check().unwrap_err();
+            assert!(
+                e.contains("node name contains the control character"),
+                "{e}"
+            );
+        }
+        let long = NodeInfo {
+            hostname: "h".repeat(NODE_INFO_TEXT_MAX + 1),
+            ..ok.clone()
+        };
+        assert!(long.check().unwrap_err().contains("longer than 255 bytes"));
+        let empty = NodeInfo {
+            name: " ".into(),
+            ..ok
+        };
+        assert_eq!(empty.check().unwrap_err(), "node name is empty");
+    }
 
     #[test]
     fn frames_round_trip_with_raw_bytes() {

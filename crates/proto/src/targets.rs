@@ -48,11 +48,24 @@ pub const TARGET_TERMS_MAX: usize = 10;
 /// Most values (tag values, tag keys or node ids) in one term (SSM's 50 values per target).
 pub const TARGET_VALUES_MAX: usize = 50;
 
+/// `s` for an error message: whole when short, else its first characters and its length (a 10 KB
+/// key is not echoed back whole).
+pub fn shown(s: &str) -> String {
+    const SHOWN: usize = 40;
+    if s.chars().count() <= SHOWN {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(SHOWN).collect();
+        format!("{head:?}... ({} bytes)", s.len())
+    }
+}
+
 /// Checks a tag key: 1..=128 characters, no `=`, `,` or whitespace (so expressions stay unambiguous).
 pub fn check_tag_key(key: &str) -> Result<(), ParseError> {
     if key.is_empty() || key.len() > TAG_KEY_MAX {
         return Err(ParseError(format!(
-            "tag key {key:?} must be 1 to {TAG_KEY_MAX} characters"
+            "tag key {} must be 1 to {TAG_KEY_MAX} characters",
+            shown(key)
         )));
     }
     if key
@@ -60,7 +73,7 @@ pub fn check_tag_key(key: &str) -> Result<(), ParseError> {
         .any(|c| c == '=' || c == ',' || c.is_whitespace() || c.is_control())
     {
         return Err(ParseError(format!(
-            "tag key {key:?} must not contain '=', ',' or whitespace"
+            "tag key {key:?} must not contain '=', ',', whitespace or control characters"
         )));
     }
     Ok(())
@@ -70,7 +83,8 @@ pub fn check_tag_key(key: &str) -> Result<(), ParseError> {
 pub fn check_tag_value(value: &str) -> Result<(), ParseError> {
     if value.len() > TAG_VALUE_MAX {
         return Err(ParseError(format!(
-            "tag value {value:?} is longer than {TAG_VALUE_MAX} characters"
+            "tag value {} is longer than {TAG_VALUE_MAX} characters",
+            shown(value)
         )));
     }
     if value
@@ -78,7 +92,7 @@ pub fn check_tag_value(value: &str) -> Result<(), ParseError> {
         .any(|c| c == ',' || c.is_whitespace() || c.is_control())
     {
         return Err(ParseError(format!(
-            "tag value {value:?} must not contain ',' or whitespace"
+            "tag value {value:?} must not contain ',', whitespace or control characters"
         )));
     }
     Ok(())

@@ -703,25 +703,7 @@ fn check_version(v: u32) -> Result<(), String> {
 }
 
 fn check_info(info: &NodeInfo) -> Result<(), String> {
-    let fields = [
-        ("name", &info.name),
-        ("hostname", &info.hostname),
-        ("os", &info.os),
-        ("arch", &info.arch),
-        ("agent_version", &info.agent_version),
-    ];
-    for (what, v) in fields {
-        if v.len() > 255 {
-            return Err(format!("node {what} is longer than 255 bytes"));
-        }
-    }
-    if info.name.trim().is_empty() {
-        return Err("node name is empty".into());
-    }
-    if info.ips.len() > 64 || info.ips.iter().any(|ip| ip.len() > 64) {
-        return Err("node reports too many or too long IP addresses".into());
-    }
-    Ok(())
+    info.check()
 }
 
 async fn next_frame(socket: &mut WebSocket) -> Option<Result<AgentFrame, String>> {

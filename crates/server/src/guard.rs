@@ -1,28 +1,56 @@
-//! Brute-force guard: a source address that fails authentication too often (bad API token, bad
-//! SigV4 signature or key, bad node signature or activation code) is refused for the rest of the
-//! window before its credentials are even looked at.
+//! Brute-force guard: too many failed authentications (bad API token, bad SigV4 signature or key,
+//! bad node signature or activation code) are refused for the rest of the window before the
+//! credentials are even looked at.
 //!
-//! Counted per IP address in fixed windows. The table is pruned of expired windows when it grows, so
-//! a spray of addresses cannot grow it without bound.
+//! Counted in fixed windows twice: per credential id (an API token's hash prefix, a SigV4 access
+//! key id), locked after [`MAX_FAILURES_PER_CREDENTIAL`], so guessing one credential stops soon from
+//! anywhere; and per source address, locked only after the much higher
+//! [`MAX_FAILURES_PER_ADDRESS`], so one client behind a NAT that fails a few times does not lock out
+//! its neighbours' valid credentials, while a source spraying guesses is still stopped. The tables
+//! are pruned of expired windows when they grow, and never hold more than [`TRACKED_MAX`] entries, so
+//! a spray of addresses or credentials cannot grow them without bound.
 //!
 //! [`RateLimiter`] bounds the requests of each authenticated principal (token bucket).
 
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Failures allowed per source in one window.
-pub const MAX_FAILURES: u32 = 10;
+/// Failures allowed per credential id in one window.
+pub const MAX_FAILURES_PER_CREDENTIAL: u32 = 10;
+/// Failures allowed per source address in one window (all credentials together).
+pub const MAX_FAILURES_PER_ADDRESS: u32 = 100;
 /// Length of a window.
 pub const WINDOW: Duration = Duration::from_secs(60);
-/// Sources tracked before expired windows are pruned.
+/// Entries of a table before expired windows are pruned.
 const PRUNE_AT: usize = 10_000;
+/// Most entries of a table: past it (after pruning) new sources or credentials are not counted
+/// until windows expire (the other table still is).
+pub const TRACKED_MAX: usize = 100_000;
 
-/// Per-source failure counts.
+/// Failure counts per source address and per credential id.
 #[derive(Default)]
 pub struct AuthGuard {
-    windows: Mutex<HashMap<IpAddr, Window>>,
+    windows: Mutex<Table<IpAddr>>,
+    credentials: Mutex<Table<[u8; 16]>>,
+}
+
+/// Windows by key, and when the table was last pruned full.
+struct Table<K> {
+    map: HashMap<K, Window>,
+    full_prune: Option<Instant>,
+}
+
+impl<K> Default for Table<K> {
+    fn default() -> Self {
+        Table {
+            map: HashMap::new(),
+            full_prune: None,
+        }
+    }
 }
 
 struct Window {
@@ -30,44 +58,107 @@ struct Window {
     failures: u32,
 }
 
+/// A credential id as the guard keys it: a hash, so a long header costs no more than a short one.
+fn credential_key(credential: &str) -> [u8; 16] {
+    let digest = Sha256::digest(credential.as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+fn locked<K: Hash + Eq>(table: &Table<K>, key: &K, max: u32) -> Result<(), Duration> {
+    let now = Instant::now();
+    match table.map.get(key) {
+        Some(w) if w.failures >= max && now < w.start + WINDOW => {
+            Err((w.start + WINDOW - now).max(Duration::from_secs(1)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Counts a failure of `key`; true when it reaches `max` (just locked). Expired windows are pruned
+/// when the table reaches a multiple of [`PRUNE_AT`] entries, and when it is full at most once a
+/// second, so a table kept full by a spray costs one pass per [`PRUNE_AT`] new entries (or per
+/// second), not one per failure.
+fn count<K: Hash + Eq>(table: &mut Table<K>, key: K, max: u32) -> bool {
+    let now = Instant::now();
+    if !table.map.contains_key(&key) {
+        let len = table.map.len();
+        if len >= TRACKED_MAX {
+            if table
+                .full_prune
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return false;
+            }
+            table.full_prune = Some(now);
+            table.map.retain(|_, w| now < w.start + WINDOW);
+            if table.map.len() >= TRACKED_MAX {
+                return false;
+            }
+        } else if len >= PRUNE_AT && len.is_multiple_of(PRUNE_AT) {
+            table.map.retain(|_, w| now < w.start + WINDOW);
+        }
+    }
+    let w = table.map.entry(key).or_insert(Window {
+        start: now,
+        failures: 0,
+    });
+    if now >= w.start + WINDOW {
+        *w = Window {
+            start: now,
+            failures: 0,
+        };
+    }
+    w.failures = w.failures.saturating_add(1);
+    w.failures == max
+}
+
 impl AuthGuard {
     /// `Err(retry_after)` when `ip` used up its failures in the current window.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let now = Instant::now();
-        match self.lock().get(&ip) {
-            Some(w) if w.failures >= MAX_FAILURES && now < w.start + WINDOW => {
-                Err((w.start + WINDOW - now).max(Duration::from_secs(1)))
-            }
-            _ => Ok(()),
+        locked(&lock(&self.windows), &ip, MAX_FAILURES_PER_ADDRESS)
+    }
+
+    /// `Err(retry_after)` when `ip`, or the credential id the request presents, used up its
+    /// failures in the current window.
+    pub fn check_credential(&self, ip: IpAddr, credential: Option<&str>) -> Result<(), Duration> {
+        self.check(ip)?;
+        match credential {
+            Some(c) => locked(
+                &lock(&self.credentials),
+                &credential_key(c),
+                MAX_FAILURES_PER_CREDENTIAL,
+            ),
+            None => Ok(()),
         }
     }
 
     /// Counts a failed authentication from `ip`.
     pub fn failed(&self, ip: IpAddr) {
-        let now = Instant::now();
-        let mut windows = self.lock();
-        if windows.len() >= PRUNE_AT {
-            windows.retain(|_, w| now < w.start + WINDOW);
-        }
-        let w = windows.entry(ip).or_insert(Window {
-            start: now,
-            failures: 0,
-        });
-        if now >= w.start + WINDOW {
-            *w = Window {
-                start: now,
-                failures: 0,
-            };
-        }
-        w.failures += 1;
-        if w.failures == MAX_FAILURES {
+        if count(&mut lock(&self.windows), ip, MAX_FAILURES_PER_ADDRESS) {
             tracing::warn!(%ip, "too many failed authentications; refusing this source for {WINDOW:?}");
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
-        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    /// Counts a failed authentication from `ip` presenting `credential` (None when the request
+    /// named none: a missing or malformed header counts for the address only).
+    pub fn failed_credential(&self, ip: IpAddr, credential: Option<&str>) {
+        self.failed(ip);
+        if let Some(c) = credential
+            && count(
+                &mut lock(&self.credentials),
+                credential_key(c),
+                MAX_FAILURES_PER_CREDENTIAL,
+            )
+        {
+            tracing::warn!(%ip, credential = %c, "too many failed authentications; refusing this credential for {WINDOW:?}");
+        }
     }
+}
+
+fn lock<K>(m: &Mutex<Table<K>>) -> std::sync::MutexGuard<'_, Table<K>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Per-principal request rate limit: a token bucket per principal holding up to `burst` requests,
@@ -192,12 +283,45 @@ mod tests {
         let g = AuthGuard::default();
         let bad: IpAddr = [10, 0, 0, 1].into();
         let good: IpAddr = [10, 0, 0, 2].into();
-        for _ in 0..MAX_FAILURES {
+        for _ in 0..MAX_FAILURES_PER_ADDRESS {
             assert!(g.check(bad).is_ok());
             g.failed(bad);
         }
         let retry = g.check(bad).unwrap_err();
         assert!(retry <= WINDOW && retry >= Duration::from_secs(1));
+        assert!(g.check_credential(bad, Some("tok_valid")).is_err());
         assert!(g.check(good).is_ok());
+    }
+
+    // Fails before the change: 10 failures locked the address, valid credentials with it.
+    #[test]
+    fn a_credential_is_locked_but_its_neighbours_are_not() {
+        let g = AuthGuard::default();
+        let nat: IpAddr = [192, 0, 2, 1].into();
+        let elsewhere: IpAddr = [192, 0, 2, 2].into();
+        for _ in 0..MAX_FAILURES_PER_CREDENTIAL {
+            assert!(g.check_credential(nat, Some("tok_guessed")).is_ok());
+            g.failed_credential(nat, Some("tok_guessed"));
+        }
+        assert!(g.check_credential(nat, Some("tok_guessed")).is_err());
+        // The same credential from anywhere else is locked too: guessing must not move.
+        assert!(g.check_credential(elsewhere, Some("tok_guessed")).is_err());
+        // Another credential from the same address gets in.
+        assert!(g.check_credential(nat, Some("tok_valid")).is_ok());
+        assert!(g.check_credential(nat, None).is_ok());
+    }
+
+    #[test]
+    fn the_credential_table_stays_bounded() {
+        let g = AuthGuard::default();
+        for i in 0..TRACKED_MAX + 10 {
+            let c = format!("tok_{i}");
+            count(
+                &mut lock(&g.credentials),
+                credential_key(&c),
+                MAX_FAILURES_PER_CREDENTIAL,
+            );
+        }
+        assert!(lock(&g.credentials).map.len() <= TRACKED_MAX);
     }
 }

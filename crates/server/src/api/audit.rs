@@ -62,8 +62,36 @@ pub async fn verify(
             )
         })?)
     };
+    if let Some(a) = &anchor {
+        check_anchor(a)?;
+    }
     state.store.flush_audit().await?;
     Ok(Json(state.store.verify_audit(anchor.as_ref()).await?))
+}
+
+/// An anchor names a record as the chain stores it: `seq` from 1 to `i64::MAX` (the column's type;
+/// a larger one used to wrap negative and verify as ok), `hash` 64 hex digits.
+fn check_anchor(a: &AuditAnchor) -> Result<(), ApiError> {
+    if a.seq == 0 || i64::try_from(a.seq).is_err() {
+        return Err(ApiError::bad_request(
+            "InvalidParameters",
+            format!(
+                "seq must be 1 to {}, got {}: it names a record of the chain",
+                i64::MAX,
+                a.seq
+            ),
+        ));
+    }
+    if a.hash.len() != 64 || !a.hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request(
+            "InvalidParameters",
+            format!(
+                "hash must be 64 hex digits (a record's SHA-256), got {} characters",
+                a.hash.chars().count()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn time_ms(what: &str, s: &str) -> Result<i64, ApiError> {

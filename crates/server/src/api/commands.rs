@@ -6,6 +6,7 @@ use crate::audit::CreatedCommand;
 use crate::authz::{self, Action, Principal};
 use crate::dispatch::DispatchMsg;
 use crate::send::{Idempotency, SendError, SendOptions, Sent};
+use crate::store::CommandCursor;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -87,6 +88,36 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     limit: Option<u32>,
+    /// Only commands listed after this cursor: an RFC 3339 time (commands requested before it) or
+    /// a command id (the commands after it in the listing: pass the last id of a page to get the
+    /// next page).
+    before: Option<String>,
+}
+
+/// The `before` cursor of a listing: a command id, or an RFC 3339 time.
+async fn cursor(state: &AppState, before: &str) -> Result<CommandCursor, ApiError> {
+    let bad = |m: String| ApiError::bad_request("InvalidParameters", m);
+    if let Ok(id) = before.parse::<CommandId>() {
+        return state
+            .store
+            .command_cursor(&id)
+            .await?
+            .ok_or_else(|| bad(format!("before: no command {id} (it may have been purged)")));
+    }
+    let ms = humantime::parse_rfc3339_weak(before)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .ok_or_else(|| {
+            bad(format!(
+                "before must be a command id or an RFC 3339 time, got {}",
+                fleetrun_proto::targets::shown(before)
+            ))
+        })?;
+    Ok(CommandCursor {
+        requested_at: ms,
+        command_id: String::new(),
+    })
 }
 
 /// Commands with an invocation on a node the caller may read, newest first.
@@ -103,9 +134,16 @@ pub async fn list(
             format!("limit must be 1 to 1000, got {limit}"),
         ));
     }
+    let before = match q.before.as_deref() {
+        Some(b) => Some(cursor(&state, b).await?),
+        None => None,
+    };
     let scope = authz::node_scope(&state, &p, Action::ReadOutput).await?;
     Ok(Json(
-        state.store.list_commands(limit, scope.as_filter()).await?,
+        state
+            .store
+            .list_commands(limit, scope.as_filter(), before.as_ref())
+            .await?,
     ))
 }
 

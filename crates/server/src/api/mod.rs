@@ -5,6 +5,7 @@ mod activations;
 mod audit;
 mod commands;
 mod documents;
+mod errors;
 mod nodes;
 mod output;
 mod params;
@@ -93,12 +94,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audit/verify", post(audit::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
-        .route("/", post(crate::ssm::handle))
+        .route(
+            "/",
+            post(crate::ssm::handle)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::ssm::BODY_MAX)),
+        )
         .route("/v1/health", get(health))
         .route("/v1/agent/connect", get(crate::channel::connect))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), body_deadline))
+        .layer(middleware::from_fn(errors::json_errors))
         .with_state(state)
 }
 
@@ -161,14 +167,17 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let checked = match ip.map(|ip| state.auth_guard.check(ip)) {
+    let credential = crate::authn::bearer_credential(req.headers());
+    let checked = match ip.map(|ip| state.auth_guard.check_credential(ip, credential.as_deref())) {
         Some(Err(retry)) => Err(throttled(retry)),
         _ => crate::authn::bearer(&state, req.headers())
             .await
             .map_err(|e| match e {
                 AuthnError::Refused { message, .. } => {
                     if let Some(ip) = ip {
-                        state.auth_guard.failed(ip);
+                        state
+                            .auth_guard
+                            .failed_credential(ip, credential.as_deref());
                     }
                     ApiError::unauthorized(&message).into_response()
                 }
@@ -280,7 +289,7 @@ fn throttled(retry: std::time::Duration) -> Response {
         error: ErrorDetail {
             code: "TooManyFailedAuthentications".into(),
             message: format!(
-                "too many failed authentications from this address; retry in {secs} s"
+                "too many failed authentications from this address or with this credential; retry in {secs} s"
             ),
         },
     };

@@ -47,6 +47,26 @@ impl From<crate::store::StoreError> for AuthnError {
     }
 }
 
+/// The credential id a native API request presents, for the brute-force guard: its bearer
+/// token's public id (`tok_` + a prefix of its hash), known or not; None without a token.
+pub fn bearer_credential(headers: &HeaderMap) -> Option<String> {
+    let token = headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")?
+        .trim();
+    (!token.is_empty()).then(|| crate::store::token_id(&secrets::hash(token)))
+}
+
+/// The credential id an SSM request presents, for the brute-force guard: the access key id of its
+/// SigV4 `Authorization` header; None when the header names none.
+pub fn sigv4_credential(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let auth = sigv4::parse_authorization(Some(value)).ok()?;
+    Some(format!("akid:{}", auth.access_key_id))
+}
+
 /// The principal a request's `Authorization: Bearer TOKEN` acts as.
 pub async fn bearer(state: &AppState, headers: &HeaderMap) -> Result<Principal, AuthnError> {
     let refused = |m: &str| AuthnError::refused("Unauthorized", m);

@@ -161,6 +161,24 @@ pub fn verify(
             "'Host' must be a signed header",
         ));
     }
+    let expected = signature(auth, amz_date, req, secret)?;
+    if crate::secrets::hashes_equal(&expected, &auth.signature.to_ascii_lowercase()) {
+        Ok(())
+    } else {
+        Err(err(
+            "InvalidSignatureException",
+            "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
+        ))
+    }
+}
+
+/// The hex signature of `req` under `auth`'s scope and signed headers.
+fn signature(
+    auth: &Authorization,
+    amz_date: &str,
+    req: &Request<'_>,
+    secret: &str,
+) -> Result<String, SigError> {
     let canonical = canonical_request(req, &auth.signed_headers)?;
     let scope = format!(
         "{}/{}/{}/aws4_request",
@@ -174,15 +192,36 @@ pub fn verify(
     for part in [auth.region.as_str(), auth.service.as_str(), "aws4_request"] {
         key = hmac(&key, part.as_bytes());
     }
-    let expected = hex::encode(hmac(&key, string_to_sign.as_bytes()));
-    if crate::secrets::hashes_equal(&expected, &auth.signature.to_ascii_lowercase()) {
-        Ok(())
-    } else {
-        Err(err(
-            "InvalidSignatureException",
-            "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
-        ))
-    }
+    Ok(hex::encode(hmac(&key, string_to_sign.as_bytes())))
+}
+
+/// Signs `req` as an SSM client does: the `Authorization` header value for access key
+/// `access_key_id` with `secret`, in `region`, over the headers named in `signed_headers` (which
+/// must include `host`; `req` must carry `x-amz-date`). For tests and tools that talk to the SSM API
+/// without an AWS SDK.
+pub fn sign(
+    access_key_id: &str,
+    secret: &str,
+    region: &str,
+    req: &Request<'_>,
+    signed_headers: &[&str],
+) -> Result<String, SigError> {
+    let amz_date = header(req, "x-amz-date")
+        .ok_or_else(|| err("IncompleteSignatureException", "no x-amz-date header"))?;
+    let auth = Authorization {
+        access_key_id: access_key_id.to_owned(),
+        date: amz_date.get(..8).unwrap_or_default().to_owned(),
+        region: region.to_owned(),
+        service: "ssm".to_owned(),
+        signed_headers: signed_headers.iter().map(|h| (*h).to_owned()).collect(),
+        signature: String::new(),
+    };
+    let sig = signature(&auth, amz_date, req, secret)?;
+    Ok(format!(
+        "AWS4-HMAC-SHA256 Credential={access_key_id}/{}/{region}/ssm/aws4_request, SignedHeaders={}, Signature={sig}",
+        auth.date,
+        signed_headers.join(";"),
+    ))
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -229,12 +268,43 @@ fn canonical_request(req: &Request<'_>, signed: &[String]) -> Result<String, Sig
     out.push('\n');
     out.push_str(&signed.join(";"));
     out.push('\n');
-    match header(req, "x-amz-content-sha256") {
-        Some(h) => out.push_str(h),
-        None => out.push_str(&hex::encode(Sha256::digest(req.body))),
-    }
+    out.push_str(&payload_hash(req)?);
     Ok(out)
 }
+
+/// The payload hash of the canonical request: always the SHA-256 of the body actually received,
+/// so a signature covers the body. A client's `x-amz-content-sha256` header, when present, must
+/// say the same; `UNSIGNED-PAYLOAD` (and the streaming forms) are refused: the SSM API never
+/// needs them, and they would let a signed request carry any body.
+fn payload_hash(req: &Request<'_>) -> Result<String, SigError> {
+    let computed = hex::encode(Sha256::digest(req.body));
+    let claimed: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-amz-content-sha256")
+        .map(|(_, v)| v.trim())
+        .collect();
+    for claimed in claimed {
+        if claimed == UNSIGNED_PAYLOAD || claimed.starts_with("STREAMING-") {
+            return Err(err(
+                "InvalidSignatureException",
+                format!(
+                    "x-amz-content-sha256 {claimed:?} is not accepted: the SSM API signs the payload; send the hex SHA-256 of the body, or no such header"
+                ),
+            ));
+        }
+        if !claimed.eq_ignore_ascii_case(&computed) {
+            return Err(err(
+                "InvalidSignatureException",
+                "The provided 'x-amz-content-sha256' header does not match what was computed: it must be the hex SHA-256 of the request body.",
+            ));
+        }
+    }
+    Ok(computed)
+}
+
+/// The `x-amz-content-sha256` value of a request whose body is not signed (refused).
+pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 
 fn canonical_query(query: &str) -> String {
     let mut pairs: Vec<(&str, &str)> = query
@@ -252,7 +322,8 @@ fn canonical_query(query: &str) -> String {
 
 /// Parses `YYYYMMDDTHHMMSSZ`.
 fn parse_amz_date(s: &str) -> Option<SystemTime> {
-    if s.len() != 16 || s.as_bytes()[8] != b'T' || !s.ends_with('Z') {
+    // ASCII only: the slices below must fall on character boundaries.
+    if s.len() != 16 || !s.is_ascii() || s.as_bytes()[8] != b'T' || !s.ends_with('Z') {
         return None;
     }
     let rfc = format!(
@@ -324,5 +395,155 @@ mod tests {
         let e = parse_authorization(Some("AWS4-HMAC-SHA256 Credential=a/b/c/ssm/aws4_request"))
             .unwrap_err();
         assert_eq!(e.code, "IncompleteSignatureException");
+    }
+
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+    const AT: &str = "20260101T120000Z";
+
+    fn headers(body_hash: Option<&str>) -> Vec<(String, String)> {
+        let mut h = vec![
+            ("host".to_owned(), "fleetrun.example:8443".to_owned()),
+            ("x-amz-date".to_owned(), AT.to_owned()),
+            (
+                "x-amz-target".to_owned(),
+                "AmazonSSM.SendCommand".to_owned(),
+            ),
+        ];
+        if let Some(hash) = body_hash {
+            h.push(("x-amz-content-sha256".to_owned(), hash.to_owned()));
+        }
+        h
+    }
+
+    fn request<'a>(headers: &'a [(String, String)], body: &'a [u8]) -> Request<'a> {
+        Request {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers,
+            body,
+        }
+    }
+
+    const SIGNED: &[&str] = &["host", "x-amz-date", "x-amz-target"];
+
+    /// Signs `body` (with or without an x-amz-content-sha256 header) and verifies `sent` under it.
+    fn check(body: &[u8], sent: &[u8], with_header: bool) -> Result<(), SigError> {
+        let hash = hex::encode(Sha256::digest(body));
+        let signed_headers = headers(with_header.then_some(hash.as_str()));
+        let mut names = SIGNED.to_vec();
+        if with_header {
+            names.push("x-amz-content-sha256");
+        }
+        let value = sign(
+            "AKIDTEST",
+            SECRET,
+            "eu-west-1",
+            &request(&signed_headers, body),
+            &names,
+        )?;
+        let auth = parse_authorization(Some(&value))?;
+        let at = parse_amz_date(AT).unwrap();
+        verify(&auth, &request(&signed_headers, sent), SECRET, at)
+    }
+
+    // Fails before the fix: the payload hash came from the client's header, so a request signed over
+    // body A verified with body B as long as the header still said hash(A).
+    #[test]
+    fn a_signature_covers_the_body_received() {
+        let a = br#"{"DocumentName":"AWS-RunShellScript","Parameters":{"commands":["uptime"]}}"#;
+        let b = br#"{"DocumentName":"AWS-RunShellScript","Parameters":{"commands":["rm -rf /"]}}"#;
+        assert_eq!(check(a, a, true), Ok(()));
+        assert_eq!(check(a, a, false), Ok(()));
+        let swapped = check(a, b, true).unwrap_err();
+        assert_eq!(swapped.code, "InvalidSignatureException");
+        assert!(
+            swapped.message.contains("x-amz-content-sha256"),
+            "{}",
+            swapped.message
+        );
+        let swapped = check(a, b, false).unwrap_err();
+        assert_eq!(swapped.code, "InvalidSignatureException");
+        assert!(swapped.message.contains("signature"), "{}", swapped.message);
+    }
+
+    #[test]
+    fn unsigned_payload_is_refused() {
+        let body = b"{}";
+        for claimed in [UNSIGNED_PAYLOAD, "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"] {
+            let h = headers(Some(claimed));
+            let names = [SIGNED, &["x-amz-content-sha256"]].concat();
+            let value = sign("AKIDTEST", SECRET, "eu-west-1", &request(&h, body), &names);
+            // Even signing refuses to build the canonical request.
+            let e = value.unwrap_err();
+            assert_eq!(e.code, "InvalidSignatureException");
+            assert!(e.message.contains(claimed), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_non_ascii_date_is_refused_not_a_panic() {
+        assert_eq!(parse_amz_date("2026é101T120000Z"), None);
+        assert_eq!(parse_amz_date("20260101T12000éZ"), None);
+        assert!(parse_amz_date(AT).is_some());
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn header_pairs() -> impl Strategy<Value = Vec<(String, String)>> {
+            let name = prop_oneof![
+                Just("host".to_owned()),
+                Just("x-amz-date".to_owned()),
+                Just("x-amz-content-sha256".to_owned()),
+                Just("authorization".to_owned()),
+                "[a-z-]{1,12}",
+            ];
+            proptest::collection::vec((name, any::<String>()), 0..8)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+            // Arbitrary Authorization values, headers and bodies are refused or verified, never a panic.
+            #[test]
+            fn arbitrary_requests_never_panic(
+                value in prop_oneof![
+                    any::<String>(),
+                    "AWS4-HMAC-SHA256 .{0,200}",
+                    "AWS4-HMAC-SHA256 Credential=[A-Z0-9]{0,20}/[0-9]{0,9}/[a-z0-9-]{0,12}/(ssm|s3)/aws4_request, SignedHeaders=[a-z;-]{0,40}, Signature=[0-9a-f]{0,64}",
+                ],
+                headers in header_pairs(),
+                body in proptest::collection::vec(any::<u8>(), 0..256),
+                secs in 0u64..4_000_000_000,
+            ) {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+                if let Ok(auth) = parse_authorization(Some(&value)) {
+                    let _ = verify(&auth, &request(&headers, &body), SECRET, now);
+                }
+            }
+
+            // A valid signature over a body verifies that body and no other.
+            #[test]
+            fn a_valid_signature_over_a_mutated_body_never_verifies(
+                body in proptest::collection::vec(any::<u8>(), 0..512),
+                flip in any::<proptest::sample::Index>(),
+                bit in 0u8..8,
+                extra in proptest::collection::vec(any::<u8>(), 0..4),
+                with_header in any::<bool>(),
+            ) {
+                prop_assert_eq!(check(&body, &body, with_header), Ok(()));
+                let mut mutated = body.clone();
+                if mutated.is_empty() || !extra.is_empty() {
+                    mutated.extend_from_slice(if extra.is_empty() { b"x" } else { &extra });
+                } else {
+                    let i = flip.index(mutated.len());
+                    mutated[i] ^= 1 << bit;
+                }
+                let refused = check(&body, &mutated, with_header).unwrap_err();
+                prop_assert_eq!(refused.code, "InvalidSignatureException");
+            }
+        }
     }
 }

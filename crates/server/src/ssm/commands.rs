@@ -244,6 +244,12 @@ fn targets_to_expr(targets: &[Target]) -> Result<TargetExpr, SsmError> {
     let mut terms = Vec::new();
     for t in targets {
         let key = t.key.clone().unwrap_or_default();
+        super::check_target_key(
+            &key,
+            "targets.member.key",
+            &t.values,
+            "targets.member.values",
+        )?;
         if t.values.is_empty() {
             return Err(bad(format!("Target with key {key} has no values.")));
         }
@@ -427,7 +433,10 @@ fn command_query(req: &ListCommandsRequest, on_command: bool) -> Result<CommandQ
             other => {
                 return Err(SsmError::new(
                     "InvalidFilterKey",
-                    format!("Filter key {other} is not valid."),
+                    format!(
+                        "Filter key {} is not valid.",
+                        fleetrun_proto::targets::shown(other)
+                    ),
                 ));
             }
         }

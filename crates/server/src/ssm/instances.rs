@@ -8,7 +8,7 @@ use crate::AppState;
 use crate::authz::{Action, Principal, Resource};
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::Node;
-use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use fleetrun_proto::targets::{TargetExpr, TargetTerm, shown};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -71,7 +71,7 @@ pub async fn describe_instance_information(
         if !LEGACY_KEYS.contains(&f.key.as_str()) {
             return Err(SsmError::new(
                 "InvalidFilterKey",
-                format!("Filter key {} is not valid.", f.key),
+                format!("Filter key {} is not valid.", shown(&f.key)),
             ));
         }
         filters.push((f.key, f.value_set));
@@ -83,12 +83,22 @@ pub async fn describe_instance_information(
         if !ok {
             return Err(SsmError::new(
                 "InvalidFilterKey",
-                format!("Filter key {} is not valid.", f.key),
+                format!("Filter key {} is not valid.", shown(&f.key)),
             ));
         }
         filters.push((f.key, f.values));
     }
+    if filters.len() > FILTERS_MAX {
+        return Err(SsmError::new(
+            "InvalidFilter",
+            format!(
+                "{} filters given; at most {FILTERS_MAX} are accepted.",
+                filters.len()
+            ),
+        ));
+    }
     for (key, values) in &filters {
+        super::check_target_key(key, "filters.member.key", values, "filters.member.values")?;
         if values.is_empty() || values.len() > 100 {
             return Err(SsmError::new(
                 "InvalidInstanceInformationFilterValue",

@@ -17,6 +17,7 @@ use crate::authz::{CheckError, Denied, Principal};
 use crate::clock::now_ms;
 use crate::store::AuditEntry;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -25,18 +26,24 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// The SSM error for a request body that could not be read: not within the body read timeout, or
-/// over the size limit.
-fn body_rejection(r: &axum::extract::rejection::BytesRejection) -> SsmError {
+/// The SSM error for a request body that could not be read: not within the body read timeout, over
+/// [`BODY_MAX`], or cut off.
+fn body_rejection(r: &BytesRejection) -> SsmError {
     if let Some(limit) = crate::conn::body_timed_out(r) {
         return SsmError::new(
             "RequestTimeout",
             crate::conn::BodyTimedOut(limit).to_string(),
         );
     }
-    let mut e = SsmError::validation(format!("cannot read the request body: {}", r.body_text()));
-    e.status = r.status();
-    e
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return SsmError::validation(format!(
+            "1 validation error detected: the request body is larger than {BODY_MAX} bytes, the most the SSM API reads"
+        ));
+    }
+    SsmError::new(
+        "SerializationException",
+        format!("cannot read the request body: {}", r.body_text()),
+    )
 }
 
 /// An SSM error: HTTP status, AWS error code (`__type`) and message.
@@ -99,6 +106,9 @@ impl From<crate::store::StoreError> for SsmError {
 
 type SsmResult = Result<Value, SsmError>;
 
+/// Largest SSM request body read (2 MiB: SSM's largest member, a document's content, is 64 KB).
+pub const BODY_MAX: usize = 2 * 1024 * 1024;
+
 /// `POST /`: one SSM operation, audited (as `ssm.<Operation>`) before it is answered.
 pub async fn handle(
     State(state): State<Arc<AppState>>,
@@ -106,7 +116,7 @@ pub async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     // A body that could not be read (too large, or not sent within the body read timeout) is
     // answered in SSM's shape, naming the limit.
@@ -130,12 +140,16 @@ pub async fn handle(
         action: format!("ssm.{op}"),
         ..AuditEntry::default()
     };
-    let authenticated = match state.auth_guard.check(addr.ip()) {
+    let credential = crate::authn::sigv4_credential(&headers);
+    let authenticated = match state
+        .auth_guard
+        .check_credential(addr.ip(), credential.as_deref())
+    {
         _ if let Some(e) = unreadable => Err(e),
         Err(retry) => Err(SsmError::new(
             "ThrottlingException",
             format!(
-                "Rate exceeded: too many failed authentications from this address; retry in {} s",
+                "Rate exceeded: too many failed authentications from this address or with this access key; retry in {} s",
                 retry.as_secs().max(1)
             ),
         )),
@@ -147,7 +161,9 @@ pub async fn handle(
             })
             .inspect_err(|e| {
                 if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::FORBIDDEN {
-                    state.auth_guard.failed(addr.ip());
+                    state
+                        .auth_guard
+                        .failed_credential(addr.ip(), credential.as_deref());
                 }
             }),
     };
@@ -203,6 +219,11 @@ pub async fn handle(
         }
     };
     trail::record(&state, entry, wait).await;
+    answer(status, value, request_id)
+}
+
+/// An SSM answer: AWS JSON 1.1 with a request id.
+fn answer(status: StatusCode, value: Value, request_id: String) -> Response {
     let headers = [
         (
             header::CONTENT_TYPE,
@@ -300,6 +321,9 @@ fn next_token(offset: u64, page_len: usize, limit: u32) -> Value {
     }
 }
 
+/// The offset a `NextToken` names. Offsets are bound to SQL as `i64`: a token past `i64::MAX` (which
+/// no listing hands out) is refused rather than wrapped to a negative offset, which SQLite reads as
+/// "no offset" and answers with the first page.
 fn parse_token(token: Option<&str>) -> Result<u64, SsmError> {
     let Some(t) = token else { return Ok(0) };
     let bad = || SsmError::new("InvalidNextToken", "The specified token is not valid.");
@@ -308,7 +332,11 @@ fn parse_token(token: Option<&str>) -> Result<u64, SsmError> {
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or_else(bad)?;
-    Ok(u64::from_be_bytes(bytes))
+    let offset = u64::from_be_bytes(bytes);
+    if i64::try_from(offset).is_err() {
+        return Err(bad());
+    }
+    Ok(offset)
 }
 
 fn check_max_results(v: Option<i64>, min: i64, max: i64, default: u32) -> Result<u32, SsmError> {
@@ -319,6 +347,63 @@ fn check_max_results(v: Option<i64>, min: i64, max: i64, default: u32) -> Result
             "1 validation error detected: Value '{n}' at 'maxResults' failed to satisfy constraint: Member must have value between {min} and {max}"
         ))),
     }
+}
+
+/// SSM's longest target (and filter) key: `TargetKey` in botocore's model.
+pub const TARGET_KEY_MAX: usize = 163;
+/// SSM's longest target value.
+pub const TARGET_VALUE_MAX: usize = 256;
+
+/// Checks a `tag:NAME` / `tag-key` target or filter key and its values (`key_member` and
+/// `values_member` name them as SSM does): the key at most [`TARGET_KEY_MAX`] characters, values at
+/// most [`TARGET_VALUE_MAX`], and the tag names and values as fleetrun stores tags (the native API's
+/// limits: `check_tag_key`, `check_tag_value`), so no control character or oversized text gets
+/// through.
+fn check_target_key(
+    key: &str,
+    key_member: &str,
+    values: &[String],
+    values_member: &str,
+) -> Result<(), SsmError> {
+    use fleetrun_proto::targets::{check_tag_key, check_tag_value, shown};
+    let chars = key.chars().count();
+    if chars > TARGET_KEY_MAX {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value {} at '{key_member}' failed to satisfy constraint: Member must have length less than or equal to {TARGET_KEY_MAX} ({chars} characters)",
+            shown(key)
+        )));
+    }
+    if let Some(v) = values.iter().find(|v| v.chars().count() > TARGET_VALUE_MAX) {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value {} at '{values_member}' failed to satisfy constraint: Member must have length less than or equal to {TARGET_VALUE_MAX}",
+            shown(v)
+        )));
+    }
+    let invalid = |e: fleetrun_proto::targets::ParseError| {
+        SsmError::validation(format!(
+            "1 validation error detected: {key_member} {}: {}",
+            shown(key),
+            e.0
+        ))
+    };
+    if let Some(name) = key.strip_prefix("tag:") {
+        if !name.is_empty() {
+            check_tag_key(name).map_err(invalid)?;
+        }
+        for v in values {
+            check_tag_value(v).map_err(invalid)?;
+        }
+    } else if key == "tag-key" {
+        for v in values {
+            check_tag_key(v).map_err(invalid)?;
+        }
+    } else if key.chars().any(char::is_control) {
+        return Err(SsmError::validation(format!(
+            "1 validation error detected: Value {} at '{key_member}' failed to satisfy constraint: Member must not contain control characters",
+            shown(key)
+        )));
+    }
+    Ok(())
 }
 
 /// SSM's instance id pattern: `i-` + 8 or 17 word characters, or `mi-` + 17.

@@ -152,6 +152,12 @@ macro_rules! audit_columns {
     };
 }
 
+/// An anchor's seq as the column stores it; one past `i64::MAX` (refused by the API) is past any
+/// record, so it is reported gone rather than wrapped to a negative seq.
+fn anchor_seq(a: &AuditAnchor) -> i64 {
+    i64::try_from(a.seq).unwrap_or(i64::MAX)
+}
+
 impl Store {
     /// Appends an audit record; returns once it is committed (group-committed with other writes).
     pub async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
@@ -260,7 +266,7 @@ impl Store {
                 if let Err(v) = checker.check(&stored, r.get("prev_hash"), r.get("hash")) {
                     return Ok(v);
                 }
-                if let Some(a) = anchor.filter(|a| a.seq as i64 == checker.last_seq)
+                if let Some(a) = anchor.filter(|a| anchor_seq(a) == checker.last_seq)
                     && a.hash != checker.last_hash
                 {
                     return Ok(checker.verdict(
@@ -273,7 +279,7 @@ impl Store {
                 }
             }
             if n < VERIFY_PAGE {
-                if let Some(a) = anchor.filter(|a| a.seq as i64 > checker.last_seq) {
+                if let Some(a) = anchor.filter(|a| anchor_seq(a) > checker.last_seq) {
                     return Ok(checker.verdict(
                         checker.last_seq + 1,
                         format!(

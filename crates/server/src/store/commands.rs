@@ -17,6 +17,15 @@ macro_rules! visible_clause {
     };
 }
 
+/// A position in the newest-first listing of commands: listings with it start after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandCursor {
+    /// Requested time (ms since the epoch).
+    pub requested_at: i64,
+    /// Command id; "" for a bare time, which sorts before every id at that millisecond.
+    pub command_id: String,
+}
+
 use super::writer::WriteOp;
 use super::{Result, Store};
 use crate::clock::rfc3339;
@@ -288,21 +297,48 @@ impl Store {
 
     /// Commands, newest first, without invocations.
     /// Only commands with an invocation on a node in `visible`, when given.
+    ///
+    /// With `before`, only commands that sort after it in that order (requested earlier, or at the
+    /// same millisecond with a smaller id): a walk of the `commands_requested` index from there,
+    /// so each page costs the same however deep it is.
     pub async fn list_commands(
         &self,
         limit: u32,
         visible: Option<&HashSet<NodeId>>,
+        before: Option<&CommandCursor>,
     ) -> Result<Vec<Command>> {
+        // No cursor is one past every command, so the condition is always the index's range seek
+        // (an `?3 IS NULL OR` would turn it into a scan from the newest).
+        let (at, id) = match before {
+            Some(c) => (c.requested_at, c.command_id.as_str()),
+            None => (i64::MAX, ""),
+        };
         let rows = sqlx::query(concat!(
             "SELECT * FROM commands c WHERE ",
             visible_clause!("c"),
+            " AND (c.requested_at, c.command_id) < (?3, ?4)",
             " ORDER BY requested_at DESC, command_id DESC LIMIT ?2"
         ))
         .bind(visible_json(visible))
         .bind(i64::from(limit))
+        .bind(at)
+        .bind(id)
         .fetch_all(&self.read)
         .await?;
         rows.iter().map(command_from_row).collect()
+    }
+
+    /// Where a command sorts in listings (its requested time and id), for a `before` cursor.
+    pub async fn command_cursor(&self, id: &CommandId) -> Result<Option<CommandCursor>> {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT requested_at FROM commands WHERE command_id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(at.map(|requested_at| CommandCursor {
+            requested_at,
+            command_id: id.to_string(),
+        }))
     }
 
     /// One command, without invocations.

@@ -15,8 +15,8 @@ mod writer;
 
 pub use audit::AuditEntry;
 pub use commands::{
-    CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, InvocationRow, NewCommand,
-    OutputState, Totals,
+    CommandCursor, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, InvocationRow,
+    NewCommand, OutputState, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, NodeKeys, RegisterError};

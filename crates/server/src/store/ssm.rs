@@ -121,7 +121,7 @@ impl Store {
         qb.push(" ORDER BY c.requested_at DESC, c.command_id DESC LIMIT ");
         qb.push_bind(i64::from(limit));
         qb.push(" OFFSET ");
-        qb.push_bind(offset as i64);
+        qb.push_bind(i64::try_from(offset).unwrap_or(i64::MAX));
         let rows = qb.build().fetch_all(&self.read).await?;
         rows.iter()
             .map(|r| Ok((command_from_row(r)?, extra(r))))
@@ -145,7 +145,7 @@ impl Store {
         qb.push(" ORDER BY c.requested_at DESC, c.command_id DESC, i.seq LIMIT ");
         qb.push_bind(i64::from(limit));
         qb.push(" OFFSET ");
-        qb.push_bind(offset as i64);
+        qb.push_bind(i64::try_from(offset).unwrap_or(i64::MAX));
         let rows = qb.build().fetch_all(&self.read).await?;
         rows.iter()
             .map(|r| {
