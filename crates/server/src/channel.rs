@@ -225,6 +225,18 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
                     .await;
                 }
             };
+            // A node id guessed at too often is locked from every address, as tokens are.
+            let credential = format!("node:{node_id}");
+            if let Err(retry) = state
+                .auth_guard
+                .check_credential(addr.ip(), Some(&credential))
+            {
+                let msg = format!(
+                    "too many failed identifications as this node; retry in {} s",
+                    retry.as_secs().max(1)
+                );
+                return refuse(socket, "TooManyFailedAuthentications", &msg).await;
+            }
             let session_key =
                 match authn::node::check_hello(&state, &node_id, &nonce, &public_key, &signature)
                     .await
@@ -232,7 +244,9 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
                     Ok(key) => key,
                     Err(r) => {
                         if r.counts {
-                            state.auth_guard.failed(addr.ip());
+                            state
+                                .auth_guard
+                                .failed_credential(addr.ip(), Some(&credential));
                         }
                         if r.code != "InternalError" {
                             refused(r.audit).await;

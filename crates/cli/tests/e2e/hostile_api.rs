@@ -2,68 +2,24 @@
 //! swapped, numbers that used to wrap, oversized tag keys, framework errors that were not JSON, a
 //! lock-out of a NAT's valid credentials by its neighbours' failures; and `GET /v1/commands?before=`.
 
-use crate::support::{Agent, Server, client_builder};
+use crate::node_identity::{dial_channel, next_frame};
+use crate::support::{Agent, RawAnswer, RawRequest, Server, raw_request};
 use fleetrun_server::authn::sigv4;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
 
-/// A raw answer: status, content type, body.
-struct Raw {
-    status: u16,
-    content_type: String,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {} ({}) body is not JSON ({e}): {}",
-                self.status,
-                self.content_type,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-/// One request with the given headers, through reqwest against the real server.
+/// One request with the given headers against the real server.
 fn raw(
     server: &Server,
     method: &str,
     path: &str,
     headers: &[(&str, String)],
     body: Vec<u8>,
-) -> Raw {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = client_builder(server.ca.as_deref())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut req = client.request(method, format!("{}{path}", server.url));
-        for (n, v) in headers {
-            req = req.header(*n, v);
-        }
-        let resp = req.body(body).send().await.expect("request");
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let body = resp.bytes().await.expect("body").to_vec();
-        Raw {
-            status,
-            content_type,
-            body,
-        }
-    })
+) -> RawAnswer {
+    let mut req = RawRequest::new(method, path);
+    req.headers = headers.to_vec();
+    req.body = body;
+    raw_request(server, req).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 fn bearer(server: &Server) -> (&'static str, String) {
@@ -96,7 +52,7 @@ fn ssm_call(
     signed_body: &[u8],
     sent_body: &[u8],
     hash_header: bool,
-) -> Raw {
+) -> RawAnswer {
     let host = server
         .url
         .split_once("://")
@@ -136,20 +92,25 @@ fn ssm_call(
     raw(server, "POST", "/", &send, sent_body.to_vec())
 }
 
-fn assert_ssm_error(r: &Raw, status: u16, code: &str) -> String {
+fn assert_ssm_error(r: &RawAnswer, status: u16, code: &str) -> String {
     assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.content_type, "application/x-amz-json-1.1");
+    assert_eq!(
+        r.header("content-type").unwrap_or(""),
+        "application/x-amz-json-1.1"
+    );
     let v = r.json();
     assert_eq!(v["__type"], code, "{v}");
     v["message"].as_str().expect("message").to_owned()
 }
 
-fn assert_native_error(r: &Raw, status: u16, code: &str) -> String {
+fn assert_native_error(r: &RawAnswer, status: u16, code: &str) -> String {
     assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
     assert!(
-        r.content_type.starts_with("application/json"),
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("application/json"),
         "{}",
-        r.content_type
+        r.header("content-type").unwrap_or("")
     );
     let v = r.json();
     assert_eq!(v["error"]["code"], code, "{v}");
@@ -274,9 +235,11 @@ fn framework_errors_are_the_apis_json() {
     let r = raw(&server, "GET", "/v1/agent/connect", &[], vec![]);
     assert!(r.status >= 400, "{}", r.status);
     assert!(
-        r.content_type.starts_with("application/json"),
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("application/json"),
         "{}",
-        r.content_type
+        r.header("content-type").unwrap_or("")
     );
     let big = vec![b' '; 3 * 1024 * 1024];
     let r = raw(
@@ -375,50 +338,18 @@ fn a_valid_token_gets_in_after_a_neighbour_fails_and_the_guessed_one_stays_locke
     assert!(refused >= 11, "{audit}");
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn next_frame(ws: &mut Ws) -> fleetrun_proto::channel::ServerFrame {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("an answer within 10 s")
-            .expect("an open connection")
-            .expect("a message");
-        if let Message::Binary(b) = msg {
-            return fleetrun_proto::channel::ServerFrame::decode(&b).expect("a server frame");
-        }
-    }
-}
-
 /// Registers by hand over the agent channel with `info`; the server's answer.
 fn raw_register(server: &Server, code: &str, info: fleetrun_proto::channel::NodeInfo) -> Value {
     use fleetrun_proto::auth::{self, NodeKey};
     use fleetrun_proto::channel::{AgentFrame, ServerFrame};
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    let url = format!(
-        "{}/v1/agent/connect",
-        server.url.replacen("https://", "wss://", 1)
-    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut trust = fleetrun_agent::AgentConfig::new(url.as_str(), server.dir.path());
-        trust.ca_cert = server.ca.clone();
-        let tls = fleetrun_agent::tls::Tls::new(&trust, &url).expect("TLS setup");
-        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
-            None,
-            false,
-            Some(tls.connector()),
-        )
-        .await
-        .expect("dial the agent channel");
+        let mut ws = dial_channel(server).await.expect("dial the agent channel");
         let ServerFrame::Challenge { nonce } = next_frame(&mut ws).await else {
             panic!("the server's first frame is not a Challenge");
         };

@@ -5,8 +5,8 @@
 //!
 //! The raw clients here are real sockets: std TCP with rustls on top, trusting the server's CA.
 
-use crate::node_identity::{load_identity, raw_session};
-use crate::support::{Agent, Server, client_builder, invocations, wait_until};
+use crate::node_identity::{Ws, dial_channel, load_identity, raw_session};
+use crate::support::{Agent, RawRequest, Server, invocations, raw_request, wait_until};
 use fleetrun_proto::channel::{AgentFrame, Pipe, ServerFrame, StreamId};
 use fleetrun_proto::{CommandId, NodeId};
 use futures_util::StreamExt;
@@ -108,23 +108,10 @@ fn text(b: &[u8]) -> String {
 
 /// `/v1/health` from a client bound to `local` (another loopback address is another source).
 fn health_from(server: &Server, local: &str) -> Result<u16, String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = client_builder(server.ca.as_deref())
-            .local_address(local.parse::<std::net::IpAddr>().ok())
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let r = client
-            .get(format!("{}/v1/health", server.url))
-            .send()
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(r.status().as_u16())
-    })
+    let mut req = RawRequest::new("GET", "/v1/health");
+    req.local = local.parse().ok();
+    req.timeout = Duration::from_secs(10);
+    raw_request(server, req).map(|a| a.status)
 }
 
 #[test]
@@ -253,26 +240,8 @@ fn connections_over_the_per_address_cap_are_refused_while_other_clients_are_serv
 
 /// Opens the agent channel (TLS and the WebSocket upgrade done) and sends nothing.
 async fn silent_upgrade(server: &Server) -> Result<Ws, String> {
-    let url = format!(
-        "{}/v1/agent/connect",
-        server.url.replacen("https://", "wss://", 1)
-    );
-    let mut trust = fleetrun_agent::AgentConfig::new(url.as_str(), server.dir.path());
-    trust.ca_cert = server.ca.clone();
-    let tls = fleetrun_agent::tls::Tls::new(&trust, &url).map_err(|e| e.to_string())?;
-    tokio_tungstenite::connect_async_tls_with_config(
-        url.as_str(),
-        None,
-        false,
-        Some(tls.connector()),
-    )
-    .await
-    .map(|(ws, _)| ws)
-    .map_err(|e| e.to_string())
+    dial_channel(server).await
 }
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The server frames a connection gets until it closes (or `within` passes: then None).
 async fn frames_until_closed(ws: &mut Ws, within: Duration) -> Option<Vec<ServerFrame>> {

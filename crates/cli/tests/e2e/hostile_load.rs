@@ -1,7 +1,7 @@
 //! Issue 9 (hardening), the write path under hostile load: refused requests and reads never wait for
 //! the database writer, and a refused request's body is audited as a digest, not kept whole.
 
-use crate::support::{Server, client_builder};
+use crate::support::{RawRequest, Server, raw_request};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -11,7 +11,7 @@ use std::time::Duration;
 /// server's `audit::BODY_INLINE_MAX`).
 const BODY_INLINE_MAX: usize = 4 * 1024;
 
-/// One request with its own timeout, on a throwaway runtime: `Err` when no answer came in time.
+/// One request as the admin with its own timeout: `Err` when no answer came in time.
 fn request(
     server: &Server,
     method: &str,
@@ -19,27 +19,15 @@ fn request(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = client_builder(server.ca.as_deref())
-            .timeout(timeout)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-        let mut req = client
-            .request(method, format!("{}{path}", server.url))
-            .bearer_auth(&server.token);
-        if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
-        }
-        let resp = req.send().await.map_err(|e| format!("{e:?}"))?;
-        let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(|e| e.to_string())?.to_vec();
-        Ok((status, body))
-    })
+    let mut req = RawRequest::new(method, path);
+    req.headers = vec![("authorization", format!("Bearer {}", server.token))];
+    if let Some(b) = body {
+        req.headers
+            .push(("content-type", "application/json".into()));
+        req.body = b;
+    }
+    req.timeout = timeout;
+    raw_request(server, req).map(|a| (a.status, a.body))
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! `fleetrun output --follow` survives a server restart (kill -9, started again on the same data dir
 //! and port) without showing a byte twice or missing one.
 
-use crate::support::{Agent, Server, client_builder, runs, wait_until};
+use crate::support::{Agent, RawRequest, Server, raw_request, runs, wait_until};
 use serde_json::{Value, json};
 use std::io::Read;
 use std::process::{Child, Stdio};
@@ -21,32 +21,18 @@ fn post_send_as(
     key: Option<&str>,
     body: &Value,
 ) -> (u16, Option<String>, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let client = client_builder(server.ca.as_deref())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
-        let mut req = client
-            .post(format!("{}/v1/commands", server.url))
-            .bearer_auth(token)
-            .json(body);
-        if let Some(k) = key {
-            req = req.header("Idempotency-Key", k);
-        }
-        let resp = req.send().await.expect("POST /v1/commands");
-        let status = resp.status().as_u16();
-        let replayed = resp
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let body: Value = resp.json().await.expect("JSON answer");
-        (status, replayed, body)
-    })
+    let mut req = RawRequest::new("POST", "/v1/commands");
+    req.headers = vec![
+        ("authorization", format!("Bearer {token}")),
+        ("content-type", "application/json".into()),
+    ];
+    if let Some(k) = key {
+        req.headers.push(("idempotency-key", k.to_owned()));
+    }
+    req.body = body.to_string().into_bytes();
+    let answer = raw_request(server, req).expect("POST /v1/commands");
+    let replayed = answer.header("idempotent-replayed").map(str::to_owned);
+    (answer.status, replayed, answer.json())
 }
 
 /// A child's pipe read into a shared buffer by a thread, so a test can wait on what it printed.

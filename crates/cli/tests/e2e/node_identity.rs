@@ -39,30 +39,12 @@ pub(crate) fn raw_session(
     frames: Vec<AgentFrame>,
     mut done: impl FnMut(&[ServerFrame]) -> bool,
 ) -> Vec<ServerFrame> {
-    let url = format!(
-        "{}/v1/agent/connect",
-        server
-            .url
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "ws://", 1)
-    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        // Trusting the server's CA as an agent does (the same TLS setup, from the agent crate).
-        let mut trust = fleetrun_agent::AgentConfig::new(url.as_str(), server.dir.path());
-        trust.ca_cert = server.ca.clone();
-        let tls = fleetrun_agent::tls::Tls::new(&trust, &url).expect("TLS setup");
-        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
-            None,
-            false,
-            Some(tls.connector()),
-        )
-        .await
-        .expect("dial the agent channel");
+        let mut ws = dial_channel(server).await.expect("dial the agent channel");
         let ServerFrame::Challenge { nonce: challenge } = next_frame(&mut ws).await else {
             panic!("the server's first frame is not a Challenge");
         };
@@ -98,7 +80,8 @@ pub(crate) fn raw_session(
     })
 }
 
-async fn next_frame(ws: &mut Ws) -> ServerFrame {
+/// The server's next frame (skipping pings), within 10 s.
+pub(crate) async fn next_frame(ws: &mut Ws) -> ServerFrame {
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
@@ -111,7 +94,31 @@ async fn next_frame(ws: &mut Ws) -> ServerFrame {
     }
 }
 
-type Ws =
+/// Opens the agent channel as an agent does (trusting the server's CA through the agent crate's own
+/// TLS set-up): TLS and the WebSocket upgrade done, nothing sent.
+pub(crate) async fn dial_channel(server: &Server) -> Result<Ws, String> {
+    let url = format!(
+        "{}/v1/agent/connect",
+        server
+            .url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1)
+    );
+    let mut trust = fleetrun_agent::AgentConfig::new(url.as_str(), server.dir.path());
+    trust.ca_cert = server.ca.clone();
+    let tls = fleetrun_agent::tls::Tls::new(&trust, &url).map_err(|e| e.to_string())?;
+    tokio_tungstenite::connect_async_tls_with_config(
+        url.as_str(),
+        None,
+        false,
+        Some(tls.connector()),
+    )
+    .await
+    .map(|(ws, _)| ws)
+    .map_err(|e| e.to_string())
+}
+
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub(crate) fn load_identity(state_dir: &Path) -> Identity {
@@ -366,4 +373,34 @@ fn a_node_cannot_write_another_nodes_output_or_result() {
         server.logs().contains("has no invocation of"),
         "the server says why it ignored them"
     );
+}
+
+#[test]
+fn a_node_id_guessed_at_too_often_is_locked_but_its_neighbours_get_in() {
+    let server = Server::start();
+    let mut a = Agent::start(&server, "a", &[]);
+    let mut b = Agent::start(&server, "b", &[]);
+    let a_id: NodeId = server.node_id("a").parse().unwrap();
+    let b_id: NodeId = server.node_id("b").parse().unwrap();
+    let b_identity = load_identity(&b.state_dir);
+    a.kill();
+    b.kill();
+    server.wait_ping("b", "ConnectionLost", Duration::from_secs(15));
+
+    // Ten guesses at node a's key from this address: each refused for its signature.
+    let stranger = identity::generate_key();
+    for _ in 0..10 {
+        let answer = raw_hello(&server, &a_id, &stranger, None);
+        assert_eq!(error_code(&answer), "BadSignature", "{answer:?}");
+    }
+    // The eleventh is refused before its signature is looked at: node a is locked.
+    let answer = raw_hello(&server, &a_id, &stranger, None);
+    assert_eq!(
+        error_code(&answer),
+        "TooManyFailedAuthentications",
+        "{answer:?}"
+    );
+    // Node b, from the same address, with its own key, still gets in.
+    let answer = raw_hello(&server, &b_id, b_identity.key(), None);
+    assert!(matches!(answer, ServerFrame::Welcome { .. }), "{answer:?}");
 }

@@ -186,6 +186,92 @@ pub fn client_builder(ca: Option<&Path>) -> reqwest::ClientBuilder {
     }
 }
 
+/// One HTTP answer as bytes, for tests that look at what the server sends on the wire.
+pub struct RawAnswer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    /// A header's value as text, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as JSON; panics naming the status, content type and body when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} ({}) body is not JSON ({e}): {}",
+                self.status,
+                self.header("content-type").unwrap_or(""),
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// A request for [`raw_request`]: method, path, headers and body, the client's timeout and, when
+/// set, the local address it binds (another loopback address is another source to the server).
+pub struct RawRequest<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: Vec<(&'a str, String)>,
+    pub body: Vec<u8>,
+    pub timeout: Duration,
+    pub local: Option<std::net::IpAddr>,
+}
+
+impl<'a> RawRequest<'a> {
+    /// A request with no headers or body and a 30 s timeout.
+    pub fn new(method: &'a str, path: &'a str) -> Self {
+        RawRequest {
+            method,
+            path,
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout: Duration::from_secs(30),
+            local: None,
+        }
+    }
+}
+
+/// Sends one request to the real server through reqwest on a throwaway runtime, trusting its CA:
+/// `Err` when no answer came (refused, closed, timed out).
+pub fn raw_request(server: &Server, req: RawRequest<'_>) -> Result<RawAnswer, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = client_builder(server.ca.as_deref())
+            .local_address(req.local)
+            .timeout(req.timeout)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let method =
+            reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|e| e.to_string())?;
+        let mut r = client.request(method, format!("{}{}", server.url, req.path));
+        for (n, v) in req.headers {
+            r = r.header(n, v);
+        }
+        let resp = r
+            .body(req.body)
+            .send()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(|e| e.to_string())?.to_vec();
+        Ok(RawAnswer {
+            status,
+            headers,
+            body,
+        })
+    })
+}
+
 /// A running `fleetrun server`. It can be killed and started again on the same data dir and the same
 /// address, so agents re-dial the URL they know.
 pub struct Server {
