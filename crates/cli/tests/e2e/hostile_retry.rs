@@ -35,8 +35,24 @@ fn post_send_as(
     (answer.status, replayed, answer.json())
 }
 
+/// What a child printed on one pipe so far.
+type Collected = Arc<Mutex<Vec<u8>>>;
+
+/// Spawns `cmd` with no stdin and its stdout and stderr collected as they come.
+fn spawn_collected(cmd: &mut std::process::Command, what: &str) -> (Child, Collected, Collected) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = collect(child.stdout.take().expect("stdout"));
+    let err = collect(child.stderr.take().expect("stderr"));
+    (child, out, err)
+}
+
 /// A child's pipe read into a shared buffer by a thread, so a test can wait on what it printed.
-fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+fn collect(mut pipe: impl Read + Send + 'static) -> Collected {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let b = buf.clone();
     std::thread::spawn(move || {
@@ -203,21 +219,16 @@ fn cli_send_retries_while_the_server_is_down_and_succeeds_when_it_is_back() {
     server.wait_online("retry-a");
     let dir = server.scratch("retry");
     server.kill9();
-    let mut child = server
-        .cli_cmd(&[
+    let (mut child, out, err) = spawn_collected(
+        &mut server.cli_cmd(&[
             "send",
             "--targets",
             "all",
             "--",
             &format!("echo run >> '{}/count'", dir.display()),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fleetrun send");
-    let out = collect(child.stdout.take().expect("stdout"));
-    let err = collect(child.stderr.take().expect("stderr"));
+        ]),
+        "spawn fleetrun send",
+    );
     wait_until(
         "the CLI to say it is retrying",
         Duration::from_secs(20),
@@ -247,15 +258,10 @@ fn output_follow_survives_a_server_restart_without_dup_or_gap() {
         &["--targets", "all"],
         &format!("for i in $(seq {LINES}); do echo \"line $i\"; sleep 0.1; done"),
     );
-    let mut child = server
-        .cli_cmd(&["output", "--follow", &id, &node])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fleetrun output --follow");
-    let out = collect(child.stdout.take().expect("stdout"));
-    let err = collect(child.stderr.take().expect("stderr"));
+    let (mut child, out, err) = spawn_collected(
+        &mut server.cli_cmd(&["output", "--follow", &id, &node]),
+        "spawn fleetrun output --follow",
+    );
     wait_until(
         "the follower to show some lines",
         Duration::from_secs(30),
@@ -345,22 +351,18 @@ fn cli_send_whose_answer_is_lost_and_server_restarted_runs_once() {
     let (lost_tx, lost_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let proxy = lossy_proxy(upstream, lost_tx, go_rx);
-    let mut child = server
-        .cli_cmd(&[
-            "send",
-            "--targets",
-            "all",
-            "--",
-            &format!("echo run >> '{}/'$FLEETRUN_NODE_ID", dir.display()),
-        ])
-        .env("FLEETRUN_SERVER", &proxy)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fleetrun send");
-    let out = collect(child.stdout.take().expect("stdout"));
-    let err = collect(child.stderr.take().expect("stderr"));
+    let (mut child, out, err) = spawn_collected(
+        server
+            .cli_cmd(&[
+                "send",
+                "--targets",
+                "all",
+                "--",
+                &format!("echo run >> '{}/'$FLEETRUN_NODE_ID", dir.display()),
+            ])
+            .env("FLEETRUN_SERVER", &proxy),
+        "spawn fleetrun send",
+    );
     lost_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the first answer to be cut");
