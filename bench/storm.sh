@@ -10,7 +10,7 @@ source "$(dirname "$0")/lib.sh"
 start_agents "$n"
 kill -9 "$server_pid"; wait "$server_pid" 2>/dev/null || true
 t0=$(date +%s%N)
-RUST_LOG=warn,fleetrun_server::channel=debug "$bin/fleetrun" server --data-dir "$work/server" --listen "127.0.0.1:$port" $SERVER_ARGS >"$work/server2.log" 2>&1 &
+RUST_LOG=warn,fleetrun_server::fleet::channel=debug "$bin/fleetrun" server --data-dir "$work/server" --listen "127.0.0.1:$port" $SERVER_ARGS >"$work/server2.log" 2>&1 &
 server_pid=$!; pids[0]=$server_pid
 online=0
 for _ in $(seq 1200); do

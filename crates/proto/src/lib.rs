@@ -13,6 +13,7 @@ pub mod limits;
 pub mod params;
 pub mod status;
 pub mod targets;
+pub mod time;
 pub mod tls;
 pub mod version;
 

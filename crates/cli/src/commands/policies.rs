@@ -1,7 +1,7 @@
 //! `fleetrun policies ...`: check Cedar policy files before giving them to a user, and show what
 //! policies may name.
 
-use fleetrun_server::authz;
+use fleetrun_server::access::authz;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -87,7 +87,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
             k
         }
-        None => format!("{:032x}", fleetrun_server::secrets::random_u128()),
+        None => format!("{:032x}", fleetrun_server::access::secrets::random_u128()),
     };
     let body = build(args)?;
     let client = ctx.client()?;

@@ -294,8 +294,8 @@ fn tls_mode(
     key: Option<PathBuf>,
     sans: Vec<String>,
     insecure_http: bool,
-) -> anyhow::Result<fleetrun_server::tls::TlsMode> {
-    use fleetrun_server::tls::TlsMode;
+) -> anyhow::Result<fleetrun_server::net::tls::TlsMode> {
+    use fleetrun_server::net::tls::TlsMode;
     if let Some(bad) = sans.iter().find(|s| s.trim().is_empty() || s.contains(',')) {
         bail!("--tls-san {bad:?} must be one DNS name or IP address");
     }
@@ -454,7 +454,7 @@ mod tests {
         std::fs::write(&path, "tls_sans = [\"fleet.example\"]\n").unwrap();
         assert!(matches!(
             resolve(args(Some(path.clone()))).unwrap().tls,
-            fleetrun_server::tls::TlsMode::Auto { ref extra_sans } if extra_sans == &["fleet.example"]
+            fleetrun_server::net::tls::TlsMode::Auto { ref extra_sans } if extra_sans == &["fleet.example"]
         ));
         std::fs::write(&path, "tls_cert = \"c.pem\"\n").unwrap();
         assert!(resolve(args(Some(path.clone()))).is_err());

@@ -103,7 +103,7 @@ fn read_policy(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read policy file {}", path.display()))?;
     // Checked here too, so a typo is reported with the file's name before anything is sent.
-    fleetrun_server::authz::validate(&text)
+    fleetrun_server::access::authz::validate(&text)
         .map_err(|e| anyhow::anyhow!("{}: invalid policy: {e}", path.display()))?;
     Ok(text)
 }

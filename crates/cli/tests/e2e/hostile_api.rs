@@ -4,7 +4,7 @@
 
 use crate::node_identity::{dial_channel, next_frame};
 use crate::support::{Agent, RawAnswer, RawRequest, Server, raw_request};
-use fleetrun_server::authn::sigv4;
+use fleetrun_server::access::authn::sigv4;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
 
@@ -70,7 +70,7 @@ fn ssm_call(
         let text = std::str::from_utf8(signed_body).expect("utf-8 body");
         headers.push((
             "x-amz-content-sha256".into(),
-            fleetrun_server::secrets::hash(text),
+            fleetrun_server::access::secrets::hash(text),
         ));
         names.push("x-amz-content-sha256");
     }

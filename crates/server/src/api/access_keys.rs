@@ -1,13 +1,13 @@
 //! `POST /v1/access-keys`, `GET /v1/access-keys`: SigV4 keys for the SSM-compatible API.
 
 use super::{ApiError, ApiJson};
-use crate::authz::{Action, Principal, Resource};
-use crate::clock::{now_ms, rfc3339};
-use crate::{AppState, secrets};
+use crate::access::authz::{Action, Principal, Resource};
+use crate::{AppState, access::secrets};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use fleetrun_proto::api::{AccessKey, CreateAccessKey};
+use fleetrun_proto::time::{now_ms, rfc3339};
 use std::sync::Arc;
 
 /// Creates a key; the secret is in this answer only.

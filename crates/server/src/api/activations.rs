@@ -1,14 +1,14 @@
 //! `POST /v1/activations`, `GET /v1/activations`: codes that agents register with.
 
 use super::{ApiError, ApiJson};
-use crate::authz::{Action, Principal, Resource};
-use crate::clock::{now_ms, rfc3339};
-use crate::{AppState, secrets};
+use crate::access::authz::{Action, Principal, Resource};
+use crate::{AppState, access::secrets};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use fleetrun_proto::api::{Activation, CreateActivation};
 use fleetrun_proto::targets::{check_tag_key, check_tag_value};
+use fleetrun_proto::time::{now_ms, rfc3339};
 use std::sync::Arc;
 
 const DEFAULT_EXPIRY_SECS: u64 = 24 * 3600;

@@ -2,7 +2,7 @@
 
 use super::ApiError;
 use crate::AppState;
-use crate::authz::{Action, Principal, Resource};
+use crate::access::authz::{Action, Principal, Resource};
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
 use fleetrun_proto::api::{AuditAnchor, AuditQuery, AuditRecord, AuditVerify};

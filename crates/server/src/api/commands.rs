@@ -2,11 +2,10 @@
 
 use super::{ApiError, ApiJson, parse_id};
 use crate::AppState;
-use crate::audit::CreatedCommand;
-use crate::authz::{self, Action, Principal};
-use crate::dispatch::DispatchMsg;
-use crate::send::{Idempotency, SendError, SendOptions, Sent};
-use crate::store::CommandCursor;
+use crate::access::audit::CreatedCommand;
+use crate::access::authz::{self, Action, Principal};
+use crate::run::dispatch::DispatchMsg;
+use crate::run::send::{Idempotency, SendError, SendOptions, Sent};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -15,11 +14,12 @@ use axum::{Extension, Json};
 use fleetrun_proto::api::{CancelCommand, Command, Invocation, SendCommand};
 use fleetrun_proto::limits::{IDEMPOTENCY_KEY_HEADER, check_idempotency_key};
 use fleetrun_proto::{CommandId, NodeId};
+use fleetrun_store::CommandCursor;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Accepts a command (see [`crate::send`]). Answers 201 with the command; with an `Idempotency-Key`
+/// Accepts a command (see [`crate::run::send`]). Answers 201 with the command; with an `Idempotency-Key`
 /// header that this principal already sent with the same body, 200 with the command that key made
 /// (and `Idempotent-Replayed: true`); the same key with another body is refused with 422
 /// `IdempotencyKeyMismatch`.
@@ -31,13 +31,13 @@ pub async fn send(
 ) -> Result<Response, ApiError> {
     let idempotency = idempotency_key(&headers)?.map(|key| Idempotency {
         key: format!("native:{key}"),
-        request_hash: crate::send::request_hash(&req),
+        request_hash: crate::run::send::request_hash(&req),
     });
     let opts = SendOptions {
         idempotency,
         ..SendOptions::default()
     };
-    match crate::send::send_command(&state, &p, req, opts).await {
+    match crate::run::send::send_command(&state, &p, req, opts).await {
         Ok(Sent { command, replayed }) => {
             let created = Extension(CreatedCommand(command.command_id.to_string()));
             Ok(if replayed {
@@ -189,7 +189,7 @@ async fn readable_invocations(
     let scope = authz::command_scope(state, p, Action::ReadOutput, id).await?;
     let mut invs = state.store.list_invocations(id).await?;
     invs.retain(|i| scope.contains(&i.node_id));
-    crate::params::mask_invocations(state, &mut invs).await?;
+    crate::run::params::mask_invocations(state, &mut invs).await?;
     Ok(invs)
 }
 

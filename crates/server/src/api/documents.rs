@@ -2,8 +2,8 @@
 
 use super::{ApiError, ApiJson};
 use crate::AppState;
-use crate::authz::{Action, Principal, Resource};
-use crate::document;
+use crate::access::authz::{Action, Principal, Resource};
+use crate::run::document;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};

@@ -14,11 +14,9 @@ mod tokens;
 mod users;
 
 use crate::AppState;
-use crate::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
-use crate::authn::AuthnError;
-use crate::authz::Denied;
-use crate::clock::now_ms;
-use crate::store::AuditEntry;
+use crate::access::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
+use crate::access::authn::AuthnError;
+use crate::access::authz::Denied;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
@@ -28,6 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
+use fleetrun_proto::time::now_ms;
+use fleetrun_store::AuditEntry;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,7 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(crate::ssm::BODY_MAX)),
         )
         .route("/v1/health", get(health))
-        .route("/v1/agent/connect", get(crate::channel::connect))
+        .route("/v1/agent/connect", get(crate::fleet::channel::connect))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), body_deadline))
@@ -108,7 +108,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Every request body must arrive within the body read timeout (see [`crate::conn::DeadlineBody`]);
+/// Every request body must arrive within the body read timeout (see [`crate::net::conn::DeadlineBody`]);
 /// bodiless requests (GETs, the agent channel's upgrade) are left as they are.
 async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     use http_body::Body as _;
@@ -116,7 +116,7 @@ async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: N
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
-    let body = Body::new(crate::conn::DeadlineBody::new(
+    let body = Body::new(crate::net::conn::DeadlineBody::new(
         body,
         state.body_read_timeout,
     ));
@@ -128,7 +128,7 @@ pub(crate) fn body_timeout_error(limit: std::time::Duration) -> ApiError {
     ApiError::new(
         StatusCode::REQUEST_TIMEOUT,
         "RequestTimeout",
-        crate::conn::BodyTimedOut(limit).to_string(),
+        crate::net::conn::BodyTimedOut(limit).to_string(),
     )
 }
 
@@ -144,7 +144,7 @@ async fn health() -> Json<Health> {
 const AUDIT_BODY_MAX: usize = 2 * 1024 * 1024;
 
 /// Every API route but health and the agent channel needs a bearer token; every call, authenticated
-/// or not, is audited here (see crate::audit). Accepted writes wait for their record's commit before
+/// or not, is audited here (see crate::access::audit). Accepted writes wait for their record's commit before
 /// the answer is sent; reads and refused requests only queue theirs, so they never wait for the
 /// writer (and a flood of them cannot delay the writes).
 async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -167,10 +167,10 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let credential = crate::authn::bearer_credential(req.headers());
+    let credential = crate::access::authn::bearer_credential(req.headers());
     let checked = match ip.map(|ip| state.auth_guard.check_credential(ip, credential.as_deref())) {
         Some(Err(retry)) => Err(throttled(retry)),
-        _ => crate::authn::bearer(&state, req.headers())
+        _ => crate::access::authn::bearer(&state, req.headers())
             .await
             .map_err(|e| match e {
                 AuthnError::Refused { message, .. } => {
@@ -200,7 +200,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             }
             let bytes = match axum::body::to_bytes(body, AUDIT_BODY_MAX).await {
                 Ok(b) => b,
-                Err(e) if let Some(limit) = crate::conn::body_timed_out(&e) => {
+                Err(e) if let Some(limit) = crate::net::conn::body_timed_out(&e) => {
                     entry.params = Value::Object(params);
                     let resp = body_timeout_error(limit).into_response();
                     return finish(&state, entry, resp, write).await;
@@ -228,7 +228,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             }
             entry.params = Value::Object(params);
             if resp.status().is_success() && !principal.was_authorized() {
-                // Deny by default: a handler that answered without asking crate::authz is a bug,
+                // Deny by default: a handler that answered without asking crate::access::authz is a bug,
                 // and must not hand anything out.
                 tracing::error!(%route, "handler answered without an authorization check; refused");
                 ApiError::new(
@@ -282,7 +282,7 @@ fn rate_limited(who: &str, retry: std::time::Duration) -> Response {
     resp
 }
 
-/// 429 for a source that failed authentication too often (see [`crate::guard`]).
+/// 429 for a source that failed authentication too often (see [`crate::access::guard`]).
 fn throttled(retry: std::time::Duration) -> Response {
     let secs = retry.as_secs().max(1);
     let body = ErrorBody {
@@ -351,17 +351,17 @@ impl From<Denied> for ApiError {
     }
 }
 
-impl From<crate::authz::CheckError> for ApiError {
-    fn from(e: crate::authz::CheckError) -> Self {
+impl From<crate::access::authz::CheckError> for ApiError {
+    fn from(e: crate::access::authz::CheckError) -> Self {
         match e {
-            crate::authz::CheckError::Denied(d) => d.into(),
-            crate::authz::CheckError::Store(e) => e.into(),
+            crate::access::authz::CheckError::Denied(d) => d.into(),
+            crate::access::authz::CheckError::Store(e) => e.into(),
         }
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<fleetrun_store::StoreError> for ApiError {
+    fn from(e: fleetrun_store::StoreError) -> Self {
         ApiError::internal(e)
     }
 }

@@ -2,15 +2,15 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
-use crate::authz::{self, Action, NodeRef, Principal, Resource};
-use crate::clock::now_ms;
-use crate::dispatch::end_invocations;
-use crate::store::Finish;
+use crate::access::authz::{self, Action, NodeRef, Principal, Resource};
+use crate::run::dispatch::end_invocations;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use fleetrun_proto::api::Node;
 use fleetrun_proto::status::details;
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{InvocationStatus, NodeId};
+use fleetrun_store::Finish;
 use std::sync::Arc;
 
 /// Every node with its ping status (deregistered nodes are not listed).

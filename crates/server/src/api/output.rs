@@ -4,13 +4,13 @@
 //! produces them (pushed by the invocation's output actor), until the invocation ends. Either way the
 //! body streams: no whole output is ever held in memory. An output that fits in its inline copy is
 //! served from the database row (it may have no segment objects). Secure parameter values the
-//! command's script references are masked on the way out (crate::params::Masker).
+//! command's script references are masked on the way out (crate::run::params::Masker).
 
 use super::{ApiError, parse_id};
 use crate::AppState;
-use crate::authz::{self, Action, Principal};
-use crate::output::{OutputMsg, pipe_prefix, read_stored};
-use crate::params::MaskStream;
+use crate::access::authz::{self, Action, Principal};
+use crate::run::output::{OutputMsg, pipe_prefix, read_stored};
+use crate::run::params::MaskStream;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -72,7 +72,7 @@ pub async fn get(
             format!("command {cmd} has no invocation on node {node}"),
         ));
     }
-    let masker = crate::params::masker_for(&state, &cmd).await?;
+    let masker = crate::run::params::masker_for(&state, &cmd).await?;
     // Unmasked, served bytes are stored bytes: start there. Masked, a value may change length: mask
     // from the start and skip what was served.
     let (from, skip) = match masker {

@@ -2,14 +2,14 @@
 //! sealed before it is stored and never leaves the server again except inside a `Run` frame.
 
 use super::{ApiError, ApiJson};
-use crate::authz::{Action, Principal, Resource};
-use crate::clock::{now_ms, rfc3339};
-use crate::store::{ParamRow, Put, StoredValue};
-use crate::{AppState, params};
+use crate::access::authz::{Action, Principal, Resource};
+use crate::{AppState, run::params};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use fleetrun_proto::params::{PARAM_VALUE_MAX, Param, PutParam, name_error};
+use fleetrun_proto::time::{now_ms, rfc3339};
+use fleetrun_store::{ParamRow, Put, StoredValue};
 use std::sync::Arc;
 
 fn checked_name(name: &str) -> Result<(), ApiError> {
@@ -82,7 +82,7 @@ pub async fn put(
             "ParameterLimitExceeded",
             format!(
                 "there are {} parameters already; delete some first",
-                crate::store::PARAMS_MAX
+                fleetrun_store::PARAMS_MAX
             ),
         )),
     }

@@ -2,11 +2,11 @@
 
 use super::ApiError;
 use crate::AppState;
-use crate::authz::{Action, Principal, Resource};
-use crate::clock::rfc3339;
+use crate::access::authz::{Action, Principal, Resource};
 use axum::extract::State;
 use axum::{Extension, Json};
 use fleetrun_proto::api::Storage;
+use fleetrun_proto::time::rfc3339;
 use std::sync::Arc;
 
 /// Sizes and counts of stored state.

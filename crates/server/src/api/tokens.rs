@@ -2,13 +2,13 @@
 //! another user's. The token is shown once; the server keeps its SHA-256.
 
 use super::{ApiError, ApiJson};
-use crate::authz::{Action, Principal, Resource};
-use crate::clock::now_ms;
-use crate::{AppState, secrets};
+use crate::access::authz::{Action, Principal, Resource};
+use crate::{AppState, access::secrets};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use fleetrun_proto::api::{CreateToken, Token};
+use fleetrun_proto::time::now_ms;
 use serde::Deserialize;
 use std::sync::Arc;
 

@@ -2,12 +2,12 @@
 
 use super::{ApiError, ApiJson};
 use crate::AppState;
-use crate::authz::{self, Action, Principal, Resource};
-use crate::store::{UserError, UserRow};
+use crate::access::authz::{self, Action, Principal, Resource};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use fleetrun_proto::api::{CreateUser, UpdateUser, User, WhoAmI};
+use fleetrun_store::{UserError, UserRow};
 use std::sync::Arc;
 
 /// Who the caller is. Anyone authenticated may ask.

@@ -6,14 +6,14 @@ use super::{
     parse_token,
 };
 use crate::AppState;
-use crate::authz::{self, Action, Principal};
-use crate::clock::parse_rfc3339_ms;
-use crate::dispatch::DispatchMsg;
-use crate::send::{Idempotency, SendError, SendOptions};
-use crate::store::{CommandMeta, CommandQuery};
+use crate::access::authz::{self, Action, Principal};
+use crate::run::dispatch::DispatchMsg;
+use crate::run::send::{Idempotency, SendError, SendOptions};
 use fleetrun_proto::api::{Command, Invocation, SendCommand};
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
+use fleetrun_proto::time::parse_rfc3339_ms;
 use fleetrun_proto::{InvocationStatus, NodeId};
+use fleetrun_store::{CommandMeta, CommandQuery};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ pub fn idempotency(
     };
     Ok(key.map(|key| Idempotency {
         key,
-        request_hash: crate::send::request_hash(
+        request_hash: crate::run::send::request_hash(
             &serde_json::from_slice::<Value>(body).unwrap_or(Value::Null),
         ),
     }))
@@ -194,7 +194,7 @@ pub async fn send_command(
         ssm_extra: Some(extra.clone()),
         idempotency,
     };
-    let cmd = crate::send::send_command(state, p, send, opts)
+    let cmd = crate::run::send::send_command(state, p, send, opts)
         .await
         .map(|sent| sent.command)
         .map_err(|e| match e {
@@ -519,7 +519,7 @@ pub async fn list_command_invocations(
     q.visible = visible(state, p, &q).await?;
     let mut page = state.store.query_invocations(&q, offset, limit).await?;
     if req.details {
-        crate::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
+        crate::run::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
     }
     let base = &state.public_url;
     let items: Vec<Value> = page
@@ -653,7 +653,7 @@ pub async fn get_command_invocation(
         ..CommandQuery::default()
     };
     let mut page = state.store.query_invocations(&q, 0, 1).await?;
-    crate::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
+    crate::run::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
     let found = page.into_iter().next();
     let plugins = found
         .as_ref()

@@ -1,11 +1,11 @@
 //! CreateDocument, GetDocument, DescribeDocument, ListDocuments, UpdateDocument, DeleteDocument,
-//! UpdateDocumentDefaultVersion: Command documents in JSON (see crate::document).
+//! UpdateDocumentDefaultVersion: Command documents in JSON (see crate::run::document).
 
 use super::shapes::*;
 use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token};
 use crate::AppState;
-use crate::authz::{Action, Principal, Resource};
-use crate::document::{self, Loaded, OWNER_AMAZON, default_text};
+use crate::access::authz::{Action, Principal, Resource};
+use crate::run::document::{self, Loaded, OWNER_AMAZON, default_text};
 use serde_json::{Value, json};
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@ use super::{
     SsmError, SsmResult, check_instance_id, check_max_results, epoch, next_token, parse_token,
 };
 use crate::AppState;
-use crate::authz::{Action, Principal, Resource};
+use crate::access::authz::{Action, Principal, Resource};
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::Node;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm, shown};
@@ -207,7 +207,7 @@ fn platform(os: &str) -> (String, String) {
 
 fn instance(n: &Node) -> Value {
     let (platform_name, platform_version) = platform(&n.os);
-    let ms = crate::clock::parse_rfc3339_ms;
+    let ms = fleetrun_proto::time::parse_rfc3339_ms;
     let mut v = json!({
         "InstanceId": n.node_id,
         "PingStatus": n.ping_status,

@@ -11,16 +11,16 @@ mod instances;
 mod shapes;
 
 use crate::AppState;
-use crate::audit::{self as trail, ANONYMOUS};
-use crate::authn::AuthnError;
-use crate::authz::{CheckError, Denied, Principal};
-use crate::clock::now_ms;
-use crate::store::AuditEntry;
+use crate::access::audit::{self as trail, ANONYMOUS};
+use crate::access::authn::AuthnError;
+use crate::access::authz::{CheckError, Denied, Principal};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use fleetrun_proto::time::now_ms;
+use fleetrun_store::AuditEntry;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -29,10 +29,10 @@ use std::sync::Arc;
 /// The SSM error for a request body that could not be read: not within the body read timeout, over
 /// [`BODY_MAX`], or cut off.
 fn body_rejection(r: &BytesRejection) -> SsmError {
-    if let Some(limit) = crate::conn::body_timed_out(r) {
+    if let Some(limit) = crate::net::conn::body_timed_out(r) {
         return SsmError::new(
             "RequestTimeout",
-            crate::conn::BodyTimedOut(limit).to_string(),
+            crate::net::conn::BodyTimedOut(limit).to_string(),
         );
     }
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -98,8 +98,8 @@ impl From<CheckError> for SsmError {
     }
 }
 
-impl From<crate::store::StoreError> for SsmError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<fleetrun_store::StoreError> for SsmError {
+    fn from(e: fleetrun_store::StoreError) -> Self {
         SsmError::internal(e)
     }
 }
@@ -140,7 +140,7 @@ pub async fn handle(
         action: format!("ssm.{op}"),
         ..AuditEntry::default()
     };
-    let credential = crate::authn::sigv4_credential(&headers);
+    let credential = crate::access::authn::sigv4_credential(&headers);
     let authenticated = match state
         .auth_guard
         .check_credential(addr.ip(), credential.as_deref())
@@ -153,7 +153,7 @@ pub async fn handle(
                 retry.as_secs().max(1)
             ),
         )),
-        Ok(()) => crate::authn::sigv4(&state, &method, &uri, &headers, &body)
+        Ok(()) => crate::access::authn::sigv4(&state, &method, &uri, &headers, &body)
             .await
             .map_err(|e| match e {
                 AuthnError::Refused { code, message } => SsmError::new(code, message),

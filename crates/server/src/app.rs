@@ -1,0 +1,251 @@
+//! The state every request and task shares, and the start of a server process.
+
+use crate::ServerConfig;
+use crate::access::{authz, guard, secrets};
+use crate::api;
+use crate::fleet::hub;
+use crate::net::{conn, tls};
+use crate::run::{dispatch, output, retention};
+use anyhow::Context;
+use fleetrun_store::Store;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// State shared by every request and task.
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// Output objects.
+    pub objects: Arc<dyn ObjectStore>,
+    /// Connected agents.
+    pub hub: hub::Hub,
+    /// Output actors of running invocations.
+    pub outputs: output::Outputs,
+    /// Dispatchers of running commands.
+    pub dispatchers: dispatch::Dispatchers,
+    /// Seconds between agent pings.
+    pub heartbeat_secs: u64,
+    /// Where data lives.
+    pub data_dir: PathBuf,
+    /// Retention period.
+    pub retention: Duration,
+    /// Permits for agent handshakes in progress.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Agent handshakes in progress per source address.
+    pub handshakes_by_address: conn::Counter,
+    /// Most agent handshakes in progress per source address (0 = no limit).
+    pub max_handshakes_per_address: usize,
+    /// Time an agent has from its upgrade to a valid `Hello` or `Register`.
+    pub agent_handshake_timeout: Duration,
+    /// Longest time a request body may take to arrive.
+    pub body_read_timeout: Duration,
+    /// Seals secrets the server must read back (access keys).
+    pub secret_box: secrets::SecretBox,
+    /// The URL clients reach this server at.
+    pub public_url: String,
+    /// Failed-authentication counts per source (brute-force guard).
+    pub auth_guard: guard::AuthGuard,
+    /// Decides what principals may do (compiled Cedar policies).
+    pub authz: authz::Authz,
+    /// Requests per principal (token buckets).
+    pub rate_limiter: guard::RateLimiter,
+    /// Fingerprint of the server's own CA, handed out with activation codes for agents to pin.
+    pub ca_fingerprint: Option<String>,
+}
+
+/// A server that is listening.
+pub struct RunningServer {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// The admin token, when it was created by this start (print it once); None when it existed.
+    pub admin_token: Option<String>,
+    /// Where the admin token is kept.
+    pub admin_token_path: PathBuf,
+    /// The URL clients reach this server at (`https://` unless serving plain HTTP).
+    pub public_url: String,
+    /// The CA certificate clients should trust, when the server is its own CA (`DATA_DIR/ca.pem`).
+    pub ca_path: Option<PathBuf>,
+    /// That CA's fingerprint (SHA-256 of its DER, lowercase hex), for `--ca-fingerprint`.
+    pub ca_fingerprint: Option<String>,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the storage, creates the admin token on first start, resumes unfinished commands and starts
+/// listening.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    if config.heartbeat_secs == 0 {
+        anyhow::bail!("heartbeat must be at least 1 second");
+    }
+    if config.purge_interval.is_zero() {
+        anyhow::bail!("purge interval must be more than 0");
+    }
+    for (what, d) in [
+        ("header read timeout", config.header_read_timeout),
+        ("body read timeout", config.body_read_timeout),
+        ("agent handshake timeout", config.agent_handshake_timeout),
+    ] {
+        if d.is_zero() {
+            anyhow::bail!("{what} must be more than 0");
+        }
+    }
+    let nofile = conn::raise_nofile_limit();
+    let max_connections = match config.max_connections {
+        0 => conn::default_max_connections(nofile),
+        n => n,
+    };
+    let max_connections_per_address =
+        conn::effective_per_address(config.max_connections_per_address, max_connections);
+    tracing::info!(
+        open_files = nofile,
+        max_connections,
+        max_connections_per_address,
+        "connection limits"
+    );
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let db_path = config.data_dir.join("fleetrun.db");
+    let store = Store::open_sqlite(&db_path)
+        .await
+        .with_context(|| format!("cannot open database {}", db_path.display()))?;
+    tracing::info!(path = %db_path.display(), "database open");
+    let objects_dir = config.data_dir.join("objects");
+    std::fs::create_dir_all(&objects_dir)
+        .with_context(|| format!("cannot create {}", objects_dir.display()))?;
+    let objects: Arc<dyn ObjectStore> = Arc::new(
+        LocalFileSystem::new_with_prefix(&objects_dir)
+            .with_context(|| format!("cannot open object directory {}", objects_dir.display()))?
+            .with_automatic_cleanup(true),
+    );
+
+    let admin_token_path = config.data_dir.join("admin.token");
+    let admin_token = if store.has_api_tokens().await? {
+        None
+    } else {
+        let token = format!("frt_{}", secrets::random_token(40));
+        write_secret_file(&admin_token_path, &token)?;
+        store
+            .insert_token(&secrets::hash(&token), "admin", "admin", None)
+            .await?;
+        tracing::info!(path = %admin_token_path.display(), "admin token created");
+        Some(token)
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    let tls = tls::setup(
+        &config.tls,
+        &config.data_dir,
+        local_addr,
+        config.public_url.as_deref(),
+    )?;
+    let scheme = if tls.acceptor.is_some() {
+        "https"
+    } else {
+        tracing::warn!(
+            "TLS is OFF (--insecure-http): tokens, scripts and output cross the network in clear text"
+        );
+        "http"
+    };
+    let secret_box = match &config.secrets_key_file {
+        // A configured key must exist: creating a fresh one would orphan everything sealed before.
+        Some(path) => secrets::SecretBox::open_existing(path)?,
+        None => secrets::SecretBox::open(&config.data_dir.join("secrets.key"))?,
+    };
+    let state = Arc::new(AppState {
+        store,
+        objects,
+        hub: hub::Hub::default(),
+        outputs: output::Outputs::default(),
+        dispatchers: dispatch::Dispatchers::default(),
+        heartbeat_secs: config.heartbeat_secs,
+        data_dir: config.data_dir.clone(),
+        retention: config.retention,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
+        handshakes_by_address: conn::Counter::default(),
+        max_handshakes_per_address: config.max_handshakes_per_address,
+        agent_handshake_timeout: config.agent_handshake_timeout,
+        body_read_timeout: config.body_read_timeout,
+        secret_box,
+        auth_guard: guard::AuthGuard::default(),
+        authz: authz::Authz::default(),
+        rate_limiter: guard::RateLimiter::new(
+            config.rate_limit,
+            config.rate_limit.saturating_mul(4),
+        ),
+        public_url: config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"))
+            .trim_end_matches('/')
+            .to_owned(),
+        ca_fingerprint: tls.ca_fingerprint.clone(),
+    });
+    let public_url = state.public_url.clone();
+    for id in state.store.active_command_ids().await? {
+        if let Some(row) = state.store.command_row(&id).await? {
+            tracing::info!(command = %id, "resuming dispatch");
+            dispatch::spawn(state.clone(), row);
+        }
+    }
+
+    tokio::spawn(retention::run(
+        state.clone(),
+        config.retention,
+        config.purge_interval,
+    ));
+
+    tracing::info!(%local_addr, %scheme, "listening");
+    let app = api::router(state);
+    let settings = tls::ConnSettings {
+        header_read_timeout: config.header_read_timeout,
+        max_connections,
+        max_connections_per_address,
+    };
+    let serve = tokio::spawn(tls::serve(listener, tls.acceptor, app, settings));
+    Ok(RunningServer {
+        local_addr,
+        admin_token,
+        admin_token_path,
+        public_url,
+        ca_path: tls.ca_path,
+        ca_fingerprint: tls.ca_fingerprint,
+        serve,
+    })
+}
+
+impl RunningServer {
+    /// Serves until the process is stopped or a fatal error happens.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.serve
+            .await
+            .context("server task failed")?
+            .context("server stopped")
+    }
+}
+
+/// Writes a secret readable by its owner only.
+fn write_secret_file(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    write_private_file(path, format!("{secret}\n").as_bytes())
+}
+
+/// Writes a file readable by its owner only (created with mode 0600, never world-readable).
+pub(crate) fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

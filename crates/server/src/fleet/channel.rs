@@ -1,0 +1,756 @@
+//! The agent channel: `GET /v1/agent/connect` upgrades to a WebSocket that carries postcard frames
+//! (fleetrun_proto::channel). The first frame registers a new node or identifies an enrolled one; then
+//! the reader routes frames (output to the invocation's actor, starts and results to storage) and a
+//! writer task drains the node's queue in the hub.
+
+use crate::AppState;
+use crate::access::audit::{self as trail, ANONYMOUS};
+use crate::access::authn;
+use crate::access::secrets;
+use crate::run::dispatch::{DispatchMsg, end_invocations};
+use crate::run::output::OutputMsg;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use fleetrun_proto::auth::fingerprint;
+use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame, StreamId};
+use fleetrun_proto::status::details;
+use fleetrun_proto::targets::{check_tag_key, check_tag_value};
+use fleetrun_proto::time::now_ms;
+use fleetrun_proto::version::PROTOCOL_VERSION;
+use fleetrun_proto::{InvocationStatus, NodeId};
+use fleetrun_store::{AuditEntry, Finish, NewNode, RegisterError};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+/// Longest time a refusal (an `Error` frame, then the close) may take to leave: a client that reads
+/// nothing must not hold the connection open.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Initial read and write buffer of an agent's WebSocket.
+const SOCKET_BUFFER: usize = 4 * 1024;
+
+/// Upgrades the request to the agent channel. When too many handshakes are in progress (a reconnect
+/// storm after a restart), answers 503 with a jittered Retry-After instead, so the server sheds load
+/// rather than falling over; agents wait that long before re-dialling.
+pub async fn connect(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Err(retry) = state.auth_guard.check(addr.ip()) {
+        let headers = [(header::RETRY_AFTER, retry.as_secs().max(1).to_string())];
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            headers,
+            "too many failed registrations or identifications from this address; retry later\n",
+        )
+            .into_response();
+    }
+    let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+        return busy("too many agent handshakes in progress; retry later\n".into());
+    };
+    let by_address = match state.handshakes_by_address.acquire(
+        addr.ip(),
+        state.max_handshakes_per_address,
+        0,
+    ) {
+        Ok(slot) => slot,
+        Err(_) => {
+            return busy(format!(
+                "too many agent handshakes in progress from this address (limit {}); retry later\n",
+                state.max_handshakes_per_address
+            ));
+        }
+    };
+    let permit = Handshake {
+        _global: permit,
+        _by_address: by_address,
+    };
+    ws.max_message_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
+        .max_frame_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
+        // tungstenite's defaults (128 KiB each way) cost 256 KiB per idle agent; big frames grow
+        // the buffers only while they pass.
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(SOCKET_BUFFER)
+        .on_upgrade(move |socket| serve(state, socket, permit, addr))
+}
+
+/// 503 with a jittered Retry-After: agents wait that long before re-dialling.
+fn busy(message: String) -> Response {
+    let retry_after = 1 + rand::random::<u64>() % 5;
+    let headers = [(header::RETRY_AFTER, retry_after.to_string())];
+    (StatusCode::SERVICE_UNAVAILABLE, headers, message).into_response()
+}
+
+/// A handshake's slots: one of `max_handshakes`, one of its address's; both freed together once
+/// the agent is identified (or refused).
+struct Handshake {
+    _global: OwnedSemaphorePermit,
+    _by_address: crate::net::conn::Slot,
+}
+
+/// Audits a channel action (waiting for its commit: handshakes are not the hot path).
+async fn audit(
+    state: &AppState,
+    source: &str,
+    principal: &str,
+    action: &str,
+    node: Option<&NodeId>,
+    params: serde_json::Value,
+    result: &str,
+) {
+    let entry = AuditEntry {
+        at: now_ms(),
+        principal: principal.into(),
+        source: source.into(),
+        action: action.into(),
+        node_ids: node.map(|n| vec![n.to_string()]).unwrap_or_default(),
+        params,
+        result: result.into(),
+        ..AuditEntry::default()
+    };
+    trail::record(state, entry, true).await;
+}
+
+async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, addr: SocketAddr) {
+    let source = addr.to_string();
+    // The challenge goes out at once, so it costs no round trip: it travels while the agent
+    // finishes its side of the upgrade. Sending it and receiving the first frame share one
+    // deadline: a silent (or unreading) client gives its handshake slots back when it passes.
+    let nonce = authn::node::challenge();
+    let challenge = ServerFrame::Challenge {
+        nonce: nonce.to_vec(),
+    };
+    let limit = state.agent_handshake_timeout;
+    let first = tokio::time::timeout(limit, async {
+        if socket.send(binary(challenge)).await.is_err() {
+            return None;
+        }
+        next_frame(&mut socket).await
+    })
+    .await;
+    let first = match first {
+        Ok(Some(Ok(f))) => f,
+        Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::debug!(%addr, "agent handshake timed out");
+            let msg = format!(
+                "no Hello or Register frame within {} (the agent handshake timeout)",
+                humantime::format_duration(limit)
+            );
+            return refuse(socket, "HandshakeTimeout", &msg).await;
+        }
+    };
+    match first {
+        AgentFrame::Register {
+            protocol_version,
+            activation_code,
+            public_key,
+            signature,
+            info,
+            tags,
+        } => {
+            if let Err(msg) = check_version(protocol_version) {
+                return refuse(socket, "ProtocolVersion", &msg).await;
+            }
+            let params = serde_json::json!({
+                "name": info.name, "hostname": info.hostname, "tags": tags,
+                "key": fingerprint(&public_key),
+            });
+            let registered = match authn::node::check_register(&nonce, &public_key, &signature) {
+                Ok(key) => register(&state, &activation_code, key, info, tags).await,
+                Err(r) => Err((r.code, r.message)),
+            };
+            let (principal, node, result) = match &registered {
+                Ok(id) => (id.to_string(), Some(id), "Registered"),
+                Err((code, _)) => (ANONYMOUS.to_owned(), None, *code),
+            };
+            audit(
+                &state,
+                &source,
+                &principal,
+                "agent.register",
+                node,
+                params,
+                result,
+            )
+            .await;
+            match registered {
+                Ok(node_id) => {
+                    tracing::info!(%node_id, "node registered");
+                    let _ = socket
+                        .send(binary(ServerFrame::Registered { node_id }))
+                        .await;
+                    let _ = socket.close().await;
+                }
+                Err((code, msg)) => {
+                    if code == "InvalidActivation" || code == "BadSignature" {
+                        state.auth_guard.failed(addr.ip());
+                    }
+                    refuse(socket, code, &msg).await
+                }
+            }
+        }
+        AgentFrame::Hello {
+            protocol_version,
+            node_id,
+            public_key,
+            signature,
+            info,
+            known,
+        } => {
+            if let Err(msg) = check_version(protocol_version) {
+                return refuse(socket, "ProtocolVersion", &msg).await;
+            }
+            let refused = |result: String| {
+                let (state, source, node_id) = (&state, &source, &node_id);
+                async move {
+                    let params = serde_json::json!({ "claimed_node_id": node_id.to_string() });
+                    audit(
+                        state,
+                        source,
+                        ANONYMOUS,
+                        "agent.hello",
+                        Some(node_id),
+                        params,
+                        &result,
+                    )
+                    .await;
+                }
+            };
+            // A node id guessed at too often is locked from every address, as tokens are.
+            let credential = format!("node:{node_id}");
+            if let Err(retry) = state
+                .auth_guard
+                .check_credential(addr.ip(), Some(&credential))
+            {
+                let msg = format!(
+                    "too many failed identifications as this node; retry in {} s",
+                    retry.as_secs().max(1)
+                );
+                return refuse(socket, "TooManyFailedAuthentications", &msg).await;
+            }
+            let session_key =
+                match authn::node::check_hello(&state, &node_id, &nonce, &public_key, &signature)
+                    .await
+                {
+                    Ok(key) => key,
+                    Err(r) => {
+                        if r.counts {
+                            state
+                                .auth_guard
+                                .failed_credential(addr.ip(), Some(&credential));
+                        }
+                        if r.code != "InternalError" {
+                            refused(r.audit).await;
+                        }
+                        return refuse(socket, r.code, &r.message).await;
+                    }
+                };
+            if let Err(msg) = check_info(&info) {
+                return refuse(socket, "BadNodeInfo", &msg).await;
+            }
+            let params = serde_json::json!({
+                "name": info.name, "hostname": info.hostname, "agent_version": info.agent_version,
+            });
+            let principal = node_id.to_string();
+            audit(
+                &state,
+                &source,
+                &principal,
+                "agent.hello",
+                Some(&node_id),
+                params,
+                "Connected",
+            )
+            .await;
+            let auth = SessionAuth {
+                key: session_key,
+                source,
+            };
+            session(
+                state,
+                socket,
+                node_id,
+                auth,
+                info,
+                known.into_iter().collect(),
+                permit,
+            )
+            .await;
+        }
+        _ => {
+            refuse(
+                socket,
+                "BadFrame",
+                "the first frame must be Hello or Register",
+            )
+            .await
+        }
+    }
+}
+
+/// How a session was authenticated: the node's key it proved (changed by a rotation) and the peer.
+struct SessionAuth {
+    key: String,
+    source: String,
+}
+
+/// An identified agent's connection, until it drops.
+async fn session(
+    state: Arc<AppState>,
+    socket: WebSocket,
+    node: NodeId,
+    mut auth: SessionAuth,
+    info: NodeInfo,
+    known: HashSet<fleetrun_proto::CommandId>,
+    permit: Handshake,
+) {
+    if let Err(e) = state.store.node_connected(&node, &info).await {
+        tracing::error!(%node, "cannot record connect: {e}");
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<ServerFrame>();
+    let (conn_id, mut revoked) = state.hub.connect(&node, tx.clone());
+    // A deregistration between the handshake's check and this connect would have found no connection
+    // to close: look again now that the connection is in the hub.
+    if let Ok(Some(keys)) = state.store.node_keys(&node).await
+        && keys.deregistered
+    {
+        state
+            .hub
+            .revoke(&node, &format!("node {node} was deregistered"));
+    }
+    let _ = tx.send(ServerFrame::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        heartbeat_secs: state.heartbeat_secs,
+    });
+    tracing::info!(%node, name = %info.name, "agent connected");
+
+    let (mut sink, mut stream) = socket.split();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(binary(frame)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    if let Err(e) = reconcile(&state, &node, &known).await {
+        tracing::error!(%node, "cannot reconcile deliveries: {e}");
+    }
+    state.hub.announce_online(&node);
+    // The handshake's work is done; the session itself costs little.
+    drop(permit);
+
+    let silence = Duration::from_secs(state.heartbeat_secs.max(1) * 3);
+    let mut owned = Owned::default();
+    loop {
+        let next = tokio::select! {
+            r = tokio::time::timeout(silence, stream.next()) => r,
+            _ = &mut revoked => {
+                tracing::info!(%node, "node revoked; closing its connection");
+                break;
+            }
+        };
+        let msg = match next {
+            Err(_) => {
+                tracing::info!(%node, "agent silent for {silence:?}; dropping connection");
+                break;
+            }
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Ok(Some(Ok(m))) => m,
+        };
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Text(_) => {
+                let _ = tx.send(error_frame(
+                    "BadFrame",
+                    "text messages are not part of the protocol",
+                ));
+                break;
+            }
+        };
+        let frame = match AgentFrame::decode(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(%node, "bad frame: {e}");
+                let _ = tx.send(error_frame("BadFrame", &e.to_string()));
+                break;
+            }
+        };
+        let frame = match key_frame(&state, &node, &mut auth, frame).await {
+            Ok(KeyFrame::Handled(reply)) => {
+                if let Some(reply) = reply {
+                    let _ = tx.send(reply);
+                }
+                continue;
+            }
+            Ok(KeyFrame::Other(f)) => f,
+            Err(msg) => {
+                tracing::warn!(%node, "protocol error: {msg}");
+                let _ = tx.send(error_frame("ProtocolError", &msg));
+                break;
+            }
+        };
+        if let Err(msg) = route(&state, &node, &mut owned, frame, bytes).await {
+            tracing::warn!(%node, "protocol error: {msg}");
+            let _ = tx.send(error_frame("ProtocolError", &msg));
+            break;
+        }
+    }
+
+    if owned.foreign_frames > 0 {
+        tracing::warn!(
+            %node,
+            frames = owned.foreign_frames,
+            commands = owned.foreign_commands,
+            "this connection sent {} output or result frames for {} commands the node has no invocation of; acknowledged, not stored",
+            owned.foreign_frames,
+            owned.foreign_commands
+        );
+    }
+    state.hub.disconnect(&node, conn_id);
+    drop(tx);
+    // Give queued frames (an error, acks) a moment to leave, then close.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    if let Err(e) = state.store.node_seen(&node).await {
+        tracing::error!(%node, "cannot record disconnect: {e}");
+    }
+    tracing::info!(%node, "agent disconnected");
+}
+
+/// A frame after [`key_frame`].
+enum KeyFrame {
+    /// A key rotation frame, done, with the answer if there is one.
+    Handled(Option<ServerFrame>),
+    /// Any other frame, for [`route`].
+    Other(AgentFrame),
+}
+
+/// Handles the key rotation frames of a session (they change how it is authenticated), audited.
+async fn key_frame(
+    state: &AppState,
+    node: &NodeId,
+    auth: &mut SessionAuth,
+    frame: AgentFrame,
+) -> Result<KeyFrame, String> {
+    match frame {
+        AgentFrame::RotateKey {
+            old_public_key,
+            new_public_key,
+            signature,
+        } => {
+            let before = auth.key.clone();
+            let rotated = authn::node::rotate(
+                state,
+                node,
+                &mut auth.key,
+                &old_public_key,
+                &new_public_key,
+                &signature,
+            )
+            .await;
+            let params = serde_json::json!({
+                "old_key": fingerprint(&old_public_key),
+                "new_key": fingerprint(&new_public_key),
+            });
+            let result = match &rotated {
+                Ok(_) if before == auth.key => "Unchanged".to_owned(),
+                Ok(_) => "KeyRotated".to_owned(),
+                Err(e) => e.clone(),
+            };
+            let principal = node.to_string();
+            let action = "agent.rotate_key";
+            audit(
+                state,
+                &auth.source,
+                &principal,
+                action,
+                Some(node),
+                params,
+                &result,
+            )
+            .await;
+            rotated.map(|f| KeyFrame::Handled(Some(f)))
+        }
+        AgentFrame::KeyConfirmed { public_key } => {
+            authn::node::confirmed(state, node, &auth.key, &public_key).await?;
+            Ok(KeyFrame::Handled(None))
+        }
+        other => Ok(KeyFrame::Other(other)),
+    }
+}
+
+/// Most commands a connection remembers the ownership of (see [`Owned`]); past it the memory is
+/// cleared and rebuilt from lookups.
+const OWNED_CACHE_MAX: usize = 4096;
+
+/// Which commands a connection's node has an invocation of, looked up once per command and
+/// connection (a running invocation's actor is proof enough and needs no lookup), and what was sent
+/// for commands it has none of.
+#[derive(Default)]
+struct Owned {
+    known: std::collections::HashMap<fleetrun_proto::CommandId, bool>,
+    /// Output and result frames for commands the node has no invocation of.
+    foreign_frames: u64,
+    /// Distinct such commands (as far as the memory reaches).
+    foreign_commands: u64,
+}
+
+impl Owned {
+    /// Whether the node has an invocation of the command. A new lookup that finds one starts the
+    /// invocation's actor primed with what it read, so the actor need not read it again.
+    async fn check(
+        &mut self,
+        state: &Arc<AppState>,
+        key: &crate::run::output::InvocationKey,
+    ) -> Result<bool, String> {
+        if state.outputs.has(key) {
+            return Ok(true);
+        }
+        if let Some(&owned) = self.known.get(&key.0) {
+            return Ok(owned);
+        }
+        let stored = state
+            .store
+            .invocation_output_state(&key.0, &key.1)
+            .await
+            .map_err(|e| {
+                tracing::error!(node = %key.1, command = %key.0, "cannot look up invocation: {e}");
+                "the server cannot read its database".to_string()
+            })?;
+        if self.known.len() >= OWNED_CACHE_MAX {
+            self.known.clear();
+        }
+        let owned = stored.is_some();
+        self.known.insert(key.0.clone(), owned);
+        match stored {
+            Some(stored) => {
+                let (actor, new) = state.outputs.ensure(state, key);
+                if new {
+                    let _ = actor.send(OutputMsg::Primed(stored));
+                }
+            }
+            None => {
+                if self.foreign_commands == 0 {
+                    tracing::warn!(node = %key.1, command = %key.0, "node sent output or a result for a command it has no invocation of; acknowledged, not stored (further ones are counted, and logged when the connection ends)");
+                }
+                self.foreign_commands += 1;
+            }
+        }
+        Ok(owned)
+    }
+}
+
+/// Handles one frame of an identified agent.
+async fn route(
+    state: &Arc<AppState>,
+    node: &NodeId,
+    owned: &mut Owned,
+    frame: AgentFrame,
+    _raw: Bytes,
+) -> Result<(), String> {
+    match frame {
+        AgentFrame::Started {
+            command_id,
+            started_at_ms,
+        } => {
+            // The output actor starts first, so the stored output read with the start is current
+            // for it (it is the only writer of it) and it need not read it again.
+            let key = (command_id.clone(), node.clone());
+            let (actor, new) = state.outputs.ensure(state, &key);
+            match state
+                .store
+                .mark_started(&command_id, node, started_at_ms)
+                .await
+            {
+                Ok(Some(stored)) => {
+                    let _ = actor.send(OutputMsg::Primed(stored));
+                    state.dispatchers.bump(&command_id);
+                }
+                Ok(None) => {
+                    // Ended already (or unknown): nothing more will come for a new actor.
+                    if new {
+                        let _ = actor.send(OutputMsg::Close);
+                    }
+                }
+                Err(e) => tracing::error!(%node, %command_id, "cannot record start: {e}"),
+            }
+        }
+        AgentFrame::Output {
+            stream: StreamId::Output { command_id, pipe },
+            offset,
+            data,
+        } => {
+            if data.len() > fleetrun_proto::limits::OUTPUT_FRAME_MAX {
+                return Err(format!(
+                    "output frame of {} bytes exceeds {}",
+                    data.len(),
+                    fleetrun_proto::limits::OUTPUT_FRAME_MAX
+                ));
+            }
+            let key = (command_id, node.clone());
+            if !owned.check(state, &key).await? {
+                // Acknowledged all the same, so a confused agent's spool drains.
+                owned.foreign_frames += 1;
+                let stream = StreamId::Output {
+                    command_id: key.0,
+                    pipe,
+                };
+                let offset = offset.saturating_add(data.len() as u64);
+                state.hub.send(node, ServerFrame::Ack { stream, offset });
+                return Ok(());
+            }
+            state.outputs.send(
+                state,
+                &key,
+                OutputMsg::Data {
+                    pipe,
+                    offset,
+                    data: Bytes::from(data),
+                },
+            );
+        }
+        AgentFrame::Finished { command_id, result } => {
+            let key = (command_id, node.clone());
+            if !owned.check(state, &key).await? {
+                owned.foreign_frames += 1;
+                let command_id = key.0;
+                state.hub.send(node, ServerFrame::ResultAck { command_id });
+                return Ok(());
+            }
+            state.outputs.send(state, &key, OutputMsg::Finished(result));
+        }
+        AgentFrame::Hello { .. } | AgentFrame::Register { .. } => {
+            return Err("Hello and Register are only valid as the first frame".into());
+        }
+        AgentFrame::RotateKey { .. } | AgentFrame::KeyConfirmed { .. } => {
+            return Err("key rotation frames are handled by the session".into());
+        }
+    }
+    Ok(())
+}
+
+/// Squares the server's view of a node's deliveries with what its agent still holds: a delivery the
+/// agent does not know was lost before it started (deliver again) or while it ran (Terminated).
+async fn reconcile(
+    state: &Arc<AppState>,
+    node: &NodeId,
+    known: &HashSet<fleetrun_proto::CommandId>,
+) -> Result<(), fleetrun_store::StoreError> {
+    for (cmd, started) in state.store.open_invocations(node, true).await? {
+        if known.contains(&cmd) {
+            continue;
+        }
+        if started {
+            let f = Finish::without_running(
+                InvocationStatus::Failed,
+                details::TERMINATED,
+                now_ms(),
+                "the agent restarted while the command ran; its result is unknown",
+            );
+            end_invocations(state, &cmd, vec![(node.clone(), f)]).await?;
+            state.outputs.close(&(cmd, node.clone()));
+        } else {
+            state.store.mark_undelivered(&cmd, node).await?;
+            state
+                .dispatchers
+                .send(&cmd, DispatchMsg::Undelivered(node.clone()));
+        }
+    }
+    Ok(())
+}
+
+async fn register(
+    state: &AppState,
+    code: &str,
+    public_key: String,
+    info: NodeInfo,
+    tags: BTreeMap<String, String>,
+) -> Result<NodeId, (&'static str, String)> {
+    check_info(&info).map_err(|m| ("BadNodeInfo", m))?;
+    for (k, v) in &tags {
+        check_tag_key(k).map_err(|e| ("InvalidTag", e.0))?;
+        check_tag_value(v).map_err(|e| ("InvalidTag", e.0))?;
+    }
+    let node_id = NodeId::from_random(secrets::random_u128());
+    let new = NewNode {
+        node_id: node_id.clone(),
+        public_key,
+        info,
+        tags,
+    };
+    match state.store.register_node(&secrets::hash(code), new).await {
+        Ok(()) => {
+            state.authz.fleet_changed();
+            Ok(node_id)
+        }
+        Err(RegisterError::Store(e)) => {
+            tracing::error!("cannot register node: {e}");
+            Err((
+                "InternalError",
+                "the server cannot write its database".into(),
+            ))
+        }
+        Err(e) => Err(("InvalidActivation", format!("registration refused: {e}"))),
+    }
+}
+
+fn check_version(v: u32) -> Result<(), String> {
+    if v == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent speaks protocol version {v}, this server speaks {PROTOCOL_VERSION}"
+        ))
+    }
+}
+
+fn check_info(info: &NodeInfo) -> Result<(), String> {
+    info.check()
+}
+
+async fn next_frame(socket: &mut WebSocket) -> Option<Result<AgentFrame, String>> {
+    loop {
+        match socket.recv().await? {
+            Ok(Message::Binary(b)) => {
+                return Some(AgentFrame::decode(&b).map_err(|e| e.to_string()));
+            }
+            Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(Message::Text(_)) => {
+                return Some(Err("text messages are not part of the protocol".into()));
+            }
+        }
+    }
+}
+
+async fn refuse(mut socket: WebSocket, code: &str, message: &str) {
+    tracing::info!(code, "agent connection refused: {message}");
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
+        let _ = socket.send(binary(error_frame(code, message))).await;
+        let _ = socket.close().await;
+    })
+    .await;
+}
+
+fn error_frame(code: &str, message: &str) -> ServerFrame {
+    ServerFrame::Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+fn binary(frame: ServerFrame) -> Message {
+    Message::Binary(frame.encode().into())
+}

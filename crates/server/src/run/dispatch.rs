@@ -1,0 +1,525 @@
+//! Dispatch of a command to its nodes with SSM's rate control, one task per running command.
+//!
+//! The dispatcher owns the decision of what to send next: at most `max_concurrency` invocations are
+//! in flight (delivered and not ended); once more than `max_errors` have failed, nothing new starts
+//! and the rest end as skipped; an invocation not delivered before the delivery timeout ends as
+//! Delivery Timed Out; a node that is offline waits (without a slot) until it comes back in time.
+//! Every state change is persisted before the frame it leads to is sent.
+
+use crate::AppState;
+use fleetrun_proto::channel::{RunRequest, ServerFrame};
+use fleetrun_proto::limits::SCRIPT_MAX;
+use fleetrun_proto::status::details;
+use fleetrun_proto::targets::Rate;
+use fleetrun_proto::time::now_ms;
+use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
+use fleetrun_store::{CommandRow, Finish, StoreError};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+/// Grace past a command's expiry (delivery + execution timeout) before unfinished invocations end.
+const EXPIRY_GRACE: Duration = Duration::from_secs(30);
+
+/// A message to a command's dispatcher.
+pub enum DispatchMsg {
+    /// These invocations ended (already persisted).
+    Ended(Vec<(NodeId, bool)>),
+    /// An operator cancelled these nodes' invocations (all when empty).
+    Cancel(Vec<NodeId>),
+    /// The node lost a delivered invocation before starting it: deliver again.
+    Undelivered(NodeId),
+}
+
+struct Handle {
+    tx: mpsc::UnboundedSender<DispatchMsg>,
+    progress: watch::Sender<u64>,
+}
+
+/// The registry of running dispatchers.
+#[derive(Default)]
+pub struct Dispatchers {
+    running: Mutex<HashMap<CommandId, Handle>>,
+}
+
+impl Dispatchers {
+    /// Sends a message to a command's dispatcher; false if none runs.
+    pub fn send(&self, cmd: &CommandId, msg: DispatchMsg) -> bool {
+        self.lock().get(cmd).is_some_and(|h| h.tx.send(msg).is_ok())
+    }
+
+    /// Tells watchers of a command that it changed.
+    pub fn bump(&self, cmd: &CommandId) {
+        if let Some(h) = self.lock().get(cmd) {
+            h.progress.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Change notifications of a running command; None when it is not running (it has ended).
+    pub fn watch(&self, cmd: &CommandId) -> Option<watch::Receiver<u64>> {
+        self.lock().get(cmd).map(|h| h.progress.subscribe())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Handle>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Ends invocations: persists, stops their output actors, tells the dispatcher and watchers.
+pub async fn end_invocations(
+    state: &Arc<AppState>,
+    cmd: &CommandId,
+    ends: Vec<(NodeId, Finish)>,
+) -> Result<Vec<NodeId>, StoreError> {
+    let ended = state.store.finish_invocations(cmd, &ends).await?;
+    if !ended.is_empty() {
+        let ended_set: HashSet<&NodeId> = ended.iter().collect();
+        let msg: Vec<(NodeId, bool)> = ends
+            .iter()
+            .filter(|(n, _)| ended_set.contains(n))
+            .map(|(n, f)| (n.clone(), f.is_error()))
+            .collect();
+        state.dispatchers.send(cmd, DispatchMsg::Ended(msg));
+        state.dispatchers.bump(cmd);
+    }
+    Ok(ended)
+}
+
+/// Starts the dispatcher of a command (new, or resumed after a restart).
+pub fn spawn(state: Arc<AppState>, row: CommandRow) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (progress, _) = watch::channel(0);
+    state
+        .dispatchers
+        .lock()
+        .insert(row.command_id.clone(), Handle { tx, progress });
+    tokio::spawn(async move {
+        let cmd = row.command_id.clone();
+        match Dispatcher::load(state.clone(), row, rx).await {
+            Ok(d) => d.run_loop().await,
+            Err(e) => {
+                tracing::error!(%cmd, "cannot load command for dispatch: {e}");
+                state.dispatchers.lock().remove(&cmd);
+            }
+        }
+    });
+}
+
+struct Dispatcher {
+    state: Arc<AppState>,
+    cmd: CommandId,
+    run: RunRequest,
+    rx: mpsc::UnboundedReceiver<DispatchMsg>,
+    online: broadcast::Receiver<NodeId>,
+    /// Not delivered, in dispatch order.
+    pending: VecDeque<NodeId>,
+    /// Not delivered; their node was offline when their turn came.
+    waiting: HashSet<NodeId>,
+    /// Delivered and not ended.
+    in_flight: HashSet<NodeId>,
+    /// In flight with a cancel sent (resent when their node reconnects).
+    cancelling: HashSet<NodeId>,
+    max_concurrency: u64,
+    max_errors: u64,
+    errors: u64,
+    /// No new deliveries: max errors exceeded, or cancelled.
+    stopped: Option<(InvocationStatus, &'static str)>,
+    delivery_deadline: Instant,
+    expiry: Instant,
+}
+
+impl Dispatcher {
+    async fn load(
+        state: Arc<AppState>,
+        row: CommandRow,
+        rx: mpsc::UnboundedReceiver<DispatchMsg>,
+    ) -> Result<Self, StoreError> {
+        let online = state.hub.subscribe_online();
+        let invocations = state.store.invocation_rows(&row.command_id).await?;
+        let spec = &row.spec;
+        let targets = row.target_count;
+        // Values were validated when the command was accepted; defaults guard a hand-edited row.
+        let max_concurrency = Rate::parse_concurrency(&spec.max_concurrency)
+            .map(|r| r.resolve(targets))
+            .unwrap_or(50)
+            .max(1);
+        let max_errors = Rate::parse_errors(&spec.max_errors)
+            .map(|r| r.resolve(targets))
+            .unwrap_or(0);
+        let now = now_ms();
+        let at =
+            |ms: i64| Instant::now() + Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
+        let delivery_end = spec.requested_at + spec.delivery_timeout as i64 * 1000;
+        let mut d = Dispatcher {
+            cmd: row.command_id.clone(),
+            run: RunRequest {
+                command_id: row.command_id.clone(),
+                script: spec.commands.join("\n"),
+                working_dir: spec.working_dir.clone(),
+                execution_timeout_secs: spec.execution_timeout,
+                run_as: Some(spec.run_as.clone()).filter(|u| !u.is_empty()),
+                memory_limit_bytes: spec.memory_limit_mb.map(|mb| mb * 1024 * 1024),
+                cpu_limit_percent: spec.cpu_limit_percent,
+            },
+            rx,
+            online,
+            pending: VecDeque::new(),
+            waiting: HashSet::new(),
+            in_flight: HashSet::new(),
+            cancelling: HashSet::new(),
+            max_concurrency,
+            max_errors,
+            errors: row.error_count,
+            stopped: None,
+            delivery_deadline: at(delivery_end),
+            expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + EXPIRY_GRACE,
+            state,
+        };
+        for inv in invocations {
+            if inv.status.is_terminal() {
+                continue;
+            }
+            if inv.status == InvocationStatus::Cancelling {
+                d.cancelling.insert(inv.node_id.clone());
+            }
+            if inv.delivered {
+                d.in_flight.insert(inv.node_id);
+            } else {
+                d.pending.push_back(inv.node_id);
+            }
+        }
+        if row.cancel_requested {
+            d.stopped = Some((InvocationStatus::Cancelled, details::CANCELLED));
+        } else if d.errors > d.max_errors {
+            d.stopped = Some((InvocationStatus::Cancelled, details::MAX_ERRORS_EXCEEDED));
+        }
+        Ok(d)
+    }
+
+    async fn run_loop(mut self) {
+        if let Err(e) = self.drive().await {
+            tracing::error!(cmd = %self.cmd, "dispatch stopped on a storage error: {e}");
+        }
+        if let Err(e) = self.finalize().await {
+            tracing::error!(cmd = %self.cmd, "cannot store final command status: {e}");
+        }
+        // Dropping the handle closes watchers' channels: they read the final state from storage.
+        self.state.dispatchers.lock().remove(&self.cmd);
+    }
+
+    async fn drive(&mut self) -> Result<(), StoreError> {
+        loop {
+            if let Some((status, why)) = self.stopped {
+                self.end_undelivered(status, why).await?;
+            } else {
+                self.fill().await?;
+            }
+            if self.pending.is_empty() && self.waiting.is_empty() && self.in_flight.is_empty() {
+                return Ok(());
+            }
+            let undelivered = !self.pending.is_empty() || !self.waiting.is_empty();
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(m) => self.handle(m).await?,
+                    None => return Ok(()),
+                },
+                ev = self.online.recv() => match ev {
+                    Ok(node) => self.node_online(node),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed some events: give every waiting node another look.
+                        let waiting: Vec<_> = self.waiting.drain().collect();
+                        self.pending.extend(waiting);
+                        let cancelling: Vec<_> = self.cancelling.iter().cloned().collect();
+                        for n in cancelling { self.send_cancel(&n); }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {}
+                },
+                _ = tokio::time::sleep_until(self.delivery_deadline), if undelivered => {
+                    self.end_undelivered(InvocationStatus::TimedOut, details::DELIVERY_TIMED_OUT).await?;
+                }
+                _ = tokio::time::sleep_until(self.expiry) => {
+                    self.expire().await?;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: DispatchMsg) -> Result<(), StoreError> {
+        match msg {
+            DispatchMsg::Ended(ends) => {
+                for (node, is_error) in ends {
+                    self.in_flight.remove(&node);
+                    self.cancelling.remove(&node);
+                    self.pending.retain(|n| n != &node);
+                    self.waiting.remove(&node);
+                    self.errors += u64::from(is_error);
+                }
+                if self.errors > self.max_errors && self.stopped.is_none() {
+                    self.stopped =
+                        Some((InvocationStatus::Cancelled, details::MAX_ERRORS_EXCEEDED));
+                }
+            }
+            DispatchMsg::Undelivered(node) => {
+                if self.in_flight.remove(&node) {
+                    self.cancelling.remove(&node);
+                    self.pending.push_front(node);
+                }
+            }
+            DispatchMsg::Cancel(nodes) => self.cancel(nodes).await?,
+        }
+        Ok(())
+    }
+
+    fn node_online(&mut self, node: NodeId) {
+        if self.waiting.remove(&node) {
+            self.pending.push_front(node.clone());
+        }
+        if self.cancelling.contains(&node) {
+            self.send_cancel(&node);
+        }
+    }
+
+    /// Delivers pending invocations to online nodes while slots are free.
+    async fn fill(&mut self) -> Result<(), StoreError> {
+        let free = self
+            .max_concurrency
+            .saturating_sub(self.in_flight.len() as u64) as usize;
+        let mut batch = Vec::new();
+        while batch.len() < free {
+            let Some(node) = self.pending.pop_front() else {
+                break;
+            };
+            if self.state.hub.is_online(&node) {
+                batch.push(node);
+            } else {
+                self.waiting.insert(node);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Parameters are substituted here, with their values of now, and only into the frame.
+        let rendered = match crate::run::params::render(&self.state, &self.run.script).await {
+            // A value put since the send may have grown the script past what a frame may carry.
+            Ok(script) if script.len() > SCRIPT_MAX => Err(format!(
+                "not delivered: with its parameters substituted the script is {} bytes; the limit is {SCRIPT_MAX}",
+                script.len()
+            )),
+            Ok(script) => Ok(script),
+            Err(crate::run::params::RenderError::Store(e)) => {
+                self.pending.extend(batch);
+                return Err(e);
+            }
+            Err(crate::run::params::RenderError::Missing(names)) => Err(format!(
+                "not delivered: the script references parameter(s) that no longer exist: {}",
+                names.join(", ")
+            )),
+        };
+        let run = match rendered {
+            Ok(script) => RunRequest {
+                script: script.into_owned(),
+                ..self.run.clone()
+            },
+            Err(message) => {
+                let now = now_ms();
+                let ends = batch
+                    .into_iter()
+                    .map(|n| {
+                        let f = Finish::without_running(
+                            InvocationStatus::Failed,
+                            details::UNDELIVERABLE,
+                            now,
+                            &message,
+                        );
+                        (n, f)
+                    })
+                    .collect();
+                end_invocations(&self.state, &self.cmd, ends).await?;
+                return Ok(());
+            }
+        };
+        self.state
+            .store
+            .mark_delivered(&self.cmd, &batch, now_ms())
+            .await?;
+        for node in batch {
+            if self.state.hub.send(&node, ServerFrame::Run(run.clone())) {
+                self.in_flight.insert(node);
+            } else {
+                // Went offline between the check and the send: it waits for the node again.
+                self.state.store.mark_undelivered(&self.cmd, &node).await?;
+                self.waiting.insert(node);
+            }
+        }
+        self.state.dispatchers.bump(&self.cmd);
+        Ok(())
+    }
+
+    /// Ends every invocation not yet delivered with `status`.
+    async fn end_undelivered(
+        &mut self,
+        status: InvocationStatus,
+        why: &'static str,
+    ) -> Result<(), StoreError> {
+        if self.pending.is_empty() && self.waiting.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let message = match why {
+            details::DELIVERY_TIMED_OUT => "the node was not reachable before the delivery timeout",
+            details::MAX_ERRORS_EXCEEDED => "not started: the command exceeded its max errors",
+            _ => "cancelled before it was delivered",
+        };
+        let nodes: Vec<NodeId> = self.pending.drain(..).chain(self.waiting.drain()).collect();
+        let ends = nodes
+            .into_iter()
+            .map(|n| (n, Finish::without_running(status, why, now, message)))
+            .collect();
+        end_invocations(&self.state, &self.cmd, ends).await?;
+        Ok(())
+    }
+
+    /// Past the command's expiry: invocations still unfinished (their node never came back) end.
+    async fn expire(&mut self) -> Result<(), StoreError> {
+        let now = now_ms();
+        let nodes: Vec<NodeId> = self.in_flight.drain().collect();
+        for n in &nodes {
+            self.state.hub.send(
+                n,
+                ServerFrame::Cancel {
+                    command_id: self.cmd.clone(),
+                },
+            );
+        }
+        let msg =
+            "no result from the node before the command expired (delivery + execution timeout)";
+        let ends = nodes
+            .into_iter()
+            .map(|n| {
+                (
+                    n,
+                    Finish::without_running(
+                        InvocationStatus::TimedOut,
+                        details::DELIVERY_TIMED_OUT,
+                        now,
+                        msg,
+                    ),
+                )
+            })
+            .collect();
+        end_invocations(&self.state, &self.cmd, ends).await?;
+        self.end_undelivered(InvocationStatus::TimedOut, details::DELIVERY_TIMED_OUT)
+            .await
+    }
+
+    async fn cancel(&mut self, nodes: Vec<NodeId>) -> Result<(), StoreError> {
+        let all = nodes.is_empty();
+        let chosen = |n: &NodeId| all || nodes.contains(n);
+        if all {
+            self.stopped = Some((InvocationStatus::Cancelled, details::CANCELLED));
+            self.state.store.mark_cancel_requested(&self.cmd).await?;
+        }
+        // Not delivered: they end now.
+        let now = now_ms();
+        let undelivered: Vec<NodeId> = self
+            .pending
+            .iter()
+            .chain(self.waiting.iter())
+            .filter(|n| chosen(n))
+            .cloned()
+            .collect();
+        if !undelivered.is_empty() {
+            self.pending.retain(|n| !chosen(n));
+            self.waiting.retain(|n| !chosen(n));
+            let ends = undelivered
+                .into_iter()
+                .map(|n| {
+                    let f = Finish::without_running(
+                        InvocationStatus::Cancelled,
+                        details::CANCELLED,
+                        now,
+                        "cancelled before it started",
+                    );
+                    (n, f)
+                })
+                .collect();
+            end_invocations(&self.state, &self.cmd, ends).await?;
+        }
+        // In flight: the node stops them and reports Cancelled.
+        let flying: Vec<NodeId> = self
+            .in_flight
+            .iter()
+            .filter(|n| chosen(n))
+            .cloned()
+            .collect();
+        if !flying.is_empty() {
+            self.state.store.mark_cancelling(&self.cmd, &flying).await?;
+            for n in flying {
+                self.send_cancel(&n);
+                self.cancelling.insert(n);
+            }
+            if all {
+                self.state
+                    .store
+                    .set_command_status(&self.cmd, CommandStatus::Cancelling, details::CANCELLING)
+                    .await?;
+            }
+        }
+        self.state.dispatchers.bump(&self.cmd);
+        Ok(())
+    }
+
+    fn send_cancel(&self, node: &NodeId) {
+        self.state.hub.send(
+            node,
+            ServerFrame::Cancel {
+                command_id: self.cmd.clone(),
+            },
+        );
+    }
+
+    /// Rolls the invocations' statuses up into the command's final status.
+    async fn finalize(&self) -> Result<(), StoreError> {
+        let Some(row) = self.state.store.command_row(&self.cmd).await? else {
+            return Ok(());
+        };
+        let tally = self.state.store.invocation_tally(&self.cmd).await?;
+        let count = |status: &str, detail: Option<&str>| -> u64 {
+            tally
+                .iter()
+                .filter(|((s, d), _)| s == status && detail.is_none_or(|x| x == d))
+                .map(|(_, n)| *n)
+                .sum()
+        };
+        let total = row.target_count;
+        let success = count("Success", None);
+        let delivery_timeouts = count("TimedOut", Some(details::DELIVERY_TIMED_OUT));
+        let exec_timeouts = count("TimedOut", None) - delivery_timeouts;
+        let operator_cancelled = count("Cancelled", Some(details::CANCELLED));
+        let (status, why) = if success == total {
+            (CommandStatus::Success, details::SUCCESS)
+        } else if row.cancel_requested && operator_cancelled > 0 {
+            (CommandStatus::Cancelled, details::CANCELLED)
+        } else if row.error_count > self.max_errors {
+            if exec_timeouts == row.error_count {
+                (CommandStatus::TimedOut, details::EXECUTION_TIMED_OUT)
+            } else {
+                (CommandStatus::Failed, details::FAILED)
+            }
+        } else if delivery_timeouts == total - success && success == 0 {
+            (CommandStatus::TimedOut, details::DELIVERY_TIMED_OUT)
+        } else if success + row.error_count < total {
+            // Some never ran (delivery timed out, cancelled, skipped): SSM calls this Incomplete.
+            (CommandStatus::Failed, details::INCOMPLETE)
+        } else {
+            // Failures within max errors: the command succeeded, as SSM reports it.
+            (CommandStatus::Success, details::SUCCESS)
+        };
+        self.state
+            .store
+            .set_command_status(&self.cmd, status, why)
+            .await
+    }
+}

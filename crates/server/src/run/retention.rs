@@ -1,0 +1,59 @@
+//! Retention: a background task purges commands (rows and output objects) older than the retention
+//! period, in bounded batches so a large backlog never holds the database for long.
+
+use crate::AppState;
+use crate::run::output::command_prefix;
+use fleetrun_proto::time::now_ms;
+use futures_util::StreamExt;
+use object_store::ObjectStore;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Commands purged per batch.
+const BATCH: u32 = 200;
+
+/// Runs forever: a purge pass every `interval`.
+pub async fn run(state: Arc<AppState>, retention: Duration, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match purge(&state, retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(commands = n, "purged commands past retention"),
+            Err(e) => tracing::error!("retention purge failed: {e}"),
+        }
+    }
+}
+
+/// Purges every ended command older than `retention`; returns how many.
+pub async fn purge(state: &AppState, retention: Duration) -> anyhow::Result<usize> {
+    let before = now_ms() - retention.as_millis() as i64;
+    let mut total = 0;
+    loop {
+        let ids = state.store.expired_commands(before, BATCH).await?;
+        if ids.is_empty() {
+            return Ok(total);
+        }
+        for id in &ids {
+            // Objects first: a crash between the two leaves rows whose output reads as empty, never
+            // objects that nothing points to.
+            let prefix = command_prefix(id);
+            let locations = state
+                .objects
+                .list(Some(&prefix))
+                .map(|m| m.map(|m| m.location))
+                .boxed();
+            let mut deleted = state.objects.delete_stream(locations);
+            while let Some(r) = deleted.next().await {
+                match r {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        state.store.delete_commands(&ids).await?;
+        total += ids.len();
+        tokio::task::yield_now().await;
+    }
+}

@@ -1,0 +1,537 @@
+//! Accepting a command, shared by the native API and the SSM-compatible API: validation, target
+//! resolution, persistence (command and all invocations in one transaction), then dispatch.
+
+use crate::access::authz::{Action, Denied, Principal, Resource};
+use crate::run::dispatch;
+use crate::run::document;
+use crate::{AppState, access::secrets};
+use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
+use fleetrun_proto::limits::*;
+use fleetrun_proto::targets::{Rate, TargetExpr};
+use fleetrun_proto::time::now_ms;
+use fleetrun_proto::{CommandId, CommandStatus, NodeId};
+use fleetrun_store::{
+    CommandRow, CommandSpec, IdempotencyKey, InsertError, NewCommand, StoreError,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+/// The plugin (step) name SSM gives AWS-RunShellScript's one step.
+pub const PLUGIN_RUN_SHELL_SCRIPT: &str = "aws:runShellScript";
+
+/// How the caller wants a send handled beyond the request itself.
+#[derive(Default)]
+pub struct SendOptions {
+    /// Targets already parsed (the SSM API builds them from `Targets`); overrides `req.targets`.
+    pub target_expr: Option<TargetExpr>,
+    /// Accept a target expression that matches no node (SSM does; the native API refuses).
+    pub allow_no_targets: bool,
+    /// SSM-only members to keep and show back (JSON object).
+    pub ssm_extra: Option<serde_json::Value>,
+    /// The send's idempotency key (already checked), if the caller gave one.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// An idempotency key as a send gets it from its API.
+pub struct Idempotency {
+    /// The key, prefixed with its API (`native:` or `ssm:`), so the two never meet.
+    pub key: String,
+    /// Hex SHA-256 of the request (a canonical form of its body): the same key with another request
+    /// is refused.
+    pub request_hash: String,
+}
+
+/// A send's answer: the command, and whether an earlier send with the same idempotency key made it.
+pub struct Sent {
+    /// The command (without invocations).
+    pub command: Command,
+    /// True when this is a retry answered with the command the key already made (nothing new ran).
+    pub replayed: bool,
+}
+
+/// Why a send was refused.
+#[derive(Debug)]
+pub enum SendError {
+    /// Bad input: a native error code and what is wrong.
+    Invalid {
+        /// `InvalidParameters`, `InvalidDocument`, `MaxDocumentSizeExceeded`, `InvalidTarget`,
+        /// `MissingTarget`, `DuplicateNodeId` or `InvalidNodeId`.
+        code: &'static str,
+        /// One line naming the problem.
+        message: String,
+    },
+    /// The principal may not send to some of the targets (named in the refusal); nothing was created.
+    Denied(Denied),
+    /// The idempotency key was used before for another request (nothing was created).
+    KeyMismatch {
+        /// The command the key made.
+        command_id: CommandId,
+        /// One line naming the mismatch.
+        message: String,
+    },
+    /// Storage failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for SendError {
+    fn from(e: StoreError) -> Self {
+        SendError::Store(e)
+    }
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> SendError {
+    SendError::Invalid {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Accepts a command: validates it, resolves its targets, persists it with all its invocations, then
+/// starts its dispatcher. Returns the command (without invocations: for a fleet-wide command they
+/// would be a large answer nobody asked for).
+pub async fn send_command(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    req: SendCommand,
+    opts: SendOptions,
+) -> Result<Sent, SendError> {
+    // A retry of a send that was stored (its answer may have been lost) gets that command back.
+    if let Some(idem) = &opts.idempotency
+        && let Some(sent) = replay(state, principal, idem).await?
+    {
+        return Ok(sent);
+    }
+    let bad = |code: &'static str, message: String| SendError::Invalid { code, message };
+    let document_name = req
+        .document_name
+        .clone()
+        .unwrap_or_else(|| DOCUMENT_RUN_SHELL_SCRIPT.into());
+    let given = shorthand_parameters(&req, &document_name)?;
+    let prepared = document::prepare(
+        &state.store,
+        &document_name,
+        req.document_version.as_deref(),
+        &given,
+    )
+    .await
+    .map_err(|e| match e {
+        document::Error::Invalid(e) => bad(e.code, e.message),
+        document::Error::Store(e) => SendError::Store(e),
+    })?;
+    let document_version = prepared.document.version.version.to_string();
+    let plugins: Vec<String> = if prepared.document.content.schema_version == "1.2" {
+        vec![PLUGIN_RUN_SHELL_SCRIPT.to_owned()]
+    } else if prepared.rendered.steps.is_empty() {
+        prepared
+            .document
+            .content
+            .steps
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    } else {
+        prepared.rendered.steps.clone()
+    };
+    let rendered = prepared.rendered;
+    let commands = rendered.commands;
+    if commands.is_empty() {
+        return Err(bad(
+            "InvalidParameters",
+            "commands is empty: give at least one script line".into(),
+        ));
+    }
+    let script_len: usize = commands.iter().map(|c| c.len() + 1).sum();
+    if script_len > SCRIPT_MAX {
+        return Err(bad(
+            "MaxDocumentSizeExceeded",
+            format!("the script is {script_len} bytes; the limit is {SCRIPT_MAX}"),
+        ));
+    }
+    if commands.iter().any(|c| c.contains('\0')) {
+        return Err(bad(
+            "InvalidParameters",
+            "commands contain a NUL byte".into(),
+        ));
+    }
+    authorize_params(state, principal, &commands)?;
+    check_param_references(state, &commands).await?;
+    let working_dir = rendered.working_dir;
+    if working_dir.len() > WORKING_DIR_MAX {
+        return Err(bad(
+            "InvalidParameters",
+            format!("working directory is longer than {WORKING_DIR_MAX} bytes"),
+        ));
+    }
+    if !working_dir.is_empty() && !working_dir.starts_with('/') {
+        return Err(bad(
+            "InvalidParameters",
+            format!("working directory {working_dir:?} must be an absolute path"),
+        ));
+    }
+    let execution_timeout = rendered.execution_timeout;
+    let delivery_timeout = req
+        .delivery_timeout_secs
+        .unwrap_or(DELIVERY_TIMEOUT_DEFAULT);
+    if !(DELIVERY_TIMEOUT_MIN..=DELIVERY_TIMEOUT_MAX).contains(&delivery_timeout) {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "delivery timeout {delivery_timeout} s is out of range: {DELIVERY_TIMEOUT_MIN} to {DELIVERY_TIMEOUT_MAX} s"
+            ),
+        ));
+    }
+    let comment = req.comment.clone().unwrap_or_default();
+    if comment.chars().count() > COMMENT_MAX {
+        return Err(bad(
+            "InvalidParameters",
+            format!("comment is longer than {COMMENT_MAX} characters"),
+        ));
+    }
+    let max_concurrency = req
+        .max_concurrency
+        .clone()
+        .unwrap_or_else(|| MAX_CONCURRENCY_DEFAULT.into());
+    Rate::parse_concurrency(&max_concurrency).map_err(|e| bad("InvalidParameters", e.0))?;
+    let max_errors = req
+        .max_errors
+        .clone()
+        .unwrap_or_else(|| MAX_ERRORS_DEFAULT.into());
+    Rate::parse_errors(&max_errors).map_err(|e| bad("InvalidParameters", e.0))?;
+
+    let run_as = req.run_as.clone().unwrap_or_default();
+    if run_as.len() > 32
+        || run_as
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!("run-as user {run_as:?} is not a valid user name or uid"),
+        ));
+    }
+    if let Some(mb) = req.memory_limit_mb
+        && !(MEMORY_LIMIT_MIN_MB..=MEMORY_LIMIT_MAX_MB).contains(&mb)
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "memory limit {mb} MiB is out of range: {MEMORY_LIMIT_MIN_MB} to {MEMORY_LIMIT_MAX_MB} MiB"
+            ),
+        ));
+    }
+    if let Some(pct) = req.cpu_limit_percent
+        && !(CPU_LIMIT_MIN_PERCENT..=CPU_LIMIT_MAX_PERCENT).contains(&pct)
+    {
+        return Err(bad(
+            "InvalidParameters",
+            format!(
+                "cpu limit {pct}% is out of range: {CPU_LIMIT_MIN_PERCENT}% to {CPU_LIMIT_MAX_PERCENT}%"
+            ),
+        ));
+    }
+
+    let targets_text = match &opts.target_expr {
+        Some(expr) => expr.to_string(),
+        None => req
+            .targets
+            .as_deref()
+            .map(str::trim)
+            .unwrap_or("")
+            .to_owned(),
+    };
+    let targets = targets_text.as_str();
+    let invocations = match (req.node_ids.is_empty(), targets.is_empty()) {
+        (true, true) => {
+            return Err(bad(
+                "MissingTarget",
+                "give node ids or a target expression".into(),
+            ));
+        }
+        (false, false) => {
+            return Err(bad(
+                "InvalidTarget",
+                "give node ids or a target expression, not both".into(),
+            ));
+        }
+        (false, true) => resolve_ids(state, &req.node_ids).await?,
+        (true, false) => {
+            let expr = match opts.target_expr {
+                Some(expr) => {
+                    expr.check_limits().map_err(|e| bad("InvalidTarget", e.0))?;
+                    expr
+                }
+                None => TargetExpr::parse(targets).map_err(|e| bad("InvalidTarget", e.0))?,
+            };
+            let found = state.store.resolve_targets(&expr).await?;
+            if found.is_empty() && !opts.allow_no_targets {
+                return Err(bad(
+                    "InvalidTarget",
+                    format!("no node matches the target expression {targets:?}"),
+                ));
+            }
+            found
+        }
+    };
+    authorize(state, principal, &invocations).await?;
+
+    let mut ssm_extra = opts
+        .ssm_extra
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    ssm_extra["Plugins"] = serde_json::json!(plugins);
+    let command_id = CommandId::from_random(secrets::random_u128());
+    let idempotency = opts.idempotency.as_ref().map(|i| IdempotencyKey {
+        principal: principal.name().to_owned(),
+        key: i.key.clone(),
+        request_hash: i.request_hash.clone(),
+    });
+    let new = NewCommand {
+        command_id: command_id.clone(),
+        document_name,
+        document_version,
+        parameters: prepared.values,
+        comment,
+        node_ids: req.node_ids,
+        targets: targets.to_owned(),
+        spec: CommandSpec {
+            commands,
+            working_dir,
+            execution_timeout,
+            delivery_timeout,
+            max_concurrency,
+            max_errors,
+            run_as,
+            memory_limit_mb: req.memory_limit_mb,
+            cpu_limit_percent: req.cpu_limit_percent,
+            requested_at: now_ms(),
+        },
+        invocations,
+        ssm_extra: Some(ssm_extra),
+        idempotency,
+    };
+    match state.store.insert_command(&new).await {
+        Ok(()) => {}
+        Err(InsertError::DuplicateKey) => {
+            // A concurrent send with the same key committed first: answer as its retry.
+            if let Some(idem) = &opts.idempotency
+                && let Some(sent) = replay(state, principal, idem).await?
+            {
+                return Ok(sent);
+            }
+            return Err(SendError::Store(StoreError::Missing(
+                "command of a duplicate idempotency key",
+            )));
+        }
+        Err(InsertError::Store(e)) => return Err(SendError::Store(e)),
+    }
+    let row = CommandRow {
+        command_id: command_id.clone(),
+        target_count: new.invocations.len() as u64,
+        spec: new.spec,
+        status: CommandStatus::Pending,
+        error_count: 0,
+        cancel_requested: false,
+    };
+    dispatch::spawn(state.clone(), row);
+    let cmd = state
+        .store
+        .get_command(&command_id)
+        .await?
+        .ok_or(SendError::Store(StoreError::Missing(
+            "command vanished after insert",
+        )))?;
+    tracing::info!(%command_id, targets = cmd.target_count, "command accepted");
+    Ok(Sent {
+        command: cmd,
+        replayed: false,
+    })
+}
+
+/// The command an idempotency key of this principal already made, if any: refused when the key came
+/// with another request, or when the principal may no longer send to the command's nodes.
+async fn replay(
+    state: &AppState,
+    principal: &Principal,
+    idem: &Idempotency,
+) -> Result<Option<Sent>, SendError> {
+    let Some((cmd, hash)) = state
+        .store
+        .command_by_idempotency_key(principal.name(), &idem.key)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if !secrets::hashes_equal(&hash, &idem.request_hash) {
+        return Err(SendError::KeyMismatch {
+            message: format!(
+                "this idempotency key was already used for command {} with a different request; use a new key for a new command",
+                cmd.command_id
+            ),
+            command_id: cmd.command_id,
+        });
+    }
+    if state.authz.on_every_node(principal, Action::SendCommand) != Some(true) {
+        let nodes = state.store.command_node_refs(&cmd.command_id).await?;
+        state
+            .authz
+            .require_nodes(principal, Action::SendCommand, &nodes)
+            .map_err(SendError::Denied)?;
+    }
+    tracing::info!(command_id = %cmd.command_id, "idempotent retry answered with the stored command");
+    Ok(Some(Sent {
+        command: cmd,
+        replayed: true,
+    }))
+}
+
+/// Hex SHA-256 of a request in canonical form (serde_json's serialization of the parsed body).
+pub fn request_hash(req: &impl serde::Serialize) -> String {
+    secrets::hash(&serde_json::to_string(req).unwrap_or_default())
+}
+
+/// Refuses the whole send unless the principal may send to every target node. Tags are loaded only
+/// when the answer can depend on them, or to name the refused nodes.
+async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    targets: &[(NodeId, String)],
+) -> Result<(), SendError> {
+    if state.authz.on_every_node(principal, Action::SendCommand) == Some(true) {
+        return Ok(());
+    }
+    let ids: Vec<NodeId> = targets.iter().map(|(id, _)| id.clone()).collect();
+    let nodes = state.store.node_refs(Some(&ids)).await?;
+    state
+        .authz
+        .require_nodes(principal, Action::SendCommand, &nodes)
+        .map_err(SendError::Denied)
+}
+
+/// Every parameter the script references must be one the principal may use (`use-param`): a script
+/// could print any value it is given, masking or not.
+fn authorize_params(
+    state: &AppState,
+    principal: &Principal,
+    commands: &[String],
+) -> Result<(), SendError> {
+    let mut seen = HashSet::new();
+    for c in commands {
+        for r in fleetrun_proto::params::references(c) {
+            if seen.insert(r.name) {
+                state
+                    .authz
+                    .require(principal, Action::UseParam, Resource::Parameter(r.name))
+                    .map_err(SendError::Denied)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every `{{param:NAME}}` the script references must exist now, and the script with today's values
+/// must fit [`SCRIPT_MAX`]. The values themselves are read again at delivery (see crate::run::params).
+async fn check_param_references(state: &AppState, commands: &[String]) -> Result<(), SendError> {
+    let script = commands.join("\n");
+    match crate::run::params::render(state, &script).await {
+        Ok(rendered) if rendered.len() > SCRIPT_MAX => Err(invalid(
+            "MaxDocumentSizeExceeded",
+            format!(
+                "the script with its parameters substituted is {} bytes; the limit is {SCRIPT_MAX}",
+                rendered.len()
+            ),
+        )),
+        Ok(_) => Ok(()),
+        Err(crate::run::params::RenderError::Missing(names)) => Err(invalid(
+            "InvalidParameters",
+            format!(
+                "the script references unknown parameter(s): {}",
+                names.join(", ")
+            ),
+        )),
+        Err(crate::run::params::RenderError::Store(e)) => Err(SendError::Store(e)),
+    }
+}
+
+/// The parameters of a send: `parameters`, plus AWS-RunShellScript's shorthands (`commands`,
+/// `working_directory`, `execution_timeout_secs`), which other documents do not take.
+fn shorthand_parameters(
+    req: &SendCommand,
+    document_name: &str,
+) -> Result<BTreeMap<String, Vec<String>>, SendError> {
+    let mut given = req.parameters.clone();
+    let has_shorthand = !req.commands.is_empty()
+        || req.working_directory.is_some()
+        || req.execution_timeout_secs.is_some();
+    if document_name != DOCUMENT_RUN_SHELL_SCRIPT {
+        if has_shorthand {
+            return Err(invalid(
+                "InvalidParameters",
+                format!(
+                    "commands, working_directory and execution_timeout_secs are for {DOCUMENT_RUN_SHELL_SCRIPT}; give the parameters of {document_name} in parameters"
+                ),
+            ));
+        }
+        return Ok(given);
+    }
+    let mut put = |key: &str, values: Vec<String>| {
+        if given.contains_key(key) {
+            return Err(invalid(
+                "InvalidParameters",
+                format!("{key} is given twice: as a field and in parameters"),
+            ));
+        }
+        given.insert(key.to_owned(), values);
+        Ok(())
+    };
+    if !req.commands.is_empty() {
+        put("commands", req.commands.clone())?;
+    }
+    if let Some(wd) = &req.working_directory {
+        put("workingDirectory", vec![wd.clone()])?;
+    }
+    if let Some(t) = req.execution_timeout_secs {
+        if !(1..=EXECUTION_TIMEOUT_MAX).contains(&t) {
+            return Err(invalid(
+                "InvalidParameters",
+                format!("execution timeout {t} s is out of range: 1 to {EXECUTION_TIMEOUT_MAX} s"),
+            ));
+        }
+        put("executionTimeout", vec![t.to_string()])?;
+    }
+    if given.get("commands").is_none_or(Vec::is_empty) {
+        return Err(invalid(
+            "InvalidParameters",
+            "commands is empty: give at least one script line",
+        ));
+    }
+    Ok(given)
+}
+
+async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>, SendError> {
+    let mut seen = HashSet::new();
+    if let Some(dup) = ids.iter().find(|id| !seen.insert(*id)) {
+        return Err(invalid(
+            "DuplicateNodeId",
+            format!("node {dup} is given more than once"),
+        ));
+    }
+    let found = state.store.node_names(ids).await?;
+    let known: HashSet<&NodeId> = found.iter().map(|(id, _)| id).collect();
+    let unknown: Vec<&str> = ids
+        .iter()
+        .filter(|id| !known.contains(id))
+        .map(NodeId::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        return Err(invalid(
+            "InvalidNodeId",
+            format!("unknown node id(s): {}", unknown.join(", ")),
+        ));
+    }
+    // Keep the order the operator gave.
+    let names: std::collections::HashMap<NodeId, String> = found.into_iter().collect();
+    Ok(ids
+        .iter()
+        .map(|id| (id.clone(), names.get(id).cloned().unwrap_or_default()))
+        .collect())
+}
