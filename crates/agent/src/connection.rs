@@ -197,7 +197,7 @@ impl Channel {
             self.sweep_after,
         )
         .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
-        scheduler.recover();
+        scheduler.recover()?;
         self.scheduler = Some(scheduler);
         *lock(&self.identity) = Some(identity);
         Ok(())

@@ -14,6 +14,9 @@ pub enum AgentError {
     /// A file in the state directory could not be read or written.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    /// The state directory's journal was written by a newer agent.
+    #[error(transparent)]
+    JournalFormat(#[from] crate::journal::NewerFormat),
     /// The server refused to register the node.
     #[error("registration refused by the server ({code}): {message}")]
     RegistrationRefused {
