@@ -698,6 +698,8 @@ async fn accept_as_version(server: &Server, version: u32) -> Ws {
     let (tcp, _) = within("a connection", server.listener.accept())
         .await
         .unwrap();
+    // The callback's type (and its large error) is tungstenite's.
+    #[allow(clippy::result_large_err)]
     let named = |_: &Request, mut resp: Response| {
         let value = version.to_string().parse().expect("a header value");
         resp.headers_mut().insert(PROTOCOL_VERSION_HEADER, value);
