@@ -1,5 +1,6 @@
 //! The agent channel: `GET /v1/agent/connect` upgrades to a WebSocket that carries postcard frames
-//! (fleetrun_proto::channel). The first frame registers a new node or identifies an enrolled one; then
+//! (fleetrun_proto::channel). The first frame (its protocol version read before it is decoded)
+//! registers a new node or identifies an enrolled one; then
 //! the reader routes frames (output to the invocation's actor, starts and results to storage) and a
 //! writer task drains the node's queue in the hub.
 
