@@ -1,8 +1,8 @@
 //! The agent channel: `GET /v1/agent/connect` upgrades to a WebSocket that carries postcard frames
 //! (fleetrun_proto::channel). The first frame (its protocol version read before it is decoded)
-//! registers a new node or identifies an enrolled one; then
-//! the reader routes frames (output to the invocation's actor, starts and results to storage) and a
-//! writer task drains the node's queue in the hub.
+//! registers a new node or identifies an enrolled one; then the reader routes frames (output to the
+//! invocation's actor, starts and results to storage) and a writer task drains the node's queue in
+//! the hub.
 
 use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS};
