@@ -1,9 +1,9 @@
 //! The agent's one connection to the server, as an explicit state machine:
 //! Connecting → Connected → Disconnected (jittered exponential backoff) → Connecting.
 //!
-//! Only transport errors are retried. A refusal of the node (`Error` answering `Register`, or
-//! `UnknownNode`/`InvalidActivation`/`ProtocolVersion` answering `Hello`) is fatal. A server that
-//! sheds load answers the handshake with HTTP 503 and `Retry-After: N`: the agent then waits at
+//! Only transport errors are retried. An `Error` frame whose code refuses the node itself
+//! ([`ErrorCode::is_fatal`]: its protocol version, activation, identity or settings) is fatal;
+//! any other code is retried like a transport error. A server that sheds load answers the handshake with HTTP 503 and `Retry-After: N`: the agent then waits at
 //! least N seconds plus up to N/2 of jitter, so a fleet does not come back all at once.
 
 use crate::error::AgentError;
@@ -11,8 +11,8 @@ use crate::identity::{self, Identity};
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
 use fleetrun_proto::auth;
-use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame};
-use fleetrun_proto::version::PROTOCOL_VERSION;
+use fleetrun_proto::channel::{AgentFrame, ErrorCode, NodeInfo, ServerFrame};
+use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
@@ -39,13 +39,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Largest `Retry-After` honoured.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(3_600);
-/// Error codes answering `Hello` that no retry can fix.
-const FATAL_CODES: [&str; 4] = [
-    "UnknownNode",
-    "BadSignature",
-    "InvalidActivation",
-    "ProtocolVersion",
-];
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -154,6 +147,8 @@ pub struct Channel {
     control: Mutex<Vec<AgentFrame>>,
     /// Notified when a rotation finished.
     rotated: Notify,
+    /// The protocol version the server named in its last upgrade response, if it did.
+    server_version: Option<u32>,
 }
 
 impl Channel {
@@ -184,6 +179,7 @@ impl Channel {
             key_rotation: config.key_rotation,
             control: Mutex::default(),
             rotated: Notify::new(),
+            server_version: None,
         };
         if let Some(identity) = identity {
             channel.adopt(identity)?;
@@ -201,7 +197,7 @@ impl Channel {
             self.sweep_after,
         )
         .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
-        scheduler.recover();
+        scheduler.recover()?;
         self.scheduler = Some(scheduler);
         *lock(&self.identity) = Some(identity);
         Ok(())
@@ -264,7 +260,7 @@ impl Channel {
     /// successful registration (the caller connects again with `Hello`).
     async fn connect(&mut self) -> Result<Option<(Box<Ws>, Duration)>, ConnError> {
         tracing::debug!(url = %self.url, "connecting");
-        let (mut ws, _) = tokio::time::timeout(
+        let (mut ws, upgraded) = tokio::time::timeout(
             DIAL_TIMEOUT,
             // Nagle off: small frames (Started, Finished, a line of output) must leave at once.
             tokio_tungstenite::connect_async_tls_with_config(
@@ -277,11 +273,16 @@ impl Channel {
         .await
         .map_err(|_| transport("timed out"))?
         .map_err(dial_error)?;
+        self.server_version = server_version(upgraded.headers());
+        let identity = lock(&self.identity).clone();
+        // Whom a refusal is for: an `Error` answering `Register` refuses the registration.
+        let (server, registering) = (self.server_version, identity.is_none());
+        let refused = move |code, message| refusal(code, message, server, registering);
         let answer_timeout = self.heartbeat * 3;
         // The server speaks first: the challenge our first frame signs.
         let nonce = match receive(&mut ws, Instant::now() + answer_timeout).await? {
             ServerFrame::Challenge { nonce } => nonce,
-            ServerFrame::Error { code, message } => return Err(refusal(code, message)),
+            ServerFrame::Error { code, message } => return Err(refused(code, message)),
             other => {
                 return Err(transport(format!(
                     "expected Challenge, got {} (is the server older than this agent?)",
@@ -289,7 +290,6 @@ impl Channel {
                 )));
             }
         };
-        let identity = lock(&self.identity).clone();
         match identity {
             None => {
                 let Some(activation_code) = self.activation_code.clone() else {
@@ -319,12 +319,7 @@ impl Channel {
                         let _ = ws.close(None).await;
                         Ok(None)
                     }
-                    ServerFrame::Error { code, message } => {
-                        Err(ConnError::Fatal(AgentError::RegistrationRefused {
-                            code,
-                            message,
-                        }))
-                    }
+                    ServerFrame::Error { code, message } => Err(refused(code, message)),
                     other => Err(transport(format!(
                         "unexpected answer to Register: {}",
                         frame_name(&other)
@@ -356,7 +351,7 @@ impl Channel {
                         };
                         Ok(Some((Box::new(ws), heartbeat)))
                     }
-                    ServerFrame::Error { code, message } => Err(refusal(code, message)),
+                    ServerFrame::Error { code, message } => Err(refused(code, message)),
                     other => Err(transport(format!(
                         "unexpected answer to Hello: {}",
                         frame_name(&other)
@@ -465,7 +460,9 @@ impl Channel {
                     s.result_acked(&command_id);
                 }
             }
-            ServerFrame::Error { code, message } => return Err(refusal(code, message)),
+            ServerFrame::Error { code, message } => {
+                return Err(refusal(code, message, self.server_version, false));
+            }
             ServerFrame::KeyRotated { public_key } => self.key_rotated(&public_key),
             other @ (ServerFrame::Welcome { .. }
             | ServerFrame::Registered { .. }
@@ -553,13 +550,34 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// An `Error` frame: fatal for the codes no retry can fix, a transport error otherwise.
-fn refusal(code: String, message: String) -> ConnError {
-    if FATAL_CODES.contains(&code.as_str()) {
-        ConnError::Fatal(AgentError::Rejected { code, message })
-    } else {
-        transport(format!("server error {code}: {message}"))
+/// An `Error` frame: fatal for the codes no retry can fix ([`ErrorCode::is_fatal`]), a transport
+/// error otherwise. A version mismatch names both versions (`server`: from the upgrade response).
+fn refusal(code: String, message: String, server: Option<u32>, registering: bool) -> ConnError {
+    let typed = ErrorCode::parse(&code);
+    if !typed.is_fatal() {
+        return transport(format!("server error {code}: {message}"));
     }
+    ConnError::Fatal(match typed {
+        ErrorCode::ProtocolVersion => AgentError::ProtocolVersion {
+            agent: PROTOCOL_VERSION,
+            server,
+            message,
+        },
+        _ if registering => AgentError::RegistrationRefused { code, message },
+        _ => AgentError::Rejected { code, message },
+    })
+}
+
+/// The protocol version a server names in its upgrade response (absent before version 2's
+/// header was added, or unreadable: `None`).
+fn server_version(headers: &tokio_tungstenite::tungstenite::http::HeaderMap) -> Option<u32> {
+    headers
+        .get(PROTOCOL_VERSION_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Sends the first frame and waits for the server's first binary answer.
@@ -679,14 +697,50 @@ mod tests {
     }
 
     #[test]
-    fn only_identity_errors_are_fatal() {
+    fn only_refusals_of_the_node_are_fatal() {
+        let refused = |code: &str, registering| refusal(code.into(), "x".into(), None, registering);
         assert!(matches!(
-            refusal("UnknownNode".into(), "x".into()),
-            ConnError::Fatal(_)
+            refused("UnknownNode", false),
+            ConnError::Fatal(AgentError::Rejected { .. })
         ));
         assert!(matches!(
-            refusal("Internal".into(), "x".into()),
+            refused("InvalidActivation", true),
+            ConnError::Fatal(AgentError::RegistrationRefused { .. })
+        ));
+        // The server could not store the registration: try again.
+        assert!(matches!(
+            refused("InternalError", true),
             ConnError::Transport(_)
         ));
+        assert!(matches!(
+            refused("HandshakeTimeout", false),
+            ConnError::Transport(_)
+        ));
+        assert!(matches!(
+            refused("SomethingNewer", false),
+            ConnError::Transport(_)
+        ));
+    }
+
+    #[test]
+    fn a_version_mismatch_names_both_versions() {
+        let ConnError::Fatal(e) = refusal("ProtocolVersion".into(), "no".into(), Some(3), false)
+        else {
+            panic!("not fatal");
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("this agent speaks channel protocol version 2"),
+            "{text}"
+        );
+        assert!(text.contains("the server version 3"), "{text}");
+        let ConnError::Fatal(e) = refusal("ProtocolVersion".into(), "no".into(), None, true) else {
+            panic!("not fatal");
+        };
+        assert!(e.to_string().contains("the server another version"), "{e}");
+        let mut headers = tokio_tungstenite::tungstenite::http::HeaderMap::new();
+        assert_eq!(server_version(&headers), None);
+        headers.insert(PROTOCOL_VERSION_HEADER, " 7 ".parse().unwrap());
+        assert_eq!(server_version(&headers), Some(7));
     }
 }

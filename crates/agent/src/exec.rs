@@ -245,39 +245,120 @@ pub async fn execute(
     stdout.set_eof();
     stderr.set_eof();
 
-    let mut result = ExecResult {
-        limits_applied: limits.mechanism.into(),
-        outcome: match stop {
-            None => Outcome::Exited,
-            Some(Stop::Timeout) => Outcome::TimedOut,
-            Some(Stop::Cancel) => Outcome::Cancelled,
-        },
-        exit_code: -1,
-        signal: None,
+    let reaped = match waited {
+        Ok(Ok((status, ru))) => Ok(Reaped::new(status, &ru)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    // The memory check reads the groups' counters: before they are removed.
+    let signal = reaped.as_ref().ok().and_then(|r| r.signal());
+    let oom = (stop.is_none() && limits.oom_killed(signal)).then(|| limits.oom_message());
+    let l = Arc::clone(&limits);
+    // Leftovers in the groups go with them (a limited command leaves nothing behind).
+    let _ = tokio::task::spawn_blocking(move || l.cleanup()).await;
+    let mut notes = limits.notes.clone();
+    notes.extend(stdout.error());
+    notes.extend(stderr.error());
+    let paused = stdout.paused().max(stderr.paused());
+    if !paused.is_zero() {
+        notes.push(stdout.spool_note(paused));
+    }
+    assemble_result(Ending {
+        stop,
+        timeout_secs,
+        reaped,
+        oom,
         started_at_ms,
         finished_at_ms,
-        cpu_user_ms: 0,
-        cpu_system_ms: 0,
-        max_rss_kb: 0,
         stdout_bytes: stdout.total_len(),
         stderr_bytes: stderr.total_len(),
-        message: String::new(),
+        limits_applied: limits.mechanism,
+        notes,
+    })
+}
+
+/// The main process as `wait4` left it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Reaped {
+    /// The wait status.
+    status: i32,
+    cpu_user_ms: u64,
+    cpu_system_ms: u64,
+    max_rss_kb: u64,
+}
+
+impl Reaped {
+    fn new(status: i32, ru: &libc::rusage) -> Self {
+        Reaped {
+            status,
+            cpu_user_ms: timeval_ms(ru.ru_utime),
+            cpu_system_ms: timeval_ms(ru.ru_stime),
+            max_rss_kb: u64::try_from(ru.ru_maxrss).unwrap_or(0),
+        }
+    }
+
+    /// The signal that ended it, if one did.
+    fn signal(&self) -> Option<i32> {
+        libc::WIFSIGNALED(self.status).then(|| libc::WTERMSIG(self.status))
+    }
+}
+
+/// How a started command ended, as [`execute`] gathered it.
+#[derive(Debug)]
+struct Ending {
+    stop: Option<Stop>,
+    /// The execution timeout that applied, in seconds.
+    timeout_secs: u64,
+    /// The main process reaped, or why it was lost track of.
+    reaped: Result<Reaped, String>,
+    /// The out-of-memory message, when the kernel killed it for its memory limit.
+    oom: Option<String>,
+    started_at_ms: i64,
+    finished_at_ms: i64,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
+    limits_applied: &'static str,
+    /// Notes after the ending's own: limits not applied as asked, stream errors, spool pauses.
+    notes: Vec<String>,
+}
+
+/// The result of a command that started: outcome, exit code (128 + signal when killed), usage,
+/// and the note, which says first why it ended (memory, timeout, cancel, signal), then `notes`.
+fn assemble_result(e: Ending) -> ExecResult {
+    let outcome = match (&e.oom, e.stop) {
+        (Some(_), _) => Outcome::MemoryLimitExceeded,
+        (None, None) => Outcome::Exited,
+        (None, Some(Stop::Timeout)) => Outcome::TimedOut,
+        (None, Some(Stop::Cancel)) => Outcome::Cancelled,
     };
-    let mut notes = Vec::new();
-    match stop {
-        Some(Stop::Timeout) => notes.push(format!("timed out after {timeout_secs} s")),
+    let mut notes: Vec<String> = e.oom.into_iter().collect();
+    match e.stop {
+        Some(Stop::Timeout) => notes.push(format!("timed out after {} s", e.timeout_secs)),
         Some(Stop::Cancel) => notes.push("cancelled".to_owned()),
         None => {}
     }
-    match waited {
-        Ok(Ok((status, ru))) => {
-            result.cpu_user_ms = timeval_ms(ru.ru_utime);
-            result.cpu_system_ms = timeval_ms(ru.ru_stime);
-            result.max_rss_kb = u64::try_from(ru.ru_maxrss).unwrap_or(0);
-            if libc::WIFEXITED(status) {
-                result.exit_code = libc::WEXITSTATUS(status);
-            } else if libc::WIFSIGNALED(status) {
-                let sig = libc::WTERMSIG(status);
+    let mut result = ExecResult {
+        limits_applied: e.limits_applied.into(),
+        outcome,
+        exit_code: -1,
+        signal: None,
+        started_at_ms: e.started_at_ms,
+        finished_at_ms: e.finished_at_ms,
+        cpu_user_ms: 0,
+        cpu_system_ms: 0,
+        max_rss_kb: 0,
+        stdout_bytes: e.stdout_bytes,
+        stderr_bytes: e.stderr_bytes,
+        message: String::new(),
+    };
+    match e.reaped {
+        Ok(r) => {
+            result.cpu_user_ms = r.cpu_user_ms;
+            result.cpu_system_ms = r.cpu_system_ms;
+            result.max_rss_kb = r.max_rss_kb;
+            if libc::WIFEXITED(r.status) {
+                result.exit_code = libc::WEXITSTATUS(r.status);
+            } else if let Some(sig) = r.signal() {
                 result.signal = Some(sig);
                 result.exit_code = 128 + sig;
                 let name = Signal::try_from(sig)
@@ -286,23 +367,9 @@ pub async fn execute(
                 notes.push(format!("killed by signal {sig} ({name})"));
             }
         }
-        Ok(Err(e)) => notes.push(format!("lost track of the process: {e}")),
-        Err(e) => notes.push(format!("lost track of the process: {e}")),
+        Err(why) => notes.push(format!("lost track of the process: {why}")),
     }
-    if stop.is_none() && limits.oom_killed(result.signal) {
-        result.outcome = Outcome::MemoryLimitExceeded;
-        notes.insert(0, limits.oom_message());
-    }
-    let l = Arc::clone(&limits);
-    // Leftovers in the groups go with them (a limited command leaves nothing behind).
-    let _ = tokio::task::spawn_blocking(move || l.cleanup()).await;
-    notes.extend(limits.notes.iter().cloned());
-    notes.extend(stdout.error());
-    notes.extend(stderr.error());
-    let paused = stdout.paused().max(stderr.paused());
-    if !paused.is_zero() {
-        notes.push(stdout.spool_note(paused));
-    }
+    notes.extend(e.notes);
     result.message = notes.join("; ");
     result
 }
@@ -418,4 +485,116 @@ fn timeval_ms(tv: libc::timeval) -> u64 {
     let secs = u64::try_from(tv.tv_sec).unwrap_or(0);
     let micros = u64::try_from(tv.tv_usec).unwrap_or(0);
     secs.saturating_mul(1_000).saturating_add(micros / 1_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait status: exited with `code`.
+    fn exited(code: i32) -> i32 {
+        code << 8
+    }
+
+    fn ending(stop: Option<Stop>, reaped: Result<Reaped, String>) -> Ending {
+        Ending {
+            stop,
+            timeout_secs: 5,
+            reaped,
+            oom: None,
+            started_at_ms: 10,
+            finished_at_ms: 20,
+            stdout_bytes: 3,
+            stderr_bytes: 4,
+            limits_applied: "cgroup2",
+            notes: vec![],
+        }
+    }
+
+    fn reaped(status: i32) -> Result<Reaped, String> {
+        Ok(Reaped {
+            status,
+            cpu_user_ms: 7,
+            cpu_system_ms: 8,
+            max_rss_kb: 9,
+        })
+    }
+
+    #[test]
+    fn a_result_says_how_the_command_ended() {
+        let r = assemble_result(ending(None, reaped(exited(3))));
+        let want = ExecResult {
+            outcome: Outcome::Exited,
+            exit_code: 3,
+            signal: None,
+            started_at_ms: 10,
+            finished_at_ms: 20,
+            cpu_user_ms: 7,
+            cpu_system_ms: 8,
+            max_rss_kb: 9,
+            stdout_bytes: 3,
+            stderr_bytes: 4,
+            message: String::new(),
+            limits_applied: "cgroup2".into(),
+        };
+        assert_eq!(r, want);
+
+        // Killed by a signal: 128 + the signal, named in the note.
+        let r = assemble_result(ending(None, reaped(libc::SIGSEGV)));
+        assert_eq!(
+            (r.outcome, r.exit_code, r.signal),
+            (Outcome::Exited, 139, Some(11))
+        );
+        assert_eq!(r.message, "killed by signal 11 (SIGSEGV)");
+
+        // Timed out: the timeout first, then the TERM that ended it, then the other notes.
+        let mut e = ending(Some(Stop::Timeout), reaped(libc::SIGTERM));
+        e.notes = vec!["CPU limit not applied".into()];
+        let r = assemble_result(e);
+        assert_eq!((r.outcome, r.exit_code), (Outcome::TimedOut, 143));
+        assert_eq!(
+            r.message,
+            "timed out after 5 s; killed by signal 15 (SIGTERM); CPU limit not applied"
+        );
+
+        // Cancelled, though the script exited by itself on the TERM.
+        let r = assemble_result(ending(Some(Stop::Cancel), reaped(exited(0))));
+        assert_eq!((r.outcome, r.exit_code), (Outcome::Cancelled, 0));
+        assert_eq!(r.message, "cancelled");
+
+        // The memory limit's kill is the outcome and the first note.
+        let mut e = ending(None, reaped(libc::SIGKILL));
+        e.oom = Some("killed: memory limit of 64 MiB exceeded".into());
+        let r = assemble_result(e);
+        assert_eq!(
+            (r.outcome, r.exit_code),
+            (Outcome::MemoryLimitExceeded, 137)
+        );
+        assert_eq!(
+            r.message,
+            "killed: memory limit of 64 MiB exceeded; killed by signal 9 (SIGKILL)"
+        );
+
+        // Lost track of: no exit code, no usage.
+        let r = assemble_result(ending(None, Err("ECHILD".into())));
+        assert_eq!((r.exit_code, r.cpu_user_ms, r.max_rss_kb), (-1, 0, 0));
+        assert_eq!(r.message, "lost track of the process: ECHILD");
+    }
+
+    #[test]
+    fn reaped_usage_comes_from_rusage() {
+        // SAFETY: rusage is plain old data; all-zero is a valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        ru.ru_utime.tv_sec = 2;
+        ru.ru_utime.tv_usec = 345_678;
+        ru.ru_stime.tv_usec = 1_999;
+        ru.ru_maxrss = 4096;
+        let r = Reaped::new(exited(1), &ru);
+        assert_eq!(
+            (r.cpu_user_ms, r.cpu_system_ms, r.max_rss_kb),
+            (2_345, 1, 4096)
+        );
+        assert_eq!(r.signal(), None);
+        assert_eq!(Reaped::new(libc::SIGKILL, &ru).signal(), Some(9));
+    }
 }

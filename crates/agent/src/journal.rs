@@ -14,6 +14,10 @@
 //! ```
 //!
 //! A `Run` is executed only if its id has no run directory and is not in `completed.log`.
+//!
+//! The JSON files carry their layout's version, `"format_version": JOURNAL_FORMAT`; a file without
+//! it is version 1 (written before the version was recorded). A file of a newer version than this
+//! agent knows stops the agent at start-up ([`NewerFormat`]) instead of being misread.
 
 use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::{ExecResult, RunRequest};
@@ -35,6 +39,71 @@ pub const RESULT_FILE: &str = "result.json";
 pub const COMPLETED_LOG: &str = "completed.log";
 /// How many acknowledged ids are remembered.
 pub const COMPLETED_KEEP: usize = 10_000;
+/// Version of the layout of the run directory's JSON files (request, start marker, result),
+/// written into each as `format_version`. Bumped when a newer agent's files would be misread by
+/// this one; a file without the member is version 1.
+pub const JOURNAL_FORMAT: u32 = 1;
+
+/// A journal file written by a newer agent, in a layout this one does not know.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} has journal format version {found}, newer than the version {JOURNAL_FORMAT} this agent reads: \
+     it was written by a newer fleetrun-agent; run that version (or a newer one) with this state directory",
+    path.display()
+)]
+pub struct NewerFormat {
+    /// The file.
+    pub path: PathBuf,
+    /// Its `format_version`.
+    pub found: u32,
+}
+
+/// Why a journal file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// It could not be read, or it is not the JSON it should be (`InvalidData`: a torn write).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// It was written by a newer agent.
+    #[error(transparent)]
+    NewerFormat(#[from] NewerFormat),
+}
+
+/// A journal file's contents with its format version first.
+#[derive(Serialize)]
+struct Versioned<'a, T> {
+    format_version: u32,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+/// Only the format version of a journal file (every other member ignored).
+#[derive(Deserialize)]
+struct FormatProbe {
+    format_version: Option<u32>,
+}
+
+/// `value` as a journal file's JSON, with the format version.
+fn to_json(value: &impl Serialize) -> io::Result<Vec<u8>> {
+    let versioned = Versioned {
+        format_version: JOURNAL_FORMAT,
+        body: value,
+    };
+    serde_json::to_vec_pretty(&versioned).map_err(io::Error::other)
+}
+
+/// Parses a journal file: its format version first (missing: 1), so a newer layout is refused
+/// before it could be misread.
+fn from_json<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, ReadError> {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    let probe: FormatProbe = serde_json::from_slice(bytes).map_err(invalid)?;
+    let found = probe.format_version.unwrap_or(1);
+    if found > JOURNAL_FORMAT {
+        let path = path.to_owned();
+        return Err(NewerFormat { path, found }.into());
+    }
+    Ok(serde_json::from_slice(bytes).map_err(invalid)?)
+}
 
 /// The start marker: `pid` is `None` between "about to spawn" and "spawned".
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +122,7 @@ pub struct StartRecord {
 /// Writes `value` as `dir/name` atomically and durably: a synced temporary file renamed into
 /// place, then the directory synced.
 pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> io::Result<()> {
-    let json = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    let json = to_json(value)?;
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = OpenOptions::new()
         .write(true)
@@ -68,14 +137,12 @@ pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> io::Result<
     sync_dir(dir)
 }
 
-/// Reads `path` as JSON; `None` if it does not exist.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+/// Reads the journal file `path`; `None` if it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, ReadError> {
     match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Ok(bytes) => from_json(path, &bytes).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -99,7 +166,7 @@ pub fn accept(runs_dir: &Path, req: &RunRequest) -> io::Result<PathBuf> {
         }
         r => r?,
     }
-    let json = serde_json::to_vec_pretty(req).map_err(io::Error::other)?;
+    let json = to_json(req)?;
     // The directory is new and nobody else writes in it: no temporary file is needed. A torn
     // request (power cut before the marker's syncs) has no marker, so it never ran: `scan`
     // drops it and the server sends the `Run` again.
@@ -118,7 +185,7 @@ pub fn accept(runs_dir: &Path, req: &RunRequest) -> io::Result<PathBuf> {
 const MARKER_LEN: usize = 256;
 
 fn marker_bytes(record: &StartRecord) -> io::Result<Vec<u8>> {
-    let mut json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+    let mut json = to_json(record)?;
     if json.len() >= MARKER_LEN {
         return Err(io::Error::other("start marker too long"));
     }
@@ -194,15 +261,19 @@ pub enum Leftover {
 }
 
 /// Reads every run directory under `runs_dir`. Directories of ids in `completed` (acknowledged,
-/// removal interrupted) and ones without a request (acceptance interrupted) are removed.
-pub fn scan(runs_dir: &Path, completed: &Completed) -> Vec<(CommandId, Leftover)> {
+/// removal interrupted) and ones without a request (acceptance interrupted) are removed. A file of
+/// a newer journal format fails the whole scan, before anything is acted on.
+pub fn scan(
+    runs_dir: &Path,
+    completed: &Completed,
+) -> Result<Vec<(CommandId, Leftover)>, NewerFormat> {
     let mut found = Vec::new();
     let entries = match fs::read_dir(runs_dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return found,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
         Err(e) => {
             tracing::error!(dir = %runs_dir.display(), error = %e, "cannot read the run directories");
-            return found;
+            return Ok(found);
         }
     };
     for entry in entries.flatten() {
@@ -225,16 +296,17 @@ pub fn scan(runs_dir: &Path, completed: &Completed) -> Vec<(CommandId, Leftover)
                 tracing::info!(command_id = %id, "removing a run directory without a request");
                 remove_run_dir(&run_dir);
             }
-            Err(e) => {
+            Err(ReadError::NewerFormat(e)) => return Err(e),
+            Err(ReadError::Io(e)) => {
                 tracing::error!(command_id = %id, error = %e, "unreadable run directory: left alone");
             }
         }
     }
     found.sort_by(|a, b| a.0.cmp(&b.0));
-    found
+    Ok(found)
 }
 
-fn read_leftover(run_dir: &Path) -> io::Result<Option<Leftover>> {
+fn read_leftover(run_dir: &Path) -> Result<Option<Leftover>, ReadError> {
     let run_dir = run_dir.to_owned();
     if let Some(result) = read_json(&run_dir.join(RESULT_FILE))? {
         return Ok(Some(Leftover::Finished { run_dir, result }));
@@ -243,7 +315,8 @@ fn read_leftover(run_dir: &Path) -> io::Result<Option<Leftover>> {
     match read_json::<StartRecord>(&run_dir.join(STARTED_FILE)) {
         Ok(Some(started)) => return Ok(Some(Leftover::Interrupted { run_dir, started })),
         Ok(None) => {}
-        Err(_) => {
+        Err(ReadError::NewerFormat(e)) => return Err(e.into()),
+        Err(ReadError::Io(_)) => {
             let started = StartRecord::default();
             return Ok(Some(Leftover::Interrupted { run_dir, started }));
         }
@@ -252,7 +325,7 @@ fn read_leftover(run_dir: &Path) -> io::Result<Option<Leftover>> {
     // missing one; the server sends the `Run` again.
     match read_json(&run_dir.join(REQUEST_FILE)) {
         Ok(request) => Ok(request.map(|request| Leftover::NotStarted { run_dir, request })),
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(None),
+        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -368,6 +441,109 @@ mod tests {
         }
         assert!(!c.contains(&ids[0]), "the oldest are forgotten");
         assert!(c.contains(&ids[ids.len() - 1]));
+    }
+
+    fn request(id: &CommandId) -> RunRequest {
+        RunRequest {
+            command_id: id.clone(),
+            script: "true".into(),
+            working_dir: String::new(),
+            execution_timeout_secs: 5,
+            run_as: None,
+            memory_limit_bytes: None,
+            cpu_limit_percent: Some(50),
+        }
+    }
+
+    fn format_of(path: &Path) -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+        v["format_version"].as_u64()
+    }
+
+    #[test]
+    fn new_files_carry_the_format_version_and_files_without_it_read_as_version_1() {
+        let state = tempfile::tempdir().unwrap();
+        let runs = state.path().join("runs");
+        let completed = Completed::load(state.path()).unwrap();
+        // New files: request, start marker (still its fixed size), result.
+        let (a, b) = (CommandId::from_random(1), CommandId::from_random(2));
+        let dir_a = accept(&runs, &request(&a)).unwrap();
+        let marker = StartRecord {
+            pid: Some(i32::MAX),
+            pgid: Some(i32::MAX),
+            started_at_ms: i64::MAX,
+            proc_start_time: Some(u64::MAX),
+        };
+        mark_spawning(&dir_a, &marker).unwrap();
+        let marker_file = dir_a.join(STARTED_FILE);
+        assert_eq!(fs::metadata(&marker_file).unwrap().len(), MARKER_LEN as u64);
+        for file in [REQUEST_FILE, STARTED_FILE] {
+            assert_eq!(format_of(&dir_a.join(file)), Some(1), "{file}");
+        }
+        let result = ExecResult {
+            outcome: fleetrun_proto::channel::Outcome::Exited,
+            exit_code: 0,
+            signal: None,
+            started_at_ms: 1,
+            finished_at_ms: 2,
+            cpu_user_ms: 3,
+            cpu_system_ms: 4,
+            max_rss_kb: 5,
+            stdout_bytes: 6,
+            stderr_bytes: 7,
+            message: String::new(),
+            limits_applied: "none".into(),
+        };
+        write_json(&dir_a, RESULT_FILE, &result).unwrap();
+        assert_eq!(format_of(&dir_a.join(RESULT_FILE)), Some(1));
+        // A file from before the version was recorded: the bare request.
+        let dir_b = runs.join(b.as_str());
+        fs::create_dir_all(&dir_b).unwrap();
+        let old = serde_json::to_vec_pretty(&request(&b)).unwrap();
+        fs::write(dir_b.join(REQUEST_FILE), old).unwrap();
+
+        let found = scan(&runs, &completed).unwrap();
+        assert_eq!(found.len(), 2);
+        match &found[0] {
+            (id, Leftover::Finished { result: r, .. }) => assert_eq!((id, r), (&a, &result)),
+            other => panic!("{other:?}"),
+        }
+        match &found[1] {
+            (id, Leftover::NotStarted { request: r, .. }) => {
+                assert_eq!((id, r), (&b, &request(&b)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_newer_journal_format_is_refused_before_anything_is_acted_on() {
+        let state = tempfile::tempdir().unwrap();
+        let runs = state.path().join("runs");
+        let completed = Completed::load(state.path()).unwrap();
+        let (a, b) = (CommandId::from_random(1), CommandId::from_random(2));
+        accept(&runs, &request(&a)).unwrap();
+        // A newer agent's marker, in a layout this one does not know.
+        let dir_b = accept(&runs, &request(&b)).unwrap();
+        let newer = r#"{"format_version": 2, "spawned": {"pid": 7}}"#;
+        fs::write(dir_b.join(STARTED_FILE), newer).unwrap();
+        let e = scan(&runs, &completed).unwrap_err();
+        assert_eq!((e.path.clone(), e.found), (dir_b.join(STARTED_FILE), 2));
+        let text = e.to_string();
+        assert!(
+            text.contains("journal format version 2, newer than the version 1 this agent reads"),
+            "{text}"
+        );
+        // Nothing was removed or rewritten.
+        assert!(runs.join(a.as_str()).join(REQUEST_FILE).exists());
+        assert_eq!(fs::read_to_string(dir_b.join(STARTED_FILE)).unwrap(), newer);
+        // A torn marker is still read as "may have started", not as a newer format.
+        fs::write(dir_b.join(STARTED_FILE), "{\"format_ver").unwrap();
+        let found = scan(&runs, &completed).unwrap();
+        assert!(
+            matches!(found[1].1, Leftover::Interrupted { .. }),
+            "{found:?}"
+        );
     }
 
     #[test]

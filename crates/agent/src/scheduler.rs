@@ -68,9 +68,10 @@ impl Scheduler {
 
     /// Takes over the run directories of an earlier agent process: results are resent; an
     /// invocation that was (or may have been) running has what is left of its process group
-    /// killed and ends `AgentRestarted`; one accepted but never started runs now.
-    pub fn recover(&self) {
-        let leftovers = journal::scan(&self.runs_dir, &self.completed());
+    /// killed and ends `AgentRestarted`; one accepted but never started runs now. A journal file
+    /// of a newer format refuses the whole recovery, before anything is acted on.
+    pub fn recover(&self) -> Result<(), journal::NewerFormat> {
+        let leftovers = journal::scan(&self.runs_dir, &self.completed())?;
         for (id, leftover) in leftovers {
             match leftover {
                 Leftover::Finished { run_dir, result } => {
@@ -95,6 +96,7 @@ impl Scheduler {
                 }
             }
         }
+        Ok(())
     }
 
     fn recover_interrupted(&self, id: &CommandId, run_dir: PathBuf, started: &StartRecord) {

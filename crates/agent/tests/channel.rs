@@ -4,9 +4,11 @@
 use fleetrun_agent::identity::{self, Identity};
 use fleetrun_agent::{AgentConfig, run};
 use fleetrun_proto::auth;
-use fleetrun_proto::channel::{AgentFrame, Outcome, Pipe, RunRequest, ServerFrame, StreamId};
+use fleetrun_proto::channel::{
+    AgentFrame, ErrorCode, Outcome, Pipe, RunRequest, ServerFrame, StreamId,
+};
 use fleetrun_proto::limits::OUTPUT_WINDOW;
-use fleetrun_proto::version::PROTOCOL_VERSION;
+use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use fleetrun_proto::{CommandId, NodeId};
 use futures_util::{SinkExt, StreamExt};
 use std::future::Future;
@@ -687,4 +689,109 @@ async fn an_unacknowledged_result_is_resent_after_a_restart() {
     let dup = collect(&mut ws, &id, true).await;
     assert_eq!(dup.result.unwrap(), result);
     assert_eq!(std::fs::read_to_string(&counter).unwrap(), "run\n");
+}
+
+/// Accepts a connection as a server of protocol `version` does: the version in the upgrade
+/// response's header, then the challenge.
+async fn accept_as_version(server: &Server, version: u32) -> Ws {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let (tcp, _) = within("a connection", server.listener.accept())
+        .await
+        .unwrap();
+    // The callback's type (and its large error) is tungstenite's.
+    #[allow(clippy::result_large_err)]
+    let named = |_: &Request, mut resp: Response| {
+        let value = version.to_string().parse().expect("a header value");
+        resp.headers_mut().insert(PROTOCOL_VERSION_HEADER, value);
+        Ok(resp)
+    };
+    let mut ws = tokio_tungstenite::accept_hdr_async(tcp, named)
+        .await
+        .unwrap();
+    let nonce = NONCE.to_vec();
+    send(&mut ws, ServerFrame::Challenge { nonce }).await;
+    ws
+}
+
+/// A refusal that a retry can fix (`HandshakeTimeout`) is retried; a server of another protocol
+/// version refusing the `Hello` with `ProtocolVersion` stops the agent with an error naming both
+/// versions.
+#[tokio::test]
+async fn stops_on_a_protocol_version_refusal_and_retries_the_others() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let agent = server.start(server.config());
+
+    let mut ws = accept_as_version(&server, PROTOCOL_VERSION).await;
+    assert!(matches!(recv(&mut ws).await, AgentFrame::Hello { .. }));
+    let timeout = ServerFrame::error(ErrorCode::HandshakeTimeout, "too slow");
+    send(&mut ws, timeout).await;
+    drop(ws);
+
+    // It comes back; now a newer server refuses its version.
+    let newer = PROTOCOL_VERSION + 1;
+    let mut ws = accept_as_version(&server, newer).await;
+    match recv(&mut ws).await {
+        AgentFrame::Hello {
+            protocol_version,
+            node_id: n,
+            ..
+        } => assert_eq!((protocol_version, &n), (PROTOCOL_VERSION, &node_id)),
+        other => panic!("expected Hello, got {other:?}"),
+    }
+    let message =
+        format!("agent speaks protocol version {PROTOCOL_VERSION}, this server speaks {newer}");
+    send(
+        &mut ws,
+        ServerFrame::error(ErrorCode::ProtocolVersion, message),
+    )
+    .await;
+    let err = within("the agent to stop", agent)
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    let both = format!(
+        "this agent speaks channel protocol version {PROTOCOL_VERSION}, the server version {newer}"
+    );
+    assert!(err.contains(&both), "{err}");
+}
+
+/// A registration the server could not store (`InternalError`) is tried again; a refused
+/// activation code stops the agent.
+#[tokio::test]
+async fn a_registration_is_retried_unless_refused() {
+    let server = Server::new().await;
+    let mut config = server.config();
+    config.activation_code = Some("code-2".into());
+    let agent = server.start(config);
+    for (code, message) in [
+        (
+            ErrorCode::InternalError,
+            "the server cannot write its database",
+        ),
+        (
+            ErrorCode::InvalidActivation,
+            "registration refused: expired",
+        ),
+    ] {
+        let mut ws = server.accept().await;
+        match recv(&mut ws).await {
+            AgentFrame::Register {
+                activation_code, ..
+            } => assert_eq!(activation_code, "code-2"),
+            other => panic!("expected Register, got {other:?}"),
+        }
+        send(&mut ws, ServerFrame::error(code, message)).await;
+    }
+    let err = within("the agent to stop", agent)
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("registration refused by the server (InvalidActivation)"),
+        "{err}"
+    );
+    assert!(identity::load(server.state.path()).unwrap().is_none());
 }

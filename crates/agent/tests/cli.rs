@@ -93,3 +93,35 @@ fn missing_required_arguments_fail() {
     assert_ne!(code, 0);
     assert!(err.contains("--server"), "{err}");
 }
+
+/// A run directory written by a newer agent (journal format 2) stops the agent at start-up, before
+/// it connects or acts on any run, with one line naming the file and both versions.
+#[test]
+fn a_journal_of_a_newer_format_is_refused_at_start_up() {
+    use fleetrun_agent::identity::{self, Identity};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    identity::ensure_state_dir(&state).unwrap();
+    let node = fleetrun_proto::NodeId::from_random(1);
+    let id = Identity::new(node, identity::generate_key(), 1_700_000_000_000);
+    identity::save(&state, &id).unwrap();
+    let run = fleetrun_proto::CommandId::from_random(1);
+    let run_dir = state.join("runs").join(run.as_str());
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let request = run_dir.join("request.json");
+    std::fs::write(&request, r#"{"format_version": 2, "request": {}}"#).unwrap();
+    let (code, err) = agent(&[
+        // Nothing listens there: the refusal comes before any dial.
+        "--server",
+        "https://127.0.0.1:9",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_one_line_error(
+        code,
+        &err,
+        "journal format version 2, newer than the version 1",
+    );
+    assert!(err.contains(&request.display().to_string()), "{err}");
+    assert!(request.exists(), "the run directory is left as it was");
+}

@@ -288,7 +288,7 @@ pub enum ServerFrame {
     },
     /// Since version 1. The connection is refused or a frame was bad; the server closes after this.
     Error {
-        /// Machine-readable reason, e.g. `InvalidActivation`, `UnknownNode`, `ProtocolVersion`.
+        /// Machine-readable reason: an [`ErrorCode`] by name (`ErrorCode::parse` reads it).
         code: String,
         /// What is wrong.
         message: String,
@@ -306,6 +306,130 @@ pub enum ServerFrame {
         #[serde(with = "serde_bytes")]
         public_key: Vec<u8>,
     },
+}
+
+/// The code of a [`ServerFrame::Error`]: why the server refuses a connection or ends it. On the wire
+/// it is the variant's name as a string (`Error.code`), so a code this side does not know still
+/// arrives, as [`ErrorCode::Other`]. Both sides use this one list; [`ErrorCode::is_fatal`] says
+/// which ones an agent stops on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Since version 1. The agent's protocol version is not the server's (read from the frozen start
+    /// of the first frame, see [`handshake_version`]). Fatal.
+    ProtocolVersion,
+    /// Since version 1. The activation code is unknown, expired or used up. Fatal.
+    InvalidActivation,
+    /// Since version 1. No such node, deregistered, or registered with protocol 1 and keyless. Fatal.
+    UnknownNode,
+    /// Since version 2. The key is not the node's, or the signature does not verify over this
+    /// connection's challenge. Fatal.
+    BadSignature,
+    /// Since version 1. The node's facts (`NodeInfo`) fail [`NodeInfo::check`]. Fatal: they come
+    /// from the node's settings, which a retry does not change.
+    BadNodeInfo,
+    /// Since version 1. A tag asked for at registration is not valid. Fatal.
+    InvalidTag,
+    /// Since version 1. A message did not decode, or the first frame was neither `Hello` nor
+    /// `Register`.
+    BadFrame,
+    /// Since version 2. No `Hello` or `Register` within the server's handshake timeout.
+    HandshakeTimeout,
+    /// Since version 2. Too many failed identifications as this node (from any address) lately.
+    TooManyFailedAuthentications,
+    /// Since version 2. A frame that decoded but is not valid where it came (e.g. a bad `RotateKey`).
+    ProtocolError,
+    /// Since version 1. The server could not do its part (e.g. write its database).
+    InternalError,
+    /// A code this side does not know (a newer peer's): not fatal.
+    Other(String),
+}
+
+impl ErrorCode {
+    /// Every known code, for tests and documentation.
+    pub const KNOWN: [ErrorCode; 11] = [
+        ErrorCode::ProtocolVersion,
+        ErrorCode::InvalidActivation,
+        ErrorCode::UnknownNode,
+        ErrorCode::BadSignature,
+        ErrorCode::BadNodeInfo,
+        ErrorCode::InvalidTag,
+        ErrorCode::BadFrame,
+        ErrorCode::HandshakeTimeout,
+        ErrorCode::TooManyFailedAuthentications,
+        ErrorCode::ProtocolError,
+        ErrorCode::InternalError,
+    ];
+
+    /// The code as it travels in `Error.code`.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ErrorCode::ProtocolVersion => "ProtocolVersion",
+            ErrorCode::InvalidActivation => "InvalidActivation",
+            ErrorCode::UnknownNode => "UnknownNode",
+            ErrorCode::BadSignature => "BadSignature",
+            ErrorCode::BadNodeInfo => "BadNodeInfo",
+            ErrorCode::InvalidTag => "InvalidTag",
+            ErrorCode::BadFrame => "BadFrame",
+            ErrorCode::HandshakeTimeout => "HandshakeTimeout",
+            ErrorCode::TooManyFailedAuthentications => "TooManyFailedAuthentications",
+            ErrorCode::ProtocolError => "ProtocolError",
+            ErrorCode::InternalError => "InternalError",
+            ErrorCode::Other(code) => code,
+        }
+    }
+
+    /// The code of `Error.code`; an unknown one is [`ErrorCode::Other`].
+    pub fn parse(code: &str) -> Self {
+        Self::KNOWN
+            .into_iter()
+            .find(|known| known.as_str() == code)
+            .unwrap_or_else(|| ErrorCode::Other(code.to_owned()))
+    }
+
+    /// Whether no retry can help: the agent stops with an error instead of re-dialling. These
+    /// refuse the node itself (its version, activation, identity, settings); every other code, and
+    /// any code this side does not know, is retried with backoff.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ProtocolVersion
+                | ErrorCode::InvalidActivation
+                | ErrorCode::UnknownNode
+                | ErrorCode::BadSignature
+                | ErrorCode::BadNodeInfo
+                | ErrorCode::InvalidTag
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ServerFrame {
+    /// An `Error` frame with a typed code.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            code: code.as_str().to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The protocol version at the frozen start of the agent's first frame, read without decoding the
+/// rest (whose layout may be another version's). Every version's `Hello` and `Register` begin with
+/// the variant's index (postcard varint: 0 for `Hello`, 1 for `Register`) followed by
+/// `protocol_version` (postcard varint `u32`): these indices and that first field never move, so a
+/// server reads any agent's version and can refuse it with [`ErrorCode::ProtocolVersion`]. `None`
+/// when the message is not a `Hello` or `Register`, or ends before the version.
+pub fn handshake_version(first_frame: &[u8]) -> Option<u32> {
+    let (variant, rest) = postcard::take_from_bytes::<u32>(first_frame).ok()?;
+    if variant > 1 {
+        return None;
+    }
+    postcard::take_from_bytes::<u32>(rest).ok().map(|(v, _)| v)
 }
 
 /// A command to run on the node.
@@ -497,6 +621,87 @@ impl ServerFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hello(protocol_version: u32) -> AgentFrame {
+        AgentFrame::Hello {
+            protocol_version,
+            node_id: NodeId::from_random(1),
+            public_key: vec![1; 32],
+            signature: vec![2; 64],
+            info: NodeInfo::default(),
+            known: vec![],
+        }
+    }
+
+    #[test]
+    fn the_handshake_version_is_frozen_at_the_start_of_the_first_frame() {
+        // The frozen bytes: variant index, then the version, both postcard varints.
+        let h = hello(2).encode();
+        assert_eq!(h[..2], [0x00, 0x02]);
+        let register = AgentFrame::Register {
+            protocol_version: 2,
+            activation_code: "code".into(),
+            public_key: vec![],
+            signature: vec![],
+            info: NodeInfo::default(),
+            tags: BTreeMap::new(),
+        };
+        assert_eq!(register.encode()[..2], [0x01, 0x02]);
+        assert_eq!(handshake_version(&h), Some(2));
+        assert_eq!(handshake_version(&register.encode()), Some(2));
+        // Another version's Hello is read although the rest is not this version's layout.
+        assert_eq!(handshake_version(&[0x00, 0x01, 0xff, 0xff]), Some(1));
+        assert!(AgentFrame::decode(&[0x00, 0x01, 0xff, 0xff]).is_err());
+        // Multi-byte varints: version 300.
+        assert_eq!(handshake_version(&hello(300).encode()), Some(300));
+        assert_eq!(handshake_version(&[0x00, 0xac, 0x02]), Some(300));
+        // Not a handshake frame, or cut before the version.
+        let started = AgentFrame::Started {
+            command_id: CommandId::from_random(1),
+            started_at_ms: 2,
+        };
+        assert_eq!(handshake_version(&started.encode()), None);
+        assert_eq!(handshake_version(&[]), None);
+        assert_eq!(handshake_version(&[0x00]), None);
+        assert_eq!(handshake_version(&[0x01, 0x80]), None);
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_only_refusals_of_the_node_are_fatal() {
+        for code in ErrorCode::KNOWN {
+            assert_eq!(ErrorCode::parse(code.as_str()), code);
+        }
+        let fatal: Vec<&str> = ErrorCode::KNOWN
+            .iter()
+            .filter(|c| c.is_fatal())
+            .map(ErrorCode::as_str)
+            .collect();
+        assert_eq!(
+            fatal,
+            [
+                "ProtocolVersion",
+                "InvalidActivation",
+                "UnknownNode",
+                "BadSignature",
+                "BadNodeInfo",
+                "InvalidTag"
+            ]
+        );
+        // A newer peer's code arrives intact and is retried.
+        let newer = ErrorCode::parse("SomethingNew");
+        assert_eq!(newer, ErrorCode::Other("SomethingNew".into()));
+        assert!(!newer.is_fatal());
+        // The Error frame's own layout is frozen too: any version's agent can read a refusal.
+        let e = ServerFrame::error(ErrorCode::ProtocolVersion, "v");
+        assert_eq!(e.encode()[..2], [0x06, 15]);
+        assert_eq!(
+            ServerFrame::decode(&e.encode()).unwrap(),
+            ServerFrame::Error {
+                code: "ProtocolVersion".into(),
+                message: "v".into()
+            }
+        );
+    }
 
     #[test]
     fn node_info_refuses_control_characters_and_long_texts() {

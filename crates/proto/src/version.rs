@@ -7,7 +7,17 @@
 /// Since version 2: nodes authenticate with an Ed25519 key over the server's `Challenge`
 /// (`Hello`/`Register` carry a public key and signature, `Registered` no secret), and rotate it with
 /// `RotateKey`, `KeyRotated`, `KeyConfirmed`.
+///
+/// Versioned in the handshake: every version's first agent frame begins with the same bytes, the
+/// frame's variant and then this number ([`crate::channel::handshake_version`] reads them without
+/// decoding the rest), so a server refuses an agent of another version with `ProtocolVersion`
+/// whatever the rest of its layout; and the server names its own version in the upgrade response's
+/// [`PROTOCOL_VERSION_HEADER`], so an agent refused can say which versions disagree.
 pub const PROTOCOL_VERSION: u32 = 2;
+
+/// HTTP header of the server's WebSocket upgrade response (`101`) that carries its
+/// [`PROTOCOL_VERSION`] (since version 2; absent from older servers).
+pub const PROTOCOL_VERSION_HEADER: &str = "fleetrun-protocol-version";
 
 /// Version of the fleetrun packages, reported by agents and servers.
 pub const FLEETRUN_VERSION: &str = env!("CARGO_PKG_VERSION");

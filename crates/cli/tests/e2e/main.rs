@@ -28,6 +28,7 @@ mod limits;
 mod node_identity;
 mod output;
 mod params;
+mod protocol_version;
 mod rate;
 mod retention;
 mod send;

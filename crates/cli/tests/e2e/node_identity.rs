@@ -97,6 +97,19 @@ pub(crate) async fn next_frame(ws: &mut Ws) -> ServerFrame {
 /// Opens the agent channel as an agent does (trusting the server's CA through the agent crate's own
 /// TLS set-up): TLS and the WebSocket upgrade done, nothing sent.
 pub(crate) async fn dial_channel(server: &Server) -> Result<Ws, String> {
+    dial_channel_upgraded(server).await.map(|(ws, _)| ws)
+}
+
+/// [`dial_channel`], with the server's upgrade response (its headers name its protocol version).
+pub(crate) async fn dial_channel_upgraded(
+    server: &Server,
+) -> Result<
+    (
+        Ws,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    String,
+> {
     let url = format!(
         "{}/v1/agent/connect",
         server
@@ -114,7 +127,6 @@ pub(crate) async fn dial_channel(server: &Server) -> Result<Ws, String> {
         Some(tls.connector()),
     )
     .await
-    .map(|(ws, _)| ws)
     .map_err(|e| e.to_string())
 }
 

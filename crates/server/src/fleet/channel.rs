@@ -1,7 +1,8 @@
 //! The agent channel: `GET /v1/agent/connect` upgrades to a WebSocket that carries postcard frames
-//! (fleetrun_proto::channel). The first frame registers a new node or identifies an enrolled one; then
-//! the reader routes frames (output to the invocation's actor, starts and results to storage) and a
-//! writer task drains the node's queue in the hub.
+//! (fleetrun_proto::channel). The first frame (its protocol version read before it is decoded)
+//! registers a new node or identifies an enrolled one; then the reader routes frames (output to the
+//! invocation's actor, starts and results to storage) and a writer task drains the node's queue in
+//! the hub.
 
 use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS};
@@ -14,12 +15,15 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use fleetrun_proto::auth::NONCE_LEN;
 use fleetrun_proto::auth::fingerprint;
-use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame, StreamId};
+use fleetrun_proto::channel::{
+    AgentFrame, ErrorCode, NodeInfo, ServerFrame, StreamId, handshake_version,
+};
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::{check_tag_key, check_tag_value};
 use fleetrun_proto::time::now_ms;
-use fleetrun_proto::version::PROTOCOL_VERSION;
+use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use fleetrun_proto::{InvocationStatus, NodeId};
 use fleetrun_store::{AuditEntry, Finish, NewNode, RegisterError};
 use futures_util::{SinkExt, StreamExt};
@@ -72,13 +76,17 @@ pub async fn connect(
         _global: permit,
         _by_address: by_address,
     };
-    ws.max_message_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
+    let upgraded = ws
+        .max_message_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
         .max_frame_size(fleetrun_proto::limits::CHANNEL_MESSAGE_MAX)
         // tungstenite's defaults (128 KiB each way) cost 256 KiB per idle agent; big frames grow
         // the buffers only while they pass.
         .read_buffer_size(SOCKET_BUFFER)
         .write_buffer_size(SOCKET_BUFFER)
-        .on_upgrade(move |socket| serve(state, socket, permit, addr))
+        .on_upgrade(move |socket| serve(state, socket, permit, addr));
+    // The server's version, for an agent that is refused to name both (docs/protocol.md).
+    let version = [(PROTOCOL_VERSION_HEADER, PROTOCOL_VERSION.to_string())];
+    (version, upgraded).into_response()
 }
 
 /// 503 with a jittered Retry-After: agents wait that long before re-dialling.
@@ -118,183 +126,257 @@ async fn audit(
     trail::record(state, entry, true).await;
 }
 
+/// Where a handshake comes from and what its first frame must sign.
+struct Peer {
+    addr: SocketAddr,
+    /// `addr` as the audit trail records it.
+    source: String,
+    /// This connection's challenge.
+    nonce: [u8; NONCE_LEN],
+}
+
+/// A refusal of the handshake: the `Error` frame's code and message.
+type Refused = (ErrorCode, String);
+
+/// One connection: the challenge and the first frame, then the arm for it (register, hello, or a
+/// refusal). A peer that leaves during the handshake is let go without an answer.
 async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, addr: SocketAddr) {
-    let source = addr.to_string();
-    // The challenge goes out at once, so it costs no round trip: it travels while the agent
-    // finishes its side of the upgrade. Sending it and receiving the first frame share one
-    // deadline: a silent (or unreading) client gives its handshake slots back when it passes.
-    let nonce = authn::node::challenge();
-    let challenge = ServerFrame::Challenge {
-        nonce: nonce.to_vec(),
+    let peer = Peer {
+        addr,
+        source: addr.to_string(),
+        nonce: authn::node::challenge(),
     };
-    let limit = state.agent_handshake_timeout;
-    let first = tokio::time::timeout(limit, async {
-        if socket.send(binary(challenge)).await.is_err() {
-            return None;
-        }
-        next_frame(&mut socket).await
-    })
-    .await;
-    let first = match first {
-        Ok(Some(Ok(f))) => f,
-        Ok(Some(Err(e))) => return refuse(socket, "BadFrame", &e).await,
+    let first = match first_frame(&state, &mut socket, &peer).await {
+        Ok(Some(frame)) => frame,
         Ok(None) => return,
-        Err(_) => {
-            tracing::debug!(%addr, "agent handshake timed out");
-            let msg = format!(
-                "no Hello or Register frame within {} (the agent handshake timeout)",
-                humantime::format_duration(limit)
-            );
-            return refuse(socket, "HandshakeTimeout", &msg).await;
-        }
+        Err((code, message)) => return refuse(socket, code, &message).await,
     };
     match first {
         AgentFrame::Register {
-            protocol_version,
+            protocol_version: _,
             activation_code,
             public_key,
             signature,
             info,
             tags,
         } => {
-            if let Err(msg) = check_version(protocol_version) {
-                return refuse(socket, "ProtocolVersion", &msg).await;
-            }
-            let params = serde_json::json!({
-                "name": info.name, "hostname": info.hostname, "tags": tags,
-                "key": fingerprint(&public_key),
-            });
-            let registered = match authn::node::check_register(&nonce, &public_key, &signature) {
-                Ok(key) => register(&state, &activation_code, key, info, tags).await,
-                Err(r) => Err((r.code, r.message)),
+            let register = RegisterFrame {
+                activation_code,
+                public_key,
+                signature,
+                info,
+                tags,
             };
-            let (principal, node, result) = match &registered {
-                Ok(id) => (id.to_string(), Some(id), "Registered"),
-                Err((code, _)) => (ANONYMOUS.to_owned(), None, *code),
-            };
-            audit(
-                &state,
-                &source,
-                &principal,
-                "agent.register",
-                node,
-                params,
-                result,
-            )
-            .await;
-            match registered {
-                Ok(node_id) => {
-                    tracing::info!(%node_id, "node registered");
-                    let _ = socket
-                        .send(binary(ServerFrame::Registered { node_id }))
-                        .await;
-                    let _ = socket.close().await;
-                }
-                Err((code, msg)) => {
-                    if code == "InvalidActivation" || code == "BadSignature" {
-                        state.auth_guard.failed(addr.ip());
-                    }
-                    refuse(socket, code, &msg).await
-                }
-            }
+            on_register(&state, socket, &peer, register).await;
         }
         AgentFrame::Hello {
-            protocol_version,
+            protocol_version: _,
             node_id,
             public_key,
             signature,
             info,
             known,
         } => {
-            if let Err(msg) = check_version(protocol_version) {
-                return refuse(socket, "ProtocolVersion", &msg).await;
-            }
-            let refused = |result: String| {
-                let (state, source, node_id) = (&state, &source, &node_id);
-                async move {
-                    let params = serde_json::json!({ "claimed_node_id": node_id.to_string() });
-                    audit(
-                        state,
-                        source,
-                        ANONYMOUS,
-                        "agent.hello",
-                        Some(node_id),
-                        params,
-                        &result,
-                    )
-                    .await;
-                }
-            };
-            // A node id guessed at too often is locked from every address, as tokens are.
-            let credential = format!("node:{node_id}");
-            if let Err(retry) = state
-                .auth_guard
-                .check_credential(addr.ip(), Some(&credential))
-            {
-                let msg = format!(
-                    "too many failed identifications as this node; retry in {} s",
-                    retry.as_secs().max(1)
-                );
-                return refuse(socket, "TooManyFailedAuthentications", &msg).await;
-            }
-            let session_key =
-                match authn::node::check_hello(&state, &node_id, &nonce, &public_key, &signature)
-                    .await
-                {
-                    Ok(key) => key,
-                    Err(r) => {
-                        if r.counts {
-                            state
-                                .auth_guard
-                                .failed_credential(addr.ip(), Some(&credential));
-                        }
-                        if r.code != "InternalError" {
-                            refused(r.audit).await;
-                        }
-                        return refuse(socket, r.code, &r.message).await;
-                    }
-                };
-            if let Err(msg) = check_info(&info) {
-                return refuse(socket, "BadNodeInfo", &msg).await;
-            }
-            let params = serde_json::json!({
-                "name": info.name, "hostname": info.hostname, "agent_version": info.agent_version,
-            });
-            let principal = node_id.to_string();
-            audit(
-                &state,
-                &source,
-                &principal,
-                "agent.hello",
-                Some(&node_id),
-                params,
-                "Connected",
-            )
-            .await;
-            let auth = SessionAuth {
-                key: session_key,
-                source,
-            };
-            session(
-                state,
-                socket,
+            let hello = HelloFrame {
                 node_id,
-                auth,
+                public_key,
+                signature,
                 info,
-                known.into_iter().collect(),
-                permit,
-            )
-            .await;
+                known,
+            };
+            on_hello(state, socket, peer, hello, permit).await;
         }
         _ => {
-            refuse(
-                socket,
-                "BadFrame",
-                "the first frame must be Hello or Register",
-            )
-            .await
+            let message = "the first frame must be Hello or Register";
+            refuse(socket, ErrorCode::BadFrame, message).await;
         }
     }
+}
+
+/// Sends the challenge and reads the agent's first frame, both within the handshake timeout (a
+/// silent or unreading client gives its handshake slots back when it passes). The challenge goes
+/// out at once, so it costs no round trip: it travels while the agent finishes its side of the
+/// upgrade. The protocol version is checked before the frame is decoded, from the frozen start of
+/// the frame (`handshake_version`): an agent of another version, whose frame may not decode here,
+/// hears `ProtocolVersion`, not `BadFrame`. `None`: the peer left.
+async fn first_frame(
+    state: &AppState,
+    socket: &mut WebSocket,
+    peer: &Peer,
+) -> Result<Option<AgentFrame>, Refused> {
+    let challenge = ServerFrame::Challenge {
+        nonce: peer.nonce.to_vec(),
+    };
+    let limit = state.agent_handshake_timeout;
+    let first = tokio::time::timeout(limit, async {
+        if socket.send(binary(challenge)).await.is_err() {
+            return None;
+        }
+        next_message(socket).await
+    })
+    .await;
+    let bytes = match first {
+        Ok(Some(Ok(bytes))) => bytes,
+        Ok(Some(Err(message))) => return Err((ErrorCode::BadFrame, message)),
+        Ok(None) => return Ok(None),
+        Err(_) => {
+            tracing::debug!(addr = %peer.addr, "agent handshake timed out");
+            let message = format!(
+                "no Hello or Register frame within {} (the agent handshake timeout)",
+                humantime::format_duration(limit)
+            );
+            return Err((ErrorCode::HandshakeTimeout, message));
+        }
+    };
+    if let Some(version) = handshake_version(&bytes) {
+        check_version(version).map_err(|m| (ErrorCode::ProtocolVersion, m))?;
+    }
+    AgentFrame::decode(&bytes)
+        .map(Some)
+        .map_err(|e| (ErrorCode::BadFrame, e.to_string()))
+}
+
+/// The fields of a `Register` (its version already checked).
+struct RegisterFrame {
+    activation_code: String,
+    public_key: Vec<u8>,
+    signature: Vec<u8>,
+    info: NodeInfo,
+    tags: BTreeMap<String, String>,
+}
+
+/// A new node enrols: the key's proof, the activation, the node stored; audited either way.
+/// Answers `Registered` and closes (the agent comes back with `Hello`), or refuses.
+async fn on_register(state: &AppState, mut socket: WebSocket, peer: &Peer, frame: RegisterFrame) {
+    let params = serde_json::json!({
+        "name": frame.info.name, "hostname": frame.info.hostname, "tags": frame.tags,
+        "key": fingerprint(&frame.public_key),
+    });
+    let registered =
+        match authn::node::check_register(&peer.nonce, &frame.public_key, &frame.signature) {
+            Ok(key) => register(state, &frame.activation_code, key, frame.info, frame.tags).await,
+            Err(r) => Err((ErrorCode::parse(r.code), r.message)),
+        };
+    let (principal, node, result) = match &registered {
+        Ok(id) => (id.to_string(), Some(id), "Registered"),
+        Err((code, _)) => (ANONYMOUS.to_owned(), None, code.as_str()),
+    };
+    let action = "agent.register";
+    audit(
+        state,
+        &peer.source,
+        &principal,
+        action,
+        node,
+        params,
+        result,
+    )
+    .await;
+    match registered {
+        Ok(node_id) => {
+            tracing::info!(%node_id, "node registered");
+            let _ = socket
+                .send(binary(ServerFrame::Registered { node_id }))
+                .await;
+            let _ = socket.close().await;
+        }
+        Err((code, message)) => {
+            if matches!(code, ErrorCode::InvalidActivation | ErrorCode::BadSignature) {
+                state.auth_guard.failed(peer.addr.ip());
+            }
+            refuse(socket, code, &message).await
+        }
+    }
+}
+
+/// The fields of a `Hello` (its version already checked).
+struct HelloFrame {
+    node_id: NodeId,
+    public_key: Vec<u8>,
+    signature: Vec<u8>,
+    info: NodeInfo,
+    known: Vec<fleetrun_proto::CommandId>,
+}
+
+/// An enrolled node connects: identified (guard, signature, node info), audited, then served as
+/// a session until it drops; or refused.
+async fn on_hello(
+    state: Arc<AppState>,
+    socket: WebSocket,
+    peer: Peer,
+    frame: HelloFrame,
+    permit: Handshake,
+) {
+    let session_key = match identify(&state, &peer, &frame).await {
+        Ok(key) => key,
+        Err((code, message)) => return refuse(socket, code, &message).await,
+    };
+    let info = frame.info;
+    if let Err(message) = check_info(&info) {
+        return refuse(socket, ErrorCode::BadNodeInfo, &message).await;
+    }
+    let node_id = frame.node_id;
+    let params = serde_json::json!({
+        "name": info.name, "hostname": info.hostname, "agent_version": info.agent_version,
+    });
+    let principal = node_id.to_string();
+    let (source, action) = (&peer.source, "agent.hello");
+    audit(
+        &state,
+        source,
+        &principal,
+        action,
+        Some(&node_id),
+        params,
+        "Connected",
+    )
+    .await;
+    let auth = SessionAuth {
+        key: session_key,
+        source: peer.source,
+    };
+    let known = frame.known.into_iter().collect();
+    session(state, socket, node_id, auth, info, known, permit).await;
+}
+
+/// Who a `Hello` is: refused when its node id is locked by the brute-force guard (a node id
+/// guessed at too often is locked from every address, as tokens are), or when the signature is not
+/// the node's (counted for the guard when it says so, and audited). The session's key.
+async fn identify(state: &AppState, peer: &Peer, frame: &HelloFrame) -> Result<String, Refused> {
+    let node_id = &frame.node_id;
+    let credential = format!("node:{node_id}");
+    let ip = peer.addr.ip();
+    if let Err(retry) = state.auth_guard.check_credential(ip, Some(&credential)) {
+        let message = format!(
+            "too many failed identifications as this node; retry in {} s",
+            retry.as_secs().max(1)
+        );
+        return Err((ErrorCode::TooManyFailedAuthentications, message));
+    }
+    let (key, signature) = (&frame.public_key, &frame.signature);
+    let r = match authn::node::check_hello(state, node_id, &peer.nonce, key, signature).await {
+        Ok(session_key) => return Ok(session_key),
+        Err(r) => r,
+    };
+    if r.counts {
+        state.auth_guard.failed_credential(ip, Some(&credential));
+    }
+    let code = ErrorCode::parse(r.code);
+    if code != ErrorCode::InternalError {
+        let params = serde_json::json!({ "claimed_node_id": node_id.to_string() });
+        let (source, action) = (&peer.source, "agent.hello");
+        audit(
+            state,
+            source,
+            ANONYMOUS,
+            action,
+            Some(node_id),
+            params,
+            &r.audit,
+        )
+        .await;
+    }
+    Err((code, r.message))
 }
 
 /// How a session was authenticated: the node's key it proved (changed by a rotation) and the peer.
@@ -374,7 +456,7 @@ async fn session(
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Text(_) => {
                 let _ = tx.send(error_frame(
-                    "BadFrame",
+                    ErrorCode::BadFrame,
                     "text messages are not part of the protocol",
                 ));
                 break;
@@ -384,7 +466,7 @@ async fn session(
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(%node, "bad frame: {e}");
-                let _ = tx.send(error_frame("BadFrame", &e.to_string()));
+                let _ = tx.send(error_frame(ErrorCode::BadFrame, &e.to_string()));
                 break;
             }
         };
@@ -398,13 +480,13 @@ async fn session(
             Ok(KeyFrame::Other(f)) => f,
             Err(msg) => {
                 tracing::warn!(%node, "protocol error: {msg}");
-                let _ = tx.send(error_frame("ProtocolError", &msg));
+                let _ = tx.send(error_frame(ErrorCode::ProtocolError, &msg));
                 break;
             }
         };
         if let Err(msg) = route(&state, &node, &mut owned, frame, bytes).await {
             tracing::warn!(%node, "protocol error: {msg}");
-            let _ = tx.send(error_frame("ProtocolError", &msg));
+            let _ = tx.send(error_frame(ErrorCode::ProtocolError, &msg));
             break;
         }
     }
@@ -677,11 +759,11 @@ async fn register(
     public_key: String,
     info: NodeInfo,
     tags: BTreeMap<String, String>,
-) -> Result<NodeId, (&'static str, String)> {
-    check_info(&info).map_err(|m| ("BadNodeInfo", m))?;
+) -> Result<NodeId, Refused> {
+    check_info(&info).map_err(|m| (ErrorCode::BadNodeInfo, m))?;
     for (k, v) in &tags {
-        check_tag_key(k).map_err(|e| ("InvalidTag", e.0))?;
-        check_tag_value(v).map_err(|e| ("InvalidTag", e.0))?;
+        check_tag_key(k).map_err(|e| (ErrorCode::InvalidTag, e.0))?;
+        check_tag_value(v).map_err(|e| (ErrorCode::InvalidTag, e.0))?;
     }
     let node_id = NodeId::from_random(secrets::random_u128());
     let new = NewNode {
@@ -698,11 +780,14 @@ async fn register(
         Err(RegisterError::Store(e)) => {
             tracing::error!("cannot register node: {e}");
             Err((
-                "InternalError",
+                ErrorCode::InternalError,
                 "the server cannot write its database".into(),
             ))
         }
-        Err(e) => Err(("InvalidActivation", format!("registration refused: {e}"))),
+        Err(e) => Err((
+            ErrorCode::InvalidActivation,
+            format!("registration refused: {e}"),
+        )),
     }
 }
 
@@ -720,12 +805,11 @@ fn check_info(info: &NodeInfo) -> Result<(), String> {
     info.check()
 }
 
-async fn next_frame(socket: &mut WebSocket) -> Option<Result<AgentFrame, String>> {
+/// The next binary message, undecoded; `None` when the peer is gone.
+async fn next_message(socket: &mut WebSocket) -> Option<Result<Bytes, String>> {
     loop {
         match socket.recv().await? {
-            Ok(Message::Binary(b)) => {
-                return Some(AgentFrame::decode(&b).map_err(|e| e.to_string()));
-            }
+            Ok(Message::Binary(b)) => return Some(Ok(b)),
             Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
             Ok(Message::Close(_)) | Err(_) => return None,
             Ok(Message::Text(_)) => {
@@ -735,8 +819,8 @@ async fn next_frame(socket: &mut WebSocket) -> Option<Result<AgentFrame, String>
     }
 }
 
-async fn refuse(mut socket: WebSocket, code: &str, message: &str) {
-    tracing::info!(code, "agent connection refused: {message}");
+async fn refuse(mut socket: WebSocket, code: ErrorCode, message: &str) {
+    tracing::info!(code = code.as_str(), "agent connection refused: {message}");
     let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
         let _ = socket.send(binary(error_frame(code, message))).await;
         let _ = socket.close().await;
@@ -744,11 +828,8 @@ async fn refuse(mut socket: WebSocket, code: &str, message: &str) {
     .await;
 }
 
-fn error_frame(code: &str, message: &str) -> ServerFrame {
-    ServerFrame::Error {
-        code: code.into(),
-        message: message.into(),
-    }
+fn error_frame(code: ErrorCode, message: &str) -> ServerFrame {
+    ServerFrame::error(code, message)
 }
 
 fn binary(frame: ServerFrame) -> Message {

@@ -6,7 +6,7 @@
 //! on one slow agent.
 
 use fleetrun_proto::NodeId;
-use fleetrun_proto::channel::ServerFrame;
+use fleetrun_proto::channel::{ErrorCode, ServerFrame};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,10 +66,9 @@ impl Hub {
         let Some(mut conn) = self.lock().remove(node) else {
             return false;
         };
-        let _ = conn.tx.send(ServerFrame::Error {
-            code: "UnknownNode".into(),
-            message: message.into(),
-        });
+        let _ = conn
+            .tx
+            .send(ServerFrame::error(ErrorCode::UnknownNode, message));
         if let Some(r) = conn.revoked.take() {
             let _ = r.send(());
         }
