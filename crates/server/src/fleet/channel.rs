@@ -115,7 +115,7 @@ async fn audit(
         result: result.into(),
         ..AuditEntry::default()
     };
-    trail::record(state, entry, true).await;
+    trail::record(&state.store, entry, true).await;
 }
 
 async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, addr: SocketAddr) {

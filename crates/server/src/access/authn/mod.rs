@@ -13,6 +13,7 @@ pub mod node;
 pub mod sigv4;
 
 use crate::access::authz::Principal;
+use crate::errors::Code;
 use crate::{AppState, access::secrets};
 use axum::http::{HeaderMap, Method, Uri, header};
 use std::time::SystemTime;
@@ -22,9 +23,9 @@ use std::time::SystemTime;
 pub enum AuthnError {
     /// Bad, missing or unknown credentials: the caller's fault, counted by the brute-force guard.
     Refused {
-        /// AWS error code for the SSM API (`IncompleteSignature`, `UnrecognizedClientException`...);
+        /// The kind: a SigV4 refusal's (`IncompleteSignature`, `UnrecognizedClient`...), or
         /// `Unauthorized` for bearer tokens.
-        code: &'static str,
+        code: Code,
         /// What is wrong, in one line (never the credential itself).
         message: String,
     },
@@ -33,7 +34,7 @@ pub enum AuthnError {
 }
 
 impl AuthnError {
-    fn refused(code: &'static str, message: impl Into<String>) -> Self {
+    fn refused(code: Code, message: impl Into<String>) -> Self {
         AuthnError::Refused {
             code,
             message: message.into(),
@@ -69,7 +70,7 @@ pub fn sigv4_credential(headers: &HeaderMap) -> Option<String> {
 
 /// The principal a request's `Authorization: Bearer TOKEN` acts as.
 pub async fn bearer(state: &AppState, headers: &HeaderMap) -> Result<Principal, AuthnError> {
-    let refused = |m: &str| AuthnError::refused("Unauthorized", m);
+    let refused = |m: &str| AuthnError::refused(Code::Unauthorized, m);
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(refused(
             "missing Authorization header: pass `Authorization: Bearer TOKEN`",
@@ -111,7 +112,7 @@ pub async fn sigv4(
     let Some((nonce, sealed, user)) = state.store.access_key_secret(&auth.access_key_id).await?
     else {
         return Err(AuthnError::refused(
-            "UnrecognizedClientException",
+            Code::UnrecognizedClient,
             "The security token included in the request is invalid.",
         ));
     };
