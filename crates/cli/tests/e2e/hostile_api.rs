@@ -480,7 +480,10 @@ fn both_apis_count_a_bad_credential_the_same() {
         )
     );
     assert!(r.header("x-amzn-requestid").is_some(), "no request id");
-    assert_eq!(anonymous_results(&server, "400 InvalidSignatureException"), 10);
+    assert_eq!(
+        anonymous_results(&server, "400 InvalidSignatureException"),
+        10
+    );
     assert_eq!(anonymous_results(&server, "400 ThrottlingException"), 1);
 
     // The same count on the native API: the 11th bad token is the first refused unread.

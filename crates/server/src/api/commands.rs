@@ -3,7 +3,7 @@
 use super::{ApiError, ApiJson, parse_id};
 use crate::AppState;
 use crate::access::audit::CreatedCommand;
-use crate::access::authz::{self, Action, Principal};
+use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions, Sent};
@@ -132,7 +132,10 @@ pub async fn list(
         Some(b) => Some(cursor(&state, b).await?),
         None => None,
     };
-    let scope = authz::node_scope(&state, &p, Action::ReadOutput).await?;
+    let scope = state
+        .authz
+        .node_scope(&state.store, &p, Action::ReadOutput)
+        .await?;
     Ok(Json(
         state
             .store
@@ -180,7 +183,10 @@ async fn readable_invocations(
     p: &Principal,
     id: &CommandId,
 ) -> Result<Vec<Invocation>, ApiError> {
-    let scope = authz::command_scope(state, p, Action::ReadOutput, id).await?;
+    let scope = state
+        .authz
+        .command_scope(&state.store, p, Action::ReadOutput, id)
+        .await?;
     let mut invs = state.store.list_invocations(id).await?;
     invs.retain(|i| scope.contains(&i.node_id));
     crate::run::params::mask_invocations(state, &mut invs).await?;
@@ -196,7 +202,15 @@ pub async fn cancel(
 ) -> Result<Json<Command>, ApiError> {
     let cmd = load(&state, &id).await?;
     // Refused whole when any node to cancel on is not the caller's to cancel on.
-    authz::require_command_nodes(&state, &p, Action::Cancel, &cmd.command_id, &req.node_ids)
+    state
+        .authz
+        .require_command_nodes(
+            &state.store,
+            &p,
+            Action::Cancel,
+            &cmd.command_id,
+            &req.node_ids,
+        )
         .await?;
     if !req.node_ids.is_empty() {
         let invs = state.store.list_invocations(&cmd.command_id).await?;
@@ -225,7 +239,10 @@ pub async fn watch(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let first = load(&state, &id).await?;
-    authz::command_scope(&state, &p, Action::ReadOutput, &first.command_id).await?;
+    state
+        .authz
+        .command_scope(&state.store, &p, Action::ReadOutput, &first.command_id)
+        .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     let mut changes = state.dispatchers.watch(&first.command_id);
     tokio::spawn(async move {

@@ -175,7 +175,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         &state.rate_limiter,
         &caller,
         &mut entry,
-        crate::access::authn::bearer(&state, req.headers()),
+        crate::access::authn::bearer(&state.store, req.headers()),
     )
     .await;
     let principal = match admitted {

@@ -2,7 +2,7 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
-use crate::access::authz::{self, Action, NodeRef, Principal, Resource};
+use crate::access::authz::{Action, NodeRef, Principal, Resource};
 use crate::errors::Code;
 use crate::run::dispatch::end_invocations;
 use axum::extract::{Path, State};
@@ -46,7 +46,10 @@ pub async fn get(
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     let id: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
-    authz::require_node(&state, &p, Action::List, &id).await?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::List, &id)
+        .await?;
     state
         .store
         .get_node(&id, |n| state.hub.is_online(n))
@@ -65,7 +68,10 @@ pub async fn deregister(
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     let id: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
-    authz::require_node(&state, &p, Action::ManageNodes, &id).await?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::ManageNodes, &id)
+        .await?;
     let node = state
         .store
         .get_node(&id, |n| state.hub.is_online(n))

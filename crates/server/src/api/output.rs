@@ -8,7 +8,7 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
-use crate::access::authz::{self, Action, Principal};
+use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
 use crate::run::output::{OutputMsg, pipe_prefix, read_stored};
 use crate::run::params::MaskStream;
@@ -60,7 +60,10 @@ pub async fn get(
             ));
         }
     };
-    authz::require_node(&state, &p, Action::ReadOutput, &node).await?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::ReadOutput, &node)
+        .await?;
     if state.store.get_command(&cmd).await?.is_none() {
         return Err(ApiError::new(
             Code::CommandNotFound,

@@ -237,23 +237,28 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
                 );
                 return refuse(socket, "TooManyFailedAuthentications", &msg).await;
             }
-            let session_key =
-                match authn::node::check_hello(&state, &node_id, &nonce, &public_key, &signature)
-                    .await
-                {
-                    Ok(key) => key,
-                    Err(r) => {
-                        if r.counts {
-                            state
-                                .auth_guard
-                                .failed_credential(addr.ip(), Some(&credential));
-                        }
-                        if r.code != "InternalError" {
-                            refused(r.audit).await;
-                        }
-                        return refuse(socket, r.code, &r.message).await;
+            let session_key = match authn::node::check_hello(
+                &state.store,
+                &node_id,
+                &nonce,
+                &public_key,
+                &signature,
+            )
+            .await
+            {
+                Ok(key) => key,
+                Err(r) => {
+                    if r.counts {
+                        state
+                            .auth_guard
+                            .failed_credential(addr.ip(), Some(&credential));
                     }
-                };
+                    if r.code != "InternalError" {
+                        refused(r.audit).await;
+                    }
+                    return refuse(socket, r.code, &r.message).await;
+                }
+            };
             if let Err(msg) = check_info(&info) {
                 return refuse(socket, "BadNodeInfo", &msg).await;
             }
@@ -452,7 +457,7 @@ async fn key_frame(
         } => {
             let before = auth.key.clone();
             let rotated = authn::node::rotate(
-                state,
+                &state.store,
                 node,
                 &mut auth.key,
                 &old_public_key,
@@ -484,7 +489,7 @@ async fn key_frame(
             rotated.map(|f| KeyFrame::Handled(Some(f)))
         }
         AgentFrame::KeyConfirmed { public_key } => {
-            authn::node::confirmed(state, node, &auth.key, &public_key).await?;
+            authn::node::confirmed(&state.store, node, &auth.key, &public_key).await?;
             Ok(KeyFrame::Handled(None))
         }
         other => Ok(KeyFrame::Other(other)),

@@ -6,7 +6,7 @@ use super::{
     parse_token,
 };
 use crate::AppState;
-use crate::access::authz::{self, Action, Principal};
+use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions};
@@ -444,11 +444,24 @@ async fn visible(
     q: &CommandQuery,
 ) -> Result<Option<HashSet<NodeId>>, SsmError> {
     if let Some(node) = &q.node_id {
-        authz::require_node(state, p, Action::ReadOutput, node).await?;
+        state
+            .authz
+            .require_node(&state.store, p, Action::ReadOutput, node)
+            .await?;
     }
     let scope = match &q.command_id {
-        Some(id) => authz::command_scope(state, p, Action::ReadOutput, id).await?,
-        None => authz::node_scope(state, p, Action::ReadOutput).await?,
+        Some(id) => {
+            state
+                .authz
+                .command_scope(&state.store, p, Action::ReadOutput, id)
+                .await?
+        }
+        None => {
+            state
+                .authz
+                .node_scope(&state.store, p, Action::ReadOutput)
+                .await?
+        }
     };
     Ok(scope.as_filter().cloned())
 }
@@ -627,7 +640,10 @@ pub async fn get_command_invocation(
             .as_deref()
             .ok_or_else(|| missing("instanceId"))?,
     )?;
-    authz::require_node(state, p, Action::ReadOutput, &node).await?;
+    state
+        .authz
+        .require_node(&state.store, p, Action::ReadOutput, &node)
+        .await?;
     let q = CommandQuery {
         command_id: Some(cmd_id.clone()),
         node_id: Some(node.clone()),
@@ -733,7 +749,10 @@ pub async fn cancel_command(
             ));
         }
     }
-    authz::require_command_nodes(state, p, Action::Cancel, &id, &nodes).await?;
+    state
+        .authz
+        .require_command_nodes(&state.store, p, Action::Cancel, &id, &nodes)
+        .await?;
     if !cmd.status.is_terminal() {
         state.dispatchers.send(&id, DispatchMsg::Cancel(nodes));
     }

@@ -157,7 +157,7 @@ pub async fn handle(
         action: target.action(),
         ..AuditEntry::default()
     };
-    let subject = format!("operation {}", target.op.unwrap_or(target.header));
+    let subject = format!("operation {}", &entry.action["ssm.".len()..]);
     let mut outcome = gate::Outcome {
         principal: None,
         request: None,
@@ -180,7 +180,14 @@ pub async fn handle(
                 &state.rate_limiter,
                 &caller,
                 &mut entry,
-                crate::access::authn::sigv4(&state, &method, &uri, &headers, body),
+                crate::access::authn::sigv4(
+                    &state.store,
+                    &state.secret_box,
+                    &method,
+                    &uri,
+                    &headers,
+                    body,
+                ),
             )
             .await;
             match admitted {
