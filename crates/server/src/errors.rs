@@ -990,4 +990,39 @@ mod tests {
             );
         }
     }
+
+    /// One error through each door: its status, code, wording, Retry-After and audit code.
+    #[test]
+    fn both_doors_render_one_error_with_its_headers() {
+        use crate::api::Native;
+        use crate::ssm::Ssm;
+        let e = Error::new(Code::TooManyFailedAuthentications, "locked; retry in 5 s")
+            .retry_after(Duration::from_millis(4_200));
+        let native = render::<Native>(e.clone());
+        assert_eq!(native.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(native.headers()[header::RETRY_AFTER], "4");
+        assert_eq!(native.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(
+            native.extensions().get::<ErrorCode>().map(|c| c.0),
+            Some("TooManyFailedAuthentications")
+        );
+        let ssm = render::<Ssm>(e);
+        assert_eq!(ssm.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(ssm.headers()[header::RETRY_AFTER], "4");
+        assert_eq!(
+            ssm.headers()[header::CONTENT_TYPE],
+            "application/x-amz-json-1.1"
+        );
+        assert_eq!(
+            ssm.extensions().get::<ErrorCode>().map(|c| c.0),
+            Some("ThrottlingException")
+        );
+        assert_eq!(
+            Ssm::message(Code::TooManyRequests, "x".into()),
+            "Rate exceeded: x"
+        );
+        // A fault's detail stays in the log on both.
+        assert!(!Native::message(Code::Internal, "db path /x".into()).contains("/x"));
+        assert!(!Ssm::message(Code::Internal, "db path /x".into()).contains("/x"));
+    }
 }

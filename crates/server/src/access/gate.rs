@@ -138,3 +138,92 @@ pub async fn conclude<D: FrontDoor>(
     audit::record(store, entry, outcome.write && accepted).await;
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::guard::MAX_FAILURES_PER_CREDENTIAL;
+    use crate::api::Native;
+    use crate::ssm::Ssm;
+    use fleetrun_proto::api::Role;
+    use fleetrun_store::UserRow;
+
+    fn alice() -> Principal {
+        Principal::new(
+            UserRow {
+                name: "alice".into(),
+                role: Role::Admin,
+                policy: String::new(),
+            },
+            "tok_alice".into(),
+        )
+    }
+
+    /// A caller with one credential from one address.
+    fn caller() -> Caller<'static> {
+        Caller {
+            ip: Some([192, 0, 2, 7].into()),
+            credential: Some("tok_guessed"),
+        }
+    }
+
+    /// Through door `D`: faults of the server are not counted; refusals are, up to the lock-out,
+    /// which is refused with its code and a Retry-After before the credential is looked at.
+    async fn counts_refusals_not_faults<D: FrontDoor>() {
+        let (guard, limiter) = (AuthGuard::default(), RateLimiter::default());
+        let mut entry = AuditEntry::default();
+        for _ in 0..MAX_FAILURES_PER_CREDENTIAL * 2 {
+            let fault = async { Err(AuthnError::Internal("store down".into())) };
+            let e = admit::<D>(&guard, &limiter, &caller(), &mut entry, fault)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, Code::Internal);
+        }
+        for _ in 0..MAX_FAILURES_PER_CREDENTIAL {
+            let refused = async {
+                Err(AuthnError::Refused {
+                    code: Code::InvalidSignature,
+                    message: "no".into(),
+                })
+            };
+            let e = admit::<D>(&guard, &limiter, &caller(), &mut entry, refused)
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, Code::InvalidSignature);
+        }
+        let unread = async { panic!("a locked credential is looked at") };
+        let e = admit::<D>(&guard, &limiter, &caller(), &mut entry, unread)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Code::TooManyFailedAuthentications);
+        assert!(e.retry_after.is_some_and(|r| r.as_secs() <= 60));
+        assert!(e.message.contains(D::CREDENTIAL), "{}", e.message);
+        assert_eq!(entry.principal, "", "no principal for a refusal");
+    }
+
+    #[tokio::test]
+    async fn both_doors_count_refused_credentials_alike_and_faults_not_at_all() {
+        counts_refusals_not_faults::<Native>().await;
+        counts_refusals_not_faults::<Ssm>().await;
+    }
+
+    #[tokio::test]
+    async fn a_principal_over_its_rate_is_refused_and_named() {
+        let (guard, limiter) = (AuthGuard::default(), RateLimiter::new(1, 1));
+        let mut entry = AuditEntry::default();
+        let p = admit::<Native>(&guard, &limiter, &caller(), &mut entry, async {
+            Ok(alice())
+        })
+        .await
+        .expect("admitted");
+        assert_eq!(p.name(), "alice");
+        let e = admit::<Native>(&guard, &limiter, &caller(), &mut entry, async {
+            Ok(alice())
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e.code, Code::TooManyRequests);
+        assert!(e.retry_after.is_some());
+        assert_eq!(entry.principal, "alice");
+    }
+}
