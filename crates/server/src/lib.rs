@@ -10,6 +10,7 @@
 //!   retention).
 //! - [`net`]: the listener (TLS, connection limits and timeouts).
 //! - [`app`] and [`config`]: the process's settings and shared state, and its start.
+//! - [`errors`]: the error kinds both front doors answer, and the trait they answer through.
 //!
 //! Persistent state is the `fleetrun-store` crate.
 
@@ -17,6 +18,7 @@ pub mod access;
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod errors;
 pub mod fleet;
 pub mod net;
 pub mod run;

@@ -394,3 +394,111 @@ fn a_register_frame_with_a_control_character_in_the_name_is_refused() {
     let answer = raw_register(&server, &code, info("web-1"));
     assert!(answer["registered"].is_string(), "{answer}");
 }
+
+/// The `Retry-After` of an answer, in seconds.
+fn retry_after(r: &RawAnswer) -> u64 {
+    r.header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric Retry-After: {:?}", r.headers))
+}
+
+/// The audit records of anonymous callers whose result is `result`.
+fn anonymous_results(server: &Server, result: &str) -> usize {
+    let audit = server.get_json("/v1/audit?principal=anonymous&limit=1000");
+    audit
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|a| a["result"] == result)
+        .count()
+}
+
+// Issue 10, point 1. Fails before the change: the brute-force 429 was built by hand, without the
+// error code the audit record takes (recorded as a bare "429").
+#[test]
+fn the_brute_force_429_names_its_code_in_body_header_and_audit() {
+    let server = Server::start();
+    let bad = ("authorization", "Bearer frt_guessed_again".to_owned());
+    for _ in 0..10 {
+        let r = raw(
+            &server,
+            "GET",
+            "/v1/nodes",
+            std::slice::from_ref(&bad),
+            vec![],
+        );
+        assert_native_error(&r, 401, "Unauthorized");
+    }
+    let r = raw(&server, "GET", "/v1/nodes", &[bad], vec![]);
+    let m = assert_native_error(&r, 429, "TooManyFailedAuthentications");
+    let secs = retry_after(&r);
+    assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    assert!(m.contains(&format!("retry in {secs} s")), "{m}");
+    assert_eq!(
+        anonymous_results(&server, "429 TooManyFailedAuthentications"),
+        1
+    );
+    assert_eq!(anonymous_results(&server, "429"), 0);
+}
+
+// Issue 10, point 3: one gate counts a refused credential the same on both APIs. 10 bad SigV4
+// signatures with one access key lock that key as 10 bad tokens lock a token, and the throttle is
+// answered in each API's shape, with Retry-After, and audited with its code.
+#[test]
+fn both_apis_count_a_bad_credential_the_same() {
+    let server = Server::start();
+    let (id, _) = access_key(&server);
+    let wrong = (id, "not-the-secret".to_owned());
+    let body = br#"{}"#;
+    for i in 0..10 {
+        let r = ssm_call(
+            &server,
+            &wrong,
+            "DescribeInstanceInformation",
+            body,
+            body,
+            false,
+        );
+        assert_eq!(r.status, 400, "attempt {i}");
+        assert_ssm_error(&r, 400, "InvalidSignatureException");
+    }
+    let r = ssm_call(
+        &server,
+        &wrong,
+        "DescribeInstanceInformation",
+        body,
+        body,
+        false,
+    );
+    let m = assert_ssm_error(&r, 400, "ThrottlingException");
+    let secs = retry_after(&r);
+    assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    assert_eq!(
+        m,
+        format!(
+            "Rate exceeded: too many failed authentications from this address or with this access key; retry in {secs} s"
+        )
+    );
+    assert!(r.header("x-amzn-requestid").is_some(), "no request id");
+    assert_eq!(
+        anonymous_results(&server, "400 InvalidSignatureException"),
+        10
+    );
+    assert_eq!(anonymous_results(&server, "400 ThrottlingException"), 1);
+
+    // The same count on the native API: the 11th bad token is the first refused unread.
+    let bad = ("authorization", "Bearer frt_counted".to_owned());
+    for _ in 0..10 {
+        let r = raw(
+            &server,
+            "GET",
+            "/v1/nodes",
+            std::slice::from_ref(&bad),
+            vec![],
+        );
+        assert_native_error(&r, 401, "Unauthorized");
+    }
+    let r = raw(&server, "GET", "/v1/nodes", &[bad], vec![]);
+    assert_native_error(&r, 429, "TooManyFailedAuthentications");
+    assert!((1..=60).contains(&retry_after(&r)));
+}

@@ -1,15 +1,14 @@
-//! The audit trail's one entry point: every API call (native in `api/mod.rs::authenticate`, SSM in
-//! `ssm/mod.rs::handle`) and every agent-channel action (`channel.rs`) builds an [`AuditEntry`] and
+//! The audit trail's one entry point: every API call (both front doors, through
+//! `access/gate.rs::conclude`) and every agent-channel action (`channel.rs`) builds an [`AuditEntry`] and
 //! hands it to [`record`], which appends it to the hash-chained `audit_log` table through the store's
 //! group-commit writer (`store/audit.rs`).
 //!
 //! Secrets never reach a record: [`redact`] blanks every member whose name says it holds one
 //! (tokens, secrets, passwords, activation codes, credentials). A send's script is kept on purpose.
 
-use crate::AppState;
 use axum::extract::ConnectInfo;
 use axum::http::{Extensions, Method};
-use fleetrun_store::AuditEntry;
+use fleetrun_store::{AuditEntry, Store};
 use serde_json::Value;
 use std::net::SocketAddr;
 
@@ -33,7 +32,8 @@ pub fn add_nodes(entry: &mut AuditEntry, nodes: &[String]) {
     }
 }
 
-/// Put in a response's extensions by `ApiError`, so the record carries the error code.
+/// Put in a response's extensions by an error's rendering (`crate::errors::render`), so the
+/// record carries the error code.
 #[derive(Clone, Copy, Debug)]
 pub struct ErrorCode(pub &'static str);
 
@@ -81,12 +81,12 @@ pub fn body_record(
 /// queued (reads and refused requests, which must stay cheap: they never wait for the writer, only,
 /// past `AUDIT_QUEUE_MAX` queued records, for room in its queue). A record that cannot be written
 /// is never dropped silently: it is logged as an error with its action and principal.
-pub async fn record(state: &AppState, entry: AuditEntry, wait: bool) {
+pub async fn record(store: &Store, entry: AuditEntry, wait: bool) {
     let (action, principal) = (entry.action.clone(), entry.principal.clone());
     let r = if wait {
-        state.store.append_audit(entry).await
+        store.append_audit(entry).await
     } else {
-        state.store.queue_audit(entry).await
+        store.queue_audit(entry).await
     };
     if let Err(e) = r {
         tracing::error!(%action, %principal, "AUDIT RECORD LOST: cannot write it: {e}");

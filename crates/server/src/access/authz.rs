@@ -10,14 +10,13 @@
 //! they act or answer, and the native API's middleware turns a successful answer from a handler that
 //! never asked into a 403 (deny by default, even for a route that forgot).
 
-use crate::AppState;
 use cedar_policy::{
     Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid,
     PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use fleetrun_proto::{CommandId, NodeId};
 pub use fleetrun_store::NodeRef;
-use fleetrun_store::{StoreError, UserRow};
+use fleetrun_store::{Store, StoreError, UserRow};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -620,110 +619,113 @@ pub enum CheckError {
     Store(#[from] StoreError),
 }
 
-/// The nodes (every one ever registered) the principal may do `action` on, for filtering listings.
-pub async fn node_scope(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-) -> Result<NodeScope, StoreError> {
-    let authz = &state.authz;
-    if authz.node_independent(principal) {
-        return Ok(authz.scope(principal, action, &[]));
+impl Authz {
+    /// The nodes (every one ever registered) the principal may do `action` on, for filtering listings.
+    pub async fn node_scope(
+        &self,
+        store: &Store,
+        principal: &Principal,
+        action: Action,
+    ) -> Result<NodeScope, StoreError> {
+        let authz = self;
+        if authz.node_independent(principal) {
+            return Ok(authz.scope(principal, action, &[]));
+        }
+        // Evaluating a tag policy over every node is the costly part (50,000 nodes: ~1 s); the answer
+        // only changes with the user or the fleet, so it is kept until either does.
+        let key = (principal.user.name.clone(), action);
+        let fleet = authz.fleet.load(Ordering::Relaxed);
+        if let Some(c) = lock(&authz.scopes)
+            .get(&key)
+            .filter(|c| c.fleet == fleet && c.user == principal.user)
+        {
+            authz.filtered(principal);
+            return Ok(c.scope.clone());
+        }
+        let nodes = store.node_refs(None).await?;
+        let scope = authz.scope(principal, action, &nodes);
+        lock(&authz.scopes).insert(
+            key,
+            CachedScope {
+                fleet,
+                user: principal.user.clone(),
+                scope: scope.clone(),
+            },
+        );
+        Ok(scope)
     }
-    // Evaluating a tag policy over every node is the costly part (50,000 nodes: ~1 s); the answer
-    // only changes with the user or the fleet, so it is kept until either does.
-    let key = (principal.user.name.clone(), action);
-    let fleet = authz.fleet.load(Ordering::Relaxed);
-    if let Some(c) = lock(&authz.scopes)
-        .get(&key)
-        .filter(|c| c.fleet == fleet && c.user == principal.user)
-    {
-        authz.filtered(principal);
-        return Ok(c.scope.clone());
-    }
-    let nodes = state.store.node_refs(None).await?;
-    let scope = authz.scope(principal, action, &nodes);
-    lock(&authz.scopes).insert(
-        key,
-        CachedScope {
-            fleet,
-            user: principal.user.clone(),
-            scope: scope.clone(),
-        },
-    );
-    Ok(scope)
-}
 
-/// `Ok` when the principal may do `action` on this node. A node that does not exist is checked
-/// with no tags, so a refusal does not tell whether it exists.
-pub async fn require_node(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-    node: &NodeId,
-) -> Result<(), CheckError> {
-    if state.authz.on_every_node(principal, action) == Some(true) {
-        return Ok(());
+    /// `Ok` when the principal may do `action` on this node. A node that does not exist is checked
+    /// with no tags, so a refusal does not tell whether it exists.
+    pub async fn require_node(
+        &self,
+        store: &Store,
+        principal: &Principal,
+        action: Action,
+        node: &NodeId,
+    ) -> Result<(), CheckError> {
+        if self.on_every_node(principal, action) == Some(true) {
+            return Ok(());
+        }
+        let found = store.node_refs(Some(std::slice::from_ref(node))).await?;
+        let unknown = NodeRef {
+            node_id: node.clone(),
+            name: String::new(),
+            tags: BTreeMap::new(),
+        };
+        let n = found.first().unwrap_or(&unknown);
+        Ok(self.require(principal, action, Resource::Node(n))?)
     }
-    let found = state
-        .store
-        .node_refs(Some(std::slice::from_ref(node)))
-        .await?;
-    let unknown = NodeRef {
-        node_id: node.clone(),
-        name: String::new(),
-        tags: BTreeMap::new(),
-    };
-    let n = found.first().unwrap_or(&unknown);
-    Ok(state.authz.require(principal, action, Resource::Node(n))?)
-}
 
-/// The nodes of a command's invocations, and which of them the principal may do `action` on.
-/// Refused when it may on none of them (a command without invocations: when it may on every node).
-pub async fn command_scope(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-    command: &CommandId,
-) -> Result<NodeScope, CheckError> {
-    if state.authz.on_every_node(principal, action) == Some(true) {
-        return Ok(NodeScope::All);
+    /// The nodes of a command's invocations, and which of them the principal may do `action` on.
+    /// Refused when it may on none of them (a command without invocations: when it may on every node).
+    pub async fn command_scope(
+        &self,
+        store: &Store,
+        principal: &Principal,
+        action: Action,
+        command: &CommandId,
+    ) -> Result<NodeScope, CheckError> {
+        if self.on_every_node(principal, action) == Some(true) {
+            return Ok(NodeScope::All);
+        }
+        let nodes = store.command_node_refs(command).await?;
+        let scope = self.scope(principal, action, &nodes);
+        let any = match &scope {
+            NodeScope::All => true,
+            NodeScope::Only(set) => !set.is_empty(),
+        };
+        if any {
+            return Ok(scope);
+        }
+        Err(CheckError::Denied(Denied {
+            message: format!(
+                "user {} is not allowed to {} on any node of command {command}",
+                principal.name(),
+                action.as_str()
+            ),
+            nodes: nodes.into_iter().map(|n| n.node_id).collect(),
+        }))
     }
-    let nodes = state.store.command_node_refs(command).await?;
-    let scope = state.authz.scope(principal, action, &nodes);
-    let any = match &scope {
-        NodeScope::All => true,
-        NodeScope::Only(set) => !set.is_empty(),
-    };
-    if any {
-        return Ok(scope);
-    }
-    Err(CheckError::Denied(Denied {
-        message: format!(
-            "user {} is not allowed to {} on any node of command {command}",
-            principal.name(),
-            action.as_str()
-        ),
-        nodes: nodes.into_iter().map(|n| n.node_id).collect(),
-    }))
-}
 
-/// `Ok` when the principal may do `action` on every node of `nodes` (ids of a command's invocations).
-pub async fn require_command_nodes(
-    state: &AppState,
-    principal: &Principal,
-    action: Action,
-    command: &CommandId,
-    only: &[NodeId],
-) -> Result<(), CheckError> {
-    if state.authz.on_every_node(principal, action) == Some(true) {
-        return Ok(());
+    /// `Ok` when the principal may do `action` on every node of `nodes` (ids of a command's invocations).
+    pub async fn require_command_nodes(
+        &self,
+        store: &Store,
+        principal: &Principal,
+        action: Action,
+        command: &CommandId,
+        only: &[NodeId],
+    ) -> Result<(), CheckError> {
+        if self.on_every_node(principal, action) == Some(true) {
+            return Ok(());
+        }
+        let mut nodes = store.command_node_refs(command).await?;
+        if !only.is_empty() {
+            nodes.retain(|n| only.contains(&n.node_id));
+        }
+        Ok(self.require_nodes(principal, action, &nodes)?)
     }
-    let mut nodes = state.store.command_node_refs(command).await?;
-    if !only.is_empty() {
-        nodes.retain(|n| only.contains(&n.node_id));
-    }
-    Ok(state.authz.require_nodes(principal, action, &nodes)?)
 }
 
 fn uid(kind: &str, id: &str) -> anyhow::Result<EntityUid> {

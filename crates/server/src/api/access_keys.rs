@@ -2,6 +2,7 @@
 
 use super::{ApiError, ApiJson};
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use crate::{AppState, access::secrets};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -24,15 +25,12 @@ pub async fn create(
             .authz
             .require(&p, Action::ManageAccessKeys, Resource::Fleet)?;
         if state.store.user(&user).await?.is_none() {
-            return Err(ApiError::not_found(
-                "UserNotFound",
-                format!("no user {user}"),
-            ));
+            return Err(ApiError::new(Code::UserNotFound, format!("no user {user}")));
         }
     }
     if req.name.len() > 128 {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             "name is longer than 128 bytes",
         ));
     }

@@ -2,6 +2,7 @@
 
 use super::{ApiError, ApiJson};
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use crate::{AppState, access::secrets};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -26,32 +27,32 @@ pub async fn create(
         .authz
         .require(&p, Action::ManageActivations, Resource::Fleet)?;
     if req.tags.len() > MAX_TAGS {
-        return Err(ApiError::bad_request(
-            "InvalidTag",
+        return Err(ApiError::new(
+            Code::InvalidTag,
             format!("at most {MAX_TAGS} tags"),
         ));
     }
     for (k, v) in &req.tags {
-        check_tag_key(k).map_err(|e| ApiError::bad_request("InvalidTag", e.0))?;
-        check_tag_value(v).map_err(|e| ApiError::bad_request("InvalidTag", e.0))?;
+        check_tag_key(k).map_err(|e| ApiError::new(Code::InvalidTag, e.0))?;
+        check_tag_value(v).map_err(|e| ApiError::new(Code::InvalidTag, e.0))?;
     }
     let limit = req.limit.unwrap_or(1);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             format!("limit must be 1 to {MAX_LIMIT}, got {limit}"),
         ));
     }
     let expires_in = req.expires_in_secs.unwrap_or(DEFAULT_EXPIRY_SECS);
     if !(1..=MAX_EXPIRY_SECS).contains(&expires_in) {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             format!("expiry must be 1 s to 30 days ({MAX_EXPIRY_SECS} s), got {expires_in} s"),
         ));
     }
     if req.description.len() > 256 {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             "description is longer than 256 bytes",
         ));
     }

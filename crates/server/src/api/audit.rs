@@ -3,6 +3,7 @@
 use super::ApiError;
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use axum::extract::{Query, State};
 use axum::{Extension, Json};
 use fleetrun_proto::api::{AuditAnchor, AuditQuery, AuditRecord, AuditVerify};
@@ -18,11 +19,11 @@ pub async fn list(
     state
         .authz
         .require(&p, Action::ReadAudit, Resource::Fleet)?;
-    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             format!("limit must be 1 to 10000, got {limit}"),
         ));
     }
@@ -56,8 +57,8 @@ pub async fn verify(
         None
     } else {
         Some(serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(
-                "InvalidRequest",
+            ApiError::new(
+                Code::InvalidRequest,
                 format!("the body must be an anchor {{\"seq\": N, \"hash\": \"...\"}}: {e}"),
             )
         })?)
@@ -73,8 +74,8 @@ pub async fn verify(
 /// a larger one used to wrap negative and verify as ok), `hash` 64 hex digits.
 fn check_anchor(a: &AuditAnchor) -> Result<(), ApiError> {
     if a.seq == 0 || i64::try_from(a.seq).is_err() {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             format!(
                 "seq must be 1 to {}, got {}: it names a record of the chain",
                 i64::MAX,
@@ -83,8 +84,8 @@ fn check_anchor(a: &AuditAnchor) -> Result<(), ApiError> {
         ));
     }
     if a.hash.len() != 64 || !a.hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             format!(
                 "hash must be 64 hex digits (a record's SHA-256), got {} characters",
                 a.hash.chars().count()
@@ -100,8 +101,8 @@ fn time_ms(what: &str, s: &str) -> Result<i64, ApiError> {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
         .ok_or_else(|| {
-            ApiError::bad_request(
-                "InvalidParameters",
+            ApiError::new(
+                Code::InvalidParameters,
                 format!("{what} must be an RFC 3339 time, got {s:?}"),
             )
         })

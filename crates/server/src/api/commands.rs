@@ -3,9 +3,10 @@
 use super::{ApiError, ApiJson, parse_id};
 use crate::AppState;
 use crate::access::audit::CreatedCommand;
-use crate::access::authz::{self, Action, Principal};
+use crate::access::authz::{Action, Principal};
+use crate::errors::Code;
 use crate::run::dispatch::DispatchMsg;
-use crate::run::send::{Idempotency, SendError, SendOptions, Sent};
+use crate::run::send::{Idempotency, SendOptions, Sent};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -52,14 +53,7 @@ pub async fn send(
                 (StatusCode::CREATED, created, Json(command)).into_response()
             })
         }
-        Err(SendError::Invalid { code, message }) => Err(ApiError::bad_request(code, message)),
-        Err(SendError::KeyMismatch { message, .. }) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "IdempotencyKeyMismatch",
-            message,
-        )),
-        Err(SendError::Denied(d)) => Err(d.into()),
-        Err(SendError::Store(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -68,7 +62,7 @@ const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
 /// The `Idempotency-Key` header, checked: at most one, 1 to 128 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let bad = |m: String| ApiError::bad_request("InvalidIdempotencyKey", m);
+    let bad = |m: String| ApiError::new(Code::InvalidIdempotencyKey, m);
     let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -96,7 +90,7 @@ pub struct ListQuery {
 
 /// The `before` cursor of a listing: a command id, or an RFC 3339 time.
 async fn cursor(state: &AppState, before: &str) -> Result<CommandCursor, ApiError> {
-    let bad = |m: String| ApiError::bad_request("InvalidParameters", m);
+    let bad = |m: String| ApiError::new(Code::InvalidParameters, m);
     if let Ok(id) = before.parse::<CommandId>() {
         return state
             .store
@@ -126,11 +120,11 @@ pub async fn list(
     Extension(p): Extension<Principal>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Command>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             format!("limit must be 1 to 1000, got {limit}"),
         ));
     }
@@ -138,7 +132,10 @@ pub async fn list(
         Some(b) => Some(cursor(&state, b).await?),
         None => None,
     };
-    let scope = authz::node_scope(&state, &p, Action::ReadOutput).await?;
+    let scope = state
+        .authz
+        .node_scope(&state.store, &p, Action::ReadOutput)
+        .await?;
     Ok(Json(
         state
             .store
@@ -148,12 +145,12 @@ pub async fn list(
 }
 
 async fn load(state: &AppState, id: &str) -> Result<Command, ApiError> {
-    let id: CommandId = parse_id(id, "InvalidCommandId")?;
+    let id: CommandId = parse_id(id, Code::InvalidCommandId)?;
     state
         .store
         .get_command(&id)
         .await?
-        .ok_or_else(|| ApiError::not_found("CommandNotFound", format!("no command {id}")))
+        .ok_or_else(|| ApiError::new(Code::CommandNotFound, format!("no command {id}")))
 }
 
 /// One command with its invocations on the nodes the caller may read.
@@ -186,7 +183,10 @@ async fn readable_invocations(
     p: &Principal,
     id: &CommandId,
 ) -> Result<Vec<Invocation>, ApiError> {
-    let scope = authz::command_scope(state, p, Action::ReadOutput, id).await?;
+    let scope = state
+        .authz
+        .command_scope(&state.store, p, Action::ReadOutput, id)
+        .await?;
     let mut invs = state.store.list_invocations(id).await?;
     invs.retain(|i| scope.contains(&i.node_id));
     crate::run::params::mask_invocations(state, &mut invs).await?;
@@ -202,14 +202,22 @@ pub async fn cancel(
 ) -> Result<Json<Command>, ApiError> {
     let cmd = load(&state, &id).await?;
     // Refused whole when any node to cancel on is not the caller's to cancel on.
-    authz::require_command_nodes(&state, &p, Action::Cancel, &cmd.command_id, &req.node_ids)
+    state
+        .authz
+        .require_command_nodes(
+            &state.store,
+            &p,
+            Action::Cancel,
+            &cmd.command_id,
+            &req.node_ids,
+        )
         .await?;
     if !req.node_ids.is_empty() {
         let invs = state.store.list_invocations(&cmd.command_id).await?;
         let known: HashSet<&NodeId> = invs.iter().map(|i| &i.node_id).collect();
         if let Some(n) = req.node_ids.iter().find(|n| !known.contains(n)) {
-            return Err(ApiError::bad_request(
-                "InvalidNodeId",
+            return Err(ApiError::new(
+                Code::InvalidNodeId,
                 format!("command {} has no invocation on node {n}", cmd.command_id),
             ));
         }
@@ -231,7 +239,10 @@ pub async fn watch(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let first = load(&state, &id).await?;
-    authz::command_scope(&state, &p, Action::ReadOutput, &first.command_id).await?;
+    state
+        .authz
+        .command_scope(&state.store, &p, Action::ReadOutput, &first.command_id)
+        .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     let mut changes = state.dispatchers.watch(&first.command_id);
     tokio::spawn(async move {

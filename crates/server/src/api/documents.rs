@@ -3,6 +3,7 @@
 use super::{ApiError, ApiJson};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use crate::run::document;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -11,29 +12,13 @@ use fleetrun_proto::api::{CreateDocument, Document, SetDefaultVersion, UpdateDoc
 use serde::Deserialize;
 use std::sync::Arc;
 
-impl From<document::Error> for ApiError {
-    fn from(e: document::Error) -> Self {
-        match e {
-            document::Error::Invalid(e) => {
-                let status = match e.code {
-                    "InvalidDocument" => StatusCode::NOT_FOUND,
-                    "DocumentAlreadyExists" => StatusCode::CONFLICT,
-                    _ => StatusCode::BAD_REQUEST,
-                };
-                ApiError::new(status, e.code, e.message)
-            }
-            document::Error::Store(e) => e.into(),
-        }
-    }
-}
-
 /// The content as text: a JSON string as it is, a JSON object pretty-printed.
 fn content_text(v: &serde_json::Value) -> Result<String, ApiError> {
     match v {
         serde_json::Value::String(s) => Ok(s.clone()),
         serde_json::Value::Object(_) => serde_json::to_string_pretty(v).map_err(ApiError::internal),
-        _ => Err(ApiError::bad_request(
-            "InvalidDocumentContent",
+        _ => Err(ApiError::new(
+            Code::InvalidDocumentContent,
             "content must be the document's JSON text or the JSON object itself",
         )),
     }
@@ -89,7 +74,7 @@ pub async fn get(
     state
         .authz
         .require(&p, Action::List, Resource::Document(&name))?;
-    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
     let d = document::load(&state.store, &name, q.version.as_deref(), None).await?;
     Ok(Json(d.to_api(true)))
 }

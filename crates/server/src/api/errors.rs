@@ -5,6 +5,7 @@
 //! `application/x-amz-json-1.1` on the SSM API (`POST /`), keeping its status and headers and
 //! naming what was wrong. Answers that are already JSON pass untouched, as do successes.
 
+use crate::errors::Code;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -37,15 +38,16 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let message = message(status, &method, &path, allow.as_deref(), &text);
+    let code = Code::from_status(status);
     let (content_type, body) = if ssm {
         (
             "application/x-amz-json-1.1",
-            serde_json::json!({ "__type": ssm_code(status), "message": message }).to_string(),
+            serde_json::json!({ "__type": code.aws_code(), "message": message }).to_string(),
         )
     } else {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: native_code(status).into(),
+                code: code.native_code().into(),
                 message,
             },
         };
@@ -90,28 +92,4 @@ fn message(
         return format!("{method} {path}: {reason}");
     }
     text.to_owned()
-}
-
-fn native_code(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::NOT_FOUND => "NotFound",
-        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
-        StatusCode::UNAUTHORIZED => "Unauthorized",
-        StatusCode::FORBIDDEN => "AccessDenied",
-        StatusCode::TOO_MANY_REQUESTS => "TooManyRequests",
-        StatusCode::SERVICE_UNAVAILABLE => "Unavailable",
-        s if s.is_server_error() => "InternalError",
-        _ => "InvalidRequest",
-    }
-}
-
-fn ssm_code(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::METHOD_NOT_ALLOWED => "UnknownOperationException",
-        StatusCode::TOO_MANY_REQUESTS => "ThrottlingException",
-        StatusCode::FORBIDDEN => "AccessDeniedException",
-        StatusCode::BAD_REQUEST => "SerializationException",
-        s if s.is_server_error() => "InternalServerError",
-        _ => "ValidationException",
-    }
 }

@@ -14,13 +14,13 @@ mod tokens;
 mod users;
 
 use crate::AppState;
-use crate::access::audit::{self as trail, ANONYMOUS, CreatedCommand, ErrorCode};
-use crate::access::authn::AuthnError;
-use crate::access::authz::Denied;
-use axum::body::Body;
+use crate::access::audit::{self as trail, ANONYMOUS};
+use crate::access::gate;
+use crate::errors::{Answered, Code, FrontDoor, render};
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -102,7 +102,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/agent/connect", get(crate::fleet::channel::connect))
         .merge(authed)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such route") })
+        .fallback(|| async { ApiError::new(Code::RouteNotFound, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), body_deadline))
         .layer(middleware::from_fn(errors::json_errors))
         .with_state(state)
@@ -126,8 +126,7 @@ async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: N
 /// 408 for a body that did not arrive within the body read timeout.
 pub(crate) fn body_timeout_error(limit: std::time::Duration) -> ApiError {
     ApiError::new(
-        StatusCode::REQUEST_TIMEOUT,
-        "RequestTimeout",
+        Code::RequestTimeout,
         crate::net::conn::BodyTimedOut(limit).to_string(),
     )
 }
@@ -144,9 +143,8 @@ async fn health() -> Json<Health> {
 const AUDIT_BODY_MAX: usize = 2 * 1024 * 1024;
 
 /// Every API route but health and the agent channel needs a bearer token; every call, authenticated
-/// or not, is audited here (see crate::access::audit). Accepted writes wait for their record's commit before
-/// the answer is sent; reads and refused requests only queue theirs, so they never wait for the
-/// writer (and a flood of them cannot delay the writes).
+/// or not, passes the one request gate ([`crate::access::gate`]): admitted, then concluded (deny by
+/// default, audited; accepted writes wait for their record's commit).
 async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -168,221 +166,113 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let credential = crate::access::authn::bearer_credential(req.headers());
-    let checked = match ip.map(|ip| state.auth_guard.check_credential(ip, credential.as_deref())) {
-        Some(Err(retry)) => Err(throttled(retry)),
-        _ => crate::access::authn::bearer(&state, req.headers())
-            .await
-            .map_err(|e| match e {
-                AuthnError::Refused { message, .. } => {
-                    if let Some(ip) = ip {
-                        state
-                            .auth_guard
-                            .failed_credential(ip, credential.as_deref());
-                    }
-                    ApiError::unauthorized(&message).into_response()
-                }
-                AuthnError::Internal(e) => ApiError::internal(e).into_response(),
-            }),
+    let caller = gate::Caller {
+        ip,
+        credential: credential.as_deref(),
     };
-    let resp = match checked {
-        Err(resp) => resp,
-        Ok(principal) if let Err(retry) = state.rate_limiter.check(principal.name()) => {
-            entry.principal = principal.name().to_owned();
-            rate_limited(principal.name(), retry)
-        }
-        Ok(principal) => {
-            entry.principal = principal.name().to_owned();
-            let (mut parts, body) = req.into_parts();
-            parts.extensions.insert(principal.clone());
-            let mut params = serde_json::Map::new();
-            if let Some(q) = query {
-                params.insert("query".into(), Value::String(q));
-            }
-            let bytes = match axum::body::to_bytes(body, AUDIT_BODY_MAX).await {
-                Ok(b) => b,
-                Err(e) if let Some(limit) = crate::net::conn::body_timed_out(&e) => {
-                    entry.params = Value::Object(params);
-                    let resp = body_timeout_error(limit).into_response();
-                    return finish(&state, entry, resp, write).await;
-                }
-                Err(_) => {
-                    let e = ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "InvalidRequest",
-                        format!("request body larger than {AUDIT_BODY_MAX} bytes"),
-                    );
-                    entry.params = Value::Object(params);
-                    return finish(&state, entry, e.into_response(), write).await;
-                }
+    let admitted = gate::admit::<Native>(
+        &state.auth_guard,
+        &state.rate_limiter,
+        &caller,
+        &mut entry,
+        crate::access::authn::bearer(&state.store, req.headers()),
+    )
+    .await;
+    let principal = match admitted {
+        Ok(p) => p,
+        Err(e) => {
+            let outcome = gate::Outcome {
+                principal: None,
+                request: None,
+                write,
+                subject: "this route",
             };
+            return gate::conclude::<Native>(&state.store, entry, outcome, render::<Native>(e))
+                .await;
+        }
+    };
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(principal.clone());
+    let (bytes, resp) = match axum::body::to_bytes(body, AUDIT_BODY_MAX).await {
+        Ok(bytes) => {
             let resp = next
                 .run(Request::from_parts(parts, Body::from(bytes.clone())))
                 .await;
-            let accepted = resp.status().is_success();
-            match trail::body_record(&mut entry, &bytes, accepted, &["document_name", "name"]) {
-                Some(trail::BodyRecord::Json(v)) => {
-                    params.insert("body".into(), v);
-                }
-                Some(trail::BodyRecord::Digest(m)) => params.extend(m),
-                None => {}
-            }
-            entry.params = Value::Object(params);
-            if resp.status().is_success() && !principal.was_authorized() {
-                // Deny by default: a handler that answered without asking crate::access::authz is a bug,
-                // and must not hand anything out.
-                tracing::error!(%route, "handler answered without an authorization check; refused");
-                ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "AccessDenied",
-                    "this route has no authorization rule; refused",
-                )
-                .into_response()
-            } else {
-                resp
-            }
+            (bytes, resp)
+        }
+        Err(e) if let Some(limit) = crate::net::conn::body_timed_out(&e) => {
+            (Bytes::new(), body_timeout_error(limit).into_response())
+        }
+        Err(_) => {
+            let e = ApiError::new(
+                Code::PayloadTooLarge,
+                format!("request body larger than {AUDIT_BODY_MAX} bytes"),
+            );
+            (Bytes::new(), e.into_response())
         }
     };
-    finish(&state, entry, resp, write).await
+    let outcome = gate::Outcome {
+        principal: Some(&principal),
+        request: Some(gate::Recorded {
+            query,
+            body: &bytes,
+        }),
+        write,
+        subject: "this route",
+    };
+    gate::conclude::<Native>(&state.store, entry, outcome, resp).await
 }
 
-/// Records the outcome of a call, then lets the answer go: after its record's commit for an
-/// accepted `write`, at once (the record queued) for anything else.
-async fn finish(state: &AppState, mut entry: AuditEntry, resp: Response, write: bool) -> Response {
-    let wait = write && resp.status().is_success();
-    if let Some(CreatedCommand(id)) = resp.extensions().get::<CreatedCommand>() {
-        entry.command_id = id.clone();
+/// The native API's door: `{"error":{"code","message"}}` with the status of the kind.
+pub struct Native;
+
+impl FrontDoor for Native {
+    const CREDENTIAL: &'static str = "credential";
+    const DOCUMENT_MEMBERS: &'static [&'static str] = &["document_name", "name"];
+
+    fn status(code: Code) -> StatusCode {
+        code.status()
     }
-    if let Some(trail::DeniedNodes(nodes)) = resp.extensions().get::<trail::DeniedNodes>() {
-        trail::add_nodes(&mut entry, nodes);
+    fn code(code: Code) -> &'static str {
+        code.native_code()
     }
-    entry.result = match resp.extensions().get::<ErrorCode>() {
-        Some(ErrorCode(code)) => format!("{} {code}", resp.status().as_u16()),
-        None => resp.status().as_u16().to_string(),
-    };
-    trail::record(state, entry, wait).await;
-    resp
-}
-
-/// 429 for a principal over its request rate (`--rate-limit`).
-fn rate_limited(who: &str, retry: std::time::Duration) -> Response {
-    let secs = retry.as_secs().max(1);
-    let body = ErrorBody {
-        error: ErrorDetail {
-            code: "TooManyRequests".into(),
-            message: format!("{who} is over its request rate limit; retry in {secs} s"),
-        },
-    };
-    let mut resp = (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, secs.to_string())],
-        Json(body),
-    )
-        .into_response();
-    resp.extensions_mut().insert(ErrorCode("TooManyRequests"));
-    resp
-}
-
-/// 429 for a source that failed authentication too often (see [`crate::access::guard`]).
-fn throttled(retry: std::time::Duration) -> Response {
-    let secs = retry.as_secs().max(1);
-    let body = ErrorBody {
-        error: ErrorDetail {
-            code: "TooManyFailedAuthentications".into(),
-            message: format!(
-                "too many failed authentications from this address or with this credential; retry in {secs} s"
-            ),
-        },
-    };
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, secs.to_string())],
-        Json(body),
-    )
-        .into_response()
-}
-
-/// An API error: status, machine-readable code and a one-line message.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// Nodes an authorization refusal named (for the audit record).
-    denied_nodes: Vec<String>,
-}
-
-impl ApiError {
-    /// An error with a status and code.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            denied_nodes: Vec::new(),
+    fn message(code: Code, message: String) -> String {
+        match code {
+            Code::Internal => "internal server error (see the server log)".into(),
+            _ => message,
         }
     }
-    /// 400 with a code.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-    /// 404 with a code.
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code, message)
-    }
-    fn unauthorized(message: &str) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "Unauthorized", message)
-    }
-    /// 500: a fault of the server itself; the detail goes to the log, not the client.
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!("internal error: {e}");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "internal server error (see the server log)",
-        )
-    }
-}
-
-impl From<Denied> for ApiError {
-    fn from(d: Denied) -> Self {
-        let mut e = ApiError::new(StatusCode::FORBIDDEN, "AccessDenied", d.message);
-        e.denied_nodes = d.nodes.iter().map(ToString::to_string).collect();
-        e
-    }
-}
-
-impl From<crate::access::authz::CheckError> for ApiError {
-    fn from(e: crate::access::authz::CheckError) -> Self {
-        match e {
-            crate::access::authz::CheckError::Denied(d) => d.into(),
-            crate::access::authz::CheckError::Store(e) => e.into(),
-        }
-    }
-}
-
-impl From<fleetrun_store::StoreError> for ApiError {
-    fn from(e: fleetrun_store::StoreError) -> Self {
-        ApiError::internal(e)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    fn body(code: &'static str, message: String) -> (&'static str, String) {
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code.into(),
-                message: self.message,
+                code: code.into(),
+                message,
             },
         };
-        let mut resp = (self.status, Json(body)).into_response();
-        resp.extensions_mut().insert(ErrorCode(self.code));
-        if !self.denied_nodes.is_empty() {
-            resp.extensions_mut()
-                .insert(trail::DeniedNodes(self.denied_nodes));
+        (
+            "application/json",
+            serde_json::to_string(&body).unwrap_or_default(),
+        )
+    }
+    /// The query, and the body under `body` (or its length and digest beside the query).
+    fn params(query: Option<String>, body: Option<trail::BodyRecord>) -> Value {
+        let mut params = serde_json::Map::new();
+        if let Some(q) = query {
+            params.insert("query".into(), Value::String(q));
         }
-        resp
+        match body {
+            Some(trail::BodyRecord::Json(v)) => {
+                params.insert("body".into(), v);
+            }
+            Some(trail::BodyRecord::Digest(m)) => params.extend(m),
+            None => {}
+        }
+        Value::Object(params)
     }
 }
+
+/// An API error: an [`crate::errors::Error`] answered by the native API.
+pub type ApiError = Answered<Native>;
 
 /// A JSON body whose rejections are [`ApiError`]s naming what is wrong.
 pub struct ApiJson<T>(pub T);
@@ -399,25 +289,22 @@ where
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
                 // 413 and 415 say something precise; every other malformed body is a plain 400.
-                let status = match rejection.status() {
-                    s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => s,
-                    _ => StatusCode::BAD_REQUEST,
+                let code = match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => Code::PayloadTooLarge,
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => Code::UnsupportedMediaType,
+                    _ => Code::InvalidRequest,
                 };
-                Err(ApiError::new(
-                    status,
-                    "InvalidRequest",
-                    rejection.body_text(),
-                ))
+                Err(ApiError::new(code, rejection.body_text()))
             }
         }
     }
 }
 
 /// Parses a path segment as an id, or a 4xx naming it.
-pub fn parse_id<T: std::str::FromStr>(s: &str, code: &'static str) -> Result<T, ApiError>
+pub fn parse_id<T: std::str::FromStr>(s: &str, code: Code) -> Result<T, ApiError>
 where
     T::Err: std::fmt::Display,
 {
     s.parse()
-        .map_err(|e: T::Err| ApiError::bad_request(code, e.to_string()))
+        .map_err(|e: T::Err| ApiError::new(code, e.to_string()))
 }

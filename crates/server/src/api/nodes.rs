@@ -2,7 +2,8 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
-use crate::access::authz::{self, Action, NodeRef, Principal, Resource};
+use crate::access::authz::{Action, NodeRef, Principal, Resource};
+use crate::errors::Code;
 use crate::run::dispatch::end_invocations;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
@@ -44,14 +45,17 @@ pub async fn get(
     Extension(p): Extension<Principal>,
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
-    let id: NodeId = parse_id(&node_id, "InvalidNodeId")?;
-    authz::require_node(&state, &p, Action::List, &id).await?;
+    let id: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::List, &id)
+        .await?;
     state
         .store
         .get_node(&id, |n| state.hub.is_online(n))
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found("NodeNotFound", format!("no node {id}")))
+        .ok_or_else(|| ApiError::new(Code::NodeNotFound, format!("no node {id}")))
 }
 
 /// Deregisters a node: marks it (its row and history stay), closes its live connection with
@@ -63,13 +67,16 @@ pub async fn deregister(
     Extension(p): Extension<Principal>,
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
-    let id: NodeId = parse_id(&node_id, "InvalidNodeId")?;
-    authz::require_node(&state, &p, Action::ManageNodes, &id).await?;
+    let id: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::ManageNodes, &id)
+        .await?;
     let node = state
         .store
         .get_node(&id, |n| state.hub.is_online(n))
         .await?
-        .ok_or_else(|| ApiError::not_found("NodeNotFound", format!("no node {id}")))?;
+        .ok_or_else(|| ApiError::new(Code::NodeNotFound, format!("no node {id}")))?;
     state.store.deregister_node(&id, now_ms()).await?;
     state.authz.fleet_changed();
     state

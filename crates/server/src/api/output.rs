@@ -8,7 +8,8 @@
 
 use super::{ApiError, parse_id};
 use crate::AppState;
-use crate::access::authz::{self, Action, Principal};
+use crate::access::authz::{Action, Principal};
+use crate::errors::Code;
 use crate::run::output::{OutputMsg, pipe_prefix, read_stored};
 use crate::run::params::MaskStream;
 use axum::Extension;
@@ -46,29 +47,32 @@ pub async fn get(
     Path((cmd, node, pipe)): Path<(String, String, String)>,
     query: Result<Query<OutputQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
-    let cmd: CommandId = parse_id(&cmd, "InvalidCommandId")?;
-    let node: NodeId = parse_id(&node, "InvalidNodeId")?;
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
+    let cmd: CommandId = parse_id(&cmd, Code::InvalidCommandId)?;
+    let node: NodeId = parse_id(&node, Code::InvalidNodeId)?;
     let pipe = match pipe.as_str() {
         "stdout" => Pipe::Stdout,
         "stderr" => Pipe::Stderr,
         other => {
-            return Err(ApiError::bad_request(
-                "InvalidParameters",
+            return Err(ApiError::new(
+                Code::InvalidParameters,
                 format!("unknown output {other:?}: use stdout or stderr"),
             ));
         }
     };
-    authz::require_node(&state, &p, Action::ReadOutput, &node).await?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::ReadOutput, &node)
+        .await?;
     if state.store.get_command(&cmd).await?.is_none() {
-        return Err(ApiError::not_found(
-            "CommandNotFound",
+        return Err(ApiError::new(
+            Code::CommandNotFound,
             format!("no command {cmd}"),
         ));
     }
     if state.store.get_invocation(&cmd, &node).await?.is_none() {
-        return Err(ApiError::not_found(
-            "InvocationNotFound",
+        return Err(ApiError::new(
+            Code::InvocationNotFound,
             format!("command {cmd} has no invocation on node {node}"),
         ));
     }

@@ -3,6 +3,7 @@
 
 use super::{ApiError, ApiJson};
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use crate::{AppState, run::params};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 fn checked_name(name: &str) -> Result<(), ApiError> {
     match name_error(name) {
-        Some(e) => Err(ApiError::bad_request("InvalidParameterName", e)),
+        Some(e) => Err(ApiError::new(Code::InvalidParameterName, e)),
         None => Ok(()),
     }
 }
@@ -47,14 +48,11 @@ pub async fn put(
         .require(&p, Action::ManageParams, Resource::Fleet)?;
     checked_name(&name)?;
     if req.value.is_empty() {
-        return Err(ApiError::bad_request(
-            "InvalidParameterValue",
-            "value is empty",
-        ));
+        return Err(ApiError::new(Code::InvalidParameterValue, "value is empty"));
     }
     if req.value.len() > PARAM_VALUE_MAX {
-        return Err(ApiError::bad_request(
-            "ParameterValueTooLarge",
+        return Err(ApiError::new(
+            Code::ParameterValueTooLarge,
             format!(
                 "value is {} bytes; the limit is {PARAM_VALUE_MAX}",
                 req.value.len()
@@ -62,8 +60,8 @@ pub async fn put(
         ));
     }
     if req.value.contains('\0') {
-        return Err(ApiError::bad_request(
-            "InvalidParameterValue",
+        return Err(ApiError::new(
+            Code::InvalidParameterValue,
             "value contains a NUL byte",
         ));
     }
@@ -78,8 +76,8 @@ pub async fn put(
             updated_at: at,
             updated_by: by,
         }))),
-        Put::LimitExceeded => Err(ApiError::bad_request(
-            "ParameterLimitExceeded",
+        Put::LimitExceeded => Err(ApiError::new(
+            Code::ParameterLimitExceeded,
             format!(
                 "there are {} parameters already; delete some first",
                 fleetrun_store::PARAMS_MAX
@@ -130,5 +128,8 @@ pub async fn delete(
 }
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::not_found("ParameterNotFound", format!("no parameter named {name:?}"))
+    ApiError::new(
+        Code::ParameterNotFound,
+        format!("no parameter named {name:?}"),
+    )
 }

@@ -3,6 +3,7 @@
 
 use super::{ApiError, ApiJson};
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use crate::{AppState, access::secrets};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -24,8 +25,8 @@ pub async fn create(
     let user = req.user.unwrap_or_else(|| p.user.name.clone());
     own_or_manage(&state, &p, &user)?;
     if req.name.len() > 128 {
-        return Err(ApiError::bad_request(
-            "InvalidParameters",
+        return Err(ApiError::new(
+            Code::InvalidParameters,
             "name is longer than 128 bytes",
         ));
     }
@@ -33,17 +34,14 @@ pub async fn create(
         None => None,
         Some(s) if (1..=MAX_EXPIRY_SECS).contains(&s) => Some(now_ms() + (s as i64) * 1000),
         Some(s) => {
-            return Err(ApiError::bad_request(
-                "InvalidParameters",
+            return Err(ApiError::new(
+                Code::InvalidParameters,
                 format!("expiry must be 1 s to 10 years ({MAX_EXPIRY_SECS} s), got {s} s"),
             ));
         }
     };
     if state.store.user(&user).await?.is_none() {
-        return Err(ApiError::not_found(
-            "UserNotFound",
-            format!("no user {user}"),
-        ));
+        return Err(ApiError::new(Code::UserNotFound, format!("no user {user}")));
     }
     let token = format!("frt_{}", secrets::random_token(40));
     let mut t = state
@@ -67,7 +65,7 @@ pub async fn list(
     Extension(p): Extension<Principal>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Token>>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("InvalidRequest", e.body_text()))?;
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
     let user = match q.user {
         Some(u) => {
             own_or_manage(&state, &p, &u)?;
@@ -90,7 +88,7 @@ pub async fn delete(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let not_found = || ApiError::not_found("TokenNotFound", format!("no token {id}"));
+    let not_found = || ApiError::new(Code::TokenNotFound, format!("no token {id}"));
     let owner = state.store.token_user(&id).await?;
     match owner {
         Some(owner) => own_or_manage(&state, &p, &owner)?,

@@ -3,6 +3,7 @@
 use super::{ApiError, ApiJson};
 use crate::AppState;
 use crate::access::authz::{self, Action, Principal, Resource};
+use crate::errors::Code;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -74,7 +75,7 @@ pub async fn get(
         .get_user(&name)
         .await?
         .map(Json)
-        .ok_or_else(|| ApiError::not_found("UserNotFound", format!("no user {name}")))
+        .ok_or_else(|| ApiError::new(Code::UserNotFound, format!("no user {name}")))
 }
 
 /// Changes a user's role or policy; takes effect on its next request.
@@ -119,8 +120,8 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::bad_request(
-            "InvalidUserName",
+        Err(ApiError::new(
+            Code::InvalidUserName,
             format!("user name {name:?} must be 1 to 64 of A-Z a-z 0-9 _ . @ -"),
         ))
     }
@@ -128,25 +129,21 @@ fn check_name(name: &str) -> Result<(), ApiError> {
 
 fn check_policy(policy: &str) -> Result<(), ApiError> {
     authz::check_shape(policy)
-        .map_err(|e| ApiError::bad_request("InvalidPolicy", format!("invalid policy: {e}")))?;
+        .map_err(|e| ApiError::new(Code::InvalidPolicy, format!("invalid policy: {e}")))?;
     if policy.trim().is_empty() {
         return Ok(());
     }
     authz::validate(policy)
         .map(|_| ())
-        .map_err(|e| ApiError::bad_request("InvalidPolicy", format!("invalid policy: {e}")))
+        .map_err(|e| ApiError::new(Code::InvalidPolicy, format!("invalid policy: {e}")))
 }
 
 impl From<UserError> for ApiError {
     fn from(e: UserError) -> Self {
         match e {
-            UserError::Exists(_) => {
-                ApiError::new(StatusCode::CONFLICT, "UserExists", e.to_string())
-            }
-            UserError::NotFound(_) => ApiError::not_found("UserNotFound", e.to_string()),
-            UserError::LastAdmin(_) => {
-                ApiError::new(StatusCode::CONFLICT, "LastAdmin", e.to_string())
-            }
+            UserError::Exists(_) => ApiError::new(Code::UserExists, e.to_string()),
+            UserError::NotFound(_) => ApiError::new(Code::UserNotFound, e.to_string()),
+            UserError::LastAdmin(_) => ApiError::new(Code::LastAdmin, e.to_string()),
             UserError::Store(e) => e.into(),
         }
     }

@@ -123,7 +123,7 @@ async fn audit(
         result: result.into(),
         ..AuditEntry::default()
     };
-    trail::record(state, entry, true).await;
+    trail::record(&state.store, entry, true).await;
 }
 
 /// Where a handshake comes from and what its first frame must sign.
@@ -354,7 +354,8 @@ async fn identify(state: &AppState, peer: &Peer, frame: &HelloFrame) -> Result<S
         return Err((ErrorCode::TooManyFailedAuthentications, message));
     }
     let (key, signature) = (&frame.public_key, &frame.signature);
-    let r = match authn::node::check_hello(state, node_id, &peer.nonce, key, signature).await {
+    let r = match authn::node::check_hello(&state.store, node_id, &peer.nonce, key, signature).await
+    {
         Ok(session_key) => return Ok(session_key),
         Err(r) => r,
     };
@@ -534,7 +535,7 @@ async fn key_frame(
         } => {
             let before = auth.key.clone();
             let rotated = authn::node::rotate(
-                state,
+                &state.store,
                 node,
                 &mut auth.key,
                 &old_public_key,
@@ -566,7 +567,7 @@ async fn key_frame(
             rotated.map(|f| KeyFrame::Handled(Some(f)))
         }
         AgentFrame::KeyConfirmed { public_key } => {
-            authn::node::confirmed(state, node, &auth.key, &public_key).await?;
+            authn::node::confirmed(&state.store, node, &auth.key, &public_key).await?;
             Ok(KeyFrame::Handled(None))
         }
         other => Ok(KeyFrame::Other(other)),

@@ -2,6 +2,7 @@
 //! resolution, persistence (command and all invocations in one transaction), then dispatch.
 
 use crate::access::authz::{Action, Denied, Principal, Resource};
+use crate::errors::{Code, Error};
 use crate::run::dispatch;
 use crate::run::document;
 use crate::{AppState, access::secrets};
@@ -52,11 +53,11 @@ pub struct Sent {
 /// Why a send was refused.
 #[derive(Debug)]
 pub enum SendError {
-    /// Bad input: a native error code and what is wrong.
+    /// Bad input: its kind and what is wrong.
     Invalid {
         /// `InvalidParameters`, `InvalidDocument`, `MaxDocumentSizeExceeded`, `InvalidTarget`,
         /// `MissingTarget`, `DuplicateNodeId` or `InvalidNodeId`.
-        code: &'static str,
+        code: Code,
         /// One line naming the problem.
         message: String,
     },
@@ -79,7 +80,38 @@ impl From<StoreError> for SendError {
     }
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> SendError {
+impl From<document::DocError> for SendError {
+    fn from(e: document::DocError) -> Self {
+        // A send naming a document that does not exist has a bad parameter (400), unlike a
+        // document route, whose own resource is missing (404).
+        let code = match e.code {
+            Code::DocumentNotFound => Code::InvalidDocument,
+            other => other,
+        };
+        invalid(code, e.message)
+    }
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Invalid { code, message } => Error::new(code, message),
+            SendError::Denied(d) => d.into(),
+            SendError::KeyMismatch { message, .. } => {
+                Error::new(Code::IdempotencyKeyMismatch, message)
+            }
+            SendError::Store(e) => Error::internal(e),
+        }
+    }
+}
+
+impl<D> From<SendError> for crate::errors::Answered<D> {
+    fn from(e: SendError) -> Self {
+        Error::from(e).into()
+    }
+}
+
+fn invalid(code: Code, message: impl Into<String>) -> SendError {
     SendError::Invalid {
         code,
         message: message.into(),
@@ -101,7 +133,7 @@ pub async fn send_command(
     {
         return Ok(sent);
     }
-    let bad = |code: &'static str, message: String| SendError::Invalid { code, message };
+    let bad = |code: Code, message: String| SendError::Invalid { code, message };
     let document_name = req
         .document_name
         .clone()
@@ -115,7 +147,7 @@ pub async fn send_command(
     )
     .await
     .map_err(|e| match e {
-        document::Error::Invalid(e) => bad(e.code, e.message),
+        document::Error::Invalid(e) => e.into(),
         document::Error::Store(e) => SendError::Store(e),
     })?;
     let document_version = prepared.document.version.version.to_string();
@@ -136,20 +168,20 @@ pub async fn send_command(
     let commands = rendered.commands;
     if commands.is_empty() {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             "commands is empty: give at least one script line".into(),
         ));
     }
     let script_len: usize = commands.iter().map(|c| c.len() + 1).sum();
     if script_len > SCRIPT_MAX {
         return Err(bad(
-            "MaxDocumentSizeExceeded",
+            Code::MaxDocumentSizeExceeded,
             format!("the script is {script_len} bytes; the limit is {SCRIPT_MAX}"),
         ));
     }
     if commands.iter().any(|c| c.contains('\0')) {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             "commands contain a NUL byte".into(),
         ));
     }
@@ -158,13 +190,13 @@ pub async fn send_command(
     let working_dir = rendered.working_dir;
     if working_dir.len() > WORKING_DIR_MAX {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!("working directory is longer than {WORKING_DIR_MAX} bytes"),
         ));
     }
     if !working_dir.is_empty() && !working_dir.starts_with('/') {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!("working directory {working_dir:?} must be an absolute path"),
         ));
     }
@@ -174,7 +206,7 @@ pub async fn send_command(
         .unwrap_or(DELIVERY_TIMEOUT_DEFAULT);
     if !(DELIVERY_TIMEOUT_MIN..=DELIVERY_TIMEOUT_MAX).contains(&delivery_timeout) {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!(
                 "delivery timeout {delivery_timeout} s is out of range: {DELIVERY_TIMEOUT_MIN} to {DELIVERY_TIMEOUT_MAX} s"
             ),
@@ -183,7 +215,7 @@ pub async fn send_command(
     let comment = req.comment.clone().unwrap_or_default();
     if comment.chars().count() > COMMENT_MAX {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!("comment is longer than {COMMENT_MAX} characters"),
         ));
     }
@@ -191,12 +223,12 @@ pub async fn send_command(
         .max_concurrency
         .clone()
         .unwrap_or_else(|| MAX_CONCURRENCY_DEFAULT.into());
-    Rate::parse_concurrency(&max_concurrency).map_err(|e| bad("InvalidParameters", e.0))?;
+    Rate::parse_concurrency(&max_concurrency).map_err(|e| bad(Code::InvalidParameters, e.0))?;
     let max_errors = req
         .max_errors
         .clone()
         .unwrap_or_else(|| MAX_ERRORS_DEFAULT.into());
-    Rate::parse_errors(&max_errors).map_err(|e| bad("InvalidParameters", e.0))?;
+    Rate::parse_errors(&max_errors).map_err(|e| bad(Code::InvalidParameters, e.0))?;
 
     let run_as = req.run_as.clone().unwrap_or_default();
     if run_as.len() > 32
@@ -205,7 +237,7 @@ pub async fn send_command(
             .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
     {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!("run-as user {run_as:?} is not a valid user name or uid"),
         ));
     }
@@ -213,7 +245,7 @@ pub async fn send_command(
         && !(MEMORY_LIMIT_MIN_MB..=MEMORY_LIMIT_MAX_MB).contains(&mb)
     {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!(
                 "memory limit {mb} MiB is out of range: {MEMORY_LIMIT_MIN_MB} to {MEMORY_LIMIT_MAX_MB} MiB"
             ),
@@ -223,7 +255,7 @@ pub async fn send_command(
         && !(CPU_LIMIT_MIN_PERCENT..=CPU_LIMIT_MAX_PERCENT).contains(&pct)
     {
         return Err(bad(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!(
                 "cpu limit {pct}% is out of range: {CPU_LIMIT_MIN_PERCENT}% to {CPU_LIMIT_MAX_PERCENT}%"
             ),
@@ -243,13 +275,13 @@ pub async fn send_command(
     let invocations = match (req.node_ids.is_empty(), targets.is_empty()) {
         (true, true) => {
             return Err(bad(
-                "MissingTarget",
+                Code::MissingTarget,
                 "give node ids or a target expression".into(),
             ));
         }
         (false, false) => {
             return Err(bad(
-                "InvalidTarget",
+                Code::InvalidTarget,
                 "give node ids or a target expression, not both".into(),
             ));
         }
@@ -257,15 +289,16 @@ pub async fn send_command(
         (true, false) => {
             let expr = match opts.target_expr {
                 Some(expr) => {
-                    expr.check_limits().map_err(|e| bad("InvalidTarget", e.0))?;
+                    expr.check_limits()
+                        .map_err(|e| bad(Code::InvalidTarget, e.0))?;
                     expr
                 }
-                None => TargetExpr::parse(targets).map_err(|e| bad("InvalidTarget", e.0))?,
+                None => TargetExpr::parse(targets).map_err(|e| bad(Code::InvalidTarget, e.0))?,
             };
             let found = state.store.resolve_targets(&expr).await?;
             if found.is_empty() && !opts.allow_no_targets {
                 return Err(bad(
-                    "InvalidTarget",
+                    Code::InvalidTarget,
                     format!("no node matches the target expression {targets:?}"),
                 ));
             }
@@ -434,7 +467,7 @@ async fn check_param_references(state: &AppState, commands: &[String]) -> Result
     let script = commands.join("\n");
     match crate::run::params::render(state, &script).await {
         Ok(rendered) if rendered.len() > SCRIPT_MAX => Err(invalid(
-            "MaxDocumentSizeExceeded",
+            Code::MaxDocumentSizeExceeded,
             format!(
                 "the script with its parameters substituted is {} bytes; the limit is {SCRIPT_MAX}",
                 rendered.len()
@@ -442,7 +475,7 @@ async fn check_param_references(state: &AppState, commands: &[String]) -> Result
         )),
         Ok(_) => Ok(()),
         Err(crate::run::params::RenderError::Missing(names)) => Err(invalid(
-            "InvalidParameters",
+            Code::InvalidParameters,
             format!(
                 "the script references unknown parameter(s): {}",
                 names.join(", ")
@@ -465,7 +498,7 @@ fn shorthand_parameters(
     if document_name != DOCUMENT_RUN_SHELL_SCRIPT {
         if has_shorthand {
             return Err(invalid(
-                "InvalidParameters",
+                Code::InvalidParameters,
                 format!(
                     "commands, working_directory and execution_timeout_secs are for {DOCUMENT_RUN_SHELL_SCRIPT}; give the parameters of {document_name} in parameters"
                 ),
@@ -476,7 +509,7 @@ fn shorthand_parameters(
     let mut put = |key: &str, values: Vec<String>| {
         if given.contains_key(key) {
             return Err(invalid(
-                "InvalidParameters",
+                Code::InvalidParameters,
                 format!("{key} is given twice: as a field and in parameters"),
             ));
         }
@@ -492,7 +525,7 @@ fn shorthand_parameters(
     if let Some(t) = req.execution_timeout_secs {
         if !(1..=EXECUTION_TIMEOUT_MAX).contains(&t) {
             return Err(invalid(
-                "InvalidParameters",
+                Code::InvalidParameters,
                 format!("execution timeout {t} s is out of range: 1 to {EXECUTION_TIMEOUT_MAX} s"),
             ));
         }
@@ -500,7 +533,7 @@ fn shorthand_parameters(
     }
     if given.get("commands").is_none_or(Vec::is_empty) {
         return Err(invalid(
-            "InvalidParameters",
+            Code::InvalidParameters,
             "commands is empty: give at least one script line",
         ));
     }
@@ -511,7 +544,7 @@ async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, St
     let mut seen = HashSet::new();
     if let Some(dup) = ids.iter().find(|id| !seen.insert(*id)) {
         return Err(invalid(
-            "DuplicateNodeId",
+            Code::DuplicateNodeId,
             format!("node {dup} is given more than once"),
         ));
     }
@@ -524,7 +557,7 @@ async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, St
         .collect();
     if !unknown.is_empty() {
         return Err(invalid(
-            "InvalidNodeId",
+            Code::InvalidNodeId,
             format!("unknown node id(s): {}", unknown.join(", ")),
         ));
     }

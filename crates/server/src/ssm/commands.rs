@@ -6,9 +6,10 @@ use super::{
     parse_token,
 };
 use crate::AppState;
-use crate::access::authz::{self, Action, Principal};
+use crate::access::authz::{Action, Principal};
+use crate::errors::Code;
 use crate::run::dispatch::DispatchMsg;
-use crate::run::send::{Idempotency, SendError, SendOptions};
+use crate::run::send::{Idempotency, SendOptions};
 use fleetrun_proto::api::{Command, Invocation, SendCommand};
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use fleetrun_proto::time::parse_rfc3339_ms;
@@ -50,16 +51,16 @@ pub fn idempotency(
         [one] => {
             let k = one.to_str().map_err(|_| {
                 SsmError::new(
-                    "ValidationException",
+                    Code::Validation,
                     "Idempotency-Key must be visible ASCII characters (0x21 to 0x7E)",
                 )
             })?;
-            check_idempotency_key(k).map_err(|m| SsmError::new("ValidationException", m))?;
+            check_idempotency_key(k).map_err(|m| SsmError::new(Code::Validation, m))?;
             Some(format!("ssm:key:{k}"))
         }
         _ => {
             return Err(SsmError::new(
-                "ValidationException",
+                Code::Validation,
                 "Idempotency-Key is given more than once",
             ));
         }
@@ -78,7 +79,7 @@ pub async fn send_command(
     req: SendCommandRequest,
     idempotency: Option<Idempotency>,
 ) -> SsmResult {
-    let v = |m: String| SsmError::new("ValidationException", m);
+    let v = |m: String| SsmError::new(Code::Validation, m);
     let name = req.document_name.clone().ok_or_else(|| v("1 validation error detected: Value null at 'documentName' failed to satisfy constraint: Member must not be null".into()))?;
     let name_ok = (3..=128).contains(&name.len())
         && name
@@ -145,7 +146,7 @@ pub async fn send_command(
     for id in &instance_ids {
         if !seen.insert(id) {
             return Err(SsmError::new(
-                "DuplicateInstanceId",
+                Code::DuplicateNodeId,
                 format!("Instance Id {id} is specified more than once."),
             ));
         }
@@ -197,27 +198,7 @@ pub async fn send_command(
     let cmd = crate::run::send::send_command(state, p, send, opts)
         .await
         .map(|sent| sent.command)
-        .map_err(|e| match e {
-            SendError::Store(e) => SsmError::internal(e),
-            SendError::KeyMismatch { message, .. } => {
-                SsmError::new("IdempotentParameterMismatch", message)
-            }
-            SendError::Denied(d) => d.into(),
-            SendError::Invalid { code, message } => SsmError::new(
-                match code {
-                    "InvalidDocument" => "InvalidDocument",
-                    "InvalidDocumentVersion" => "InvalidDocumentVersion",
-                    "InvalidDocumentContent" => "InvalidDocumentContent",
-                    "InvalidDocumentSchemaVersion" => "InvalidDocumentContent",
-                    "MaxDocumentSizeExceeded" => "MaxDocumentSizeExceeded",
-                    "DuplicateNodeId" => "DuplicateInstanceId",
-                    "InvalidNodeId" => "InvalidInstanceId",
-                    "MissingTarget" => "ValidationException",
-                    _ => "InvalidParameters",
-                },
-                message,
-            ),
-        })?;
+        .map_err(SsmError::from)?;
     Ok(json!({ "Command": ssm_command(&cmd, &extra) }))
 }
 
@@ -229,7 +210,7 @@ fn check_rate(
 ) -> Result<(), SsmError> {
     match value {
         Some(s) if s.is_empty() || s.len() > 7 || !ok(s) => Err(SsmError::new(
-            "ValidationException",
+            Code::Validation,
             format!(
                 "1 validation error detected: Value '{s}' at '{member}' failed to satisfy constraint: Member must satisfy regular expression pattern: {pattern}"
             ),
@@ -240,7 +221,7 @@ fn check_rate(
 
 /// SSM `Targets` as a fleetrun target expression (terms ANDed, values of one key ORed).
 fn targets_to_expr(targets: &[Target]) -> Result<TargetExpr, SsmError> {
-    let bad = |m: String| SsmError::new("InvalidParameters", m);
+    let bad = |m: String| SsmError::new(Code::InvalidParameters, m);
     let mut terms = Vec::new();
     for t in targets {
         let key = t.key.clone().unwrap_or_default();
@@ -255,7 +236,7 @@ fn targets_to_expr(targets: &[Target]) -> Result<TargetExpr, SsmError> {
         }
         if t.values.len() > 50 {
             return Err(SsmError::new(
-                "ValidationException",
+                Code::Validation,
                 "1 validation error detected: Value at 'targets.member.values' failed to satisfy constraint: Member must have length less than or equal to 50",
             ));
         }
@@ -393,13 +374,13 @@ fn command_query(req: &ListCommandsRequest, on_command: bool) -> Result<CommandQ
     let filters = req.filters.as_deref().unwrap_or_default();
     if req.filters.is_some() && !(1..=5).contains(&filters.len()) {
         return Err(SsmError::new(
-            "ValidationException",
+            Code::Validation,
             "1 validation error detected: Value at 'filters' failed to satisfy constraint: Member must have length between 1 and 5",
         ));
     }
     let bad_value = |f: &CommandFilter| {
         SsmError::new(
-            "InvalidFilterValue",
+            Code::InvalidFilterValue,
             format!("Filter value {:?} is not valid for key {}.", f.value, f.key),
         )
     };
@@ -432,7 +413,7 @@ fn command_query(req: &ListCommandsRequest, on_command: bool) -> Result<CommandQ
             }
             other => {
                 return Err(SsmError::new(
-                    "InvalidFilterKey",
+                    Code::InvalidFilterKey,
                     format!(
                         "Filter key {} is not valid.",
                         fleetrun_proto::targets::shown(other)
@@ -463,11 +444,24 @@ async fn visible(
     q: &CommandQuery,
 ) -> Result<Option<HashSet<NodeId>>, SsmError> {
     if let Some(node) = &q.node_id {
-        authz::require_node(state, p, Action::ReadOutput, node).await?;
+        state
+            .authz
+            .require_node(&state.store, p, Action::ReadOutput, node)
+            .await?;
     }
     let scope = match &q.command_id {
-        Some(id) => authz::command_scope(state, p, Action::ReadOutput, id).await?,
-        None => authz::node_scope(state, p, Action::ReadOutput).await?,
+        Some(id) => {
+            state
+                .authz
+                .command_scope(&state.store, p, Action::ReadOutput, id)
+                .await?
+        }
+        None => {
+            state
+                .authz
+                .node_scope(&state.store, p, Action::ReadOutput)
+                .await?
+        }
     };
     Ok(scope.as_filter().cloned())
 }
@@ -477,7 +471,7 @@ async fn ensure_command_exists(state: &AppState, q: &CommandQuery) -> Result<(),
         && state.store.get_command(id).await?.is_none()
     {
         return Err(SsmError::new(
-            "InvalidCommandId",
+            Code::InvalidCommandId,
             format!("Command {id} does not exist."),
         ));
     }
@@ -630,7 +624,7 @@ pub async fn get_command_invocation(
 ) -> SsmResult {
     let missing = |m: &str| {
         SsmError::new(
-            "ValidationException",
+            Code::Validation,
             format!(
                 "1 validation error detected: Value null at '{m}' failed to satisfy constraint: Member must not be null"
             ),
@@ -646,7 +640,10 @@ pub async fn get_command_invocation(
             .as_deref()
             .ok_or_else(|| missing("instanceId"))?,
     )?;
-    authz::require_node(state, p, Action::ReadOutput, &node).await?;
+    state
+        .authz
+        .require_node(&state.store, p, Action::ReadOutput, &node)
+        .await?;
     let q = CommandQuery {
         command_id: Some(cmd_id.clone()),
         node_id: Some(node.clone()),
@@ -663,7 +660,7 @@ pub async fn get_command_invocation(
         && !plugins.contains(p)
     {
         return Err(SsmError::new(
-            "InvalidPluginName",
+            Code::InvalidPluginName,
             format!(
                 "Plugin {p} is not part of this command's document; its plugins are {}.",
                 plugins.join(", ")
@@ -672,7 +669,7 @@ pub async fn get_command_invocation(
     }
     let Some((inv, meta)) = found else {
         return Err(SsmError::new(
-            "InvocationDoesNotExist",
+            Code::InvocationNotFound,
             format!("Command {cmd_id} has no invocation on instance {node}."),
         ));
     };
@@ -715,19 +712,19 @@ pub async fn cancel_command(
     req: CancelCommandRequest,
 ) -> SsmResult {
     let id = req.command_id.as_deref().ok_or_else(|| {
-        SsmError::new("ValidationException", "1 validation error detected: Value null at 'commandId' failed to satisfy constraint: Member must not be null")
+        SsmError::new(Code::Validation, "1 validation error detected: Value null at 'commandId' failed to satisfy constraint: Member must not be null")
     })?;
     let id = check_command_id(id)?;
     let Some(cmd) = state.store.get_command(&id).await? else {
         return Err(SsmError::new(
-            "InvalidCommandId",
+            Code::InvalidCommandId,
             format!("Command {id} does not exist."),
         ));
     };
     let ids = req.instance_ids.unwrap_or_default();
     if ids.len() > 50 {
         return Err(SsmError::new(
-            "ValidationException",
+            Code::Validation,
             "1 validation error detected: Value at 'instanceIds' failed to satisfy constraint: Member must have length less than or equal to 50",
         ));
     }
@@ -736,7 +733,7 @@ pub async fn cancel_command(
     for i in &ids {
         if !seen.insert(i) {
             return Err(SsmError::new(
-                "DuplicateInstanceId",
+                Code::DuplicateNodeId,
                 format!("Instance Id {i} is specified more than once."),
             ));
         }
@@ -747,12 +744,15 @@ pub async fn cancel_command(
         let known: HashSet<&NodeId> = invs.iter().map(|i| &i.node_id).collect();
         if let Some(n) = nodes.iter().find(|n| !known.contains(n)) {
             return Err(SsmError::new(
-                "InvalidInstanceId",
+                Code::InvalidNodeId,
                 format!("Command {id} was not sent to instance {n}."),
             ));
         }
     }
-    authz::require_command_nodes(state, p, Action::Cancel, &id, &nodes).await?;
+    state
+        .authz
+        .require_command_nodes(&state.store, p, Action::Cancel, &id, &nodes)
+        .await?;
     if !cmd.status.is_terminal() {
         state.dispatchers.send(&id, DispatchMsg::Cancel(nodes));
     }
@@ -853,8 +853,8 @@ mod tests {
         assert_eq!(
             targets_to_expr(&[t("resource-groups:Name", &["x"])])
                 .unwrap_err()
-                .code,
-            "InvalidParameters"
+                .code(),
+            Code::InvalidParameters
         );
     }
 }

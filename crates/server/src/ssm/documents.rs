@@ -5,23 +5,15 @@ use super::shapes::*;
 use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use crate::run::document::{self, Loaded, OWNER_AMAZON, default_text};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
-impl From<document::Error> for SsmError {
-    fn from(e: document::Error) -> Self {
-        match e {
-            document::Error::Invalid(e) => SsmError::new(e.code, e.message),
-            document::Error::Store(e) => SsmError::internal(e),
-        }
-    }
-}
-
 fn required(value: Option<String>, member: &str) -> Result<String, SsmError> {
     value.ok_or_else(|| {
         SsmError::new(
-            "ValidationException",
+            Code::Validation,
             format!(
                 "1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"
             ),
@@ -30,7 +22,7 @@ fn required(value: Option<String>, member: &str) -> Result<String, SsmError> {
 }
 
 /// Only JSON content: YAML and TEXT are refused, naming what to do instead.
-fn check_format(format: Option<&str>, code: &'static str) -> Result<(), SsmError> {
+fn check_format(format: Option<&str>, code: Code) -> Result<(), SsmError> {
     match format {
         None | Some("JSON") => Ok(()),
         Some(f) => Err(SsmError::new(
@@ -45,7 +37,7 @@ fn check_format(format: Option<&str>, code: &'static str) -> Result<(), SsmError
 fn unsupported(member: &str, given: bool) -> Result<(), SsmError> {
     if given {
         return Err(SsmError::new(
-            "ValidationException",
+            Code::Validation,
             format!("{member} is not supported by fleetrun."),
         ));
     }
@@ -131,14 +123,14 @@ pub async fn create_document(
         None | Some("Command") => {}
         Some(t) => {
             return Err(SsmError::new(
-                "InvalidDocumentContent",
+                Code::InvalidDocumentContent,
                 format!(
                     "DocumentType {t} is not supported by fleetrun: only Command documents run."
                 ),
             ));
         }
     }
-    check_format(req.document_format.as_deref(), "InvalidDocumentContent")?;
+    check_format(req.document_format.as_deref(), Code::InvalidDocumentContent)?;
     unsupported("Attachments", req.attachments.is_some())?;
     unsupported("Requires", req.requires.is_some())?;
     unsupported("TargetType", req.target_type.is_some())?;
@@ -162,7 +154,7 @@ pub async fn get_document(
     state
         .authz
         .require(p, Action::List, Resource::Document(&name))?;
-    check_format(req.document_format.as_deref(), "ValidationException")?;
+    check_format(req.document_format.as_deref(), Code::Validation)?;
     let d = document::load(
         &state.store,
         &name,
@@ -226,7 +218,7 @@ fn filter_matches(d: &Loaded, key: &str, values: &[String]) -> Result<bool, SsmE
         k if k.starts_with("tag:") || k == "tag-key" => false,
         other => {
             return Err(SsmError::new(
-                "InvalidFilterKey",
+                Code::InvalidFilterKey,
                 format!("Filter key {other} is not valid."),
             ));
         }
@@ -242,7 +234,7 @@ pub async fn list_documents(
     let offset = parse_token(req.next_token.as_deref())?;
     if req.filters.as_ref().is_some_and(|f| f.len() > 6) {
         return Err(SsmError::new(
-            "ValidationException",
+            Code::Validation,
             "1 validation error detected: Value at 'filters' failed to satisfy constraint: Member must have length less than or equal to 6",
         ));
     }
@@ -251,7 +243,7 @@ pub async fn list_documents(
         let key = f.key.unwrap_or_default();
         if key.is_empty() {
             return Err(SsmError::new(
-                "ValidationException",
+                Code::Validation,
                 "1 validation error detected: Value at 'filters.member.key' failed to satisfy constraint: Member must have length greater than or equal to 1",
             ));
         }
@@ -263,7 +255,7 @@ pub async fn list_documents(
             "Name" | "Owner" | "PlatformTypes" | "DocumentType"
         ) {
             return Err(SsmError::new(
-                "InvalidFilterKey",
+                Code::InvalidFilterKey,
                 format!("Filter key {} is not valid.", f.key),
             ));
         }
@@ -307,7 +299,7 @@ pub async fn update_document(
     state
         .authz
         .require(p, Action::ManageDocuments, Resource::Document(&name))?;
-    check_format(req.document_format.as_deref(), "InvalidDocumentContent")?;
+    check_format(req.document_format.as_deref(), Code::InvalidDocumentContent)?;
     unsupported("Attachments", req.attachments.is_some())?;
     unsupported("TargetType", req.target_type.is_some())?;
     unsupported("DisplayName", req.display_name.is_some())?;
@@ -333,7 +325,7 @@ pub async fn delete_document(
         .require(p, Action::ManageDocuments, Resource::Document(&name))?;
     if req.document_version.is_some() || req.version_name.is_some() {
         return Err(SsmError::new(
-            "InvalidDocumentOperation",
+            Code::InvalidDocumentOperation,
             "fleetrun deletes whole documents: leave out DocumentVersion and VersionName.",
         ));
     }

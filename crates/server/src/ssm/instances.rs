@@ -6,6 +6,7 @@ use super::{
 };
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
+use crate::errors::Code;
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::Node;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm, shown};
@@ -42,7 +43,7 @@ fn check_filter_counts(req: &DescribeInstanceInformationRequest) -> Result<(), S
     ] {
         if n > FILTERS_MAX {
             return Err(SsmError::new(
-                "ValidationException",
+                Code::Validation,
                 format!(
                     "1 validation error detected: Value at '{member}' failed to satisfy constraint: Member must have length less than or equal to {FILTERS_MAX}"
                 ),
@@ -59,7 +60,7 @@ pub async fn describe_instance_information(
 ) -> SsmResult {
     if req.filters.is_some() && req.instance_information_filter_list.is_some() {
         return Err(SsmError::new(
-            "InvalidFilterKey",
+            Code::InvalidFilterKey,
             "Filters and InstanceInformationFilterList cannot be used in the same request.",
         ));
     }
@@ -70,7 +71,7 @@ pub async fn describe_instance_information(
     for f in req.instance_information_filter_list.unwrap_or_default() {
         if !LEGACY_KEYS.contains(&f.key.as_str()) {
             return Err(SsmError::new(
-                "InvalidFilterKey",
+                Code::InvalidFilterKey,
                 format!("Filter key {} is not valid.", shown(&f.key)),
             ));
         }
@@ -82,7 +83,7 @@ pub async fn describe_instance_information(
             || f.key.starts_with("tag:");
         if !ok {
             return Err(SsmError::new(
-                "InvalidFilterKey",
+                Code::InvalidFilterKey,
                 format!("Filter key {} is not valid.", shown(&f.key)),
             ));
         }
@@ -90,7 +91,7 @@ pub async fn describe_instance_information(
     }
     if filters.len() > FILTERS_MAX {
         return Err(SsmError::new(
-            "InvalidFilter",
+            Code::InvalidFilter,
             format!(
                 "{} filters given; at most {FILTERS_MAX} are accepted.",
                 filters.len()
@@ -101,7 +102,7 @@ pub async fn describe_instance_information(
         super::check_target_key(key, "filters.member.key", values, "filters.member.values")?;
         if values.is_empty() || values.len() > 100 {
             return Err(SsmError::new(
-                "InvalidInstanceInformationFilterValue",
+                Code::InvalidInstanceInformationFilterValue,
                 format!("Filter {key} needs 1 to 100 values."),
             ));
         }
@@ -111,7 +112,7 @@ pub async fn describe_instance_information(
                 .any(|v| !matches!(v.as_str(), "Online" | "ConnectionLost" | "Inactive"))
         {
             return Err(SsmError::new(
-                "InvalidInstanceInformationFilterValue",
+                Code::InvalidInstanceInformationFilterValue,
                 format!(
                     "PingStatus values must be Online, ConnectionLost or Inactive, not {values:?}."
                 ),
@@ -121,7 +122,7 @@ pub async fn describe_instance_information(
             for v in values {
                 check_instance_id(v).map_err(|_| {
                     SsmError::new(
-                        "InvalidInstanceId",
+                        Code::InvalidNodeId,
                         format!("Instance Id {v} is not valid."),
                     )
                 })?;
@@ -256,14 +257,15 @@ mod filter_tests {
             serde_json::from_value(filters(1_001)).unwrap();
         let e = check_filter_counts(&req).unwrap_err();
         assert_eq!(
-            (e.status, e.code),
+            (e.code().aws_status(), e.code().aws_code()),
             (axum::http::StatusCode::BAD_REQUEST, "ValidationException")
         );
         assert!(
-            e.message
+            e.error
+                .message
                 .contains(&format!("less than or equal to {FILTERS_MAX}")),
             "{}",
-            e.message
+            e.error.message
         );
         let req: DescribeInstanceInformationRequest =
             serde_json::from_value(filters(FILTERS_MAX)).unwrap();
@@ -273,6 +275,7 @@ mod filter_tests {
         assert!(
             check_filter_counts(&req)
                 .unwrap_err()
+                .error
                 .message
                 .contains("instanceInformationFilterList")
         );

@@ -11,9 +11,10 @@ mod instances;
 mod shapes;
 
 use crate::AppState;
-use crate::access::audit::{self as trail, ANONYMOUS};
-use crate::access::authn::AuthnError;
-use crate::access::authz::{CheckError, Denied, Principal};
+use crate::access::audit::{self as trail, ANONYMOUS, CreatedCommand};
+use crate::access::authz::Principal;
+use crate::access::gate;
+use crate::errors::{Answered, Code, FrontDoor, render};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
@@ -31,7 +32,7 @@ use std::sync::Arc;
 fn body_rejection(r: &BytesRejection) -> SsmError {
     if let Some(limit) = crate::net::conn::body_timed_out(r) {
         return SsmError::new(
-            "RequestTimeout",
+            Code::RequestTimeout,
             crate::net::conn::BodyTimedOut(limit).to_string(),
         );
     }
@@ -41,66 +42,59 @@ fn body_rejection(r: &BytesRejection) -> SsmError {
         ));
     }
     SsmError::new(
-        "SerializationException",
+        Code::InvalidRequest,
         format!("cannot read the request body: {}", r.body_text()),
     )
 }
 
-/// An SSM error: HTTP status, AWS error code (`__type`) and message.
-#[derive(Debug)]
-pub struct SsmError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// Nodes an authorization refusal named (for the audit record).
-    denied_nodes: Vec<String>,
+/// The SSM API's door: AWS JSON 1.1 (`{"__type","message"}`), every client error a 400.
+pub struct Ssm;
+
+impl FrontDoor for Ssm {
+    const CREDENTIAL: &'static str = "access key";
+    const DOCUMENT_MEMBERS: &'static [&'static str] = &["DocumentName", "Name"];
+
+    fn status(code: Code) -> StatusCode {
+        code.aws_status()
+    }
+    fn code(code: Code) -> &'static str {
+        code.aws_code()
+    }
+    fn message(code: Code, message: String) -> String {
+        match code {
+            Code::Internal => "internal server error".into(),
+            // AWS words every throttle so; SDKs match on the code.
+            Code::TooManyRequests | Code::TooManyFailedAuthentications => {
+                format!("Rate exceeded: {message}")
+            }
+            _ => message,
+        }
+    }
+    fn body(code: &'static str, message: String) -> (&'static str, String) {
+        (
+            CONTENT_TYPE,
+            json!({ "__type": code, "message": message }).to_string(),
+        )
+    }
+    /// The body itself (or its length and digest); nothing for an empty body.
+    fn params(_query: Option<String>, body: Option<trail::BodyRecord>) -> Value {
+        match body {
+            Some(trail::BodyRecord::Json(v)) => v,
+            Some(trail::BodyRecord::Digest(m)) => Value::Object(m),
+            None => Value::Null,
+        }
+    }
 }
+
+/// AWS JSON 1.1's content type.
+const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+
+/// An SSM error: an [`crate::errors::Error`] answered by the SSM API.
+pub type SsmError = Answered<Ssm>;
 
 impl SsmError {
-    /// A 400 with an AWS error code.
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        SsmError {
-            status: StatusCode::BAD_REQUEST,
-            code,
-            message: message.into(),
-            denied_nodes: Vec::new(),
-        }
-    }
-    /// A server fault (500 InternalServerError); the detail goes to the log only.
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!("SSM API internal error: {e}");
-        SsmError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            code: "InternalServerError",
-            message: "internal server error".into(),
-            denied_nodes: Vec::new(),
-        }
-    }
     fn validation(message: impl Into<String>) -> Self {
-        Self::new("ValidationException", message)
-    }
-}
-
-impl From<Denied> for SsmError {
-    fn from(d: Denied) -> Self {
-        let mut e = SsmError::new("AccessDeniedException", d.message);
-        e.denied_nodes = d.nodes.iter().map(ToString::to_string).collect();
-        e
-    }
-}
-
-impl From<CheckError> for SsmError {
-    fn from(e: CheckError) -> Self {
-        match e {
-            CheckError::Denied(d) => d.into(),
-            CheckError::Store(e) => e.into(),
-        }
-    }
-}
-
-impl From<fleetrun_store::StoreError> for SsmError {
-    fn from(e: fleetrun_store::StoreError) -> Self {
-        SsmError::internal(e)
+        Self::new(Code::Validation, message)
     }
 }
 
@@ -109,7 +103,43 @@ type SsmResult = Result<Value, SsmError>;
 /// Largest SSM request body read (2 MiB: SSM's largest member, a document's content, is 64 KB).
 pub const BODY_MAX: usize = 2 * 1024 * 1024;
 
-/// `POST /`: one SSM operation, audited (as `ssm.<Operation>`) before it is answered.
+/// The operation a request names, read once from `X-Amz-Target`.
+struct Target<'a> {
+    /// The header as sent (empty when missing or not text).
+    header: &'a str,
+    /// The operation, when the header is `AmazonSSM.<Operation>`.
+    op: Option<&'a str>,
+}
+
+impl<'a> Target<'a> {
+    fn parse(headers: &'a HeaderMap) -> Self {
+        let header = headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        Target {
+            header,
+            op: header.strip_prefix("AmazonSSM."),
+        }
+    }
+
+    /// The audit action: `ssm.<Operation>` (the header's first 64 characters without the prefix).
+    fn action(&self) -> String {
+        let name: String = self.op.unwrap_or(self.header).chars().take(64).collect();
+        format!("ssm.{name}")
+    }
+
+    /// Whether the operation changes state (its record is committed before it is answered).
+    fn is_write(&self) -> bool {
+        let op = self.op.unwrap_or(self.header);
+        !["List", "Get", "Describe"]
+            .iter()
+            .any(|p| op.starts_with(p))
+    }
+}
+
+/// `POST /`: one SSM operation, passed through the request gate ([`crate::access::gate`]) and
+/// audited (as `ssm.<Operation>`) before it is answered.
 pub async fn handle(
     State(state): State<Arc<AppState>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
@@ -118,145 +148,107 @@ pub async fn handle(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    // A body that could not be read (too large, or not sent within the body read timeout) is
-    // answered in SSM's shape, naming the limit.
-    let (body, unreadable) = match body {
-        Ok(b) => (b, None),
-        Err(r) => (Bytes::new(), Some(body_rejection(&r))),
-    };
     let request_id = uuid::Uuid::new_v4().to_string();
-    let op: String = headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .map(|t| t.strip_prefix("AmazonSSM.").unwrap_or(t))
-        .unwrap_or("")
-        .chars()
-        .take(64)
-        .collect();
+    let target = Target::parse(&headers);
     let mut entry = AuditEntry {
         at: now_ms(),
         principal: ANONYMOUS.into(),
         source: addr.to_string(),
-        action: format!("ssm.{op}"),
+        action: target.action(),
         ..AuditEntry::default()
     };
+    let subject = format!("operation {}", &entry.action["ssm.".len()..]);
+    let mut outcome = gate::Outcome {
+        principal: None,
+        request: None,
+        write: target.is_write(),
+        subject: &subject,
+    };
     let credential = crate::access::authn::sigv4_credential(&headers);
-    let authenticated = match state
-        .auth_guard
-        .check_credential(addr.ip(), credential.as_deref())
-    {
-        _ if let Some(e) = unreadable => Err(e),
-        Err(retry) => Err(SsmError::new(
-            "ThrottlingException",
-            format!(
-                "Rate exceeded: too many failed authentications from this address or with this access key; retry in {} s",
-                retry.as_secs().max(1)
-            ),
-        )),
-        Ok(()) => crate::access::authn::sigv4(&state, &method, &uri, &headers, &body)
-            .await
-            .map_err(|e| match e {
-                AuthnError::Refused { code, message } => SsmError::new(code, message),
-                AuthnError::Internal(e) => SsmError::internal(e),
-            })
-            .inspect_err(|e| {
-                if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::FORBIDDEN {
-                    state
-                        .auth_guard
-                        .failed_credential(addr.ip(), credential.as_deref());
-                }
-            }),
+    let caller = gate::Caller {
+        ip: Some(addr.ip()),
+        credential: credential.as_deref(),
     };
-    let result = match authenticated {
-        Ok(principal) if let Err(retry) = state.rate_limiter.check(principal.name()) => {
-            entry.principal = principal.name().to_owned();
-            Err(SsmError::new(
-                "ThrottlingException",
-                format!(
-                    "Rate exceeded: {} is over its request rate limit; retry in {} s",
-                    principal.name(),
-                    retry.as_secs().max(1)
+    // A body that could not be read (too large, or not sent within the body read timeout) is
+    // answered in SSM's shape, naming the limit, before any credential is looked at.
+    let principal;
+    let resp = match body {
+        Err(r) => render::<Ssm>(body_rejection(&r).error),
+        Ok(ref body) => {
+            let admitted = gate::admit::<Ssm>(
+                &state.auth_guard,
+                &state.rate_limiter,
+                &caller,
+                &mut entry,
+                crate::access::authn::sigv4(
+                    &state.store,
+                    &state.secret_box,
+                    &method,
+                    &uri,
+                    &headers,
+                    body,
                 ),
-            ))
-        }
-        Ok(principal) => {
-            entry.principal = principal.name().to_owned();
-            let r = match dispatch(&state, &principal, &headers, &body).await {
-                // Deny by default, as on the native API: an operation that never asked is refused.
-                Ok(_) if !principal.was_authorized() => Err(SsmError::new(
-                    "AccessDeniedException",
-                    format!("operation {op} has no authorization rule; refused"),
-                )),
-                r => r,
-            };
-            // A big refused body is recorded as its length and digest only.
-            match trail::body_record(&mut entry, &body, r.is_ok(), &["DocumentName", "Name"]) {
-                Some(trail::BodyRecord::Json(v)) => entry.params = v,
-                Some(trail::BodyRecord::Digest(m)) => entry.params = Value::Object(m),
-                None => {}
+            )
+            .await;
+            match admitted {
+                Err(e) => render::<Ssm>(e),
+                Ok(p) => {
+                    principal = p;
+                    let r = dispatch(&state, &principal, target.op, target.header, &headers, body)
+                        .await;
+                    outcome.principal = Some(&principal);
+                    outcome.request = Some(gate::Recorded { query: None, body });
+                    answer(r)
+                }
             }
-            r
         }
-        Err(e) => Err(e),
     };
-    // Only an accepted write waits for its record's commit; reads and refusals queue theirs.
-    let wait = result.is_ok() && is_write(&op);
-    let (status, value) = match result {
+    let mut resp = gate::conclude::<Ssm>(&state.store, entry, outcome, resp).await;
+    if resp.status().is_server_error() {
+        let code = resp.extensions().get::<trail::ErrorCode>().map(|c| c.0);
+        tracing::warn!(code, "SSM request failed");
+    }
+    if let Ok(id) = header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut()
+            .insert(header::HeaderName::from_static("x-amzn-requestid"), id);
+    }
+    resp
+}
+
+/// An SSM answer: AWS JSON 1.1; a created command named for the audit record.
+fn answer(r: SsmResult) -> Response {
+    match r {
         Ok(v) => {
-            if let Some(id) = v.pointer("/Command/CommandId").and_then(Value::as_str) {
-                entry.command_id = id.to_owned();
+            let created = v
+                .pointer("/Command/CommandId")
+                .and_then(Value::as_str)
+                .map(|id| CreatedCommand(id.to_owned()));
+            let mut resp = (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, CONTENT_TYPE)],
+                v.to_string(),
+            )
+                .into_response();
+            if let Some(c) = created {
+                resp.extensions_mut().insert(c);
             }
-            entry.result = "200".into();
-            (StatusCode::OK, v)
+            resp
         }
-        Err(e) => {
-            if e.status.is_server_error() {
-                tracing::warn!(code = e.code, "SSM request failed");
-            }
-            entry.result = format!("{} {}", e.status.as_u16(), e.code);
-            trail::add_nodes(&mut entry, &e.denied_nodes);
-            (e.status, json!({ "__type": e.code, "message": e.message }))
-        }
-    };
-    trail::record(&state, entry, wait).await;
-    answer(status, value, request_id)
-}
-
-/// An SSM answer: AWS JSON 1.1 with a request id.
-fn answer(status: StatusCode, value: Value, request_id: String) -> Response {
-    let headers = [
-        (
-            header::CONTENT_TYPE,
-            "application/x-amz-json-1.1".to_owned(),
-        ),
-        (
-            header::HeaderName::from_static("x-amzn-requestid"),
-            request_id,
-        ),
-    ];
-    (status, headers, value.to_string()).into_response()
-}
-
-/// Whether an SSM operation changes state (its record is committed before it is answered).
-fn is_write(op: &str) -> bool {
-    !["List", "Get", "Describe"]
-        .iter()
-        .any(|p| op.starts_with(p))
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn dispatch(
     state: &Arc<AppState>,
     p: &Principal,
+    op: Option<&str>,
+    target: &str,
     headers: &HeaderMap,
     body: &[u8],
 ) -> SsmResult {
-    let target = headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let Some(op) = target.strip_prefix("AmazonSSM.") else {
+    let Some(op) = op else {
         return Err(SsmError::new(
-            "UnknownOperationException",
+            Code::UnknownOperation,
             format!("unknown X-Amz-Target {target:?}"),
         ));
     };
@@ -284,7 +276,7 @@ async fn dispatch(
             documents::update_document_default_version(state, p, parse(body)?).await
         }
         other => Err(SsmError::new(
-            "UnknownOperationException",
+            Code::UnknownOperation,
             format!("operation {other} is not supported by fleetrun"),
         )),
     }
@@ -298,7 +290,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, SsmError> {
     };
     serde_json::from_slice(body).map_err(|e| {
         SsmError::new(
-            "SerializationException",
+            Code::InvalidRequest,
             format!("cannot read the request: {e}"),
         )
     })
@@ -326,7 +318,7 @@ fn next_token(offset: u64, page_len: usize, limit: u32) -> Value {
 /// "no offset" and answers with the first page.
 fn parse_token(token: Option<&str>) -> Result<u64, SsmError> {
     let Some(t) = token else { return Ok(0) };
-    let bad = || SsmError::new("InvalidNextToken", "The specified token is not valid.");
+    let bad = || SsmError::new(Code::InvalidNextToken, "The specified token is not valid.");
     let hex_part = t.strip_prefix("fr1.").ok_or_else(bad)?;
     let bytes: [u8; 8] = hex::decode(hex_part)
         .ok()
@@ -418,7 +410,7 @@ fn check_instance_id(id: &str) -> Result<fleetrun_proto::NodeId, SsmError> {
     }
     id.parse().map_err(|_| {
         SsmError::new(
-            "InvalidInstanceId",
+            Code::InvalidNodeId,
             format!("Instance Id {id} is not a valid managed node"),
         )
     })
@@ -432,7 +424,7 @@ fn check_command_id(id: &str) -> Result<fleetrun_proto::CommandId, SsmError> {
     }
     id.parse().map_err(|_| {
         SsmError::new(
-            "InvalidCommandId",
+            Code::InvalidCommandId,
             format!("{id} is not a valid command id"),
         )
     })

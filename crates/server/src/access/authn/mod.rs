@@ -13,8 +13,10 @@ pub mod node;
 pub mod sigv4;
 
 use crate::access::authz::Principal;
-use crate::{AppState, access::secrets};
+use crate::access::secrets;
+use crate::errors::Code;
 use axum::http::{HeaderMap, Method, Uri, header};
+use fleetrun_store::Store;
 use std::time::SystemTime;
 
 /// Why a caller is not authenticated.
@@ -22,9 +24,9 @@ use std::time::SystemTime;
 pub enum AuthnError {
     /// Bad, missing or unknown credentials: the caller's fault, counted by the brute-force guard.
     Refused {
-        /// AWS error code for the SSM API (`IncompleteSignature`, `UnrecognizedClientException`...);
+        /// The kind: a SigV4 refusal's (`IncompleteSignature`, `UnrecognizedClient`...), or
         /// `Unauthorized` for bearer tokens.
-        code: &'static str,
+        code: Code,
         /// What is wrong, in one line (never the credential itself).
         message: String,
     },
@@ -33,7 +35,7 @@ pub enum AuthnError {
 }
 
 impl AuthnError {
-    fn refused(code: &'static str, message: impl Into<String>) -> Self {
+    fn refused(code: Code, message: impl Into<String>) -> Self {
         AuthnError::Refused {
             code,
             message: message.into(),
@@ -68,8 +70,8 @@ pub fn sigv4_credential(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The principal a request's `Authorization: Bearer TOKEN` acts as.
-pub async fn bearer(state: &AppState, headers: &HeaderMap) -> Result<Principal, AuthnError> {
-    let refused = |m: &str| AuthnError::refused("Unauthorized", m);
+pub async fn bearer(store: &Store, headers: &HeaderMap) -> Result<Principal, AuthnError> {
+    let refused = |m: &str| AuthnError::refused(Code::Unauthorized, m);
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(refused(
             "missing Authorization header: pass `Authorization: Bearer TOKEN`",
@@ -87,8 +89,7 @@ pub async fn bearer(state: &AppState, headers: &HeaderMap) -> Result<Principal, 
     };
     // Looked up by hash: the comparison is the database's index lookup of a SHA-256, so timing
     // says nothing about how much of a guess was right.
-    let (user, token_id) = state
-        .store
+    let (user, token_id) = store
         .token_principal(&secrets::hash(token))
         .await?
         .ok_or_else(|| refused("invalid or expired API token"))?;
@@ -97,7 +98,8 @@ pub async fn bearer(state: &AppState, headers: &HeaderMap) -> Result<Principal, 
 
 /// Verifies a request's SigV4 signature; the principal is the user the access key belongs to.
 pub async fn sigv4(
-    state: &AppState,
+    store: &Store,
+    secret_box: &secrets::SecretBox,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
@@ -108,15 +110,13 @@ pub async fn sigv4(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
-    let Some((nonce, sealed, user)) = state.store.access_key_secret(&auth.access_key_id).await?
-    else {
+    let Some((nonce, sealed, user)) = store.access_key_secret(&auth.access_key_id).await? else {
         return Err(AuthnError::refused(
-            "UnrecognizedClientException",
+            Code::UnrecognizedClient,
             "The security token included in the request is invalid.",
         ));
     };
-    let secret = state
-        .secret_box
+    let secret = secret_box
         .open_sealed(&nonce, &sealed)
         .and_then(|s| String::from_utf8(s).ok())
         .ok_or_else(|| {
@@ -136,7 +136,7 @@ pub async fn sigv4(
         body,
     };
     sigv4::verify(&auth, &req, &secret, SystemTime::now()).map_err(sig_err)?;
-    let user = state.store.user(&user).await?.ok_or_else(|| {
+    let user = store.user(&user).await?.ok_or_else(|| {
         AuthnError::Internal("an access key belongs to a user that does not exist".into())
     })?;
     Ok(Principal::new(user, auth.access_key_id.to_string()))

@@ -7,11 +7,10 @@
 //! so an agent that crashed between persisting its new key and hearing `KeyRotated` can always
 //! come back with the old key and send the same rotation again.
 
-use crate::AppState;
 use fleetrun_proto::NodeId;
 use fleetrun_proto::auth::{self, AuthError, NONCE_LEN};
 use fleetrun_proto::channel::ServerFrame;
-use fleetrun_store::NodeKeys;
+use fleetrun_store::{NodeKeys, Store};
 
 /// A fresh challenge for a new connection.
 pub fn challenge() -> [u8; NONCE_LEN] {
@@ -71,13 +70,13 @@ pub fn check_register(
 /// Checks a `Hello`: the node exists, is not deregistered, and signed this connection's challenge
 /// with one of its keys. Returns the key, hex, that the session is authenticated with.
 pub async fn check_hello(
-    state: &AppState,
+    store: &Store,
     node_id: &NodeId,
     nonce: &[u8],
     public_key: &[u8],
     signature: &[u8],
 ) -> Result<String, Refusal> {
-    let keys = match state.store.node_keys(node_id).await {
+    let keys = match store.node_keys(node_id).await {
         Ok(Some(k)) => k,
         Ok(None) => {
             return Err(Refusal::new(
@@ -110,7 +109,7 @@ pub async fn check_hello(
     // does a Hello write, so a reconnect storm costs reads only.)
     if keys.previous.is_some()
         && keys.current.as_deref() == Some(key.as_str())
-        && let Err(e) = state.store.node_key_proven(node_id, &key).await
+        && let Err(e) = store.node_key_proven(node_id, &key).await
     {
         tracing::error!(%node_id, "cannot record the end of a key rotation: {e}");
     }
@@ -164,7 +163,7 @@ fn verify_hello(
 /// A rotation request of the node's session authenticated with `session_key` (hex): stores the new
 /// key durably, then returns `KeyRotated`. The session's key becomes the new one.
 pub async fn rotate(
-    state: &AppState,
+    store: &Store,
     node_id: &NodeId,
     session_key: &mut String,
     old_public_key: &[u8],
@@ -181,11 +180,7 @@ pub async fn rotate(
     auth::verify(new_public_key, &message, signature).map_err(|e| format!("RotateKey: {e}"))?;
     let new = hex::encode(new_public_key);
     let now = fleetrun_proto::time::now_ms();
-    match state
-        .store
-        .rotate_node_key(node_id, session_key, &new, now)
-        .await
-    {
+    match store.rotate_node_key(node_id, session_key, &new, now).await {
         Ok(true) => {}
         Ok(false) => return Err("RotateKey: this session's key is no longer the node's".into()),
         Err(e) => {
@@ -202,7 +197,7 @@ pub async fn rotate(
 
 /// The agent uses its new key now: the previous one is no longer accepted.
 pub async fn confirmed(
-    state: &AppState,
+    store: &Store,
     node_id: &NodeId,
     session_key: &str,
     public_key: &[u8],
@@ -210,8 +205,7 @@ pub async fn confirmed(
     if hex::encode(public_key) != session_key {
         return Err("KeyConfirmed: not the key of this session's last rotation".into());
     }
-    state
-        .store
+    store
         .node_key_proven(node_id, session_key)
         .await
         .map_err(|e| {

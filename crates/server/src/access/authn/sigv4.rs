@@ -4,6 +4,7 @@
 //! the signing key from the access key's secret, and compares signatures in constant time. Requests
 //! dated more than 15 minutes away from the server's clock are refused, as AWS does.
 
+use crate::errors::Code;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
@@ -14,14 +15,13 @@ pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
 /// Why a signature was refused, with the AWS error code clients understand.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SigError {
-    /// AWS error code (`MissingAuthenticationTokenException`, `IncompleteSignatureException`,
-    /// `UnrecognizedClientException`, `InvalidSignatureException`).
-    pub code: &'static str,
+    /// The kind (`MissingAuthenticationToken`, `IncompleteSignature`, `InvalidSignature`).
+    pub code: Code,
     /// What is wrong.
     pub message: String,
 }
 
-fn err(code: &'static str, message: impl Into<String>) -> SigError {
+fn err(code: Code, message: impl Into<String>) -> SigError {
     SigError {
         code,
         message: message.into(),
@@ -58,13 +58,13 @@ pub struct Authorization {
 pub fn parse_authorization(value: Option<&str>) -> Result<Authorization, SigError> {
     let value = value.ok_or_else(|| {
         err(
-            "MissingAuthenticationTokenException",
+            Code::MissingAuthenticationToken,
             "Missing Authentication Token",
         )
     })?;
     let rest = value.strip_prefix("AWS4-HMAC-SHA256 ").ok_or_else(|| {
         err(
-            "IncompleteSignatureException",
+            Code::IncompleteSignature,
             "Authorization header must use the AWS4-HMAC-SHA256 algorithm",
         )
     })?;
@@ -81,7 +81,7 @@ pub fn parse_authorization(value: Option<&str>) -> Result<Authorization, SigErro
     }
     let incomplete = |what: &str| {
         err(
-            "IncompleteSignatureException",
+            Code::IncompleteSignature,
             format!("Authorization header requires '{what}' parameter"),
         )
     };
@@ -91,19 +91,19 @@ pub fn parse_authorization(value: Option<&str>) -> Result<Authorization, SigErro
     let parts: Vec<&str> = credential.split('/').collect();
     let [akid, date, region, service, terminator] = parts[..] else {
         return Err(err(
-            "IncompleteSignatureException",
+            Code::IncompleteSignature,
             format!("Credential should be scoped to a valid region, not {credential:?}"),
         ));
     };
     if terminator != "aws4_request" || akid.is_empty() || date.len() != 8 {
         return Err(err(
-            "IncompleteSignatureException",
+            Code::IncompleteSignature,
             format!("Credential {credential:?} is malformed"),
         ));
     }
     if service != "ssm" {
         return Err(err(
-            "InvalidSignatureException",
+            Code::InvalidSignature,
             format!("Credential should be scoped to correct service: 'ssm', not {service:?}"),
         ));
     }
@@ -126,13 +126,13 @@ pub fn verify(
 ) -> Result<(), SigError> {
     let amz_date = header(req, "x-amz-date").ok_or_else(|| {
         err(
-            "IncompleteSignatureException",
+            Code::IncompleteSignature,
             "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header",
         )
     })?;
     let when = parse_amz_date(amz_date).ok_or_else(|| {
         err(
-            "IncompleteSignatureException",
+            Code::IncompleteSignature,
             format!("X-Amz-Date {amz_date:?} is not of the form YYYYMMDDTHHMMSSZ"),
         )
     })?;
@@ -143,7 +143,7 @@ pub fn verify(
     if skew > MAX_SKEW {
         let now_s = humantime::format_rfc3339_seconds(now);
         return Err(err(
-            "InvalidSignatureException",
+            Code::InvalidSignature,
             format!(
                 "Signature expired: {amz_date} is now earlier than {now_s} minus 15 min, or later than it plus 15 min"
             ),
@@ -151,13 +151,13 @@ pub fn verify(
     }
     if !amz_date.starts_with(&auth.date) {
         return Err(err(
-            "InvalidSignatureException",
+            Code::InvalidSignature,
             "Date in Credential scope does not match YYYYMMDD from X-Amz-Date",
         ));
     }
     if !auth.signed_headers.iter().any(|h| h == "host") {
         return Err(err(
-            "InvalidSignatureException",
+            Code::InvalidSignature,
             "'Host' must be a signed header",
         ));
     }
@@ -166,7 +166,7 @@ pub fn verify(
         Ok(())
     } else {
         Err(err(
-            "InvalidSignatureException",
+            Code::InvalidSignature,
             "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.",
         ))
     }
@@ -207,7 +207,7 @@ pub fn sign(
     signed_headers: &[&str],
 ) -> Result<String, SigError> {
     let amz_date = header(req, "x-amz-date")
-        .ok_or_else(|| err("IncompleteSignatureException", "no x-amz-date header"))?;
+        .ok_or_else(|| err(Code::IncompleteSignature, "no x-amz-date header"))?;
     let auth = Authorization {
         access_key_id: access_key_id.to_owned(),
         date: amz_date.get(..8).unwrap_or_default().to_owned(),
@@ -256,7 +256,7 @@ fn canonical_request(req: &Request<'_>, signed: &[String]) -> Result<String, Sig
             .collect();
         if values.is_empty() {
             return Err(err(
-                "InvalidSignatureException",
+                Code::InvalidSignature,
                 format!("signed header {name:?} is missing from the request"),
             ));
         }
@@ -287,7 +287,7 @@ fn payload_hash(req: &Request<'_>) -> Result<String, SigError> {
     for claimed in claimed {
         if claimed == UNSIGNED_PAYLOAD || claimed.starts_with("STREAMING-") {
             return Err(err(
-                "InvalidSignatureException",
+                Code::InvalidSignature,
                 format!(
                     "x-amz-content-sha256 {claimed:?} is not accepted: the SSM API signs the payload; send the hex SHA-256 of the body, or no such header"
                 ),
@@ -295,7 +295,7 @@ fn payload_hash(req: &Request<'_>) -> Result<String, SigError> {
         }
         if !claimed.eq_ignore_ascii_case(&computed) {
             return Err(err(
-                "InvalidSignatureException",
+                Code::InvalidSignature,
                 "The provided 'x-amz-content-sha256' header does not match what was computed: it must be the hex SHA-256 of the request body.",
             ));
         }
@@ -360,7 +360,7 @@ mod tests {
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
         ));
         // The suite signs for service "service"; fleetrun only accepts "ssm".
-        assert_eq!(auth.unwrap_err().code, "InvalidSignatureException");
+        assert_eq!(auth.unwrap_err().code, Code::InvalidSignature);
         let mut auth = parse_authorization(Some(
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/ssm/aws4_request, SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
         ))
@@ -371,7 +371,7 @@ mod tests {
         assert_eq!(verify(&auth, &req, secret, at), Ok(()));
         assert_eq!(
             verify(&auth, &req, "wrong", at).unwrap_err().code,
-            "InvalidSignatureException"
+            Code::InvalidSignature
         );
         let late = at + Duration::from_secs(16 * 60);
         assert!(
@@ -386,15 +386,15 @@ mod tests {
     fn malformed_headers_are_named() {
         assert_eq!(
             parse_authorization(None).unwrap_err().code,
-            "MissingAuthenticationTokenException"
+            Code::MissingAuthenticationToken
         );
         assert_eq!(
             parse_authorization(Some("Bearer x")).unwrap_err().code,
-            "IncompleteSignatureException"
+            Code::IncompleteSignature
         );
         let e = parse_authorization(Some("AWS4-HMAC-SHA256 Credential=a/b/c/ssm/aws4_request"))
             .unwrap_err();
-        assert_eq!(e.code, "IncompleteSignatureException");
+        assert_eq!(e.code, Code::IncompleteSignature);
     }
 
     const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
@@ -456,14 +456,14 @@ mod tests {
         assert_eq!(check(a, a, true), Ok(()));
         assert_eq!(check(a, a, false), Ok(()));
         let swapped = check(a, b, true).unwrap_err();
-        assert_eq!(swapped.code, "InvalidSignatureException");
+        assert_eq!(swapped.code, Code::InvalidSignature);
         assert!(
             swapped.message.contains("x-amz-content-sha256"),
             "{}",
             swapped.message
         );
         let swapped = check(a, b, false).unwrap_err();
-        assert_eq!(swapped.code, "InvalidSignatureException");
+        assert_eq!(swapped.code, Code::InvalidSignature);
         assert!(swapped.message.contains("signature"), "{}", swapped.message);
     }
 
@@ -476,7 +476,7 @@ mod tests {
             let value = sign("AKIDTEST", SECRET, "eu-west-1", &request(&h, body), &names);
             // Even signing refuses to build the canonical request.
             let e = value.unwrap_err();
-            assert_eq!(e.code, "InvalidSignatureException");
+            assert_eq!(e.code, Code::InvalidSignature);
             assert!(e.message.contains(claimed), "{}", e.message);
         }
     }
@@ -542,7 +542,7 @@ mod tests {
                     mutated[i] ^= 1 << bit;
                 }
                 let refused = check(&body, &mutated, with_header).unwrap_err();
-                prop_assert_eq!(refused.code, "InvalidSignatureException");
+                prop_assert_eq!(refused.code, Code::InvalidSignature);
             }
         }
     }

@@ -2,6 +2,7 @@
 //! once when a document is created or updated, and again when a stored version is run.
 
 use super::DocError;
+use crate::errors::Code;
 use regex::Regex;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -119,14 +120,14 @@ pub struct Content {
 }
 
 fn bad(message: impl Into<String>) -> DocError {
-    DocError::new("InvalidDocumentContent", message)
+    DocError::new(Code::InvalidDocumentContent, message)
 }
 
 /// Parses and validates JSON content.
 pub fn parse(text: &str) -> Result<Content, DocError> {
     if text.len() > DOCUMENT_MAX {
         return Err(DocError::new(
-            "MaxDocumentSizeExceeded",
+            Code::MaxDocumentSizeExceeded,
             format!(
                 "The document is {} bytes; the limit is {DOCUMENT_MAX} bytes.",
                 text.len()
@@ -148,7 +149,7 @@ pub fn parse(text: &str) -> Result<Content, DocError> {
     };
     if !matches!(schema_version.as_str(), "1.2" | "2.0" | "2.2") {
         return Err(DocError::new(
-            "InvalidDocumentSchemaVersion",
+            Code::InvalidDocumentSchemaVersion,
             format!(
                 "schemaVersion {schema_version} is not a Command document schema: use 1.2, 2.0 or 2.2."
             ),

@@ -7,6 +7,7 @@
 pub mod content;
 pub mod params;
 
+use crate::errors::Code;
 use content::Content;
 use fleetrun_proto::api::{DOCUMENT_RUN_SHELL_SCRIPT, Document, DocumentParameter};
 use fleetrun_proto::time::{now_ms, rfc3339};
@@ -61,18 +62,18 @@ pub const OWNER_SELF: &str = "000000000000";
 /// When the built-in documents were "created" (2017-07-14), epoch ms.
 const BUILT_IN_CREATED_MS: i64 = 1_500_000_000_000;
 
-/// A refusal: an SSM-style error code and a message naming the problem.
+/// A refusal: its kind and a message naming the problem.
 #[derive(Debug, Clone)]
 pub struct DocError {
-    /// `InvalidDocument`, `InvalidDocumentContent`, `InvalidParameters`, ...
-    pub code: &'static str,
+    /// `DocumentNotFound`, `InvalidDocumentContent`, `InvalidParameters`, ...
+    pub code: Code,
     /// One line.
     pub message: String,
 }
 
 impl DocError {
     /// An error.
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         DocError {
             code,
             message: message.into(),
@@ -101,7 +102,22 @@ impl From<StoreError> for Error {
     }
 }
 
-fn invalid(code: &'static str, message: impl Into<String>) -> Error {
+impl From<Error> for crate::errors::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(e) => crate::errors::Error::new(e.code, e.message),
+            Error::Store(e) => e.into(),
+        }
+    }
+}
+
+impl<D> From<Error> for crate::errors::Answered<D> {
+    fn from(e: Error) -> Self {
+        crate::errors::Error::from(e).into()
+    }
+}
+
+fn invalid(code: Code, message: impl Into<String>) -> Error {
     Error::Invalid(DocError::new(code, message))
 }
 
@@ -203,7 +219,7 @@ fn pick_version(row: &DocumentRow, selector: Option<&str>) -> Result<i64, Error>
             .filter(|v| *v >= 1 && !n.starts_with('0') && !n.starts_with('+'))
             .ok_or_else(|| {
                 invalid(
-                    "InvalidDocumentVersion",
+                    Code::InvalidDocumentVersion,
                     format!("{n:?} is not a document version: use a number, $LATEST or $DEFAULT."),
                 )
             }),
@@ -220,7 +236,7 @@ pub async fn load(
 ) -> Result<Loaded, Error> {
     let no_version = |v: &str| {
         invalid(
-            "InvalidDocumentVersion",
+            Code::InvalidDocumentVersion,
             format!("Document {name} has no version {v}."),
         )
     };
@@ -237,7 +253,7 @@ pub async fn load(
     }
     let Some(row) = store.get_document(name).await? else {
         return Err(invalid(
-            "InvalidDocument",
+            Code::DocumentNotFound,
             format!("Document with name {name} does not exist."),
         ));
     };
@@ -286,7 +302,7 @@ fn check_name(name: &str) -> Result<(), Error> {
             .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
     if !ok {
         return Err(invalid(
-            "ValidationException",
+            Code::Validation,
             format!(
                 "1 validation error detected: Value '{name}' at 'name' failed to satisfy constraint: Member must satisfy regular expression pattern: ^[a-zA-Z0-9_\\-.]{{3,128}}$"
             ),
@@ -298,7 +314,7 @@ fn check_name(name: &str) -> Result<(), Error> {
         .any(|p| lower.starts_with(p))
     {
         return Err(invalid(
-            "ValidationException",
+            Code::Validation,
             format!(
                 "Document name {name} is not valid: names starting with AWS-, aws-, amazon or amzn are reserved."
             ),
@@ -314,7 +330,7 @@ fn check_version_name(label: Option<&str>) -> Result<(), Error> {
                 .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)))
     {
         return Err(invalid(
-            "ValidationException",
+            Code::Validation,
             format!(
                 "1 validation error detected: Value '{l}' at 'versionName' failed to satisfy constraint: Member must satisfy regular expression pattern: ^[a-zA-Z0-9_\\-.]{{1,128}}$"
             ),
@@ -361,13 +377,13 @@ pub async fn create(
         Created::Ok => {}
         Created::Exists => {
             return Err(invalid(
-                "DocumentAlreadyExists",
+                Code::DocumentAlreadyExists,
                 format!("A document named {name} already exists."),
             ));
         }
         Created::LimitExceeded => {
             return Err(invalid(
-                "DocumentLimitExceeded",
+                Code::DocumentLimitExceeded,
                 format!(
                     "There are {} documents, the most a server keeps.",
                     fleetrun_store::DOCUMENTS_MAX
@@ -381,7 +397,7 @@ pub async fn create(
 fn refuse_built_in(name: &str, what: &str) -> Result<(), Error> {
     if built_in(name).is_some() {
         return Err(invalid(
-            "InvalidDocumentOperation",
+            Code::InvalidDocumentOperation,
             format!("You can't {what} {name}: it is owned by Amazon (built in)."),
         ));
     }
@@ -404,7 +420,7 @@ pub async fn update(
             Ok(v) if v >= 1 => Some(v),
             _ => {
                 return Err(invalid(
-                    "InvalidDocumentVersion",
+                    Code::InvalidDocumentVersion,
                     format!(
                         "Document version {n} can't be updated: give $LATEST or the latest version number."
                     ),
@@ -420,13 +436,13 @@ pub async fn update(
         Added::Ok(v) => v,
         Added::Missing => {
             return Err(invalid(
-                "InvalidDocument",
+                Code::DocumentNotFound,
                 format!("Document with name {name} does not exist."),
             ));
         }
         Added::NotLatest(latest) => {
             return Err(invalid(
-                "InvalidDocumentVersion",
+                Code::InvalidDocumentVersion,
                 format!(
                     "Document version {} is not the latest version of {name} ({latest}).",
                     expected.unwrap_or_default()
@@ -435,13 +451,13 @@ pub async fn update(
         }
         Added::Duplicate(v) => {
             return Err(invalid(
-                "DuplicateDocumentContent",
+                Code::DuplicateDocumentContent,
                 format!("The content is the same as version {v} of {name}."),
             ));
         }
         Added::DuplicateVersionName => {
             return Err(invalid(
-                "DuplicateDocumentVersionName",
+                Code::DuplicateDocumentVersionName,
                 format!(
                     "A version of {name} is already named {}.",
                     version_name.unwrap_or_default()
@@ -450,7 +466,7 @@ pub async fn update(
         }
         Added::LimitExceeded => {
             return Err(invalid(
-                "DocumentVersionLimitExceeded",
+                Code::DocumentVersionLimitExceeded,
                 format!(
                     "{name} has {} versions, the most a document keeps.",
                     fleetrun_store::VERSIONS_MAX
@@ -466,7 +482,7 @@ pub async fn delete(store: &Store, name: &str) -> Result<(), Error> {
     refuse_built_in(name, "delete")?;
     if !store.delete_document(name).await? {
         return Err(invalid(
-            "InvalidDocument",
+            Code::DocumentNotFound,
             format!("Document with name {name} does not exist."),
         ));
     }
@@ -478,7 +494,7 @@ pub async fn set_default(store: &Store, name: &str, version: &str) -> Result<Loa
     refuse_built_in(name, "change the default version of")?;
     let Some(row) = store.get_document(name).await? else {
         return Err(invalid(
-            "InvalidDocument",
+            Code::DocumentNotFound,
             format!("Document with name {name} does not exist."),
         ));
     };
@@ -488,13 +504,13 @@ pub async fn set_default(store: &Store, name: &str, version: &str) -> Result<Loa
     }
     .ok_or_else(|| {
         invalid(
-            "InvalidDocumentVersion",
+            Code::InvalidDocumentVersion,
             format!("{version:?} is not a version number of {name}."),
         )
     })?;
     if !store.set_default_document_version(name, v).await? {
         return Err(invalid(
-            "InvalidDocumentVersion",
+            Code::InvalidDocumentVersion,
             format!("Document {name} has no version {v}."),
         ));
     }
@@ -555,7 +571,7 @@ mod tests {
             "x/y",
         ] {
             match check_name(bad) {
-                Err(Error::Invalid(e)) => assert_eq!(e.code, "ValidationException", "{bad}"),
+                Err(Error::Invalid(e)) => assert_eq!(e.code, Code::Validation, "{bad}"),
                 other => panic!("{bad}: {other:?}"),
             }
         }
@@ -565,10 +581,10 @@ mod tests {
     fn bad_content_is_refused_with_the_problem_named() {
         let code = |s: &str| content::parse(s).map(|_| ()).unwrap_err();
         let e = code("not json");
-        assert_eq!(e.code, "InvalidDocumentContent");
+        assert_eq!(e.code, Code::InvalidDocumentContent);
         assert!(
             code(r#"{"schemaVersion":"0.3","mainSteps":[]}"#).code
-                == "InvalidDocumentSchemaVersion"
+                == Code::InvalidDocumentSchemaVersion
         );
         let e = code(
             r#"{"schemaVersion":"2.2","mainSteps":[{"action":"aws:runPowerShellScript","name":"p","inputs":{"runCommand":["x"]}}]}"#,
@@ -606,6 +622,6 @@ mod tests {
             r#"{{"schemaVersion":"2.2","description":"{}","mainSteps":[]}}"#,
             "x".repeat(70_000)
         );
-        assert_eq!(code(&big).code, "MaxDocumentSizeExceeded");
+        assert_eq!(code(&big).code, Code::MaxDocumentSizeExceeded);
     }
 }

@@ -9,6 +9,7 @@
 
 use super::DocError;
 use super::content::{Content, ParamDef, ParamType, Step};
+use crate::errors::Code;
 use fleetrun_proto::limits::{
     EXECUTION_TIMEOUT_DEFAULT, EXECUTION_TIMEOUT_MAX, SCRIPT_MAX, WORKING_DIR_MAX,
 };
@@ -118,7 +119,7 @@ pub fn resolve(
     content: &Content,
     given: &BTreeMap<String, Vec<String>>,
 ) -> Result<BTreeMap<String, Vec<String>>, DocError> {
-    let bad = |m: String| DocError::new("InvalidParameters", m);
+    let bad = |m: String| DocError::new(Code::InvalidParameters, m);
     if let Some(k) = given
         .keys()
         .find(|k| !content.params.iter().any(|p| &p.name == *k))
@@ -247,7 +248,7 @@ impl Budget {
 
 fn too_big() -> DocError {
     DocError::new(
-        "MaxDocumentSizeExceeded",
+        Code::MaxDocumentSizeExceeded,
         format!(
             "the script with its parameters substituted is more than {SCRIPT_MAX} bytes; the limit is {SCRIPT_MAX}"
         ),
@@ -306,7 +307,7 @@ fn input_text(
         Some(Value::String(s)) => Some(
             substitute_within(s, values, " ", WORKING_DIR_MAX).ok_or_else(|| {
                 DocError::new(
-                    "InvalidParameters",
+                    Code::InvalidParameters,
                     format!(
                         "Step {:?}: {key} is longer than {WORKING_DIR_MAX} bytes with its parameters substituted.",
                         step.name
@@ -324,7 +325,7 @@ pub fn render(
     content: &Content,
     values: &BTreeMap<String, Vec<String>>,
 ) -> Result<Rendered, DocError> {
-    let bad = |m: String| DocError::new("InvalidParameters", m);
+    let bad = |m: String| DocError::new(Code::InvalidParameters, m);
     let mut parts = Vec::new();
     let mut budget = Budget(SCRIPT_MAX);
     for step in content.steps.iter().filter(|s| s.runs()) {
@@ -454,7 +455,7 @@ mod tests {
         let big = "v".repeat(10_000);
         let v = resolve("D", &doc, &given(&[("p", &[big.as_str()])])).unwrap();
         let e = render(&doc, &v).unwrap_err();
-        assert_eq!(e.code, "MaxDocumentSizeExceeded");
+        assert_eq!(e.code, Code::MaxDocumentSizeExceeded);
         assert!(
             e.message.contains(&format!("limit is {SCRIPT_MAX}")),
             "{}",
@@ -465,7 +466,7 @@ mod tests {
         let v = resolve("D", &doc, &given(&[("p", &["x"]), ("l", &many)])).unwrap();
         assert_eq!(
             render(&doc, &v).unwrap_err().code,
-            "MaxDocumentSizeExceeded"
+            Code::MaxDocumentSizeExceeded
         );
 
         let fits: Vec<&str> = vec!["0123456789"; 1_000];
@@ -484,7 +485,7 @@ mod tests {
         assert_eq!(v["count"], ["2"]);
         let err = |g: &[(&str, &[&str])]| resolve("D", &doc, &given(g)).unwrap_err();
         let e = err(&[]);
-        assert_eq!(e.code, "InvalidParameters");
+        assert_eq!(e.code, Code::InvalidParameters);
         assert!(e.message.contains("\"names\" is required"), "{}", e.message);
         assert!(
             err(&[("names", &["a"]), ("bogus", &["1"])])
@@ -679,7 +680,7 @@ mod tests {
                         prop_assert!(n <= SCRIPT_MAX + 256 * steps, "{}", n);
                     }
                     Err(e) => prop_assert!(
-                        e.code == "MaxDocumentSizeExceeded" || e.message.contains("workingDirectory"),
+                        e.code == Code::MaxDocumentSizeExceeded || e.message.contains("workingDirectory"),
                         "{:?}", e
                     ),
                 }
