@@ -35,7 +35,7 @@ use fleetrun_proto::time::rfc3339;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What a command asks of each node and how it is rolled out: the part of a command the dispatcher
 /// works from, the same when it is created and when it is resumed.
@@ -620,10 +620,7 @@ impl Store {
     }
 
     /// Counts of a command's invocations by (status, details).
-    pub async fn invocation_tally(
-        &self,
-        id: &CommandId,
-    ) -> Result<BTreeMap<(String, String), u64>> {
+    pub async fn invocation_tally(&self, id: &CommandId) -> Result<Tally> {
         let rows = sqlx::query(
             "SELECT status, status_details, COUNT(*) AS n FROM invocations WHERE command_id = ? GROUP BY status, status_details",
         )
@@ -632,15 +629,18 @@ impl Store {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    (r.get("status"), r.get("status_details")),
-                    r.get::<i64, _>("n") as u64,
-                )
+            .filter_map(|r| {
+                // A status this build does not know (a hand-edited row) counts as nothing.
+                let status = InvocationStatus::parse(r.get("status"))?;
+                let n = r.get::<i64, _>("n") as u64;
+                Some(((status, r.get("status_details")), n))
             })
             .collect())
     }
 }
+
+/// Counts of a command's invocations by (status, details).
+pub type Tally = HashMap<(InvocationStatus, String), u64>;
 
 fn parse_command_status(s: &str) -> CommandStatus {
     CommandStatus::parse(s).unwrap_or(CommandStatus::Failed)
