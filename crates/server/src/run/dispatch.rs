@@ -535,3 +535,51 @@ pub fn roll_up(tally: &Tally, e: Ending) -> (CommandStatus, &'static str) {
         (CommandStatus::Success, details::SUCCESS)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use InvocationStatus::{Cancelled, Failed, Success, TimedOut};
+
+    /// A tally from (status, details, count) rows.
+    fn tally(rows: &[(InvocationStatus, &str, u64)]) -> Tally {
+        rows.iter()
+            .map(|(s, d, n)| ((*s, (*d).to_owned()), *n))
+            .collect()
+    }
+
+    #[test]
+    fn roll_up_follows_ssm() {
+        // (rows, total, errors, max errors, cancel requested) -> final status and details.
+        #[rustfmt::skip]
+        let table: Vec<(&[(InvocationStatus, &str, u64)], u64, u64, u64, bool, CommandStatus, &str)> = vec![
+            (&[(Success, details::SUCCESS, 3)], 3, 0, 0, false, CommandStatus::Success, details::SUCCESS),
+            // A cancel that ended nothing itself (all had finished) does not make it Cancelled.
+            (&[(Success, details::SUCCESS, 2)], 2, 0, 0, true, CommandStatus::Success, details::SUCCESS),
+            (&[(Success, details::SUCCESS, 1), (Cancelled, details::CANCELLED, 1)], 2, 0, 0, true, CommandStatus::Cancelled, details::CANCELLED),
+            (&[(Failed, details::FAILED, 1), (Success, details::SUCCESS, 1)], 2, 1, 0, false, CommandStatus::Failed, details::FAILED),
+            // Every error an execution timeout: the command timed out.
+            (&[(TimedOut, details::EXECUTION_TIMED_OUT, 2)], 2, 2, 0, false, CommandStatus::TimedOut, details::EXECUTION_TIMED_OUT),
+            (&[(TimedOut, details::EXECUTION_TIMED_OUT, 1), (Failed, details::FAILED, 1)], 2, 2, 0, false, CommandStatus::Failed, details::FAILED),
+            // No node reached: delivery timed out.
+            (&[(TimedOut, details::DELIVERY_TIMED_OUT, 3)], 3, 0, 0, false, CommandStatus::TimedOut, details::DELIVERY_TIMED_OUT),
+            // Some reached, some not: Incomplete.
+            (&[(Success, details::SUCCESS, 1), (TimedOut, details::DELIVERY_TIMED_OUT, 1)], 2, 0, 0, false, CommandStatus::Failed, details::INCOMPLETE),
+            (&[(Failed, details::FAILED, 1), (Cancelled, details::MAX_ERRORS_EXCEEDED, 2)], 3, 1, 0, false, CommandStatus::Failed, details::FAILED),
+            // Failures within max errors: Success, as SSM reports it.
+            (&[(Success, details::SUCCESS, 2), (Failed, details::FAILED, 1)], 3, 1, 1, false, CommandStatus::Success, details::SUCCESS),
+            (&[(Success, details::SUCCESS, 1), (Failed, details::UNDELIVERABLE, 1), (Cancelled, details::CANCELLED, 1)], 3, 1, 1, false, CommandStatus::Failed, details::INCOMPLETE),
+        ];
+        for (i, (rows, total, errors, max_errors, cancel_requested, status, why)) in
+            table.into_iter().enumerate()
+        {
+            let ending = Ending {
+                total,
+                errors,
+                max_errors,
+                cancel_requested,
+            };
+            assert_eq!(roll_up(&tally(rows), ending), (status, why), "row {i}: {rows:?}");
+        }
+    }
+}
