@@ -27,7 +27,10 @@ async fn a_command_and_its_invocations_are_stored_before_the_send_answers() {
     let rows = db.invocation_rows(&id).await.unwrap();
     let nodes: Vec<_> = rows.iter().map(|r| r.node_id.clone()).collect();
     assert_eq!(nodes, vec![a.node_id.clone(), b.node_id.clone()]);
-    assert!(rows.iter().all(|r| r.status == InvocationStatus::Pending && !r.delivered));
+    assert!(
+        rows.iter()
+            .all(|r| r.status == InvocationStatus::Pending && !r.delivered)
+    );
 }
 
 /// The delivery is committed before `Run` reaches the agent; a `Run` the agent does not hold when
@@ -44,7 +47,10 @@ async fn run_is_recorded_before_it_is_sent_and_resent_until_the_agent_holds_it()
     assert_eq!(run.command_id, id);
     assert_eq!(run.script, "echo hi");
     let rows = db.invocation_rows(&id).await.unwrap();
-    assert!(rows[0].delivered, "Run arrived before its delivery was stored");
+    assert!(
+        rows[0].delivered,
+        "Run arrived before its delivery was stored"
+    );
 
     // Lost before it started: the reconnect without it gets it again.
     a.disconnect();
@@ -59,8 +65,8 @@ async fn run_is_recorded_before_it_is_sent_and_resent_until_the_agent_holds_it()
     a.finished(&id, 0, 0).await;
     a.expect("ResultAck, and no Run before it", |f| match f {
         fleetrun_proto::channel::ServerFrame::Run(r) => panic!("Run sent again: {r:?}"),
-        fleetrun_proto::channel::ServerFrame::ResultAck { command_id } => {
-            Some(assert_eq!(command_id, id))
+        fleetrun_proto::channel::ServerFrame::ResultAck { command_id } if command_id == id => {
+            Some(())
         }
         _ => None,
     })
@@ -116,7 +122,11 @@ async fn output_is_acknowledged_after_it_is_stored_and_stored_once() {
     a.output(&id, 0, b"hello ").await;
     assert_eq!(a.expect_ack(&id).await, 6);
     let stored = db.output_state(&id, &a.node_id).await.unwrap();
-    assert_eq!(stored.stdout, (6, b"hello ".to_vec()), "acknowledged before stored");
+    assert_eq!(
+        stored.stdout,
+        (6, b"hello ".to_vec()),
+        "acknowledged before stored"
+    );
 
     // A resend from 0 that goes further (a cut before the Ack reached the agent).
     a.output(&id, 0, b"hello world").await;
@@ -131,7 +141,10 @@ async fn output_is_acknowledged_after_it_is_stored_and_stored_once() {
     a.expect_result_ack(&id).await;
     server.wait_terminal(&id, support::DEADLINE).await;
     let inv = db.get_invocation(&id, &a.node_id).await.unwrap().unwrap();
-    assert_eq!((inv.stdout.as_str(), inv.stdout_bytes), ("hello world!", 12));
+    assert_eq!(
+        (inv.stdout.as_str(), inv.stdout_bytes),
+        ("hello world!", 12)
+    );
 }
 
 /// A result is stored before `ResultAck`, once: a second copy (the agent resends until it has the
@@ -149,7 +162,11 @@ async fn a_result_is_stored_once() {
     a.finished(&id, 0, 0).await;
     a.expect_result_ack(&id).await;
     let inv = db.get_invocation(&id, &a.node_id).await.unwrap().unwrap();
-    assert_eq!(inv.status, InvocationStatus::Success, "ResultAck before the result was stored");
+    assert_eq!(
+        inv.status,
+        InvocationStatus::Success,
+        "ResultAck before the result was stored"
+    );
 
     // A copy that disagrees: it must not count, nor change the stored result.
     a.finished(&id, 3, 0).await;
@@ -182,12 +199,13 @@ async fn a_retried_send_runs_once() {
     assert_eq!(headers["idempotent-replayed"], "true");
     assert_eq!(replayed["command_id"], sent["command_id"]);
     let other = json!({"node_ids": [a.node_id], "commands": ["false"]});
-    let (refused, _, why) = server
-        .call(post, "/v1/commands", Some(&other), &key)
-        .await;
+    let (refused, _, why) = server.call(post, "/v1/commands", Some(&other), &key).await;
     assert_eq!(refused, 422, "{why}");
     let listed = server.get("/v1/commands").await;
-    let commands = listed["commands"].as_array().or(listed.as_array()).expect("a listing");
+    let commands = listed["commands"]
+        .as_array()
+        .or(listed.as_array())
+        .expect("a listing");
     assert_eq!(commands.len(), 1, "{listed}");
 }
 

@@ -541,6 +541,17 @@ mod tests {
     use super::*;
     use InvocationStatus::{Cancelled, Failed, Success, TimedOut};
 
+    /// Tally rows, total, errors, max errors, cancel requested; then the expected status.
+    type Row = (
+        &'static [(InvocationStatus, &'static str, u64)],
+        u64,
+        u64,
+        u64,
+        bool,
+        CommandStatus,
+        &'static str,
+    );
+
     /// A tally from (status, details, count) rows.
     fn tally(rows: &[(InvocationStatus, &str, u64)]) -> Tally {
         rows.iter()
@@ -552,7 +563,7 @@ mod tests {
     fn roll_up_follows_ssm() {
         // (rows, total, errors, max errors, cancel requested) -> final status and details.
         #[rustfmt::skip]
-        let table: Vec<(&[(InvocationStatus, &str, u64)], u64, u64, u64, bool, CommandStatus, &str)> = vec![
+        let table: Vec<Row> = vec![
             (&[(Success, details::SUCCESS, 3)], 3, 0, 0, false, CommandStatus::Success, details::SUCCESS),
             // A cancel that ended nothing itself (all had finished) does not make it Cancelled.
             (&[(Success, details::SUCCESS, 2)], 2, 0, 0, true, CommandStatus::Success, details::SUCCESS),
@@ -579,7 +590,11 @@ mod tests {
                 max_errors,
                 cancel_requested,
             };
-            assert_eq!(roll_up(&tally(rows), ending), (status, why), "row {i}: {rows:?}");
+            assert_eq!(
+                roll_up(&tally(rows), ending),
+                (status, why),
+                "row {i}: {rows:?}"
+            );
         }
     }
 }

@@ -5,7 +5,9 @@
 #![allow(dead_code)]
 
 use fleetrun_proto::auth::{self, NodeKey};
-use fleetrun_proto::channel::{AgentFrame, ExecResult, NodeInfo, Outcome, Pipe, ServerFrame, StreamId};
+use fleetrun_proto::channel::{
+    AgentFrame, ExecResult, NodeInfo, Outcome, Pipe, ServerFrame, StreamId,
+};
 use fleetrun_proto::version::PROTOCOL_VERSION;
 use fleetrun_proto::{CommandId, NodeId};
 use fleetrun_server::net::tls::TlsMode;
@@ -149,7 +151,12 @@ impl TestServer {
     /// A new activation code (for one node).
     pub async fn activation(&self) -> String {
         let (status, _, body) = self
-            .call(reqwest::Method::POST, "/v1/activations", Some(&json!({})), &[])
+            .call(
+                reqwest::Method::POST,
+                "/v1/activations",
+                Some(&json!({})),
+                &[],
+            )
             .await;
         assert_eq!(status, 201, "{body}");
         body["code"].as_str().expect("code").to_owned()
@@ -286,9 +293,11 @@ impl ScriptedAgent {
         within("the node to be online", async {
             loop {
                 let nodes = server.get("/v1/nodes").await;
-                let online = nodes.as_array().into_iter().flatten().any(|n| {
-                    n["node_id"] == node.as_str() && n["ping_status"] == "Online"
-                });
+                let online = nodes
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|n| n["node_id"] == node.as_str() && n["ping_status"] == "Online");
                 if online {
                     return;
                 }
