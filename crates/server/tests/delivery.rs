@@ -269,3 +269,32 @@ async fn expiry_ends_the_output_actor_of_a_node_that_never_returns() {
     assert_eq!(inv.status, InvocationStatus::TimedOut);
     assert_eq!(inv.stdout, "last words");
 }
+
+/// Deregistering a node ends its running invocation (Failed / Terminated) and that invocation's
+/// output actor before the API answers, keeping what the actor held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregistration_ends_the_runs_and_output_actors_of_the_node() {
+    let server = TestServer::start().await;
+    let db = server.store().await;
+    let mut a = ScriptedAgent::online(&server, "dereg-a").await;
+    let id = server
+        .send(json!({"node_ids": [a.node_id], "commands": ["sleep 100"]}))
+        .await;
+    a.expect_run().await;
+    a.started(&id).await;
+    a.output(&id, 0, b"so far").await;
+    assert_eq!(a.expect_ack(&id).await, 6);
+
+    let path = format!("/v1/nodes/{}", a.node_id);
+    let (status, _, body) = server.call(reqwest::Method::DELETE, &path, None, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let storage = server.get("/v1/storage").await;
+    assert_eq!(storage["live_output_actors"], 0, "{storage}");
+    let inv = db.get_invocation(&id, &a.node_id).await.unwrap().unwrap();
+    assert_eq!(
+        (inv.status, inv.status_details.as_str(), inv.stdout.as_str()),
+        (InvocationStatus::Failed, details::TERMINATED, "so far")
+    );
+    let done = server.wait_terminal(&id, support::DEADLINE).await;
+    assert_eq!(done["status"], "Failed", "{done}");
+}

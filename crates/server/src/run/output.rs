@@ -532,3 +532,57 @@ pub fn read_stored(
             .boxed(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome, exit_code: i32) -> ExecResult {
+        ExecResult {
+            outcome,
+            exit_code,
+            signal: None,
+            started_at_ms: 10,
+            finished_at_ms: 20,
+            cpu_user_ms: 1,
+            cpu_system_ms: 2,
+            max_rss_kb: 3,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            message: String::new(),
+            limits_applied: String::new(),
+        }
+    }
+
+    /// Every outcome an agent reports maps to SSM's status and details; only a run that started
+    /// carries its start and resource use.
+    #[test]
+    fn results_map_to_ssm_statuses() {
+        use InvocationStatus::{Cancelled, Failed, Success, TimedOut};
+        #[rustfmt::skip]
+        let table = [
+            (Outcome::Exited, 0, Success, details::SUCCESS, true),
+            (Outcome::Exited, 2, Failed, details::FAILED, true),
+            (Outcome::TimedOut, -1, TimedOut, details::EXECUTION_TIMED_OUT, true),
+            (Outcome::Cancelled, -1, Cancelled, details::CANCELLED, true),
+            (Outcome::NotStarted, -1, Failed, details::UNDELIVERABLE, false),
+            (Outcome::MemoryLimitExceeded, 137, Failed, details::MEMORY_LIMIT_EXCEEDED, true),
+            (Outcome::AgentRestarted, -1, Failed, details::TERMINATED, true),
+        ];
+        for (outcome, code, status, why, ran) in table {
+            let f = finish_from_result(&result(outcome, code));
+            assert_eq!(
+                (f.status, f.details, f.exit_code),
+                (status, why, code),
+                "{outcome:?}"
+            );
+            assert_eq!(f.started_at.is_some(), ran, "{outcome:?}");
+            assert_eq!(f.cpu_user_ms.is_some(), ran, "{outcome:?}");
+            assert_eq!(f.finished_at, 20);
+        }
+        // A result without a finish time is stamped with the server's.
+        let mut r = result(Outcome::Exited, 0);
+        r.finished_at_ms = 0;
+        assert!(finish_from_result(&r).finished_at > 20);
+    }
+}
