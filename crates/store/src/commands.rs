@@ -35,7 +35,7 @@ use fleetrun_proto::time::rfc3339;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What a command asks of each node and how it is rolled out: the part of a command the dispatcher
 /// works from, the same when it is created and when it is resumed.
@@ -620,10 +620,7 @@ impl Store {
     }
 
     /// Counts of a command's invocations by (status, details).
-    pub async fn invocation_tally(
-        &self,
-        id: &CommandId,
-    ) -> Result<BTreeMap<(String, String), u64>> {
+    pub async fn invocation_tally(&self, id: &CommandId) -> Result<Tally> {
         let rows = sqlx::query(
             "SELECT status, status_details, COUNT(*) AS n FROM invocations WHERE command_id = ? GROUP BY status, status_details",
         )
@@ -632,15 +629,18 @@ impl Store {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    (r.get("status"), r.get("status_details")),
-                    r.get::<i64, _>("n") as u64,
-                )
+            .filter_map(|r| {
+                // A status this build does not know (a hand-edited row) counts as nothing.
+                let status = InvocationStatus::parse(r.get("status"))?;
+                let n = r.get::<i64, _>("n") as u64;
+                Some(((status, r.get("status_details")), n))
             })
             .collect())
     }
 }
+
+/// Counts of a command's invocations by (status, details).
+pub type Tally = HashMap<(InvocationStatus, String), u64>;
 
 fn parse_command_status(s: &str) -> CommandStatus {
     CommandStatus::parse(s).unwrap_or(CommandStatus::Failed)
@@ -942,4 +942,168 @@ pub(crate) fn visible_json(visible: Option<&HashSet<NodeId>>) -> Option<String> 
         )
         .to_string()
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A command on `n` nodes (mi-0..), all invocations Pending.
+    pub(crate) async fn command_on(store: &Store, n: u128) -> (CommandId, Vec<NodeId>) {
+        let id: CommandId = "0b6a1f0e-4c4b-4f5e-9a39-7f1d2a3b4c5d".parse().unwrap();
+        let nodes: Vec<NodeId> = (0..n).map(NodeId::from_random).collect();
+        let c = NewCommand {
+            command_id: id.clone(),
+            document_name: "AWS-RunShellScript".into(),
+            document_version: "1".into(),
+            parameters: BTreeMap::new(),
+            comment: String::new(),
+            node_ids: nodes.clone(),
+            targets: String::new(),
+            spec: CommandSpec {
+                commands: vec!["true".into()],
+                working_dir: String::new(),
+                execution_timeout: 60,
+                delivery_timeout: 60,
+                max_concurrency: "50".into(),
+                max_errors: "0".into(),
+                run_as: String::new(),
+                memory_limit_mb: None,
+                cpu_limit_percent: None,
+                requested_at: 1,
+            },
+            invocations: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), format!("n{i}")))
+                .collect(),
+            ssm_extra: None,
+            idempotency: None,
+        };
+        store.insert_command(&c).await.unwrap();
+        (id, nodes)
+    }
+
+    fn ended(status: InvocationStatus, why: &'static str) -> Finish {
+        Finish::without_running(status, why, 2, "test")
+    }
+
+    /// An invocation ends once: a second end (of another status) changes neither it nor the
+    /// command's counters; a non-terminal status (Cancelling) can still end.
+    #[tokio::test]
+    async fn finish_invocations_moves_only_from_a_non_terminal_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let (id, n) = command_on(&store, 3).await;
+        let success = ended(InvocationStatus::Success, details::SUCCESS);
+        let failed = ended(InvocationStatus::Failed, details::FAILED);
+
+        let first = store
+            .finish_invocations(&id, &[(n[0].clone(), success)])
+            .await
+            .unwrap();
+        assert_eq!(first, vec![n[0].clone()]);
+        let second = store
+            .finish_invocations(
+                &id,
+                &[(n[0].clone(), failed.clone()), (n[1].clone(), failed)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(second, vec![n[1].clone()], "n0 was terminal already");
+
+        store.mark_cancelling(&id, &[n[2].clone()]).await.unwrap();
+        let timed_out = ended(InvocationStatus::TimedOut, details::DELIVERY_TIMED_OUT);
+        let third = store
+            .finish_invocations(&id, &[(n[2].clone(), timed_out)])
+            .await
+            .unwrap();
+        assert_eq!(third, vec![n[2].clone()], "Cancelling is not terminal");
+        let again = store
+            .finish_invocations(
+                &id,
+                &[(
+                    n[2].clone(),
+                    ended(InvocationStatus::Cancelled, details::CANCELLED),
+                )],
+            )
+            .await
+            .unwrap();
+        assert!(again.is_empty());
+
+        let cmd = store.get_command(&id).await.unwrap().unwrap();
+        assert_eq!(
+            (
+                cmd.completed_count,
+                cmd.error_count,
+                cmd.delivery_timed_out_count
+            ),
+            (3, 1, 1)
+        );
+        let statuses: Vec<_> = store
+            .invocation_rows(&id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.status)
+            .collect();
+        use InvocationStatus::{Failed, Success, TimedOut};
+        assert_eq!(statuses, vec![Success, Failed, TimedOut]);
+        let tally = store.invocation_tally(&id).await.unwrap();
+        assert_eq!(tally.get(&(Success, details::SUCCESS.to_owned())), Some(&1));
+        assert_eq!(tally.values().sum::<u64>(), 3);
+    }
+
+    /// A command stored by the first schema (before commands kept their parameters) reads with
+    /// AWS-RunShellScript's parameters derived from its script, working dir and timeout.
+    #[tokio::test]
+    async fn a_command_stored_by_the_first_schema_reads_with_derived_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+            sqlx::migrate!("./migrations")
+                .run_to(1, &pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
+                    delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, status,
+                    status_details, requested_at, target_count, completed_count)
+                 VALUES ('3f2504e0-4f89-41d3-9a0c-0305e82c3301', 'AWS-RunShellScript', '[\"uptime\",\"df -h\"]',
+                    '/srv', 120, 600, 'old', '[]', 'all', '50', '0', 'Success', 'Success', 1000, 1, 1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let store = Store::open_sqlite(&path).await.unwrap();
+        let id: CommandId = "3f2504e0-4f89-41d3-9a0c-0305e82c3301".parse().unwrap();
+        let cmd = store
+            .get_command(&id)
+            .await
+            .unwrap()
+            .expect("the legacy row");
+        let expected = BTreeMap::from([
+            (
+                "commands".to_owned(),
+                vec!["uptime".to_owned(), "df -h".to_owned()],
+            ),
+            ("workingDirectory".to_owned(), vec!["/srv".to_owned()]),
+            ("executionTimeout".to_owned(), vec!["120".to_owned()]),
+        ]);
+        assert_eq!(cmd.parameters, expected);
+        assert_eq!(
+            (cmd.document_version.as_str(), cmd.comment.as_str()),
+            ("", "old")
+        );
+        assert_eq!(cmd.status, CommandStatus::Success);
+        assert_eq!(cmd.execution_timeout_secs, 120);
+    }
 }

@@ -19,6 +19,8 @@ use super::commands::{self, OutputState};
 use super::{Finish, Result, StoreError};
 use fleetrun_proto::{CommandId, NodeId};
 use sqlx::{SqliteConnection, SqlitePool};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most writes committed in one transaction.
@@ -148,6 +150,9 @@ pub(super) struct Writer {
     tx: mpsc::UnboundedSender<WriteOp>,
     /// Audit records nobody waits for (reads, refused requests), and barriers.
     audit: mpsc::Sender<WriteOp>,
+    /// Transactions committed (batches and retries), for tests of the grouping.
+    #[cfg_attr(not(test), allow(dead_code))]
+    commits: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -155,8 +160,15 @@ impl Writer {
     pub(super) fn spawn(pool: SqlitePool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (audit, audit_rx) = mpsc::channel(AUDIT_QUEUE_MAX);
-        tokio::spawn(run(pool, rx, audit_rx));
-        Writer { tx, audit }
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(pool, rx, audit_rx, commits.clone()));
+        Writer { tx, audit, commits }
+    }
+
+    /// Transactions committed so far.
+    #[cfg(test)]
+    fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
     }
 
     /// Queues an audit record without waiting for its commit (only for room in the queue, when
@@ -211,6 +223,7 @@ async fn run(
     pool: SqlitePool,
     mut rx: mpsc::UnboundedReceiver<WriteOp>,
     mut audit: mpsc::Receiver<WriteOp>,
+    commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(BATCH_MAX + AUDIT_PER_BATCH_MIN);
     loop {
@@ -236,7 +249,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        match commit(&pool, &batch).await {
+        match commit(&pool, &batch, &commits).await {
             Ok(done) => {
                 for (op, d) in batch.drain(..).zip(done) {
                     op.answer(Ok(d));
@@ -253,7 +266,7 @@ async fn run(
                     "batched write failed ({e}); retrying each write on its own"
                 );
                 for op in batch.drain(..) {
-                    let r = commit(&pool, std::slice::from_ref(&op))
+                    let r = commit(&pool, std::slice::from_ref(&op), &commits)
                         .await
                         .and_then(|mut d| d.pop().ok_or(StoreError::Missing("write result")));
                     op.answer(r);
@@ -267,7 +280,7 @@ async fn run(
 ///
 /// The transaction takes the write lock at `BEGIN` (`IMMEDIATE`): a deferred one that read first
 /// and then found the lock held (by some other process) would fail at once, without the busy timeout.
-async fn commit(pool: &SqlitePool, ops: &[WriteOp]) -> Result<Vec<Done>> {
+async fn commit(pool: &SqlitePool, ops: &[WriteOp], commits: &AtomicU64) -> Result<Vec<Done>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut done = Vec::with_capacity(ops.len());
     let mut audits = Vec::new();
@@ -276,5 +289,72 @@ async fn commit(pool: &SqlitePool, ops: &[WriteOp]) -> Result<Vec<Done>> {
     }
     audit::append(&mut tx, &audits).await?;
     tx.commit().await?;
+    commits.fetch_add(1, Ordering::Relaxed);
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Store;
+    use super::super::commands::tests::command_on;
+    use super::*;
+    use fleetrun_proto::InvocationStatus;
+    use fleetrun_proto::status::details;
+
+    /// Writes queued together are committed in one transaction, and each caller gets its own
+    /// answer: output lengths, a finish with the nodes it ended, a starts' stored state, an audit.
+    #[tokio::test]
+    async fn queued_writes_commit_together_and_each_caller_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let (id, n) = command_on(&store, 8).await;
+        let before = store.writer.commits();
+
+        // On this single-threaded runtime every write below is queued before the writer task runs.
+        let out = |i: usize| {
+            let line = format!("out {i}");
+            let (store, id, node) = (&store, &id, &n[i]);
+            async move {
+                store
+                    .update_output(id, node, false, line.len() as u64, line.as_bytes())
+                    .await
+            }
+        };
+        let finish = Finish::without_running(InvocationStatus::Failed, details::FAILED, 5, "x");
+        let ends = [(n[4].clone(), finish.clone()), (n[5].clone(), finish)];
+        let audit = AuditEntry {
+            at: 5,
+            principal: "tester".into(),
+            action: "test".into(),
+            ..AuditEntry::default()
+        };
+        let (o0, o1, o2, o3, finished, started, audited) = tokio::join!(
+            out(0),
+            out(1),
+            out(2),
+            out(3),
+            store.finish_invocations(&id, &ends),
+            store.mark_started(&id, &n[6], 7),
+            store.append_audit(audit),
+        );
+        let outputs = [o0, o1, o2, o3];
+        assert!(outputs.iter().all(|r| r.is_ok()), "{outputs:?}");
+        assert_eq!(finished.unwrap(), vec![n[4].clone(), n[5].clone()]);
+        assert_eq!(started.unwrap().map(|s| s.stdout.0), Some(0));
+        audited.unwrap();
+        assert_eq!(
+            store.writer.commits() - before,
+            1,
+            "one transaction for all of them"
+        );
+
+        for (i, node) in n[..4].iter().enumerate() {
+            let s = store.output_state(&id, node).await.unwrap();
+            assert_eq!(s.stdout.1, format!("out {i}").into_bytes());
+        }
+        let cmd = store.get_command(&id).await.unwrap().unwrap();
+        assert_eq!((cmd.completed_count, cmd.error_count), (2, 2));
+    }
 }

@@ -4,7 +4,7 @@ use super::{ApiError, parse_id};
 use crate::AppState;
 use crate::access::authz::{Action, NodeRef, Principal, Resource};
 use crate::errors::Code;
-use crate::run::dispatch::end_invocations;
+use crate::run::invocations::Ender;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use fleetrun_proto::api::Node;
@@ -92,8 +92,7 @@ pub async fn deregister(
             (details::UNDELIVERABLE, "the node was deregistered")
         };
         let f = Finish::without_running(InvocationStatus::Failed, detail, now_ms(), note);
-        end_invocations(&state, &cmd, vec![(id.clone(), f)]).await?;
-        state.outputs.close(&(cmd, id.clone()));
+        Ender::of(&state).end(&cmd, vec![(id.clone(), f)]).await?;
     }
     tracing::info!(node = %id, "node deregistered");
     Ok(Json(node))

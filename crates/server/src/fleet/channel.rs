@@ -8,7 +8,8 @@ use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS};
 use crate::access::authn;
 use crate::access::secrets;
-use crate::run::dispatch::{DispatchMsg, end_invocations};
+use crate::run::dispatch::DispatchMsg;
+use crate::run::invocations::Ender;
 use crate::run::output::OutputMsg;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -426,7 +427,15 @@ async fn session(
         let _ = sink.close().await;
     });
 
-    if let Err(e) = reconcile(&state, &node, &known).await {
+    if let Err(e) = reconcile(
+        &state.store,
+        &state.outputs,
+        &state.dispatchers,
+        &node,
+        &known,
+    )
+    .await
+    {
         tracing::error!(%node, "cannot reconcile deliveries: {e}");
     }
     state.hub.announce_online(&node);
@@ -664,7 +673,7 @@ async fn route(
                 Ok(None) => {
                     // Ended already (or unknown): nothing more will come for a new actor.
                     if new {
-                        let _ = actor.send(OutputMsg::Close);
+                        let _ = actor.send(OutputMsg::Close { done: None });
                     }
                 }
                 Err(e) => tracing::error!(%node, %command_id, "cannot record start: {e}"),
@@ -727,11 +736,13 @@ async fn route(
 /// Squares the server's view of a node's deliveries with what its agent still holds: a delivery the
 /// agent does not know was lost before it started (deliver again) or while it ran (Terminated).
 async fn reconcile(
-    state: &Arc<AppState>,
+    store: &fleetrun_store::Store,
+    outputs: &crate::run::output::Outputs,
+    dispatchers: &crate::run::dispatch::Dispatchers,
     node: &NodeId,
     known: &HashSet<fleetrun_proto::CommandId>,
 ) -> Result<(), fleetrun_store::StoreError> {
-    for (cmd, started) in state.store.open_invocations(node, true).await? {
+    for (cmd, started) in store.open_invocations(node, true).await? {
         if known.contains(&cmd) {
             continue;
         }
@@ -742,13 +753,12 @@ async fn reconcile(
                 now_ms(),
                 "the agent restarted while the command ran; its result is unknown",
             );
-            end_invocations(state, &cmd, vec![(node.clone(), f)]).await?;
-            state.outputs.close(&(cmd, node.clone()));
+            Ender::new(store, outputs, dispatchers)
+                .end(&cmd, vec![(node.clone(), f)])
+                .await?;
         } else {
-            state.store.mark_undelivered(&cmd, node).await?;
-            state
-                .dispatchers
-                .send(&cmd, DispatchMsg::Undelivered(node.clone()));
+            store.mark_undelivered(&cmd, node).await?;
+            dispatchers.send(&cmd, DispatchMsg::Undelivered(node.clone()));
         }
     }
     Ok(())

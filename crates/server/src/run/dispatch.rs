@@ -7,13 +7,14 @@
 //! Every state change is persisted before the frame it leads to is sent.
 
 use crate::AppState;
+use crate::run::invocations::Ender;
 use fleetrun_proto::channel::{RunRequest, ServerFrame};
 use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::Rate;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
-use fleetrun_store::{CommandRow, Finish, StoreError};
+use fleetrun_store::{CommandRow, Finish, StoreError, Tally};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,26 +66,6 @@ impl Dispatchers {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Handle>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// Ends invocations: persists, stops their output actors, tells the dispatcher and watchers.
-pub async fn end_invocations(
-    state: &Arc<AppState>,
-    cmd: &CommandId,
-    ends: Vec<(NodeId, Finish)>,
-) -> Result<Vec<NodeId>, StoreError> {
-    let ended = state.store.finish_invocations(cmd, &ends).await?;
-    if !ended.is_empty() {
-        let ended_set: HashSet<&NodeId> = ended.iter().collect();
-        let msg: Vec<(NodeId, bool)> = ends
-            .iter()
-            .filter(|(n, _)| ended_set.contains(n))
-            .map(|(n, f)| (n.clone(), f.is_error()))
-            .collect();
-        state.dispatchers.send(cmd, DispatchMsg::Ended(msg));
-        state.dispatchers.bump(cmd);
-    }
-    Ok(ended)
 }
 
 /// Starts the dispatcher of a command (new, or resumed after a restart).
@@ -336,7 +317,7 @@ impl Dispatcher {
                         (n, f)
                     })
                     .collect();
-                end_invocations(&self.state, &self.cmd, ends).await?;
+                self.ender().end(&self.cmd, ends).await?;
                 return Ok(());
             }
         };
@@ -377,7 +358,7 @@ impl Dispatcher {
             .into_iter()
             .map(|n| (n, Finish::without_running(status, why, now, message)))
             .collect();
-        end_invocations(&self.state, &self.cmd, ends).await?;
+        self.ender().end(&self.cmd, ends).await?;
         Ok(())
     }
 
@@ -409,7 +390,7 @@ impl Dispatcher {
                 )
             })
             .collect();
-        end_invocations(&self.state, &self.cmd, ends).await?;
+        self.ender().end(&self.cmd, ends).await?;
         self.end_undelivered(InvocationStatus::TimedOut, details::DELIVERY_TIMED_OUT)
             .await
     }
@@ -445,7 +426,7 @@ impl Dispatcher {
                     (n, f)
                 })
                 .collect();
-            end_invocations(&self.state, &self.cmd, ends).await?;
+            self.ender().end(&self.cmd, ends).await?;
         }
         // In flight: the node stops them and reports Cancelled.
         let flying: Vec<NodeId> = self
@@ -480,46 +461,140 @@ impl Dispatcher {
         );
     }
 
+    /// Ends invocations through the one place that does (it closes their output actors too).
+    fn ender(&self) -> Ender<'_> {
+        Ender::of(&self.state)
+    }
+
     /// Rolls the invocations' statuses up into the command's final status.
     async fn finalize(&self) -> Result<(), StoreError> {
         let Some(row) = self.state.store.command_row(&self.cmd).await? else {
             return Ok(());
         };
         let tally = self.state.store.invocation_tally(&self.cmd).await?;
-        let count = |status: &str, detail: Option<&str>| -> u64 {
-            tally
-                .iter()
-                .filter(|((s, d), _)| s == status && detail.is_none_or(|x| x == d))
-                .map(|(_, n)| *n)
-                .sum()
+        let ending = Ending {
+            total: row.target_count,
+            errors: row.error_count,
+            max_errors: self.max_errors,
+            cancel_requested: row.cancel_requested,
         };
-        let total = row.target_count;
-        let success = count("Success", None);
-        let delivery_timeouts = count("TimedOut", Some(details::DELIVERY_TIMED_OUT));
-        let exec_timeouts = count("TimedOut", None) - delivery_timeouts;
-        let operator_cancelled = count("Cancelled", Some(details::CANCELLED));
-        let (status, why) = if success == total {
-            (CommandStatus::Success, details::SUCCESS)
-        } else if row.cancel_requested && operator_cancelled > 0 {
-            (CommandStatus::Cancelled, details::CANCELLED)
-        } else if row.error_count > self.max_errors {
-            if exec_timeouts == row.error_count {
-                (CommandStatus::TimedOut, details::EXECUTION_TIMED_OUT)
-            } else {
-                (CommandStatus::Failed, details::FAILED)
-            }
-        } else if delivery_timeouts == total - success && success == 0 {
-            (CommandStatus::TimedOut, details::DELIVERY_TIMED_OUT)
-        } else if success + row.error_count < total {
-            // Some never ran (delivery timed out, cancelled, skipped): SSM calls this Incomplete.
-            (CommandStatus::Failed, details::INCOMPLETE)
-        } else {
-            // Failures within max errors: the command succeeded, as SSM reports it.
-            (CommandStatus::Success, details::SUCCESS)
-        };
+        let (status, why) = roll_up(&tally, ending);
         self.state
             .store
             .set_command_status(&self.cmd, status, why)
             .await
+    }
+}
+
+/// What a command's final status is rolled up from, besides its invocations' tally.
+#[derive(Clone, Copy, Debug)]
+pub struct Ending {
+    /// Invocations of the command.
+    pub total: u64,
+    /// Invocations that counted as errors (the command's counter).
+    pub errors: u64,
+    /// The command's max errors, resolved.
+    pub max_errors: u64,
+    /// Whether an operator cancelled the whole command.
+    pub cancel_requested: bool,
+}
+
+/// The final status of a command whose invocations all ended, as SSM rolls it up.
+pub fn roll_up(tally: &Tally, e: Ending) -> (CommandStatus, &'static str) {
+    let count = |status: InvocationStatus, detail: Option<&str>| -> u64 {
+        tally
+            .iter()
+            .filter(|((s, d), _)| *s == status && detail.is_none_or(|x| x == d))
+            .map(|(_, n)| *n)
+            .sum()
+    };
+    let success = count(InvocationStatus::Success, None);
+    let delivery_timeouts = count(
+        InvocationStatus::TimedOut,
+        Some(details::DELIVERY_TIMED_OUT),
+    );
+    let exec_timeouts = count(InvocationStatus::TimedOut, None).saturating_sub(delivery_timeouts);
+    let operator_cancelled = count(InvocationStatus::Cancelled, Some(details::CANCELLED));
+    if success == e.total {
+        (CommandStatus::Success, details::SUCCESS)
+    } else if e.cancel_requested && operator_cancelled > 0 {
+        (CommandStatus::Cancelled, details::CANCELLED)
+    } else if e.errors > e.max_errors {
+        if exec_timeouts == e.errors {
+            (CommandStatus::TimedOut, details::EXECUTION_TIMED_OUT)
+        } else {
+            (CommandStatus::Failed, details::FAILED)
+        }
+    } else if delivery_timeouts == e.total.saturating_sub(success) && success == 0 {
+        (CommandStatus::TimedOut, details::DELIVERY_TIMED_OUT)
+    } else if success + e.errors < e.total {
+        // Some never ran (delivery timed out, cancelled, skipped): SSM calls this Incomplete.
+        (CommandStatus::Failed, details::INCOMPLETE)
+    } else {
+        // Failures within max errors: the command succeeded, as SSM reports it.
+        (CommandStatus::Success, details::SUCCESS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use InvocationStatus::{Cancelled, Failed, Success, TimedOut};
+
+    /// Tally rows, total, errors, max errors, cancel requested; then the expected status.
+    type Row = (
+        &'static [(InvocationStatus, &'static str, u64)],
+        u64,
+        u64,
+        u64,
+        bool,
+        CommandStatus,
+        &'static str,
+    );
+
+    /// A tally from (status, details, count) rows.
+    fn tally(rows: &[(InvocationStatus, &str, u64)]) -> Tally {
+        rows.iter()
+            .map(|(s, d, n)| ((*s, (*d).to_owned()), *n))
+            .collect()
+    }
+
+    #[test]
+    fn roll_up_follows_ssm() {
+        // (rows, total, errors, max errors, cancel requested) -> final status and details.
+        #[rustfmt::skip]
+        let table: Vec<Row> = vec![
+            (&[(Success, details::SUCCESS, 3)], 3, 0, 0, false, CommandStatus::Success, details::SUCCESS),
+            // A cancel that ended nothing itself (all had finished) does not make it Cancelled.
+            (&[(Success, details::SUCCESS, 2)], 2, 0, 0, true, CommandStatus::Success, details::SUCCESS),
+            (&[(Success, details::SUCCESS, 1), (Cancelled, details::CANCELLED, 1)], 2, 0, 0, true, CommandStatus::Cancelled, details::CANCELLED),
+            (&[(Failed, details::FAILED, 1), (Success, details::SUCCESS, 1)], 2, 1, 0, false, CommandStatus::Failed, details::FAILED),
+            // Every error an execution timeout: the command timed out.
+            (&[(TimedOut, details::EXECUTION_TIMED_OUT, 2)], 2, 2, 0, false, CommandStatus::TimedOut, details::EXECUTION_TIMED_OUT),
+            (&[(TimedOut, details::EXECUTION_TIMED_OUT, 1), (Failed, details::FAILED, 1)], 2, 2, 0, false, CommandStatus::Failed, details::FAILED),
+            // No node reached: delivery timed out.
+            (&[(TimedOut, details::DELIVERY_TIMED_OUT, 3)], 3, 0, 0, false, CommandStatus::TimedOut, details::DELIVERY_TIMED_OUT),
+            // Some reached, some not: Incomplete.
+            (&[(Success, details::SUCCESS, 1), (TimedOut, details::DELIVERY_TIMED_OUT, 1)], 2, 0, 0, false, CommandStatus::Failed, details::INCOMPLETE),
+            (&[(Failed, details::FAILED, 1), (Cancelled, details::MAX_ERRORS_EXCEEDED, 2)], 3, 1, 0, false, CommandStatus::Failed, details::FAILED),
+            // Failures within max errors: Success, as SSM reports it.
+            (&[(Success, details::SUCCESS, 2), (Failed, details::FAILED, 1)], 3, 1, 1, false, CommandStatus::Success, details::SUCCESS),
+            (&[(Success, details::SUCCESS, 1), (Failed, details::UNDELIVERABLE, 1), (Cancelled, details::CANCELLED, 1)], 3, 1, 1, false, CommandStatus::Failed, details::INCOMPLETE),
+        ];
+        for (i, (rows, total, errors, max_errors, cancel_requested, status, why)) in
+            table.into_iter().enumerate()
+        {
+            let ending = Ending {
+                total,
+                errors,
+                max_errors,
+                cancel_requested,
+            };
+            assert_eq!(
+                roll_up(&tally(rows), ending),
+                (status, why),
+                "row {i}: {rows:?}"
+            );
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod dispatch;
 pub mod document;
+pub mod invocations;
 pub mod output;
 pub mod params;
 pub mod retention;

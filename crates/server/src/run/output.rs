@@ -10,13 +10,15 @@
 //! nothing acknowledged is lost.
 
 use crate::AppState;
+use crate::fleet::hub::Hub;
+use crate::run::invocations::Ender;
 use bytes::{Bytes, BytesMut};
 use fleetrun_proto::channel::{ExecResult, Outcome, Pipe, ServerFrame, StreamId};
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::status::details;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, InvocationStatus, NodeId};
-use fleetrun_store::{Finish, OutputState};
+use fleetrun_store::{Finish, OutputState, Store};
 use futures_util::{Stream, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -51,8 +53,9 @@ pub enum OutputMsg {
         pipe: Pipe,
         reply: oneshot::Sender<FollowStart>,
     },
-    /// The invocation was ended by the server (timeout, cancel, lost): flush and stop.
-    Close,
+    /// The invocation was ended by the server (timeout, cancel, lost): flush and stop. `done` (if
+    /// any) is dropped once the actor has left the registry.
+    Close { done: Option<oneshot::Sender<()>> },
     /// What storage held for the invocation when its start was recorded, read after this actor
     /// began (so no write of ours can be missing from it): spares the actor reading it itself.
     Primed(OutputState),
@@ -139,10 +142,18 @@ impl Outputs {
         self.lock().len()
     }
 
-    /// Stops the invocation's actor if one runs (the invocation ended elsewhere).
-    pub fn close(&self, key: &InvocationKey) {
-        if let Some(tx) = self.lock().get(key) {
-            let _ = tx.send(OutputMsg::Close);
+    /// Stops the invocation's actor if one runs (the invocation ended elsewhere) and returns once
+    /// it has flushed what it held and left the registry.
+    pub async fn close(&self, key: &InvocationKey) {
+        let (done, stopped) = oneshot::channel();
+        let sent = self
+            .lock()
+            .get(key)
+            .is_some_and(|tx| tx.send(OutputMsg::Close { done: Some(done) }).is_ok());
+        if sent {
+            // Never answered: the sender is dropped when the actor has gone (or dropped the message
+            // because it was already going).
+            let _ = stopped.await;
         }
     }
 
@@ -238,6 +249,13 @@ async fn run_actor(
     // only write its own invocations' output, so nothing is stored, but everything is acknowledged
     // so the agent's spool drains.
     let mut foreign = false;
+    // Who closed the actor, told (by the drop) once it has left the registry.
+    let mut closed: Option<oneshot::Sender<()>> = None;
+    let sink = Sink {
+        store: &state.store,
+        objects: state.objects.as_ref(),
+        hub: &state.hub,
+    };
     loop {
         let deadline = pipes
             .iter()
@@ -249,7 +267,7 @@ async fn run_actor(
             _ = sleep_until_opt(deadline) => {
                 for p in pipes.iter_mut() {
                     if p.first_unflushed.is_some_and(|t| t + FLUSH_AFTER <= Instant::now()) {
-                        flush(&state, &cmd, &node, p).await;
+                        flush(sink, &cmd, &node, p).await;
                     }
                 }
                 continue;
@@ -281,7 +299,7 @@ async fn run_actor(
             // Storage was read already (a resent Started of a running invocation).
             OutputMsg::Primed(_) => {}
             OutputMsg::Data { pipe, offset, data } if foreign => {
-                ack(&state, &cmd, &node, pipe, offset + data.len() as u64);
+                ack(&state.hub, &cmd, &node, pipe, offset + data.len() as u64);
             }
             OutputMsg::Finished(_) if foreign => {
                 state.hub.send(
@@ -304,7 +322,7 @@ async fn run_actor(
                 if end <= received {
                     // A resend of bytes we have: re-acknowledge what is stored so the agent moves on.
                     if end <= p.stored {
-                        ack(&state, &cmd, &node, p.pipe, p.stored);
+                        ack(&state.hub, &cmd, &node, p.pipe, p.stored);
                     }
                     continue;
                 }
@@ -319,7 +337,7 @@ async fn run_actor(
                 p.buf.extend_from_slice(&fresh);
                 p.first_unflushed.get_or_insert_with(Instant::now);
                 if p.buf.len() >= SEGMENT_BYTES {
-                    flush(&state, &cmd, &node, p).await;
+                    flush(sink, &cmd, &node, p).await;
                 }
             }
             OutputMsg::Follow { pipe, reply } => {
@@ -334,16 +352,10 @@ async fn run_actor(
             }
             OutputMsg::Finished(result) => {
                 for p in pipes.iter_mut() {
-                    flush(&state, &cmd, &node, p).await;
+                    flush(sink, &cmd, &node, p).await;
                 }
                 let finish = finish_from_result(&result);
-                match crate::run::dispatch::end_invocations(
-                    &state,
-                    &cmd,
-                    vec![(node.clone(), finish)],
-                )
-                .await
-                {
+                match Ender::of(&state).end_from_actor(&cmd, &node, finish).await {
                     Ok(_) => {
                         state.hub.send(
                             &node,
@@ -356,15 +368,26 @@ async fn run_actor(
                 }
                 break;
             }
-            OutputMsg::Close => {
+            OutputMsg::Close { done } => {
                 for p in pipes.iter_mut() {
-                    flush(&state, &cmd, &node, p).await;
+                    flush(sink, &cmd, &node, p).await;
                 }
+                closed = done;
                 break;
             }
         }
     }
     state.outputs.remove(&key, &me);
+    // The closer waits for this: the actor is out of the registry now.
+    drop(closed);
+}
+
+/// What storing a pipe's bytes touches.
+#[derive(Clone, Copy)]
+struct Sink<'a> {
+    store: &'a Store,
+    objects: &'a dyn ObjectStore,
+    hub: &'a Hub,
 }
 
 fn pipe_mut(pipes: &mut [PipeState], pipe: Pipe) -> &mut PipeState {
@@ -382,7 +405,7 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 /// Stores the buffered bytes of a pipe, records the stored length, then acknowledges. While the
 /// whole output fits in the inline copy, the database row holds it all and no object is written; once
 /// it outgrows it, one segment object holds everything not yet in objects.
-async fn flush(state: &AppState, cmd: &CommandId, node: &NodeId, p: &mut PipeState) {
+async fn flush(sink: Sink<'_>, cmd: &CommandId, node: &NodeId, p: &mut PipeState) {
     if p.buf.is_empty() {
         p.first_unflushed = None;
         return;
@@ -407,7 +430,7 @@ async fn flush(state: &AppState, cmd: &CommandId, node: &NodeId, p: &mut PipeSta
             data.clone()
         };
         let path = pipe_prefix(cmd, node, p.pipe).join(format!("{:020}", p.in_objects).as_str());
-        if let Err(e) = state.objects.put(&path, PutPayload::from(seg)).await {
+        if let Err(e) = sink.objects.put(&path, PutPayload::from(seg)).await {
             tracing::error!(%cmd, %node, "cannot store output segment {path}: {e}");
             restore(p, &data);
             return;
@@ -416,7 +439,7 @@ async fn flush(state: &AppState, cmd: &CommandId, node: &NodeId, p: &mut PipeSta
     let inline_len = p.inline.len();
     let room = p.inline_max().saturating_sub(inline_len);
     p.inline.extend_from_slice(&data[..room.min(data.len())]);
-    if let Err(e) = state
+    if let Err(e) = sink
         .store
         .update_output(cmd, node, p.pipe == Pipe::Stderr, stored, &p.inline)
         .await
@@ -431,15 +454,15 @@ async fn flush(state: &AppState, cmd: &CommandId, node: &NodeId, p: &mut PipeSta
         p.in_objects = stored;
     }
     p.first_unflushed = None;
-    ack(state, cmd, node, p.pipe, p.stored);
+    ack(sink.hub, cmd, node, p.pipe, p.stored);
 }
 
-fn ack(state: &AppState, cmd: &CommandId, node: &NodeId, pipe: Pipe, offset: u64) {
+fn ack(hub: &Hub, cmd: &CommandId, node: &NodeId, pipe: Pipe, offset: u64) {
     let stream = StreamId::Output {
         command_id: cmd.clone(),
         pipe,
     };
-    state.hub.send(node, ServerFrame::Ack { stream, offset });
+    hub.send(node, ServerFrame::Ack { stream, offset });
 }
 
 /// How the agent's result maps to SSM's statuses.
@@ -508,4 +531,58 @@ pub fn read_stored(
             })
             .boxed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcome: Outcome, exit_code: i32) -> ExecResult {
+        ExecResult {
+            outcome,
+            exit_code,
+            signal: None,
+            started_at_ms: 10,
+            finished_at_ms: 20,
+            cpu_user_ms: 1,
+            cpu_system_ms: 2,
+            max_rss_kb: 3,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
+            message: String::new(),
+            limits_applied: String::new(),
+        }
+    }
+
+    /// Every outcome an agent reports maps to SSM's status and details; only a run that started
+    /// carries its start and resource use.
+    #[test]
+    fn results_map_to_ssm_statuses() {
+        use InvocationStatus::{Cancelled, Failed, Success, TimedOut};
+        #[rustfmt::skip]
+        let table = [
+            (Outcome::Exited, 0, Success, details::SUCCESS, true),
+            (Outcome::Exited, 2, Failed, details::FAILED, true),
+            (Outcome::TimedOut, -1, TimedOut, details::EXECUTION_TIMED_OUT, true),
+            (Outcome::Cancelled, -1, Cancelled, details::CANCELLED, true),
+            (Outcome::NotStarted, -1, Failed, details::UNDELIVERABLE, false),
+            (Outcome::MemoryLimitExceeded, 137, Failed, details::MEMORY_LIMIT_EXCEEDED, true),
+            (Outcome::AgentRestarted, -1, Failed, details::TERMINATED, true),
+        ];
+        for (outcome, code, status, why, ran) in table {
+            let f = finish_from_result(&result(outcome, code));
+            assert_eq!(
+                (f.status, f.details, f.exit_code),
+                (status, why, code),
+                "{outcome:?}"
+            );
+            assert_eq!(f.started_at.is_some(), ran, "{outcome:?}");
+            assert_eq!(f.cpu_user_ms.is_some(), ran, "{outcome:?}");
+            assert_eq!(f.finished_at, 20);
+        }
+        // A result without a finish time is stamped with the server's.
+        let mut r = result(Outcome::Exited, 0);
+        r.finished_at_ms = 0;
+        assert!(finish_from_result(&r).finished_at > 20);
+    }
 }
