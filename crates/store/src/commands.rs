@@ -31,6 +31,7 @@ use super::{Result, Store};
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::status::details;
+use fleetrun_proto::targets::{ParseError, Rate};
 use fleetrun_proto::time::rfc3339;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
@@ -49,10 +50,10 @@ pub struct CommandSpec {
     pub execution_timeout: u64,
     /// Seconds.
     pub delivery_timeout: u64,
-    /// `N` or `N%`, as given.
-    pub max_concurrency: String,
-    /// `N` or `N%`, as given.
-    pub max_errors: String,
+    /// Most invocations in flight at once (stored as its `N` or `N%` text).
+    pub max_concurrency: Rate,
+    /// Errors after which no more invocations start (stored as its `N` or `N%` text).
+    pub max_errors: Rate,
     /// Run-as user ("" for the agent's).
     pub run_as: String,
     /// MiB.
@@ -238,8 +239,8 @@ impl Store {
         .bind(&c.comment)
         .bind(serde_json::to_string(&c.node_ids)?)
         .bind(&c.targets)
-        .bind(&spec.max_concurrency)
-        .bind(&spec.max_errors)
+        .bind(spec.max_concurrency.to_string())
+        .bind(spec.max_errors.to_string())
         .bind(&spec.run_as)
         .bind(spec.memory_limit_mb.map(|v| v as i64))
         .bind(spec.cpu_limit_percent.map(i64::from))
@@ -364,8 +365,20 @@ impl Store {
                 working_dir: r.get("working_dir"),
                 execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
                 delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
-                max_concurrency: r.get("max_concurrency"),
-                max_errors: r.get("max_errors"),
+                max_concurrency: stored_rate(
+                    id,
+                    "max_concurrency",
+                    r.get("max_concurrency"),
+                    Rate::parse_concurrency,
+                    Rate::DEFAULT_CONCURRENCY,
+                ),
+                max_errors: stored_rate(
+                    id,
+                    "max_errors",
+                    r.get("max_errors"),
+                    Rate::parse_errors,
+                    Rate::DEFAULT_ERRORS,
+                ),
                 run_as: r.get("run_as"),
                 memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
                 cpu_limit_percent: r
@@ -640,6 +653,21 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// A stored rate, parsed. Every row was checked by the same parser when it was sent, so only a
+/// hand-edited row fails; it runs with SSM's default (as it always has), with a warning.
+fn stored_rate(
+    id: &CommandId,
+    column: &str,
+    text: &str,
+    parse: fn(&str) -> std::result::Result<Rate, ParseError>,
+    default: Rate,
+) -> Rate {
+    parse(text).unwrap_or_else(|e| {
+        tracing::warn!(command_id = %id, column, error = %e.0, "stored rate does not parse; using {default}");
+        default
+    })
 }
 
 fn parse_command_status(s: &str) -> CommandStatus {
