@@ -971,3 +971,73 @@ pub(crate) fn visible_json(visible: Option<&HashSet<NodeId>>) -> Option<String> 
         .to_string()
     })
 }
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    fn command(id: &CommandId, max_concurrency: Rate, max_errors: Rate) -> NewCommand {
+        NewCommand {
+            command_id: id.clone(),
+            document_name: "AWS-RunShellScript".into(),
+            document_version: "1".into(),
+            parameters: BTreeMap::new(),
+            comment: String::new(),
+            node_ids: Vec::new(),
+            targets: "all".into(),
+            spec: CommandSpec {
+                commands: vec!["true".into()],
+                working_dir: String::new(),
+                execution_timeout: 60,
+                delivery_timeout: 60,
+                max_concurrency,
+                max_errors,
+                run_as: String::new(),
+                memory_limit_mb: None,
+                cpu_limit_percent: None,
+                requested_at: 0,
+            },
+            invocations: Vec::new(),
+            ssm_extra: None,
+            idempotency: None,
+        }
+    }
+
+    // Rates are stored as the text SSM shows (`25%`) and come back parsed; a hand-edited value
+    // that does not parse runs with SSM's default, as the dispatcher's own fallback did.
+    #[tokio::test]
+    async fn rates_are_stored_as_text_and_read_back_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let id = CommandId::from_random(1);
+        store
+            .insert_command(&command(&id, Rate::Percent(25), Rate::Count(3)))
+            .await
+            .unwrap();
+        let spec = store.command_row(&id).await.unwrap().unwrap().spec;
+        assert_eq!(
+            (spec.max_concurrency, spec.max_errors),
+            (Rate::Percent(25), Rate::Count(3))
+        );
+        let shown = store.get_command(&id).await.unwrap().unwrap();
+        assert_eq!(
+            (shown.max_concurrency.as_str(), shown.max_errors.as_str()),
+            ("25%", "3")
+        );
+
+        sqlx::query(
+            "UPDATE commands SET max_concurrency = 'lots', max_errors = '' WHERE command_id = ?",
+        )
+        .bind(id.as_str())
+        .execute(&store.write)
+        .await
+        .unwrap();
+        let spec = store.command_row(&id).await.unwrap().unwrap().spec;
+        assert_eq!(
+            (spec.max_concurrency, spec.max_errors),
+            (Rate::DEFAULT_CONCURRENCY, Rate::DEFAULT_ERRORS)
+        );
+    }
+}
