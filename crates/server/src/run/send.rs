@@ -117,7 +117,14 @@ pub async fn send_command(
     let checked = send::check(&req)?;
     let doc = prepare_document(&state.store, &req).await?;
     let targets = resolve_targets(&state.store, &req, &opts).await?;
-    authorize(state, principal, &doc.commands, &targets.nodes).await?;
+    authorize(
+        &state.store,
+        &state.authz,
+        principal,
+        &doc.commands,
+        &targets.nodes,
+    )
+    .await?;
     check_param_references(&state.store, &state.secret_box, &doc.commands).await?;
     persist_and_dispatch(state, principal, req.node_ids, opts, checked, doc, targets).await
 }
@@ -247,13 +254,14 @@ async fn resolve_targets(
 /// Refuses the whole send unless the principal may use every parameter the script references and
 /// send to every target node.
 async fn authorize(
-    state: &AppState,
+    store: &Store,
+    authz: &Authz,
     principal: &Principal,
     commands: &[String],
     nodes: &[(NodeId, String)],
 ) -> Result<(), SendError> {
-    authorize_params(&state.authz, principal, commands)?;
-    authorize_nodes(&state.store, &state.authz, principal, nodes).await
+    authorize_params(authz, principal, commands)?;
+    authorize_nodes(store, authz, principal, nodes).await
 }
 
 /// Stores the command and all its invocations in one transaction, then starts its dispatcher.
