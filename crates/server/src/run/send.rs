@@ -229,16 +229,19 @@ async fn resolve_targets(
         }
         (false, true) => resolve_ids(store, &req.node_ids).await?,
         (true, false) => {
-            let parsed = match &opts.target_expr {
+            let found = match &opts.target_expr {
                 Some(parsed) => {
                     parsed
                         .check_limits()
                         .map_err(|e| invalid("InvalidTarget", e.0))?;
-                    parsed.clone()
+                    store.resolve_targets(parsed).await?
                 }
-                None => TargetExpr::parse(&expr).map_err(|e| invalid("InvalidTarget", e.0))?,
+                None => {
+                    let parsed =
+                        TargetExpr::parse(&expr).map_err(|e| invalid("InvalidTarget", e.0))?;
+                    store.resolve_targets(&parsed).await?
+                }
             };
-            let found = store.resolve_targets(&parsed).await?;
             if found.is_empty() && !opts.allow_no_targets {
                 return Err(invalid(
                     "InvalidTarget",
