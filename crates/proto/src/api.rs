@@ -49,6 +49,9 @@ use std::collections::BTreeMap;
 
 /// SSM's document for shell scripts: built in, and the default of a send.
 pub const DOCUMENT_RUN_SHELL_SCRIPT: &str = "AWS-RunShellScript";
+/// The action (plugin) that runs a shell script: the one step of AWS-RunShellScript, and the only
+/// action a custom document's step may run on fleetrun nodes.
+pub const PLUGIN_RUN_SHELL_SCRIPT: &str = "aws:runShellScript";
 
 /// `Node::ping_status` of a node whose agent is connected.
 pub const PING_ONLINE: &str = "Online";

@@ -11,6 +11,7 @@ pub mod channel;
 pub mod ids;
 pub mod limits;
 pub mod params;
+pub mod send;
 pub mod status;
 pub mod targets;
 pub mod time;

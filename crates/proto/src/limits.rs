@@ -16,10 +16,6 @@ pub const DELIVERY_TIMEOUT_DEFAULT: u64 = 3_600;
 pub const DELIVERY_TIMEOUT_MIN: u64 = 1;
 /// Largest delivery timeout accepted, in seconds (30 days, as SSM).
 pub const DELIVERY_TIMEOUT_MAX: u64 = 2_592_000;
-/// Default max concurrency (SSM's).
-pub const MAX_CONCURRENCY_DEFAULT: &str = "50";
-/// Default max errors (SSM's).
-pub const MAX_ERRORS_DEFAULT: &str = "0";
 /// Longest comment accepted (SSM's).
 pub const COMMENT_MAX: usize = 100;
 /// Largest script accepted, in bytes (SSM's document size).

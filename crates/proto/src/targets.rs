@@ -251,6 +251,11 @@ pub enum Rate {
 }
 
 impl Rate {
+    /// SSM's default max concurrency: 50.
+    pub const DEFAULT_CONCURRENCY: Rate = Rate::Count(50);
+    /// SSM's default max errors: 0.
+    pub const DEFAULT_ERRORS: Rate = Rate::Count(0);
+
     /// Parses `max-concurrency` (`N` >= 1 or `1%`..`100%`, SSM's pattern).
     pub fn parse_concurrency(s: &str) -> Result<Self, ParseError> {
         let r = Self::parse(s, "max-concurrency")?;

@@ -31,6 +31,7 @@ use super::{Result, Store};
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::status::details;
+use fleetrun_proto::targets::{ParseError, Rate};
 use fleetrun_proto::time::rfc3339;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
@@ -49,10 +50,10 @@ pub struct CommandSpec {
     pub execution_timeout: u64,
     /// Seconds.
     pub delivery_timeout: u64,
-    /// `N` or `N%`, as given.
-    pub max_concurrency: String,
-    /// `N` or `N%`, as given.
-    pub max_errors: String,
+    /// Most invocations in flight at once (stored as its `N` or `N%` text).
+    pub max_concurrency: Rate,
+    /// Errors after which no more invocations start (stored as its `N` or `N%` text).
+    pub max_errors: Rate,
     /// Run-as user ("" for the agent's).
     pub run_as: String,
     /// MiB.
@@ -238,8 +239,8 @@ impl Store {
         .bind(&c.comment)
         .bind(serde_json::to_string(&c.node_ids)?)
         .bind(&c.targets)
-        .bind(&spec.max_concurrency)
-        .bind(&spec.max_errors)
+        .bind(spec.max_concurrency.to_string())
+        .bind(spec.max_errors.to_string())
         .bind(&spec.run_as)
         .bind(spec.memory_limit_mb.map(|v| v as i64))
         .bind(spec.cpu_limit_percent.map(i64::from))
@@ -364,8 +365,20 @@ impl Store {
                 working_dir: r.get("working_dir"),
                 execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
                 delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
-                max_concurrency: r.get("max_concurrency"),
-                max_errors: r.get("max_errors"),
+                max_concurrency: stored_rate(
+                    id,
+                    "max_concurrency",
+                    r.get("max_concurrency"),
+                    Rate::parse_concurrency,
+                    Rate::DEFAULT_CONCURRENCY,
+                ),
+                max_errors: stored_rate(
+                    id,
+                    "max_errors",
+                    r.get("max_errors"),
+                    Rate::parse_errors,
+                    Rate::DEFAULT_ERRORS,
+                ),
                 run_as: r.get("run_as"),
                 memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
                 cpu_limit_percent: r
@@ -641,6 +654,21 @@ impl Store {
 
 /// Counts of a command's invocations by (status, details).
 pub type Tally = HashMap<(InvocationStatus, String), u64>;
+
+/// A stored rate, parsed. Every row was checked by the same parser when it was sent, so only a
+/// hand-edited row fails; it runs with SSM's default (as it always has), with a warning.
+fn stored_rate(
+    id: &CommandId,
+    column: &str,
+    text: &str,
+    parse: fn(&str) -> std::result::Result<Rate, ParseError>,
+    default: Rate,
+) -> Rate {
+    parse(text).unwrap_or_else(|e| {
+        tracing::warn!(command_id = %id, column, error = %e.0, "stored rate does not parse; using {default}");
+        default
+    })
+}
 
 fn parse_command_status(s: &str) -> CommandStatus {
     CommandStatus::parse(s).unwrap_or(CommandStatus::Failed)
@@ -965,8 +993,8 @@ pub(crate) mod tests {
                 working_dir: String::new(),
                 execution_timeout: 60,
                 delivery_timeout: 60,
-                max_concurrency: "50".into(),
-                max_errors: "0".into(),
+                max_concurrency: Rate::DEFAULT_CONCURRENCY,
+                max_errors: Rate::DEFAULT_ERRORS,
                 run_as: String::new(),
                 memory_limit_mb: None,
                 cpu_limit_percent: None,
@@ -1105,5 +1133,75 @@ pub(crate) mod tests {
         );
         assert_eq!(cmd.status, CommandStatus::Success);
         assert_eq!(cmd.execution_timeout_secs, 120);
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    fn command(id: &CommandId, max_concurrency: Rate, max_errors: Rate) -> NewCommand {
+        NewCommand {
+            command_id: id.clone(),
+            document_name: "AWS-RunShellScript".into(),
+            document_version: "1".into(),
+            parameters: BTreeMap::new(),
+            comment: String::new(),
+            node_ids: Vec::new(),
+            targets: "all".into(),
+            spec: CommandSpec {
+                commands: vec!["true".into()],
+                working_dir: String::new(),
+                execution_timeout: 60,
+                delivery_timeout: 60,
+                max_concurrency,
+                max_errors,
+                run_as: String::new(),
+                memory_limit_mb: None,
+                cpu_limit_percent: None,
+                requested_at: 0,
+            },
+            invocations: Vec::new(),
+            ssm_extra: None,
+            idempotency: None,
+        }
+    }
+
+    // Rates are stored as the text SSM shows (`25%`) and come back parsed; a hand-edited value
+    // that does not parse runs with SSM's default, as the dispatcher's own fallback did.
+    #[tokio::test]
+    async fn rates_are_stored_as_text_and_read_back_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let id = CommandId::from_random(1);
+        store
+            .insert_command(&command(&id, Rate::Percent(25), Rate::Count(3)))
+            .await
+            .unwrap();
+        let spec = store.command_row(&id).await.unwrap().unwrap().spec;
+        assert_eq!(
+            (spec.max_concurrency, spec.max_errors),
+            (Rate::Percent(25), Rate::Count(3))
+        );
+        let shown = store.get_command(&id).await.unwrap().unwrap();
+        assert_eq!(
+            (shown.max_concurrency.as_str(), shown.max_errors.as_str()),
+            ("25%", "3")
+        );
+
+        sqlx::query(
+            "UPDATE commands SET max_concurrency = 'lots', max_errors = '' WHERE command_id = ?",
+        )
+        .bind(id.as_str())
+        .execute(&store.write)
+        .await
+        .unwrap();
+        let spec = store.command_row(&id).await.unwrap().unwrap().spec;
+        assert_eq!(
+            (spec.max_concurrency, spec.max_errors),
+            (Rate::DEFAULT_CONCURRENCY, Rate::DEFAULT_ERRORS)
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! `fleetrun send`: run a shell script (or a Command document) on nodes, optionally waiting for the
 //! result.
 //!
-//! Everything the proto crate can check is checked here first, so mistakes cost one line and no request.
+//! Everything the proto crate can check is checked here first (the request with the server's own
+//! [`send::check`]), so mistakes cost one line and no request, and read as the server would say them.
 
 use super::command::print_command;
 use super::{Ctx, parse_node_ids};
@@ -10,7 +11,8 @@ use crate::render::{self, Format};
 use anyhow::{Context, bail};
 use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
 use fleetrun_proto::limits;
-use fleetrun_proto::targets::{Rate, TargetExpr};
+use fleetrun_proto::send::{self, Field};
+use fleetrun_proto::targets::TargetExpr;
 use fleetrun_proto::{CommandId, InvocationStatus};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
@@ -139,46 +141,13 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
     if node_ids.is_empty() && targets.is_none() {
         bail!("say where to run it: --node NODE_ID or --targets EXPR (e.g. --targets all)");
     }
-    if let Some(c) = &args.max_concurrency {
-        Rate::parse_concurrency(c)?;
+    // What the request's own checks (below) cannot say: an empty flag is a mistake, not "none".
+    if args.working_dir.as_deref() == Some("") {
+        bail!("--working-dir needs a directory");
     }
-    if let Some(e) = &args.max_errors {
-        Rate::parse_errors(e)?;
+    if args.run_as.as_deref() == Some("") {
+        bail!("--run-as needs a user name or uid");
     }
-    if let Some(t) = args.execution_timeout
-        && !(1..=limits::EXECUTION_TIMEOUT_MAX).contains(&t)
-    {
-        bail!(
-            "--execution-timeout {t} is out of range: 1 to {} seconds",
-            limits::EXECUTION_TIMEOUT_MAX
-        );
-    }
-    if let Some(t) = args.delivery_timeout
-        && !(limits::DELIVERY_TIMEOUT_MIN..=limits::DELIVERY_TIMEOUT_MAX).contains(&t)
-    {
-        bail!(
-            "--delivery-timeout {t} is out of range: {} to {} seconds",
-            limits::DELIVERY_TIMEOUT_MIN,
-            limits::DELIVERY_TIMEOUT_MAX
-        );
-    }
-    if let Some(c) = &args.comment
-        && c.chars().count() > limits::COMMENT_MAX
-    {
-        bail!(
-            "--comment is longer than {} characters",
-            limits::COMMENT_MAX
-        );
-    }
-    if let Some(d) = &args.working_dir
-        && (d.is_empty() || d.len() > limits::WORKING_DIR_MAX)
-    {
-        bail!(
-            "--working-dir must be 1 to {} characters",
-            limits::WORKING_DIR_MAX
-        );
-    }
-    let run_as = args.run_as.as_deref().map(check_run_as).transpose()?;
     let parameters = parse_parameters(&args.parameters)?;
     let document = args.document.as_deref().map(str::trim);
     if document.is_some_and(str::is_empty) {
@@ -198,7 +167,7 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
                 );
             }
         }
-        return Ok(SendCommand {
+        return checked(SendCommand {
             node_ids,
             targets,
             document_name: Some(name.to_owned()),
@@ -208,7 +177,7 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
             max_concurrency: args.max_concurrency,
             max_errors: args.max_errors,
             comment: args.comment,
-            run_as,
+            run_as: args.run_as,
             memory_limit_mb: args.memory_limit,
             cpu_limit_percent: args.cpu_limit,
             ..SendCommand::default()
@@ -237,17 +206,10 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         None if args.script.is_empty() => Vec::new(),
         None => vec![args.script.join(" ")],
     };
-    let size: usize = commands.iter().map(|l| l.len() + 1).sum();
     if script_given && commands.iter().all(|l| l.trim().is_empty()) {
         bail!("the script is empty");
     }
-    if size > limits::SCRIPT_MAX {
-        bail!(
-            "the script is {size} bytes; at most {} are accepted",
-            limits::SCRIPT_MAX
-        );
-    }
-    Ok(SendCommand {
+    checked(SendCommand {
         node_ids,
         targets,
         document_name: document.map(str::to_owned),
@@ -260,10 +222,35 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         max_concurrency: args.max_concurrency,
         max_errors: args.max_errors,
         comment: args.comment,
-        run_as,
+        run_as: args.run_as,
         memory_limit_mb: args.memory_limit,
         cpu_limit_percent: args.cpu_limit,
     })
+}
+
+/// The request, if the server's own checks ([`send::check`]) accept it; refused with the server's
+/// message, after the flag that gave the field.
+fn checked(body: SendCommand) -> anyhow::Result<SendCommand> {
+    if let Err(e) = send::check(&body) {
+        let flag = match e.field {
+            // The script comes from the words after `--` or --file: no one flag to name.
+            Field::Commands => None,
+            Field::WorkingDirectory => Some("--working-dir"),
+            Field::ExecutionTimeout => Some("--execution-timeout"),
+            Field::DeliveryTimeout => Some("--delivery-timeout"),
+            Field::Comment => Some("--comment"),
+            Field::MaxConcurrency => Some("--max-concurrency"),
+            Field::MaxErrors => Some("--max-errors"),
+            Field::RunAs => Some("--run-as"),
+            Field::MemoryLimit => Some("--memory-limit"),
+            Field::CpuLimit => Some("--cpu-limit"),
+        };
+        match flag {
+            Some(flag) => bail!("{flag}: {e}"),
+            None => bail!("{e}"),
+        }
+    }
+    Ok(body)
 }
 
 /// `--parameter KEY=VALUE` values by key, split on the first `=`; a repeated key gives a list, in order.
@@ -282,18 +269,6 @@ fn parse_parameters(given: &[String]) -> anyhow::Result<BTreeMap<String, Vec<Str
             .push(value.to_owned());
     }
     Ok(out)
-}
-
-/// Checks a `--run-as` user: a name or uid, without spaces or control characters.
-fn check_run_as(user: &str) -> anyhow::Result<String> {
-    let user = user.trim();
-    if user.is_empty() {
-        bail!("--run-as needs a user name or uid");
-    }
-    if user.len() > 256 || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        bail!("--run-as {user:?} is not a user name or uid");
-    }
-    Ok(user.to_owned())
 }
 
 /// Parses a `--memory-limit` size into whole MiB: `64M`, `512MiB`, `2G`, `1T`, `65536K`; a bare number
@@ -632,7 +607,56 @@ mod tests {
             ),
             (
                 &["--targets", "all", "--run-as", "a b", "--", "x"],
-                "--run-as",
+                "--run-as: run-as user \"a b\" is not a valid user name or uid",
+            ),
+            (
+                &[
+                    "--targets",
+                    "all",
+                    "--run-as",
+                    "u".repeat(33).as_str(),
+                    "--",
+                    "x",
+                ],
+                "--run-as: run-as user",
+            ),
+            (
+                &["--targets", "all", "--run-as", "", "--", "x"],
+                "--run-as needs a user name or uid",
+            ),
+            (
+                &["--targets", "all", "--working-dir", "tmp", "--", "x"],
+                "--working-dir: working directory \"tmp\" must be an absolute path",
+            ),
+            (
+                &["--targets", "all", "--working-dir", "", "--", "x"],
+                "--working-dir needs a directory",
+            ),
+            (
+                &[
+                    "--targets",
+                    "all",
+                    "--comment",
+                    "c".repeat(101).as_str(),
+                    "--",
+                    "x",
+                ],
+                "--comment: comment is longer than 100 characters",
+            ),
+            (
+                &["--targets", "all", "--", "x".repeat(64 * 1024).as_str()],
+                "the script is 65537 bytes; the limit is 65536",
+            ),
+            (
+                &[
+                    "--targets",
+                    "all",
+                    "--document",
+                    "my-doc",
+                    "--delivery-timeout",
+                    "0",
+                ],
+                "--delivery-timeout: delivery timeout 0 s",
             ),
         ] {
             let err = format!("{:#}", build_from(argv).unwrap_err());

@@ -72,6 +72,46 @@ fn cli_rejects_bad_arguments_with_one_line() {
     }
 }
 
+// The CLI runs the server's own send checks (fleetrun_proto::send) before any request: it refuses
+// what the server refuses, with the server's message. Before, the CLI took a run-as of 256 chars of
+// anything, any working directory, and a NUL in the script.
+#[test]
+fn cli_refuses_what_the_server_refuses_with_the_same_message() {
+    let server = Server::start();
+    let nul_script = server.scratch("nul").join("script.sh");
+    std::fs::write(&nul_script, b"echo a\0b\n").expect("write script");
+    let nul_path = nul_script.display().to_string();
+    for (args, body, flag) in [
+        (
+            &["--run-as", "a b", "--", "true"][..],
+            json!({"targets": "all", "commands": ["true"], "run_as": "a b"}),
+            "--run-as: ",
+        ),
+        (
+            &["--working-dir", "tmp", "--", "true"],
+            json!({"targets": "all", "commands": ["true"], "working_directory": "tmp"}),
+            "--working-dir: ",
+        ),
+        (
+            &["--file", &nul_path],
+            json!({"targets": "all", "commands": ["echo a\0b"]}),
+            "",
+        ),
+    ] {
+        let api = server.post_json("/v1/commands", &body);
+        assert_eq!(api.status, 400, "{body}: {}", api.json());
+        let api = api.json();
+        assert_eq!(api["error"]["code"], "InvalidParameters", "{api}");
+        let message = api["error"]["message"].as_str().expect("message");
+
+        // A server that cannot be reached: only a refusal made before any request gets this far.
+        let mut cli = server.cli_cmd(&["send", "--targets", "all"]);
+        cli.args(args).env("FLEETRUN_SERVER", "https://127.0.0.1:1");
+        let line = run(cli, Duration::from_secs(30)).one_line_error();
+        assert_eq!(line, format!("error: {flag}{message}"), "{args:?}");
+    }
+}
+
 #[test]
 fn server_side_errors_are_one_line_with_their_code() {
     let server = Server::start();

@@ -189,7 +189,7 @@ async fn readable_invocations(
         .await?;
     let mut invs = state.store.list_invocations(id).await?;
     invs.retain(|i| scope.contains(&i.node_id));
-    crate::run::params::mask_invocations(state, &mut invs).await?;
+    crate::run::params::mask_invocations(&state.store, &state.secret_box, &mut invs).await?;
     Ok(invs)
 }
 

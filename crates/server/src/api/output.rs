@@ -76,7 +76,7 @@ pub async fn get(
             format!("command {cmd} has no invocation on node {node}"),
         ));
     }
-    let masker = crate::run::params::masker_for(&state, &cmd).await?;
+    let masker = crate::run::params::masker_for(&state.store, &state.secret_box, &cmd).await?;
     // Unmasked, served bytes are stored bytes: start there. Masked, a value may change length: mask
     // from the start and skip what was served.
     let (from, skip) = match masker {

@@ -66,7 +66,7 @@ pub async fn put(
         ));
     }
     let by = p.name().to_owned();
-    let stored = params::seal(&state, &req.value, req.secure);
+    let stored = params::seal(&state.secret_box, &req.value, req.secure);
     let at = now_ms();
     match state.store.put_param(&name, &stored, at, &by).await? {
         Put::Ok(version) => Ok(Json(view(ParamRow {

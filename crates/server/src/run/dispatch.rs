@@ -11,7 +11,6 @@ use crate::run::invocations::Ender;
 use fleetrun_proto::channel::{RunRequest, ServerFrame};
 use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::status::details;
-use fleetrun_proto::targets::Rate;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use fleetrun_store::{CommandRow, Finish, StoreError, Tally};
@@ -121,14 +120,9 @@ impl Dispatcher {
         let invocations = state.store.invocation_rows(&row.command_id).await?;
         let spec = &row.spec;
         let targets = row.target_count;
-        // Values were validated when the command was accepted; defaults guard a hand-edited row.
-        let max_concurrency = Rate::parse_concurrency(&spec.max_concurrency)
-            .map(|r| r.resolve(targets))
-            .unwrap_or(50)
-            .max(1);
-        let max_errors = Rate::parse_errors(&spec.max_errors)
-            .map(|r| r.resolve(targets))
-            .unwrap_or(0);
+        // At least one in flight, whatever a percentage of few targets rounds to.
+        let max_concurrency = spec.max_concurrency.resolve(targets).max(1);
+        let max_errors = spec.max_errors.resolve(targets);
         let now = now_ms();
         let at =
             |ms: i64| Instant::now() + Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
@@ -282,7 +276,13 @@ impl Dispatcher {
             return Ok(());
         }
         // Parameters are substituted here, with their values of now, and only into the frame.
-        let rendered = match crate::run::params::render(&self.state, &self.run.script).await {
+        let rendered = match crate::run::params::render(
+            &self.state.store,
+            &self.state.secret_box,
+            &self.run.script,
+        )
+        .await
+        {
             // A value put since the send may have grown the script past what a frame may carry.
             Ok(script) if script.len() > SCRIPT_MAX => Err(format!(
                 "not delivered: with its parameters substituted the script is {} bytes; the limit is {SCRIPT_MAX}",

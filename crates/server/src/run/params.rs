@@ -9,16 +9,16 @@
 //! Output served back (the output route, inline copies in listings, both APIs) has the secure values
 //! its script references replaced by `****` ([`Masker`]).
 
-use crate::AppState;
+use crate::access::secrets::SecretBox;
 use fleetrun_proto::params::{references, substitute};
-use fleetrun_store::{ParamRow, StoreError, StoredValue};
+use fleetrun_store::{ParamRow, Store, StoreError, StoredValue};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// The stored form of a value: sealed when secure.
-pub fn seal(state: &AppState, value: &str, secure: bool) -> StoredValue {
+pub fn seal(secrets: &SecretBox, value: &str, secure: bool) -> StoredValue {
     if secure {
-        let (nonce, sealed) = state.secret_box.seal(value.as_bytes());
+        let (nonce, sealed) = secrets.seal(value.as_bytes());
         StoredValue::Sealed(nonce, sealed)
     } else {
         StoredValue::Plain(value.to_owned())
@@ -26,11 +26,10 @@ pub fn seal(state: &AppState, value: &str, secure: bool) -> StoredValue {
 }
 
 /// A parameter's value in clear; None when a sealed one cannot be opened (key changed, tampered).
-pub fn open(state: &AppState, row: &ParamRow) -> Option<String> {
+pub fn open(secrets: &SecretBox, row: &ParamRow) -> Option<String> {
     match &row.value {
         StoredValue::Plain(v) => Some(v.clone()),
-        StoredValue::Sealed(nonce, sealed) => state
-            .secret_box
+        StoredValue::Sealed(nonce, sealed) => secrets
             .open_sealed(nonce, sealed)
             .and_then(|v| String::from_utf8(v).ok()),
     }
@@ -54,7 +53,8 @@ impl From<StoreError> for RenderError {
 /// `script` with its parameter references replaced by their current values; the script itself
 /// (borrowed, no copy) when it references none.
 pub async fn render<'a>(
-    state: &AppState,
+    store: &Store,
+    secrets: &SecretBox,
     script: &'a str,
 ) -> Result<std::borrow::Cow<'a, str>, RenderError> {
     let names: BTreeSet<&str> = references(script).iter().map(|r| r.name).collect();
@@ -62,10 +62,10 @@ pub async fn render<'a>(
         return Ok(std::borrow::Cow::Borrowed(script));
     }
     let names: Vec<&str> = names.into_iter().collect();
-    let rows = state.store.get_params(&names).await?;
+    let rows = store.get_params(&names).await?;
     let values: HashMap<&str, String> = rows
         .iter()
-        .filter_map(|r| open(state, r).map(|v| (r.name.as_str(), v)))
+        .filter_map(|r| open(secrets, r).map(|v| (r.name.as_str(), v)))
         .collect();
     let missing: Vec<String> = names
         .iter()
@@ -181,10 +181,11 @@ impl MaskStream {
 
 /// The masker of a command's output: its script's secure parameters; None when it has none.
 pub async fn masker_for(
-    state: &AppState,
+    store: &Store,
+    secrets: &SecretBox,
     cmd: &fleetrun_proto::CommandId,
 ) -> Result<Option<Arc<Masker>>, StoreError> {
-    let Some(row) = state.store.command_row(cmd).await? else {
+    let Some(row) = store.command_row(cmd).await? else {
         return Ok(None);
     };
     let script = row.spec.commands.join("\n");
@@ -193,29 +194,30 @@ pub async fn masker_for(
         return Ok(None);
     }
     let names: Vec<&str> = names.into_iter().collect();
-    let secrets = state
-        .store
+    let values = store
         .get_params(&names)
         .await?
         .iter()
         .filter(|r| matches!(r.value, StoredValue::Sealed(..)))
-        .filter_map(|r| open(state, r))
+        .filter_map(|r| open(secrets, r))
         .map(String::into_bytes)
         .collect();
-    Ok(Masker::new(secrets).map(Arc::new))
+    Ok(Masker::new(values).map(Arc::new))
 }
 
 /// Masks the inline output copies of invocations (of any commands) in place.
 pub async fn mask_invocations(
-    state: &AppState,
+    store: &Store,
+    secrets: &SecretBox,
     invs: &mut [fleetrun_proto::api::Invocation],
 ) -> Result<(), StoreError> {
-    mask_each(state, invs, |i| i).await
+    mask_each(store, secrets, invs, |i| i).await
 }
 
 /// [`mask_invocations`] of items that hold an invocation.
 pub async fn mask_each<T>(
-    state: &AppState,
+    store: &Store,
+    secrets: &SecretBox,
     items: &mut [T],
     inv_of: fn(&mut T) -> &mut fleetrun_proto::api::Invocation,
 ) -> Result<(), StoreError> {
@@ -225,7 +227,7 @@ pub async fn mask_each<T>(
         let m = match maskers.get(&inv.command_id) {
             Some(m) => m.clone(),
             None => {
-                let m = masker_for(state, &inv.command_id).await?;
+                let m = masker_for(store, secrets, &inv.command_id).await?;
                 maskers.insert(inv.command_id.clone(), m.clone());
                 m
             }

@@ -1,24 +1,27 @@
-//! Accepting a command, shared by the native API and the SSM-compatible API: validation, target
-//! resolution, persistence (command and all invocations in one transaction), then dispatch.
+//! Accepting a command, shared by the native API and the SSM-compatible API, in named steps:
+//! check the request (`fleetrun_proto::send`, the CLI's checks too), prepare the document, resolve
+//! the targets, authorize, then persist (command and all invocations in one transaction) and
+//! dispatch.
 
-use crate::access::authz::{Action, Denied, Principal, Resource};
+use crate::AppState;
+use crate::access::authz::{Action, Authz, Denied, Principal, Resource};
+use crate::access::secrets::{self, SecretBox};
 use crate::errors::{Code, Error};
 use crate::run::dispatch;
 use crate::run::document;
-use crate::{AppState, access::secrets};
-use fleetrun_proto::api::{Command, DOCUMENT_RUN_SHELL_SCRIPT, SendCommand};
-use fleetrun_proto::limits::*;
-use fleetrun_proto::targets::{Rate, TargetExpr};
+use fleetrun_proto::api::{
+    Command, DOCUMENT_RUN_SHELL_SCRIPT, PLUGIN_RUN_SHELL_SCRIPT, SendCommand,
+};
+use fleetrun_proto::limits::SCRIPT_MAX;
+use fleetrun_proto::send::{self, FieldError};
+use fleetrun_proto::targets::TargetExpr;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, NodeId};
 use fleetrun_store::{
-    CommandRow, CommandSpec, IdempotencyKey, InsertError, NewCommand, StoreError,
+    CommandRow, CommandSpec, IdempotencyKey, InsertError, NewCommand, Store, StoreError,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-
-/// The plugin (step) name SSM gives AWS-RunShellScript's one step.
-pub const PLUGIN_RUN_SHELL_SCRIPT: &str = "aws:runShellScript";
 
 /// How the caller wants a send handled beyond the request itself.
 #[derive(Default)]
@@ -92,6 +95,16 @@ impl From<document::DocError> for SendError {
     }
 }
 
+impl From<FieldError> for SendError {
+    fn from(e: FieldError) -> Self {
+        let code = match e.kind {
+            send::Kind::TooLarge => Code::MaxDocumentSizeExceeded,
+            send::Kind::Invalid => Code::InvalidParameters,
+        };
+        invalid(code, e.message)
+    }
+}
+
 impl From<SendError> for Error {
     fn from(e: SendError) -> Self {
         match e {
@@ -118,9 +131,9 @@ fn invalid(code: Code, message: impl Into<String>) -> SendError {
     }
 }
 
-/// Accepts a command: validates it, resolves its targets, persists it with all its invocations, then
-/// starts its dispatcher. Returns the command (without invocations: for a fleet-wide command they
-/// would be a large answer nobody asked for).
+/// Accepts a command: checks it, prepares its document, resolves its targets, authorizes it, then
+/// persists it with all its invocations and starts its dispatcher. Returns the command (without
+/// invocations: for a fleet-wide command they would be a large answer nobody asked for).
 pub async fn send_command(
     state: &Arc<AppState>,
     principal: &Principal,
@@ -129,28 +142,54 @@ pub async fn send_command(
 ) -> Result<Sent, SendError> {
     // A retry of a send that was stored (its answer may have been lost) gets that command back.
     if let Some(idem) = &opts.idempotency
-        && let Some(sent) = replay(state, principal, idem).await?
+        && let Some(sent) = replay(&state.store, &state.authz, principal, idem).await?
     {
         return Ok(sent);
     }
-    let bad = |code: Code, message: String| SendError::Invalid { code, message };
-    let document_name = req
+    let checked = send::check(&req)?;
+    let doc = prepare_document(&state.store, &req).await?;
+    let targets = resolve_targets(&state.store, &req, &opts).await?;
+    authorize(
+        &state.store,
+        &state.authz,
+        principal,
+        &doc.commands,
+        &targets.nodes,
+    )
+    .await?;
+    check_param_references(&state.store, &state.secret_box, &doc.commands).await?;
+    persist_and_dispatch(state, principal, req.node_ids, opts, checked, doc, targets).await
+}
+
+/// A send's document, loaded and rendered with its parameters.
+struct PreparedDocument {
+    name: String,
+    /// The version that runs.
+    version: String,
+    /// Every parameter's value (defaults filled in), kept with the command.
+    parameters: BTreeMap<String, Vec<String>>,
+    /// Step names SSM shows as plugins.
+    plugins: Vec<String>,
+    /// The script.
+    commands: Vec<String>,
+    working_dir: String,
+    execution_timeout: u64,
+}
+
+/// Loads the document (AWS-RunShellScript unless named), checks its parameters and renders the
+/// script, which is checked as the request's own fields are (a parameter may have given it).
+async fn prepare_document(store: &Store, req: &SendCommand) -> Result<PreparedDocument, SendError> {
+    let name = req
         .document_name
         .clone()
         .unwrap_or_else(|| DOCUMENT_RUN_SHELL_SCRIPT.into());
-    let given = shorthand_parameters(&req, &document_name)?;
-    let prepared = document::prepare(
-        &state.store,
-        &document_name,
-        req.document_version.as_deref(),
-        &given,
-    )
-    .await
-    .map_err(|e| match e {
-        document::Error::Invalid(e) => e.into(),
-        document::Error::Store(e) => SendError::Store(e),
-    })?;
-    let document_version = prepared.document.version.version.to_string();
+    let given = shorthand_parameters(req, &name)?;
+    let prepared = document::prepare(store, &name, req.document_version.as_deref(), &given)
+        .await
+        .map_err(|e| match e {
+            document::Error::Invalid(e) => e.into(),
+            document::Error::Store(e) => SendError::Store(e),
+        })?;
     let plugins: Vec<String> = if prepared.document.content.schema_version == "1.2" {
         vec![PLUGIN_RUN_SHELL_SCRIPT.to_owned()]
     } else if prepared.rendered.steps.is_empty() {
@@ -165,104 +204,40 @@ pub async fn send_command(
         prepared.rendered.steps.clone()
     };
     let rendered = prepared.rendered;
-    let commands = rendered.commands;
-    if commands.is_empty() {
-        return Err(bad(
+    if rendered.commands.is_empty() {
+        return Err(invalid(
             Code::InvalidParameters,
-            "commands is empty: give at least one script line".into(),
+            "commands is empty: give at least one script line",
         ));
     }
-    let script_len: usize = commands.iter().map(|c| c.len() + 1).sum();
-    if script_len > SCRIPT_MAX {
-        return Err(bad(
-            Code::MaxDocumentSizeExceeded,
-            format!("the script is {script_len} bytes; the limit is {SCRIPT_MAX}"),
-        ));
-    }
-    if commands.iter().any(|c| c.contains('\0')) {
-        return Err(bad(
-            Code::InvalidParameters,
-            "commands contain a NUL byte".into(),
-        ));
-    }
-    authorize_params(state, principal, &commands)?;
-    check_param_references(state, &commands).await?;
-    let working_dir = rendered.working_dir;
-    if working_dir.len() > WORKING_DIR_MAX {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!("working directory is longer than {WORKING_DIR_MAX} bytes"),
-        ));
-    }
-    if !working_dir.is_empty() && !working_dir.starts_with('/') {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!("working directory {working_dir:?} must be an absolute path"),
-        ));
-    }
-    let execution_timeout = rendered.execution_timeout;
-    let delivery_timeout = req
-        .delivery_timeout_secs
-        .unwrap_or(DELIVERY_TIMEOUT_DEFAULT);
-    if !(DELIVERY_TIMEOUT_MIN..=DELIVERY_TIMEOUT_MAX).contains(&delivery_timeout) {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!(
-                "delivery timeout {delivery_timeout} s is out of range: {DELIVERY_TIMEOUT_MIN} to {DELIVERY_TIMEOUT_MAX} s"
-            ),
-        ));
-    }
-    let comment = req.comment.clone().unwrap_or_default();
-    if comment.chars().count() > COMMENT_MAX {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!("comment is longer than {COMMENT_MAX} characters"),
-        ));
-    }
-    let max_concurrency = req
-        .max_concurrency
-        .clone()
-        .unwrap_or_else(|| MAX_CONCURRENCY_DEFAULT.into());
-    Rate::parse_concurrency(&max_concurrency).map_err(|e| bad(Code::InvalidParameters, e.0))?;
-    let max_errors = req
-        .max_errors
-        .clone()
-        .unwrap_or_else(|| MAX_ERRORS_DEFAULT.into());
-    Rate::parse_errors(&max_errors).map_err(|e| bad(Code::InvalidParameters, e.0))?;
+    send::check_script(&rendered.commands)?;
+    send::check_working_dir(&rendered.working_dir)?;
+    send::check_execution_timeout(rendered.execution_timeout)?;
+    Ok(PreparedDocument {
+        name,
+        version: prepared.document.version.version.to_string(),
+        parameters: prepared.values,
+        plugins,
+        commands: rendered.commands,
+        working_dir: rendered.working_dir,
+        execution_timeout: rendered.execution_timeout,
+    })
+}
 
-    let run_as = req.run_as.clone().unwrap_or_default();
-    if run_as.len() > 32
-        || run_as
-            .chars()
-            .any(|c| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
-    {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!("run-as user {run_as:?} is not a valid user name or uid"),
-        ));
-    }
-    if let Some(mb) = req.memory_limit_mb
-        && !(MEMORY_LIMIT_MIN_MB..=MEMORY_LIMIT_MAX_MB).contains(&mb)
-    {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!(
-                "memory limit {mb} MiB is out of range: {MEMORY_LIMIT_MIN_MB} to {MEMORY_LIMIT_MAX_MB} MiB"
-            ),
-        ));
-    }
-    if let Some(pct) = req.cpu_limit_percent
-        && !(CPU_LIMIT_MIN_PERCENT..=CPU_LIMIT_MAX_PERCENT).contains(&pct)
-    {
-        return Err(bad(
-            Code::InvalidParameters,
-            format!(
-                "cpu limit {pct}% is out of range: {CPU_LIMIT_MIN_PERCENT}% to {CPU_LIMIT_MAX_PERCENT}%"
-            ),
-        ));
-    }
+/// A send's targets: as asked for, and resolved to nodes (id, name) in dispatch order.
+struct Targets {
+    /// The target expression ("" when node ids were given).
+    expr: String,
+    nodes: Vec<(NodeId, String)>,
+}
 
-    let targets_text = match &opts.target_expr {
+/// Resolves node ids or a target expression (exactly one of the two) to nodes.
+async fn resolve_targets(
+    store: &Store,
+    req: &SendCommand,
+    opts: &SendOptions,
+) -> Result<Targets, SendError> {
+    let expr = match &opts.target_expr {
         Some(expr) => expr.to_string(),
         None => req
             .targets
@@ -271,47 +246,74 @@ pub async fn send_command(
             .unwrap_or("")
             .to_owned(),
     };
-    let targets = targets_text.as_str();
-    let invocations = match (req.node_ids.is_empty(), targets.is_empty()) {
+    let nodes = match (req.node_ids.is_empty(), expr.is_empty()) {
         (true, true) => {
-            return Err(bad(
+            return Err(invalid(
                 Code::MissingTarget,
-                "give node ids or a target expression".into(),
+                "give node ids or a target expression",
             ));
         }
         (false, false) => {
-            return Err(bad(
+            return Err(invalid(
                 Code::InvalidTarget,
-                "give node ids or a target expression, not both".into(),
+                "give node ids or a target expression, not both",
             ));
         }
-        (false, true) => resolve_ids(state, &req.node_ids).await?,
+        (false, true) => resolve_ids(store, &req.node_ids).await?,
         (true, false) => {
-            let expr = match opts.target_expr {
-                Some(expr) => {
-                    expr.check_limits()
-                        .map_err(|e| bad(Code::InvalidTarget, e.0))?;
-                    expr
+            let found = match &opts.target_expr {
+                Some(parsed) => {
+                    parsed
+                        .check_limits()
+                        .map_err(|e| invalid(Code::InvalidTarget, e.0))?;
+                    store.resolve_targets(parsed).await?
                 }
-                None => TargetExpr::parse(targets).map_err(|e| bad(Code::InvalidTarget, e.0))?,
+                None => {
+                    let parsed =
+                        TargetExpr::parse(&expr).map_err(|e| invalid(Code::InvalidTarget, e.0))?;
+                    store.resolve_targets(&parsed).await?
+                }
             };
-            let found = state.store.resolve_targets(&expr).await?;
             if found.is_empty() && !opts.allow_no_targets {
-                return Err(bad(
+                return Err(invalid(
                     Code::InvalidTarget,
-                    format!("no node matches the target expression {targets:?}"),
+                    format!("no node matches the target expression {expr:?}"),
                 ));
             }
             found
         }
     };
-    authorize(state, principal, &invocations).await?;
+    Ok(Targets { expr, nodes })
+}
 
+/// Refuses the whole send unless the principal may use every parameter the script references and
+/// send to every target node.
+async fn authorize(
+    store: &Store,
+    authz: &Authz,
+    principal: &Principal,
+    commands: &[String],
+    nodes: &[(NodeId, String)],
+) -> Result<(), SendError> {
+    authorize_params(authz, principal, commands)?;
+    authorize_nodes(store, authz, principal, nodes).await
+}
+
+/// Stores the command and all its invocations in one transaction, then starts its dispatcher.
+async fn persist_and_dispatch(
+    state: &Arc<AppState>,
+    principal: &Principal,
+    node_ids: Vec<NodeId>,
+    opts: SendOptions,
+    checked: send::Checked,
+    doc: PreparedDocument,
+    targets: Targets,
+) -> Result<Sent, SendError> {
     let mut ssm_extra = opts
         .ssm_extra
         .filter(serde_json::Value::is_object)
         .unwrap_or_else(|| serde_json::json!({}));
-    ssm_extra["Plugins"] = serde_json::json!(plugins);
+    ssm_extra["Plugins"] = serde_json::json!(doc.plugins);
     let command_id = CommandId::from_random(secrets::random_u128());
     let idempotency = opts.idempotency.as_ref().map(|i| IdempotencyKey {
         principal: principal.name().to_owned(),
@@ -320,25 +322,25 @@ pub async fn send_command(
     });
     let new = NewCommand {
         command_id: command_id.clone(),
-        document_name,
-        document_version,
-        parameters: prepared.values,
-        comment,
-        node_ids: req.node_ids,
-        targets: targets.to_owned(),
+        document_name: doc.name,
+        document_version: doc.version,
+        parameters: doc.parameters,
+        comment: checked.comment,
+        node_ids,
+        targets: targets.expr,
         spec: CommandSpec {
-            commands,
-            working_dir,
-            execution_timeout,
-            delivery_timeout,
-            max_concurrency,
-            max_errors,
-            run_as,
-            memory_limit_mb: req.memory_limit_mb,
-            cpu_limit_percent: req.cpu_limit_percent,
+            commands: doc.commands,
+            working_dir: doc.working_dir,
+            execution_timeout: doc.execution_timeout,
+            delivery_timeout: checked.delivery_timeout,
+            max_concurrency: checked.max_concurrency,
+            max_errors: checked.max_errors,
+            run_as: checked.run_as,
+            memory_limit_mb: checked.memory_limit_mb,
+            cpu_limit_percent: checked.cpu_limit_percent,
             requested_at: now_ms(),
         },
-        invocations,
+        invocations: targets.nodes,
         ssm_extra: Some(ssm_extra),
         idempotency,
     };
@@ -347,7 +349,7 @@ pub async fn send_command(
         Err(InsertError::DuplicateKey) => {
             // A concurrent send with the same key committed first: answer as its retry.
             if let Some(idem) = &opts.idempotency
-                && let Some(sent) = replay(state, principal, idem).await?
+                && let Some(sent) = replay(&state.store, &state.authz, principal, idem).await?
             {
                 return Ok(sent);
             }
@@ -383,12 +385,12 @@ pub async fn send_command(
 /// The command an idempotency key of this principal already made, if any: refused when the key came
 /// with another request, or when the principal may no longer send to the command's nodes.
 async fn replay(
-    state: &AppState,
+    store: &Store,
+    authz: &Authz,
     principal: &Principal,
     idem: &Idempotency,
 ) -> Result<Option<Sent>, SendError> {
-    let Some((cmd, hash)) = state
-        .store
+    let Some((cmd, hash)) = store
         .command_by_idempotency_key(principal.name(), &idem.key)
         .await?
     else {
@@ -403,10 +405,9 @@ async fn replay(
             command_id: cmd.command_id,
         });
     }
-    if state.authz.on_every_node(principal, Action::SendCommand) != Some(true) {
-        let nodes = state.store.command_node_refs(&cmd.command_id).await?;
-        state
-            .authz
+    if authz.on_every_node(principal, Action::SendCommand) != Some(true) {
+        let nodes = store.command_node_refs(&cmd.command_id).await?;
+        authz
             .require_nodes(principal, Action::SendCommand, &nodes)
             .map_err(SendError::Denied)?;
     }
@@ -424,18 +425,18 @@ pub fn request_hash(req: &impl serde::Serialize) -> String {
 
 /// Refuses the whole send unless the principal may send to every target node. Tags are loaded only
 /// when the answer can depend on them, or to name the refused nodes.
-async fn authorize(
-    state: &AppState,
+async fn authorize_nodes(
+    store: &Store,
+    authz: &Authz,
     principal: &Principal,
     targets: &[(NodeId, String)],
 ) -> Result<(), SendError> {
-    if state.authz.on_every_node(principal, Action::SendCommand) == Some(true) {
+    if authz.on_every_node(principal, Action::SendCommand) == Some(true) {
         return Ok(());
     }
     let ids: Vec<NodeId> = targets.iter().map(|(id, _)| id.clone()).collect();
-    let nodes = state.store.node_refs(Some(&ids)).await?;
-    state
-        .authz
+    let nodes = store.node_refs(Some(&ids)).await?;
+    authz
         .require_nodes(principal, Action::SendCommand, &nodes)
         .map_err(SendError::Denied)
 }
@@ -443,7 +444,7 @@ async fn authorize(
 /// Every parameter the script references must be one the principal may use (`use-param`): a script
 /// could print any value it is given, masking or not.
 fn authorize_params(
-    state: &AppState,
+    authz: &Authz,
     principal: &Principal,
     commands: &[String],
 ) -> Result<(), SendError> {
@@ -451,8 +452,7 @@ fn authorize_params(
     for c in commands {
         for r in fleetrun_proto::params::references(c) {
             if seen.insert(r.name) {
-                state
-                    .authz
+                authz
                     .require(principal, Action::UseParam, Resource::Parameter(r.name))
                     .map_err(SendError::Denied)?;
             }
@@ -463,9 +463,13 @@ fn authorize_params(
 
 /// Every `{{param:NAME}}` the script references must exist now, and the script with today's values
 /// must fit [`SCRIPT_MAX`]. The values themselves are read again at delivery (see crate::run::params).
-async fn check_param_references(state: &AppState, commands: &[String]) -> Result<(), SendError> {
+async fn check_param_references(
+    store: &Store,
+    secrets: &SecretBox,
+    commands: &[String],
+) -> Result<(), SendError> {
     let script = commands.join("\n");
-    match crate::run::params::render(state, &script).await {
+    match crate::run::params::render(store, secrets, &script).await {
         Ok(rendered) if rendered.len() > SCRIPT_MAX => Err(invalid(
             Code::MaxDocumentSizeExceeded,
             format!(
@@ -523,12 +527,7 @@ fn shorthand_parameters(
         put("workingDirectory", vec![wd.clone()])?;
     }
     if let Some(t) = req.execution_timeout_secs {
-        if !(1..=EXECUTION_TIMEOUT_MAX).contains(&t) {
-            return Err(invalid(
-                Code::InvalidParameters,
-                format!("execution timeout {t} s is out of range: 1 to {EXECUTION_TIMEOUT_MAX} s"),
-            ));
-        }
+        // In range: send::check saw it first.
         put("executionTimeout", vec![t.to_string()])?;
     }
     if given.get("commands").is_none_or(Vec::is_empty) {
@@ -540,7 +539,8 @@ fn shorthand_parameters(
     Ok(given)
 }
 
-async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>, SendError> {
+/// Node ids given by the caller, each known and given once, with their names, in the caller's order.
+async fn resolve_ids(store: &Store, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>, SendError> {
     let mut seen = HashSet::new();
     if let Some(dup) = ids.iter().find(|id| !seen.insert(*id)) {
         return Err(invalid(
@@ -548,7 +548,7 @@ async fn resolve_ids(state: &AppState, ids: &[NodeId]) -> Result<Vec<(NodeId, St
             format!("node {dup} is given more than once"),
         ));
     }
-    let found = state.store.node_names(ids).await?;
+    let found = store.node_names(ids).await?;
     let known: HashSet<&NodeId> = found.iter().map(|(id, _)| id).collect();
     let unknown: Vec<&str> = ids
         .iter()

@@ -10,7 +10,8 @@ use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions};
-use fleetrun_proto::api::{Command, Invocation, SendCommand};
+use fleetrun_proto::api::{Command, Invocation, PLUGIN_RUN_SHELL_SCRIPT, SendCommand};
+use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use fleetrun_proto::time::parse_rfc3339_ms;
 use fleetrun_proto::{InvocationStatus, NodeId};
@@ -19,14 +20,10 @@ use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// The plugin of AWS-RunShellScript, as SSM names it.
-const PLUGIN: &str = "aws:runShellScript";
 /// SSM's cap on plugin `Output` (the agent's MaximumPluginOutputSize).
 const PLUGIN_OUTPUT_MAX: usize = 2400;
 /// What SSM appends to truncated output content.
 const TRUNCATED: &str = "--output truncated--";
-const STDOUT_CONTENT_MAX: usize = 24_000;
-const STDERR_CONTENT_MAX: usize = 8_000;
 
 /// The header every AWS SDK sends with one value per operation call, the same across its retries of
 /// that call (botocore: `amz-sdk-invocation-id`, a UUID).
@@ -513,7 +510,8 @@ pub async fn list_command_invocations(
     q.visible = visible(state, p, &q).await?;
     let mut page = state.store.query_invocations(&q, offset, limit).await?;
     if req.details {
-        crate::run::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
+        crate::run::params::mask_each(&state.store, &state.secret_box, &mut page, |(inv, _)| inv)
+            .await?;
     }
     let base = &state.public_url;
     let items: Vec<Value> = page
@@ -602,7 +600,7 @@ fn plugin_names(extra: &Value) -> Vec<String> {
         })
         .unwrap_or_default();
     if names.is_empty() {
-        vec![PLUGIN.to_owned()]
+        vec![PLUGIN_RUN_SHELL_SCRIPT.to_owned()]
     } else {
         names
     }
@@ -650,12 +648,13 @@ pub async fn get_command_invocation(
         ..CommandQuery::default()
     };
     let mut page = state.store.query_invocations(&q, 0, 1).await?;
-    crate::run::params::mask_each(state, &mut page, |(inv, _)| inv).await?;
+    crate::run::params::mask_each(&state.store, &state.secret_box, &mut page, |(inv, _)| inv)
+        .await?;
     let found = page.into_iter().next();
     let plugins = found
         .as_ref()
         .map(|(_, meta)| plugin_names(&meta.ssm_extra))
-        .unwrap_or_else(|| vec![PLUGIN.to_owned()]);
+        .unwrap_or_else(|| vec![PLUGIN_RUN_SHELL_SCRIPT.to_owned()]);
     if let Some(p) = &req.plugin_name
         && !plugins.contains(p)
     {
@@ -698,9 +697,9 @@ pub async fn get_command_invocation(
         "ExecutionEndDateTime": inv.finished_at.clone().unwrap_or_default(),
         "Status": inv.status,
         "StatusDetails": inv.status_details,
-        "StandardOutputContent": string_prefix(&inv.stdout, inv.stdout_bytes, STDOUT_CONTENT_MAX),
+        "StandardOutputContent": string_prefix(&inv.stdout, inv.stdout_bytes, INLINE_STDOUT_MAX),
         "StandardOutputUrl": stdout_url,
-        "StandardErrorContent": string_prefix(&inv.stderr, inv.stderr_bytes, STDERR_CONTENT_MAX),
+        "StandardErrorContent": string_prefix(&inv.stderr, inv.stderr_bytes, INLINE_STDERR_MAX),
         "StandardErrorUrl": stderr_url,
         "CloudWatchOutputConfig": cloudwatch_config(&meta.ssm_extra),
     }))

@@ -3,14 +3,13 @@
 
 use super::DocError;
 use crate::errors::Code;
+use fleetrun_proto::api::PLUGIN_RUN_SHELL_SCRIPT;
 use regex::Regex;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
 /// Most bytes of a document's content (SSM: 64 KB).
 pub const DOCUMENT_MAX: usize = 64 * 1024;
-/// The only action fleetrun runs.
-pub const RUN_SHELL_SCRIPT: &str = "aws:runShellScript";
 /// The platform of every fleetrun node.
 pub const PLATFORM: &str = "Linux";
 const PLATFORMS: [&str; 3] = ["Windows", "Linux", "MacOS"];
@@ -102,7 +101,8 @@ pub struct Step {
 impl Step {
     /// Whether it runs on a fleetrun node (else it is skipped).
     pub fn runs(&self) -> bool {
-        self.action == RUN_SHELL_SCRIPT && self.platform.as_deref().is_none_or(|p| p == PLATFORM)
+        self.action == PLUGIN_RUN_SHELL_SCRIPT
+            && self.platform.as_deref().is_none_or(|p| p == PLATFORM)
     }
 }
 
@@ -195,10 +195,11 @@ pub fn parse(text: &str) -> Result<Content, DocError> {
                 step.name
             )));
         }
-        if step.action != RUN_SHELL_SCRIPT && step.platform.as_deref().is_none_or(|p| p == PLATFORM)
+        if step.action != PLUGIN_RUN_SHELL_SCRIPT
+            && step.platform.as_deref().is_none_or(|p| p == PLATFORM)
         {
             return Err(bad(format!(
-                "Step {:?}: action {} does not run on fleetrun nodes (Linux); only {RUN_SHELL_SCRIPT} runs. Give the step a precondition for the platform it is for.",
+                "Step {:?}: action {} does not run on fleetrun nodes (Linux); only {PLUGIN_RUN_SHELL_SCRIPT} runs. Give the step a precondition for the platform it is for.",
                 step.name, step.action
             )));
         }
@@ -449,7 +450,7 @@ fn check_shell_inputs(step: &Step) -> Result<(), DocError> {
             "runCommand" | "workingDirectory" | "timeoutSeconds"
         ) {
             return Err(s(format!(
-                "{key:?} is not an input of {RUN_SHELL_SCRIPT} (runCommand, workingDirectory, timeoutSeconds)."
+                "{key:?} is not an input of {PLUGIN_RUN_SHELL_SCRIPT} (runCommand, workingDirectory, timeoutSeconds)."
             )));
         }
     }
