@@ -12,14 +12,16 @@ use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
 use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, NodeInfo, ServerFrame};
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::PROTOCOL_VERSION;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -203,7 +205,7 @@ impl Channel {
         .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
         scheduler.recover();
         self.scheduler = Some(scheduler);
-        *lock(&self.identity) = Some(identity);
+        *self.identity.lock() = Some(identity);
         Ok(())
     }
 
@@ -289,7 +291,7 @@ impl Channel {
                 )));
             }
         };
-        let identity = lock(&self.identity).clone();
+        let identity = self.identity.lock().clone();
         match identity {
             None => {
                 let Some(activation_code) = self.activation_code.clone() else {
@@ -371,7 +373,7 @@ impl Channel {
     async fn serve(&self, ws: Ws, heartbeat: Duration) -> ConnError {
         self.outbox.rewind();
         // A rotation cut off with the last connection starts again from the identity file's state.
-        lock(&self.control).clear();
+        self.control.lock().clear();
         let (sink, source) = ws.split();
         let ended = tokio::select! {
             r = self.read_loop(source, heartbeat * 3) => r,
@@ -427,7 +429,7 @@ impl Channel {
                     .map_err(transport)?;
                 next_ping = Instant::now() + heartbeat;
             }
-            let mut batch = std::mem::take(&mut *lock(&self.control));
+            let mut batch = std::mem::take(&mut *self.control.lock());
             batch.extend(self.outbox.next_batch());
             if batch.is_empty() {
                 tokio::select! {
@@ -482,13 +484,13 @@ impl Channel {
     /// persist a pending key, send `RotateKey`, and wait for `KeyRotated` (see [`identity`]).
     async fn rotate_loop(&self) -> Result<Infallible, ConnError> {
         loop {
-            let due_in = match &*lock(&self.identity) {
+            let due_in = match &*self.identity.lock() {
                 Some(id) => id.rotation_due_in(now_ms(), self.key_rotation),
                 None => Duration::MAX,
             };
             tokio::time::sleep(due_in.min(Duration::from_secs(86_400))).await;
             let frame = {
-                let mut guard = lock(&self.identity);
+                let mut guard = self.identity.lock();
                 let Some(id) = guard.as_mut() else { continue };
                 if !id.rotation_due_in(now_ms(), self.key_rotation).is_zero() {
                     continue;
@@ -510,7 +512,7 @@ impl Channel {
                 continue;
             };
             tracing::info!("rotating the node key");
-            lock(&self.control).push(frame);
+            self.control.lock().push(frame);
             self.outbox.ready().notify_one();
             // Wait for KeyRotated; without it (a lost answer) the next connection resends.
             self.rotated.notified().await;
@@ -520,7 +522,7 @@ impl Channel {
     /// The server stored the new key: make it current, on disk first, then confirm it.
     fn key_rotated(&self, public_key: &[u8]) {
         let confirm = {
-            let mut guard = lock(&self.identity);
+            let mut guard = self.identity.lock();
             let Some(id) = guard.as_mut() else { return };
             let mut next = id.clone();
             let Some(confirm) = next.finish_rotation(public_key, now_ms()) else {
@@ -537,20 +539,10 @@ impl Channel {
             confirm
         };
         tracing::info!(key = %auth::fingerprint(public_key), "node key rotated");
-        lock(&self.control).push(confirm);
+        self.control.lock().push(confirm);
         self.outbox.ready().notify_one();
         self.rotated.notify_one();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// An `Error` frame: fatal for the codes no retry can fix, a transport error otherwise.

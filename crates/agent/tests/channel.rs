@@ -6,6 +6,7 @@ use fleetrun_agent::{AgentConfig, run};
 use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, Outcome, Pipe, RunRequest, ServerFrame, StreamId};
 use fleetrun_proto::limits::OUTPUT_WINDOW;
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::PROTOCOL_VERSION;
 use fleetrun_proto::{CommandId, NodeId};
 use futures_util::{SinkExt, StreamExt};
@@ -111,11 +112,6 @@ impl Server {
         .unwrap();
         node_id
     }
-}
-
-fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.unwrap().as_millis() as i64
 }
 
 async fn recv(ws: &mut Ws) -> AgentFrame {

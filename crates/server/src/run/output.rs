@@ -20,8 +20,9 @@ use fleetrun_store::{Finish, OutputState};
 use futures_util::{Stream, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -92,7 +93,7 @@ impl Outputs {
         let mut msg = msg;
         for _ in 0..2 {
             let tx = {
-                let mut actors = self.lock();
+                let mut actors = self.actors.lock();
                 actors
                     .entry(key.clone())
                     .or_insert_with(|| {
@@ -119,7 +120,7 @@ impl Outputs {
         state: &Arc<AppState>,
         key: &InvocationKey,
     ) -> (mpsc::UnboundedSender<OutputMsg>, bool) {
-        let mut actors = self.lock();
+        let mut actors = self.actors.lock();
         if let Some(tx) = actors.get(key) {
             return (tx.clone(), false);
         }
@@ -131,32 +132,26 @@ impl Outputs {
 
     /// Whether an actor runs for the invocation.
     pub fn has(&self, key: &InvocationKey) -> bool {
-        self.lock().contains_key(key)
+        self.actors.lock().contains_key(key)
     }
 
     /// Actors running now.
     pub fn live(&self) -> usize {
-        self.lock().len()
+        self.actors.lock().len()
     }
 
     /// Stops the invocation's actor if one runs (the invocation ended elsewhere).
     pub fn close(&self, key: &InvocationKey) {
-        if let Some(tx) = self.lock().get(key) {
+        if let Some(tx) = self.actors.lock().get(key) {
             let _ = tx.send(OutputMsg::Close);
         }
     }
 
     fn remove(&self, key: &InvocationKey, tx: &mpsc::UnboundedSender<OutputMsg>) {
-        let mut actors = self.lock();
+        let mut actors = self.actors.lock();
         if actors.get(key).is_some_and(|t| t.same_channel(tx)) {
             actors.remove(key);
         }
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<InvocationKey, mpsc::UnboundedSender<OutputMsg>>> {
-        self.actors.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
