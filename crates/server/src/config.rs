@@ -46,6 +46,8 @@ pub struct ServerConfig {
     pub max_connections_per_address: usize,
     /// Most agent handshakes in progress from one source address; 0 = no limit.
     pub max_handshakes_per_address: usize,
+    /// Longest a shutdown waits for requests, agent channels and background tasks to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -67,6 +69,8 @@ impl ServerConfig {
     pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
     /// Default cap of agent handshakes in progress per source address.
     pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+    /// Default shutdown grace period.
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
@@ -87,6 +91,7 @@ impl ServerConfig {
             max_connections: 0,
             max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

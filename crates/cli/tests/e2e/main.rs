@@ -31,4 +31,5 @@ mod params;
 mod rate;
 mod retention;
 mod send;
+mod shutdown;
 mod tls;

@@ -25,7 +25,7 @@ pub struct Hub {
 struct Conn {
     id: u64,
     tx: mpsc::UnboundedSender<ServerFrame>,
-    /// Fired to end the session at once (deregistration).
+    /// Fired to end the session at once (deregistration, shutdown).
     revoked: Option<oneshot::Sender<()>>,
 }
 
@@ -74,6 +74,16 @@ impl Hub {
             let _ = r.send(());
         }
         true
+    }
+
+    /// Tells every live session to close (shutdown): the agents see the socket close and reconnect
+    /// later. The entries stay until each session ends and disconnects.
+    pub fn close_all(&self) {
+        for conn in self.conns.lock().values_mut() {
+            if let Some(r) = conn.revoked.take() {
+                let _ = r.send(());
+            }
+        }
     }
 
     /// Tells dispatchers that a node is online (after its connection was reconciled).

@@ -12,8 +12,8 @@ use std::sync::Arc;
 pub const FD_RESERVE: u64 = 256;
 
 /// Counts of things held open per source address and in total; a [`Slot`] is one of them, released
-/// when dropped.
-#[derive(Debug, Default)]
+/// when dropped. Clones share the counts.
+#[derive(Clone, Debug, Default)]
 pub struct Counter {
     inner: Arc<Mutex<Counts>>,
 }
@@ -22,6 +22,8 @@ pub struct Counter {
 struct Counts {
     total: usize,
     per_address: HashMap<IpAddr, usize>,
+    /// Woken when the total drops to 0 (shutdown waits on it for the last socket).
+    emptied: Arc<tokio::sync::Notify>,
 }
 
 /// Why a [`Counter`] refused a slot.
@@ -64,6 +66,21 @@ impl Counter {
         self.inner.lock().total
     }
 
+    /// Returns once no slot is held (at once if none is).
+    pub async fn wait_empty(&self) {
+        let emptied = self.inner.lock().emptied.clone();
+        loop {
+            // Registered before the count is read, so a release in between is not missed.
+            let notified = emptied.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.total() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Slots held by `ip`.
     pub fn held_by(&self, ip: IpAddr) -> usize {
         self.inner.lock().per_address.get(&ip).copied().unwrap_or(0)
@@ -81,6 +98,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut c = self.counts.lock();
         c.total = c.total.saturating_sub(1);
+        if c.total == 0 {
+            c.emptied.notify_waiters();
+        }
         if let Some(n) = c.per_address.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -96,7 +96,8 @@ pub fn spawn(state: Arc<AppState>, row: CommandRow) {
         .running
         .lock()
         .insert(row.command_id.clone(), Handle { tx, progress });
-    tokio::spawn(async move {
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
         let cmd = row.command_id.clone();
         match Dispatcher::load(state.clone(), row, rx).await {
             Ok(d) => d.run_loop().await,
@@ -200,7 +201,16 @@ impl Dispatcher {
     }
 
     async fn run_loop(mut self) {
-        if let Err(e) = self.drive().await {
+        let shutdown = self.state.shutdown.clone();
+        let driven = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            r = self.drive() => Some(r),
+        };
+        // At shutdown the dispatch is left as it stands: the next start resumes it from the
+        // database (deliveries are recorded before they are sent), as after a crash.
+        let Some(driven) = driven else { return };
+        if let Err(e) = driven {
             tracing::error!(cmd = %self.cmd, "dispatch stopped on a storage error: {e}");
         }
         if let Err(e) = self.finalize().await {

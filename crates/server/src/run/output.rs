@@ -98,7 +98,7 @@ impl Outputs {
                     .entry(key.clone())
                     .or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        tokio::spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+                        state.tasks.spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
                         tx
                     })
                     .clone()
@@ -125,7 +125,7 @@ impl Outputs {
             return (tx.clone(), false);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+        state.tasks.spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
         actors.insert(key.clone(), tx.clone());
         (tx, true)
     }
@@ -241,6 +241,13 @@ async fn run_actor(
             .map(|t| t + FLUSH_AFTER);
         let msg = tokio::select! {
             msg = rx.recv() => msg,
+            _ = state.shutdown.cancelled() => {
+                // Store what is buffered while the store is still open; the agent resends the rest.
+                for p in pipes.iter_mut() {
+                    flush(&state, &cmd, &node, p).await;
+                }
+                break;
+            }
             _ = sleep_until_opt(deadline) => {
                 for p in pipes.iter_mut() {
                     if p.first_unflushed.is_some_and(|t| t + FLUSH_AFTER <= Instant::now()) {
