@@ -403,7 +403,9 @@ pub fn exit_code(ended: fleetrun_server::Ended) -> ExitCode {
     match ended {
         fleetrun_server::Ended::Clean => ExitCode::SUCCESS,
         fleetrun_server::Ended::GraceExpired => {
-            eprintln!("error: the shutdown grace period ran out; what was still running was dropped");
+            eprintln!(
+                "error: the shutdown grace period ran out; what was still running was dropped"
+            );
             ExitCode::FAILURE
         }
     }

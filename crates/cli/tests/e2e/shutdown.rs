@@ -1,6 +1,7 @@
 //! Issue 10, shutdown order: SIGTERM to a real `fleetrun server` stops it cleanly (exit 0, within a
-//! bound), what was accepted just before is in the database after a restart and runs, and a request
-//! in flight when the signal comes is answered before the process exits.
+//! bound), what was accepted just before is in the database after a restart and runs, a request
+//! in flight when the signal comes is answered before the process exits, and a long poll (a
+//! command's watch) is ended rather than waited for.
 
 use crate::support::{Agent, Server, wait_until};
 use std::io::{Read, Write};
@@ -15,7 +16,10 @@ fn sigterm_exits_0_and_a_command_accepted_just_before_survives_the_restart() {
     let mut server = Server::start();
     let _agent = Agent::start(&server, "term-1", &[("role", "term")]);
     server.wait_online("term-1");
-    let id = server.send(&["--targets", "tag:role=term"], "sleep 1; echo after-restart");
+    let id = server.send(
+        &["--targets", "tag:role=term"],
+        "sleep 1; echo after-restart",
+    );
 
     let (status, took) = server.terminate(EXIT_BOUND);
     assert_eq!(status.code(), Some(0), "exit status {status}");
@@ -34,8 +38,9 @@ fn sigterm_exits_0_and_a_command_accepted_just_before_survives_the_restart() {
 }
 
 #[test]
-fn a_request_in_flight_at_sigterm_is_answered_before_the_exit() {
-    let mut server = Server::start_with(&["--insecure-http"]);
+fn a_request_in_flight_at_sigterm_is_answered_and_a_watch_is_ended() {
+    // A grace far longer than the bound below: the watch must not hold the shutdown.
+    let mut server = Server::start_with(&["--insecure-http", "--shutdown-grace", "120s"]);
     let _agent = Agent::start(&server, "term-2", &[]);
     server.wait_online("term-2");
     let addr = server
@@ -43,6 +48,20 @@ fn a_request_in_flight_at_sigterm_is_answered_before_the_exit() {
         .strip_prefix("http://")
         .expect("plain HTTP url")
         .to_owned();
+    let long = server.send(&["--targets", "all"], "sleep 120");
+    let mut watch = TcpStream::connect(&addr).expect("connect");
+    write!(
+        watch,
+        "GET /v1/commands/{long}/watch HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token
+    )
+    .expect("send the watch request");
+    watch
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut head = [0u8; 12];
+    watch.read_exact(&mut head).expect("read the watch answer");
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
     let body = br#"{"targets": "all", "commands": ["true"]}"#;
     let mut conn = TcpStream::connect(&addr).expect("connect");
     // `Expect: 100-continue`: the server says when the handler starts reading the body, so the
@@ -95,6 +114,14 @@ fn a_request_in_flight_at_sigterm_is_answered_before_the_exit() {
     let (status, took) = server.terminate_wait(EXIT_BOUND);
     assert_eq!(status.code(), Some(0), "exit status {status}");
     assert!(took < EXIT_BOUND, "shutdown took {took:?}");
+    // The watch was ended with its last chunk, not cut.
+    let mut rest = Vec::new();
+    let _ = watch.read_to_end(&mut rest);
+    assert!(
+        rest.ends_with(b"0\r\n\r\n"),
+        "watch did not end cleanly: {}",
+        String::from_utf8_lossy(&rest)
+    );
     server.start_again();
     assert_eq!(server.command(&id)["command_id"], id.as_str());
 }

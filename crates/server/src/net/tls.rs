@@ -388,6 +388,7 @@ pub async fn serve(
             let service = Tracked {
                 inner: TowerToHyperService::new(service),
                 activity: activity.clone(),
+                stop: stop.clone(),
             };
             let bounds = Bounds {
                 first_head_by,
@@ -474,7 +475,9 @@ struct Bounds<'a> {
 /// client, a half-sent head, an HTTP/2 preface that never completes), or once no request has been
 /// in progress for `idle` (HTTP/1 heads are bounded by hyper's own header timeout as well; HTTP/2
 /// has no idle timeout of its own, so an open connection with no stream would live forever). On
-/// `stop`, and when idle, the connection is shut down gracefully: what is in progress finishes.
+/// `stop`, and when idle, the connection is shut down gracefully: what is in progress finishes
+/// (HTTP/2 gets a GOAWAY). A client that then still holds the connection with nothing in progress
+/// (HTTP/2's shutdown waits for a ping answer) is dropped after another `idle`.
 async fn drive<C>(conn: C, activity: &Activity, bounds: Bounds<'_>) -> Result<(), C::Error>
 where
     C: GracefulConnection,
@@ -486,13 +489,18 @@ where
         _ = tokio::time::sleep_until(bounds.first_head_by) => {}
         _ = bounds.stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            return conn.await;
+            tokio::select! {
+                r = conn.as_mut() => return r,
+                _ = tokio::time::sleep_until(bounds.first_head_by) => {}
+            }
         }
     }
     if !activity.seen.load(Ordering::Acquire) {
         tracing::debug!(%remote, "no request head within the header timeout; closing");
         return Ok(());
     }
+    // Set once the graceful shutdown has begun.
+    let mut closing = false;
     loop {
         // Registered before the count is read, so a change in between is not missed.
         let changed = activity.changed.notified();
@@ -502,16 +510,22 @@ where
             .then(|| tokio::time::Instant::now() + bounds.idle);
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = bounds.stop.cancelled() => break,
-            _ = &mut changed => continue,
+            _ = bounds.stop.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut changed => {}
             _ = sleep_until_opt(idle_until) => {
+                if closing {
+                    tracing::debug!(%remote, "still open, idle, after its shutdown; dropping");
+                    return Ok(());
+                }
                 tracing::debug!(%remote, "no request for {:?}; closing", bounds.idle);
-                break;
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
         }
     }
-    conn.as_mut().graceful_shutdown();
-    conn.await
 }
 
 /// Sleeps until `t`, or forever when there is none.
@@ -555,11 +569,24 @@ impl Drop for InProgress {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// Fired at shutdown: long polls end then.
+    stop: CancellationToken,
 }
 
-impl<S, R> hyper::service::Service<R> for Tracked<S>
+/// Whether a request is a long poll, answered until something else ends it (a command's watch, a
+/// followed output). Those end at shutdown, as after a lost connection; their clients carry on
+/// from there (`send --wait` polls, a follower resumes at the byte it had), and the shutdown does
+/// not wait the whole grace period for them.
+fn is_long_poll(uri: &axum::http::Uri) -> bool {
+    uri.path().ends_with("/watch")
+        || uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "follow=true"))
+}
+
+impl<S, B> hyper::service::Service<axum::http::Request<B>> for Tracked<S>
 where
-    S: hyper::service::Service<R, Response = axum::response::Response>,
+    S: hyper::service::Service<axum::http::Request<B>, Response = axum::response::Response>,
     S::Future: Send + 'static,
 {
     type Response = axum::response::Response;
@@ -567,33 +594,44 @@ where
     type Future =
         Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
-    fn call(&self, req: R) -> Self::Future {
+    fn call(&self, req: axum::http::Request<B>) -> Self::Future {
         let in_progress = InProgress::new(self.activity.clone());
+        let cut = is_long_poll(req.uri()).then(|| Box::pin(self.stop.clone().cancelled_owned()));
         let answer = self.inner.call(req);
         Box::pin(async move {
             let response = answer.await?;
             // The request stays in progress while its body streams (a watch, a followed output).
             Ok(response.map(|body| {
-                axum::body::Body::new(Counted {
+                axum::body::Body::new(AnswerBody {
                     inner: body,
-                    _slot: in_progress,
+                    _in_progress: in_progress,
+                    cut,
                 })
             }))
         })
     }
 }
 
-impl<B> http_body::Body for Counted<B, InProgress>
-where
-    B: http_body::Body + Unpin,
-{
-    type Data = B::Data;
-    type Error = B::Error;
+/// An answer's body, holding its request's place in [`Activity`]; a long poll's ends at `cut`.
+struct AnswerBody {
+    inner: axum::body::Body,
+    _in_progress: InProgress,
+    cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(cut) = self.cut.as_mut()
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
@@ -604,13 +642,11 @@ where
     }
 }
 
-/// A socket with its slot in the server's connection count, released when the socket closes (or
-/// an answer's body with its request's place in [`Activity`]).
-struct Counted<T, S = Slot> {
+/// A socket with its slot in the server's connection count, released when the socket closes.
+struct Counted<T> {
     inner: T,
-    _slot: S,
+    _slot: Slot,
 }
-
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

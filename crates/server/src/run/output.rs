@@ -98,7 +98,9 @@ impl Outputs {
                     .entry(key.clone())
                     .or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        state.tasks.spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+                        state
+                            .tasks
+                            .spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
                         tx
                     })
                     .clone()
@@ -125,7 +127,9 @@ impl Outputs {
             return (tx.clone(), false);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        state.tasks.spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+        state
+            .tasks
+            .spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
         actors.insert(key.clone(), tx.clone());
         (tx, true)
     }
