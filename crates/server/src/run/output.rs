@@ -41,15 +41,20 @@ pub type InvocationKey = (CommandId, NodeId);
 pub enum OutputMsg {
     /// Bytes of a pipe from the agent.
     Data {
+        /// Which pipe.
         pipe: Pipe,
+        /// Where in the pipe the bytes start.
         offset: u64,
+        /// The bytes.
         data: Bytes,
     },
     /// The invocation ended on the node (sent after all its bytes).
     Finished(ExecResult),
     /// A follower wants the live stream of a pipe.
     Follow {
+        /// Which pipe.
         pipe: Pipe,
+        /// Where the stored bytes and the live stream go.
         reply: oneshot::Sender<FollowStart>,
     },
     /// The invocation was ended by the server (timeout, cancel, lost): flush and stop.
