@@ -184,7 +184,7 @@ impl Scheduler {
     /// and, later, remove its directory.
     ///
     /// Removal is batched off the command path: a sweep `sweep_after` the first waiting directory
-    /// (or at once past [`SWEEP_MAX`]) removes every waiting one. Unlinking costs a run's files
+    /// (or at once past `SWEEP_MAX`) removes every waiting one. Unlinking costs a run's files
     /// again, and on ext4 without a journal each fresh inode allocation then skips over the recently
     /// deleted ones (`recently_deleted`), which made the next runs' file creation the agent's
     /// hottest path. A directory left by a crash is an acknowledged one in `completed.log`, which

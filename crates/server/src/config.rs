@@ -39,7 +39,7 @@ pub struct ServerConfig {
     /// Time an agent has, from the WebSocket upgrade, to send a valid `Hello` or `Register`.
     pub agent_handshake_timeout: Duration,
     /// Most connections open at once, upgraded agent channels included; 0 = the process's
-    /// open-file limit less [`conn::FD_RESERVE`].
+    /// open-file limit less [`crate::net::conn::FD_RESERVE`].
     pub max_connections: usize,
     /// Most HTTP connections one source address may hold open (agent channels leave the count once
     /// upgraded); never more than half of `max_connections` (0 = that half).
