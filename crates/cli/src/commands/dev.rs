@@ -33,7 +33,6 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(d) => d,
         None => default_data_dir()?.join("dev"),
     };
-    let stop = stop_signal()?;
     let mut server = fleetrun_server::start(fleetrun_server::ServerConfig {
         heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
         ..fleetrun_server::ServerConfig::new(data_dir.clone(), args.listen)
@@ -113,6 +112,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("  fleetrun send --targets all --wait -- uname -a");
     println!("  fleetrun commands");
 
+    // Installed only now: until here Ctrl-C ends the process at once, as a start cut short should.
+    let stop = stop_signal()?;
     tokio::select! {
         r = &mut serve => return server_ended(r),
         r = &mut agent => return agent_ended(r),
