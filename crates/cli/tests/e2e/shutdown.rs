@@ -1,7 +1,8 @@
 //! Issue 10, shutdown order: SIGTERM to a real `fleetrun server` stops it cleanly (exit 0, within a
 //! bound), what was accepted just before is in the database after a restart and runs, a request
 //! in flight when the signal comes is answered before the process exits, and a long poll (a
-//! command's watch) is ended rather than waited for.
+//! command's watch) is ended rather than waited for; a request outlasting the grace period makes
+//! the exit code 1.
 
 use crate::support::{Agent, Server, wait_until};
 use std::io::{Read, Write};
@@ -124,4 +125,46 @@ fn a_request_in_flight_at_sigterm_is_answered_and_a_watch_is_ended() {
     );
     server.start_again();
     assert_eq!(server.command(&id)["command_id"], id.as_str());
+}
+
+#[test]
+fn a_request_that_outlasts_the_grace_makes_the_exit_code_1() {
+    let mut server = Server::start_with(&["--insecure-http", "--shutdown-grace", "1s"]);
+    let addr = server
+        .url
+        .strip_prefix("http://")
+        .expect("plain HTTP url")
+        .to_owned();
+    // A body announced and never sent: the request stays in progress (the body deadline is 60 s).
+    let mut conn = TcpStream::connect(&addr).expect("connect");
+    write!(
+        conn,
+        "POST /v1/commands HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        server.token
+    )
+    .expect("send the head");
+    conn.flush().expect("flush");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut interim = [0u8; 12];
+    conn.read_exact(&mut interim).expect("read 100 Continue");
+    assert_eq!(
+        &interim,
+        b"HTTP/1.1 100",
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+
+    let (status, took) = server.terminate(EXIT_BOUND);
+    assert_eq!(status.code(), Some(1), "exit status {status}");
+    assert!(took < EXIT_BOUND, "shutdown took {took:?}");
+    let logs = server.all_logs();
+    assert!(
+        logs.contains("requests still in progress at the end of the grace period"),
+        "{logs}"
+    );
+    // The data dir is intact: the server starts again on it.
+    server.start_again();
+    assert_eq!(server.get("/v1/health").status, 200);
 }
