@@ -506,8 +506,9 @@ where
         let changed = activity.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let idle_until = (activity.open.load(Ordering::Acquire) == 0)
-            .then(|| tokio::time::Instant::now() + bounds.idle);
+        let idle =
+            activity.open.load(Ordering::Acquire) == 0 && !activity.tunnel.load(Ordering::Acquire);
+        let idle_until = idle.then(|| tokio::time::Instant::now() + bounds.idle);
         tokio::select! {
             r = conn.as_mut() => return r,
             _ = bounds.stop.cancelled(), if !closing => {
@@ -542,6 +543,9 @@ async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
 struct Activity {
     seen: AtomicBool,
     open: AtomicUsize,
+    /// An HTTP/2 extended CONNECT (a WebSocket) was answered: its stream outlives the answer's
+    /// body, so the connection is never idle.
+    tunnel: AtomicBool,
     changed: tokio::sync::Notify,
 }
 
@@ -596,6 +600,9 @@ where
 
     fn call(&self, req: axum::http::Request<B>) -> Self::Future {
         let in_progress = InProgress::new(self.activity.clone());
+        if req.method() == axum::http::Method::CONNECT {
+            self.activity.tunnel.store(true, Ordering::Release);
+        }
         let cut = is_long_poll(req.uri()).then(|| Box::pin(self.stop.clone().cancelled_owned()));
         let answer = self.inner.call(req);
         Box::pin(async move {
