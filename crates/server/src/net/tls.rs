@@ -477,7 +477,8 @@ struct Bounds<'a> {
 /// has no idle timeout of its own, so an open connection with no stream would live forever). On
 /// `stop`, and when idle, the connection is shut down gracefully: what is in progress finishes
 /// (HTTP/2 gets a GOAWAY). A client that then still holds the connection with nothing in progress
-/// (HTTP/2's shutdown waits for a ping answer) is dropped after another `idle`.
+/// (HTTP/2's shutdown waits for a ping answer) is dropped after another `idle` ([`STOP_LINGER`]
+/// at shutdown).
 async fn drive<C>(conn: C, activity: &Activity, bounds: Bounds<'_>) -> Result<(), C::Error>
 where
     C: GracefulConnection,
@@ -500,7 +501,8 @@ where
         return Ok(());
     }
     // Set once the graceful shutdown has begun.
-    let mut closing = false;
+    // Once the graceful shutdown has begun: how long the connection may then stay idle.
+    let mut closing: Option<Duration> = None;
     loop {
         // Registered before the count is read, so a change in between is not missed.
         let changed = activity.changed.notified();
@@ -508,26 +510,31 @@ where
         changed.as_mut().enable();
         let idle =
             activity.open.load(Ordering::Acquire) == 0 && !activity.tunnel.load(Ordering::Acquire);
-        let idle_until = idle.then(|| tokio::time::Instant::now() + bounds.idle);
+        let idle_until = idle.then(|| tokio::time::Instant::now() + closing.unwrap_or(bounds.idle));
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = bounds.stop.cancelled(), if !closing => {
+            _ = bounds.stop.cancelled(), if closing.is_none() => {
                 conn.as_mut().graceful_shutdown();
-                closing = true;
+                // The server is going away: an idle client gets a moment to read the GOAWAY, not
+                // a whole idle period that would eat the shutdown's grace.
+                closing = Some(bounds.idle.min(STOP_LINGER));
             }
             _ = &mut changed => {}
             _ = sleep_until_opt(idle_until) => {
-                if closing {
+                if closing.is_some() {
                     tracing::debug!(%remote, "still open, idle, after its shutdown; dropping");
                     return Ok(());
                 }
                 tracing::debug!(%remote, "no request for {:?}; closing", bounds.idle);
                 conn.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(bounds.idle);
             }
         }
     }
 }
+
+/// How long an idle connection may stay open after the shutdown's GOAWAY.
+const STOP_LINGER: Duration = Duration::from_secs(1);
 
 /// Sleeps until `t`, or forever when there is none.
 async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
