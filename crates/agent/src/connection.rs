@@ -12,14 +12,16 @@ use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
 use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, NodeInfo, ServerFrame};
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -199,7 +201,7 @@ impl Channel {
         .map_err(|e| AgentError::Io(format!("cannot read {}", self.state_dir.display()), e))?;
         scheduler.recover()?;
         self.scheduler = Some(scheduler);
-        *lock(&self.identity) = Some(identity);
+        *self.identity.lock() = Some(identity);
         Ok(())
     }
 
@@ -274,7 +276,7 @@ impl Channel {
         .map_err(|_| transport("timed out"))?
         .map_err(dial_error)?;
         self.server_version = server_version(upgraded.headers());
-        let identity = lock(&self.identity).clone();
+        let identity = self.identity.lock().clone();
         // Whom a refusal is for: an `Error` answering `Register` refuses the registration.
         let (server, registering) = (self.server_version, identity.is_none());
         let refused = move |code, message| refusal(code, message, server, registering);
@@ -366,7 +368,7 @@ impl Channel {
     async fn serve(&self, ws: Ws, heartbeat: Duration) -> ConnError {
         self.outbox.rewind();
         // A rotation cut off with the last connection starts again from the identity file's state.
-        lock(&self.control).clear();
+        self.control.lock().clear();
         let (sink, source) = ws.split();
         let ended = tokio::select! {
             r = self.read_loop(source, heartbeat * 3) => r,
@@ -422,7 +424,7 @@ impl Channel {
                     .map_err(transport)?;
                 next_ping = Instant::now() + heartbeat;
             }
-            let mut batch = std::mem::take(&mut *lock(&self.control));
+            let mut batch = std::mem::take(&mut *self.control.lock());
             batch.extend(self.outbox.next_batch());
             if batch.is_empty() {
                 tokio::select! {
@@ -479,13 +481,13 @@ impl Channel {
     /// persist a pending key, send `RotateKey`, and wait for `KeyRotated` (see [`identity`]).
     async fn rotate_loop(&self) -> Result<Infallible, ConnError> {
         loop {
-            let due_in = match &*lock(&self.identity) {
+            let due_in = match &*self.identity.lock() {
                 Some(id) => id.rotation_due_in(now_ms(), self.key_rotation),
                 None => Duration::MAX,
             };
             tokio::time::sleep(due_in.min(Duration::from_secs(86_400))).await;
             let frame = {
-                let mut guard = lock(&self.identity);
+                let mut guard = self.identity.lock();
                 let Some(id) = guard.as_mut() else { continue };
                 if !id.rotation_due_in(now_ms(), self.key_rotation).is_zero() {
                     continue;
@@ -507,7 +509,7 @@ impl Channel {
                 continue;
             };
             tracing::info!("rotating the node key");
-            lock(&self.control).push(frame);
+            self.control.lock().push(frame);
             self.outbox.ready().notify_one();
             // Wait for KeyRotated; without it (a lost answer) the next connection resends.
             self.rotated.notified().await;
@@ -517,7 +519,7 @@ impl Channel {
     /// The server stored the new key: make it current, on disk first, then confirm it.
     fn key_rotated(&self, public_key: &[u8]) {
         let confirm = {
-            let mut guard = lock(&self.identity);
+            let mut guard = self.identity.lock();
             let Some(id) = guard.as_mut() else { return };
             let mut next = id.clone();
             let Some(confirm) = next.finish_rotation(public_key, now_ms()) else {
@@ -534,20 +536,10 @@ impl Channel {
             confirm
         };
         tracing::info!(key = %auth::fingerprint(public_key), "node key rotated");
-        lock(&self.control).push(confirm);
+        self.control.lock().push(confirm);
         self.outbox.ready().notify_one();
         self.rotated.notify_one();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// An `Error` frame: fatal for the codes no retry can fix ([`ErrorCode::is_fatal`]), a transport

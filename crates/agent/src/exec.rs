@@ -9,6 +9,7 @@ use crate::stream::{DRAIN_AFTER_EXIT, OutputStream, pump};
 use crate::user;
 use fleetrun_proto::channel::{ExecResult, Outcome, RunRequest};
 use fleetrun_proto::limits::{EXECUTION_TIMEOUT_DEFAULT, EXECUTION_TIMEOUT_MAX};
+use fleetrun_proto::time::now_ms;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::future::Future;
@@ -19,7 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -64,14 +65,6 @@ pub enum ExecEvent {
 enum Stop {
     Timeout,
     Cancel,
-}
-
-/// Epoch milliseconds now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// A result for an invocation that never ran (bad working directory, spawn failure, cancelled

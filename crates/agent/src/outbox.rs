@@ -13,9 +13,10 @@ use crate::stream::{OutputStream, Spool};
 use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::{AgentFrame, ExecResult, Pipe, StreamId};
 use fleetrun_proto::limits::OUTPUT_FRAME_MAX;
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::AbortHandle;
 
@@ -77,13 +78,9 @@ impl Outbox {
         &self.ready
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<CommandId, Entry>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Registers a new invocation; `None` if the id is already held (a command never runs twice).
     pub fn insert(&self, command_id: &CommandId, run_dir: PathBuf) -> Option<NewInvocation> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         if inner.contains_key(command_id) {
             return None;
         }
@@ -166,14 +163,14 @@ impl Outbox {
             task: None,
             run_dir,
         };
-        self.lock().insert(command_id.clone(), entry);
+        self.inner.lock().insert(command_id.clone(), entry);
         self.ready.notify_one();
     }
 
     /// A duplicate `Run` for a held invocation: if it has a result, make sure it goes out again
     /// (the server may have missed it); anything else is already due or will be.
     pub fn resend_result(&self, command_id: &CommandId) {
-        if let Some(e) = self.lock().get_mut(command_id)
+        if let Some(e) = self.inner.lock().get_mut(command_id)
             && e.result.is_some()
         {
             e.finished_sent = false;
@@ -183,14 +180,14 @@ impl Outbox {
 
     /// Remembers the invocation's task, to abort it if the agent stops.
     pub fn set_task(&self, command_id: &CommandId, task: AbortHandle) {
-        if let Some(e) = self.lock().get_mut(command_id) {
+        if let Some(e) = self.inner.lock().get_mut(command_id) {
             e.task = Some(task);
         }
     }
 
     /// The process started: `Started` becomes due.
     pub fn started(&self, command_id: &CommandId, pgid: i32, started_at_ms: i64) {
-        if let Some(e) = self.lock().get_mut(command_id) {
+        if let Some(e) = self.inner.lock().get_mut(command_id) {
             e.started_at_ms = Some(started_at_ms);
             e.pgid = Some(pgid);
         }
@@ -199,14 +196,14 @@ impl Outbox {
 
     /// The main process was reaped: its group is no longer the agent's to kill.
     pub fn reaped(&self, command_id: &CommandId) {
-        if let Some(e) = self.lock().get_mut(command_id) {
+        if let Some(e) = self.inner.lock().get_mut(command_id) {
             e.pgid = None;
         }
     }
 
     /// The invocation ended: `Finished` becomes due once all its output is sent.
     pub fn finish(&self, command_id: &CommandId, result: ExecResult) {
-        if let Some(e) = self.lock().get_mut(command_id) {
+        if let Some(e) = self.inner.lock().get_mut(command_id) {
             e.result = Some(result);
             e.cancel = None;
             e.pgid = None;
@@ -217,6 +214,7 @@ impl Outbox {
     /// Asks a queued or running invocation to stop; unknown or finished ones are left alone.
     pub fn cancel(&self, command_id: &CommandId) -> bool {
         let sender = self
+            .inner
             .lock()
             .get_mut(command_id)
             .and_then(|e| e.cancel.take());
@@ -226,7 +224,7 @@ impl Outbox {
     /// The server stored `stream` up to `offset`. Unknown streams are ignored.
     pub fn ack(&self, stream: &StreamId, offset: u64) {
         let s = {
-            let inner = self.lock();
+            let inner = self.inner.lock();
             let StreamId::Output { command_id, pipe } = stream;
             inner.get(command_id).map(|e| match pipe {
                 Pipe::Stdout => Arc::clone(&e.stdout),
@@ -242,7 +240,7 @@ impl Outbox {
     /// its run directory, to be removed; `None` if there is no result yet (the ack is premature
     /// and ignored) or the id is unknown.
     pub fn result_acked(&self, command_id: &CommandId) -> Option<PathBuf> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         inner.get(command_id)?.result.as_ref()?;
         let e = inner.remove(command_id)?;
         e.stdout.discard();
@@ -252,17 +250,17 @@ impl Outbox {
 
     /// Every invocation held, for `Hello.known`.
     pub fn known(&self) -> Vec<CommandId> {
-        self.lock().keys().cloned().collect()
+        self.inner.lock().keys().cloned().collect()
     }
 
     /// Whether the invocation is held.
     pub fn contains(&self, command_id: &CommandId) -> bool {
-        self.lock().contains_key(command_id)
+        self.inner.lock().contains_key(command_id)
     }
 
     /// A new connection: resend everything not acknowledged.
     pub fn rewind(&self) {
-        for e in self.lock().values_mut() {
+        for e in self.inner.lock().values_mut() {
             e.stdout.rewind();
             e.stderr.rewind();
             e.started_sent = false;
@@ -275,7 +273,7 @@ impl Outbox {
     /// frame per stream (round-robin across calls, so a busy stream never stalls another), then
     /// `Finished` frames of invocations whose every byte is sent. Empty when nothing is due.
     pub fn next_batch(&self) -> Vec<AgentFrame> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let mut frames = Vec::new();
         for (id, e) in inner.iter_mut() {
             if let Some(started_at_ms) = e.started_at_ms
@@ -319,7 +317,7 @@ impl Outbox {
 
     /// The agent is stopping: kill every running process group and abort every invocation task.
     pub fn shutdown(&self) {
-        for e in self.lock().values_mut() {
+        for e in self.inner.lock().values_mut() {
             if let Some(pgid) = e.pgid.take() {
                 kill_process_group(pgid);
             }

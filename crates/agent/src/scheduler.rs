@@ -3,15 +3,17 @@
 //! `max_concurrent_commands` processes at once (the rest wait in a queue), cancel while queued.
 //! At start-up it takes over what an earlier agent process left in `runs/` ([`Scheduler::recover`]).
 
-use crate::exec::{self, ExecEvent, ExecOptions, now_ms};
+use crate::exec::{self, ExecEvent, ExecOptions};
 use crate::journal::{self, Completed, Leftover, StartRecord};
 use crate::outbox::{NewInvocation, Outbox};
 use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::{ExecResult, Outcome, RunRequest};
+use fleetrun_proto::time::now_ms;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -62,8 +64,8 @@ impl Scheduler {
         })
     }
 
-    fn completed(&self) -> std::sync::MutexGuard<'_, Completed> {
-        self.completed.lock().unwrap_or_else(|p| p.into_inner())
+    fn completed(&self) -> parking_lot::MutexGuard<'_, Completed> {
+        self.completed.lock()
     }
 
     /// Takes over the run directories of an earlier agent process: results are resent; an
@@ -184,7 +186,7 @@ impl Scheduler {
     /// and, later, remove its directory.
     ///
     /// Removal is batched off the command path: a sweep `sweep_after` the first waiting directory
-    /// (or at once past [`SWEEP_MAX`]) removes every waiting one. Unlinking costs a run's files
+    /// (or at once past `SWEEP_MAX`) removes every waiting one. Unlinking costs a run's files
     /// again, and on ext4 without a journal each fresh inode allocation then skips over the recently
     /// deleted ones (`recently_deleted`), which made the next runs' file creation the agent's
     /// hottest path. A directory left by a crash is an acknowledged one in `completed.log`, which
@@ -195,7 +197,7 @@ impl Scheduler {
                 tracing::warn!(%command_id, error = %e, "cannot record the completed command");
             }
             let (first, full) = {
-                let mut trash = lock(&self.trash);
+                let mut trash = self.trash.lock();
                 trash.push(dir);
                 (trash.len() == 1, trash.len() >= SWEEP_MAX)
             };
@@ -215,14 +217,10 @@ impl Scheduler {
 
 /// Removes every waiting run directory (in a blocking-pool thread).
 fn sweep(trash: &Mutex<Vec<PathBuf>>) {
-    let dirs = std::mem::take(&mut *lock(trash));
+    let dirs = std::mem::take(&mut *trash.lock());
     if !dirs.is_empty() {
         tokio::task::spawn_blocking(move || dirs.iter().for_each(|d| journal::remove_run_dir(d)));
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Kills what is left of an interrupted invocation's process group, unless its pid now belongs

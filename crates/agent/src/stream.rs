@@ -20,13 +20,14 @@
 use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::StreamId;
 use fleetrun_proto::limits::OUTPUT_WINDOW;
+use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, watch};
@@ -67,10 +68,6 @@ impl Spool {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, SpoolState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The bound, in bytes.
     pub fn max(&self) -> u64 {
         self.max
@@ -78,12 +75,12 @@ impl Spool {
 
     /// Bytes spooled (or reserved for a read in progress) now.
     pub fn used(&self) -> u64 {
-        self.lock().used
+        self.inner.lock().used
     }
 
     /// Reserves up to `want` bytes; returns how many were granted (0 when full).
     fn try_reserve(&self, want: u64) -> u64 {
-        let mut st = self.lock();
+        let mut st = self.inner.lock();
         let granted = want.min(self.max.saturating_sub(st.used));
         st.used += granted;
         granted
@@ -106,14 +103,14 @@ impl Spool {
 
     /// Counts bytes found on disk at start-up (may exceed the bound if it was lowered).
     fn add(&self, n: u64) {
-        self.lock().used += n;
+        self.inner.lock().used += n;
     }
 
     fn release(&self, n: u64) {
         if n == 0 {
             return;
         }
-        let mut st = self.lock();
+        let mut st = self.inner.lock();
         st.used = st.used.saturating_sub(n);
         drop(st);
         self.space.notify_waiters();
@@ -121,11 +118,11 @@ impl Spool {
 
     /// True the first time it is asked for `command_id` (one warning per invocation).
     fn first_warning(&self, command_id: &CommandId) -> bool {
-        self.lock().warned.insert(command_id.clone())
+        self.inner.lock().warned.insert(command_id.clone())
     }
 
     fn forget(&self, command_id: &CommandId) {
-        self.lock().warned.remove(command_id);
+        self.inner.lock().warned.remove(command_id);
     }
 
     /// The bound in words, e.g. `256 MiB`.
@@ -263,11 +260,6 @@ impl OutputStream {
         &self.id
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain numbers and files behind: still usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn segment_path(&self, start: u64) -> PathBuf {
         self.dir
             .join(format!("{}.{start:020}", pipe_name(&self.id)))
@@ -276,7 +268,7 @@ impl OutputStream {
     /// Takes the next unsent bytes (at most `max`, never past the window) and their offset, and
     /// counts them as sent.
     pub fn next_chunk(&self, max: usize) -> Option<(u64, Vec<u8>)> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let limit = (st.acked + OUTPUT_WINDOW).min(st.end);
         if st.sent >= limit {
             return None;
@@ -316,7 +308,7 @@ impl OutputStream {
     /// The server stored everything before `offset`: delete the segments wholly below it. An
     /// offset past what was sent is clamped (the server cannot have stored unsent bytes).
     pub fn ack(&self, offset: u64) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let offset = offset.min(st.sent);
         if offset <= st.acked {
             return;
@@ -353,39 +345,39 @@ impl OutputStream {
 
     /// Starts over on a new connection: everything not acknowledged is sent again.
     pub fn rewind(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.sent = st.acked;
     }
 
     /// Whether the stream has ended and every byte of it was sent on the current connection.
     pub fn all_sent(&self) -> bool {
-        let st = self.lock();
+        let st = self.state.lock();
         st.eof && st.sent == st.end
     }
 
     /// Whether the stream has ended.
     pub fn is_eof(&self) -> bool {
-        self.lock().eof
+        self.state.lock().eof
     }
 
     /// The stream's length so far (final once [`Self::is_eof`]).
     pub fn total_len(&self) -> u64 {
-        self.lock().end
+        self.state.lock().end
     }
 
     /// The last acknowledged offset.
     pub fn acked(&self) -> u64 {
-        self.lock().acked
+        self.state.lock().acked
     }
 
     /// Bytes of this stream in the spool.
     pub fn spooled(&self) -> u64 {
-        self.lock().on_disk()
+        self.state.lock().on_disk()
     }
 
     /// How long the pump waited for spool space.
     pub fn paused(&self) -> Duration {
-        self.lock().paused
+        self.state.lock().paused
     }
 
     /// The result's note for output held up `paused` by a full spool.
@@ -399,13 +391,13 @@ impl OutputStream {
 
     /// Why the stream ended before its pipe did, if it did.
     pub fn error(&self) -> Option<String> {
-        self.lock().error.clone()
+        self.state.lock().error.clone()
     }
 
     /// Marks the stream ended (also when its pipe was never read, e.g. the command did not start)
     /// and syncs its last segment.
     pub fn set_eof(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.eof = true;
         if let Some(w) = st.writer.take()
             && let Err(e) = w.sync_data()
@@ -418,7 +410,7 @@ impl OutputStream {
 
     /// The invocation is forgotten: give its bytes back to the spool (its directory is removed).
     pub fn discard(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let freed = st.on_disk();
         st.segments.clear();
         st.writer = None;
@@ -431,7 +423,7 @@ impl OutputStream {
 
     /// Appends bytes read from the pipe (their spool space is already reserved).
     fn append(&self, mut data: &[u8]) -> io::Result<()> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         while !data.is_empty() {
             let room = match st.segments.back() {
                 Some(last) if st.writer.is_some() => SEGMENT_MAX - last.len,
@@ -481,7 +473,7 @@ impl OutputStream {
         }
         let since = Instant::now();
         let granted = self.spool.reserve(want).await;
-        self.lock().paused += since.elapsed();
+        self.state.lock().paused += since.elapsed();
         granted
     }
 }
@@ -557,7 +549,8 @@ pub async fn pump(
         {
             stream.spool.release(n as u64);
             tracing::error!(stream = ?stream.id(), error = %e, "cannot write the output spool");
-            stream.lock().error = Some(format!("output cut short: cannot write the spool: {e}"));
+            stream.state.lock().error =
+                Some(format!("output cut short: cannot write the spool: {e}"));
             break;
         }
         match r {

@@ -8,6 +8,7 @@ use fleetrun_proto::channel::{
     AgentFrame, ErrorCode, Outcome, Pipe, RunRequest, ServerFrame, StreamId,
 };
 use fleetrun_proto::limits::OUTPUT_WINDOW;
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use fleetrun_proto::{CommandId, NodeId};
 use futures_util::{SinkExt, StreamExt};
@@ -113,11 +114,6 @@ impl Server {
         .unwrap();
         node_id
     }
-}
-
-fn now_ms() -> i64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.unwrap().as_millis() as i64
 }
 
 async fn recv(ws: &mut Ws) -> AgentFrame {

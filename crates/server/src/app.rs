@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// State shared by every request and task.
 pub struct AppState {
@@ -55,6 +57,11 @@ pub struct AppState {
     pub rate_limiter: guard::RateLimiter,
     /// Fingerprint of the server's own CA, handed out with activation codes for agents to pin.
     pub ca_fingerprint: Option<String>,
+    /// Fired at shutdown, once the requests and agent channels are done: dispatchers, output actors
+    /// and the retention task stop on it.
+    pub shutdown: CancellationToken,
+    /// The background tasks (dispatchers, output actors, retention) shutdown waits for.
+    pub tasks: TaskTracker,
 }
 
 /// A server that is listening.
@@ -71,7 +78,25 @@ pub struct RunningServer {
     pub ca_path: Option<PathBuf>,
     /// That CA's fingerprint (SHA-256 of its DER, lowercase hex), for `--ca-fingerprint`.
     pub ca_fingerprint: Option<String>,
-    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The accept loop; None once it has ended.
+    serve: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Stops the accept loop.
+    stop_accepting: CancellationToken,
+    /// Every open socket, upgraded agent channels included.
+    sockets: conn::Counter,
+    state: Arc<AppState>,
+    shutdown_grace: Duration,
+}
+
+/// How a server's shutdown ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Ended {
+    /// Everything finished within the grace period and the store was flushed and closed.
+    Clean,
+    /// The grace period ran out first: requests, agent channels or background tasks still running
+    /// were dropped (the store was still flushed and closed).
+    GraceExpired,
 }
 
 /// Opens the storage, creates the admin token on first start, resumes unfinished commands and starts
@@ -185,6 +210,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .trim_end_matches('/')
             .to_owned(),
         ca_fingerprint: tls.ca_fingerprint.clone(),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
     });
     let public_url = state.public_url.clone();
     for id in state.store.active_command_ids().await? {
@@ -194,20 +221,29 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     }
 
-    tokio::spawn(retention::run(
+    state.tasks.spawn(retention::run(
         state.clone(),
         config.retention,
         config.purge_interval,
     ));
 
     tracing::info!(%local_addr, %scheme, "listening");
-    let app = api::router(state);
+    let app = api::router(state.clone());
     let settings = tls::ConnSettings {
         header_read_timeout: config.header_read_timeout,
         max_connections,
         max_connections_per_address,
     };
-    let serve = tokio::spawn(tls::serve(listener, tls.acceptor, app, settings));
+    let stop_accepting = CancellationToken::new();
+    let sockets = conn::Counter::default();
+    let serve = tokio::spawn(tls::serve(
+        listener,
+        tls.acceptor,
+        app,
+        settings,
+        stop_accepting.clone(),
+        sockets.clone(),
+    ));
     Ok(RunningServer {
         local_addr,
         admin_token,
@@ -215,17 +251,115 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         public_url,
         ca_path: tls.ca_path,
         ca_fingerprint: tls.ca_fingerprint,
-        serve,
+        serve: Some(serve),
+        stop_accepting,
+        sockets,
+        state,
+        shutdown_grace: config.shutdown_grace,
     })
 }
 
+/// Longest wait for the store's last writes and its pools to close once the grace period is over.
+const STORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl RunningServer {
-    /// Serves until the process is stopped or a fatal error happens.
-    pub async fn wait(self) -> anyhow::Result<()> {
-        self.serve
+    /// Serves until a fatal error happens (the accept loop ends only through [`Self::shutdown`]).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        let Some(serve) = self.serve.as_mut() else {
+            anyhow::bail!("server stopped");
+        };
+        let r = serve.await;
+        self.serve = None;
+        r.context("server task failed")?.context("server stopped")?;
+        anyhow::bail!("server stopped")
+    }
+
+    /// Serves until `signal` completes, then shuts down ([`Self::shutdown`]). A failure of the
+    /// server while serving is an error (the store is still flushed and closed).
+    pub async fn serve_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<Ended> {
+        let failed = tokio::select! {
+            r = self.wait() => r.err(),
+            () = signal => None,
+        };
+        let ended = self.shutdown().await;
+        match failed {
+            Some(e) => Err(e),
+            None => ended,
+        }
+    }
+
+    /// Shuts down in a fixed order, all of it within the configured grace period
+    /// (`ServerConfig::shutdown_grace`) except the last step:
+    /// 1. stop accepting connections;
+    /// 2. let the requests in progress finish (HTTP/1 connections close after their answer,
+    ///    HTTP/2 ones get a GOAWAY);
+    /// 3. close the agent channels (agents reconnect, to this server once it is back);
+    /// 4. stop the background tasks: dispatchers (resumed from the database at the next start),
+    ///    output actors (which store what they buffer first) and the retention purge;
+    /// 5. flush the store's group-commit writer and close its pools.
+    ///
+    /// Returns [`Ended::GraceExpired`] when steps 2 to 4 did not finish in time (what was left
+    /// is dropped, as a crash would, which every step is built to survive), and an error when the
+    /// accept loop had failed or the store could not be flushed.
+    pub async fn shutdown(mut self) -> anyhow::Result<Ended> {
+        let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+        let mut ended = Ended::Clean;
+        tracing::info!(grace = ?self.shutdown_grace, "shutting down");
+        self.stop_accepting.cancel();
+        let mut failed = None;
+        if let Some(serve) = self.serve.take() {
+            let abort = serve.abort_handle();
+            match tokio::time::timeout_at(deadline, serve).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => failed = Some(anyhow::Error::from(e).context("server stopped")),
+                Ok(Err(e)) => failed = Some(anyhow::Error::from(e).context("server task failed")),
+                Err(_) => {
+                    tracing::warn!("requests still in progress at the end of the grace period");
+                    abort.abort();
+                    ended = Ended::GraceExpired;
+                }
+            }
+        }
+        self.state.hub.close_all();
+        if tokio::time::timeout_at(deadline, self.sockets.wait_empty())
             .await
-            .context("server task failed")?
-            .context("server stopped")
+            .is_err()
+        {
+            tracing::warn!(
+                sockets = self.sockets.total(),
+                "connections still open at the end of the grace period"
+            );
+            ended = Ended::GraceExpired;
+        }
+        self.state.shutdown.cancel();
+        self.state.tasks.close();
+        if tokio::time::timeout_at(deadline, self.state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.state.tasks.len(),
+                "background tasks still running at the end of the grace period"
+            );
+            ended = Ended::GraceExpired;
+        }
+        match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.state.store.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failed.get_or_insert(anyhow::Error::from(e).context("cannot flush the database"));
+            }
+            Err(_) => {
+                failed.get_or_insert(anyhow::anyhow!("the database did not close in time"));
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        tracing::info!(?ended, "shut down");
+        Ok(ended)
     }
 }
 

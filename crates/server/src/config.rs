@@ -39,13 +39,15 @@ pub struct ServerConfig {
     /// Time an agent has, from the WebSocket upgrade, to send a valid `Hello` or `Register`.
     pub agent_handshake_timeout: Duration,
     /// Most connections open at once, upgraded agent channels included; 0 = the process's
-    /// open-file limit less [`conn::FD_RESERVE`].
+    /// open-file limit less [`crate::net::conn::FD_RESERVE`].
     pub max_connections: usize,
     /// Most HTTP connections one source address may hold open (agent channels leave the count once
     /// upgraded); never more than half of `max_connections` (0 = that half).
     pub max_connections_per_address: usize,
     /// Most agent handshakes in progress from one source address; 0 = no limit.
     pub max_handshakes_per_address: usize,
+    /// Longest a shutdown waits for requests, agent channels and background tasks to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl ServerConfig {
@@ -67,6 +69,8 @@ impl ServerConfig {
     pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 256;
     /// Default cap of agent handshakes in progress per source address.
     pub const DEFAULT_MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
+    /// Default shutdown grace period.
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
@@ -87,6 +91,7 @@ impl ServerConfig {
             max_connections: 0,
             max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

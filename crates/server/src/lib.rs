@@ -24,5 +24,5 @@ pub mod net;
 pub mod run;
 pub mod ssm;
 
-pub use app::{AppState, RunningServer, start};
+pub use app::{AppState, Ended, RunningServer, start};
 pub use config::ServerConfig;

@@ -106,4 +106,13 @@ impl Store {
             writer,
         })
     }
+
+    /// Waits until every write queued so far (group-committed ones and queued audit records) is
+    /// committed, then closes both pools; later calls fail. The last step of a server's shutdown.
+    pub async fn close(&self) -> Result<()> {
+        self.writer.flush().await?;
+        self.write.close().await;
+        self.read.close().await;
+        Ok(())
+    }
 }

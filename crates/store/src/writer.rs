@@ -204,6 +204,13 @@ impl Writer {
             .map_err(|_| StoreError::Missing("database writer task"))?
     }
 
+    /// Returns once every write and audit record queued before the call is committed.
+    pub(super) async fn flush(&self) -> Result<()> {
+        // A barrier in the hot queue is answered with its batch, after the writes queued before it.
+        self.write(|reply| WriteOp::Barrier { reply }).await?;
+        self.flush_audit().await
+    }
+
     /// Queues a write made by `make` (given its reply channel) and waits until it is committed.
     pub(super) async fn write<T>(
         &self,

@@ -1,7 +1,9 @@
 //! `fleetrun dev`: a server and an agent in one process, with the CLI pointed at them. The quickest way
 //! to try fleetrun on one machine.
 
-use super::server::{HEARTBEAT_SECS_DEFAULT, LISTEN_DEFAULT, default_data_dir, init_logging};
+use super::server::{
+    HEARTBEAT_SECS_DEFAULT, LISTEN_DEFAULT, default_data_dir, exit_code, init_logging, stop_signal,
+};
 use crate::client::Client;
 use crate::config::{self, CliConfigFile, Connection};
 use anyhow::{Context, bail};
@@ -31,7 +33,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(d) => d,
         None => default_data_dir()?.join("dev"),
     };
-    let server = fleetrun_server::start(fleetrun_server::ServerConfig {
+    let mut server = fleetrun_server::start(fleetrun_server::ServerConfig {
         heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
         ..fleetrun_server::ServerConfig::new(data_dir.clone(), args.listen)
     })
@@ -54,8 +56,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let state_dir = data_dir.join("agent");
 
     // The server may serve only while `wait` is polled, so every step below runs beside it.
-    let serve = server.wait();
-    tokio::pin!(serve);
+    let mut serve = Box::pin(server.wait());
 
     let activation_code = tokio::select! {
         r = &mut serve => return server_ended(r),
@@ -111,15 +112,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("  fleetrun send --targets all --wait -- uname -a");
     println!("  fleetrun commands");
 
+    // Installed only now: until here Ctrl-C ends the process at once, as a start cut short should.
+    let stop = stop_signal()?;
     tokio::select! {
-        r = &mut serve => server_ended(r),
-        r = &mut agent => agent_ended(r),
-        r = tokio::signal::ctrl_c() => {
-            r.context("cannot listen for Ctrl-C")?;
-            eprintln!("stopping");
-            Ok(ExitCode::SUCCESS)
-        }
+        r = &mut serve => return server_ended(r),
+        r = &mut agent => return agent_ended(r),
+        () = stop => {}
     }
+    eprintln!("stopping");
+    // The agent is no longer polled; the server closes its channel as it shuts down.
+    drop(serve);
+    Ok(exit_code(server.shutdown().await?))
 }
 
 /// A fresh activation code, unless the agent already has an identity and needs none.

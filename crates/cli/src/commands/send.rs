@@ -21,6 +21,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+// The doc comments are `--help` text, where `[,VALUE]` means "optional", not a link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Run on this node (repeatable)

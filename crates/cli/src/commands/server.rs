@@ -130,6 +130,9 @@ pub struct Args {
     /// Most agent handshakes in progress from one address; 0 = no limit [default: 32]
     #[arg(long, value_name = "N")]
     max_handshakes_per_address: Option<usize>,
+    /// On SIGTERM or SIGINT, how long requests in progress and agent channels get to finish [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    shutdown_grace: Option<Duration>,
 }
 
 /// The server's config file. Unknown keys are an error, so a typo does not silently fall back.
@@ -157,6 +160,7 @@ struct ServerFile {
     max_connections: Option<usize>,
     max_connections_per_address: Option<usize>,
     max_handshakes_per_address: Option<usize>,
+    shutdown_grace: Option<String>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -250,6 +254,12 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         file.agent_handshake_timeout,
         D::DEFAULT_AGENT_HANDSHAKE_TIMEOUT,
     )?;
+    let shutdown_grace = timeout(
+        "shutdown_grace",
+        args.shutdown_grace,
+        file.shutdown_grace,
+        D::DEFAULT_SHUTDOWN_GRACE,
+    )?;
     let max_connections = args.max_connections.or(file.max_connections).unwrap_or(0);
     let max_connections_per_address = args
         .max_connections_per_address
@@ -283,6 +293,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         max_connections,
         max_connections_per_address,
         max_handshakes_per_address,
+        shutdown_grace,
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -345,6 +356,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     init_logging("info");
     let config = resolve(args)?;
     let data_dir = config.data_dir.clone();
+    let stop = stop_signal()?;
     let server = fleetrun_server::start(config)
         .await
         .with_context(|| format!("cannot start the server (data dir {})", data_dir.display()))?;
@@ -367,8 +379,36 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         println!("  the CLI trusts it with --ca-cert {}", ca.display());
     }
-    server.wait().await?;
-    Ok(ExitCode::SUCCESS)
+    let ended = server.serve_until(stop).await?;
+    Ok(exit_code(ended))
+}
+
+/// Completes on the first SIGTERM or SIGINT (the handlers are installed before this returns, so a
+/// signal that comes while the server starts is not lost).
+pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name}: stopping");
+    })
+}
+
+/// The process's exit code after a shutdown: 0 only when everything finished within the grace.
+pub fn exit_code(ended: fleetrun_server::Ended) -> ExitCode {
+    match ended {
+        fleetrun_server::Ended::Clean => ExitCode::SUCCESS,
+        fleetrun_server::Ended::GraceExpired => {
+            eprintln!(
+                "error: the shutdown grace period ran out; what was still running was dropped"
+            );
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
@@ -400,6 +440,7 @@ mod tests {
             max_connections: None,
             max_connections_per_address: None,
             max_handshakes_per_address: None,
+            shutdown_grace: None,
         };
         let c = resolve(args(Some(path.clone()))).unwrap();
         assert_eq!(c.listen.port(), 9);

@@ -1,4 +1,5 @@
-//! `fleetrun dev`: server and agent in one process; the CLI then works from the written config alone.
+//! `fleetrun dev`: server and agent in one process; the CLI then works from the written config alone,
+//! and Ctrl-C stops it cleanly.
 
 use crate::support::{fleetrun_bin, run, wait_until};
 use std::io::Read;
@@ -98,6 +99,16 @@ fn dev_starts_everything_and_writes_the_cli_config() {
             .map(|n| n.starts_with("dev-") || n == "local"),
         Some(true)
     );
+
+    // Ctrl-C (SIGINT) shuts it down in order, exiting 0.
+    let mut child = child;
+    crate::support::signal(child.0.id(), libc::SIGINT);
+    let status = wait_until(
+        "fleetrun dev to exit on SIGINT",
+        Duration::from_secs(30),
+        || child.0.try_wait().expect("wait for fleetrun dev"),
+    );
+    assert_eq!(status.code(), Some(0), "exit status {status}");
 
     // A second start reuses the data dir: same node, no new activation needed.
     drop(child);

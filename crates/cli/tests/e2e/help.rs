@@ -1,9 +1,9 @@
-//! `--help` snapshots (so a changed flag shows up in review) and the crate's tidiness rules.
+//! `--help` snapshots (so a changed flag shows up in review); the tidiness rules are in `tests/house.rs`.
 //!
 //! Refresh the snapshots with `FLEETRUN_UPDATE_SNAPSHOTS=1 cargo test -p fleetrun-cli --test e2e help`.
 
 use crate::support::{fleetrun_bin, run};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -43,33 +43,4 @@ fn help_snapshots() {
     snapshot("server-help", &["server", "--help"]);
     snapshot("documents-help", &["documents", "--help"]);
     snapshot("access-key-help", &["access-key", "--help"]);
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            rust_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p);
-        }
-    }
-}
-
-#[test]
-fn every_file_opens_with_a_doc_line() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
-    rust_files(&root.join("tests"), &mut files);
-    assert!(files.len() > 10);
-    for f in files {
-        let text = std::fs::read_to_string(&f).expect("read");
-        let first = text.lines().find(|l| !l.starts_with("#![")).unwrap_or("");
-        assert!(
-            first.starts_with("//!"),
-            "{} must open with a `//!` line",
-            f.display()
-        );
-    }
 }

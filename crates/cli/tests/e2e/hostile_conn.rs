@@ -155,6 +155,60 @@ fn a_half_request_head_and_an_idle_connection_are_closed_within_the_header_timeo
     assert_eq!(server.get("/v1/health").status, 200);
 }
 
+/// The types of the HTTP/2 frames in `bytes` (whole frames only).
+fn h2_frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        types.push(rest[3]);
+        rest = rest.get(9 + len..).unwrap_or_default();
+    }
+    types
+}
+
+#[test]
+fn an_idle_http2_connection_is_closed_within_the_header_timeout() {
+    let server = Server::start_with(&["--insecure-http", "--header-read-timeout", "1s"]);
+    let bound = Duration::from_secs(8);
+    let authority = server.url.trim_start_matches("http://").to_owned();
+    let mut conn = tcp(&server);
+    // HTTP/2 with prior knowledge: the preface, empty SETTINGS, then one GET /v1/health on stream
+    // 1 (HPACK: :method GET, :scheme http, :path and :authority as literals), END_STREAM.
+    let mut block = vec![0x82, 0x86, 0x44, 10];
+    block.extend_from_slice(b"/v1/health");
+    block.extend_from_slice(&[
+        0x41,
+        u8::try_from(authority.len()).expect("short authority"),
+    ]);
+    block.extend_from_slice(authority.as_bytes());
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+    let len = u32::try_from(block.len())
+        .expect("short block")
+        .to_be_bytes();
+    out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x5, 0, 0, 0, 1]);
+    out.extend_from_slice(&block);
+    conn.write_all(&out).expect("send the request");
+    conn.flush().expect("flush");
+
+    // Answered, then (no stream open any more) closed with a GOAWAY after about a second.
+    let (got, closed) = read_until_closed(&mut conn, bound);
+    let types = h2_frame_types(&got);
+    assert!(
+        types.contains(&0x1),
+        "no HEADERS answer in frames {types:?}"
+    );
+    assert!(types.contains(&0x7), "no GOAWAY in frames {types:?}");
+    assert!(
+        closed.is_some(),
+        "an idle HTTP/2 connection was held open past {bound:?}"
+    );
+
+    // The server is unharmed.
+    assert_eq!(server.get("/v1/health").status, 200);
+}
+
 #[test]
 fn a_body_that_stops_is_answered_408_on_both_apis() {
     let server = Server::start_with(&["--body-read-timeout", "1s"]);

@@ -32,4 +32,5 @@ mod protocol_version;
 mod rate;
 mod retention;
 mod send;
+mod shutdown;
 mod tls;

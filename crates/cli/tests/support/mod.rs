@@ -426,6 +426,30 @@ impl Server {
         }
     }
 
+    /// Sends SIGTERM and waits, at most `within`, for the process to exit: its exit status and how
+    /// long it took (panics if it is still running then).
+    pub fn terminate(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        signal(self.pid(), libc::SIGTERM);
+        self.terminate_wait(within)
+    }
+
+    /// Waits, at most `within`, for the process to exit after a signal sent already: its exit
+    /// status and how long it took.
+    pub fn terminate_wait(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        let child = self.child.as_mut().expect("server not running");
+        let status = wait_until("the server to exit after SIGTERM", within, || {
+            child.try_wait().expect("wait for the server")
+        });
+        self.child = None;
+        (status, start.elapsed())
+    }
+
+    /// Starts the server again on the same data dir and address (after [`Server::terminate`]).
+    pub fn start_again(&mut self) {
+        self.spawn_ready();
+    }
+
     /// Kills the server (if running) and starts it again on the same data dir and address.
     pub fn restart(&mut self) {
         self.kill9();

@@ -17,10 +17,11 @@ use cedar_policy::{
 use fleetrun_proto::{CommandId, NodeId};
 pub use fleetrun_store::NodeRef;
 use fleetrun_store::{Store, StoreError, UserRow};
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 /// Entity types and actions policies may name. `fleetrun policies validate` checks files against it.
 pub const SCHEMA: &str = r#"
@@ -374,11 +375,11 @@ impl Authz {
         let compiled = self.compiled(&principal.user);
         if compiled.user.policy.trim().is_empty() {
             let key = (action, resource.kind());
-            if let Some(d) = lock(&compiled.fixed).get(&key) {
+            if let Some(d) = compiled.fixed.lock().get(&key) {
                 return *d;
             }
             let d = self.evaluate(&compiled, action, resource);
-            lock(&compiled.fixed).insert(key, d);
+            compiled.fixed.lock().insert(key, d);
             return d;
         }
         self.evaluate(&compiled, action, resource)
@@ -482,7 +483,7 @@ impl Authz {
         ))
     }
 
-    /// Says the fleet changed (a node registered or left): scopes cached for [`node_scope`] are stale.
+    /// Says the fleet changed (a node registered or left): scopes cached for [`Authz::node_scope`] are stale.
     pub fn fleet_changed(&self) {
         self.fleet.fetch_add(1, Ordering::Relaxed);
     }
@@ -507,7 +508,7 @@ impl Authz {
     }
 
     fn compiled(&self, user: &UserRow) -> Arc<Compiled> {
-        let mut cache = lock(&self.compiled);
+        let mut cache = self.compiled.lock();
         if let Some(c) = cache.get(&user.name).filter(|c| c.user == *user) {
             return c.clone();
         }
@@ -635,7 +636,9 @@ impl Authz {
         // only changes with the user or the fleet, so it is kept until either does.
         let key = (principal.user.name.clone(), action);
         let fleet = authz.fleet.load(Ordering::Relaxed);
-        if let Some(c) = lock(&authz.scopes)
+        if let Some(c) = authz
+            .scopes
+            .lock()
             .get(&key)
             .filter(|c| c.fleet == fleet && c.user == principal.user)
         {
@@ -644,7 +647,7 @@ impl Authz {
         }
         let nodes = store.node_refs(None).await?;
         let scope = authz.scope(principal, action, &nodes);
-        lock(&authz.scopes).insert(
+        authz.scopes.lock().insert(
             key,
             CachedScope {
                 fleet,
@@ -733,10 +736,6 @@ fn uid(kind: &str, id: &str) -> anyhow::Result<EntityUid> {
         EntityTypeName::from_str(kind)?,
         EntityId::new(id),
     ))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

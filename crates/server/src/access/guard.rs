@@ -12,11 +12,11 @@
 //!
 //! [`RateLimiter`] bounds the requests of each authenticated principal (token bucket).
 
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Failures allowed per credential id in one window.
@@ -117,7 +117,7 @@ fn count<K: Hash + Eq>(table: &mut Table<K>, key: K, max: u32) -> bool {
 impl AuthGuard {
     /// `Err(retry_after)` when `ip` used up its failures in the current window.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        locked(&lock(&self.windows), &ip, MAX_FAILURES_PER_ADDRESS)
+        locked(&self.windows.lock(), &ip, MAX_FAILURES_PER_ADDRESS)
     }
 
     /// `Err(retry_after)` when `ip`, or the credential id the request presents, used up its
@@ -126,7 +126,7 @@ impl AuthGuard {
         self.check(ip)?;
         match credential {
             Some(c) => locked(
-                &lock(&self.credentials),
+                &self.credentials.lock(),
                 &credential_key(c),
                 MAX_FAILURES_PER_CREDENTIAL,
             ),
@@ -136,7 +136,7 @@ impl AuthGuard {
 
     /// Counts a failed authentication from `ip`.
     pub fn failed(&self, ip: IpAddr) {
-        if count(&mut lock(&self.windows), ip, MAX_FAILURES_PER_ADDRESS) {
+        if count(&mut self.windows.lock(), ip, MAX_FAILURES_PER_ADDRESS) {
             tracing::warn!(%ip, "too many failed authentications; refusing this source for {WINDOW:?}");
         }
     }
@@ -147,7 +147,7 @@ impl AuthGuard {
         self.failed(ip);
         if let Some(c) = credential
             && count(
-                &mut lock(&self.credentials),
+                &mut self.credentials.lock(),
                 credential_key(c),
                 MAX_FAILURES_PER_CREDENTIAL,
             )
@@ -155,10 +155,6 @@ impl AuthGuard {
             tracing::warn!(%ip, credential = %c, "too many failed authentications; refusing this credential for {WINDOW:?}");
         }
     }
-}
-
-fn lock<K>(m: &Mutex<Table<K>>) -> std::sync::MutexGuard<'_, Table<K>> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Per-principal request rate limit: a token bucket per principal holding up to `burst` requests,
@@ -203,7 +199,7 @@ impl RateLimiter {
         if self.rate <= 0.0 {
             return Ok(());
         }
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.lock();
         if buckets.len() >= BUCKETS_PRUNE_AT && !buckets.contains_key(principal) {
             let full_after = Duration::from_secs_f64(self.burst / self.rate);
             buckets.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
@@ -274,7 +270,7 @@ mod tests {
             let now = t0 + Duration::from_millis(i as u64 / 100);
             assert!(l.check_at(&format!("p{i}"), now).is_ok());
         }
-        let len = l.buckets.lock().unwrap().len();
+        let len = l.buckets.lock().len();
         assert!(len <= BUCKETS_PRUNE_AT, "{len}");
     }
 
@@ -317,11 +313,11 @@ mod tests {
         for i in 0..TRACKED_MAX + 10 {
             let c = format!("tok_{i}");
             count(
-                &mut lock(&g.credentials),
+                &mut g.credentials.lock(),
                 credential_key(&c),
                 MAX_FAILURES_PER_CREDENTIAL,
             );
         }
-        assert!(lock(&g.credentials).map.len() <= TRACKED_MAX);
+        assert!(g.credentials.lock().map.len() <= TRACKED_MAX);
     }
 }

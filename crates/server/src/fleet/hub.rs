@@ -7,8 +7,8 @@
 
 use fleetrun_proto::NodeId;
 use fleetrun_proto::channel::{ErrorCode, ServerFrame};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -25,7 +25,7 @@ pub struct Hub {
 struct Conn {
     id: u64,
     tx: mpsc::UnboundedSender<ServerFrame>,
-    /// Fired to end the session at once (deregistration).
+    /// Fired to end the session at once (deregistration, shutdown).
     revoked: Option<oneshot::Sender<()>>,
 }
 
@@ -49,7 +49,7 @@ impl Hub {
     ) -> (u64, oneshot::Receiver<()>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (revoked, on_revoke) = oneshot::channel();
-        self.lock().insert(
+        self.conns.lock().insert(
             node.clone(),
             Conn {
                 id,
@@ -63,7 +63,7 @@ impl Hub {
     /// Ends a node's live connection at once: queues `Error{UnknownNode}` (the agent exits on it) and
     /// tells its session to close. Returns whether it was connected.
     pub fn revoke(&self, node: &NodeId, message: &str) -> bool {
-        let Some(mut conn) = self.lock().remove(node) else {
+        let Some(mut conn) = self.conns.lock().remove(node) else {
             return false;
         };
         let _ = conn
@@ -75,6 +75,16 @@ impl Hub {
         true
     }
 
+    /// Tells every live session to close (shutdown): the agents see the socket close and reconnect
+    /// later. The entries stay until each session ends and disconnects.
+    pub fn close_all(&self) {
+        for conn in self.conns.lock().values_mut() {
+            if let Some(r) = conn.revoked.take() {
+                let _ = r.send(());
+            }
+        }
+    }
+
     /// Tells dispatchers that a node is online (after its connection was reconciled).
     pub fn announce_online(&self, node: &NodeId) {
         let _ = self.online.send(node.clone());
@@ -82,7 +92,7 @@ impl Hub {
 
     /// Removes a node's connection, unless a newer one replaced it.
     pub fn disconnect(&self, node: &NodeId, conn_id: u64) {
-        let mut conns = self.lock();
+        let mut conns = self.conns.lock();
         if conns.get(node).is_some_and(|c| c.id == conn_id) {
             conns.remove(node);
         }
@@ -90,28 +100,24 @@ impl Hub {
 
     /// Queues a frame for a node; false when the node is not connected.
     pub fn send(&self, node: &NodeId, frame: ServerFrame) -> bool {
-        self.lock()
+        self.conns
+            .lock()
             .get(node)
             .is_some_and(|c| c.tx.send(frame).is_ok())
     }
 
     /// Whether a node is connected.
     pub fn is_online(&self, node: &NodeId) -> bool {
-        self.lock().contains_key(node)
+        self.conns.lock().contains_key(node)
     }
 
     /// Number of connected nodes.
     pub fn online_count(&self) -> usize {
-        self.lock().len()
+        self.conns.lock().len()
     }
 
     /// Node-online events.
     pub fn subscribe_online(&self) -> broadcast::Receiver<NodeId> {
         self.online.subscribe()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Conn>> {
-        // A panic while holding this lock cannot leave the map half-updated, so poison is ignored.
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

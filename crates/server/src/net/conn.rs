@@ -1,9 +1,10 @@
 //! Bounds on what clients can hold open: counts of connections (or handshakes) per source address and
 //! in total, and the process's descriptor limit they all draw on.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Descriptors kept back from the connection cap for the database, output objects, logs and TLS
 /// files, so a full house of clients cannot starve the server's own work (half the limit when it
@@ -11,8 +12,8 @@ use std::sync::{Arc, Mutex};
 pub const FD_RESERVE: u64 = 256;
 
 /// Counts of things held open per source address and in total; a [`Slot`] is one of them, released
-/// when dropped.
-#[derive(Debug, Default)]
+/// when dropped. Clones share the counts.
+#[derive(Clone, Debug, Default)]
 pub struct Counter {
     inner: Arc<Mutex<Counts>>,
 }
@@ -21,6 +22,8 @@ pub struct Counter {
 struct Counts {
     total: usize,
     per_address: HashMap<IpAddr, usize>,
+    /// Woken when the total drops to 0 (shutdown waits on it for the last socket).
+    emptied: Arc<tokio::sync::Notify>,
 }
 
 /// Why a [`Counter`] refused a slot.
@@ -42,7 +45,7 @@ impl Counter {
     /// Takes a slot for `ip` unless it holds `per_address` already or all hold `total` (0 = no
     /// limit, for either).
     pub fn acquire(&self, ip: IpAddr, per_address: usize, total: usize) -> Result<Slot, Refused> {
-        let mut c = self.lock();
+        let mut c = self.inner.lock();
         if total > 0 && c.total >= total {
             return Err(Refused::Total { limit: total });
         }
@@ -60,16 +63,27 @@ impl Counter {
 
     /// Slots held in total.
     pub fn total(&self) -> usize {
-        self.lock().total
+        self.inner.lock().total
+    }
+
+    /// Returns once no slot is held (at once if none is).
+    pub async fn wait_empty(&self) {
+        let emptied = self.inner.lock().emptied.clone();
+        loop {
+            // Registered before the count is read, so a release in between is not missed.
+            let notified = emptied.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.total() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Slots held by `ip`.
     pub fn held_by(&self, ip: IpAddr) -> usize {
-        self.lock().per_address.get(&ip).copied().unwrap_or(0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().per_address.get(&ip).copied().unwrap_or(0)
     }
 }
 
@@ -82,8 +96,11 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.counts.lock();
         c.total = c.total.saturating_sub(1);
+        if c.total == 0 {
+            c.emptied.notify_waiters();
+        }
         if let Some(n) = c.per_address.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {

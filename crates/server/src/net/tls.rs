@@ -11,6 +11,7 @@
 use crate::net::conn::{Counter, Refused, Slot};
 use anyhow::{Context, bail};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,11 +20,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How the server secures its listener.
 #[derive(Clone, Debug)]
@@ -293,7 +296,8 @@ fn write_public_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 pub struct ConnSettings {
     /// Longest wait for a request head: the first one (TLS handshake included) from the accept on,
     /// and each later one on a kept-alive connection from the end of the previous answer (so it is
-    /// also the idle keep-alive timeout). WebSockets, once upgraded, leave these timeouts.
+    /// also the idle keep-alive timeout, and an HTTP/2 connection with no open stream for this
+    /// long is closed). WebSockets, once upgraded, leave these timeouts.
     pub header_read_timeout: Duration,
     /// Most connections open at once (upgraded WebSockets included); more are closed at accept.
     pub max_connections: usize,
@@ -316,26 +320,37 @@ pub const H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 /// Most HTTP/2 streams a client may open and reset before they are accepted (rapid-reset attacks).
 pub const H2_MAX_PENDING_RESETS: usize = 32;
 
-/// Accepts connections until the listener fails for good. Each connection gets its own task, and
-/// the TLS handshake runs in it, so a slow or silent client never holds up the accepts of others.
-/// The caller's address reaches handlers as `ConnectInfo<SocketAddr>` (audit trail, brute-force
-/// guard). Connections over [`ConnSettings`]' caps are closed at once; a connection that has not
-/// sent a whole request head within `header_read_timeout` is closed.
+/// Accepts connections until `stop` fires. Each connection gets its own task, and the TLS
+/// handshake runs in it, so a slow or silent client never holds up the accepts of others. The
+/// caller's address reaches handlers as `ConnectInfo<SocketAddr>` (audit trail, brute-force guard).
+/// Connections over [`ConnSettings`]' caps are closed at once; a connection that has not sent a
+/// whole request head within `header_read_timeout` is closed, and so is one with no request in
+/// progress for that long (HTTP/2 included).
+///
+/// `open` counts every socket (a slot lives as long as the socket, upgraded or not). When `stop`
+/// fires the listener is closed, every HTTP connection is shut down gracefully (the requests in
+/// progress finish, HTTP/2 gets a GOAWAY), and this returns once the last one has ended; upgraded
+/// WebSockets are not waited for (they are the agent channels, closed after this).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: Option<TlsAcceptor>,
     app: axum::Router,
     settings: ConnSettings,
+    stop: CancellationToken,
+    open: Counter,
 ) -> std::io::Result<()> {
     use tower_service::Service;
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
-    // Every open socket (a slot lives as long as the socket, upgraded or not), and HTTP connections
-    // per source (a slot lives as long as the connection serves HTTP).
-    let open = Counter::default();
+    // HTTP connections per source (a slot lives as long as the connection serves HTTP).
     let http = Counter::default();
+    let connections = TaskTracker::new();
     let mut refusals = Refusals::default();
     loop {
-        let (tcp, remote) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, remote) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 accept_error(e).await;
@@ -366,12 +381,20 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let header_timeout = settings.header_read_timeout;
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        connections.spawn(async move {
             let first_head_by = tokio::time::Instant::now() + header_timeout;
-            let seen = Arc::new(AtomicBool::new(false));
-            let service = FirstRequest {
+            let activity = Arc::new(Activity::default());
+            let service = Tracked {
                 inner: TowerToHyperService::new(service),
-                seen: seen.clone(),
+                activity: activity.clone(),
+                stop: stop.clone(),
+            };
+            let bounds = Bounds {
+                first_head_by,
+                idle: header_timeout,
+                stop: &stop,
+                remote,
             };
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -395,7 +418,7 @@ pub async fn serve(
                         _slot: socket_slot,
                     };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    until_first_head(conn, first_head_by, &seen, remote).await
+                    drive(conn, &activity, bounds).await
                 }
                 Some(acceptor) => {
                     let handshake_by =
@@ -417,7 +440,7 @@ pub async fn serve(
                         _slot: socket_slot,
                     };
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                    until_first_head(conn, first_head_by, &seen, remote).await
+                    drive(conn, &activity, bounds).await
                 }
             };
             // An upgraded connection has left (it keeps its socket slot); the HTTP one ends here.
@@ -427,50 +450,209 @@ pub async fn serve(
             }
         });
     }
+    drop(listener);
+    tracing::info!(
+        connections = connections.len(),
+        "stopped accepting; finishing the requests in progress"
+    );
+    connections.close();
+    connections.wait().await;
+    Ok(())
 }
 
-/// Serves a connection, closing it if no whole request head came by `deadline` (a silent client,
-/// a half-sent head, an HTTP/2 preface that never completes); later heads are bounded by hyper's
-/// own header timeout.
-async fn until_first_head<F, E>(
-    conn: F,
-    deadline: tokio::time::Instant,
-    seen: &AtomicBool,
+/// What bounds one connection's life besides its own end.
+struct Bounds<'a> {
+    /// The first whole request head must have come by then.
+    first_head_by: tokio::time::Instant,
+    /// Longest time with no request in progress.
+    idle: Duration,
+    /// Fired at shutdown.
+    stop: &'a CancellationToken,
     remote: SocketAddr,
-) -> Result<(), E>
+}
+
+/// Serves a connection, closing it if no whole request head came by `first_head_by` (a silent
+/// client, a half-sent head, an HTTP/2 preface that never completes), or once no request has been
+/// in progress for `idle` (HTTP/1 heads are bounded by hyper's own header timeout as well; HTTP/2
+/// has no idle timeout of its own, so an open connection with no stream would live forever). On
+/// `stop`, and when idle, the connection is shut down gracefully: what is in progress finishes
+/// (HTTP/2 gets a GOAWAY). A client that then still holds the connection with nothing in progress
+/// (HTTP/2's shutdown waits for a ping answer) is dropped after another `idle` ([`STOP_LINGER`]
+/// at shutdown).
+async fn drive<C>(conn: C, activity: &Activity, bounds: Bounds<'_>) -> Result<(), C::Error>
 where
-    F: std::future::Future<Output = Result<(), E>>,
+    C: GracefulConnection,
 {
+    let remote = bounds.remote;
     tokio::pin!(conn);
     tokio::select! {
-        r = &mut conn => return r,
-        _ = tokio::time::sleep_until(deadline) => {}
+        r = conn.as_mut() => return r,
+        _ = tokio::time::sleep_until(bounds.first_head_by) => {}
+        _ = bounds.stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => return r,
+                _ = tokio::time::sleep_until(bounds.first_head_by) => {}
+            }
+        }
     }
-    if !seen.load(Ordering::Acquire) {
+    if !activity.seen.load(Ordering::Acquire) {
         tracing::debug!(%remote, "no request head within the header timeout; closing");
         return Ok(());
     }
-    conn.await
+    // Set once the graceful shutdown has begun.
+    // Once the graceful shutdown has begun: how long the connection may then stay idle.
+    let mut closing: Option<Duration> = None;
+    loop {
+        // Registered before the count is read, so a change in between is not missed.
+        let changed = activity.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let idle =
+            activity.open.load(Ordering::Acquire) == 0 && !activity.tunnel.load(Ordering::Acquire);
+        let idle_until = idle.then(|| tokio::time::Instant::now() + closing.unwrap_or(bounds.idle));
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = bounds.stop.cancelled(), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                // The server is going away: an idle client gets a moment to read the GOAWAY, not
+                // a whole idle period that would eat the shutdown's grace.
+                closing = Some(bounds.idle.min(STOP_LINGER));
+            }
+            _ = &mut changed => {}
+            _ = sleep_until_opt(idle_until) => {
+                if closing.is_some() {
+                    tracing::debug!(%remote, "still open, idle, after its shutdown; dropping");
+                    return Ok(());
+                }
+                tracing::debug!(%remote, "no request for {:?}; closing", bounds.idle);
+                conn.as_mut().graceful_shutdown();
+                closing = Some(bounds.idle);
+            }
+        }
+    }
 }
 
-/// The connection's service, noting that a whole request head arrived.
+/// How long an idle connection may stay open after the shutdown's GOAWAY.
+const STOP_LINGER: Duration = Duration::from_secs(1);
+
+/// Sleeps until `t`, or forever when there is none.
+async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection's requests: whether a whole head ever arrived, and how many are in progress (from
+/// the head until the answer's body has been sent or dropped).
+#[derive(Default)]
+struct Activity {
+    seen: AtomicBool,
+    open: AtomicUsize,
+    /// An HTTP/2 extended CONNECT (a WebSocket) was answered: its stream outlives the answer's
+    /// body, so the connection is never idle.
+    tunnel: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+/// One request in progress, counted in its connection's [`Activity`] until dropped.
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.seen.store(true, Ordering::Release);
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        activity.changed.notify_waiters();
+        InProgress(activity)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// The connection's service, counting its requests in progress in [`Activity`].
 #[derive(Clone)]
-struct FirstRequest<S> {
+struct Tracked<S> {
     inner: S,
-    seen: Arc<AtomicBool>,
+    activity: Arc<Activity>,
+    /// Fired at shutdown: long polls end then.
+    stop: CancellationToken,
 }
 
-impl<S, R> hyper::service::Service<R> for FirstRequest<S>
-where
-    S: hyper::service::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+/// Whether a request is a long poll, answered until something else ends it (a command's watch, a
+/// followed output). Those end at shutdown, as after a lost connection; their clients carry on
+/// from there (`send --wait` polls, a follower resumes at the byte it had), and the shutdown does
+/// not wait the whole grace period for them.
+fn is_long_poll(uri: &axum::http::Uri) -> bool {
+    uri.path().ends_with("/watch")
+        || uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv == "follow=true"))
+}
 
-    fn call(&self, req: R) -> Self::Future {
-        self.seen.store(true, Ordering::Release);
-        self.inner.call(req)
+impl<S, B> hyper::service::Service<axum::http::Request<B>> for Tracked<S>
+where
+    S: hyper::service::Service<axum::http::Request<B>, Response = axum::response::Response>,
+    S::Future: Send + 'static,
+{
+    type Response = axum::response::Response;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: axum::http::Request<B>) -> Self::Future {
+        let in_progress = InProgress::new(self.activity.clone());
+        if req.method() == axum::http::Method::CONNECT {
+            self.activity.tunnel.store(true, Ordering::Release);
+        }
+        let cut = is_long_poll(req.uri()).then(|| Box::pin(self.stop.clone().cancelled_owned()));
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let response = answer.await?;
+            // The request stays in progress while its body streams (a watch, a followed output).
+            Ok(response.map(|body| {
+                axum::body::Body::new(AnswerBody {
+                    inner: body,
+                    _in_progress: in_progress,
+                    cut,
+                })
+            }))
+        })
+    }
+}
+
+/// An answer's body, holding its request's place in [`Activity`]; a long poll's ends at `cut`.
+struct AnswerBody {
+    inner: axum::body::Body,
+    _in_progress: InProgress,
+    cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(cut) = self.cut.as_mut()
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -479,7 +661,6 @@ struct Counted<T> {
     inner: T,
     _slot: Slot,
 }
-
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,

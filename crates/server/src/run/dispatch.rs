@@ -14,8 +14,9 @@ use fleetrun_proto::status::details;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use fleetrun_store::{CommandRow, Finish, StoreError, Tally};
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -47,23 +48,22 @@ pub struct Dispatchers {
 impl Dispatchers {
     /// Sends a message to a command's dispatcher; false if none runs.
     pub fn send(&self, cmd: &CommandId, msg: DispatchMsg) -> bool {
-        self.lock().get(cmd).is_some_and(|h| h.tx.send(msg).is_ok())
+        self.running
+            .lock()
+            .get(cmd)
+            .is_some_and(|h| h.tx.send(msg).is_ok())
     }
 
     /// Tells watchers of a command that it changed.
     pub fn bump(&self, cmd: &CommandId) {
-        if let Some(h) = self.lock().get(cmd) {
+        if let Some(h) = self.running.lock().get(cmd) {
             h.progress.send_modify(|v| *v += 1);
         }
     }
 
     /// Change notifications of a running command; None when it is not running (it has ended).
     pub fn watch(&self, cmd: &CommandId) -> Option<watch::Receiver<u64>> {
-        self.lock().get(cmd).map(|h| h.progress.subscribe())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Handle>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+        self.running.lock().get(cmd).map(|h| h.progress.subscribe())
     }
 }
 
@@ -73,15 +73,17 @@ pub fn spawn(state: Arc<AppState>, row: CommandRow) {
     let (progress, _) = watch::channel(0);
     state
         .dispatchers
+        .running
         .lock()
         .insert(row.command_id.clone(), Handle { tx, progress });
-    tokio::spawn(async move {
+    let tasks = state.tasks.clone();
+    tasks.spawn(async move {
         let cmd = row.command_id.clone();
         match Dispatcher::load(state.clone(), row, rx).await {
             Ok(d) => d.run_loop().await,
             Err(e) => {
                 tracing::error!(%cmd, "cannot load command for dispatch: {e}");
-                state.dispatchers.lock().remove(&cmd);
+                state.dispatchers.running.lock().remove(&cmd);
             }
         }
     });
@@ -174,14 +176,23 @@ impl Dispatcher {
     }
 
     async fn run_loop(mut self) {
-        if let Err(e) = self.drive().await {
+        let shutdown = self.state.shutdown.clone();
+        let driven = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
+            r = self.drive() => Some(r),
+        };
+        // At shutdown the dispatch is left as it stands: the next start resumes it from the
+        // database (deliveries are recorded before they are sent), as after a crash.
+        let Some(driven) = driven else { return };
+        if let Err(e) = driven {
             tracing::error!(cmd = %self.cmd, "dispatch stopped on a storage error: {e}");
         }
         if let Err(e) = self.finalize().await {
             tracing::error!(cmd = %self.cmd, "cannot store final command status: {e}");
         }
         // Dropping the handle closes watchers' channels: they read the final state from storage.
-        self.state.dispatchers.lock().remove(&self.cmd);
+        self.state.dispatchers.running.lock().remove(&self.cmd);
     }
 
     async fn drive(&mut self) -> Result<(), StoreError> {

@@ -22,8 +22,9 @@ use fleetrun_store::{Finish, OutputState, Store};
 use futures_util::{Stream, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -42,20 +43,27 @@ pub type InvocationKey = (CommandId, NodeId);
 pub enum OutputMsg {
     /// Bytes of a pipe from the agent.
     Data {
+        /// Which pipe.
         pipe: Pipe,
+        /// Where in the pipe the bytes start.
         offset: u64,
+        /// The bytes.
         data: Bytes,
     },
     /// The invocation ended on the node (sent after all its bytes).
     Finished(ExecResult),
     /// A follower wants the live stream of a pipe.
     Follow {
+        /// Which pipe.
         pipe: Pipe,
+        /// Where the stored bytes and the live stream go.
         reply: oneshot::Sender<FollowStart>,
     },
-    /// The invocation was ended by the server (timeout, cancel, lost): flush and stop. `done` (if
-    /// any) is dropped once the actor has left the registry.
-    Close { done: Option<oneshot::Sender<()>> },
+    /// The invocation was ended by the server (timeout, cancel, lost): flush and stop.
+    Close {
+        /// Dropped (never sent on) once the actor has left the registry, for a caller who waits.
+        done: Option<oneshot::Sender<()>>,
+    },
     /// What storage held for the invocation when its start was recorded, read after this actor
     /// began (so no write of ours can be missing from it): spares the actor reading it itself.
     Primed(OutputState),
@@ -95,12 +103,14 @@ impl Outputs {
         let mut msg = msg;
         for _ in 0..2 {
             let tx = {
-                let mut actors = self.lock();
+                let mut actors = self.actors.lock();
                 actors
                     .entry(key.clone())
                     .or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        tokio::spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+                        state
+                            .tasks
+                            .spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
                         tx
                     })
                     .clone()
@@ -122,24 +132,26 @@ impl Outputs {
         state: &Arc<AppState>,
         key: &InvocationKey,
     ) -> (mpsc::UnboundedSender<OutputMsg>, bool) {
-        let mut actors = self.lock();
+        let mut actors = self.actors.lock();
         if let Some(tx) = actors.get(key) {
             return (tx.clone(), false);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
+        state
+            .tasks
+            .spawn(run_actor(state.clone(), key.clone(), rx, tx.clone()));
         actors.insert(key.clone(), tx.clone());
         (tx, true)
     }
 
     /// Whether an actor runs for the invocation.
     pub fn has(&self, key: &InvocationKey) -> bool {
-        self.lock().contains_key(key)
+        self.actors.lock().contains_key(key)
     }
 
     /// Actors running now.
     pub fn live(&self) -> usize {
-        self.lock().len()
+        self.actors.lock().len()
     }
 
     /// Stops the invocation's actor if one runs (the invocation ended elsewhere) and returns once
@@ -147,6 +159,7 @@ impl Outputs {
     pub async fn close(&self, key: &InvocationKey) {
         let (done, stopped) = oneshot::channel();
         let sent = self
+            .actors
             .lock()
             .get(key)
             .is_some_and(|tx| tx.send(OutputMsg::Close { done: Some(done) }).is_ok());
@@ -158,16 +171,10 @@ impl Outputs {
     }
 
     fn remove(&self, key: &InvocationKey, tx: &mpsc::UnboundedSender<OutputMsg>) {
-        let mut actors = self.lock();
+        let mut actors = self.actors.lock();
         if actors.get(key).is_some_and(|t| t.same_channel(tx)) {
             actors.remove(key);
         }
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<InvocationKey, mpsc::UnboundedSender<OutputMsg>>> {
-        self.actors.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -264,6 +271,13 @@ async fn run_actor(
             .map(|t| t + FLUSH_AFTER);
         let msg = tokio::select! {
             msg = rx.recv() => msg,
+            _ = state.shutdown.cancelled() => {
+                // Store what is buffered while the store is still open; the agent resends the rest.
+                for p in pipes.iter_mut() {
+                    flush(sink, &cmd, &node, p).await;
+                }
+                break;
+            }
             _ = sleep_until_opt(deadline) => {
                 for p in pipes.iter_mut() {
                     if p.first_unflushed.is_some_and(|t| t + FLUSH_AFTER <= Instant::now()) {

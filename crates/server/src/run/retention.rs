@@ -12,13 +12,20 @@ use std::time::Duration;
 /// Commands purged per batch.
 const BATCH: u32 = 200;
 
-/// Runs forever: a purge pass every `interval`.
+/// Runs until shutdown: a purge pass every `interval`.
 pub async fn run(state: Arc<AppState>, retention: Duration, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        match purge(&state, retention).await {
+        // A pass cut short is safe: objects go before rows, and the next start purges the rest.
+        let purged = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            r = async {
+                tick.tick().await;
+                purge(&state, retention).await
+            } => r,
+        };
+        match purged {
             Ok(0) => {}
             Ok(n) => tracing::info!(commands = n, "purged commands past retention"),
             Err(e) => tracing::error!("retention purge failed: {e}"),

@@ -2,7 +2,7 @@
 //! is refused, here:
 //!
 //! - people and machines on the native API: a bearer token ([`bearer`]), looked up by its SHA-256;
-//! - the same on the SSM-compatible API: a SigV4 signature by an access key ([`sigv4`], with the
+//! - the same on the SSM-compatible API: a SigV4 signature by an access key ([`sigv4()`], with the
 //!   signature checks in `sigv4.rs`);
 //! - nodes on the agent channel: an Ed25519 signature over the connection's challenge (`node.rs`).
 //!
