@@ -323,9 +323,7 @@ impl Store {
         .bind(id)
         .fetch_all(&self.read)
         .await?;
-        rows.iter()
-            .map(|r| Ok(command_record(r)?.into()))
-            .collect()
+        rows.iter().map(|r| Ok(command_record(r)?.into())).collect()
     }
 
     /// Where a command sorts in listings (its requested time and id), for a `before` cursor.
@@ -347,7 +345,11 @@ impl Store {
             .bind(id.as_str())
             .fetch_optional(&self.read)
             .await?;
-        Ok(row.as_ref().map(command_record).transpose()?.map(Command::from))
+        Ok(row
+            .as_ref()
+            .map(command_record)
+            .transpose()?
+            .map(Command::from))
     }
 
     /// The dispatcher's view of a command.
