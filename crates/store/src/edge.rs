@@ -256,9 +256,9 @@ mod tests {
     fn node_key_fingerprint_and_rotation() {
         let key = [0x11u8; 32];
         // (stored key, rotated at, fingerprint, rotated at shown)
-        let table: [(Option<String>, Option<i64>, String, Option<&str>); 3] = [
+        let table = [
             (None, None, String::new(), None),
-            (Some("not hex".into()), None, String::new(), None),
+            (Some("not hex".to_owned()), None, String::new(), None),
             (
                 Some(hex::encode(key)),
                 Some(T),
