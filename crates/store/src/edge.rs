@@ -1,5 +1,5 @@
 //! The store's edge: plain rows (epoch ms, typed ids and statuses, optionals as stored) become the
-//! API types of `fleetrun_proto::api` here, and only here.
+//! API types of `fleetrun_proto::api` here (an audit verdict is not a row; `audit.rs` builds it).
 //!
 //! The SQL modules decode rows and decide nothing about presentation; RFC 3339 times, the ping
 //! status, truncation flags and key fingerprints are decided once in this file, so a second SQL
