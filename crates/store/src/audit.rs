@@ -8,7 +8,6 @@
 
 use super::{Result, Store};
 use fleetrun_proto::api::{AuditAnchor, AuditQuery, AuditRecord, AuditVerify};
-use fleetrun_proto::time::rfc3339;
 use sha2::{Digest, Sha256};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
@@ -39,6 +38,23 @@ pub struct AuditEntry {
     pub params: serde_json::Value,
     /// Outcome, e.g. `201` or `400 InvalidParameters`.
     pub result: String,
+}
+
+/// One stored record, decoded (`edge` presents it as an API `AuditRecord`).
+#[derive(Clone, Debug)]
+pub(crate) struct AuditLogRow {
+    pub(crate) seq: i64,
+    /// Epoch ms.
+    pub(crate) at: i64,
+    pub(crate) principal: String,
+    pub(crate) source: String,
+    pub(crate) action: String,
+    pub(crate) command_id: String,
+    pub(crate) node_ids: Vec<String>,
+    pub(crate) document: String,
+    pub(crate) params: serde_json::Value,
+    pub(crate) result: String,
+    pub(crate) hash: String,
 }
 
 /// The stored columns of one record, as hashed.
@@ -217,9 +233,9 @@ impl Store {
         let rows = qb.build().fetch_all(&self.read).await?;
         rows.iter()
             .map(|r| {
-                Ok(AuditRecord {
-                    seq: r.get::<i64, _>("seq") as u64,
-                    time: rfc3339(r.get("at")),
+                Ok(AuditLogRow {
+                    seq: r.get("seq"),
+                    at: r.get("at"),
                     principal: r.get("principal"),
                     source: r.get("source"),
                     action: r.get("action"),
@@ -230,7 +246,8 @@ impl Store {
                         .unwrap_or(serde_json::Value::Null),
                     result: r.get("result"),
                     hash: r.get("hash"),
-                })
+                }
+                .into())
             })
             .collect()
     }

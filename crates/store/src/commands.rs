@@ -29,10 +29,8 @@ pub struct CommandCursor {
 use super::writer::WriteOp;
 use super::{Result, Store};
 use fleetrun_proto::api::{Command, Invocation};
-use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::{ParseError, Rate};
-use fleetrun_proto::time::rfc3339;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
@@ -293,7 +291,7 @@ impl Store {
         .await?;
         let Some(row) = row else { return Ok(None) };
         let hash: String = row.try_get("idempotency_hash")?;
-        Ok(Some((command_from_row(&row)?, hash)))
+        Ok(Some((command_record(&row)?.into(), hash)))
     }
 
     /// Commands, newest first, without invocations.
@@ -326,7 +324,7 @@ impl Store {
         .bind(id)
         .fetch_all(&self.read)
         .await?;
-        rows.iter().map(command_from_row).collect()
+        rows.iter().map(|r| Ok(command_record(r)?.into())).collect()
     }
 
     /// Where a command sorts in listings (its requested time and id), for a `before` cursor.
@@ -348,7 +346,11 @@ impl Store {
             .bind(id.as_str())
             .fetch_optional(&self.read)
             .await?;
-        row.as_ref().map(command_from_row).transpose()
+        Ok(row
+            .as_ref()
+            .map(command_record)
+            .transpose()?
+            .map(Command::from))
     }
 
     /// The dispatcher's view of a command.
@@ -409,7 +411,9 @@ impl Store {
             .bind(id.as_str())
             .fetch_all(&self.read)
             .await?;
-        rows.iter().map(invocation_from_row).collect()
+        rows.iter()
+            .map(|r| Ok(invocation_record(r)?.into()))
+            .collect()
     }
 
     /// One invocation.
@@ -423,7 +427,11 @@ impl Store {
             .bind(node.as_str())
             .fetch_optional(&self.read)
             .await?;
-        row.as_ref().map(invocation_from_row).transpose()
+        Ok(row
+            .as_ref()
+            .map(invocation_record)
+            .transpose()?
+            .map(Invocation::from))
     }
 
     /// The dispatcher's view of a command's invocations, in dispatch order.
@@ -691,39 +699,85 @@ where
         .map_err(|e: T::Err| sqlx::Error::Decode(Box::new(e)).into())
 }
 
-pub(super) fn command_from_row(r: &SqliteRow) -> Result<Command> {
-    let commands: Vec<String> = serde_json::from_str(r.get("commands"))?;
-    let working_dir: String = r.get("working_dir");
-    let execution_timeout = r.get::<i64, _>("execution_timeout") as u64;
+/// A command's row, as stored (`edge` presents it as an API `Command`).
+#[derive(Clone, Debug)]
+pub(crate) struct CommandRecord {
+    pub(crate) command_id: CommandId,
+    pub(crate) document_name: String,
+    pub(crate) document_version: String,
+    /// The document's parameters as given; `None` for a command stored before they were kept.
+    pub(crate) parameters: Option<BTreeMap<String, Vec<String>>>,
+    /// Script lines.
+    pub(crate) commands: Vec<String>,
+    pub(crate) working_dir: String,
+    pub(crate) comment: String,
+    pub(crate) node_ids: Vec<NodeId>,
+    pub(crate) targets: String,
+    pub(crate) status: CommandStatus,
+    pub(crate) status_details: String,
+    /// Epoch ms.
+    pub(crate) requested_at: i64,
+    pub(crate) max_concurrency: String,
+    pub(crate) max_errors: String,
+    /// Seconds.
+    pub(crate) delivery_timeout: u64,
+    /// Seconds.
+    pub(crate) execution_timeout: u64,
+    pub(crate) run_as: String,
+    pub(crate) memory_limit_mb: Option<u64>,
+    pub(crate) cpu_limit_percent: Option<u32>,
+    pub(crate) target_count: u64,
+    pub(crate) completed_count: u64,
+    pub(crate) error_count: u64,
+    pub(crate) delivery_timed_out_count: u64,
+}
+
+/// An invocation's row, as stored (`edge` presents it as an API `Invocation`).
+#[derive(Clone, Debug)]
+pub(crate) struct InvocationRecord {
+    pub(crate) command_id: CommandId,
+    pub(crate) node_id: NodeId,
+    pub(crate) node_name: String,
+    pub(crate) status: InvocationStatus,
+    pub(crate) status_details: String,
+    pub(crate) exit_code: i32,
+    pub(crate) signal: Option<i32>,
+    /// Stored lengths and inline copies of both pipes.
+    pub(crate) output: OutputState,
+    /// Epoch ms.
+    pub(crate) started_at: Option<i64>,
+    /// Epoch ms.
+    pub(crate) finished_at: Option<i64>,
+    pub(crate) limits_applied: String,
+    pub(crate) cpu_user_ms: Option<u64>,
+    pub(crate) cpu_system_ms: Option<u64>,
+    pub(crate) max_rss_kb: Option<u64>,
+    pub(crate) message: String,
+}
+
+pub(super) fn command_record(r: &SqliteRow) -> Result<CommandRecord> {
     let given: &str = r.get("parameters");
-    let parameters = if given.is_empty() {
-        // Stored before commands kept their parameters: AWS-RunShellScript's, from the script.
-        BTreeMap::from([
-            ("commands".to_owned(), commands),
-            ("workingDirectory".to_owned(), vec![working_dir]),
-            (
-                "executionTimeout".to_owned(),
-                vec![execution_timeout.to_string()],
-            ),
-        ])
-    } else {
-        serde_json::from_str(given)?
-    };
-    Ok(Command {
+    Ok(CommandRecord {
         command_id: decode_id(r.get("command_id"))?,
         document_name: r.get("document_name"),
         document_version: r.get("document_version"),
-        parameters,
+        parameters: if given.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(given)?)
+        },
+        commands: serde_json::from_str(r.get("commands"))?,
+        working_dir: r.get("working_dir"),
         comment: r.get("comment"),
         node_ids: serde_json::from_str(r.get("node_ids"))?,
         targets: r.get("targets"),
         status: parse_command_status(r.get("status")),
         status_details: r.get("status_details"),
-        requested_at: rfc3339(r.get("requested_at")),
+        requested_at: r.get("requested_at"),
         max_concurrency: r.get("max_concurrency"),
         max_errors: r.get("max_errors"),
-        delivery_timeout_secs: r.get::<i64, _>("delivery_timeout") as u64,
-        execution_timeout_secs: execution_timeout,
+        delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
+        execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
         run_as: r.get("run_as"),
         memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
         cpu_limit_percent: r
@@ -733,18 +787,11 @@ pub(super) fn command_from_row(r: &SqliteRow) -> Result<Command> {
         completed_count: r.get::<i64, _>("completed_count") as u64,
         error_count: r.get::<i64, _>("error_count") as u64,
         delivery_timed_out_count: r.get::<i64, _>("delivery_timed_out_count") as u64,
-        invocations: Vec::new(),
     })
 }
 
-pub(super) fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
-    let stdout_inline: Vec<u8> = r.get("stdout_inline");
-    let stderr_inline: Vec<u8> = r.get("stderr_inline");
-    let stdout_bytes = r.get::<i64, _>("stdout_bytes") as u64;
-    let stderr_bytes = r.get::<i64, _>("stderr_bytes") as u64;
-    let started_at: Option<i64> = r.get("started_at");
-    let finished_at: Option<i64> = r.get("finished_at");
-    Ok(Invocation {
+pub(super) fn invocation_record(r: &SqliteRow) -> Result<InvocationRecord> {
+    Ok(InvocationRecord {
         command_id: decode_id(r.get("command_id"))?,
         node_id: decode_id(r.get("node_id"))?,
         node_name: r.get("node_name"),
@@ -752,17 +799,9 @@ pub(super) fn invocation_from_row(r: &SqliteRow) -> Result<Invocation> {
         status_details: r.get("status_details"),
         exit_code: r.get("exit_code"),
         signal: r.get("signal"),
-        stdout: String::from_utf8_lossy(&stdout_inline).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr_inline).into_owned(),
-        stdout_truncated: stdout_bytes > INLINE_STDOUT_MAX as u64,
-        stderr_truncated: stderr_bytes > INLINE_STDERR_MAX as u64,
-        stdout_bytes,
-        stderr_bytes,
-        started_at: started_at.map(rfc3339),
-        finished_at: finished_at.map(rfc3339),
-        wall_ms: started_at
-            .zip(finished_at)
-            .map(|(s, f)| f.saturating_sub(s).max(0) as u64),
+        output: output_state_from_row(r),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
         limits_applied: r.get("limits_applied"),
         cpu_user_ms: r.get::<Option<i64>, _>("cpu_user_ms").map(|v| v as u64),
         cpu_system_ms: r.get::<Option<i64>, _>("cpu_system_ms").map(|v| v as u64),

@@ -7,6 +7,7 @@
 pub mod audit;
 mod commands;
 mod documents;
+mod edge;
 mod nodes;
 mod params;
 mod principals;

@@ -1,11 +1,10 @@
 //! API tokens, activations, nodes and their tags.
 
-use super::{Result, Store};
-use fleetrun_proto::api::{Activation, Node, PING_CONNECTION_LOST, PING_ONLINE};
-use fleetrun_proto::auth::fingerprint;
+use super::{Result, Store, edge};
+use fleetrun_proto::api::{Activation, Node};
 use fleetrun_proto::channel::NodeInfo;
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
-use fleetrun_proto::time::{now_ms, rfc3339};
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, NodeId};
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::collections::BTreeMap;
@@ -47,6 +46,42 @@ pub struct NodeKeys {
     pub previous: Option<String>,
     /// Whether the node was deregistered.
     pub deregistered: bool,
+}
+
+/// A node's row, as stored (`edge::node` presents it).
+#[derive(Clone, Debug)]
+pub(crate) struct NodeRecord {
+    pub(crate) node_id: NodeId,
+    pub(crate) name: String,
+    pub(crate) hostname: String,
+    pub(crate) os: String,
+    pub(crate) arch: String,
+    pub(crate) ips: Vec<String>,
+    pub(crate) agent_version: String,
+    pub(crate) tags: BTreeMap<String, String>,
+    pub(crate) activation_id: String,
+    /// Epoch ms.
+    pub(crate) registered_at: i64,
+    /// Epoch ms: the last connect, or the last time a connection was seen alive.
+    pub(crate) last_seen_at: i64,
+    /// Hex Ed25519 public key; `None` for a node registered with protocol version 1.
+    pub(crate) public_key: Option<String>,
+    /// Epoch ms of the last key rotation, if any.
+    pub(crate) key_rotated_at: Option<i64>,
+}
+
+/// An activation's row, as stored (`edge::activation` presents it).
+#[derive(Clone, Debug)]
+pub(crate) struct ActivationRecord {
+    pub(crate) activation_id: String,
+    pub(crate) tags: BTreeMap<String, String>,
+    pub(crate) limit: u64,
+    pub(crate) registrations: u64,
+    pub(crate) description: String,
+    /// Epoch ms.
+    pub(crate) created_at: i64,
+    /// Epoch ms.
+    pub(crate) expires_at: i64,
 }
 
 /// A node to create at registration.
@@ -108,21 +143,7 @@ impl Store {
         .await?;
         let now = now_ms();
         rows.iter()
-            .map(|r| {
-                let expires_at: i64 = r.get("expires_at");
-                Ok(Activation {
-                    activation_id: r.get("activation_id"),
-                    code: String::new(),
-                    tags: serde_json::from_str(r.get("tags"))?,
-                    limit: r.get::<i64, _>("reg_limit") as u64,
-                    registrations: r.get::<i64, _>("registrations") as u64,
-                    created_at: rfc3339(r.get("created_at")),
-                    expires_at: rfc3339(expires_at),
-                    expired: expires_at <= now,
-                    description: r.get("description"),
-                    ca_fingerprint: None,
-                })
-            })
+            .map(|r| Ok(edge::activation(activation_record(r)?, now)))
             .collect()
     }
 
@@ -141,7 +162,7 @@ impl Store {
         let now = now_ms();
         let expires_at: i64 = row.get("expires_at");
         if expires_at <= now {
-            return Err(RegisterError::Expired(rfc3339(expires_at)));
+            return Err(RegisterError::Expired(edge::expired_at(expires_at)));
         }
         let limit = row.get::<i64, _>("reg_limit");
         if row.get::<i64, _>("registrations") >= limit {
@@ -294,7 +315,14 @@ impl Store {
     /// Every node, by name; `online` tells the ping status.
     pub async fn list_nodes(&self, online: impl Fn(&NodeId) -> bool) -> Result<Vec<Node>> {
         let rows = sqlx::query(NODE_SELECT_ALL).fetch_all(&self.read).await?;
-        rows.iter().map(|r| node_from_row(r, &online)).collect()
+        let now = now_ms();
+        rows.iter()
+            .map(|r| {
+                let rec = node_record(r)?;
+                let online = online(&rec.node_id);
+                Ok(edge::node(rec, online, now))
+            })
+            .collect()
     }
 
     /// One node.
@@ -307,7 +335,11 @@ impl Store {
             .bind(node_id.as_str())
             .fetch_optional(&self.read)
             .await?;
-        row.map(|r| node_from_row(&r, &online)).transpose()
+        let Some(rec) = row.as_ref().map(node_record).transpose()? else {
+            return Ok(None);
+        };
+        let online = online(&rec.node_id);
+        Ok(Some(edge::node(rec, online, now_ms())))
     }
 
     /// Nodes as policies see them (crate::authz): these ids, or every node ever registered (deregistered
@@ -436,23 +468,10 @@ fn node_ref(r: &sqlx::sqlite::SqliteRow) -> Result<NodeRef> {
     })
 }
 
-fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool) -> Result<Node> {
+fn node_record(r: &sqlx::sqlite::SqliteRow) -> Result<NodeRecord> {
     let id: String = r.get("node_id");
-    let node_id: NodeId = id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    let is_online = online(&node_id);
-    Ok(Node {
-        ping_status: if is_online {
-            PING_ONLINE
-        } else {
-            PING_CONNECTION_LOST
-        }
-        .into(),
-        last_seen: rfc3339(if is_online {
-            now_ms()
-        } else {
-            r.get("last_seen_at")
-        }),
-        node_id,
+    Ok(NodeRecord {
+        node_id: id.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
         name: r.get("name"),
         hostname: r.get("hostname"),
         os: r.get("os"),
@@ -461,13 +480,22 @@ fn node_from_row(r: &sqlx::sqlite::SqliteRow, online: &impl Fn(&NodeId) -> bool)
         agent_version: r.get("agent_version"),
         tags: serde_json::from_str(r.get("tags"))?,
         activation_id: r.get("activation_id"),
-        registered_at: rfc3339(r.get("registered_at")),
-        key_fingerprint: r
-            .get::<Option<String>, _>("public_key")
-            .and_then(|k| hex::decode(k).ok())
-            .map(|k| fingerprint(&k))
-            .unwrap_or_default(),
-        key_rotated_at: r.get::<Option<i64>, _>("key_rotated_at").map(rfc3339),
+        registered_at: r.get("registered_at"),
+        last_seen_at: r.get("last_seen_at"),
+        public_key: r.get("public_key"),
+        key_rotated_at: r.get("key_rotated_at"),
+    })
+}
+
+fn activation_record(r: &sqlx::sqlite::SqliteRow) -> Result<ActivationRecord> {
+    Ok(ActivationRecord {
+        activation_id: r.get("activation_id"),
+        tags: serde_json::from_str(r.get("tags"))?,
+        limit: r.get::<i64, _>("reg_limit") as u64,
+        registrations: r.get::<i64, _>("registrations") as u64,
+        description: r.get("description"),
+        created_at: r.get("created_at"),
+        expires_at: r.get("expires_at"),
     })
 }
 

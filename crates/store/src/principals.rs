@@ -2,7 +2,7 @@
 
 use super::{Result, Store, StoreError};
 use fleetrun_proto::api::{Role, Token, User};
-use fleetrun_proto::time::{now_ms, rfc3339};
+use fleetrun_proto::time::now_ms;
 use sqlx::Row;
 
 /// Users with their credential counts (a macro so queries can extend it with `concat!`).
@@ -24,6 +24,31 @@ pub struct UserRow {
     pub role: Role,
     /// Its own Cedar policies ('' when none).
     pub policy: String,
+}
+
+/// A user's row with its credential counts, as stored (`edge` presents it as an API `User`).
+#[derive(Clone, Debug)]
+pub(crate) struct UserRecord {
+    pub(crate) user: UserRow,
+    /// Epoch ms.
+    pub(crate) created_at: i64,
+    /// API tokens it has.
+    pub(crate) tokens: u32,
+    /// Access keys it has.
+    pub(crate) access_keys: u32,
+}
+
+/// An API token's row, as stored (`edge` presents it as an API `Token`, named by its id).
+#[derive(Clone, Debug)]
+pub(crate) struct TokenRecord {
+    /// Hex SHA-256 of the token.
+    pub(crate) token_hash: String,
+    pub(crate) user: String,
+    pub(crate) name: String,
+    /// Epoch ms.
+    pub(crate) created_at: i64,
+    /// Epoch ms; `None` for a token that never expires.
+    pub(crate) expires_at: Option<i64>,
 }
 
 /// Why a user change was refused.
@@ -103,7 +128,7 @@ impl Store {
         let rows = sqlx::query(concat!(user_select!(), " ORDER BY u.name"))
             .fetch_all(&self.read)
             .await?;
-        Ok(rows.iter().map(user_api).collect())
+        Ok(rows.iter().map(|r| user_record(r).into()).collect())
     }
 
     /// One user with its credential counts.
@@ -112,7 +137,7 @@ impl Store {
             .bind(name)
             .fetch_optional(&self.read)
             .await?;
-        Ok(row.as_ref().map(user_api))
+        Ok(row.as_ref().map(|r| user_record(r).into()))
     }
 
     /// Changes a user's role and/or policy. Refuses to demote the last admin.
@@ -207,14 +232,14 @@ impl Store {
         .bind(expires_at)
         .execute(&self.write)
         .await?;
-        Ok(Token {
-            id: token_id(token_hash),
+        Ok(TokenRecord {
+            token_hash: token_hash.into(),
             user: user.into(),
             name: name.into(),
-            created_at: rfc3339(now),
-            expires_at: expires_at.map(rfc3339),
-            token: None,
-        })
+            created_at: now,
+            expires_at,
+        }
+        .into())
     }
 
     /// Tokens (without secrets), newest first; only `user`'s when given.
@@ -228,13 +253,15 @@ impl Store {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| Token {
-                id: token_id(r.get("token_hash")),
-                user: r.get("user_name"),
-                name: r.get("name"),
-                created_at: rfc3339(r.get("created_at")),
-                expires_at: r.get::<Option<i64>, _>("expires_at").map(rfc3339),
-                token: None,
+            .map(|r| {
+                TokenRecord {
+                    token_hash: r.get("token_hash"),
+                    user: r.get("user_name"),
+                    name: r.get("name"),
+                    created_at: r.get("created_at"),
+                    expires_at: r.get("expires_at"),
+                }
+                .into()
             })
             .collect())
     }
@@ -286,12 +313,10 @@ fn user_row(r: &sqlx::sqlite::SqliteRow) -> UserRow {
     }
 }
 
-fn user_api(r: &sqlx::sqlite::SqliteRow) -> User {
-    User {
-        name: r.get("name"),
-        role: role_of(r.get("role")),
-        policy: r.get("policy"),
-        created_at: rfc3339(r.get("created_at")),
+fn user_record(r: &sqlx::sqlite::SqliteRow) -> UserRecord {
+    UserRecord {
+        user: user_row(r),
+        created_at: r.get("created_at"),
         tokens: r.get::<i64, _>("tokens").try_into().unwrap_or(0),
         access_keys: r.get::<i64, _>("access_keys").try_into().unwrap_or(0),
     }

@@ -1,7 +1,7 @@
 //! Queries of the SSM-compatible API: access keys, and command/invocation listings with SSM's filters
 //! and offset pagination.
 
-use super::commands::{command_from_row, invocation_from_row, visible_json};
+use super::commands::{command_record, invocation_record, visible_json};
 use super::{Result, Store};
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::time::now_ms;
@@ -124,7 +124,7 @@ impl Store {
         qb.push_bind(i64::try_from(offset).unwrap_or(i64::MAX));
         let rows = qb.build().fetch_all(&self.read).await?;
         rows.iter()
-            .map(|r| Ok((command_from_row(r)?, extra(r))))
+            .map(|r| Ok((command_record(r)?.into(), extra(r))))
             .collect()
     }
 
@@ -155,7 +155,7 @@ impl Store {
                     requested_at: r.get("c_requested"),
                     ssm_extra: extra(r),
                 };
-                Ok((invocation_from_row(r)?, meta))
+                Ok((invocation_record(r)?.into(), meta))
             })
             .collect()
     }
