@@ -35,6 +35,8 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// Retention period.
     pub retention: Duration,
+    /// Grace past a command's expiry before unfinished invocations end.
+    pub result_grace: Duration,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Agent handshakes in progress per source address.
@@ -191,6 +193,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         heartbeat_secs: config.heartbeat_secs,
         data_dir: config.data_dir.clone(),
         retention: config.retention,
+        result_grace: config.result_grace,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         handshakes_by_address: conn::Counter::default(),
         max_handshakes_per_address: config.max_handshakes_per_address,

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub max_handshakes_per_address: usize,
     /// Longest a shutdown waits for requests, agent channels and background tasks to finish.
     pub shutdown_grace: Duration,
+    /// Time past a command's expiry (delivery + execution timeout) a result in flight still has
+    /// before unfinished invocations end TimedOut.
+    pub result_grace: Duration,
 }
 
 impl ServerConfig {
@@ -72,6 +75,9 @@ impl ServerConfig {
     /// Default shutdown grace period.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+    /// Default grace for a result in flight past a command's expiry.
+    pub const DEFAULT_RESULT_GRACE: Duration = Duration::from_secs(30);
+
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
         ServerConfig {
@@ -92,6 +98,7 @@ impl ServerConfig {
             max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            result_grace: Self::DEFAULT_RESULT_GRACE,
         }
     }
 }

@@ -8,7 +8,6 @@ mod support;
 use fleetrun_proto::InvocationStatus;
 use fleetrun_proto::status::details;
 use serde_json::json;
-use std::time::Duration;
 use support::{ScriptedAgent, TestServer};
 
 /// A command is committed, with all its invocations, before the send answers.
@@ -260,8 +259,8 @@ async fn expiry_ends_the_output_actor_of_a_node_that_never_returns() {
     assert_eq!(storage["live_output_actors"], 1, "{storage}");
     a.disconnect();
 
-    // Expiry: delivery + execution timeout, plus the grace for a result in flight (30 s).
-    let done = server.wait_terminal(&id, Duration::from_secs(90)).await;
+    // Expiry: delivery + execution timeout, plus the grace for a result in flight.
+    let done = server.wait_terminal(&id, support::DEADLINE).await;
     assert_eq!(done["status"], "TimedOut", "{done}");
     let storage = server.get("/v1/storage").await;
     assert_eq!(storage["live_output_actors"], 0, "{storage}");

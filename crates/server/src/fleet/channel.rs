@@ -7,6 +7,7 @@
 use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS};
 use crate::access::authn;
+use crate::access::authz::Authz;
 use crate::access::secrets;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::invocations::Ender;
@@ -26,7 +27,7 @@ use fleetrun_proto::targets::{check_tag_key, check_tag_value};
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use fleetrun_proto::{InvocationStatus, NodeId};
-use fleetrun_store::{AuditEntry, Finish, NewNode, RegisterError};
+use fleetrun_store::{AuditEntry, Finish, NewNode, RegisterError, Store};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -106,7 +107,7 @@ struct Handshake {
 
 /// Audits a channel action (waiting for its commit: handshakes are not the hot path).
 async fn audit(
-    state: &AppState,
+    store: &Store,
     source: &str,
     principal: &str,
     action: &str,
@@ -124,7 +125,7 @@ async fn audit(
         result: result.into(),
         ..AuditEntry::default()
     };
-    trail::record(&state.store, entry, true).await;
+    trail::record(store, entry, true).await;
 }
 
 /// Where a handshake comes from and what its first frame must sign.
@@ -255,8 +256,19 @@ async fn on_register(state: &AppState, mut socket: WebSocket, peer: &Peer, frame
     });
     let registered =
         match authn::node::check_register(&peer.nonce, &frame.public_key, &frame.signature) {
-            Ok(key) => register(state, &frame.activation_code, key, frame.info, frame.tags).await,
-            Err(r) => Err((ErrorCode::parse(r.code), r.message)),
+            Ok(key) => {
+                let code = &frame.activation_code;
+                register(
+                    &state.store,
+                    &state.authz,
+                    code,
+                    key,
+                    frame.info,
+                    frame.tags,
+                )
+                .await
+            }
+            Err(r) => Err((r.code, r.message)),
         };
     let (principal, node, result) = match &registered {
         Ok(id) => (id.to_string(), Some(id), "Registered"),
@@ -264,7 +276,7 @@ async fn on_register(state: &AppState, mut socket: WebSocket, peer: &Peer, frame
     };
     let action = "agent.register";
     audit(
-        state,
+        &state.store,
         &peer.source,
         &principal,
         action,
@@ -323,7 +335,7 @@ async fn on_hello(
     let principal = node_id.to_string();
     let (source, action) = (&peer.source, "agent.hello");
     audit(
-        &state,
+        &state.store,
         source,
         &principal,
         action,
@@ -363,12 +375,12 @@ async fn identify(state: &AppState, peer: &Peer, frame: &HelloFrame) -> Result<S
     if r.counts {
         state.auth_guard.failed_credential(ip, Some(&credential));
     }
-    let code = ErrorCode::parse(r.code);
+    let code = r.code;
     if code != ErrorCode::InternalError {
         let params = serde_json::json!({ "claimed_node_id": node_id.to_string() });
         let (source, action) = (&peer.source, "agent.hello");
         audit(
-            state,
+            &state.store,
             source,
             ANONYMOUS,
             action,
@@ -448,7 +460,9 @@ async fn session(
         let next = tokio::select! {
             r = tokio::time::timeout(silence, stream.next()) => r,
             _ = &mut revoked => {
-                tracing::info!(%node, "node revoked; closing its connection");
+                // Revoked by a deregistration, or every session closed by a shutdown.
+                let why = if state.hub.is_closing() { "server shutting down" } else { "node revoked" };
+                tracing::info!(%node, "{why}; closing its connection");
                 break;
             }
         };
@@ -564,7 +578,7 @@ async fn key_frame(
             let principal = node.to_string();
             let action = "agent.rotate_key";
             audit(
-                state,
+                &state.store,
                 &auth.source,
                 &principal,
                 action,
@@ -765,7 +779,8 @@ async fn reconcile(
 }
 
 async fn register(
-    state: &AppState,
+    store: &Store,
+    authz: &Authz,
     code: &str,
     public_key: String,
     info: NodeInfo,
@@ -783,9 +798,9 @@ async fn register(
         info,
         tags,
     };
-    match state.store.register_node(&secrets::hash(code), new).await {
+    match store.register_node(&secrets::hash(code), new).await {
         Ok(()) => {
-            state.authz.fleet_changed();
+            authz.fleet_changed();
             Ok(node_id)
         }
         Err(RegisterError::Store(e)) => {

@@ -9,7 +9,7 @@ use fleetrun_proto::NodeId;
 use fleetrun_proto::channel::{ErrorCode, ServerFrame};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Capacity of the node-online broadcast; a dispatcher that lags rescans the nodes it waits for.
@@ -20,6 +20,8 @@ pub struct Hub {
     conns: Mutex<HashMap<NodeId, Conn>>,
     next_conn: AtomicU64,
     online: broadcast::Sender<NodeId>,
+    /// Set by [`Hub::close_all`]: sessions ending now end for the shutdown, not a revocation.
+    closing: AtomicBool,
 }
 
 struct Conn {
@@ -35,6 +37,7 @@ impl Default for Hub {
             conns: Mutex::default(),
             next_conn: AtomicU64::new(1),
             online: broadcast::channel(ONLINE_EVENTS).0,
+            closing: AtomicBool::new(false),
         }
     }
 }
@@ -78,11 +81,17 @@ impl Hub {
     /// Tells every live session to close (shutdown): the agents see the socket close and reconnect
     /// later. The entries stay until each session ends and disconnects.
     pub fn close_all(&self) {
+        self.closing.store(true, Ordering::Relaxed);
         for conn in self.conns.lock().values_mut() {
             if let Some(r) = conn.revoked.take() {
                 let _ = r.send(());
             }
         }
+    }
+
+    /// Whether [`Hub::close_all`] was called (the server is shutting down).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// Tells dispatchers that a node is online (after its connection was reconciled).

@@ -21,9 +21,6 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-/// Grace past a command's expiry (delivery + execution timeout) before unfinished invocations end.
-const EXPIRY_GRACE: Duration = Duration::from_secs(30);
-
 /// A message to a command's dispatcher.
 pub enum DispatchMsg {
     /// These invocations ended (already persisted).
@@ -151,7 +148,7 @@ impl Dispatcher {
             errors: row.error_count,
             stopped: None,
             delivery_deadline: at(delivery_end),
-            expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + EXPIRY_GRACE,
+            expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + state.result_grace,
             state,
         };
         for inv in invocations {

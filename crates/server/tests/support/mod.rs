@@ -27,6 +27,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// Longest wait for anything a test expects.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The servers' grace for a result in flight past a command's expiry (the default is 30 s).
+pub const RESULT_GRACE: Duration = Duration::from_secs(2);
+
 /// Waits for `f`, failing the test past `limit`.
 pub async fn within_for<T>(what: &str, limit: Duration, f: impl Future<Output = T>) -> T {
     match tokio::time::timeout(limit, f).await {
@@ -69,6 +72,8 @@ impl TestServer {
             .expect("server runtime");
         let mut config = ServerConfig::new(data.clone(), "127.0.0.1:0".parse().expect("addr"));
         config.tls = TlsMode::Insecure;
+        // Short, so an expiry test waits seconds, not the default half minute.
+        config.result_grace = RESULT_GRACE;
         let running = rt
             .spawn(fleetrun_server::start(config))
             .await

@@ -9,7 +9,7 @@
 
 use fleetrun_proto::NodeId;
 use fleetrun_proto::auth::{self, AuthError, NONCE_LEN};
-use fleetrun_proto::channel::ServerFrame;
+use fleetrun_proto::channel::{ErrorCode, ServerFrame};
 use fleetrun_store::{NodeKeys, Store};
 
 /// A fresh challenge for a new connection.
@@ -21,7 +21,7 @@ pub fn challenge() -> [u8; NONCE_LEN] {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refusal {
     /// `ServerFrame::Error` code.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// What is wrong, for the agent's operator.
     pub message: String,
     /// The audit record's result.
@@ -31,7 +31,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: &'static str, message: String, audit: &str, counts: bool) -> Self {
+    fn new(code: ErrorCode, message: String, audit: &str, counts: bool) -> Self {
         Refusal {
             code,
             message,
@@ -49,7 +49,7 @@ pub fn check_register(
 ) -> Result<String, Refusal> {
     let bad = |e: AuthError| {
         Refusal::new(
-            "BadSignature",
+            ErrorCode::BadSignature,
             format!(
                 "registration refused: {e} (the signature must cover this connection's challenge)"
             ),
@@ -80,7 +80,7 @@ pub async fn check_hello(
         Ok(Some(k)) => k,
         Ok(None) => {
             return Err(Refusal::new(
-                "UnknownNode",
+                ErrorCode::UnknownNode,
                 format!("node {node_id} is not registered here"),
                 "UnknownNode",
                 true,
@@ -89,7 +89,7 @@ pub async fn check_hello(
         Err(e) => {
             tracing::error!("cannot look up node: {e}");
             return Err(Refusal::new(
-                "InternalError",
+                ErrorCode::InternalError,
                 "the server cannot read its database".into(),
                 "InternalError",
                 false,
@@ -99,7 +99,7 @@ pub async fn check_hello(
     let key = verify_hello(&keys, node_id, nonce, public_key, signature)?;
     if keys.deregistered {
         return Err(Refusal::new(
-            "UnknownNode",
+            ErrorCode::UnknownNode,
             format!("node {node_id} was deregistered"),
             "UnknownNode: deregistered",
             false,
@@ -126,7 +126,7 @@ fn verify_hello(
 ) -> Result<String, Refusal> {
     let Some(current) = &keys.current else {
         return Err(Refusal::new(
-            "UnknownNode",
+            ErrorCode::UnknownNode,
             format!(
                 "node {node_id} registered with a secret (protocol version 1) and has no key: \
                  deregister it and register the agent again with an activation code"
@@ -138,7 +138,7 @@ fn verify_hello(
     let key = hex::encode(public_key);
     if key != *current && keys.previous.as_deref() != Some(key.as_str()) {
         return Err(Refusal::new(
-            "BadSignature",
+            ErrorCode::BadSignature,
             format!("the key presented is not node {node_id}'s key"),
             "BadSignature: not the node's key",
             true,
@@ -151,7 +151,7 @@ fn verify_hello(
     )
     .map_err(|e| {
         Refusal::new(
-            "BadSignature",
+            ErrorCode::BadSignature,
             format!("node {node_id}: {e} over this connection's challenge"),
             "BadSignature",
             true,
@@ -255,11 +255,11 @@ mod tests {
             &sign(&new, &[9; 32]),
         );
         let e = e.unwrap_err();
-        assert_eq!((e.code, e.counts), ("BadSignature", true));
+        assert_eq!((e.code, e.counts), (ErrorCode::BadSignature, true));
         // Once the rotation is proven, the old key is refused.
         keys.previous = None;
         let e = verify_hello(&keys, &node, &nonce, &old.public_key(), &sign(&old, &nonce));
-        assert_eq!(e.unwrap_err().code, "BadSignature");
+        assert_eq!(e.unwrap_err().code, ErrorCode::BadSignature);
         // A protocol-1 node has no key.
         keys.current = None;
         let e = verify_hello(&keys, &node, &nonce, &new.public_key(), &sign(&new, &nonce));
@@ -275,7 +275,7 @@ mod tests {
         assert_eq!(check_register(&nonce, &pk, &sig), Ok(hex::encode(pk)));
         assert_eq!(
             check_register(&[0; 32], &pk, &sig).unwrap_err().code,
-            "BadSignature"
+            ErrorCode::BadSignature
         );
         assert!(check_register(&nonce, &[0; 32], &sig).is_err());
     }
