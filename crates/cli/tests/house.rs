@@ -152,3 +152,20 @@ fn crates_keep_their_layering() {
         assert!(server.contains(dep), "fleetrun-server lacks {dep}");
     }
 }
+
+/// Only the store names a database: the server reaches SQL through `fleetrun-store`'s calls, so a
+/// second implementation (PostgreSQL) changes no server code.
+#[test]
+fn only_the_store_depends_on_sqlx_directly() {
+    for krate in ["proto", "server", "agent", "cli"] {
+        let path = workspace_root()
+            .join("crates")
+            .join(krate)
+            .join("Cargo.toml");
+        let text = std::fs::read_to_string(&path).expect("read Cargo.toml");
+        let direct = text
+            .lines()
+            .any(|l| l.trim_start().starts_with("sqlx") && !l.trim_start().starts_with("sqlx-"));
+        assert!(!direct, "{} names sqlx", path.display());
+    }
+}
