@@ -253,6 +253,12 @@ mod tests {
         c.max_concurrent_commands = 0;
         assert!(c.validate().is_err());
         c.max_concurrent_commands = 5;
+        c.max_streams = 0;
+        assert!(c.validate().is_err());
+        c.max_streams = fleetrun_proto::stream::STREAMS_PER_CONNECTION_MAX + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--max-streams must be 1 to 256"), "{e}");
+        c.max_streams = 1;
         c.heartbeat_secs = 0;
         assert!(c.validate().is_err());
         c.heartbeat_secs = 1;

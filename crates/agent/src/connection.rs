@@ -497,6 +497,13 @@ impl Channel {
     }
 }
 
+impl Drop for Channel {
+    /// The agent stops: no session stream's process outlives it.
+    fn drop(&mut self) {
+        self.streams.shutdown();
+    }
+}
+
 impl Channel {
     /// Rotates the node's key whenever it is older than `--key-rotation`, over the live connection:
     /// persist a pending key, send `RotateKey`, and wait for `KeyRotated` (see [`identity`]).

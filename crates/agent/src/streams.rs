@@ -91,6 +91,8 @@ struct Inner {
     /// Bumped when a connection ends: frames of older connections are dropped.
     generation: u64,
     next_serial: u64,
+    /// Process groups of every stream still running (by serial), hung up or not.
+    groups: HashMap<u64, i32>,
 }
 
 /// The agent's session streams.
@@ -131,6 +133,15 @@ impl Streams {
         inner.out.clear();
         for (_, h) in inner.open.drain() {
             let _ = h.stop.send(Some(Stop::Lost));
+        }
+    }
+
+    /// The agent stops: every stream's process group is killed at once (no grace: nothing is
+    /// left to wait for it).
+    pub fn shutdown(&self) {
+        self.hang_up_all();
+        for (_, pgid) in self.inner.lock().groups.drain() {
+            signal_group(pgid, Signal::SIGKILL);
         }
     }
 
@@ -221,7 +232,17 @@ impl Streams {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let ended = me
-                .run_exec(stream, generation, exec, credit, input_rx, stop_rx)
+                .run_exec(
+                    Tag {
+                        stream,
+                        serial,
+                        generation,
+                    },
+                    exec,
+                    credit,
+                    input_rx,
+                    stop_rx,
+                )
                 .await;
             me.finish(stream, serial, generation, ended);
         });
@@ -325,6 +346,15 @@ impl Streams {
     }
 }
 
+/// Which stream a task serves: its number, its serial (tells it from a later stream of the same
+/// number) and the connection it belongs to.
+#[derive(Clone, Copy)]
+struct Tag {
+    stream: StreamNo,
+    serial: u64,
+    generation: u64,
+}
+
 /// What an `Exec` stream runs.
 struct Exec {
     command: String,
@@ -411,13 +441,17 @@ impl Streams {
     /// Runs an `Exec` stream to its end.
     async fn run_exec(
         self: &Arc<Self>,
-        stream: StreamNo,
-        generation: u64,
+        tag: Tag,
         exec: Exec,
         credit: Arc<Credit>,
         input: mpsc::UnboundedReceiver<Input>,
         mut stop: watch::Receiver<Option<Stop>>,
     ) -> Ended {
+        let Tag {
+            stream,
+            serial,
+            generation,
+        } = tag;
         let run_as = match exec.run_as.as_deref().map(user::resolve).transpose() {
             Ok(u) => u,
             Err(e) => return Ended::failed(e),
@@ -471,7 +505,7 @@ impl Streams {
         // Reaped by wait4 below, as exec.rs does (the std Child is never waited on).
         drop(child);
         let mut wait = tokio::task::spawn_blocking(move || wait4(pid));
-        let serial = self.inner.lock().open.get(&stream).map_or(0, |h| h.serial);
+        self.inner.lock().groups.insert(serial, pid);
         // Started: the first grant of the input window tells the server so.
         self.push(
             generation,
@@ -547,6 +581,7 @@ impl Streams {
             }
         }
         drop(feeder);
+        self.inner.lock().groups.remove(&serial);
         let exit = match status {
             Some(Ok((st, _))) if libc::WIFEXITED(st) => Some((libc::WEXITSTATUS(st), None)),
             Some(Ok((st, _))) if libc::WIFSIGNALED(st) => {

@@ -1010,12 +1010,12 @@ async fn first_line(ws: &mut Ws, stream: u32) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn a_hang_up_or_a_lost_connection_kills_the_process_group() {
+async fn a_hang_up_a_lost_connection_or_a_stopped_agent_kills_the_process_group() {
     let server = Server::new().await;
     let node_id = server.enrol();
     let mut config = server.config();
     config.kill_grace = Duration::from_millis(500);
-    let _agent = server.start(config);
+    let agent = server.start(config);
     let (mut ws, _) = server.welcome(&node_id).await;
     // A child that ignores stdin EOF and outlives nothing on its own.
     let script = "sleep 100 & echo $$; wait";
@@ -1052,6 +1052,16 @@ async fn a_hang_up_or_a_lost_connection_kills_the_process_group() {
     send(&mut ws, exec_open(2, "echo back", 65_536)).await;
     let seen = stream_until_close(&mut ws, 2, 65_536, false).await;
     assert_eq!(seen.stdout, b"back\n");
+
+    // The agent stops (its future dropped, as `fleetrun dev` does): no stream outlives it.
+    send(&mut ws, exec_open(3, script, 65_536)).await;
+    let pgid = printed_pgid(&first_line(&mut ws, 3).await);
+    assert!(!group_members(pgid).is_empty());
+    agent.abort();
+    eventually("the third group to be gone", || {
+        group_members(pgid).is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -15,14 +15,9 @@ use serde::{Deserialize, Serialize};
 /// streams on that connection).
 pub type StreamNo = u32;
 
-/// Largest data payload of one `StreamData` frame.
-pub const STREAM_FRAME_MAX: usize = 128 * 1024;
-/// Largest credit either side may grant a stream (initial window plus grants not yet used).
-pub const STREAM_WINDOW_MAX: u64 = 16 * 1024 * 1024;
-/// The window the agent grants for a stream's input (the server's `StreamData` to it).
-pub const STREAM_WINDOW_DEFAULT: u64 = 1024 * 1024;
-/// Most session streams open at once on one connection, whatever an agent's own cap.
-pub const STREAMS_PER_CONNECTION_MAX: usize = 256;
+pub use crate::limits::{
+    STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, STREAM_WINDOW_MAX, STREAMS_PER_CONNECTION_MAX,
+};
 /// Longest command of an `Exec` stream, in bytes (as a script of `Run`).
 pub const STREAM_COMMAND_MAX: usize = crate::limits::SCRIPT_MAX;
 /// Most environment variables an `Exec` stream sets.
