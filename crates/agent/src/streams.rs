@@ -457,13 +457,22 @@ impl Streams {
             Err(e) => return Ended::failed(e),
         };
         let cwd = if !exec.working_dir.is_empty() {
-            std::path::PathBuf::from(&exec.working_dir)
-        } else if let Some(u) = &run_as {
-            u.home.clone()
+            let dir = std::path::PathBuf::from(&exec.working_dir);
+            if !dir.is_absolute() || !dir.is_dir() {
+                return Ended::failed(format!(
+                    "working directory {} is not an absolute path to a directory",
+                    exec.working_dir
+                ));
+            }
+            dir
         } else {
-            std::env::var_os("HOME").map_or_else(|| "/".into(), Into::into)
+            // The user's home, or / when it has none.
+            let home = match &run_as {
+                Some(u) => Some(u.home.clone()),
+                None => std::env::var_os("HOME").map(Into::into),
+            };
+            home.filter(|h| h.is_dir()).unwrap_or_else(|| "/".into())
         };
-        let cwd = if cwd.is_dir() { cwd } else { "/".into() };
         let mut cmd = std::process::Command::new("sh");
         cmd.arg("-c")
             .arg(&exec.command)

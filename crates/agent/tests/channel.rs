@@ -1136,4 +1136,22 @@ async fn bad_stream_frames_are_refused_without_a_crash() {
     let cat = stream_until_close(&mut ws, 1, 65_536, false).await;
     assert_eq!(cat.stdout, b"still here\n");
     assert_eq!(cat.exit, Some((0, None)));
+
+    // A working directory that is not one (a slot is free again now).
+    let nowhere = ServerFrame::StreamOpen {
+        stream: 5,
+        kind: StreamKind::Exec {
+            command: "true".into(),
+            run_as: None,
+            env: vec![],
+            working_dir: "/no/such/dir".into(),
+            pty: false,
+        },
+        window: 1,
+    };
+    send(&mut ws, nowhere).await;
+    let refused = stream_until_close(&mut ws, 5, 0, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(error.contains("working directory /no/such/dir"), "{error}");
+    assert!(refused.exit.is_none());
 }

@@ -1,9 +1,9 @@
 //! Frames of the agent channel: one WebSocket per agent, binary messages, each one postcard-encoded
 //! [`AgentFrame`] (agent to server) or [`ServerFrame`] (server to agent). See docs/protocol.md.
 //!
-//! The channel multiplexes streams. Today a stream is one output pipe of one invocation
-//! ([`StreamId`]); PTY sessions and file transfers will be further streams. Each stream is
-//! flow-controlled on its own: the sender may have at most [`crate::limits::OUTPUT_WINDOW`] bytes
+//! The channel multiplexes streams. An output stream is one output pipe of one invocation
+//! ([`StreamId`]); live session streams (since version 3, the `Stream*` frames) are described in
+//! [`crate::stream`]. Each output stream is flow-controlled on its own: the sender may have at most [`crate::limits::OUTPUT_WINDOW`] bytes
 //! past the receiver's last `Ack`, and the receiver acknowledges only bytes it has durably stored.
 //! Every data frame carries its stream and byte offset, so a sender can resend from the last
 //! acknowledged offset after a reconnect and the receiver can drop what it already has.
