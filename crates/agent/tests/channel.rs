@@ -1155,3 +1155,73 @@ async fn bad_stream_frames_are_refused_without_a_crash() {
     assert!(error.contains("working directory /no/such/dir"), "{error}");
     assert!(refused.exit.is_none());
 }
+
+#[tokio::test]
+async fn a_stream_out_of_credit_holds_up_nothing_else() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    // `yes` writes without end; the server grants 4 KiB and never more.
+    const WINDOW: u64 = 4096;
+    send(&mut ws, exec_open(1, "yes", WINDOW)).await;
+    let id = CommandId::from_random(77);
+    send(&mut ws, run_req(&id, "echo out; echo err >&2")).await;
+    let mut streamed = 0u64;
+    let mut stdout = Vec::new();
+    let result = loop {
+        match recv(&mut ws).await {
+            AgentFrame::StreamData {
+                stream: 1, bytes, ..
+            } => {
+                streamed += bytes.len() as u64;
+                assert!(
+                    streamed <= WINDOW,
+                    "{streamed} bytes past a {WINDOW} window"
+                );
+            }
+            AgentFrame::Output {
+                stream: StreamId::Output { command_id, pipe },
+                data,
+                ..
+            } if command_id == id && pipe == Pipe::Stdout => stdout.extend_from_slice(&data),
+            AgentFrame::Finished { command_id, result } if command_id == id => break result,
+            _ => {}
+        }
+    };
+    // The command ran and reported while the stream waited for credit.
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(stdout, b"out\n");
+    // More credit: the stream moves again, exactly as far as granted.
+    send(
+        &mut ws,
+        ServerFrame::StreamCredit {
+            stream: 1,
+            bytes: WINDOW,
+        },
+    )
+    .await;
+    while streamed < 2 * WINDOW {
+        if let AgentFrame::StreamData {
+            stream: 1, bytes, ..
+        } = recv(&mut ws).await
+        {
+            streamed += bytes.len() as u64;
+        }
+    }
+    assert_eq!(streamed, 2 * WINDOW);
+    send(
+        &mut ws,
+        ServerFrame::StreamClose {
+            stream: 1,
+            reason: "done".into(),
+        },
+    )
+    .await;
+    let seen = stream_until_close(&mut ws, 1, 0, false).await;
+    assert!(
+        seen.stdout.is_empty(),
+        "no data past the credit after the hang-up"
+    );
+    assert_eq!(seen.closed, Some(None));
+}
