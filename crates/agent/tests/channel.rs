@@ -1225,3 +1225,40 @@ async fn a_stream_out_of_credit_holds_up_nothing_else() {
     );
     assert_eq!(seen.closed, Some(None));
 }
+
+/// An `Exec` stream as `run_as` (the tests run as root, as the exec tests do).
+fn exec_as(stream: u32, command: &str, user: &str) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::Exec {
+            command: command.into(),
+            run_as: Some(user.into()),
+            env: vec![],
+            working_dir: String::new(),
+            pty: false,
+        },
+        window: 65_536,
+    }
+}
+
+#[tokio::test]
+async fn an_exec_stream_runs_as_another_user() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let script = "id -u; echo \"$USER $LOGNAME $HOME\"; pwd";
+    send(&mut ws, exec_as(1, script, "nobody")).await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, false).await;
+    let out = String::from_utf8(seen.stdout).unwrap();
+    // nobody's home does not exist: the stream starts in /.
+    assert_eq!(out, "65534\nnobody nobody /nonexistent\n/\n");
+    assert_eq!(seen.exit, Some((0, None)));
+    send(&mut ws, exec_as(2, "echo never", "fleetrun-no-such-user")).await;
+    let refused = stream_until_close(&mut ws, 2, 65_536, false).await;
+    assert_eq!(
+        refused.closed,
+        Some(Some("no such user fleetrun-no-such-user".into()))
+    );
+    assert!(refused.exit.is_none() && refused.input_credit.is_empty());
+}
