@@ -172,6 +172,13 @@ impl Streams {
 
     /// `StreamOpen`: starts the stream, or refuses it with a `StreamClose`.
     pub fn open(self: &Arc<Self>, stream: StreamNo, kind: StreamKind, window: u64) {
+        // A number in use: any answer would read as the open stream's end, so that stream ends
+        // (one StreamClose, naming why). Frames come from one reader: no race with the insert.
+        if let Some(h) = self.inner.lock().open.get(&stream) {
+            let why = format!("stream {stream} was opened again while open");
+            let _ = h.stop.send(Some(Stop::Violation(why)));
+            return;
+        }
         let refused = |why: String| self.refuse(stream, why);
         if let Err(e) = kind.check() {
             return refused(format!("bad stream: {e}"));
@@ -198,10 +205,6 @@ impl Streams {
         });
         let (serial, generation) = {
             let mut inner = self.inner.lock();
-            if inner.open.contains_key(&stream) {
-                drop(inner);
-                return refused(format!("stream {stream} is already open"));
-            }
             if inner.open.len() >= self.max_streams {
                 let max = self.max_streams;
                 drop(inner);

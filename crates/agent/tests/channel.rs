@@ -885,6 +885,18 @@ async fn an_exec_stream_carries_stdout_stderr_and_the_exit_code() {
     send(&mut ws, exec_open(1, "exit 0", 16)).await;
     let again = stream_until_close(&mut ws, 1, 16, false).await;
     assert_eq!(again.exit, Some((0, None)));
+    // Opened twice: the open one ends, with one close that says why; the second never runs.
+    send(&mut ws, exec_open(9, "cat", 16)).await;
+    send(&mut ws, exec_open(9, "echo second", 16)).await;
+    let twice = stream_until_close(&mut ws, 9, 16, false).await;
+    assert_eq!(
+        twice.closed,
+        Some(Some("stream 9 was opened again while open".into()))
+    );
+    assert!(twice.stdout.is_empty());
+    send(&mut ws, exec_open(10, "echo after", 16)).await;
+    let after = stream_until_close(&mut ws, 10, 16, false).await;
+    assert_eq!(after.stdout, b"after\n");
 }
 
 #[tokio::test]
