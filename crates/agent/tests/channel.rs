@@ -881,7 +881,8 @@ async fn an_exec_stream_carries_stdout_stderr_and_the_exit_code() {
     assert_eq!(seen.stderr, b"err\n");
     assert_eq!(seen.exit, Some((3, None)));
     assert_eq!(seen.closed, Some(None));
-    // The stream is forgotten: its number is free again.
+    // The stream is forgotten (servers never reuse a number on a connection; the agent does not
+    // rely on it).
     send(&mut ws, exec_open(1, "exit 0", 16)).await;
     let again = stream_until_close(&mut ws, 1, 16, false).await;
     assert_eq!(again.exit, Some((0, None)));

@@ -346,7 +346,7 @@ pub enum ServerFrame {
     /// Since version 3 (sent only to agents of version 3 or later). Open a session stream; the
     /// agent answers `StreamCredit` (started) or `StreamClose` with an error (refused).
     StreamOpen {
-        /// A number not in use by another open stream of this connection.
+        /// A number this connection has not used before (see [`StreamNo`]).
         stream: StreamNo,
         /// What to run.
         kind: StreamKind,

@@ -11,8 +11,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The number of a session stream on one connection, chosen by the server (unique among its open
-/// streams on that connection).
+/// The number of a session stream on one connection, chosen by the server and never reused on
+/// that connection (a counter), so a late answer about an ended stream is never read as about a
+/// newer one.
 pub type StreamNo = u32;
 
 pub use crate::limits::{
