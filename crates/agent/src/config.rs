@@ -40,8 +40,11 @@ pub struct AgentConfig {
     pub heartbeat_secs: u64,
     /// Commands run at once; further ones wait in a queue.
     pub max_concurrent_commands: usize,
-    /// Time between SIGTERM and SIGKILL when a command times out or is cancelled.
+    /// Time between SIGTERM and SIGKILL when a command times out or is cancelled, or a session
+    /// stream is hung up.
     pub kill_grace: Duration,
+    /// Session streams (e.g. `Exec`) open at once; past it a `StreamOpen` is refused.
+    pub max_streams: usize,
     /// How long acknowledged run directories wait before they are removed together.
     pub sweep_after: Duration,
     /// Most bytes of unacknowledged output kept on disk, over all commands; when full, commands
@@ -74,6 +77,7 @@ impl AgentConfig {
             heartbeat_secs: HEARTBEAT_SECS_DEFAULT,
             max_concurrent_commands: MAX_CONCURRENT_COMMANDS_DEFAULT,
             kill_grace: KILL_GRACE_DEFAULT,
+            max_streams: crate::streams::MAX_STREAMS_DEFAULT,
             sweep_after: SWEEP_AFTER_DEFAULT,
             spool_max_bytes: SPOOL_MAX_BYTES_DEFAULT,
             key_rotation: KEY_ROTATION_DEFAULT,
@@ -108,6 +112,13 @@ impl AgentConfig {
             return Err(AgentError::Config(format!(
                 "--max-concurrent-commands must be 1 to 1024, not {}",
                 self.max_concurrent_commands
+            )));
+        }
+        let streams_max = fleetrun_proto::stream::STREAMS_PER_CONNECTION_MAX;
+        if self.max_streams == 0 || self.max_streams > streams_max {
+            return Err(AgentError::Config(format!(
+                "--max-streams must be 1 to {streams_max}, not {}",
+                self.max_streams
             )));
         }
         if self.spool_max_bytes < SPOOL_MAX_BYTES_MIN {
@@ -242,6 +253,12 @@ mod tests {
         c.max_concurrent_commands = 0;
         assert!(c.validate().is_err());
         c.max_concurrent_commands = 5;
+        c.max_streams = 0;
+        assert!(c.validate().is_err());
+        c.max_streams = fleetrun_proto::stream::STREAMS_PER_CONNECTION_MAX + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--max-streams must be 1 to 256"), "{e}");
+        c.max_streams = 1;
         c.heartbeat_secs = 0;
         assert!(c.validate().is_err());
         c.heartbeat_secs = 1;

@@ -10,6 +10,7 @@ use crate::error::AgentError;
 use crate::identity::{self, Identity};
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
+use crate::streams::Streams;
 use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, NodeInfo, ServerFrame};
 use fleetrun_proto::time::now_ms;
@@ -151,6 +152,8 @@ pub struct Channel {
     rotated: Notify,
     /// The protocol version the server named in its last upgrade response, if it did.
     server_version: Option<u32>,
+    /// Session streams; hung up when a connection ends.
+    streams: Arc<Streams>,
 }
 
 impl Channel {
@@ -164,6 +167,7 @@ impl Channel {
         outbox: Arc<Outbox>,
         identity: Option<Identity>,
     ) -> Result<Self, AgentError> {
+        let outbox_for_streams = Arc::clone(&outbox);
         let mut channel = Channel {
             url,
             tls,
@@ -182,6 +186,11 @@ impl Channel {
             control: Mutex::default(),
             rotated: Notify::new(),
             server_version: None,
+            streams: Streams::new(
+                Arc::clone(&outbox_for_streams),
+                config.max_streams,
+                config.kill_grace,
+            ),
         };
         if let Some(identity) = identity {
             channel.adopt(identity)?;
@@ -375,6 +384,8 @@ impl Channel {
             r = self.write_loop(sink, heartbeat) => r,
             r = self.rotate_loop() => r,
         };
+        // Nobody hears these streams any more: their processes are hung up.
+        self.streams.hang_up_all();
         match ended {
             Err(e) => e,
             Ok(never) => match never {},
@@ -426,6 +437,7 @@ impl Channel {
             }
             let mut batch = std::mem::take(&mut *self.control.lock());
             batch.extend(self.outbox.next_batch());
+            batch.extend(self.streams.take_frames());
             if batch.is_empty() {
                 tokio::select! {
                     () = self.outbox.ready().notified() => {}
@@ -466,6 +478,15 @@ impl Channel {
                 return Err(refusal(code, message, self.server_version, false));
             }
             ServerFrame::KeyRotated { public_key } => self.key_rotated(&public_key),
+            ServerFrame::StreamOpen {
+                stream,
+                kind,
+                window,
+            } => self.streams.open(stream, kind, window),
+            ServerFrame::StreamData { stream, bytes } => self.streams.data(stream, bytes),
+            ServerFrame::StreamCredit { stream, bytes } => self.streams.credit(stream, bytes),
+            ServerFrame::StreamEof { stream } => self.streams.eof(stream),
+            ServerFrame::StreamClose { stream, reason } => self.streams.close(stream, reason),
             other @ (ServerFrame::Welcome { .. }
             | ServerFrame::Registered { .. }
             | ServerFrame::Challenge { .. }) => {
@@ -473,6 +494,13 @@ impl Channel {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Channel {
+    /// The agent stops: no session stream's process outlives it.
+    fn drop(&mut self) {
+        self.streams.shutdown();
     }
 }
 
@@ -618,6 +646,11 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::Error { .. } => "Error",
         ServerFrame::Challenge { .. } => "Challenge",
         ServerFrame::KeyRotated { .. } => "KeyRotated",
+        ServerFrame::StreamOpen { .. } => "StreamOpen",
+        ServerFrame::StreamData { .. } => "StreamData",
+        ServerFrame::StreamCredit { .. } => "StreamCredit",
+        ServerFrame::StreamEof { .. } => "StreamEof",
+        ServerFrame::StreamClose { .. } => "StreamClose",
     }
 }
 
@@ -716,16 +749,18 @@ mod tests {
 
     #[test]
     fn a_version_mismatch_names_both_versions() {
-        let ConnError::Fatal(e) = refusal("ProtocolVersion".into(), "no".into(), Some(3), false)
+        let ConnError::Fatal(e) = refusal("ProtocolVersion".into(), "no".into(), Some(9), false)
         else {
             panic!("not fatal");
         };
         let text = e.to_string();
         assert!(
-            text.contains("this agent speaks channel protocol version 2"),
+            text.contains(&format!(
+                "this agent speaks channel protocol version {PROTOCOL_VERSION}"
+            )),
             "{text}"
         );
-        assert!(text.contains("the server version 3"), "{text}");
+        assert!(text.contains("the server version 9"), "{text}");
         let ConnError::Fatal(e) = refusal("ProtocolVersion".into(), "no".into(), None, true) else {
             panic!("not fatal");
         };

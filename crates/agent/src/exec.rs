@@ -444,7 +444,7 @@ async fn kill_group(
 }
 
 /// Signals a process group; a group that is already gone is fine.
-fn signal_group(pgid: i32, sig: Signal) {
+pub(crate) fn signal_group(pgid: i32, sig: Signal) {
     match killpg(Pid::from_raw(pgid), sig) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => tracing::warn!(pgid, signal = %sig, error = %e, "cannot signal process group"),
@@ -457,7 +457,7 @@ pub fn kill_process_group(pgid: i32) {
 }
 
 /// Waits for `pid` (blocking) and returns its wait status and resource usage.
-fn wait4(pid: i32) -> io::Result<(i32, libc::rusage)> {
+pub(crate) fn wait4(pid: i32) -> io::Result<(i32, libc::rusage)> {
     let mut status = 0;
     // SAFETY: rusage is plain old data; all-zero is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

@@ -14,6 +14,8 @@
 //! - [`tls`]: whom the agent trusts on `wss://` (CA file, pinned CA fingerprint, system roots);
 //! - [`outbox`]: invocations held and the frames due for the server;
 //! - [`stream`]: one output stream spooled to disk, and the pump that fills it;
+//! - [`streams`]: session streams (protocol version 3): `Exec` processes whose bytes move within
+//!   each stream's credit window, hung up on close or a lost connection;
 //! - [`journal`]: the durable record of invocations (request, start marker, result, completed);
 //! - [`scheduler`]: exactly-once acceptance, queueing, concurrency, recovery after a restart;
 //! - [`exec`]: spawning, waiting for and killing one command;
@@ -30,6 +32,7 @@ pub mod limits;
 pub mod outbox;
 pub mod scheduler;
 pub mod stream;
+pub mod streams;
 pub mod sysinfo;
 pub mod tls;
 pub mod user;

@@ -8,6 +8,7 @@ use fleetrun_proto::channel::{
     AgentFrame, ErrorCode, Outcome, Pipe, RunRequest, ServerFrame, StreamId,
 };
 use fleetrun_proto::limits::OUTPUT_WINDOW;
+use fleetrun_proto::stream::{STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, StreamFd, StreamKind};
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use fleetrun_proto::{CommandId, NodeId};
@@ -790,4 +791,487 @@ async fn a_registration_is_retried_unless_refused() {
         "{err}"
     );
     assert!(identity::load(server.state.path()).unwrap().is_none());
+}
+
+// Session streams (protocol version 3): the agent runs `Exec` streams a scripted server opens.
+
+/// An `Exec` stream without a PTY.
+fn exec_open(stream: u32, command: &str, window: u64) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::Exec {
+            command: command.into(),
+            run_as: None,
+            env: vec![("GREETING".into(), "hi".into())],
+            working_dir: String::new(),
+            pty: false,
+        },
+        window,
+    }
+}
+
+/// What one stream carried until the agent's `StreamClose`.
+#[derive(Debug, Default)]
+struct StreamSeen {
+    /// Credit the agent granted for input (the first grant says it started).
+    input_credit: Vec<u64>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exit: Option<(i32, Option<i32>)>,
+    /// `Some(error)` once closed.
+    closed: Option<Option<String>>,
+}
+
+/// Reads frames until `stream`'s `StreamClose`, granting back each output frame's bytes when
+/// `regrant`; asserts the agent never has more output in flight than `window` plus the grants.
+async fn stream_until_close(ws: &mut Ws, stream: u32, window: u64, regrant: bool) -> StreamSeen {
+    let mut seen = StreamSeen::default();
+    let mut credit = window;
+    loop {
+        match recv(ws).await {
+            AgentFrame::StreamCredit { stream: s, bytes } if s == stream => {
+                seen.input_credit.push(bytes);
+            }
+            AgentFrame::StreamData {
+                stream: s,
+                fd,
+                bytes,
+            } if s == stream => {
+                assert!(seen.exit.is_none(), "data after the exit");
+                let n = bytes.len() as u64;
+                assert!(n <= credit, "{n} bytes sent with {credit} of credit");
+                credit -= n;
+                match fd {
+                    StreamFd::Stdout => seen.stdout.extend_from_slice(&bytes),
+                    StreamFd::Stderr => seen.stderr.extend_from_slice(&bytes),
+                }
+                if regrant && n > 0 {
+                    credit += n;
+                    send(ws, ServerFrame::StreamCredit { stream, bytes: n }).await;
+                }
+            }
+            AgentFrame::StreamExit {
+                stream: s,
+                code,
+                signal,
+            } if s == stream => seen.exit = Some((code, signal)),
+            AgentFrame::StreamClose { stream: s, error } if s == stream => {
+                seen.closed = Some(error);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_exec_stream_carries_stdout_stderr_and_the_exit_code() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    send(
+        &mut ws,
+        exec_open(1, "echo $GREETING; echo err >&2; exit 3", 65_536),
+    )
+    .await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, false).await;
+    assert_eq!(seen.input_credit, [STREAM_WINDOW_DEFAULT]);
+    assert_eq!(seen.stdout, b"hi\n");
+    assert_eq!(seen.stderr, b"err\n");
+    assert_eq!(seen.exit, Some((3, None)));
+    assert_eq!(seen.closed, Some(None));
+    // The stream is forgotten (servers never reuse a number on a connection; the agent does not
+    // rely on it).
+    send(&mut ws, exec_open(1, "exit 0", 16)).await;
+    let again = stream_until_close(&mut ws, 1, 16, false).await;
+    assert_eq!(again.exit, Some((0, None)));
+    // Opened twice: the open one ends, with one close that says why; the second never runs.
+    send(&mut ws, exec_open(9, "cat", 16)).await;
+    send(&mut ws, exec_open(9, "echo second", 16)).await;
+    let twice = stream_until_close(&mut ws, 9, 16, false).await;
+    assert_eq!(
+        twice.closed,
+        Some(Some("stream 9 was opened again while open".into()))
+    );
+    assert!(twice.stdout.is_empty());
+    send(&mut ws, exec_open(10, "echo after", 16)).await;
+    let after = stream_until_close(&mut ws, 10, 16, false).await;
+    assert_eq!(after.stdout, b"after\n");
+}
+
+#[tokio::test]
+async fn stdin_is_piped_byte_exact_within_small_windows() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (ws, _) = server.welcome(&node_id).await;
+    let (mut sink, mut source) = ws.split();
+    // A small output window: cat blocks on stdout, so stdin backs up and the agent's input credit
+    // is what paces the sender.
+    const WINDOW: u64 = 8 * 1024;
+    let input: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<ServerFrame>();
+    let writer = tokio::spawn(async move {
+        while let Some(f) = out_rx.recv().await {
+            sink.send(Message::Binary(f.encode().into())).await.unwrap();
+        }
+    });
+    out_tx.send(exec_open(7, "cat", WINDOW)).unwrap();
+    // The feeder sends input within the agent's input credit, then EOF.
+    let (credit_tx, mut credit_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let feed_out = out_tx.clone();
+    let data = input.clone();
+    let feeder = tokio::spawn(async move {
+        let mut credit = 0u64;
+        let mut sent = 0usize;
+        while sent < data.len() {
+            while credit == 0 {
+                credit += credit_rx.recv().await.expect("input credit");
+            }
+            while let Ok(more) = credit_rx.try_recv() {
+                credit += more;
+            }
+            let n = (data.len() - sent).min(40_000).min(credit as usize);
+            let bytes = data[sent..sent + n].to_vec();
+            feed_out
+                .send(ServerFrame::StreamData { stream: 7, bytes })
+                .unwrap();
+            sent += n;
+            credit -= n as u64;
+        }
+        feed_out.send(ServerFrame::StreamEof { stream: 7 }).unwrap();
+    });
+    let mut output = Vec::new();
+    let mut credit = WINDOW;
+    let mut exit = None;
+    loop {
+        let msg = within("a frame", source.next()).await;
+        let frame = match msg {
+            Some(Ok(Message::Binary(b))) => AgentFrame::decode(&b).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        };
+        match frame {
+            AgentFrame::StreamCredit { stream: 7, bytes } => {
+                // The feeder is gone once it has sent everything.
+                let _ = credit_tx.send(bytes);
+            }
+            AgentFrame::StreamData {
+                stream: 7,
+                fd: StreamFd::Stdout,
+                bytes,
+            } => {
+                let n = bytes.len() as u64;
+                // Never more in flight than granted.
+                assert!(n > 0 && n <= credit, "{n} bytes with {credit} of credit");
+                credit -= n;
+                output.extend_from_slice(&bytes);
+                // Grant back in small steps, as a slow reader would.
+                credit += n;
+                out_tx
+                    .send(ServerFrame::StreamCredit {
+                        stream: 7,
+                        bytes: n,
+                    })
+                    .unwrap();
+            }
+            AgentFrame::StreamExit {
+                stream: 7, code, ..
+            } => exit = Some(code),
+            AgentFrame::StreamClose { stream: 7, error } => {
+                assert_eq!(error, None);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    within("the feeder", feeder).await.unwrap();
+    assert_eq!(exit, Some(0));
+    assert_eq!(output.len(), input.len());
+    assert!(output == input, "the output differs from the input");
+    drop(out_tx);
+    writer.abort();
+}
+
+/// The process group id a stream's shell printed first (`echo $$`).
+fn printed_pgid(stdout: &[u8]) -> i32 {
+    let text = String::from_utf8_lossy(stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {text:?}"))
+}
+
+/// Reads `stream`'s output until it holds a line.
+async fn first_line(ws: &mut Ws, stream: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    while !out.contains(&b'\n') {
+        match recv(ws).await {
+            AgentFrame::StreamData {
+                stream: s, bytes, ..
+            } if s == stream => out.extend_from_slice(&bytes),
+            AgentFrame::StreamClose { stream: s, error } if s == stream => {
+                panic!("stream {s} closed early: {error:?}")
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_hang_up_a_lost_connection_or_a_stopped_agent_kills_the_process_group() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.kill_grace = Duration::from_millis(500);
+    let agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    // A child that ignores stdin EOF and outlives nothing on its own.
+    let script = "sleep 100 & echo $$; wait";
+    send(&mut ws, exec_open(1, script, 65_536)).await;
+    let pgid = printed_pgid(&first_line(&mut ws, 1).await);
+    assert!(
+        group_members(pgid).len() >= 2,
+        "sh and sleep run in group {pgid}"
+    );
+    send(
+        &mut ws,
+        ServerFrame::StreamClose {
+            stream: 1,
+            reason: "client gone".into(),
+        },
+    )
+    .await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, false).await;
+    assert_eq!(seen.closed, Some(None));
+    assert_eq!(seen.exit.map(|e| e.1), Some(Some(15)), "{seen:?}");
+    eventually("the group to be gone", || group_members(pgid).is_empty()).await;
+
+    // The connection drops with a stream open: its group goes too.
+    send(&mut ws, exec_open(2, script, 65_536)).await;
+    let pgid = printed_pgid(&first_line(&mut ws, 2).await);
+    assert!(!group_members(pgid).is_empty());
+    drop(ws);
+    eventually("the second group to be gone", || {
+        group_members(pgid).is_empty()
+    })
+    .await;
+    // The agent comes back and serves streams again.
+    let (mut ws, _) = server.welcome(&node_id).await;
+    send(&mut ws, exec_open(2, "echo back", 65_536)).await;
+    let seen = stream_until_close(&mut ws, 2, 65_536, false).await;
+    assert_eq!(seen.stdout, b"back\n");
+
+    // The agent stops (its future dropped, as `fleetrun dev` does): no stream outlives it.
+    send(&mut ws, exec_open(3, script, 65_536)).await;
+    let pgid = printed_pgid(&first_line(&mut ws, 3).await);
+    assert!(!group_members(pgid).is_empty());
+    agent.abort();
+    eventually("the third group to be gone", || {
+        group_members(pgid).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_stream_frames_are_refused_without_a_crash() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.max_streams = 2;
+    config.kill_grace = Duration::from_millis(200);
+    let _agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    send(&mut ws, exec_open(1, "cat", 65_536)).await;
+    // Reads no input: the agent's input credit is not given back.
+    send(&mut ws, exec_open(2, "sleep 100", 65_536)).await;
+    send(&mut ws, exec_open(3, "echo never", 65_536)).await;
+    let refused = stream_until_close(&mut ws, 3, 65_536, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(
+        error.contains("too many session streams: this agent runs at most 2"),
+        "{error}"
+    );
+    assert!(refused.exit.is_none() && refused.stdout.is_empty());
+
+    // Data for a stream that does not exist.
+    send(
+        &mut ws,
+        ServerFrame::StreamData {
+            stream: 99,
+            bytes: b"x".to_vec(),
+        },
+    )
+    .await;
+    let unknown = stream_until_close(&mut ws, 99, 0, false).await;
+    let error = unknown.closed.flatten().unwrap_or_default();
+    assert!(error.contains("unknown session stream 99"), "{error}");
+
+    // A PTY is not offered yet.
+    let pty = ServerFrame::StreamOpen {
+        stream: 4,
+        kind: StreamKind::Exec {
+            command: "true".into(),
+            run_as: None,
+            env: vec![],
+            working_dir: String::new(),
+            pty: true,
+        },
+        window: 1,
+    };
+    send(&mut ws, pty).await;
+    let refused = stream_until_close(&mut ws, 4, 0, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(error.contains("PTY streams are not supported"), "{error}");
+
+    // Past the input credit: stream 2's stdin is never read, so its whole window is used up
+    // by 8 full frames (no credit comes back) and the 9th byte overruns it.
+    let full = vec![0u8; STREAM_FRAME_MAX];
+    let frames = STREAM_WINDOW_DEFAULT as usize / STREAM_FRAME_MAX;
+    for _ in 0..frames {
+        let bytes = full.clone();
+        send(&mut ws, ServerFrame::StreamData { stream: 2, bytes }).await;
+    }
+    let bytes = vec![1];
+    send(&mut ws, ServerFrame::StreamData { stream: 2, bytes }).await;
+    let overrun = stream_until_close(&mut ws, 2, 65_536, false).await;
+    let error = overrun.closed.flatten().unwrap_or_default();
+    assert!(error.contains("only 0 bytes of credit"), "{error}");
+
+    // Stream 1 is untouched and the agent still serves it.
+    let bytes = b"still here\n".to_vec();
+    send(&mut ws, ServerFrame::StreamData { stream: 1, bytes }).await;
+    send(&mut ws, ServerFrame::StreamEof { stream: 1 }).await;
+    let cat = stream_until_close(&mut ws, 1, 65_536, false).await;
+    assert_eq!(cat.stdout, b"still here\n");
+    assert_eq!(cat.exit, Some((0, None)));
+
+    // A working directory that is not one (a slot is free again now).
+    let nowhere = ServerFrame::StreamOpen {
+        stream: 5,
+        kind: StreamKind::Exec {
+            command: "true".into(),
+            run_as: None,
+            env: vec![],
+            working_dir: "/no/such/dir".into(),
+            pty: false,
+        },
+        window: 1,
+    };
+    send(&mut ws, nowhere).await;
+    let refused = stream_until_close(&mut ws, 5, 0, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(error.contains("working directory /no/such/dir"), "{error}");
+    assert!(refused.exit.is_none());
+}
+
+#[tokio::test]
+async fn a_stream_out_of_credit_holds_up_nothing_else() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    // `yes` writes without end; the server grants 4 KiB and never more.
+    const WINDOW: u64 = 4096;
+    send(&mut ws, exec_open(1, "yes", WINDOW)).await;
+    let id = CommandId::from_random(77);
+    send(&mut ws, run_req(&id, "echo out; echo err >&2")).await;
+    let mut streamed = 0u64;
+    let mut stdout = Vec::new();
+    let result = loop {
+        match recv(&mut ws).await {
+            AgentFrame::StreamData {
+                stream: 1, bytes, ..
+            } => {
+                streamed += bytes.len() as u64;
+                assert!(
+                    streamed <= WINDOW,
+                    "{streamed} bytes past a {WINDOW} window"
+                );
+            }
+            AgentFrame::Output {
+                stream: StreamId::Output { command_id, pipe },
+                data,
+                ..
+            } if command_id == id && pipe == Pipe::Stdout => stdout.extend_from_slice(&data),
+            AgentFrame::Finished { command_id, result } if command_id == id => break result,
+            _ => {}
+        }
+    };
+    // The command ran and reported while the stream waited for credit.
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(stdout, b"out\n");
+    // More credit: the stream moves again, exactly as far as granted.
+    send(
+        &mut ws,
+        ServerFrame::StreamCredit {
+            stream: 1,
+            bytes: WINDOW,
+        },
+    )
+    .await;
+    while streamed < 2 * WINDOW {
+        if let AgentFrame::StreamData {
+            stream: 1, bytes, ..
+        } = recv(&mut ws).await
+        {
+            streamed += bytes.len() as u64;
+        }
+    }
+    assert_eq!(streamed, 2 * WINDOW);
+    send(
+        &mut ws,
+        ServerFrame::StreamClose {
+            stream: 1,
+            reason: "done".into(),
+        },
+    )
+    .await;
+    let seen = stream_until_close(&mut ws, 1, 0, false).await;
+    assert!(
+        seen.stdout.is_empty(),
+        "no data past the credit after the hang-up"
+    );
+    assert_eq!(seen.closed, Some(None));
+}
+
+/// An `Exec` stream as `run_as` (the tests run as root, as the exec tests do).
+fn exec_as(stream: u32, command: &str, user: &str) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::Exec {
+            command: command.into(),
+            run_as: Some(user.into()),
+            env: vec![],
+            working_dir: String::new(),
+            pty: false,
+        },
+        window: 65_536,
+    }
+}
+
+#[tokio::test]
+async fn an_exec_stream_runs_as_another_user() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let script = "id -u; echo \"$USER $LOGNAME $HOME\"; pwd";
+    send(&mut ws, exec_as(1, script, "nobody")).await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, false).await;
+    let out = String::from_utf8(seen.stdout).unwrap();
+    // nobody's home does not exist: the stream starts in /.
+    assert_eq!(out, "65534\nnobody nobody /nonexistent\n/\n");
+    assert_eq!(seen.exit, Some((0, None)));
+    send(&mut ws, exec_as(2, "echo never", "fleetrun-no-such-user")).await;
+    let refused = stream_until_close(&mut ws, 2, 65_536, false).await;
+    assert_eq!(
+        refused.closed,
+        Some(Some("no such user fleetrun-no-such-user".into()))
+    );
+    assert!(refused.exit.is_none() && refused.input_credit.is_empty());
 }

@@ -1,14 +1,15 @@
 //! Frames of the agent channel: one WebSocket per agent, binary messages, each one postcard-encoded
 //! [`AgentFrame`] (agent to server) or [`ServerFrame`] (server to agent). See docs/protocol.md.
 //!
-//! The channel multiplexes streams. Today a stream is one output pipe of one invocation
-//! ([`StreamId`]); PTY sessions and file transfers will be further streams. Each stream is
-//! flow-controlled on its own: the sender may have at most [`crate::limits::OUTPUT_WINDOW`] bytes
+//! The channel multiplexes streams. An output stream is one output pipe of one invocation
+//! ([`StreamId`]); live session streams (since version 3, the `Stream*` frames) are described in
+//! [`crate::stream`]. Each output stream is flow-controlled on its own: the sender may have at most [`crate::limits::OUTPUT_WINDOW`] bytes
 //! past the receiver's last `Ack`, and the receiver acknowledges only bytes it has durably stored.
 //! Every data frame carries its stream and byte offset, so a sender can resend from the last
 //! acknowledged offset after a reconnect and the receiver can drop what it already has.
 
 use crate::ids::{CommandId, NodeId};
+use crate::stream::{StreamFd, StreamKind, StreamNo};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -200,6 +201,42 @@ pub enum AgentFrame {
         #[serde(with = "serde_bytes")]
         public_key: Vec<u8>,
     },
+    /// Since version 3. Output of a session stream (at most the credit the server granted, and
+    /// [`crate::stream::STREAM_FRAME_MAX`] bytes).
+    StreamData {
+        /// The stream.
+        stream: StreamNo,
+        /// Which output.
+        fd: StreamFd,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Since version 3. The server may send `bytes` more input to the stream. The first one, right
+    /// after `StreamOpen`, says the stream started and grants its window.
+    StreamCredit {
+        /// The stream.
+        stream: StreamNo,
+        /// More credit, in bytes.
+        bytes: u64,
+    },
+    /// Since version 3. The stream's process ended (sent after all its output).
+    StreamExit {
+        /// The stream.
+        stream: StreamNo,
+        /// Exit code; for a signal, 128 + the signal number.
+        code: i32,
+        /// The signal that ended it, if one did.
+        signal: Option<i32>,
+    },
+    /// Since version 3. The agent ended the stream and forgot it: after `StreamExit` (`error`
+    /// `None`), or refused or failed (why, in words), including for a stream it does not know.
+    StreamClose {
+        /// The stream.
+        stream: StreamNo,
+        /// Why, when it did not end normally.
+        error: Option<String>,
+    },
 }
 
 /// How an invocation ended on the node.
@@ -305,6 +342,44 @@ pub enum ServerFrame {
         /// The new key.
         #[serde(with = "serde_bytes")]
         public_key: Vec<u8>,
+    },
+    /// Since version 3 (sent only to agents of version 3 or later). Open a session stream; the
+    /// agent answers `StreamCredit` (started) or `StreamClose` with an error (refused).
+    StreamOpen {
+        /// A number this connection has not used before (see [`StreamNo`]).
+        stream: StreamNo,
+        /// What to run.
+        kind: StreamKind,
+        /// The credit the agent has for its output (at most [`crate::stream::STREAM_WINDOW_MAX`]).
+        window: u64,
+    },
+    /// Since version 3. Input for the stream (never more than the agent's credit).
+    StreamData {
+        /// The stream.
+        stream: StreamNo,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// Since version 3. The agent may send `bytes` more output.
+    StreamCredit {
+        /// The stream.
+        stream: StreamNo,
+        /// More credit, in bytes.
+        bytes: u64,
+    },
+    /// Since version 3. The input ends (the process's stdin is closed).
+    StreamEof {
+        /// The stream.
+        stream: StreamNo,
+    },
+    /// Since version 3. Hang up: the agent stops the stream's process group (SIGTERM, a grace,
+    /// SIGKILL) and answers `StreamClose`.
+    StreamClose {
+        /// The stream.
+        stream: StreamNo,
+        /// Why (for the agent's log).
+        reason: String,
     },
 }
 
@@ -495,6 +570,10 @@ const AGENT_VARIANTS: &[(&str, &[&str])] = &[
         &["old_public_key", "new_public_key", "signature"],
     ),
     ("KeyConfirmed", &["public_key"]),
+    ("StreamData", &["stream", "fd", "bytes"]),
+    ("StreamCredit", &["stream", "bytes"]),
+    ("StreamExit", &["stream", "code", "signal"]),
+    ("StreamClose", &["stream", "error"]),
 ];
 
 /// Variants of [`ServerFrame`] in declaration (wire) order, with their fields.
@@ -508,6 +587,11 @@ const SERVER_VARIANTS: &[(&str, &[&str])] = &[
     ("Error", &["code", "message"]),
     ("Challenge", &["nonce"]),
     ("KeyRotated", &["public_key"]),
+    ("StreamOpen", &["stream", "kind", "window"]),
+    ("StreamData", &["stream", "bytes"]),
+    ("StreamCredit", &["stream", "bytes"]),
+    ("StreamEof", &["stream"]),
+    ("StreamClose", &["stream", "reason"]),
 ];
 
 /// Decodes a postcard frame; on failure, says where and what.
@@ -755,6 +839,88 @@ mod tests {
     }
 
     #[test]
+    fn stream_frames_are_appended_and_round_trip() {
+        use crate::stream::{StreamFd, StreamKind};
+        // Appended variants: every older frame keeps its tag, so version 2 peers decode them.
+        assert_eq!(
+            AgentFrame::KeyConfirmed { public_key: vec![] }.encode()[0],
+            6
+        );
+        assert_eq!(
+            ServerFrame::KeyRotated { public_key: vec![] }.encode()[0],
+            8
+        );
+        let agent = [
+            AgentFrame::StreamData {
+                stream: 7,
+                fd: StreamFd::Stderr,
+                bytes: vec![0, 255],
+            },
+            AgentFrame::StreamCredit {
+                stream: 7,
+                bytes: 1 << 20,
+            },
+            AgentFrame::StreamExit {
+                stream: 7,
+                code: 143,
+                signal: Some(15),
+            },
+            AgentFrame::StreamClose {
+                stream: u32::MAX,
+                error: Some("unknown stream".into()),
+            },
+        ];
+        for (tag, f) in (7..).zip(agent) {
+            let bytes = f.encode();
+            assert_eq!(bytes[0], tag, "{f:?}");
+            assert!(format!("{f:?}").starts_with(AGENT_VARIANTS[usize::from(tag)].0));
+            assert_eq!(AgentFrame::decode(&bytes).unwrap(), f);
+        }
+        let server = [
+            ServerFrame::StreamOpen {
+                stream: 1,
+                kind: StreamKind::Exec {
+                    command: "cat".into(),
+                    run_as: Some("nobody".into()),
+                    env: vec![("TERM".into(), "xterm".into())],
+                    working_dir: "/tmp".into(),
+                    pty: false,
+                },
+                window: 65_536,
+            },
+            ServerFrame::StreamData {
+                stream: 1,
+                bytes: vec![1, 2, 3],
+            },
+            ServerFrame::StreamCredit {
+                stream: 1,
+                bytes: 9,
+            },
+            ServerFrame::StreamEof { stream: 1 },
+            ServerFrame::StreamClose {
+                stream: 1,
+                reason: "client gone".into(),
+            },
+        ];
+        for (tag, f) in (9..).zip(server) {
+            let bytes = f.encode();
+            assert_eq!(bytes[0], tag, "{f:?}");
+            assert!(format!("{f:?}").starts_with(SERVER_VARIANTS[usize::from(tag)].0));
+            assert_eq!(ServerFrame::decode(&bytes).unwrap(), f);
+        }
+        // A cut stream frame names its field.
+        let data = ServerFrame::StreamData {
+            stream: 1,
+            bytes: vec![1, 2, 3],
+        }
+        .encode();
+        let e = ServerFrame::decode(&data[..data.len() - 1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("StreamData frame, field bytes"), "{e}");
+    }
+
+    #[test]
     fn decode_errors_name_the_frame_the_field_and_the_fault() {
         let started = AgentFrame::Started {
             command_id: CommandId::from_random(7),
@@ -879,6 +1045,30 @@ mod tests {
                     }),
                 proptest::collection::vec(any::<u8>(), 0..64)
                     .prop_map(|public_key| AgentFrame::KeyConfirmed { public_key }),
+                (
+                    any::<u32>(),
+                    any::<bool>(),
+                    proptest::collection::vec(any::<u8>(), 0..512)
+                )
+                    .prop_map(|(stream, err, bytes)| AgentFrame::StreamData {
+                        stream,
+                        fd: if err {
+                            crate::stream::StreamFd::Stderr
+                        } else {
+                            crate::stream::StreamFd::Stdout
+                        },
+                        bytes,
+                    }),
+                (
+                    any::<u32>(),
+                    any::<i32>(),
+                    proptest::option::of(any::<i32>())
+                )
+                    .prop_map(|(stream, code, signal)| AgentFrame::StreamExit {
+                        stream,
+                        code,
+                        signal,
+                    }),
             ]
         }
 
@@ -898,6 +1088,21 @@ mod tests {
                 }),
                 (".{0,40}", ".{0,200}")
                     .prop_map(|(code, message)| ServerFrame::Error { code, message }),
+                (any::<u32>(), ".{0,80}", any::<u64>()).prop_map(|(stream, command, window)| {
+                    ServerFrame::StreamOpen {
+                        stream,
+                        kind: crate::stream::StreamKind::Exec {
+                            command,
+                            run_as: None,
+                            env: vec![],
+                            working_dir: String::new(),
+                            pty: false,
+                        },
+                        window,
+                    }
+                }),
+                (any::<u32>(), any::<u64>())
+                    .prop_map(|(stream, bytes)| ServerFrame::StreamCredit { stream, bytes }),
                 (
                     command_id(),
                     ".{0,200}",

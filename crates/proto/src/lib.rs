@@ -13,6 +13,7 @@ pub mod limits;
 pub mod params;
 pub mod send;
 pub mod status;
+pub mod stream;
 pub mod targets;
 pub mod time;
 pub mod tls;

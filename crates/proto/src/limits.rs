@@ -37,6 +37,17 @@ const _: () = assert!(
         && CHANNEL_MESSAGE_MAX >= SCRIPT_MAX + WORKING_DIR_MAX + 1024
 );
 
+/// Largest data payload of one session-stream `StreamData` frame (either way; see
+/// [`crate::stream`]).
+pub const STREAM_FRAME_MAX: usize = 128 * 1024;
+/// Largest credit either side may hold for a session stream (initial window plus grants not yet
+/// used): what one stream may have in flight, and so in the receiver's memory.
+pub const STREAM_WINDOW_MAX: u64 = 16 * 1024 * 1024;
+/// The window an agent grants for a session stream's input (the server's `StreamData` to it).
+pub const STREAM_WINDOW_DEFAULT: u64 = 1024 * 1024;
+/// Most session streams open at once on one agent connection, whatever the agent's own cap.
+pub const STREAMS_PER_CONNECTION_MAX: usize = 256;
+
 /// Smallest memory limit accepted, in MiB.
 pub const MEMORY_LIMIT_MIN_MB: u64 = 4;
 /// Largest memory limit accepted, in MiB (1 TiB).

@@ -33,6 +33,9 @@ struct Args {
     /// Commands run at once; more wait in a queue
     #[arg(long, default_value_t = MAX_CONCURRENT_COMMANDS_DEFAULT)]
     max_concurrent_commands: usize,
+    /// Session streams (e.g. live one-shot commands) open at once; more are refused
+    #[arg(long, env = "FLEETRUN_MAX_STREAMS", default_value_t = fleetrun_agent::streams::MAX_STREAMS_DEFAULT)]
+    max_streams: usize,
     /// Most bytes of unacknowledged output kept on disk (all commands); when full, commands
     /// block on output until the server catches up
     #[arg(long, env = "FLEETRUN_SPOOL_MAX_BYTES", default_value_t = SPOOL_MAX_BYTES_DEFAULT)]
@@ -64,6 +67,7 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     config.tags = parse_tags(&args.tags)?;
     config.heartbeat_secs = args.heartbeat_secs;
     config.max_concurrent_commands = args.max_concurrent_commands;
+    config.max_streams = args.max_streams;
     config.spool_max_bytes = args.spool_max_bytes;
     config.key_rotation = args.key_rotation;
     config.sweep_after = args.sweep_after;

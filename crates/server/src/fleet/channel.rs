@@ -25,7 +25,7 @@ use fleetrun_proto::channel::{
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::{check_tag_key, check_tag_value};
 use fleetrun_proto::time::now_ms;
-use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
+use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER, PROTOCOL_VERSION_MIN};
 use fleetrun_proto::{InvocationStatus, NodeId};
 use fleetrun_store::{AuditEntry, Finish, NewNode, RegisterError, Store};
 use futures_util::{SinkExt, StreamExt};
@@ -743,6 +743,15 @@ async fn route(
         AgentFrame::RotateKey { .. } | AgentFrame::KeyConfirmed { .. } => {
             return Err("key rotation frames are handled by the session".into());
         }
+        // This server opens no session streams yet, so any stream frame answers nothing.
+        AgentFrame::StreamData { stream, .. }
+        | AgentFrame::StreamCredit { stream, .. }
+        | AgentFrame::StreamExit { stream, .. }
+        | AgentFrame::StreamClose { stream, .. } => {
+            return Err(format!(
+                "a frame for session stream {stream}, which this server never opened"
+            ));
+        }
     }
     Ok(())
 }
@@ -818,11 +827,13 @@ async fn register(
 }
 
 fn check_version(v: u32) -> Result<(), String> {
-    if v == PROTOCOL_VERSION {
+    // Version 3 only appended frames to version 2 (session streams, which this server does not
+    // open yet): agents of both are served.
+    if (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&v) {
         Ok(())
     } else {
         Err(format!(
-            "agent speaks protocol version {v}, this server speaks {PROTOCOL_VERSION}"
+            "agent speaks protocol version {v}, this server speaks {PROTOCOL_VERSION} (and serves agents of version {PROTOCOL_VERSION_MIN} and later)"
         ))
     }
 }

@@ -271,6 +271,17 @@ impl ScriptedAgent {
     /// Connects (`Hello` holding `known`), expects `Welcome`, and waits until the node is listed
     /// online (its deliveries reconciled).
     pub async fn connect(&mut self, server: &TestServer, known: &[CommandId]) {
+        self.connect_as_version(server, known, PROTOCOL_VERSION)
+            .await;
+    }
+
+    /// [`Self::connect`] as an agent of protocol version `version`.
+    pub async fn connect_as_version(
+        &mut self,
+        server: &TestServer,
+        known: &[CommandId],
+        version: u32,
+    ) {
         let (mut ws, nonce) = dial(server.addr).await;
         let public_key = self.key.public_key().to_vec();
         let signature = self
@@ -279,7 +290,7 @@ impl ScriptedAgent {
         send_frame(
             &mut ws,
             AgentFrame::Hello {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: version,
                 node_id: self.node_id.clone(),
                 public_key,
                 signature,
@@ -289,7 +300,10 @@ impl ScriptedAgent {
         )
         .await;
         match recv_frame(&mut ws).await {
-            ServerFrame::Welcome { .. } => {}
+            // The server names its own version, whichever of its versions the agent speaks.
+            ServerFrame::Welcome {
+                protocol_version, ..
+            } => assert_eq!(protocol_version, PROTOCOL_VERSION),
             other => panic!("expected Welcome, got {other:?}"),
         }
         self.ws = Some(ws);

@@ -1,0 +1,623 @@
+//! Session streams on the agent (protocol version 3): the multiplexer that runs what a
+//! `StreamOpen` asks for (today a one-shot `Exec`, without a PTY) and moves its bytes within each
+//! stream's credit (see `fleetrun_proto::stream` and docs/protocol.md, "Session streams").
+//!
+//! Each stream has a task: it spawns `sh -c COMMAND` in its own session and process group, pumps
+//! stdout and stderr as `StreamData` never past the server's credit, writes the server's input to
+//! stdin (closed at `StreamEof`) and grants credit back as stdin takes it, and ends with
+//! `StreamExit` and `StreamClose`. A server's `StreamClose`, a bad frame for the stream or the loss
+//! of the connection hangs it up: SIGTERM to the group, SIGKILL after the grace. The frames wait in
+//! a queue the connection's writer drains; what one stream can queue is bounded by its credit, so
+//! a stream the server does not read holds up nothing else.
+
+use crate::exec::{signal_group, wait4};
+use crate::outbox::Outbox;
+use crate::user;
+use fleetrun_proto::channel::AgentFrame;
+use fleetrun_proto::stream::{
+    RecvWindow, STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, SendWindow, StreamFd, StreamKind, StreamNo,
+};
+use nix::sys::signal::Signal;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// Default of the agent's cap on session streams open at once (`--max-streams`).
+pub const MAX_STREAMS_DEFAULT: usize = 32;
+
+/// Why a stream is hung up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The server closed it.
+    Server(String),
+    /// The server broke the stream's rules; the `StreamClose` says how.
+    Violation(String),
+    /// The connection is gone (nobody hears the stream's frames any more) or the agent stops.
+    Lost,
+}
+
+/// Input for a stream's process.
+enum Input {
+    Data(Vec<u8>),
+    Eof,
+}
+
+/// The credit the server granted for a stream's output, shared by its two pumps.
+struct Credit {
+    window: Mutex<SendWindow>,
+    more: Notify,
+}
+
+impl Credit {
+    /// Waits for credit and takes up to `want` bytes of it (never 0).
+    async fn take(&self, want: usize) -> usize {
+        loop {
+            let more = self.more.notified();
+            tokio::pin!(more);
+            // Registered before the check, so a grant between the check and the wait is seen.
+            more.as_mut().enable();
+            let n = self.window.lock().take(want);
+            if n > 0 {
+                return n;
+            }
+            more.await;
+        }
+    }
+}
+
+/// An open stream, as the frame handler sees it.
+struct Handle {
+    /// Tells this stream from a later one with the same number (after a reconnect).
+    serial: u64,
+    input: mpsc::UnboundedSender<Input>,
+    recv: RecvWindow,
+    credit: Arc<Credit>,
+    stop: watch::Sender<Option<Stop>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    open: HashMap<StreamNo, Handle>,
+    /// Frames for the writer, of the current connection only.
+    out: VecDeque<AgentFrame>,
+    /// Bumped when a connection ends: frames of older connections are dropped.
+    generation: u64,
+    next_serial: u64,
+    /// Process groups of every stream still running (by serial), hung up or not.
+    groups: HashMap<u64, i32>,
+}
+
+/// The agent's session streams.
+pub struct Streams {
+    inner: Mutex<Inner>,
+    /// Its `ready` wakes the connection's writer.
+    outbox: Arc<Outbox>,
+    max_streams: usize,
+    kill_grace: Duration,
+}
+
+impl Streams {
+    /// Streams that wake the writer through `outbox` when frames are due; at most `max_streams`
+    /// open at once.
+    pub fn new(outbox: Arc<Outbox>, max_streams: usize, kill_grace: Duration) -> Arc<Self> {
+        Arc::new(Streams {
+            inner: Mutex::default(),
+            outbox,
+            max_streams,
+            kill_grace,
+        })
+    }
+
+    /// The frames due for the server, in order.
+    pub fn take_frames(&self) -> Vec<AgentFrame> {
+        self.inner.lock().out.drain(..).collect()
+    }
+
+    /// Streams open now.
+    pub fn open_count(&self) -> usize {
+        self.inner.lock().open.len()
+    }
+
+    /// The connection ended (or the agent stops): every stream is hung up and its frames dropped.
+    pub fn hang_up_all(&self) {
+        let mut inner = self.inner.lock();
+        inner.generation += 1;
+        inner.out.clear();
+        for (_, h) in inner.open.drain() {
+            let _ = h.stop.send(Some(Stop::Lost));
+        }
+    }
+
+    /// The agent stops: every stream's process group is killed at once (no grace: nothing is
+    /// left to wait for it).
+    pub fn shutdown(&self) {
+        self.hang_up_all();
+        for (_, pgid) in self.inner.lock().groups.drain() {
+            signal_group(pgid, Signal::SIGKILL);
+        }
+    }
+
+    fn push(&self, generation: u64, frames: impl IntoIterator<Item = AgentFrame>) {
+        {
+            let mut inner = self.inner.lock();
+            if inner.generation != generation {
+                return;
+            }
+            inner.out.extend(frames);
+        }
+        self.outbox.ready().notify_one();
+    }
+
+    fn close_frame(stream: StreamNo, error: impl Into<String>) -> AgentFrame {
+        AgentFrame::StreamClose {
+            stream,
+            error: Some(error.into()),
+        }
+    }
+
+    /// Refuses a frame for `stream` with a `StreamClose` naming why.
+    fn refuse(&self, stream: StreamNo, why: String) {
+        tracing::warn!(stream, "session stream refused: {why}");
+        let generation = self.inner.lock().generation;
+        self.push(generation, [Self::close_frame(stream, why)]);
+    }
+
+    /// `StreamOpen`: starts the stream, or refuses it with a `StreamClose`.
+    pub fn open(self: &Arc<Self>, stream: StreamNo, kind: StreamKind, window: u64) {
+        // A number in use: any answer would read as the open stream's end, so that stream ends
+        // (one StreamClose, naming why). Frames come from one reader: no race with the insert.
+        if let Some(h) = self.inner.lock().open.get(&stream) {
+            let why = format!("stream {stream} was opened again while open");
+            let _ = h.stop.send(Some(Stop::Violation(why)));
+            return;
+        }
+        let refused = |why: String| self.refuse(stream, why);
+        if let Err(e) = kind.check() {
+            return refused(format!("bad stream: {e}"));
+        }
+        let StreamKind::Exec {
+            command,
+            run_as,
+            env,
+            working_dir,
+            pty,
+        } = kind;
+        if pty {
+            return refused("PTY streams are not supported by this agent yet".into());
+        }
+        let send = match SendWindow::new(window) {
+            Ok(w) => w,
+            Err(e) => return refused(format!("bad window: {e}")),
+        };
+        let (input_tx, input_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let credit = Arc::new(Credit {
+            window: Mutex::new(send),
+            more: Notify::new(),
+        });
+        let (serial, generation) = {
+            let mut inner = self.inner.lock();
+            if inner.open.len() >= self.max_streams {
+                let max = self.max_streams;
+                drop(inner);
+                return refused(format!(
+                    "too many session streams: this agent runs at most {max} at once (--max-streams)"
+                ));
+            }
+            inner.next_serial += 1;
+            let serial = inner.next_serial;
+            inner.open.insert(
+                stream,
+                Handle {
+                    serial,
+                    input: input_tx,
+                    recv: RecvWindow::new(STREAM_WINDOW_DEFAULT),
+                    credit: Arc::clone(&credit),
+                    stop: stop_tx,
+                },
+            );
+            (serial, inner.generation)
+        };
+        let exec = Exec {
+            command,
+            run_as,
+            env,
+            working_dir,
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let ended = me
+                .run_exec(
+                    Tag {
+                        stream,
+                        serial,
+                        generation,
+                    },
+                    exec,
+                    credit,
+                    input_rx,
+                    stop_rx,
+                )
+                .await;
+            me.finish(stream, serial, generation, ended);
+        });
+    }
+
+    /// `StreamData` from the server: input within the stream's credit.
+    pub fn data(&self, stream: StreamNo, bytes: Vec<u8>) {
+        let mut inner = self.inner.lock();
+        let Some(h) = inner.open.get_mut(&stream) else {
+            drop(inner);
+            return self.refuse(stream, format!("data for unknown session stream {stream}"));
+        };
+        let check = if bytes.len() > STREAM_FRAME_MAX {
+            Err(format!(
+                "a data frame of {} bytes, more than {STREAM_FRAME_MAX}",
+                bytes.len()
+            ))
+        } else {
+            h.recv.receive(bytes.len()).map_err(|e| e.to_string())
+        };
+        match check {
+            Ok(()) => {
+                let _ = h.input.send(Input::Data(bytes));
+            }
+            Err(e) => {
+                let _ = h
+                    .stop
+                    .send(Some(Stop::Violation(format!("bad input: {e}"))));
+            }
+        }
+    }
+
+    /// `StreamCredit` from the server: more room for the stream's output.
+    pub fn credit(&self, stream: StreamNo, bytes: u64) {
+        let inner = self.inner.lock();
+        // Credit can cross a stream's end on the wire: unknown streams are ignored.
+        let Some(h) = inner.open.get(&stream) else {
+            return;
+        };
+        let granted = h.credit.window.lock().grant(bytes);
+        match granted {
+            Ok(()) => h.credit.more.notify_waiters(),
+            Err(e) => {
+                let _ = h
+                    .stop
+                    .send(Some(Stop::Violation(format!("bad credit: {e}"))));
+            }
+        }
+    }
+
+    /// `StreamEof` from the server: the process's stdin is closed after the input before it.
+    pub fn eof(&self, stream: StreamNo) {
+        if let Some(h) = self.inner.lock().open.get(&stream) {
+            let _ = h.input.send(Input::Eof);
+        }
+    }
+
+    /// `StreamClose` from the server: hang the stream up.
+    pub fn close(&self, stream: StreamNo, reason: String) {
+        if let Some(h) = self.inner.lock().open.get(&stream) {
+            tracing::info!(stream, "session stream closed by the server: {reason}");
+            let _ = h.stop.send(Some(Stop::Server(reason)));
+        }
+    }
+
+    /// Input consumed: grants credit back when due.
+    fn consumed(&self, stream: StreamNo, serial: u64, generation: u64, bytes: usize) {
+        let grant = {
+            let mut inner = self.inner.lock();
+            match inner.open.get_mut(&stream) {
+                Some(h) if h.serial == serial => h.recv.consume(bytes),
+                _ => None,
+            }
+        };
+        if let Some(bytes) = grant {
+            self.push(generation, [AgentFrame::StreamCredit { stream, bytes }]);
+        }
+    }
+
+    /// The stream's task ended: forget it and tell the server.
+    fn finish(&self, stream: StreamNo, serial: u64, generation: u64, ended: Ended) {
+        {
+            let mut inner = self.inner.lock();
+            if inner.open.get(&stream).is_some_and(|h| h.serial == serial) {
+                inner.open.remove(&stream);
+            }
+        }
+        let mut frames = Vec::new();
+        if let Some((code, signal)) = ended.exit {
+            frames.push(AgentFrame::StreamExit {
+                stream,
+                code,
+                signal,
+            });
+        }
+        frames.push(AgentFrame::StreamClose {
+            stream,
+            error: ended.error,
+        });
+        self.push(generation, frames);
+    }
+}
+
+/// Which stream a task serves: its number, its serial (tells it from a later stream of the same
+/// number) and the connection it belongs to.
+#[derive(Clone, Copy)]
+struct Tag {
+    stream: StreamNo,
+    serial: u64,
+    generation: u64,
+}
+
+/// What an `Exec` stream runs.
+struct Exec {
+    command: String,
+    run_as: Option<String>,
+    env: Vec<(String, String)>,
+    working_dir: String,
+}
+
+/// How a stream's task ended.
+struct Ended {
+    /// Exit code and signal, when the process ran.
+    exit: Option<(i32, Option<i32>)>,
+    /// Why it did not end normally.
+    error: Option<String>,
+}
+
+impl Ended {
+    fn failed(error: String) -> Self {
+        Ended {
+            exit: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// Reads one pipe of the stream's process and queues it as `StreamData`, never past the credit.
+async fn pump(
+    streams: Arc<Streams>,
+    stream: StreamNo,
+    generation: u64,
+    fd: StreamFd,
+    mut rx: pipe::Receiver,
+    credit: Arc<Credit>,
+) {
+    let mut buf = vec![0u8; STREAM_FRAME_MAX];
+    loop {
+        let got = match rx.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!(stream, ?fd, "cannot read the stream's pipe: {e}");
+                return;
+            }
+        };
+        // At most one read's bytes wait here for credit; the pipe (and the process) waits with them.
+        let mut sent = 0;
+        while sent < got {
+            let n = credit.take(got - sent).await;
+            let bytes = buf[sent..sent + n].to_vec();
+            sent += n;
+            streams.push(generation, [AgentFrame::StreamData { stream, fd, bytes }]);
+        }
+    }
+}
+
+/// Writes the server's input to the process's stdin, granting credit back as it is taken. Input
+/// after the process closed its stdin is dropped (and still credited, so the server never stalls).
+async fn feed_stdin(
+    streams: Arc<Streams>,
+    stream: StreamNo,
+    serial: u64,
+    generation: u64,
+    mut stdin: Option<pipe::Sender>,
+    mut input: mpsc::UnboundedReceiver<Input>,
+) {
+    while let Some(msg) = input.recv().await {
+        match msg {
+            Input::Data(bytes) => {
+                if let Some(tx) = &mut stdin
+                    && let Err(e) = tx.write_all(&bytes).await
+                {
+                    tracing::debug!(stream, "stdin closed by the process: {e}");
+                    stdin = None;
+                }
+                streams.consumed(stream, serial, generation, bytes.len());
+            }
+            Input::Eof => stdin = None,
+        }
+    }
+}
+
+impl Streams {
+    /// Runs an `Exec` stream to its end.
+    async fn run_exec(
+        self: &Arc<Self>,
+        tag: Tag,
+        exec: Exec,
+        credit: Arc<Credit>,
+        input: mpsc::UnboundedReceiver<Input>,
+        mut stop: watch::Receiver<Option<Stop>>,
+    ) -> Ended {
+        let Tag {
+            stream,
+            serial,
+            generation,
+        } = tag;
+        let run_as = match exec.run_as.as_deref().map(user::resolve).transpose() {
+            Ok(u) => u,
+            Err(e) => return Ended::failed(e),
+        };
+        let cwd = if !exec.working_dir.is_empty() {
+            let dir = std::path::PathBuf::from(&exec.working_dir);
+            if !dir.is_absolute() || !dir.is_dir() {
+                return Ended::failed(format!(
+                    "working directory {} is not an absolute path to a directory",
+                    exec.working_dir
+                ));
+            }
+            dir
+        } else {
+            // The user's home, or / when it has none.
+            let home = match &run_as {
+                Some(u) => Some(u.home.clone()),
+                None => std::env::var_os("HOME").map(Into::into),
+            };
+            home.filter(|h| h.is_dir()).unwrap_or_else(|| "/".into())
+        };
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(&exec.command)
+            .current_dir(&cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(u) = &run_as {
+            cmd.env("HOME", &u.home)
+                .env("USER", &u.name)
+                .env("LOGNAME", &u.name);
+        }
+        cmd.envs(exec.env.iter().map(|(k, v)| (k, v)));
+        let in_child = run_as.clone();
+        // SAFETY: only async-signal-safe system calls on data prepared before the fork (setsid,
+        // setgroups/setgid/setuid).
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session and process group (pgid = pid): a hang-up reaches all of it.
+                nix::unistd::setsid().map_err(io::Error::from)?;
+                match &in_child {
+                    Some(u) => u.enter(),
+                    None => Ok(()),
+                }
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return Ended::failed(format!("cannot start sh: {e}")),
+        };
+        let Ok(pid) = i32::try_from(child.id()) else {
+            return Ended::failed("the process id does not fit a pid".into());
+        };
+        let pipes = (
+            child.stdin.take().map(OwnedFd::from),
+            child.stdout.take().map(OwnedFd::from),
+            child.stderr.take().map(OwnedFd::from),
+        );
+        // Reaped by wait4 below, as exec.rs does (the std Child is never waited on).
+        drop(child);
+        let mut wait = tokio::task::spawn_blocking(move || wait4(pid));
+        self.inner.lock().groups.insert(serial, pid);
+        // Started: the first grant of the input window tells the server so.
+        self.push(
+            generation,
+            [AgentFrame::StreamCredit {
+                stream,
+                bytes: STREAM_WINDOW_DEFAULT,
+            }],
+        );
+
+        let stdin = pipes.0.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
+        let feeder = AbortOnDrop(tokio::spawn(feed_stdin(
+            Arc::clone(self),
+            stream,
+            serial,
+            generation,
+            stdin,
+            input,
+        )));
+        let mut pumps = Vec::new();
+        for (fd, which) in [(pipes.1, StreamFd::Stdout), (pipes.2, StreamFd::Stderr)] {
+            if let Some(rx) = fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok()) {
+                pumps.push(AbortOnDrop(tokio::spawn(pump(
+                    Arc::clone(self),
+                    stream,
+                    generation,
+                    which,
+                    rx,
+                    Arc::clone(&credit),
+                ))));
+            }
+        }
+        let pumps_done = async {
+            for p in &mut pumps {
+                let _ = (&mut p.0).await;
+            }
+        };
+        tokio::pin!(pumps_done);
+
+        let mut status: Option<io::Result<(i32, libc::rusage)>> = None;
+        let mut pipes_closed = false;
+        let mut stopped: Option<Stop> = None;
+        let kill_at = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(kill_at);
+        loop {
+            if status.is_some() && (pipes_closed || stopped.is_some()) {
+                break;
+            }
+            tokio::select! {
+                r = &mut wait, if status.is_none() => {
+                    status = Some(r.unwrap_or_else(|e| Err(io::Error::other(e))));
+                    if stopped.is_some() {
+                        // Members that outlived the main process go too.
+                        signal_group(pid, Signal::SIGKILL);
+                    }
+                }
+                () = &mut pumps_done, if !pipes_closed => pipes_closed = true,
+                changed = stop.changed(), if stopped.is_none() => {
+                    let why = match changed {
+                        Ok(()) => stop.borrow().clone().unwrap_or(Stop::Lost),
+                        Err(_) => Stop::Lost,
+                    };
+                    signal_group(pid, Signal::SIGTERM);
+                    if status.is_some() {
+                        signal_group(pid, Signal::SIGKILL);
+                    }
+                    kill_at.as_mut().reset(tokio::time::Instant::now() + self.kill_grace);
+                    stopped = Some(why);
+                }
+                () = &mut kill_at, if stopped.is_some() => {
+                    signal_group(pid, Signal::SIGKILL);
+                    kill_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86_400));
+                }
+            }
+        }
+        drop(feeder);
+        self.inner.lock().groups.remove(&serial);
+        let exit = match status {
+            Some(Ok((st, _))) if libc::WIFEXITED(st) => Some((libc::WEXITSTATUS(st), None)),
+            Some(Ok((st, _))) if libc::WIFSIGNALED(st) => {
+                let sig = libc::WTERMSIG(st);
+                Some((128 + sig, Some(sig)))
+            }
+            Some(Ok(_)) | None => None,
+            Some(Err(e)) => {
+                return Ended::failed(format!("cannot wait for the process: {e}"));
+            }
+        };
+        let error = match stopped {
+            Some(Stop::Violation(why)) => Some(why),
+            Some(Stop::Server(_)) | Some(Stop::Lost) | None => None,
+        };
+        Ended { exit, error }
+    }
+}
+
+/// Aborts the task when dropped (a stream's helpers never outlive it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

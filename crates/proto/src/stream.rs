@@ -1,0 +1,296 @@
+//! Session streams over the agent channel (since protocol version 3): what a stream runs, and
+//! the credit windows that bound every stream's bytes in flight. See docs/protocol.md, "Session
+//! streams".
+//!
+//! A session stream is named by a `u32` the server picks ([`StreamNo`]); it is opened by the
+//! server (`ServerFrame::StreamOpen`), carries bytes both ways (`StreamData`) and is
+//! flow-controlled per direction: a sender never has more bytes in flight than the credit the
+//! receiver granted ([`SendWindow`]), and the receiver grants more as it consumes
+//! ([`RecvWindow`]). One stream waiting for credit never holds up another, nor heartbeats or
+//! command output.
+
+use serde::{Deserialize, Serialize};
+
+/// The number of a session stream on one connection, chosen by the server and never reused on
+/// that connection (a counter), so a late answer about an ended stream is never read as about a
+/// newer one.
+pub type StreamNo = u32;
+
+pub use crate::limits::{
+    STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, STREAM_WINDOW_MAX, STREAMS_PER_CONNECTION_MAX,
+};
+/// Longest command of an `Exec` stream, in bytes (as a script of `Run`).
+pub const STREAM_COMMAND_MAX: usize = crate::limits::SCRIPT_MAX;
+/// Most environment variables an `Exec` stream sets.
+pub const STREAM_ENV_MAX: usize = 256;
+const _: () = assert!(
+    crate::limits::CHANNEL_MESSAGE_MAX >= STREAM_FRAME_MAX + 1024
+        && crate::limits::CHANNEL_MESSAGE_MAX >= STREAM_COMMAND_MAX + 64 * 1024
+);
+
+/// What a stream runs on the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// A one-shot command (`sh -c COMMAND`): the stream's input is its stdin, its output its
+    /// stdout and stderr; it ends with the exit status.
+    Exec {
+        /// The command line, run by `sh -c`.
+        command: String,
+        /// Run as this user (name or uid); the agent must be root.
+        run_as: Option<String>,
+        /// Extra environment variables (name, value).
+        env: Vec<(String, String)>,
+        /// Working directory; empty for the user's home (`/` when it has none).
+        working_dir: String,
+        /// A PTY instead of pipes (not supported yet: refused by the agent).
+        pty: bool,
+    },
+}
+
+impl StreamKind {
+    /// Checks the sizes of what the server asks for; the error says which limit.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            StreamKind::Exec { command, env, .. } => {
+                if command.len() > STREAM_COMMAND_MAX {
+                    return Err(format!(
+                        "command is {} bytes, more than {STREAM_COMMAND_MAX}",
+                        command.len()
+                    ));
+                }
+                if env.len() > STREAM_ENV_MAX {
+                    return Err(format!(
+                        "{} environment variables, more than {STREAM_ENV_MAX}",
+                        env.len()
+                    ));
+                }
+                if let Some((k, _)) = env
+                    .iter()
+                    .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+                {
+                    return Err(format!("bad environment variable name {k:?}"));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Which output of a stream's process a `StreamData` from the agent carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamFd {
+    /// Standard output (or the PTY).
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A peer broke the credit rules.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CreditError {
+    /// Data beyond the credit granted.
+    #[error("{got} bytes of data with only {credit} bytes of credit")]
+    Overrun {
+        /// Bytes that arrived.
+        got: u64,
+        /// Credit they had.
+        credit: u64,
+    },
+    /// A grant that would raise the credit past [`STREAM_WINDOW_MAX`].
+    #[error("credit of {credit} bytes would exceed the largest window ({STREAM_WINDOW_MAX})")]
+    TooMuch {
+        /// The credit the grant would make.
+        credit: u64,
+    },
+}
+
+/// The sending side of a stream's flow control: the bytes the peer still lets us send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendWindow {
+    credit: u64,
+}
+
+impl SendWindow {
+    /// A window with the peer's initial grant (at most [`STREAM_WINDOW_MAX`]).
+    pub fn new(initial: u64) -> Result<Self, CreditError> {
+        let mut w = SendWindow { credit: 0 };
+        w.grant(initial)?;
+        Ok(w)
+    }
+
+    /// Bytes that may be sent now.
+    pub fn credit(&self) -> u64 {
+        self.credit
+    }
+
+    /// How many bytes of `want` to send in the next frame: at most the credit and
+    /// [`STREAM_FRAME_MAX`]. The credit is taken; 0 means wait for a grant.
+    pub fn take(&mut self, want: usize) -> usize {
+        let n = (want.min(STREAM_FRAME_MAX) as u64).min(self.credit);
+        self.credit -= n;
+        // n <= STREAM_FRAME_MAX, so it fits in usize.
+        n as usize
+    }
+
+    /// Returns credit taken but not used (a read gave fewer bytes than reserved).
+    pub fn give_back(&mut self, bytes: usize) {
+        self.credit = self.credit.saturating_add(bytes as u64);
+    }
+
+    /// The peer granted `bytes` more.
+    pub fn grant(&mut self, bytes: u64) -> Result<(), CreditError> {
+        let credit = self.credit.saturating_add(bytes);
+        if credit > STREAM_WINDOW_MAX {
+            return Err(CreditError::TooMuch { credit });
+        }
+        self.credit = credit;
+        Ok(())
+    }
+}
+
+/// The receiving side: how much the peer may still send, and when to grant more. Credit is granted
+/// back as received bytes are consumed, once half the window is consumed (fewer, larger grants).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecvWindow {
+    window: u64,
+    /// Credit the peer still holds.
+    outstanding: u64,
+    /// Consumed bytes not yet granted back.
+    consumed: u64,
+}
+
+impl RecvWindow {
+    /// A window of `window` bytes, all granted to the peer at the start (the caller sends that
+    /// grant); at most [`STREAM_WINDOW_MAX`].
+    pub fn new(window: u64) -> Self {
+        let window = window.clamp(1, STREAM_WINDOW_MAX);
+        RecvWindow {
+            window,
+            outstanding: window,
+            consumed: 0,
+        }
+    }
+
+    /// The window size (the initial grant).
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// `bytes` arrived: an error when they exceed the peer's credit.
+    pub fn receive(&mut self, bytes: usize) -> Result<(), CreditError> {
+        let got = bytes as u64;
+        if got > self.outstanding {
+            return Err(CreditError::Overrun {
+                got,
+                credit: self.outstanding,
+            });
+        }
+        self.outstanding -= got;
+        Ok(())
+    }
+
+    /// `bytes` were consumed (written on); `Some(n)` when a grant of `n` is due now.
+    pub fn consume(&mut self, bytes: usize) -> Option<u64> {
+        self.consumed = self.consumed.saturating_add(bytes as u64);
+        if self.consumed == 0 || self.consumed < self.window.div_ceil(2) {
+            return None;
+        }
+        let n = std::mem::take(&mut self.consumed);
+        self.outstanding = self.outstanding.saturating_add(n);
+        Some(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_sender_takes_at_most_its_credit_and_a_frame() {
+        let mut w = SendWindow::new(200_000).unwrap();
+        assert_eq!(w.take(1_000_000), STREAM_FRAME_MAX);
+        assert_eq!(w.take(1_000_000), 200_000 - STREAM_FRAME_MAX);
+        assert_eq!(w.take(10), 0);
+        w.give_back(5);
+        assert_eq!(w.take(10), 5);
+        w.grant(7).unwrap();
+        assert_eq!(w.credit(), 7);
+        assert_eq!(
+            w.grant(STREAM_WINDOW_MAX),
+            Err(CreditError::TooMuch {
+                credit: STREAM_WINDOW_MAX + 7
+            })
+        );
+        assert!(SendWindow::new(STREAM_WINDOW_MAX + 1).is_err());
+    }
+
+    #[test]
+    fn a_receiver_refuses_data_past_credit_and_grants_at_half_the_window() {
+        let mut r = RecvWindow::new(100);
+        r.receive(60).unwrap();
+        assert_eq!(r.consume(40), None);
+        assert_eq!(r.consume(20), Some(60));
+        // 40 + 60 of credit now.
+        r.receive(100).unwrap();
+        assert_eq!(
+            r.receive(1),
+            Err(CreditError::Overrun { got: 1, credit: 0 })
+        );
+        assert_eq!(RecvWindow::new(u64::MAX).window(), STREAM_WINDOW_MAX);
+    }
+
+    #[test]
+    fn exec_streams_are_checked() {
+        let exec = |command: &str, env: Vec<(String, String)>| StreamKind::Exec {
+            command: command.into(),
+            run_as: None,
+            env,
+            working_dir: String::new(),
+            pty: false,
+        };
+        assert_eq!(
+            exec("echo hi", vec![("A".into(), "b".into())]).check(),
+            Ok(())
+        );
+        let long = exec(&"x".repeat(STREAM_COMMAND_MAX + 1), vec![]).check();
+        assert!(long.unwrap_err().contains("more than"));
+        let bad = exec("true", vec![("A=B".into(), String::new())]).check();
+        assert!(bad.unwrap_err().contains("bad environment variable"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A sender that follows its SendWindow never has more in flight than the receiver
+        /// granted, whatever the sizes and the order of grants; and the receiver agrees.
+        #[test]
+        fn a_sender_following_its_window_never_overruns_the_receiver(
+            window in 1u64..400_000,
+            steps in proptest::collection::vec((0usize..300_000, 0usize..300_000, any::<bool>()), 1..64),
+        ) {
+            let mut rx = RecvWindow::new(window);
+            let mut tx = SendWindow::new(rx.window()).unwrap();
+            let mut in_flight: u64 = 0;
+            let mut unconsumed: u64 = 0;
+            for (want, consume, deliver) in steps {
+                let n = tx.take(want);
+                prop_assert!(n <= STREAM_FRAME_MAX);
+                in_flight += n as u64;
+                prop_assert!(in_flight <= rx.window());
+                if deliver {
+                    // Everything in flight arrives, then some of it is consumed.
+                    prop_assert!(rx.receive(in_flight as usize).is_ok());
+                    unconsumed += in_flight;
+                    in_flight = 0;
+                    let c = (consume as u64).min(unconsumed);
+                    unconsumed -= c;
+                    if let Some(g) = rx.consume(c as usize) {
+                        prop_assert!(tx.grant(g).is_ok());
+                    }
+                }
+                prop_assert!(in_flight + unconsumed <= rx.window());
+            }
+        }
+    }
+}
