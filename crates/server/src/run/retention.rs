@@ -4,6 +4,7 @@
 use crate::AppState;
 use crate::run::output::command_prefix;
 use fleetrun_proto::time::now_ms;
+use fleetrun_store::Store;
 use futures_util::StreamExt;
 use object_store::ObjectStore;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub async fn run(state: Arc<AppState>, retention: Duration, interval: Duration) 
             _ = state.shutdown.cancelled() => return,
             r = async {
                 tick.tick().await;
-                purge(&state, retention).await
+                purge(&state.store, state.objects.as_ref(), retention).await
             } => r,
         };
         match purged {
@@ -34,11 +35,15 @@ pub async fn run(state: Arc<AppState>, retention: Duration, interval: Duration) 
 }
 
 /// Purges every ended command older than `retention`; returns how many.
-pub async fn purge(state: &AppState, retention: Duration) -> anyhow::Result<usize> {
+pub async fn purge(
+    store: &Store,
+    objects: &dyn ObjectStore,
+    retention: Duration,
+) -> anyhow::Result<usize> {
     let before = now_ms() - retention.as_millis() as i64;
     let mut total = 0;
     loop {
-        let ids = state.store.expired_commands(before, BATCH).await?;
+        let ids = store.expired_commands(before, BATCH).await?;
         if ids.is_empty() {
             return Ok(total);
         }
@@ -46,12 +51,11 @@ pub async fn purge(state: &AppState, retention: Duration) -> anyhow::Result<usiz
             // Objects first: a crash between the two leaves rows whose output reads as empty, never
             // objects that nothing points to.
             let prefix = command_prefix(id);
-            let locations = state
-                .objects
+            let locations = objects
                 .list(Some(&prefix))
                 .map(|m| m.map(|m| m.location))
                 .boxed();
-            let mut deleted = state.objects.delete_stream(locations);
+            let mut deleted = objects.delete_stream(locations);
             while let Some(r) = deleted.next().await {
                 match r {
                     Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
@@ -59,7 +63,7 @@ pub async fn purge(state: &AppState, retention: Duration) -> anyhow::Result<usiz
                 }
             }
         }
-        state.store.delete_commands(&ids).await?;
+        store.delete_commands(&ids).await?;
         total += ids.len();
         tokio::task::yield_now().await;
     }
