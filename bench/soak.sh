@@ -38,7 +38,7 @@ BIG_BODY = json.dumps({"targets": "all", "commands": ["x" * BIG]}).encode() if B
 TOKEN, CA = os.environ["FLEETRUN_TOKEN"], os.environ["FLEETRUN_CA_CERT"]
 RAN = f"{W}/ran.log"
 lock = threading.Lock()
-stats = {"send_ms": [], "send_fail": 0, "bad_post_ms": [], "read_ms": [], "5xx": 0, "conn_err": 0,
+stats = {"send_ms": [], "send_spans": [], "send_fail": 0, "bad_post_ms": [], "read_ms": [], "5xx": 0, "conn_err": 0,
          "follow_restarts": 0, "peak_rss": 0}
 sent = []  # command ids accepted
 stop = threading.Event()
@@ -125,6 +125,7 @@ def send_one():
     with lock:
         if p.returncode == 0 and p.stdout.strip():
             stats["send_ms"].append(ms)
+            stats["send_spans"].append((t0, time.perf_counter(), ms))
             sent.append(p.stdout.strip().split()[0])
         else:
             stats["send_fail"] += 1
@@ -199,10 +200,21 @@ for i in victims:
     procs.append(a)
 print(f"  t={time.time() - t_start:.0f}s killed -9 and restarted {len(victims)} agents", flush=True)
 stop.wait(max(0, t_start + DUR / 2 - time.time()))
+t_down = time.perf_counter()
 os.kill(server_pid(), signal.SIGKILL)
 time.sleep(0.2)
 server = start_server(f"{W}/server2.log")
 t_restart = time.time()
+# Until the restarted server answers, a send can only wait (the CLI retries it with its idempotency
+# key): sends overlapping that window measure the restart, not the write path, and are shown apart.
+for _ in range(600):
+    try:
+        if api("GET", "/v1/health")[0] == 200:
+            break
+    except Exception:
+        pass
+    time.sleep(0.01)
+t_up = time.perf_counter()
 print(f"  t={time.time() - t_start:.0f}s killed -9 and restarted the server", flush=True)
 stop.wait(max(0, t_start + DUR - time.time()))
 stop.set()
@@ -259,6 +271,13 @@ print(f"soak: {N} agents, {load_secs:.0f} s, {CLIENTS} API clients, {FOLLOWERS} 
       f"{len(victims)} agents and the server killed -9")
 print(f"send (fleetrun send, until accepted): p50 {pct(s['send_ms'], .5):.0f} ms, p99 {pct(s['send_ms'], .99):.0f} ms, "
       f"max {pct(s['send_ms'], 1):.0f} ms over {len(s['send_ms'])} sends ({s['send_fail']} failed, e.g. while the server was down)")
+steady = [ms for (a, b, ms) in s["send_spans"] if b < t_down or a > t_up]
+across = [ms for (a, b, ms) in s["send_spans"] if not (b < t_down or a > t_up)]
+print(f"  sends not spanning the server's restart: p50 {pct(steady, .5):.0f} ms, p99 {pct(steady, .99):.0f} ms, "
+      f"max {pct(steady, 1):.0f} ms over {len(steady)}; spanning it ({(t_up - t_down) * 1000:.0f} ms down): "
+      f"{', '.join(f'{x:.0f}' for x in sorted(across)) or 'none'} ms")
+slow = sorted(((ms, a - t_down) for (a, b, ms) in s["send_spans"]), reverse=True)[:3]
+print("  slowest sends: " + ", ".join(f"{ms:.0f} ms at t{t:+.1f} s from the server kill" for ms, t in slow))
 print(f"malformed POST (400): p50 {pct(s['bad_post_ms'], .5):.1f} ms, p99 {pct(s['bad_post_ms'], .99):.1f} ms over {len(s['bad_post_ms'])}; "
       f"reads p50 {pct(s['read_ms'], .5):.1f} ms, p99 {pct(s['read_ms'], .99):.1f} ms over {len(s['read_ms'])}")
 print(f"invocations: offered {len(accepted) * N / load_secs:.1f}/s, done during the load {done_in_load / load_secs:.1f}/s; "
