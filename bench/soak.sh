@@ -27,7 +27,7 @@ echo "load: $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) before the soak; $(npr
 BIN="$bin" WORK="$work" PORT="$port" N="$n" DURATION="$duration" SERVER_ARGS="$SERVER_ARGS" \
   CLIENTS="${CLIENTS:-50}" FOLLOWERS="${FOLLOWERS:-3}" KILL="${KILL:-10}" SEND_EVERY="${SEND_EVERY:-2}" \
   IDLE="${IDLE:-30}" CLIENT_PAUSE="${CLIENT_PAUSE:-0.1}" BIG_POST_BYTES="${BIG_POST_BYTES:-0}" python3 - <<'EOF'
-import http.client, json, os, signal, ssl, subprocess, sys, threading, time
+import http.client, json, os, re, signal, ssl, subprocess, sys, threading, time
 
 B, W, PORT, N = os.environ["BIN"], os.environ["WORK"], int(os.environ["PORT"]), int(os.environ["N"])
 DUR, CLIENTS, FOLLOWERS = float(os.environ["DURATION"]), int(os.environ["CLIENTS"]), int(os.environ["FOLLOWERS"])
@@ -278,6 +278,16 @@ print(f"  sends not spanning the server's restart: p50 {pct(steady, .5):.0f} ms,
       f"{', '.join(f'{x:.0f}' for x in sorted(across)) or 'none'} ms")
 slow = sorted(((ms, a - t_down) for (a, b, ms) in s["send_spans"]), reverse=True)[:3]
 print("  slowest sends: " + ", ".join(f"{ms:.0f} ms at t{t:+.1f} s from the server kill" for ms, t in slow))
+# The server's own view: requests it took >= 250 ms to answer (gate.rs logs them at warn).
+slow_srv = {}
+for log in (f"{W}/server.log", f"{W}/server2.log"):
+    for line in open(log, errors="replace") if os.path.exists(log) else []:
+        if "slow request" in line:
+            m = re.search(r'action="?([^" ]+)', line)
+            t = re.search(r'took_ms=(\d+)', line)
+            k = m.group(1) if m else "?"
+            slow_srv.setdefault(k, []).append(int(t.group(1)) if t else 0)
+print("  server-side answers >= 250 ms: " + (", ".join(f"{k} {len(v)} (max {max(v)} ms)" for k, v in sorted(slow_srv.items())) or "none"))
 print(f"malformed POST (400): p50 {pct(s['bad_post_ms'], .5):.1f} ms, p99 {pct(s['bad_post_ms'], .99):.1f} ms over {len(s['bad_post_ms'])}; "
       f"reads p50 {pct(s['read_ms'], .5):.1f} ms, p99 {pct(s['read_ms'], .99):.1f} ms over {len(s['read_ms'])}")
 print(f"invocations: offered {len(accepted) * N / load_secs:.1f}/s, done during the load {done_in_load / load_secs:.1f}/s; "

@@ -342,12 +342,15 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
         .to_path_buf())
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the level.
+/// Logs to stderr; `RUST_LOG` overrides the level. Colours only on a terminal, so a log file (or a
+/// journal) gets plain `key=value` text.
 pub fn init_logging(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -13,6 +13,7 @@ use crate::access::authn::AuthnError;
 use crate::access::authz::Principal;
 use crate::access::guard::{AuthGuard, RateLimiter};
 use crate::errors::{Code, Error, FrontDoor, render, retry_secs};
+use fleetrun_proto::time::now_ms;
 use fleetrun_store::{AuditEntry, Store};
 use std::future::Future;
 use std::net::IpAddr;
@@ -96,6 +97,9 @@ pub struct Outcome<'a> {
     pub subject: &'a str,
 }
 
+/// Requests that take longer than this (from arrival to answer, audit included) are logged.
+pub const SLOW_REQUEST_MS: i64 = 250;
+
 /// Concludes a request: deny by default, then the audit record, then the answer. An accepted
 /// write's answer waits for its record's commit; anything else only queues its record, so reads
 /// and refusals never wait for the writer.
@@ -135,7 +139,13 @@ pub async fn conclude<D: FrontDoor>(
         Some(ErrorCode(code)) => format!("{} {code}", resp.status().as_u16()),
         None => resp.status().as_u16().to_string(),
     };
+    let (started, action, result) = (entry.at, entry.action.clone(), entry.result.clone());
     audit::record(store, entry, outcome.write && accepted).await;
+    // A slow answer is worth a line at the default level: it says where a client's latency went.
+    let took = now_ms().saturating_sub(started);
+    if took >= SLOW_REQUEST_MS {
+        tracing::warn!(action, result, took_ms = took, "slow request");
+    }
     resp
 }
 
