@@ -256,3 +256,89 @@ fn unknown_and_ambiguous_node_names_are_errors_naming_candidates() {
     );
     assert!(out.stderr.contains("twin ("), "{}", out.stderr);
 }
+
+/// What a hostile client hears on the exec socket: the error event's message, or "" when the
+/// socket layer closed it without one.
+async fn hostile_answer(
+    url: &str,
+    token: &str,
+    msg: tokio_tungstenite::tungstenite::Message,
+) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("request");
+    let bearer = format!("Bearer {token}").parse().expect("header");
+    req.headers_mut().insert("authorization", bearer);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    let _ = ws.send(msg).await;
+    let mut said = String::new();
+    // Bounded: the server closes within its first-message timeout at the latest.
+    let read = async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+                    assert_eq!(v["type"], "error", "{v}");
+                    said = v["message"].as_str().unwrap_or_default().to_owned();
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read)
+        .await
+        .expect("the server closes");
+    said
+}
+
+#[test]
+fn hostile_clients_get_a_clear_close_and_the_server_goes_on() {
+    use tokio_tungstenite::tungstenite::Message;
+    let server = Server::start_with(&["--insecure-http"]);
+    let _agent = Agent::start(&server, "exec-hostile", &[]);
+    let id = server.node_id("exec-hostile");
+    let url = format!(
+        "{}/v1/nodes/{id}/exec",
+        server.url.replacen("http://", "ws://", 1)
+    );
+    let cases = [
+        (
+            Message::Binary(vec![0, 1, 2].into()),
+            "first message must be",
+        ),
+        (Message::Text("{".into()), "bad first message"),
+        (
+            Message::Text(r#"{"command":"true","shell":"bash"}"#.into()),
+            "unknown field",
+        ),
+        (
+            Message::Text(r#"{"command":"true","run_as":"../root"}"#.into()),
+            "run-as",
+        ),
+        // Over the largest client message: the socket layer closes it.
+        (Message::Binary(vec![0; 1024 * 1024].into()), ""),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (msg, says) in cases {
+        let said = rt.block_on(hostile_answer(&url, &server.token, msg));
+        assert!(said.contains(says), "{said:?} should say {says:?}");
+    }
+    // Still serving, without a panic.
+    let out = run(
+        server.cli_cmd(&["exec", "exec-hostile", "--", "echo ok"]),
+        LIMIT,
+    );
+    assert_eq!(out.stdout_str(), "ok\n", "{}", out.stderr);
+    assert!(
+        !server.all_logs().contains("panicked"),
+        "{}",
+        server.all_logs()
+    );
+}
