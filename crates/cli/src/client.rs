@@ -95,7 +95,13 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// The CA to trust (for WebSockets, which do not go through `http`).
+    ca_cert: Option<std::path::PathBuf>,
 }
+
+/// A session's WebSocket to the server.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 impl Client {
     /// Builds a client. No overall request timeout: watches and followed output last as long as the
@@ -112,7 +118,93 @@ impl Client {
             http,
             base: conn.server.clone(),
             token: conn.token.clone(),
+            ca_cert: conn.ca_cert.clone(),
         })
+    }
+
+    /// Opens a session WebSocket (`path` under the API, e.g. `/v1/nodes/ID/exec`) with the same
+    /// token and trust as every request. A refused upgrade is its API error.
+    pub async fn socket(&self, path: &str) -> anyhow::Result<Socket> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = match self.base.split_once("://") {
+            Some(("https", rest)) => format!("wss://{rest}{path}"),
+            Some(("http", rest)) => format!("ws://{rest}{path}"),
+            _ => anyhow::bail!("the server URL {} is not http:// or https://", self.base),
+        };
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("bad server URL {url}"))?;
+        let bearer = format!("Bearer {}", self.token)
+            .parse()
+            .context("the token is not a valid header value")?;
+        req.headers_mut().insert("authorization", bearer);
+        let connector = if url.starts_with("wss://") {
+            Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+                self.tls_config()?,
+            )))
+        } else {
+            None
+        };
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(fleetrun_proto::stream::STREAM_FRAME_MAX + 64 * 1024))
+            .max_frame_size(Some(fleetrun_proto::stream::STREAM_FRAME_MAX + 64 * 1024));
+        let dial =
+            tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector);
+        match tokio::time::timeout(Duration::from_secs(10), dial).await {
+            Err(_) => Err(TransportError {
+                message: format!("cannot reach server at {}: timed out", self.base),
+                retryable: true,
+            }
+            .into()),
+            Ok(Ok((ws, _))) => Ok(ws),
+            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
+                let status = resp.status();
+                let body = resp.body().as_deref().unwrap_or_default();
+                match serde_json::from_slice::<ErrorBody>(body) {
+                    Ok(e) => Err(ApiError {
+                        code: e.error.code,
+                        message: e.error.message,
+                    }
+                    .into()),
+                    Err(_) => anyhow::bail!("the server refused the session: HTTP {status}"),
+                }
+            }
+            Ok(Err(e)) => Err(TransportError {
+                message: format!("cannot reach server at {}: {e}", self.base),
+                retryable: false,
+            }
+            .into()),
+        }
+    }
+
+    /// TLS for sockets: the configured CA alone, else the system's roots.
+    fn tls_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_cert {
+            Some(path) => {
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                    .and_then(|i| i.collect())
+                    .with_context(|| format!("bad CA certificate {}", path.display()))?;
+                for c in certs {
+                    roots
+                        .add(c)
+                        .with_context(|| format!("bad CA certificate {}", path.display()))?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                let _ = roots.add_parsable_certificates(native.certs);
+            }
+        }
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS")?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
     }
 
     /// The server's base URL.

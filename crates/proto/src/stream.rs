@@ -201,6 +201,67 @@ impl RecvWindow {
     }
 }
 
+/// A client's exec WebSocket (`GET /v1/nodes/{node_id}/exec`, see docs/protocol.md "Client
+/// sessions"): binary messages carry one tag byte, then bytes.
+pub mod client {
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    /// Tag of a client's binary message: stdin bytes.
+    pub const TAG_STDIN: u8 = 0;
+    /// Tag of a server's binary message: stdout bytes.
+    pub const TAG_STDOUT: u8 = 1;
+    /// Tag of a server's binary message: stderr bytes.
+    pub const TAG_STDERR: u8 = 2;
+    /// Largest message a client may send (a tag byte and one frame of stdin).
+    pub const CLIENT_MESSAGE_MAX: usize = super::STREAM_FRAME_MAX + 1;
+
+    /// The client's first message (JSON text): what to run.
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ExecRequest {
+        /// The command line, run by `sh -c` on the node.
+        pub command: String,
+        /// Run as this user; empty for the agent's own.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub run_as: String,
+        /// Extra environment variables.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        pub env: BTreeMap<String, String>,
+        /// Working directory; empty for the user's home.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub working_dir: String,
+    }
+
+    /// A client's text message after the first.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+    pub enum ClientEvent {
+        /// Stdin ends (the remote stdin is closed after the bytes before it).
+        Eof,
+    }
+
+    /// A server's text message.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum ServerEvent {
+        /// The command started on the node.
+        Started,
+        /// The command ended (after all its output): exit code, or 128 + signal and the signal.
+        Exit {
+            /// Exit code.
+            code: i32,
+            /// The signal that ended it, if one did.
+            signal: Option<i32>,
+        },
+        /// The session failed or was refused; the socket closes after it.
+        Error {
+            /// Why, in words.
+            message: String,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 //! - [`fleet`]: the connected agents (channel, hub).
 //! - [`run`]: commands from acceptance to output (send, dispatch, output, documents, params,
 //!   retention).
+//! - [`sessions`]: live session streams to agents, relayed to clients (exec).
 //! - [`net`]: the listener (TLS, connection limits and timeouts).
 //! - [`app`] and [`config`]: the process's settings and shared state, and its start.
 //! - [`errors`]: the error kinds both front doors answer, and the trait they answer through.
@@ -22,6 +23,7 @@ pub mod errors;
 pub mod fleet;
 pub mod net;
 pub mod run;
+pub mod sessions;
 pub mod ssm;
 
 pub use app::{AppState, Ended, RunningServer, start};

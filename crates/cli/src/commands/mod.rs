@@ -7,6 +7,7 @@ mod cancel;
 mod command;
 mod dev;
 mod documents;
+mod exec;
 mod nodes;
 mod output;
 mod params;
@@ -87,6 +88,8 @@ enum Subcommands {
     },
     /// Run a shell script, or a Command document, on nodes
     Send(Box<send::Args>),
+    /// Run a command on one node live: its output streamed, stdin piped, its exit status ours
+    Exec(exec::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),
     /// Show one command and its invocations
@@ -159,6 +162,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Activation(cmd) => activation::run(&ctx, cmd).await,
         Subcommands::Nodes { cmd } => nodes::run(&ctx, cmd).await,
         Subcommands::Send(args) => send::run(&ctx, *args).await,
+        Subcommands::Exec(args) => exec::run(&ctx, args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,
         Subcommands::Command(args) => command::show(&ctx, args).await,
         Subcommands::Invocations(args) => command::invocations(&ctx, args).await,

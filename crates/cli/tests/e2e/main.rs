@@ -13,6 +13,7 @@ mod brute_force;
 mod deregister;
 mod dev;
 mod documents;
+mod exec;
 mod faults;
 mod faults_agent;
 mod faults_netcut;

@@ -696,6 +696,8 @@ pub struct AgentOpts {
     pub args: Vec<String>,
     /// Run inside this network namespace (`ip netns exec NS ...`).
     pub netns: Option<String>,
+    /// The state dir's name when not the node name (two nodes of one name).
+    pub state_name: Option<String>,
 }
 
 impl AgentOpts {
@@ -770,7 +772,11 @@ impl Agent {
     pub fn spawn_with_code(server: &Server, name: &str, opts: AgentOpts, code: &str) -> Agent {
         let mut agent = Agent {
             name: name.to_owned(),
-            state_dir: server.dir.path().join("agents").join(name),
+            state_dir: server
+                .dir
+                .path()
+                .join("agents")
+                .join(opts.state_name.as_deref().unwrap_or(name)),
             url: server.url.clone(),
             // A test that says how to trust the server itself gets nothing added.
             trust: if opts

@@ -152,6 +152,7 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/nodes") => "nodes.list",
         ("GET", "/v1/nodes/{node_id}") => "nodes.get",
         ("DELETE", "/v1/nodes/{node_id}") => "nodes.deregister",
+        ("GET", "/v1/nodes/{node_id}/exec") => "nodes.exec",
         ("POST", "/v1/commands") => "commands.send",
         ("GET", "/v1/commands") => "commands.list",
         ("GET", "/v1/commands/{command_id}") => "commands.get",

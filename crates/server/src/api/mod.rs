@@ -46,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/nodes/{node_id}",
             get(nodes::get).delete(nodes::deregister),
         )
+        .route("/v1/nodes/{node_id}/exec", get(crate::sessions::exec::exec))
         .route("/v1/commands", post(commands::send).get(commands::list))
         .route("/v1/commands/{command_id}", get(commands::get))
         .route("/v1/commands/{command_id}/watch", get(commands::watch))

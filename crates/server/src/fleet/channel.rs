@@ -12,6 +12,7 @@ use crate::access::secrets;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::invocations::Ender;
 use crate::run::output::OutputMsg;
+use crate::sessions::streams::Streams;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
@@ -172,7 +173,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
             on_register(&state, socket, &peer, register).await;
         }
         AgentFrame::Hello {
-            protocol_version: _,
+            protocol_version,
             node_id,
             public_key,
             signature,
@@ -180,6 +181,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
             known,
         } => {
             let hello = HelloFrame {
+                protocol_version,
                 node_id,
                 public_key,
                 signature,
@@ -304,6 +306,8 @@ async fn on_register(state: &AppState, mut socket: WebSocket, peer: &Peer, frame
 
 /// The fields of a `Hello` (its version already checked).
 struct HelloFrame {
+    /// Checked already: session streams are opened only from `STREAMS_SINCE` on.
+    protocol_version: u32,
     node_id: NodeId,
     public_key: Vec<u8>,
     signature: Vec<u8>,
@@ -347,6 +351,7 @@ async fn on_hello(
     let auth = SessionAuth {
         key: session_key,
         source: peer.source,
+        version: frame.protocol_version,
     };
     let known = frame.known.into_iter().collect();
     session(state, socket, node_id, auth, info, known, permit).await;
@@ -393,10 +398,12 @@ async fn identify(state: &AppState, peer: &Peer, frame: &HelloFrame) -> Result<S
     Err((code, r.message))
 }
 
-/// How a session was authenticated: the node's key it proved (changed by a rotation) and the peer.
+/// How a session was authenticated: the node's key it proved (changed by a rotation), the peer,
+/// and the protocol version the agent said (session streams only from `STREAMS_SINCE` on).
 struct SessionAuth {
     key: String,
     source: String,
+    version: u32,
 }
 
 /// An identified agent's connection, until it drops.
@@ -413,7 +420,8 @@ async fn session(
         tracing::error!(%node, "cannot record connect: {e}");
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<ServerFrame>();
-    let (conn_id, mut revoked) = state.hub.connect(&node, tx.clone());
+    let streams = Arc::new(Streams::new(auth.version, tx.clone()));
+    let (conn_id, mut revoked) = state.hub.connect(&node, tx.clone(), streams.clone());
     // A deregistration between the handshake's check and this connect would have found no connection
     // to close: look again now that the connection is in the hub.
     if let Ok(Some(keys)) = state.store.node_keys(&node).await
@@ -508,7 +516,7 @@ async fn session(
                 break;
             }
         };
-        if let Err(msg) = route(&state, &node, &mut owned, frame, bytes).await {
+        if let Err(msg) = route(&state, &node, &mut owned, &streams, frame, bytes).await {
             tracing::warn!(%node, "protocol error: {msg}");
             let _ = tx.send(error_frame(ErrorCode::ProtocolError, &msg));
             break;
@@ -526,6 +534,8 @@ async fn session(
         );
     }
     state.hub.disconnect(&node, conn_id);
+    // The relays of its streams hear that the agent is gone.
+    streams.close_all();
     drop(tx);
     // Give queued frames (an error, acks) a moment to leave, then close.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
@@ -663,6 +673,7 @@ async fn route(
     state: &Arc<AppState>,
     node: &NodeId,
     owned: &mut Owned,
+    streams: &Streams,
     frame: AgentFrame,
     _raw: Bytes,
 ) -> Result<(), String> {
@@ -743,15 +754,11 @@ async fn route(
         AgentFrame::RotateKey { .. } | AgentFrame::KeyConfirmed { .. } => {
             return Err("key rotation frames are handled by the session".into());
         }
-        // This server opens no session streams yet, so any stream frame answers nothing.
-        AgentFrame::StreamData { stream, .. }
-        | AgentFrame::StreamCredit { stream, .. }
-        | AgentFrame::StreamExit { stream, .. }
-        | AgentFrame::StreamClose { stream, .. } => {
-            return Err(format!(
-                "a frame for session stream {stream}, which this server never opened"
-            ));
-        }
+        // To the stream's owner; a frame for a stream this connection never opened is refused.
+        f @ (AgentFrame::StreamData { .. }
+        | AgentFrame::StreamCredit { .. }
+        | AgentFrame::StreamExit { .. }
+        | AgentFrame::StreamClose { .. }) => streams.route(f)?,
     }
     Ok(())
 }
@@ -827,8 +834,8 @@ async fn register(
 }
 
 fn check_version(v: u32) -> Result<(), String> {
-    // Version 3 only appended frames to version 2 (session streams, which this server does not
-    // open yet): agents of both are served.
+    // Version 3 only appended frames to version 2 (session streams, opened only to agents of
+    // version 3 and later): agents of both are served.
     if (PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION).contains(&v) {
         Ok(())
     } else {

@@ -5,10 +5,12 @@
 //! concurrency, Acks by the data the agent sent within its window), and a dispatcher must never block
 //! on one slow agent.
 
+use crate::sessions::streams::Streams;
 use fleetrun_proto::NodeId;
 use fleetrun_proto::channel::{ErrorCode, ServerFrame};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -27,6 +29,8 @@ pub struct Hub {
 struct Conn {
     id: u64,
     tx: mpsc::UnboundedSender<ServerFrame>,
+    /// The connection's session streams (and its agent's protocol version).
+    streams: Arc<Streams>,
     /// Fired to end the session at once (deregistration, shutdown).
     revoked: Option<oneshot::Sender<()>>,
 }
@@ -49,6 +53,7 @@ impl Hub {
         &self,
         node: &NodeId,
         tx: mpsc::UnboundedSender<ServerFrame>,
+        streams: Arc<Streams>,
     ) -> (u64, oneshot::Receiver<()>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (revoked, on_revoke) = oneshot::channel();
@@ -57,6 +62,7 @@ impl Hub {
             Conn {
                 id,
                 tx,
+                streams,
                 revoked: Some(revoked),
             },
         );
@@ -113,6 +119,11 @@ impl Hub {
             .lock()
             .get(node)
             .is_some_and(|c| c.tx.send(frame).is_ok())
+    }
+
+    /// The session streams of a node's live connection; `None` when it is not connected.
+    pub fn streams(&self, node: &NodeId) -> Option<Arc<Streams>> {
+        self.conns.lock().get(node).map(|c| c.streams.clone())
     }
 
     /// Whether a node is connected.

@@ -1,0 +1,223 @@
+//! `fleetrun exec NODE -- CMD...`: a one-shot command on one node, live: its stdout and stderr
+//! come to ours as written, our stdin goes to it (when ours is not a terminal), and our exit
+//! status is its own. SIGINT or SIGTERM ends the session, and the node stops the command's
+//! process group.
+
+use super::Ctx;
+use crate::client::{ApiError, Client, Socket};
+use anyhow::Context;
+use fleetrun_proto::NodeId;
+use fleetrun_proto::stream::client::{
+    ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
+};
+use futures_util::{SinkExt, StreamExt};
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Stdin is sent to the command when it is not a terminal (a pipe or a file), and closed at its end;
+from a terminal the command gets an empty stdin (interactive input comes with `fleetrun shell`).
+The exit status is the remote command's (128 + N when signal N ended it).")]
+pub struct Args {
+    /// The node: its id, or its name when exactly one node has it
+    #[arg(value_name = "NODE")]
+    node: String,
+    /// Run as this user on the node (the agent must run as root)
+    #[arg(long, value_name = "USER")]
+    run_as: Option<String>,
+    /// Working directory on the node (else the user's home)
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+    /// The command and its arguments, run by `sh -c` on the node
+    #[arg(value_name = "CMD", last = true, required = true, num_args = 1..)]
+    command: Vec<String>,
+}
+
+/// Bytes read from stdin at a time (one message).
+const STDIN_CHUNK: usize = 64 * 1024;
+/// How long to wait for the server to answer our close after a signal.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
+    let client = ctx.client()?;
+    let node = resolve(&client, &args.node).await?;
+    let mut ws = client
+        .socket(&format!("/v1/nodes/{node}/exec"))
+        .await
+        .with_context(|| format!("cannot open a session on {node}"))?;
+    let req = ExecRequest {
+        command: args.command.join(" "),
+        run_as: args.run_as.unwrap_or_default(),
+        env: Default::default(),
+        working_dir: args.cwd.unwrap_or_default(),
+    };
+    ws.send(Message::Text(serde_json::to_string(&req)?.into()))
+        .await
+        .context("the server closed the session")?;
+    relay(ws).await
+}
+
+/// A node id as given, or the one node whose name it is.
+async fn resolve(client: &Client, given: &str) -> anyhow::Result<NodeId> {
+    if let Ok(id) = given.trim().parse::<NodeId>() {
+        return Ok(id);
+    }
+    let nodes = client.nodes().await?;
+    let named: Vec<_> = nodes.iter().filter(|n| n.name == given).collect();
+    match named.as_slice() {
+        [one] => Ok(one.node_id.clone()),
+        [] => {
+            let known: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("{} ({})", n.name, n.node_id))
+                .collect();
+            let known = if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            };
+            anyhow::bail!("no node is named {given:?}; the nodes you may see: {known}")
+        }
+        many => {
+            let ids: Vec<String> = many.iter().map(|n| n.node_id.to_string()).collect();
+            anyhow::bail!(
+                "{} nodes are named {given:?}: {}; give the node id",
+                many.len(),
+                ids.join(", ")
+            )
+        }
+    }
+}
+
+/// Relays until the command's exit (its status is ours), an error, or a signal.
+async fn relay(ws: Socket) -> anyhow::Result<ExitCode> {
+    let (sink, mut source) = ws.split();
+    // Stdin from a thread of its own: a blocking read cannot be cancelled, and must not hold up
+    // the exit. The bounded channel keeps at most a few chunks ahead of the socket.
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>(4);
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        let _ = stdin_tx.try_send(None);
+    } else {
+        std::thread::spawn(move || {
+            let mut stdin = stdin.lock();
+            let mut buf = vec![0u8; STDIN_CHUNK];
+            loop {
+                let chunk = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => None,
+                    Ok(n) => Some(buf[..n].to_vec()),
+                };
+                let end = chunk.is_none();
+                if stdin_tx.blocking_send(chunk).is_err() || end {
+                    return;
+                }
+            }
+        });
+    }
+    // Stdin is written by a task of its own: the server reads it only as the node takes it, and
+    // output must go on meanwhile (a `cat` whose stdout is not read stops reading its stdin).
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+    let writer = tokio::spawn(write_stdin(sink, stdin_rx, close_rx));
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let ended = loop {
+        let msg = tokio::select! {
+            msg = source.next() => msg,
+            _ = sigint.recv() => break Ok(ExitCode::from(130)),
+            _ = sigterm.recv() => break Ok(ExitCode::from(143)),
+        };
+        let msg = match msg {
+            None | Some(Ok(Message::Close(_))) => {
+                break Err(anyhow::anyhow!(
+                    "the server closed the session without an exit status"
+                ));
+            }
+            Some(Err(e)) => break Err(anyhow::anyhow!("the session broke: {e}")),
+            Some(Ok(m)) => m,
+        };
+        match msg {
+            Message::Binary(b) => match b.split_first() {
+                Some((&TAG_STDOUT, rest)) => {
+                    stdout.write_all(rest)?;
+                    stdout.flush()?;
+                }
+                Some((&TAG_STDERR, rest)) => {
+                    stderr.write_all(rest)?;
+                    stderr.flush()?;
+                }
+                _ => {
+                    break Err(anyhow::anyhow!(
+                        "the server sent a message this CLI does not know"
+                    ));
+                }
+            },
+            Message::Text(t) => match serde_json::from_str::<ServerEvent>(t.as_str()) {
+                Ok(ServerEvent::Started) => {}
+                Ok(ServerEvent::Exit { code, .. }) => {
+                    break Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+                }
+                Ok(ServerEvent::Error { message }) => {
+                    break Err(ApiError {
+                        code: "SessionFailed".into(),
+                        message,
+                    }
+                    .into());
+                }
+                Err(e) => {
+                    break Err(anyhow::anyhow!(
+                        "the server sent a message this CLI does not know: {e}"
+                    ));
+                }
+            },
+            _ => {}
+        }
+    };
+    // Close the session (after a signal, the node stops the command's process group); bounded:
+    // a writer stuck on a full socket is dropped with the process.
+    let _ = close_tx.send(());
+    let _ = tokio::time::timeout(CLOSE_WAIT, writer).await;
+    ended
+}
+
+/// Sends stdin (then its end) until told to close, then closes the socket.
+async fn write_stdin(
+    mut sink: futures_util::stream::SplitSink<Socket, Message>,
+    mut stdin: mpsc::Receiver<Option<Vec<u8>>>,
+    mut close: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut open = true;
+    loop {
+        let chunk = tokio::select! {
+            _ = &mut close => break,
+            chunk = stdin.recv(), if open => chunk,
+        };
+        let msg = match chunk {
+            Some(Some(bytes)) => {
+                let mut m = Vec::with_capacity(bytes.len() + 1);
+                m.push(TAG_STDIN);
+                m.extend_from_slice(&bytes);
+                Message::Binary(m.into())
+            }
+            // The end of stdin (or its reader stopped).
+            Some(None) | None => {
+                open = false;
+                let eof = serde_json::to_string(&ClientEvent::Eof).unwrap_or_default();
+                Message::Text(eof.into())
+            }
+        };
+        let send = tokio::select! {
+            _ = &mut close => break,
+            r = sink.send(msg) => r,
+        };
+        if send.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}

@@ -1,0 +1,344 @@
+//! Issue 11, `fleetrun exec NODE -- CMD`: a live one-shot command through the real server and
+//! agent: output as written, stdin piped byte for byte, the remote exit status, SIGTERM leaving
+//! nothing on the node, the `shell` action enforced and audited, node names resolved.
+
+use crate::support::{
+    Agent, AgentOpts, Server, marker, processes_with, run, run_input, signal, wait_until,
+};
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Audit records of an action, newest first.
+fn audited(server: &Server, action: &str) -> Vec<serde_json::Value> {
+    server
+        .get_json(&format!("/v1/audit?action={action}"))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn exec_streams_stdout_and_stderr_and_exits_with_the_remote_status() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-a", &[]);
+    let out = run(
+        server.cli_cmd(&["exec", "exec-a", "--", "echo hi; echo err >&2; exit 3"]),
+        LIMIT,
+    );
+    assert_eq!(out.stdout_str(), "hi\n");
+    assert!(out.stderr.contains("err\n"), "{}", out.stderr);
+    assert_eq!(out.code(), Some(3), "{}", out.stderr);
+    // By node id too, and the session's open and end are in the trail.
+    let id = server.node_id("exec-a");
+    let out = run(server.cli_cmd(&["exec", &id, "--", "true"]), LIMIT);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let ends = wait_until("the end to be audited", LIMIT, || {
+        let e = audited(&server, "exec.end");
+        (e.len() >= 2).then_some(e)
+    });
+    let first = ends
+        .iter()
+        .find(|r| r["result"] == "Exited 3")
+        .expect("the first session's end");
+    assert_eq!(first["params"]["bytes_out"], 7, "{first}");
+    assert_eq!(
+        first["params"]["command"], "echo hi; echo err >&2; exit 3",
+        "{first}"
+    );
+    let opens = audited(&server, "exec.open");
+    assert_eq!(opens.len(), 2, "{opens:?}");
+}
+
+#[test]
+fn stdin_is_piped_byte_exact() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-stdin", &[]);
+    // 4 MiB that no compression or line handling would leave alone: a xorshift stream.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let input: Vec<u8> = (0..4 * 1024 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let out = run_input(
+        server.cli_cmd(&["exec", "exec-stdin", "--", "cat"]),
+        Some(&input),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "the bytes differ");
+    // And as the node saw them.
+    let out = run_input(
+        server.cli_cmd(&["exec", "exec-stdin", "--", "sha256sum"]),
+        Some(&input),
+        LIMIT,
+    );
+    let local = run_input(std::process::Command::new("sha256sum"), Some(&input), LIMIT);
+    assert_eq!(out.stdout_str(), local.stdout_str());
+}
+
+#[test]
+fn a_slow_loop_streams_its_first_line_before_it_ends() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-slow", &[]);
+    let gate = server.scratch("exec-slow").join("gate");
+    // The second line waits for a file that the test writes only once it has read the first.
+    let script = format!(
+        "echo first; {}; echo second",
+        crate::support::wait_for_file(&gate)
+    );
+    let mut child = server
+        .cli_cmd(&["exec", "exec-slow", "--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = rx.recv_timeout(LIMIT).expect("the first line");
+    assert_eq!(first, "first");
+    assert!(!gate.exists());
+    std::fs::write(&gate, b"").expect("open the gate");
+    assert_eq!(rx.recv_timeout(LIMIT).expect("the second line"), "second");
+    let status = wait_until("the CLI to exit", LIMIT, || child.try_wait().ok().flatten());
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The process group of a pid: field 5 of /proc/PID/stat (after the command's parentheses).
+fn pgrp(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+fn group_members(group: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| pgrp(pid) == Some(group))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigterm_to_the_cli_leaves_no_process_on_the_node() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-term", &[]);
+    let mark = marker("exec_term");
+    let script = format!("echo $$; sleep 100; echo {mark}");
+    let mut child = server
+        .cli_cmd(&["exec", "exec-term", "--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let shell: u32 = rx
+        .recv_timeout(LIMIT)
+        .expect("the remote shell's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    // The shell leads its own group; the sleep is in it.
+    wait_until("the sleep to run", LIMIT, || {
+        (group_members(shell).len() >= 2).then_some(())
+    });
+    assert!(!processes_with(&mark).is_empty());
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_until("the CLI to exit", LIMIT, || child.try_wait().ok().flatten());
+    assert_eq!(status.code(), Some(143));
+    wait_until("the node's processes to end", LIMIT, || {
+        (processes_with(&mark).is_empty() && group_members(shell).is_empty()).then_some(())
+    });
+    let ends = wait_until("the end to be audited", LIMIT, || {
+        let e = audited(&server, "exec.end");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(ends[0]["result"], "Failed", "{:?}", ends[0]);
+}
+
+#[test]
+fn a_user_whose_policy_lacks_shell_is_refused_and_audited() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-deny", &[]);
+    let policy = server.dir.path().join("lister.cedar");
+    std::fs::write(
+        &policy,
+        "permit (principal, action == Action::\"list\", resource);\n",
+    )
+    .expect("write policy");
+    let policy = policy.to_str().expect("utf-8 path");
+    server
+        .cli(&[
+            "users", "create", "lister", "--role", "none", "--policy", policy,
+        ])
+        .ok();
+    let token = server
+        .cli(&["tokens", "create", "--user", "lister", "-o", "json"])
+        .ok()
+        .json()["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let mut cmd = server.cli_cmd(&["exec", "exec-deny", "--", "touch /tmp/never"]);
+    cmd.env("FLEETRUN_TOKEN", &token);
+    let out = run(cmd, LIMIT);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("AccessDenied"), "{}", out.stderr);
+    let refused = wait_until("the refusal to be audited", LIMIT, || {
+        audited(&server, "nodes.exec")
+            .into_iter()
+            .find(|r| r["principal"] == "lister")
+    });
+    assert_eq!(refused["result"], "403 AccessDenied", "{refused}");
+    assert!(audited(&server, "exec.open").is_empty());
+}
+
+#[test]
+fn unknown_and_ambiguous_node_names_are_errors_naming_candidates() {
+    let server = Server::start();
+    let twin = |dir: &str| AgentOpts {
+        state_name: Some(dir.into()),
+        ..AgentOpts::default()
+    };
+    let _one = Agent::start_opts(&server, "twin", twin("twin-1"));
+    let _two = Agent::start_opts(&server, "twin", twin("twin-2"));
+    wait_until("both twins online", LIMIT, || {
+        let n = server
+            .nodes()
+            .iter()
+            .filter(|n| n["name"] == "twin" && n["ping_status"] == "Online")
+            .count();
+        (n == 2).then_some(())
+    });
+    let ids: Vec<String> = server
+        .nodes()
+        .iter()
+        .filter_map(|n| n["node_id"].as_str().map(str::to_owned))
+        .collect();
+    let out = run(server.cli_cmd(&["exec", "twin", "--", "true"]), LIMIT);
+    assert_eq!(out.code(), Some(1));
+    assert!(out.stderr.contains("2 nodes are named"), "{}", out.stderr);
+    for id in &ids {
+        assert!(out.stderr.contains(id.as_str()), "{}", out.stderr);
+    }
+    let out = run(server.cli_cmd(&["exec", "nosuch", "--", "true"]), LIMIT);
+    assert_eq!(out.code(), Some(1));
+    assert!(
+        out.stderr.contains("no node is named \"nosuch\""),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("twin ("), "{}", out.stderr);
+}
+
+/// What a hostile client hears on the exec socket: the error event's message, or "" when the
+/// socket layer closed it without one.
+async fn hostile_answer(
+    url: &str,
+    token: &str,
+    msg: tokio_tungstenite::tungstenite::Message,
+) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().expect("request");
+    let bearer = format!("Bearer {token}").parse().expect("header");
+    req.headers_mut().insert("authorization", bearer);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade");
+    let _ = ws.send(msg).await;
+    let mut said = String::new();
+    // Bounded: the server closes within its first-message timeout at the latest.
+    let read = async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+                    assert_eq!(v["type"], "error", "{v}");
+                    said = v["message"].as_str().unwrap_or_default().to_owned();
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, read)
+        .await
+        .expect("the server closes");
+    said
+}
+
+#[test]
+fn hostile_clients_get_a_clear_close_and_the_server_goes_on() {
+    use tokio_tungstenite::tungstenite::Message;
+    let server = Server::start_with(&["--insecure-http"]);
+    let _agent = Agent::start(&server, "exec-hostile", &[]);
+    let id = server.node_id("exec-hostile");
+    let url = format!(
+        "{}/v1/nodes/{id}/exec",
+        server.url.replacen("http://", "ws://", 1)
+    );
+    let cases = [
+        (
+            Message::Binary(vec![0, 1, 2].into()),
+            "first message must be",
+        ),
+        (Message::Text("{".into()), "bad first message"),
+        (
+            Message::Text(r#"{"command":"true","shell":"bash"}"#.into()),
+            "unknown field",
+        ),
+        (
+            Message::Text(r#"{"command":"true","run_as":"../root"}"#.into()),
+            "run-as",
+        ),
+        // Over the largest client message: the socket layer closes it.
+        (Message::Binary(vec![0; 1024 * 1024].into()), ""),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (msg, says) in cases {
+        let said = rt.block_on(hostile_answer(&url, &server.token, msg));
+        assert!(said.contains(says), "{said:?} should say {says:?}");
+    }
+    // Still serving, without a panic.
+    let out = run(
+        server.cli_cmd(&["exec", "exec-hostile", "--", "echo ok"]),
+        LIMIT,
+    );
+    assert_eq!(out.stdout_str(), "ok\n", "{}", out.stderr);
+    assert!(
+        !server.all_logs().contains("panicked"),
+        "{}",
+        server.all_logs()
+    );
+}

@@ -1,0 +1,342 @@
+//! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, relayed live to the client's
+//! WebSocket (the messages are `fleetrun_proto::stream::client`). Authorized by the `shell`
+//! action on the node; opened and ended in the audit trail.
+//!
+//! Flow control end to end: the agent gets output credit only as the client's socket accepts the
+//! bytes, and the client's stdin is read only as far as the agent grants credit (one message
+//! ahead at most), so a stream holds at most one window per direction here.
+
+use super::streams::{AgentEvent, StreamHandle, Streams};
+use crate::AppState;
+use crate::access::audit as trail;
+use crate::access::authz::{Action, Principal};
+use crate::api::{ApiError, parse_id};
+use crate::errors::Code;
+use axum::Extension;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::response::Response;
+use fleetrun_proto::NodeId;
+use fleetrun_proto::stream::client::{
+    CLIENT_MESSAGE_MAX, ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
+};
+use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, SendWindow, StreamFd, StreamKind};
+use fleetrun_proto::time::now_ms;
+use fleetrun_store::AuditEntry;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a client has to send its first message (what to run).
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output credit per stream: what the server may hold of a stream's output for a slow client.
+pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_DEFAULT;
+
+/// Upgrades to the exec WebSocket, once the caller may open a shell on the node and the node is
+/// connected with an agent that speaks session streams.
+pub async fn exec(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(node_id): Path<String>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let node: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::Shell, &node)
+        .await?;
+    let Some(streams) = state.hub.streams(&node) else {
+        let known = state
+            .store
+            .node_refs(Some(std::slice::from_ref(&node)))
+            .await?;
+        return Err(if known.is_empty() {
+            ApiError::new(Code::NodeNotFound, format!("no node {node}"))
+        } else {
+            ApiError::new(Code::Unavailable, format!("node {node} is not connected"))
+        });
+    };
+    if streams.version() < fleetrun_proto::version::STREAMS_SINCE {
+        let e = super::streams::OpenError::TooOld(streams.version());
+        return Err(ApiError::new(Code::Unavailable, e.to_string()));
+    }
+    let session = Session {
+        state: state.clone(),
+        principal: p.name().to_owned(),
+        source: addr.to_string(),
+        node,
+    };
+    Ok(ws
+        .max_message_size(CLIENT_MESSAGE_MAX)
+        .max_frame_size(CLIENT_MESSAGE_MAX)
+        .on_upgrade(move |socket| session.run(socket, streams)))
+}
+
+/// Who runs what where, for the audit trail.
+struct Session {
+    state: Arc<AppState>,
+    principal: String,
+    source: String,
+    node: NodeId,
+}
+
+/// How a relay ended.
+#[derive(Default)]
+struct Ended {
+    exit: Option<(i32, Option<i32>)>,
+    /// Why it did not end with an exit status.
+    error: Option<String>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+type Source = SplitStream<WebSocket>;
+
+impl Session {
+    async fn run(self, socket: WebSocket, streams: Arc<Streams>) {
+        let (mut sink, mut source) = socket.split();
+        let req = match first_message(&mut source).await {
+            Ok(req) => req,
+            Err(message) => {
+                self.audit("exec.refused", serde_json::json!({}), &message)
+                    .await;
+                return refuse(sink, close_code::POLICY, &message).await;
+            }
+        };
+        let params = serde_json::json!({
+            "command": req.command, "run_as": req.run_as, "working_dir": req.working_dir,
+            "env": req.env.keys().collect::<Vec<_>>(),
+        });
+        if let Err(e) = fleetrun_proto::send::check_run_as(&req.run_as) {
+            let message = e.to_string();
+            self.audit("exec.refused", params, &message).await;
+            return refuse(sink, close_code::POLICY, &message).await;
+        }
+        let kind = StreamKind::Exec {
+            command: req.command,
+            run_as: (!req.run_as.is_empty()).then_some(req.run_as),
+            env: req.env.into_iter().collect(),
+            working_dir: req.working_dir,
+            pty: false,
+        };
+        let stream = match streams.open(kind, OUTPUT_WINDOW) {
+            Ok(s) => s,
+            Err(e) => {
+                let message = e.to_string();
+                self.audit("exec.refused", params, &message).await;
+                return refuse(sink, close_code::AGAIN, &message).await;
+            }
+        };
+        self.audit("exec.open", params.clone(), "Opened").await;
+        tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), "exec session opened");
+        let ended = relay(&mut sink, &mut source, stream).await;
+        let mut end = serde_json::json!({
+            "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
+        });
+        let result = match (&ended.exit, &ended.error) {
+            (Some((code, signal)), None) => {
+                end["exit_code"] = (*code).into();
+                end["signal"] = (*signal).into();
+                let event = ServerEvent::Exit {
+                    code: *code,
+                    signal: *signal,
+                };
+                let _ = sink.send(text(&event)).await;
+                let _ = sink.close().await;
+                format!("Exited {code}")
+            }
+            (_, error) => {
+                let message = error.clone().unwrap_or_else(|| "the session ended".into());
+                end["error"] = message.clone().into();
+                refuse(sink, close_code::ERROR, &message).await;
+                "Failed".into()
+            }
+        };
+        if let (serde_json::Value::Object(m), Some(e)) = (params, end.as_object_mut()) {
+            e.extend(m);
+        }
+        self.audit("exec.end", end, &result).await;
+    }
+
+    async fn audit(&self, action: &str, params: serde_json::Value, result: &str) {
+        let entry = AuditEntry {
+            at: now_ms(),
+            principal: self.principal.clone(),
+            source: self.source.clone(),
+            action: action.into(),
+            node_ids: vec![self.node.to_string()],
+            params,
+            result: result.into(),
+            ..AuditEntry::default()
+        };
+        trail::record(&self.state.store, entry, true).await;
+    }
+}
+
+/// The client's first message: a JSON [`ExecRequest`] within [`FIRST_MESSAGE_TIMEOUT`].
+async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
+    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, async {
+        loop {
+            match source.next().await {
+                Some(Ok(Message::Text(t))) => return Ok(t),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Binary(_))) => {
+                    return Err(
+                        "the first message must be a JSON text message saying what to run".into(),
+                    );
+                }
+                Some(Ok(Message::Close(_))) | None => return Err("the client left".into()),
+                Some(Err(e)) => return Err(format!("bad message: {e}")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "no first message within {} s",
+            FIRST_MESSAGE_TIMEOUT.as_secs()
+        )
+    })??;
+    serde_json::from_str::<ExecRequest>(first.as_str())
+        .map_err(|e| format!("bad first message: {e}"))
+}
+
+/// Relays until the stream ends, either side leaves or breaks the rules.
+async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -> Ended {
+    let mut ended = Ended::default();
+    // The agent's credit for stdin; `None` until the stream started.
+    let mut credit: Option<SendWindow> = None;
+    // Stdin read from the client and not yet sent (at most one message).
+    let mut pending: Vec<u8> = Vec::new();
+    let mut eof = false;
+    let mut eof_sent = false;
+    loop {
+        if let Some(w) = credit.as_mut() {
+            while !pending.is_empty() {
+                let n = w.take(pending.len());
+                if n == 0 {
+                    break;
+                }
+                let rest = pending.split_off(n);
+                if !stream.send_data(std::mem::replace(&mut pending, rest)) {
+                    break;
+                }
+            }
+            if eof && pending.is_empty() && !eof_sent {
+                stream.send_eof();
+                eof_sent = true;
+            }
+        }
+        tokio::select! {
+            event = stream.next() => match event {
+                None => {
+                    ended.error = Some("the node's agent disconnected; the command's outcome is unknown".into());
+                    return ended;
+                }
+                Some(AgentEvent::Credit(n)) => match credit.as_mut() {
+                    None => match SendWindow::new(n) {
+                        Ok(w) => {
+                            credit = Some(w);
+                            if sink.send(text(&ServerEvent::Started)).await.is_err() {
+                                stream.close("the client left");
+                                ended.error = Some("the client left".into());
+                                return ended;
+                            }
+                        }
+                        Err(e) => return broken(stream, ended, format!("the agent granted bad credit: {e}")),
+                    },
+                    Some(w) => if let Err(e) = w.grant(n) {
+                        return broken(stream, ended, format!("the agent granted bad credit: {e}"));
+                    },
+                },
+                Some(AgentEvent::Data(fd, bytes)) => {
+                    let tag = match fd {
+                        StreamFd::Stdout => TAG_STDOUT,
+                        StreamFd::Stderr => TAG_STDERR,
+                    };
+                    let n = bytes.len();
+                    let mut msg = Vec::with_capacity(n + 1);
+                    msg.push(tag);
+                    msg.extend_from_slice(&bytes);
+                    drop(bytes);
+                    // Awaited here: output credit goes back only once the client took the bytes.
+                    if sink.send(Message::Binary(msg.into())).await.is_err() {
+                        stream.close("the client left");
+                        ended.error = Some("the client left".into());
+                        return ended;
+                    }
+                    ended.bytes_out += n as u64;
+                    stream.consumed(n);
+                }
+                Some(AgentEvent::Exit { code, signal }) => ended.exit = Some((code, signal)),
+                Some(AgentEvent::Close(error)) => {
+                    if error.is_some() || ended.exit.is_none() {
+                        ended.error = Some(error.unwrap_or_else(|| "the agent ended the session without an exit status".into()));
+                    }
+                    return ended;
+                }
+            },
+            msg = source.next(), if pending.is_empty() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
+                    stream.close("the client left");
+                    ended.error = Some("the client left".into());
+                    return ended;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Binary(b))) => {
+                    if eof {
+                        return broken(stream, ended, "stdin after its end".into());
+                    }
+                    match b.split_first() {
+                        Some((&TAG_STDIN, rest)) => {
+                            ended.bytes_in += rest.len() as u64;
+                            pending.extend_from_slice(rest);
+                        }
+                        _ => return broken(stream, ended, "a binary message must be a stdin tag byte (0) and bytes".into()),
+                    }
+                }
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
+                    Ok(ClientEvent::Eof) if !eof => eof = true,
+                    Ok(ClientEvent::Eof) => return broken(stream, ended, "stdin ended twice".into()),
+                    Err(e) => return broken(stream, ended, format!("bad message: {e}")),
+                },
+            },
+        }
+    }
+}
+
+/// Ends a relay whose peer broke the rules: the stream is hung up, the client told why.
+fn broken(stream: StreamHandle, mut ended: Ended, why: String) -> Ended {
+    stream.close(&why);
+    ended.exit = None;
+    ended.error = Some(why);
+    ended
+}
+
+/// Tells the client why, then closes with `code`; bounded, so a client that reads nothing cannot
+/// hold the task.
+async fn refuse(mut sink: Sink, code: u16, message: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let event = ServerEvent::Error {
+            message: message.to_owned(),
+        };
+        let _ = sink.send(text(&event)).await;
+        // A close reason is at most 123 bytes.
+        let reason: String = message.chars().take(60).collect();
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = sink.close().await;
+    })
+    .await;
+}
+
+fn text(event: &ServerEvent) -> Message {
+    Message::Text(serde_json::to_string(event).unwrap_or_default().into())
+}

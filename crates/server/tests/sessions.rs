@@ -1,0 +1,423 @@
+//! The server's side of session streams, with a scripted agent and a real WebSocket client on
+//! `GET /v1/nodes/{node_id}/exec`: the relay both ways with credit, the exit status, hang-ups
+//! either way, the audit trail, and refusals (old agents, hostile clients, frames for streams the
+//! server never opened).
+
+mod support;
+
+use fleetrun_proto::channel::{AgentFrame, ErrorCode, ServerFrame};
+use fleetrun_proto::stream::client::{TAG_STDERR, TAG_STDIN, TAG_STDOUT};
+use fleetrun_proto::stream::{StreamFd, StreamKind, StreamNo};
+use fleetrun_proto::version::PROTOCOL_VERSION_MIN;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::{ScriptedAgent, TestServer, within};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the exec WebSocket to a node with `token`: the socket, or the refusal's status and body.
+async fn dial(server: &TestServer, node: &str, token: &str) -> Result<Client, (u16, String)> {
+    let url = format!("ws://{}/v1/nodes/{node}/exec", server.addr);
+    let mut req = url.into_client_request().expect("request");
+    let bearer = format!("Bearer {token}").parse().expect("header");
+    req.headers_mut().insert("authorization", bearer);
+    match within("the exec upgrade", tokio_tungstenite::connect_async(req)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((resp.status().as_u16(), body))
+        }
+        Err(e) => panic!("exec upgrade: {e}"),
+    }
+}
+
+/// What the client hears next: a text message as JSON, a binary one as (tag, bytes), or the close.
+#[derive(Debug)]
+enum Heard {
+    Event(Value),
+    Bytes(u8, Vec<u8>),
+    Closed,
+}
+
+async fn hear(ws: &mut Client) -> Heard {
+    within("a message from the server", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    return Heard::Event(serde_json::from_str(t.as_str()).expect("JSON"));
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    let (tag, rest) = b.split_first().expect("a tag byte");
+                    return Heard::Bytes(*tag, rest.to_vec());
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Heard::Closed,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+}
+
+/// The next event of a given type, failing on anything else.
+async fn expect_event(ws: &mut Client, kind: &str) -> Value {
+    match hear(ws).await {
+        Heard::Event(v) if v["type"] == kind => v,
+        other => panic!("expected a {kind} event, got {other:?}"),
+    }
+}
+
+/// The agent's next `StreamOpen`: its number and kind.
+async fn expect_open(agent: &mut ScriptedAgent) -> (StreamNo, StreamKind, u64) {
+    agent
+        .expect("StreamOpen", |f| match f {
+            ServerFrame::StreamOpen {
+                stream,
+                kind,
+                window,
+            } => Some((stream, kind, window)),
+            _ => None,
+        })
+        .await
+}
+
+async fn start(command: &str) -> (TestServer, ScriptedAgent, Client, StreamNo) {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "exec-node").await;
+    let mut ws = dial(&server, &agent.node_id.to_string(), &server.token)
+        .await
+        .expect("upgrade");
+    let first = json!({"command": command, "env": {"A": "b"}});
+    ws.send(Message::Text(first.to_string().into()))
+        .await
+        .expect("send");
+    let (stream, kind, window) = expect_open(&mut agent).await;
+    match kind {
+        StreamKind::Exec {
+            command: c, env, ..
+        } => {
+            assert_eq!(c, command);
+            assert_eq!(env, vec![("A".to_owned(), "b".to_owned())]);
+        }
+    }
+    assert!(window > 0);
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream,
+            bytes: 1 << 20,
+        })
+        .await;
+    expect_event(&mut ws, "started").await;
+    (server, agent, ws, stream)
+}
+
+async fn audit_actions(server: &TestServer, node: &str) -> Vec<(String, Value, String)> {
+    let records = server.get(&format!("/v1/audit?node={node}")).await;
+    records
+        .as_array()
+        .expect("records")
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or_default().to_owned(),
+                r["params"].clone(),
+                r["result"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Stdin goes to the agent within its credit, output comes back tagged, the exit status last;
+/// the open and the end are audited with the command and the bytes each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_session_is_relayed_both_ways_and_audited() {
+    let (server, mut agent, mut ws, stream) = start("cat; exit 3").await;
+    let mut stdin = vec![TAG_STDIN];
+    stdin.extend_from_slice(b"input");
+    ws.send(Message::Binary(stdin.into())).await.expect("send");
+    ws.send(Message::Text(json!({"type": "eof"}).to_string().into()))
+        .await
+        .expect("send");
+    let data = agent
+        .expect("StreamData", |f| match f {
+            ServerFrame::StreamData { stream: s, bytes } if s == stream => Some(bytes),
+            _ => None,
+        })
+        .await;
+    assert_eq!(data, b"input");
+    agent
+        .expect("StreamEof", |f| match f {
+            ServerFrame::StreamEof { stream: s } if s == stream => Some(()),
+            _ => None,
+        })
+        .await;
+    for (fd, bytes) in [(StreamFd::Stdout, &b"out"[..]), (StreamFd::Stderr, b"err")] {
+        let bytes = bytes.to_vec();
+        agent
+            .send(AgentFrame::StreamData { stream, fd, bytes })
+            .await;
+    }
+    agent
+        .send(AgentFrame::StreamExit {
+            stream,
+            code: 3,
+            signal: None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    match hear(&mut ws).await {
+        Heard::Bytes(TAG_STDOUT, b) => assert_eq!(b, b"out"),
+        other => panic!("expected stdout, got {other:?}"),
+    }
+    match hear(&mut ws).await {
+        Heard::Bytes(TAG_STDERR, b) => assert_eq!(b, b"err"),
+        other => panic!("expected stderr, got {other:?}"),
+    }
+    let exit = expect_event(&mut ws, "exit").await;
+    assert_eq!(exit["code"], 3, "{exit}");
+    assert!(matches!(hear(&mut ws).await, Heard::Closed));
+
+    let node = agent.node_id.to_string();
+    let records = within("the end to be audited", async {
+        loop {
+            let r = audit_actions(&server, &node).await;
+            if r.iter().any(|(a, _, _)| a == "exec.end") {
+                return r;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let open = records
+        .iter()
+        .find(|(a, _, _)| a == "exec.open")
+        .expect("open");
+    assert_eq!(open.1["command"], "cat; exit 3", "{open:?}");
+    let end = records
+        .iter()
+        .find(|(a, _, _)| a == "exec.end")
+        .expect("end");
+    assert_eq!(end.2, "Exited 3");
+    assert_eq!(
+        (end.1["bytes_in"].as_u64(), end.1["bytes_out"].as_u64()),
+        (Some(5), Some(6))
+    );
+    assert_eq!(end.1["exit_code"], 3);
+}
+
+/// The agent gets output credit back only as the client takes the bytes, and never more than it
+/// was granted: a full window passes, then the grant follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_credit_is_granted_back_as_the_client_reads() {
+    let (_server, mut agent, mut ws, stream) = start("yes").await;
+    let chunk = vec![b'y'; 64 * 1024];
+    // The window is 1 MiB: half of it consumed earns a grant.
+    for _ in 0..8 {
+        let bytes = chunk.clone();
+        agent
+            .send(AgentFrame::StreamData {
+                stream,
+                fd: StreamFd::Stdout,
+                bytes,
+            })
+            .await;
+    }
+    for _ in 0..8 {
+        match hear(&mut ws).await {
+            Heard::Bytes(TAG_STDOUT, b) => assert_eq!(b.len(), chunk.len()),
+            other => panic!("expected stdout, got {other:?}"),
+        }
+    }
+    let granted = agent
+        .expect("StreamCredit", |f| match f {
+            ServerFrame::StreamCredit { stream: s, bytes } if s == stream => Some(bytes),
+            _ => None,
+        })
+        .await;
+    assert_eq!(granted, 8 * 64 * 1024);
+}
+
+/// The client leaving hangs the stream up on the agent; the agent's late answers about it are
+/// dropped, and a number the server never opened is still a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_hangs_the_stream_up() {
+    let (_server, mut agent, ws, stream) = start("sleep 100").await;
+    drop(ws);
+    agent
+        .expect("StreamClose", |f| match f {
+            ServerFrame::StreamClose { stream: s, .. } if s == stream => Some(()),
+            _ => None,
+        })
+        .await;
+    // Crossed the end on the wire: ignored.
+    agent
+        .send(AgentFrame::StreamData {
+            stream,
+            fd: StreamFd::Stdout,
+            bytes: b"late".to_vec(),
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream: stream + 1,
+            bytes: 1,
+        })
+        .await;
+    let (code, message) = agent
+        .expect("an Error", |f| match f {
+            ServerFrame::Error { code, message } => Some((code, message)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ErrorCode::parse(&code), ErrorCode::ProtocolError);
+    assert!(
+        message.contains(&format!("session stream {}", stream + 1)),
+        "{message}"
+    );
+}
+
+/// The agent's connection dropping tells the client clearly, and closes its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_agent_ends_the_session_with_a_clear_error() {
+    let (_server, mut agent, mut ws, _stream) = start("sleep 100").await;
+    agent.disconnect();
+    let error = expect_event(&mut ws, "error").await;
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("agent disconnected"), "{message}");
+    assert!(matches!(hear(&mut ws).await, Heard::Closed));
+}
+
+/// A data frame over the stream frame size is a protocol error on the agent's connection, and the
+/// client hears that the agent is gone. (Output past the credit: the unit tests of the table.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_stream_frame_is_a_protocol_error() {
+    let (_server, mut agent, mut ws, stream) = start("yes").await;
+    let bytes = vec![b'y'; fleetrun_proto::stream::STREAM_FRAME_MAX + 1];
+    agent
+        .send(AgentFrame::StreamData {
+            stream,
+            fd: StreamFd::Stdout,
+            bytes,
+        })
+        .await;
+    let (code, message) = agent
+        .expect("an Error", |f| match f {
+            ServerFrame::Error { code, message } => Some((code, message)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ErrorCode::parse(&code), ErrorCode::ProtocolError);
+    assert!(message.contains("more than"), "{message}");
+    let error = expect_event(&mut ws, "error").await;
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("agent disconnected"),
+        "{error}"
+    );
+}
+
+/// No stream is opened to an agent of a protocol without streams: the upgrade is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_streams_is_not_sent_one() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::register(&server, "v2-exec").await;
+    agent
+        .connect_as_version(&server, &[], PROTOCOL_VERSION_MIN)
+        .await;
+    let Err((status, body)) = dial(&server, &agent.node_id.to_string(), &server.token).await else {
+        panic!("an exec to a version 2 agent was upgraded");
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("protocol version 2"), "{body}");
+}
+
+/// Hostile clients get a clear error and a close, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_get_a_clear_close() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "hostile-exec").await;
+    let node = agent.node_id.to_string();
+    let cases: Vec<(Message, &str)> = vec![
+        (
+            Message::Binary(vec![0, 1, 2].into()),
+            "first message must be",
+        ),
+        (Message::Text("not json".into()), "bad first message"),
+        (
+            Message::Text(
+                json!({"command": "true", "run_as": "bad user!"})
+                    .to_string()
+                    .into(),
+            ),
+            "run-as",
+        ),
+        (
+            Message::Text(json!({"command": "true", "bogus": 1}).to_string().into()),
+            "bad first message",
+        ),
+        (Message::Binary(vec![0; 200 * 1024].into()), ""),
+    ];
+    for (msg, says) in cases {
+        let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+        let _ = ws.send(msg).await;
+        match hear(&mut ws).await {
+            Heard::Event(v) => {
+                assert_eq!(v["type"], "error", "{v}");
+                let m = v["message"].as_str().unwrap_or_default();
+                assert!(m.contains(says), "{m} should say {says}");
+                assert!(matches!(hear(&mut ws).await, Heard::Closed));
+            }
+            // An oversize frame is refused by the socket layer itself.
+            Heard::Closed => assert!(says.is_empty()),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    // Binary stdin with a wrong tag after a good start.
+    let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+    ws.send(Message::Text(json!({"command": "cat"}).to_string().into()))
+        .await
+        .expect("send");
+    let (stream, _, _) = expect_open(&mut agent).await;
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream,
+            bytes: 1024,
+        })
+        .await;
+    expect_event(&mut ws, "started").await;
+    ws.send(Message::Binary(vec![7, 1].into()))
+        .await
+        .expect("send");
+    let v = expect_event(&mut ws, "error").await;
+    assert!(
+        v["message"].as_str().unwrap_or_default().contains("tag"),
+        "{v}"
+    );
+    agent
+        .expect("StreamClose", |f| match f {
+            ServerFrame::StreamClose { stream: s, .. } if s == stream => Some(()),
+            _ => None,
+        })
+        .await;
+    // Still serving.
+    server.get("/v1/nodes").await;
+}
