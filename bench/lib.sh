@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetrun-target}"
+# AGENT_NICE: the agents' nice value (e.g. 19 to give the server the CPU first, as if the nodes were other
+# machines; the default 0 has them compete with the server for this machine's cores).
 # BENCH_BIN: a directory holding already built fleetrun and fleetrun-agent (e.g. an older build to compare).
 if [ -z "${BENCH_BIN:-}" ]; then
   cargo build --profile ${BENCH_PROFILE:-dist} --quiet --bin fleetrun --bin fleetrun-agent
@@ -27,7 +29,7 @@ start_agents() {
   local n=$1 code online=0
   code=$("$bin/fleetrun" activation create --limit "$n" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["code"])')
   for i in $(seq "$n"); do
-    RUST_LOG=warn "$bin/fleetrun-agent" --server "$FLEETRUN_SERVER" --state-dir "$work/agents/$i" \
+    RUST_LOG=warn nice -n "${AGENT_NICE:-0}" "$bin/fleetrun-agent" --server "$FLEETRUN_SERVER" --state-dir "$work/agents/$i" \
       --activation-code "$code" --name "bench-$i" --tag bench=yes >"$work/agent-$i.log" 2>&1 &
     pids+=("$!")
   done

@@ -194,7 +194,7 @@ for i in victims:
     os.kill(agent_pids[i], signal.SIGKILL)
 stop.wait(5)
 for i in victims:
-    a = subprocess.Popen([f"{B}/fleetrun-agent", "--server", f"https://127.0.0.1:{PORT}", "--state-dir",
+    a = subprocess.Popen(["nice", "-n", os.environ.get("AGENT_NICE", "0"), f"{B}/fleetrun-agent", "--server", f"https://127.0.0.1:{PORT}", "--state-dir",
                           f"{W}/agents/{i + 1}"], stdout=open(f"{W}/agent-{i + 1}.restart.log", "w"),
                          stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
     procs.append(a)
@@ -275,7 +275,7 @@ steady = [ms for (a, b, ms) in s["send_spans"] if b < t_down or a > t_up]
 across = [ms for (a, b, ms) in s["send_spans"] if not (b < t_down or a > t_up)]
 print(f"  sends not spanning the server's restart: p50 {pct(steady, .5):.0f} ms, p99 {pct(steady, .99):.0f} ms, "
       f"max {pct(steady, 1):.0f} ms over {len(steady)}; spanning it ({(t_up - t_down) * 1000:.0f} ms down): "
-      f"{', '.join(f'{x:.0f}' for x in sorted(across)) or 'none'} ms")
+      f"{', '.join(f'{x:.0f} ms' for x in sorted(across)) or 'none'}")
 slow = sorted(((ms, a - t_down) for (a, b, ms) in s["send_spans"]), reverse=True)[:3]
 print("  slowest sends: " + ", ".join(f"{ms:.0f} ms at t{t:+.1f} s from the server kill" for ms, t in slow))
 # The server's own view: requests it took >= 250 ms to answer (gate.rs logs them at warn).
