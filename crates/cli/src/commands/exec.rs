@@ -7,6 +7,7 @@ use super::Ctx;
 use crate::client::{ApiError, Client, Socket};
 use anyhow::Context;
 use fleetrun_proto::NodeId;
+use fleetrun_proto::api::Node;
 use fleetrun_proto::stream::client::{
     ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
 };
@@ -23,7 +24,7 @@ Stdin is sent to the command when it is not a terminal (a pipe or a file), and c
 from a terminal the command gets an empty stdin (interactive input comes with `fleetrun shell`).
 The exit status is the remote command's (128 + N when signal N ended it).")]
 pub struct Args {
-    /// The node: its id, or its name when exactly one node has it
+    /// The node: its id, or its name or IP address when exactly one node has it
     #[arg(value_name = "NODE")]
     node: String,
     /// Run as this user on the node (the agent must run as root)
@@ -61,35 +62,66 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     relay(ws).await
 }
 
-/// A node id as given, or the one node whose name it is.
+/// A node id as given, or the one node that name or IP address is.
 async fn resolve(client: &Client, given: &str) -> anyhow::Result<NodeId> {
     if let Ok(id) = given.trim().parse::<NodeId>() {
         return Ok(id);
     }
-    let nodes = client.nodes().await?;
-    let named: Vec<_> = nodes.iter().filter(|n| n.name == given).collect();
-    match named.as_slice() {
+    pick(&client.nodes().await?, given)
+}
+
+/// Most candidates an error names (a fleet can have thousands of nodes).
+const CANDIDATES_SHOWN: usize = 20;
+
+/// The one node named `given`, or with `given` among its IP addresses; else an error naming the
+/// candidates (the matches when several, the nodes one may see when none).
+fn pick(nodes: &[Node], given: &str) -> anyhow::Result<NodeId> {
+    let ip = given.parse::<std::net::IpAddr>().ok();
+    let matches = |n: &&Node| {
+        n.name == given
+            || ip.is_some_and(|ip| {
+                n.ips
+                    .iter()
+                    .any(|a| a.parse::<std::net::IpAddr>() == Ok(ip))
+            })
+    };
+    let found: Vec<&Node> = nodes.iter().filter(matches).collect();
+    let what = if ip.is_some() {
+        "has the address"
+    } else {
+        "is named"
+    };
+    match found.as_slice() {
         [one] => Ok(one.node_id.clone()),
         [] => {
-            let known: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("{} ({})", n.name, n.node_id))
-                .collect();
-            let known = if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            };
-            anyhow::bail!("no node is named {given:?}; the nodes you may see: {known}")
+            let known = listed(nodes.iter().map(|n| format!("{} ({})", n.name, n.node_id)));
+            anyhow::bail!("no node {what} {given:?}; the nodes you may see: {known}")
         }
         many => {
-            let ids: Vec<String> = many.iter().map(|n| n.node_id.to_string()).collect();
+            let ids = listed(many.iter().map(|n| format!("{} ({})", n.name, n.node_id)));
             anyhow::bail!(
-                "{} nodes are named {given:?}: {}; give the node id",
+                "{} nodes {} {given:?}: {ids}; give the node id",
                 many.len(),
-                ids.join(", ")
+                if ip.is_some() {
+                    "have the address"
+                } else {
+                    "are named"
+                }
             )
         }
+    }
+}
+
+/// Up to [`CANDIDATES_SHOWN`] items, comma-separated, with how many more there are.
+fn listed(items: impl ExactSizeIterator<Item = String>) -> String {
+    let total = items.len();
+    if total == 0 {
+        return "none".to_owned();
+    }
+    let shown: Vec<String> = items.take(CANDIDATES_SHOWN).collect();
+    match total - shown.len() {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
     }
 }
 
@@ -220,4 +252,68 @@ async fn write_stdin(
         }
     }
     let _ = sink.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: u128, name: &str, ips: &[&str]) -> Node {
+        Node {
+            node_id: NodeId::from_random(n),
+            name: name.into(),
+            ping_status: "Online".into(),
+            last_seen: String::new(),
+            hostname: String::new(),
+            os: String::new(),
+            arch: String::new(),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            agent_version: String::new(),
+            tags: Default::default(),
+            activation_id: String::new(),
+            registered_at: String::new(),
+            key_fingerprint: String::new(),
+            key_rotated_at: None,
+        }
+    }
+
+    #[test]
+    fn a_node_is_picked_by_unique_name_or_address_and_candidates_are_capped() {
+        let nodes = vec![
+            node(1, "web-1", &["10.0.0.1", "fd00::1"]),
+            node(2, "web-2", &["10.0.0.2"]),
+            node(3, "twin", &["10.0.0.9"]),
+            node(4, "twin", &["10.0.0.9"]),
+        ];
+        assert_eq!(pick(&nodes, "web-2").unwrap(), nodes[1].node_id);
+        assert_eq!(pick(&nodes, "10.0.0.1").unwrap(), nodes[0].node_id);
+        assert_eq!(pick(&nodes, "fd00:0::1").unwrap(), nodes[0].node_id);
+
+        let e = pick(&nodes, "twin").unwrap_err().to_string();
+        assert!(
+            e.starts_with("2 nodes are named \"twin\": twin (mi-"),
+            "{e}"
+        );
+        let e = pick(&nodes, "10.0.0.9").unwrap_err().to_string();
+        assert!(
+            e.starts_with("2 nodes have the address \"10.0.0.9\""),
+            "{e}"
+        );
+        let e = pick(&nodes, "10.9.9.9").unwrap_err().to_string();
+        assert!(
+            e.starts_with("no node has the address \"10.9.9.9\"; the nodes you may see: web-1"),
+            "{e}"
+        );
+
+        let many: Vec<Node> = (0..50)
+            .map(|i| node(100 + i, &format!("n{i}"), &[]))
+            .collect();
+        let e = pick(&many, "nosuch").unwrap_err().to_string();
+        assert!(e.ends_with(" and 30 more"), "{e}");
+        assert_eq!(e.matches(" (mi-").count(), CANDIDATES_SHOWN, "{e}");
+        assert_eq!(
+            pick(&[], "x").unwrap_err().to_string(),
+            "no node is named \"x\"; the nodes you may see: none"
+        );
+    }
 }
