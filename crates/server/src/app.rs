@@ -139,6 +139,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot open database {}", db_path.display()))?;
     tracing::info!(path = %db_path.display(), "database open");
+    // A session still Active belonged to a server that stopped: its relay is gone with it.
+    let orphans = store
+        .end_active_sessions(fleetrun_proto::time::now_ms(), "server restarted")
+        .await?;
+    if orphans > 0 {
+        tracing::info!(
+            sessions = orphans,
+            "sessions of the previous run marked ended"
+        );
+    }
     let objects_dir = config.data_dir.join("objects");
     std::fs::create_dir_all(&objects_dir)
         .with_context(|| format!("cannot create {}", objects_dir.display()))?;

@@ -421,3 +421,102 @@ async fn hostile_clients_get_a_clear_close() {
     // Still serving.
     server.get("/v1/nodes").await;
 }
+
+/// The session's record, waited for until `done` holds (bounded).
+async fn session_when(
+    store: &fleetrun_store::Store,
+    done: impl Fn(&fleetrun_proto::api::Session) -> bool,
+) -> fleetrun_proto::api::Session {
+    within("the session's record", async {
+        loop {
+            let all = store
+                .list_sessions(false, None, None, 10)
+                .await
+                .expect("list");
+            if let Some(s) = all.into_iter().find(|s| done(s)) {
+                return s;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// A session is recorded Active once the agent started it, and Ended with its exit code and the
+/// bytes each way once it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_recorded_active_then_ended() {
+    use fleetrun_proto::api::SessionStatus;
+    let (server, mut agent, mut ws, stream) = start("cat; exit 4").await;
+    let store = server.store().await;
+    // The record is written before the client hears `started`.
+    let active = store
+        .list_sessions(true, None, None, 10)
+        .await
+        .expect("list");
+    assert_eq!(active.len(), 1, "{active:?}");
+    let s = &active[0];
+    assert_eq!(
+        (s.kind.as_str(), s.command.as_str(), &s.node_id),
+        ("exec", "cat; exit 4", &agent.node_id)
+    );
+    assert_eq!(s.principal, "admin");
+    assert_eq!(s.status, SessionStatus::Active);
+
+    let mut stdin = vec![TAG_STDIN];
+    stdin.extend_from_slice(b"abc");
+    ws.send(Message::Binary(stdin.into())).await.expect("send");
+    agent
+        .expect("StreamData", |f| match f {
+            ServerFrame::StreamData { stream: s, bytes } if s == stream => Some(bytes),
+            _ => None,
+        })
+        .await;
+    let (fd, bytes) = (StreamFd::Stdout, b"hello".to_vec());
+    agent
+        .send(AgentFrame::StreamData { stream, fd, bytes })
+        .await;
+    agent
+        .send(AgentFrame::StreamExit {
+            stream,
+            code: 4,
+            signal: None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    let id = s.session_id.clone();
+    let ended = session_when(&store, |s| {
+        s.session_id == id && s.status != SessionStatus::Active
+    })
+    .await;
+    assert_eq!(ended.status, SessionStatus::Ended);
+    assert_eq!(ended.exit_code, Some(4));
+    assert_eq!((ended.bytes_in, ended.bytes_out), (3, 5));
+    assert_eq!(ended.end_reason, "exited");
+    assert!(ended.ended_at.is_some());
+}
+
+/// A server that stops with a session running marks it ended when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_marks_active_sessions_ended() {
+    use fleetrun_proto::api::SessionStatus;
+    let (mut server, _agent, _ws, _stream) = start("sleep 100").await;
+    server.restart().await;
+    let store = server.store().await;
+    let s = session_when(&store, |_| true).await;
+    assert_eq!(s.status, SessionStatus::Terminated);
+    assert_eq!(s.end_reason, "server restarted");
+    assert!(s.ended_at.is_some());
+    assert!(
+        store
+            .list_sessions(true, None, None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}

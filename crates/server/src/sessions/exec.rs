@@ -17,12 +17,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{ConnectInfo, Path, State};
 use axum::response::Response;
 use fleetrun_proto::NodeId;
+use fleetrun_proto::api::SessionStatus;
 use fleetrun_proto::stream::client::{
     CLIENT_MESSAGE_MAX, ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
 };
 use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, SendWindow, StreamFd, StreamKind};
 use fleetrun_proto::time::now_ms;
-use fleetrun_store::AuditEntry;
+use fleetrun_store::{AuditEntry, NewSession, SessionEnd};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -91,6 +92,8 @@ struct Ended {
     error: Option<String>,
     bytes_in: u64,
     bytes_out: u64,
+    /// Whether the agent started it (and so its record exists).
+    started: bool,
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -116,6 +119,16 @@ impl Session {
             self.audit("exec.refused", params, &message).await;
             return refuse(sink, close_code::POLICY, &message).await;
         }
+        let mut record = NewSession {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            kind: "exec".into(),
+            node_id: self.node.clone(),
+            principal: self.principal.clone(),
+            source: self.source.clone(),
+            run_as: req.run_as.clone(),
+            command: req.command.clone(),
+            started_at: 0,
+        };
         let kind = StreamKind::Exec {
             command: req.command,
             run_as: (!req.run_as.is_empty()).then_some(req.run_as),
@@ -133,10 +146,13 @@ impl Session {
         };
         self.audit("exec.open", params.clone(), "Opened").await;
         tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), "exec session opened");
-        let ended = relay(&mut sink, &mut source, stream).await;
+        let ended = relay(&mut sink, &mut source, stream, &self, &mut record).await;
         let mut end = serde_json::json!({
-            "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
+            "session_id": record.session_id, "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
         });
+        if ended.started {
+            self.record_end(&record.session_id, &ended).await;
+        }
         let result = match (&ended.exit, &ended.error) {
             (Some((code, signal)), None) => {
                 end["exit_code"] = (*code).into();
@@ -160,6 +176,32 @@ impl Session {
             e.extend(m);
         }
         self.audit("exec.end", end, &result).await;
+    }
+
+    /// Records that the agent started the session; a failure is logged, the session goes on.
+    async fn record_start(&self, record: &mut NewSession) {
+        record.started_at = now_ms();
+        if let Err(e) = self.state.store.insert_session(record).await {
+            tracing::warn!(session = %record.session_id, error = %e, "cannot record session start");
+        }
+    }
+
+    /// Completes the session's record with how it ended.
+    async fn record_end(&self, session_id: &str, ended: &Ended) {
+        let end = SessionEnd {
+            ended_at: now_ms(),
+            bytes_in: ended.bytes_in,
+            bytes_out: ended.bytes_out,
+            exit_code: ended.exit.map(|(code, _)| code),
+            end_reason: match (&ended.exit, &ended.error) {
+                (Some(_), None) => "exited".into(),
+                (_, error) => error.clone().unwrap_or_else(|| "the session ended".into()),
+            },
+            status: SessionStatus::Ended,
+        };
+        if let Err(e) = self.state.store.end_session(session_id, &end).await {
+            tracing::warn!(session = %session_id, error = %e, "cannot record session end");
+        }
     }
 
     async fn audit(&self, action: &str, params: serde_json::Value, result: &str) {
@@ -206,7 +248,13 @@ async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
 }
 
 /// Relays until the stream ends, either side leaves or breaks the rules.
-async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -> Ended {
+async fn relay(
+    sink: &mut Sink,
+    source: &mut Source,
+    mut stream: StreamHandle,
+    session: &Session,
+    record: &mut NewSession,
+) -> Ended {
     let mut ended = Ended::default();
     // The agent's credit for stdin; `None` until the stream started.
     let mut credit: Option<SendWindow> = None;
@@ -241,6 +289,8 @@ async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -
                     None => match SendWindow::new(n) {
                         Ok(w) => {
                             credit = Some(w);
+                            session.record_start(record).await;
+                            ended.started = true;
                             if sink.send(text(&ServerEvent::Started)).await.is_err() {
                                 stream.close("the client left");
                                 ended.error = Some("the client left".into());
