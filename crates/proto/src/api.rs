@@ -24,6 +24,9 @@
 //! | `POST /v1/access-keys` | [`CreateAccessKey`] | [`AccessKey`] (201; the only time the secret is shown) |
 //! | `GET /v1/access-keys` | | `[AccessKey]` without secrets |
 //! | `DELETE /v1/nodes/{node_id}` | | [`Node`]: deregistered (gone from listings, channel refused) |
+//! | `GET /v1/sessions?active=true&limit=N&before=ID` | | `[Session]` newest first, on the nodes one may `shell` on |
+//! | `GET /v1/sessions/{session_id}` | | [`Session`] |
+//! | `POST /v1/sessions/{session_id}/terminate` | | [`Session`] as it was; the `terminate-session` action (409 when not running) |
 //! | `GET /v1/nodes/{node_id}/exec` | WebSocket upgrade: a live one-shot command ([`crate::stream::client`]); the `shell` action | |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |

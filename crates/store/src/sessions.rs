@@ -2,10 +2,12 @@
 //! it and completed when it ended; `edge` presents a row as an API `Session`.
 
 use super::{Result, Store};
+use crate::commands::visible_json;
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::{Session, SessionStatus};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use std::collections::HashSet;
 
 /// Most sessions one listing answers.
 pub const SESSIONS_PAGE_MAX: i64 = 1_000;
@@ -155,44 +157,41 @@ impl Store {
             .transpose()
     }
 
-    /// Sessions, newest first: only `Active` ones if `active`, only on `nodes` if given, at most
-    /// `limit` (bounded by [`SESSIONS_PAGE_MAX`]), starting after the cursor `(started_at,
+    /// Sessions, newest first: only `Active` ones if `active`, only on `visible` nodes if given, at
+    /// most `limit` (bounded by [`SESSIONS_PAGE_MAX`]), starting after the cursor `(started_at,
     /// session_id)` of the last one of the page before.
     pub async fn list_sessions(
         &self,
         active: bool,
-        nodes: Option<&[NodeId]>,
+        visible: Option<&HashSet<NodeId>>,
         after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<Session>> {
-        let mut q = sqlx::QueryBuilder::new("SELECT * FROM sessions WHERE 1 = 1");
-        if active {
-            q.push(" AND status = 'Active'");
-        }
-        if let Some(nodes) = nodes {
-            if nodes.is_empty() {
-                return Ok(Vec::new());
-            }
-            q.push(" AND node_id IN (");
-            let mut sep = q.separated(", ");
-            for n in nodes {
-                sep.push_bind(n.as_str().to_owned());
-            }
-            q.push(")");
-        }
-        if let Some((at, id)) = after {
-            q.push(" AND (started_at < ")
-                .push_bind(at)
-                .push(" OR (started_at = ")
-                .push_bind(at)
-                .push(" AND session_id < ")
-                .push_bind(id.to_owned())
-                .push("))");
-        }
-        q.push(" ORDER BY started_at DESC, session_id DESC LIMIT ")
-            .push_bind(limit.clamp(1, SESSIONS_PAGE_MAX));
-        let rows = q.build().fetch_all(&self.read).await?;
+        // No cursor is one past every session, so the condition is always the index's range seek.
+        let (at, id) = after.unwrap_or((i64::MAX, ""));
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE (?1 IS NULL OR node_id IN (SELECT value FROM json_each(?1)))
+               AND (?2 = 0 OR status = 'Active') AND (started_at, session_id) < (?3, ?4)
+             ORDER BY started_at DESC, session_id DESC LIMIT ?5",
+        )
+        .bind(visible_json(visible))
+        .bind(active)
+        .bind(at)
+        .bind(id)
+        .bind(limit.clamp(1, SESSIONS_PAGE_MAX))
+        .fetch_all(&self.read)
+        .await?;
         rows.iter().map(|r| record(r).map(Session::from)).collect()
+    }
+
+    /// Where a session sorts in listings (its start and id), for a cursor.
+    pub async fn session_cursor(&self, session_id: &str) -> Result<Option<(i64, String)>> {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT started_at FROM sessions WHERE session_id = ?")
+                .bind(session_id)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(at.map(|at| (at, session_id.to_owned())))
     }
 }
 
@@ -267,18 +266,30 @@ mod tests {
         let ids: Vec<_> = active.iter().map(|s| s.session_id.as_str()).collect();
         assert_eq!(ids, ["s3", "s2"]);
         let on_a = store
-            .list_sessions(false, Some(std::slice::from_ref(&a)), None, 10)
+            .list_sessions(false, Some(&HashSet::from([a.clone()])), None, 10)
             .await
             .expect("list");
         let ids: Vec<_> = on_a.iter().map(|s| s.session_id.as_str()).collect();
         assert_eq!(ids, ["s3", "s1"]);
         let none = store
-            .list_sessions(false, Some(&[]), None, 10)
+            .list_sessions(false, Some(&HashSet::new()), None, 10)
             .await
             .expect("list");
         assert!(none.is_empty());
+        let cursor = store
+            .session_cursor("s3")
+            .await
+            .expect("cursor")
+            .expect("s3");
+        assert!(
+            store
+                .session_cursor("nope")
+                .await
+                .expect("cursor")
+                .is_none()
+        );
         let page = store
-            .list_sessions(false, None, Some((3_000, "s3")), 1)
+            .list_sessions(false, None, Some((cursor.0, &cursor.1)), 1)
             .await
             .expect("list");
         let ids: Vec<_> = page.iter().map(|s| s.session_id.as_str()).collect();

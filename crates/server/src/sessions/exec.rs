@@ -29,6 +29,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a client has to send its first message (what to run).
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +95,8 @@ struct Ended {
     bytes_out: u64,
     /// Whether the agent started it (and so its record exists).
     started: bool,
+    /// Whether the server ended it (terminate, a timeout).
+    terminated: bool,
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -146,7 +149,18 @@ impl Session {
         };
         self.audit("exec.open", params.clone(), "Opened").await;
         tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), "exec session opened");
-        let ended = relay(&mut sink, &mut source, stream, &self, &mut record).await;
+        let live = &self.state.sessions;
+        let mut registration = live.register(&record.session_id, &self.node);
+        let ended = relay(
+            &mut sink,
+            &mut source,
+            stream,
+            &self,
+            &mut record,
+            &mut registration.stop,
+        )
+        .await;
+        drop(registration);
         let mut end = serde_json::json!({
             "session_id": record.session_id, "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
         });
@@ -169,7 +183,11 @@ impl Session {
                 let message = error.clone().unwrap_or_else(|| "the session ended".into());
                 end["error"] = message.clone().into();
                 refuse(sink, close_code::ERROR, &message).await;
-                "Failed".into()
+                if ended.terminated {
+                    "Terminated".into()
+                } else {
+                    "Failed".into()
+                }
             }
         };
         if let (serde_json::Value::Object(m), Some(e)) = (params, end.as_object_mut()) {
@@ -197,7 +215,11 @@ impl Session {
                 (Some(_), None) => "exited".into(),
                 (_, error) => error.clone().unwrap_or_else(|| "the session ended".into()),
             },
-            status: SessionStatus::Ended,
+            status: if ended.terminated {
+                SessionStatus::Terminated
+            } else {
+                SessionStatus::Ended
+            },
         };
         if let Err(e) = self.state.store.end_session(session_id, &end).await {
             tracing::warn!(session = %session_id, error = %e, "cannot record session end");
@@ -254,8 +276,13 @@ async fn relay(
     mut stream: StreamHandle,
     session: &Session,
     record: &mut NewSession,
+    stop: &mut tokio::sync::oneshot::Receiver<String>,
 ) -> Ended {
     let mut ended = Ended::default();
+    let live = &session.state.sessions;
+    // Idle: no bytes either way since `last`; the maximum duration counts from the open.
+    let mut last = Instant::now();
+    let max_at = live.max_duration.map(|d| Instant::now() + d);
     // The agent's credit for stdin; `None` until the stream started.
     let mut credit: Option<SendWindow> = None;
     // Stdin read from the client and not yet sent (at most one message).
@@ -280,6 +307,16 @@ async fn relay(
             }
         }
         tokio::select! {
+            reason = &mut *stop => {
+                let reason = reason.unwrap_or_else(|_| "the session was ended".into());
+                return terminated(stream, ended, reason);
+            }
+            () = tokio::time::sleep_until(last + live.idle_timeout) => {
+                return terminated(stream, ended, "idle timeout".into());
+            }
+            () = sleep_until_or_never(max_at) => {
+                return terminated(stream, ended, "max duration".into());
+            }
             event = stream.next() => match event {
                 None => {
                     ended.error = Some("the node's agent disconnected; the command's outcome is unknown".into());
@@ -320,6 +357,7 @@ async fn relay(
                         return ended;
                     }
                     ended.bytes_out += n as u64;
+                    last = Instant::now();
                     stream.consumed(n);
                 }
                 Some(AgentEvent::Exit { code, signal }) => ended.exit = Some((code, signal)),
@@ -344,6 +382,7 @@ async fn relay(
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
                             ended.bytes_in += rest.len() as u64;
+                            last = Instant::now();
                             pending.extend_from_slice(rest);
                         }
                         _ => return broken(stream, ended, "a binary message must be a stdin tag byte (0) and bytes".into()),
@@ -365,6 +404,23 @@ fn broken(stream: StreamHandle, mut ended: Ended, why: String) -> Ended {
     ended.exit = None;
     ended.error = Some(why);
     ended
+}
+
+/// Ends a relay the server ends (terminate, a timeout): the stream is hung up, the client told why.
+fn terminated(stream: StreamHandle, mut ended: Ended, why: String) -> Ended {
+    stream.close(&why);
+    ended.exit = None;
+    ended.error = Some(why);
+    ended.terminated = true;
+    ended
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Tells the client why, then closes with `code`; bounded, so a client that reads nothing cannot
