@@ -146,6 +146,19 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    /// Deletes up to `limit` ended sessions that ended before `before` (epoch ms); returns how many.
+    pub async fn purge_sessions(&self, before: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM sessions
+               WHERE status != 'Active' AND ended_at < ? LIMIT ?)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// One session.
     pub async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
         let row = sqlx::query("SELECT * FROM sessions WHERE session_id = ?")
@@ -313,5 +326,20 @@ mod tests {
                 .is_empty()
         );
         assert!(store.get_session("nope").await.expect("get").is_none());
+
+        // Retention: only ended ones past the cut-off go, in batches.
+        store
+            .insert_session(&new_session("s4", &a, 9_500))
+            .await
+            .expect("insert");
+        assert_eq!(store.purge_sessions(9_000, 10).await.expect("purge"), 1);
+        assert_eq!(store.purge_sessions(10_000, 1).await.expect("purge"), 1);
+        assert_eq!(store.purge_sessions(10_000, 10).await.expect("purge"), 1);
+        let left = store
+            .list_sessions(false, None, None, 10)
+            .await
+            .expect("list");
+        let ids: Vec<_> = left.iter().map(|s| s.session_id.as_str()).collect();
+        assert_eq!(ids, ["s4"]);
     }
 }
