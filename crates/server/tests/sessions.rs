@@ -504,6 +504,14 @@ async fn a_session_is_recorded_active_then_ended() {
     assert_eq!((ended.bytes_in, ended.bytes_out), (3, 5));
     assert_eq!(ended.end_reason, "exited");
     assert!(ended.ended_at.is_some());
+    // The trail's open names the record.
+    let node = agent.node_id.to_string();
+    let records = audit_actions(&server, &node).await;
+    let open = records
+        .iter()
+        .find(|(a, _, _)| a == "exec.open")
+        .expect("open");
+    assert_eq!(open.1["session_id"], id.as_str(), "{open:?}");
 }
 
 /// A server that stops with a session running marks it ended when it starts again.

@@ -132,6 +132,9 @@ impl Session {
             command: req.command.clone(),
             started_at: 0,
         };
+        // The trail's open and end name the record they belong to.
+        let mut params = params;
+        params["session_id"] = record.session_id.clone().into();
         let kind = StreamKind::Exec {
             command: req.command,
             run_as: (!req.run_as.is_empty()).then_some(req.run_as),
@@ -162,7 +165,7 @@ impl Session {
         .await;
         drop(registration);
         let mut end = serde_json::json!({
-            "session_id": record.session_id, "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
+            "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
         });
         if ended.started {
             self.record_end(&record.session_id, &ended).await;
