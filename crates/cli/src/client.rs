@@ -299,6 +299,34 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/sessions[?active=true]`, newest first.
+    pub async fn sessions(
+        &self,
+        active: bool,
+    ) -> anyhow::Result<Vec<fleetrun_proto::api::Session>> {
+        let path = if active {
+            "/v1/sessions?active=true"
+        } else {
+            "/v1/sessions"
+        };
+        self.json(self.request(Method::GET, path)).await
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub async fn session(&self, id: &str) -> anyhow::Result<fleetrun_proto::api::Session> {
+        let path = format!("/v1/sessions/{}", encode(id));
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `POST /v1/sessions/{id}/terminate`.
+    pub async fn terminate_session(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<fleetrun_proto::api::Session> {
+        let path = format!("/v1/sessions/{}/terminate", encode(id));
+        self.json(self.request(Method::POST, &path)).await
+    }
+
     /// `GET /v1/audit`.
     pub async fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditRecord>> {
         let mut url = reqwest::Url::parse("http://query.invalid/v1/audit")?;

@@ -24,6 +24,9 @@
 //! | `POST /v1/access-keys` | [`CreateAccessKey`] | [`AccessKey`] (201; the only time the secret is shown) |
 //! | `GET /v1/access-keys` | | `[AccessKey]` without secrets |
 //! | `DELETE /v1/nodes/{node_id}` | | [`Node`]: deregistered (gone from listings, channel refused) |
+//! | `GET /v1/sessions?active=true&limit=N&before=ID` | | `[Session]` newest first, on the nodes one may `shell` on |
+//! | `GET /v1/sessions/{session_id}` | | [`Session`] |
+//! | `POST /v1/sessions/{session_id}/terminate` | | [`Session`] as it was; the `terminate-session` action (409 when not running) |
 //! | `GET /v1/nodes/{node_id}/exec` | WebSocket upgrade: a live one-shot command ([`crate::stream::client`]); the `shell` action | |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |
@@ -672,4 +675,70 @@ pub struct WhoAmI {
     pub role: Role,
     /// The credential used: a token id or an access key id.
     pub credential: String,
+}
+
+/// Where a session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SessionStatus {
+    /// Running: the agent started it and it has not ended.
+    Active,
+    /// Ended on its own: it exited, either side left, or it failed.
+    Ended,
+    /// Ended by the server: terminated by a user, an idle timeout, its maximum duration, or a
+    /// server restart.
+    Terminated,
+}
+
+impl SessionStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Active => "Active",
+            SessionStatus::Ended => "Ended",
+            SessionStatus::Terminated => "Terminated",
+        }
+    }
+    /// From the stored name; an unknown one reads as `Ended` (a row is never shown as running
+    /// by mistake).
+    pub fn from_stored(s: &str) -> Self {
+        match s {
+            "Active" => SessionStatus::Active,
+            "Terminated" => SessionStatus::Terminated,
+            _ => SessionStatus::Ended,
+        }
+    }
+}
+
+/// A record of one interactive session on a node (an exec today).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    /// Its id (a UUID).
+    pub session_id: String,
+    /// What kind: `exec`.
+    pub kind: String,
+    /// The node.
+    pub node_id: NodeId,
+    /// Who opened it.
+    pub principal: String,
+    /// The client's address.
+    pub source: String,
+    /// The user it runs as (empty: the agent's user).
+    pub run_as: String,
+    /// What runs.
+    pub command: String,
+    /// When the agent started it (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339), once it did.
+    pub ended_at: Option<String>,
+    /// Bytes from the client (stdin).
+    pub bytes_in: u64,
+    /// Bytes to the client (stdout and stderr).
+    pub bytes_out: u64,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Why it ended: `exited`, an error, `terminated by USER`, `idle timeout`, `max duration`,
+    /// `server restarted`; empty while active.
+    pub end_reason: String,
+    /// Where it is.
+    pub status: SessionStatus,
 }

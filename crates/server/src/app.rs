@@ -37,6 +37,8 @@ pub struct AppState {
     pub retention: Duration,
     /// Grace past a command's expiry before unfinished invocations end.
     pub result_grace: Duration,
+    /// The sessions running here (terminate, timeouts).
+    pub sessions: crate::sessions::live::Live,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Agent handshakes in progress per source address.
@@ -114,6 +116,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ("header read timeout", config.header_read_timeout),
         ("body read timeout", config.body_read_timeout),
         ("agent handshake timeout", config.agent_handshake_timeout),
+        ("session idle timeout", config.session_idle_timeout),
     ] {
         if d.is_zero() {
             anyhow::bail!("{what} must be more than 0");
@@ -139,6 +142,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .with_context(|| format!("cannot open database {}", db_path.display()))?;
     tracing::info!(path = %db_path.display(), "database open");
+    // A session still Active belonged to a server that stopped: its relay is gone with it.
+    let orphans = store
+        .end_active_sessions(fleetrun_proto::time::now_ms(), "server restarted")
+        .await?;
+    if orphans > 0 {
+        tracing::info!(
+            sessions = orphans,
+            "sessions of the previous run marked ended"
+        );
+    }
     let objects_dir = config.data_dir.join("objects");
     std::fs::create_dir_all(&objects_dir)
         .with_context(|| format!("cannot create {}", objects_dir.display()))?;
@@ -194,6 +207,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         data_dir: config.data_dir.clone(),
         retention: config.retention,
         result_grace: config.result_grace,
+        sessions: crate::sessions::live::Live::new(
+            config.session_idle_timeout,
+            config.session_max_duration,
+        ),
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         handshakes_by_address: conn::Counter::default(),
         max_handshakes_per_address: config.max_handshakes_per_address,

@@ -51,6 +51,10 @@ pub struct ServerConfig {
     /// Time past a command's expiry (delivery + execution timeout) a result in flight still has
     /// before unfinished invocations end TimedOut.
     pub result_grace: Duration,
+    /// A session with no bytes either way for this long is ended ("idle timeout").
+    pub session_idle_timeout: Duration,
+    /// A session running this long is ended ("max duration"); None (the default): no limit.
+    pub session_max_duration: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -78,6 +82,9 @@ impl ServerConfig {
     /// Default grace for a result in flight past a command's expiry.
     pub const DEFAULT_RESULT_GRACE: Duration = Duration::from_secs(30);
 
+    /// Default session idle timeout (20 minutes, as SSM's).
+    pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
         ServerConfig {
@@ -99,6 +106,8 @@ impl ServerConfig {
             max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             result_grace: Self::DEFAULT_RESULT_GRACE,
+            session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
+            session_max_duration: None,
         }
     }
 }

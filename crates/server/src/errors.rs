@@ -85,6 +85,10 @@ pub enum Code {
     CommandNotFound,
     /// A command with no invocation on that node.
     InvocationNotFound,
+    /// No such session.
+    SessionNotFound,
+    /// A session that is no longer running.
+    SessionEnded,
     /// An idempotency key that is malformed or given twice.
     InvalidIdempotencyKey,
     /// An idempotency key used before for another request.
@@ -143,7 +147,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 60] = [
+    pub const ALL: [Code; 62] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -177,6 +181,8 @@ impl Code {
         Code::InvalidCommandId,
         Code::CommandNotFound,
         Code::InvocationNotFound,
+        Code::SessionNotFound,
+        Code::SessionEnded,
         Code::InvalidIdempotencyKey,
         Code::IdempotencyKeyMismatch,
         Code::InvalidUserName,
@@ -242,6 +248,8 @@ impl Code {
             Code::InvalidCommandId => StatusCode::BAD_REQUEST,
             Code::CommandNotFound => StatusCode::NOT_FOUND,
             Code::InvocationNotFound => StatusCode::NOT_FOUND,
+            Code::SessionNotFound => StatusCode::NOT_FOUND,
+            Code::SessionEnded => StatusCode::CONFLICT,
             Code::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             Code::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Code::InvalidUserName => StatusCode::BAD_REQUEST,
@@ -308,6 +316,8 @@ impl Code {
             Code::InvalidCommandId => "InvalidCommandId",
             Code::CommandNotFound => "CommandNotFound",
             Code::InvocationNotFound => "InvocationNotFound",
+            Code::SessionNotFound => "SessionNotFound",
+            Code::SessionEnded => "SessionEnded",
             Code::InvalidIdempotencyKey => "InvalidIdempotencyKey",
             Code::IdempotencyKeyMismatch => "IdempotencyKeyMismatch",
             Code::InvalidUserName => "InvalidUserName",
@@ -374,6 +384,8 @@ impl Code {
             Code::InvalidCommandId => "InvalidCommandId",
             Code::CommandNotFound => "InvalidCommandId",
             Code::InvocationNotFound => "InvocationDoesNotExist",
+            Code::SessionNotFound => "DoesNotExistException",
+            Code::SessionEnded => "ValidationException",
             Code::InvalidIdempotencyKey => "ValidationException",
             Code::IdempotencyKeyMismatch => "IdempotentParameterMismatch",
             Code::InvalidUserName => "ValidationException",
@@ -619,7 +631,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 60] = [
+    const TABLE: [(Code, u16, &str, &str); 62] = [
         (
             Code::InvalidRequest,
             400,
@@ -797,6 +809,18 @@ mod tests {
             404,
             "InvocationNotFound",
             "InvocationDoesNotExist",
+        ),
+        (
+            Code::SessionNotFound,
+            404,
+            "SessionNotFound",
+            "DoesNotExistException",
+        ),
+        (
+            Code::SessionEnded,
+            409,
+            "SessionEnded",
+            "ValidationException",
         ),
         (
             Code::InvalidIdempotencyKey,

@@ -11,6 +11,7 @@ use fleetrun_proto::stream::{StreamFd, StreamKind, StreamNo};
 use fleetrun_proto::version::PROTOCOL_VERSION_MIN;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use std::time::Duration;
 use support::{ScriptedAgent, TestServer, within};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -88,7 +89,11 @@ async fn expect_open(agent: &mut ScriptedAgent) -> (StreamNo, StreamKind, u64) {
 }
 
 async fn start(command: &str) -> (TestServer, ScriptedAgent, Client, StreamNo) {
-    let server = TestServer::start().await;
+    open(TestServer::start().await, command).await
+}
+
+/// An exec session on a new node of `server`, started.
+async fn open(server: TestServer, command: &str) -> (TestServer, ScriptedAgent, Client, StreamNo) {
     let mut agent = ScriptedAgent::online(&server, "exec-node").await;
     let mut ws = dial(&server, &agent.node_id.to_string(), &server.token)
         .await
@@ -420,4 +425,274 @@ async fn hostile_clients_get_a_clear_close() {
         .await;
     // Still serving.
     server.get("/v1/nodes").await;
+}
+
+/// The session's record, waited for until `done` holds (bounded).
+async fn session_when(
+    store: &fleetrun_store::Store,
+    done: impl Fn(&fleetrun_proto::api::Session) -> bool,
+) -> fleetrun_proto::api::Session {
+    within("the session's record", async {
+        loop {
+            let all = store
+                .list_sessions(false, None, None, 10)
+                .await
+                .expect("list");
+            if let Some(s) = all.into_iter().find(|s| done(s)) {
+                return s;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+}
+
+/// A session is recorded Active once the agent started it, and Ended with its exit code and the
+/// bytes each way once it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_recorded_active_then_ended() {
+    use fleetrun_proto::api::SessionStatus;
+    let (server, mut agent, mut ws, stream) = start("cat; exit 4").await;
+    let store = server.store().await;
+    // The record is written before the client hears `started`.
+    let active = store
+        .list_sessions(true, None, None, 10)
+        .await
+        .expect("list");
+    assert_eq!(active.len(), 1, "{active:?}");
+    let s = &active[0];
+    assert_eq!(
+        (s.kind.as_str(), s.command.as_str(), &s.node_id),
+        ("exec", "cat; exit 4", &agent.node_id)
+    );
+    assert_eq!(s.principal, "admin");
+    assert_eq!(s.status, SessionStatus::Active);
+
+    let mut stdin = vec![TAG_STDIN];
+    stdin.extend_from_slice(b"abc");
+    ws.send(Message::Binary(stdin.into())).await.expect("send");
+    agent
+        .expect("StreamData", |f| match f {
+            ServerFrame::StreamData { stream: s, bytes } if s == stream => Some(bytes),
+            _ => None,
+        })
+        .await;
+    let (fd, bytes) = (StreamFd::Stdout, b"hello".to_vec());
+    agent
+        .send(AgentFrame::StreamData { stream, fd, bytes })
+        .await;
+    agent
+        .send(AgentFrame::StreamExit {
+            stream,
+            code: 4,
+            signal: None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    let id = s.session_id.clone();
+    let ended = session_when(&store, |s| {
+        s.session_id == id && s.status != SessionStatus::Active
+    })
+    .await;
+    assert_eq!(ended.status, SessionStatus::Ended);
+    assert_eq!(ended.exit_code, Some(4));
+    assert_eq!((ended.bytes_in, ended.bytes_out), (3, 5));
+    assert_eq!(ended.end_reason, "exited");
+    assert!(ended.ended_at.is_some());
+    // The trail's open names the record.
+    let node = agent.node_id.to_string();
+    let records = audit_actions(&server, &node).await;
+    let open = records
+        .iter()
+        .find(|(a, _, _)| a == "exec.open")
+        .expect("open");
+    assert_eq!(open.1["session_id"], id.as_str(), "{open:?}");
+}
+
+/// A server that stops with a session running marks it ended when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_marks_active_sessions_ended() {
+    use fleetrun_proto::api::SessionStatus;
+    let (mut server, _agent, _ws, _stream) = start("sleep 100").await;
+    server.restart().await;
+    let store = server.store().await;
+    let s = session_when(&store, |_| true).await;
+    assert_eq!(s.status, SessionStatus::Terminated);
+    assert_eq!(s.end_reason, "server restarted");
+    assert!(s.ended_at.is_some());
+    assert!(
+        store
+            .list_sessions(true, None, None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+/// The id of the one active session.
+async fn the_active_session(server: &TestServer) -> String {
+    let list = server.get("/v1/sessions?active=true").await;
+    let list = list.as_array().expect("sessions");
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0]["session_id"].as_str().expect("id").to_owned()
+}
+
+/// The client's error event and close after the server ended its session.
+async fn expect_ended_with(ws: &mut Client, reason: &str) {
+    let e = expect_event(ws, "error").await;
+    assert_eq!(e["message"], reason, "{e}");
+    assert!(matches!(hear(ws).await, Heard::Closed));
+}
+
+/// The agent's StreamClose for `stream`.
+async fn expect_close(agent: &mut ScriptedAgent, stream: StreamNo) -> String {
+    agent
+        .expect("StreamClose", |f| match f {
+            ServerFrame::StreamClose { stream: s, reason } if s == stream => Some(reason),
+            _ => None,
+        })
+        .await
+}
+
+/// A terminate hangs the stream up on the agent, tells the client who ended it, and leaves the
+/// record Terminated with that reason; a second terminate is refused (409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_ends_the_session_and_the_client_hears_why() {
+    use fleetrun_proto::api::SessionStatus;
+    let (server, mut agent, mut ws, stream) = start("sleep 100").await;
+    let id = the_active_session(&server).await;
+    let shown = server.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(shown["status"], "Active", "{shown}");
+    let path = format!("/v1/sessions/{id}/terminate");
+    let (status, _, body) = server.call(reqwest::Method::POST, &path, None, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        expect_close(&mut agent, stream).await,
+        "terminated by admin"
+    );
+    expect_ended_with(&mut ws, "terminated by admin").await;
+    let store = server.store().await;
+    let s = session_when(&store, |s| s.status != SessionStatus::Active).await;
+    assert_eq!(s.status, SessionStatus::Terminated);
+    assert_eq!(s.end_reason, "terminated by admin");
+    let (status, _, body) = server.call(reqwest::Method::POST, &path, None, &[]).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "SessionEnded", "{body}");
+    let (status, _, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/v1/sessions/nope/terminate",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+}
+
+/// A session with no bytes either way for the idle timeout is ended as a terminate would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timeout_ends_a_silent_session() {
+    use fleetrun_proto::api::SessionStatus;
+    let server =
+        TestServer::start_with(|c| c.session_idle_timeout = Duration::from_millis(300)).await;
+    let (server, mut agent, mut ws, stream) = open(server, "sleep 100").await;
+    assert_eq!(expect_close(&mut agent, stream).await, "idle timeout");
+    expect_ended_with(&mut ws, "idle timeout").await;
+    let store = server.store().await;
+    let s = session_when(&store, |s| s.status != SessionStatus::Active).await;
+    assert_eq!(
+        (s.status, s.end_reason.as_str()),
+        (SessionStatus::Terminated, "idle timeout")
+    );
+}
+
+/// A session running past the maximum duration is ended, however busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_max_duration_ends_a_long_session() {
+    use fleetrun_proto::api::SessionStatus;
+    let server =
+        TestServer::start_with(|c| c.session_max_duration = Some(Duration::from_millis(300))).await;
+    let (server, mut agent, mut ws, stream) = open(server, "sleep 100").await;
+    assert_eq!(expect_close(&mut agent, stream).await, "max duration");
+    expect_ended_with(&mut ws, "max duration").await;
+    let store = server.store().await;
+    let s = session_when(&store, |s| s.status != SessionStatus::Active).await;
+    assert_eq!(
+        (s.status, s.end_reason.as_str()),
+        (SessionStatus::Terminated, "max duration")
+    );
+}
+
+/// A user's token (the user made with `role` first).
+async fn token_for(server: &TestServer, name: &str, role: &str) -> String {
+    let user = json!({"name": name, "role": role});
+    let (status, _, body) = server
+        .call(reqwest::Method::POST, "/v1/users", Some(&user), &[])
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/v1/tokens",
+            Some(&json!({"user": name})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().expect("token").to_owned()
+}
+
+/// An operator may see sessions (it may open shells) but not terminate them without
+/// `terminate-session` (403, audited); a viewer (no shells) sees none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_needs_its_action_and_listings_follow_the_shell_scope() {
+    let (server, _agent, _ws, _stream) = start("sleep 100").await;
+    let id = the_active_session(&server).await;
+    let operator = token_for(&server, "op", "operator").await;
+    let viewer = token_for(&server, "view", "viewer").await;
+    let get = reqwest::Method::GET;
+
+    let (status, _, list) = server
+        .call_as(&operator, get.clone(), "/v1/sessions", None, &[])
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let path = format!("/v1/sessions/{id}/terminate");
+    let (status, _, body) = server
+        .call_as(&operator, reqwest::Method::POST, &path, None, &[])
+        .await;
+    assert_eq!(status, 403, "{body}");
+
+    let (status, _, list) = server
+        .call_as(&viewer, get.clone(), "/v1/sessions", None, &[])
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    let (status, _, body) = server
+        .call_as(&viewer, get, &format!("/v1/sessions/{id}"), None, &[])
+        .await;
+    assert_eq!(status, 404, "{body}");
+
+    // Still running, and the refusal is in the trail.
+    assert_eq!(the_active_session(&server).await, id);
+    let records = server.get("/v1/audit?principal=op").await;
+    let refused = records
+        .as_array()
+        .expect("records")
+        .iter()
+        .find(|r| r["action"] == "sessions.terminate")
+        .cloned()
+        .expect("the refusal audited");
+    assert!(
+        refused["result"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("403"),
+        "{refused}"
+    );
 }

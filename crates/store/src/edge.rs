@@ -9,9 +9,10 @@ use crate::audit::AuditLogRow;
 use crate::commands::{CommandRecord, InvocationRecord};
 use crate::nodes::{ActivationRecord, NodeRecord};
 use crate::principals::{TokenRecord, UserRecord, token_id};
+use crate::sessions::SessionRecord;
 use fleetrun_proto::api::{
-    Activation, AuditRecord, Command, Invocation, Node, PING_CONNECTION_LOST, PING_ONLINE, Token,
-    User,
+    Activation, AuditRecord, Command, Invocation, Node, PING_CONNECTION_LOST, PING_ONLINE, Session,
+    SessionStatus, Token, User,
 };
 use fleetrun_proto::auth::fingerprint;
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
@@ -185,6 +186,27 @@ impl From<AuditLogRow> for AuditRecord {
             params: r.params,
             result: r.result,
             hash: r.hash,
+        }
+    }
+}
+
+impl From<SessionRecord> for Session {
+    fn from(r: SessionRecord) -> Self {
+        Session {
+            session_id: r.session_id,
+            kind: r.kind,
+            node_id: r.node_id,
+            principal: r.principal,
+            source: r.source,
+            run_as: r.run_as,
+            command: r.command,
+            started_at: rfc3339(r.started_at),
+            ended_at: r.ended_at.map(rfc3339),
+            bytes_in: r.bytes_in.max(0) as u64,
+            bytes_out: r.bytes_out.max(0) as u64,
+            exit_code: r.exit_code.and_then(|c| i32::try_from(c).ok()),
+            end_reason: r.end_reason,
+            status: SessionStatus::from_stored(&r.status),
         }
     }
 }

@@ -11,6 +11,7 @@ mod edge;
 mod nodes;
 mod params;
 mod principals;
+mod sessions;
 mod ssm;
 mod writer;
 
@@ -23,6 +24,7 @@ pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, Ve
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
+pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd};
 pub use ssm::{CommandMeta, CommandQuery};
 
 use sqlx::SqlitePool;

@@ -14,6 +14,7 @@ mod params;
 mod policies;
 mod send;
 mod server;
+mod sessions;
 mod storage;
 mod users;
 
@@ -90,6 +91,8 @@ enum Subcommands {
     Send(Box<send::Args>),
     /// Run a command on one node live: its output streamed, stdin piped, its exit status ours
     Exec(exec::Args),
+    /// List exec sessions, newest first; show or terminate one
+    Sessions(sessions::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),
     /// Show one command and its invocations
@@ -163,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Nodes { cmd } => nodes::run(&ctx, cmd).await,
         Subcommands::Send(args) => send::run(&ctx, *args).await,
         Subcommands::Exec(args) => exec::run(&ctx, args).await,
+        Subcommands::Sessions(args) => sessions::run(&ctx, args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,
         Subcommands::Command(args) => command::show(&ctx, args).await,
         Subcommands::Invocations(args) => command::invocations(&ctx, args).await,

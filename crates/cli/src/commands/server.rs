@@ -133,6 +133,12 @@ pub struct Args {
     /// On SIGTERM or SIGINT, how long requests in progress and agent channels get to finish [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// A session (fleetrun exec) with no bytes either way for this long is ended [default: 20m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    session_idle_timeout: Option<Duration>,
+    /// A session running this long is ended; 0 = no limit [default: 0]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    session_max_duration: Option<Duration>,
 }
 
 /// The server's config file. Unknown keys are an error, so a typo does not silently fall back.
@@ -161,6 +167,9 @@ struct ServerFile {
     max_connections_per_address: Option<usize>,
     max_handshakes_per_address: Option<usize>,
     shutdown_grace: Option<String>,
+    session_idle_timeout: Option<String>,
+    /// "0" for no limit.
+    session_max_duration: Option<String>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -260,6 +269,17 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         file.shutdown_grace,
         D::DEFAULT_SHUTDOWN_GRACE,
     )?;
+    let session_idle_timeout = timeout(
+        "session_idle_timeout",
+        args.session_idle_timeout,
+        file.session_idle_timeout,
+        D::DEFAULT_SESSION_IDLE_TIMEOUT,
+    )?;
+    let session_max_duration = match args.session_max_duration {
+        Some(d) => Some(d),
+        None => file_duration("session_max_duration", file.session_max_duration)?,
+    }
+    .filter(|d| !d.is_zero());
     let max_connections = args.max_connections.or(file.max_connections).unwrap_or(0);
     let max_connections_per_address = args
         .max_connections_per_address
@@ -294,6 +314,8 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         max_connections_per_address,
         max_handshakes_per_address,
         shutdown_grace,
+        session_idle_timeout,
+        session_max_duration,
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -444,6 +466,8 @@ mod tests {
             max_connections_per_address: None,
             max_handshakes_per_address: None,
             shutdown_grace: None,
+            session_idle_timeout: None,
+            session_max_duration: None,
         };
         let c = resolve(args(Some(path.clone()))).unwrap();
         assert_eq!(c.listen.port(), 9);
@@ -483,6 +507,24 @@ mod tests {
         assert_eq!(c.max_connections_per_address, 7);
         let mut a = args(None);
         a.agent_handshake_timeout = Some(Duration::ZERO);
+        assert!(resolve(a).is_err());
+
+        // Session timeouts: the idle one from the file, a max duration of 0 is no limit.
+        assert_eq!(c.session_idle_timeout, Duration::from_secs(20 * 60));
+        assert_eq!(c.session_max_duration, None);
+        std::fs::write(
+            &path,
+            "session_idle_timeout = \"5m\"\nsession_max_duration = \"12h\"\n",
+        )
+        .unwrap();
+        let c = resolve(args(Some(path.clone()))).unwrap();
+        assert_eq!(c.session_idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.session_max_duration, Some(Duration::from_secs(12 * 3600)));
+        let mut a = args(Some(path.clone()));
+        a.session_max_duration = Some(Duration::ZERO);
+        assert_eq!(resolve(a).unwrap().session_max_duration, None);
+        let mut a = args(None);
+        a.session_idle_timeout = Some(Duration::ZERO);
         assert!(resolve(a).is_err());
 
         std::fs::write(&path, "retention = \"soon\"\n").unwrap();

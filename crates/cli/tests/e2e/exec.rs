@@ -342,3 +342,70 @@ fn hostile_clients_get_a_clear_close_and_the_server_goes_on() {
         server.all_logs()
     );
 }
+
+/// `fleetrun sessions` lists a finished exec with its exit code; `sessions terminate` ends a
+/// running one: the CLI exits non-zero naming who ended it, and nothing is left on the node.
+#[test]
+fn sessions_list_finished_execs_and_terminate_ends_a_running_one() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-sessions", &[]);
+    let out = run(
+        server.cli_cmd(&["exec", "exec-sessions", "--", "echo hi; exit 5"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(5), "{}", out.stderr);
+    let listed = server.cli(&["sessions", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed.stdout_str()).expect("JSON");
+    let first = &listed.as_array().expect("sessions")[0];
+    assert_eq!(first["status"], "Ended", "{first}");
+    assert_eq!(first["exit_code"], 5, "{first}");
+    assert_eq!(first["bytes_out"], 3, "{first}");
+    let table = server.cli(&["sessions"]).stdout_str();
+    assert!(
+        table.contains("echo hi; exit 5") && table.contains("exited"),
+        "{table}"
+    );
+
+    let mark = marker("exec_session_terminate");
+    let script = format!("echo $$; sleep 100; echo {mark}");
+    let mut child = server
+        .cli_cmd(&["exec", "exec-sessions", "--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let shell: u32 = rx
+        .recv_timeout(LIMIT)
+        .expect("the remote shell's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let active = server.cli(&["sessions", "--active", "-o", "json"]);
+    let active: serde_json::Value = serde_json::from_str(&active.stdout_str()).expect("JSON");
+    let active = active.as_array().expect("sessions");
+    assert_eq!(active.len(), 1, "{active:?}");
+    let id = active[0]["session_id"].as_str().expect("id").to_owned();
+    let out = server.cli(&["sessions", "terminate", &id]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let status = wait_until("the CLI to exit", LIMIT, || child.try_wait().ok().flatten());
+    assert_ne!(status.code(), Some(0));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(stderr.contains("terminated by admin"), "{stderr}");
+    wait_until("the node's processes to end", LIMIT, || {
+        (processes_with(&mark).is_empty() && group_members(shell).is_empty()).then_some(())
+    });
+    let shown = server.cli(&["sessions", "show", &id, "-o", "json"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown.stdout_str()).expect("JSON");
+    assert_eq!(shown["status"], "Terminated", "{shown}");
+    assert_eq!(shown["end_reason"], "terminated by admin", "{shown}");
+}

@@ -32,7 +32,7 @@ entity Document { name: String };
 entity Parameter { name: String };
 entity Fleet;
 action "list" appliesTo { principal: [User], resource: [Node, Document, Fleet] };
-action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes"
+action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes", "terminate-session"
     appliesTo { principal: [User], resource: [Node] };
 action "manage-documents" appliesTo { principal: [User], resource: [Document] };
 action "use-param" appliesTo { principal: [User], resource: [Parameter] };
@@ -76,6 +76,8 @@ pub enum Action {
     Shell,
     /// Copy files to or from a node.
     Cp,
+    /// End another's (or one's own) session on a node.
+    TerminateSession,
     /// Deregister a node.
     ManageNodes,
     /// Create, change and delete documents.
@@ -104,6 +106,7 @@ impl Action {
             Action::ReadOutput => "read-output",
             Action::Shell => "shell",
             Action::Cp => "cp",
+            Action::TerminateSession => "terminate-session",
             Action::ManageNodes => "manage-nodes",
             Action::ManageDocuments => "manage-documents",
             Action::ManageUsers => "manage-users",

@@ -47,6 +47,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(nodes::get).delete(nodes::deregister),
         )
         .route("/v1/nodes/{node_id}/exec", get(crate::sessions::exec::exec))
+        .route("/v1/sessions", get(crate::sessions::api::list))
+        .route("/v1/sessions/{session_id}", get(crate::sessions::api::get))
+        .route(
+            "/v1/sessions/{session_id}/terminate",
+            post(crate::sessions::api::terminate),
+        )
         .route("/v1/commands", post(commands::send).get(commands::list))
         .route("/v1/commands/{command_id}", get(commands::get))
         .route("/v1/commands/{command_id}/watch", get(commands::watch))

@@ -1,5 +1,5 @@
-//! Retention: a background task purges commands (rows and output objects) older than the retention
-//! period, in bounded batches so a large backlog never holds the database for long.
+//! Retention: a background task purges commands (rows and output objects) and ended session records
+//! older than the retention period, in bounded batches so a large backlog never holds the database for long.
 
 use crate::AppState;
 use crate::run::output::command_prefix;
@@ -45,6 +45,10 @@ pub async fn purge(
     loop {
         let ids = store.expired_commands(before, BATCH).await?;
         if ids.is_empty() {
+            // Session records age out with the commands, in batches too.
+            while store.purge_sessions(before, i64::from(BATCH)).await? > 0 {
+                tokio::task::yield_now().await;
+            }
             return Ok(total);
         }
         for id in &ids {

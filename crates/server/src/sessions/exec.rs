@@ -17,17 +17,19 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_
 use axum::extract::{ConnectInfo, Path, State};
 use axum::response::Response;
 use fleetrun_proto::NodeId;
+use fleetrun_proto::api::SessionStatus;
 use fleetrun_proto::stream::client::{
     CLIENT_MESSAGE_MAX, ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
 };
 use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, SendWindow, StreamFd, StreamKind};
 use fleetrun_proto::time::now_ms;
-use fleetrun_store::AuditEntry;
+use fleetrun_store::{AuditEntry, NewSession, SessionEnd};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a client has to send its first message (what to run).
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,6 +93,10 @@ struct Ended {
     error: Option<String>,
     bytes_in: u64,
     bytes_out: u64,
+    /// Whether the agent started it (and so its record exists).
+    started: bool,
+    /// Whether the server ended it (terminate, a timeout).
+    terminated: bool,
 }
 
 type Sink = SplitSink<WebSocket, Message>;
@@ -116,6 +122,19 @@ impl Session {
             self.audit("exec.refused", params, &message).await;
             return refuse(sink, close_code::POLICY, &message).await;
         }
+        let mut record = NewSession {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            kind: "exec".into(),
+            node_id: self.node.clone(),
+            principal: self.principal.clone(),
+            source: self.source.clone(),
+            run_as: req.run_as.clone(),
+            command: req.command.clone(),
+            started_at: 0,
+        };
+        // The trail's open and end name the record they belong to.
+        let mut params = params;
+        params["session_id"] = record.session_id.clone().into();
         let kind = StreamKind::Exec {
             command: req.command,
             run_as: (!req.run_as.is_empty()).then_some(req.run_as),
@@ -133,10 +152,24 @@ impl Session {
         };
         self.audit("exec.open", params.clone(), "Opened").await;
         tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), "exec session opened");
-        let ended = relay(&mut sink, &mut source, stream).await;
+        let live = &self.state.sessions;
+        let mut registration = live.register(&record.session_id, &self.node);
+        let ended = relay(
+            &mut sink,
+            &mut source,
+            stream,
+            &self,
+            &mut record,
+            &mut registration.stop,
+        )
+        .await;
+        drop(registration);
         let mut end = serde_json::json!({
             "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
         });
+        if ended.started {
+            self.record_end(&record.session_id, &ended).await;
+        }
         let result = match (&ended.exit, &ended.error) {
             (Some((code, signal)), None) => {
                 end["exit_code"] = (*code).into();
@@ -153,13 +186,47 @@ impl Session {
                 let message = error.clone().unwrap_or_else(|| "the session ended".into());
                 end["error"] = message.clone().into();
                 refuse(sink, close_code::ERROR, &message).await;
-                "Failed".into()
+                if ended.terminated {
+                    "Terminated".into()
+                } else {
+                    "Failed".into()
+                }
             }
         };
         if let (serde_json::Value::Object(m), Some(e)) = (params, end.as_object_mut()) {
             e.extend(m);
         }
         self.audit("exec.end", end, &result).await;
+    }
+
+    /// Records that the agent started the session; a failure is logged, the session goes on.
+    async fn record_start(&self, record: &mut NewSession) {
+        record.started_at = now_ms();
+        if let Err(e) = self.state.store.insert_session(record).await {
+            tracing::warn!(session = %record.session_id, error = %e, "cannot record session start");
+        }
+    }
+
+    /// Completes the session's record with how it ended.
+    async fn record_end(&self, session_id: &str, ended: &Ended) {
+        let end = SessionEnd {
+            ended_at: now_ms(),
+            bytes_in: ended.bytes_in,
+            bytes_out: ended.bytes_out,
+            exit_code: ended.exit.map(|(code, _)| code),
+            end_reason: match (&ended.exit, &ended.error) {
+                (Some(_), None) => "exited".into(),
+                (_, error) => error.clone().unwrap_or_else(|| "the session ended".into()),
+            },
+            status: if ended.terminated {
+                SessionStatus::Terminated
+            } else {
+                SessionStatus::Ended
+            },
+        };
+        if let Err(e) = self.state.store.end_session(session_id, &end).await {
+            tracing::warn!(session = %session_id, error = %e, "cannot record session end");
+        }
     }
 
     async fn audit(&self, action: &str, params: serde_json::Value, result: &str) {
@@ -206,8 +273,19 @@ async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
 }
 
 /// Relays until the stream ends, either side leaves or breaks the rules.
-async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -> Ended {
+async fn relay(
+    sink: &mut Sink,
+    source: &mut Source,
+    mut stream: StreamHandle,
+    session: &Session,
+    record: &mut NewSession,
+    stop: &mut tokio::sync::oneshot::Receiver<String>,
+) -> Ended {
     let mut ended = Ended::default();
+    let live = &session.state.sessions;
+    // Idle: no bytes either way since `last`; the maximum duration counts from the open.
+    let mut last = Instant::now();
+    let max_at = live.max_duration.map(|d| Instant::now() + d);
     // The agent's credit for stdin; `None` until the stream started.
     let mut credit: Option<SendWindow> = None;
     // Stdin read from the client and not yet sent (at most one message).
@@ -232,6 +310,16 @@ async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -
             }
         }
         tokio::select! {
+            reason = &mut *stop => {
+                let reason = reason.unwrap_or_else(|_| "the session was ended".into());
+                return terminated(stream, ended, reason);
+            }
+            () = tokio::time::sleep_until(last + live.idle_timeout) => {
+                return terminated(stream, ended, "idle timeout".into());
+            }
+            () = sleep_until_or_never(max_at) => {
+                return terminated(stream, ended, "max duration".into());
+            }
             event = stream.next() => match event {
                 None => {
                     ended.error = Some("the node's agent disconnected; the command's outcome is unknown".into());
@@ -241,6 +329,8 @@ async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -
                     None => match SendWindow::new(n) {
                         Ok(w) => {
                             credit = Some(w);
+                            session.record_start(record).await;
+                            ended.started = true;
                             if sink.send(text(&ServerEvent::Started)).await.is_err() {
                                 stream.close("the client left");
                                 ended.error = Some("the client left".into());
@@ -270,6 +360,7 @@ async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -
                         return ended;
                     }
                     ended.bytes_out += n as u64;
+                    last = Instant::now();
                     stream.consumed(n);
                 }
                 Some(AgentEvent::Exit { code, signal }) => ended.exit = Some((code, signal)),
@@ -294,6 +385,7 @@ async fn relay(sink: &mut Sink, source: &mut Source, mut stream: StreamHandle) -
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
                             ended.bytes_in += rest.len() as u64;
+                            last = Instant::now();
                             pending.extend_from_slice(rest);
                         }
                         _ => return broken(stream, ended, "a binary message must be a stdin tag byte (0) and bytes".into()),
@@ -315,6 +407,23 @@ fn broken(stream: StreamHandle, mut ended: Ended, why: String) -> Ended {
     ended.exit = None;
     ended.error = Some(why);
     ended
+}
+
+/// Ends a relay the server ends (terminate, a timeout): the stream is hung up, the client told why.
+fn terminated(stream: StreamHandle, mut ended: Ended, why: String) -> Ended {
+    stream.close(&why);
+    ended.exit = None;
+    ended.error = Some(why);
+    ended.terminated = true;
+    ended
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Tells the client why, then closes with `code`; bounded, so a client that reads nothing cannot

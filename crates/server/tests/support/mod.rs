@@ -57,14 +57,24 @@ pub struct TestServer {
 impl TestServer {
     /// A server on a fresh data dir.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server on a fresh data dir, with settings changed by `configure` (a restart keeps the
+    /// defaults).
+    pub async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut s = Self::start_in(dir.path().to_path_buf(), None).await;
+        let mut s = Self::start_in(dir.path().to_path_buf(), None, configure).await;
         s._dir = Some(dir);
         s
     }
 
     /// A server on `data`, with the admin token given when it was made by an earlier start.
-    async fn start_in(data: PathBuf, token: Option<String>) -> Self {
+    async fn start_in(
+        data: PathBuf,
+        token: Option<String>,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -74,6 +84,7 @@ impl TestServer {
         config.tls = TlsMode::Insecure;
         // Short, so an expiry test waits seconds, not the default half minute.
         config.result_grace = RESULT_GRACE;
+        configure(&mut config);
         let running = rt
             .spawn(fleetrun_server::start(config))
             .await
@@ -95,7 +106,7 @@ impl TestServer {
     /// beyond what was committed), then starts a new one on the same data dir.
     pub async fn restart(&mut self) {
         self.kill();
-        let mut next = Self::start_in(self.data.clone(), Some(self.token.clone())).await;
+        let mut next = Self::start_in(self.data.clone(), Some(self.token.clone()), |_| {}).await;
         self.addr = next.addr;
         self.rt = next.rt.take();
         self._running = next._running.take();
@@ -128,10 +139,19 @@ impl TestServer {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut req = self
-            .http
-            .request(method, self.url(path))
-            .bearer_auth(&self.token);
+        self.call_as(&self.token, method, path, body, headers).await
+    }
+
+    /// A native API call with another token: (status, headers, JSON body or Null).
+    pub async fn call_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

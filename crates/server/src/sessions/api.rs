@@ -1,0 +1,115 @@
+//! `GET /v1/sessions`, `GET /v1/sessions/{session_id}`, `POST /v1/sessions/{session_id}/terminate`:
+//! session records, seen on the nodes one may `shell` on; a terminate needs `terminate-session`
+//! on the session's node (admins have every action).
+
+use crate::AppState;
+use crate::access::authz::{Action, Principal};
+use crate::api::ApiError;
+use crate::errors::Code;
+use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
+use fleetrun_proto::api::{Session, SessionStatus};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Default page of a listing.
+const PAGE_DEFAULT: i64 = 50;
+
+/// `GET /v1/sessions` query.
+#[derive(Deserialize)]
+pub struct ListQuery {
+    /// Only the running ones.
+    #[serde(default)]
+    active: bool,
+    /// At most this many (1 to 1000).
+    limit: Option<i64>,
+    /// The sessions after this one in the listing (the last id of a page gives the next page).
+    before: Option<String>,
+}
+
+/// Sessions on the nodes the caller may open a shell on, newest first.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<Session>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
+    let limit = q.limit.unwrap_or(PAGE_DEFAULT);
+    let max = fleetrun_store::SESSIONS_PAGE_MAX;
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::new(
+            Code::InvalidParameters,
+            format!("limit must be 1 to {max}, got {limit}"),
+        ));
+    }
+    let cursor = match q.before.as_deref() {
+        Some(id) => Some(state.store.session_cursor(id).await?.ok_or_else(|| {
+            ApiError::new(
+                Code::InvalidParameters,
+                format!("before: no session {id} (it may have been purged)"),
+            )
+        })?),
+        None => None,
+    };
+    let scope = state
+        .authz
+        .node_scope(&state.store, &p, Action::Shell)
+        .await?;
+    let after = cursor.as_ref().map(|(at, id)| (*at, id.as_str()));
+    Ok(Json(
+        state
+            .store
+            .list_sessions(q.active, scope.as_filter(), after, limit)
+            .await?,
+    ))
+}
+
+/// A session the caller may see; one on a node outside its scope is not found (as one that does
+/// not exist), so a refusal does not tell whether it exists.
+async fn visible(state: &AppState, p: &Principal, id: &str) -> Result<Session, ApiError> {
+    let missing = || ApiError::new(Code::SessionNotFound, format!("no session {id}"));
+    let s = state.store.get_session(id).await?.ok_or_else(missing)?;
+    let scope = state
+        .authz
+        .node_scope(&state.store, p, Action::Shell)
+        .await?;
+    if scope.contains(&s.node_id) {
+        Ok(s)
+    } else {
+        Err(missing())
+    }
+}
+
+/// One session.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Session>, ApiError> {
+    Ok(Json(visible(&state, &p, &id).await?))
+}
+
+/// Ends a running session: the agent is told to close the stream, the client hears
+/// "terminated by USER". Answers the session as it was when told.
+pub async fn terminate(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<Session>, ApiError> {
+    let s = visible(&state, &p, &id).await?;
+    state
+        .authz
+        .require_node(&state.store, &p, Action::TerminateSession, &s.node_id)
+        .await?;
+    if s.status != SessionStatus::Active
+        || !state
+            .sessions
+            .stop(&id, format!("terminated by {}", p.name()))
+    {
+        return Err(ApiError::new(
+            Code::SessionEnded,
+            format!("session {id} is not running"),
+        ));
+    }
+    Ok(Json(s))
+}

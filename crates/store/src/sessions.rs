@@ -1,0 +1,345 @@
+//! Session records (`sessions`): one row per interactive stream, inserted when the agent started
+//! it and completed when it ended; `edge` presents a row as an API `Session`.
+
+use super::{Result, Store};
+use crate::commands::visible_json;
+use fleetrun_proto::NodeId;
+use fleetrun_proto::api::{Session, SessionStatus};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+use std::collections::HashSet;
+
+/// Most sessions one listing answers.
+pub const SESSIONS_PAGE_MAX: i64 = 1_000;
+
+/// A session as it starts.
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    /// Its id (a UUID).
+    pub session_id: String,
+    /// `exec`.
+    pub kind: String,
+    /// The node.
+    pub node_id: NodeId,
+    /// Who.
+    pub principal: String,
+    /// The client's address.
+    pub source: String,
+    /// The user it runs as ('' for the agent's).
+    pub run_as: String,
+    /// What runs.
+    pub command: String,
+    /// Epoch ms.
+    pub started_at: i64,
+}
+
+/// How a session ended.
+#[derive(Clone, Debug)]
+pub struct SessionEnd {
+    /// Epoch ms.
+    pub ended_at: i64,
+    /// Bytes from the client.
+    pub bytes_in: u64,
+    /// Bytes to the client.
+    pub bytes_out: u64,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Why it ended.
+    pub end_reason: String,
+    /// `Ended` or `Terminated`.
+    pub status: SessionStatus,
+}
+
+/// A session's row, as stored.
+pub(crate) struct SessionRecord {
+    pub(crate) session_id: String,
+    pub(crate) kind: String,
+    pub(crate) node_id: NodeId,
+    pub(crate) principal: String,
+    pub(crate) source: String,
+    pub(crate) run_as: String,
+    pub(crate) command: String,
+    pub(crate) started_at: i64,
+    pub(crate) ended_at: Option<i64>,
+    pub(crate) bytes_in: i64,
+    pub(crate) bytes_out: i64,
+    pub(crate) exit_code: Option<i64>,
+    pub(crate) end_reason: String,
+    pub(crate) status: String,
+}
+
+fn record(r: &SqliteRow) -> Result<SessionRecord> {
+    let node_id: String = r.get("node_id");
+    Ok(SessionRecord {
+        session_id: r.get("session_id"),
+        kind: r.get("kind"),
+        node_id: node_id
+            .parse()
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        principal: r.get("principal"),
+        source: r.get("source"),
+        run_as: r.get("run_as"),
+        command: r.get("command"),
+        started_at: r.get("started_at"),
+        ended_at: r.get("ended_at"),
+        bytes_in: r.get("bytes_in"),
+        bytes_out: r.get("bytes_out"),
+        exit_code: r.get("exit_code"),
+        end_reason: r.get("end_reason"),
+        status: r.get("status"),
+    })
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Records a session the agent has started, as `Active`.
+    pub async fn insert_session(&self, s: &NewSession) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
+               started_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'Active')",
+        )
+        .bind(&s.session_id)
+        .bind(&s.kind)
+        .bind(s.node_id.as_str())
+        .bind(&s.principal)
+        .bind(&s.source)
+        .bind(&s.run_as)
+        .bind(&s.command)
+        .bind(s.started_at)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Completes an `Active` session; false when there was none (it ended already).
+    pub async fn end_session(&self, session_id: &str, end: &SessionEnd) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, exit_code = ?,
+               end_reason = ?, status = ? WHERE session_id = ? AND status = 'Active'",
+        )
+        .bind(end.ended_at)
+        .bind(clamp(end.bytes_in))
+        .bind(clamp(end.bytes_out))
+        .bind(end.exit_code)
+        .bind(&end.end_reason)
+        .bind(end.status.as_str())
+        .bind(session_id)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks every `Active` session `Terminated` with `reason`: at start-up, their relays died with
+    /// the server that ran them. Returns how many.
+    pub async fn end_active_sessions(&self, at: i64, reason: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE sessions SET ended_at = ?, end_reason = ?, status = 'Terminated'
+             WHERE status = 'Active'",
+        )
+        .bind(at)
+        .bind(reason)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes up to `limit` ended sessions that ended before `before` (epoch ms); returns how many.
+    pub async fn purge_sessions(&self, before: i64, limit: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM sessions
+               WHERE status != 'Active' AND ended_at < ? LIMIT ?)",
+        )
+        .bind(before)
+        .bind(limit)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// One session.
+    pub async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT * FROM sessions WHERE session_id = ?")
+            .bind(session_id)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref()
+            .map(|r| record(r).map(Session::from))
+            .transpose()
+    }
+
+    /// Sessions, newest first: only `Active` ones if `active`, only on `visible` nodes if given, at
+    /// most `limit` (bounded by [`SESSIONS_PAGE_MAX`]), starting after the cursor `(started_at,
+    /// session_id)` of the last one of the page before.
+    pub async fn list_sessions(
+        &self,
+        active: bool,
+        visible: Option<&HashSet<NodeId>>,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<Session>> {
+        // No cursor is one past every session, so the condition is always the index's range seek.
+        let (at, id) = after.unwrap_or((i64::MAX, ""));
+        let rows = sqlx::query(
+            "SELECT * FROM sessions WHERE (?1 IS NULL OR node_id IN (SELECT value FROM json_each(?1)))
+               AND (?2 = 0 OR status = 'Active') AND (started_at, session_id) < (?3, ?4)
+             ORDER BY started_at DESC, session_id DESC LIMIT ?5",
+        )
+        .bind(visible_json(visible))
+        .bind(active)
+        .bind(at)
+        .bind(id)
+        .bind(limit.clamp(1, SESSIONS_PAGE_MAX))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(|r| record(r).map(Session::from)).collect()
+    }
+
+    /// Where a session sorts in listings (its start and id), for a cursor.
+    pub async fn session_cursor(&self, session_id: &str) -> Result<Option<(i64, String)>> {
+        let at: Option<i64> =
+            sqlx::query_scalar("SELECT started_at FROM sessions WHERE session_id = ?")
+                .bind(session_id)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(at.map(|at| (at, session_id.to_owned())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_session(id: &str, node: &NodeId, at: i64) -> NewSession {
+        NewSession {
+            session_id: id.into(),
+            kind: "exec".into(),
+            node_id: node.clone(),
+            principal: "admin".into(),
+            source: "127.0.0.1:1".into(),
+            run_as: String::new(),
+            command: "echo hi".into(),
+            started_at: at,
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_start_active_end_once_and_restart_ends_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(&dir.path().join("db"))
+            .await
+            .expect("open");
+        let a = NodeId::from_random(1);
+        let b = NodeId::from_random(2);
+        store
+            .insert_session(&new_session("s1", &a, 1_000))
+            .await
+            .expect("insert");
+        store
+            .insert_session(&new_session("s2", &b, 2_000))
+            .await
+            .expect("insert");
+        store
+            .insert_session(&new_session("s3", &a, 3_000))
+            .await
+            .expect("insert");
+
+        let s1 = store.get_session("s1").await.expect("get").expect("s1");
+        assert_eq!(s1.status, SessionStatus::Active);
+        assert_eq!(s1.ended_at, None);
+
+        let end = SessionEnd {
+            ended_at: 1_500,
+            bytes_in: 3,
+            bytes_out: 7,
+            exit_code: Some(2),
+            end_reason: "exited".into(),
+            status: SessionStatus::Ended,
+        };
+        assert!(store.end_session("s1", &end).await.expect("end"));
+        // A second end (a racing terminate) changes nothing.
+        let again = SessionEnd {
+            status: SessionStatus::Terminated,
+            end_reason: "terminated by x".into(),
+            ..end.clone()
+        };
+        assert!(!store.end_session("s1", &again).await.expect("end"));
+        let s1 = store.get_session("s1").await.expect("get").expect("s1");
+        assert_eq!(s1.status, SessionStatus::Ended);
+        assert_eq!((s1.bytes_in, s1.bytes_out, s1.exit_code), (3, 7, Some(2)));
+        assert_eq!(s1.end_reason, "exited");
+        assert!(s1.ended_at.is_some());
+
+        let active = store
+            .list_sessions(true, None, None, 10)
+            .await
+            .expect("list");
+        let ids: Vec<_> = active.iter().map(|s| s.session_id.as_str()).collect();
+        assert_eq!(ids, ["s3", "s2"]);
+        let on_a = store
+            .list_sessions(false, Some(&HashSet::from([a.clone()])), None, 10)
+            .await
+            .expect("list");
+        let ids: Vec<_> = on_a.iter().map(|s| s.session_id.as_str()).collect();
+        assert_eq!(ids, ["s3", "s1"]);
+        let none = store
+            .list_sessions(false, Some(&HashSet::new()), None, 10)
+            .await
+            .expect("list");
+        assert!(none.is_empty());
+        let cursor = store
+            .session_cursor("s3")
+            .await
+            .expect("cursor")
+            .expect("s3");
+        assert!(
+            store
+                .session_cursor("nope")
+                .await
+                .expect("cursor")
+                .is_none()
+        );
+        let page = store
+            .list_sessions(false, None, Some((cursor.0, &cursor.1)), 1)
+            .await
+            .expect("list");
+        let ids: Vec<_> = page.iter().map(|s| s.session_id.as_str()).collect();
+        assert_eq!(ids, ["s2"]);
+
+        assert_eq!(
+            store
+                .end_active_sessions(9_000, "server restarted")
+                .await
+                .expect("restart"),
+            2
+        );
+        let s2 = store.get_session("s2").await.expect("get").expect("s2");
+        assert_eq!(s2.status, SessionStatus::Terminated);
+        assert_eq!(s2.end_reason, "server restarted");
+        assert!(
+            store
+                .list_sessions(true, None, None, 10)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        assert!(store.get_session("nope").await.expect("get").is_none());
+
+        // Retention: only ended ones past the cut-off go, in batches.
+        store
+            .insert_session(&new_session("s4", &a, 9_500))
+            .await
+            .expect("insert");
+        assert_eq!(store.purge_sessions(9_000, 10).await.expect("purge"), 1);
+        assert_eq!(store.purge_sessions(10_000, 1).await.expect("purge"), 1);
+        assert_eq!(store.purge_sessions(10_000, 10).await.expect("purge"), 1);
+        let left = store
+            .list_sessions(false, None, None, 10)
+            .await
+            .expect("list");
+        let ids: Vec<_> = left.iter().map(|s| s.session_id.as_str()).collect();
+        assert_eq!(ids, ["s4"]);
+    }
+}
