@@ -150,7 +150,7 @@ impl Store {
     pub async fn purge_sessions(&self, before: i64, limit: i64) -> Result<u64> {
         let done = sqlx::query(
             "DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM sessions
-               WHERE status != 'Active' AND ended_at < ? LIMIT ?)",
+               WHERE ended_at < ? AND status != 'Active' LIMIT ?)",
         )
         .bind(before)
         .bind(limit)
