@@ -143,27 +143,7 @@ fn sigterm_to_the_cli_leaves_no_process_on_the_node() {
     let server = Server::start();
     let _agent = Agent::start(&server, "exec-term", &[]);
     let mark = marker("exec_term");
-    let script = format!("echo $$; sleep 100; echo {mark}");
-    let mut child = server
-        .cli_cmd(&["exec", "exec-term", "--", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let shell: u32 = rx
-        .recv_timeout(LIMIT)
-        .expect("the remote shell's pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+    let (mut child, shell) = exec_sleeper(&server, "exec-term", &mark);
     // The shell leads its own group; the sleep is in it.
     wait_until("the sleep to run", LIMIT, || {
         (group_members(shell).len() >= 2).then_some(())
@@ -367,27 +347,7 @@ fn sessions_list_finished_execs_and_terminate_ends_a_running_one() {
     );
 
     let mark = marker("exec_session_terminate");
-    let script = format!("echo $$; sleep 100; echo {mark}");
-    let mut child = server
-        .cli_cmd(&["exec", "exec-sessions", "--", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let shell: u32 = rx
-        .recv_timeout(LIMIT)
-        .expect("the remote shell's pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+    let (mut child, shell) = exec_sleeper(&server, "exec-sessions", &mark);
     let active = server.cli(&["sessions", "--active", "-o", "json"]);
     let active: serde_json::Value = serde_json::from_str(&active.stdout_str()).expect("JSON");
     let active = active.as_array().expect("sessions");
@@ -408,4 +368,31 @@ fn sessions_list_finished_execs_and_terminate_ends_a_running_one() {
     let shown: serde_json::Value = serde_json::from_str(&shown.stdout_str()).expect("JSON");
     assert_eq!(shown["status"], "Terminated", "{shown}");
     assert_eq!(shown["end_reason"], "terminated by admin", "{shown}");
+}
+
+/// Starts `fleetrun exec NODE` of a shell that prints its pid, sleeps 100 s, then prints `mark`;
+/// returns the CLI child and the remote shell's pid (the leader of the command's process group).
+fn exec_sleeper(server: &Server, node: &str, mark: &str) -> (std::process::Child, u32) {
+    let script = format!("echo $$; sleep 100; echo {mark}");
+    let mut child = server
+        .cli_cmd(&["exec", node, "--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let shell: u32 = rx
+        .recv_timeout(LIMIT)
+        .expect("the remote shell's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    (child, shell)
 }
