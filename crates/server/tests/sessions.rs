@@ -168,19 +168,7 @@ async fn an_exec_session_is_relayed_both_ways_and_audited() {
             .send(AgentFrame::StreamData { stream, fd, bytes })
             .await;
     }
-    agent
-        .send(AgentFrame::StreamExit {
-            stream,
-            code: 3,
-            signal: None,
-        })
-        .await;
-    agent
-        .send(AgentFrame::StreamClose {
-            stream,
-            error: None,
-        })
-        .await;
+    agent.exit_stream(stream, 3).await;
     match hear(&mut ws).await {
         Heard::Bytes(TAG_STDOUT, b) => assert_eq!(b, b"out"),
         other => panic!("expected stdout, got {other:?}"),
@@ -481,19 +469,7 @@ async fn a_session_is_recorded_active_then_ended() {
     agent
         .send(AgentFrame::StreamData { stream, fd, bytes })
         .await;
-    agent
-        .send(AgentFrame::StreamExit {
-            stream,
-            code: 4,
-            signal: None,
-        })
-        .await;
-    agent
-        .send(AgentFrame::StreamClose {
-            stream,
-            error: None,
-        })
-        .await;
+    agent.exit_stream(stream, 4).await;
     let id = s.session_id.clone();
     let ended = session_when(&store, |s| {
         s.session_id == id && s.status != SessionStatus::Active

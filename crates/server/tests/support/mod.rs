@@ -360,6 +360,22 @@ impl ScriptedAgent {
         send_frame(self.ws(), frame).await
     }
 
+    /// Ends a stream as the agent does when its command exits with `code`: `StreamExit`, then
+    /// `StreamClose` without an error.
+    pub async fn exit_stream(&mut self, stream: u32, code: i32) {
+        self.send(AgentFrame::StreamExit {
+            stream,
+            code,
+            signal: None,
+        })
+        .await;
+        self.send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    }
+
     /// The next frame from the server.
     pub async fn recv(&mut self) -> ServerFrame {
         recv_frame(self.ws()).await
