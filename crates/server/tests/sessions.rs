@@ -273,12 +273,7 @@ async fn a_client_that_leaves_hangs_the_stream_up() {
             bytes: 1,
         })
         .await;
-    let (code, message) = agent
-        .expect("an Error", |f| match f {
-            ServerFrame::Error { code, message } => Some((code, message)),
-            _ => None,
-        })
-        .await;
+    let (code, message) = expect_error(&mut agent).await;
     assert_eq!(ErrorCode::parse(&code), ErrorCode::ProtocolError);
     assert!(
         message.contains(&format!("session stream {}", stream + 1)),
@@ -310,12 +305,7 @@ async fn an_oversize_stream_frame_is_a_protocol_error() {
             bytes,
         })
         .await;
-    let (code, message) = agent
-        .expect("an Error", |f| match f {
-            ServerFrame::Error { code, message } => Some((code, message)),
-            _ => None,
-        })
-        .await;
+    let (code, message) = expect_error(&mut agent).await;
     assert_eq!(ErrorCode::parse(&code), ErrorCode::ProtocolError);
     assert!(message.contains("more than"), "{message}");
     let error = expect_event(&mut ws, "error").await;
@@ -671,4 +661,14 @@ async fn terminate_needs_its_action_and_listings_follow_the_shell_scope() {
             .contains("403"),
         "{refused}"
     );
+}
+
+/// The next `Error` frame the server sends the agent: its code and message.
+async fn expect_error(agent: &mut ScriptedAgent) -> (String, String) {
+    agent
+        .expect("an Error", |f| match f {
+            ServerFrame::Error { code, message } => Some((code, message)),
+            _ => None,
+        })
+        .await
 }

@@ -309,16 +309,7 @@ fn commands_list_before_a_cursor() {
 fn a_valid_token_gets_in_after_a_neighbour_fails_and_the_guessed_one_stays_locked() {
     let server = Server::start();
     let bad = ("authorization", "Bearer frt_guessed".to_owned());
-    for _ in 0..10 {
-        let r = raw(
-            &server,
-            "GET",
-            "/v1/nodes",
-            std::slice::from_ref(&bad),
-            vec![],
-        );
-        assert_native_error(&r, 401, "Unauthorized");
-    }
+    fail_ten_times(&server, &bad);
     let r = raw(&server, "GET", "/v1/nodes", &[bearer(&server)], vec![]);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let r = raw(&server, "GET", "/v1/nodes", &[bad], vec![]);
@@ -419,16 +410,7 @@ fn anonymous_results(server: &Server, result: &str) -> usize {
 fn the_brute_force_429_names_its_code_in_body_header_and_audit() {
     let server = Server::start();
     let bad = ("authorization", "Bearer frt_guessed_again".to_owned());
-    for _ in 0..10 {
-        let r = raw(
-            &server,
-            "GET",
-            "/v1/nodes",
-            std::slice::from_ref(&bad),
-            vec![],
-        );
-        assert_native_error(&r, 401, "Unauthorized");
-    }
+    fail_ten_times(&server, &bad);
     let r = raw(&server, "GET", "/v1/nodes", &[bad], vec![]);
     let m = assert_native_error(&r, 429, "TooManyFailedAuthentications");
     let secs = retry_after(&r);
@@ -488,17 +470,22 @@ fn both_apis_count_a_bad_credential_the_same() {
 
     // The same count on the native API: the 11th bad token is the first refused unread.
     let bad = ("authorization", "Bearer frt_counted".to_owned());
+    fail_ten_times(&server, &bad);
+    let r = raw(&server, "GET", "/v1/nodes", &[bad], vec![]);
+    assert_native_error(&r, 429, "TooManyFailedAuthentications");
+    assert!((1..=60).contains(&retry_after(&r)));
+}
+
+/// Ten refused requests with the bad bearer `bad` (the guard's per-credential limit).
+fn fail_ten_times(server: &Server, bad: &(&'static str, String)) {
     for _ in 0..10 {
         let r = raw(
-            &server,
+            server,
             "GET",
             "/v1/nodes",
-            std::slice::from_ref(&bad),
+            std::slice::from_ref(bad),
             vec![],
         );
         assert_native_error(&r, 401, "Unauthorized");
     }
-    let r = raw(&server, "GET", "/v1/nodes", &[bad], vec![]);
-    assert_native_error(&r, 429, "TooManyFailedAuthentications");
-    assert!((1..=60).contains(&retry_after(&r)));
 }
