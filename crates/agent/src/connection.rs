@@ -487,6 +487,9 @@ impl Channel {
             ServerFrame::StreamCredit { stream, bytes } => self.streams.credit(stream, bytes),
             ServerFrame::StreamEof { stream } => self.streams.eof(stream),
             ServerFrame::StreamClose { stream, reason } => self.streams.close(stream, reason),
+            ServerFrame::StreamResize { stream, rows, cols } => {
+                self.streams.resize(stream, rows, cols)
+            }
             other @ (ServerFrame::Welcome { .. }
             | ServerFrame::Registered { .. }
             | ServerFrame::Challenge { .. }) => {
@@ -651,6 +654,7 @@ fn frame_name(frame: &ServerFrame) -> &'static str {
         ServerFrame::StreamCredit { .. } => "StreamCredit",
         ServerFrame::StreamEof { .. } => "StreamEof",
         ServerFrame::StreamClose { .. } => "StreamClose",
+        ServerFrame::StreamResize { .. } => "StreamResize",
     }
 }
 

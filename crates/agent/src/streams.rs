@@ -189,7 +189,13 @@ impl Streams {
             env,
             working_dir,
             pty,
-        } = kind;
+        } = kind
+        else {
+            let name = kind.name();
+            return refused(format!(
+                "{name} streams are not supported by this agent yet"
+            ));
+        };
         if pty {
             return refused("PTY streams are not supported by this agent yet".into());
         }
@@ -301,6 +307,15 @@ impl Streams {
         if let Some(h) = self.inner.lock().open.get(&stream) {
             let _ = h.input.send(Input::Eof);
         }
+    }
+
+    /// `StreamResize` from the server: the client's window changed (only PTY streams have one).
+    pub fn resize(&self, stream: StreamNo, rows: u16, cols: u16) {
+        if let Err(e) = fleetrun_proto::stream::check_window(rows, cols) {
+            return self.refuse(stream, format!("bad resize: {e}"));
+        }
+        // No PTY streams yet: nothing to resize.
+        let _ = self.inner.lock().open.get(&stream);
     }
 
     /// `StreamClose` from the server: hang the stream up.

@@ -381,6 +381,16 @@ pub enum ServerFrame {
         /// Why (for the agent's log).
         reason: String,
     },
+    /// Since version 4. The client's window changed size: the agent resizes the `Shell` stream's
+    /// PTY (the shell gets SIGWINCH). Ignored for other kinds.
+    StreamResize {
+        /// The stream.
+        stream: StreamNo,
+        /// Rows (1 to [`crate::stream::WINDOW_SIDE_MAX`]).
+        rows: u16,
+        /// Columns (1 to [`crate::stream::WINDOW_SIDE_MAX`]).
+        cols: u16,
+    },
 }
 
 /// The code of a [`ServerFrame::Error`]: why the server refuses a connection or ends it. On the wire
@@ -592,6 +602,7 @@ const SERVER_VARIANTS: &[(&str, &[&str])] = &[
     ("StreamCredit", &["stream", "bytes"]),
     ("StreamEof", &["stream"]),
     ("StreamClose", &["stream", "reason"]),
+    ("StreamResize", &["stream", "rows", "cols"]),
 ];
 
 /// Decodes a postcard frame; on failure, says where and what.
@@ -901,11 +912,44 @@ mod tests {
                 stream: 1,
                 reason: "client gone".into(),
             },
+            ServerFrame::StreamResize {
+                stream: 1,
+                rows: 50,
+                cols: 132,
+            },
         ];
         for (tag, f) in (9..).zip(server) {
             let bytes = f.encode();
             assert_eq!(bytes[0], tag, "{f:?}");
             assert!(format!("{f:?}").starts_with(SERVER_VARIANTS[usize::from(tag)].0));
+            assert_eq!(ServerFrame::decode(&bytes).unwrap(), f);
+        }
+        // Version 4's kinds come after Exec, which keeps its index (0) for version 3 agents.
+        for (index, kind) in [
+            StreamKind::Shell {
+                command: Some("top".into()),
+                run_as: None,
+                term: "xterm".into(),
+                rows: 24,
+                cols: 80,
+                env: vec![],
+            },
+            StreamKind::Tcp {
+                host: "localhost".into(),
+                port: 5432,
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let f = ServerFrame::StreamOpen {
+                stream: 2,
+                kind,
+                window: 1,
+            };
+            let bytes = f.encode();
+            // Tag, stream number (one varint byte), then the kind's index.
+            assert_eq!(usize::from(bytes[2]), index + 1, "{f:?}");
             assert_eq!(ServerFrame::decode(&bytes).unwrap(), f);
         }
         // A cut stream frame names its field.

@@ -42,9 +42,80 @@ pub enum StreamKind {
         env: Vec<(String, String)>,
         /// Working directory; empty for the user's home (`/` when it has none).
         working_dir: String,
-        /// A PTY instead of pipes (not supported yet: refused by the agent).
+        /// Always false: agents refuse `true` (a command on a PTY is a [`StreamKind::Shell`]).
         pty: bool,
     },
+    /// Since version 4. A PTY on the node running the login shell of `run_as` (or of the agent's
+    /// user), or `command` by that shell's `-c`: the stream's input is what the terminal is typed,
+    /// its output what the terminal shows (all as [`StreamFd::Stdout`]); it ends with the exit
+    /// status. The server sends the window size at the start and in `StreamResize`.
+    Shell {
+        /// A command instead of an interactive login shell.
+        command: Option<String>,
+        /// Run as this user (name or uid); the agent must be root.
+        run_as: Option<String>,
+        /// `TERM` for the PTY (the client's).
+        term: String,
+        /// Rows of the window.
+        rows: u16,
+        /// Columns of the window.
+        cols: u16,
+        /// Extra environment variables (name, value).
+        env: Vec<(String, String)>,
+    },
+    /// Since version 4. A TCP connection the agent makes from the node to `host:port` (a port
+    /// forward): the stream's input is written to it, its output is what it reads
+    /// ([`StreamFd::Stdout`]); the stream ends when either side closes (no exit status).
+    Tcp {
+        /// A host name or IP address, as the node resolves it (`localhost` for the node itself).
+        host: String,
+        /// The port, 1 to 65535.
+        port: u16,
+    },
+}
+
+/// Longest `TERM` of a `Shell` stream.
+pub const TERM_MAX: usize = 64;
+/// Longest host name of a `Tcp` stream (as DNS).
+pub const HOST_MAX: usize = 253;
+/// Largest window side of a `Shell` stream, in rows or columns.
+pub const WINDOW_SIDE_MAX: u16 = 4096;
+
+/// Checks a window size (a `Shell`'s start, or a `StreamResize`): 1 to [`WINDOW_SIDE_MAX`] each.
+pub fn check_window(rows: u16, cols: u16) -> Result<(), String> {
+    if (1..=WINDOW_SIDE_MAX).contains(&rows) && (1..=WINDOW_SIDE_MAX).contains(&cols) {
+        Ok(())
+    } else {
+        Err(format!(
+            "a window of {rows} rows and {cols} columns (each must be 1 to {WINDOW_SIDE_MAX})"
+        ))
+    }
+}
+
+fn check_env(env: &[(String, String)]) -> Result<(), String> {
+    if env.len() > STREAM_ENV_MAX {
+        return Err(format!(
+            "{} environment variables, more than {STREAM_ENV_MAX}",
+            env.len()
+        ));
+    }
+    if let Some((k, _)) = env
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
+        return Err(format!("bad environment variable name {k:?}"));
+    }
+    Ok(())
+}
+
+fn check_command(command: &str) -> Result<(), String> {
+    if command.len() > STREAM_COMMAND_MAX {
+        return Err(format!(
+            "command is {} bytes, more than {STREAM_COMMAND_MAX}",
+            command.len()
+        ));
+    }
+    Ok(())
 }
 
 impl StreamKind {
@@ -52,26 +123,63 @@ impl StreamKind {
     pub fn check(&self) -> Result<(), String> {
         match self {
             StreamKind::Exec { command, env, .. } => {
-                if command.len() > STREAM_COMMAND_MAX {
-                    return Err(format!(
-                        "command is {} bytes, more than {STREAM_COMMAND_MAX}",
-                        command.len()
-                    ));
+                check_command(command)?;
+                check_env(env)
+            }
+            StreamKind::Shell {
+                command,
+                term,
+                rows,
+                cols,
+                env,
+                ..
+            } => {
+                if let Some(c) = command {
+                    check_command(c)?;
                 }
-                if env.len() > STREAM_ENV_MAX {
-                    return Err(format!(
-                        "{} environment variables, more than {STREAM_ENV_MAX}",
-                        env.len()
-                    ));
-                }
-                if let Some((k, _)) = env
-                    .iter()
-                    .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+                if term.len() > TERM_MAX
+                    || !term
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
                 {
-                    return Err(format!("bad environment variable name {k:?}"));
+                    return Err(format!(
+                        "bad TERM {term:?} (at most {TERM_MAX} letters, digits and -_.+)"
+                    ));
+                }
+                check_window(*rows, *cols)?;
+                check_env(env)
+            }
+            StreamKind::Tcp { host, port } => {
+                if host.is_empty() || host.len() > HOST_MAX || host.contains(['\0', '/', ' ']) {
+                    return Err(format!(
+                        "bad host {host:?} (a name or address of 1 to {HOST_MAX} bytes)"
+                    ));
+                }
+                if *port == 0 {
+                    return Err("port 0 is not a port to connect to".into());
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The first protocol version with this kind: a server opens it only on connections whose
+    /// agent said that version or later.
+    pub fn since(&self) -> u32 {
+        match self {
+            StreamKind::Exec { .. } => crate::version::STREAMS_SINCE,
+            StreamKind::Shell { .. } | StreamKind::Tcp { .. } => {
+                crate::version::SHELLS_AND_TCP_SINCE
+            }
+        }
+    }
+
+    /// The kind's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StreamKind::Exec { .. } => "exec",
+            StreamKind::Shell { .. } => "shell",
+            StreamKind::Tcp { .. } => "tcp",
         }
     }
 }
@@ -318,6 +426,56 @@ mod tests {
         assert!(long.unwrap_err().contains("more than"));
         let bad = exec("true", vec![("A=B".into(), String::new())]).check();
         assert!(bad.unwrap_err().contains("bad environment variable"));
+    }
+
+    #[test]
+    fn shell_and_tcp_streams_are_checked() {
+        let shell = |term: &str, rows: u16, cols: u16| StreamKind::Shell {
+            command: None,
+            run_as: None,
+            term: term.into(),
+            rows,
+            cols,
+            env: vec![],
+        };
+        assert_eq!(shell("xterm-256color", 24, 80).check(), Ok(()));
+        assert!(
+            shell("xterm\n", 24, 80)
+                .check()
+                .unwrap_err()
+                .contains("TERM")
+        );
+        assert!(
+            shell("xterm", 0, 80)
+                .check()
+                .unwrap_err()
+                .contains("window")
+        );
+        assert!(
+            shell("xterm", 24, 5000)
+                .check()
+                .unwrap_err()
+                .contains("window")
+        );
+        let tcp = |host: &str, port: u16| StreamKind::Tcp {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(tcp("localhost", 22).check(), Ok(()));
+        assert!(tcp("", 22).check().unwrap_err().contains("bad host"));
+        assert!(tcp("a", 0).check().unwrap_err().contains("port 0"));
+        assert_eq!(tcp("a", 1).since(), crate::version::SHELLS_AND_TCP_SINCE);
+        assert_eq!(exec_kind().since(), crate::version::STREAMS_SINCE);
+    }
+
+    fn exec_kind() -> StreamKind {
+        StreamKind::Exec {
+            command: "true".into(),
+            run_as: None,
+            env: vec![],
+            working_dir: String::new(),
+            pty: false,
+        }
     }
 
     proptest! {

@@ -110,6 +110,7 @@ async fn open(server: TestServer, command: &str) -> (TestServer, ScriptedAgent, 
             assert_eq!(c, command);
             assert_eq!(env, vec![("A".to_owned(), "b".to_owned())]);
         }
+        other => panic!("an exec stream was expected, not {other:?}"),
     }
     assert!(window > 0);
     agent

@@ -5,7 +5,9 @@ mod support;
 
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, ServerFrame};
 use fleetrun_proto::stream::StreamFd;
-use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, STREAMS_SINCE};
+use fleetrun_proto::version::{
+    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SHELLS_AND_TCP_SINCE, STREAMS_SINCE,
+};
 use serde_json::json;
 use std::time::Duration;
 use support::{ScriptedAgent, TestServer};
@@ -13,7 +15,10 @@ use support::{ScriptedAgent, TestServer};
 /// A version 2 agent connects and runs a command as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_of_the_previous_version_is_served() {
-    assert_eq!((PROTOCOL_VERSION_MIN, STREAMS_SINCE), (2, PROTOCOL_VERSION));
+    assert_eq!(
+        (PROTOCOL_VERSION_MIN, STREAMS_SINCE, SHELLS_AND_TCP_SINCE),
+        (2, 3, PROTOCOL_VERSION)
+    );
     let server = TestServer::start().await;
     let mut agent = ScriptedAgent::register(&server, "v2-node").await;
     agent

@@ -39,6 +39,18 @@ pub enum OpenError {
         "the node's agent speaks channel protocol version {0}, without session streams (version {STREAMS_SINCE} or later is needed: upgrade the agent)"
     )]
     TooOld(u32),
+    /// The node's agent speaks a protocol without this kind of stream.
+    #[error(
+        "the node's agent speaks channel protocol version {version}, without {kind} sessions (version {since} or later is needed: upgrade the agent)"
+    )]
+    KindTooNew {
+        /// The kind's name.
+        kind: &'static str,
+        /// The version that has it.
+        since: u32,
+        /// The agent's.
+        version: u32,
+    },
     /// The connection ended.
     #[error("the node's agent disconnected")]
     Gone,
@@ -99,6 +111,13 @@ impl Streams {
     ) -> Result<StreamHandle, OpenError> {
         if self.version < STREAMS_SINCE {
             return Err(OpenError::TooOld(self.version));
+        }
+        if self.version < kind.since() {
+            return Err(OpenError::KindTooNew {
+                kind: kind.name(),
+                since: kind.since(),
+                version: self.version,
+            });
         }
         kind.check().map_err(OpenError::Bad)?;
         let recv = RecvWindow::new(window);
@@ -333,6 +352,18 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         let old = Arc::new(Streams::new(STREAMS_SINCE - 1, tx.clone()));
         assert!(matches!(old.open(exec(), 1), Err(OpenError::TooOld(_))));
+        // A version 3 agent gets exec streams, but no shells or TCP connections.
+        let v3 = Arc::new(Streams::new(STREAMS_SINCE, tx.clone()));
+        let tcp = StreamKind::Tcp {
+            host: "localhost".into(),
+            port: 22,
+        };
+        let e = v3.open(tcp, 1).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("without tcp sessions")),
+            "{e:?}"
+        );
         let streams = Arc::new(Streams::new(STREAMS_SINCE, tx));
         let mut h = streams.open(exec(), 1).unwrap();
         streams.close_all();
