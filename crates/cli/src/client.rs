@@ -398,10 +398,21 @@ impl Client {
     }
 
     /// `GET /v1/commands?limit=N`, newest first.
-    pub async fn commands(&self, limit: Option<u32>) -> anyhow::Result<Vec<Command>> {
-        let path = match limit {
-            Some(n) => format!("/v1/commands?limit={n}"),
-            None => "/v1/commands".to_owned(),
+    pub async fn commands(
+        &self,
+        limit: Option<u32>,
+        before: Option<&str>,
+    ) -> anyhow::Result<Vec<Command>> {
+        let mut query = Vec::new();
+        if let Some(n) = limit {
+            query.push(format!("limit={n}"));
+        }
+        if let Some(b) = before {
+            query.push(format!("before={}", encode(b)));
+        }
+        let path = match query.is_empty() {
+            true => "/v1/commands".to_owned(),
+            false => format!("/v1/commands?{}", query.join("&")),
         };
         self.json(self.request(Method::GET, &path)).await
     }
