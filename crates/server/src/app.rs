@@ -9,7 +9,6 @@ use crate::run::{dispatch, output, retention};
 use anyhow::Context;
 use fleetrun_store::Store;
 use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -152,14 +151,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             "sessions of the previous run marked ended"
         );
     }
-    let objects_dir = config.data_dir.join("objects");
-    std::fs::create_dir_all(&objects_dir)
-        .with_context(|| format!("cannot create {}", objects_dir.display()))?;
-    let objects: Arc<dyn ObjectStore> = Arc::new(
-        LocalFileSystem::new_with_prefix(&objects_dir)
-            .with_context(|| format!("cannot open object directory {}", objects_dir.display()))?
-            .with_automatic_cleanup(true),
-    );
+    let (objects, objects_place) =
+        crate::objects::open(&config.object_store, &config.data_dir).await?;
+    tracing::info!(place = %objects_place, "object store open");
 
     let admin_token_path = config.data_dir.join("admin.token");
     let admin_token = if store.has_api_tokens().await? {

@@ -9,6 +9,7 @@ mod dev;
 mod documents;
 mod exec;
 mod nodes;
+mod object_store;
 mod output;
 mod params;
 mod policies;

@@ -96,6 +96,8 @@ pub struct Args {
         value_name = "FILE"
     )]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    object_store: super::object_store::ObjectStoreArgs,
     /// Requests per second each API principal may make (bursts of 4x); 0 turns the limit off [default: 50]
     #[arg(
         long,
@@ -170,6 +172,7 @@ struct ServerFile {
     session_idle_timeout: Option<String>,
     /// "0" for no limit.
     session_max_duration: Option<String>,
+    object_store: Option<super::object_store::ObjectStoreFile>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -299,7 +302,9 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         },
         args.insecure_http || file.insecure_http.unwrap_or(false),
     )?;
+    let object_store = super::object_store::resolve(args.object_store, file.object_store)?;
     Ok(fleetrun_server::ServerConfig {
+        object_store,
         tls,
         heartbeat_secs,
         retention,
@@ -457,6 +462,7 @@ mod tests {
             tls_sans: Vec::new(),
             insecure_http: false,
             config,
+            object_store: Default::default(),
             rate_limit: None,
             secrets_key_file: None,
             header_read_timeout: None,
