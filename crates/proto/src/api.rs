@@ -742,3 +742,66 @@ pub struct Session {
     /// Where it is.
     pub status: SessionStatus,
 }
+
+/// An object kept for users (`fleetrun objects`): script inputs, results, files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    /// Its key: `/`-separated segments (see [`check_object_key`]).
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes, lowercase hex, measured by the server as it wrote them.
+    pub sha256: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Who wrote it.
+    pub created_by: String,
+}
+
+/// Longest object key, in bytes (as S3's).
+pub const OBJECT_KEY_MAX: usize = 1024;
+
+/// Checks an object key: 1 to [`OBJECT_KEY_MAX`] bytes of `/`-separated segments, none empty, `.`
+/// or `..`, each of ASCII letters, digits and `-._+=@,~`. The error says what is wrong.
+pub fn check_object_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > OBJECT_KEY_MAX {
+        return Err(format!(
+            "an object key is 1 to {OBJECT_KEY_MAX} bytes, not {}",
+            key.len()
+        ));
+    }
+    for seg in key.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return Err(format!(
+                "bad object key {key:?}: empty, `.` and `..` segments are not allowed"
+            ));
+        }
+        if let Some(c) = seg
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "-._+=@,~".contains(*c)))
+        {
+            return Err(format!(
+                "bad object key {key:?}: {c:?} is not allowed (letters, digits, -._+=@,~ and / between segments)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod object_key_tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_are_plain_paths() {
+        for good in ["a", "inputs/tool-1.2.tar.gz", "r/cmd=1/n@x,y~"] {
+            assert_eq!(check_object_key(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "", "/a", "a/", "a//b", "a/../b", "./a", "a b", "a\\b", "ä", "a?b",
+        ] {
+            assert!(check_object_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_object_key(&"x".repeat(OBJECT_KEY_MAX + 1)).is_err());
+    }
+}

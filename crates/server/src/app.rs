@@ -38,6 +38,8 @@ pub struct AppState {
     pub result_grace: Duration,
     /// The sessions running here (terminate, timeouts).
     pub sessions: crate::sessions::live::Live,
+    /// Keys of `/v1/objects` with an upload in progress.
+    pub uploads: crate::objects::api::Uploads,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Agent handshakes in progress per source address.
@@ -201,6 +203,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         data_dir: config.data_dir.clone(),
         retention: config.retention,
         result_grace: config.result_grace,
+        uploads: Default::default(),
         sessions: crate::sessions::live::Live::new(
             config.session_idle_timeout,
             config.session_max_duration,

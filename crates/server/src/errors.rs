@@ -89,6 +89,12 @@ pub enum Code {
     SessionNotFound,
     /// A session that is no longer running.
     SessionEnded,
+    /// An object key is not valid.
+    InvalidObjectKey,
+    /// No such object.
+    ObjectNotFound,
+    /// Another upload to the same key is in progress.
+    ObjectBusy,
     /// An idempotency key that is malformed or given twice.
     InvalidIdempotencyKey,
     /// An idempotency key used before for another request.
@@ -147,7 +153,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 62] = [
+    pub const ALL: [Code; 65] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -183,6 +189,9 @@ impl Code {
         Code::InvocationNotFound,
         Code::SessionNotFound,
         Code::SessionEnded,
+        Code::InvalidObjectKey,
+        Code::ObjectNotFound,
+        Code::ObjectBusy,
         Code::InvalidIdempotencyKey,
         Code::IdempotencyKeyMismatch,
         Code::InvalidUserName,
@@ -250,6 +259,9 @@ impl Code {
             Code::InvocationNotFound => StatusCode::NOT_FOUND,
             Code::SessionNotFound => StatusCode::NOT_FOUND,
             Code::SessionEnded => StatusCode::CONFLICT,
+            Code::InvalidObjectKey => StatusCode::BAD_REQUEST,
+            Code::ObjectNotFound => StatusCode::NOT_FOUND,
+            Code::ObjectBusy => StatusCode::CONFLICT,
             Code::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             Code::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Code::InvalidUserName => StatusCode::BAD_REQUEST,
@@ -318,6 +330,9 @@ impl Code {
             Code::InvocationNotFound => "InvocationNotFound",
             Code::SessionNotFound => "SessionNotFound",
             Code::SessionEnded => "SessionEnded",
+            Code::InvalidObjectKey => "InvalidObjectKey",
+            Code::ObjectNotFound => "ObjectNotFound",
+            Code::ObjectBusy => "ObjectBusy",
             Code::InvalidIdempotencyKey => "InvalidIdempotencyKey",
             Code::IdempotencyKeyMismatch => "IdempotencyKeyMismatch",
             Code::InvalidUserName => "InvalidUserName",
@@ -386,6 +401,9 @@ impl Code {
             Code::InvocationNotFound => "InvocationDoesNotExist",
             Code::SessionNotFound => "DoesNotExistException",
             Code::SessionEnded => "ValidationException",
+            Code::InvalidObjectKey => "ValidationException",
+            Code::ObjectNotFound => "DoesNotExistException",
+            Code::ObjectBusy => "ValidationException",
             Code::InvalidIdempotencyKey => "ValidationException",
             Code::IdempotencyKeyMismatch => "IdempotentParameterMismatch",
             Code::InvalidUserName => "ValidationException",
@@ -631,7 +649,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 62] = [
+    const TABLE: [(Code, u16, &str, &str); 65] = [
         (
             Code::InvalidRequest,
             400,
@@ -822,6 +840,19 @@ mod tests {
             "SessionEnded",
             "ValidationException",
         ),
+        (
+            Code::InvalidObjectKey,
+            400,
+            "InvalidObjectKey",
+            "ValidationException",
+        ),
+        (
+            Code::ObjectNotFound,
+            404,
+            "ObjectNotFound",
+            "DoesNotExistException",
+        ),
+        (Code::ObjectBusy, 409, "ObjectBusy", "ValidationException"),
         (
             Code::InvalidIdempotencyKey,
             400,

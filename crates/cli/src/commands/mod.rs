@@ -10,6 +10,7 @@ mod documents;
 mod exec;
 mod nodes;
 mod object_store;
+mod objects;
 mod output;
 mod params;
 mod policies;
@@ -130,6 +131,9 @@ enum Subcommands {
     /// Put, list, show and delete parameters that scripts reference as {{param:NAME}}
     #[command(subcommand)]
     Params(params::Cmd),
+    /// Put, get, list and delete objects kept by the server (script inputs, results, files)
+    #[command(subcommand)]
+    Objects(objects::Cmd),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -183,6 +187,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Whoami => users::whoami(&ctx).await,
         Subcommands::Policies(cmd) => policies::run(cmd),
         Subcommands::Params(cmd) => params::run(&ctx, cmd).await,
+        Subcommands::Objects(cmd) => objects::run(&ctx, cmd).await,
     }
 }
 

@@ -27,6 +27,7 @@ mod hostile_load;
 mod hostile_retry;
 mod limits;
 mod node_identity;
+mod objects;
 mod objects_s3;
 mod output;
 mod params;

@@ -73,9 +73,32 @@ fn output_goes_to_the_bucket_and_reads_back_byte_exact() {
         "objects outside the prefix, or a probe left behind: {all:?}"
     );
 
+    // Objects kept for users go to the bucket too, in multipart uploads (12 MiB: two parts).
+    let file = dir.path().join("input.bin");
+    let input: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &input).expect("write");
+    server
+        .cli(&[
+            "objects",
+            "put",
+            file.to_str().unwrap_or_default(),
+            "in/input.bin",
+        ])
+        .ok();
+    let keys = s3.keys("fleet-objects", "fleet/out/files/");
+    assert_eq!(
+        keys,
+        vec![(
+            "fleet/out/files/in/input.bin".to_owned(),
+            input.len() as u64
+        )]
+    );
+
     // A restarted server reads the same bytes back from the bucket.
     server.restart();
     assert!(server.output(&id, &node) == expected);
+    let back = server.cli(&["objects", "get", "in/input.bin", "-"]).ok();
+    assert!(back.stdout == input, "the object read back differs");
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! under the data dir by default, or a bucket of any S3-compatible store through `object_store`'s
 //! S3 backend. Opened and probed at start (a write, a read back, a delete), so a wrong endpoint,
 //! bucket or credential stops the server with an error naming it instead of failing the first
-//! command that has output to keep.
+//! command that has output to keep. [`api`] serves the objects kept for users (`/v1/objects`).
+
+pub mod api;
 
 use anyhow::Context;
 use object_store::aws::AmazonS3Builder;
