@@ -709,6 +709,42 @@ impl SessionStatus {
     }
 }
 
+/// Whether a session is recorded (`GET /v1/sessions/{id}/recording`), and how far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingStatus {
+    /// Not recorded.
+    #[default]
+    None,
+    /// Being written (the session runs); readable once it ends.
+    Recording,
+    /// Stored.
+    Complete,
+    /// It could not be written: nothing is stored.
+    Failed,
+}
+
+impl RecordingStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingStatus::None => "none",
+            RecordingStatus::Recording => "recording",
+            RecordingStatus::Complete => "complete",
+            RecordingStatus::Failed => "failed",
+        }
+    }
+    /// From the stored name; an unknown one reads as `Failed` (nothing is served).
+    pub fn from_stored(s: &str) -> Self {
+        match s {
+            "none" => RecordingStatus::None,
+            "recording" => RecordingStatus::Recording,
+            "complete" => RecordingStatus::Complete,
+            _ => RecordingStatus::Failed,
+        }
+    }
+}
+
 /// A record of one interactive session on a node (an exec today).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -741,4 +777,10 @@ pub struct Session {
     pub end_reason: String,
     /// Where it is.
     pub status: SessionStatus,
+    /// Whether it is recorded, and how far.
+    #[serde(default)]
+    pub recording: RecordingStatus,
+    /// The recording's size in bytes, once complete.
+    #[serde(default)]
+    pub recording_bytes: u64,
 }
