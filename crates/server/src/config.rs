@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub session_idle_timeout: Duration,
     /// A session running this long is ended ("max duration"); None (the default): no limit.
     pub session_max_duration: Option<Duration>,
+    /// Session recordings: on, input off, fail closed by default.
+    pub recording: crate::sessions::recording::Settings,
 }
 
 impl ServerConfig {
@@ -108,6 +110,7 @@ impl ServerConfig {
             result_grace: Self::DEFAULT_RESULT_GRACE,
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
             session_max_duration: None,
+            recording: Default::default(),
         }
     }
 }
