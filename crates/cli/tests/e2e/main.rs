@@ -31,6 +31,7 @@ mod output;
 mod params;
 mod protocol_version;
 mod rate;
+mod recording;
 mod retention;
 mod send;
 mod shutdown;

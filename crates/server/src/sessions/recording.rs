@@ -274,10 +274,10 @@ impl Recording {
 
     /// Drops the recording of a session that never started: the upload is aborted, nothing stored.
     pub async fn abort(self) {
-        if let Recording::On(r) = self {
-            if r.tx.send(Event::Abort).await.is_ok() {
-                let _ = r.writer.await;
-            }
+        if let Recording::On(r) = self
+            && r.tx.send(Event::Abort).await.is_ok()
+        {
+            let _ = r.writer.await;
         }
     }
 }
@@ -711,6 +711,8 @@ mod tests {
         let Outcome::Complete(size) = rec.finish().await else {
             panic!("not complete")
         };
+        let lines = stored(&objects, "big").await;
+        assert_eq!(output_of(&lines), "x".repeat(30_000));
         let seen = seen.lock();
         assert!(seen.parts.len() >= 30, "{:?}", seen.parts);
         let (last, full) = seen.parts.split_last().expect("parts");
@@ -718,8 +720,6 @@ mod tests {
         assert!(*last <= 1024);
         assert_eq!(seen.max_in_flight, 1, "one part in flight at a time");
         assert_eq!(seen.parts.iter().sum::<usize>() as u64, size);
-        let lines = stored(&objects, "big").await;
-        assert_eq!(output_of(&lines), "x".repeat(30_000));
     }
 
     #[tokio::test]
