@@ -480,3 +480,100 @@ fn retention_deletes_a_recording_with_its_session() {
     );
     assert!(!object.exists(), "the object is not left behind");
 }
+
+/// A recording whose upload cannot complete (something in the way of its object) is marked
+/// `failed` and never served half; the session itself ended normally.
+#[test]
+fn a_recording_that_cannot_be_completed_is_failed_never_served_half() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "rec-end", &[]);
+    let gate = server.scratch("rec-end").join("gate");
+    let script = format!("echo started; {}", crate::support::wait_for_file(&gate));
+    let mut child = server
+        .cli_cmd(&["exec", "rec-end", "--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let id = wait_until("the session to run", LIMIT, || {
+        let a = server.get_json("/v1/sessions?active=true");
+        a[0]["session_id"].as_str().map(str::to_owned)
+    });
+    // A non-empty directory where the finished file is to be renamed to.
+    let object = server
+        .data_dir
+        .join("objects/sessions")
+        .join(format!("{id}.cast"));
+    std::fs::create_dir_all(object.join("x")).expect("in the way");
+    std::fs::write(&gate, b"").expect("open the gate");
+    let status = wait_until("the CLI to exit", LIMIT, || child.try_wait().ok().flatten());
+    assert_eq!(status.code(), Some(0), "the session itself ended normally");
+    let s = server.get_json(&format!("/v1/sessions/{id}"));
+    assert_eq!(
+        (&s["recording"], &s["recording_bytes"]),
+        (&"failed".into(), &0.into()),
+        "{s}"
+    );
+    let (status, code, _) = answer(&server, &server.token, &id);
+    assert_eq!((status, code.as_str()), (404, "RecordingNotFound"));
+    let ends = server.get_json("/v1/audit?action=exec.end");
+    let error = ends[0]["params"]["recording_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.starts_with("recording failed: "), "{}", ends[0]);
+}
+
+/// A recording altered in the store is refused by `sessions play` with the line that is wrong,
+/// and Ctrl-C (SIGINT) stops a playback at once, exit 130.
+#[test]
+fn play_names_a_bad_line_and_stops_on_ctrl_c() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "rec-play", &[]);
+    let out = run(
+        server.cli_cmd(&["exec", "rec-play", "--", "echo one; sleep 1; echo two"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let id = newest_session(&server)["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Played 100 times slower, "two" is 100 s away: SIGINT ends it long before.
+    let mut child = server
+        .cli_cmd(&["sessions", "play", &id, "--speed", "0.01"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut first = [0u8; 4];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("the first line");
+    assert_eq!(&first, b"one\n");
+    crate::support::signal(child.id(), libc::SIGINT);
+    let status = wait_until("play to stop", Duration::from_secs(10), || {
+        child.try_wait().ok().flatten()
+    });
+    assert_eq!(status.code(), Some(130));
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut rest).expect("the rest");
+    assert!(rest.is_empty(), "nothing after the interrupt: {rest:?}");
+
+    let object = server
+        .data_dir
+        .join("objects/sessions")
+        .join(format!("{id}.cast"));
+    let good = std::fs::read_to_string(&object).expect("the recording");
+    let header = good.lines().next().expect("header").to_owned();
+    // Line 2 is broken.
+    let bad = format!("{header}\n[0.1, \"o\"]\n");
+    std::fs::write(&object, bad).expect("tamper");
+    let e = server.cli(&["sessions", "play", &id, "--speed", "100"]);
+    assert_eq!(e.code(), Some(1), "{}", e.stderr);
+    assert!(e.stderr.contains("line 2"), "{}", e.stderr);
+    std::fs::write(&object, "{\"version\":1}\n").expect("tamper");
+    let e = server.cli(&["sessions", "play", &id]);
+    assert!(e.stderr.contains("asciicast version 1"), "{}", e.stderr);
+    assert!(!e.stderr.contains("panicked"), "{}", e.stderr);
+}
