@@ -27,6 +27,7 @@
 //! | `GET /v1/sessions?active=true&limit=N&before=ID` | | `[Session]` newest first, on the nodes one may `shell` on |
 //! | `GET /v1/sessions/{session_id}` | | [`Session`] |
 //! | `POST /v1/sessions/{session_id}/terminate` | | [`Session`] as it was; the `terminate-session` action (409 when not running) |
+//! | `GET /v1/sessions/{session_id}/recording` | | an ended session's recording, asciicast v2 (`application/x-asciicast`), streamed; 409 `RecordingNotReady` while it runs, 404 `RecordingNotFound` without one |
 //! | `GET /v1/nodes/{node_id}/exec` | WebSocket upgrade: a live one-shot command ([`crate::stream::client`]); the `shell` action | |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |
