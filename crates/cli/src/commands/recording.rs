@@ -88,7 +88,13 @@ pub async fn play(client: &Client, id: &str, pace: Pace) -> anyhow::Result<ExitC
                 gap = gap.min(m);
             }
             at += gap / pace.speed;
-            tokio::time::sleep_until(started + Duration::from_secs_f64(at)).await;
+            let due = Duration::try_from_secs_f64(at)
+                .ok()
+                .and_then(|d| started.checked_add(d))
+                .with_context(|| {
+                    format!("line {n} of the recording is too far out to play ({t} s)")
+                })?;
+            tokio::time::sleep_until(due).await;
             match code.as_str() {
                 "o" => {
                     let mut out = stdout.lock();

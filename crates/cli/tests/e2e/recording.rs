@@ -572,8 +572,38 @@ fn play_names_a_bad_line_and_stops_on_ctrl_c() {
     let e = server.cli(&["sessions", "play", &id, "--speed", "100"]);
     assert_eq!(e.code(), Some(1), "{}", e.stderr);
     assert!(e.stderr.contains("line 2"), "{}", e.stderr);
+    let far = format!("{header}\n[1e300, \"o\", \"late\"]\n");
+    std::fs::write(&object, far).expect("tamper");
+    let e = server.cli(&["sessions", "play", &id, "--speed", "0.5"]);
+    assert!(e.stderr.contains("too far out to play"), "{}", e.stderr);
     std::fs::write(&object, "{\"version\":1}\n").expect("tamper");
     let e = server.cli(&["sessions", "play", &id]);
     assert!(e.stderr.contains("asciicast version 1"), "{}", e.stderr);
     assert!(!e.stderr.contains("panicked"), "{}", e.stderr);
+}
+
+/// With `--record-input` the bytes sent to the session are recorded as "i" events too (off by
+/// default: the first test sees none).
+#[test]
+fn with_record_input_what_is_sent_is_recorded() {
+    let server = Server::start_with(&["--record-input"]);
+    let _agent = Agent::start(&server, "rec-input", &[]);
+    let out = crate::support::run_input(
+        server.cli_cmd(&["exec", "rec-input", "--", "cat"]),
+        Some(b"typed p4ssw0rd\n"),
+        LIMIT,
+    );
+    assert_eq!(out.stdout_str(), "typed p4ssw0rd\n", "{}", out.stderr);
+    let id = newest_session(&server)["session_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let lines = parse_cast(&server.cli(&["sessions", "recording", &id]).ok().stdout);
+    let input: String = lines[1..]
+        .iter()
+        .filter(|l| l[1] == "i")
+        .map(|l| l[2].as_str().expect("text"))
+        .collect();
+    assert_eq!(input, "typed p4ssw0rd\n");
+    assert_eq!(output_of(&lines), "typed p4ssw0rd\n");
 }
