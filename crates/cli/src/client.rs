@@ -379,6 +379,13 @@ impl Client {
         Ok(())
     }
 
+    /// `GET /v1/sessions/{id}/recording`: the asciicast file, to be read chunk by chunk.
+    pub async fn recording(&self, id: &str) -> anyhow::Result<Output<'_>> {
+        let path = format!("/v1/sessions/{}/recording", encode(id));
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        Ok(Output { client: self, resp })
+    }
+
     /// `GET /v1/audit`.
     pub async fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditRecord>> {
         let mut url = reqwest::Url::parse("http://query.invalid/v1/audit")?;

@@ -27,6 +27,7 @@
 //! | `GET /v1/sessions?active=true&limit=N&before=ID` | | `[Session]` newest first, on the nodes one may `shell` on |
 //! | `GET /v1/sessions/{session_id}` | | [`Session`] |
 //! | `POST /v1/sessions/{session_id}/terminate` | | [`Session`] as it was; the `terminate-session` action (409 when not running) |
+//! | `GET /v1/sessions/{session_id}/recording` | | an ended session's recording, asciicast v2 (`application/x-asciicast`), streamed; 409 `RecordingNotReady` while it runs, 404 `RecordingNotFound` without one |
 //! | `GET /v1/nodes/{node_id}/exec` | WebSocket upgrade: a live one-shot command ([`crate::stream::client`]); the `shell` action | |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |
@@ -709,6 +710,42 @@ impl SessionStatus {
     }
 }
 
+/// Whether a session is recorded (`GET /v1/sessions/{id}/recording`), and how far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingStatus {
+    /// Not recorded.
+    #[default]
+    None,
+    /// Being written (the session runs); readable once it ends.
+    Recording,
+    /// Stored.
+    Complete,
+    /// It could not be written: nothing is stored.
+    Failed,
+}
+
+impl RecordingStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingStatus::None => "none",
+            RecordingStatus::Recording => "recording",
+            RecordingStatus::Complete => "complete",
+            RecordingStatus::Failed => "failed",
+        }
+    }
+    /// From the stored name; an unknown one reads as `Failed` (nothing is served).
+    pub fn from_stored(s: &str) -> Self {
+        match s {
+            "none" => RecordingStatus::None,
+            "recording" => RecordingStatus::Recording,
+            "complete" => RecordingStatus::Complete,
+            _ => RecordingStatus::Failed,
+        }
+    }
+}
+
 /// A record of one interactive session on a node (an exec today).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -741,6 +778,12 @@ pub struct Session {
     pub end_reason: String,
     /// Where it is.
     pub status: SessionStatus,
+    /// Whether it is recorded, and how far.
+    #[serde(default)]
+    pub recording: RecordingStatus,
+    /// The recording's size in bytes, once complete.
+    #[serde(default)]
+    pub recording_bytes: u64,
 }
 
 /// An object kept for users (`fleetrun objects`): script inputs, results, files.

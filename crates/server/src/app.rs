@@ -40,6 +40,8 @@ pub struct AppState {
     pub sessions: crate::sessions::live::Live,
     /// Keys of `/v1/objects` with an upload in progress.
     pub uploads: crate::objects::api::Uploads,
+    /// Whether and how sessions are recorded.
+    pub recording: crate::sessions::recording::Settings,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Agent handshakes in progress per source address.
@@ -208,6 +210,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             config.session_idle_timeout,
             config.session_max_duration,
         ),
+        recording: config.recording,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         handshakes_by_address: conn::Counter::default(),
         max_handshakes_per_address: config.max_handshakes_per_address,

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub session_max_duration: Option<Duration>,
     /// Where objects (output, recordings, files) are kept: `DATA_DIR/objects` by default.
     pub object_store: crate::objects::ObjectStoreConfig,
+    /// Session recordings: on, input off, fail closed by default.
+    pub recording: crate::sessions::recording::Settings,
 }
 
 impl ServerConfig {
@@ -111,6 +113,7 @@ impl ServerConfig {
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
             session_max_duration: None,
             object_store: Default::default(),
+            recording: Default::default(),
         }
     }
 }

@@ -95,6 +95,10 @@ pub enum Code {
     ObjectNotFound,
     /// Another upload to the same key is in progress.
     ObjectBusy,
+    /// A session without a (stored) recording.
+    RecordingNotFound,
+    /// A session whose recording is still being written (it runs).
+    RecordingNotReady,
     /// An idempotency key that is malformed or given twice.
     InvalidIdempotencyKey,
     /// An idempotency key used before for another request.
@@ -153,7 +157,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 65] = [
+    pub const ALL: [Code; 67] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -192,6 +196,8 @@ impl Code {
         Code::InvalidObjectKey,
         Code::ObjectNotFound,
         Code::ObjectBusy,
+        Code::RecordingNotFound,
+        Code::RecordingNotReady,
         Code::InvalidIdempotencyKey,
         Code::IdempotencyKeyMismatch,
         Code::InvalidUserName,
@@ -262,6 +268,8 @@ impl Code {
             Code::InvalidObjectKey => StatusCode::BAD_REQUEST,
             Code::ObjectNotFound => StatusCode::NOT_FOUND,
             Code::ObjectBusy => StatusCode::CONFLICT,
+            Code::RecordingNotFound => StatusCode::NOT_FOUND,
+            Code::RecordingNotReady => StatusCode::CONFLICT,
             Code::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             Code::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Code::InvalidUserName => StatusCode::BAD_REQUEST,
@@ -333,6 +341,8 @@ impl Code {
             Code::InvalidObjectKey => "InvalidObjectKey",
             Code::ObjectNotFound => "ObjectNotFound",
             Code::ObjectBusy => "ObjectBusy",
+            Code::RecordingNotFound => "RecordingNotFound",
+            Code::RecordingNotReady => "RecordingNotReady",
             Code::InvalidIdempotencyKey => "InvalidIdempotencyKey",
             Code::IdempotencyKeyMismatch => "IdempotencyKeyMismatch",
             Code::InvalidUserName => "InvalidUserName",
@@ -404,6 +414,8 @@ impl Code {
             Code::InvalidObjectKey => "ValidationException",
             Code::ObjectNotFound => "DoesNotExistException",
             Code::ObjectBusy => "ValidationException",
+            Code::RecordingNotFound => "DoesNotExistException",
+            Code::RecordingNotReady => "ValidationException",
             Code::InvalidIdempotencyKey => "ValidationException",
             Code::IdempotencyKeyMismatch => "IdempotentParameterMismatch",
             Code::InvalidUserName => "ValidationException",
@@ -649,7 +661,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 65] = [
+    const TABLE: [(Code, u16, &str, &str); 67] = [
         (
             Code::InvalidRequest,
             400,
@@ -853,6 +865,18 @@ mod tests {
             "DoesNotExistException",
         ),
         (Code::ObjectBusy, 409, "ObjectBusy", "ValidationException"),
+        (
+            Code::RecordingNotFound,
+            404,
+            "RecordingNotFound",
+            "DoesNotExistException",
+        ),
+        (
+            Code::RecordingNotReady,
+            409,
+            "RecordingNotReady",
+            "ValidationException",
+        ),
         (
             Code::InvalidIdempotencyKey,
             400,

@@ -14,6 +14,7 @@ mod objects;
 mod output;
 mod params;
 mod policies;
+mod recording;
 mod send;
 mod server;
 mod sessions;
@@ -93,7 +94,7 @@ enum Subcommands {
     Send(Box<send::Args>),
     /// Run a command on one node live: its output streamed, stdin piped, its exit status ours
     Exec(exec::Args),
-    /// List exec sessions, newest first; show or terminate one
+    /// List exec sessions, newest first; show or terminate one, get or play its recording
     Sessions(sessions::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),

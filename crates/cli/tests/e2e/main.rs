@@ -33,6 +33,7 @@ mod output;
 mod params;
 mod protocol_version;
 mod rate;
+mod recording;
 mod retention;
 mod send;
 mod shutdown;

@@ -155,6 +155,7 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/nodes/{node_id}/exec") => "nodes.exec",
         ("GET", "/v1/sessions") => "sessions.list",
         ("GET", "/v1/sessions/{session_id}") => "sessions.get",
+        ("GET", "/v1/sessions/{session_id}/recording") => "sessions.recording",
         ("POST", "/v1/sessions/{session_id}/terminate") => "sessions.terminate",
         ("POST", "/v1/commands") => "commands.send",
         ("GET", "/v1/commands") => "commands.list",

@@ -50,6 +50,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(crate::sessions::api::list))
         .route("/v1/sessions/{session_id}", get(crate::sessions::api::get))
         .route(
+            "/v1/sessions/{session_id}/recording",
+            get(crate::sessions::api::recording),
+        )
+        .route(
             "/v1/sessions/{session_id}/terminate",
             post(crate::sessions::api::terminate),
         )

@@ -1,11 +1,13 @@
 //! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, relayed live to the client's
 //! WebSocket (the messages are `fleetrun_proto::stream::client`). Authorized by the `shell`
-//! action on the node; opened and ended in the audit trail.
+//! action on the node; opened and ended in the audit trail; recorded when [`recorded`] says so
+//! (`super::recording`: output, input when configured, resizes).
 //!
 //! Flow control end to end: the agent gets output credit only as the client's socket accepts the
 //! bytes, and the client's stdin is read only as far as the agent grants credit (one message
 //! ahead at most), so a stream holds at most one window per direction here.
 
+use super::recording::{self, Outcome, Recording};
 use super::streams::{AgentEvent, StreamHandle, Streams};
 use crate::AppState;
 use crate::access::audit as trail;
@@ -131,10 +133,28 @@ impl Session {
             run_as: req.run_as.clone(),
             command: req.command.clone(),
             started_at: 0,
+            recording: Default::default(),
         };
         // The trail's open and end name the record they belong to.
         let mut params = params;
         params["session_id"] = record.session_id.clone().into();
+        // Recording starts before anything runs: one that cannot start refuses the session.
+        let header = self.recording_header(&req);
+        let recording = Recording::start(
+            self.state.objects.as_ref(),
+            self.state.recording,
+            recorded(&req),
+            &record.session_id,
+            header,
+        );
+        let mut recording = match recording.await {
+            Ok(r) => r,
+            Err(message) => {
+                self.audit("exec.refused", params, &message).await;
+                return refuse(sink, close_code::ERROR, &message).await;
+            }
+        };
+        record.recording = recording.status();
         let kind = StreamKind::Exec {
             command: req.command,
             run_as: (!req.run_as.is_empty()).then_some(req.run_as),
@@ -145,6 +165,7 @@ impl Session {
         let stream = match streams.open(kind, OUTPUT_WINDOW) {
             Ok(s) => s,
             Err(e) => {
+                recording.abort().await;
                 let message = e.to_string();
                 self.audit("exec.refused", params, &message).await;
                 return refuse(sink, close_code::AGAIN, &message).await;
@@ -161,14 +182,27 @@ impl Session {
             &self,
             &mut record,
             &mut registration.stop,
+            &mut recording,
         )
         .await;
         drop(registration);
+        // The recording completes before the record and the client hear of the end.
+        let recorded = if ended.started {
+            recording.finish().await
+        } else {
+            recording.abort().await;
+            Outcome::None
+        };
         let mut end = serde_json::json!({
             "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
+            "recording": recorded.status().0.as_str(),
         });
+        if let Outcome::Failed(why) = &recorded {
+            tracing::error!(session = %record.session_id, "{why}");
+            end["recording_error"] = why.clone().into();
+        }
         if ended.started {
-            self.record_end(&record.session_id, &ended).await;
+            self.record_end(&record.session_id, &ended, &recorded).await;
         }
         let result = match (&ended.exit, &ended.error) {
             (Some((code, signal)), None) => {
@@ -208,8 +242,11 @@ impl Session {
     }
 
     /// Completes the session's record with how it ended.
-    async fn record_end(&self, session_id: &str, ended: &Ended) {
+    async fn record_end(&self, session_id: &str, ended: &Ended, recorded: &Outcome) {
+        let (recording, recording_bytes) = recorded.status();
         let end = SessionEnd {
+            recording,
+            recording_bytes,
             ended_at: now_ms(),
             bytes_in: ended.bytes_in,
             bytes_out: ended.bytes_out,
@@ -229,6 +266,19 @@ impl Session {
         }
     }
 
+    /// What the session's recording says of it: the PTY's size and `TERM` when it has one.
+    fn recording_header(&self, req: &ExecRequest) -> recording::Header {
+        let title = format!("{}@{}: {}", self.principal, self.node, req.command);
+        recording::Header {
+            width: recording::DEFAULT_SIZE.0,
+            height: recording::DEFAULT_SIZE.1,
+            timestamp: now_ms() / 1000,
+            term: req.env.get("TERM").cloned(),
+            shell: req.env.get("SHELL").cloned(),
+            title: title.chars().take(200).collect(),
+        }
+    }
+
     async fn audit(&self, action: &str, params: serde_json::Value, result: &str) {
         let entry = AuditEntry {
             at: now_ms(),
@@ -242,6 +292,12 @@ impl Session {
         };
         trail::record(&self.state.store, entry, true).await;
     }
+}
+
+/// Whether a session is recorded: the one place it is decided. Every exec for now; interactive
+/// shells (sessions with a PTY) once they exist.
+fn recorded(_req: &ExecRequest) -> bool {
+    true
 }
 
 /// The client's first message: a JSON [`ExecRequest`] within [`FIRST_MESSAGE_TIMEOUT`].
@@ -280,6 +336,7 @@ async fn relay(
     session: &Session,
     record: &mut NewSession,
     stop: &mut tokio::sync::oneshot::Receiver<String>,
+    recording: &mut Recording,
 ) -> Ended {
     let mut ended = Ended::default();
     let live = &session.state.sessions;
@@ -349,6 +406,10 @@ async fn relay(
                         StreamFd::Stderr => TAG_STDERR,
                     };
                     let n = bytes.len();
+                    // Recorded before the client sees it: failing closed, nothing goes unrecorded.
+                    if let Err(why) = recording.output(&bytes).await {
+                        return terminated(stream, ended, why);
+                    }
                     let mut msg = Vec::with_capacity(n + 1);
                     msg.push(tag);
                     msg.extend_from_slice(&bytes);
@@ -384,6 +445,9 @@ async fn relay(
                     }
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
+                            if let Err(why) = recording.input(rest).await {
+                                return terminated(stream, ended, why);
+                            }
                             ended.bytes_in += rest.len() as u64;
                             last = Instant::now();
                             pending.extend_from_slice(rest);
