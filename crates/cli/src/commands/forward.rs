@@ -346,7 +346,7 @@ pub async fn proxy(ctx: &Ctx, args: ProxyArgs) -> anyhow::Result<ExitCode> {
     let (mut control_tx, mut control_rx) = control.split();
     let mut sigterm = signal(SignalKind::terminate())?;
     let ended = tokio::select! {
-        r = carry(&client, &id, tokio::io::stdin(), tokio::io::stdout()) => r,
+        r = carry(&client, &id, stdin(), tokio::io::stdout()) => r,
         msg = control_rx.next() => Err(match msg {
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<ForwardEvent>(t.as_str()) {
                 Ok(ForwardEvent::Error { message }) => session_failed(message),
@@ -358,6 +358,31 @@ pub async fn proxy(ctx: &Ctx, args: ProxyArgs) -> anyhow::Result<ExitCode> {
     };
     close(&mut control_tx).await;
     ended.map(|()| ExitCode::SUCCESS)
+}
+
+/// Stdin as an async reader fed by a thread of its own: a blocking read cannot be cancelled, and
+/// tokio's own stdin would hold up the exit until it returned (ssh keeps our stdin open until we
+/// exit). A pipe of one message's size keeps the thread at most that far ahead.
+fn stdin() -> tokio::io::DuplexStream {
+    let (reader, mut writer) = tokio::io::duplex(DATA_MESSAGE_MAX);
+    let rt = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; DATA_MESSAGE_MAX];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if rt.block_on(writer.write_all(&buf[..n])).is_err() {
+                return;
+            }
+        }
+        // The end of stdin: the reader sees its end once the writer is gone.
+        let _ = rt.block_on(writer.shutdown());
+    });
+    reader
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! through `ProxyCommand`, failures on the node, the `port-forward` and `port-forward-remote`
 //! actions, terminate, and no socket left open on the node.
 
-use crate::support::{Agent, Server, run, run_input, signal, wait_until};
+use crate::support::{Agent, AgentOpts, Server, run, run_input, signal, wait_until};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -293,15 +293,24 @@ fn port_forward_carries_a_gigabyte_byte_exact_both_ways() {
 #[test]
 fn port_forward_carries_fifty_connections_at_once() {
     let server = Server::start();
-    let _agent = Agent::start(&server, "fwd-many", &[]);
+    // 50 streams at once: past the agent's default cap of 32 (--max-streams).
+    let _agent = Agent::start_opts(
+        &server,
+        "fwd-many",
+        AgentOpts::args(&["--max-streams", "64"]),
+    );
     let echo = echo_server();
     let mut fwd = Forwarding::start(&server, "fwd-many", &format!("0:127.0.0.1:{}", echo.port));
     let addr = fwd.bound;
+    // Every connection is open before any sends: 50 streams at the same time.
+    let all_open = Arc::new(std::sync::Barrier::new(50));
     let threads: Vec<_> = (0..50u64)
         .map(|i| {
+            let all_open = all_open.clone();
             std::thread::spawn(move || {
                 let input = noise(256 * 1024 + i as usize * 4099, i + 7);
                 let mut conn = TcpStream::connect(addr).expect("connect");
+                all_open.wait();
                 let mut reader = conn.try_clone().expect("clone");
                 let reading = std::thread::spawn(move || {
                     let mut out = Vec::new();
@@ -318,7 +327,8 @@ fn port_forward_carries_fifty_connections_at_once() {
         let (same, sent, got) = t.join().expect("connection thread");
         assert!(
             same,
-            "connection {i}: sent {sent} bytes, got {got} back, not the same"
+            "connection {i}: sent {sent} bytes, got {got} back, not the same; {}",
+            fwd.stderr()
         );
     }
     assert_eq!(echo.accepted.load(Ordering::SeqCst), 50);
@@ -423,10 +433,8 @@ fn openssh_works_through_proxy_command() {
         assert_eq!(out.code(), Some(0), "ssh-keygen: {}", out.stderr);
     }
     std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys")).expect("authorized_keys");
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // Below the ephemeral range: no outgoing connection of another test takes it meanwhile.
+    let port = crate::support::free_port("127.0.0.1");
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nAuthorizedKeysFile {keys}\n\
@@ -443,7 +451,7 @@ fn openssh_works_through_proxy_command() {
         .arg("-f")
         .arg(dir.join("sshd_config"))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("sshd.log")).expect("sshd.log"))
         .spawn()
         .expect("start sshd");
     struct Kill<'a>(&'a mut Child);
@@ -491,8 +499,33 @@ fn openssh_works_through_proxy_command() {
             .arg("echo through-ssh; head -c 1000000 /dev/zero | sha256sum");
         ssh
     };
-    let out = run(ssh, LIMIT);
-    assert_eq!(out.code(), Some(0), "ssh: {}", out.stderr);
+    let (out, err) = (dir.join("ssh.out"), dir.join("ssh.err"));
+    let mut ssh = ssh;
+    let mut child = ssh
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("ssh.out"))
+        .stderr(std::fs::File::create(&err).expect("ssh.err"))
+        .spawn()
+        .expect("ssh");
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ssh ended {status:?}\nssh stderr: {}\nsshd: {}",
+        read(&err),
+        read(&dir.join("sshd.log"))
+    );
     let expected = run(
         {
             let mut c = Command::new("sh");
@@ -502,7 +535,7 @@ fn openssh_works_through_proxy_command() {
         LIMIT,
     );
     assert_eq!(
-        out.stdout_str(),
+        read(&out),
         format!("through-ssh\n{}", expected.stdout_str())
     );
     drop(daemon);

@@ -216,7 +216,7 @@ async fn control(state: Arc<AppState>, forward: Arc<Forward>, source: String, so
         port: forward.port,
     };
     let ended = if sink.send(event(&ready)).await.is_err() {
-        Err("the client left".to_owned())
+        Err(LEFT.to_owned())
     } else {
         watch(&state, &forward, &mut client, &mut registration.stop).await
     };
@@ -257,8 +257,13 @@ async fn control(state: Arc<AppState>, forward: Arc<Forward>, source: String, so
     audit("port-forward.end", params, result.into()).await;
     if terminated {
         refuse(sink, close_code::NORMAL, &reason).await;
+    } else if reason != LEFT {
+        refuse(sink, close_code::POLICY, &reason).await;
     }
 }
+
+/// Why a session or connection ended when its client went away.
+const LEFT: &str = "the client left";
 
 /// Waits for the session's end: `Ok(reason)` when the server ends it (terminate, a timeout),
 /// `Err(reason)` when the client does (it left or broke the rules).
@@ -284,9 +289,7 @@ async fn watch(
             }
             () = sleep_until_or_never(max_at) => return Ok("max duration".into()),
             msg = client.next() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
-                    return Err("the client left".into());
-                }
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(LEFT.into()),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => {
                     return Err("the control socket carries no messages from the client".into());
@@ -390,7 +393,7 @@ async fn pipe(
     stream: &mut StreamHandle,
     forward: &Forward,
 ) -> Result<(), String> {
-    let left = |_| "the client left".to_owned();
+    let left = |_| LEFT.to_owned();
     // The agent's credit for our bytes; `None` until it connected.
     let mut credit: Option<SendWindow> = None;
     // Bytes read from the client and not yet sent (at most one message).
@@ -437,7 +440,7 @@ async fn pipe(
                 Some(AgentEvent::Close(Some(error))) => return Err(error),
             },
             msg = client.next(), if pending.is_empty() => match msg {
-                None | Some(Ok(Message::Close(_))) => return Err("the client left".into()),
+                None | Some(Ok(Message::Close(_))) => return Err(LEFT.into()),
                 Some(Err(e)) => return Err(format!("bad message: {e}")),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(b))) => {
