@@ -1,6 +1,11 @@
 //! Session streams on the agent (protocol version 3): the multiplexer that runs what a
-//! `StreamOpen` asks for (today a one-shot `Exec`, without a PTY) and moves its bytes within each
-//! stream's credit (see `fleetrun_proto::stream` and docs/protocol.md, "Session streams").
+//! `StreamOpen` asks for (a one-shot `Exec`, without a PTY; since version 4 a `Tcp` connection
+//! from the node) and moves its bytes within each stream's credit (see `fleetrun_proto::stream`
+//! and docs/protocol.md, "Session streams").
+//!
+//! A `Tcp` stream shares the same machinery: one pump (the socket's read half) and one feeder
+//! (its write half, shut down at `StreamEof`); it ends with `StreamClose` when the peer closes,
+//! without `StreamExit`, and a hang-up closes the socket.
 //!
 //! Each stream has a task: it spawns `sh -c COMMAND` in its own session and process group, pumps
 //! stdout and stderr as `StreamData` never past the server's credit, writes the server's input to
@@ -26,7 +31,8 @@ use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -183,22 +189,30 @@ impl Streams {
         if let Err(e) = kind.check() {
             return refused(format!("bad stream: {e}"));
         }
-        let StreamKind::Exec {
-            command,
-            run_as,
-            env,
-            working_dir,
-            pty,
-        } = kind
-        else {
-            let name = kind.name();
-            return refused(format!(
-                "{name} streams are not supported by this agent yet"
-            ));
+        let task = match kind {
+            StreamKind::Exec { pty: true, .. } => {
+                return refused("PTY streams are not supported by this agent yet".into());
+            }
+            StreamKind::Exec {
+                command,
+                run_as,
+                env,
+                working_dir,
+                pty: false,
+            } => Task::Exec(Exec {
+                command,
+                run_as,
+                env,
+                working_dir,
+            }),
+            StreamKind::Tcp { host, port } => Task::Tcp { host, port },
+            other => {
+                let name = other.name();
+                return refused(format!(
+                    "{name} streams are not supported by this agent yet"
+                ));
+            }
         };
-        if pty {
-            return refused("PTY streams are not supported by this agent yet".into());
-        }
         let send = match SendWindow::new(window) {
             Ok(w) => w,
             Err(e) => return refused(format!("bad window: {e}")),
@@ -232,27 +246,20 @@ impl Streams {
             );
             (serial, inner.generation)
         };
-        let exec = Exec {
-            command,
-            run_as,
-            env,
-            working_dir,
+        let tag = Tag {
+            stream,
+            serial,
+            generation,
         };
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let ended = me
-                .run_exec(
-                    Tag {
-                        stream,
-                        serial,
-                        generation,
-                    },
-                    exec,
-                    credit,
-                    input_rx,
-                    stop_rx,
-                )
-                .await;
+            let ended = match task {
+                Task::Exec(exec) => me.run_exec(tag, exec, credit, input_rx, stop_rx).await,
+                Task::Tcp { host, port } => {
+                    me.run_tcp(tag, &host, port, credit, input_rx, stop_rx)
+                        .await
+                }
+            };
             me.finish(stream, serial, generation, ended);
         });
     }
@@ -373,6 +380,16 @@ struct Tag {
     generation: u64,
 }
 
+/// What a stream's task runs.
+enum Task {
+    Exec(Exec),
+    /// A TCP connection from the node to `host:port`.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+}
+
 /// What an `Exec` stream runs.
 struct Exec {
     command: String,
@@ -398,13 +415,14 @@ impl Ended {
     }
 }
 
-/// Reads one pipe of the stream's process and queues it as `StreamData`, never past the credit.
+/// Reads one source of the stream (a pipe of its process, its TCP connection) and queues it as
+/// `StreamData`, never past the credit; returns at the source's end.
 async fn pump(
     streams: Arc<Streams>,
     stream: StreamNo,
     generation: u64,
     fd: StreamFd,
-    mut rx: pipe::Receiver,
+    mut rx: impl AsyncRead + Unpin,
     credit: Arc<Credit>,
 ) {
     let mut buf = vec![0u8; STREAM_FRAME_MAX];
@@ -414,7 +432,7 @@ async fn pump(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::warn!(stream, ?fd, "cannot read the stream's pipe: {e}");
+                tracing::warn!(stream, ?fd, "cannot read the stream's source: {e}");
                 return;
             }
         };
@@ -429,28 +447,37 @@ async fn pump(
     }
 }
 
-/// Writes the server's input to the process's stdin, granting credit back as it is taken. Input
-/// after the process closed its stdin is dropped (and still credited, so the server never stalls).
-async fn feed_stdin(
+/// Writes the server's input to the stream's sink (the process's stdin, the TCP connection),
+/// granting credit back as it is taken; at `StreamEof` the sink is shut down (a TCP half-close)
+/// and dropped. Input after the sink closed is dropped (and still credited, so the server never
+/// stalls).
+async fn feed<W: AsyncWrite + Unpin>(
     streams: Arc<Streams>,
-    stream: StreamNo,
-    serial: u64,
-    generation: u64,
-    mut stdin: Option<pipe::Sender>,
+    tag: Tag,
+    mut sink: Option<W>,
     mut input: mpsc::UnboundedReceiver<Input>,
 ) {
+    let Tag {
+        stream,
+        serial,
+        generation,
+    } = tag;
     while let Some(msg) = input.recv().await {
         match msg {
             Input::Data(bytes) => {
-                if let Some(tx) = &mut stdin
+                if let Some(tx) = &mut sink
                     && let Err(e) = tx.write_all(&bytes).await
                 {
-                    tracing::debug!(stream, "stdin closed by the process: {e}");
-                    stdin = None;
+                    tracing::debug!(stream, "the stream's input was closed: {e}");
+                    sink = None;
                 }
                 streams.consumed(stream, serial, generation, bytes.len());
             }
-            Input::Eof => stdin = None,
+            Input::Eof => {
+                if let Some(mut tx) = sink.take() {
+                    let _ = tx.shutdown().await;
+                }
+            }
         }
     }
 }
@@ -543,14 +570,7 @@ impl Streams {
         );
 
         let stdin = pipes.0.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
-        let feeder = AbortOnDrop(tokio::spawn(feed_stdin(
-            Arc::clone(self),
-            stream,
-            serial,
-            generation,
-            stdin,
-            input,
-        )));
+        let feeder = AbortOnDrop(tokio::spawn(feed(Arc::clone(self), tag, stdin, input)));
         let mut pumps = Vec::new();
         for (fd, which) in [(pipes.1, StreamFd::Stdout), (pipes.2, StreamFd::Stderr)] {
             if let Some(rx) = fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok()) {
@@ -626,6 +646,72 @@ impl Streams {
         };
         Ended { exit, error }
     }
+}
+
+impl Streams {
+    /// Runs a `Tcp` stream to its end: connects to `host:port` from the node (within
+    /// [`TCP_CONNECT_TIMEOUT`]), then relays both ways until the peer closes (after its last
+    /// bytes) or the stream is hung up (the socket is closed).
+    async fn run_tcp(
+        self: &Arc<Self>,
+        tag: Tag,
+        host: &str,
+        port: u16,
+        credit: Arc<Credit>,
+        input: mpsc::UnboundedReceiver<Input>,
+        mut stop: watch::Receiver<Option<Stop>>,
+    ) -> Ended {
+        let connect = tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect((host, port)));
+        let socket = tokio::select! {
+            r = connect => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Ended::failed(format!("cannot connect to {host}:{port}: {e}")),
+                Err(_) => return Ended::failed(format!(
+                    "cannot connect to {host}:{port}: no answer within {} s",
+                    TCP_CONNECT_TIMEOUT.as_secs()
+                )),
+            },
+            _ = stop.changed() => return stopped(&stop),
+        };
+        // Interactive protocols (ssh) over a forward want their small writes sent at once.
+        let _ = socket.set_nodelay(true);
+        // Connected: the first grant of the input window tells the server so.
+        self.push(
+            tag.generation,
+            [AgentFrame::StreamCredit {
+                stream: tag.stream,
+                bytes: STREAM_WINDOW_DEFAULT,
+            }],
+        );
+        let (rx, tx) = socket.into_split();
+        let _feeder = AbortOnDrop(tokio::spawn(feed(Arc::clone(self), tag, Some(tx), input)));
+        let mut pump = AbortOnDrop(tokio::spawn(pump(
+            Arc::clone(self),
+            tag.stream,
+            tag.generation,
+            StreamFd::Stdout,
+            rx,
+            credit,
+        )));
+        tokio::select! {
+            // The peer closed (or the read failed): its last bytes are queued before the close.
+            _ = &mut pump.0 => Ended { exit: None, error: None },
+            _ = stop.changed() => stopped(&stop),
+        }
+        // Both halves go with their tasks: the socket is closed.
+    }
+}
+
+/// How long a `Tcp` stream's connect may take (name lookup included).
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a stream without a process ended once hung up: a violation says why, else no error.
+fn stopped(stop: &watch::Receiver<Option<Stop>>) -> Ended {
+    let error = match stop.borrow().clone() {
+        Some(Stop::Violation(why)) => Some(why),
+        Some(Stop::Server(_)) | Some(Stop::Lost) | None => None,
+    };
+    Ended { exit: None, error }
 }
 
 /// Aborts the task when dropped (a stream's helpers never outlive it).

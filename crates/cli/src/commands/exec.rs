@@ -63,7 +63,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// A node id as given, or the one node that name or IP address is.
-async fn resolve(client: &Client, given: &str) -> anyhow::Result<NodeId> {
+pub(crate) async fn resolve(client: &Client, given: &str) -> anyhow::Result<NodeId> {
     if let Ok(id) = given.trim().parse::<NodeId>() {
         return Ok(id);
     }
