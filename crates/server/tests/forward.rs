@@ -444,6 +444,33 @@ async fn forwards_need_their_actions_and_sessions_are_their_users_own() {
         assert_eq!(status, 404, "{body}");
         assert_eq!(body["error"]["code"], "SessionNotFound", "{body}");
     }
+    // Sessions are seen on the nodes one may open a shell or a forward on: a user with only
+    // `port-forward` sees the forwards of its nodes (and may show one).
+    let (status, _, list) = server
+        .call_as(&local_only, reqwest::Method::GET, "/v1/sessions", None, &[])
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let ids: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["session_id"].as_str())
+        .collect();
+    assert!(ids.contains(&id.as_str()), "{list}");
+    let (status, _, one) = server
+        .call_as(
+            &local_only,
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{id}"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, one["kind"].as_str()),
+        (200, Some("port-forward")),
+        "{one}"
+    );
 }
 
 /// Bad targets are 400s naming what is wrong; hostile clients on either socket get a clear

@@ -222,6 +222,16 @@ impl NodeScope {
         }
     }
 
+    /// The nodes in either scope.
+    pub fn union(self, other: NodeScope) -> NodeScope {
+        match (self, other) {
+            (NodeScope::All, _) | (_, NodeScope::All) => NodeScope::All,
+            (NodeScope::Only(a), NodeScope::Only(b)) => {
+                NodeScope::Only(Arc::new(a.union(&b).cloned().collect()))
+            }
+        }
+    }
+
     /// The set to filter by; None for every node.
     pub fn as_filter(&self) -> Option<&HashSet<NodeId>> {
         match self {
