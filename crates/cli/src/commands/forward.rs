@@ -31,6 +31,8 @@ Examples:
 Each TCP connection is its own stream; one that fails on the node is closed here and logged.
 Ctrl-C ends the session. A host other than the node's own (localhost, 127.0.0.0/8, ::1) needs
 the `port-forward-remote` action besides `port-forward`.")]
+// The help text writes optional parts as `[PART]`, as usage lines do: not doc links.
+#[allow(rustdoc::broken_intra_doc_links)]
 pub struct ForwardArgs {
     /// The node: its id, or its name or IP address when exactly one node has it
     #[arg(value_name = "NODE")]
@@ -45,6 +47,8 @@ pub struct ForwardArgs {
 #[command(after_help = "\
 For OpenSSH:  ssh -o ProxyCommand='fleetrun proxy %h 22' root@web-1
 The end of stdin half-closes the connection; the command exits when the remote side closes.")]
+// The help text writes optional parts as `[PART]`, as usage lines do: not doc links.
+#[allow(rustdoc::broken_intra_doc_links)]
 pub struct ProxyArgs {
     /// The node: its id, or its name or IP address when exactly one node has it
     #[arg(value_name = "NODE")]

@@ -1,6 +1,6 @@
 //! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, relayed live to the client's
 //! WebSocket (the messages are `fleetrun_proto::stream::client`). Authorized by the `shell`
-//! action on the node; opened and ended in the audit trail; recorded when [`recorded`] says so
+//! action on the node; opened and ended in the audit trail; recorded when `recorded` says so
 //! (`super::recording`: output, input when configured, resizes).
 //!
 //! Flow control end to end: the agent gets output credit only as the client's socket accepts the

@@ -124,10 +124,17 @@ pub async fn sigv4(
                 "an access key's secret does not decrypt with this data dir's key".into(),
             )
         })?;
-    let pairs: Vec<(String, String)> = headers
+    let mut pairs: Vec<(String, String)> = headers
         .iter()
         .filter_map(|(n, v)| Some((n.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_owned())))
         .collect();
+    // Over HTTP/2 the host a client signed comes as the `:authority` pseudo-header (the URI's
+    // authority here), not as a `Host` header: it is the signed `host` then.
+    if !pairs.iter().any(|(n, _)| n == "host")
+        && let Some(authority) = uri.authority()
+    {
+        pairs.push(("host".to_owned(), authority.as_str().to_owned()));
+    }
     let req = sigv4::Request {
         method: method.as_str(),
         path: uri.path(),
