@@ -1,10 +1,14 @@
-//! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, relayed live to the client's
-//! WebSocket (the messages are `fleetrun_proto::stream::client`). Authorized by the `shell`
-//! action on the node; opened and ended in the audit trail.
+//! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, or with a PTY a shell (the
+//! login shell, or a command on a terminal), relayed live to the client's WebSocket (the messages
+//! are `fleetrun_proto::stream::client`). Authorized by the `shell` action on the node; opened and
+//! ended in the audit trail (`exec.open` / `exec.end`, with the session's kind, `exec` or
+//! `shell`, in the params) and in a session record of that kind.
 //!
 //! Flow control end to end: the agent gets output credit only as the client's socket accepts the
 //! bytes, and the client's stdin is read only as far as the agent grants credit (one message
-//! ahead at most), so a stream holds at most one window per direction here.
+//! ahead at most), so a stream holds at most one window per direction here. Resizes are passed on
+//! at most every [`RESIZE_INTERVAL`] (the last size wins), so a client cannot flood the agent's
+//! connection with them.
 
 use super::streams::{AgentEvent, StreamHandle, Streams};
 use crate::AppState;
@@ -35,6 +39,8 @@ use tokio::time::Instant;
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output credit per stream: what the server may hold of a stream's output for a slow client.
 pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_DEFAULT;
+/// Shortest time between two resizes sent to the agent; a newer size waits and replaces the older.
+pub const RESIZE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Upgrades to the exec WebSocket, once the caller may open a shell on the node and the node is
 /// connected with an agent that speaks session streams.
@@ -113,18 +119,18 @@ impl Session {
                 return refuse(sink, close_code::POLICY, &message).await;
             }
         };
-        let params = serde_json::json!({
+        let pty = req.pty.is_some();
+        let mut params = serde_json::json!({
+            "kind": if pty { "shell" } else { "exec" },
             "command": req.command, "run_as": req.run_as, "working_dir": req.working_dir,
             "env": req.env.keys().collect::<Vec<_>>(),
         });
-        if let Err(e) = fleetrun_proto::send::check_run_as(&req.run_as) {
-            let message = e.to_string();
-            self.audit("exec.refused", params, &message).await;
-            return refuse(sink, close_code::POLICY, &message).await;
+        if let Some(p) = &req.pty {
+            params["pty"] = serde_json::json!({"term": p.term, "rows": p.rows, "cols": p.cols});
         }
         let mut record = NewSession {
             session_id: uuid::Uuid::new_v4().to_string(),
-            kind: "exec".into(),
+            kind: if pty { "shell" } else { "exec" }.into(),
             node_id: self.node.clone(),
             principal: self.principal.clone(),
             source: self.source.clone(),
@@ -132,16 +138,15 @@ impl Session {
             command: req.command.clone(),
             started_at: 0,
         };
-        // The trail's open and end name the record they belong to.
-        let mut params = params;
-        params["session_id"] = record.session_id.clone().into();
-        let kind = StreamKind::Exec {
-            command: req.command,
-            run_as: (!req.run_as.is_empty()).then_some(req.run_as),
-            env: req.env.into_iter().collect(),
-            working_dir: req.working_dir,
-            pty: false,
+        let kind = match stream_kind(req) {
+            Ok(kind) => kind,
+            Err(message) => {
+                self.audit("exec.refused", params, &message).await;
+                return refuse(sink, close_code::POLICY, &message).await;
+            }
         };
+        // The trail's open and end name the record they belong to.
+        params["session_id"] = record.session_id.clone().into();
         let stream = match streams.open(kind, OUTPUT_WINDOW) {
             Ok(s) => s,
             Err(e) => {
@@ -151,7 +156,7 @@ impl Session {
             }
         };
         self.audit("exec.open", params.clone(), "Opened").await;
-        tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), "exec session opened");
+        tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), kind = %record.kind, "session opened");
         let live = &self.state.sessions;
         let mut registration = live.register(&record.session_id, &self.node);
         let ended = relay(
@@ -161,6 +166,7 @@ impl Session {
             &self,
             &mut record,
             &mut registration.stop,
+            pty,
         )
         .await;
         drop(registration);
@@ -272,7 +278,48 @@ async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
         .map_err(|e| format!("bad first message: {e}"))
 }
 
-/// Relays until the stream ends, either side leaves or breaks the rules.
+/// What a first message asks the node to run: an `Exec` without a PTY, a `Shell` with one (an
+/// empty command: the login shell). The error is the refusal, naming what is wrong.
+fn stream_kind(req: ExecRequest) -> Result<StreamKind, String> {
+    fleetrun_proto::send::check_run_as(&req.run_as).map_err(|e| e.to_string())?;
+    let run_as = (!req.run_as.is_empty()).then_some(req.run_as);
+    let env = req.env.into_iter().collect();
+    let kind = match req.pty {
+        None if req.command.is_empty() => {
+            return Err(
+                "an empty command is the login shell, which needs a PTY (\"pty\": {\"term\", \"rows\", \"cols\"})"
+                    .into(),
+            );
+        }
+        None => StreamKind::Exec {
+            command: req.command,
+            run_as,
+            env,
+            working_dir: req.working_dir,
+            pty: false,
+        },
+        Some(_) if !req.working_dir.is_empty() => {
+            return Err(
+                "working_dir is not supported with a PTY (a shell starts in the user's home)"
+                    .into(),
+            );
+        }
+        Some(pty) => StreamKind::Shell {
+            command: (!req.command.is_empty()).then_some(req.command),
+            run_as,
+            term: pty.term,
+            rows: pty.rows,
+            cols: pty.cols,
+            env,
+        },
+    };
+    kind.check().map_err(|e| format!("bad session: {e}"))?;
+    Ok(kind)
+}
+
+/// Relays until the stream ends, either side leaves or breaks the rules. Every byte and resize
+/// passes one of three points, marked "recorded here": output to the client, input from it, and
+/// a resize of its window.
 async fn relay(
     sink: &mut Sink,
     source: &mut Source,
@@ -280,6 +327,7 @@ async fn relay(
     session: &Session,
     record: &mut NewSession,
     stop: &mut tokio::sync::oneshot::Receiver<String>,
+    pty: bool,
 ) -> Ended {
     let mut ended = Ended::default();
     let live = &session.state.sessions;
@@ -292,6 +340,9 @@ async fn relay(
     let mut pending: Vec<u8> = Vec::new();
     let mut eof = false;
     let mut eof_sent = false;
+    // A resize waiting for RESIZE_INTERVAL to pass since the last one sent.
+    let mut resize: Option<(u16, u16)> = None;
+    let mut resize_at = Instant::now();
     loop {
         if let Some(w) = credit.as_mut() {
             while !pending.is_empty() {
@@ -319,6 +370,12 @@ async fn relay(
             }
             () = sleep_until_or_never(max_at) => {
                 return terminated(stream, ended, "max duration".into());
+            }
+            () = tokio::time::sleep_until(resize_at), if resize.is_some() => {
+                if let Some((rows, cols)) = resize.take() {
+                    stream.send_resize(rows, cols);
+                    resize_at = Instant::now() + RESIZE_INTERVAL;
+                }
             }
             event = stream.next() => match event {
                 None => {
@@ -348,6 +405,7 @@ async fn relay(
                         StreamFd::Stdout => TAG_STDOUT,
                         StreamFd::Stderr => TAG_STDERR,
                     };
+                    // Output, recorded here.
                     let n = bytes.len();
                     let mut msg = Vec::with_capacity(n + 1);
                     msg.push(tag);
@@ -384,6 +442,7 @@ async fn relay(
                     }
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
+                            // Input, recorded here.
                             ended.bytes_in += rest.len() as u64;
                             last = Instant::now();
                             pending.extend_from_slice(rest);
@@ -394,6 +453,16 @@ async fn relay(
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
                     Ok(ClientEvent::Eof) if !eof => eof = true,
                     Ok(ClientEvent::Eof) => return broken(stream, ended, "stdin ended twice".into()),
+                    Ok(ClientEvent::Resize { .. }) if !pty => {
+                        return broken(stream, ended, "a resize needs a PTY (this session has none)".into());
+                    }
+                    Ok(ClientEvent::Resize { rows, cols }) => {
+                        if let Err(e) = fleetrun_proto::stream::check_window(rows, cols) {
+                            return broken(stream, ended, format!("bad resize: {e}"));
+                        }
+                        // A resize, recorded here (as it is sent or replaced).
+                        resize = Some((rows, cols));
+                    }
                     Err(e) => return broken(stream, ended, format!("bad message: {e}")),
                 },
             },
