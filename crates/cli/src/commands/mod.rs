@@ -15,6 +15,7 @@ mod policies;
 mod send;
 mod server;
 mod sessions;
+mod shell;
 mod storage;
 mod users;
 
@@ -91,7 +92,9 @@ enum Subcommands {
     Send(Box<send::Args>),
     /// Run a command on one node live: its output streamed, stdin piped, its exit status ours
     Exec(exec::Args),
-    /// List exec sessions, newest first; show or terminate one
+    /// Open an interactive shell on one node (a PTY there), or run a command with -c
+    Shell(shell::Args),
+    /// List exec and shell sessions, newest first; show or terminate one
     Sessions(sessions::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),
@@ -166,6 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Nodes { cmd } => nodes::run(&ctx, cmd).await,
         Subcommands::Send(args) => send::run(&ctx, *args).await,
         Subcommands::Exec(args) => exec::run(&ctx, args).await,
+        Subcommands::Shell(args) => shell::run(&ctx, args).await,
         Subcommands::Sessions(args) => sessions::run(&ctx, args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,
         Subcommands::Command(args) => command::show(&ctx, args).await,

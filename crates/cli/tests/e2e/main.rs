@@ -33,5 +33,6 @@ mod protocol_version;
 mod rate;
 mod retention;
 mod send;
+mod shell;
 mod shutdown;
 mod tls;
