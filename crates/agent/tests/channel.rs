@@ -1522,9 +1522,11 @@ async fn shell_streams_refuse_bad_frames_and_count_toward_the_cap() {
     config.kill_grace = Duration::from_millis(200);
     let _agent = server.start(config);
     let (mut ws, _) = server.welcome(&node_id).await;
-    send(&mut ws, shell_open(1, None, 24, 80)).await;
+    // Commands, not login shells: a login shell hung up while its profile runs can leave the
+    // profile's own lock files behind (pyenv's rehash lock, on this machine kind).
+    send(&mut ws, shell_open(1, Some("sleep 100"), 24, 80)).await;
     send(&mut ws, exec_open(2, "cat", 65_536)).await;
-    send(&mut ws, shell_open(3, None, 24, 80)).await;
+    send(&mut ws, shell_open(3, Some("sleep 100"), 24, 80)).await;
     let refused = stream_until_close(&mut ws, 3, 65_536, false).await;
     let error = refused.closed.flatten().unwrap_or_default();
     assert!(error.contains("too many session streams"), "{error}");
@@ -1559,7 +1561,7 @@ async fn shell_streams_refuse_bad_frames_and_count_toward_the_cap() {
     );
 
     // A bad TERM or window at the open is refused before anything runs.
-    let mut open = shell_open(4, None, 24, 80);
+    let mut open = shell_open(4, Some("true"), 24, 80);
     if let ServerFrame::StreamOpen {
         kind: StreamKind::Shell { term, .. },
         ..
