@@ -58,8 +58,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         working_dir: args.cwd.unwrap_or_default(),
         pty: None,
     };
+    let signals = Signals::catch()?;
     let ws = open(&client, &node, &req).await?;
-    relay(ws, !std::io::stdin().is_terminal(), None).await
+    relay(ws, !std::io::stdin().is_terminal(), None, signals).await
 }
 
 /// Opens a session on `node` and sends what to run (its first message).
@@ -185,6 +186,26 @@ fn listed(items: impl ExactSizeIterator<Item = String>) -> String {
     }
 }
 
+/// The signals that end a session (SIGINT, SIGTERM, SIGHUP), caught from the moment this exists:
+/// `fleetrun shell` takes them before it puts the terminal in raw mode, so none can end the
+/// process with the terminal left raw.
+pub(super) struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(super) fn catch() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            sigint: signal(SignalKind::interrupt())?,
+            sigterm: signal(SignalKind::terminate())?,
+            sighup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Relays until the command's exit (its status is ours), an error, or a signal. With
 /// `read_stdin` our stdin goes to the session (else it gets an empty one); `sizes` are our
 /// window's sizes (rows, columns) for a PTY session, each change sent as a resize.
@@ -192,6 +213,7 @@ pub(super) async fn relay(
     ws: Socket,
     read_stdin: bool,
     sizes: Option<watch::Receiver<(u16, u16)>>,
+    signals: Signals,
 ) -> anyhow::Result<ExitCode> {
     let (sink, mut source) = ws.split();
     // Stdin from a thread of its own: a blocking read cannot be cancelled, and must not hold up
@@ -220,10 +242,11 @@ pub(super) async fn relay(
     // output must go on meanwhile (a `cat` whose stdout is not read stops reading its stdin).
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let writer = tokio::spawn(write_stdin(sink, stdin_rx, sizes, close_rx));
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut sigint,
+        mut sigterm,
+        mut sighup,
+    } = signals;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let ended = loop {

@@ -71,8 +71,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     };
     if !pty {
         // `fleetrun exec`'s path, unchanged.
+        let signals = exec::Signals::catch()?;
         let ws = exec::open(&client, &node, &req).await?;
-        return exec::relay(ws, !stdin_is_tty, None).await;
+        return exec::relay(ws, !stdin_is_tty, None, signals).await;
     }
     let (rows, cols) = window_size();
     let term = std::env::var("TERM")
@@ -80,6 +81,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| TERM_DEFAULT.to_owned());
     req.pty = Some(PtyRequest { term, rows, cols });
+    let signals = exec::Signals::catch()?;
     let ws = exec::open(&client, &node, &req).await?;
     let (size_tx, size_rx) = watch::channel((rows, cols));
     let follow = tokio::spawn(follow_window(size_tx));
@@ -88,7 +90,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let ended = exec::relay(ws, true, Some(size_rx)).await;
+    let ended = exec::relay(ws, true, Some(size_rx), signals).await;
     drop(raw);
     follow.abort();
     ended
