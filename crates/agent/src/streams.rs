@@ -3,7 +3,7 @@
 //! within each stream's credit (see `fleetrun_proto::stream` and docs/protocol.md, "Session
 //! streams").
 //!
-//! Each stream has a task, the same for both kinds once the process exists ([`Streams::run`]):
+//! Each stream has a task, the same for both kinds once the process exists (`Streams::run`):
 //! an `Exec` is `sh -c COMMAND` in its own session and process group on three pipes, a `Shell`
 //! the user's login shell leading a new session on a PTY (`shell.rs`). Pumps send what the
 //! process writes (its stdout and stderr, or the PTY master's reads) as `StreamData`, never past
