@@ -24,13 +24,14 @@ server_pid=$!; pids+=("$server_pid")
 for _ in $(seq 100); do [ -s "$work/server/admin.token" ] && curl -sf --cacert "$FLEETRUN_CA_CERT" "$FLEETRUN_SERVER/v1/health" >/dev/null && break; sleep 0.1; done
 FLEETRUN_TOKEN=$(cat "$work/server/admin.token"); export FLEETRUN_TOKEN
 
-# start_agents N: enrols N agents named bench-1..N and waits until all are Online.
+# start_agents N: enrols N agents named bench-1..N and waits until all are Online (AGENT_ARGS: more
+# arguments for each agent).
 start_agents() {
   local n=$1 code online=0
   code=$("$bin/fleetrun" activation create --limit "$n" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["code"])')
   for i in $(seq "$n"); do
     RUST_LOG=warn nice -n "${AGENT_NICE:-0}" "$bin/fleetrun-agent" --server "$FLEETRUN_SERVER" --state-dir "$work/agents/$i" \
-      --activation-code "$code" --name "bench-$i" --tag bench=yes >"$work/agent-$i.log" 2>&1 &
+      --activation-code "$code" --name "bench-$i" --tag bench=yes ${AGENT_ARGS:-} >"$work/agent-$i.log" 2>&1 &
     pids+=("$!")
   done
   for _ in $(seq 1200); do

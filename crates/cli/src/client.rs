@@ -327,6 +327,65 @@ impl Client {
         self.json(self.request(Method::POST, &path)).await
     }
 
+    /// `PUT /v1/objects/{key}`, the body streamed from `body` (of `size` bytes).
+    pub async fn put_object(
+        &self,
+        key: &str,
+        size: u64,
+        body: reqwest::Body,
+    ) -> anyhow::Result<fleetrun_proto::api::ObjectInfo> {
+        let path = format!("/v1/objects/{}", encode_key(key));
+        self.json(
+            self.request(Method::PUT, &path)
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body),
+        )
+        .await
+    }
+
+    /// `GET /v1/objects/{key}`: the body as it arrives, its length and SHA-256 (from headers).
+    pub async fn get_object(&self, key: &str) -> anyhow::Result<(Output<'_>, Option<u64>, String)> {
+        let path = format!("/v1/objects/{}", encode_key(key));
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        let sha256 = resp
+            .headers()
+            .get("x-fleetrun-sha256")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let len = resp.content_length();
+        Ok((Output { client: self, resp }, len, sha256))
+    }
+
+    /// `GET /v1/objects?prefix=&after=&limit=`.
+    pub async fn objects(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<fleetrun_proto::api::ObjectInfo>> {
+        let mut path = format!("/v1/objects?prefix={}&limit={limit}", encode(prefix));
+        if let Some(a) = after {
+            path.push_str(&format!("&after={}", encode(a)));
+        }
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `DELETE /v1/objects/{key}`.
+    pub async fn delete_object(&self, key: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/objects/{}", encode_key(key));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
+    /// `GET /v1/sessions/{id}/recording`: the asciicast file, to be read chunk by chunk.
+    pub async fn recording(&self, id: &str) -> anyhow::Result<Output<'_>> {
+        let path = format!("/v1/sessions/{}/recording", encode(id));
+        let resp = self.send(self.request(Method::GET, &path)).await?;
+        Ok(Output { client: self, resp })
+    }
+
     /// `GET /v1/audit`.
     pub async fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditRecord>> {
         let mut url = reqwest::Url::parse("http://query.invalid/v1/audit")?;
@@ -398,10 +457,21 @@ impl Client {
     }
 
     /// `GET /v1/commands?limit=N`, newest first.
-    pub async fn commands(&self, limit: Option<u32>) -> anyhow::Result<Vec<Command>> {
-        let path = match limit {
-            Some(n) => format!("/v1/commands?limit={n}"),
-            None => "/v1/commands".to_owned(),
+    pub async fn commands(
+        &self,
+        limit: Option<u32>,
+        before: Option<&str>,
+    ) -> anyhow::Result<Vec<Command>> {
+        let mut query = Vec::new();
+        if let Some(n) = limit {
+            query.push(format!("limit={n}"));
+        }
+        if let Some(b) = before {
+            query.push(format!("before={}", encode(b)));
+        }
+        let path = match query.is_empty() {
+            true => "/v1/commands".to_owned(),
+            false => format!("/v1/commands?{}", query.join("&")),
         };
         self.json(self.request(Method::GET, &path)).await
     }
@@ -625,6 +695,11 @@ fn encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// An object key for a path: each segment encoded, the `/` between them kept.
+fn encode_key(key: &str) -> String {
+    key.split('/').map(encode).collect::<Vec<_>>().join("/")
 }
 
 /// A body of raw output bytes.

@@ -20,58 +20,9 @@ permit (
 ) when { resource.hasTag("role") && resource.getTag("role") == "web" };
 "#;
 
-/// Versions checked to work together (awscli pins its botocore).
-const PIP_PACKAGES: [&str; 2] = ["awscli==1.46.3", "boto3==1.44.5"];
-
-/// A venv with the AWS CLI and boto3: `FLEETRUN_AWS_VENV`, else a cache dir shared between runs.
-fn aws_venv() -> PathBuf {
-    let dir = std::env::var_os("FLEETRUN_AWS_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir);
-            home.join(".cache").join("fleetrun-aws-venv")
-        });
-    let python = dir.join("bin").join("python");
-    let ready = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import boto3, awscli"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-            && dir.join("bin").join("aws").exists()
-    };
-    if ready(&python) {
-        return dir;
-    }
-    let st = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("the SSM tests need python3 to make a venv for awscli and boto3: {e}")
-        });
-    assert!(st.success(), "python3 -m venv {} failed", dir.display());
-    let st = Command::new(dir.join("bin").join("pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PIP_PACKAGES)
-        .status()
-        .unwrap_or_else(|e| panic!("pip in {}: {e}", dir.display()));
-    assert!(
-        st.success(),
-        "pip install {PIP_PACKAGES:?} failed (is the PyPI registry reachable?)"
-    );
-    assert!(
-        ready(&python),
-        "awscli and boto3 did not install into {}",
-        dir.display()
-    );
-    dir
-}
-
 #[test]
 fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
-    let venv = aws_venv();
+    let venv = support::python_venv();
     let server = Server::start();
     let agents: Vec<Agent> = [("web-1", "web"), ("web-2", "web"), ("db-1", "db")]
         .iter()

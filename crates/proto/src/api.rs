@@ -27,6 +27,7 @@
 //! | `GET /v1/sessions?active=true&limit=N&before=ID` | | `[Session]` newest first, on the nodes one may `shell` on |
 //! | `GET /v1/sessions/{session_id}` | | [`Session`] |
 //! | `POST /v1/sessions/{session_id}/terminate` | | [`Session`] as it was; the `terminate-session` action (409 when not running) |
+//! | `GET /v1/sessions/{session_id}/recording` | | an ended session's recording, asciicast v2 (`application/x-asciicast`), streamed; 409 `RecordingNotReady` while it runs, 404 `RecordingNotFound` without one |
 //! | `GET /v1/nodes/{node_id}/exec` | WebSocket upgrade: a live one-shot command ([`crate::stream::client`]); the `shell` action | |
 //! | `GET /v1/audit?principal=&action=&node=&since=&until=&limit=` | | `[AuditRecord]` newest first ([`AuditQuery`]) |
 //! | `POST /v1/audit/verify` | | [`AuditVerify`] |
@@ -709,6 +710,42 @@ impl SessionStatus {
     }
 }
 
+/// Whether a session is recorded (`GET /v1/sessions/{id}/recording`), and how far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingStatus {
+    /// Not recorded.
+    #[default]
+    None,
+    /// Being written (the session runs); readable once it ends.
+    Recording,
+    /// Stored.
+    Complete,
+    /// It could not be written: nothing is stored.
+    Failed,
+}
+
+impl RecordingStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingStatus::None => "none",
+            RecordingStatus::Recording => "recording",
+            RecordingStatus::Complete => "complete",
+            RecordingStatus::Failed => "failed",
+        }
+    }
+    /// From the stored name; an unknown one reads as `Failed` (nothing is served).
+    pub fn from_stored(s: &str) -> Self {
+        match s {
+            "none" => RecordingStatus::None,
+            "recording" => RecordingStatus::Recording,
+            "complete" => RecordingStatus::Complete,
+            _ => RecordingStatus::Failed,
+        }
+    }
+}
+
 /// A record of one interactive session on a node (an exec today).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -741,4 +778,73 @@ pub struct Session {
     pub end_reason: String,
     /// Where it is.
     pub status: SessionStatus,
+    /// Whether it is recorded, and how far.
+    #[serde(default)]
+    pub recording: RecordingStatus,
+    /// The recording's size in bytes, once complete.
+    #[serde(default)]
+    pub recording_bytes: u64,
+}
+
+/// An object kept for users (`fleetrun objects`): script inputs, results, files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    /// Its key: `/`-separated segments (see [`check_object_key`]).
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes, lowercase hex, measured by the server as it wrote them.
+    pub sha256: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Who wrote it.
+    pub created_by: String,
+}
+
+/// Longest object key, in bytes (as S3's).
+pub const OBJECT_KEY_MAX: usize = 1024;
+
+/// Checks an object key: 1 to [`OBJECT_KEY_MAX`] bytes of `/`-separated segments, none empty, `.`
+/// or `..`, each of ASCII letters, digits and `-._+=@,~`. The error says what is wrong.
+pub fn check_object_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > OBJECT_KEY_MAX {
+        return Err(format!(
+            "an object key is 1 to {OBJECT_KEY_MAX} bytes, not {}",
+            key.len()
+        ));
+    }
+    for seg in key.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return Err(format!(
+                "bad object key {key:?}: empty, `.` and `..` segments are not allowed"
+            ));
+        }
+        if let Some(c) = seg
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "-._+=@,~".contains(*c)))
+        {
+            return Err(format!(
+                "bad object key {key:?}: {c:?} is not allowed (letters, digits, -._+=@,~ and / between segments)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod object_key_tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_are_plain_paths() {
+        for good in ["a", "inputs/tool-1.2.tar.gz", "r/cmd=1/n@x,y~"] {
+            assert_eq!(check_object_key(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "", "/a", "a/", "a//b", "a/../b", "./a", "a b", "a\\b", "ä", "a?b",
+        ] {
+            assert!(check_object_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_object_key(&"x".repeat(OBJECT_KEY_MAX + 1)).is_err());
+    }
 }

@@ -9,7 +9,6 @@ use crate::run::{dispatch, output, retention};
 use anyhow::Context;
 use fleetrun_store::Store;
 use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +38,10 @@ pub struct AppState {
     pub result_grace: Duration,
     /// The sessions running here (terminate, timeouts).
     pub sessions: crate::sessions::live::Live,
+    /// Keys of `/v1/objects` with an upload in progress.
+    pub uploads: crate::objects::api::Uploads,
+    /// Whether and how sessions are recorded.
+    pub recording: crate::sessions::recording::Settings,
     /// Permits for agent handshakes in progress.
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Agent handshakes in progress per source address.
@@ -152,14 +155,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             "sessions of the previous run marked ended"
         );
     }
-    let objects_dir = config.data_dir.join("objects");
-    std::fs::create_dir_all(&objects_dir)
-        .with_context(|| format!("cannot create {}", objects_dir.display()))?;
-    let objects: Arc<dyn ObjectStore> = Arc::new(
-        LocalFileSystem::new_with_prefix(&objects_dir)
-            .with_context(|| format!("cannot open object directory {}", objects_dir.display()))?
-            .with_automatic_cleanup(true),
-    );
+    let (objects, objects_place) =
+        crate::objects::open(&config.object_store, &config.data_dir).await?;
+    tracing::info!(place = %objects_place, "object store open");
 
     let admin_token_path = config.data_dir.join("admin.token");
     let admin_token = if store.has_api_tokens().await? {
@@ -207,10 +205,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         data_dir: config.data_dir.clone(),
         retention: config.retention,
         result_grace: config.result_grace,
+        uploads: Default::default(),
         sessions: crate::sessions::live::Live::new(
             config.session_idle_timeout,
             config.session_max_duration,
         ),
+        recording: config.recording,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         handshakes_by_address: conn::Counter::default(),
         max_handshakes_per_address: config.max_handshakes_per_address,

@@ -55,6 +55,10 @@ pub struct ServerConfig {
     pub session_idle_timeout: Duration,
     /// A session running this long is ended ("max duration"); None (the default): no limit.
     pub session_max_duration: Option<Duration>,
+    /// Where objects (output, recordings, files) are kept: `DATA_DIR/objects` by default.
+    pub object_store: crate::objects::ObjectStoreConfig,
+    /// Session recordings: on, input off, fail closed by default.
+    pub recording: crate::sessions::recording::Settings,
 }
 
 impl ServerConfig {
@@ -108,6 +112,8 @@ impl ServerConfig {
             result_grace: Self::DEFAULT_RESULT_GRACE,
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
             session_max_duration: None,
+            object_store: Default::default(),
+            recording: Default::default(),
         }
     }
 }

@@ -89,6 +89,16 @@ pub enum Code {
     SessionNotFound,
     /// A session that is no longer running.
     SessionEnded,
+    /// An object key is not valid.
+    InvalidObjectKey,
+    /// No such object.
+    ObjectNotFound,
+    /// Another upload to the same key is in progress.
+    ObjectBusy,
+    /// A session without a (stored) recording.
+    RecordingNotFound,
+    /// A session whose recording is still being written (it runs).
+    RecordingNotReady,
     /// An idempotency key that is malformed or given twice.
     InvalidIdempotencyKey,
     /// An idempotency key used before for another request.
@@ -147,7 +157,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 62] = [
+    pub const ALL: [Code; 67] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -183,6 +193,11 @@ impl Code {
         Code::InvocationNotFound,
         Code::SessionNotFound,
         Code::SessionEnded,
+        Code::InvalidObjectKey,
+        Code::ObjectNotFound,
+        Code::ObjectBusy,
+        Code::RecordingNotFound,
+        Code::RecordingNotReady,
         Code::InvalidIdempotencyKey,
         Code::IdempotencyKeyMismatch,
         Code::InvalidUserName,
@@ -250,6 +265,11 @@ impl Code {
             Code::InvocationNotFound => StatusCode::NOT_FOUND,
             Code::SessionNotFound => StatusCode::NOT_FOUND,
             Code::SessionEnded => StatusCode::CONFLICT,
+            Code::InvalidObjectKey => StatusCode::BAD_REQUEST,
+            Code::ObjectNotFound => StatusCode::NOT_FOUND,
+            Code::ObjectBusy => StatusCode::CONFLICT,
+            Code::RecordingNotFound => StatusCode::NOT_FOUND,
+            Code::RecordingNotReady => StatusCode::CONFLICT,
             Code::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             Code::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Code::InvalidUserName => StatusCode::BAD_REQUEST,
@@ -318,6 +338,11 @@ impl Code {
             Code::InvocationNotFound => "InvocationNotFound",
             Code::SessionNotFound => "SessionNotFound",
             Code::SessionEnded => "SessionEnded",
+            Code::InvalidObjectKey => "InvalidObjectKey",
+            Code::ObjectNotFound => "ObjectNotFound",
+            Code::ObjectBusy => "ObjectBusy",
+            Code::RecordingNotFound => "RecordingNotFound",
+            Code::RecordingNotReady => "RecordingNotReady",
             Code::InvalidIdempotencyKey => "InvalidIdempotencyKey",
             Code::IdempotencyKeyMismatch => "IdempotencyKeyMismatch",
             Code::InvalidUserName => "InvalidUserName",
@@ -386,6 +411,11 @@ impl Code {
             Code::InvocationNotFound => "InvocationDoesNotExist",
             Code::SessionNotFound => "DoesNotExistException",
             Code::SessionEnded => "ValidationException",
+            Code::InvalidObjectKey => "ValidationException",
+            Code::ObjectNotFound => "DoesNotExistException",
+            Code::ObjectBusy => "ValidationException",
+            Code::RecordingNotFound => "DoesNotExistException",
+            Code::RecordingNotReady => "ValidationException",
             Code::InvalidIdempotencyKey => "ValidationException",
             Code::IdempotencyKeyMismatch => "IdempotentParameterMismatch",
             Code::InvalidUserName => "ValidationException",
@@ -631,7 +661,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 62] = [
+    const TABLE: [(Code, u16, &str, &str); 67] = [
         (
             Code::InvalidRequest,
             400,
@@ -820,6 +850,31 @@ mod tests {
             Code::SessionEnded,
             409,
             "SessionEnded",
+            "ValidationException",
+        ),
+        (
+            Code::InvalidObjectKey,
+            400,
+            "InvalidObjectKey",
+            "ValidationException",
+        ),
+        (
+            Code::ObjectNotFound,
+            404,
+            "ObjectNotFound",
+            "DoesNotExistException",
+        ),
+        (Code::ObjectBusy, 409, "ObjectBusy", "ValidationException"),
+        (
+            Code::RecordingNotFound,
+            404,
+            "RecordingNotFound",
+            "DoesNotExistException",
+        ),
+        (
+            Code::RecordingNotReady,
+            409,
+            "RecordingNotReady",
             "ValidationException",
         ),
         (

@@ -10,6 +10,7 @@
 //!   retention).
 //! - [`sessions`]: live session streams to agents, relayed to clients (exec).
 //! - [`net`]: the listener (TLS, connection limits and timeouts).
+//! - [`objects`]: the object store (a local directory, or an S3-compatible bucket).
 //! - [`app`] and [`config`]: the process's settings and shared state, and its start.
 //! - [`errors`]: the error kinds both front doors answer, and the trait they answer through.
 //!
@@ -22,6 +23,7 @@ pub mod config;
 pub mod errors;
 pub mod fleet;
 pub mod net;
+pub mod objects;
 pub mod run;
 pub mod sessions;
 pub mod ssm;

@@ -674,6 +674,77 @@ async fn expect_error(agent: &mut ScriptedAgent) -> (String, String) {
         .await
 }
 
+/// A session's recording holds its output as text even when a character is split across frames
+/// or a byte is invalid, and its input only when the server records input; it is served as
+/// `application/x-asciicast` once the session ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_holds_split_characters_and_input_when_configured() {
+    let server = TestServer::start_with(|c| c.recording.record_input = true).await;
+    let (server, mut agent, mut ws, stream) = open(server, "cat").await;
+    let id = the_active_session(&server).await;
+    let mut stdin = vec![TAG_STDIN];
+    stdin.extend_from_slice(b"pass\n");
+    ws.send(Message::Binary(stdin.into())).await.expect("send");
+    agent
+        .expect("StreamData", |f| match f {
+            ServerFrame::StreamData { stream: s, bytes } if s == stream => Some(bytes),
+            _ => None,
+        })
+        .await;
+    for (fd, bytes) in [
+        (StreamFd::Stdout, &b"caf\xc3"[..]),
+        (StreamFd::Stdout, b"\xa9 \xff!"),
+        (StreamFd::Stderr, b"e"),
+    ] {
+        let bytes = bytes.to_vec();
+        agent
+            .send(AgentFrame::StreamData { stream, fd, bytes })
+            .await;
+    }
+    agent.exit_stream(stream, 0).await;
+    expect_event_after_output(&mut ws, "exit").await;
+    let (status, headers, _) = server
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/sessions/{id}/recording"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/x-asciicast");
+    let path = server.data.join(format!("objects/sessions/{id}.cast"));
+    let cast = std::fs::read_to_string(path).expect("the recording");
+    let lines: Vec<Value> = cast
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines[0]["version"], 2);
+    let text = |code: &str| -> String {
+        lines[1..]
+            .iter()
+            .filter(|l| l[1] == code)
+            .map(|l| l[2].as_str().expect("text"))
+            .collect()
+    };
+    assert_eq!(text("o"), "café \u{fffd}!e");
+    assert_eq!(text("i"), "pass\n");
+    let s = server.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(s["recording"], "complete", "{s}");
+    assert_eq!(s["recording_bytes"], cast.len() as u64, "{s}");
+}
+
+/// Skips the output messages, then the next event must be of type `kind`.
+async fn expect_event_after_output(ws: &mut Client, kind: &str) -> Value {
+    loop {
+        match hear(ws).await {
+            Heard::Bytes(..) => continue,
+            Heard::Event(v) if v["type"] == kind => return v,
+            other => panic!("expected a {kind} event, got {other:?}"),
+        }
+    }
+}
+
 /// A shell session's first message: a PTY of 24 x 80, the login shell unless `command` is set.
 fn shell_request(command: &str) -> Message {
     let first =
@@ -790,6 +861,44 @@ async fn a_shell_session_opens_a_pty_stream_and_passes_resizes_on() {
     assert_eq!(
         (end.1["kind"].as_str(), end.2.as_str()),
         (Some("shell"), "Exited 3")
+    );
+
+    // The recording has the PTY's size and TERM, its output, and the resize the PTY got last.
+    let id = &active[0].session_id;
+    let path = server.data.join(format!("objects/sessions/{id}.cast"));
+    let cast = within("the recording", async {
+        loop {
+            if let Ok(c) = std::fs::read_to_string(&path) {
+                return c;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let lines: Vec<Value> = cast
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(
+        (lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert!(
+        lines[0].to_string().contains("xterm-256color"),
+        "{}",
+        lines[0]
+    );
+    let last_resize = lines[1..]
+        .iter()
+        .rev()
+        .find(|l| l[1] == "r")
+        .map(|l| l[2].clone());
+    assert_eq!(last_resize, Some(Value::from("400x200")), "{cast}");
+    assert!(
+        lines[1..]
+            .iter()
+            .any(|l| l[1] == "o" && l[2] == "exit 3\r\nlogout\r\n"),
+        "{cast}"
     );
 }
 

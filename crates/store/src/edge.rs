@@ -11,8 +11,8 @@ use crate::nodes::{ActivationRecord, NodeRecord};
 use crate::principals::{TokenRecord, UserRecord, token_id};
 use crate::sessions::SessionRecord;
 use fleetrun_proto::api::{
-    Activation, AuditRecord, Command, Invocation, Node, PING_CONNECTION_LOST, PING_ONLINE, Session,
-    SessionStatus, Token, User,
+    Activation, AuditRecord, Command, Invocation, Node, PING_CONNECTION_LOST, PING_ONLINE,
+    RecordingStatus, Session, SessionStatus, Token, User,
 };
 use fleetrun_proto::auth::fingerprint;
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
@@ -207,6 +207,8 @@ impl From<SessionRecord> for Session {
             exit_code: r.exit_code.and_then(|c| i32::try_from(c).ok()),
             end_reason: r.end_reason,
             status: SessionStatus::from_stored(&r.status),
+            recording: RecordingStatus::from_stored(&r.recording),
+            recording_bytes: r.recording_bytes.max(0) as u64,
         }
     }
 }

@@ -9,6 +9,7 @@ mod commands;
 mod documents;
 mod edge;
 mod nodes;
+mod objects;
 mod params;
 mod principals;
 mod sessions;
@@ -22,6 +23,7 @@ pub use commands::{
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
+pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
 pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd};

@@ -4,7 +4,7 @@
 use super::{Result, Store};
 use crate::commands::visible_json;
 use fleetrun_proto::NodeId;
-use fleetrun_proto::api::{Session, SessionStatus};
+use fleetrun_proto::api::{RecordingStatus, Session, SessionStatus};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use std::collections::HashSet;
@@ -31,6 +31,8 @@ pub struct NewSession {
     pub command: String,
     /// Epoch ms.
     pub started_at: i64,
+    /// `Recording` when it is recorded (`Failed` when its recording could not start).
+    pub recording: RecordingStatus,
 }
 
 /// How a session ended.
@@ -48,6 +50,10 @@ pub struct SessionEnd {
     pub end_reason: String,
     /// `Ended` or `Terminated`.
     pub status: SessionStatus,
+    /// How its recording ended (`None` when it had none).
+    pub recording: RecordingStatus,
+    /// The recording's size, when complete.
+    pub recording_bytes: u64,
 }
 
 /// A session's row, as stored.
@@ -66,6 +72,8 @@ pub(crate) struct SessionRecord {
     pub(crate) exit_code: Option<i64>,
     pub(crate) end_reason: String,
     pub(crate) status: String,
+    pub(crate) recording: String,
+    pub(crate) recording_bytes: i64,
 }
 
 fn record(r: &SqliteRow) -> Result<SessionRecord> {
@@ -87,6 +95,8 @@ fn record(r: &SqliteRow) -> Result<SessionRecord> {
         exit_code: r.get("exit_code"),
         end_reason: r.get("end_reason"),
         status: r.get("status"),
+        recording: r.get("recording"),
+        recording_bytes: r.get("recording_bytes"),
     })
 }
 
@@ -99,7 +109,7 @@ impl Store {
     pub async fn insert_session(&self, s: &NewSession) -> Result<()> {
         sqlx::query(
             "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
-               started_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'Active')",
+               started_at, status, recording) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'Active', ?)",
         )
         .bind(&s.session_id)
         .bind(&s.kind)
@@ -109,6 +119,7 @@ impl Store {
         .bind(&s.run_as)
         .bind(&s.command)
         .bind(s.started_at)
+        .bind(s.recording.as_str())
         .execute(&self.write)
         .await?;
         Ok(())
@@ -118,7 +129,8 @@ impl Store {
     pub async fn end_session(&self, session_id: &str, end: &SessionEnd) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, exit_code = ?,
-               end_reason = ?, status = ? WHERE session_id = ? AND status = 'Active'",
+               end_reason = ?, status = ?, recording = ?, recording_bytes = ?
+             WHERE session_id = ? AND status = 'Active'",
         )
         .bind(end.ended_at)
         .bind(clamp(end.bytes_in))
@@ -126,6 +138,8 @@ impl Store {
         .bind(end.exit_code)
         .bind(&end.end_reason)
         .bind(end.status.as_str())
+        .bind(end.recording.as_str())
+        .bind(clamp(end.recording_bytes))
         .bind(session_id)
         .execute(&self.write)
         .await?;
@@ -133,10 +147,12 @@ impl Store {
     }
 
     /// Marks every `Active` session `Terminated` with `reason`: at start-up, their relays died with
-    /// the server that ran them. Returns how many.
+    /// the server that ran them (and their recordings' uploads, never completed, with them: a
+    /// `recording` one becomes `failed`). Returns how many.
     pub async fn end_active_sessions(&self, at: i64, reason: &str) -> Result<u64> {
         let done = sqlx::query(
-            "UPDATE sessions SET ended_at = ?, end_reason = ?, status = 'Terminated'
+            "UPDATE sessions SET ended_at = ?, end_reason = ?, status = 'Terminated',
+               recording = CASE recording WHEN 'recording' THEN 'failed' ELSE recording END
              WHERE status = 'Active'",
         )
         .bind(at)
@@ -154,6 +170,37 @@ impl Store {
         )
         .bind(before)
         .bind(limit)
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Up to `limit` ended sessions that ended before `before` (epoch ms), each with whether it
+    /// may have a recording object (complete or failed mid-way), for the retention purge: objects
+    /// go first, then [`Store::delete_sessions`].
+    pub async fn expired_sessions(&self, before: i64, limit: i64) -> Result<Vec<(String, bool)>> {
+        let rows = sqlx::query(
+            "SELECT session_id, recording != 'none' AS recorded FROM sessions
+             WHERE ended_at < ? AND status != 'Active' LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("session_id"), r.get("recorded")))
+            .collect())
+    }
+
+    /// Deletes ended sessions by id; returns how many.
+    pub async fn delete_sessions(&self, ids: &[String]) -> Result<u64> {
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+        let done = sqlx::query(
+            "DELETE FROM sessions WHERE status != 'Active'
+               AND session_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ids)
         .execute(&self.write)
         .await?;
         Ok(done.rows_affected())
@@ -222,6 +269,7 @@ mod tests {
             run_as: String::new(),
             command: "echo hi".into(),
             started_at: at,
+            recording: RecordingStatus::None,
         }
     }
 
@@ -257,6 +305,8 @@ mod tests {
             exit_code: Some(2),
             end_reason: "exited".into(),
             status: SessionStatus::Ended,
+            recording: RecordingStatus::None,
+            recording_bytes: 0,
         };
         assert!(store.end_session("s1", &end).await.expect("end"));
         // A second end (a racing terminate) changes nothing.
@@ -341,5 +391,126 @@ mod tests {
             .expect("list");
         let ids: Vec<_> = left.iter().map(|s| s.session_id.as_str()).collect();
         assert_eq!(ids, ["s4"]);
+    }
+
+    #[tokio::test]
+    async fn recordings_are_recorded_ended_failed_at_restart_and_purged_by_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(&dir.path().join("db"))
+            .await
+            .expect("open");
+        let a = NodeId::from_random(1);
+        for (id, at) in [("r1", 1_000), ("r2", 2_000), ("plain", 3_000)] {
+            let mut s = new_session(id, &a, at);
+            if id != "plain" {
+                s.recording = RecordingStatus::Recording;
+            }
+            store.insert_session(&s).await.expect("insert");
+        }
+        let r1 = store.get_session("r1").await.expect("get").expect("r1");
+        assert_eq!(
+            (r1.recording, r1.recording_bytes),
+            (RecordingStatus::Recording, 0)
+        );
+        let end = SessionEnd {
+            ended_at: 1_500,
+            bytes_in: 0,
+            bytes_out: 5,
+            exit_code: Some(0),
+            end_reason: "exited".into(),
+            status: SessionStatus::Ended,
+            recording: RecordingStatus::Complete,
+            recording_bytes: 321,
+        };
+        assert!(store.end_session("r1", &end).await.expect("end"));
+        let r1 = store.get_session("r1").await.expect("get").expect("r1");
+        assert_eq!(
+            (r1.recording, r1.recording_bytes),
+            (RecordingStatus::Complete, 321)
+        );
+        // A restart: the one still recording never completed.
+        assert_eq!(
+            store
+                .end_active_sessions(9_000, "server restarted")
+                .await
+                .expect("restart"),
+            2
+        );
+        let r2 = store.get_session("r2").await.expect("get").expect("r2");
+        assert_eq!(r2.recording, RecordingStatus::Failed);
+        let plain = store
+            .get_session("plain")
+            .await
+            .expect("get")
+            .expect("plain");
+        assert_eq!(plain.recording, RecordingStatus::None);
+
+        let mut expired = store.expired_sessions(10_000, 10).await.expect("expired");
+        expired.sort();
+        assert_eq!(
+            expired,
+            [
+                ("plain".into(), false),
+                ("r1".into(), true),
+                ("r2".into(), true)
+            ]
+        );
+        assert_eq!(
+            store
+                .expired_sessions(10_000, 1)
+                .await
+                .expect("expired")
+                .len(),
+            1
+        );
+        assert!(
+            store
+                .expired_sessions(1_000, 10)
+                .await
+                .expect("expired")
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .delete_sessions(&["r1".into(), "nope".into()])
+                .await
+                .expect("delete"),
+            1
+        );
+        assert!(store.get_session("r1").await.expect("get").is_none());
+        assert_eq!(store.delete_sessions(&[]).await.expect("delete"), 0);
+    }
+
+    /// A session stored before recordings (schema 0010) reads as not recorded.
+    #[tokio::test]
+    async fn a_session_stored_before_recordings_reads_as_not_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sqlite");
+        {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = sqlx::SqlitePool::connect_with(opts).await.expect("pool");
+            sqlx::migrate!("./migrations")
+                .run_to(10, &pool)
+                .await
+                .expect("migrate to 0010");
+            sqlx::query(
+                "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
+                   started_at, ended_at, status) VALUES ('old', 'exec', ?, 'admin', '', '', 'true',
+                   1000, 2000, 'Ended')",
+            )
+            .bind(NodeId::from_random(7).as_str())
+            .execute(&pool)
+            .await
+            .expect("insert");
+            pool.close().await;
+        }
+        let store = Store::open_sqlite(&path).await.expect("open");
+        let old = store.get_session("old").await.expect("get").expect("old");
+        assert_eq!(
+            (old.recording, old.recording_bytes),
+            (RecordingStatus::None, 0)
+        );
     }
 }

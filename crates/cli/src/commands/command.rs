@@ -7,9 +7,13 @@ use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
-    /// Most commands to list
+    /// Most commands to list (the server's default is 50, its maximum 1000)
     #[arg(long, value_name = "N")]
     limit: Option<u32>,
+    /// The page after this one: a command id (the last of the previous page) or an RFC 3339 time
+    /// (commands requested before it)
+    #[arg(long, value_name = "CURSOR")]
+    before: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -20,7 +24,10 @@ pub struct ShowArgs {
 }
 
 pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<ExitCode> {
-    let list = ctx.client()?.commands(args.limit).await?;
+    let list = ctx
+        .client()?
+        .commands(args.limit, args.before.as_deref())
+        .await?;
     if ctx.format == Format::Json {
         render::print_json(&list)?;
         return Ok(ExitCode::SUCCESS);
@@ -48,8 +55,17 @@ pub async fn list(ctx: &Ctx, args: ListArgs) -> anyhow::Result<ExitCode> {
         ]);
     }
     render::print_table(&t)?;
+    // A full page may have more behind it: say how to get it.
+    if let Some(last) = list.last()
+        && list.len() == args.limit.map_or(PAGE_DEFAULT, |n| n as usize)
+    {
+        eprintln!("(more may follow: --before {})", last.command_id);
+    }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The server's page when no `--limit` is given.
+const PAGE_DEFAULT: usize = 50;
 
 pub async fn show(ctx: &Ctx, args: ShowArgs) -> anyhow::Result<ExitCode> {
     let id = parse_command_id(&args.command)?;

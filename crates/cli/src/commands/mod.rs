@@ -9,9 +9,12 @@ mod dev;
 mod documents;
 mod exec;
 mod nodes;
+mod object_store;
+mod objects;
 mod output;
 mod params;
 mod policies;
+mod recording;
 mod send;
 mod server;
 mod sessions;
@@ -94,7 +97,7 @@ enum Subcommands {
     Exec(exec::Args),
     /// Open an interactive shell on one node (a PTY there), or run a command with -c
     Shell(shell::Args),
-    /// List exec and shell sessions, newest first; show or terminate one
+    /// List exec and shell sessions, newest first; show or terminate one, get or play its recording
     Sessions(sessions::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),
@@ -132,6 +135,9 @@ enum Subcommands {
     /// Put, list, show and delete parameters that scripts reference as {{param:NAME}}
     #[command(subcommand)]
     Params(params::Cmd),
+    /// Put, get, list and delete objects kept by the server (script inputs, results, files)
+    #[command(subcommand)]
+    Objects(objects::Cmd),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -186,6 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Whoami => users::whoami(&ctx).await,
         Subcommands::Policies(cmd) => policies::run(cmd),
         Subcommands::Params(cmd) => params::run(&ctx, cmd).await,
+        Subcommands::Objects(cmd) => objects::run(&ctx, cmd).await,
     }
 }
 

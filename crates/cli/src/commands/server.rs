@@ -4,6 +4,7 @@
 
 use crate::config::project_dirs;
 use anyhow::{Context, bail};
+use fleetrun_server::sessions::recording::{OnFailure, Settings};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -87,8 +88,8 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_sans"])]
     insecure_http: bool,
     /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
-    /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans, insecure_http and the timeouts and
-    /// connection caps below
+    /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans, insecure_http and the timeouts,
+    /// connection caps and recording settings below
     #[arg(
         long,
         env = "FLEETRUN_SERVER_CONFIG",
@@ -96,6 +97,8 @@ pub struct Args {
         value_name = "FILE"
     )]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    object_store: super::object_store::ObjectStoreArgs,
     /// Requests per second each API principal may make (bursts of 4x); 0 turns the limit off [default: 50]
     #[arg(
         long,
@@ -139,6 +142,36 @@ pub struct Args {
     /// A session running this long is ended; 0 = no limit [default: 0]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     session_max_duration: Option<Duration>,
+    /// Record interactive sessions as asciicast files in the object store: on or off [default: on]
+    #[arg(
+        long,
+        env = "FLEETRUN_SESSION_RECORDING",
+        hide_env_values = true,
+        value_name = "on|off",
+        value_parser = parse_on_off
+    )]
+    session_recording: Option<bool>,
+    /// Record what is typed in sessions too (it holds typed passwords) [default: off]
+    #[arg(long, env = "FLEETRUN_RECORD_INPUT", hide_env_values = true)]
+    record_input: bool,
+    /// When a session's recording cannot be written: close (refuse or end the session) or
+    /// continue without a recording [default: close]
+    #[arg(
+        long,
+        env = "FLEETRUN_RECORDING_FAILURE",
+        hide_env_values = true,
+        value_name = "close|continue"
+    )]
+    recording_failure: Option<OnFailure>,
+}
+
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?}: use on or off")),
+    }
 }
 
 /// The server's config file. Unknown keys are an error, so a typo does not silently fall back.
@@ -170,6 +203,11 @@ struct ServerFile {
     session_idle_timeout: Option<String>,
     /// "0" for no limit.
     session_max_duration: Option<String>,
+    object_store: Option<super::object_store::ObjectStoreFile>,
+    session_recording: Option<bool>,
+    record_input: Option<bool>,
+    /// "close" or "continue".
+    recording_failure: Option<String>,
 }
 
 /// Parses a duration as humantime spells it: `30d`, `12h`, `90s`, `1h 30m`.
@@ -299,8 +337,28 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         },
         args.insecure_http || file.insecure_http.unwrap_or(false),
     )?;
+    let object_store = super::object_store::resolve(args.object_store, file.object_store)?;
+    let on_failure = match args.recording_failure {
+        Some(f) => f,
+        None => file
+            .recording_failure
+            .map(|s| s.parse::<OnFailure>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("bad recording_failure in server config: {e}"))?
+            .unwrap_or_default(),
+    };
+    let recording = Settings {
+        enabled: args
+            .session_recording
+            .or(file.session_recording)
+            .unwrap_or(true),
+        record_input: args.record_input || file.record_input.unwrap_or(false),
+        on_failure,
+    };
     Ok(fleetrun_server::ServerConfig {
+        object_store,
         tls,
+        recording,
         heartbeat_secs,
         retention,
         purge_interval,
@@ -457,6 +515,7 @@ mod tests {
             tls_sans: Vec::new(),
             insecure_http: false,
             config,
+            object_store: Default::default(),
             rate_limit: None,
             secrets_key_file: None,
             header_read_timeout: None,
@@ -468,6 +527,9 @@ mod tests {
             shutdown_grace: None,
             session_idle_timeout: None,
             session_max_duration: None,
+            session_recording: None,
+            record_input: false,
+            recording_failure: None,
         };
         let c = resolve(args(Some(path.clone()))).unwrap();
         assert_eq!(c.listen.port(), 9);
@@ -526,6 +588,35 @@ mod tests {
         let mut a = args(None);
         a.session_idle_timeout = Some(Duration::ZERO);
         assert!(resolve(a).is_err());
+
+        // Recordings: on, without input, failing closed; the file or the flags change that.
+        assert_eq!(c.recording, Settings::default());
+        std::fs::write(
+            &path,
+            "session_recording = false\nrecord_input = true\nrecording_failure = \"continue\"\n",
+        )
+        .unwrap();
+        let c = resolve(args(Some(path.clone()))).unwrap();
+        assert_eq!(
+            c.recording,
+            Settings {
+                enabled: false,
+                record_input: true,
+                on_failure: OnFailure::Continue
+            }
+        );
+        let mut a = args(Some(path.clone()));
+        a.session_recording = Some(true);
+        a.recording_failure = Some(OnFailure::Close);
+        let c = resolve(a).unwrap();
+        assert!(c.recording.enabled);
+        assert_eq!(c.recording.on_failure, OnFailure::Close);
+        std::fs::write(&path, "recording_failure = \"ignore\"\n").unwrap();
+        let err = format!("{:#}", resolve(args(Some(path.clone()))).unwrap_err());
+        assert!(
+            err.contains("recording_failure") && err.contains("close or continue"),
+            "{err}"
+        );
 
         std::fs::write(&path, "retention = \"soon\"\n").unwrap();
         let err = format!("{:#}", resolve(args(Some(path.clone()))).unwrap_err());

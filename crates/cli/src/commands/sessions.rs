@@ -1,10 +1,12 @@
 //! `fleetrun sessions`: the session records (execs), newest first; `sessions show ID`,
-//! `sessions terminate ID`.
+//! `sessions terminate ID`, and a session's recording: `sessions recording ID`, `sessions play ID`
+//! (in `recording.rs`).
 
 use super::Ctx;
+use super::recording::{self, Pace};
 use crate::render::{self, Format};
 use clap::{Args as ClapArgs, Subcommand};
-use fleetrun_proto::api::Session;
+use fleetrun_proto::api::{RecordingStatus, Session};
 use std::process::ExitCode;
 
 #[derive(Debug, ClapArgs)]
@@ -27,6 +29,28 @@ pub enum Cmd {
     Terminate {
         /// Session id
         session_id: String,
+    },
+    /// Write an ended session's recording (asciicast v2, which asciinema plays) to stdout
+    Recording {
+        /// Session id
+        session_id: String,
+        /// Write it even when stdout is a terminal
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replay an ended session's recording in this terminal, with its timings (Ctrl-C stops)
+    Play {
+        /// Session id
+        session_id: String,
+        /// Times faster than recorded, e.g. 2 or 0.5
+        #[arg(long, value_name = "N", default_value = "1", value_parser = recording::parse_speed)]
+        speed: f64,
+        /// Cut pauses longer than 1 s (or --max-idle) to that
+        #[arg(long)]
+        skip_idle: bool,
+        /// Cut pauses longer than SECS to SECS (implies --skip-idle)
+        #[arg(long, value_name = "SECS", value_parser = recording::parse_idle)]
+        max_idle: Option<f64>,
     },
 }
 
@@ -54,6 +78,19 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
+        Some(Cmd::Recording { session_id, force }) => {
+            return recording::download(&client, session_id.trim(), force).await;
+        }
+        Some(Cmd::Play {
+            session_id,
+            speed,
+            skip_idle,
+            max_idle,
+        }) => {
+            let max_idle = max_idle.or(skip_idle.then_some(recording::SKIP_IDLE_DEFAULT));
+            let pace = Pace { speed, max_idle };
+            return recording::play(&client, session_id.trim(), pace).await;
+        }
         None => client.sessions(args.active).await?,
     };
     if ctx.format == Format::Json {
@@ -76,6 +113,7 @@ fn print(sessions: &[Session]) -> anyhow::Result<()> {
         "IN",
         "OUT",
         "REASON",
+        "RECORDING",
         "COMMAND",
     ]);
     for s in sessions {
@@ -90,8 +128,19 @@ fn print(sessions: &[Session]) -> anyhow::Result<()> {
             render::bytes(s.bytes_in),
             render::bytes(s.bytes_out),
             render::or_dash(&s.end_reason),
+            recording_cell(s),
             render::first_line(&s.command, 40),
         ]);
     }
     render::print_table(&t)
+}
+
+/// Its recording: the size once stored, else where it is.
+fn recording_cell(s: &Session) -> String {
+    match s.recording {
+        RecordingStatus::None => "-".into(),
+        RecordingStatus::Recording => "recording".into(),
+        RecordingStatus::Complete => render::bytes(s.recording_bytes),
+        RecordingStatus::Failed => "failed".into(),
+    }
 }

@@ -155,6 +155,37 @@ fn send_by_id_by_tag_and_to_all() {
         .ok()
         .json();
     assert_eq!(list.as_array().map(Vec::len), Some(2));
+    // The next page starts after the last id of this one; a table says how to get it.
+    let next = server
+        .cli(&[
+            "commands",
+            "--limit",
+            "2",
+            "--before",
+            list[1]["command_id"].as_str().unwrap_or_default(),
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["command_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let all = server.cli(&["commands", "-o", "json"]).ok().json();
+    assert_eq!(ids(&next), ids(&all)[2..4].to_vec());
+    let page = server.cli(&["commands", "--limit", "2"]).ok();
+    assert!(
+        page.stderr.contains(&format!(
+            "--before {}",
+            list[1]["command_id"].as_str().unwrap_or_default()
+        )),
+        "{}",
+        page.stderr
+    );
     let table = server.cli(&["commands"]).ok().stdout_str();
     assert!(
         table.starts_with("COMMAND ID") && table.contains(&id),

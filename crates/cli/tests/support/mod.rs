@@ -1107,3 +1107,166 @@ pub fn runs(path: &Path) -> usize {
         .map(|s| s.lines().count())
         .unwrap_or(0)
 }
+
+/// PyPI packages of the harness's venv, versions checked to work together (awscli pins its
+/// botocore; moto's server is the S3-compatible store of the object-store tests).
+const PIP_PACKAGES: [&str; 3] = ["awscli==1.46.3", "boto3==1.44.5", "moto[server]==5.2.5"];
+
+/// A venv with the AWS CLI, boto3 and moto's server: `FLEETRUN_AWS_VENV`, else a cache dir shared
+/// between runs, made on first use under a file lock (tests of one binary run in parallel). It
+/// fails, never skips, when python3 or the PyPI registry is missing.
+pub fn python_venv() -> PathBuf {
+    let dir = std::env::var_os("FLEETRUN_AWS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir);
+            home.join(".cache").join("fleetrun-py-venv")
+        });
+    let bin = dir.join("bin");
+    let ready = || {
+        Command::new(bin.join("python"))
+            .args(["-c", "import boto3, awscli, moto"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+            && bin.join("aws").exists()
+            && bin.join("moto_server").exists()
+    };
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).expect("venv parent dir");
+    }
+    let lock_path = dir.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("lock {}: {e}", lock_path.display()));
+    if ready() {
+        return dir;
+    }
+    let st = Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&dir)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the tests need python3 (with venv) to make a venv for awscli, boto3 and moto: {e}"
+            )
+        });
+    assert!(st.success(), "python3 -m venv {} failed", dir.display());
+    let st = Command::new(bin.join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PIP_PACKAGES)
+        .status()
+        .unwrap_or_else(|e| panic!("pip in {}: {e}", dir.display()));
+    assert!(
+        st.success(),
+        "pip install {PIP_PACKAGES:?} failed (is the PyPI registry reachable?)"
+    );
+    assert!(
+        ready(),
+        "awscli, boto3 and moto did not install into {}",
+        dir.display()
+    );
+    dir
+}
+
+/// A real S3-compatible server (moto's, from the harness's venv) on a free loopback port, killed
+/// when dropped. It checks no signatures; any access key works.
+pub struct S3Server {
+    pub url: String,
+    venv: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let venv = python_venv();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port("127.0.0.1");
+        let log = dir.path().join("moto.log");
+        let child = Command::new(venv.join("bin").join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log_file(&log))
+            .stderr(log_file(&log))
+            .spawn()
+            .expect("spawn moto_server");
+        let mut s3 = S3Server {
+            url: format!("http://127.0.0.1:{port}"),
+            venv,
+            child,
+            _dir: dir,
+        };
+        let url = s3.url.clone();
+        wait_until("moto_server to answer", Duration::from_secs(60), || {
+            if let Ok(Some(st)) = s3.child.try_wait() {
+                panic!("moto_server exited with {st}:\n{}", tail(&log, 4_000));
+            }
+            http(None, "GET", &format!("{url}/moto-api/"), None, None)
+                .ok()
+                .filter(|r| r.status < 500)
+        });
+        s3
+    }
+
+    /// Makes a bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        let r = http(None, "PUT", &format!("{}/{bucket}", self.url), None, None)
+            .unwrap_or_else(|e| panic!("create bucket {bucket}: {e}"));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+
+    /// The keys under `prefix` in `bucket`, with their sizes (one listing page: up to 1,000).
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+        let url = format!("{}/{bucket}?list-type=2&prefix={prefix}", self.url);
+        let r = http(None, "GET", &url, None, None).unwrap_or_else(|e| panic!("list: {e}"));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let xml = String::from_utf8_lossy(&r.body).into_owned();
+        let field = |item: &str, tag: &str| -> Option<String> {
+            let open = format!("<{tag}>");
+            let start = item.find(&open)? + open.len();
+            let len = item[start..].find(&format!("</{tag}>"))?;
+            Some(item[start..start + len].to_owned())
+        };
+        xml.split("<Contents>")
+            .skip(1)
+            .filter_map(|item| {
+                let key = field(item, "Key")?;
+                let size = field(item, "Size")?.parse().ok()?;
+                Some((key, size))
+            })
+            .collect()
+    }
+
+    /// An object's bytes, read with boto3 (moto refuses unsigned reads of objects).
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let script = "import boto3, sys\n\
+            s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test',\n\
+                aws_secret_access_key='test', region_name='us-east-1')\n\
+            sys.stdout.buffer.write(s3.get_object(Bucket=sys.argv[2], Key=sys.argv[3])['Body'].read())\n";
+        let out = Command::new(self.venv.join("bin").join("python"))
+            .args(["-c", script, &self.url, bucket, key])
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "get {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Stops the store (to test a server whose store went away).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -30,11 +30,13 @@ entity User in [Role] { role: String };
 entity Node { name: String } tags String;
 entity Document { name: String };
 entity Parameter { name: String };
+entity Object { name: String };
 entity Fleet;
 action "list" appliesTo { principal: [User], resource: [Node, Document, Fleet] };
 action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes", "terminate-session"
     appliesTo { principal: [User], resource: [Node] };
 action "manage-documents" appliesTo { principal: [User], resource: [Document] };
+action "read-objects", "write-objects" appliesTo { principal: [User], resource: [Object] };
 action "use-param" appliesTo { principal: [User], resource: [Parameter] };
 action "manage-users", "manage-activations", "manage-access-keys", "manage-params", "read-audit"
     appliesTo { principal: [User], resource: [Fleet] };
@@ -47,13 +49,13 @@ pub const ROLE_POLICIES: &str = r#"
 permit (principal in Role::"admin", action, resource);
 
 // operator: run, cancel and read commands on every node, open shells and copy files, manage
-// documents and parameters and use them in scripts. Not users, activations, access keys, node
-// removal or the audit trail.
+// documents, parameters and objects and use them in scripts. Not users, activations, access keys,
+// node removal or the audit trail.
 permit (
     principal in Role::"operator",
     action in [Action::"list", Action::"send-command", Action::"cancel", Action::"read-output",
                Action::"shell", Action::"cp", Action::"manage-documents", Action::"manage-params",
-               Action::"use-param"],
+               Action::"use-param", Action::"read-objects", Action::"write-objects"],
     resource
 );
 
@@ -94,6 +96,10 @@ pub enum Action {
     UseParam,
     /// Read and verify the audit trail.
     ReadAudit,
+    /// Read (download, list) objects kept for users.
+    ReadObjects,
+    /// Write (upload, replace, delete) objects kept for users.
+    WriteObjects,
 }
 
 impl Action {
@@ -115,6 +121,8 @@ impl Action {
             Action::ManageParams => "manage-params",
             Action::UseParam => "use-param",
             Action::ReadAudit => "read-audit",
+            Action::ReadObjects => "read-objects",
+            Action::WriteObjects => "write-objects",
         }
     }
 }
@@ -130,6 +138,8 @@ pub enum Resource<'a> {
     Document(&'a str),
     /// A parameter of the parameter store, by name.
     Parameter(&'a str),
+    /// An object kept for users, by key.
+    Object(&'a str),
 }
 
 impl Resource<'_> {
@@ -139,6 +149,7 @@ impl Resource<'_> {
             Resource::Node(_) => "Node",
             Resource::Document(_) => "Document",
             Resource::Parameter(_) => "Parameter",
+            Resource::Object(_) => "Object",
         }
     }
 }
@@ -415,6 +426,7 @@ impl Authz {
             Resource::Node(n) => format!(" on node {} ({})", n.node_id, n.name),
             Resource::Document(d) => format!(" on document {d}"),
             Resource::Parameter(n) => format!(" on parameter {n}"),
+            Resource::Object(k) => format!(" on object {k}"),
         };
         Err(Denied {
             message: format!(
@@ -570,7 +582,7 @@ impl Authz {
                 let u = uid("Fleet", "fleet")?;
                 (u.clone(), Entity::with_uid(u))
             }
-            Resource::Document(name) | Resource::Parameter(name) => {
+            Resource::Document(name) | Resource::Parameter(name) | Resource::Object(name) => {
                 let kind = resource.kind();
                 let u = uid(kind, name)?;
                 let e = Entity::new(

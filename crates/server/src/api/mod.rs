@@ -50,6 +50,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(crate::sessions::api::list))
         .route("/v1/sessions/{session_id}", get(crate::sessions::api::get))
         .route(
+            "/v1/sessions/{session_id}/recording",
+            get(crate::sessions::api::recording),
+        )
+        .route(
             "/v1/sessions/{session_id}/terminate",
             post(crate::sessions::api::terminate),
         )
@@ -97,6 +101,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/params/{name}",
             get(params::get).put(params::put).delete(params::delete),
         )
+        .route("/v1/objects", get(crate::objects::api::list))
+        .route(
+            "/v1/objects/{*key}",
+            get(crate::objects::api::get)
+                .put(crate::objects::api::put)
+                .delete(crate::objects::api::delete),
+        )
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", post(audit::verify))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -122,11 +133,18 @@ async fn body_deadline(State(state): State<Arc<AppState>>, req: Request, next: N
     if req.body().is_end_stream() {
         return next.run(req).await;
     }
+    let streamed = req
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|r| crate::objects::api::is_streamed_upload(req.method(), r.as_str()));
     let (parts, body) = req.into_parts();
-    let body = Body::new(crate::net::conn::DeadlineBody::new(
-        body,
-        state.body_read_timeout,
-    ));
+    let limit = state.body_read_timeout;
+    let body = Body::new(if streamed {
+        // An upload of gigabytes takes as long as it takes: bounded by time without bytes.
+        crate::net::conn::DeadlineBody::idle(body, limit)
+    } else {
+        crate::net::conn::DeadlineBody::new(body, limit)
+    });
     next.run(Request::from_parts(parts, body)).await
 }
 
@@ -200,6 +218,25 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
     };
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(principal.clone());
+    if crate::objects::api::is_streamed_upload(&parts.method, &route) {
+        // The handler reads the body as it stores it; the trail keeps its summary of it.
+        let resp = next.run(Request::from_parts(parts, body)).await;
+        let summary = resp
+            .extensions()
+            .get::<crate::objects::api::StreamedBody>()
+            .map(|s| s.0.to_string().into_bytes())
+            .unwrap_or_default();
+        let outcome = gate::Outcome {
+            principal: Some(&principal),
+            request: Some(gate::Recorded {
+                query,
+                body: &summary,
+            }),
+            write,
+            subject: "this route",
+        };
+        return gate::conclude::<Native>(&state.store, entry, outcome, resp).await;
+    }
     let (bytes, resp) = match axum::body::to_bytes(body, AUDIT_BODY_MAX).await {
         Ok(bytes) => {
             let resp = next

@@ -200,6 +200,8 @@ pub struct DeadlineBody {
     inner: axum::body::Body,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     limit: std::time::Duration,
+    /// Each frame moves the deadline on (a limit on time without bytes, for streamed uploads).
+    idle: bool,
 }
 
 /// A request body did not arrive within the body read timeout.
@@ -214,6 +216,15 @@ impl DeadlineBody {
             inner,
             deadline: Box::pin(tokio::time::sleep(limit)),
             limit,
+            idle: false,
+        }
+    }
+
+    /// `inner`, which may take any time but must never go `limit` without a byte.
+    pub fn idle(inner: axum::body::Body, limit: std::time::Duration) -> Self {
+        DeadlineBody {
+            idle: true,
+            ..DeadlineBody::new(inner, limit)
         }
     }
 }
@@ -229,6 +240,10 @@ impl http_body::Body for DeadlineBody {
         use std::future::Future;
         use std::task::Poll;
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            if self.idle {
+                let next = tokio::time::Instant::now() + self.limit;
+                self.deadline.as_mut().reset(next);
+            }
             return Poll::Ready(frame);
         }
         if self.deadline.as_mut().poll(cx).is_ready() {

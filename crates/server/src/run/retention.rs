@@ -1,12 +1,14 @@
 //! Retention: a background task purges commands (rows and output objects) and ended session records
-//! older than the retention period, in bounded batches so a large backlog never holds the database for long.
+//! (with their recordings) older than the retention period, in bounded batches so a large backlog
+//! never holds the database for long.
 
 use crate::AppState;
 use crate::run::output::command_prefix;
+use crate::sessions::recording;
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::Store;
 use futures_util::StreamExt;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +48,7 @@ pub async fn purge(
         let ids = store.expired_commands(before, BATCH).await?;
         if ids.is_empty() {
             // Session records age out with the commands, in batches too.
-            while store.purge_sessions(before, i64::from(BATCH)).await? > 0 {
+            while purge_sessions(store, objects, before).await? > 0 {
                 tokio::task::yield_now().await;
             }
             return Ok(total);
@@ -71,4 +73,25 @@ pub async fn purge(
         total += ids.len();
         tokio::task::yield_now().await;
     }
+}
+
+/// Purges one batch of session records ended before `before`, their recordings first (as output,
+/// so no record outlives its object's deletion unnoticed); returns how many records went.
+async fn purge_sessions(
+    store: &Store,
+    objects: &dyn ObjectStore,
+    before: i64,
+) -> anyhow::Result<u64> {
+    let expired = store.expired_sessions(before, i64::from(BATCH)).await?;
+    for (id, recorded) in &expired {
+        if !recorded {
+            continue;
+        }
+        match objects.delete(&recording::object_path(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let ids: Vec<String> = expired.into_iter().map(|(id, _)| id).collect();
+    Ok(store.delete_sessions(&ids).await?)
 }

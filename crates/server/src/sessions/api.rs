@@ -1,15 +1,25 @@
-//! `GET /v1/sessions`, `GET /v1/sessions/{session_id}`, `POST /v1/sessions/{session_id}/terminate`:
-//! session records, seen on the nodes one may `shell` on; a terminate needs `terminate-session`
-//! on the session's node (admins have every action).
+//! `GET /v1/sessions`, `GET /v1/sessions/{session_id}`, `POST /v1/sessions/{session_id}/terminate`,
+//! `GET /v1/sessions/{session_id}/recording`: session records and their recordings, seen on the
+//! nodes one may `shell` on; a terminate needs `terminate-session` on the session's node (admins
+//! have every action).
 
 use crate::AppState;
+use crate::access::audit as trail;
 use crate::access::authz::{Action, Principal};
 use crate::api::ApiError;
 use crate::errors::Code;
-use axum::extract::{Path, Query, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use fleetrun_proto::api::{Session, SessionStatus};
+use fleetrun_proto::api::{RecordingStatus, Session, SessionStatus};
+use fleetrun_proto::time::now_ms;
+use fleetrun_store::AuditEntry;
+use futures_util::StreamExt;
+use object_store::ObjectStoreExt;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Default page of a listing.
@@ -112,4 +122,70 @@ pub async fn terminate(
         ));
     }
     Ok(Json(s))
+}
+
+/// A session's recording, streamed as stored (asciicast v2, `application/x-asciicast`). Only an
+/// ended session's: the upload completes at the end (an object store shows no half-uploaded
+/// object), so a running one's is refused (409 RecordingNotReady), as is one that has none or whose
+/// recording failed (404 RecordingNotFound). Each download is audited (`sessions.recording.read`:
+/// who, which session, its node).
+pub async fn recording(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let s = visible(&state, &p, &id).await?;
+    let none = |why: &str| ApiError::new(Code::RecordingNotFound, format!("session {id} {why}"));
+    match s.recording {
+        RecordingStatus::Complete => {}
+        RecordingStatus::None => return Err(none("has no recording")),
+        RecordingStatus::Failed => {
+            return Err(none("has no recording: it could not be written"));
+        }
+        RecordingStatus::Recording => {
+            return Err(ApiError::new(
+                Code::RecordingNotReady,
+                format!("session {id} is still running; its recording can be read once it ends"),
+            ));
+        }
+    }
+    let got = state
+        .objects
+        .get(&super::recording::object_path(&s.session_id))
+        .await;
+    let got = match got {
+        Ok(g) => g,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(none("has no recording: its object is gone"));
+        }
+        Err(e) => {
+            tracing::error!(session = %id, "cannot read a recording: {e}");
+            return Err(ApiError::new(
+                Code::Internal,
+                "cannot read the recording from the object store",
+            ));
+        }
+    };
+    let entry = AuditEntry {
+        at: now_ms(),
+        principal: p.name().to_owned(),
+        source: addr.to_string(),
+        action: "sessions.recording.read".into(),
+        node_ids: vec![s.node_id.to_string()],
+        params: serde_json::json!({ "session_id": s.session_id, "bytes": got.meta.size }),
+        result: "Served".into(),
+        ..AuditEntry::default()
+    };
+    trail::record(&state.store, entry, true).await;
+    let size = got.meta.size;
+    let body = Body::from_stream(got.into_stream().map(|r| r.map_err(std::io::Error::other)));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-asciicast".to_owned()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }

@@ -2,7 +2,8 @@
 //! login shell, or a command on a terminal), relayed live to the client's WebSocket (the messages
 //! are `fleetrun_proto::stream::client`). Authorized by the `shell` action on the node; opened and
 //! ended in the audit trail (`exec.open` / `exec.end`, with the session's kind, `exec` or
-//! `shell`, in the params) and in a session record of that kind.
+//! `shell`, in the params) and in a session record of that kind; recorded when `recorded` says
+//! so (`super::recording`: output, input when configured, resizes).
 //!
 //! Flow control end to end: the agent gets output credit only as the client's socket accepts the
 //! bytes, and the client's stdin is read only as far as the agent grants credit (one message
@@ -10,6 +11,7 @@
 //! at most every [`RESIZE_INTERVAL`] (the last size wins), so a client cannot flood the agent's
 //! connection with them.
 
+use super::recording::{self, Outcome, Recording};
 use super::streams::{AgentEvent, StreamHandle, Streams};
 use crate::AppState;
 use crate::access::audit as trail;
@@ -137,7 +139,11 @@ impl Session {
             run_as: req.run_as.clone(),
             command: req.command.clone(),
             started_at: 0,
+            recording: Default::default(),
         };
+        // Recording starts before anything runs: one that cannot start refuses the session.
+        let header = self.recording_header(&req);
+        let record_it = recorded(&req);
         let kind = match stream_kind(req) {
             Ok(kind) => kind,
             Err(message) => {
@@ -147,9 +153,25 @@ impl Session {
         };
         // The trail's open and end name the record they belong to.
         params["session_id"] = record.session_id.clone().into();
+        let recording = Recording::start(
+            self.state.objects.as_ref(),
+            self.state.recording,
+            record_it,
+            &record.session_id,
+            header,
+        );
+        let mut recording = match recording.await {
+            Ok(r) => r,
+            Err(message) => {
+                self.audit("exec.refused", params, &message).await;
+                return refuse(sink, close_code::ERROR, &message).await;
+            }
+        };
+        record.recording = recording.status();
         let stream = match streams.open(kind, OUTPUT_WINDOW) {
             Ok(s) => s,
             Err(e) => {
+                recording.abort().await;
                 let message = e.to_string();
                 self.audit("exec.refused", params, &message).await;
                 return refuse(sink, close_code::AGAIN, &message).await;
@@ -166,15 +188,27 @@ impl Session {
             &self,
             &mut record,
             &mut registration.stop,
-            pty,
+            &mut recording,
         )
         .await;
         drop(registration);
+        // The recording completes before the record and the client hear of the end.
+        let recorded = if ended.started {
+            recording.finish().await
+        } else {
+            recording.abort().await;
+            Outcome::None
+        };
         let mut end = serde_json::json!({
             "bytes_in": ended.bytes_in, "bytes_out": ended.bytes_out,
+            "recording": recorded.status().0.as_str(),
         });
+        if let Outcome::Failed(why) = &recorded {
+            tracing::error!(session = %record.session_id, "{why}");
+            end["recording_error"] = why.clone().into();
+        }
         if ended.started {
-            self.record_end(&record.session_id, &ended).await;
+            self.record_end(&record.session_id, &ended, &recorded).await;
         }
         let result = match (&ended.exit, &ended.error) {
             (Some((code, signal)), None) => {
@@ -214,8 +248,11 @@ impl Session {
     }
 
     /// Completes the session's record with how it ended.
-    async fn record_end(&self, session_id: &str, ended: &Ended) {
+    async fn record_end(&self, session_id: &str, ended: &Ended, recorded: &Outcome) {
+        let (recording, recording_bytes) = recorded.status();
         let end = SessionEnd {
+            recording,
+            recording_bytes,
             ended_at: now_ms(),
             bytes_in: ended.bytes_in,
             bytes_out: ended.bytes_out,
@@ -235,6 +272,27 @@ impl Session {
         }
     }
 
+    /// What the session's recording says of it: the PTY's size and `TERM` when it has one.
+    fn recording_header(&self, req: &ExecRequest) -> recording::Header {
+        let title = format!("{}@{}: {}", self.principal, self.node, req.command);
+        let (width, height) = match &req.pty {
+            Some(p) => (p.cols, p.rows),
+            None => recording::DEFAULT_SIZE,
+        };
+        let term = match &req.pty {
+            Some(p) => Some(p.term.clone()),
+            None => req.env.get("TERM").cloned(),
+        };
+        recording::Header {
+            width,
+            height,
+            timestamp: now_ms() / 1000,
+            term,
+            shell: req.env.get("SHELL").cloned(),
+            title: title.chars().take(200).collect(),
+        }
+    }
+
     async fn audit(&self, action: &str, params: serde_json::Value, result: &str) {
         let entry = AuditEntry {
             at: now_ms(),
@@ -248,6 +306,11 @@ impl Session {
         };
         trail::record(&self.state.store, entry, true).await;
     }
+}
+
+/// Whether a session is recorded: the one place it is decided. Every one, exec and shell.
+fn recorded(_req: &ExecRequest) -> bool {
+    true
 }
 
 /// The client's first message: a JSON [`ExecRequest`] within [`FIRST_MESSAGE_TIMEOUT`].
@@ -327,8 +390,10 @@ async fn relay(
     session: &Session,
     record: &mut NewSession,
     stop: &mut tokio::sync::oneshot::Receiver<String>,
-    pty: bool,
+    recording: &mut Recording,
 ) -> Ended {
+    // A shell's record is of kind "shell": the session has a PTY (resizes allowed).
+    let pty = record.kind == "shell";
     let mut ended = Ended::default();
     let live = &session.state.sessions;
     // Idle: no bytes either way since `last`; the maximum duration counts from the open.
@@ -373,6 +438,10 @@ async fn relay(
             }
             () = tokio::time::sleep_until(resize_at), if resize.is_some() => {
                 if let Some((rows, cols)) = resize.take() {
+                    // A resize, recorded here as the PTY gets it.
+                    if let Err(why) = recording.resize(cols, rows).await {
+                        return terminated(stream, ended, why);
+                    }
                     stream.send_resize(rows, cols);
                     resize_at = Instant::now() + RESIZE_INTERVAL;
                 }
@@ -405,8 +474,12 @@ async fn relay(
                         StreamFd::Stdout => TAG_STDOUT,
                         StreamFd::Stderr => TAG_STDERR,
                     };
-                    // Output, recorded here.
                     let n = bytes.len();
+                    // Output, recorded here, before the client sees it: failing closed, nothing
+                    // goes unrecorded.
+                    if let Err(why) = recording.output(&bytes).await {
+                        return terminated(stream, ended, why);
+                    }
                     let mut msg = Vec::with_capacity(n + 1);
                     msg.push(tag);
                     msg.extend_from_slice(&bytes);
@@ -442,7 +515,10 @@ async fn relay(
                     }
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
-                            // Input, recorded here.
+                            // Input, recorded here (when configured).
+                            if let Err(why) = recording.input(rest).await {
+                                return terminated(stream, ended, why);
+                            }
                             ended.bytes_in += rest.len() as u64;
                             last = Instant::now();
                             pending.extend_from_slice(rest);
@@ -460,7 +536,7 @@ async fn relay(
                         if let Err(e) = fleetrun_proto::stream::check_window(rows, cols) {
                             return broken(stream, ended, format!("bad resize: {e}"));
                         }
-                        // A resize, recorded here (as it is sent or replaced).
+                        // Sent (and recorded) by the resize branch, at most every RESIZE_INTERVAL.
                         resize = Some((rows, cols));
                     }
                     Err(e) => return broken(stream, ended, format!("bad message: {e}")),
