@@ -1,7 +1,11 @@
 //! Session streams on the agent (protocol versions 3 and 4): the multiplexer that runs what a
-//! `StreamOpen` asks for (a one-shot `Exec` on pipes, or a `Shell` on a PTY) and moves its bytes
-//! within each stream's credit (see `fleetrun_proto::stream` and docs/protocol.md, "Session
-//! streams").
+//! `StreamOpen` asks for (a one-shot `Exec` on pipes, a `Shell` on a PTY, a `Tcp` connection from
+//! the node) and moves its bytes within each stream's credit (see `fleetrun_proto::stream` and
+//! docs/protocol.md, "Session streams").
+//!
+//! A `Tcp` stream shares the same machinery: one pump (the socket's read half) and one feeder
+//! (its write half, shut down at `StreamEof`); it ends with `StreamClose` when the peer closes,
+//! without `StreamExit`, and a hang-up closes the socket.
 //!
 //! Each stream has a task, the same for both kinds once the process exists (`Streams::run`):
 //! an `Exec` is `sh -c COMMAND` in its own session and process group on three pipes, a `Shell`
@@ -33,6 +37,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, watch};
 
@@ -228,12 +233,7 @@ impl Streams {
                 cols,
                 env,
             }),
-            other => {
-                let name = other.name();
-                return refused(format!(
-                    "{name} streams are not supported by this agent yet"
-                ));
-            }
+            StreamKind::Tcp { host, port } => What::Tcp { host, port },
         };
         let send = match SendWindow::new(window) {
             Ok(w) => w,
@@ -275,7 +275,13 @@ impl Streams {
                 serial,
                 generation,
             };
-            let ended = me.run(tag, what, credit, input_rx, stop_rx).await;
+            let ended = match what {
+                What::Tcp { host, port } => {
+                    me.run_tcp(tag, &host, port, credit, input_rx, stop_rx)
+                        .await
+                }
+                process => me.run(tag, process, credit, input_rx, stop_rx).await,
+            };
             me.finish(stream, serial, generation, ended);
         });
     }
@@ -411,6 +417,11 @@ struct Tag {
 enum What {
     Exec(Exec),
     Shell(ShellSpec),
+    /// A TCP connection from the node to `host:port`.
+    Tcp {
+        host: String,
+        port: u16,
+    },
 }
 
 /// What an `Exec` stream runs.
@@ -452,10 +463,11 @@ impl Ended {
     }
 }
 
-/// Where a stream's input goes: an `Exec`'s stdin pipe or a `Shell`'s PTY master.
+/// Where a stream's input goes: an `Exec`'s stdin pipe, a `Shell`'s PTY master, a `Tcp`
+/// stream's socket.
 trait InputSink: AsyncWrite + Unpin + Send + 'static {
-    /// Whether `StreamEof` closes it: a pipe, yes; a terminal has no end of input of its own
-    /// (what is typed, Ctrl-D included, is the input).
+    /// Whether `StreamEof` shuts it down: a pipe (closed) and a socket (a half-close), yes; a
+    /// terminal has no end of input of its own (what is typed, Ctrl-D included, is the input).
     const CLOSES_AT_EOF: bool;
 
     /// Applies a new window size (only a PTY has one).
@@ -463,6 +475,10 @@ trait InputSink: AsyncWrite + Unpin + Send + 'static {
 }
 
 impl InputSink for pipe::Sender {
+    const CLOSES_AT_EOF: bool = true;
+}
+
+impl InputSink for tokio::net::tcp::OwnedWriteHalf {
     const CLOSES_AT_EOF: bool = true;
 }
 
@@ -537,7 +553,11 @@ async fn feed<W: InputSink>(
                 }
                 streams.consumed(stream, serial, generation, bytes.len());
             }
-            Input::Eof if W::CLOSES_AT_EOF => sink = None,
+            Input::Eof if W::CLOSES_AT_EOF => {
+                if let Some(mut tx) = sink.take() {
+                    let _ = tx.shutdown().await;
+                }
+            }
             Input::Eof => {}
             Input::Resize(rows, cols) => {
                 if let Some(tx) = &sink {
@@ -645,6 +665,7 @@ impl Streams {
                 pid,
                 io: Io::Pty(pty),
             }),
+            What::Tcp { .. } => Err("a TCP stream runs no process".into()),
         };
         let Spawned { pid, io } = match spawned {
             Ok(s) => s,
@@ -778,6 +799,72 @@ impl Streams {
         };
         Ended { exit, error }
     }
+}
+
+impl Streams {
+    /// Runs a `Tcp` stream to its end: connects to `host:port` from the node (within
+    /// [`TCP_CONNECT_TIMEOUT`]), then relays both ways until the peer closes (after its last
+    /// bytes) or the stream is hung up (the socket is closed).
+    async fn run_tcp(
+        self: &Arc<Self>,
+        tag: Tag,
+        host: &str,
+        port: u16,
+        credit: Arc<Credit>,
+        input: mpsc::UnboundedReceiver<Input>,
+        mut stop: watch::Receiver<Option<Stop>>,
+    ) -> Ended {
+        let connect = tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect((host, port)));
+        let socket = tokio::select! {
+            r = connect => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Ended::failed(format!("cannot connect to {host}:{port}: {e}")),
+                Err(_) => return Ended::failed(format!(
+                    "cannot connect to {host}:{port}: no answer within {} s",
+                    TCP_CONNECT_TIMEOUT.as_secs()
+                )),
+            },
+            _ = stop.changed() => return stopped(&stop),
+        };
+        // Interactive protocols (ssh) over a forward want their small writes sent at once.
+        let _ = socket.set_nodelay(true);
+        // Connected: the first grant of the input window tells the server so.
+        self.push(
+            tag.generation,
+            [AgentFrame::StreamCredit {
+                stream: tag.stream,
+                bytes: STREAM_WINDOW_DEFAULT,
+            }],
+        );
+        let (rx, tx) = socket.into_split();
+        let _feeder = AbortOnDrop(tokio::spawn(feed(Arc::clone(self), tag, Some(tx), input)));
+        let mut pump = AbortOnDrop(tokio::spawn(pump(
+            Arc::clone(self),
+            tag.stream,
+            tag.generation,
+            StreamFd::Stdout,
+            rx,
+            credit,
+        )));
+        tokio::select! {
+            // The peer closed (or the read failed): its last bytes are queued before the close.
+            _ = &mut pump.0 => Ended { exit: None, error: None },
+            _ = stop.changed() => stopped(&stop),
+        }
+        // Both halves go with their tasks: the socket is closed.
+    }
+}
+
+/// How long a `Tcp` stream's connect may take (name lookup included).
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a stream without a process ended once hung up: a violation says why, else no error.
+fn stopped(stop: &watch::Receiver<Option<Stop>>) -> Ended {
+    let error = match stop.borrow().clone() {
+        Some(Stop::Violation(why)) => Some(why),
+        Some(Stop::Server(_)) | Some(Stop::Lost) | None => None,
+    };
+    Ended { exit: None, error }
 }
 
 /// Aborts the task when dropped (a stream's helpers never outlive it).

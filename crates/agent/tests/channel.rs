@@ -1593,3 +1593,188 @@ async fn shell_streams_refuse_bad_frames_and_count_toward_the_cap() {
     assert!(out.contains("not available"), "{out}");
     assert_eq!(seen.exit, Some((1, None)), "{seen:?}");
 }
+
+// Tcp streams (protocol version 4): the agent connects from the node and relays both ways.
+
+fn tcp_open(stream: u32, host: &str, port: u16, window: u64) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::Tcp {
+            host: host.into(),
+            port,
+        },
+        window,
+    }
+}
+
+/// A port on loopback that nothing listens on (bound, then closed).
+async fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Bytes that no line handling would leave alone.
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// The peer reads until our half-close, answers with what it got reversed and closes: input is
+/// written byte-exact within the agent's credit, `StreamEof` half-closes and the agent keeps
+/// reading, the peer's close ends the stream after its last bytes with no exit status.
+#[tokio::test]
+async fn a_tcp_stream_relays_both_ways_and_half_closes() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (ws, _) = server.welcome(&node_id).await;
+    let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = peer.local_addr().unwrap().port();
+    let peer_task = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = peer.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got.reverse();
+        s.write_all(&got).await.unwrap();
+        got.len()
+    });
+    let (mut sink, mut source) = ws.split();
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<ServerFrame>();
+    let writer = tokio::spawn(async move {
+        while let Some(f) = out_rx.recv().await {
+            sink.send(Message::Binary(f.encode().into())).await.unwrap();
+        }
+    });
+    const WINDOW: u64 = 64 * 1024;
+    out_tx.send(tcp_open(3, "localhost", port, WINDOW)).unwrap();
+    let input = noise(3 * 1024 * 1024 + 17, 1);
+    let (credit_tx, mut credit_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let feed_out = out_tx.clone();
+    let data = input.clone();
+    let feeder = tokio::spawn(async move {
+        let (mut credit, mut sent) = (0u64, 0usize);
+        while sent < data.len() {
+            while credit == 0 {
+                credit += credit_rx.recv().await.expect("input credit");
+            }
+            let n = (data.len() - sent)
+                .min(STREAM_FRAME_MAX)
+                .min(credit as usize);
+            let bytes = data[sent..sent + n].to_vec();
+            feed_out
+                .send(ServerFrame::StreamData { stream: 3, bytes })
+                .unwrap();
+            sent += n;
+            credit -= n as u64;
+        }
+        feed_out.send(ServerFrame::StreamEof { stream: 3 }).unwrap();
+    });
+    let mut output = Vec::new();
+    // Each frame's bytes are granted back at once: never more than the window in flight.
+    let credit = WINDOW;
+    loop {
+        let frame = match within("a frame", source.next()).await {
+            Some(Ok(Message::Binary(b))) => AgentFrame::decode(&b).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a frame, got {other:?}"),
+        };
+        match frame {
+            AgentFrame::StreamCredit { stream: 3, bytes } => {
+                let _ = credit_tx.send(bytes);
+            }
+            AgentFrame::StreamData {
+                stream: 3,
+                fd: StreamFd::Stdout,
+                bytes,
+            } => {
+                let n = bytes.len() as u64;
+                assert!(n > 0 && n <= credit, "{n} bytes with {credit} of credit");
+                output.extend_from_slice(&bytes);
+                out_tx
+                    .send(ServerFrame::StreamCredit {
+                        stream: 3,
+                        bytes: n,
+                    })
+                    .unwrap();
+            }
+            AgentFrame::StreamClose { stream: 3, error } => {
+                assert_eq!(error, None);
+                break;
+            }
+            other => panic!("unexpected {other:?} (a Tcp stream has no exit status)"),
+        }
+    }
+    within("the feeder", feeder).await.unwrap();
+    assert_eq!(within("the peer", peer_task).await.unwrap(), input.len());
+    let mut expected = input;
+    expected.reverse();
+    assert_eq!(output.len(), expected.len());
+    assert!(output == expected, "the bytes differ");
+    drop(out_tx);
+    writer.abort();
+}
+
+/// A refused connection and an unknown host end the stream with an error naming host, port and
+/// why; a server's hang-up closes the socket (the peer reads its end); Tcp streams count toward
+/// `--max-streams`.
+#[tokio::test]
+async fn tcp_streams_that_fail_or_are_hung_up_say_why_and_close_the_socket() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.max_streams = 1;
+    let _agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let port = closed_port().await;
+    send(&mut ws, tcp_open(1, "127.0.0.1", port, 1024)).await;
+    let refused = stream_until_close(&mut ws, 1, 1024, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("cannot connect to 127.0.0.1:{port}: ")),
+        "{error}"
+    );
+    assert!(error.to_lowercase().contains("refused"), "{error}");
+    assert!(refused.input_credit.is_empty() && refused.exit.is_none());
+
+    send(&mut ws, tcp_open(2, "no-such-host.invalid", 80, 1024)).await;
+    let unknown = stream_until_close(&mut ws, 2, 1024, false).await;
+    let error = unknown.closed.flatten().unwrap_or_default();
+    assert!(
+        error.starts_with("cannot connect to no-such-host.invalid:80: "),
+        "{error}"
+    );
+
+    let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = peer.local_addr().unwrap().port();
+    send(&mut ws, tcp_open(3, "127.0.0.1", port, 1024)).await;
+    let (mut conn, _) = within("the agent's connection", peer.accept())
+        .await
+        .unwrap();
+    // Connected: the first grant. A second stream is past the cap of one.
+    match recv(&mut ws).await {
+        AgentFrame::StreamCredit { stream: 3, bytes } => assert_eq!(bytes, STREAM_WINDOW_DEFAULT),
+        other => panic!("expected the first credit, got {other:?}"),
+    }
+    send(&mut ws, tcp_open(4, "127.0.0.1", port, 1024)).await;
+    let capped = stream_until_close(&mut ws, 4, 1024, false).await;
+    let error = capped.closed.flatten().unwrap_or_default();
+    assert!(error.contains("too many session streams"), "{error}");
+    send(
+        &mut ws,
+        ServerFrame::StreamClose {
+            stream: 3,
+            reason: "client gone".into(),
+        },
+    )
+    .await;
+    let seen = stream_until_close(&mut ws, 3, 1024, false).await;
+    assert_eq!(seen.closed, Some(None));
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let n = within("the socket's close", conn.read_to_end(&mut rest))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the peer read {rest:?} and then the close");
+}

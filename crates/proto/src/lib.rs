@@ -8,6 +8,7 @@
 pub mod api;
 pub mod auth;
 pub mod channel;
+pub mod forward;
 pub mod ids;
 pub mod limits;
 pub mod params;

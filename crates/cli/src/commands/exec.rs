@@ -81,7 +81,7 @@ pub(super) async fn open(
 
 /// A node id as given; else the one node with that name or IP address; else, for a target
 /// expression (`tag:role=web`, `tag-key:KEY`, `id:ID`, terms ANDed), the one node it matches.
-pub(super) async fn resolve(client: &Client, given: &str) -> anyhow::Result<NodeId> {
+pub(crate) async fn resolve(client: &Client, given: &str) -> anyhow::Result<NodeId> {
     let given = given.trim();
     if let Ok(id) = given.parse::<NodeId>() {
         return Ok(id);

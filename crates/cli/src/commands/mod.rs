@@ -8,6 +8,7 @@ mod command;
 mod dev;
 mod documents;
 mod exec;
+mod forward;
 mod nodes;
 mod object_store;
 mod objects;
@@ -97,6 +98,10 @@ enum Subcommands {
     Exec(exec::Args),
     /// Open an interactive shell on one node (a PTY there), or run a command with -c
     Shell(shell::Args),
+    /// Forward local TCP ports to ports reached from a node (its own, or hosts it can reach)
+    PortForward(forward::ForwardArgs),
+    /// Join stdin and stdout to one TCP connection made from a node (an ssh ProxyCommand)
+    Proxy(forward::ProxyArgs),
     /// List exec and shell sessions, newest first; show or terminate one, get or play its recording
     Sessions(sessions::Args),
     /// List recent commands, newest first
@@ -176,6 +181,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Send(args) => send::run(&ctx, *args).await,
         Subcommands::Exec(args) => exec::run(&ctx, args).await,
         Subcommands::Shell(args) => shell::run(&ctx, args).await,
+        Subcommands::PortForward(args) => forward::port_forward(&ctx, args).await,
+        Subcommands::Proxy(args) => forward::proxy(&ctx, args).await,
         Subcommands::Sessions(args) => sessions::run(&ctx, args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,
         Subcommands::Command(args) => command::show(&ctx, args).await,

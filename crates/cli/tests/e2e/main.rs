@@ -19,6 +19,7 @@ mod faults_agent;
 mod faults_netcut;
 mod faults_server;
 mod faults_spool;
+mod forward;
 mod help;
 mod hostile_api;
 mod hostile_conn;

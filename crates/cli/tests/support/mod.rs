@@ -47,7 +47,7 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 
 /// A free port below the kernel's ephemeral range, so that while a restarted server is down no outgoing
 /// connection of another test can take its port as a local port.
-fn free_port(ip: &str) -> u16 {
+pub fn free_port(ip: &str) -> u16 {
     let (lo, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {

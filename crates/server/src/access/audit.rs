@@ -153,6 +153,8 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/nodes/{node_id}") => "nodes.get",
         ("DELETE", "/v1/nodes/{node_id}") => "nodes.deregister",
         ("GET", "/v1/nodes/{node_id}/exec") => "nodes.exec",
+        ("GET", "/v1/nodes/{node_id}/port-forward") => "nodes.port-forward",
+        ("GET", "/v1/sessions/{session_id}/tcp") => "sessions.tcp",
         ("GET", "/v1/sessions") => "sessions.list",
         ("GET", "/v1/sessions/{session_id}") => "sessions.get",
         ("GET", "/v1/sessions/{session_id}/recording") => "sessions.recording",

@@ -33,7 +33,8 @@ entity Parameter { name: String };
 entity Object { name: String };
 entity Fleet;
 action "list" appliesTo { principal: [User], resource: [Node, Document, Fleet] };
-action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes", "terminate-session"
+action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes", "terminate-session",
+    "port-forward", "port-forward-remote"
     appliesTo { principal: [User], resource: [Node] };
 action "manage-documents" appliesTo { principal: [User], resource: [Document] };
 action "read-objects", "write-objects" appliesTo { principal: [User], resource: [Object] };
@@ -48,14 +49,15 @@ pub const ROLE_POLICIES: &str = r#"
 // admin: everything.
 permit (principal in Role::"admin", action, resource);
 
-// operator: run, cancel and read commands on every node, open shells and copy files, manage
-// documents, parameters and objects and use them in scripts. Not users, activations, access keys,
-// node removal or the audit trail.
+// operator: run, cancel and read commands on every node, open shells, forward ports (to the node
+// and beyond it: a shell reaches as far) and copy files, manage documents, parameters and objects
+// and use them in scripts. Not users, activations, access keys, node removal or the audit trail.
 permit (
     principal in Role::"operator",
     action in [Action::"list", Action::"send-command", Action::"cancel", Action::"read-output",
                Action::"shell", Action::"cp", Action::"manage-documents", Action::"manage-params",
-               Action::"use-param", Action::"read-objects", Action::"write-objects"],
+               Action::"use-param", Action::"read-objects", Action::"write-objects",
+               Action::"port-forward", Action::"port-forward-remote"],
     resource
 );
 
@@ -78,6 +80,10 @@ pub enum Action {
     Shell,
     /// Copy files to or from a node.
     Cp,
+    /// Forward TCP connections to a port on the node itself (its loopback).
+    PortForward,
+    /// Forward TCP connections through a node to another host (on top of `PortForward`).
+    PortForwardRemote,
     /// End another's (or one's own) session on a node.
     TerminateSession,
     /// Deregister a node.
@@ -112,6 +118,8 @@ impl Action {
             Action::ReadOutput => "read-output",
             Action::Shell => "shell",
             Action::Cp => "cp",
+            Action::PortForward => "port-forward",
+            Action::PortForwardRemote => "port-forward-remote",
             Action::TerminateSession => "terminate-session",
             Action::ManageNodes => "manage-nodes",
             Action::ManageDocuments => "manage-documents",
@@ -211,6 +219,16 @@ impl NodeScope {
         match self {
             NodeScope::All => true,
             NodeScope::Only(set) => set.contains(node),
+        }
+    }
+
+    /// The nodes in either scope.
+    pub fn union(self, other: NodeScope) -> NodeScope {
+        match (self, other) {
+            (NodeScope::All, _) | (_, NodeScope::All) => NodeScope::All,
+            (NodeScope::Only(a), NodeScope::Only(b)) => {
+                NodeScope::Only(Arc::new(a.union(&b).cloned().collect()))
+            }
         }
     }
 
@@ -800,10 +818,13 @@ mod tests {
         let (dev, prod) = (node(1, "dev"), node(2, "prod"));
         let p = principal(Role::None, team);
         assert!(authz.allowed(&p, Action::Shell, Resource::Node(&dev)));
+        assert!(authz.allowed(&p, Action::PortForward, Resource::Node(&dev)));
+        assert!(!authz.allowed(&p, Action::PortForwardRemote, Resource::Node(&dev)));
         // Shells and copies are decided like sends (their routes come with the shell feature).
         for action in [
             Action::Shell,
             Action::Cp,
+            Action::PortForward,
             Action::SendCommand,
             Action::Cancel,
         ] {

@@ -47,6 +47,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(nodes::get).delete(nodes::deregister),
         )
         .route("/v1/nodes/{node_id}/exec", get(crate::sessions::exec::exec))
+        .route(
+            "/v1/nodes/{node_id}/port-forward",
+            get(crate::sessions::forward::open),
+        )
+        .route(
+            "/v1/sessions/{session_id}/tcp",
+            get(crate::sessions::forward::connect),
+        )
         .route("/v1/sessions", get(crate::sessions::api::list))
         .route("/v1/sessions/{session_id}", get(crate::sessions::api::get))
         .route(

@@ -1,6 +1,6 @@
 //! `GET /v1/sessions`, `GET /v1/sessions/{session_id}`, `POST /v1/sessions/{session_id}/terminate`,
 //! `GET /v1/sessions/{session_id}/recording`: session records and their recordings, seen on the
-//! nodes one may `shell` on; a terminate needs `terminate-session` on the session's node (admins
+//! nodes one may `shell` or `port-forward` on; a terminate needs `terminate-session` on the session's node (admins
 //! have every action).
 
 use crate::AppState;
@@ -61,10 +61,7 @@ pub async fn list(
         })?),
         None => None,
     };
-    let scope = state
-        .authz
-        .node_scope(&state.store, &p, Action::Shell)
-        .await?;
+    let scope = session_scope(&state, &p).await?;
     let after = cursor.as_ref().map(|(at, id)| (*at, id.as_str()));
     Ok(Json(
         state
@@ -74,15 +71,28 @@ pub async fn list(
     ))
 }
 
+/// The nodes whose sessions one may see: those one may open a shell or a port forward on.
+async fn session_scope(
+    state: &AppState,
+    p: &Principal,
+) -> Result<crate::access::authz::NodeScope, ApiError> {
+    let shell = state
+        .authz
+        .node_scope(&state.store, p, Action::Shell)
+        .await?;
+    let forward = state
+        .authz
+        .node_scope(&state.store, p, Action::PortForward)
+        .await?;
+    Ok(shell.union(forward))
+}
+
 /// A session the caller may see; one on a node outside its scope is not found (as one that does
 /// not exist), so a refusal does not tell whether it exists.
 async fn visible(state: &AppState, p: &Principal, id: &str) -> Result<Session, ApiError> {
     let missing = || ApiError::new(Code::SessionNotFound, format!("no session {id}"));
     let s = state.store.get_session(id).await?.ok_or_else(missing)?;
-    let scope = state
-        .authz
-        .node_scope(&state.store, p, Action::Shell)
-        .await?;
+    let scope = session_scope(state, p).await?;
     if scope.contains(&s.node_id) {
         Ok(s)
     } else {

@@ -107,8 +107,8 @@ struct Ended {
     terminated: bool,
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-type Source = SplitStream<WebSocket>;
+pub(super) type Sink = SplitSink<WebSocket, Message>;
+pub(super) type Source = SplitStream<WebSocket>;
 
 impl Session {
     async fn run(self, socket: WebSocket, streams: Arc<Streams>) {
@@ -564,7 +564,7 @@ fn terminated(stream: StreamHandle, mut ended: Ended, why: String) -> Ended {
 }
 
 /// Sleeps until `at`, or forever without one.
-async fn sleep_until_or_never(at: Option<Instant>) {
+pub(super) async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -573,7 +573,7 @@ async fn sleep_until_or_never(at: Option<Instant>) {
 
 /// Tells the client why, then closes with `code`; bounded, so a client that reads nothing cannot
 /// hold the task.
-async fn refuse(mut sink: Sink, code: u16, message: &str) {
+pub(super) async fn refuse(mut sink: Sink, code: u16, message: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let event = ServerEvent::Error {
             message: message.to_owned(),
@@ -591,6 +591,6 @@ async fn refuse(mut sink: Sink, code: u16, message: &str) {
     .await;
 }
 
-fn text(event: &ServerEvent) -> Message {
+pub(super) fn text(event: &ServerEvent) -> Message {
     Message::Text(serde_json::to_string(event).unwrap_or_default().into())
 }
