@@ -497,6 +497,12 @@ impl Drop for AgentProcess {
 
 /// Live (non-zombie) processes in process group `pgid`.
 fn group_members(pgid: i32) -> Vec<i32> {
+    processes_where(2, pgid)
+}
+
+/// Live processes whose /proc/PID/stat field `field` (counted after the command's parentheses:
+/// 0 state, 2 process group, 3 session) is `id`.
+fn processes_where(field: usize, id: i32) -> Vec<i32> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -509,7 +515,7 @@ fn group_members(pgid: i32) -> Vec<i32> {
             continue;
         };
         let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() > 2 && f[2] == pgid.to_string() && !matches!(f[0], "Z" | "X") {
+        if f.len() > field && f[field] == id.to_string() && !matches!(f[0], "Z" | "X") {
             found.push(pid);
         }
     }
@@ -1336,25 +1342,9 @@ fn printed_pid(out: &str) -> i32 {
         .unwrap_or_else(|| panic!("no pid in {out:?}"))
 }
 
-/// Live processes of session `sid` (field 6 of /proc/PID/stat).
+/// Live processes of session `sid`.
 fn session_members(sid: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() > 3 && f[3] == sid.to_string() && !matches!(f[0], "Z" | "X") {
-            found.push(pid);
-        }
-    }
-    found
+    processes_where(3, sid)
 }
 
 /// `SHELL -c` on a PTY of the size asked for, with TERM and the extra variables; the exit status
