@@ -14,8 +14,10 @@
 //! - [`tls`]: whom the agent trusts on `wss://` (CA file, pinned CA fingerprint, system roots);
 //! - [`outbox`]: invocations held and the frames due for the server;
 //! - [`stream`]: one output stream spooled to disk, and the pump that fills it;
-//! - [`streams`]: session streams (protocol version 3): `Exec` processes whose bytes move within
-//!   each stream's credit window, hung up on close or a lost connection;
+//! - [`streams`]: session streams (protocol versions 3 and 4): `Exec` processes on pipes and
+//!   `Shell`s on a PTY, whose bytes move within each stream's credit window, hung up on close or
+//!   a lost connection;
+//! - [`shell`]: starting a `Shell` stream's login shell on a new PTY;
 //! - [`journal`]: the durable record of invocations (request, start marker, result, completed);
 //! - [`scheduler`]: exactly-once acceptance, queueing, concurrency, recovery after a restart;
 //! - [`exec`]: spawning, waiting for and killing one command;
@@ -31,6 +33,7 @@ pub mod journal;
 pub mod limits;
 pub mod outbox;
 pub mod scheduler;
+pub mod shell;
 pub mod stream;
 pub mod streams;
 pub mod sysinfo;

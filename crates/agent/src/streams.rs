@@ -1,22 +1,27 @@
-//! Session streams on the agent (protocol version 3): the multiplexer that runs what a
-//! `StreamOpen` asks for (a one-shot `Exec`, without a PTY; since version 4 a `Tcp` connection
-//! from the node) and moves its bytes within each stream's credit (see `fleetrun_proto::stream`
-//! and docs/protocol.md, "Session streams").
+//! Session streams on the agent (protocol versions 3 and 4): the multiplexer that runs what a
+//! `StreamOpen` asks for (a one-shot `Exec` on pipes, a `Shell` on a PTY, a `Tcp` connection from
+//! the node) and moves its bytes within each stream's credit (see `fleetrun_proto::stream` and
+//! docs/protocol.md, "Session streams").
 //!
 //! A `Tcp` stream shares the same machinery: one pump (the socket's read half) and one feeder
 //! (its write half, shut down at `StreamEof`); it ends with `StreamClose` when the peer closes,
 //! without `StreamExit`, and a hang-up closes the socket.
 //!
-//! Each stream has a task: it spawns `sh -c COMMAND` in its own session and process group, pumps
-//! stdout and stderr as `StreamData` never past the server's credit, writes the server's input to
-//! stdin (closed at `StreamEof`) and grants credit back as stdin takes it, and ends with
+//! Each stream has a task, the same for both kinds once the process exists (`Streams::run`):
+//! an `Exec` is `sh -c COMMAND` in its own session and process group on three pipes, a `Shell`
+//! the user's login shell leading a new session on a PTY (`shell.rs`). Pumps send what the
+//! process writes (its stdout and stderr, or the PTY master's reads) as `StreamData`, never past
+//! the server's credit; a feeder writes the server's input to stdin or the PTY and grants credit
+//! back as it is taken, and resizes the PTY in order with that input. The stream ends with
 //! `StreamExit` and `StreamClose`. A server's `StreamClose`, a bad frame for the stream or the loss
-//! of the connection hangs it up: SIGTERM to the group, SIGKILL after the grace. The frames wait in
-//! a queue the connection's writer drains; what one stream can queue is bounded by its credit, so
-//! a stream the server does not read holds up nothing else.
+//! of the connection hangs it up: SIGHUP first for a shell (as a terminal's hang-up), SIGTERM to
+//! the group, SIGKILL after the grace. The frames wait in a queue the connection's writer drains;
+//! what one stream can queue is bounded by its credit, so a stream the server does not read holds
+//! up nothing else.
 
 use crate::exec::{signal_group, wait4};
 use crate::outbox::Outbox;
+use crate::shell::{self, ShellSpec};
 use crate::user;
 use fleetrun_proto::channel::AgentFrame;
 use fleetrun_proto::stream::{
@@ -26,7 +31,7 @@ use nix::sys::signal::Signal;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -38,6 +43,9 @@ use tokio::sync::{Notify, mpsc, watch};
 
 /// Default of the agent's cap on session streams open at once (`--max-streams`).
 pub const MAX_STREAMS_DEFAULT: usize = 32;
+/// How long a shell's PTY is still read after the shell exited: what it wrote last arrives, and a
+/// background job that keeps the terminal open does not keep the stream open with it.
+pub const PTY_DRAIN: Duration = Duration::from_secs(1);
 
 /// Why a stream is hung up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,10 +58,12 @@ enum Stop {
     Lost,
 }
 
-/// Input for a stream's process.
+/// Input for a stream's process, in the order the server sent it.
 enum Input {
     Data(Vec<u8>),
     Eof,
+    /// A new window size (rows, columns): only a PTY has one.
+    Resize(u16, u16),
 }
 
 /// The credit the server granted for a stream's output, shared by its two pumps.
@@ -189,9 +199,12 @@ impl Streams {
         if let Err(e) = kind.check() {
             return refused(format!("bad stream: {e}"));
         }
-        let task = match kind {
+        let what = match kind {
             StreamKind::Exec { pty: true, .. } => {
-                return refused("PTY streams are not supported by this agent yet".into());
+                return refused(
+                    "PTY streams are not supported as Exec streams (a PTY is a Shell stream)"
+                        .into(),
+                );
             }
             StreamKind::Exec {
                 command,
@@ -199,19 +212,28 @@ impl Streams {
                 env,
                 working_dir,
                 pty: false,
-            } => Task::Exec(Exec {
+            } => What::Exec(Exec {
                 command,
                 run_as,
                 env,
                 working_dir,
             }),
-            StreamKind::Tcp { host, port } => Task::Tcp { host, port },
-            other => {
-                let name = other.name();
-                return refused(format!(
-                    "{name} streams are not supported by this agent yet"
-                ));
-            }
+            StreamKind::Shell {
+                command,
+                run_as,
+                term,
+                rows,
+                cols,
+                env,
+            } => What::Shell(ShellSpec {
+                command,
+                run_as,
+                term,
+                rows,
+                cols,
+                env,
+            }),
+            StreamKind::Tcp { host, port } => What::Tcp { host, port },
         };
         let send = match SendWindow::new(window) {
             Ok(w) => w,
@@ -246,19 +268,19 @@ impl Streams {
             );
             (serial, inner.generation)
         };
-        let tag = Tag {
-            stream,
-            serial,
-            generation,
-        };
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let ended = match task {
-                Task::Exec(exec) => me.run_exec(tag, exec, credit, input_rx, stop_rx).await,
-                Task::Tcp { host, port } => {
+            let tag = Tag {
+                stream,
+                serial,
+                generation,
+            };
+            let ended = match what {
+                What::Tcp { host, port } => {
                     me.run_tcp(tag, &host, port, credit, input_rx, stop_rx)
                         .await
                 }
+                process => me.run(tag, process, credit, input_rx, stop_rx).await,
             };
             me.finish(stream, serial, generation, ended);
         });
@@ -316,13 +338,24 @@ impl Streams {
         }
     }
 
-    /// `StreamResize` from the server: the client's window changed (only PTY streams have one).
+    /// `StreamResize` from the server: the client's window changed. A `Shell`'s PTY takes it
+    /// after the input before it; other kinds ignore it. A bad size breaks the stream's rules;
+    /// an unknown number is ignored (a resize can cross a stream's end on the wire).
     pub fn resize(&self, stream: StreamNo, rows: u16, cols: u16) {
-        if let Err(e) = fleetrun_proto::stream::check_window(rows, cols) {
-            return self.refuse(stream, format!("bad resize: {e}"));
+        let inner = self.inner.lock();
+        let Some(h) = inner.open.get(&stream) else {
+            return;
+        };
+        match fleetrun_proto::stream::check_window(rows, cols) {
+            Ok(()) => {
+                let _ = h.input.send(Input::Resize(rows, cols));
+            }
+            Err(e) => {
+                let _ = h
+                    .stop
+                    .send(Some(Stop::Violation(format!("bad resize: {e}"))));
+            }
         }
-        // No PTY streams yet: nothing to resize.
-        let _ = self.inner.lock().open.get(&stream);
     }
 
     /// `StreamClose` from the server: hang the stream up.
@@ -380,9 +413,10 @@ struct Tag {
     generation: u64,
 }
 
-/// What a stream's task runs.
-enum Task {
+/// What a stream runs.
+enum What {
     Exec(Exec),
+    Shell(ShellSpec),
     /// A TCP connection from the node to `host:port`.
     Tcp {
         host: String,
@@ -396,6 +430,20 @@ struct Exec {
     run_as: Option<String>,
     env: Vec<(String, String)>,
     working_dir: String,
+}
+
+/// A stream's process once it exists: its pid (the leader of its own session and process group,
+/// reaped by `wait4`) and the ends its bytes go through.
+struct Spawned {
+    pid: i32,
+    io: Io,
+}
+
+enum Io {
+    /// An `Exec`'s stdin, stdout and stderr.
+    Pipes([Option<OwnedFd>; 3]),
+    /// A `Shell`'s PTY master.
+    Pty(pty_process::Pty),
 }
 
 /// How a stream's task ended.
@@ -415,8 +463,40 @@ impl Ended {
     }
 }
 
-/// Reads one source of the stream (a pipe of its process, its TCP connection) and queues it as
-/// `StreamData`, never past the credit; returns at the source's end.
+/// Where a stream's input goes: an `Exec`'s stdin pipe, a `Shell`'s PTY master, a `Tcp`
+/// stream's socket.
+trait InputSink: AsyncWrite + Unpin + Send + 'static {
+    /// Whether `StreamEof` shuts it down: a pipe (closed) and a socket (a half-close), yes; a
+    /// terminal has no end of input of its own (what is typed, Ctrl-D included, is the input).
+    const CLOSES_AT_EOF: bool;
+
+    /// Applies a new window size (only a PTY has one).
+    fn resize(&self, _rows: u16, _cols: u16) {}
+}
+
+impl InputSink for pipe::Sender {
+    const CLOSES_AT_EOF: bool = true;
+}
+
+impl InputSink for tokio::net::tcp::OwnedWriteHalf {
+    const CLOSES_AT_EOF: bool = true;
+}
+
+impl InputSink for pty_process::OwnedWritePty {
+    const CLOSES_AT_EOF: bool = false;
+
+    fn resize(&self, rows: u16, cols: u16) {
+        // The kernel sends the foreground job SIGWINCH.
+        if let Err(e) = pty_process::OwnedWritePty::resize(self, pty_process::Size::new(rows, cols))
+        {
+            tracing::debug!("cannot resize the PTY: {e}");
+        }
+    }
+}
+
+/// Reads one output of the stream's process (a pipe, or the PTY master) and queues it as
+/// `StreamData`, never past the credit. Ends at EOF, or EIO: a PTY's master reads EIO once no
+/// process holds the terminal any more.
 async fn pump(
     streams: Arc<Streams>,
     stream: StreamNo,
@@ -431,8 +511,9 @@ async fn pump(
             Ok(0) => return,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => return,
             Err(e) => {
-                tracing::warn!(stream, ?fd, "cannot read the stream's source: {e}");
+                tracing::warn!(stream, ?fd, "cannot read the stream's output: {e}");
                 return;
             }
         };
@@ -447,11 +528,10 @@ async fn pump(
     }
 }
 
-/// Writes the server's input to the stream's sink (the process's stdin, the TCP connection),
-/// granting credit back as it is taken; at `StreamEof` the sink is shut down (a TCP half-close)
-/// and dropped. Input after the sink closed is dropped (and still credited, so the server never
-/// stalls).
-async fn feed<W: AsyncWrite + Unpin>(
+/// Writes the server's input to the process (stdin or the PTY), granting credit back as it is
+/// taken, and resizes the PTY between the bytes it came between. Input after the process closed
+/// its end is dropped (and still credited, so the server never stalls).
+async fn feed<W: InputSink>(
     streams: Arc<Streams>,
     tag: Tag,
     mut sink: Option<W>,
@@ -468,96 +548,134 @@ async fn feed<W: AsyncWrite + Unpin>(
                 if let Some(tx) = &mut sink
                     && let Err(e) = tx.write_all(&bytes).await
                 {
-                    tracing::debug!(stream, "the stream's input was closed: {e}");
+                    tracing::debug!(stream, "input closed by the process: {e}");
                     sink = None;
                 }
                 streams.consumed(stream, serial, generation, bytes.len());
             }
-            Input::Eof => {
+            Input::Eof if W::CLOSES_AT_EOF => {
                 if let Some(mut tx) = sink.take() {
                     let _ = tx.shutdown().await;
+                }
+            }
+            Input::Eof => {}
+            Input::Resize(rows, cols) => {
+                if let Some(tx) = &sink {
+                    tx.resize(rows, cols);
                 }
             }
         }
     }
 }
 
+/// Starts an `Exec`: `sh -c COMMAND` in its own session and process group, on three pipes.
+fn spawn_exec(exec: Exec) -> Result<Spawned, String> {
+    let run_as = exec.run_as.as_deref().map(user::resolve).transpose()?;
+    let cwd = if !exec.working_dir.is_empty() {
+        let dir = std::path::PathBuf::from(&exec.working_dir);
+        if !dir.is_absolute() || !dir.is_dir() {
+            return Err(format!(
+                "working directory {} is not an absolute path to a directory",
+                exec.working_dir
+            ));
+        }
+        dir
+    } else {
+        // The user's home, or / when it has none.
+        let home = match &run_as {
+            Some(u) => Some(u.home.clone()),
+            None => std::env::var_os("HOME").map(Into::into),
+        };
+        home.filter(|h| h.is_dir()).unwrap_or_else(|| "/".into())
+    };
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(&exec.command)
+        .current_dir(&cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(u) = &run_as {
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
+    }
+    cmd.envs(exec.env.iter().map(|(k, v)| (k, v)));
+    let in_child = run_as;
+    // SAFETY: only async-signal-safe system calls on data prepared before the fork (setsid,
+    // setgroups/setgid/setuid).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session and process group (pgid = pid): a hang-up reaches all of it.
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            match &in_child {
+                Some(u) => u.enter(),
+                None => Ok(()),
+            }
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start sh: {e}"))?;
+    let pid = i32::try_from(child.id()).map_err(|_| "the process id does not fit a pid")?;
+    let pipes = [
+        child.stdin.take().map(OwnedFd::from),
+        child.stdout.take().map(OwnedFd::from),
+        child.stderr.take().map(OwnedFd::from),
+    ];
+    // Reaped by wait4 (as exec.rs does: the std Child is never waited on).
+    drop(child);
+    Ok(Spawned {
+        pid,
+        io: Io::Pipes(pipes),
+    })
+}
+
+/// The process groups a hang-up signals: the stream's own and, on a PTY, the terminal's
+/// foreground job (a job-control shell runs each job in a group of its own).
+fn hang_up_groups(pid: i32, master: Option<&OwnedFd>) -> Vec<i32> {
+    let mut groups = vec![pid];
+    if let Some(fg) = master.and_then(|m| nix::unistd::tcgetpgrp(m).ok())
+        && fg.as_raw() > 0
+        && fg.as_raw() != pid
+    {
+        groups.push(fg.as_raw());
+    }
+    groups
+}
+
+fn signal_groups(groups: &[i32], sig: Signal) {
+    for &g in groups {
+        signal_group(g, sig);
+    }
+}
+
 impl Streams {
-    /// Runs an `Exec` stream to its end.
-    async fn run_exec(
+    /// Runs a stream to its end: starts its process, then moves its bytes until it exits (and
+    /// its output is drained) or it is hung up.
+    async fn run(
         self: &Arc<Self>,
         tag: Tag,
-        exec: Exec,
+        what: What,
         credit: Arc<Credit>,
         input: mpsc::UnboundedReceiver<Input>,
         mut stop: watch::Receiver<Option<Stop>>,
     ) -> Ended {
+        let spawned = match what {
+            What::Exec(exec) => spawn_exec(exec),
+            What::Shell(spec) => shell::spawn(spec).map(|(pid, pty)| Spawned {
+                pid,
+                io: Io::Pty(pty),
+            }),
+            What::Tcp { .. } => Err("a TCP stream runs no process".into()),
+        };
+        let Spawned { pid, io } = match spawned {
+            Ok(s) => s,
+            Err(e) => return Ended::failed(e),
+        };
         let Tag {
             stream,
             serial,
             generation,
         } = tag;
-        let run_as = match exec.run_as.as_deref().map(user::resolve).transpose() {
-            Ok(u) => u,
-            Err(e) => return Ended::failed(e),
-        };
-        let cwd = if !exec.working_dir.is_empty() {
-            let dir = std::path::PathBuf::from(&exec.working_dir);
-            if !dir.is_absolute() || !dir.is_dir() {
-                return Ended::failed(format!(
-                    "working directory {} is not an absolute path to a directory",
-                    exec.working_dir
-                ));
-            }
-            dir
-        } else {
-            // The user's home, or / when it has none.
-            let home = match &run_as {
-                Some(u) => Some(u.home.clone()),
-                None => std::env::var_os("HOME").map(Into::into),
-            };
-            home.filter(|h| h.is_dir()).unwrap_or_else(|| "/".into())
-        };
-        let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(&exec.command)
-            .current_dir(&cwd)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(u) = &run_as {
-            cmd.env("HOME", &u.home)
-                .env("USER", &u.name)
-                .env("LOGNAME", &u.name);
-        }
-        cmd.envs(exec.env.iter().map(|(k, v)| (k, v)));
-        let in_child = run_as.clone();
-        // SAFETY: only async-signal-safe system calls on data prepared before the fork (setsid,
-        // setgroups/setgid/setuid).
-        unsafe {
-            cmd.pre_exec(move || {
-                // Its own session and process group (pgid = pid): a hang-up reaches all of it.
-                nix::unistd::setsid().map_err(io::Error::from)?;
-                match &in_child {
-                    Some(u) => u.enter(),
-                    None => Ok(()),
-                }
-            });
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => return Ended::failed(format!("cannot start sh: {e}")),
-        };
-        let Ok(pid) = i32::try_from(child.id()) else {
-            return Ended::failed("the process id does not fit a pid".into());
-        };
-        let pipes = (
-            child.stdin.take().map(OwnedFd::from),
-            child.stdout.take().map(OwnedFd::from),
-            child.stderr.take().map(OwnedFd::from),
-        );
-        // Reaped by wait4 below, as exec.rs does (the std Child is never waited on).
-        drop(child);
         let mut wait = tokio::task::spawn_blocking(move || wait4(pid));
         self.inner.lock().groups.insert(serial, pid);
         // Started: the first grant of the input window tells the server so.
@@ -569,21 +687,39 @@ impl Streams {
             }],
         );
 
-        let stdin = pipes.0.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
-        let feeder = AbortOnDrop(tokio::spawn(feed(Arc::clone(self), tag, stdin, input)));
+        let spawn_pump = |fd, rx: Box<dyn AsyncRead + Unpin + Send>| {
+            AbortOnDrop(tokio::spawn(pump(
+                Arc::clone(self),
+                stream,
+                generation,
+                fd,
+                rx,
+                Arc::clone(&credit),
+            )))
+        };
         let mut pumps = Vec::new();
-        for (fd, which) in [(pipes.1, StreamFd::Stdout), (pipes.2, StreamFd::Stderr)] {
-            if let Some(rx) = fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok()) {
-                pumps.push(AbortOnDrop(tokio::spawn(pump(
-                    Arc::clone(self),
-                    stream,
-                    generation,
-                    which,
-                    rx,
-                    Arc::clone(&credit),
-                ))));
+        // A PTY's output is still read for a moment after the shell exits, then the stream ends
+        // even if a background job holds the terminal; pipes are read to their end.
+        let (feeder, master, drain) = match io {
+            Io::Pipes([stdin, stdout, stderr]) => {
+                for (fd, which) in [(stdout, StreamFd::Stdout), (stderr, StreamFd::Stderr)] {
+                    if let Some(rx) = fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok()) {
+                        pumps.push(spawn_pump(which, Box::new(rx)));
+                    }
+                }
+                let stdin = stdin.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
+                let feeder = tokio::spawn(feed(Arc::clone(self), tag, stdin, input));
+                (AbortOnDrop(feeder), None, None)
             }
-        }
+            Io::Pty(pty) => {
+                // A second descriptor of the master, to find the foreground job at a hang-up.
+                let master = pty.as_fd().try_clone_to_owned().ok();
+                let (rx, tx) = pty.into_split();
+                pumps.push(spawn_pump(StreamFd::Stdout, Box::new(rx)));
+                let feeder = tokio::spawn(feed(Arc::clone(self), tag, Some(tx), input));
+                (AbortOnDrop(feeder), master, Some(PTY_DRAIN))
+            }
+        };
         let pumps_done = async {
             for p in &mut pumps {
                 let _ = (&mut p.0).await;
@@ -592,12 +728,18 @@ impl Streams {
         tokio::pin!(pumps_done);
 
         let mut status: Option<io::Result<(i32, libc::rusage)>> = None;
-        let mut pipes_closed = false;
+        let mut output_closed = false;
         let mut stopped: Option<Stop> = None;
-        let kill_at = tokio::time::sleep(Duration::MAX);
+        // The groups the hang-up signalled (the foreground job may change after it).
+        let mut hung_up = vec![pid];
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let kill_at = tokio::time::sleep_until(far());
         tokio::pin!(kill_at);
+        let drain_at = tokio::time::sleep_until(far());
+        tokio::pin!(drain_at);
+        let mut drained = false;
         loop {
-            if status.is_some() && (pipes_closed || stopped.is_some()) {
+            if status.is_some() && (output_closed || drained || stopped.is_some()) {
                 break;
             }
             tokio::select! {
@@ -605,25 +747,36 @@ impl Streams {
                     status = Some(r.unwrap_or_else(|e| Err(io::Error::other(e))));
                     if stopped.is_some() {
                         // Members that outlived the main process go too.
-                        signal_group(pid, Signal::SIGKILL);
+                        signal_groups(&hung_up, Signal::SIGKILL);
+                    }
+                    if let Some(d) = drain {
+                        drain_at.as_mut().reset(tokio::time::Instant::now() + d);
                     }
                 }
-                () = &mut pumps_done, if !pipes_closed => pipes_closed = true,
+                () = &mut pumps_done, if !output_closed => output_closed = true,
+                () = &mut drain_at, if status.is_some() && !drained => drained = true,
                 changed = stop.changed(), if stopped.is_none() => {
                     let why = match changed {
                         Ok(()) => stop.borrow().clone().unwrap_or(Stop::Lost),
                         Err(_) => Stop::Lost,
                     };
-                    signal_group(pid, Signal::SIGTERM);
+                    hung_up = hang_up_groups(pid, master.as_ref());
+                    if master.is_some() {
+                        // As a terminal's hang-up: a shell passes SIGHUP on to its jobs; a
+                        // stopped job is woken to hear it.
+                        signal_groups(&hung_up, Signal::SIGHUP);
+                        signal_groups(&hung_up, Signal::SIGCONT);
+                    }
+                    signal_groups(&hung_up, Signal::SIGTERM);
                     if status.is_some() {
-                        signal_group(pid, Signal::SIGKILL);
+                        signal_groups(&hung_up, Signal::SIGKILL);
                     }
                     kill_at.as_mut().reset(tokio::time::Instant::now() + self.kill_grace);
                     stopped = Some(why);
                 }
                 () = &mut kill_at, if stopped.is_some() => {
-                    signal_group(pid, Signal::SIGKILL);
-                    kill_at.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86_400));
+                    signal_groups(&hung_up, Signal::SIGKILL);
+                    kill_at.as_mut().reset(far());
                 }
             }
         }

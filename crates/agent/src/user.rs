@@ -19,6 +19,8 @@ pub struct RunAs {
     pub name: String,
     /// The home directory.
     pub home: PathBuf,
+    /// The login shell (from passwd; may be empty).
+    pub shell: PathBuf,
 }
 
 /// Resolves `spec` (a user name or a numeric uid). The error is the result's message.
@@ -48,6 +50,7 @@ pub fn resolve(spec: &str) -> Result<RunAs, String> {
         groups: groups.into_iter().map(Gid::as_raw).collect(),
         name: user.name,
         home: user.dir,
+        shell: user.shell,
     })
 }
 

@@ -497,6 +497,12 @@ impl Drop for AgentProcess {
 
 /// Live (non-zombie) processes in process group `pgid`.
 fn group_members(pgid: i32) -> Vec<i32> {
+    processes_where(2, pgid)
+}
+
+/// Live processes whose /proc/PID/stat field `field` (counted after the command's parentheses:
+/// 0 state, 2 process group, 3 session) is `id`.
+fn processes_where(field: usize, id: i32) -> Vec<i32> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -509,7 +515,7 @@ fn group_members(pgid: i32) -> Vec<i32> {
             continue;
         };
         let f: Vec<&str> = rest.split_whitespace().collect();
-        if f.len() > 2 && f[2] == pgid.to_string() && !matches!(f[0], "Z" | "X") {
+        if f.len() > field && f[field] == id.to_string() && !matches!(f[0], "Z" | "X") {
             found.push(pid);
         }
     }
@@ -1111,7 +1117,7 @@ async fn bad_stream_frames_are_refused_without_a_crash() {
     let error = unknown.closed.flatten().unwrap_or_default();
     assert!(error.contains("unknown session stream 99"), "{error}");
 
-    // A PTY is not offered yet.
+    // A PTY is a Shell stream, never an Exec.
     let pty = ServerFrame::StreamOpen {
         stream: 4,
         kind: StreamKind::Exec {
@@ -1126,7 +1132,10 @@ async fn bad_stream_frames_are_refused_without_a_crash() {
     send(&mut ws, pty).await;
     let refused = stream_until_close(&mut ws, 4, 0, false).await;
     let error = refused.closed.flatten().unwrap_or_default();
-    assert!(error.contains("PTY streams are not supported"), "{error}");
+    assert!(
+        error.contains("PTY streams are not supported as Exec"),
+        "{error}"
+    );
 
     // Past the input credit: stream 2's stdin is never read, so its whole window is used up
     // by 8 full frames (no credit comes back) and the 9th byte overruns it.
@@ -1274,6 +1283,305 @@ async fn an_exec_stream_runs_as_another_user() {
         Some(Some("no such user fleetrun-no-such-user".into()))
     );
     assert!(refused.exit.is_none() && refused.input_credit.is_empty());
+}
+
+// PTY shells (protocol version 4): `Shell` streams on a real PTY.
+
+/// A `Shell` stream of `rows` x `cols`: the login shell, or `command` by its `-c`.
+fn shell_open(stream: u32, command: Option<&str>, rows: u16, cols: u16) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::Shell {
+            command: command.map(str::to_owned),
+            run_as: None,
+            term: "xterm-256color".into(),
+            rows,
+            cols,
+            env: vec![("GREETING".into(), "hi".into())],
+        },
+        window: 65_536,
+    }
+}
+
+/// Reads `stream`'s output (granting each frame back) until it holds `needle`; all of it so far.
+async fn output_until(ws: &mut Ws, stream: u32, needle: &str) -> String {
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains(needle) {
+        match recv(ws).await {
+            AgentFrame::StreamData {
+                stream: s,
+                fd,
+                bytes,
+            } if s == stream => {
+                assert_eq!(fd, StreamFd::Stdout, "a PTY has one output");
+                let n = bytes.len() as u64;
+                out.extend_from_slice(&bytes);
+                send(ws, ServerFrame::StreamCredit { stream, bytes: n }).await;
+            }
+            AgentFrame::StreamClose { stream: s, error } if s == stream => panic!(
+                "stream {s} closed before {needle:?} ({error:?}): {}",
+                String::from_utf8_lossy(&out)
+            ),
+            _ => {}
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Types `keys` into a stream's terminal.
+async fn type_keys(ws: &mut Ws, stream: u32, keys: &str) {
+    let bytes = keys.as_bytes().to_vec();
+    send(ws, ServerFrame::StreamData { stream, bytes }).await;
+}
+
+/// The pid a shell printed as `pid=N.` (the last one in `out`).
+fn printed_pid(out: &str) -> i32 {
+    out.rsplit_once("pid=")
+        .and_then(|(_, rest)| rest.split_once('.'))
+        .and_then(|(pid, _)| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"))
+}
+
+/// Live processes of session `sid`.
+fn session_members(sid: i32) -> Vec<i32> {
+    processes_where(3, sid)
+}
+
+/// `SHELL -c` on a PTY of the size asked for, with TERM and the extra variables; the exit status
+/// is the command's.
+#[tokio::test]
+async fn a_shell_command_runs_on_a_pty_of_the_size_asked_for() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let script =
+        "tty; stty size; echo \"$TERM $GREETING\"; [ -t 0 ] && echo stdin-is-a-tty; exit 3";
+    send(&mut ws, shell_open(1, Some(script), 30, 100)).await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, true).await;
+    let out = String::from_utf8_lossy(&seen.stdout);
+    assert!(out.contains("/dev/pts/"), "{out}");
+    // A terminal's output: lines end in CR LF.
+    assert!(out.contains("30 100\r\n"), "{out}");
+    assert!(out.contains("xterm-256color hi"), "{out}");
+    assert!(out.contains("stdin-is-a-tty"), "{out}");
+    assert!(seen.stderr.is_empty(), "a PTY has no separate stderr");
+    assert_eq!(seen.input_credit.first(), Some(&STREAM_WINDOW_DEFAULT));
+    assert_eq!(seen.exit, Some((3, None)));
+    assert_eq!(seen.closed, Some(None));
+}
+
+/// The interactive login shell: lines typed run in one shell (state persists), a resize is seen
+/// by `stty size`, Ctrl-C stops the foreground job and not the shell, and `exit N` ends the
+/// stream with N.
+#[tokio::test]
+async fn an_interactive_shell_keeps_state_takes_resizes_and_ctrl_c() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    send(&mut ws, shell_open(1, None, 24, 80)).await;
+    // A login shell: argv[0] begins with '-'.
+    type_keys(&mut ws, 1, "echo \"arg0=$0\"; cd /tmp; X=$((6*7))\n").await;
+    let out = output_until(&mut ws, 1, "arg0=-").await;
+    assert!(!out.contains("arg0=-c"), "{out}");
+    type_keys(&mut ws, 1, "echo \"at $(pwd) x=$X\"\n").await;
+    output_until(&mut ws, 1, "at /tmp x=42").await;
+    send(
+        &mut ws,
+        ServerFrame::StreamResize {
+            stream: 1,
+            rows: 40,
+            cols: 132,
+        },
+    )
+    .await;
+    type_keys(&mut ws, 1, "stty size\n").await;
+    output_until(&mut ws, 1, "40 132").await;
+    // Ctrl-C reaches the foreground job through the terminal (once it runs: a Ctrl-C typed
+    // ahead flushes what was typed before it, as on any terminal).
+    type_keys(
+        &mut ws,
+        1,
+        "echo \"pid=$$.\"; sleep 100; echo not-interrupted\n",
+    )
+    .await;
+    let out = output_until(&mut ws, 1, ".\r\n").await;
+    let sid = printed_pid(&out);
+    eventually("the sleep to run", || {
+        session_members(sid).iter().any(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).ok() == Some(b"sleep\x00100\x00".to_vec())
+        })
+    })
+    .await;
+    type_keys(&mut ws, 1, "\x03").await;
+    // The prompt after the ^C: the shell reads again.
+    let out = output_until(&mut ws, 1, "^C").await;
+    let prompt = out
+        .rsplit_once("^C")
+        .map(|(_, r)| r.to_owned())
+        .unwrap_or_default();
+    if !prompt.contains("# ") {
+        output_until(&mut ws, 1, "# ").await;
+    }
+    type_keys(&mut ws, 1, "echo still-$((1+1))\n").await;
+    let out = output_until(&mut ws, 1, "still-2").await;
+    assert!(!out.contains("not-interrupted\r\n"), "{out}");
+    type_keys(&mut ws, 1, "exit 7\n").await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, true).await;
+    assert_eq!(seen.exit, Some((7, None)), "{seen:?}");
+    assert_eq!(seen.closed, Some(None));
+}
+
+/// A hang-up (the server's close, a lost connection) leaves nothing of the shell's session but
+/// what was detached on purpose (nohup); a background job holding the terminal after `exit` does
+/// not keep the stream open.
+#[tokio::test]
+async fn a_hang_up_ends_the_shell_and_its_jobs_but_not_nohup() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.kill_grace = Duration::from_millis(500);
+    let _agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    send(&mut ws, shell_open(1, None, 24, 80)).await;
+    let keys = "nohup sleep 103 >/dev/null 2>&1 & sleep 101 & echo \"pid=$$.\"; sleep 102\n";
+    type_keys(&mut ws, 1, keys).await;
+    let out = output_until(&mut ws, 1, ".\r\n").await;
+    let sid = printed_pid(&out);
+    // The shell, the nohup'd sleep, the background sleep and the foreground one.
+    eventually("the jobs to run", || session_members(sid).len() >= 4).await;
+    send(
+        &mut ws,
+        ServerFrame::StreamClose {
+            stream: 1,
+            reason: "client gone".into(),
+        },
+    )
+    .await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, true).await;
+    assert_eq!(seen.closed, Some(None));
+    assert!(seen.exit.is_some(), "{seen:?}");
+    eventually("only the nohup'd job to be left", || {
+        session_members(sid).len() == 1
+    })
+    .await;
+    let left = session_members(sid);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", left[0])).unwrap_or_default();
+    assert_eq!(cmdline, b"sleep\x00103\x00");
+    // SAFETY: kill(2) on a pid this test started (through the agent).
+    unsafe { libc::kill(left[0], libc::SIGKILL) };
+
+    // `exit` with a background job that still holds the terminal: the stream ends anyway.
+    send(&mut ws, shell_open(2, None, 24, 80)).await;
+    type_keys(&mut ws, 2, "sleep 104 & echo \"bg=$!.\"; exit 5\n").await;
+    let seen = within(
+        "the stream to end despite the job",
+        stream_until_close(&mut ws, 2, 65_536, true),
+    )
+    .await;
+    assert_eq!(seen.exit, Some((5, None)), "{seen:?}");
+    let out = String::from_utf8_lossy(&seen.stdout);
+    if let Some(bg) = out
+        .rsplit_once("bg=")
+        .and_then(|(_, r)| r.split_once('.'))
+        .and_then(|(p, _)| p.parse::<i32>().ok())
+    {
+        // SAFETY: as above.
+        unsafe { libc::kill(bg, libc::SIGKILL) };
+    }
+
+    // The connection drops with a shell open: its session goes.
+    send(&mut ws, shell_open(3, None, 24, 80)).await;
+    type_keys(&mut ws, 3, "echo \"pid=$$.\"; sleep 105\n").await;
+    let out = output_until(&mut ws, 3, ".\r\n").await;
+    let sid = printed_pid(&out);
+    eventually("the sleep to run", || session_members(sid).len() >= 2).await;
+    drop(ws);
+    eventually("the session to be gone", || session_members(sid).is_empty()).await;
+}
+
+/// Bad resizes break only their stream, a resize of an `Exec` is ignored, shells count toward
+/// `--max-streams`, and a run-as user gets the login shell of passwd on a terminal it owns.
+#[tokio::test]
+async fn shell_streams_refuse_bad_frames_and_count_toward_the_cap() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.max_streams = 2;
+    config.kill_grace = Duration::from_millis(200);
+    let _agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    // Commands, not login shells: a login shell hung up while its profile runs can leave the
+    // profile's own lock files behind (pyenv's rehash lock, on this machine kind).
+    send(&mut ws, shell_open(1, Some("sleep 100"), 24, 80)).await;
+    send(&mut ws, exec_open(2, "cat", 65_536)).await;
+    send(&mut ws, shell_open(3, Some("sleep 100"), 24, 80)).await;
+    let refused = stream_until_close(&mut ws, 3, 65_536, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(error.contains("too many session streams"), "{error}");
+
+    // A resize of an Exec is ignored; of an unknown stream too.
+    for stream in [2, 77] {
+        let resize = ServerFrame::StreamResize {
+            stream,
+            rows: 10,
+            cols: 10,
+        };
+        send(&mut ws, resize).await;
+    }
+    let bytes = b"cat is fine\n".to_vec();
+    send(&mut ws, ServerFrame::StreamData { stream: 2, bytes }).await;
+    send(&mut ws, ServerFrame::StreamEof { stream: 2 }).await;
+    let cat = stream_until_close(&mut ws, 2, 65_536, true).await;
+    assert_eq!(cat.stdout, b"cat is fine\n");
+
+    // A size out of bounds breaks the shell's stream, with why.
+    let bad = ServerFrame::StreamResize {
+        stream: 1,
+        rows: 0,
+        cols: 80,
+    };
+    send(&mut ws, bad).await;
+    let broken = stream_until_close(&mut ws, 1, 65_536, true).await;
+    let error = broken.closed.flatten().unwrap_or_default();
+    assert!(
+        error.starts_with("bad resize: a window of 0 rows"),
+        "{error}"
+    );
+
+    // A bad TERM or window at the open is refused before anything runs.
+    let mut open = shell_open(4, Some("true"), 24, 80);
+    if let ServerFrame::StreamOpen {
+        kind: StreamKind::Shell { term, .. },
+        ..
+    } = &mut open
+    {
+        *term = "xterm; rm -rf /".into();
+    }
+    send(&mut ws, open).await;
+    let refused = stream_until_close(&mut ws, 4, 0, false).await;
+    let error = refused.closed.flatten().unwrap_or_default();
+    assert!(error.starts_with("bad stream: bad TERM"), "{error}");
+
+    // nobody's login shell is nologin (from passwd): it refuses, as on a real login.
+    let open = ServerFrame::StreamOpen {
+        stream: 5,
+        kind: StreamKind::Shell {
+            command: Some("id -u".into()),
+            run_as: Some("nobody".into()),
+            term: "xterm".into(),
+            rows: 24,
+            cols: 80,
+            env: vec![],
+        },
+        window: 65_536,
+    };
+    send(&mut ws, open).await;
+    let seen = stream_until_close(&mut ws, 5, 65_536, true).await;
+    let out = String::from_utf8_lossy(&seen.stdout);
+    assert!(out.contains("not available"), "{out}");
+    assert_eq!(seen.exit, Some((1, None)), "{seen:?}");
 }
 
 // Tcp streams (protocol version 4): the agent connects from the node and relays both ways.

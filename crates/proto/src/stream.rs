@@ -328,7 +328,8 @@ pub mod client {
     #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct ExecRequest {
-        /// The command line, run by `sh -c` on the node.
+        /// The command line: run by `sh -c` on the node, or with a PTY by the user's shell's
+        /// `-c`; empty with a PTY for the interactive login shell.
         pub command: String,
         /// Run as this user; empty for the agent's own.
         #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -336,17 +337,39 @@ pub mod client {
         /// Extra environment variables.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         pub env: BTreeMap<String, String>,
-        /// Working directory; empty for the user's home.
+        /// Working directory; empty for the user's home. Only without a PTY.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         pub working_dir: String,
+        /// A PTY on the node (a `Shell` stream): its output is all stdout, stdin is what is typed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub pty: Option<PtyRequest>,
+    }
+
+    /// The terminal a client asks for.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PtyRequest {
+        /// `TERM` on the node (the client's).
+        pub term: String,
+        /// Rows of the client's window.
+        pub rows: u16,
+        /// Columns of the client's window.
+        pub cols: u16,
     }
 
     /// A client's text message after the first.
     #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
     #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
     pub enum ClientEvent {
-        /// Stdin ends (the remote stdin is closed after the bytes before it).
+        /// Stdin ends (the remote stdin is closed after the bytes before it; a PTY ignores it).
         Eof,
+        /// The client's window changed size (only with a PTY; each side 1 to 4096).
+        Resize {
+            /// Rows.
+            rows: u16,
+            /// Columns.
+            cols: u16,
+        },
     }
 
     /// A server's text message.

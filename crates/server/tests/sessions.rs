@@ -744,3 +744,281 @@ async fn expect_event_after_output(ws: &mut Client, kind: &str) -> Value {
         }
     }
 }
+
+/// A shell session's first message: a PTY of 24 x 80, the login shell unless `command` is set.
+fn shell_request(command: &str) -> Message {
+    let first =
+        json!({"command": command, "pty": {"term": "xterm-256color", "rows": 24, "cols": 80}});
+    Message::Text(first.to_string().into())
+}
+
+/// A first message with a PTY opens a `Shell` stream (an empty command: the login shell); the
+/// client's resizes reach the agent as `StreamResize`, coalesced so a flood of them is a few
+/// frames ending with the last size; the record is of kind `shell` and the trail says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_session_opens_a_pty_stream_and_passes_resizes_on() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "shell-node").await;
+    let node = agent.node_id.to_string();
+    let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+    ws.send(shell_request("")).await.expect("send");
+    let (stream, kind, _) = expect_open(&mut agent).await;
+    assert_eq!(
+        kind,
+        StreamKind::Shell {
+            command: None,
+            run_as: None,
+            term: "xterm-256color".into(),
+            rows: 24,
+            cols: 80,
+            env: vec![],
+        }
+    );
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream,
+            bytes: 1 << 20,
+        })
+        .await;
+    expect_event(&mut ws, "started").await;
+    let store = server.store().await;
+    let active = store
+        .list_sessions(true, None, None, 10)
+        .await
+        .expect("list");
+    assert_eq!(active.len(), 1, "{active:?}");
+    assert_eq!(
+        (active[0].kind.as_str(), active[0].command.as_str()),
+        ("shell", "")
+    );
+
+    for i in 1..=200u16 {
+        let resize = json!({"type": "resize", "rows": i, "cols": 2 * i});
+        ws.send(Message::Text(resize.to_string().into()))
+            .await
+            .expect("send");
+    }
+    let mut resizes = 0;
+    loop {
+        let (rows, cols) = agent
+            .expect("StreamResize", |f| match f {
+                ServerFrame::StreamResize {
+                    stream: s,
+                    rows,
+                    cols,
+                } if s == stream => Some((rows, cols)),
+                _ => None,
+            })
+            .await;
+        resizes += 1;
+        if (rows, cols) == (200, 400) {
+            break;
+        }
+    }
+    assert!(resizes < 200, "{resizes} resizes for 200 sent at once");
+
+    // Typed keys go to the agent as input, the terminal's output comes back as stdout.
+    let mut keys = vec![TAG_STDIN];
+    keys.extend_from_slice(b"exit 3\r");
+    ws.send(Message::Binary(keys.into())).await.expect("send");
+    let typed = agent
+        .expect("StreamData", |f| match f {
+            ServerFrame::StreamData { stream: s, bytes } if s == stream => Some(bytes),
+            _ => None,
+        })
+        .await;
+    assert_eq!(typed, b"exit 3\r");
+    let (fd, bytes) = (StreamFd::Stdout, b"exit 3\r\nlogout\r\n".to_vec());
+    agent
+        .send(AgentFrame::StreamData { stream, fd, bytes })
+        .await;
+    agent.exit_stream(stream, 3).await;
+    match hear(&mut ws).await {
+        Heard::Bytes(TAG_STDOUT, b) => assert_eq!(b, b"exit 3\r\nlogout\r\n"),
+        other => panic!("expected stdout, got {other:?}"),
+    }
+    assert_eq!(expect_event(&mut ws, "exit").await["code"], 3);
+    let records = within("the end to be audited", async {
+        loop {
+            let r = audit_actions(&server, &node).await;
+            if r.iter().any(|(a, _, _)| a == "exec.end") {
+                return r;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let open = records
+        .iter()
+        .find(|(a, _, _)| a == "exec.open")
+        .expect("open");
+    assert_eq!(open.1["kind"], "shell", "{open:?}");
+    assert_eq!(open.1["pty"]["term"], "xterm-256color", "{open:?}");
+    let end = records
+        .iter()
+        .find(|(a, _, _)| a == "exec.end")
+        .expect("end");
+    assert_eq!(
+        (end.1["kind"].as_str(), end.2.as_str()),
+        (Some("shell"), "Exited 3")
+    );
+
+    // The recording has the PTY's size and TERM, its output, and the resize the PTY got last.
+    let id = &active[0].session_id;
+    let path = server.data.join(format!("objects/sessions/{id}.cast"));
+    let cast = within("the recording", async {
+        loop {
+            if let Ok(c) = std::fs::read_to_string(&path) {
+                return c;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let lines: Vec<Value> = cast
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(
+        (lines[0]["width"].as_u64(), lines[0]["height"].as_u64()),
+        (Some(80), Some(24))
+    );
+    assert!(
+        lines[0].to_string().contains("xterm-256color"),
+        "{}",
+        lines[0]
+    );
+    let last_resize = lines[1..]
+        .iter()
+        .rev()
+        .find(|l| l[1] == "r")
+        .map(|l| l[2].clone());
+    assert_eq!(last_resize, Some(Value::from("400x200")), "{cast}");
+    assert!(
+        lines[1..]
+            .iter()
+            .any(|l| l[1] == "o" && l[2] == "exit 3\r\nlogout\r\n"),
+        "{cast}"
+    );
+}
+
+/// Hostile shell clients: each bad first message or resize gets a clear error naming what is
+/// wrong and a close, the agent's stream (if one was opened) is hung up, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_shell_clients_get_a_clear_close() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "hostile-shell").await;
+    let node = agent.node_id.to_string();
+    let pty = |term: &str, rows: u32, cols: u32| json!({"term": term, "rows": rows, "cols": cols});
+    let firsts = [
+        (json!({"command": ""}), "needs a PTY"),
+        (
+            json!({"command": "", "pty": pty("xterm", 24, 80), "working_dir": "/tmp"}),
+            "working_dir is not supported with a PTY",
+        ),
+        (
+            json!({"command": "", "pty": pty("xterm\u{1b}[2J", 24, 80)}),
+            "bad TERM",
+        ),
+        (
+            json!({"command": "", "pty": pty("xterm", 0, 80)}),
+            "window of 0 rows",
+        ),
+        (
+            json!({"command": "", "pty": pty("xterm", 24, 70_000)}),
+            "bad first message",
+        ),
+        (
+            json!({"command": "", "pty": {"term": "xterm", "rows": 1, "cols": 1, "x": 1}}),
+            "unknown field",
+        ),
+    ];
+    for (first, says) in firsts {
+        let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+        ws.send(Message::Text(first.to_string().into()))
+            .await
+            .expect("send");
+        let e = expect_event(&mut ws, "error").await;
+        let m = e["message"].as_str().unwrap_or_default();
+        assert!(m.contains(says), "{m:?} should say {says:?} for {first}");
+        assert!(matches!(hear(&mut ws).await, Heard::Closed));
+    }
+
+    // Resizes that break the rules, after a good start: each ends its session.
+    let resizes = [
+        (
+            json!({"type": "resize", "rows": 0, "cols": 80}),
+            true,
+            "bad resize",
+        ),
+        (
+            json!({"type": "resize", "rows": 24, "cols": 5000}),
+            true,
+            "bad resize",
+        ),
+        (
+            json!({"type": "resize", "rows": -1, "cols": 80}),
+            true,
+            "bad message",
+        ),
+        (json!({"type": "resize", "rows": 24}), true, "bad message"),
+        (
+            json!({"type": "resize", "rows": 24, "cols": 80}),
+            false,
+            "needs a PTY",
+        ),
+    ];
+    for (resize, with_pty, says) in resizes {
+        let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+        let first = if with_pty {
+            shell_request("")
+        } else {
+            Message::Text(json!({"command": "cat"}).to_string().into())
+        };
+        ws.send(first).await.expect("send");
+        let (stream, _, _) = expect_open(&mut agent).await;
+        agent
+            .send(AgentFrame::StreamCredit {
+                stream,
+                bytes: 1024,
+            })
+            .await;
+        expect_event(&mut ws, "started").await;
+        ws.send(Message::Text(resize.to_string().into()))
+            .await
+            .expect("send");
+        let e = expect_event(&mut ws, "error").await;
+        let m = e["message"].as_str().unwrap_or_default();
+        assert!(m.contains(says), "{m:?} should say {says:?} for {resize}");
+        expect_close(&mut agent, stream).await;
+    }
+    server.get("/v1/nodes").await;
+}
+
+/// A version 3 agent has session streams but no shells: the client is told to upgrade the
+/// agent, and no stream is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_3_agent_is_not_sent_a_shell() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::register(&server, "v3-shell").await;
+    agent
+        .connect_as_version(&server, &[], fleetrun_proto::version::STREAMS_SINCE)
+        .await;
+    let node = agent.node_id.to_string();
+    let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+    ws.send(shell_request("")).await.expect("send");
+    let e = expect_event(&mut ws, "error").await;
+    let m = e["message"].as_str().unwrap_or_default();
+    assert!(
+        m.contains("protocol version 3, without shell sessions") && m.contains("upgrade the agent"),
+        "{m}"
+    );
+    assert!(matches!(hear(&mut ws).await, Heard::Closed));
+    // Exec still works on it.
+    let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+    ws.send(Message::Text(json!({"command": "true"}).to_string().into()))
+        .await
+        .expect("send");
+    let (_, kind, _) = expect_open(&mut agent).await;
+    assert!(matches!(kind, StreamKind::Exec { .. }), "{kind:?}");
+}

@@ -19,6 +19,7 @@ mod recording;
 mod send;
 mod server;
 mod sessions;
+mod shell;
 mod storage;
 mod users;
 
@@ -95,11 +96,13 @@ enum Subcommands {
     Send(Box<send::Args>),
     /// Run a command on one node live: its output streamed, stdin piped, its exit status ours
     Exec(exec::Args),
+    /// Open an interactive shell on one node (a PTY there), or run a command with -c
+    Shell(shell::Args),
     /// Forward local TCP ports to ports reached from a node (its own, or hosts it can reach)
     PortForward(forward::ForwardArgs),
     /// Join stdin and stdout to one TCP connection made from a node (an ssh ProxyCommand)
     Proxy(forward::ProxyArgs),
-    /// List exec sessions, newest first; show or terminate one, get or play its recording
+    /// List exec and shell sessions, newest first; show or terminate one, get or play its recording
     Sessions(sessions::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),
@@ -177,6 +180,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Nodes { cmd } => nodes::run(&ctx, cmd).await,
         Subcommands::Send(args) => send::run(&ctx, *args).await,
         Subcommands::Exec(args) => exec::run(&ctx, args).await,
+        Subcommands::Shell(args) => shell::run(&ctx, args).await,
         Subcommands::PortForward(args) => forward::port_forward(&ctx, args).await,
         Subcommands::Proxy(args) => forward::proxy(&ctx, args).await,
         Subcommands::Sessions(args) => sessions::run(&ctx, args).await,

@@ -43,4 +43,5 @@ fn help_snapshots() {
     snapshot("server-help", &["server", "--help"]);
     snapshot("documents-help", &["documents", "--help"]);
     snapshot("access-key-help", &["access-key", "--help"]);
+    snapshot("shell-help", &["shell", "--help"]);
 }

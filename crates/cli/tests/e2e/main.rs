@@ -37,5 +37,6 @@ mod rate;
 mod recording;
 mod retention;
 mod send;
+mod shell;
 mod shutdown;
 mod tls;

@@ -1,11 +1,15 @@
-//! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, relayed live to the client's
-//! WebSocket (the messages are `fleetrun_proto::stream::client`). Authorized by the `shell`
-//! action on the node; opened and ended in the audit trail; recorded when `recorded` says so
-//! (`super::recording`: output, input when configured, resizes).
+//! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, or with a PTY a shell (the
+//! login shell, or a command on a terminal), relayed live to the client's WebSocket (the messages
+//! are `fleetrun_proto::stream::client`). Authorized by the `shell` action on the node; opened and
+//! ended in the audit trail (`exec.open` / `exec.end`, with the session's kind, `exec` or
+//! `shell`, in the params) and in a session record of that kind; recorded when `recorded` says
+//! so (`super::recording`: output, input when configured, resizes).
 //!
 //! Flow control end to end: the agent gets output credit only as the client's socket accepts the
 //! bytes, and the client's stdin is read only as far as the agent grants credit (one message
-//! ahead at most), so a stream holds at most one window per direction here.
+//! ahead at most), so a stream holds at most one window per direction here. Resizes are passed on
+//! at most every [`RESIZE_INTERVAL`] (the last size wins), so a client cannot flood the agent's
+//! connection with them.
 
 use super::recording::{self, Outcome, Recording};
 use super::streams::{AgentEvent, StreamHandle, Streams};
@@ -37,6 +41,8 @@ use tokio::time::Instant;
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output credit per stream: what the server may hold of a stream's output for a slow client.
 pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_DEFAULT;
+/// Shortest time between two resizes sent to the agent; a newer size waits and replaces the older.
+pub const RESIZE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Upgrades to the exec WebSocket, once the caller may open a shell on the node and the node is
 /// connected with an agent that speaks session streams.
@@ -115,18 +121,18 @@ impl Session {
                 return refuse(sink, close_code::POLICY, &message).await;
             }
         };
-        let params = serde_json::json!({
+        let pty = req.pty.is_some();
+        let mut params = serde_json::json!({
+            "kind": if pty { "shell" } else { "exec" },
             "command": req.command, "run_as": req.run_as, "working_dir": req.working_dir,
             "env": req.env.keys().collect::<Vec<_>>(),
         });
-        if let Err(e) = fleetrun_proto::send::check_run_as(&req.run_as) {
-            let message = e.to_string();
-            self.audit("exec.refused", params, &message).await;
-            return refuse(sink, close_code::POLICY, &message).await;
+        if let Some(p) = &req.pty {
+            params["pty"] = serde_json::json!({"term": p.term, "rows": p.rows, "cols": p.cols});
         }
         let mut record = NewSession {
             session_id: uuid::Uuid::new_v4().to_string(),
-            kind: "exec".into(),
+            kind: if pty { "shell" } else { "exec" }.into(),
             node_id: self.node.clone(),
             principal: self.principal.clone(),
             source: self.source.clone(),
@@ -135,15 +141,22 @@ impl Session {
             started_at: 0,
             recording: Default::default(),
         };
-        // The trail's open and end name the record they belong to.
-        let mut params = params;
-        params["session_id"] = record.session_id.clone().into();
         // Recording starts before anything runs: one that cannot start refuses the session.
         let header = self.recording_header(&req);
+        let record_it = recorded(&req);
+        let kind = match stream_kind(req) {
+            Ok(kind) => kind,
+            Err(message) => {
+                self.audit("exec.refused", params, &message).await;
+                return refuse(sink, close_code::POLICY, &message).await;
+            }
+        };
+        // The trail's open and end name the record they belong to.
+        params["session_id"] = record.session_id.clone().into();
         let recording = Recording::start(
             self.state.objects.as_ref(),
             self.state.recording,
-            recorded(&req),
+            record_it,
             &record.session_id,
             header,
         );
@@ -155,13 +168,6 @@ impl Session {
             }
         };
         record.recording = recording.status();
-        let kind = StreamKind::Exec {
-            command: req.command,
-            run_as: (!req.run_as.is_empty()).then_some(req.run_as),
-            env: req.env.into_iter().collect(),
-            working_dir: req.working_dir,
-            pty: false,
-        };
         let stream = match streams.open(kind, OUTPUT_WINDOW) {
             Ok(s) => s,
             Err(e) => {
@@ -172,7 +178,7 @@ impl Session {
             }
         };
         self.audit("exec.open", params.clone(), "Opened").await;
-        tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), "exec session opened");
+        tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), kind = %record.kind, "session opened");
         let live = &self.state.sessions;
         let mut registration = live.register(&record.session_id, &self.node);
         let ended = relay(
@@ -269,11 +275,19 @@ impl Session {
     /// What the session's recording says of it: the PTY's size and `TERM` when it has one.
     fn recording_header(&self, req: &ExecRequest) -> recording::Header {
         let title = format!("{}@{}: {}", self.principal, self.node, req.command);
+        let (width, height) = match &req.pty {
+            Some(p) => (p.cols, p.rows),
+            None => recording::DEFAULT_SIZE,
+        };
+        let term = match &req.pty {
+            Some(p) => Some(p.term.clone()),
+            None => req.env.get("TERM").cloned(),
+        };
         recording::Header {
-            width: recording::DEFAULT_SIZE.0,
-            height: recording::DEFAULT_SIZE.1,
+            width,
+            height,
             timestamp: now_ms() / 1000,
-            term: req.env.get("TERM").cloned(),
+            term,
             shell: req.env.get("SHELL").cloned(),
             title: title.chars().take(200).collect(),
         }
@@ -294,10 +308,11 @@ impl Session {
     }
 }
 
-/// Whether a session is recorded: the one place it is decided. Every exec for now; interactive
-/// shells (sessions with a PTY) once they exist.
-fn recorded(_req: &ExecRequest) -> bool {
-    true
+/// Whether a session is recorded: the one place it is decided. Sessions on a terminal (a login
+/// shell, or `-t -c`): what a person saw. A one-shot command on pipes is not: its output is often
+/// bulk or binary (`tar c | ...`), which a terminal recording would only double.
+fn recorded(req: &ExecRequest) -> bool {
+    req.pty.is_some()
 }
 
 /// The client's first message: a JSON [`ExecRequest`] within [`FIRST_MESSAGE_TIMEOUT`].
@@ -328,7 +343,48 @@ async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
         .map_err(|e| format!("bad first message: {e}"))
 }
 
-/// Relays until the stream ends, either side leaves or breaks the rules.
+/// What a first message asks the node to run: an `Exec` without a PTY, a `Shell` with one (an
+/// empty command: the login shell). The error is the refusal, naming what is wrong.
+fn stream_kind(req: ExecRequest) -> Result<StreamKind, String> {
+    fleetrun_proto::send::check_run_as(&req.run_as).map_err(|e| e.to_string())?;
+    let run_as = (!req.run_as.is_empty()).then_some(req.run_as);
+    let env = req.env.into_iter().collect();
+    let kind = match req.pty {
+        None if req.command.is_empty() => {
+            return Err(
+                "an empty command is the login shell, which needs a PTY (\"pty\": {\"term\", \"rows\", \"cols\"})"
+                    .into(),
+            );
+        }
+        None => StreamKind::Exec {
+            command: req.command,
+            run_as,
+            env,
+            working_dir: req.working_dir,
+            pty: false,
+        },
+        Some(_) if !req.working_dir.is_empty() => {
+            return Err(
+                "working_dir is not supported with a PTY (a shell starts in the user's home)"
+                    .into(),
+            );
+        }
+        Some(pty) => StreamKind::Shell {
+            command: (!req.command.is_empty()).then_some(req.command),
+            run_as,
+            term: pty.term,
+            rows: pty.rows,
+            cols: pty.cols,
+            env,
+        },
+    };
+    kind.check().map_err(|e| format!("bad session: {e}"))?;
+    Ok(kind)
+}
+
+/// Relays until the stream ends, either side leaves or breaks the rules. Every byte and resize
+/// passes one of three points, marked "recorded here": output to the client, input from it, and
+/// a resize of its window.
 async fn relay(
     sink: &mut Sink,
     source: &mut Source,
@@ -338,6 +394,8 @@ async fn relay(
     stop: &mut tokio::sync::oneshot::Receiver<String>,
     recording: &mut Recording,
 ) -> Ended {
+    // A shell's record is of kind "shell": the session has a PTY (resizes allowed).
+    let pty = record.kind == "shell";
     let mut ended = Ended::default();
     let live = &session.state.sessions;
     // Idle: no bytes either way since `last`; the maximum duration counts from the open.
@@ -349,6 +407,9 @@ async fn relay(
     let mut pending: Vec<u8> = Vec::new();
     let mut eof = false;
     let mut eof_sent = false;
+    // A resize waiting for RESIZE_INTERVAL to pass since the last one sent.
+    let mut resize: Option<(u16, u16)> = None;
+    let mut resize_at = Instant::now();
     loop {
         if let Some(w) = credit.as_mut() {
             while !pending.is_empty() {
@@ -376,6 +437,16 @@ async fn relay(
             }
             () = sleep_until_or_never(max_at) => {
                 return terminated(stream, ended, "max duration".into());
+            }
+            () = tokio::time::sleep_until(resize_at), if resize.is_some() => {
+                if let Some((rows, cols)) = resize.take() {
+                    // A resize, recorded here as the PTY gets it.
+                    if let Err(why) = recording.resize(cols, rows).await {
+                        return terminated(stream, ended, why);
+                    }
+                    stream.send_resize(rows, cols);
+                    resize_at = Instant::now() + RESIZE_INTERVAL;
+                }
             }
             event = stream.next() => match event {
                 None => {
@@ -406,7 +477,8 @@ async fn relay(
                         StreamFd::Stderr => TAG_STDERR,
                     };
                     let n = bytes.len();
-                    // Recorded before the client sees it: failing closed, nothing goes unrecorded.
+                    // Output, recorded here, before the client sees it: failing closed, nothing
+                    // goes unrecorded.
                     if let Err(why) = recording.output(&bytes).await {
                         return terminated(stream, ended, why);
                     }
@@ -445,6 +517,7 @@ async fn relay(
                     }
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
+                            // Input, recorded here (when configured).
                             if let Err(why) = recording.input(rest).await {
                                 return terminated(stream, ended, why);
                             }
@@ -458,6 +531,16 @@ async fn relay(
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
                     Ok(ClientEvent::Eof) if !eof => eof = true,
                     Ok(ClientEvent::Eof) => return broken(stream, ended, "stdin ended twice".into()),
+                    Ok(ClientEvent::Resize { .. }) if !pty => {
+                        return broken(stream, ended, "a resize needs a PTY (this session has none)".into());
+                    }
+                    Ok(ClientEvent::Resize { rows, cols }) => {
+                        if let Err(e) = fleetrun_proto::stream::check_window(rows, cols) {
+                            return broken(stream, ended, format!("bad resize: {e}"));
+                        }
+                        // Sent (and recorded) by the resize branch, at most every RESIZE_INTERVAL.
+                        resize = Some((rows, cols));
+                    }
                     Err(e) => return broken(stream, ended, format!("bad message: {e}")),
                 },
             },

@@ -457,6 +457,10 @@ async fn pipe(
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
                     Ok(ClientEvent::Eof) if !eof => eof = true,
                     Ok(ClientEvent::Eof) => return Err("the input ended twice".into()),
+                    // A terminal's message: a TCP connection has no window.
+                    Ok(ClientEvent::Resize { .. }) => {
+                        return Err("a resize needs a PTY (a TCP connection has none)".into());
+                    }
                     Err(e) => return Err(format!("bad message: {e}")),
                 },
             },

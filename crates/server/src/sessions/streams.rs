@@ -238,6 +238,15 @@ impl StreamHandle {
             .is_ok()
     }
 
+    /// The client's window changed size (a `Shell` stream's PTY follows it).
+    pub fn send_resize(&self, rows: u16, cols: u16) {
+        let stream = self.stream;
+        let _ = self
+            .streams
+            .tx
+            .send(ServerFrame::StreamResize { stream, rows, cols });
+    }
+
     /// The input ends.
     pub fn send_eof(&self) {
         let stream = self.stream;
