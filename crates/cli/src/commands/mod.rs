@@ -102,7 +102,7 @@ enum Subcommands {
     PortForward(forward::ForwardArgs),
     /// Join stdin and stdout to one TCP connection made from a node (an ssh ProxyCommand)
     Proxy(forward::ProxyArgs),
-    /// List exec and shell sessions, newest first; show or terminate one, get or play its recording
+    /// List sessions (exec, shell, port-forward), newest first; show or terminate one, get or play its recording
     Sessions(sessions::Args),
     /// List recent commands, newest first
     Commands(command::ListArgs),

@@ -41,7 +41,10 @@ fn a_recording_downloads_as_asciicast_v2_holding_what_the_client_saw_and_plays_b
     // Several frames of output, multi-byte text, escapes, and a pause worth seeing in the timings.
     let script =
         "printf 'héllo wörld €\\n'; sleep 0.4; printf '\\033[1mbold\\033[0m\\n'; seq 1 20000";
-    let live = run(server.cli_cmd(&["exec", "rec-a", "--", script]), LIMIT);
+    let live = run(
+        server.cli_cmd(&["shell", "rec-a", "-t", "-c", script]),
+        LIMIT,
+    );
     assert_eq!(live.code(), Some(0), "{}", live.stderr);
     let seen = live.stdout_str();
     assert!(seen.len() > 100_000, "{}", seen.len());
@@ -231,7 +234,7 @@ fn a_recording_replays_to_the_same_screen() {
     );
     tmux.start(
         "live",
-        &cli_line(&server, &["exec", "rec-screen", "--", script]),
+        &cli_line(&server, &["shell", "rec-screen", "-t", "-c", script]),
     );
     let live = tmux.screen_when_done("live");
     assert!(
@@ -271,7 +274,7 @@ fn an_unwritable_object_store_refuses_the_session_when_failing_closed() {
     let mark = server.scratch("rec-closed").join("ran");
     let script = format!("touch {}", mark.display());
     let out = run(
-        server.cli_cmd(&["exec", "rec-closed", "--", &script]),
+        server.cli_cmd(&["shell", "rec-closed", "-t", "-c", &script]),
         LIMIT,
     );
     assert_ne!(out.code(), Some(0), "{}", out.stderr);
@@ -297,11 +300,12 @@ fn an_unwritable_object_store_lets_the_session_run_unrecorded_when_configured_to
     let _agent = Agent::start(&server, "rec-open", &[]);
     std::fs::write(server.data_dir.join("objects/sessions"), b"in the way").expect("block");
     let out = run(
-        server.cli_cmd(&["exec", "rec-open", "--", "echo ran"]),
+        server.cli_cmd(&["shell", "rec-open", "-t", "-c", "echo ran"]),
         LIMIT,
     );
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
-    assert_eq!(out.stdout_str(), "ran\n");
+    // On a terminal, lines end CR LF.
+    assert_eq!(out.stdout_str(), "ran\r\n");
     let s = newest_session(&server);
     assert_eq!(s["recording"], "failed", "{s}");
     let id = s["session_id"].as_str().expect("id");
@@ -318,11 +322,40 @@ fn an_unwritable_object_store_lets_the_session_run_unrecorded_when_configured_to
     );
 }
 
+/// A one-shot command on pipes (no `-t`) is not recorded: its output is often bulk or binary;
+/// the same command on a terminal is.
+#[test]
+fn only_sessions_on_a_terminal_are_recorded() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "rec-pipes", &[]);
+    let out = run(
+        server.cli_cmd(&["exec", "rec-pipes", "--", "echo x"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let s = newest_session(&server);
+    assert_eq!(
+        (s["kind"].as_str(), s["recording"].as_str()),
+        (Some("exec"), Some("none")),
+        "{s}"
+    );
+    let out = run(
+        server.cli_cmd(&["shell", "rec-pipes", "-t", "-c", "echo x"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let s = newest_session(&server);
+    assert_eq!(s["recording"], "complete", "{s}");
+}
+
 #[test]
 fn with_recording_off_a_session_has_none_and_says_so() {
     let server = Server::start_with(&["--session-recording", "off"]);
     let _agent = Agent::start(&server, "rec-off", &[]);
-    let out = run(server.cli_cmd(&["exec", "rec-off", "--", "echo x"]), LIMIT);
+    let out = run(
+        server.cli_cmd(&["shell", "rec-off", "-t", "-c", "echo x"]),
+        LIMIT,
+    );
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
     let s = newest_session(&server);
     assert_eq!(s["recording"], "none", "{s}");
@@ -360,7 +393,7 @@ fn hostile_recording_requests_get_clear_answers_and_one_outside_ones_scope_is_no
     };
     let _agent = Agent::start_opts(&server, "rec-prod", prod);
     let out = run(
-        server.cli_cmd(&["exec", "rec-prod", "--", "echo secret"]),
+        server.cli_cmd(&["shell", "rec-prod", "-t", "-c", "echo secret"]),
         LIMIT,
     );
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
@@ -422,7 +455,13 @@ fn hostile_recording_requests_get_clear_answers_and_one_outside_ones_scope_is_no
     // A running session's recording is refused until it ends.
     let mark = marker("rec_running");
     let mut child = server
-        .cli_cmd(&["exec", "rec-prod", "--", &format!("sleep 100; echo {mark}")])
+        .cli_cmd(&[
+            "shell",
+            "rec-prod",
+            "-t",
+            "-c",
+            &format!("sleep 100; echo {mark}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -453,7 +492,7 @@ fn retention_deletes_a_recording_with_its_session() {
     let server = Server::start_with(&["--retention", "2s", "--purge-interval", "1s"]);
     let _agent = Agent::start(&server, "rec-purge", &[]);
     let out = run(
-        server.cli_cmd(&["exec", "rec-purge", "--", "echo old"]),
+        server.cli_cmd(&["shell", "rec-purge", "-t", "-c", "echo old"]),
         LIMIT,
     );
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
@@ -490,7 +529,7 @@ fn a_recording_that_cannot_be_completed_is_failed_never_served_half() {
     let gate = server.scratch("rec-end").join("gate");
     let script = format!("echo started; {}", crate::support::wait_for_file(&gate));
     let mut child = server
-        .cli_cmd(&["exec", "rec-end", "--", &script])
+        .cli_cmd(&["shell", "rec-end", "-t", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -531,7 +570,13 @@ fn play_names_a_bad_line_and_stops_on_ctrl_c() {
     let server = Server::start();
     let _agent = Agent::start(&server, "rec-play", &[]);
     let out = run(
-        server.cli_cmd(&["exec", "rec-play", "--", "echo one; sleep 1; echo two"]),
+        server.cli_cmd(&[
+            "shell",
+            "rec-play",
+            "-t",
+            "-c",
+            "echo one; sleep 1; echo two",
+        ]),
         LIMIT,
     );
     assert_eq!(out.code(), Some(0), "{}", out.stderr);
@@ -548,9 +593,9 @@ fn play_names_a_bad_line_and_stops_on_ctrl_c() {
         .spawn()
         .expect("spawn");
     let mut stdout = child.stdout.take().expect("stdout");
-    let mut first = [0u8; 4];
+    let mut first = [0u8; 5];
     std::io::Read::read_exact(&mut stdout, &mut first).expect("the first line");
-    assert_eq!(&first, b"one\n");
+    assert_eq!(&first, b"one\r\n");
     crate::support::signal(child.id(), libc::SIGINT);
     let status = wait_until("play to stop", Duration::from_secs(10), || {
         child.try_wait().ok().flatten()
@@ -589,11 +634,23 @@ fn with_record_input_what_is_sent_is_recorded() {
     let server = Server::start_with(&["--record-input"]);
     let _agent = Agent::start(&server, "rec-input", &[]);
     let out = crate::support::run_input(
-        server.cli_cmd(&["exec", "rec-input", "--", "cat"]),
+        server.cli_cmd(&[
+            "shell",
+            "rec-input",
+            "-t",
+            "-c",
+            "read -r line; echo \"got $line\"",
+        ]),
         Some(b"typed p4ssw0rd\n"),
         LIMIT,
     );
-    assert_eq!(out.stdout_str(), "typed p4ssw0rd\n", "{}", out.stderr);
+    // The terminal echoes what is typed, then the command answers.
+    assert!(
+        out.stdout_str().ends_with("got typed p4ssw0rd\r\n"),
+        "{:?} {}",
+        out.stdout_str(),
+        out.stderr
+    );
     let id = newest_session(&server)["session_id"]
         .as_str()
         .expect("id")
@@ -605,5 +662,5 @@ fn with_record_input_what_is_sent_is_recorded() {
         .map(|l| l[2].as_str().expect("text"))
         .collect();
     assert_eq!(input, "typed p4ssw0rd\n");
-    assert_eq!(output_of(&lines), "typed p4ssw0rd\n");
+    assert_eq!(output_of(&lines), out.stdout_str());
 }
