@@ -680,7 +680,20 @@ async fn expect_error(agent: &mut ScriptedAgent) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_holds_split_characters_and_input_when_configured() {
     let server = TestServer::start_with(|c| c.recording.record_input = true).await;
-    let (server, mut agent, mut ws, stream) = open(server, "cat").await;
+    // Sessions on a terminal are the recorded ones.
+    let mut agent = ScriptedAgent::online(&server, "rec-node").await;
+    let mut ws = dial(&server, &agent.node_id.to_string(), &server.token)
+        .await
+        .expect("upgrade");
+    ws.send(shell_request("cat")).await.expect("send");
+    let (stream, _, _) = expect_open(&mut agent).await;
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream,
+            bytes: 1 << 20,
+        })
+        .await;
+    expect_event(&mut ws, "started").await;
     let id = the_active_session(&server).await;
     let mut stdin = vec![TAG_STDIN];
     stdin.extend_from_slice(b"pass\n");
