@@ -7,34 +7,20 @@ mod support;
 
 use fleetrun_proto::channel::{AgentFrame, ServerFrame};
 use fleetrun_proto::stream::{StreamFd, StreamKind, StreamNo};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::{ScriptedAgent, TestServer, within};
+use support::{ClientWs, ScriptedAgent, TestServer, next_message, within};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Client =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Client = ClientWs;
 
 /// Opens a WebSocket on `path` with `token`: the socket, or the refusal's status and body.
 async fn dial(server: &TestServer, path: &str, token: &str) -> Result<Client, (u16, Value)> {
-    let url = format!("ws://{}{path}", server.addr);
-    let mut req = url.into_client_request().expect("request");
-    let bearer = format!("Bearer {token}").parse().expect("header");
-    req.headers_mut().insert("authorization", bearer);
-    match within("the upgrade", tokio_tungstenite::connect_async(req)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or(Value::Null);
-            Err((resp.status().as_u16(), body))
-        }
-        Err(e) => panic!("upgrade of {path}: {e}"),
-    }
+    server
+        .dial_ws(path, token)
+        .await
+        .map_err(|(status, body)| (status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
 }
 
 /// A refused upgrade: its status and body.
@@ -54,20 +40,13 @@ enum Heard {
 }
 
 async fn hear(ws: &mut Client) -> Heard {
-    within("a message from the server", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return Heard::Event(serde_json::from_str(t.as_str()).expect("JSON"));
-                }
-                Some(Ok(Message::Binary(b))) => return Heard::Bytes(b.to_vec()),
-                Some(Ok(Message::Close(f))) => return Heard::Closed(f.map(|f| f.code.into())),
-                None | Some(Err(_)) => return Heard::Closed(None),
-                Some(Ok(_)) => continue,
-            }
-        }
-    })
-    .await
+    match next_message(ws).await {
+        Some(Message::Text(t)) => Heard::Event(serde_json::from_str(t.as_str()).expect("JSON")),
+        Some(Message::Binary(b)) => Heard::Bytes(b.to_vec()),
+        Some(Message::Close(f)) => Heard::Closed(f.map(|f| f.code.into())),
+        Some(other) => panic!("unexpected message {other:?}"),
+        None => Heard::Closed(None),
+    }
 }
 
 async fn expect_event(ws: &mut Client, kind: &str) -> Value {
@@ -354,25 +333,6 @@ async fn the_idle_timeout_counts_every_connections_bytes() {
     assert_eq!(s["end_reason"], "idle timeout", "{s}");
 }
 
-/// A user's token (the user made with `role` and `policy` first).
-async fn token_for(server: &TestServer, name: &str, role: &str, policy: &str) -> String {
-    let user = json!({"name": name, "role": role, "policy": policy});
-    let (status, _, body) = server
-        .call(reqwest::Method::POST, "/v1/users", Some(&user), &[])
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, _, body) = server
-        .call(
-            reqwest::Method::POST,
-            "/v1/tokens",
-            Some(&json!({"user": name})),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["token"].as_str().expect("token").to_owned()
-}
-
 /// `port-forward` is needed for the node's own ports, `port-forward-remote` too for any other
 /// host; each refusal is a 403 in the trail. Another user cannot join a session's connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,20 +340,20 @@ async fn forwards_need_their_actions_and_sessions_are_their_users_own() {
     let server = TestServer::start().await;
     let agent = ScriptedAgent::online(&server, "fwd-authz").await;
     let node = agent.node_id.to_string();
-    let shell_only = token_for(
-        &server,
-        "sh",
-        "none",
-        r#"permit (principal, action == Action::"shell", resource is Node);"#,
-    )
-    .await;
-    let local_only = token_for(
-        &server,
-        "local",
-        "none",
-        r#"permit (principal, action == Action::"port-forward", resource is Node);"#,
-    )
-    .await;
+    let shell_only = server
+        .token_for(
+            "sh",
+            "none",
+            Some(r#"permit (principal, action == Action::"shell", resource is Node);"#),
+        )
+        .await;
+    let local_only = server
+        .token_for(
+            "local",
+            "none",
+            Some(r#"permit (principal, action == Action::"port-forward", resource is Node);"#),
+        )
+        .await;
     let path = |target: &str| format!("/v1/nodes/{node}/port-forward?{target}");
     let (status, body) = refused(&server, &path("port=22"), &shell_only).await;
     assert_eq!(status, 403, "{body}");

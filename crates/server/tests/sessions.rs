@@ -9,34 +9,21 @@ use fleetrun_proto::channel::{AgentFrame, ErrorCode, ServerFrame};
 use fleetrun_proto::stream::client::{TAG_STDERR, TAG_STDIN, TAG_STDOUT};
 use fleetrun_proto::stream::{StreamFd, StreamKind, StreamNo};
 use fleetrun_proto::version::PROTOCOL_VERSION_MIN;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::{ScriptedAgent, TestServer, within};
+use support::{ClientWs, ScriptedAgent, TestServer, next_message, within};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Client =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Client = ClientWs;
 
 /// Opens the exec WebSocket to a node with `token`: the socket, or the refusal's status and body.
 async fn dial(server: &TestServer, node: &str, token: &str) -> Result<Client, (u16, String)> {
-    let url = format!("ws://{}/v1/nodes/{node}/exec", server.addr);
-    let mut req = url.into_client_request().expect("request");
-    let bearer = format!("Bearer {token}").parse().expect("header");
-    req.headers_mut().insert("authorization", bearer);
-    match within("the exec upgrade", tokio_tungstenite::connect_async(req)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            Err((resp.status().as_u16(), body))
-        }
-        Err(e) => panic!("exec upgrade: {e}"),
-    }
+    let path = format!("/v1/nodes/{node}/exec");
+    server
+        .dial_ws(&path, token)
+        .await
+        .map_err(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// What the client hears next: a text message as JSON, a binary one as (tag, bytes), or the close.
@@ -48,22 +35,15 @@ enum Heard {
 }
 
 async fn hear(ws: &mut Client) -> Heard {
-    within("a message from the server", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    return Heard::Event(serde_json::from_str(t.as_str()).expect("JSON"));
-                }
-                Some(Ok(Message::Binary(b))) => {
-                    let (tag, rest) = b.split_first().expect("a tag byte");
-                    return Heard::Bytes(*tag, rest.to_vec());
-                }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Heard::Closed,
-                Some(Ok(_)) => continue,
-            }
+    match next_message(ws).await {
+        Some(Message::Text(t)) => Heard::Event(serde_json::from_str(t.as_str()).expect("JSON")),
+        Some(Message::Binary(b)) => {
+            let (tag, rest) = b.split_first().expect("a tag byte");
+            Heard::Bytes(*tag, rest.to_vec())
         }
-    })
-    .await
+        Some(Message::Close(_)) | None => Heard::Closed,
+        Some(other) => panic!("unexpected message {other:?}"),
+    }
 }
 
 /// The next event of a given type, failing on anything else.
@@ -595,33 +575,14 @@ async fn the_max_duration_ends_a_long_session() {
     );
 }
 
-/// A user's token (the user made with `role` first).
-async fn token_for(server: &TestServer, name: &str, role: &str) -> String {
-    let user = json!({"name": name, "role": role});
-    let (status, _, body) = server
-        .call(reqwest::Method::POST, "/v1/users", Some(&user), &[])
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, _, body) = server
-        .call(
-            reqwest::Method::POST,
-            "/v1/tokens",
-            Some(&json!({"user": name})),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    body["token"].as_str().expect("token").to_owned()
-}
-
 /// An operator may see sessions (it may open shells) but not terminate them without
 /// `terminate-session` (403, audited); a viewer (no shells) sees none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_needs_its_action_and_listings_follow_the_shell_scope() {
     let (server, _agent, _ws, _stream) = start("sleep 100").await;
     let id = the_active_session(&server).await;
-    let operator = token_for(&server, "op", "operator").await;
-    let viewer = token_for(&server, "view", "viewer").await;
+    let operator = server.token_for("op", "operator", None).await;
+    let viewer = server.token_for("view", "viewer", None).await;
     let get = reqwest::Method::GET;
 
     let (status, _, list) = server

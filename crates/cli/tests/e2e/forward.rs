@@ -4,7 +4,7 @@
 //! through `ProxyCommand`, failures on the node, the `port-forward` and `port-forward-remote`
 //! actions, terminate, and no socket left open on the node.
 
-use crate::support::{Agent, AgentOpts, Server, run, run_input, signal, wait_until};
+use crate::support::{Agent, AgentOpts, Server, noise, run, run_input, signal, wait_until};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -171,19 +171,6 @@ impl Sha {
         let _ = self.child.wait();
         out.split_whitespace().next().unwrap_or_default().to_owned()
     }
-}
-
-/// A block of bytes no line handling or compression would leave alone (xorshift).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Sends `total` bytes through `addr` (an echo behind a forward) while reading what comes back,

@@ -2,23 +2,10 @@
 //! SHA-256 on both sides, replacement only once complete, a cut upload leaving nothing behind,
 //! one upload per key at a time, bad keys and missing permissions refused and audited.
 
-use crate::support::{Server, http, wait_until};
+use crate::support::{Server, http, noise, wait_until};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-
-/// `n` bytes of a xorshift stream (nothing a compressor or line handling would leave alone).
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn sha256sum(path: &std::path::Path) -> String {
     let out = std::process::Command::new("sha256sum")

@@ -1270,3 +1270,17 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// `len` bytes of a xorshift stream, the same for the same seed: nothing a compressor or line
+/// handling would leave alone.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

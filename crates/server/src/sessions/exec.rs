@@ -12,7 +12,7 @@
 //! connection with them.
 
 use super::recording::{self, Outcome, Recording};
-use super::streams::{AgentEvent, StreamHandle, Streams};
+use super::streams::{AgentEvent, Input, StreamHandle, Streams};
 use crate::AppState;
 use crate::access::audit as trail;
 use crate::access::authz::{Action, Principal};
@@ -27,7 +27,7 @@ use fleetrun_proto::api::SessionStatus;
 use fleetrun_proto::stream::client::{
     CLIENT_MESSAGE_MAX, ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
 };
-use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, SendWindow, StreamFd, StreamKind};
+use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, StreamFd, StreamKind};
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::{AuditEntry, NewSession, SessionEnd};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -401,32 +401,13 @@ async fn relay(
     // Idle: no bytes either way since `last`; the maximum duration counts from the open.
     let mut last = Instant::now();
     let max_at = live.max_duration.map(|d| Instant::now() + d);
-    // The agent's credit for stdin; `None` until the stream started.
-    let mut credit: Option<SendWindow> = None;
-    // Stdin read from the client and not yet sent (at most one message).
-    let mut pending: Vec<u8> = Vec::new();
-    let mut eof = false;
-    let mut eof_sent = false;
+    let mut input = Input::default();
     // A resize waiting for RESIZE_INTERVAL to pass since the last one sent.
     let mut resize: Option<(u16, u16)> = None;
     let mut resize_at = Instant::now();
     loop {
-        if let Some(w) = credit.as_mut() {
-            while !pending.is_empty() {
-                let n = w.take(pending.len());
-                if n == 0 {
-                    break;
-                }
-                let rest = pending.split_off(n);
-                if !stream.send_data(std::mem::replace(&mut pending, rest)) {
-                    break;
-                }
-            }
-            if eof && pending.is_empty() && !eof_sent {
-                stream.send_eof();
-                eof_sent = true;
-            }
-        }
+        // A failed send means the connection is gone: the stream's events end next.
+        let _ = input.flush(&stream);
         tokio::select! {
             reason = &mut *stop => {
                 let reason = reason.unwrap_or_else(|_| "the session was ended".into());
@@ -453,23 +434,18 @@ async fn relay(
                     ended.error = Some("the node's agent disconnected; the command's outcome is unknown".into());
                     return ended;
                 }
-                Some(AgentEvent::Credit(n)) => match credit.as_mut() {
-                    None => match SendWindow::new(n) {
-                        Ok(w) => {
-                            credit = Some(w);
-                            session.record_start(record).await;
-                            ended.started = true;
-                            if sink.send(text(&ServerEvent::Started)).await.is_err() {
-                                stream.close("the client left");
-                                ended.error = Some("the client left".into());
-                                return ended;
-                            }
+                Some(AgentEvent::Credit(n)) => match input.credit(n) {
+                    Ok(true) => {
+                        session.record_start(record).await;
+                        ended.started = true;
+                        if sink.send(text(&ServerEvent::Started)).await.is_err() {
+                            stream.close("the client left");
+                            ended.error = Some("the client left".into());
+                            return ended;
                         }
-                        Err(e) => return broken(stream, ended, format!("the agent granted bad credit: {e}")),
-                    },
-                    Some(w) => if let Err(e) = w.grant(n) {
-                        return broken(stream, ended, format!("the agent granted bad credit: {e}"));
-                    },
+                    }
+                    Ok(false) => {}
+                    Err(why) => return broken(stream, ended, why),
                 },
                 Some(AgentEvent::Data(fd, bytes)) => {
                     let tag = match fd {
@@ -504,7 +480,7 @@ async fn relay(
                     return ended;
                 }
             },
-            msg = source.next(), if pending.is_empty() => match msg {
+            msg = source.next(), if input.ready() => match msg {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => {
                     stream.close("the client left");
                     ended.error = Some("the client left".into());
@@ -512,25 +488,25 @@ async fn relay(
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(b))) => {
-                    if eof {
-                        return broken(stream, ended, "stdin after its end".into());
-                    }
                     match b.split_first() {
                         Some((&TAG_STDIN, rest)) => {
                             // Input, recorded here (when configured).
                             if let Err(why) = recording.input(rest).await {
                                 return terminated(stream, ended, why);
                             }
+                            if input.push(rest).is_err() {
+                                return broken(stream, ended, "stdin after its end".into());
+                            }
                             ended.bytes_in += rest.len() as u64;
                             last = Instant::now();
-                            pending.extend_from_slice(rest);
                         }
                         _ => return broken(stream, ended, "a binary message must be a stdin tag byte (0) and bytes".into()),
                     }
                 }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
-                    Ok(ClientEvent::Eof) if !eof => eof = true,
-                    Ok(ClientEvent::Eof) => return broken(stream, ended, "stdin ended twice".into()),
+                    Ok(ClientEvent::Eof) => if input.end().is_err() {
+                        return broken(stream, ended, "stdin ended twice".into());
+                    },
                     Ok(ClientEvent::Resize { .. }) if !pty => {
                         return broken(stream, ended, "a resize needs a PTY (this session has none)".into());
                     }

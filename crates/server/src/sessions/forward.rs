@@ -14,7 +14,7 @@
 //! connection holds at most one window per direction here.
 
 use super::exec::{Sink, Source, refuse, sleep_until_or_never, text};
-use super::streams::{AgentEvent, OpenError, StreamHandle, Streams};
+use super::streams::{AgentEvent, Input, OpenError, StreamHandle, Streams};
 use crate::AppState;
 use crate::access::audit as trail;
 use crate::access::authz::{Action, Principal};
@@ -28,7 +28,7 @@ use fleetrun_proto::NodeId;
 use fleetrun_proto::api::SessionStatus;
 use fleetrun_proto::forward::{DATA_MESSAGE_MAX, DEFAULT_HOST, ForwardEvent, bare_host};
 use fleetrun_proto::stream::client::{ClientEvent, ServerEvent};
-use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, SendWindow, StreamKind};
+use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, StreamKind};
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::{AuditEntry, NewSession, SessionEnd};
 use futures_util::{SinkExt, StreamExt};
@@ -398,38 +398,17 @@ async fn pipe(
     forward: &Forward,
 ) -> Result<(), String> {
     let left = |_| LEFT.to_owned();
-    // The agent's credit for our bytes; `None` until it connected.
-    let mut credit: Option<SendWindow> = None;
-    // Bytes read from the client and not yet sent (at most one message).
-    let mut pending: Vec<u8> = Vec::new();
-    let (mut eof, mut eof_sent) = (false, false);
+    let mut input = Input::default();
     loop {
-        if let Some(w) = credit.as_mut() {
-            while !pending.is_empty() {
-                let n = w.take(pending.len());
-                if n == 0 {
-                    break;
-                }
-                let rest = pending.split_off(n);
-                if !stream.send_data(std::mem::replace(&mut pending, rest)) {
-                    return Err("the node's agent disconnected".into());
-                }
-            }
-            if eof && pending.is_empty() && !eof_sent {
-                stream.send_eof();
-                eof_sent = true;
-            }
+        if !input.flush(stream) {
+            return Err("the node's agent disconnected".into());
         }
         tokio::select! {
             () = forward.ended.cancelled() => return Err("the port-forward session ended".into()),
             event = stream.next() => match event {
                 None => return Err("the node's agent disconnected".into()),
-                Some(AgentEvent::Credit(n)) => match credit.as_mut() {
-                    None => {
-                        credit = Some(SendWindow::new(n).map_err(|e| format!("the agent granted bad credit: {e}"))?);
-                        sink.send(text(&ServerEvent::Started)).await.map_err(left)?;
-                    }
-                    Some(w) => w.grant(n).map_err(|e| format!("the agent granted bad credit: {e}"))?,
+                Some(AgentEvent::Credit(n)) => if input.credit(n)? {
+                    sink.send(text(&ServerEvent::Started)).await.map_err(left)?;
                 },
                 Some(AgentEvent::Data(_, bytes)) => {
                     let n = bytes.len();
@@ -443,20 +422,16 @@ async fn pipe(
                 Some(AgentEvent::Close(None)) => return Ok(()),
                 Some(AgentEvent::Close(Some(error))) => return Err(error),
             },
-            msg = client.next(), if pending.is_empty() => match msg {
+            msg = client.next(), if input.ready() => match msg {
                 None | Some(Ok(Message::Close(_))) => return Err(LEFT.into()),
                 Some(Err(e)) => return Err(format!("bad message: {e}")),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(b))) => {
-                    if eof {
-                        return Err("data after the client's end of input".into());
-                    }
+                    input.push(&b).map_err(|_| "data after the client's end of input".to_owned())?;
                     forward.moved(b.len(), 0);
-                    pending = Vec::from(b);
                 }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
-                    Ok(ClientEvent::Eof) if !eof => eof = true,
-                    Ok(ClientEvent::Eof) => return Err("the input ended twice".into()),
+                    Ok(ClientEvent::Eof) => input.end().map_err(|_| "the input ended twice".to_owned())?,
                     // A terminal's message: a TCP connection has no window.
                     Ok(ClientEvent::Resize { .. }) => {
                         return Err("a resize needs a PTY (a TCP connection has none)".into());

@@ -5,7 +5,8 @@
 
 use fleetrun_proto::channel::{AgentFrame, ServerFrame};
 use fleetrun_proto::stream::{
-    RecvWindow, STREAM_FRAME_MAX, STREAMS_PER_CONNECTION_MAX, StreamFd, StreamKind, StreamNo,
+    RecvWindow, STREAM_FRAME_MAX, STREAMS_PER_CONNECTION_MAX, SendWindow, StreamFd, StreamKind,
+    StreamNo,
 };
 use fleetrun_proto::version::STREAMS_SINCE;
 use parking_lot::Mutex;
@@ -288,6 +289,86 @@ impl Drop for StreamHandle {
     }
 }
 
+/// A stream's input on its way to the agent: what the client sent, held until the agent's credit
+/// takes it, then the end of input once everything before it went. An owner reads the client's
+/// next message only when [`Input::ready`], so at most one message waits here.
+#[derive(Default)]
+pub struct Input {
+    /// The agent's credit; `None` until the stream started.
+    credit: Option<SendWindow>,
+    pending: Vec<u8>,
+    eof: bool,
+    eof_sent: bool,
+}
+
+/// What the client did wrong with its input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InputError {
+    /// Bytes after the end of input.
+    AfterEnd,
+    /// The end of input, twice.
+    EndedTwice,
+}
+
+impl Input {
+    /// The agent granted `bytes` of credit: `Ok(true)` for its first grant (the stream started).
+    pub fn credit(&mut self, bytes: u64) -> Result<bool, String> {
+        let bad = |e| format!("the agent granted bad credit: {e}");
+        match self.credit.as_mut() {
+            None => {
+                self.credit = Some(SendWindow::new(bytes).map_err(bad)?);
+                Ok(true)
+            }
+            Some(w) => w.grant(bytes).map(|()| false).map_err(bad),
+        }
+    }
+
+    /// Whether the client's next message may be read: nothing waits for credit.
+    pub fn ready(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Queues the client's bytes (call only when [`Input::ready`]).
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), InputError> {
+        if self.eof {
+            return Err(InputError::AfterEnd);
+        }
+        self.pending.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    /// The client's input ended.
+    pub fn end(&mut self) -> Result<(), InputError> {
+        if std::mem::replace(&mut self.eof, true) {
+            return Err(InputError::EndedTwice);
+        }
+        Ok(())
+    }
+
+    /// Sends what the credit allows (and the end of input once all before it went); false when
+    /// the connection is gone.
+    pub fn flush(&mut self, stream: &StreamHandle) -> bool {
+        let Some(w) = self.credit.as_mut() else {
+            return true;
+        };
+        while !self.pending.is_empty() {
+            let n = w.take(self.pending.len());
+            if n == 0 {
+                return true;
+            }
+            let rest = self.pending.split_off(n);
+            if !stream.send_data(std::mem::replace(&mut self.pending, rest)) {
+                return false;
+            }
+        }
+        if self.eof && !self.eof_sent {
+            stream.send_eof();
+            self.eof_sent = true;
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +460,40 @@ mod tests {
         assert!(h.events.try_recv().is_err());
         assert!(matches!(streams.open(exec(), 1), Err(OpenError::Gone)));
         assert_eq!(streams.open_count(), 0);
+    }
+
+    #[test]
+    fn input_waits_for_credit_and_ends_after_its_bytes() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let streams = Arc::new(Streams::new(STREAMS_SINCE, tx));
+        let h = streams.open(exec(), 1).unwrap();
+        let _open = rx.try_recv();
+        let mut input = Input::default();
+        input.push(b"hello").unwrap();
+        input.end().unwrap();
+        assert_eq!(input.push(b"x"), Err(InputError::AfterEnd));
+        assert_eq!(input.end(), Err(InputError::EndedTwice));
+        // Nothing goes before the stream started.
+        assert!(input.flush(&h));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(input.credit(3), Ok(true));
+        assert!(input.flush(&h));
+        assert!(
+            matches!(rx.try_recv(), Ok(ServerFrame::StreamData { bytes, .. }) if bytes == b"hel")
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "no end of input before the last bytes"
+        );
+        assert!(!input.ready());
+        assert_eq!(input.credit(10), Ok(false));
+        assert!(input.flush(&h));
+        assert!(
+            matches!(rx.try_recv(), Ok(ServerFrame::StreamData { bytes, .. }) if bytes == b"lo")
+        );
+        assert!(matches!(rx.try_recv(), Ok(ServerFrame::StreamEof { .. })));
+        assert!(input.ready());
+        assert!(input.flush(&h));
+        assert!(rx.try_recv().is_err(), "the end of input goes once");
     }
 }

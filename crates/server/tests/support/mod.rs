@@ -43,6 +43,23 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     within_for(what, DEADLINE, f).await
 }
 
+/// A client's WebSocket (exec, shells, port forwards).
+pub type ClientWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The server's next message that is not a ping or pong; `None` when the socket ended or broke.
+pub async fn next_message(ws: &mut ClientWs) -> Option<Message> {
+    within("a message from the server", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+                None | Some(Err(_)) => return None,
+            }
+        }
+    })
+    .await
+}
+
 /// A server of this test, in a runtime of its own.
 pub struct TestServer {
     pub data: PathBuf,
@@ -55,6 +72,42 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A user's token: the user is made with `role` (and `policy`, when given) first.
+    pub async fn token_for(&self, name: &str, role: &str, policy: Option<&str>) -> String {
+        let mut user = json!({"name": name, "role": role});
+        if let Some(policy) = policy {
+            user["policy"] = json!(policy);
+        }
+        let (status, _, body) = self
+            .call(reqwest::Method::POST, "/v1/users", Some(&user), &[])
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let user = json!({"user": name});
+        let (status, _, body) = self
+            .call(reqwest::Method::POST, "/v1/tokens", Some(&user), &[])
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Opens a client WebSocket on `path` with `token`: the socket, or the refusal's status and
+    /// body.
+    pub async fn dial_ws(&self, path: &str, token: &str) -> Result<ClientWs, (u16, Vec<u8>)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}{path}", self.addr);
+        let mut req = url.into_client_request().expect("request");
+        let bearer = format!("Bearer {token}").parse().expect("header");
+        req.headers_mut().insert("authorization", bearer);
+        match within("the upgrade", tokio_tungstenite::connect_async(req)).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp.body().clone().unwrap_or_default();
+                Err((resp.status().as_u16(), body))
+            }
+            Err(e) => panic!("upgrade of {path}: {e}"),
+        }
+    }
+
     /// A server on a fresh data dir.
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
