@@ -109,6 +109,9 @@ struct Inner {
     next_serial: u64,
     /// Process groups of every stream still running (by serial), hung up or not.
     groups: HashMap<u64, i32>,
+    /// Stream tasks still running, of any connection: what `--max-streams` counts, so the
+    /// streams of a lost connection, still stopping, leave no room for more on the next one.
+    running: usize,
 }
 
 /// The agent's session streams.
@@ -247,13 +250,14 @@ impl Streams {
         });
         let (serial, generation) = {
             let mut inner = self.inner.lock();
-            if inner.open.len() >= self.max_streams {
+            if inner.running >= self.max_streams {
                 let max = self.max_streams;
                 drop(inner);
                 return refused(format!(
-                    "too many session streams: this agent runs at most {max} at once (--max-streams)"
+                    "too many session streams: this agent runs at most {max} at once (--max-streams; those of a lost connection count until they have stopped)"
                 ));
             }
+            inner.running += 1;
             inner.next_serial += 1;
             let serial = inner.next_serial;
             inner.open.insert(
@@ -387,6 +391,7 @@ impl Streams {
             if inner.open.get(&stream).is_some_and(|h| h.serial == serial) {
                 inner.open.remove(&stream);
             }
+            inner.running = inner.running.saturating_sub(1);
         }
         let mut frames = Vec::new();
         if let Some((code, signal)) = ended.exit {

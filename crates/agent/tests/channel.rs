@@ -1083,6 +1083,48 @@ async fn a_hang_up_a_lost_connection_or_a_stopped_agent_kills_the_process_group(
     .await;
 }
 
+/// `--max-streams` counts the streams of a lost connection until they have stopped: one whose
+/// process ignores SIGTERM holds its place through the kill grace, then frees it.
+#[tokio::test]
+async fn streams_of_a_lost_connection_count_until_they_stop() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let mut config = server.config();
+    config.max_streams = 1;
+    config.kill_grace = Duration::from_secs(3);
+    let _agent = server.start(config);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let script = "trap '' TERM HUP; echo $$; sleep 100";
+    send(&mut ws, exec_open(1, script, 65_536)).await;
+    let pgid = printed_pgid(&first_line(&mut ws, 1).await);
+    drop(ws);
+    let (mut ws, _) = server.welcome(&node_id).await;
+    // The old stream's process is still in its kill grace: no room yet.
+    assert!(!group_members(pgid).is_empty());
+    send(&mut ws, exec_open(1, "echo early", 65_536)).await;
+    let capped = stream_until_close(&mut ws, 1, 65_536, false).await;
+    let error = capped.closed.flatten().unwrap_or_default();
+    assert!(error.contains("too many session streams"), "{error}");
+    eventually("the lost stream's group to be killed", || {
+        group_members(pgid).is_empty()
+    })
+    .await;
+    // Killed, its task ends at once after: then the place is free.
+    let mut seen = None;
+    for attempt in 2..50 {
+        send(&mut ws, exec_open(attempt, "echo back", 65_536)).await;
+        let s = stream_until_close(&mut ws, attempt, 65_536, false).await;
+        if s.stdout == b"back\n" {
+            seen = Some(s);
+            break;
+        }
+        let error = s.closed.flatten().unwrap_or_default();
+        assert!(error.contains("too many session streams"), "{error}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.is_some(), "the place was never freed");
+}
+
 #[tokio::test]
 async fn bad_stream_frames_are_refused_without_a_crash() {
     let server = Server::new().await;

@@ -90,6 +90,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    // Debug builds only, for the e2e test of the panic hook alone: a panic on another thread,
+    // then an exit that runs no destructor (so `RawMode`'s drop cannot be what restores).
+    #[cfg(debug_assertions)]
+    if std::env::var_os("FLEETRUN_TEST_PANIC_IN_RAW_MODE").is_some() {
+        let _ = std::thread::spawn(|| panic!("a test panic in raw mode")).join();
+        std::process::exit(101);
+    }
     let ended = exec::relay(ws, true, Some(size_rx), signals).await;
     drop(raw);
     follow.abort();

@@ -84,6 +84,37 @@ fn stdin_is_piped_byte_exact() {
     assert_eq!(out.stdout_str(), local.stdout_str());
 }
 
+/// 100 MiB of stdin, from a file (never whole in the test's memory either), arrives whole: the
+/// node's SHA-256 of it is the file's.
+#[test]
+fn a_hundred_mib_of_stdin_arrives_whole() {
+    use std::io::Write;
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-big-stdin", &[]);
+    let path = server.scratch("exec-big-stdin").join("input");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+    for block in 0..100 {
+        file.write_all(&crate::support::noise(1 << 20, block + 1))
+            .expect("write");
+    }
+    file.flush().expect("flush");
+    drop(file);
+    let cmd = server.cli_cmd(&["exec", "exec-big-stdin", "--", "sha256sum"]);
+    let out = crate::support::run_from_file(cmd, &path, Duration::from_secs(240));
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let mut sum = std::process::Command::new("sha256sum");
+    sum.arg(&path);
+    let local = run(sum, LIMIT);
+    let hash = |s: &str| s.split_whitespace().next().unwrap_or_default().to_owned();
+    assert_eq!(hash(&out.stdout_str()), hash(&local.stdout_str()));
+    assert_eq!(
+        hash(&local.stdout_str()).len(),
+        64,
+        "{}",
+        local.stdout_str()
+    );
+}
+
 #[test]
 fn a_slow_loop_streams_its_first_line_before_it_ends() {
     let server = Server::start();

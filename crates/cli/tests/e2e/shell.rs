@@ -25,8 +25,14 @@ struct Pane {
 
 impl Pane {
     fn start(server: &Server, name: &str, args: &[&str]) -> Pane {
+        Self::start_with_env(server, name, args, &[])
+    }
+
+    /// [`Pane::start`], with `extra` (NAME=VALUE) in the CLI's environment.
+    fn start_with_env(server: &Server, name: &str, args: &[&str], extra: &[&str]) -> Pane {
         let dir = server.scratch(&format!("pane-{name}"));
-        let mut env = vec![
+        let mut env: Vec<String> = extra.iter().map(|e| e.to_string()).collect();
+        env.extend([
             format!("FLEETRUN_SERVER={}", quoted(&server.url)),
             format!("FLEETRUN_TOKEN={}", quoted(&server.token)),
             format!(
@@ -40,7 +46,7 @@ impl Pane {
                         .to_string()
                 )
             ),
-        ];
+        ]);
         if let Some(ca) = &server.ca {
             env.push(format!(
                 "FLEETRUN_CA_CERT={}",
@@ -350,6 +356,24 @@ fn the_terminal_is_restored_after_sigterm_or_a_dead_agent_and_nothing_is_left() 
     assert_ne!(rc, 0);
     let screen = pane.wait_for("CLI exited");
     assert!(screen.contains("agent disconnected"), "{screen}");
+    pane.assert_terminal_restored();
+}
+
+/// A panic after raw mode began, with no destructor run (the debug-build test switch), still
+/// leaves the terminal as it was: the panic hook restores it.
+#[test]
+fn a_panic_in_raw_mode_restores_the_terminal() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "shell-panic", &[]);
+    let pane = Pane::start_with_env(
+        &server,
+        "panic",
+        &["shell-panic"],
+        &["FLEETRUN_TEST_PANIC_IN_RAW_MODE=1"],
+    );
+    assert_eq!(pane.exit_status(), 101);
+    let screen = pane.wait_for("CLI exited");
+    assert!(screen.contains("a test panic in raw mode"), "{screen}");
     pane.assert_terminal_restored();
 }
 

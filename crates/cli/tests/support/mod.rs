@@ -987,13 +987,24 @@ pub fn run(cmd: Command, timeout: Duration) -> CliOut {
 }
 
 /// [`run`], feeding `input` to stdin.
-pub fn run_input(mut cmd: Command, input: Option<&[u8]>, timeout: Duration) -> CliOut {
+pub fn run_input(cmd: Command, input: Option<&[u8]>, timeout: Duration) -> CliOut {
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    run_with(cmd, stdin, input, timeout)
+}
+
+/// [`run`], with stdin read from `file`.
+pub fn run_from_file(cmd: Command, file: &Path, timeout: Duration) -> CliOut {
+    let file = std::fs::File::open(file).expect("open stdin file");
+    run_with(cmd, file.into(), None, timeout)
+}
+
+fn run_with(mut cmd: Command, stdin: Stdio, input: Option<&[u8]>, timeout: Duration) -> CliOut {
     let mut child = cmd
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
