@@ -728,7 +728,8 @@ fn shell_request(command: &str) -> Message {
 
 /// A first message with a PTY opens a `Shell` stream (an empty command: the login shell); the
 /// client's resizes reach the agent as `StreamResize`, coalesced so a flood of them is a few
-/// frames ending with the last size; the record is of kind `shell` and the trail says so.
+/// frames ending with the last size; the record is of kind `shell`, its command "(login shell)"
+/// (not a blank), and the trail says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_session_opens_a_pty_stream_and_passes_resizes_on() {
     let server = TestServer::start().await;
@@ -763,7 +764,7 @@ async fn a_shell_session_opens_a_pty_stream_and_passes_resizes_on() {
     assert_eq!(active.len(), 1, "{active:?}");
     assert_eq!(
         (active[0].kind.as_str(), active[0].command.as_str()),
-        ("shell", "")
+        ("shell", "(login shell)")
     );
 
     for i in 1..=200u16 {

@@ -137,7 +137,7 @@ impl Session {
             principal: self.principal.clone(),
             source: self.source.clone(),
             run_as: req.run_as.clone(),
-            command: req.command.clone(),
+            command: record_command(&req),
             started_at: 0,
             recording: Default::default(),
         };
@@ -314,6 +314,19 @@ impl Session {
 fn recorded(req: &ExecRequest) -> bool {
     req.pty.is_some()
 }
+
+/// What a session's record says ran: the command, or for a login shell (an empty command on a
+/// PTY) [`LOGIN_SHELL`], so a listing does not show a blank.
+fn record_command(req: &ExecRequest) -> String {
+    if req.pty.is_some() && req.command.is_empty() {
+        LOGIN_SHELL.into()
+    } else {
+        req.command.clone()
+    }
+}
+
+/// The command a login shell's record shows (the agent picks the user's shell).
+pub const LOGIN_SHELL: &str = "(login shell)";
 
 /// The client's first message: a JSON [`ExecRequest`] within [`FIRST_MESSAGE_TIMEOUT`].
 async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
