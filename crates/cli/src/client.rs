@@ -299,17 +299,21 @@ impl Client {
             .await
     }
 
-    /// `GET /v1/sessions[?active=true]`, newest first.
+    /// `GET /v1/sessions?limit=N[&active=true][&before=ID]`: one page, newest first.
     pub async fn sessions(
         &self,
         active: bool,
+        limit: u32,
+        before: Option<&str>,
     ) -> anyhow::Result<Vec<fleetrun_proto::api::Session>> {
-        let path = if active {
-            "/v1/sessions?active=true"
-        } else {
-            "/v1/sessions"
-        };
-        self.json(self.request(Method::GET, path)).await
+        let mut path = format!("/v1/sessions?limit={limit}");
+        if active {
+            path.push_str("&active=true");
+        }
+        if let Some(b) = before {
+            path.push_str(&format!("&before={}", encode(b)));
+        }
+        self.json(self.request(Method::GET, &path)).await
     }
 
     /// `GET /v1/sessions/{id}`.

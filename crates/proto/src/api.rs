@@ -688,6 +688,9 @@ pub enum SessionStatus {
     /// Ended by the server: terminated by a user, an idle timeout, its maximum duration, or a
     /// server restart.
     Terminated,
+    /// Never started: the node was not connected, its agent too old, or the agent refused or
+    /// lost the stream before it ran; `end_reason` says why.
+    Failed,
 }
 
 impl SessionStatus {
@@ -697,6 +700,7 @@ impl SessionStatus {
             SessionStatus::Active => "Active",
             SessionStatus::Ended => "Ended",
             SessionStatus::Terminated => "Terminated",
+            SessionStatus::Failed => "Failed",
         }
     }
     /// From the stored name; an unknown one reads as `Ended` (a row is never shown as running
@@ -705,6 +709,7 @@ impl SessionStatus {
         match s {
             "Active" => SessionStatus::Active,
             "Terminated" => SessionStatus::Terminated,
+            "Failed" => SessionStatus::Failed,
             _ => SessionStatus::Ended,
         }
     }

@@ -516,4 +516,49 @@ async fn an_agent_without_tcp_streams_is_not_asked_for_one() {
     assert_eq!(status, 503, "{body}");
     let m = body["error"]["message"].as_str().unwrap_or_default();
     assert!(m.contains("without tcp sessions"), "{m}");
+    // The attempt is a Failed record naming why; so is one to a node not connected.
+    let store = server.store().await;
+    let listed = store
+        .list_sessions(false, None, None, 10)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let s = &listed[0];
+    assert_eq!(
+        (s.status, s.kind.as_str(), s.command.as_str()),
+        (
+            fleetrun_proto::api::SessionStatus::Failed,
+            "port-forward",
+            "localhost:22"
+        )
+    );
+    assert!(s.end_reason.contains("without tcp sessions"), "{s:?}");
+    let offline = ScriptedAgent::register(&server, "offline-fwd").await;
+    let path = format!("/v1/nodes/{}/port-forward?port=5432", offline.node_id);
+    let (status, body) = refused(&server, &path, &server.token).await;
+    assert_eq!(status, 503, "{body}");
+    let listed = store
+        .list_sessions(false, None, None, 10)
+        .await
+        .expect("list");
+    let s = listed
+        .iter()
+        .find(|s| s.node_id == offline.node_id)
+        .expect("a record of the attempt");
+    assert_eq!(s.status, fleetrun_proto::api::SessionStatus::Failed);
+    assert!(s.end_reason.contains("is not connected"), "{s:?}");
+    // An unknown node is no record.
+    let path = format!(
+        "/v1/nodes/{}/port-forward?port=22",
+        fleetrun_proto::NodeId::from_random(9)
+    );
+    assert_eq!(refused(&server, &path, &server.token).await.0, 404);
+    assert_eq!(
+        store
+            .list_sessions(false, None, None, 10)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
 }

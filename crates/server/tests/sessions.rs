@@ -728,7 +728,8 @@ fn shell_request(command: &str) -> Message {
 
 /// A first message with a PTY opens a `Shell` stream (an empty command: the login shell); the
 /// client's resizes reach the agent as `StreamResize`, coalesced so a flood of them is a few
-/// frames ending with the last size; the record is of kind `shell` and the trail says so.
+/// frames ending with the last size; the record is of kind `shell`, its command "(login shell)"
+/// (not a blank), and the trail says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_session_opens_a_pty_stream_and_passes_resizes_on() {
     let server = TestServer::start().await;
@@ -763,7 +764,7 @@ async fn a_shell_session_opens_a_pty_stream_and_passes_resizes_on() {
     assert_eq!(active.len(), 1, "{active:?}");
     assert_eq!(
         (active[0].kind.as_str(), active[0].command.as_str()),
-        ("shell", "")
+        ("shell", "(login shell)")
     );
 
     for i in 1..=200u16 {
@@ -995,4 +996,107 @@ async fn a_version_3_agent_is_not_sent_a_shell() {
         .expect("send");
     let (_, kind, _) = expect_open(&mut agent).await;
     assert!(matches!(kind, StreamKind::Exec { .. }), "{kind:?}");
+}
+
+/// A session that never started is a `Failed` record naming why, and `exec.refused` in the trail
+/// names it: the node not connected, its agent too old, the agent refusing the stream. A bad
+/// first message asks for no session: the trail has it, the listing does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_started_is_recorded_failed_with_why() {
+    use fleetrun_proto::api::{RecordingStatus, SessionStatus};
+    let server = TestServer::start().await;
+    let store = server.store().await;
+    let failed_on = |node: &fleetrun_proto::NodeId| {
+        let node = node.clone();
+        move |s: &fleetrun_proto::api::Session| {
+            s.status == SessionStatus::Failed && s.node_id == node
+        }
+    };
+    let refused_names = |records: Vec<(String, Value, String)>, id: &str| {
+        records
+            .iter()
+            .any(|(a, p, _)| a == "exec.refused" && p["session_id"] == id)
+    };
+
+    // Registered, never connected: refused before the client says what to run.
+    let offline = ScriptedAgent::register(&server, "offline-node").await;
+    let node = offline.node_id.to_string();
+    let Err((status, body)) = dial(&server, &node, &server.token).await else {
+        panic!("an exec to an offline node was upgraded");
+    };
+    assert_eq!(status, 503, "{body}");
+    let s = session_when(&store, failed_on(&offline.node_id)).await;
+    assert_eq!(
+        (s.kind.as_str(), s.command.as_str(), s.principal.as_str()),
+        ("exec", "", "admin")
+    );
+    assert!(s.end_reason.contains("is not connected"), "{s:?}");
+    assert!(s.ended_at.is_some(), "{s:?}");
+    assert!(refused_names(
+        audit_actions(&server, &node).await,
+        &s.session_id
+    ));
+
+    // An agent without session streams.
+    let mut old = ScriptedAgent::register(&server, "old-node").await;
+    old.connect_as_version(&server, &[], PROTOCOL_VERSION_MIN)
+        .await;
+    let node = old.node_id.to_string();
+    let Err((status, body)) = dial(&server, &node, &server.token).await else {
+        panic!("an exec to a version 2 agent was upgraded");
+    };
+    assert_eq!(status, 503, "{body}");
+    let s = session_when(&store, failed_on(&old.node_id)).await;
+    assert!(s.end_reason.contains("protocol version 2"), "{s:?}");
+
+    // The agent refuses the stream (a login shell: recorded, so its recording is dropped too).
+    let mut agent = ScriptedAgent::online(&server, "refusing-node").await;
+    let node = agent.node_id.to_string();
+    let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+    ws.send(shell_request("")).await.expect("send");
+    let (stream, _, _) = expect_open(&mut agent).await;
+    let error = Some("no such user: nobody-here".to_owned());
+    agent.send(AgentFrame::StreamClose { stream, error }).await;
+    let e = expect_event(&mut ws, "error").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no such user"),
+        "{e}"
+    );
+    let s = session_when(&store, failed_on(&agent.node_id)).await;
+    assert_eq!(
+        (s.kind.as_str(), s.command.as_str(), s.recording),
+        ("shell", "(login shell)", RecordingStatus::None)
+    );
+    assert_eq!(s.end_reason, "no such user: nobody-here");
+    assert_eq!((s.exit_code, s.bytes_in, s.bytes_out), (None, 0, 0));
+    let records = audit_actions(&server, &node).await;
+    let end = records
+        .iter()
+        .find(|(a, p, _)| a == "exec.end" && p["session_id"] == s.session_id.as_str())
+        .expect("the end names the record");
+    assert_eq!(end.2, "Failed", "{end:?}");
+    // Failed is not running: not listed as active, not terminable.
+    assert!(
+        store
+            .list_sessions(true, None, None, 10)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let path = format!("/v1/sessions/{}/terminate", s.session_id);
+    let (status, _, body) = server.call(reqwest::Method::POST, &path, None, &[]).await;
+    assert_eq!(status, 409, "{body}");
+
+    // Not a session: a first message that is not a request.
+    let mut ws = dial(&server, &node, &server.token).await.expect("upgrade");
+    ws.send(Message::Text("nope".into())).await.expect("send");
+    expect_event(&mut ws, "error").await;
+    let all = store
+        .list_sessions(false, None, None, 10)
+        .await
+        .expect("list");
+    assert_eq!(all.len(), 3, "{all:?}");
 }

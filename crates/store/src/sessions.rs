@@ -1,5 +1,6 @@
 //! Session records (`sessions`): one row per interactive stream, inserted when the agent started
-//! it and completed when it ended; `edge` presents a row as an API `Session`.
+//! it and completed when it ended (or inserted `Failed` when it never started); `edge` presents a
+//! row as an API `Session`.
 
 use super::{Result, Store};
 use crate::commands::visible_json;
@@ -120,6 +121,33 @@ impl Store {
         .bind(&s.command)
         .bind(s.started_at)
         .bind(s.recording.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a session that never started, as `Failed` with `reason`: attempted at
+    /// `s.started_at`, given up at `ended_at` (epoch ms), with no recording.
+    pub async fn insert_failed_session(
+        &self,
+        s: &NewSession,
+        ended_at: i64,
+        reason: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
+               started_at, ended_at, end_reason, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Failed')",
+        )
+        .bind(&s.session_id)
+        .bind(&s.kind)
+        .bind(s.node_id.as_str())
+        .bind(&s.principal)
+        .bind(&s.source)
+        .bind(&s.run_as)
+        .bind(&s.command)
+        .bind(s.started_at)
+        .bind(ended_at)
+        .bind(reason)
         .execute(&self.write)
         .await?;
         Ok(())
@@ -479,6 +507,49 @@ mod tests {
         );
         assert!(store.get_session("r1").await.expect("get").is_none());
         assert_eq!(store.delete_sessions(&[]).await.expect("delete"), 0);
+    }
+
+    /// A session that never started is stored ended, `Failed` with why: no end or restart
+    /// touches it, and retention purges it as any ended one.
+    #[tokio::test]
+    async fn a_failed_session_is_stored_ended_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(&dir.path().join("db"))
+            .await
+            .expect("open");
+        let mut s = new_session("f1", &NodeId::from_random(1), 1_000);
+        s.recording = RecordingStatus::Recording;
+        store
+            .insert_failed_session(&s, 1_200, "node x is not connected")
+            .await
+            .expect("insert");
+        let f1 = store.get_session("f1").await.expect("get").expect("f1");
+        assert_eq!(f1.status, SessionStatus::Failed);
+        assert_eq!(f1.end_reason, "node x is not connected");
+        assert_eq!(f1.recording, RecordingStatus::None);
+        assert!(f1.ended_at.is_some());
+        let end = SessionEnd {
+            ended_at: 1_500,
+            bytes_in: 0,
+            bytes_out: 0,
+            exit_code: None,
+            end_reason: "exited".into(),
+            status: SessionStatus::Ended,
+            recording: RecordingStatus::None,
+            recording_bytes: 0,
+        };
+        assert!(!store.end_session("f1", &end).await.expect("end"));
+        assert_eq!(
+            store
+                .end_active_sessions(2_000, "restart")
+                .await
+                .expect("restart"),
+            0
+        );
+        assert_eq!(
+            store.expired_sessions(1_300, 10).await.expect("expired"),
+            [("f1".to_owned(), false)]
+        );
     }
 
     /// A session stored before recordings (schema 0010) reads as not recorded.

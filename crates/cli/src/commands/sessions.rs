@@ -16,7 +16,19 @@ pub struct Args {
     /// Only the running ones
     #[arg(long)]
     active: bool,
+    /// Most sessions to list (all by default, page by page)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Sessions asked for per request (the server answers at most 1000)
+    #[arg(long, value_name = "N", default_value_t = PAGE_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..=PAGE_MAX))]
+    page_size: u32,
 }
+
+/// Sessions per request unless `--page-size` says otherwise.
+const PAGE_DEFAULT: u32 = 200;
+/// The most the server answers in one page (`fleetrun_store::SESSIONS_PAGE_MAX`).
+const PAGE_MAX: i64 = 1_000;
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -91,7 +103,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
             let pace = Pace { speed, max_idle };
             return recording::play(&client, session_id.trim(), pace).await;
         }
-        None => client.sessions(args.active).await?,
+        None => list(&client, &args).await?,
     };
     if ctx.format == Format::Json {
         render::print_json(&sessions)?;
@@ -99,6 +111,26 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     }
     print(&sessions)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every session (or the first `--limit`), following the pages: each next one starts after the
+/// last session of the one before, and a short page is the last.
+async fn list(client: &crate::client::Client, args: &Args) -> anyhow::Result<Vec<Session>> {
+    let mut all: Vec<Session> = Vec::new();
+    loop {
+        let left = args.limit.map_or(u64::MAX, |n| n - all.len() as u64);
+        let want = u32::try_from(left).unwrap_or(u32::MAX).min(args.page_size);
+        if want == 0 {
+            return Ok(all);
+        }
+        let before = all.last().map(|s| s.session_id.as_str());
+        let page = client.sessions(args.active, want, before).await?;
+        let done = page.len() < want as usize;
+        all.extend(page);
+        if done {
+            return Ok(all);
+        }
+    }
 }
 
 fn print(sessions: &[Session]) -> anyhow::Result<()> {

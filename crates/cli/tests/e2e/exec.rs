@@ -401,6 +401,61 @@ fn sessions_list_finished_execs_and_terminate_ends_a_running_one() {
     assert_eq!(shown["end_reason"], "terminated by admin", "{shown}");
 }
 
+/// `fleetrun sessions` follows the pages to the end (each after the last of the one before), or
+/// stops at `--limit`; a page size out of range is refused naming the flag.
+#[test]
+fn sessions_listing_follows_the_pages_and_stops_at_the_limit() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "exec-pages", &[]);
+    for i in 0..5 {
+        let out = run(
+            server.cli_cmd(&["exec", "exec-pages", "--", &format!("exit {i}")]),
+            LIMIT,
+        );
+        assert_eq!(out.code(), Some(i), "{}", out.stderr);
+    }
+    let ids = |v: serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("sessions")
+            .iter()
+            .map(|s| s["session_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let every = ids(server.get_json("/v1/sessions?limit=1000"));
+    assert_eq!(every.len(), 5, "{every:?}");
+    // Pages of 2: three requests, the last one short; same sessions in the same order.
+    let paged = ids(server
+        .cli(&["sessions", "--page-size", "2", "-o", "json"])
+        .ok()
+        .json());
+    assert_eq!(paged, every);
+    // A page that ends exactly at the last session: one more (empty) request, nothing repeated.
+    let paged = ids(server
+        .cli(&["sessions", "--page-size", "5", "-o", "json"])
+        .ok()
+        .json());
+    assert_eq!(paged, every);
+    let first3 = ids(server
+        .cli(&["sessions", "--limit", "3", "--page-size", "2", "-o", "json"])
+        .ok()
+        .json());
+    assert_eq!(first3, every[..3]);
+    let table = server.cli(&["sessions", "--limit", "1"]).ok().stdout_str();
+    assert!(
+        table.contains(&every[0]) && !table.contains(&every[1]),
+        "{table}"
+    );
+    for bad in [
+        ["--page-size", "0"],
+        ["--page-size", "1001"],
+        ["--limit", "0"],
+    ] {
+        let out = server.cli(&["sessions", bad[0], bad[1]]);
+        assert_eq!(out.code(), Some(2), "{bad:?}: {}", out.stderr);
+        assert!(out.stderr.contains(bad[0]), "{bad:?}: {}", out.stderr);
+    }
+}
+
 /// Starts `fleetrun exec NODE` of a shell that prints its pid, sleeps 100 s, then prints `mark`;
 /// returns the CLI child and the remote shell's pid (the leader of the command's process group).
 fn exec_sleeper(server: &Server, node: &str, mark: &str) -> (std::process::Child, u32) {

@@ -291,7 +291,21 @@ fn an_unwritable_object_store_refuses_the_session_when_failing_closed() {
             .is_some_and(|r| r.contains("recording")),
         "{refused}"
     );
-    assert_eq!(server.get_json("/v1/sessions"), serde_json::json!([]));
+    // The attempt is a Failed record naming why, without a recording.
+    let sessions = server.get_json("/v1/sessions");
+    let s = &sessions.as_array().expect("sessions")[..];
+    assert_eq!(s.len(), 1, "{sessions}");
+    assert_eq!(
+        (&s[0]["status"], &s[0]["recording"]),
+        (&"Failed".into(), &"none".into()),
+        "{sessions}"
+    );
+    assert!(
+        s[0]["end_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("recording")),
+        "{sessions}"
+    );
 }
 
 #[test]

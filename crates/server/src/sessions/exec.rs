@@ -45,7 +45,8 @@ pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_DEFAULT;
 pub const RESIZE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Upgrades to the exec WebSocket, once the caller may open a shell on the node and the node is
-/// connected with an agent that speaks session streams.
+/// connected with an agent that speaks session streams. A known node that is not (or too old an
+/// agent) is a `Failed` session record and an `exec.refused` in the trail: the attempt shows.
 pub async fn exec(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
@@ -58,27 +59,29 @@ pub async fn exec(
         .authz
         .require_node(&state.store, &p, Action::Shell, &node)
         .await?;
+    let session = Session {
+        state: state.clone(),
+        principal: p.name().to_owned(),
+        source: addr.to_string(),
+        node: node.clone(),
+    };
     let Some(streams) = state.hub.streams(&node) else {
         let known = state
             .store
             .node_refs(Some(std::slice::from_ref(&node)))
             .await?;
-        return Err(if known.is_empty() {
-            ApiError::new(Code::NodeNotFound, format!("no node {node}"))
-        } else {
-            ApiError::new(Code::Unavailable, format!("node {node} is not connected"))
-        });
+        if known.is_empty() {
+            return Err(ApiError::new(Code::NodeNotFound, format!("no node {node}")));
+        }
+        let message = format!("node {node} is not connected");
+        session.refused_early(&message).await;
+        return Err(ApiError::new(Code::Unavailable, message));
     };
     if streams.version() < fleetrun_proto::version::STREAMS_SINCE {
-        let e = super::streams::OpenError::TooOld(streams.version());
-        return Err(ApiError::new(Code::Unavailable, e.to_string()));
+        let message = super::streams::OpenError::TooOld(streams.version()).to_string();
+        session.refused_early(&message).await;
+        return Err(ApiError::new(Code::Unavailable, message));
     }
-    let session = Session {
-        state: state.clone(),
-        principal: p.name().to_owned(),
-        source: addr.to_string(),
-        node,
-    };
     Ok(ws
         .max_message_size(CLIENT_MESSAGE_MAX)
         .max_frame_size(CLIENT_MESSAGE_MAX)
@@ -137,8 +140,9 @@ impl Session {
             principal: self.principal.clone(),
             source: self.source.clone(),
             run_as: req.run_as.clone(),
-            command: req.command.clone(),
-            started_at: 0,
+            command: record_command(&req),
+            // The attempt; the agent's start replaces it.
+            started_at: now_ms(),
             recording: Default::default(),
         };
         // Recording starts before anything runs: one that cannot start refuses the session.
@@ -163,6 +167,7 @@ impl Session {
         let mut recording = match recording.await {
             Ok(r) => r,
             Err(message) => {
+                self.record_failed(&record, &message).await;
                 self.audit("exec.refused", params, &message).await;
                 return refuse(sink, close_code::ERROR, &message).await;
             }
@@ -173,6 +178,7 @@ impl Session {
             Err(e) => {
                 recording.abort().await;
                 let message = e.to_string();
+                self.record_failed(&record, &message).await;
                 self.audit("exec.refused", params, &message).await;
                 return refuse(sink, close_code::AGAIN, &message).await;
             }
@@ -209,6 +215,9 @@ impl Session {
         }
         if ended.started {
             self.record_end(&record.session_id, &ended, &recorded).await;
+        } else {
+            let why = ended.error.as_deref().unwrap_or("the session ended");
+            self.record_failed(&record, why).await;
         }
         let result = match (&ended.exit, &ended.error) {
             (Some((code, signal)), None) => {
@@ -245,6 +254,33 @@ impl Session {
         if let Err(e) = self.state.store.insert_session(record).await {
             tracing::warn!(session = %record.session_id, error = %e, "cannot record session start");
         }
+    }
+
+    /// Records a session that never started as `Failed` with why; a failure is logged.
+    async fn record_failed(&self, record: &NewSession, why: &str) {
+        let store = &self.state.store;
+        if let Err(e) = store.insert_failed_session(record, now_ms(), why).await {
+            tracing::warn!(session = %record.session_id, error = %e, "cannot record a failed session");
+        }
+    }
+
+    /// A refusal before the client said what to run (the node is not connected, its agent too
+    /// old): a `Failed` record of kind `exec` without a command, and `exec.refused` naming it.
+    async fn refused_early(&self, why: &str) {
+        let record = NewSession {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            kind: "exec".into(),
+            node_id: self.node.clone(),
+            principal: self.principal.clone(),
+            source: self.source.clone(),
+            run_as: String::new(),
+            command: String::new(),
+            started_at: now_ms(),
+            recording: Default::default(),
+        };
+        self.record_failed(&record, why).await;
+        let params = serde_json::json!({ "session_id": record.session_id });
+        self.audit("exec.refused", params, why).await;
     }
 
     /// Completes the session's record with how it ended.
@@ -314,6 +350,19 @@ impl Session {
 fn recorded(req: &ExecRequest) -> bool {
     req.pty.is_some()
 }
+
+/// What a session's record says ran: the command, or for a login shell (an empty command on a
+/// PTY) [`LOGIN_SHELL`], so a listing does not show a blank.
+fn record_command(req: &ExecRequest) -> String {
+    if req.pty.is_some() && req.command.is_empty() {
+        LOGIN_SHELL.into()
+    } else {
+        req.command.clone()
+    }
+}
+
+/// The command a login shell's record shows (the agent picks the user's shell).
+pub const LOGIN_SHELL: &str = "(login shell)";
 
 /// The client's first message: a JSON [`ExecRequest`] within [`FIRST_MESSAGE_TIMEOUT`].
 async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {

@@ -124,13 +124,45 @@ pub async fn open(
     kind.check()
         .map_err(|e| ApiError::new(Code::InvalidParameters, e))?;
     require(&state, &p, &node, &host).await?;
-    let streams = connected(&state, &node).await?;
+    // A known node that cannot forward now is a `Failed` record: the attempt shows.
+    let failed = |why: String| {
+        let record = NewSession {
+            session_id: uuid::Uuid::new_v4().to_string(),
+            kind: "port-forward".into(),
+            node_id: node.clone(),
+            principal: p.name().to_owned(),
+            source: addr.to_string(),
+            run_as: String::new(),
+            command: format!("{host}:{}", target.port),
+            started_at: now_ms(),
+            recording: Default::default(),
+        };
+        let state = state.clone();
+        async move {
+            if let Err(e) = state
+                .store
+                .insert_failed_session(&record, now_ms(), &why)
+                .await
+            {
+                tracing::warn!(session = %record.session_id, error = %e, "cannot record a failed session");
+            }
+        }
+    };
+    let streams = match connected(&state, &node).await {
+        Ok(s) => s,
+        Err(e) if e.code() == Code::Unavailable => {
+            failed(e.error.message.clone()).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     if streams.version() < kind.since() {
         let e = OpenError::KindTooNew {
             kind: kind.name(),
             since: kind.since(),
             version: streams.version(),
         };
+        failed(e.to_string()).await;
         return Err(ApiError::new(Code::Unavailable, e.to_string()));
     }
     let forward = Arc::new(Forward {
