@@ -889,8 +889,18 @@ mod tests {
             "DoesNotExistException",
         ),
         (Code::ObjectBusy, 409, "ObjectBusy", "ValidationException"),
-        (Code::InvalidScript, 400, "InvalidScript", "ValidationException"),
-        (Code::ScriptNotFound, 404, "ScriptNotFound", "DoesNotExistException"),
+        (
+            Code::InvalidScript,
+            400,
+            "InvalidScript",
+            "ValidationException",
+        ),
+        (
+            Code::ScriptNotFound,
+            404,
+            "ScriptNotFound",
+            "DoesNotExistException",
+        ),
         (
             Code::ScriptAlreadyExists,
             409,

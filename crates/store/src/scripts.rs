@@ -143,11 +143,14 @@ impl Store {
     pub async fn get_script(&self, name: &str, version: Option<i64>) -> Result<Option<ScriptRow>> {
         let row = match version {
             Some(n) => {
-                sqlx::query(concat!(script_select!(), " WHERE s.name = ? AND v.version = ?"))
-                    .bind(name)
-                    .bind(n)
-                    .fetch_optional(&self.read)
-                    .await?
+                sqlx::query(concat!(
+                    script_select!(),
+                    " WHERE s.name = ? AND v.version = ?"
+                ))
+                .bind(name)
+                .bind(n)
+                .fetch_optional(&self.read)
+                .await?
             }
             None => {
                 sqlx::query(concat!(
@@ -246,11 +249,17 @@ mod tests {
             .await
             .expect("open");
         assert!(matches!(
-            store.insert_script(&row("a", "echo 1")).await.expect("insert"),
+            store
+                .insert_script(&row("a", "echo 1"))
+                .await
+                .expect("insert"),
             ScriptWrite::Ok(1)
         ));
         assert!(matches!(
-            store.insert_script(&row("a", "echo x")).await.expect("insert"),
+            store
+                .insert_script(&row("a", "echo x"))
+                .await
+                .expect("insert"),
             ScriptWrite::Exists
         ));
         assert!(matches!(
@@ -269,8 +278,15 @@ mod tests {
         ));
         let latest = store.get_script("a", None).await.expect("get").expect("a");
         assert_eq!((latest.version, latest.body.as_str()), (2, "echo 2"));
-        assert_eq!((latest.created_by.as_str(), latest.updated_by.as_str()), ("admin", "op"));
-        let first = store.get_script("a", Some(1)).await.expect("get").expect("v1");
+        assert_eq!(
+            (latest.created_by.as_str(), latest.updated_by.as_str()),
+            ("admin", "op")
+        );
+        let first = store
+            .get_script("a", Some(1))
+            .await
+            .expect("get")
+            .expect("v1");
         assert_eq!((first.body.as_str(), first.latest_version), ("echo 1", 2));
         store.insert_script(&row("b", "echo b")).await.expect("b");
         let page = store.list_scripts(None, 1).await.expect("list");

@@ -215,7 +215,9 @@ fn print_version(ctx: &Ctx, s: &Script) -> anyhow::Result<ExitCode> {
         render::print_json(s)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut t = render::table(&["NAME", "VERSION", "PLATFORM", "INPUT", "OUTPUT", "SIZE", "SHA-256"]);
+    let mut t = render::table(&[
+        "NAME", "VERSION", "PLATFORM", "INPUT", "OUTPUT", "SIZE", "SHA-256",
+    ]);
     t.add_row(vec![
         s.name.clone(),
         s.version.to_string(),

@@ -16,7 +16,11 @@ fn body_file(server: &Server, name: &str, text: &str) -> PathBuf {
 #[test]
 fn scripts_create_list_show_update_keeps_versions_and_delete() {
     let server = Server::start();
-    let v1 = body_file(&server, "v1.sh", "tar xzf \"${INPUT}\"\n./collect > \"${OUTPUT}\"\n");
+    let v1 = body_file(
+        &server,
+        "v1.sh",
+        "tar xzf \"${INPUT}\"\n./collect > \"${OUTPUT}\"\n",
+    );
     let v1s = v1.to_str().expect("path");
     let created = server
         .cli(&[
@@ -48,7 +52,13 @@ fn scripts_create_list_show_update_keeps_versions_and_delete() {
 
     // The same name again: a conflict naming the way to add a version.
     let again = server.cli(&[
-        "scripts", "create", "collect-logs", "--platform", "linux", "--file", v1s,
+        "scripts",
+        "create",
+        "collect-logs",
+        "--platform",
+        "linux",
+        "--file",
+        v1s,
     ]);
     let line = again.one_line_error();
     assert!(line.contains("exists"), "{line}");
@@ -77,7 +87,15 @@ fn scripts_create_list_show_update_keeps_versions_and_delete() {
     let latest = server.cli(&["scripts", "show", "collect-logs"]).ok();
     assert_eq!(latest.stdout_str(), "echo v2 > \"${OUTPUT}\"\n");
     let first = server
-        .cli(&["scripts", "show", "collect-logs", "--version", "1", "-o", "json"])
+        .cli(&[
+            "scripts",
+            "show",
+            "collect-logs",
+            "--version",
+            "1",
+            "-o",
+            "json",
+        ])
         .ok()
         .json();
     assert_eq!(first["version"], 1);
@@ -98,7 +116,12 @@ fn scripts_create_list_show_update_keeps_versions_and_delete() {
     let b = body_file(&server, "b.sh", "uptime\n");
     server
         .cli(&[
-            "scripts", "create", "a-first", "--platform", "linux", "--file",
+            "scripts",
+            "create",
+            "a-first",
+            "--platform",
+            "linux",
+            "--file",
             b.to_str().expect("path"),
         ])
         .ok();
@@ -113,7 +136,9 @@ fn scripts_create_list_show_update_keeps_versions_and_delete() {
     assert_eq!(list[1]["version"], 2);
     assert!(list[1].get("body").is_none(), "{list}");
     let page = server
-        .cli(&["scripts", "list", "--after", "a-first", "--limit", "1", "-o", "json"])
+        .cli(&[
+            "scripts", "list", "--after", "a-first", "--limit", "1", "-o", "json",
+        ])
         .ok()
         .json();
     assert_eq!(page.as_array().map(Vec::len), Some(1));
@@ -142,7 +167,10 @@ fn scripts_create_list_show_update_keeps_versions_and_delete() {
         assert_eq!(r.json()["error"]["code"], "ScriptNotFound");
     }
     let gone = server.cli(&["scripts", "delete", "collect-logs"]);
-    assert!(gone.one_line_error().contains("no script named collect-logs"));
+    assert!(
+        gone.one_line_error()
+            .contains("no script named collect-logs")
+    );
     let recs = server.get_json("/v1/audit?action=scripts.delete");
     assert!(recs.as_array().is_some_and(|r| r.len() == 2), "{recs}");
 }
@@ -153,13 +181,31 @@ fn scripts_bad_input_is_refused_with_what_is_wrong() {
     let ok = body_file(&server, "ok.sh", "echo ok\n");
     let oks = ok.to_str().expect("path");
     let cases: &[(&[&str], &str)] = &[
-        (&["bad name!", "--platform", "linux"], "not allowed (letters, digits"),
+        (
+            &["bad name!", "--platform", "linux"],
+            "not allowed (letters, digits",
+        ),
         (&["w", "--platform", "windows"], "allowed: linux"),
-        (&["o", "--platform", "linux", "--output-path", "../etc/x"], "`..`"),
-        (&["o", "--platform", "linux", "--output-path", "/tmp/x"], "absolute"),
-        (&["u", "--platform", "linux", "--input", "ftp://h/x"], "input: bad URI"),
-        (&["u", "--platform", "linux", "--input", "s3://Bad_Bucket/k"], "bucket"),
-        (&["u", "--platform", "linux", "--input", "s3://bucket"], "no key"),
+        (
+            &["o", "--platform", "linux", "--output-path", "../etc/x"],
+            "`..`",
+        ),
+        (
+            &["o", "--platform", "linux", "--output-path", "/tmp/x"],
+            "absolute",
+        ),
+        (
+            &["u", "--platform", "linux", "--input", "ftp://h/x"],
+            "input: bad URI",
+        ),
+        (
+            &["u", "--platform", "linux", "--input", "s3://Bad_Bucket/k"],
+            "bucket",
+        ),
+        (
+            &["u", "--platform", "linux", "--input", "s3://bucket"],
+            "no key",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["scripts", "create"];
@@ -172,7 +218,15 @@ fn scripts_bad_input_is_refused_with_what_is_wrong() {
     }
     let long = "d".repeat(1025);
     let out = server.cli(&[
-        "scripts", "create", "d", "--platform", "linux", "--description", &long, "--file", oks,
+        "scripts",
+        "create",
+        "d",
+        "--platform",
+        "linux",
+        "--description",
+        &long,
+        "--file",
+        oks,
     ]);
     assert!(out.one_line_error().contains("description: at most 1024"));
 
@@ -180,10 +234,19 @@ fn scripts_bad_input_is_refused_with_what_is_wrong() {
     let big = "x".repeat(64 * 1024 + 1);
     let path = body_file(&server, "big.sh", &big);
     let out = server.cli(&[
-        "scripts", "create", "big", "--platform", "linux", "--file",
+        "scripts",
+        "create",
+        "big",
+        "--platform",
+        "linux",
+        "--file",
         path.to_str().expect("path"),
     ]);
-    assert!(out.one_line_error().contains("over 65536 bytes"), "{}", out.stderr);
+    assert!(
+        out.one_line_error().contains("over 65536 bytes"),
+        "{}",
+        out.stderr
+    );
     let body = json!({"name": "big", "platform": "linux", "body": big});
     let r = server.post_json("/v1/scripts", &body);
     assert_eq!(r.status, 400);
@@ -201,7 +264,12 @@ fn scripts_bad_input_is_refused_with_what_is_wrong() {
         &json!({"name": "x", "platform": "linux", "body": "true", "shell": "zsh"}),
     );
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
-    for q in ["?version=0", "?version=x", "?version=99999999999999999999", "?v=1"] {
+    for q in [
+        "?version=0",
+        "?version=x",
+        "?version=99999999999999999999",
+        "?v=1",
+    ] {
         let r = server.get(&format!("/v1/scripts/x{q}"));
         assert_eq!(r.status, 400, "{q}: {}", String::from_utf8_lossy(&r.body));
     }
@@ -212,14 +280,25 @@ fn scripts_bad_input_is_refused_with_what_is_wrong() {
     assert_eq!(list, json!([]));
     // An update's members are checked as a create's.
     server
-        .cli(&["scripts", "create", "s", "--platform", "linux", "--file", oks])
+        .cli(&[
+            "scripts",
+            "create",
+            "s",
+            "--platform",
+            "linux",
+            "--file",
+            oks,
+        ])
         .ok();
     let out = server.cli(&["scripts", "update", "s", "--output-path", "a/../../b"]);
     assert!(out.one_line_error().contains("`..`"), "{}", out.stderr);
     let out = server.cli(&["scripts", "update", "s"]);
     assert!(out.one_line_error().contains("nothing to change"));
     let latest = server.get_json("/v1/scripts/s");
-    assert_eq!(latest["latest_version"], 1, "refused updates add no version");
+    assert_eq!(
+        latest["latest_version"], 1,
+        "refused updates add no version"
+    );
 }
 
 #[test]
@@ -228,7 +307,15 @@ fn scripts_viewer_reads_but_cannot_write() {
     let ok = body_file(&server, "ok.sh", "echo ok\n");
     let oks = ok.to_str().expect("path");
     server
-        .cli(&["scripts", "create", "s", "--platform", "linux", "--file", oks])
+        .cli(&[
+            "scripts",
+            "create",
+            "s",
+            "--platform",
+            "linux",
+            "--file",
+            oks,
+        ])
         .ok();
     server
         .cli(&["users", "create", "vic", "--role", "viewer"])
@@ -243,9 +330,20 @@ fn scripts_viewer_reads_but_cannot_write() {
         c.env("FLEETRUN_TOKEN", &token);
         run(c, Duration::from_secs(30))
     };
-    let out = as_vic(&["scripts", "create", "t", "--platform", "linux", "--file", oks]);
+    let out = as_vic(&[
+        "scripts",
+        "create",
+        "t",
+        "--platform",
+        "linux",
+        "--file",
+        oks,
+    ]);
     let line = out.one_line_error();
-    assert!(line.contains("AccessDenied") && line.contains("manage-scripts"), "{line}");
+    assert!(
+        line.contains("AccessDenied") && line.contains("manage-scripts"),
+        "{line}"
+    );
     let r = server
         .http(
             "POST",
@@ -270,7 +368,10 @@ fn scripts_viewer_reads_but_cannot_write() {
         assert_eq!(r.status, 403, "{method} {path}");
     }
     // Reading is allowed.
-    assert_eq!(as_vic(&["scripts", "show", "s"]).ok().stdout_str(), "echo ok\n");
+    assert_eq!(
+        as_vic(&["scripts", "show", "s"]).ok().stdout_str(),
+        "echo ok\n"
+    );
     let list = as_vic(&["scripts", "list", "-o", "json"]).ok().json();
     assert_eq!(list[0]["name"], "s");
     assert_eq!(server.get_json("/v1/scripts/s")["latest_version"], 1);

@@ -9,13 +9,9 @@ use crate::errors::Code;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use fleetrun_proto::api::{
-    CreateScript, Script, UpdateScript, check_script, check_script_name,
-};
+use fleetrun_proto::api::{CreateScript, Script, UpdateScript, check_script, check_script_name};
 use fleetrun_proto::time::rfc3339;
-use fleetrun_store::{
-    SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite,
-};
+use fleetrun_store::{SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -122,7 +118,10 @@ pub async fn create(
         ScriptWrite::Exists => {
             return Err(ApiError::new(
                 Code::ScriptAlreadyExists,
-                format!("a script named {} exists; `scripts update` adds a version", r.name),
+                format!(
+                    "a script named {} exists; `scripts update` adds a version",
+                    r.name
+                ),
             ));
         }
         ScriptWrite::LimitExceeded => {
@@ -250,7 +249,10 @@ pub async fn update(
         }
         ScriptWrite::Exists => return Err(ApiError::internal("an update reported exists")),
     };
-    Ok(Json(to_api(&load(&state, &name, Some(version)).await?, true)))
+    Ok(Json(to_api(
+        &load(&state, &name, Some(version)).await?,
+        true,
+    )))
 }
 
 /// Deletes a script with all its versions. Answers 204.
