@@ -275,6 +275,32 @@ fn scripts_bad_input_is_refused_with_what_is_wrong() {
     }
     let r = server.get("/v1/scripts?limit=0");
     assert_eq!(r.status, 400);
+    // Hostile names in the path and bodies that are not a script: 400 naming the problem.
+    let long = format!("/v1/scripts/{}", "n".repeat(129));
+    for path in [long.as_str(), "/v1/scripts/..%2Fetc", "/v1/scripts/a%00b"] {
+        let r = server.get(path);
+        assert_eq!(
+            r.status,
+            400,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["error"]["code"], "InvalidScript", "{path}");
+    }
+    let r = server
+        .http(
+            "POST",
+            "/v1/scripts",
+            Some(&server.token),
+            Some(("application/json", b"{\"name\": ".to_vec())),
+        )
+        .expect("answer");
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = server.post_json(
+        "/v1/scripts",
+        &json!({"name": "nul", "platform": "linux", "body": "true", "output": "a\u{0}b"}),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     // Nothing was stored.
     let list = server.get_json("/v1/scripts");
     assert_eq!(list, json!([]));

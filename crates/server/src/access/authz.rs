@@ -888,6 +888,17 @@ mod tests {
                 users,
                 "{role}"
             );
+            // Saved scripts: whoever may send manages them; whoever may read output reads them.
+            assert_eq!(
+                authz.allowed(&p, Action::ManageScripts, Resource::Script("collect")),
+                send,
+                "{role}"
+            );
+            assert_eq!(
+                authz.allowed(&p, Action::ReadScripts, Resource::Script("collect")),
+                read,
+                "{role}"
+            );
             assert!(p.was_authorized());
         }
     }
