@@ -623,6 +623,58 @@ impl Client {
         Ok(())
     }
 
+    /// `POST /v1/scripts`.
+    pub async fn create_script(
+        &self,
+        body: &fleetrun_proto::api::CreateScript,
+    ) -> anyhow::Result<fleetrun_proto::api::Script> {
+        self.json(self.request(Method::POST, "/v1/scripts").json(body))
+            .await
+    }
+
+    /// `GET /v1/scripts?limit=N[&after=NAME]`: scripts at their latest versions, without bodies.
+    pub async fn scripts(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<fleetrun_proto::api::Script>> {
+        let mut path = format!("/v1/scripts?limit={limit}");
+        if let Some(a) = after {
+            path.push_str(&format!("&after={}", encode(a)));
+        }
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `GET /v1/scripts/{name}[?version=N]`, with the body (the latest version by default).
+    pub async fn script(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> anyhow::Result<fleetrun_proto::api::Script> {
+        let mut path = format!("/v1/scripts/{}", encode(name));
+        if let Some(v) = version {
+            path.push_str(&format!("?version={v}"));
+        }
+        self.json(self.request(Method::GET, &path)).await
+    }
+
+    /// `PUT /v1/scripts/{name}`: adds a version; the answer is the new version.
+    pub async fn update_script(
+        &self,
+        name: &str,
+        body: &fleetrun_proto::api::UpdateScript,
+    ) -> anyhow::Result<fleetrun_proto::api::Script> {
+        let path = format!("/v1/scripts/{}", encode(name));
+        self.json(self.request(Method::PUT, &path).json(body)).await
+    }
+
+    /// `DELETE /v1/scripts/{name}`.
+    pub async fn delete_script(&self, name: &str) -> anyhow::Result<()> {
+        let path = format!("/v1/scripts/{}", encode(name));
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
     /// `PUT /v1/params/{name}`.
     pub async fn put_param(
         &self,

@@ -40,6 +40,11 @@
 //! | `POST /v1/tokens` | [`CreateToken`] | [`Token`] (201; the only time the token is shown) |
 //! | `GET /v1/tokens[?user=NAME]` | | `[Token]` without secrets |
 //! | `DELETE /v1/tokens/{id}` | | 204 |
+//! | `POST /v1/scripts` | [`CreateScript`] | [`Script`] (201) |
+//! | `GET /v1/scripts?after=NAME&limit=N` | | `[Script]` at their latest versions, without bodies, by name |
+//! | `GET /v1/scripts/{name}[?version=N]` | | [`Script`] with its body (the latest version by default) |
+//! | `PUT /v1/scripts/{name}` | [`UpdateScript`] | [`Script`]: the new version |
+//! | `DELETE /v1/scripts/{name}` | | 204 (every version goes) |
 //! | `PUT\|GET\|DELETE /v1/params/{name}`, `GET /v1/params` | see [`crate::params`] | |
 //! | `POST /` | AWS JSON 1.1, SigV4-signed (the SSM-compatible API) | |
 //! | `GET /v1/agent/connect` | WebSocket upgrade: the agent channel (crate::channel) | |
@@ -851,5 +856,268 @@ mod object_key_tests {
             assert!(check_object_key(bad).is_err(), "{bad:?}");
         }
         assert!(check_object_key(&"x".repeat(OBJECT_KEY_MAX + 1)).is_err());
+    }
+}
+
+/// Body of `POST /v1/scripts`: a saved script (see [`check_script`] for the limits).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateScript {
+    /// Letters, digits, `-`, `_`, `.`; at most [`SCRIPT_NAME_MAX`].
+    pub name: String,
+    /// What it does.
+    #[serde(default)]
+    pub description: String,
+    /// One of [`SCRIPT_PLATFORMS`].
+    pub platform: String,
+    /// The input file: `s3://bucket/key`, an object key in the store, or an `https://` URL.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// The output file, relative to the run's temp dir.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// The script; may use `${INPUT}` and `${OUTPUT}`.
+    pub body: String,
+}
+
+/// Body of `PUT /v1/scripts/{name}`: a new version. Members left out keep the latest version's
+/// value; `input` or `output` given as `""` clears it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateScript {
+    /// New description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// New platform.
+    #[serde(default)]
+    pub platform: Option<String>,
+    /// New input URI (`""`: none).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// New output path (`""`: none).
+    #[serde(default)]
+    pub output: Option<String>,
+    /// New body.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+/// One version of a saved script, as `/v1/scripts` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Script {
+    /// Name.
+    pub name: String,
+    /// The version shown.
+    pub version: u64,
+    /// The newest version.
+    pub latest_version: u64,
+    /// Description.
+    pub description: String,
+    /// Platform.
+    pub platform: String,
+    /// Input URI.
+    pub input: Option<String>,
+    /// Output path.
+    pub output: Option<String>,
+    /// Hex SHA-256 of the body.
+    pub sha256: String,
+    /// The body's size in bytes.
+    pub size: u64,
+    /// When the script was created (RFC 3339).
+    pub created_at: String,
+    /// Who created it.
+    pub created_by: String,
+    /// When this version was made (RFC 3339).
+    pub updated_at: String,
+    /// Who made this version.
+    pub updated_by: String,
+    /// The body; absent in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// Longest script name.
+pub const SCRIPT_NAME_MAX: usize = 128;
+/// Longest script description.
+pub const SCRIPT_DESCRIPTION_MAX: usize = 1024;
+/// Longest input URI.
+pub const SCRIPT_INPUT_MAX: usize = 2048;
+/// Longest output path.
+pub const SCRIPT_OUTPUT_MAX: usize = 1024;
+/// Platforms a saved script may name.
+pub const SCRIPT_PLATFORMS: &[&str] = &["linux"];
+
+/// Checks a script name: 1 to [`SCRIPT_NAME_MAX`] of letters, digits, `-`, `_`, `.`.
+pub fn check_script_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > SCRIPT_NAME_MAX {
+        return Err(format!(
+            "a script name is 1 to {SCRIPT_NAME_MAX} characters, not {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(*c)))
+    {
+        return Err(format!(
+            "bad script name {name:?}: {c:?} is not allowed (letters, digits, - _ .)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a script's description, platform, input URI, output path and body (its name apart); the
+/// error names the member and what is wrong.
+pub fn check_script(
+    description: &str,
+    platform: &str,
+    input: Option<&str>,
+    output: Option<&str>,
+    body: &str,
+) -> Result<(), String> {
+    if description.chars().count() > SCRIPT_DESCRIPTION_MAX {
+        return Err(format!(
+            "description: at most {SCRIPT_DESCRIPTION_MAX} characters, got {}",
+            description.chars().count()
+        ));
+    }
+    if !SCRIPT_PLATFORMS.contains(&platform) {
+        return Err(format!(
+            "platform {platform:?} is not supported (allowed: {})",
+            SCRIPT_PLATFORMS.join(", ")
+        ));
+    }
+    if let Some(uri) = input {
+        check_script_input(uri).map_err(|e| format!("input: {e}"))?;
+    }
+    if let Some(path) = output {
+        check_script_output(path).map_err(|e| format!("output: {e}"))?;
+    }
+    if body.trim().is_empty() {
+        return Err("body: the script is empty".to_owned());
+    }
+    if body.len() > crate::limits::SCRIPT_MAX {
+        return Err(format!(
+            "body: at most {} bytes, got {}",
+            crate::limits::SCRIPT_MAX,
+            body.len()
+        ));
+    }
+    Ok(())
+}
+
+/// An input URI: `s3://bucket/key`, `https://host/...`, or an object key of the store.
+pub fn check_script_input(uri: &str) -> Result<(), String> {
+    if uri.is_empty() || uri.len() > SCRIPT_INPUT_MAX {
+        return Err(format!(
+            "a URI is 1 to {SCRIPT_INPUT_MAX} bytes, not {}",
+            uri.len()
+        ));
+    }
+    if let Some(c) = uri.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("bad URI {uri:?}: {c:?} is not allowed"));
+    }
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && !bucket.starts_with(['.', '-'])
+            && !bucket.ends_with(['.', '-']);
+        if !bucket_ok {
+            return Err(format!(
+                "bad URI {uri:?}: the bucket must be 3 to 63 of a-z 0-9 . - (s3://bucket/key)"
+            ));
+        }
+        if key.is_empty() {
+            return Err(format!("bad URI {uri:?}: no key (s3://bucket/key)"));
+        }
+        return Ok(());
+    }
+    if let Some(rest) = uri.strip_prefix("https://") {
+        let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if host.is_empty() || host.contains('@') {
+            return Err(format!(
+                "bad URI {uri:?}: an https URL needs a host (and no user info)"
+            ));
+        }
+        return Ok(());
+    }
+    if uri.contains("://") {
+        return Err(format!(
+            "bad URI {uri:?}: the input is s3://bucket/key, https://..., or an object key"
+        ));
+    }
+    check_object_key(uri)
+}
+
+/// An output path: a relative file name inside the run's temp dir (no `..`, no leading `/`).
+pub fn check_script_output(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.len() > SCRIPT_OUTPUT_MAX {
+        return Err(format!(
+            "a path is 1 to {SCRIPT_OUTPUT_MAX} bytes, not {}",
+            path.len()
+        ));
+    }
+    if path.starts_with('/') {
+        return Err(format!(
+            "{path:?} is absolute; give a file name relative to the run's temp dir"
+        ));
+    }
+    if path.contains('\0') || path.contains('\n') {
+        return Err(format!("{path:?} holds a NUL or newline"));
+    }
+    for seg in path.split('/') {
+        if seg == ".." {
+            return Err(format!(
+                "{path:?} has a `..` segment; the output stays inside the run's temp dir"
+            ));
+        }
+        if seg.is_empty() || seg == "." {
+            return Err(format!("{path:?} has an empty or `.` segment"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod script_tests {
+    use super::*;
+
+    #[test]
+    fn script_members_are_checked() {
+        assert!(check_script_name("collect-logs_1.2").is_ok());
+        for bad in ["", "a b", "x/y", &"n".repeat(129)] {
+            assert!(check_script_name(bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "s3://my-bucket/tools/t.tar.gz",
+            "https://example.com/t.sh",
+            "inputs/tool.bin",
+        ] {
+            assert!(check_script_input(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "s3://B/k",
+            "s3://bucket",
+            "s3://bucket/",
+            "https://",
+            "http://x/y",
+            "ftp://x",
+            "a/../b",
+            "with space",
+        ] {
+            assert!(check_script_input(bad).is_err(), "{bad}");
+        }
+        assert!(check_script_output("out/result.json").is_ok());
+        for bad in ["/etc/passwd", "../x", "a/../../x", "", "a//b"] {
+            assert!(check_script_output(bad).is_err(), "{bad}");
+        }
+        let e = check_script("", "windows", None, None, "echo").expect_err("windows");
+        assert!(e.contains("allowed: linux"), "{e}");
+        let big = "x".repeat(crate::limits::SCRIPT_MAX + 1);
+        assert!(check_script("", "linux", None, None, &big).is_err());
+        assert!(check_script("", "linux", None, None, "echo ok").is_ok());
     }
 }

@@ -95,6 +95,14 @@ pub enum Code {
     ObjectNotFound,
     /// Another upload to the same key is in progress.
     ObjectBusy,
+    /// A saved script whose name, platform, input, output or body is not valid.
+    InvalidScript,
+    /// No such saved script (or version).
+    ScriptNotFound,
+    /// A saved script of that name exists.
+    ScriptAlreadyExists,
+    /// The server keeps as many scripts, or a script as many versions, as it may.
+    ScriptLimitExceeded,
     /// A session without a (stored) recording.
     RecordingNotFound,
     /// A session whose recording is still being written (it runs).
@@ -157,7 +165,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 67] = [
+    pub const ALL: [Code; 71] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -196,6 +204,10 @@ impl Code {
         Code::InvalidObjectKey,
         Code::ObjectNotFound,
         Code::ObjectBusy,
+        Code::InvalidScript,
+        Code::ScriptNotFound,
+        Code::ScriptAlreadyExists,
+        Code::ScriptLimitExceeded,
         Code::RecordingNotFound,
         Code::RecordingNotReady,
         Code::InvalidIdempotencyKey,
@@ -268,6 +280,10 @@ impl Code {
             Code::InvalidObjectKey => StatusCode::BAD_REQUEST,
             Code::ObjectNotFound => StatusCode::NOT_FOUND,
             Code::ObjectBusy => StatusCode::CONFLICT,
+            Code::InvalidScript => StatusCode::BAD_REQUEST,
+            Code::ScriptNotFound => StatusCode::NOT_FOUND,
+            Code::ScriptAlreadyExists => StatusCode::CONFLICT,
+            Code::ScriptLimitExceeded => StatusCode::BAD_REQUEST,
             Code::RecordingNotFound => StatusCode::NOT_FOUND,
             Code::RecordingNotReady => StatusCode::CONFLICT,
             Code::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
@@ -341,6 +357,10 @@ impl Code {
             Code::InvalidObjectKey => "InvalidObjectKey",
             Code::ObjectNotFound => "ObjectNotFound",
             Code::ObjectBusy => "ObjectBusy",
+            Code::InvalidScript => "InvalidScript",
+            Code::ScriptNotFound => "ScriptNotFound",
+            Code::ScriptAlreadyExists => "ScriptAlreadyExists",
+            Code::ScriptLimitExceeded => "ScriptLimitExceeded",
             Code::RecordingNotFound => "RecordingNotFound",
             Code::RecordingNotReady => "RecordingNotReady",
             Code::InvalidIdempotencyKey => "InvalidIdempotencyKey",
@@ -414,6 +434,10 @@ impl Code {
             Code::InvalidObjectKey => "ValidationException",
             Code::ObjectNotFound => "DoesNotExistException",
             Code::ObjectBusy => "ValidationException",
+            Code::InvalidScript => "ValidationException",
+            Code::ScriptNotFound => "DoesNotExistException",
+            Code::ScriptAlreadyExists => "ValidationException",
+            Code::ScriptLimitExceeded => "ValidationException",
             Code::RecordingNotFound => "DoesNotExistException",
             Code::RecordingNotReady => "ValidationException",
             Code::InvalidIdempotencyKey => "ValidationException",
@@ -661,7 +685,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 67] = [
+    const TABLE: [(Code, u16, &str, &str); 71] = [
         (
             Code::InvalidRequest,
             400,
@@ -865,6 +889,30 @@ mod tests {
             "DoesNotExistException",
         ),
         (Code::ObjectBusy, 409, "ObjectBusy", "ValidationException"),
+        (
+            Code::InvalidScript,
+            400,
+            "InvalidScript",
+            "ValidationException",
+        ),
+        (
+            Code::ScriptNotFound,
+            404,
+            "ScriptNotFound",
+            "DoesNotExistException",
+        ),
+        (
+            Code::ScriptAlreadyExists,
+            409,
+            "ScriptAlreadyExists",
+            "ValidationException",
+        ),
+        (
+            Code::ScriptLimitExceeded,
+            400,
+            "ScriptLimitExceeded",
+            "ValidationException",
+        ),
         (
             Code::RecordingNotFound,
             404,

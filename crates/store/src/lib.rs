@@ -12,6 +12,7 @@ mod nodes;
 mod objects;
 mod params;
 mod principals;
+mod scripts;
 mod sessions;
 mod ssm;
 mod writer;
@@ -26,6 +27,7 @@ pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
+pub use scripts::{SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite};
 pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd};
 pub use ssm::{CommandMeta, CommandQuery};
 

@@ -36,6 +36,7 @@ mod protocol_version;
 mod rate;
 mod recording;
 mod retention;
+mod scripts;
 mod send;
 mod shell;
 mod shutdown;

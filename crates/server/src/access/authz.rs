@@ -31,6 +31,7 @@ entity Node { name: String } tags String;
 entity Document { name: String };
 entity Parameter { name: String };
 entity Object { name: String };
+entity Script { name: String };
 entity Fleet;
 action "list" appliesTo { principal: [User], resource: [Node, Document, Fleet] };
 action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes", "terminate-session",
@@ -38,6 +39,7 @@ action "send-command", "cancel", "read-output", "shell", "cp", "manage-nodes", "
     appliesTo { principal: [User], resource: [Node] };
 action "manage-documents" appliesTo { principal: [User], resource: [Document] };
 action "read-objects", "write-objects" appliesTo { principal: [User], resource: [Object] };
+action "read-scripts", "manage-scripts" appliesTo { principal: [User], resource: [Script] };
 action "use-param" appliesTo { principal: [User], resource: [Parameter] };
 action "manage-users", "manage-activations", "manage-access-keys", "manage-params", "read-audit"
     appliesTo { principal: [User], resource: [Fleet] };
@@ -51,18 +53,23 @@ permit (principal in Role::"admin", action, resource);
 
 // operator: run, cancel and read commands on every node, open shells, forward ports (to the node
 // and beyond it: a shell reaches as far) and copy files, manage documents, parameters and objects
-// and use them in scripts. Not users, activations, access keys, node removal or the audit trail.
+// and use them in scripts, read and manage saved scripts. Not users, activations, access keys, node removal or the audit trail.
 permit (
     principal in Role::"operator",
     action in [Action::"list", Action::"send-command", Action::"cancel", Action::"read-output",
                Action::"shell", Action::"cp", Action::"manage-documents", Action::"manage-params",
                Action::"use-param", Action::"read-objects", Action::"write-objects",
+               Action::"read-scripts", Action::"manage-scripts",
                Action::"port-forward", Action::"port-forward-remote"],
     resource
 );
 
-// viewer: read nodes, commands, their output and documents.
-permit (principal in Role::"viewer", action in [Action::"list", Action::"read-output"], resource);
+// viewer: read nodes, commands, their output, documents and saved scripts.
+permit (
+    principal in Role::"viewer",
+    action in [Action::"list", Action::"read-output", Action::"read-scripts"],
+    resource
+);
 "#;
 
 /// What a principal wants to do.
@@ -106,6 +113,10 @@ pub enum Action {
     ReadObjects,
     /// Write (upload, replace, delete) objects kept for users.
     WriteObjects,
+    /// List and show saved scripts.
+    ReadScripts,
+    /// Create, update and delete saved scripts.
+    ManageScripts,
 }
 
 impl Action {
@@ -131,6 +142,8 @@ impl Action {
             Action::ReadAudit => "read-audit",
             Action::ReadObjects => "read-objects",
             Action::WriteObjects => "write-objects",
+            Action::ReadScripts => "read-scripts",
+            Action::ManageScripts => "manage-scripts",
         }
     }
 }
@@ -148,6 +161,8 @@ pub enum Resource<'a> {
     Parameter(&'a str),
     /// An object kept for users, by key.
     Object(&'a str),
+    /// A saved script, by name.
+    Script(&'a str),
 }
 
 impl Resource<'_> {
@@ -158,6 +173,7 @@ impl Resource<'_> {
             Resource::Document(_) => "Document",
             Resource::Parameter(_) => "Parameter",
             Resource::Object(_) => "Object",
+            Resource::Script(_) => "Script",
         }
     }
 }
@@ -445,6 +461,7 @@ impl Authz {
             Resource::Document(d) => format!(" on document {d}"),
             Resource::Parameter(n) => format!(" on parameter {n}"),
             Resource::Object(k) => format!(" on object {k}"),
+            Resource::Script(n) => format!(" on script {n}"),
         };
         Err(Denied {
             message: format!(
@@ -600,7 +617,10 @@ impl Authz {
                 let u = uid("Fleet", "fleet")?;
                 (u.clone(), Entity::with_uid(u))
             }
-            Resource::Document(name) | Resource::Parameter(name) | Resource::Object(name) => {
+            Resource::Document(name)
+            | Resource::Parameter(name)
+            | Resource::Object(name)
+            | Resource::Script(name) => {
                 let kind = resource.kind();
                 let u = uid(kind, name)?;
                 let e = Entity::new(
@@ -866,6 +886,17 @@ mod tests {
             assert_eq!(
                 authz.allowed(&p, Action::ManageUsers, Resource::Fleet),
                 users,
+                "{role}"
+            );
+            // Saved scripts: whoever may send manages them; whoever may read output reads them.
+            assert_eq!(
+                authz.allowed(&p, Action::ManageScripts, Resource::Script("collect")),
+                send,
+                "{role}"
+            );
+            assert_eq!(
+                authz.allowed(&p, Action::ReadScripts, Resource::Script("collect")),
+                read,
                 "{role}"
             );
             assert!(p.was_authorized());

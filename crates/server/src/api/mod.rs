@@ -9,6 +9,7 @@ mod errors;
 mod nodes;
 mod output;
 mod params;
+mod scripts;
 mod storage;
 mod tokens;
 mod users;
@@ -90,6 +91,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/documents/{name}/default-version",
             put(documents::set_default),
+        )
+        .route("/v1/scripts", post(scripts::create).get(scripts::list))
+        .route(
+            "/v1/scripts/{name}",
+            get(scripts::get)
+                .put(scripts::update)
+                .delete(scripts::delete),
         )
         .route("/v1/storage", get(storage::get))
         .route(

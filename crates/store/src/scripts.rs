@@ -1,0 +1,302 @@
+//! Saved scripts and their versions, numbered from 1 like documents' ([`super::documents`]): a
+//! script's versions are added and its latest pointer moved in one transaction each.
+
+use super::{Result, Store};
+use fleetrun_proto::time::now_ms;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+/// Most saved scripts.
+pub const SCRIPTS_MAX: i64 = 1_000;
+/// Most versions of one script.
+pub const SCRIPT_VERSIONS_MAX: i64 = 1_000;
+/// Largest page of a listing.
+pub const SCRIPTS_PAGE_MAX: i64 = 1_000;
+
+/// One version of a saved script, with its script's facts.
+#[derive(Clone, Debug)]
+pub struct ScriptRow {
+    /// Name.
+    pub name: String,
+    /// This version's number.
+    pub version: i64,
+    /// The newest version.
+    pub latest_version: i64,
+    /// Description.
+    pub description: String,
+    /// `linux`.
+    pub platform: String,
+    /// Where the input comes from.
+    pub input_uri: Option<String>,
+    /// The output file, relative to the run's temp dir.
+    pub output_path: Option<String>,
+    /// The script body.
+    pub body: String,
+    /// Hex SHA-256 of the body.
+    pub hash: String,
+    /// When the script was created (epoch ms).
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// When this version was made (epoch ms).
+    pub updated_at: i64,
+    /// Who made this version.
+    pub updated_by: String,
+}
+
+/// Outcome of storing a new script or version.
+pub enum ScriptWrite {
+    /// Stored as this version.
+    Ok(i64),
+    /// A script has that name (create).
+    Exists,
+    /// No such script (update).
+    Missing,
+    /// There are [`SCRIPTS_MAX`] scripts, or the script has [`SCRIPT_VERSIONS_MAX`] versions.
+    LimitExceeded,
+}
+
+fn script_row(r: &SqliteRow) -> ScriptRow {
+    ScriptRow {
+        name: r.get("name"),
+        version: r.get("version"),
+        latest_version: r.get("latest_version"),
+        description: r.get("description"),
+        platform: r.get("platform"),
+        input_uri: r.get("input_uri"),
+        output_path: r.get("output_path"),
+        body: r.get("body"),
+        hash: r.get("hash"),
+        created_at: r.get("created_at"),
+        created_by: r.get("created_by"),
+        updated_at: r.get("v_created_at"),
+        updated_by: r.get("v_created_by"),
+    }
+}
+
+macro_rules! script_select {
+    () => {
+        "SELECT s.name, s.latest_version, s.created_at, s.created_by, v.version, v.description,
+                v.platform, v.input_uri, v.output_path, v.body, v.hash,
+                v.created_at AS v_created_at, v.created_by AS v_created_by
+           FROM scripts s JOIN script_versions v ON v.name = s.name"
+    };
+}
+
+impl Store {
+    /// Stores a new script as its version 1 (`v.name`, `v.created_by` and the version's fields).
+    pub async fn insert_script(&self, v: &ScriptRow) -> Result<ScriptWrite> {
+        let mut tx = self.write.begin().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM scripts WHERE name = ?")
+            .bind(&v.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Ok(ScriptWrite::Exists);
+        }
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM scripts")
+            .fetch_one(&mut *tx)
+            .await?;
+        if n >= SCRIPTS_MAX {
+            return Ok(ScriptWrite::LimitExceeded);
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO scripts (name, latest_version, created_at, created_by) VALUES (?, 1, ?, ?)",
+        )
+        .bind(&v.name)
+        .bind(now)
+        .bind(&v.created_by)
+        .execute(&mut *tx)
+        .await?;
+        insert_version(&mut tx, 1, now, &v.created_by, v).await?;
+        tx.commit().await?;
+        Ok(ScriptWrite::Ok(1))
+    }
+
+    /// Adds a version to a script, made by `by`.
+    pub async fn add_script_version(&self, v: &ScriptRow, by: &str) -> Result<ScriptWrite> {
+        let mut tx = self.write.begin().await?;
+        let latest: Option<i64> =
+            sqlx::query_scalar("SELECT latest_version FROM scripts WHERE name = ?")
+                .bind(&v.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(latest) = latest else {
+            return Ok(ScriptWrite::Missing);
+        };
+        if latest >= SCRIPT_VERSIONS_MAX {
+            return Ok(ScriptWrite::LimitExceeded);
+        }
+        let version = latest + 1;
+        insert_version(&mut tx, version, now_ms(), by, v).await?;
+        sqlx::query("UPDATE scripts SET latest_version = ? WHERE name = ?")
+            .bind(version)
+            .bind(&v.name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(ScriptWrite::Ok(version))
+    }
+
+    /// One version of a script (None: the latest); None when either does not exist.
+    pub async fn get_script(&self, name: &str, version: Option<i64>) -> Result<Option<ScriptRow>> {
+        let row = match version {
+            Some(n) => {
+                sqlx::query(concat!(
+                    script_select!(),
+                    " WHERE s.name = ? AND v.version = ?"
+                ))
+                .bind(name)
+                .bind(n)
+                .fetch_optional(&self.read)
+                .await?
+            }
+            None => {
+                sqlx::query(concat!(
+                    script_select!(),
+                    " WHERE s.name = ? AND v.version = s.latest_version"
+                ))
+                .bind(name)
+                .fetch_optional(&self.read)
+                .await?
+            }
+        };
+        Ok(row.as_ref().map(script_row))
+    }
+
+    /// Scripts at their latest versions, by name: at most `limit` after the name `after`.
+    pub async fn list_scripts(&self, after: Option<&str>, limit: i64) -> Result<Vec<ScriptRow>> {
+        let rows = sqlx::query(concat!(
+            script_select!(),
+            " AND v.version = s.latest_version WHERE s.name > ? ORDER BY s.name LIMIT ?"
+        ))
+        .bind(after.unwrap_or(""))
+        .bind(limit.clamp(1, SCRIPTS_PAGE_MAX))
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().map(script_row).collect())
+    }
+
+    /// Deletes a script and all its versions; false when there was none.
+    pub async fn delete_script(&self, name: &str) -> Result<bool> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query("DELETE FROM script_versions WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let r = sqlx::query("DELETE FROM scripts WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+}
+
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    version: i64,
+    at: i64,
+    by: &str,
+    v: &ScriptRow,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO script_versions (name, version, description, platform, input_uri, output_path,
+             body, hash, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&v.name)
+    .bind(version)
+    .bind(&v.description)
+    .bind(&v.platform)
+    .bind(&v.input_uri)
+    .bind(&v.output_path)
+    .bind(&v.body)
+    .bind(&v.hash)
+    .bind(at)
+    .bind(by)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, body: &str) -> ScriptRow {
+        ScriptRow {
+            name: name.to_owned(),
+            version: 0,
+            latest_version: 0,
+            description: "d".to_owned(),
+            platform: "linux".to_owned(),
+            input_uri: None,
+            output_path: Some("out.txt".to_owned()),
+            body: body.to_owned(),
+            hash: format!("h-{body}"),
+            created_at: 0,
+            created_by: "admin".to_owned(),
+            updated_at: 0,
+            updated_by: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_are_kept_until_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+            .await
+            .expect("open");
+        assert!(matches!(
+            store
+                .insert_script(&row("a", "echo 1"))
+                .await
+                .expect("insert"),
+            ScriptWrite::Ok(1)
+        ));
+        assert!(matches!(
+            store
+                .insert_script(&row("a", "echo x"))
+                .await
+                .expect("insert"),
+            ScriptWrite::Exists
+        ));
+        assert!(matches!(
+            store
+                .add_script_version(&row("a", "echo 2"), "op")
+                .await
+                .expect("add"),
+            ScriptWrite::Ok(2)
+        ));
+        assert!(matches!(
+            store
+                .add_script_version(&row("b", "echo 2"), "op")
+                .await
+                .expect("add"),
+            ScriptWrite::Missing
+        ));
+        let latest = store.get_script("a", None).await.expect("get").expect("a");
+        assert_eq!((latest.version, latest.body.as_str()), (2, "echo 2"));
+        assert_eq!(
+            (latest.created_by.as_str(), latest.updated_by.as_str()),
+            ("admin", "op")
+        );
+        let first = store
+            .get_script("a", Some(1))
+            .await
+            .expect("get")
+            .expect("v1");
+        assert_eq!((first.body.as_str(), first.latest_version), ("echo 1", 2));
+        store.insert_script(&row("b", "echo b")).await.expect("b");
+        let page = store.list_scripts(None, 1).await.expect("list");
+        assert_eq!(page.len(), 1);
+        assert_eq!((page[0].name.as_str(), page[0].version), ("a", 2));
+        let next = store.list_scripts(Some("a"), 10).await.expect("list");
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].name, "b");
+        assert!(store.delete_script("a").await.expect("delete"));
+        assert!(!store.delete_script("a").await.expect("delete"));
+        assert!(store.get_script("a", Some(1)).await.expect("get").is_none());
+    }
+}
