@@ -95,6 +95,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     #[cfg(debug_assertions)]
     if std::env::var_os("FLEETRUN_TEST_PANIC_IN_RAW_MODE").is_some() {
         let _ = std::thread::spawn(|| panic!("a test panic in raw mode")).join();
+        #[allow(clippy::exit)] // The point: an exit that skips every destructor.
         std::process::exit(101);
     }
     let ended = exec::relay(ws, true, Some(size_rx), signals).await;
