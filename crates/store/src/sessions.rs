@@ -108,22 +108,7 @@ fn clamp(n: u64) -> i64 {
 impl Store {
     /// Records a session the agent has started, as `Active`.
     pub async fn insert_session(&self, s: &NewSession) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
-               started_at, status, recording) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'Active', ?)",
-        )
-        .bind(&s.session_id)
-        .bind(&s.kind)
-        .bind(s.node_id.as_str())
-        .bind(&s.principal)
-        .bind(&s.source)
-        .bind(&s.run_as)
-        .bind(&s.command)
-        .bind(s.started_at)
-        .bind(s.recording.as_str())
-        .execute(&self.write)
-        .await?;
-        Ok(())
+        self.insert_row(s, s.recording, None).await
     }
 
     /// Records a session that never started, as `Failed` with `reason`: attempted at
@@ -134,9 +119,22 @@ impl Store {
         ended_at: i64,
         reason: &str,
     ) -> Result<()> {
+        self.insert_row(s, RecordingStatus::None, Some((ended_at, reason)))
+            .await
+    }
+
+    /// One session row: `Active`, or `Failed` and ended when `ended` says when and why.
+    async fn insert_row(
+        &self,
+        s: &NewSession,
+        recording: RecordingStatus,
+        ended: Option<(i64, &str)>,
+    ) -> Result<()> {
+        let status = if ended.is_some() { "Failed" } else { "Active" };
         sqlx::query(
             "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
-               started_at, ended_at, end_reason, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Failed')",
+               started_at, status, recording, ended_at, end_reason)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&s.session_id)
         .bind(&s.kind)
@@ -146,8 +144,10 @@ impl Store {
         .bind(&s.run_as)
         .bind(&s.command)
         .bind(s.started_at)
-        .bind(ended_at)
-        .bind(reason)
+        .bind(status)
+        .bind(recording.as_str())
+        .bind(ended.map(|e| e.0))
+        .bind(ended.map_or("", |e| e.1))
         .execute(&self.write)
         .await?;
         Ok(())
