@@ -217,7 +217,8 @@ pub(super) async fn relay(
 ) -> anyhow::Result<ExitCode> {
     let (sink, mut source) = ws.split();
     // Stdin from a thread of its own: a blocking read cannot be cancelled, and must not hold up
-    // the exit. The bounded channel keeps at most a few chunks ahead of the socket.
+    // the exit. The bounded channel keeps at most a few chunks (tagged stdin messages) ahead of
+    // the socket.
     let (stdin_tx, stdin_rx) = mpsc::channel::<Option<Vec<u8>>>(4);
     let stdin = std::io::stdin();
     if !read_stdin {
@@ -225,11 +226,20 @@ pub(super) async fn relay(
     } else {
         std::thread::spawn(move || {
             let mut stdin = stdin.lock();
-            let mut buf = vec![0u8; STDIN_CHUNK];
             loop {
-                let chunk = match stdin.read(&mut buf) {
+                // Read behind the message's tag byte: the chunk goes out as it is.
+                let mut msg = vec![0u8; STDIN_CHUNK + 1];
+                msg[0] = TAG_STDIN;
+                let chunk = match stdin.read(&mut msg[1..]) {
                     Ok(0) | Err(_) => None,
-                    Ok(n) => Some(buf[..n].to_vec()),
+                    Ok(n) => {
+                        msg.truncate(n + 1);
+                        // A keystroke need not hold 64 KiB while it waits.
+                        if n < 4096 {
+                            msg.shrink_to_fit();
+                        }
+                        Some(msg)
+                    }
                 };
                 let end = chunk.is_none();
                 if stdin_tx.blocking_send(chunk).is_err() || end {
@@ -345,12 +355,8 @@ async fn write_stdin(
             },
         };
         let msg = match chunk {
-            Some(Some(bytes)) => {
-                let mut m = Vec::with_capacity(bytes.len() + 1);
-                m.push(TAG_STDIN);
-                m.extend_from_slice(&bytes);
-                Message::Binary(m.into())
-            }
+            // Tagged by the reader.
+            Some(Some(msg)) => Message::Binary(msg.into()),
             // The end of stdin (or its reader stopped).
             Some(None) | None => {
                 open = false;

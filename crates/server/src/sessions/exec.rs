@@ -543,7 +543,7 @@ async fn relay(
                             if let Err(why) = recording.input(rest).await {
                                 return terminated(stream, ended, why);
                             }
-                            if input.push(rest).is_err() {
+                            if input.push(b.slice(1..)).is_err() {
                                 return broken(stream, ended, "stdin after its end".into());
                             }
                             ended.bytes_in += rest.len() as u64;

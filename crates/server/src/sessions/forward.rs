@@ -459,8 +459,8 @@ async fn pipe(
                 Some(Err(e)) => return Err(format!("bad message: {e}")),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Binary(b))) => {
-                    input.push(&b).map_err(|_| "data after the client's end of input".to_owned())?;
                     forward.moved(b.len(), 0);
+                    input.push(b).map_err(|_| "data after the client's end of input".to_owned())?;
                 }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
                     Ok(ClientEvent::Eof) => input.end().map_err(|_| "the input ended twice".to_owned())?,

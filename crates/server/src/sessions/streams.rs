@@ -296,7 +296,9 @@ impl Drop for StreamHandle {
 pub struct Input {
     /// The agent's credit; `None` until the stream started.
     credit: Option<SendWindow>,
-    pending: Vec<u8>,
+    /// A client's message (or what is left of it): sent without a copy when the credit takes it
+    /// whole.
+    pending: bytes::Bytes,
     eof: bool,
     eof_sent: bool,
 }
@@ -328,12 +330,12 @@ impl Input {
         self.pending.is_empty()
     }
 
-    /// Queues the client's bytes (call only when [`Input::ready`]).
-    pub fn push(&mut self, bytes: &[u8]) -> Result<(), InputError> {
+    /// Queues the client's bytes (call only when [`Input::ready`]: what waits is replaced).
+    pub fn push(&mut self, bytes: bytes::Bytes) -> Result<(), InputError> {
         if self.eof {
             return Err(InputError::AfterEnd);
         }
-        self.pending.extend_from_slice(bytes);
+        self.pending = bytes;
         Ok(())
     }
 
@@ -356,8 +358,12 @@ impl Input {
             if n == 0 {
                 return true;
             }
-            let rest = self.pending.split_off(n);
-            if !stream.send_data(std::mem::replace(&mut self.pending, rest)) {
+            let bytes = if n == self.pending.len() {
+                Vec::from(std::mem::take(&mut self.pending))
+            } else {
+                self.pending.split_to(n).to_vec()
+            };
+            if !stream.send_data(bytes) {
                 return false;
             }
         }
@@ -469,9 +475,12 @@ mod tests {
         let h = streams.open(exec(), 1).unwrap();
         let _open = rx.try_recv();
         let mut input = Input::default();
-        input.push(b"hello").unwrap();
+        input.push(bytes::Bytes::from_static(b"hello")).unwrap();
         input.end().unwrap();
-        assert_eq!(input.push(b"x"), Err(InputError::AfterEnd));
+        assert_eq!(
+            input.push(bytes::Bytes::from_static(b"x")),
+            Err(InputError::AfterEnd)
+        );
         assert_eq!(input.end(), Err(InputError::EndedTwice));
         // Nothing goes before the stream started.
         assert!(input.flush(&h));
