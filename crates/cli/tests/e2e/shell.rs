@@ -15,6 +15,26 @@ fn quoted(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// This machine's root `.bashrc` runs `pyenv init`, whose rehash takes a lock file; a login
+/// shell killed while it holds it (any test that hangs one up early) leaves it behind, and every
+/// later login waits 60 s for it. No rehash holds it for two minutes: one that old is stale.
+fn clear_stale_pyenv_lock() {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pyenv")));
+    let Some(lock) = root.map(|r| r.join("shims").join(".pyenv-shim")) else {
+        return;
+    };
+    let stale = std::fs::metadata(&lock)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(120));
+    if stale {
+        let _ = std::fs::remove_file(&lock);
+    }
+}
+
 /// A tmux server on a socket of its own (`-S`, in the test's directory) with one 100 x 30 pane running `fleetrun shell ARGS`
 /// inside a small sh script that records `stty -g` before and after and the CLI's exit status,
 /// then keeps the pane open. Killed when dropped.
@@ -30,6 +50,7 @@ impl Pane {
 
     /// [`Pane::start`], with `extra` (NAME=VALUE) in the CLI's environment.
     fn start_with_env(server: &Server, name: &str, args: &[&str], extra: &[&str]) -> Pane {
+        clear_stale_pyenv_lock();
         let dir = server.scratch(&format!("pane-{name}"));
         let mut env: Vec<String> = extra.iter().map(|e| e.to_string()).collect();
         env.extend([
@@ -368,7 +389,9 @@ fn a_panic_in_raw_mode_restores_the_terminal() {
     let pane = Pane::start_with_env(
         &server,
         "panic",
-        &["shell-panic"],
+        // A command, not a login shell: a login shell hung up while its rc files run can
+        // leave them a lock that stalls the next logins (pyenv's rehash lock, here).
+        &["shell-panic", "-t", "-c", "sleep 30"],
         &["FLEETRUN_TEST_PANIC_IN_RAW_MODE=1"],
     );
     assert_eq!(pane.exit_status(), 101);
