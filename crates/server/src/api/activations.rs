@@ -1,6 +1,6 @@
 //! `POST /v1/activations`, `GET /v1/activations`: codes that agents register with.
 
-use super::{ApiError, ApiJson};
+use super::{ApiError, ApiJson, page_limit};
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
 use crate::{AppState, access::secrets};
@@ -36,13 +36,7 @@ pub async fn create(
         check_tag_key(k).map_err(|e| ApiError::new(Code::InvalidTag, e.0))?;
         check_tag_value(v).map_err(|e| ApiError::new(Code::InvalidTag, e.0))?;
     }
-    let limit = req.limit.unwrap_or(1);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidParameters,
-            format!("limit must be 1 to {MAX_LIMIT}, got {limit}"),
-        ));
-    }
+    let limit = page_limit(req.limit, 1, MAX_LIMIT)?;
     let expires_in = req.expires_in_secs.unwrap_or(DEFAULT_EXPIRY_SECS);
     if !(1..=MAX_EXPIRY_SECS).contains(&expires_in) {
         return Err(ApiError::new(

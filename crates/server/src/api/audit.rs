@@ -1,6 +1,6 @@
 //! `GET /v1/audit`, `POST /v1/audit/verify`: reading and checking the audit trail (bearer token).
 
-use super::ApiError;
+use super::{ApiError, page_limit};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
@@ -20,13 +20,7 @@ pub async fn list(
         .authz
         .require(&p, Action::ReadAudit, Resource::Fleet)?;
     let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidParameters,
-            format!("limit must be 1 to 10000, got {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit, 100, 10_000)?;
     let since = q
         .since
         .as_deref()

@@ -1,6 +1,6 @@
 //! `/v1/commands`: send a command, list and show commands and invocations, watch progress, cancel.
 
-use super::{ApiError, ApiJson, parse_id};
+use super::{ApiError, ApiJson, page_limit, parse_id};
 use crate::AppState;
 use crate::access::audit::CreatedCommand;
 use crate::access::authz::{Action, Principal};
@@ -121,13 +121,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Command>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidParameters,
-            format!("limit must be 1 to 1000, got {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit, 50, 1000)?;
     let before = match q.before.as_deref() {
         Some(b) => Some(cursor(&state, b).await?),
         None => None,

@@ -360,6 +360,21 @@ where
     }
 }
 
+/// A listing's `limit`: `given`, else `default`; anything outside 1 to `max` is refused naming both.
+pub fn page_limit<N>(given: Option<N>, default: N, max: N) -> Result<N, ApiError>
+where
+    N: Copy + PartialOrd + From<u8> + std::fmt::Display,
+{
+    let limit = given.unwrap_or(default);
+    if limit < N::from(1) || limit > max {
+        return Err(ApiError::new(
+            Code::InvalidParameters,
+            format!("limit must be 1 to {max}, got {limit}"),
+        ));
+    }
+    Ok(limit)
+}
+
 /// Parses a path segment as an id, or a 4xx naming it.
 pub fn parse_id<T: std::str::FromStr>(s: &str, code: Code) -> Result<T, ApiError>
 where

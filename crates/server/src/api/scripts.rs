@@ -2,7 +2,7 @@
 //! Authorized by `read-scripts` / `manage-scripts` on the script; audited by the API middleware
 //! like every call. Running one (`scripts run`) is a later step.
 
-use super::{ApiError, ApiJson};
+use super::{ApiError, ApiJson, page_limit};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
@@ -153,13 +153,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Script>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
-    let limit = q.limit.unwrap_or(PAGE_DEFAULT);
-    if !(1..=SCRIPTS_PAGE_MAX).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidParameters,
-            format!("limit must be 1 to {SCRIPTS_PAGE_MAX}, got {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit, PAGE_DEFAULT, SCRIPTS_PAGE_MAX)?;
     if let Some(a) = &q.after {
         checked_name(a)?;
     }

@@ -6,7 +6,7 @@
 
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
-use crate::api::ApiError;
+use crate::api::{ApiError, page_limit};
 use crate::errors::Code;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -283,13 +283,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<ObjectInfo>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
-    let limit = q.limit.unwrap_or(PAGE_DEFAULT);
-    if !(1..=OBJECTS_PAGE_MAX).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidParameters,
-            format!("limit must be 1 to {OBJECTS_PAGE_MAX}, got {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit, PAGE_DEFAULT, OBJECTS_PAGE_MAX)?;
     if q.prefix.len() > fleetrun_proto::api::OBJECT_KEY_MAX
         || !q.prefix.bytes().all(|b| b.is_ascii_graphic())
     {

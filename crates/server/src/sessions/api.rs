@@ -6,7 +6,7 @@
 use crate::AppState;
 use crate::access::audit as trail;
 use crate::access::authz::{Action, Principal};
-use crate::api::ApiError;
+use crate::api::{ApiError, page_limit};
 use crate::errors::Code;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -44,14 +44,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<Session>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
-    let limit = q.limit.unwrap_or(PAGE_DEFAULT);
-    let max = fleetrun_store::SESSIONS_PAGE_MAX;
-    if !(1..=max).contains(&limit) {
-        return Err(ApiError::new(
-            Code::InvalidParameters,
-            format!("limit must be 1 to {max}, got {limit}"),
-        ));
-    }
+    let limit = page_limit(q.limit, PAGE_DEFAULT, fleetrun_store::SESSIONS_PAGE_MAX)?;
     let cursor = match q.before.as_deref() {
         Some(id) => Some(state.store.session_cursor(id).await?.ok_or_else(|| {
             ApiError::new(
