@@ -40,6 +40,8 @@ pub struct AppState {
     pub sessions: crate::sessions::live::Live,
     /// Keys of `/v1/objects` with an upload in progress.
     pub uploads: crate::objects::api::Uploads,
+    /// Fetches saved scripts' `https://` inputs.
+    pub inputs: crate::scripts::inputs::Fetcher,
     /// Whether and how sessions are recorded.
     pub recording: crate::sessions::recording::Settings,
     /// Permits for agent handshakes in progress.
@@ -206,6 +208,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         retention: config.retention,
         result_grace: config.result_grace,
         uploads: Default::default(),
+        inputs: crate::scripts::inputs::Fetcher::new(
+            config.script_input_ca.as_deref(),
+            Default::default(),
+        )?,
         sessions: crate::sessions::live::Live::new(
             config.session_idle_timeout,
             config.session_max_duration,

@@ -2,9 +2,9 @@
 //! Authorized by `read-scripts` / `manage-scripts` on the script; audited by the API middleware
 //! like every call. Running one (`scripts run`) is a later step.
 
-use super::{ApiError, ApiJson, page_limit};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
+use crate::api::{ApiError, ApiJson, page_limit};
 use crate::errors::Code;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
