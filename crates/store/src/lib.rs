@@ -19,8 +19,8 @@ mod writer;
 
 pub use audit::AuditEntry;
 pub use commands::{
-    CommandCursor, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, InvocationRow,
-    NewCommand, OutputState, Tally, Totals,
+    CommandCursor, CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError,
+    InvocationRow, NewCommand, OutputState, Tally, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};

@@ -3,7 +3,7 @@
 mod access_keys;
 mod activations;
 mod audit;
-mod commands;
+pub(crate) mod commands;
 mod documents;
 mod errors;
 mod nodes;
@@ -100,6 +100,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(crate::scripts::api::get)
                 .put(crate::scripts::api::update)
                 .delete(crate::scripts::api::delete),
+        )
+        .route("/v1/scripts/{name}/run", post(crate::scripts::api::run))
+        .route(
+            "/v1/commands/{command_id}/script",
+            get(crate::scripts::api::of_command),
         )
         .route("/v1/storage", get(storage::get))
         .route(
