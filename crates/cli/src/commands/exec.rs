@@ -293,6 +293,11 @@ pub(super) async fn relay(
             },
             Message::Text(t) => match serde_json::from_str::<ServerEvent>(t.as_str()) {
                 Ok(ServerEvent::Started) => {}
+                Ok(ServerEvent::File { .. } | ServerEvent::Done { .. }) => {
+                    break Err(anyhow::anyhow!(
+                        "the server sent a file transfer's message to a command session"
+                    ));
+                }
                 Ok(ServerEvent::Exit { code, .. }) => {
                     break Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
                 }

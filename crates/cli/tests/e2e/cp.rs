@@ -1,0 +1,241 @@
+//! Issue 12, "File transfer": `fleetrun cp LOCAL NODE:PATH` and `fleetrun cp NODE:PATH LOCAL`
+//! through the real server and agent: a 300 MB file up and down byte-exact (SHA-256 compared),
+//! mode and owner set, no temp file left, refusals named, the trail written.
+
+use crate::support::{Agent, Server, run, wait_until};
+use sha2::Digest;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Writes `len` bytes of a xorshift stream to `path` in chunks (never whole in memory) and
+/// returns their SHA-256.
+fn generate(path: &Path, len: usize) -> String {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut hasher = sha2::Sha256::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        for b in chunk[..n].iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        hasher.update(&chunk[..n]);
+        f.write_all(&chunk[..n]).expect("write");
+        left -= n;
+    }
+    f.flush().expect("flush");
+    hex::encode(hasher.finalize())
+}
+
+fn sha_of(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).expect("open");
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut hasher).expect("read");
+    hex::encode(hasher.finalize())
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+fn audited(server: &Server, action: &str) -> Vec<serde_json::Value> {
+    server
+        .get_json(&format!("/v1/audit?action={action}"))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_300_mb_file_goes_up_and_down_byte_exact_with_mode_and_owner() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "cp-a", &[]);
+    let node = server.wait_online("cp-a")["node_id"]
+        .as_str()
+        .expect("node id")
+        .to_owned();
+    let local = tempfile::tempdir().expect("tempdir");
+    let remote = tempfile::tempdir().expect("tempdir");
+    let src = local.path().join("big.bin");
+    let sha = generate(&src, 300 * 1024 * 1024);
+    let target = remote.path().join("big.bin");
+    let dst = format!("{node}:{}", target.display());
+    let out = run(
+        server.cli_cmd(&[
+            "cp",
+            src.to_str().unwrap(),
+            &dst,
+            "--mode",
+            "0750",
+            "--owner",
+            "nobody:nogroup",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(out.stdout_str().contains(&sha), "{}", out.stdout_str());
+    assert_eq!(sha_of(&target), sha);
+    let meta = std::fs::metadata(&target).expect("the file on the node");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "nobody:nogroup");
+    assert_eq!(names(remote.path()), ["big.bin"], "no temp file left");
+
+    // Down again, into a directory (the file keeps its name), as JSON.
+    let back = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        server.cli_cmd(&["cp", &dst, back.path().to_str().unwrap(), "-o", "json"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let copied = out.json();
+    assert_eq!(copied["sha256"], sha.as_str(), "{copied}");
+    assert_eq!(copied["size"], 300 * 1024 * 1024, "{copied}");
+    let down = back.path().join("big.bin");
+    assert_eq!(sha_of(&down), sha);
+    assert_eq!(
+        std::fs::metadata(&down).unwrap().permissions().mode() & 0o777,
+        0o750
+    );
+    assert_eq!(names(back.path()), ["big.bin"], "no temp file left");
+
+    // Both are in the trail with path, size and hash.
+    let puts = wait_until("the put's audit", LIMIT, || {
+        let r = audited(&server, "cp.put");
+        (!r.is_empty()).then_some(r)
+    });
+    let p = &puts[0]["params"];
+    assert_eq!(puts[0]["result"], "Done", "{puts:?}");
+    assert_eq!(p["path"], target.to_str().unwrap(), "{p}");
+    assert_eq!(p["sha256"], sha.as_str(), "{p}");
+    assert_eq!(p["owner"], "nobody", "{p}");
+    let gets = audited(&server, "cp.get");
+    assert_eq!(gets[0]["params"]["sha256"], sha.as_str(), "{gets:?}");
+}
+
+#[test]
+fn refused_copies_say_why_and_write_nothing() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "cp-r", &[]);
+    let node = server.wait_online("cp-r")["node_id"]
+        .as_str()
+        .expect("node id")
+        .to_owned();
+    let local = tempfile::tempdir().expect("tempdir");
+    let src = local.path().join("f");
+    std::fs::write(&src, b"hello").unwrap();
+    let src = src.to_str().unwrap();
+    let remote = tempfile::tempdir().expect("tempdir");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                src.into(),
+                format!("{node}:{}/no/such/f", remote.path().display()),
+            ],
+            "no directory",
+        ),
+        (vec![src.into(), format!("{node}:relative/f")], "bad path"),
+        (
+            vec![src.into(), format!("{node}:{}", remote.path().display())],
+            "is a directory",
+        ),
+        (
+            vec![
+                format!("{node}:{}/missing", remote.path().display()),
+                local.path().join("m").to_str().unwrap().into(),
+            ],
+            "no such file",
+        ),
+        (
+            vec![
+                format!("{node}:{}", remote.path().display()),
+                local.path().join("d").to_str().unwrap().into(),
+            ],
+            "is a directory",
+        ),
+        (
+            vec![src.into(), local.path().join("g").to_str().unwrap().into()],
+            "one side must be NODE:PATH",
+        ),
+        (
+            vec![
+                src.into(),
+                format!("{node}:/tmp/x"),
+                "--mode".into(),
+                "9".into(),
+            ],
+            "bad --mode",
+        ),
+        (
+            vec![
+                src.into(),
+                format!("{node}:{}/o", remote.path().display()),
+                "--owner".into(),
+                "no-such-user-x".into(),
+            ],
+            "no such user",
+        ),
+    ];
+    for (args, says) in cases {
+        let mut all = vec!["cp"];
+        all.extend(args.iter().map(String::as_str));
+        let out = run(server.cli_cmd(&all), LIMIT);
+        assert_eq!(out.code(), Some(1), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(says),
+            "{args:?}: {:?} should say {says:?}",
+            out.stderr
+        );
+    }
+    assert!(
+        names(remote.path()).is_empty(),
+        "{:?}",
+        names(remote.path())
+    );
+    assert_eq!(names(local.path()), ["f"]);
+
+    // A user whose policy lacks `cp` is refused.
+    let policy = server.dir.path().join("lister.cedar");
+    std::fs::write(
+        &policy,
+        "permit (principal, action == Action::\"shell\", resource);\n",
+    )
+    .unwrap();
+    server
+        .cli(&[
+            "users",
+            "create",
+            "sheller",
+            "--role",
+            "none",
+            "--policy",
+            policy.to_str().unwrap(),
+        ])
+        .ok();
+    let token = server
+        .cli(&["tokens", "create", "--user", "sheller", "-o", "json"])
+        .ok()
+        .json()["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let dst = format!("{node}:{}/denied", remote.path().display());
+    let mut cmd = server.cli_cmd(&["cp", src, &dst]);
+    cmd.env("FLEETRUN_TOKEN", &token);
+    let out = run(cmd, LIMIT);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("AccessDenied"), "{}", out.stderr);
+    assert!(names(remote.path()).is_empty());
+}
