@@ -30,7 +30,8 @@ use tokio_tungstenite::tungstenite::Message;
 #[command(after_help = "\
 NODE is a node id. The copy is checked end to end (SHA-256 of the whole file) and written to a
 temp file beside the target, renamed into place only once it is whole: the target never holds a
-half file. A dropped connection is retried, resuming where the copy stopped.")]
+half file. A dropped connection is retried (at most 8 attempts within 60 s), resuming where the copy
+stopped; else the copy fails with the last error.")]
 pub struct Args {
     /// The source: a local file, or NODE:PATH
     #[arg(value_name = "SRC")]
@@ -47,7 +48,7 @@ pub struct Args {
 }
 
 /// Most attempts of one copy.
-pub const ATTEMPTS: u32 = 5;
+pub const ATTEMPTS: u32 = 8;
 /// Retries stop once this long has passed since the first attempt.
 pub const RETRY_WITHIN: Duration = Duration::from_secs(60);
 /// Bytes a message carries (one stream frame).
