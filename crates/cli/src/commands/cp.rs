@@ -28,7 +28,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
-NODE is a node id. The copy is checked end to end (SHA-256 of the whole file) and written to a
+NODE is a node id, or a target expression as `send --targets` takes (tag:KEY=VALUE, tag-key:KEY,
+id:ID, all; terms ANDed) for many nodes: `fleetrun cp ./f 'tag:role=web:/opt/f'` puts to each
+node it matches (online ones; --max-concurrency at once, none started once more than --max-errors
+failed); `fleetrun cp 'tag:role=web:/var/log/x' DIR` gets each node's file into DIR/NODE_ID/x. The copy is checked end to end (SHA-256 of the whole file) and written to a
 temp file beside the target, renamed into place only once it is whole: the target never holds a
 half file. A dropped connection is retried (at most 8 attempts within 60 s), resuming where the copy
 stopped; else the copy fails with the last error.")]
@@ -45,6 +48,12 @@ pub struct Args {
     /// Owner of the file on the node, USER or USER:GROUP (the agent must run as root)
     #[arg(long, value_name = "USER[:GROUP]")]
     owner: Option<String>,
+    /// With a target expression: most nodes copied at once, N or N% [default: 10]
+    #[arg(long, value_name = "N|N%")]
+    max_concurrency: Option<String>,
+    /// With a target expression: failures after which no more copies start, N or N% [default: 0]
+    #[arg(long, value_name = "N|N%")]
+    max_errors: Option<String>,
 }
 
 /// Most attempts of one copy.
@@ -58,6 +67,8 @@ const CHUNK: usize = STREAM_FRAME_MAX;
 enum End {
     Local(PathBuf),
     Remote(NodeId, String),
+    /// A target expression and the path on each node it matches.
+    Many(String, String),
 }
 
 fn parse_end(s: &str) -> End {
@@ -65,6 +76,11 @@ fn parse_end(s: &str) -> End {
         && let Ok(id) = node.parse::<NodeId>()
     {
         return End::Remote(id, path.to_owned());
+    }
+    if (super::exec::is_expression(s) || s.starts_with("all:"))
+        && let Some(at) = s.find(":/")
+    {
+        return End::Many(s[..at].to_owned(), s[at + 1..].to_owned());
     }
     End::Local(PathBuf::from(s))
 }
@@ -105,7 +121,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         },
     };
     let show = ctx.format == Format::Table && std::io::stderr().is_terminal();
-    let copied = match (parse_end(&args.src), parse_end(&args.dst)) {
+    let (src, dst) = (parse_end(&args.src), parse_end(&args.dst));
+    if matches!((&src, &dst), (End::Many(..), _) | (_, End::Many(..))) {
+        return many(ctx, &client, src, dst, mode, owner, group, &args).await;
+    }
+    let copied = match (src, dst) {
         (End::Local(src), End::Remote(node, path)) => {
             let put = PutSpec {
                 node,
@@ -125,26 +145,173 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         (End::Local(_), End::Local(_)) => {
             anyhow::bail!("one side must be NODE:PATH (a node id, a colon, an absolute path)")
         }
-        (End::Remote(..), End::Remote(..)) => {
-            anyhow::bail!("copies between two nodes are not supported: copy to here, then on")
-        }
+        _ => anyhow::bail!("copies between two nodes are not supported: copy to here, then on"),
     };
     match ctx.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&copied)?),
-        Format::Table => println!(
+        Format::Table => println!("{}", copied.line()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Copied {
+    fn line(&self) -> String {
+        format!(
             "{} {}:{} {} bytes sha256 {}",
-            if copied.direction == "put" {
+            if self.direction == "put" {
                 "put"
             } else {
                 "got"
             },
-            copied.node,
-            copied.path,
-            copied.size,
-            copied.sha256
-        ),
+            self.node,
+            self.path,
+            self.size,
+            self.sha256
+        )
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// One node's outcome of a copy to or from many.
+#[derive(serde::Serialize)]
+struct NodeOutcome {
+    node: String,
+    name: String,
+    copied: Option<Copied>,
+    error: Option<String>,
+}
+
+/// A copy to or from every node a target expression matches, at most `--max-concurrency` at
+/// once; once more than `--max-errors` failed, the copies not started are not started.
+#[allow(clippy::too_many_arguments)]
+async fn many(
+    ctx: &Ctx,
+    client: &Client,
+    src: End,
+    dst: End,
+    mode: Option<u32>,
+    owner: Option<String>,
+    group: Option<String>,
+    args: &Args,
+) -> anyhow::Result<ExitCode> {
+    use fleetrun_proto::targets::{Rate, TargetExpr};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (expr, path, local, put) = match (src, dst) {
+        (End::Local(l), End::Many(e, p)) => (e, p, l, true),
+        (End::Many(e, p), End::Local(l)) => (e, p, l, false),
+        _ => anyhow::bail!(
+            "a target expression goes with a local file or directory on the other side"
+        ),
+    };
+    if !put && (mode.is_some() || owner.is_some()) {
+        anyhow::bail!("--mode and --owner are for copies to nodes");
+    }
+    let parsed = TargetExpr::parse(&expr)
+        .map_err(|e| anyhow::anyhow!("bad target expression {expr:?}: {e}"))?;
+    let nodes: Vec<_> = client
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| super::exec::matches(&parsed, n))
+        .collect();
+    if nodes.is_empty() {
+        anyhow::bail!("no node matches {expr:?}");
+    }
+    let total = nodes.len() as u64;
+    let concurrency = match &args.max_concurrency {
+        Some(r) => Rate::parse_concurrency(r).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Rate::Count(10),
+    }
+    .resolve(total)
+    .max(1);
+    let max_errors = match &args.max_errors {
+        Some(r) => Rate::parse_errors(r).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Rate::Count(0),
+    }
+    .resolve(total);
+    // A put hashes the file once for every node.
+    let hashed = if put {
+        let meta = std::fs::metadata(&local)
+            .with_context(|| format!("cannot read {}", local.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!("{} is not a regular file", local.display());
+        }
+        Some(hash_file(&local).await?)
+    } else {
+        std::fs::create_dir_all(&local)
+            .with_context(|| format!("cannot create {}", local.display()))?;
+        None
+    };
+    let errors = AtomicU64::new(0);
+    let json = ctx.format == Format::Json;
+    let one = async |n: fleetrun_proto::api::Node| {
+        let node = n.node_id.clone();
+        let result = if errors.load(Ordering::Relaxed) > max_errors {
+            Err(anyhow::anyhow!(
+                "not started: more than {max_errors} copies failed (--max-errors)"
+            ))
+        } else if n.ping_status != "Online" {
+            Err(anyhow::anyhow!(
+                "node {} is not connected ({})",
+                n.node_id,
+                n.ping_status
+            ))
+        } else if let Some((sha, size)) = &hashed {
+            let spec = PutSpec {
+                node: node.clone(),
+                path: path.clone(),
+                mode,
+                owner: owner.clone(),
+                group: group.clone(),
+            };
+            put_hashed(client, &local, &spec, sha.clone(), *size, false).await
+        } else {
+            let dir = local.join(node.to_string());
+            match std::fs::create_dir_all(&dir) {
+                Ok(()) => get_file(client, &node, &path, &dir, false).await,
+                Err(e) => Err(anyhow::anyhow!("cannot create {}: {e}", dir.display())),
+            }
+        };
+        if result.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let (copied, error) = match result {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        if !json {
+            match (&copied, &error) {
+                (Some(c), _) => println!("{}", c.line()),
+                (_, Some(e)) => eprintln!("{node} ({}): {e}", n.name),
+                _ => {}
+            }
+        }
+        NodeOutcome {
+            node: node.to_string(),
+            name: n.name,
+            copied,
+            error,
+        }
+    };
+    let outcomes: Vec<NodeOutcome> = futures_util::stream::iter(nodes)
+        .map(one)
+        .buffer_unordered(usize::try_from(concurrency).unwrap_or(usize::MAX))
+        .collect()
+        .await;
+    let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    } else {
+        eprintln!(
+            "{} of {} nodes copied",
+            outcomes.len() - failed,
+            outcomes.len()
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved bytes kept).
@@ -331,6 +498,33 @@ async fn put_file(
         path.push_str(name);
     }
     let (sha256, size) = hash_file(src).await?;
+    let spec = PutSpec {
+        node: put.node.clone(),
+        path,
+        mode: put.mode,
+        owner: put.owner.clone(),
+        group: put.group.clone(),
+    };
+    put_hashed(client, src, &spec, sha256, size, show).await
+}
+
+/// A put of a file already hashed.
+async fn put_hashed(
+    client: &Client,
+    src: &Path,
+    put: &PutSpec,
+    sha256: String,
+    size: u64,
+    show: bool,
+) -> anyhow::Result<Copied> {
+    let mut path = put.path.clone();
+    if path.ends_with('/') {
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow::anyhow!("{} has no file name", src.display()))?;
+        path.push_str(name);
+    }
     let mut query = format!(
         "path={}&size={size}&sha256={sha256}&resume=true",
         enc(&path)

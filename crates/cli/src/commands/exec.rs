@@ -96,14 +96,14 @@ pub(crate) async fn resolve(client: &Client, given: &str) -> anyhow::Result<Node
 
 /// Whether `given` reads as a target expression rather than a node name: its first term starts
 /// with one of the expression's prefixes (node names have no `:`).
-fn is_expression(given: &str) -> bool {
+pub(crate) fn is_expression(given: &str) -> bool {
     ["tag:", "tag-key:", "id:"]
         .iter()
         .any(|p| given.starts_with(p))
 }
 
 /// Whether `node` is matched by every term of `expr` (as the server resolves `send --targets`).
-fn matches(expr: &TargetExpr, node: &Node) -> bool {
+pub(crate) fn matches(expr: &TargetExpr, node: &Node) -> bool {
     expr.0.iter().all(|term| match term {
         TargetTerm::All => true,
         TargetTerm::Tag { key, values } => node.tags.get(key).is_some_and(|v| values.contains(v)),

@@ -335,3 +335,124 @@ fn a_copy_cut_by_a_network_drop_resumes_and_never_leaves_a_half_file() {
         "{gets:?}"
     );
 }
+
+/// `cp` by target expression: to each of the 5 nodes tagged `role=web` (not the untagged one),
+/// from each into `DIR/<node-id>/NAME`, and with `--max-errors` no more copies start once more
+/// than that failed. (The agents share this machine's disk, so the puts go one at a time to the
+/// same path; each node's put is in the trail.)
+#[test]
+fn cp_to_and_from_many_nodes_by_tag() {
+    let server = Server::start();
+    let agents: Vec<Agent> = (0..5)
+        .map(|i| Agent::start(&server, &format!("web-{i}"), &[("role", "web")]))
+        .collect();
+    let _other = Agent::start(&server, "db-0", &[("role", "db")]);
+    let web: Vec<String> = (0..5)
+        .map(|i| server.node_id(&format!("web-{i}")))
+        .collect();
+    for i in 0..5 {
+        server.wait_online(&format!("web-{i}"));
+    }
+    let local = tempfile::tempdir().expect("tempdir");
+    let remote = tempfile::tempdir().expect("tempdir");
+    let src = local.path().join("tool.bin");
+    let sha = generate(&src, 3 * 1024 * 1024 + 1);
+    let target = remote.path().join("tool.bin");
+    let dst = format!("tag:role=web:{}", target.display());
+    let out = run(
+        server.cli_cmd(&[
+            "cp",
+            src.to_str().unwrap(),
+            &dst,
+            "--max-concurrency",
+            "1",
+            "--mode",
+            "0700",
+            "-o",
+            "json",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let outcomes = out.json();
+    let outcomes = outcomes.as_array().expect("one outcome a node");
+    let mut nodes: Vec<&str> = outcomes
+        .iter()
+        .map(|o| o["node"].as_str().unwrap())
+        .collect();
+    nodes.sort();
+    let mut expected: Vec<&str> = web.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(nodes, expected, "the five web nodes, not db-0");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o["copied"]["sha256"] == sha.as_str()),
+        "{outcomes:?}"
+    );
+    assert_eq!(sha_of(&target), sha);
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    let puts = wait_until("five puts in the trail", LIMIT, || {
+        let r = audited(&server, "cp.put");
+        (r.iter().filter(|r| r["result"] == "Done").count() == 5).then_some(r)
+    });
+    let mut audited_nodes: Vec<String> = puts
+        .iter()
+        .map(|r| r["node_ids"][0].as_str().unwrap_or_default().to_owned())
+        .collect();
+    audited_nodes.sort();
+    assert_eq!(audited_nodes, expected);
+
+    // From each into DIR/<node-id>/tool.bin.
+    let into = tempfile::tempdir().expect("tempdir");
+    let out = run(
+        server.cli_cmd(&["cp", &dst, into.path().to_str().unwrap()]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("5 of 5 nodes copied"), "{}", out.stderr);
+    for id in &web {
+        assert_eq!(sha_of(&into.path().join(id).join("tool.bin")), sha, "{id}");
+    }
+    assert_eq!(names(into.path()).len(), 5);
+
+    // A directory no node has: one at a time, two failures (more than --max-errors 1), then the
+    // rest are not started.
+    let bad = format!("tag:role=web:{}/missing/f", remote.path().display());
+    let out = run(
+        server.cli_cmd(&[
+            "cp",
+            src.to_str().unwrap(),
+            &bad,
+            "--max-concurrency",
+            "1",
+            "--max-errors",
+            "1",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("no directory").count(),
+        2,
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr.matches("not started").count(),
+        3,
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("0 of 5 nodes copied"), "{}", out.stderr);
+    let out = run(
+        server.cli_cmd(&["cp", src.to_str().unwrap(), "tag:role=none:/tmp/x"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1));
+    assert!(out.stderr.contains("no node matches"), "{}", out.stderr);
+    drop(agents);
+}
