@@ -40,6 +40,9 @@ pub(crate) struct Put {
     pub(crate) resume: bool,
 }
 
+/// The uid and gid a put sets (either may be left as it is).
+type Owner = Option<(Option<u32>, Option<u32>)>;
+
 /// A put ready for its bytes.
 struct Prepared {
     file: File,
@@ -48,7 +51,7 @@ struct Prepared {
     tmp: PathBuf,
     target: PathBuf,
     mode: u32,
-    owner: Option<(Option<u32>, Option<u32>)>,
+    owner: Owner,
 }
 
 fn remove_quietly(path: &Path) {
@@ -82,7 +85,7 @@ fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()>
 fn resolve_owner(
     owner: Option<&str>,
     group: Option<&str>,
-) -> Result<Option<(Option<u32>, Option<u32>)>, String> {
+) -> Result<Owner, String> {
     if owner.is_none() && group.is_none() {
         return Ok(None);
     }
@@ -211,7 +214,7 @@ fn finish_put(
     tmp: &Path,
     target: &Path,
     mode: u32,
-    owner: Option<(Option<u32>, Option<u32>)>,
+    owner: Owner,
 ) -> Result<String, String> {
     let got = hex::encode(hasher.finalize());
     if got != expected {
