@@ -20,7 +20,7 @@ use fleetrun_proto::stream::{STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, StreamFd, 
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +38,7 @@ pub(crate) struct Put {
     pub(crate) size: u64,
     pub(crate) sha256: String,
     pub(crate) resume: bool,
+    pub(crate) parents: bool,
 }
 
 /// The uid and gid a put sets (either may be left as it is).
@@ -82,10 +83,7 @@ fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()>
 }
 
 /// The uid and gid a put's `owner`/`group` name (a name or a number); needs root.
-fn resolve_owner(
-    owner: Option<&str>,
-    group: Option<&str>,
-) -> Result<Owner, String> {
+fn resolve_owner(owner: Option<&str>, group: Option<&str>) -> Result<Owner, String> {
     if owner.is_none() && group.is_none() {
         return Ok(None);
     }
@@ -133,6 +131,14 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
     let Some(name) = name.to_str() else {
         return Err(format!("{path} is not valid UTF-8"));
     };
+    if put.parents
+        && let Err(e) = fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+    {
+        return Err(format!("cannot create {}: {e}", parent.display()));
+    }
     match fs::metadata(parent) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(format!("{} is not a directory", parent.display())),

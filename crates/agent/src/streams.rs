@@ -245,6 +245,7 @@ impl Streams {
                 size,
                 sha256,
                 resume,
+                parents,
             } => What::FilePut(crate::files::Put {
                 path,
                 mode,
@@ -253,6 +254,7 @@ impl Streams {
                 size,
                 sha256,
                 resume,
+                parents,
             }),
             StreamKind::FileGet { path, offset } => What::FileGet { path, offset },
         };

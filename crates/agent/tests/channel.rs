@@ -1835,6 +1835,7 @@ fn put_open(
             size: data.len() as u64,
             sha256: sha_hex(data),
             resume,
+            parents: false,
         },
         window: 65_536,
     }
@@ -2050,6 +2051,32 @@ async fn files_are_put_resumed_and_got_byte_exact() {
     let e = drive_put(&mut ws, 6, b"", None, 0).await;
     assert_eq!(e.closed, Some(None), "{e:?}");
     assert_eq!(std::fs::read(&empty).unwrap(), b"");
+    // With `parents`, missing directories are made (0755).
+    let deep = dir.path().join("a/b/c");
+    let kind = StreamKind::FilePut {
+        path: deep.to_str().unwrap().into(),
+        mode: None,
+        owner: None,
+        group: None,
+        size: 2,
+        sha256: sha_hex(b"hi"),
+        resume: false,
+        parents: true,
+    };
+    send(
+        &mut ws,
+        ServerFrame::StreamOpen {
+            stream: 7,
+            kind,
+            window: 1024,
+        },
+    )
+    .await;
+    let p = drive_put(&mut ws, 7, b"hi", None, 0).await;
+    assert_eq!(p.closed, Some(None), "{p:?}");
+    assert_eq!(std::fs::read(&deep).unwrap(), b"hi");
+    let made = std::fs::metadata(dir.path().join("a/b")).unwrap();
+    assert_eq!(made.permissions().mode() & 0o777, 0o755);
 }
 
 /// Bad paths, a bad hash, a short or long put, a get of what is not a file or past its end each
@@ -2077,6 +2104,7 @@ async fn bad_file_streams_say_why_and_leave_no_file() {
             size: 1,
             sha256: sha_hex(b"x"),
             resume: false,
+            parents: false,
         },
         window: 1024,
     };
@@ -2129,6 +2157,7 @@ async fn bad_file_streams_say_why_and_leave_no_file() {
             size: 1,
             sha256: sha_hex(b"x"),
             resume: false,
+            parents: false,
         },
         window: 1024,
     };

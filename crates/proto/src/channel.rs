@@ -981,6 +981,7 @@ mod tests {
                 size: 3,
                 sha256: "a".repeat(64),
                 resume: true,
+                parents: false,
             },
             StreamKind::FileGet {
                 path: "/opt/f".into(),

@@ -93,6 +93,8 @@ pub enum StreamKind {
         sha256: String,
         /// Continue a temp file an earlier put of the same target and hash left.
         resume: bool,
+        /// Create the target's missing parent directories (mode 0755; `cp -r`).
+        parents: bool,
     },
     /// Since version 5. Read a file on the node: the agent sends `StreamFileInfo` (size, mode),
     /// then the bytes from `offset` as `StreamData` within the credit, then `StreamFileDone`

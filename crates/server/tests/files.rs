@@ -111,6 +111,7 @@ async fn a_put_relays_bytes_and_ends_with_the_agents_hash() {
             size: 5,
             sha256: SHA.into(),
             resume: true,
+            parents: false,
         }
     );
     agent

@@ -48,6 +48,10 @@ pub struct Args {
     /// Owner of the file on the node, USER or USER:GROUP (the agent must run as root)
     #[arg(long, value_name = "USER[:GROUP]")]
     owner: Option<String>,
+    /// Copy a directory to a node: its files (symlinks to files followed) go under NODE:PATH,
+    /// missing directories made (0755)
+    #[arg(short = 'r', long)]
+    recursive: bool,
     /// With a target expression: most nodes copied at once, N or N% [default: 10]
     #[arg(long, value_name = "N|N%")]
     max_concurrency: Option<String>,
@@ -126,6 +130,20 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         return many(ctx, &client, src, dst, mode, owner, group, &args).await;
     }
     let copied = match (src, dst) {
+        (End::Local(src), End::Remote(node, path)) if src.is_dir() => {
+            if !args.recursive {
+                anyhow::bail!("{} is a directory (copy it with -r)", src.display());
+            }
+            let put = PutSpec {
+                node,
+                path,
+                mode,
+                owner,
+                group,
+                parents: true,
+            };
+            return put_tree(ctx, &client, &src, &put, show).await;
+        }
         (End::Local(src), End::Remote(node, path)) => {
             let put = PutSpec {
                 node,
@@ -133,6 +151,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
                 mode,
                 owner,
                 group,
+                parents: false,
             };
             put_file(&client, &src, &put, show).await?
         }
@@ -205,6 +224,9 @@ async fn many(
     if !put && (mode.is_some() || owner.is_some()) {
         anyhow::bail!("--mode and --owner are for copies to nodes");
     }
+    if args.recursive {
+        anyhow::bail!("-r goes with one node (NODE:PATH), not a target expression");
+    }
     let parsed = TargetExpr::parse(&expr)
         .map_err(|e| anyhow::anyhow!("bad target expression {expr:?}: {e}"))?;
     let nodes: Vec<_> = client
@@ -262,6 +284,7 @@ async fn many(
                 mode,
                 owner: owner.clone(),
                 group: group.clone(),
+                parents: false,
             };
             put_hashed(client, &local, &spec, sha.clone(), *size, false).await
         } else {
@@ -445,6 +468,80 @@ struct PutSpec {
     mode: Option<u32>,
     owner: Option<String>,
     group: Option<String>,
+    /// Missing directories are made on the node.
+    parents: bool,
+}
+
+/// The regular files under `dir` (symlinks to files followed, to directories skipped with a
+/// warning), with their paths relative to it, in order.
+fn walk(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_owned(), String::new())];
+    while let Some((d, rel)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .with_context(|| format!("cannot read {}", d.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("cannot read {}", d.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                eprintln!("skipping {}: not UTF-8", e.path().display());
+                continue;
+            };
+            let path = e.path();
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let link = e.file_type().is_ok_and(|t| t.is_symlink());
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => out.push((path, rel)),
+                Ok(m) if m.is_dir() && !link => stack.push((path, rel)),
+                Ok(_) => eprintln!("skipping {}: not a regular file", path.display()),
+                Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+/// `cp -r DIR NODE:PATH`: each file of DIR to PATH/its relative path, one put each.
+async fn put_tree(
+    ctx: &Ctx,
+    client: &Client,
+    src: &Path,
+    put: &PutSpec,
+    show: bool,
+) -> anyhow::Result<ExitCode> {
+    let files = walk(src)?;
+    let base = put.path.trim_end_matches('/');
+    let mut copied = Vec::new();
+    for (local, rel) in files {
+        let spec = PutSpec {
+            node: put.node.clone(),
+            path: format!("{base}/{rel}"),
+            mode: put.mode,
+            owner: put.owner.clone(),
+            group: put.group.clone(),
+            parents: true,
+        };
+        let c = put_file(client, &local, &spec, show).await?;
+        if ctx.format == Format::Table {
+            println!("{}", c.line());
+        }
+        copied.push(c);
+    }
+    match ctx.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&copied)?),
+        Format::Table => eprintln!(
+            "{} files, {} bytes",
+            copied.len(),
+            copied.iter().map(|c| c.size).sum::<u64>()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The SHA-256 and length of a local file, read in chunks.
@@ -504,6 +601,7 @@ async fn put_file(
         mode: put.mode,
         owner: put.owner.clone(),
         group: put.group.clone(),
+        parents: put.parents,
     };
     put_hashed(client, src, &spec, sha256, size, show).await
 }
@@ -537,6 +635,9 @@ async fn put_hashed(
     }
     if let Some(g) = &put.group {
         query.push_str(&format!("&group={}", enc(g)));
+    }
+    if put.parents {
+        query.push_str("&parents=true");
     }
     let url = format!("/v1/nodes/{}/files/put?{query}", put.node);
     let bar = progress(

@@ -456,3 +456,52 @@ fn cp_to_and_from_many_nodes_by_tag() {
     assert!(out.stderr.contains("no node matches"), "{}", out.stderr);
     drop(agents);
 }
+
+/// `cp -r DIR NODE:PATH` puts every file under PATH with its relative path, making the missing
+/// directories; without `-r` a directory is refused.
+#[test]
+fn a_directory_goes_up_with_r() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "cp-tree", &[]);
+    let node = server.node_id("cp-tree");
+    server.wait_online("cp-tree");
+    let local = tempfile::tempdir().expect("tempdir");
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::write(tree.join("a.txt"), b"a").unwrap();
+    std::fs::write(tree.join("sub/b.bin"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(tree.join("sub/deeper/c"), b"").unwrap();
+    std::os::unix::fs::symlink(tree.join("a.txt"), tree.join("link")).unwrap();
+    let remote = tempfile::tempdir().expect("tempdir");
+    let dst = format!("{node}:{}/new/place", remote.path().display());
+    let out = run(server.cli_cmd(&["cp", tree.to_str().unwrap(), &dst]), LIMIT);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is a directory (copy it with -r)"),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        server.cli_cmd(&["cp", "-r", tree.to_str().unwrap(), &dst]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("4 files, 300002 bytes"),
+        "{}",
+        out.stderr
+    );
+    let placed = remote.path().join("new/place");
+    assert_eq!(std::fs::read(placed.join("a.txt")).unwrap(), b"a");
+    assert_eq!(
+        std::fs::read(placed.join("link")).unwrap(),
+        b"a",
+        "a symlink's file"
+    );
+    assert_eq!(
+        std::fs::read(placed.join("sub/b.bin")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    assert_eq!(std::fs::read(placed.join("sub/deeper/c")).unwrap(), b"");
+    assert_eq!(names(&placed), ["a.txt", "link", "sub"]);
+}

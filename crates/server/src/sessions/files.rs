@@ -55,6 +55,9 @@ pub struct PutQuery {
     /// Continue a partial file an earlier put of the same file left.
     #[serde(default)]
     resume: bool,
+    /// Create missing parent directories (`cp -r`).
+    #[serde(default)]
+    parents: bool,
 }
 
 /// A get's query.
@@ -109,10 +112,11 @@ pub async fn put(
         size: q.size,
         sha256: q.sha256.clone(),
         resume: q.resume,
+        parents: q.parents,
     };
     let params = serde_json::json!({
         "path": q.path, "size": q.size, "sha256": q.sha256, "mode": mode.map(|m| format!("{m:04o}")),
-        "owner": q.owner, "group": q.group, "resume": q.resume,
+        "owner": q.owner, "group": q.group, "resume": q.resume, "parents": q.parents,
     });
     start(state, p, node, addr, ws, kind, params, "cp.put").await
 }
