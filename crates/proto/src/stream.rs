@@ -638,6 +638,7 @@ mod tests {
                 size: 1,
                 sha256: sha.into(),
                 resume: false,
+                parents: false,
             };
         let sha = "ab".repeat(32);
         assert_eq!(
