@@ -63,6 +63,29 @@ fn remove_quietly(path: &Path) {
     }
 }
 
+/// Takes the temp file's lock (`flock`, held while the fd is open): one put of a target and hash
+/// at a time, so two copies never write one temp file, nor one renames the other's.
+fn lock(file: &File, target: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this File owns; no memory is involved.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(format!(
+            "another copy of this file to {} is in progress",
+            target.display()
+        ))
+    } else {
+        Err(format!(
+            "cannot lock the temp file of {}: {e}",
+            target.display()
+        ))
+    }
+}
+
 /// Hashes the first `len` bytes of `file` (a resumed prefix), from its start.
 fn hash_prefix(file: &mut File, len: u64, hasher: &mut Sha256) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
@@ -167,6 +190,7 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
             Ok(mut file) => {
                 let meta = file.metadata().map_err(cannot)?;
                 if meta.is_file() {
+                    lock(&file, &target)?;
                     let mut offset = meta.len();
                     if offset > put.size {
                         // Longer than the file: not a prefix of it.
@@ -192,6 +216,14 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
             Err(_) => {}
         }
     }
+    // A temp file another put is writing is not replaced under it.
+    if let Ok(busy) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+    {
+        lock(&busy, &target)?;
+    }
     remove_quietly(&tmp);
     let file = OpenOptions::new()
         .write(true)
@@ -200,6 +232,7 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(cannot)?;
+    lock(&file, &target)?;
     Ok(Prepared {
         file,
         offset: 0,

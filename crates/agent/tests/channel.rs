@@ -2051,6 +2051,34 @@ async fn files_are_put_resumed_and_got_byte_exact() {
     let e = drive_put(&mut ws, 6, b"", None, 0).await;
     assert_eq!(e.closed, Some(None), "{e:?}");
     assert_eq!(std::fs::read(&empty).unwrap(), b"");
+    // Two puts of one file to one target at once: the second is refused while the first holds
+    // the temp file, which it keeps when hung up.
+    let third = dir.path().join("third");
+    send(&mut ws, put_open(20, &third, &data, None, true)).await;
+    loop {
+        if let AgentFrame::StreamFileInfo { stream: 20, .. } = recv(&mut ws).await {
+            break;
+        }
+    }
+    send(&mut ws, put_open(21, &third, &data, None, true)).await;
+    let busy = drive_put(&mut ws, 21, &data, None, 0).await;
+    let why = busy.closed.flatten().unwrap_or_default();
+    assert!(why.contains("is in progress"), "{why}");
+    send(&mut ws, put_open(22, &third, &data, None, false)).await;
+    let busy = drive_put(&mut ws, 22, &data, None, 0).await;
+    let why = busy.closed.flatten().unwrap_or_default();
+    assert!(why.contains("is in progress"), "{why}");
+    let reason = "bye".into();
+    send(&mut ws, ServerFrame::StreamClose { stream: 20, reason }).await;
+    loop {
+        if let AgentFrame::StreamClose { stream: 20, .. } = recv(&mut ws).await {
+            break;
+        }
+    }
+    send(&mut ws, put_open(23, &third, &data, None, true)).await;
+    let after = drive_put(&mut ws, 23, &data, None, 0).await;
+    assert_eq!(after.closed, Some(None), "{after:?}");
+    assert!(std::fs::read(&third).unwrap() == data);
     // With `parents`, missing directories are made (0755).
     let deep = dir.path().join("a/b/c");
     let kind = StreamKind::FilePut {

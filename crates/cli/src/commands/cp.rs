@@ -396,7 +396,9 @@ fn dial_failure(e: anyhow::Error) -> Failure {
 
 /// An error event from the server: final, unless the node's connection went (it may be back).
 fn server_error(message: String) -> Failure {
-    let again = message.contains("agent disconnected") || message.contains("idle timeout");
+    let again = message.contains("agent disconnected")
+        || message.contains("idle timeout")
+        || message.contains("is in progress");
     Failure {
         error: anyhow::anyhow!(message),
         retry: again,
