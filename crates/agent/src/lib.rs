@@ -28,6 +28,7 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod identity;
 pub mod journal;
 pub mod limits;

@@ -49,7 +49,7 @@ pub const PTY_DRAIN: Duration = Duration::from_secs(1);
 
 /// Why a stream is hung up.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Stop {
+pub(crate) enum Stop {
     /// The server closed it.
     Server(String),
     /// The server broke the stream's rules; the `StreamClose` says how.
@@ -59,7 +59,7 @@ enum Stop {
 }
 
 /// Input for a stream's process, in the order the server sent it.
-enum Input {
+pub(crate) enum Input {
     Data(Vec<u8>),
     Eof,
     /// A new window size (rows, columns): only a PTY has one.
@@ -67,14 +67,14 @@ enum Input {
 }
 
 /// The credit the server granted for a stream's output, shared by its two pumps.
-struct Credit {
-    window: Mutex<SendWindow>,
+pub(crate) struct Credit {
+    pub(crate) window: Mutex<SendWindow>,
     more: Notify,
 }
 
 impl Credit {
     /// Waits for credit and takes up to `want` bytes of it (never 0).
-    async fn take(&self, want: usize) -> usize {
+    pub(crate) async fn take(&self, want: usize) -> usize {
         loop {
             let more = self.more.notified();
             tokio::pin!(more);
@@ -164,7 +164,7 @@ impl Streams {
         }
     }
 
-    fn push(&self, generation: u64, frames: impl IntoIterator<Item = AgentFrame>) {
+    pub(crate) fn push(&self, generation: u64, frames: impl IntoIterator<Item = AgentFrame>) {
         {
             let mut inner = self.inner.lock();
             if inner.generation != generation {
@@ -237,6 +237,26 @@ impl Streams {
                 env,
             }),
             StreamKind::Tcp { host, port } => What::Tcp { host, port },
+            StreamKind::FilePut {
+                path,
+                mode,
+                owner,
+                group,
+                size,
+                sha256,
+                resume,
+                parents,
+            } => What::FilePut(crate::files::Put {
+                path,
+                mode,
+                owner,
+                group,
+                size,
+                sha256,
+                resume,
+                parents,
+            }),
+            StreamKind::FileGet { path, offset } => What::FileGet { path, offset },
         };
         let send = match SendWindow::new(window) {
             Ok(w) => w,
@@ -282,6 +302,11 @@ impl Streams {
             let ended = match what {
                 What::Tcp { host, port } => {
                     me.run_tcp(tag, &host, port, credit, input_rx, stop_rx)
+                        .await
+                }
+                What::FilePut(put) => me.run_put(tag, put, input_rx, stop_rx).await,
+                What::FileGet { path, offset } => {
+                    me.run_get(tag, path, offset, credit, input_rx, stop_rx)
                         .await
                 }
                 process => me.run(tag, process, credit, input_rx, stop_rx).await,
@@ -371,7 +396,7 @@ impl Streams {
     }
 
     /// Input consumed: grants credit back when due.
-    fn consumed(&self, stream: StreamNo, serial: u64, generation: u64, bytes: usize) {
+    pub(crate) fn consumed(&self, stream: StreamNo, serial: u64, generation: u64, bytes: usize) {
         let grant = {
             let mut inner = self.inner.lock();
             match inner.open.get_mut(&stream) {
@@ -412,10 +437,10 @@ impl Streams {
 /// Which stream a task serves: its number, its serial (tells it from a later stream of the same
 /// number) and the connection it belongs to.
 #[derive(Clone, Copy)]
-struct Tag {
-    stream: StreamNo,
-    serial: u64,
-    generation: u64,
+pub(crate) struct Tag {
+    pub(crate) stream: StreamNo,
+    pub(crate) serial: u64,
+    pub(crate) generation: u64,
 }
 
 /// What a stream runs.
@@ -426,6 +451,13 @@ enum What {
     Tcp {
         host: String,
         port: u16,
+    },
+    /// A file written on the node.
+    FilePut(crate::files::Put),
+    /// A file read from the node.
+    FileGet {
+        path: String,
+        offset: u64,
     },
 }
 
@@ -452,7 +484,7 @@ enum Io {
 }
 
 /// How a stream's task ended.
-struct Ended {
+pub(crate) struct Ended {
     /// Exit code and signal, when the process ran.
     exit: Option<(i32, Option<i32>)>,
     /// Why it did not end normally.
@@ -460,10 +492,18 @@ struct Ended {
 }
 
 impl Ended {
-    fn failed(error: String) -> Self {
+    pub(crate) fn failed(error: String) -> Self {
         Ended {
             exit: None,
             error: Some(error),
+        }
+    }
+
+    /// Ended well, without an exit status (a connection closed, a file sent).
+    pub(crate) fn ok() -> Self {
+        Ended {
+            exit: None,
+            error: None,
         }
     }
 }
@@ -670,7 +710,9 @@ impl Streams {
                 pid,
                 io: Io::Pty(pty),
             }),
-            What::Tcp { .. } => Err("a TCP stream runs no process".into()),
+            What::Tcp { .. } | What::FilePut(_) | What::FileGet { .. } => {
+                Err("a TCP or file stream runs no process".into())
+            }
         };
         let Spawned { pid, io } = match spawned {
             Ok(s) => s,
@@ -864,7 +906,7 @@ impl Streams {
 pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a stream without a process ended once hung up: a violation says why, else no error.
-fn stopped(stop: &watch::Receiver<Option<Stop>>) -> Ended {
+pub(crate) fn stopped(stop: &watch::Receiver<Option<Stop>>) -> Ended {
     let error = match stop.borrow().clone() {
         Some(Stop::Violation(why)) => Some(why),
         Some(Stop::Server(_)) | Some(Stop::Lost) | None => None,

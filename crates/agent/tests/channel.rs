@@ -1810,3 +1810,451 @@ async fn tcp_streams_that_fail_or_are_hung_up_say_why_and_close_the_socket() {
         .unwrap_or(0);
     assert_eq!(n, 0, "the peer read {rest:?} and then the close");
 }
+
+// File transfers (protocol version 5): `FilePut` and `FileGet` streams.
+
+fn sha_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+fn put_open(
+    stream: u32,
+    path: &std::path::Path,
+    data: &[u8],
+    mode: Option<u32>,
+    resume: bool,
+) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::FilePut {
+            path: path.to_str().unwrap().into(),
+            mode,
+            owner: None,
+            group: None,
+            size: data.len() as u64,
+            sha256: sha_hex(data),
+            resume,
+            parents: false,
+        },
+        window: 65_536,
+    }
+}
+
+/// What a file stream carried until its `StreamClose`.
+#[derive(Debug, Default)]
+struct FileSeen {
+    /// `StreamFileInfo`'s offset, size and mode.
+    info: Option<(u64, u64, u32)>,
+    data: Vec<u8>,
+    done: Option<String>,
+    closed: Option<Option<String>>,
+}
+
+/// Drives a put: waits for the agent's offset, sends `data` from it within the credit (only the
+/// first `cut_at` bytes of the file, then a hang-up, when given; `extra` bytes past the end when
+/// given), then the end of input; reads until the agent's `StreamClose`.
+async fn drive_put(
+    ws: &mut Ws,
+    stream: u32,
+    data: &[u8],
+    cut_at: Option<usize>,
+    extra: usize,
+) -> FileSeen {
+    let mut seen = FileSeen::default();
+    let mut credit = 0u64;
+    let mut sent: Option<usize> = None;
+    let mut body = data.to_vec();
+    body.extend(std::iter::repeat_n(7u8, extra));
+    let end = cut_at.unwrap_or(body.len());
+    let mut finished = false;
+    loop {
+        if let Some(pos) = sent.as_mut() {
+            while credit > 0 && *pos < end {
+                let n = (end - *pos).min(STREAM_FRAME_MAX).min(credit as usize);
+                let bytes = body[*pos..*pos + n].to_vec();
+                send(ws, ServerFrame::StreamData { stream, bytes }).await;
+                *pos += n;
+                credit -= n as u64;
+            }
+            if *pos == end && !finished {
+                finished = true;
+                if cut_at.is_some() {
+                    let reason = "the client left".into();
+                    send(ws, ServerFrame::StreamClose { stream, reason }).await;
+                } else {
+                    send(ws, ServerFrame::StreamEof { stream }).await;
+                }
+            }
+        }
+        match recv(ws).await {
+            AgentFrame::StreamFileInfo {
+                stream: s,
+                offset,
+                size,
+                mode,
+            } if s == stream => {
+                seen.info = Some((offset, size, mode));
+                sent = Some(usize::try_from(offset).unwrap());
+            }
+            AgentFrame::StreamCredit { stream: s, bytes } if s == stream => credit += bytes,
+            AgentFrame::StreamFileDone { stream: s, sha256 } if s == stream => {
+                seen.done = Some(sha256)
+            }
+            AgentFrame::StreamClose { stream: s, error } if s == stream => {
+                seen.closed = Some(error);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads a get's frames until its close, granting back each frame's bytes.
+async fn drive_get(
+    ws: &mut Ws,
+    stream: u32,
+    path: &std::path::Path,
+    offset: u64,
+    window: u64,
+) -> FileSeen {
+    let kind = StreamKind::FileGet {
+        path: path.to_str().unwrap().into(),
+        offset,
+    };
+    send(
+        ws,
+        ServerFrame::StreamOpen {
+            stream,
+            kind,
+            window,
+        },
+    )
+    .await;
+    let mut seen = FileSeen::default();
+    let mut credit = window;
+    loop {
+        match recv(ws).await {
+            AgentFrame::StreamFileInfo {
+                stream: s,
+                offset,
+                size,
+                mode,
+            } if s == stream => {
+                assert!(seen.data.is_empty(), "the info comes first");
+                seen.info = Some((offset, size, mode));
+            }
+            AgentFrame::StreamData {
+                stream: s, bytes, ..
+            } if s == stream => {
+                let n = bytes.len() as u64;
+                assert!(n <= credit, "{n} bytes with {credit} of credit");
+                credit -= n;
+                seen.data.extend_from_slice(&bytes);
+                credit += n;
+                send(ws, ServerFrame::StreamCredit { stream, bytes: n }).await;
+            }
+            AgentFrame::StreamFileDone { stream: s, sha256 } if s == stream => {
+                seen.done = Some(sha256)
+            }
+            AgentFrame::StreamClose { stream: s, error } if s == stream => {
+                seen.closed = Some(error);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn leftovers(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A put lands byte-exact with its mode, through a temp file that is gone after the rename; a
+/// put hung up midway keeps its temp file and no target, and a retried put with `resume` starts
+/// from the temp file's length; a get from an offset sends the rest and the whole file's hash.
+#[tokio::test]
+async fn files_are_put_resumed_and_got_byte_exact() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("tool.bin");
+    let data = noise(3 * 1024 * 1024 + 5, 9);
+
+    send(&mut ws, put_open(1, &target, &data, Some(0o750), false)).await;
+    let seen = drive_put(&mut ws, 1, &data, None, 0).await;
+    assert_eq!(seen.closed, Some(None), "{seen:?}");
+    assert_eq!(seen.info, Some((0, data.len() as u64, 0)));
+    assert_eq!(seen.done.as_deref(), Some(sha_hex(&data).as_str()));
+    assert!(std::fs::read(&target).unwrap() == data, "the file differs");
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o750);
+    assert_eq!(leftovers(dir.path()), ["tool.bin"]);
+
+    // Cut after 1.5 MiB: no target, the partial kept.
+    let second = dir.path().join("second");
+    let other = noise(2 * 1024 * 1024, 3);
+    send(&mut ws, put_open(2, &second, &other, None, false)).await;
+    let cut = drive_put(&mut ws, 2, &other, Some(1536 * 1024), 0).await;
+    assert_eq!(cut.closed, Some(None));
+    assert!(cut.done.is_none());
+    assert!(!second.exists(), "a half file under the final name");
+    let partial = dir.path().join(fleetrun_proto::stream::partial_name(
+        "second",
+        &sha_hex(&other),
+    ));
+    let kept = std::fs::metadata(&partial)
+        .expect("the partial is kept")
+        .len();
+    assert!(kept > 0 && kept <= 1536 * 1024, "{kept}");
+    assert_eq!(
+        std::fs::metadata(&partial).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    send(&mut ws, put_open(3, &second, &other, None, true)).await;
+    let resumed = drive_put(&mut ws, 3, &other, None, 0).await;
+    assert_eq!(resumed.closed, Some(None), "{resumed:?}");
+    assert_eq!(
+        resumed.info.map(|i| i.0),
+        Some(kept),
+        "resumes at the partial's length"
+    );
+    assert!(std::fs::read(&second).unwrap() == other);
+    let mode = std::fs::metadata(&second).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o644, "the default mode");
+    assert_eq!(leftovers(dir.path()), ["second", "tool.bin"]);
+
+    // Get the whole file, then from an offset.
+    let got = drive_get(&mut ws, 4, &target, 0, 100_000).await;
+    assert_eq!(got.closed, Some(None));
+    assert_eq!(got.info, Some((0, data.len() as u64, 0o750)));
+    assert!(got.data == data);
+    assert_eq!(got.done.as_deref(), Some(sha_hex(&data).as_str()));
+    let rest = drive_get(&mut ws, 5, &target, 1000, 65_536).await;
+    assert!(rest.data == data[1000..]);
+    assert_eq!(
+        rest.done.as_deref(),
+        Some(sha_hex(&data).as_str()),
+        "the whole file's hash"
+    );
+    // A zero-length file.
+    let empty = dir.path().join("empty");
+    send(&mut ws, put_open(6, &empty, b"", None, false)).await;
+    let e = drive_put(&mut ws, 6, b"", None, 0).await;
+    assert_eq!(e.closed, Some(None), "{e:?}");
+    assert_eq!(std::fs::read(&empty).unwrap(), b"");
+    // Two puts of one file to one target at once: the second is refused while the first holds
+    // the temp file, which it keeps when hung up.
+    let third = dir.path().join("third");
+    send(&mut ws, put_open(20, &third, &data, None, true)).await;
+    loop {
+        if let AgentFrame::StreamFileInfo { stream: 20, .. } = recv(&mut ws).await {
+            break;
+        }
+    }
+    send(&mut ws, put_open(21, &third, &data, None, true)).await;
+    let busy = drive_put(&mut ws, 21, &data, None, 0).await;
+    let why = busy.closed.flatten().unwrap_or_default();
+    assert!(why.contains("is in progress"), "{why}");
+    send(&mut ws, put_open(22, &third, &data, None, false)).await;
+    let busy = drive_put(&mut ws, 22, &data, None, 0).await;
+    let why = busy.closed.flatten().unwrap_or_default();
+    assert!(why.contains("is in progress"), "{why}");
+    let reason = "bye".into();
+    send(&mut ws, ServerFrame::StreamClose { stream: 20, reason }).await;
+    loop {
+        if let AgentFrame::StreamClose { stream: 20, .. } = recv(&mut ws).await {
+            break;
+        }
+    }
+    send(&mut ws, put_open(23, &third, &data, None, true)).await;
+    let after = drive_put(&mut ws, 23, &data, None, 0).await;
+    assert_eq!(after.closed, Some(None), "{after:?}");
+    assert!(std::fs::read(&third).unwrap() == data);
+    // With `parents`, missing directories are made (0755).
+    let deep = dir.path().join("a/b/c");
+    let kind = StreamKind::FilePut {
+        path: deep.to_str().unwrap().into(),
+        mode: None,
+        owner: None,
+        group: None,
+        size: 2,
+        sha256: sha_hex(b"hi"),
+        resume: false,
+        parents: true,
+    };
+    send(
+        &mut ws,
+        ServerFrame::StreamOpen {
+            stream: 7,
+            kind,
+            window: 1024,
+        },
+    )
+    .await;
+    let p = drive_put(&mut ws, 7, b"hi", None, 0).await;
+    assert_eq!(p.closed, Some(None), "{p:?}");
+    assert_eq!(std::fs::read(&deep).unwrap(), b"hi");
+    let made = std::fs::metadata(dir.path().join("a/b")).unwrap();
+    assert_eq!(made.permissions().mode() & 0o777, 0o755);
+}
+
+/// Bad paths, a bad hash, a short or long put, a get of what is not a file or past its end each
+/// end the stream with an error naming what is wrong; the target is never written, a rejected
+/// put leaves no temp file, and the agent goes on serving.
+#[tokio::test]
+async fn bad_file_streams_say_why_and_leave_no_file() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("f");
+    let data = noise(300_000, 4);
+    let closed = |seen: &FileSeen| seen.closed.clone().flatten().unwrap_or_default();
+
+    // Relative path, refused before anything.
+    let bad = ServerFrame::StreamOpen {
+        stream: 1,
+        kind: StreamKind::FilePut {
+            path: "relative/f".into(),
+            mode: None,
+            owner: None,
+            group: None,
+            size: 1,
+            sha256: sha_hex(b"x"),
+            resume: false,
+            parents: false,
+        },
+        window: 1024,
+    };
+    send(&mut ws, bad).await;
+    let seen = drive_put(&mut ws, 1, b"x", None, 0).await;
+    assert!(closed(&seen).contains("bad stream: bad path"), "{seen:?}");
+    // A missing directory.
+    send(
+        &mut ws,
+        put_open(2, &dir.path().join("no/such/f"), &data, None, false),
+    )
+    .await;
+    let seen = drive_put(&mut ws, 2, &data, None, 0).await;
+    assert!(closed(&seen).contains("no directory"), "{seen:?}");
+    // A directory as the target.
+    send(&mut ws, put_open(3, dir.path(), &data, None, false)).await;
+    let seen = drive_put(&mut ws, 3, &data, None, 0).await;
+    assert!(closed(&seen).contains("is a directory"), "{seen:?}");
+    // Data past the size.
+    send(&mut ws, put_open(4, &target, &data, None, false)).await;
+    let seen = drive_put(&mut ws, 4, &data, None, 10).await;
+    assert!(
+        closed(&seen).contains("more bytes than the file's size"),
+        "{seen:?}"
+    );
+    assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    // Too few bytes.
+    send(&mut ws, put_open(5, &target, &data, None, false)).await;
+    let seen = drive_put(&mut ws, 5, &data[..1000], None, 0).await;
+    assert!(
+        closed(&seen).contains("got 1000 bytes of 300000"),
+        "{seen:?}"
+    );
+    assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    // The right size, the wrong bytes.
+    let mut wrong = data.clone();
+    wrong[12345] ^= 1;
+    send(&mut ws, put_open(6, &target, &data, None, false)).await;
+    let seen = drive_put(&mut ws, 6, &wrong, None, 0).await;
+    assert!(closed(&seen).starts_with("sha256 mismatch"), "{seen:?}");
+    assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    // An owner needs root (or, as root, an unknown user is refused).
+    let owned = ServerFrame::StreamOpen {
+        stream: 7,
+        kind: StreamKind::FilePut {
+            path: target.to_str().unwrap().into(),
+            mode: None,
+            owner: Some("no-such-user-here".into()),
+            group: None,
+            size: 1,
+            sha256: sha_hex(b"x"),
+            resume: false,
+            parents: false,
+        },
+        window: 1024,
+    };
+    send(&mut ws, owned).await;
+    let seen = drive_put(&mut ws, 7, b"x", None, 0).await;
+    let why = closed(&seen);
+    assert!(
+        why.contains("no such user") || why.contains("needs the agent to run as root"),
+        "{why}"
+    );
+    // Gets: missing, a directory, past the end.
+    let seen = drive_get(&mut ws, 8, &dir.path().join("missing"), 0, 1024).await;
+    assert!(closed(&seen).contains("no such file"), "{seen:?}");
+    let seen = drive_get(&mut ws, 9, dir.path(), 0, 1024).await;
+    assert!(closed(&seen).contains("is a directory"), "{seen:?}");
+    std::fs::write(&target, b"abc").unwrap();
+    let seen = drive_get(&mut ws, 10, &target, 4, 1024).await;
+    assert!(
+        closed(&seen).contains("offset 4 is past the end"),
+        "{seen:?}"
+    );
+    // Input to a get breaks it.
+    let kind = StreamKind::FileGet {
+        path: target.to_str().unwrap().into(),
+        offset: 0,
+    };
+    // (No output credit: the get waits for it, and hears the input.)
+    send(
+        &mut ws,
+        ServerFrame::StreamOpen {
+            stream: 11,
+            kind,
+            window: 0,
+        },
+    )
+    .await;
+    send(
+        &mut ws,
+        ServerFrame::StreamData {
+            stream: 11,
+            bytes: b"x".to_vec(),
+        },
+    )
+    .await;
+    let why = loop {
+        if let AgentFrame::StreamClose { stream: 11, error } = recv(&mut ws).await {
+            break error.unwrap_or_default();
+        }
+    };
+    assert!(why.contains("a file get takes no input"), "{why}");
+    // Data for a stream that is not open.
+    send(
+        &mut ws,
+        ServerFrame::StreamData {
+            stream: 99,
+            bytes: b"x".to_vec(),
+        },
+    )
+    .await;
+    let seen = drive_put(&mut ws, 99, b"", Some(0), 0).await;
+    assert!(
+        closed(&seen).contains("data for unknown session stream 99"),
+        "{seen:?}"
+    );
+    // Still serving, and the earlier target untouched.
+    assert_eq!(std::fs::read(&target).unwrap(), b"abc");
+    let small = dir.path().join("small");
+    send(&mut ws, put_open(12, &small, b"hello", None, false)).await;
+    let seen = drive_put(&mut ws, 12, b"hello", None, 0).await;
+    assert_eq!(seen.closed, Some(None), "{seen:?}");
+    assert_eq!(std::fs::read(&small).unwrap(), b"hello");
+}

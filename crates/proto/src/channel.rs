@@ -237,6 +237,28 @@ pub enum AgentFrame {
         /// Why, when it did not end normally.
         error: Option<String>,
     },
+    /// Since version 5. A file stream's facts, before its first credit (put) or its bytes
+    /// (get): the offset its bytes start at (a put resuming: the temp file's length), the whole
+    /// file's size and (a get) its permission bits.
+    StreamFileInfo {
+        /// The stream.
+        stream: StreamNo,
+        /// Where the bytes start (at most `size`).
+        offset: u64,
+        /// The whole file's length.
+        size: u64,
+        /// Permission bits (a get; 0 for a put).
+        mode: u32,
+    },
+    /// Since version 5. A file stream succeeded (then `StreamClose` without an error): a put's
+    /// file is checked, synced and renamed into place; a get's bytes are all sent. `sha256`
+    /// (64 lowercase hex digits) is the whole file's.
+    StreamFileDone {
+        /// The stream.
+        stream: StreamNo,
+        /// The whole file's SHA-256.
+        sha256: String,
+    },
 }
 
 /// How an invocation ended on the node.
@@ -584,6 +606,8 @@ const AGENT_VARIANTS: &[(&str, &[&str])] = &[
     ("StreamCredit", &["stream", "bytes"]),
     ("StreamExit", &["stream", "code", "signal"]),
     ("StreamClose", &["stream", "error"]),
+    ("StreamFileInfo", &["stream", "offset", "size", "mode"]),
+    ("StreamFileDone", &["stream", "sha256"]),
 ];
 
 /// Variants of [`ServerFrame`] in declaration (wire) order, with their fields.
@@ -880,6 +904,16 @@ mod tests {
                 stream: u32::MAX,
                 error: Some("unknown stream".into()),
             },
+            AgentFrame::StreamFileInfo {
+                stream: 7,
+                offset: 5,
+                size: 1 << 40,
+                mode: 0o755,
+            },
+            AgentFrame::StreamFileDone {
+                stream: 7,
+                sha256: "0".repeat(64),
+            },
         ];
         for (tag, f) in (7..).zip(agent) {
             let bytes = f.encode();
@@ -937,6 +971,21 @@ mod tests {
             StreamKind::Tcp {
                 host: "localhost".into(),
                 port: 5432,
+            },
+            // Version 5's, after those.
+            StreamKind::FilePut {
+                path: "/opt/f".into(),
+                mode: Some(0o755),
+                owner: Some("root".into()),
+                group: None,
+                size: 3,
+                sha256: "a".repeat(64),
+                resume: true,
+                parents: false,
+            },
+            StreamKind::FileGet {
+                path: "/opt/f".into(),
+                offset: 0,
             },
         ]
         .into_iter()

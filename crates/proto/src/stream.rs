@@ -72,6 +72,100 @@ pub enum StreamKind {
         /// The port, 1 to 65535.
         port: u16,
     },
+    /// Since version 5. Write a file on the node: the stream's input is its bytes (from the
+    /// offset the agent reports in `StreamFileInfo`), written to a temp file beside `path`
+    /// (`.NAME.fleetrun-<first 16 hex of sha256>.part`), checked (size and SHA-256 of the whole
+    /// file), synced and renamed over `path` at `StreamEof`; the agent then sends
+    /// `StreamFileDone` and closes. A hang-up keeps the temp file for a resume; a mismatch
+    /// deletes it. `path` itself never holds a partial file.
+    FilePut {
+        /// Absolute path of the target on the node.
+        path: String,
+        /// Permission bits (at most 0o7777); `None`: the existing target's, else 0o644.
+        mode: Option<u32>,
+        /// Owner (user name or uid); needs a root agent.
+        owner: Option<String>,
+        /// Group (name or gid); needs a root agent.
+        group: Option<String>,
+        /// The whole file's length in bytes.
+        size: u64,
+        /// The whole file's SHA-256, 64 lowercase hex digits.
+        sha256: String,
+        /// Continue a temp file an earlier put of the same target and hash left.
+        resume: bool,
+        /// Create the target's missing parent directories (mode 0755; `cp -r`).
+        parents: bool,
+    },
+    /// Since version 5. Read a file on the node: the agent sends `StreamFileInfo` (size, mode),
+    /// then the bytes from `offset` as `StreamData` within the credit, then `StreamFileDone`
+    /// with the SHA-256 of the whole file, and closes. The stream takes no input.
+    FileGet {
+        /// Absolute path of the file on the node.
+        path: String,
+        /// Where to start (a resumed download), at most the file's size.
+        offset: u64,
+    },
+}
+
+/// Longest path of a file stream, in bytes (as Linux's PATH_MAX).
+pub const FILE_PATH_MAX: usize = 4096;
+/// Largest permission bits of a put.
+pub const FILE_MODE_MAX: u32 = 0o7777;
+/// Longest owner or group name of a put.
+pub const FILE_OWNER_MAX: usize = 32;
+
+/// Checks a file stream's path: absolute, no NUL, at most [`FILE_PATH_MAX`] bytes, not `/`.
+pub fn check_file_path(path: &str) -> Result<(), String> {
+    if path.len() > FILE_PATH_MAX {
+        return Err(format!(
+            "path is {} bytes, more than {FILE_PATH_MAX}",
+            path.len()
+        ));
+    }
+    if !path.starts_with('/') || path.contains('\0') || path.trim_end_matches('/').is_empty() {
+        return Err(format!(
+            "bad path {path:?} (an absolute path of a file, without NUL)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an owner or group name of a put: a uid/gid, or 1 to [`FILE_OWNER_MAX`] letters,
+/// digits and `_.-` not starting with `-`.
+pub fn check_owner_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= FILE_OWNER_MAX
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad {what} {name:?} (a name of 1 to {FILE_OWNER_MAX} letters, digits and _.-, or a number)"
+        ))
+    }
+}
+
+/// Checks a SHA-256 in hex: 64 lowercase hex digits.
+pub fn check_sha256(sha256: &str) -> Result<(), String> {
+    if sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(())
+    } else {
+        Err(format!("bad sha256 {sha256:?} (64 lowercase hex digits)"))
+    }
+}
+
+/// The temp file name a put of `name` with hash `sha256` writes beside its target (the same for
+/// a retried put, so it resumes).
+pub fn partial_name(name: &str, sha256: &str) -> String {
+    let short = sha256.get(..16).unwrap_or(sha256);
+    format!(".{name}.fleetrun-{short}.part")
 }
 
 /// Longest `TERM` of a `Shell` stream.
@@ -160,6 +254,29 @@ impl StreamKind {
                 }
                 Ok(())
             }
+            StreamKind::FilePut {
+                path,
+                mode,
+                owner,
+                group,
+                sha256,
+                ..
+            } => {
+                check_file_path(path)?;
+                if let Some(m) = mode
+                    && *m > FILE_MODE_MAX
+                {
+                    return Err(format!("bad mode {m:o} (at most 7777 in octal)"));
+                }
+                if let Some(o) = owner {
+                    check_owner_name("owner", o)?;
+                }
+                if let Some(g) = group {
+                    check_owner_name("group", g)?;
+                }
+                check_sha256(sha256)
+            }
+            StreamKind::FileGet { path, .. } => check_file_path(path),
         }
     }
 
@@ -171,6 +288,7 @@ impl StreamKind {
             StreamKind::Shell { .. } | StreamKind::Tcp { .. } => {
                 crate::version::SHELLS_AND_TCP_SINCE
             }
+            StreamKind::FilePut { .. } | StreamKind::FileGet { .. } => crate::version::FILES_SINCE,
         }
     }
 
@@ -180,6 +298,7 @@ impl StreamKind {
             StreamKind::Exec { .. } => "exec",
             StreamKind::Shell { .. } => "shell",
             StreamKind::Tcp { .. } => "tcp",
+            StreamKind::FilePut { .. } | StreamKind::FileGet { .. } => "file transfer",
         }
     }
 }
@@ -385,6 +504,23 @@ pub mod client {
             /// The signal that ended it, if one did.
             signal: Option<i32>,
         },
+        /// A file transfer (since protocol version 5): the file's size and mode, and the offset
+        /// its bytes start at (a put: where the client starts sending; a get: where the bytes
+        /// that follow start).
+        File {
+            /// Where the bytes start.
+            offset: u64,
+            /// The whole file's length.
+            size: u64,
+            /// Its permission bits (a get; 0 for a put).
+            mode: u32,
+        },
+        /// A file transfer ended well: the SHA-256 of the whole file (a put: checked and renamed
+        /// into place; a get: the client checks it), then a normal close.
+        Done {
+            /// 64 lowercase hex digits.
+            sha256: String,
+        },
         /// The session failed or was refused; the socket closes after it.
         Error {
             /// Why, in words.
@@ -489,6 +625,76 @@ mod tests {
         assert!(tcp("a", 0).check().unwrap_err().contains("port 0"));
         assert_eq!(tcp("a", 1).since(), crate::version::SHELLS_AND_TCP_SINCE);
         assert_eq!(exec_kind().since(), crate::version::STREAMS_SINCE);
+    }
+
+    #[test]
+    fn file_streams_are_checked() {
+        let put =
+            |path: &str, mode: Option<u32>, owner: Option<&str>, sha: &str| StreamKind::FilePut {
+                path: path.into(),
+                mode,
+                owner: owner.map(Into::into),
+                group: None,
+                size: 1,
+                sha256: sha.into(),
+                resume: false,
+                parents: false,
+            };
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            put("/tmp/x", Some(0o755), Some("root"), &sha).check(),
+            Ok(())
+        );
+        assert!(
+            put("tmp/x", None, None, &sha)
+                .check()
+                .unwrap_err()
+                .contains("bad path")
+        );
+        assert!(
+            put("/", None, None, &sha)
+                .check()
+                .unwrap_err()
+                .contains("bad path")
+        );
+        assert!(
+            put("/a\0b", None, None, &sha)
+                .check()
+                .unwrap_err()
+                .contains("bad path")
+        );
+        let long = format!("/{}", "a".repeat(FILE_PATH_MAX));
+        assert!(
+            put(&long, None, None, &sha)
+                .check()
+                .unwrap_err()
+                .contains("more than")
+        );
+        assert!(
+            put("/x", Some(0o10000), None, &sha)
+                .check()
+                .unwrap_err()
+                .contains("bad mode")
+        );
+        assert!(
+            put("/x", None, Some("-rf"), &sha)
+                .check()
+                .unwrap_err()
+                .contains("bad owner")
+        );
+        assert!(
+            put("/x", None, None, "AB")
+                .check()
+                .unwrap_err()
+                .contains("bad sha256")
+        );
+        let get = StreamKind::FileGet {
+            path: "x".into(),
+            offset: 0,
+        };
+        assert!(get.check().unwrap_err().contains("bad path"));
+        assert_eq!(get.since(), crate::version::FILES_SINCE);
+        assert_eq!(partial_name("f", &sha), ".f.fleetrun-abababababababab.part");
     }
 
     fn exec_kind() -> StreamKind {

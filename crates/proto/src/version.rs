@@ -12,16 +12,18 @@
 /// the agent), appended to both frame enums so version 2's frames keep their encoding.
 /// Since version 4: the stream kinds `Shell` (a PTY) and `Tcp` (a connection the agent makes), and
 /// `StreamResize` from the server; appended again, so version 3's frames keep their encoding.
+/// Since version 5: file transfers, the stream kinds `FilePut` and `FileGet` and the agent's
+/// `StreamFileInfo` and `StreamFileDone`; appended again.
 ///
 /// Versioned in the handshake: every version's first agent frame begins with the same bytes, the
 /// frame's variant and then this number ([`crate::channel::handshake_version`] reads them without
 /// decoding the rest), so a server refuses an agent of another version with `ProtocolVersion`
 /// whatever the rest of its layout; and the server names its own version in the upgrade response's
 /// [`PROTOCOL_VERSION_HEADER`], so an agent refused can say which versions disagree.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
-/// The oldest agent protocol version a server accepts. Versions 3 and 4 only appended frames
-/// (session streams, [`crate::stream`]) to version 2, so a server speaks to all three and opens
+/// The oldest agent protocol version a server accepts. Versions 3 to 5 only appended frames
+/// (session streams, [`crate::stream`]) to version 2, so a server speaks to all of them and opens
 /// streams only on connections whose agent said version [`STREAMS_SINCE`] or later, and only of
 /// kinds the agent's version has ([`crate::stream::StreamKind::since`]).
 pub const PROTOCOL_VERSION_MIN: u32 = 2;
@@ -32,6 +34,10 @@ pub const STREAMS_SINCE: u32 = 3;
 /// The first protocol version with PTY shells and TCP connections on streams
 /// (`StreamKind::Shell`, `StreamKind::Tcp`, `ServerFrame::StreamResize`).
 pub const SHELLS_AND_TCP_SINCE: u32 = 4;
+
+/// The first protocol version with file transfers (`StreamKind::FilePut`, `StreamKind::FileGet`,
+/// `AgentFrame::StreamFileInfo`, `AgentFrame::StreamFileDone`).
+pub const FILES_SINCE: u32 = 5;
 
 /// HTTP header of the server's WebSocket upgrade response (`101`) that carries its
 /// [`PROTOCOL_VERSION`] (since version 2; absent from older servers).

@@ -6,7 +6,7 @@ mod support;
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, ServerFrame};
 use fleetrun_proto::stream::StreamFd;
 use fleetrun_proto::version::{
-    PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SHELLS_AND_TCP_SINCE, STREAMS_SINCE,
+    FILES_SINCE, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SHELLS_AND_TCP_SINCE, STREAMS_SINCE,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -16,8 +16,13 @@ use support::{ScriptedAgent, TestServer};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_of_the_previous_version_is_served() {
     assert_eq!(
-        (PROTOCOL_VERSION_MIN, STREAMS_SINCE, SHELLS_AND_TCP_SINCE),
-        (2, 3, PROTOCOL_VERSION)
+        (
+            PROTOCOL_VERSION_MIN,
+            STREAMS_SINCE,
+            SHELLS_AND_TCP_SINCE,
+            FILES_SINCE
+        ),
+        (2, 3, 4, PROTOCOL_VERSION)
     );
     let server = TestServer::start().await;
     let mut agent = ScriptedAgent::register(&server, "v2-node").await;

@@ -96,14 +96,14 @@ pub(crate) async fn resolve(client: &Client, given: &str) -> anyhow::Result<Node
 
 /// Whether `given` reads as a target expression rather than a node name: its first term starts
 /// with one of the expression's prefixes (node names have no `:`).
-fn is_expression(given: &str) -> bool {
+pub(crate) fn is_expression(given: &str) -> bool {
     ["tag:", "tag-key:", "id:"]
         .iter()
         .any(|p| given.starts_with(p))
 }
 
 /// Whether `node` is matched by every term of `expr` (as the server resolves `send --targets`).
-fn matches(expr: &TargetExpr, node: &Node) -> bool {
+pub(crate) fn matches(expr: &TargetExpr, node: &Node) -> bool {
     expr.0.iter().all(|term| match term {
         TargetTerm::All => true,
         TargetTerm::Tag { key, values } => node.tags.get(key).is_some_and(|v| values.contains(v)),
@@ -293,6 +293,11 @@ pub(super) async fn relay(
             },
             Message::Text(t) => match serde_json::from_str::<ServerEvent>(t.as_str()) {
                 Ok(ServerEvent::Started) => {}
+                Ok(ServerEvent::File { .. } | ServerEvent::Done { .. }) => {
+                    break Err(anyhow::anyhow!(
+                        "the server sent a file transfer's message to a command session"
+                    ));
+                }
                 Ok(ServerEvent::Exit { code, .. }) => {
                     break Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
                 }

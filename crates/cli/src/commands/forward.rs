@@ -267,7 +267,10 @@ async fn receive(
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerEvent>(t.as_str()) {
                 Ok(ServerEvent::Started) => {}
                 Ok(ServerEvent::Error { message }) => return Err(session_failed(message)),
-                Ok(ServerEvent::Exit { .. }) | Err(_) => {
+                Ok(
+                    ServerEvent::Exit { .. } | ServerEvent::File { .. } | ServerEvent::Done { .. },
+                )
+                | Err(_) => {
                     anyhow::bail!("the server sent a message this CLI does not know")
                 }
             },

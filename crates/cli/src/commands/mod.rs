@@ -5,6 +5,7 @@ mod activation;
 mod audit;
 mod cancel;
 mod command;
+mod cp;
 mod dev;
 mod documents;
 mod exec;
@@ -101,6 +102,8 @@ enum Subcommands {
     Shell(shell::Args),
     /// Forward local TCP ports to ports reached from a node (its own, or hosts it can reach)
     PortForward(forward::ForwardArgs),
+    /// Copy a file to a node or from one (LOCAL NODE:PATH, NODE:PATH LOCAL), checked end to end
+    Cp(cp::Args),
     /// Join stdin and stdout to one TCP connection made from a node (an ssh ProxyCommand)
     Proxy(forward::ProxyArgs),
     /// List sessions (exec, shell, port-forward), newest first; show or terminate one, get or play its recording
@@ -186,6 +189,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Exec(args) => exec::run(&ctx, args).await,
         Subcommands::Shell(args) => shell::run(&ctx, args).await,
         Subcommands::PortForward(args) => forward::port_forward(&ctx, args).await,
+        Subcommands::Cp(args) => cp::run(&ctx, args).await,
         Subcommands::Proxy(args) => forward::proxy(&ctx, args).await,
         Subcommands::Sessions(args) => sessions::run(&ctx, args).await,
         Subcommands::Commands(args) => command::list(&ctx, args).await,

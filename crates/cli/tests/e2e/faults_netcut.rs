@@ -9,10 +9,10 @@ use std::time::Duration;
 
 /// A network namespace and the veth pair into it: host end `10.77.N.1`, namespace end `10.77.N.2`.
 /// Removed on drop (deleting the namespace deletes both veth ends).
-struct NetNs {
-    name: String,
-    host_if: String,
-    host_ip: String,
+pub(crate) struct NetNs {
+    pub(crate) name: String,
+    pub(crate) host_if: String,
+    pub(crate) host_ip: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -33,7 +33,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 impl NetNs {
     /// Creates the namespace and link, or says why it cannot.
-    fn create() -> Result<NetNs, String> {
+    pub(crate) fn create() -> Result<NetNs, String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         // A subnet no other run on this machine uses: pick from the pid, skip ones in use.
         let used = Command::new("ip")
@@ -88,7 +88,7 @@ impl NetNs {
         Ok(ns)
     }
 
-    fn link(&self, up: bool) {
+    pub(crate) fn link(&self, up: bool) {
         ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]).expect("set link");
     }
 }

@@ -10,6 +10,7 @@ mod audit;
 mod authz;
 mod bad_input;
 mod brute_force;
+mod cp;
 mod deregister;
 mod dev;
 mod documents;

@@ -48,6 +48,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/nodes/{node_id}/exec", get(crate::sessions::exec::exec))
         .route(
+            "/v1/nodes/{node_id}/files/put",
+            get(crate::sessions::files::put),
+        )
+        .route(
+            "/v1/nodes/{node_id}/files/get",
+            get(crate::sessions::files::get),
+        )
+        .route(
             "/v1/nodes/{node_id}/port-forward",
             get(crate::sessions::forward::open),
         )

@@ -758,7 +758,9 @@ async fn route(
         f @ (AgentFrame::StreamData { .. }
         | AgentFrame::StreamCredit { .. }
         | AgentFrame::StreamExit { .. }
-        | AgentFrame::StreamClose { .. }) => streams.route(f)?,
+        | AgentFrame::StreamClose { .. }
+        | AgentFrame::StreamFileInfo { .. }
+        | AgentFrame::StreamFileDone { .. }) => streams.route(f)?,
     }
     Ok(())
 }

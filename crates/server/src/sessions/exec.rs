@@ -522,6 +522,8 @@ async fn relay(
                     stream.consumed(n);
                 }
                 Some(AgentEvent::Exit { code, signal }) => ended.exit = Some((code, signal)),
+                // Only file streams have these.
+                Some(AgentEvent::FileInfo { .. } | AgentEvent::FileDone(_)) => {}
                 Some(AgentEvent::Close(error)) => {
                     if error.is_some() || ended.exit.is_none() {
                         ended.error = Some(error.unwrap_or_else(|| "the agent ended the session without an exit status".into()));

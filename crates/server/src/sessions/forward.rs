@@ -439,6 +439,8 @@ async fn pipe(
             () = forward.ended.cancelled() => return Err("the port-forward session ended".into()),
             event = stream.next() => match event {
                 None => return Err("the node's agent disconnected".into()),
+                // Only file streams have these.
+                Some(AgentEvent::FileInfo { .. } | AgentEvent::FileDone(_)) => {}
                 Some(AgentEvent::Credit(n)) => if input.credit(n)? {
                     sink.send(text(&ServerEvent::Started)).await.map_err(left)?;
                 },

@@ -30,6 +30,17 @@ pub enum AgentEvent {
     },
     /// The agent ended the stream: `None` after `Exit` or a hang-up, else why it refused or broke it.
     Close(Option<String>),
+    /// A file stream's facts (since version 5): where its bytes start, the file's size and mode.
+    FileInfo {
+        /// Where the bytes start (at most `size`).
+        offset: u64,
+        /// The whole file's length.
+        size: u64,
+        /// Permission bits (a get).
+        mode: u32,
+    },
+    /// A file stream succeeded: the whole file's SHA-256 (checked hex).
+    FileDone(String),
 }
 
 /// Why a stream could not be opened.
@@ -166,6 +177,24 @@ impl Streams {
                 signal,
             } => (stream, AgentEvent::Exit { code, signal }),
             AgentFrame::StreamClose { stream, error } => (stream, AgentEvent::Close(error)),
+            AgentFrame::StreamFileInfo {
+                stream,
+                offset,
+                size,
+                mode,
+            } => {
+                if offset > size || mode > fleetrun_proto::stream::FILE_MODE_MAX {
+                    return Err(format!(
+                        "session stream {stream}: bad file info (offset {offset}, size {size}, mode {mode:o})"
+                    ));
+                }
+                (stream, AgentEvent::FileInfo { offset, size, mode })
+            }
+            AgentFrame::StreamFileDone { stream, sha256 } => {
+                fleetrun_proto::stream::check_sha256(&sha256)
+                    .map_err(|e| format!("session stream {stream}: {e}"))?;
+                (stream, AgentEvent::FileDone(sha256))
+            }
             _ => return Err("not a session stream frame".into()),
         };
         let mut inner = self.inner.lock();
@@ -441,6 +470,19 @@ mod tests {
         streams.route(data(2, 100)).unwrap();
         let e = streams.route(data(2, 1)).unwrap_err();
         assert!(e.contains("credit"), "{e}");
+        // File frames with bad values are refused.
+        let info = AgentFrame::StreamFileInfo {
+            stream: 2,
+            offset: 5,
+            size: 4,
+            mode: 0,
+        };
+        assert!(streams.route(info).unwrap_err().contains("bad file info"));
+        let done = AgentFrame::StreamFileDone {
+            stream: 2,
+            sha256: "xyz".into(),
+        };
+        assert!(streams.route(done).unwrap_err().contains("bad sha256"));
     }
 
     #[test]

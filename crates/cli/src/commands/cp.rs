@@ -1,0 +1,941 @@
+//! `fleetrun cp SRC DST`: a file to a node (`LOCAL NODE:PATH`) or from one (`NODE:PATH LOCAL`),
+//! over the server's file sockets (`/v1/nodes/{node}/files/put|get`, one session stream each).
+//!
+//! The file is streamed in chunks, never whole in memory; a put hashes the local file first and
+//! the agent checks that hash over the whole file before it renames its temp file into place; a
+//! get writes a temp file beside the local target and renames it once the agent's hash of the
+//! whole file matches ours. A dropped connection is retried with resume (at most
+//! [`ATTEMPTS`] attempts within [`RETRY_WITHIN`]): a put from the offset the agent reports (the
+//! length of its temp file), a get from the length of our temp file.
+
+use super::Ctx;
+use crate::client::{ApiError, Client, Socket};
+use crate::render::Format;
+use anyhow::Context;
+use fleetrun_proto::NodeId;
+use fleetrun_proto::stream::STREAM_FRAME_MAX;
+use fleetrun_proto::stream::client::{ClientEvent, ServerEvent, TAG_STDIN, TAG_STDOUT};
+use futures_util::{SinkExt, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use std::io::{IsTerminal, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+NODE is a node id, or a target expression as `send --targets` takes (tag:KEY=VALUE, tag-key:KEY,
+id:ID, all; terms ANDed) for many nodes: `fleetrun cp ./f 'tag:role=web:/opt/f'` puts to each
+node it matches (online ones; --max-concurrency at once, none started once more than --max-errors
+failed); `fleetrun cp 'tag:role=web:/var/log/x' DIR` gets each node's file into DIR/NODE_ID/x. The copy is checked end to end (SHA-256 of the whole file) and written to a
+temp file beside the target, renamed into place only once it is whole: the target never holds a
+half file. A dropped connection is retried (at most 8 attempts within 60 s), resuming where the copy
+stopped; else the copy fails with the last error.")]
+pub struct Args {
+    /// The source: a local file, or NODE:PATH
+    #[arg(value_name = "SRC")]
+    src: String,
+    /// The destination: NODE:PATH (an absolute path), or a local file or directory
+    #[arg(value_name = "DST")]
+    dst: String,
+    /// Permission bits of the file on the node, in octal (else the existing file's, else 0644)
+    #[arg(long, value_name = "MODE")]
+    mode: Option<String>,
+    /// Owner of the file on the node, USER or USER:GROUP (the agent must run as root)
+    #[arg(long, value_name = "USER[:GROUP]")]
+    owner: Option<String>,
+    /// Copy a directory to a node: its files (symlinks to files followed) go under NODE:PATH,
+    /// missing directories made (0755)
+    #[arg(short = 'r', long)]
+    recursive: bool,
+    /// With a target expression: most nodes copied at once, N or N% [default: 10]
+    #[arg(long, value_name = "N|N%")]
+    max_concurrency: Option<String>,
+    /// With a target expression: failures after which no more copies start, N or N% [default: 0]
+    #[arg(long, value_name = "N|N%")]
+    max_errors: Option<String>,
+}
+
+/// Most attempts of one copy.
+pub const ATTEMPTS: u32 = 8;
+/// Retries stop once this long has passed since the first attempt.
+pub const RETRY_WITHIN: Duration = Duration::from_secs(60);
+/// Bytes a message carries (one stream frame).
+const CHUNK: usize = STREAM_FRAME_MAX;
+
+/// One end of a copy.
+enum End {
+    Local(PathBuf),
+    Remote(NodeId, String),
+    /// A target expression and the path on each node it matches.
+    Many(String, String),
+}
+
+fn parse_end(s: &str) -> End {
+    if let Some((node, path)) = s.split_once(':')
+        && let Ok(id) = node.parse::<NodeId>()
+    {
+        return End::Remote(id, path.to_owned());
+    }
+    if (super::exec::is_expression(s) || s.starts_with("all:"))
+        && let Some(at) = s.find(":/")
+    {
+        return End::Many(s[..at].to_owned(), s[at + 1..].to_owned());
+    }
+    End::Local(PathBuf::from(s))
+}
+
+/// What a copy did, printed at its end.
+#[derive(serde::Serialize)]
+struct Copied {
+    direction: &'static str,
+    node: String,
+    path: String,
+    local: String,
+    size: u64,
+    sha256: String,
+    attempts: u32,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
+    let client = ctx.client()?;
+    let mode = match args.mode.as_deref() {
+        None => None,
+        Some(m) => Some(
+            u32::from_str_radix(m, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("bad --mode {m:?}: octal permission bits, e.g. 0755")
+                })?,
+        ),
+    };
+    let (owner, group) = match args.owner.as_deref() {
+        None => (None, None),
+        Some(o) => match o.split_once(':') {
+            Some((u, g)) => (
+                (!u.is_empty()).then(|| u.to_owned()),
+                (!g.is_empty()).then(|| g.to_owned()),
+            ),
+            None => (Some(o.to_owned()), None),
+        },
+    };
+    let show = ctx.format == Format::Table && std::io::stderr().is_terminal();
+    let (src, dst) = (parse_end(&args.src), parse_end(&args.dst));
+    if matches!((&src, &dst), (End::Many(..), _) | (_, End::Many(..))) {
+        return many(ctx, &client, src, dst, mode, owner, group, &args).await;
+    }
+    let copied = match (src, dst) {
+        (End::Local(src), End::Remote(node, path)) if src.is_dir() => {
+            if !args.recursive {
+                anyhow::bail!("{} is a directory (copy it with -r)", src.display());
+            }
+            let put = PutSpec {
+                node,
+                path,
+                mode,
+                owner,
+                group,
+                parents: true,
+            };
+            return put_tree(ctx, &client, &src, &put, show).await;
+        }
+        (End::Local(src), End::Remote(node, path)) => {
+            let put = PutSpec {
+                node,
+                path,
+                mode,
+                owner,
+                group,
+                parents: false,
+            };
+            put_file(&client, &src, &put, show).await?
+        }
+        (End::Remote(node, path), End::Local(dst)) => {
+            if mode.is_some() || owner.is_some() {
+                anyhow::bail!("--mode and --owner are for copies to a node");
+            }
+            get_file(&client, &node, &path, &dst, show).await?
+        }
+        (End::Local(_), End::Local(_)) => {
+            anyhow::bail!("one side must be NODE:PATH (a node id, a colon, an absolute path)")
+        }
+        _ => anyhow::bail!("copies between two nodes are not supported: copy to here, then on"),
+    };
+    match ctx.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&copied)?),
+        Format::Table => println!("{}", copied.line()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+impl Copied {
+    fn line(&self) -> String {
+        format!(
+            "{} {}:{} {} bytes sha256 {}",
+            if self.direction == "put" {
+                "put"
+            } else {
+                "got"
+            },
+            self.node,
+            self.path,
+            self.size,
+            self.sha256
+        )
+    }
+}
+
+/// One node's outcome of a copy to or from many.
+#[derive(serde::Serialize)]
+struct NodeOutcome {
+    node: String,
+    name: String,
+    copied: Option<Copied>,
+    error: Option<String>,
+}
+
+/// A copy to or from every node a target expression matches, at most `--max-concurrency` at
+/// once; once more than `--max-errors` failed, the copies not started are not started.
+#[allow(clippy::too_many_arguments)]
+async fn many(
+    ctx: &Ctx,
+    client: &Client,
+    src: End,
+    dst: End,
+    mode: Option<u32>,
+    owner: Option<String>,
+    group: Option<String>,
+    args: &Args,
+) -> anyhow::Result<ExitCode> {
+    use fleetrun_proto::targets::{Rate, TargetExpr};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (expr, path, local, put) = match (src, dst) {
+        (End::Local(l), End::Many(e, p)) => (e, p, l, true),
+        (End::Many(e, p), End::Local(l)) => (e, p, l, false),
+        _ => anyhow::bail!(
+            "a target expression goes with a local file or directory on the other side"
+        ),
+    };
+    if !put && (mode.is_some() || owner.is_some()) {
+        anyhow::bail!("--mode and --owner are for copies to nodes");
+    }
+    if args.recursive {
+        anyhow::bail!("-r goes with one node (NODE:PATH), not a target expression");
+    }
+    let parsed = TargetExpr::parse(&expr)
+        .map_err(|e| anyhow::anyhow!("bad target expression {expr:?}: {e}"))?;
+    let nodes: Vec<_> = client
+        .nodes()
+        .await?
+        .into_iter()
+        .filter(|n| super::exec::matches(&parsed, n))
+        .collect();
+    if nodes.is_empty() {
+        anyhow::bail!("no node matches {expr:?}");
+    }
+    let total = nodes.len() as u64;
+    let concurrency = match &args.max_concurrency {
+        Some(r) => Rate::parse_concurrency(r).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Rate::Count(10),
+    }
+    .resolve(total)
+    .max(1);
+    let max_errors = match &args.max_errors {
+        Some(r) => Rate::parse_errors(r).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Rate::Count(0),
+    }
+    .resolve(total);
+    // A put hashes the file once for every node.
+    let hashed = if put {
+        let meta = std::fs::metadata(&local)
+            .with_context(|| format!("cannot read {}", local.display()))?;
+        if !meta.is_file() {
+            anyhow::bail!("{} is not a regular file", local.display());
+        }
+        Some(hash_file(&local).await?)
+    } else {
+        std::fs::create_dir_all(&local)
+            .with_context(|| format!("cannot create {}", local.display()))?;
+        None
+    };
+    let errors = AtomicU64::new(0);
+    let json = ctx.format == Format::Json;
+    let one = async |n: fleetrun_proto::api::Node| {
+        let node = n.node_id.clone();
+        let result = if errors.load(Ordering::Relaxed) > max_errors {
+            Err(anyhow::anyhow!(
+                "not started: more than {max_errors} copies failed (--max-errors)"
+            ))
+        } else if n.ping_status != "Online" {
+            Err(anyhow::anyhow!(
+                "node {} is not connected ({})",
+                n.node_id,
+                n.ping_status
+            ))
+        } else if let Some((sha, size)) = &hashed {
+            let spec = PutSpec {
+                node: node.clone(),
+                path: path.clone(),
+                mode,
+                owner: owner.clone(),
+                group: group.clone(),
+                parents: false,
+            };
+            put_hashed(client, &local, &spec, sha.clone(), *size, false).await
+        } else {
+            let dir = local.join(node.to_string());
+            match std::fs::create_dir_all(&dir) {
+                Ok(()) => get_file(client, &node, &path, &dir, false).await,
+                Err(e) => Err(anyhow::anyhow!("cannot create {}: {e}", dir.display())),
+            }
+        };
+        if result.is_err() {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let (copied, error) = match result {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        if !json {
+            match (&copied, &error) {
+                (Some(c), _) => println!("{}", c.line()),
+                (_, Some(e)) => eprintln!("{node} ({}): {e}", n.name),
+                _ => {}
+            }
+        }
+        NodeOutcome {
+            node: node.to_string(),
+            name: n.name,
+            copied,
+            error,
+        }
+    };
+    let outcomes: Vec<NodeOutcome> = futures_util::stream::iter(nodes)
+        .map(one)
+        .buffer_unordered(usize::try_from(concurrency).unwrap_or(usize::MAX))
+        .collect()
+        .await;
+    let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcomes)?);
+    } else {
+        eprintln!(
+            "{} of {} nodes copied",
+            outcomes.len() - failed,
+            outcomes.len()
+        );
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved bytes kept).
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A progress bar with rate on stderr, when shown.
+fn progress(show: bool, total: u64, what: &str) -> Option<ProgressBar> {
+    if !show {
+        return None;
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_owned());
+    Some(bar)
+}
+
+/// Why an attempt failed, and whether another may do better.
+struct Failure {
+    error: anyhow::Error,
+    retry: bool,
+}
+
+fn final_(error: anyhow::Error) -> Failure {
+    Failure {
+        error,
+        retry: false,
+    }
+}
+
+fn retry(error: anyhow::Error) -> Failure {
+    Failure { error, retry: true }
+}
+
+/// Whether a refusal of the upgrade may pass (the node reconnecting, the server shedding load).
+fn dial_failure(e: anyhow::Error) -> Failure {
+    let again = crate::client::is_retryable(&e)
+        || e.downcast_ref::<ApiError>()
+            .is_some_and(|a| a.code == "Unavailable" && a.message.contains("not connected"));
+    Failure {
+        error: e,
+        retry: again,
+    }
+}
+
+/// An error event from the server: final, unless the node's connection went (it may be back).
+fn server_error(message: String) -> Failure {
+    let again = message.contains("agent disconnected")
+        || message.contains("idle timeout")
+        || message.contains("is in progress");
+    Failure {
+        error: anyhow::anyhow!(message),
+        retry: again,
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the attempts or the time are used up.
+async fn with_retries<T>(
+    what: &str,
+    mut attempt: impl AsyncFnMut(u32) -> Result<T, Failure>,
+) -> anyhow::Result<(T, u32)> {
+    let first = Instant::now();
+    let mut delay = Duration::from_millis(500);
+    for n in 1..=ATTEMPTS {
+        match attempt(n).await {
+            Ok(v) => return Ok((v, n)),
+            Err(f) if f.retry && n < ATTEMPTS && first.elapsed() + delay < RETRY_WITHIN => {
+                eprintln!(
+                    "{what}: {:#}; retrying in {:.1} s",
+                    f.error,
+                    delay.as_secs_f64()
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+            }
+            Err(f) if f.retry => {
+                return Err(f.error.context(format!(
+                    "{what} failed after {n} attempts in {} s",
+                    first.elapsed().as_secs()
+                )));
+            }
+            Err(f) => return Err(f.error.context(format!("{what} failed"))),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// The next server event, skipping pings; `Ok(None)` when the socket ended without a close frame
+/// of its own.
+async fn next_event(
+    source: &mut futures_util::stream::SplitStream<Socket>,
+) -> Result<Incoming, Failure> {
+    loop {
+        match source.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return serde_json::from_str::<ServerEvent>(t.as_str())
+                    .map(Incoming::Event)
+                    .map_err(|e| final_(anyhow::anyhow!("bad message from the server: {e}")));
+            }
+            Some(Ok(Message::Binary(b))) => return Ok(Incoming::Bytes(b)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(retry(anyhow::anyhow!("the server closed the connection")));
+            }
+            Some(Err(e)) => return Err(retry(anyhow::anyhow!("the connection broke: {e}"))),
+        }
+    }
+}
+
+enum Incoming {
+    Event(ServerEvent),
+    Bytes(bytes::Bytes),
+}
+
+/// Where a put goes.
+struct PutSpec {
+    node: NodeId,
+    path: String,
+    mode: Option<u32>,
+    owner: Option<String>,
+    group: Option<String>,
+    /// Missing directories are made on the node.
+    parents: bool,
+}
+
+/// The regular files under `dir` (symlinks to files followed, to directories skipped with a
+/// warning), with their paths relative to it, in order.
+fn walk(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_owned(), String::new())];
+    while let Some((d, rel)) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .with_context(|| format!("cannot read {}", d.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("cannot read {}", d.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                eprintln!("skipping {}: not UTF-8", e.path().display());
+                continue;
+            };
+            let path = e.path();
+            let rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let link = e.file_type().is_ok_and(|t| t.is_symlink());
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => out.push((path, rel)),
+                Ok(m) if m.is_dir() && !link => stack.push((path, rel)),
+                Ok(_) => eprintln!("skipping {}: not a regular file", path.display()),
+                Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+/// `cp -r DIR NODE:PATH`: each file of DIR to PATH/its relative path, one put each.
+async fn put_tree(
+    ctx: &Ctx,
+    client: &Client,
+    src: &Path,
+    put: &PutSpec,
+    show: bool,
+) -> anyhow::Result<ExitCode> {
+    let files = walk(src)?;
+    let base = put.path.trim_end_matches('/');
+    let mut copied = Vec::new();
+    for (local, rel) in files {
+        let spec = PutSpec {
+            node: put.node.clone(),
+            path: format!("{base}/{rel}"),
+            mode: put.mode,
+            owner: put.owner.clone(),
+            group: put.group.clone(),
+            parents: true,
+        };
+        let c = put_file(client, &local, &spec, show).await?;
+        if ctx.format == Format::Table {
+            println!("{}", c.line());
+        }
+        copied.push(c);
+    }
+    match ctx.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&copied)?),
+        Format::Table => eprintln!(
+            "{} files, {} bytes",
+            copied.len(),
+            copied.iter().map(|c| c.size).sum::<u64>()
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The SHA-256 and length of a local file, read in chunks.
+async fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        Ok((hex_of(&hasher.finalize()), len))
+    })
+    .await?
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn put_file(
+    client: &Client,
+    src: &Path,
+    put: &PutSpec,
+    show: bool,
+) -> anyhow::Result<Copied> {
+    let meta = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!(
+            "{} is not a regular file (directories need -r)",
+            src.display()
+        );
+    }
+    let mut path = put.path.clone();
+    if path.ends_with('/') {
+        // A directory on the node: the file keeps its name.
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow::anyhow!("{} has no file name", src.display()))?;
+        path.push_str(name);
+    }
+    let (sha256, size) = hash_file(src).await?;
+    let spec = PutSpec {
+        node: put.node.clone(),
+        path,
+        mode: put.mode,
+        owner: put.owner.clone(),
+        group: put.group.clone(),
+        parents: put.parents,
+    };
+    put_hashed(client, src, &spec, sha256, size, show).await
+}
+
+/// A put of a file already hashed.
+async fn put_hashed(
+    client: &Client,
+    src: &Path,
+    put: &PutSpec,
+    sha256: String,
+    size: u64,
+    show: bool,
+) -> anyhow::Result<Copied> {
+    let mut path = put.path.clone();
+    if path.ends_with('/') {
+        let name = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow::anyhow!("{} has no file name", src.display()))?;
+        path.push_str(name);
+    }
+    let mut query = format!(
+        "path={}&size={size}&sha256={sha256}&resume=true",
+        enc(&path)
+    );
+    if let Some(m) = put.mode {
+        query.push_str(&format!("&mode={m:04o}"));
+    }
+    if let Some(o) = &put.owner {
+        query.push_str(&format!("&owner={}", enc(o)));
+    }
+    if let Some(g) = &put.group {
+        query.push_str(&format!("&group={}", enc(g)));
+    }
+    if put.parents {
+        query.push_str("&parents=true");
+    }
+    let url = format!("/v1/nodes/{}/files/put?{query}", put.node);
+    let bar = progress(
+        show,
+        size,
+        &format!("{} → {}:{path}", src.display(), put.node),
+    );
+    let what = format!("copy to {}:{path}", put.node);
+    let ((), attempts) = with_retries(&what, async |_| {
+        put_attempt(client, &url, src, size, &sha256, bar.as_ref()).await
+    })
+    .await?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    Ok(Copied {
+        direction: "put",
+        node: put.node.to_string(),
+        path,
+        local: src.display().to_string(),
+        size,
+        sha256,
+        attempts,
+    })
+}
+
+async fn put_attempt(
+    client: &Client,
+    url: &str,
+    src: &Path,
+    size: u64,
+    sha256: &str,
+    bar: Option<&ProgressBar>,
+) -> Result<(), Failure> {
+    let ws = client.socket(url).await.map_err(dial_failure)?;
+    let (mut sink, mut source) = ws.split();
+    // The agent says where to start (a resume: what its temp file holds).
+    let offset = loop {
+        match next_event(&mut source).await? {
+            Incoming::Event(ServerEvent::File { offset, .. }) => break offset,
+            Incoming::Event(ServerEvent::Error { message }) => return Err(server_error(message)),
+            Incoming::Event(_) => {}
+            Incoming::Bytes(_) => {
+                return Err(final_(anyhow::anyhow!("the server sent bytes on a put")));
+            }
+        }
+    };
+    if offset > size {
+        return Err(final_(anyhow::anyhow!(
+            "the node asked for offset {offset} of a {size}-byte file"
+        )));
+    }
+    if let Some(b) = bar {
+        b.set_position(offset);
+    }
+    let mut file = tokio::fs::File::open(src)
+        .await
+        .map_err(|e| final_(anyhow::anyhow!("cannot open {}: {e}", src.display())))?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .await
+        .map_err(|e| final_(anyhow::anyhow!("cannot read {}: {e}", src.display())))?;
+    let bar2 = bar.cloned();
+    let path = src.to_owned();
+    // The sender: chunks of the file behind the data tag, then the end; the socket's own
+    // backpressure (the server reads as the agent's credit allows) paces it.
+    let mut sender = tokio::spawn(async move {
+        let mut left = size - offset;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
+            let mut msg = vec![0u8; want + 1];
+            msg[0] = TAG_STDIN;
+            let n = file
+                .read(&mut msg[1..])
+                .await
+                .map_err(|e| final_(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
+            if n == 0 {
+                return Err(final_(anyhow::anyhow!(
+                    "{} shrank while being copied",
+                    path.display()
+                )));
+            }
+            msg.truncate(n + 1);
+            sink.send(Message::Binary(msg.into()))
+                .await
+                .map_err(|e| retry(anyhow::anyhow!("the connection broke: {e}")))?;
+            left -= n as u64;
+            if let Some(b) = &bar2 {
+                b.inc(n as u64);
+            }
+        }
+        let eof = serde_json::to_string(&ClientEvent::Eof).unwrap_or_default();
+        sink.send(Message::Text(eof.into()))
+            .await
+            .map_err(|e| retry(anyhow::anyhow!("the connection broke: {e}")))?;
+        Ok::<_, Failure>(sink)
+    });
+    let mut sent: Option<Result<_, Failure>> = None;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut sender, if sent.is_none() => {
+                let r = r.unwrap_or_else(|e| Err(final_(anyhow::anyhow!("the sender failed: {e}"))));
+                if let Err(f) = r {
+                    break Err(f);
+                }
+                sent = Some(r);
+            }
+            ev = next_event(&mut source) => match ev {
+                Ok(Incoming::Event(ServerEvent::Done { sha256: got })) => {
+                    if got != sha256 {
+                        break Err(final_(anyhow::anyhow!("the node's file has sha256 {got}, ours {sha256}")));
+                    }
+                    break Ok(());
+                }
+                Ok(Incoming::Event(ServerEvent::Error { message })) => break Err(server_error(message)),
+                Ok(_) => {}
+                Err(f) => break Err(f),
+            },
+        }
+    };
+    sender.abort();
+    outcome
+}
+
+async fn get_file(
+    client: &Client,
+    node: &NodeId,
+    path: &str,
+    dst: &Path,
+    show: bool,
+) -> anyhow::Result<Copied> {
+    let target = if dst.is_dir() {
+        let name = Path::new(path)
+            .file_name()
+            .ok_or_else(|| anyhow::anyhow!("{path} names no file"))?;
+        dst.join(name)
+    } else {
+        dst.to_owned()
+    };
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow::anyhow!("{} names no file", target.display()))?;
+    let tmp = dir.join(format!(".{name}.fleetrun-get.part"));
+    // A partial of an earlier run may be of another version of the file: start afresh.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(anyhow::anyhow!("cannot remove {}: {e}", tmp.display()));
+        }
+        _ => {}
+    }
+    let what = format!("copy from {node}:{path}");
+    let bar: std::cell::OnceCell<Option<ProgressBar>> = std::cell::OnceCell::new();
+    let ((size, sha256, mode), attempts) = with_retries(&what, async |_| {
+        get_attempt(client, node, path, &tmp, |size| {
+            bar.get_or_init(|| {
+                progress(show, size, &format!("{node}:{path} → {}", target.display()))
+            })
+            .clone()
+        })
+        .await
+    })
+    .await
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    if let Some(Some(b)) = bar.get() {
+        b.finish_and_clear();
+    }
+    let f = std::fs::File::open(&tmp).with_context(|| format!("cannot open {}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+        .with_context(|| format!("cannot chmod {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.display()))?;
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))?;
+    Ok(Copied {
+        direction: "get",
+        node: node.to_string(),
+        path: path.to_owned(),
+        local: target.display().to_string(),
+        size,
+        sha256,
+        attempts,
+    })
+}
+
+/// One attempt of a get, resuming from what `tmp` holds: the size, hash and mode, once the
+/// agent's hash of the whole file matches ours.
+async fn get_attempt(
+    client: &Client,
+    node: &NodeId,
+    path: &str,
+    tmp: &Path,
+    bar_for: impl Fn(u64) -> Option<ProgressBar>,
+) -> Result<(u64, String, u32), Failure> {
+    let io = |e: std::io::Error| final_(anyhow::anyhow!("cannot write {}: {e}", tmp.display()));
+    let have = match tokio::fs::metadata(tmp).await {
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    };
+    // The bytes we hold, hashed first.
+    let mut hasher = Sha256::new();
+    if have > 0 {
+        let mut f = tokio::fs::File::open(tmp).await.map_err(io)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = have;
+        while left > 0 {
+            let n = f.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            left = left.saturating_sub(n as u64);
+        }
+    }
+    let url = format!(
+        "/v1/nodes/{node}/files/get?path={}&offset={have}",
+        enc(path)
+    );
+    let ws = client.socket(&url).await.map_err(dial_failure)?;
+    let (mut sink, mut source) = ws.split();
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(tmp)
+        .await
+        .map_err(io)?;
+    let mut info: Option<(u64, u32)> = None;
+    let mut got = have;
+    let mut bar = None;
+    let outcome = loop {
+        match next_event(&mut source).await {
+            Ok(Incoming::Event(ServerEvent::File { offset, size, mode })) => {
+                if offset != have || size < have {
+                    break Err(final_(anyhow::anyhow!(
+                        "the node sends from offset {offset} of {size} bytes; we hold {have}"
+                    )));
+                }
+                info = Some((size, mode));
+                bar = bar_for(size);
+                if let Some(b) = &bar {
+                    b.set_position(have);
+                }
+            }
+            Ok(Incoming::Bytes(b)) => {
+                let Some((size, _)) = info else {
+                    break Err(final_(anyhow::anyhow!("bytes before the file's size")));
+                };
+                let Some((&TAG_STDOUT, data)) = b.split_first() else {
+                    break Err(final_(anyhow::anyhow!("a message without the data tag")));
+                };
+                if got + data.len() as u64 > size {
+                    break Err(final_(anyhow::anyhow!(
+                        "the node sent more than the file's {size} bytes"
+                    )));
+                }
+                hasher.update(data);
+                if let Err(e) = file.write_all(data).await {
+                    break Err(io(e));
+                }
+                got += data.len() as u64;
+                if let Some(b) = &bar {
+                    b.set_position(got);
+                }
+            }
+            Ok(Incoming::Event(ServerEvent::Done { sha256 })) => {
+                let Some((size, mode)) = info else {
+                    break Err(final_(anyhow::anyhow!("done before the file's size")));
+                };
+                if got != size {
+                    break Err(final_(anyhow::anyhow!("got {got} bytes of {size}")));
+                }
+                let ours = hex_of(&std::mem::take(&mut hasher).finalize());
+                if ours != sha256 {
+                    let _ = tokio::fs::remove_file(tmp).await;
+                    break Err(final_(anyhow::anyhow!(
+                        "sha256 mismatch: the node's file is {sha256}, what arrived {ours}"
+                    )));
+                }
+                if let Err(e) = file.flush().await {
+                    break Err(io(e));
+                }
+                break Ok((size, sha256, mode));
+            }
+            Ok(Incoming::Event(ServerEvent::Error { message })) => {
+                break Err(server_error(message));
+            }
+            Ok(Incoming::Event(_)) => {}
+            Err(f) => break Err(f),
+        }
+    };
+    let _ = sink.close().await;
+    outcome
+}
