@@ -106,6 +106,7 @@ impl From<CommandRecord> for Command {
             completed_count: r.completed_count,
             error_count: r.error_count,
             delivery_timed_out_count: r.delivery_timed_out_count,
+            output_s3: (!r.output_s3.bucket.is_empty()).then_some(r.output_s3),
             invocations: Vec::new(),
         }
     }
@@ -141,6 +142,7 @@ impl From<InvocationRecord> for Invocation {
             cpu_system_ms: r.cpu_system_ms,
             max_rss_kb: r.max_rss_kb,
             message: r.message,
+            output_s3_pending: None,
         }
     }
 }
@@ -357,6 +359,7 @@ mod tests {
             completed_count: 2,
             error_count: 1,
             delivery_timed_out_count: 0,
+            output_s3: Default::default(),
         }
     }
 
