@@ -40,6 +40,8 @@ pub struct AppState {
     pub sessions: crate::sessions::live::Live,
     /// Keys of `/v1/objects` with an upload in progress.
     pub uploads: crate::objects::api::Uploads,
+    /// The clients of the buckets commands write their output to (SSM's `OutputS3BucketName`).
+    pub exports: crate::objects::export::Exports,
     /// Whether and how sessions are recorded.
     pub recording: crate::sessions::recording::Settings,
     /// Permits for agent handshakes in progress.
@@ -206,6 +208,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         retention: config.retention,
         result_grace: config.result_grace,
         uploads: Default::default(),
+        exports: crate::objects::export::Exports::new(&config.object_store),
         sessions: crate::sessions::live::Live::new(
             config.session_idle_timeout,
             config.session_max_duration,
@@ -241,6 +244,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     }
 
+    state
+        .tasks
+        .spawn(crate::objects::export::run(state.clone()));
     state.tasks.spawn(retention::run(
         state.clone(),
         config.retention,

@@ -37,6 +37,24 @@ pub struct ExportState {
     pub next_attempt_at: i64,
 }
 
+/// An export that has not succeeded yet, in words: queued, or the last error and the next try.
+pub fn pending_text(attempts: u32, last_error: &str, next_attempt_at: i64) -> String {
+    if attempts == 0 {
+        return "queued: the output is not in its S3 bucket yet".to_owned();
+    }
+    format!(
+        "not in its S3 bucket yet: attempt {attempts} failed: {last_error}; next attempt at {}",
+        fleetrun_proto::time::rfc3339(next_attempt_at)
+    )
+}
+
+impl ExportState {
+    /// This state in words (see [`pending_text`]).
+    pub fn text(&self) -> String {
+        pending_text(self.attempts, &self.last_error, self.next_attempt_at)
+    }
+}
+
 fn attempts(r: &sqlx::sqlite::SqliteRow) -> u32 {
     r.get::<i64, _>("attempts").clamp(0, i64::from(u32::MAX)) as u32
 }
@@ -72,10 +90,11 @@ impl Store {
             .collect())
     }
 
-    /// Epoch ms of the earliest queued export's next attempt, if any is queued.
-    pub async fn next_export_at(&self) -> Result<Option<i64>> {
+    /// Epoch ms of the earliest next attempt after `after` (epoch ms), if any is queued.
+    pub async fn next_export_after(&self, after: i64) -> Result<Option<i64>> {
         Ok(
-            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM s3_exports")
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM s3_exports WHERE next_attempt_at > ?")
+                .bind(after)
                 .fetch_one(&self.read)
                 .await?,
         )
@@ -218,12 +237,13 @@ mod tests {
         let long = "é".repeat(EXPORT_ERROR_MAX);
         store.export_failed(&id, &node, &long, 1000).await.unwrap();
         assert_eq!(store.due_exports(999, 10).await.unwrap(), vec![]);
-        assert_eq!(store.next_export_at().await.unwrap(), Some(1000));
+        assert_eq!(store.next_export_after(5).await.unwrap(), Some(1000));
+        assert_eq!(store.next_export_after(1000).await.unwrap(), None);
         let st = &store.export_states(&id).await.unwrap()[&node];
         assert_eq!((st.attempts, st.last_error.len()), (1, EXPORT_ERROR_MAX));
         store.export_done(&id, &node).await.unwrap();
         assert_eq!(store.queued_exports().await.unwrap(), 0);
-        assert_eq!(store.next_export_at().await.unwrap(), None);
+        assert_eq!(store.next_export_after(0).await.unwrap(), None);
 
         store.finish_invocations(&id, &end(&other)).await.unwrap();
         assert_eq!(store.queued_exports().await.unwrap(), 1);

@@ -58,6 +58,16 @@ pub struct Args {
     /// Most CPU the script may use on each node, in percent of one core: 50% or 150 (1.5 cores)
     #[arg(long, value_name = "PCT", value_parser = parse_cpu_limit)]
     cpu_limit: Option<u32>,
+    /// Also write each node's full stdout and stderr to this S3 bucket, at SSM's keys
+    /// [PREFIX/]COMMAND/NODE/awsrunShellScript/0.awsrunShellScript/{stdout,stderr}
+    #[arg(long, value_name = "BUCKET")]
+    output_s3_bucket: Option<String>,
+    /// The key prefix in --output-s3-bucket
+    #[arg(long, value_name = "PREFIX", requires = "output_s3_bucket")]
+    output_s3_prefix: Option<String>,
+    /// The region of --output-s3-bucket [default: the server's S3 region]
+    #[arg(long, value_name = "REGION", requires = "output_s3_bucket")]
+    output_s3_region: Option<String>,
     /// Run this document instead of a script (its parameters with --parameter) [default: AWS-RunShellScript]
     #[arg(long, value_name = "NAME")]
     document: Option<String>,
@@ -182,6 +192,9 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
             run_as: args.run_as,
             memory_limit_mb: args.memory_limit,
             cpu_limit_percent: args.cpu_limit,
+            output_s3_bucket: args.output_s3_bucket,
+            output_s3_prefix: args.output_s3_prefix,
+            output_s3_region: args.output_s3_region,
             ..SendCommand::default()
         });
     }
@@ -227,6 +240,9 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         run_as: args.run_as,
         memory_limit_mb: args.memory_limit,
         cpu_limit_percent: args.cpu_limit,
+        output_s3_bucket: args.output_s3_bucket,
+        output_s3_prefix: args.output_s3_prefix,
+        output_s3_region: args.output_s3_region,
     })
 }
 
@@ -246,6 +262,9 @@ fn checked(body: SendCommand) -> anyhow::Result<SendCommand> {
             Field::RunAs => Some("--run-as"),
             Field::MemoryLimit => Some("--memory-limit"),
             Field::CpuLimit => Some("--cpu-limit"),
+            Field::OutputS3Bucket => Some("--output-s3-bucket"),
+            Field::OutputS3Prefix => Some("--output-s3-prefix"),
+            Field::OutputS3Region => Some("--output-s3-region"),
         };
         match flag {
             Some(flag) => bail!("{flag}: {e}"),

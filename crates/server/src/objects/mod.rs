@@ -5,6 +5,7 @@
 //! command that has output to keep. [`api`] serves the objects kept for users (`/v1/objects`).
 
 pub mod api;
+pub mod export;
 
 use anyhow::Context;
 use object_store::aws::AmazonS3Builder;
@@ -149,7 +150,7 @@ pub async fn open(
     Ok((store, place))
 }
 
-fn open_s3(s3: &S3Config) -> anyhow::Result<Arc<dyn ObjectStore>> {
+pub(crate) fn open_s3(s3: &S3Config) -> anyhow::Result<Arc<dyn ObjectStore>> {
     let mut b = AmazonS3Builder::from_env()
         .with_bucket_name(&s3.bucket)
         .with_virtual_hosted_style_request(!s3.path_style)
