@@ -92,12 +92,12 @@ impl Store {
 
     /// Epoch ms of the earliest next attempt after `after` (epoch ms), if any is queued.
     pub async fn next_export_after(&self, after: i64) -> Result<Option<i64>> {
-        Ok(
-            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM s3_exports WHERE next_attempt_at > ?")
-                .bind(after)
-                .fetch_one(&self.read)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM s3_exports WHERE next_attempt_at > ?",
         )
+        .bind(after)
+        .fetch_one(&self.read)
+        .await?)
     }
 
     /// How many exports are queued.

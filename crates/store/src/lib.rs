@@ -23,8 +23,8 @@ pub use commands::{
     CommandCursor, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, InvocationRow,
     NewCommand, OutputState, S3Output, Tally, Totals,
 };
-pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
+pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};

@@ -187,7 +187,11 @@ fn export_pending(r: &sqlx::sqlite::SqliteRow) -> Option<String> {
     let attempts: i64 = r.get::<Option<i64>, _>("e_attempts")?;
     let error: String = r.get::<Option<String>, _>("e_error").unwrap_or_default();
     let next: i64 = r.get::<Option<i64>, _>("e_next").unwrap_or_default();
-    Some(super::exports::pending_text(attempts.max(0) as u32, &error, next))
+    Some(super::exports::pending_text(
+        attempts.max(0) as u32,
+        &error,
+        next,
+    ))
 }
 
 fn extra(r: &sqlx::sqlite::SqliteRow) -> serde_json::Value {

@@ -40,4 +40,5 @@ mod scripts;
 mod send;
 mod shell;
 mod shutdown;
+mod ssm_s3_output;
 mod tls;

@@ -12,7 +12,7 @@
 //! restart are taken up at start.
 
 use crate::AppState;
-use crate::objects::{ObjectStoreConfig, S3Config, open_s3};
+use crate::objects::{ObjectStoreConfig, S3Config, s3_builder};
 use crate::run::output::{pipe_prefix, read_stored};
 use bytes::Bytes;
 use fleetrun_proto::api::OutputS3;
@@ -46,6 +46,8 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// path style, plain HTTP) or, without any, from the AWS environment.
 pub struct Exports {
     template: S3Config,
+    /// Whether `template` is the server's own S3 settings (else the AWS environment's alone).
+    configured: bool,
     /// The endpoint output URLs name (`None`: AWS).
     endpoint: Option<String>,
     /// The region when neither the command nor the settings name one.
@@ -56,13 +58,16 @@ pub struct Exports {
 impl Exports {
     /// The clients for a server whose own objects go where `config` says.
     pub fn new(config: &ObjectStoreConfig) -> Self {
-        let template = match config {
-            ObjectStoreConfig::S3(s3) => S3Config {
-                bucket: String::new(),
-                prefix: String::new(),
-                ..s3.clone()
-            },
-            ObjectStoreConfig::Local => S3Config::default(),
+        let (template, configured) = match config {
+            ObjectStoreConfig::S3(s3) => (
+                S3Config {
+                    bucket: String::new(),
+                    prefix: String::new(),
+                    ..s3.clone()
+                },
+                true,
+            ),
+            ObjectStoreConfig::Local => (S3Config::default(), false),
         };
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let endpoint = template
@@ -79,6 +84,7 @@ impl Exports {
             .unwrap_or_else(|| "us-east-1".into());
         Exports {
             template,
+            configured,
             endpoint,
             region,
             clients: Mutex::new(HashMap::new()),
@@ -106,8 +112,11 @@ impl Exports {
         if !t.region.is_empty() {
             config.region = Some(t.region.clone());
         }
-        let client = open_s3(&config)
-            .map_err(|e| format!("cannot make a client for bucket {}: {e:#}", t.bucket))?;
+        let client: Arc<dyn ObjectStore> = Arc::new(
+            s3_builder(&config, self.configured)
+                .build()
+                .map_err(|e| format!("cannot make a client for bucket {}: {e}", t.bucket))?,
+        );
         let mut clients = self.clients.lock();
         if clients.len() >= CLIENTS_MAX {
             clients.clear();
@@ -291,15 +300,23 @@ async fn export(state: &AppState, row: &ExportRow) -> Result<(), String> {
             return Ok(());
         };
         let lengths = (before.stdout.0, before.stderr.0);
-        for (pipe, (stored, inline)) in [
-            (Pipe::Stdout, before.stdout),
-            (Pipe::Stderr, before.stderr),
-        ] {
+        for (pipe, (stored, inline)) in
+            [(Pipe::Stdout, before.stdout), (Pipe::Stderr, before.stderr)]
+        {
             let k = key(&row.target, cmd, node, &row.plugin_dir, pipe);
             let path = ObjectPath::parse(&k).map_err(|e| format!("bad key {k:?}: {e}"))?;
-            upload(state, client.as_ref(), &path, cmd, node, pipe, stored, inline)
-                .await
-                .map_err(|e| format!("s3://{}/{k}: {e}", row.target.bucket))?;
+            upload(
+                state,
+                client.as_ref(),
+                &path,
+                cmd,
+                node,
+                pipe,
+                stored,
+                inline,
+            )
+            .await
+            .map_err(|e| format!("s3://{}/{k}: {e}", row.target.bucket))?;
         }
         let after = read().await?;
         if after.is_none_or(|a| (a.stdout.0, a.stderr.0) == lengths) {
@@ -329,12 +346,18 @@ async fn upload(
             .map_err(|e| e.to_string())?;
         return Ok(());
     }
-    let multipart = client.put_multipart(path).await.map_err(|e| e.to_string())?;
+    let multipart = client
+        .put_multipart(path)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut w = WriteMultipart::new_with_chunk_size(multipart, PART_BYTES);
     let copied = async {
         let mut pos = 0u64;
-        let mut segs =
-            std::pin::pin!(read_stored(state.objects.clone(), pipe_prefix(cmd, node, pipe), 0));
+        let mut segs = std::pin::pin!(read_stored(
+            state.objects.clone(),
+            pipe_prefix(cmd, node, pipe),
+            0
+        ));
         while pos < stored {
             let Some(seg) = segs.next().await else { break };
             let (off, data) = seg.map_err(|e| format!("cannot read the stored output: {e}"))?;
@@ -376,7 +399,10 @@ mod tests {
         let node = NodeId::from_random(5);
         let dir = plugin_dir(true, "aws:runShellScript");
         assert_eq!(dir, "awsrunShellScript/0.awsrunShellScript");
-        assert_eq!(plugin_dir(false, "run:Me now"), "awsrunShellScript/runMenow");
+        assert_eq!(
+            plugin_dir(false, "run:Me now"),
+            "awsrunShellScript/runMenow"
+        );
         let t = OutputS3 {
             bucket: "out".into(),
             prefix: "runs/daily".into(),
@@ -397,12 +423,19 @@ mod tests {
         );
         let aws = Exports {
             template: S3Config::default(),
+            configured: false,
             endpoint: None,
             region: "us-east-2".into(),
             clients: Mutex::new(HashMap::new()),
         };
-        assert_eq!(aws.url(&t, "a b/c"), "https://s3.us-east-2.amazonaws.com/out/a%20b/c");
-        assert_eq!(aws.url(&bare, "k"), "https://s3.eu-west-1.amazonaws.com/out/k");
+        assert_eq!(
+            aws.url(&t, "a b/c"),
+            "https://s3.us-east-2.amazonaws.com/out/a%20b/c"
+        );
+        assert_eq!(
+            aws.url(&bare, "k"),
+            "https://s3.eu-west-1.amazonaws.com/out/k"
+        );
         let local = Exports {
             endpoint: Some("http://127.0.0.1:9000".into()),
             ..aws

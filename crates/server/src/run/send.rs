@@ -208,7 +208,9 @@ async fn prepare_document(store: &Store, req: &SendCommand) -> Result<PreparedDo
     };
     let plugin_dir = crate::objects::export::plugin_dir(
         schema_1_2,
-        plugins.first().map_or(PLUGIN_RUN_SHELL_SCRIPT, String::as_str),
+        plugins
+            .first()
+            .map_or(PLUGIN_RUN_SHELL_SCRIPT, String::as_str),
     );
     let rendered = prepared.rendered;
     if rendered.commands.is_empty() {

@@ -8,9 +8,9 @@ use super::{
 use crate::AppState;
 use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
+use crate::objects::export;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions};
-use crate::objects::export;
 use fleetrun_proto::api::{Command, Invocation, OutputS3, PLUGIN_RUN_SHELL_SCRIPT, SendCommand};
 use fleetrun_proto::channel::Pipe;
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
@@ -283,7 +283,10 @@ fn ssm_command(cmd: &Command, extra: &Value) -> Value {
         .get("TimeoutSeconds")
         .and_then(Value::as_u64)
         .unwrap_or(cmd.delivery_timeout_secs);
-    let s3 = cmd.output_s3.clone().unwrap_or_else(|| legacy_output_s3(extra));
+    let s3 = cmd
+        .output_s3
+        .clone()
+        .unwrap_or_else(|| legacy_output_s3(extra));
     let mut parameters = cmd.parameters.clone();
     parameters.retain(|k, v| !(k == "workingDirectory" && v.iter().all(String::is_empty)));
     json!({
@@ -316,7 +319,13 @@ fn ssm_command(cmd: &Command, extra: &Value) -> Value {
 
 /// OutputS3* of a command stored before they had columns (kept among its SSM-only members).
 fn legacy_output_s3(extra: &Value) -> OutputS3 {
-    let get = |k: &str| extra.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let get = |k: &str| {
+        extra
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
     OutputS3 {
         bucket: get("OutputS3BucketName"),
         prefix: get("OutputS3KeyPrefix"),
