@@ -259,11 +259,11 @@ pub fn check_output_s3(req: &SendCommand) -> Result<Option<crate::api::OutputS3>
         ));
     }
     let region = req.output_s3_region.clone().unwrap_or_default();
-    if !region.is_empty()
-        && !((3..=20).contains(&region.len())
-            && region
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+    let region_ok = (3..=20).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !region.is_empty() && !region_ok
     {
         return Err(invalid(
             Field::OutputS3Region,
