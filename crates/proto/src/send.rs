@@ -263,8 +263,7 @@ pub fn check_output_s3(req: &SendCommand) -> Result<Option<crate::api::OutputS3>
         && region
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !region.is_empty() && !region_ok
-    {
+    if !region.is_empty() && !region_ok {
         return Err(invalid(
             Field::OutputS3Region,
             format!(

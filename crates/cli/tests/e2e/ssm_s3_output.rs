@@ -44,6 +44,7 @@ if sys.argv[1] == "send":
         ("short", {"OutputS3BucketName": "ab"}),
         ("long_prefix", {"OutputS3BucketName": "ssm-out", "OutputS3KeyPrefix": "p" * 501}),
         ("dot_prefix", {"OutputS3BucketName": "ssm-out", "OutputS3KeyPrefix": "a/../b"}),
+        ("own_store", {"OutputS3BucketName": "fleet-objects", "OutputS3KeyPrefix": "fleet/files"}),
     ]:
         try:
             ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript",
@@ -131,6 +132,10 @@ fn send_command_through_boto3_writes_the_output_at_ssm_keys() {
     starts(
         "dot_prefix",
         "InvalidParameters: \"a/../b\" is not a valid S3 key prefix",
+    );
+    starts(
+        "own_store",
+        "InvalidParameters: s3://fleet-objects/fleet is where this server keeps its own objects",
     );
     let cmd = &sent["command"];
     assert_eq!(

@@ -45,6 +45,8 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The bucket clients, built from the server's S3 settings (endpoint, region, credentials,
 /// path style, plain HTTP) or, without any, from the AWS environment.
 pub struct Exports {
+    /// The server's own bucket and prefix, if its objects are in S3: output may not go there.
+    own: Option<(String, String)>,
     template: S3Config,
     /// Whether `template` is the server's own S3 settings (else the AWS environment's alone).
     configured: bool,
@@ -69,6 +71,10 @@ impl Exports {
             ),
             ObjectStoreConfig::Local => (S3Config::default(), false),
         };
+        let own = match config {
+            ObjectStoreConfig::S3(s3) => Some((s3.bucket.clone(), s3.prefix.clone())),
+            ObjectStoreConfig::Local => None,
+        };
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let endpoint = template
             .endpoint
@@ -83,12 +89,36 @@ impl Exports {
             .or_else(|| env("AWS_DEFAULT_REGION"))
             .unwrap_or_else(|| "us-east-1".into());
         Exports {
+            own,
             template,
             configured,
             endpoint,
             region,
             clients: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Refuses a bucket and prefix where the server keeps its own objects: a sender could
+    /// otherwise overwrite stored output, recordings or files with a command's output. (Output
+    /// keys are `PREFIX/COMMAND_ID/...`: only the server's own prefix, or one under it, or any
+    /// prefix when the server has none, can meet them.)
+    pub fn check_not_own(&self, t: &OutputS3) -> Result<(), String> {
+        let Some((bucket, prefix)) = &self.own else {
+            return Ok(());
+        };
+        let overlaps =
+            prefix.is_empty() || t.prefix == *prefix || t.prefix.starts_with(&format!("{prefix}/"));
+        if t.bucket == *bucket && overlaps {
+            return Err(match prefix.as_str() {
+                "" => format!(
+                    "bucket {bucket} is where this server keeps its own objects: give another bucket for the output"
+                ),
+                p => format!(
+                    "s3://{bucket}/{p} is where this server keeps its own objects: give another bucket, or a prefix outside {p}/"
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn region<'a>(&'a self, t: &'a OutputS3) -> &'a str {
@@ -422,6 +452,7 @@ mod tests {
             format!("{cmd}/{node}/awsrunShellScript/0.awsrunShellScript/stdout")
         );
         let aws = Exports {
+            own: Some(("fleet".into(), "prod".into())),
             template: S3Config::default(),
             configured: false,
             endpoint: None,
@@ -441,6 +472,23 @@ mod tests {
             ..aws
         };
         assert_eq!(local.url(&t, "k"), "http://127.0.0.1:9000/out/k");
+        let mine = |bucket: &str, prefix: &str| OutputS3 {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            region: String::new(),
+        };
+        for (b, p, ok) in [
+            // Keys start with the command id under the given prefix: only the server's prefix
+            // (or under it) can meet its own objects.
+            ("fleet", "", true),
+            ("fleet", "prod", false),
+            ("fleet", "prod/x", false),
+            ("fleet", "production", true),
+            ("fleet", "other", true),
+            ("out", "", true),
+        ] {
+            assert_eq!(local.check_not_own(&mine(b, p)).is_ok(), ok, "{b}/{p}");
+        }
         assert_eq!(backoff(0), RETRY_MIN);
         assert_eq!(backoff(3), RETRY_MIN * 8);
         assert_eq!(backoff(40), RETRY_MAX);

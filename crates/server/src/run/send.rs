@@ -147,6 +147,12 @@ pub async fn send_command(
         return Ok(sent);
     }
     let checked = send::check(&req)?;
+    if let Some(s3) = &checked.output_s3 {
+        state
+            .exports
+            .check_not_own(s3)
+            .map_err(|m| invalid(Code::InvalidParameters, m))?;
+    }
     let doc = prepare_document(&state.store, &req).await?;
     let targets = resolve_targets(&state.store, &req, &opts).await?;
     authorize(
