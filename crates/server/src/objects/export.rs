@@ -31,8 +31,9 @@ use tokio::task::JoinSet;
 
 /// Uploads at once.
 pub const CONCURRENCY: usize = 4;
-/// Size of the parts of a multipart upload (S3's smallest is 5 MiB, but the last).
-pub const PART_BYTES: usize = 8 * 1024 * 1024;
+/// Size of the parts of a multipart upload (S3's smallest but the last): with one part in flight,
+/// an upload holds at most about two parts and a segment.
+pub const PART_BYTES: usize = 5 * 1024 * 1024;
 /// Bucket clients kept (one per bucket and region); past it the cache starts over.
 pub const CLIENTS_MAX: usize = 64;
 /// First retry delay after a failed export; it doubles per attempt up to [`RETRY_MAX`].
@@ -357,7 +358,7 @@ async fn export(state: &AppState, row: &ExportRow) -> Result<(), String> {
 }
 
 /// Writes one pipe's `stored` bytes: the inline copy in one put when it holds them all, else the
-/// segments streamed into a multipart upload (at most two parts in flight).
+/// segments streamed into a multipart upload (one part in flight).
 #[allow(clippy::too_many_arguments)]
 async fn upload(
     state: &AppState,
@@ -400,7 +401,7 @@ async fn upload(
                 w.put(data.slice(skip..skip + take));
                 pos += take as u64;
             }
-            w.wait_for_capacity(2).await.map_err(|e| e.to_string())?;
+            w.wait_for_capacity(1).await.map_err(|e| e.to_string())?;
         }
         if pos < stored {
             return Err(format!(
