@@ -269,12 +269,23 @@ pub async fn run(state: Arc<AppState>) {
             _ = notify.notified() => {}
             () = sleep => {}
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
-                // A panicked attempt leaves its row queued, as a failed one does.
-                let id = match done {
-                    Ok((id, ())) => id,
-                    Err(e) => e.id(),
-                };
-                in_flight.remove(&id);
+                match done {
+                    Ok((id, ())) => {
+                        in_flight.remove(&id);
+                    }
+                    Err(e) => {
+                        // A panicked attempt leaves its row queued, as a failed one does, and
+                        // waits the longest retry (not at once again: it may panic again).
+                        if let Some((cmd, node)) = in_flight.remove(&e.id()) {
+                            tracing::error!(command_id = %cmd, node_id = %node, "the S3 export attempt failed: {e}");
+                            let next = now_ms() + RETRY_MAX.as_millis() as i64;
+                            let why = format!("the export attempt failed: {e}");
+                            if let Err(e) = state.store.export_failed(&cmd, &node, &why, next).await {
+                                tracing::error!(command_id = %cmd, node_id = %node, "cannot update the S3 export queue: {e}");
+                            }
+                        }
+                    }
+                }
             }
         }
     }
