@@ -265,6 +265,48 @@ fn a_missing_bucket_keeps_the_export_queued_until_it_exists_also_across_a_restar
             .then_some(())
     });
 
+    // A schema 2.2 document: the step directory is its (first) step's name, as SSM's.
+    let doc = serde_json::json!({
+        "schemaVersion": "2.2",
+        "description": "Collects",
+        "mainSteps": [{"action": "aws:runShellScript", "name": "collect.all",
+                       "inputs": {"runCommand": ["echo two-two"]}}]
+    });
+    let path = server.scratch("docs").join("collect.json");
+    std::fs::write(&path, doc.to_string()).expect("write doc");
+    server
+        .cli(&[
+            "documents",
+            "create",
+            "Collect",
+            "--file",
+            path.to_str().expect("utf-8"),
+        ])
+        .ok();
+    let id22 = server
+        .cli(&[
+            "send",
+            "--targets",
+            "all",
+            "--document",
+            "Collect",
+            "--output-s3-bucket",
+            "late-out",
+        ])
+        .ok()
+        .stdout_str()
+        .trim()
+        .to_owned();
+    server.wait_terminal(&id22, LIMIT);
+    let key22 = format!("{id22}/{node}/awsrunShellScript/collect.all/stdout");
+    wait_until("the 2.2 output in the bucket", LIMIT, || {
+        s3.keys("late-out", &format!("{id22}/"))
+            .iter()
+            .any(|(k, _)| *k == key22)
+            .then_some(())
+    });
+    assert_eq!(s3.get("late-out", &key22), b"two-two\n");
+
     // Queued at a stop, written by the next start.
     let id2 = server.send(
         &["--targets", "all", "--output-s3-bucket", "after-restart"],
