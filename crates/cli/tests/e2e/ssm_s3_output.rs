@@ -331,4 +331,25 @@ fn a_missing_bucket_keeps_the_export_queued_until_it_exists_also_across_a_restar
         b"again\n"
     );
     assert_eq!(s3.get("after-restart", &format!("{base}/stderr")), b"err\n");
+
+    // An invocation the server ends (its node deregistered mid-run) exports what was stored.
+    let id3 = server.send(
+        &["--targets", "all", "--output-s3-bucket", "after-restart"],
+        "echo partial; sleep 60",
+    );
+    wait_until("the first output stored", LIMIT, || {
+        let inv = invocation(&server, &id3);
+        (inv["stdout"] == "partial\n").then_some(())
+    });
+    server.cli(&["nodes", "deregister", &node]).ok();
+    let done = server.wait_terminal(&id3, LIMIT);
+    assert_eq!(done["status"], "Failed", "{done}");
+    let key3 = format!("{id3}/{node}/awsrunShellScript/0.awsrunShellScript/stdout");
+    wait_until("the output of the ended invocation", LIMIT, || {
+        s3.keys("after-restart", &format!("{id3}/"))
+            .iter()
+            .any(|(k, _)| *k == key3)
+            .then_some(())
+    });
+    assert_eq!(s3.get("after-restart", &key3), b"partial\n");
 }
