@@ -245,7 +245,7 @@ pub struct SendCommand {
 pub struct OutputS3 {
     /// The bucket.
     pub bucket: String,
-    /// The key prefix ("" for none).
+    /// The key prefix as given ("" for none; keys are made with its `/`s at either end trimmed).
     #[serde(default)]
     pub prefix: String,
     /// The bucket's region ("" for the server's).

@@ -274,7 +274,8 @@ pub fn check_output_s3(req: &SendCommand) -> Result<Option<crate::api::OutputS3>
     }
     Ok(Some(crate::api::OutputS3 {
         bucket: bucket.clone(),
-        prefix: trimmed.to_owned(),
+        // As given (SSM shows it back so); keys are made with its `/`s at either end trimmed.
+        prefix,
         region,
     }))
 }
@@ -418,7 +419,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()),
-            ("fleet.out-1", "runs/daily", "eu-west-1")
+            ("fleet.out-1", "/runs/daily/", "eu-west-1")
         );
         assert!(check_working_dir(&format!("/{}", "d".repeat(WORKING_DIR_MAX - 1))).is_ok());
         assert!(check_script(&["x".repeat(SCRIPT_MAX - 1)]).is_ok());

@@ -147,7 +147,7 @@ pub fn header(c: &Command) -> String {
         lines.push(format!("comment:      {}", c.comment));
     }
     if let Some(s3) = &c.output_s3 {
-        let place = match s3.prefix.as_str() {
+        let place = match s3.prefix.trim_matches('/') {
             "" => format!("s3://{}", s3.bucket),
             p => format!("s3://{}/{p}", s3.bucket),
         };

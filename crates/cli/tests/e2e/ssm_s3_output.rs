@@ -2,8 +2,10 @@
 //! boto3, or `fleetrun send --output-s3-bucket`) has each invocation's full stdout and stderr
 //! written to that bucket (moto's server from the harness's venv) at SSM's keys, and the output
 //! URLs say where. A bucket that does not exist keeps the export queued, with its error shown,
-//! until the bucket exists, and a restarted server takes the queue up again. Bad bucket names and
-//! overlong prefixes are refused with SSM's errors.
+//! until the bucket exists, and a restarted server takes the queue up again; a schema 2.2
+//! document's output goes under its step's name; an invocation the server ends exports what was
+//! stored. Bad bucket names, overlong prefixes and the server's own bucket are refused with SSM's
+//! errors.
 
 use crate::support::{Agent, S3Server, Server, python_venv, wait_until};
 use serde_json::Value;
@@ -54,7 +56,7 @@ if sys.argv[1] == "send":
             refused[name] = e.response["Error"]["Code"] + ": " + e.response["Error"]["Message"]
     cmd = ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript",
                            Parameters={"commands": ["seq 1 1500000", "echo problem >&2"]},
-                           OutputS3BucketName="ssm-out", OutputS3KeyPrefix="runs/daily",
+                           OutputS3BucketName="ssm-out", OutputS3KeyPrefix="runs/daily/",
                            OutputS3Region="us-east-1")["Command"]
     print(json.dumps({"refused": refused, "command": cmd}, default=str))
 else:
@@ -144,7 +146,7 @@ fn send_command_through_boto3_writes_the_output_at_ssm_keys() {
             cmd["OutputS3KeyPrefix"].as_str(),
             cmd["OutputS3Region"].as_str()
         ),
-        (Some("ssm-out"), Some("runs/daily"), Some("us-east-1")),
+        (Some("ssm-out"), Some("runs/daily/"), Some("us-east-1")),
         "{cmd}"
     );
     let id = cmd["CommandId"].as_str().expect("CommandId").to_owned();
@@ -183,7 +185,7 @@ fn send_command_through_boto3_writes_the_output_at_ssm_keys() {
     assert_eq!(plugin["Name"], "aws:runShellScript");
     assert_eq!(plugin["StandardErrorUrl"], url("stderr"), "{plugin}");
     assert_eq!(plugin["OutputS3BucketName"], "ssm-out");
-    assert_eq!(plugin["OutputS3KeyPrefix"], "runs/daily");
+    assert_eq!(plugin["OutputS3KeyPrefix"], "runs/daily/");
     let listed = &shown["commands"][0];
     assert_eq!(listed["OutputS3BucketName"], "ssm-out", "{listed}");
     assert!(server.logs().contains("output written to S3"));

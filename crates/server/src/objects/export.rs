@@ -107,8 +107,9 @@ impl Exports {
         let Some((bucket, prefix)) = &self.own else {
             return Ok(());
         };
+        let given = t.prefix.trim_matches('/');
         let overlaps =
-            prefix.is_empty() || t.prefix == *prefix || t.prefix.starts_with(&format!("{prefix}/"));
+            prefix.is_empty() || given == prefix || given.starts_with(&format!("{prefix}/"));
         if t.bucket == *bucket && overlaps {
             return Err(match prefix.as_str() {
                 "" => format!(
@@ -495,6 +496,7 @@ mod tests {
             ("fleet", "", true),
             ("fleet", "prod", false),
             ("fleet", "prod/x", false),
+            ("fleet", "/prod/", false),
             ("fleet", "production", true),
             ("fleet", "other", true),
             ("out", "", true),
