@@ -429,12 +429,50 @@ impl Client {
     /// answer comes (the server restarting, a connection cut): every attempt carries the same key,
     /// so one that was stored but whose answer was lost is answered, not run again.
     pub async fn send_command(&self, body: &SendCommand, key: &str) -> anyhow::Result<Command> {
+        self.post_command("/v1/commands", "fleetrun send", body, key)
+            .await
+    }
+
+    /// `POST /v1/scripts/{name}/run` (`?version=N`), retried as [`Self::send_command`] is.
+    pub async fn run_script(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        body: &SendCommand,
+        key: &str,
+    ) -> anyhow::Result<Command> {
+        let mut path = format!("/v1/scripts/{}/run", encode(name));
+        if let Some(v) = version {
+            path.push_str(&format!("?version={v}"));
+        }
+        self.post_command(&path, "fleetrun scripts run", body, key)
+            .await
+    }
+
+    /// `GET /v1/commands/{id}/script`: the saved script a command ran.
+    pub async fn command_script(
+        &self,
+        id: &CommandId,
+    ) -> anyhow::Result<fleetrun_proto::api::ScriptRun> {
+        self.json(self.request(Method::GET, &format!("/v1/commands/{id}/script")))
+            .await
+    }
+
+    /// A POST that makes a command, with its idempotency key, retried while no answer comes;
+    /// `what` names the CLI command to run again when it gives up.
+    async fn post_command(
+        &self,
+        path: &str,
+        what: &str,
+        body: &SendCommand,
+        key: &str,
+    ) -> anyhow::Result<Command> {
         let mut delay = RETRY_DELAY_FIRST;
         let started = std::time::Instant::now();
         let mut attempt = 1;
         loop {
             let req = self
-                .request(Method::POST, "/v1/commands")
+                .request(Method::POST, path)
                 .header(fleetrun_proto::limits::IDEMPOTENCY_KEY_HEADER, key)
                 .json(body);
             match self.json(req).await {
@@ -451,7 +489,7 @@ impl Client {
                 }
                 Err(e) if is_retryable(&e) => {
                     return Err(e.context(format!(
-                        "gave up after {attempt} attempts over {} s; the command may have been accepted: run the same `fleetrun send` again with --idempotency-key {key} to get it without running it twice",
+                        "gave up after {attempt} attempts over {} s; the command may have been accepted: run the same `{what}` again with --idempotency-key {key} to get it without running it twice",
                         started.elapsed().as_secs()
                     )));
                 }

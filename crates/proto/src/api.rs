@@ -156,6 +156,9 @@ pub struct Node {
     pub hostname: String,
     /// OS.
     pub os: String,
+    /// The platform the agent runs on (`linux`, `macos`): what a saved script's platform must match.
+    #[serde(default)]
+    pub platform: String,
     /// Architecture.
     pub arch: String,
     /// IP addresses.
@@ -995,6 +998,17 @@ pub fn check_script_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The saved script a command ran (`GET /v1/commands/{id}/script`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptRun {
+    /// The command.
+    pub command_id: CommandId,
+    /// The script's name.
+    pub name: String,
+    /// The version that ran.
+    pub version: u64,
 }
 
 /// Checks a script's description, platform, input URI, output path and body (its name apart); the

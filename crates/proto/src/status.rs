@@ -61,6 +61,8 @@ pub mod details {
     pub const DELIVERY_TIMED_OUT: &str = "Delivery Timed Out";
     /// The node could not run it (for example its working directory does not exist).
     pub const UNDELIVERABLE: &str = "Undeliverable";
+    /// Not run: the node's platform is not the one the command is for (a saved script's).
+    pub const INVALID_PLATFORM: &str = "InvalidPlatform";
     /// The agent restarted while it ran, so its result is unknown.
     pub const TERMINATED: &str = "Terminated";
     /// Killed for exceeding the command's memory limit.

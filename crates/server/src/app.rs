@@ -42,6 +42,8 @@ pub struct AppState {
     pub uploads: crate::objects::api::Uploads,
     /// The clients of the buckets commands write their output to (SSM's `OutputS3BucketName`).
     pub exports: crate::objects::export::Exports,
+    /// Fetches saved scripts' `https://` inputs.
+    pub inputs: crate::scripts::inputs::Fetcher,
     /// Whether and how sessions are recorded.
     pub recording: crate::sessions::recording::Settings,
     /// Permits for agent handshakes in progress.
@@ -209,6 +211,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         result_grace: config.result_grace,
         uploads: Default::default(),
         exports: crate::objects::export::Exports::new(&config.object_store),
+        inputs: crate::scripts::inputs::Fetcher::new(
+            config.script_input_ca.as_deref(),
+            Default::default(),
+        )?,
         sessions: crate::sessions::live::Live::new(
             config.session_idle_timeout,
             config.session_max_duration,

@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub object_store: crate::objects::ObjectStoreConfig,
     /// Session recordings: on, input off, fail closed by default.
     pub recording: crate::sessions::recording::Settings,
+    /// CA certificates (PEM) trusted for `https://` script inputs besides the system's roots.
+    pub script_input_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -113,6 +115,7 @@ impl ServerConfig {
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
             session_max_duration: None,
             object_store: Default::default(),
+            script_input_ca: None,
             recording: Default::default(),
         }
     }

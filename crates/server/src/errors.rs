@@ -103,6 +103,9 @@ pub enum Code {
     ScriptAlreadyExists,
     /// The server keeps as many scripts, or a script as many versions, as it may.
     ScriptLimitExceeded,
+    /// A saved script's input could not be fetched (its URL answered an error, too much, too slowly or
+    /// is not allowed).
+    ScriptInputUnavailable,
     /// A session without a (stored) recording.
     RecordingNotFound,
     /// A session whose recording is still being written (it runs).
@@ -165,7 +168,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 71] = [
+    pub const ALL: [Code; 72] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -208,6 +211,7 @@ impl Code {
         Code::ScriptNotFound,
         Code::ScriptAlreadyExists,
         Code::ScriptLimitExceeded,
+        Code::ScriptInputUnavailable,
         Code::RecordingNotFound,
         Code::RecordingNotReady,
         Code::InvalidIdempotencyKey,
@@ -284,6 +288,7 @@ impl Code {
             Code::ScriptNotFound => StatusCode::NOT_FOUND,
             Code::ScriptAlreadyExists => StatusCode::CONFLICT,
             Code::ScriptLimitExceeded => StatusCode::BAD_REQUEST,
+            Code::ScriptInputUnavailable => StatusCode::BAD_GATEWAY,
             Code::RecordingNotFound => StatusCode::NOT_FOUND,
             Code::RecordingNotReady => StatusCode::CONFLICT,
             Code::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
@@ -361,6 +366,7 @@ impl Code {
             Code::ScriptNotFound => "ScriptNotFound",
             Code::ScriptAlreadyExists => "ScriptAlreadyExists",
             Code::ScriptLimitExceeded => "ScriptLimitExceeded",
+            Code::ScriptInputUnavailable => "ScriptInputUnavailable",
             Code::RecordingNotFound => "RecordingNotFound",
             Code::RecordingNotReady => "RecordingNotReady",
             Code::InvalidIdempotencyKey => "InvalidIdempotencyKey",
@@ -438,6 +444,7 @@ impl Code {
             Code::ScriptNotFound => "DoesNotExistException",
             Code::ScriptAlreadyExists => "ValidationException",
             Code::ScriptLimitExceeded => "ValidationException",
+            Code::ScriptInputUnavailable => "InvalidParameters",
             Code::RecordingNotFound => "DoesNotExistException",
             Code::RecordingNotReady => "ValidationException",
             Code::InvalidIdempotencyKey => "ValidationException",
@@ -685,7 +692,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 71] = [
+    const TABLE: [(Code, u16, &str, &str); 72] = [
         (
             Code::InvalidRequest,
             400,
@@ -912,6 +919,12 @@ mod tests {
             400,
             "ScriptLimitExceeded",
             "ValidationException",
+        ),
+        (
+            Code::ScriptInputUnavailable,
+            502,
+            "ScriptInputUnavailable",
+            "InvalidParameters",
         ),
         (
             Code::RecordingNotFound,

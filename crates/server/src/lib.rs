@@ -8,6 +8,7 @@
 //! - [`fleet`]: the connected agents (channel, hub).
 //! - [`run`]: commands from acceptance to output (send, dispatch, output, documents, params,
 //!   retention).
+//! - [`scripts`]: saved scripts, their catalogue and inputs.
 //! - [`sessions`]: live session streams to agents, relayed to clients (exec).
 //! - [`net`]: the listener (TLS, connection limits and timeouts).
 //! - [`objects`]: the object store (a local directory, or an S3-compatible bucket).
@@ -25,6 +26,7 @@ pub mod fleet;
 pub mod net;
 pub mod objects;
 pub mod run;
+pub mod scripts;
 pub mod sessions;
 pub mod ssm;
 

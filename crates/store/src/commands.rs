@@ -63,6 +63,16 @@ pub struct CommandSpec {
     pub requested_at: i64,
 }
 
+/// What a command is created with beyond itself, in the same transaction.
+#[derive(Clone, Debug, Default)]
+pub struct CommandExtras {
+    /// Invocations ended at once (nodes the command must not run on: they never see it, even
+    /// after a crash).
+    pub ended: Vec<(NodeId, Finish)>,
+    /// The saved script (name, version) it runs.
+    pub script: Option<(String, i64)>,
+}
+
 /// A command to create, with its resolved targets.
 pub struct NewCommand {
     /// Its id.
@@ -231,6 +241,15 @@ impl Finish {
 impl Store {
     /// Creates a command and all its invocations (Pending) in one transaction.
     pub async fn insert_command(&self, c: &NewCommand) -> Result<(), InsertError> {
+        self.insert_command_with(c, &CommandExtras::default()).await
+    }
+
+    /// Creates a command and all its invocations in one transaction, with what `extras` adds.
+    pub async fn insert_command_with(
+        &self,
+        c: &NewCommand,
+        extras: &CommandExtras,
+    ) -> Result<(), InsertError> {
         let spec = &c.spec;
         let mut tx = self.write.begin().await?;
         let inserted = sqlx::query(
@@ -290,6 +309,17 @@ impl Store {
                     .push_bind(details::PENDING);
             });
             qb.build().execute(&mut *tx).await?;
+        }
+        if !extras.ended.is_empty() {
+            finish_invocations(&mut tx, &c.command_id, &extras.ended).await?;
+        }
+        if let Some((name, version)) = &extras.script {
+            sqlx::query("INSERT INTO script_runs (command_id, name, version) VALUES (?, ?, ?)")
+                .bind(c.command_id.as_str())
+                .bind(name)
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

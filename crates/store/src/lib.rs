@@ -20,8 +20,8 @@ mod writer;
 
 pub use audit::AuditEntry;
 pub use commands::{
-    CommandCursor, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, InvocationRow,
-    NewCommand, OutputState, S3Output, Tally, Totals,
+    CommandCursor, CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError,
+    InvocationRow, NewCommand, OutputState, S3Output, Tally, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};

@@ -7,7 +7,7 @@ use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, NodeId};
 use sqlx::{QueryBuilder, Row, Sqlite};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A node as authorization policies see it: its id, name and tags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +55,7 @@ pub(crate) struct NodeRecord {
     pub(crate) name: String,
     pub(crate) hostname: String,
     pub(crate) os: String,
+    pub(crate) platform: String,
     pub(crate) arch: String,
     pub(crate) ips: Vec<String>,
     pub(crate) agent_version: String,
@@ -400,6 +401,37 @@ impl Store {
         Ok(out)
     }
 
+    /// Sets a node's platform. Every agent of channel protocol 5 and before runs on Linux (the
+    /// column's default); the agent's handshake does not carry it yet, so only tests set another.
+    pub async fn set_node_platform(&self, id: &NodeId, platform: &str) -> Result<()> {
+        sqlx::query("UPDATE nodes SET platform = ? WHERE node_id = ?")
+            .bind(platform)
+            .bind(id.as_str())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// The platform of each of `ids` that is registered (`linux` for nodes that never said).
+    pub async fn node_platforms(&self, ids: &[NodeId]) -> Result<HashMap<NodeId, String>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT node_id, platform FROM nodes WHERE node_id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.as_str());
+            }
+            qb.push(")");
+            for r in qb.build().fetch_all(&self.read).await? {
+                if let Ok(id) = r.get::<String, _>("node_id").parse() {
+                    out.insert(id, r.get("platform"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Nodes (id, name) matching every term of a target expression, ordered by id. Each term's values
     /// are bound as one JSON array (`json_each`), so a term's size changes neither the number of SQL
     /// variables nor the expression depth; callers bound the terms (`TargetExpr::parse` caps them).
@@ -443,7 +475,7 @@ impl Store {
 
 macro_rules! node_columns {
     () => {
-        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at, public_key, key_rotated_at"
+        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at, public_key, key_rotated_at, platform"
     };
 }
 const NODE_SELECT_ALL: &str = concat!(
@@ -475,6 +507,7 @@ fn node_record(r: &sqlx::sqlite::SqliteRow) -> Result<NodeRecord> {
         name: r.get("name"),
         hostname: r.get("hostname"),
         os: r.get("os"),
+        platform: r.get("platform"),
         arch: r.get("arch"),
         ips: serde_json::from_str(r.get("ips"))?,
         agent_version: r.get("agent_version"),

@@ -220,6 +220,20 @@ async fn insert_version(
     Ok(())
 }
 
+impl Store {
+    /// The saved script (name, version) a command ran, if it ran one.
+    pub async fn script_run(
+        &self,
+        command_id: &fleetrun_proto::CommandId,
+    ) -> Result<Option<(String, i64)>> {
+        let row = sqlx::query("SELECT name, version FROM script_runs WHERE command_id = ?")
+            .bind(command_id.as_str())
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.map(|r| (r.get("name"), r.get("version"))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

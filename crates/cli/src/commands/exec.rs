@@ -387,6 +387,7 @@ mod tests {
             last_seen: String::new(),
             hostname: String::new(),
             os: String::new(),
+            platform: "linux".into(),
             arch: String::new(),
             ips: ips.iter().map(|s| s.to_string()).collect(),
             agent_version: String::new(),

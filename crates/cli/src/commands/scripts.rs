@@ -1,6 +1,7 @@
-//! `fleetrun scripts create|list|show|update|delete`: saved scripts (a name, a description, a
-//! platform, an input URI, an output path and a body using `${INPUT}` and `${OUTPUT}`), each
-//! update kept as a new version. Running one (`scripts run`) comes next.
+//! `fleetrun scripts create|list|show|update|delete|run|results`: saved scripts (a name, a
+//! description, a platform, an input URI, an output path and a body using `${INPUT}` and
+//! `${OUTPUT}`), each update kept as a new version; a run is a send of the script (every send
+//! flag), recorded with the version it ran.
 
 use super::Ctx;
 use crate::render::{self, Format};
@@ -24,6 +25,31 @@ pub enum Cmd {
     Update(UpdateArgs),
     /// Delete a script with all its versions
     Delete(NameArg),
+    /// Run a script (its latest version unless --version) on nodes, as `send` runs a script; only
+    /// nodes of its platform run it, the others fail with InvalidPlatform
+    #[command(disable_version_flag = true)]
+    Run(RunArgs),
+    /// The script (and version) a command ran
+    Results(ResultsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The script's name
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// Which version [default: the latest]
+    #[arg(long, value_name = "N")]
+    version: Option<u64>,
+    #[command(flatten)]
+    rollout: super::send::Rollout,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResultsArgs {
+    /// The command a `scripts run` made
+    #[arg(value_name = "COMMAND_ID")]
+    command_id: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,7 +130,38 @@ pub async fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Show(args) => show(ctx, args).await,
         Cmd::Update(args) => update(ctx, args).await,
         Cmd::Delete(args) => delete(ctx, args).await,
+        Cmd::Run(args) => run_script(ctx, args).await,
+        Cmd::Results(args) => results(ctx, args).await,
     }
+}
+
+async fn run_script(ctx: &Ctx, args: RunArgs) -> anyhow::Result<ExitCode> {
+    use super::send;
+    let (key, wait) = (send::idempotency_key(&args.rollout)?, args.rollout.wait);
+    // The script comes from the server; the rest is a send's, checked as a send's is.
+    let body = send::checked(send::rollout_request(args.rollout)?)?;
+    let client = ctx.client()?;
+    let cmd = client
+        .run_script(&args.name, args.version, &body, &key)
+        .await?;
+    send::report(ctx, &client, &cmd, wait).await
+}
+
+async fn results(ctx: &Ctx, args: ResultsArgs) -> anyhow::Result<ExitCode> {
+    let id: fleetrun_proto::CommandId = args
+        .command_id
+        .parse()
+        .map_err(|e| anyhow::anyhow!("bad command id {:?}: {e}", args.command_id))?;
+    let ran = ctx.client()?.command_script(&id).await?;
+    if ctx.format == Format::Json {
+        render::print_json(&ran)?;
+    } else {
+        render::emit(&format!(
+            "command {} ran script {} version {}\n",
+            ran.command_id, ran.name, ran.version
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {

@@ -21,10 +21,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Where and how a command rolls out, and whether to wait for it: the flags `send` and
+/// `scripts run` share.
 // The doc comments are `--help` text, where `[,VALUE]` means "optional", not a link.
 #[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct Rollout {
     /// Run on this node (repeatable)
     #[arg(long = "node", value_name = "NODE_ID")]
     nodes: Vec<String>,
@@ -43,9 +45,6 @@ pub struct Args {
     /// Seconds a node may take to start it before it times out [server default: 3600]
     #[arg(long, value_name = "SECS")]
     delivery_timeout: Option<u64>,
-    /// Directory to run the script in
-    #[arg(long, value_name = "DIR")]
-    working_dir: Option<String>,
     /// A note kept with the command (at most 100 characters)
     #[arg(long, value_name = "TEXT")]
     comment: Option<String>,
@@ -68,6 +67,23 @@ pub struct Args {
     /// The region of --output-s3-bucket [default: the server's S3 region]
     #[arg(long, value_name = "REGION", requires = "output_s3_bucket")]
     output_s3_region: Option<String>,
+    /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
+    #[arg(long)]
+    pub wait: bool,
+    /// Key that makes the send idempotent: a send with a key already used (with the same request)
+    /// answers the command it made and runs nothing again [default: a new random key; every
+    /// retry of this invocation after a lost connection reuses it]
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    rollout: Rollout,
+    /// Directory to run the script in
+    #[arg(long, value_name = "DIR")]
+    working_dir: Option<String>,
     /// Run this document instead of a script (its parameters with --parameter) [default: AWS-RunShellScript]
     #[arg(long, value_name = "NAME")]
     document: Option<String>,
@@ -77,14 +93,6 @@ pub struct Args {
     /// A document parameter (repeatable; repeat a key to give a list: --parameter names=a --parameter names=b)
     #[arg(long = "parameter", value_name = "KEY=VALUE")]
     parameters: Vec<String>,
-    /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
-    #[arg(long)]
-    wait: bool,
-    /// Key that makes the send idempotent: a send with a key already used (with the same request)
-    /// answers the command it made and runs nothing again [default: a new random key; every
-    /// retry of this invocation after a lost connection reuses it]
-    #[arg(long, value_name = "KEY")]
-    idempotency_key: Option<String>,
     /// Read the script from a file, one command per line (`-` for stdin; AWS-RunShellScript only)
     #[arg(long, value_name = "PATH", conflicts_with = "script")]
     file: Option<PathBuf>,
@@ -94,21 +102,36 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
-    let wait = args.wait;
-    let key = match args.idempotency_key.clone() {
+    let (key, wait) = (idempotency_key(&args.rollout)?, args.rollout.wait);
+    let body = build(args)?;
+    let client = ctx.client()?;
+    let cmd = client.send_command(&body, &key).await?;
+    report(ctx, &client, &cmd, wait).await
+}
+
+/// The send's idempotency key: the one given (checked), or a new random one.
+pub fn idempotency_key(rollout: &Rollout) -> anyhow::Result<String> {
+    Ok(match rollout.idempotency_key.clone() {
         Some(k) => {
             limits::check_idempotency_key(&k)
                 .map_err(|e| anyhow::anyhow!("--idempotency-key: {e}"))?;
             k
         }
         None => format!("{:032x}", fleetrun_server::access::secrets::random_u128()),
-    };
-    let body = build(args)?;
-    let client = ctx.client()?;
-    let cmd = client.send_command(&body, &key).await?;
+    })
+}
+
+/// Tells what was sent: its id, or with `wait` follows it to its end and shows how each node did
+/// (exit status 1 unless all succeeded).
+pub async fn report(
+    ctx: &Ctx,
+    client: &Client,
+    cmd: &Command,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
     if !wait {
         if ctx.format == Format::Json {
-            render::print_json(&cmd)?;
+            render::print_json(cmd)?;
         } else {
             render::emit(&format!("{}\n", cmd.command_id))?;
         }
@@ -120,7 +143,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
             cmd.command_id, cmd.target_count
         );
     }
-    follow(&client, &cmd).await?;
+    follow(client, cmd).await?;
     let done = client.command(&cmd.command_id).await?;
     if ctx.format == Format::Json {
         render::print_json(&done)?;
@@ -139,10 +162,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Checks the arguments and builds the request body.
-fn build(args: Args) -> anyhow::Result<SendCommand> {
-    let node_ids = parse_node_ids(&args.nodes)?;
-    let targets = args
+/// The request's rollout members from the flags, checked as far as they can be alone.
+pub fn rollout_request(r: Rollout) -> anyhow::Result<SendCommand> {
+    let node_ids = parse_node_ids(&r.nodes)?;
+    let targets = r
         .targets
         .map(|t| {
             TargetExpr::parse(&t)
@@ -153,12 +176,33 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
     if node_ids.is_empty() && targets.is_none() {
         bail!("say where to run it: --node NODE_ID or --targets EXPR (e.g. --targets all)");
     }
-    // What the request's own checks (below) cannot say: an empty flag is a mistake, not "none".
+    // What the request's own checks cannot say: an empty flag is a mistake, not "none".
+    if r.run_as.as_deref() == Some("") {
+        bail!("--run-as needs a user name or uid");
+    }
+    Ok(SendCommand {
+        node_ids,
+        targets,
+        execution_timeout_secs: r.execution_timeout,
+        delivery_timeout_secs: r.delivery_timeout,
+        max_concurrency: r.max_concurrency,
+        max_errors: r.max_errors,
+        comment: r.comment,
+        run_as: r.run_as,
+        memory_limit_mb: r.memory_limit,
+        cpu_limit_percent: r.cpu_limit,
+        output_s3_bucket: r.output_s3_bucket,
+        output_s3_prefix: r.output_s3_prefix,
+        output_s3_region: r.output_s3_region,
+        ..SendCommand::default()
+    })
+}
+
+/// Checks the arguments and builds the request body.
+fn build(args: Args) -> anyhow::Result<SendCommand> {
+    let base = rollout_request(args.rollout)?;
     if args.working_dir.as_deref() == Some("") {
         bail!("--working-dir needs a directory");
-    }
-    if args.run_as.as_deref() == Some("") {
-        bail!("--run-as needs a user name or uid");
     }
     let parameters = parse_parameters(&args.parameters)?;
     let document = args.document.as_deref().map(str::trim);
@@ -171,7 +215,7 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
             (!args.script.is_empty(), "a script after `--`"),
             (args.file.is_some(), "--file"),
             (args.working_dir.is_some(), "--working-dir"),
-            (args.execution_timeout.is_some(), "--execution-timeout"),
+            (base.execution_timeout_secs.is_some(), "--execution-timeout"),
         ] {
             if given {
                 bail!(
@@ -180,22 +224,10 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
             }
         }
         return checked(SendCommand {
-            node_ids,
-            targets,
             document_name: Some(name.to_owned()),
             document_version: args.document_version,
             parameters,
-            delivery_timeout_secs: args.delivery_timeout,
-            max_concurrency: args.max_concurrency,
-            max_errors: args.max_errors,
-            comment: args.comment,
-            run_as: args.run_as,
-            memory_limit_mb: args.memory_limit,
-            cpu_limit_percent: args.cpu_limit,
-            output_s3_bucket: args.output_s3_bucket,
-            output_s3_prefix: args.output_s3_prefix,
-            output_s3_region: args.output_s3_region,
-            ..SendCommand::default()
+            ..base
         });
     }
     let script_given = args.file.is_some() || !args.script.is_empty();
@@ -210,7 +242,7 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
     }
     for (key, flag) in [
         ("workingDirectory", args.working_dir.is_some()),
-        ("executionTimeout", args.execution_timeout.is_some()),
+        ("executionTimeout", base.execution_timeout_secs.is_some()),
     ] {
         if flag && parameters.contains_key(key) {
             bail!("{key} is given twice: as --parameter {key}=... and as its flag");
@@ -225,30 +257,18 @@ fn build(args: Args) -> anyhow::Result<SendCommand> {
         bail!("the script is empty");
     }
     checked(SendCommand {
-        node_ids,
-        targets,
         document_name: document.map(str::to_owned),
         document_version: args.document_version,
         parameters,
         commands,
         working_directory: args.working_dir,
-        execution_timeout_secs: args.execution_timeout,
-        delivery_timeout_secs: args.delivery_timeout,
-        max_concurrency: args.max_concurrency,
-        max_errors: args.max_errors,
-        comment: args.comment,
-        run_as: args.run_as,
-        memory_limit_mb: args.memory_limit,
-        cpu_limit_percent: args.cpu_limit,
-        output_s3_bucket: args.output_s3_bucket,
-        output_s3_prefix: args.output_s3_prefix,
-        output_s3_region: args.output_s3_region,
+        ..base
     })
 }
 
 /// The request, if the server's own checks ([`send::check`]) accept it; refused with the server's
 /// message, after the flag that gave the field.
-fn checked(body: SendCommand) -> anyhow::Result<SendCommand> {
+pub fn checked(body: SendCommand) -> anyhow::Result<SendCommand> {
     if let Err(e) = send::check(&body) {
         let flag = match e.field {
             // The script comes from the words after `--` or --file: no one flag to name.

@@ -115,6 +115,9 @@ pub struct Args {
         value_name = "FILE"
     )]
     secrets_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust, besides the system's, for saved scripts' https:// inputs
+    #[arg(long, value_name = "FILE")]
+    script_input_ca: Option<PathBuf>,
     /// Longest wait for a request head, also between requests on a kept-alive connection [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     header_read_timeout: Option<Duration>,
@@ -204,6 +207,7 @@ struct ServerFile {
     /// "0" for no limit.
     session_max_duration: Option<String>,
     object_store: Option<super::object_store::ObjectStoreFile>,
+    script_input_ca: Option<PathBuf>,
     session_recording: Option<bool>,
     record_input: Option<bool>,
     /// "close" or "continue".
@@ -365,6 +369,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         max_handshakes,
         rate_limit,
         secrets_key_file: args.secrets_key_file.or(file.secrets_key_file),
+        script_input_ca: args.script_input_ca.or(file.script_input_ca),
         header_read_timeout,
         body_read_timeout,
         agent_handshake_timeout,
@@ -518,6 +523,7 @@ mod tests {
             object_store: Default::default(),
             rate_limit: None,
             secrets_key_file: None,
+            script_input_ca: None,
             header_read_timeout: None,
             body_read_timeout: None,
             agent_handshake_timeout: None,

@@ -1,6 +1,6 @@
-//! Issue 12, saved scripts (the catalogue; `scripts run` comes next): create, list, show, update
-//! keeping every version, delete; bad input refused with a message naming what is wrong; a viewer
-//! reads but cannot write. A real server, the real CLI.
+//! Issue 12, saved scripts: create, list, show, update keeping every version, delete; bad input
+//! refused with a message naming what is wrong; a viewer reads but cannot write; `scripts run` on
+//! real agents by tag and `scripts results`. A real server, real agents, the real CLI.
 
 use crate::support::{Server, run};
 use serde_json::json;
@@ -403,4 +403,113 @@ fn scripts_viewer_reads_but_cannot_write() {
     assert_eq!(server.get_json("/v1/scripts/s")["latest_version"], 1);
     let refused = server.get_json("/v1/audit?action=scripts.create&principal=vic");
     assert_eq!(refused[0]["result"], "403 AccessDenied", "{refused}");
+}
+
+/// `scripts run` on real agents by tag: the version asked runs as a command (`--wait` shows each
+/// node's outcome, the output is the command's), and `scripts results` names the version.
+#[test]
+fn scripts_run_runs_a_version_on_nodes_by_tag_and_results_name_it() {
+    use crate::support::{Agent, invocations};
+    let server = Server::start();
+    let _web1 = Agent::start(&server, "web1", &[("role", "web")]);
+    let _web2 = Agent::start(&server, "web2", &[("role", "web")]);
+    let _db = Agent::start(&server, "db1", &[("role", "db")]);
+    let v1 = body_file(&server, "hello1.sh", "echo \"v1 on $(hostname)\"\n");
+    let v2 = body_file(&server, "hello2.sh", "echo v2\nexit 3\n");
+    let (v1s, v2s) = (v1.to_str().expect("path"), v2.to_str().expect("path"));
+    server
+        .cli(&[
+            "scripts",
+            "create",
+            "hello",
+            "--platform",
+            "linux",
+            "--file",
+            v1s,
+        ])
+        .ok();
+    server
+        .cli(&["scripts", "update", "hello", "--file", v2s])
+        .ok();
+
+    let done = server
+        .cli(&[
+            "scripts",
+            "run",
+            "hello",
+            "--version",
+            "1",
+            "--targets",
+            "tag:role=web",
+            "--max-concurrency",
+            "1",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(done["status"], "Success", "{done}");
+    let invs = invocations(&done);
+    assert_eq!(invs.len(), 2, "the two web nodes only: {done}");
+    for inv in &invs {
+        assert_eq!(inv["status"], "Success", "{inv}");
+        let out = inv["stdout"].as_str().unwrap_or_default();
+        assert!(out.starts_with("v1 on "), "version 1 ran: {out:?}");
+    }
+    let id = done["command_id"].as_str().expect("command id");
+    let ran = server
+        .cli(&["scripts", "results", id, "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(ran["name"], "hello");
+    assert_eq!(ran["version"], 1);
+    assert_eq!(
+        server.cli(&["scripts", "results", id]).ok().stdout_str(),
+        format!("command {id} ran script hello version 1\n")
+    );
+
+    // The latest version by default; its failure is the run's exit status.
+    let failed = server.cli(&[
+        "scripts",
+        "run",
+        "hello",
+        "--targets",
+        "tag:role=db",
+        "--wait",
+    ]);
+    assert_eq!(failed.code(), Some(1), "{}", failed.stdout_str());
+    // Bad input is refused before anything is sent, naming the flag.
+    let bad = server.cli(&["scripts", "run", "hello"]);
+    assert!(
+        bad.one_line_error()
+            .contains("--node NODE_ID or --targets EXPR"),
+        "{}",
+        bad.one_line_error()
+    );
+    let bad = server.cli(&[
+        "scripts",
+        "run",
+        "hello",
+        "--targets",
+        "all",
+        "--max-errors",
+        "x",
+    ]);
+    assert!(
+        bad.one_line_error().contains("--max-errors"),
+        "{}",
+        bad.one_line_error()
+    );
+    let missing = server.cli(&["scripts", "run", "nope", "--targets", "all"]);
+    assert!(
+        missing.one_line_error().contains("no script named nope"),
+        "{}",
+        missing.one_line_error()
+    );
+    let audit = server.get_json("/v1/audit?action=scripts.run");
+    assert!(
+        audit.as_array().is_some_and(|a| a.len() >= 2),
+        "every run is audited: {audit}"
+    );
 }

@@ -179,6 +179,8 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/scripts/{name}") => "scripts.get",
         ("PUT", "/v1/scripts/{name}") => "scripts.update",
         ("DELETE", "/v1/scripts/{name}") => "scripts.delete",
+        ("POST", "/v1/scripts/{name}/run") => "scripts.run",
+        ("GET", "/v1/commands/{command_id}/script") => "commands.script",
         ("GET", "/v1/storage") => "storage.get",
         ("POST", "/v1/access-keys") => "access-keys.create",
         ("GET", "/v1/access-keys") => "access-keys.list",

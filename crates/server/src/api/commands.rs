@@ -38,22 +38,23 @@ pub async fn send(
         idempotency,
         ..SendOptions::default()
     };
-    match crate::run::send::send_command(&state, &p, req, opts).await {
-        Ok(Sent { command, replayed }) => {
-            let created = Extension(CreatedCommand(command.command_id.to_string()));
-            Ok(if replayed {
-                (
-                    StatusCode::OK,
-                    [(IDEMPOTENT_REPLAYED, "true")],
-                    created,
-                    Json(command),
-                )
-                    .into_response()
-            } else {
-                (StatusCode::CREATED, created, Json(command)).into_response()
-            })
-        }
-        Err(e) => Err(e.into()),
+    let sent = crate::run::send::send_command(&state, &p, req, opts).await?;
+    Ok(sent_response(sent))
+}
+
+/// A send's answer: 201 with the command, or 200 marked replayed for a retry.
+pub(crate) fn sent_response(Sent { command, replayed }: Sent) -> Response {
+    let created = Extension(CreatedCommand(command.command_id.to_string()));
+    if replayed {
+        (
+            StatusCode::OK,
+            [(IDEMPOTENT_REPLAYED, "true")],
+            created,
+            Json(command),
+        )
+            .into_response()
+    } else {
+        (StatusCode::CREATED, created, Json(command)).into_response()
     }
 }
 
@@ -61,7 +62,7 @@ pub async fn send(
 const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
 /// The `Idempotency-Key` header, checked: at most one, 1 to 128 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let bad = |m: String| ApiError::new(Code::InvalidIdempotencyKey, m);
     let mut values = headers.get_all(IDEMPOTENCY_KEY_HEADER).iter();
     let Some(value) = values.next() else {

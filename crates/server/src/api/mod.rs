@@ -3,13 +3,12 @@
 mod access_keys;
 mod activations;
 mod audit;
-mod commands;
+pub(crate) mod commands;
 mod documents;
 mod errors;
 mod nodes;
 mod output;
 mod params;
-mod scripts;
 mod storage;
 mod tokens;
 mod users;
@@ -92,12 +91,20 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/documents/{name}/default-version",
             put(documents::set_default),
         )
-        .route("/v1/scripts", post(scripts::create).get(scripts::list))
+        .route(
+            "/v1/scripts",
+            post(crate::scripts::api::create).get(crate::scripts::api::list),
+        )
         .route(
             "/v1/scripts/{name}",
-            get(scripts::get)
-                .put(scripts::update)
-                .delete(scripts::delete),
+            get(crate::scripts::api::get)
+                .put(crate::scripts::api::update)
+                .delete(crate::scripts::api::delete),
+        )
+        .route("/v1/scripts/{name}/run", post(crate::scripts::api::run))
+        .route(
+            "/v1/commands/{command_id}/script",
+            get(crate::scripts::api::of_command),
         )
         .route("/v1/storage", get(storage::get))
         .route(

@@ -4,6 +4,7 @@
 //! is complete, so a listed object is always whole. `GET` streams it back, `DELETE` forgets it,
 //! `GET /v1/objects?prefix=` lists. Authorized by `read-objects` / `write-objects` on the object.
 
+use super::WriteError;
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::api::{ApiError, page_limit};
@@ -18,17 +19,14 @@ use fleetrun_proto::time::{now_ms, rfc3339};
 use fleetrun_store::{OBJECTS_PAGE_MAX, ObjectRow};
 use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt};
 use parking_lot::Mutex;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Largest object: 8 MiB parts, at most S3's 10,000 of them.
 pub const OBJECT_MAX: u64 = 64 * 1024 * 1024 * 1024;
-/// Bytes buffered before a part is sent: the upload's memory (one part filling, one in flight).
-const PART_BYTES: usize = 8 * 1024 * 1024;
 /// Default page of a listing.
 const PAGE_DEFAULT: i64 = 100;
 /// The header of a download that carries the object's SHA-256.
@@ -140,62 +138,27 @@ fn too_large() -> ApiError {
     )
 }
 
-/// Streams `body` into a multipart upload at `path`: its size and SHA-256. A failure aborts the
-/// upload, so nothing (and no earlier object's replacement) is left half written.
+/// Streams `body` into the object store at `path`: its size and SHA-256.
 async fn upload(
     objects: &dyn ObjectStore,
     path: &ObjectPath,
     body: Body,
 ) -> Result<(u64, String), ApiError> {
-    let stored = |e: object_store::Error| {
-        tracing::error!(%path, "cannot store object: {e}");
-        ApiError::new(
-            Code::Unavailable,
-            "the object store did not take the object; try again",
-        )
-    };
-    let multipart = objects.put_multipart(path).await.map_err(stored)?;
-    let mut writer = WriteMultipart::new_with_chunk_size(multipart, PART_BYTES);
-    let mut hasher = Sha256::new();
-    let mut size: u64 = 0;
-    let mut stream = body.into_data_stream();
-    let failed = loop {
-        let chunk = match stream.next().await {
-            None => break None,
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                let err = match crate::net::conn::body_timed_out(&e) {
-                    Some(limit) => crate::api::body_timeout_error(limit),
-                    None => {
-                        ApiError::new(Code::InvalidRequest, format!("the upload broke off: {e}"))
-                    }
-                };
-                break Some(err);
-            }
-        };
-        size += chunk.len() as u64;
-        if size > OBJECT_MAX {
-            break Some(too_large());
+    let written = super::write_streamed(objects, path, body.into_data_stream(), OBJECT_MAX).await;
+    written.map_err(|e| match e {
+        WriteError::Source(e) => match crate::net::conn::body_timed_out(&e) {
+            Some(limit) => crate::api::body_timeout_error(limit),
+            None => ApiError::new(Code::InvalidRequest, format!("the upload broke off: {e}")),
+        },
+        WriteError::TooLarge => too_large(),
+        WriteError::Store(e) => {
+            tracing::error!(%path, "cannot store object: {e}");
+            ApiError::new(
+                Code::Unavailable,
+                "the object store did not take the object; try again",
+            )
         }
-        hasher.update(&chunk);
-        // At most one part in flight while the next fills: bounded memory per upload.
-        if let Err(e) = writer.wait_for_capacity(1).await {
-            break Some(stored(e));
-        }
-        writer.write(&chunk);
-    };
-    if let Some(e) = failed {
-        if let Err(abort) = writer.abort().await {
-            tracing::warn!(%path, "cannot abort an object upload: {abort}");
-        }
-        return Err(e);
-    }
-    writer.finish().await.map_err(stored)?;
-    Ok((size, hex(&hasher.finalize())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    })
 }
 
 /// `GET /v1/objects/{key}`: the object's bytes, streamed, with its SHA-256 in a header.

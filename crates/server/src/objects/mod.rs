@@ -262,3 +262,62 @@ mod tests {
         assert!(!format!("{secret:?}").contains("hunter2"));
     }
 }
+
+/// Why [`write_streamed`] stored nothing.
+#[derive(Debug)]
+pub enum WriteError<E> {
+    /// The source of the bytes failed.
+    Source(E),
+    /// More than the limit arrived.
+    TooLarge,
+    /// The object store did not take them.
+    Store(object_store::Error),
+}
+
+/// Streams `chunks` into a multipart upload at `path`, at most `max` bytes: their size and
+/// SHA-256 (lowercase hex). At most one part is in flight while the next fills, so an upload holds
+/// about two parts of memory whatever its size. A failure aborts the upload: nothing (and no
+/// replacement of an earlier object at `path`) is left half written.
+pub async fn write_streamed<E>(
+    objects: &dyn ObjectStore,
+    path: &ObjectPath,
+    mut chunks: impl futures_util::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    max: u64,
+) -> Result<(u64, String), WriteError<E>> {
+    use futures_util::StreamExt;
+    use sha2::{Digest, Sha256};
+    let multipart = objects
+        .put_multipart(path)
+        .await
+        .map_err(WriteError::Store)?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(multipart, PART_BYTES);
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let failed = loop {
+        let chunk = match chunks.next().await {
+            None => break None,
+            Some(Ok(c)) => c,
+            Some(Err(e)) => break Some(WriteError::Source(e)),
+        };
+        size += chunk.len() as u64;
+        if size > max {
+            break Some(WriteError::TooLarge);
+        }
+        hasher.update(&chunk);
+        if let Err(e) = writer.wait_for_capacity(1).await {
+            break Some(WriteError::Store(e));
+        }
+        writer.write(&chunk);
+    };
+    if let Some(e) = failed {
+        if let Err(abort) = writer.abort().await {
+            tracing::warn!(%path, "cannot abort an object upload: {abort}");
+        }
+        return Err(e);
+    }
+    writer.finish().await.map_err(WriteError::Store)?;
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Bytes buffered before a part is sent: an upload's memory (one part filling, one in flight).
+const PART_BYTES: usize = 8 * 1024 * 1024;

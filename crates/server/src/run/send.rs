@@ -14,11 +14,13 @@ use fleetrun_proto::api::{
 };
 use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::send::{self, FieldError};
+use fleetrun_proto::status::details;
 use fleetrun_proto::targets::TargetExpr;
 use fleetrun_proto::time::now_ms;
-use fleetrun_proto::{CommandId, CommandStatus, NodeId};
+use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use fleetrun_store::{
-    CommandRow, CommandSpec, IdempotencyKey, InsertError, NewCommand, S3Output, Store, StoreError,
+    CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, NewCommand,
+    S3Output, Store, StoreError,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -34,6 +36,11 @@ pub struct SendOptions {
     pub ssm_extra: Option<serde_json::Value>,
     /// The send's idempotency key (already checked), if the caller gave one.
     pub idempotency: Option<Idempotency>,
+    /// Run only on nodes of this platform (a saved script's): the others' invocations are stored
+    /// ended, Failed with `InvalidPlatform`, so nothing is ever delivered to them.
+    pub platform: Option<String>,
+    /// The saved script (name, version) the command runs, recorded with it.
+    pub script: Option<(String, i64)>,
 }
 
 /// An idempotency key as a send gets it from its API.
@@ -364,7 +371,14 @@ async fn persist_and_dispatch(
             plugin_dir: doc.plugin_dir,
         }),
     };
-    match state.store.insert_command(&new).await {
+    let extras = CommandExtras {
+        ended: match &opts.platform {
+            Some(p) => other_platforms(&state.store, &new.invocations, p).await?,
+            None => Vec::new(),
+        },
+        script: opts.script.clone(),
+    };
+    match state.store.insert_command_with(&new, &extras).await {
         Ok(()) => {}
         Err(InsertError::DuplicateKey) => {
             // A concurrent send with the same key committed first: answer as its retry.
@@ -384,7 +398,7 @@ async fn persist_and_dispatch(
         target_count: new.invocations.len() as u64,
         spec: new.spec,
         status: CommandStatus::Pending,
-        error_count: 0,
+        error_count: extras.ended.iter().filter(|(_, f)| f.is_error()).count() as u64,
         cancel_requested: false,
     };
     dispatch::spawn(state.clone(), row);
@@ -400,6 +414,33 @@ async fn persist_and_dispatch(
         command: cmd,
         replayed: false,
     })
+}
+
+/// The ends of the invocations on nodes not of `platform`.
+async fn other_platforms(
+    store: &Store,
+    invocations: &[(NodeId, String)],
+    platform: &str,
+) -> Result<Vec<(NodeId, Finish)>, SendError> {
+    let ids: Vec<NodeId> = invocations.iter().map(|(id, _)| id.clone()).collect();
+    let platforms = store.node_platforms(&ids).await?;
+    let now = now_ms();
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| {
+            let theirs = platforms.get(&id).map_or("unknown", String::as_str);
+            (theirs != platform).then(|| {
+                let why = format!("not run: the node's platform is {theirs}, not {platform}");
+                let f = Finish::without_running(
+                    InvocationStatus::Failed,
+                    details::INVALID_PLATFORM,
+                    now,
+                    &why,
+                );
+                (id, f)
+            })
+        })
+        .collect())
 }
 
 /// The command an idempotency key of this principal already made, if any: refused when the key came

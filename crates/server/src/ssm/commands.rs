@@ -200,6 +200,8 @@ pub async fn send_command(
         allow_no_targets: true,
         ssm_extra: Some(extra.clone()),
         idempotency,
+        platform: None,
+        script: None,
     };
     let cmd = crate::run::send::send_command(state, p, send, opts)
         .await

@@ -185,11 +185,20 @@ fn matches_filter(n: &Node, key: &str, values: &[String]) -> bool {
         "InstanceIds" => any(n.node_id.as_str()),
         "AgentVersion" => any(&n.agent_version),
         "PingStatus" => any(&n.ping_status),
-        "PlatformTypes" => any("Linux"),
+        "PlatformTypes" => any(platform_type(&n.platform)),
         "ActivationIds" => any(&n.activation_id),
         "ResourceType" => any("ManagedInstance"),
         "IamRole" | "AssociationStatus" => false,
         _ => true, // tag filters were applied through the index
+    }
+}
+
+/// SSM's PlatformType (`Linux`, `MacOS`, `Windows`) of an agent's platform.
+fn platform_type(platform: &str) -> &'static str {
+    match platform {
+        "macos" => "MacOS",
+        "windows" => "Windows",
+        _ => "Linux",
     }
 }
 
@@ -215,7 +224,7 @@ fn instance(n: &Node) -> Value {
         "LastPingDateTime": epoch(ms(&n.last_seen)),
         "AgentVersion": n.agent_version,
         "IsLatestVersion": n.agent_version == fleetrun_proto::version::FLEETRUN_VERSION,
-        "PlatformType": "Linux",
+        "PlatformType": platform_type(&n.platform),
         "PlatformName": platform_name,
         "PlatformVersion": platform_version,
         "ActivationId": n.activation_id,

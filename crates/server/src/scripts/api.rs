@@ -1,15 +1,24 @@
-//! `/v1/scripts`: saved scripts (issue 12) — create, list, show, update (a new version), delete.
-//! Authorized by `read-scripts` / `manage-scripts` on the script; audited by the API middleware
-//! like every call. Running one (`scripts run`) is a later step.
+//! `/v1/scripts`: saved scripts (issue 12) — create, list, show, update (a new version), delete,
+//! and run. Authorized by `read-scripts` / `manage-scripts` on the script (a run also by
+//! `send-command` on every node, as any send); audited by the API middleware like every call.
+//!
+//! A run is a send (`run::send`) of AWS-RunShellScript with the script's body, so it has every
+//! send's statuses, rate control, timeouts, cancel and output. It runs only on nodes of the
+//! script's platform: the others' invocations are stored ended (Failed, `InvalidPlatform`) with
+//! the command, so nothing reaches them. The script and version run are stored with it too.
 
-use super::{ApiError, ApiJson, page_limit};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
+use crate::api::{ApiError, ApiJson, page_limit};
 use crate::errors::Code;
+use crate::run::send::{Idempotency, SendOptions};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use fleetrun_proto::api::{CreateScript, Script, UpdateScript, check_script, check_script_name};
+use fleetrun_proto::CommandId;
+use fleetrun_proto::api::{
+    CreateScript, Script, ScriptRun, SendCommand, UpdateScript, check_script, check_script_name,
+};
 use fleetrun_proto::time::rfc3339;
 use fleetrun_store::{SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite};
 use serde::Deserialize;
@@ -190,19 +199,20 @@ pub async fn get(
         .require(&p, Action::ReadScripts, Resource::Script(&name))?;
     let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
     checked_name(&name)?;
-    let version = match q.version.as_deref() {
-        None => None,
-        Some(v) => match v.parse::<i64>() {
-            Ok(n) if (1..=SCRIPT_VERSIONS_MAX).contains(&n) => Some(n),
-            _ => {
-                return Err(ApiError::new(
-                    Code::InvalidScript,
-                    format!("version must be a number from 1 to {SCRIPT_VERSIONS_MAX}, got {v:?}"),
-                ));
-            }
-        },
-    };
+    let version = parse_version(q.version.as_deref())?;
     Ok(Json(to_api(&load(&state, &name, version).await?, true)))
+}
+
+/// A `?version=` value: a number from 1 to [`SCRIPT_VERSIONS_MAX`], or none for the latest.
+fn parse_version(given: Option<&str>) -> Result<Option<i64>, ApiError> {
+    let Some(v) = given else { return Ok(None) };
+    match v.parse::<i64>() {
+        Ok(n) if (1..=SCRIPT_VERSIONS_MAX).contains(&n) => Ok(Some(n)),
+        _ => Err(ApiError::new(
+            Code::InvalidScript,
+            format!("version must be a number from 1 to {SCRIPT_VERSIONS_MAX}, got {v:?}"),
+        )),
+    }
 }
 
 /// Adds a version: the latest one with the members given replaced. Answers with it.
@@ -263,4 +273,102 @@ pub async fn delete(
         return Err(not_found(&name));
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/scripts/{name}/run` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunQuery {
+    /// The version to run (default: the latest).
+    version: Option<String>,
+}
+
+/// Runs a script (its latest version, or `?version=N`) on the nodes and with the rollout the body
+/// gives (a send's members, without document, parameters, commands or working directory). Answers
+/// as a send does: 201 with the command, or 200 marked replayed for a retry with the same
+/// `Idempotency-Key`.
+pub async fn run(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    query: Result<Query<RunQuery>, axum::extract::rejection::QueryRejection>,
+    headers: axum::http::HeaderMap,
+    ApiJson(mut req): ApiJson<SendCommand>,
+) -> Result<axum::response::Response, ApiError> {
+    state
+        .authz
+        .require(&p, Action::ReadScripts, Resource::Script(&name))?;
+    let Query(q) = query.map_err(|e| ApiError::new(Code::InvalidRequest, e.body_text()))?;
+    checked_name(&name)?;
+    let version = parse_version(q.version.as_deref())?;
+    for (given, member) in [
+        (req.document_name.is_some(), "document_name"),
+        (req.document_version.is_some(), "document_version"),
+        (!req.parameters.is_empty(), "parameters"),
+        (!req.commands.is_empty(), "commands"),
+        (req.working_directory.is_some(), "working_directory"),
+    ] {
+        if given {
+            return Err(ApiError::new(
+                Code::InvalidParameters,
+                format!(
+                    "{member}: a script run takes its script from the saved script; leave it out"
+                ),
+            ));
+        }
+    }
+    let script = load(&state, &name, version).await?;
+    if script.input_uri.is_some() || script.output_path.is_some() {
+        return Err(ApiError::new(
+            Code::InvalidScript,
+            format!(
+                "script {name} version {} has an input or an output file; running those is not supported yet",
+                script.version
+            ),
+        ));
+    }
+    let idempotency = crate::api::commands::idempotency_key(&headers)?.map(|key| Idempotency {
+        key: format!("native-script:{key}"),
+        request_hash: crate::run::send::request_hash(&(&name, script.version, &req)),
+    });
+    req.commands = vec![script.body.clone()];
+    let opts = SendOptions {
+        idempotency,
+        platform: Some(script.platform.clone()),
+        script: Some((name.clone(), script.version)),
+        ..SendOptions::default()
+    };
+    let sent = crate::run::send::send_command(&state, &p, req, opts).await?;
+    Ok(crate::api::commands::sent_response(sent))
+}
+
+/// `GET /v1/commands/{command_id}/script`: the saved script (name, version) a command ran.
+pub async fn of_command(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(command_id): Path<String>,
+) -> Result<Json<ScriptRun>, ApiError> {
+    let id: CommandId = crate::api::parse_id(&command_id, Code::InvalidCommandId)?;
+    if state.store.get_command(&id).await?.is_none() {
+        return Err(ApiError::new(
+            Code::CommandNotFound,
+            format!("no command {id}"),
+        ));
+    }
+    // Readable by those who may read some of the command's output, as its other facts are.
+    state
+        .authz
+        .command_scope(&state.store, &p, Action::ReadOutput, &id)
+        .await?;
+    let (name, version) = state.store.script_run(&id).await?.ok_or_else(|| {
+        ApiError::new(
+            Code::CommandNotFound,
+            format!("command {id} did not run a saved script"),
+        )
+    })?;
+    Ok(Json(ScriptRun {
+        command_id: id,
+        name,
+        version: version.max(0) as u64,
+    }))
 }
