@@ -334,6 +334,47 @@ fn a_missing_bucket_keeps_the_export_queued_until_it_exists_also_across_a_restar
     );
     assert_eq!(s3.get("after-restart", &format!("{base}/stderr")), b"err\n");
 
+    // A saved script's run takes the same flags.
+    let body = server.scratch("scripts").join("hello.sh");
+    std::fs::write(&body, "echo from-a-script\n").expect("write body");
+    server
+        .cli(&[
+            "scripts",
+            "create",
+            "hello",
+            "--platform",
+            "linux",
+            "--file",
+            body.to_str().expect("utf-8"),
+        ])
+        .ok();
+    let ran = server
+        .cli(&[
+            "scripts",
+            "run",
+            "hello",
+            "--targets",
+            "all",
+            "--output-s3-bucket",
+            "after-restart",
+            "--output-s3-prefix",
+            "scripts",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    let id4 = ran["command_id"].as_str().expect("command_id").to_owned();
+    let key4 = format!("scripts/{id4}/{node}/awsrunShellScript/0.awsrunShellScript/stdout");
+    wait_until("the script run's output in the bucket", LIMIT, || {
+        s3.keys("after-restart", "scripts/")
+            .iter()
+            .any(|(k, _)| *k == key4)
+            .then_some(())
+    });
+    assert_eq!(s3.get("after-restart", &key4), b"from-a-script\n");
+
     // An invocation the server ends (its node deregistered mid-run) exports what was stored.
     let id3 = server.send(
         &["--targets", "all", "--output-s3-bucket", "after-restart"],
