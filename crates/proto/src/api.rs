@@ -384,6 +384,9 @@ pub struct Storage {
     /// in-memory state, for operators and leak tests.
     #[serde(default)]
     pub live_output_actors: u64,
+    /// Invocation outputs queued for their S3 bucket (`output_s3`), not written yet.
+    #[serde(default)]
+    pub output_s3_queued: u64,
 }
 
 /// Body of `POST /v1/access-keys`.

@@ -245,6 +245,7 @@ fn a_missing_bucket_keeps_the_export_queued_until_it_exists_also_across_a_restar
         p.contains("attempt 1 failed").then_some(p)
     });
     assert!(pending.contains("s3://late-out/p/"), "{pending}");
+    assert_eq!(server.get_json("/v1/storage")["output_s3_queued"], 1);
     let shown = server.cli(&["command", &id]).ok().stdout_str();
     assert!(
         shown.contains("output to:    s3://late-out/p (1 not written yet)"),
@@ -266,6 +267,7 @@ fn a_missing_bucket_keeps_the_export_queued_until_it_exists_also_across_a_restar
             .is_null()
             .then_some(())
     });
+    assert_eq!(server.get_json("/v1/storage")["output_s3_queued"], 0);
 
     // A schema 2.2 document: the step directory is its (first) step's name, as SSM's.
     let doc = serde_json::json!({
