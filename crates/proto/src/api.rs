@@ -230,6 +230,30 @@ pub struct SendCommand {
     /// Most CPU the command may use on each node, in percent of one core (150 = 1.5 cores).
     #[serde(default)]
     pub cpu_limit_percent: Option<u32>,
+    /// Also write each invocation's full stdout and stderr to this S3 bucket (SSM's
+    /// `OutputS3BucketName`), under SSM's key layout (see [`OutputS3`]).
+    #[serde(default)]
+    pub output_s3_bucket: Option<String>,
+    /// The key prefix in that bucket (SSM's `OutputS3KeyPrefix`; needs `output_s3_bucket`).
+    #[serde(default)]
+    pub output_s3_prefix: Option<String>,
+    /// The bucket's region (SSM's `OutputS3Region`; else the server's S3 region).
+    #[serde(default)]
+    pub output_s3_region: Option<String>,
+}
+
+/// Where a command's output is also written: each invocation's stdout and stderr go to
+/// `bucket` at `prefix/COMMAND/NODE/awsrunShellScript/STEP/stdout` (and `stderr`), SSM's layout.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputS3 {
+    /// The bucket.
+    pub bucket: String,
+    /// The key prefix as given ("" for none; keys are made with its `/`s at either end trimmed).
+    #[serde(default)]
+    pub prefix: String,
+    /// The bucket's region ("" for the server's).
+    #[serde(default)]
+    pub region: String,
 }
 
 /// A command: one document run sent to some nodes.
@@ -280,6 +304,9 @@ pub struct Command {
     pub error_count: u64,
     /// Invocations that were never delivered in time.
     pub delivery_timed_out_count: u64,
+    /// Where each invocation's output is also written (S3), if the send asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_s3: Option<OutputS3>,
     /// The invocations: filled by `GET /v1/commands/{id}`; empty in the answer to `POST`, in listings
     /// and in watch lines (a fleet-wide command's would be large).
     #[serde(default)]
@@ -332,6 +359,10 @@ pub struct Invocation {
     pub limits_applied: String,
     /// A note from the node (why it could not start, which signal ended it).
     pub message: String,
+    /// Why this invocation's output is not in its S3 bucket yet (the command's `output_s3`): the
+    /// last upload error and the attempts so far; None when written, or when nothing is to write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_s3_pending: Option<String>,
 }
 
 /// Answer of `GET /v1/storage`: what the server keeps.
@@ -353,6 +384,9 @@ pub struct Storage {
     /// in-memory state, for operators and leak tests.
     #[serde(default)]
     pub live_output_actors: u64,
+    /// Invocation outputs queued for their S3 bucket (`output_s3`), not written yet.
+    #[serde(default)]
+    pub output_s3_queued: u64,
 }
 
 /// Body of `POST /v1/access-keys`.

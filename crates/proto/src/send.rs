@@ -33,6 +33,12 @@ pub enum Field {
     MemoryLimit,
     /// `cpu_limit_percent`.
     CpuLimit,
+    /// `output_s3_bucket`.
+    OutputS3Bucket,
+    /// `output_s3_prefix`.
+    OutputS3Prefix,
+    /// `output_s3_region`.
+    OutputS3Region,
 }
 
 impl Field {
@@ -49,6 +55,9 @@ impl Field {
             Field::RunAs => "run_as",
             Field::MemoryLimit => "memory_limit_mb",
             Field::CpuLimit => "cpu_limit_percent",
+            Field::OutputS3Bucket => "output_s3_bucket",
+            Field::OutputS3Prefix => "output_s3_prefix",
+            Field::OutputS3Region => "output_s3_region",
         }
     }
 }
@@ -108,6 +117,8 @@ pub struct Checked {
     pub memory_limit_mb: Option<u64>,
     /// Percent of one core.
     pub cpu_limit_percent: Option<u32>,
+    /// Where output is also written (S3), if asked.
+    pub output_s3: Option<crate::api::OutputS3>,
 }
 
 /// Checks the fields of a send request, the first refused one named in the error. The script
@@ -169,7 +180,9 @@ pub fn check(req: &SendCommand) -> Result<Checked, FieldError> {
             ),
         ));
     }
+    let output_s3 = check_output_s3(req)?;
     Ok(Checked {
+        output_s3,
         delivery_timeout,
         comment,
         max_concurrency,
@@ -178,6 +191,93 @@ pub fn check(req: &SendCommand) -> Result<Checked, FieldError> {
         memory_limit_mb: req.memory_limit_mb,
         cpu_limit_percent: req.cpu_limit_percent,
     })
+}
+
+/// Longest `output_s3_prefix` (SSM's `OutputS3KeyPrefix` limit).
+pub const OUTPUT_S3_PREFIX_MAX: usize = 500;
+
+/// The S3 output fields: a bucket named as S3 names them (3 to 63 lowercase letters, digits, dots
+/// and hyphens, starting and ending with a letter or digit, no `..`), a prefix of at most
+/// [`OUTPUT_S3_PREFIX_MAX`] bytes that makes a valid key (no empty, `.` or `..` segment, no control
+/// character), a region of 3 to 20 lowercase letters, digits and hyphens. Prefix and region need a
+/// bucket.
+pub fn check_output_s3(req: &SendCommand) -> Result<Option<crate::api::OutputS3>, FieldError> {
+    let Some(bucket) = &req.output_s3_bucket else {
+        if req.output_s3_prefix.is_some() || req.output_s3_region.is_some() {
+            let field = if req.output_s3_prefix.is_some() {
+                Field::OutputS3Prefix
+            } else {
+                Field::OutputS3Region
+            };
+            return Err(invalid(
+                field,
+                format!("{} needs output_s3_bucket", field.name()),
+            ));
+        }
+        return Ok(None);
+    };
+    let edge_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && edge_ok(bucket.as_bytes().first())
+        && edge_ok(bucket.as_bytes().last())
+        && !bucket.contains("..");
+    if !bucket_ok {
+        return Err(invalid(
+            Field::OutputS3Bucket,
+            format!(
+                "{:?} is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit",
+                bucket.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    let prefix = req.output_s3_prefix.clone().unwrap_or_default();
+    if prefix.len() > OUTPUT_S3_PREFIX_MAX {
+        return Err(invalid(
+            Field::OutputS3Prefix,
+            format!(
+                "the S3 key prefix is {} bytes; the limit is {OUTPUT_S3_PREFIX_MAX}",
+                prefix.len()
+            ),
+        ));
+    }
+    let trimmed = prefix.trim_matches('/');
+    if prefix.chars().any(char::is_control)
+        || (!trimmed.is_empty()
+            && trimmed
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == ".."))
+    {
+        return Err(invalid(
+            Field::OutputS3Prefix,
+            format!(
+                "{:?} is not a valid S3 key prefix: no control characters and no empty, \".\" or \"..\" path segment",
+                prefix.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    let region = req.output_s3_region.clone().unwrap_or_default();
+    let region_ok = (3..=20).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !region.is_empty() && !region_ok {
+        return Err(invalid(
+            Field::OutputS3Region,
+            format!(
+                "{:?} is not a region name: 3 to 20 lowercase letters, digits and hyphens",
+                region.chars().take(40).collect::<String>()
+            ),
+        ));
+    }
+    Ok(Some(crate::api::OutputS3 {
+        bucket: bucket.clone(),
+        // As given (SSM shows it back so); keys are made with its `/`s at either end trimmed.
+        prefix,
+        region,
+    }))
 }
 
 /// Script lines: at most [`SCRIPT_MAX`] bytes joined (a newline after each), no NUL byte (the agent
@@ -278,6 +378,7 @@ mod tests {
                 run_as: String::new(),
                 memory_limit_mb: None,
                 cpu_limit_percent: None,
+                output_s3: None,
             }
         );
         // Empty commands pass here: a document's `commands` parameter may give the script.
@@ -307,6 +408,19 @@ mod tests {
         assert_eq!(c.memory_limit_mb, Some(MEMORY_LIMIT_MIN_MB));
         assert_eq!(c.cpu_limit_percent, Some(CPU_LIMIT_MAX_PERCENT));
         assert!(check_run_as(&"u".repeat(RUN_AS_MAX)).is_ok());
+        let s3 = check(&SendCommand {
+            output_s3_bucket: Some("fleet.out-1".into()),
+            output_s3_prefix: Some("/runs/daily/".into()),
+            output_s3_region: Some("eu-west-1".into()),
+            ..req()
+        })
+        .unwrap()
+        .output_s3
+        .unwrap();
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str(), s3.region.as_str()),
+            ("fleet.out-1", "/runs/daily/", "eu-west-1")
+        );
         assert!(check_working_dir(&format!("/{}", "d".repeat(WORKING_DIR_MAX - 1))).is_ok());
         assert!(check_script(&["x".repeat(SCRIPT_MAX - 1)]).is_ok());
     }
@@ -458,6 +572,63 @@ mod tests {
                 RunAs,
                 Kind::Invalid,
                 "run-as user \"root\\0\" is not a valid user name or uid",
+            ),
+            (
+                SendCommand {
+                    output_s3_bucket: Some("Bad_Bucket".into()),
+                    ..req()
+                },
+                OutputS3Bucket,
+                Kind::Invalid,
+                "\"Bad_Bucket\" is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit",
+            ),
+            (
+                SendCommand {
+                    output_s3_bucket: Some("-ab".into()),
+                    ..req()
+                },
+                OutputS3Bucket,
+                Kind::Invalid,
+                "\"-ab\" is not a valid S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit",
+            ),
+            (
+                SendCommand {
+                    output_s3_bucket: Some("out".into()),
+                    output_s3_prefix: Some("p".repeat(OUTPUT_S3_PREFIX_MAX + 1)),
+                    ..req()
+                },
+                OutputS3Prefix,
+                Kind::Invalid,
+                "the S3 key prefix is 501 bytes; the limit is 500",
+            ),
+            (
+                SendCommand {
+                    output_s3_bucket: Some("out".into()),
+                    output_s3_prefix: Some("a/../b".into()),
+                    ..req()
+                },
+                OutputS3Prefix,
+                Kind::Invalid,
+                "\"a/../b\" is not a valid S3 key prefix: no control characters and no empty, \".\" or \"..\" path segment",
+            ),
+            (
+                SendCommand {
+                    output_s3_prefix: Some("p".into()),
+                    ..req()
+                },
+                OutputS3Prefix,
+                Kind::Invalid,
+                "output_s3_prefix needs output_s3_bucket",
+            ),
+            (
+                SendCommand {
+                    output_s3_bucket: Some("out".into()),
+                    output_s3_region: Some("EU".into()),
+                    ..req()
+                },
+                OutputS3Region,
+                Kind::Invalid,
+                "\"EU\" is not a region name: 3 to 20 lowercase letters, digits and hyphens",
             ),
             (
                 SendCommand {

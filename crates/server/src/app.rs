@@ -40,6 +40,8 @@ pub struct AppState {
     pub sessions: crate::sessions::live::Live,
     /// Keys of `/v1/objects` with an upload in progress.
     pub uploads: crate::objects::api::Uploads,
+    /// The clients of the buckets commands write their output to (SSM's `OutputS3BucketName`).
+    pub exports: crate::objects::export::Exports,
     /// Fetches saved scripts' `https://` inputs.
     pub inputs: crate::scripts::inputs::Fetcher,
     /// Whether and how sessions are recorded.
@@ -208,6 +210,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         retention: config.retention,
         result_grace: config.result_grace,
         uploads: Default::default(),
+        exports: crate::objects::export::Exports::new(&config.object_store),
         inputs: crate::scripts::inputs::Fetcher::new(
             config.script_input_ca.as_deref(),
             Default::default(),
@@ -247,6 +250,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     }
 
+    state
+        .tasks
+        .spawn(crate::objects::export::run(state.clone()));
     state.tasks.spawn(retention::run(
         state.clone(),
         config.retention,

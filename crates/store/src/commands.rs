@@ -31,6 +31,7 @@ use super::{Result, Store};
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::{ParseError, Rate};
+use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
@@ -96,6 +97,18 @@ pub struct NewCommand {
     pub ssm_extra: Option<serde_json::Value>,
     /// The send's idempotency key, if it had one.
     pub idempotency: Option<IdempotencyKey>,
+    /// Where each invocation's output is also written (S3), if asked.
+    pub output_s3: Option<S3Output>,
+}
+
+/// A command's S3 output: the bucket, prefix and region asked for, and the part of each key after
+/// the node id that names the plugin and step (`awsrunShellScript/0.awsrunShellScript`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Output {
+    /// Bucket, prefix, region.
+    pub target: fleetrun_proto::api::OutputS3,
+    /// `awsrunShellScript/0.awsrunShellScript` or `awsrunShellScript/STEP`.
+    pub plugin_dir: String,
 }
 
 /// An idempotency key of a send, scoped to its principal.
@@ -244,8 +257,10 @@ impl Store {
                 delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
                 memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count,
                 ssm_extra, document_version, parameters, idempotency_principal, idempotency_key,
-                idempotency_hash)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+                idempotency_hash, output_s3_bucket, output_s3_prefix, output_s3_region,
+                output_s3_plugin_dir)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?, ?, ?, ?, ?, ?,
+                ?, ?, ?, ?)",
         )
         .bind(c.command_id.as_str())
         .bind(&c.document_name)
@@ -269,6 +284,10 @@ impl Store {
         .bind(c.idempotency.as_ref().map(|k| k.principal.as_str()))
         .bind(c.idempotency.as_ref().map(|k| k.key.as_str()))
         .bind(c.idempotency.as_ref().map(|k| k.request_hash.as_str()))
+        .bind(c.output_s3.as_ref().map_or("", |o| o.target.bucket.as_str()))
+        .bind(c.output_s3.as_ref().map_or("", |o| o.target.prefix.as_str()))
+        .bind(c.output_s3.as_ref().map_or("", |o| o.target.region.as_str()))
+        .bind(c.output_s3.as_ref().map_or("", |o| o.plugin_dir.as_str()))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -760,6 +779,8 @@ pub(crate) struct CommandRecord {
     pub(crate) completed_count: u64,
     pub(crate) error_count: u64,
     pub(crate) delivery_timed_out_count: u64,
+    /// Bucket, prefix, region ("" bucket: none).
+    pub(crate) output_s3: fleetrun_proto::api::OutputS3,
 }
 
 /// An invocation's row, as stored (`edge` presents it as an API `Invocation`).
@@ -817,6 +838,11 @@ pub(super) fn command_record(r: &SqliteRow) -> Result<CommandRecord> {
         completed_count: r.get::<i64, _>("completed_count") as u64,
         error_count: r.get::<i64, _>("error_count") as u64,
         delivery_timed_out_count: r.get::<i64, _>("delivery_timed_out_count") as u64,
+        output_s3: fleetrun_proto::api::OutputS3 {
+            bucket: r.get("output_s3_bucket"),
+            prefix: r.get("output_s3_prefix"),
+            region: r.get("output_s3_region"),
+        },
     })
 }
 
@@ -889,6 +915,10 @@ impl Store {
     pub async fn delete_commands(&self, ids: &[CommandId]) -> Result<()> {
         let mut tx = self.write.begin().await?;
         for id in ids {
+            sqlx::query("DELETE FROM s3_exports WHERE command_id = ?")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("DELETE FROM invocations WHERE command_id = ?")
                 .bind(id.as_str())
                 .execute(&mut *tx)
@@ -1015,6 +1045,20 @@ pub(super) async fn finish_invocations(
             delivery_timeouts += i64::from(f.details == details::DELIVERY_TIMED_OUT);
         }
     }
+    // The export of an ended invocation's output to its command's bucket is queued in the same
+    // transaction as its end: a crash cannot lose it.
+    for node in &ended {
+        sqlx::query(
+            "INSERT OR IGNORE INTO s3_exports (command_id, node_id, queued_at, next_attempt_at)
+             SELECT command_id, ?, ?, ? FROM commands WHERE command_id = ? AND output_s3_bucket != ''",
+        )
+        .bind(node.as_str())
+        .bind(now_ms())
+        .bind(now_ms())
+        .bind(id.as_str())
+        .execute(&mut *conn)
+        .await?;
+    }
     sqlx::query(
         "UPDATE commands SET completed_count = completed_count + ?, error_count = error_count + ?,
              delivery_timed_out_count = delivery_timed_out_count + ?
@@ -1049,13 +1093,22 @@ pub(crate) mod tests {
     pub(crate) async fn command_on(store: &Store, n: u128) -> (CommandId, Vec<NodeId>) {
         let id: CommandId = "0b6a1f0e-4c4b-4f5e-9a39-7f1d2a3b4c5d".parse().unwrap();
         let nodes: Vec<NodeId> = (0..n).map(NodeId::from_random).collect();
-        let c = NewCommand {
+        store
+            .insert_command(&new_command(&id, &nodes))
+            .await
+            .unwrap();
+        (id, nodes)
+    }
+
+    /// A command (not stored) on these nodes.
+    pub(crate) fn new_command(id: &CommandId, nodes: &[NodeId]) -> NewCommand {
+        NewCommand {
             command_id: id.clone(),
             document_name: "AWS-RunShellScript".into(),
             document_version: "1".into(),
             parameters: BTreeMap::new(),
             comment: String::new(),
-            node_ids: nodes.clone(),
+            node_ids: nodes.to_vec(),
             targets: String::new(),
             spec: CommandSpec {
                 commands: vec!["true".into()],
@@ -1076,9 +1129,8 @@ pub(crate) mod tests {
                 .collect(),
             ssm_extra: None,
             idempotency: None,
-        };
-        store.insert_command(&c).await.unwrap();
-        (id, nodes)
+            output_s3: None,
+        }
     }
 
     fn ended(status: InvocationStatus, why: &'static str) -> Finish {
@@ -1233,6 +1285,7 @@ mod rate_tests {
             invocations: Vec::new(),
             ssm_extra: None,
             idempotency: None,
+            output_s3: None,
         }
     }
 

@@ -107,6 +107,7 @@ impl From<CommandRecord> for Command {
             completed_count: r.completed_count,
             error_count: r.error_count,
             delivery_timed_out_count: r.delivery_timed_out_count,
+            output_s3: (!r.output_s3.bucket.is_empty()).then_some(r.output_s3),
             invocations: Vec::new(),
         }
     }
@@ -142,6 +143,7 @@ impl From<InvocationRecord> for Invocation {
             cpu_system_ms: r.cpu_system_ms,
             max_rss_kb: r.max_rss_kb,
             message: r.message,
+            output_s3_pending: None,
         }
     }
 }
@@ -359,6 +361,7 @@ mod tests {
             completed_count: 2,
             error_count: 1,
             delivery_timed_out_count: 0,
+            output_s3: Default::default(),
         }
     }
 

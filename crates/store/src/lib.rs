@@ -8,6 +8,7 @@ pub mod audit;
 mod commands;
 mod documents;
 mod edge;
+mod exports;
 mod nodes;
 mod objects;
 mod params;
@@ -20,9 +21,10 @@ mod writer;
 pub use audit::AuditEntry;
 pub use commands::{
     CommandCursor, CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError,
-    InvocationRow, NewCommand, OutputState, Tally, Totals,
+    InvocationRow, NewCommand, OutputState, S3Output, Tally, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
+pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
@@ -44,6 +46,8 @@ pub struct Store {
     write: SqlitePool,
     /// Group commit of the hot writes, on the `write` connection.
     writer: writer::Writer,
+    /// Wakes the S3 output exporter (see `exports`).
+    exports: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// A storage failure. Shown to API clients only as an internal error.
@@ -111,6 +115,7 @@ impl Store {
             read,
             write,
             writer,
+            exports: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
 

@@ -40,6 +40,8 @@ pub struct CommandMeta {
     pub requested_at: i64,
     /// SSM-only members.
     pub ssm_extra: serde_json::Value,
+    /// Where the output is also written (S3), if the send asked for it.
+    pub output_s3: Option<super::S3Output>,
 }
 
 const TERMINAL: &str = "('Success', 'Failed', 'TimedOut', 'Cancelled')";
@@ -138,8 +140,12 @@ impl Store {
     ) -> Result<Vec<(Invocation, CommandMeta)>> {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT i.*, c.comment AS c_comment, c.document_name AS c_document, c.requested_at AS c_requested,
-                    c.ssm_extra AS ssm_extra
-             FROM invocations i JOIN commands c ON c.command_id = i.command_id WHERE 1 = 1",
+                    c.ssm_extra AS ssm_extra, c.output_s3_bucket, c.output_s3_prefix, c.output_s3_region,
+                    c.output_s3_plugin_dir, e.attempts AS e_attempts, e.last_error AS e_error,
+                    e.next_attempt_at AS e_next
+             FROM invocations i JOIN commands c ON c.command_id = i.command_id
+             LEFT JOIN s3_exports e ON e.command_id = i.command_id AND e.node_id = i.node_id
+             WHERE 1 = 1",
         );
         push_command_filters(&mut qb, q, false);
         qb.push(" ORDER BY c.requested_at DESC, c.command_id DESC, i.seq LIMIT ");
@@ -154,11 +160,38 @@ impl Store {
                     document_name: r.get("c_document"),
                     requested_at: r.get("c_requested"),
                     ssm_extra: extra(r),
+                    output_s3: output_s3(r),
                 };
-                Ok((invocation_record(r)?.into(), meta))
+                let mut inv: Invocation = invocation_record(r)?.into();
+                inv.output_s3_pending = export_pending(r);
+                Ok((inv, meta))
             })
             .collect()
     }
+}
+
+fn output_s3(r: &sqlx::sqlite::SqliteRow) -> Option<super::S3Output> {
+    let bucket: String = r.get("output_s3_bucket");
+    (!bucket.is_empty()).then(|| super::S3Output {
+        target: fleetrun_proto::api::OutputS3 {
+            bucket,
+            prefix: r.get("output_s3_prefix"),
+            region: r.get("output_s3_region"),
+        },
+        plugin_dir: r.get("output_s3_plugin_dir"),
+    })
+}
+
+/// An invocation's export that has not succeeded yet, in words (from the joined `s3_exports` row).
+fn export_pending(r: &sqlx::sqlite::SqliteRow) -> Option<String> {
+    let attempts: i64 = r.get::<Option<i64>, _>("e_attempts")?;
+    let error: String = r.get::<Option<String>, _>("e_error").unwrap_or_default();
+    let next: i64 = r.get::<Option<i64>, _>("e_next").unwrap_or_default();
+    Some(super::exports::pending_text(
+        attempts.max(0) as u32,
+        &error,
+        next,
+    ))
 }
 
 fn extra(r: &sqlx::sqlite::SqliteRow) -> serde_json::Value {

@@ -146,6 +146,23 @@ pub fn header(c: &Command) -> String {
     if !c.comment.is_empty() {
         lines.push(format!("comment:      {}", c.comment));
     }
+    if let Some(s3) = &c.output_s3 {
+        let place = match s3.prefix.trim_matches('/') {
+            "" => format!("s3://{}", s3.bucket),
+            p => format!("s3://{}/{p}", s3.bucket),
+        };
+        let pending = c
+            .invocations
+            .iter()
+            .filter(|i| i.output_s3_pending.is_some())
+            .count();
+        let note = if pending > 0 {
+            format!(" ({pending} not written yet)")
+        } else {
+            String::new()
+        };
+        lines.push(format!("output to:    {place}{note}"));
+    }
     if c.document_name == DOCUMENT_RUN_SHELL_SCRIPT {
         lines.push(format!(
             "script:       {}",

@@ -149,7 +149,7 @@ enum Subcommands {
     Objects(objects::Cmd),
     /// Create, list, show, update and delete saved scripts (with an input and an output file)
     #[command(subcommand)]
-    Scripts(scripts::Cmd),
+    Scripts(Box<scripts::Cmd>),
 }
 
 /// What every API subcommand needs: the connection settings and the output format.
@@ -199,7 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Subcommands::Cancel(args) => cancel::run(&ctx, args).await,
         Subcommands::Storage => storage::run(&ctx).await,
         Subcommands::Documents(cmd) => documents::run(&ctx, cmd).await,
-        Subcommands::Scripts(cmd) => scripts::run(&ctx, cmd).await,
+        Subcommands::Scripts(cmd) => scripts::run(&ctx, *cmd).await,
         Subcommands::AccessKey(cmd) => access_key::run(&ctx, cmd).await,
         Subcommands::Audit(args) => audit::run(&ctx, args).await,
         Subcommands::Users(cmd) => users::users(&ctx, cmd).await,

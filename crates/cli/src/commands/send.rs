@@ -57,6 +57,16 @@ pub struct Rollout {
     /// Most CPU the script may use on each node, in percent of one core: 50% or 150 (1.5 cores)
     #[arg(long, value_name = "PCT", value_parser = parse_cpu_limit)]
     cpu_limit: Option<u32>,
+    /// Also write each node's full stdout and stderr to this S3 bucket, at SSM's keys
+    /// [PREFIX/]COMMAND/NODE/awsrunShellScript/0.awsrunShellScript/{stdout,stderr}
+    #[arg(long, value_name = "BUCKET")]
+    output_s3_bucket: Option<String>,
+    /// The key prefix in --output-s3-bucket
+    #[arg(long, value_name = "PREFIX", requires = "output_s3_bucket")]
+    output_s3_prefix: Option<String>,
+    /// The region of --output-s3-bucket [default: the server's S3 region]
+    #[arg(long, value_name = "REGION", requires = "output_s3_bucket")]
+    output_s3_region: Option<String>,
     /// Wait for the command to end and show how each node did (exit status 1 unless all succeeded)
     #[arg(long)]
     pub wait: bool,
@@ -181,6 +191,9 @@ pub fn rollout_request(r: Rollout) -> anyhow::Result<SendCommand> {
         run_as: r.run_as,
         memory_limit_mb: r.memory_limit,
         cpu_limit_percent: r.cpu_limit,
+        output_s3_bucket: r.output_s3_bucket,
+        output_s3_prefix: r.output_s3_prefix,
+        output_s3_region: r.output_s3_region,
         ..SendCommand::default()
     })
 }
@@ -269,6 +282,9 @@ pub fn checked(body: SendCommand) -> anyhow::Result<SendCommand> {
             Field::RunAs => Some("--run-as"),
             Field::MemoryLimit => Some("--memory-limit"),
             Field::CpuLimit => Some("--cpu-limit"),
+            Field::OutputS3Bucket => Some("--output-s3-bucket"),
+            Field::OutputS3Prefix => Some("--output-s3-prefix"),
+            Field::OutputS3Region => Some("--output-s3-region"),
         };
         match flag {
             Some(flag) => bail!("{flag}: {e}"),

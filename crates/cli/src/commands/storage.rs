@@ -26,6 +26,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<ExitCode> {
             humantime::format_duration(Duration::from_secs(s.retention_secs)).to_string(),
         ),
         ("oldest command", oldest),
+        ("output queued for S3", s.output_s3_queued.to_string()),
     ] {
         t.add_row(vec![what.to_owned(), value]);
     }

@@ -81,6 +81,7 @@ fn cli_refuses_what_the_server_refuses_with_the_same_message() {
     let nul_script = server.scratch("nul").join("script.sh");
     std::fs::write(&nul_script, b"echo a\0b\n").expect("write script");
     let nul_path = nul_script.display().to_string();
+    let long_prefix = "p".repeat(501);
     for (args, body, flag) in [
         (
             &["--run-as", "a b", "--", "true"][..],
@@ -96,6 +97,23 @@ fn cli_refuses_what_the_server_refuses_with_the_same_message() {
             &["--file", &nul_path],
             json!({"targets": "all", "commands": ["echo a\0b"]}),
             "",
+        ),
+        (
+            &["--output-s3-bucket", "Bad_Bucket", "--", "true"],
+            json!({"targets": "all", "commands": ["true"], "output_s3_bucket": "Bad_Bucket"}),
+            "--output-s3-bucket: ",
+        ),
+        (
+            &[
+                "--output-s3-bucket",
+                "out",
+                "--output-s3-prefix",
+                &long_prefix,
+                "--",
+                "true",
+            ],
+            json!({"targets": "all", "commands": ["true"], "output_s3_bucket": "out", "output_s3_prefix": long_prefix}),
+            "--output-s3-prefix: ",
         ),
     ] {
         let api = server.post_json("/v1/commands", &body);

@@ -41,4 +41,5 @@ mod scripts;
 mod send;
 mod shell;
 mod shutdown;
+mod ssm_s3_output;
 mod tls;

@@ -184,6 +184,10 @@ async fn readable_invocations(
         .await?;
     let mut invs = state.store.list_invocations(id).await?;
     invs.retain(|i| scope.contains(&i.node_id));
+    let mut exports = state.store.export_states(id).await?;
+    for inv in &mut invs {
+        inv.output_s3_pending = exports.remove(&inv.node_id).map(|e| e.text());
+    }
     crate::run::params::mask_invocations(&state.store, &state.secret_box, &mut invs).await?;
     Ok(invs)
 }

@@ -29,5 +29,6 @@ pub async fn get(
         retention_secs: state.retention.as_secs(),
         oldest_command_at: totals.oldest_command_at.map(rfc3339),
         live_output_actors: state.outputs.live() as u64,
+        output_s3_queued: state.store.queued_exports().await?,
     }))
 }

@@ -5,6 +5,7 @@
 //! command that has output to keep. [`api`] serves the objects kept for users (`/v1/objects`).
 
 pub mod api;
+pub mod export;
 
 use anyhow::Context;
 use object_store::aws::AmazonS3Builder;
@@ -150,9 +151,22 @@ pub async fn open(
 }
 
 fn open_s3(s3: &S3Config) -> anyhow::Result<Arc<dyn ObjectStore>> {
-    let mut b = AmazonS3Builder::from_env()
-        .with_bucket_name(&s3.bucket)
-        .with_virtual_hosted_style_request(!s3.path_style)
+    let bucket = s3_builder(s3, true).build()?;
+    Ok(match s3.prefix.as_str() {
+        "" => Arc::new(bucket),
+        p => Arc::new(PrefixStore::new(bucket, p)),
+    })
+}
+
+/// A client of `s3.bucket` (its prefix not applied): the AWS environment, then `s3`'s settings
+/// over it. `set_style`: path or virtual-hosted style as `s3.path_style` says (else as the
+/// environment says, `AWS_VIRTUAL_HOSTED_STYLE_REQUEST`).
+pub(crate) fn s3_builder(s3: &S3Config, set_style: bool) -> AmazonS3Builder {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(&s3.bucket);
+    if set_style {
+        b = b.with_virtual_hosted_style_request(!s3.path_style);
+    }
+    b = b
         .with_retry(RetryConfig {
             max_retries: 4,
             retry_timeout: RETRY_TIMEOUT,
@@ -178,11 +192,7 @@ fn open_s3(s3: &S3Config) -> anyhow::Result<Arc<dyn ObjectStore>> {
     if let Some(k) = &s3.secret_access_key {
         b = b.with_secret_access_key(k);
     }
-    let bucket: Arc<dyn ObjectStore> = Arc::new(b.build()?);
-    Ok(match s3.prefix.as_str() {
-        "" => bucket,
-        p => Arc::new(PrefixStore::new(bucket, p)),
-    })
+    b
 }
 
 /// Writes, reads back and deletes a small object under `fleetrun-probe/`.

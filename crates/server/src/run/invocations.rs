@@ -74,6 +74,8 @@ impl<'a> Ender<'a> {
         for node in ended.iter().filter(|n| Some(*n) != actor) {
             self.outputs.close(&(cmd.clone(), node.clone())).await;
         }
+        // Their output is complete now: the exporter may write it to S3 (the end queued that).
+        self.store.wake_exports();
         let msg: Vec<(NodeId, bool)> = ends
             .iter()
             .filter(|(n, _)| ended_set.contains(n))

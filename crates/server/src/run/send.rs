@@ -19,8 +19,8 @@ use fleetrun_proto::targets::TargetExpr;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
 use fleetrun_store::{
-    CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, NewCommand, Store,
-    StoreError,
+    CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError, NewCommand,
+    S3Output, Store, StoreError,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -154,6 +154,12 @@ pub async fn send_command(
         return Ok(sent);
     }
     let checked = send::check(&req)?;
+    if let Some(s3) = &checked.output_s3 {
+        state
+            .exports
+            .check_not_own(s3)
+            .map_err(|m| invalid(Code::InvalidParameters, m))?;
+    }
     let doc = prepare_document(&state.store, &req).await?;
     let targets = resolve_targets(&state.store, &req, &opts).await?;
     authorize(
@@ -177,6 +183,8 @@ struct PreparedDocument {
     parameters: BTreeMap<String, Vec<String>>,
     /// Step names SSM shows as plugins.
     plugins: Vec<String>,
+    /// SSM's directory of the output in S3 (`awsrunShellScript/0.awsrunShellScript`).
+    plugin_dir: String,
     /// The script.
     commands: Vec<String>,
     working_dir: String,
@@ -197,7 +205,8 @@ async fn prepare_document(store: &Store, req: &SendCommand) -> Result<PreparedDo
             document::Error::Invalid(e) => e.into(),
             document::Error::Store(e) => SendError::Store(e),
         })?;
-    let plugins: Vec<String> = if prepared.document.content.schema_version == "1.2" {
+    let schema_1_2 = prepared.document.content.schema_version == "1.2";
+    let plugins: Vec<String> = if schema_1_2 {
         vec![PLUGIN_RUN_SHELL_SCRIPT.to_owned()]
     } else if prepared.rendered.steps.is_empty() {
         prepared
@@ -210,6 +219,12 @@ async fn prepare_document(store: &Store, req: &SendCommand) -> Result<PreparedDo
     } else {
         prepared.rendered.steps.clone()
     };
+    let plugin_dir = crate::objects::export::plugin_dir(
+        schema_1_2,
+        plugins
+            .first()
+            .map_or(PLUGIN_RUN_SHELL_SCRIPT, String::as_str),
+    );
     let rendered = prepared.rendered;
     if rendered.commands.is_empty() {
         return Err(invalid(
@@ -225,6 +240,7 @@ async fn prepare_document(store: &Store, req: &SendCommand) -> Result<PreparedDo
         version: prepared.document.version.version.to_string(),
         parameters: prepared.values,
         plugins,
+        plugin_dir,
         commands: rendered.commands,
         working_dir: rendered.working_dir,
         execution_timeout: rendered.execution_timeout,
@@ -350,6 +366,10 @@ async fn persist_and_dispatch(
         invocations: targets.nodes,
         ssm_extra: Some(ssm_extra),
         idempotency,
+        output_s3: checked.output_s3.map(|target| S3Output {
+            target,
+            plugin_dir: doc.plugin_dir,
+        }),
     };
     let extras = CommandExtras {
         ended: match &opts.platform {

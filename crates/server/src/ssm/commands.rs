@@ -8,9 +8,11 @@ use super::{
 use crate::AppState;
 use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
+use crate::objects::export;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions};
-use fleetrun_proto::api::{Command, Invocation, PLUGIN_RUN_SHELL_SCRIPT, SendCommand};
+use fleetrun_proto::api::{Command, Invocation, OutputS3, PLUGIN_RUN_SHELL_SCRIPT, SendCommand};
+use fleetrun_proto::channel::Pipe;
 use fleetrun_proto::limits::{INLINE_STDERR_MAX, INLINE_STDOUT_MAX};
 use fleetrun_proto::targets::{TargetExpr, TargetTerm};
 use fleetrun_proto::time::parse_rfc3339_ms;
@@ -162,9 +164,6 @@ pub async fn send_command(
         "DocumentVersion": version,
         "Targets": targets,
         "TimeoutSeconds": req.timeout_seconds,
-        "OutputS3Region": req.output_s3_region,
-        "OutputS3BucketName": req.output_s3_bucket_name,
-        "OutputS3KeyPrefix": req.output_s3_key_prefix,
         "ServiceRole": req.service_role_arn,
         "NotificationConfig": req.notification_config,
         "CloudWatchOutputConfig": req.cloud_watch_output_config,
@@ -185,6 +184,16 @@ pub async fn send_command(
         run_as: None,
         memory_limit_mb: None,
         cpu_limit_percent: None,
+        // SSM ignores a prefix or region without a bucket.
+        output_s3_bucket: req.output_s3_bucket_name.clone(),
+        output_s3_prefix: req
+            .output_s3_key_prefix
+            .clone()
+            .filter(|_| req.output_s3_bucket_name.is_some()),
+        output_s3_region: req
+            .output_s3_region
+            .clone()
+            .filter(|_| req.output_s3_bucket_name.is_some()),
     };
     let opts = SendOptions {
         target_expr,
@@ -276,6 +285,10 @@ fn ssm_command(cmd: &Command, extra: &Value) -> Value {
         .get("TimeoutSeconds")
         .and_then(Value::as_u64)
         .unwrap_or(cmd.delivery_timeout_secs);
+    let s3 = cmd
+        .output_s3
+        .clone()
+        .unwrap_or_else(|| legacy_output_s3(extra));
     let mut parameters = cmd.parameters.clone();
     parameters.retain(|k, v| !(k == "workingDirectory" && v.iter().all(String::is_empty)));
     json!({
@@ -290,9 +303,9 @@ fn ssm_command(cmd: &Command, extra: &Value) -> Value {
         "RequestedDateTime": epoch(requested),
         "Status": cmd.status,
         "StatusDetails": cmd.status_details,
-        "OutputS3Region": str_or(extra, "OutputS3Region", ""),
-        "OutputS3BucketName": str_or(extra, "OutputS3BucketName", ""),
-        "OutputS3KeyPrefix": str_or(extra, "OutputS3KeyPrefix", ""),
+        "OutputS3Region": s3.region,
+        "OutputS3BucketName": s3.bucket,
+        "OutputS3KeyPrefix": s3.prefix,
         "MaxConcurrency": cmd.max_concurrency,
         "MaxErrors": cmd.max_errors,
         "TargetCount": cmd.target_count,
@@ -304,6 +317,22 @@ fn ssm_command(cmd: &Command, extra: &Value) -> Value {
         "CloudWatchOutputConfig": cloudwatch_config(extra),
         "TimeoutSeconds": timeout,
     })
+}
+
+/// OutputS3* of a command stored before they had columns (kept among its SSM-only members).
+fn legacy_output_s3(extra: &Value) -> OutputS3 {
+    let get = |k: &str| {
+        extra
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    OutputS3 {
+        bucket: get("OutputS3BucketName"),
+        prefix: get("OutputS3KeyPrefix"),
+        region: get("OutputS3Region"),
+    }
 }
 
 fn str_or(extra: &Value, key: &str, default: &str) -> Value {
@@ -515,10 +544,9 @@ pub async fn list_command_invocations(
         crate::run::params::mask_each(&state.store, &state.secret_box, &mut page, |(inv, _)| inv)
             .await?;
     }
-    let base = &state.public_url;
     let items: Vec<Value> = page
         .iter()
-        .map(|(inv, meta)| ssm_invocation(inv, meta, req.details, base))
+        .map(|(inv, meta)| ssm_invocation(inv, meta, req.details, state))
         .collect();
     let mut out = json!({ "CommandInvocations": items });
     let token = next_token(offset, page.len(), limit);
@@ -528,7 +556,23 @@ pub async fn list_command_invocations(
     Ok(out)
 }
 
-fn output_urls(base: &str, inv: &Invocation) -> (String, String) {
+/// Where the invocation's full stdout and stderr are: the S3 objects the command asked for (as SSM
+/// says), else this server's output routes.
+fn output_urls(state: &AppState, inv: &Invocation, meta: &CommandMeta) -> (String, String) {
+    if let Some(s3) = &meta.output_s3 {
+        let url = |pipe: Pipe| {
+            let key = export::key(
+                &s3.target,
+                &inv.command_id,
+                &inv.node_id,
+                &s3.plugin_dir,
+                pipe,
+            );
+            state.exports.url(&s3.target, &key)
+        };
+        return (url(Pipe::Stdout), url(Pipe::Stderr));
+    }
+    let base = &state.public_url;
     let url = |pipe: &str| {
         format!(
             "{base}/v1/commands/{}/invocations/{}/output/{pipe}",
@@ -538,8 +582,13 @@ fn output_urls(base: &str, inv: &Invocation) -> (String, String) {
     (url("stdout"), url("stderr"))
 }
 
-fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &str) -> Value {
-    let (stdout_url, stderr_url) = output_urls(base, inv);
+fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, state: &AppState) -> Value {
+    let (stdout_url, stderr_url) = output_urls(state, inv, meta);
+    let s3 = meta
+        .output_s3
+        .as_ref()
+        .map(|o| o.target.clone())
+        .unwrap_or_else(|| legacy_output_s3(&meta.ssm_extra));
     let plugins = if details {
         let plugin_status = match inv.status {
             InvocationStatus::Pending | InvocationStatus::Delayed => "Pending",
@@ -554,9 +603,9 @@ fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &st
             "Output": truncate_output(&inv.stdout, &inv.stderr, PLUGIN_OUTPUT_MAX),
             "StandardOutputUrl": stdout_url,
             "StandardErrorUrl": stderr_url,
-            "OutputS3Region": str_or(&meta.ssm_extra, "OutputS3Region", ""),
-            "OutputS3BucketName": str_or(&meta.ssm_extra, "OutputS3BucketName", ""),
-            "OutputS3KeyPrefix": str_or(&meta.ssm_extra, "OutputS3KeyPrefix", ""),
+            "OutputS3Region": s3.region,
+            "OutputS3BucketName": s3.bucket,
+            "OutputS3KeyPrefix": s3.prefix,
         });
         if let Some(s) = &inv.started_at {
             p["ResponseStartDateTime"] = epoch(parse_rfc3339_ms(s));
@@ -578,7 +627,9 @@ fn ssm_invocation(inv: &Invocation, meta: &CommandMeta, details: bool, base: &st
         "RequestedDateTime": epoch(meta.requested_at),
         "Status": inv.status,
         "StatusDetails": inv.status_details,
-        "TraceOutput": "",
+        // Where the export of the output to S3 stands while it is not written (SSM's trace of the
+        // agent's work, at most 2,500 characters).
+        "TraceOutput": inv.output_s3_pending.as_deref().map(|t| t.chars().take(2500).collect::<String>()).unwrap_or_default(),
         "StandardOutputUrl": stdout_url,
         "StandardErrorUrl": stderr_url,
         "CommandPlugins": plugins,
@@ -678,7 +729,7 @@ pub async fn get_command_invocation(
         .plugin_name
         .clone()
         .unwrap_or_else(|| plugins[0].clone());
-    let (stdout_url, stderr_url) = output_urls(&state.public_url, &inv);
+    let (stdout_url, stderr_url) = output_urls(state, &inv, &meta);
     let elapsed = match (&inv.started_at, &inv.finished_at) {
         (Some(s), Some(f)) => format!(
             "PT{:.3}S",
