@@ -49,7 +49,7 @@ pub fn pending_text(attempts: u32, last_error: &str, next_attempt_at: i64) -> St
 }
 
 impl ExportState {
-    /// This state in words (see [`pending_text`]).
+    /// This state in words (see `pending_text`).
     pub fn text(&self) -> String {
         pending_text(self.attempts, &self.last_error, self.next_attempt_at)
     }
