@@ -523,8 +523,13 @@ fn processes_where(field: usize, id: i32) -> Vec<i32> {
 }
 
 /// Waits (bounded) for `cond`, checking every 20 ms: for effects in another process.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + Duration::from_secs(10);
+async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_for(what, Duration::from_secs(10), cond).await
+}
+
+/// [`eventually`] with its own deadline.
+async fn eventually_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + limit;
     while !cond() {
         assert!(
             std::time::Instant::now() < until,
@@ -1504,9 +1509,30 @@ async fn a_hang_up_ends_the_shell_and_its_jobs_but_not_nohup() {
     let seen = stream_until_close(&mut ws, 1, 65_536, true).await;
     assert_eq!(seen.closed, Some(None));
     assert!(seen.exit.is_some(), "{seen:?}");
-    eventually("only the nohup'd job to be left", || {
-        session_members(sid).len() == 1
-    })
+    // Long: a login shell's rc files may start helpers in the session that wait on a lock
+    // another test's shell holds (pyenv's rehash lock waits up to 60 s).
+    let left_over = || {
+        session_members(sid)
+            .iter()
+            .map(|p| {
+                String::from_utf8_lossy(
+                    &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+                )
+                .replace('\0', " ")
+            })
+            .collect::<Vec<_>>()
+    };
+    eventually_for(
+        "only the nohup'd job to be left",
+        Duration::from_secs(75),
+        || {
+            let left = session_members(sid).len() == 1;
+            if !left {
+                eprintln!("still in the session: {:?}", left_over());
+            }
+            left
+        },
+    )
     .await;
     let left = session_members(sid);
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", left[0])).unwrap_or_default();
