@@ -135,6 +135,23 @@ pub(crate) fn spawn(spec: ShellSpec) -> Result<(i32, pty_process::Pty), String> 
         .env("PATH", path)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(home);
+    // SAFETY: signal(2) is async-signal-safe. A disposition the agent inherited (`nohup` ignores
+    // SIGHUP) would pass to the shell and make its jobs outlive a hang-up: the shell starts with
+    // the defaults, as a login does.
+    cmd = unsafe {
+        cmd.pre_exec(|| {
+            use nix::sys::signal::{SigHandler, Signal, signal};
+            for s in [
+                Signal::SIGHUP,
+                Signal::SIGINT,
+                Signal::SIGQUIT,
+                Signal::SIGTERM,
+            ] {
+                signal(s, SigHandler::SigDfl).map_err(std::io::Error::from)?;
+            }
+            Ok(())
+        })
+    };
     if let Some(u) = account.run_as {
         // SAFETY: `enter` makes only async-signal-safe system calls on data prepared before
         // the fork (setgroups, setgid, setuid); it runs after pty-process's setsid and TIOCSCTTY.
