@@ -911,6 +911,26 @@ async fn an_exec_stream_carries_stdout_stderr_and_the_exit_code() {
     assert_eq!(after.stdout, b"after\n");
 }
 
+/// An exec stream's pipes are widened to 1 MiB (64 KiB by default), so stdin and output move in
+/// fewer wake-ups. Read with F_GETPIPE_SZ (1032) from the child, through python3.
+#[tokio::test]
+async fn an_exec_streams_pipes_are_widened() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let probe = "python3 -c 'import fcntl; print(*(fcntl.fcntl(fd, 1032) for fd in (0, 1, 2)))'";
+    send(&mut ws, exec_open(1, probe, 65_536)).await;
+    let seen = stream_until_close(&mut ws, 1, 65_536, false).await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        "1048576 1048576 1048576\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    assert_eq!(seen.exit, Some((0, None)));
+}
+
 #[tokio::test]
 async fn stdin_is_piped_byte_exact_within_small_windows() {
     let server = Server::new().await;
