@@ -432,18 +432,21 @@ pub struct CancelCommand {
 pub struct CreateDocument {
     /// `^[a-zA-Z0-9_.-]{3,128}$`; names starting with `AWS-`, `aws-` or `amazon` are reserved.
     pub name: String,
-    /// The document: its JSON text, or the JSON object itself.
+    /// The document: its JSON or YAML text, or the JSON object itself.
     pub content: serde_json::Value,
     /// A label for this version (`^[a-zA-Z0-9_.-]{1,128}$`).
     #[serde(default)]
     pub version_name: Option<String>,
+    /// How the text is written: `JSON` (the default) or `YAML`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_format: Option<String>,
 }
 
 /// Body of `PUT /v1/documents/{name}`: a new version.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateDocument {
-    /// The new content: JSON text or object.
+    /// The new content: JSON or YAML text, or a JSON object.
     pub content: serde_json::Value,
     /// The version this one replaces: `$LATEST` (the default) or the latest version's number.
     #[serde(default)]
@@ -451,6 +454,9 @@ pub struct UpdateDocument {
     /// A label for the new version.
     #[serde(default)]
     pub version_name: Option<String>,
+    /// How the text is written: `JSON` (the default) or `YAML`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_format: Option<String>,
 }
 
 /// Body of `PUT /v1/documents/{name}/default-version`.

@@ -229,6 +229,27 @@ impl Store {
         Ok(row.as_ref().map(version_row))
     }
 
+    /// Up to `limit` versions of a document numbered above `after`, oldest first (a page of
+    /// ListDocumentVersions: versions are numbered 1, 2, ... with no gaps).
+    pub async fn document_versions(
+        &self,
+        name: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<VersionRow>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            version_columns!(),
+            " FROM document_versions v WHERE v.name = ? AND v.version > ? ORDER BY v.version LIMIT ?"
+        ))
+        .bind(name)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().map(version_row).collect())
+    }
+
     /// The number of a version by its label.
     pub async fn document_version_by_name(&self, name: &str, label: &str) -> Result<Option<i64>> {
         Ok(sqlx::query_scalar(

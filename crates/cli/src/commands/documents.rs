@@ -1,5 +1,5 @@
 //! `fleetrun documents create|list|show|update|set-default|delete`: Command documents (SSM schema
-//! 1.2, 2.0 or 2.2, JSON) and their numbered versions, for `fleetrun send --document`.
+//! 1.2, 2.0 or 2.2, JSON or YAML) and their numbered versions, for `fleetrun send --document`.
 
 use super::Ctx;
 use crate::render::{self, Format};
@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Cmd {
-    /// Create a document (version 1) from a JSON file
+    /// Create a document (version 1) from a JSON or YAML file
     Create(CreateArgs),
     /// List documents at their default versions
     List,
@@ -19,7 +19,7 @@ pub enum Cmd {
     // `--version` names a document version here, not fleetrun's.
     #[command(disable_version_flag = true)]
     Show(ShowArgs),
-    /// Add a version from a JSON file (it becomes the latest, not the default)
+    /// Add a version from a JSON or YAML file (it becomes the latest, not the default)
     #[command(disable_version_flag = true)]
     Update(UpdateArgs),
     /// Make a version the one sends use by default
@@ -28,14 +28,26 @@ pub enum Cmd {
     Delete(NameArg),
 }
 
+/// How a document file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DocFormat {
+    /// JSON
+    Json,
+    /// YAML
+    Yaml,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
     /// The document's name: 3 to 128 of a-z A-Z 0-9 _ - . (AWS-, amazon and amzn prefixes are reserved)
     #[arg(value_name = "NAME")]
     name: String,
-    /// The document's JSON (`-` for stdin)
+    /// The document's JSON or YAML (`-` for stdin)
     #[arg(long, value_name = "PATH")]
     file: PathBuf,
+    /// How the file is written [default: by its extension (.yaml, .yml), else JSON if it is JSON, else YAML]
+    #[arg(long, value_name = "FORMAT")]
+    document_format: Option<DocFormat>,
     /// A label for this version
     #[arg(long, value_name = "LABEL")]
     version_name: Option<String>,
@@ -56,9 +68,12 @@ pub struct UpdateArgs {
     /// The document's name
     #[arg(value_name = "NAME")]
     name: String,
-    /// The new version's JSON (`-` for stdin)
+    /// The new version's JSON or YAML (`-` for stdin)
     #[arg(long, value_name = "PATH")]
     file: PathBuf,
+    /// How the file is written [default: by its extension (.yaml, .yml), else JSON if it is JSON, else YAML]
+    #[arg(long, value_name = "FORMAT")]
+    document_format: Option<DocFormat>,
     /// Refuse unless this is still the latest version: its number or $LATEST [default: $LATEST]
     #[arg(long, value_name = "N|$LATEST")]
     version: Option<String>,
@@ -96,13 +111,14 @@ pub async fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
 }
 
 async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
-    let content = read_document(&args.file)?;
+    let (content, format) = read_document(&args.file, args.document_format)?;
     let d = ctx
         .client()?
         .create_document(&CreateDocument {
             name: args.name,
             content: serde_json::Value::String(content),
             version_name: args.version_name,
+            document_format: Some(format.into()),
         })
         .await?;
     print_version(ctx, &d)
@@ -161,7 +177,7 @@ async fn show(ctx: &Ctx, args: ShowArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn update(ctx: &Ctx, args: UpdateArgs) -> anyhow::Result<ExitCode> {
-    let content = read_document(&args.file)?;
+    let (content, format) = read_document(&args.file, args.document_format)?;
     let d = ctx
         .client()?
         .update_document(
@@ -170,6 +186,7 @@ async fn update(ctx: &Ctx, args: UpdateArgs) -> anyhow::Result<ExitCode> {
                 content: serde_json::Value::String(content),
                 document_version: args.version,
                 version_name: args.version_name,
+                document_format: Some(format.into()),
             },
         )
         .await?;
@@ -239,22 +256,52 @@ fn parameters(d: &Document) -> String {
     names.join(",")
 }
 
-/// A document file (`-` is stdin): UTF-8 JSON, sent as the text it is so its hash is the file's.
-fn read_document(path: &Path) -> anyhow::Result<String> {
+/// The most a document file may hold before it is sent (the server's limit is 64 KB; this only
+/// keeps a wrong file from being read whole).
+const DOCUMENT_FILE_MAX: u64 = 1 << 20;
+
+/// A document file (`-` is stdin) and its format: UTF-8, sent as the text it is so its hash is the
+/// file's. The format is `given`, else the extension's, else JSON when the text is JSON, else YAML
+/// (the server checks YAML; a JSON syntax error costs one line and no request).
+fn read_document(path: &Path, given: Option<DocFormat>) -> anyhow::Result<(String, &'static str)> {
     let mut bytes = Vec::new();
-    if path.as_os_str() == "-" {
+    let what = if path.as_os_str() == "-" {
         std::io::stdin()
+            .take(DOCUMENT_FILE_MAX + 1)
             .read_to_end(&mut bytes)
             .context("cannot read the document from stdin")?;
+        "the document on stdin".to_owned()
     } else {
-        bytes = std::fs::read(path)
+        std::fs::File::open(path)
+            .and_then(|f| f.take(DOCUMENT_FILE_MAX + 1).read_to_end(&mut bytes))
             .with_context(|| format!("cannot read document file {}", path.display()))?;
+        format!("document file {}", path.display())
+    };
+    if bytes.len() as u64 > DOCUMENT_FILE_MAX {
+        bail!("{what} is over {DOCUMENT_FILE_MAX} bytes; a document holds at most 64 KB");
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| anyhow::anyhow!("document file {} is not UTF-8", path.display()))?;
-    // JSON is the only format the server takes; a syntax error costs one line and no request.
-    if let Err(e) = serde_json::from_str::<serde_json::Value>(&text) {
-        bail!("document file {} is not JSON: {e}", path.display());
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{what} is not UTF-8"))?;
+    let by_extension = match path.extension().and_then(|e| e.to_str()) {
+        Some("yaml" | "yml") => Some(DocFormat::Yaml),
+        Some("json") => Some(DocFormat::Json),
+        _ => None,
+    };
+    let is_json = serde_json::from_str::<serde::de::IgnoredAny>(&text);
+    let format = given.or(by_extension).unwrap_or(if is_json.is_ok() {
+        DocFormat::Json
+    } else {
+        DocFormat::Yaml
+    });
+    if format == DocFormat::Json
+        && let Err(e) = is_json
+    {
+        bail!("{what} is not JSON: {e} (a YAML document takes --document-format yaml)");
     }
-    Ok(text)
+    Ok((
+        text,
+        match format {
+            DocFormat::Json => "JSON",
+            DocFormat::Yaml => "YAML",
+        },
+    ))
 }

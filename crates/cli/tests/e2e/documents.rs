@@ -311,6 +311,93 @@ fn documents_lifecycle_and_sends_with_parameters() {
     assert!(line.contains("does not exist"), "{line}");
 }
 
+/// A YAML file is taken as YAML by its extension (or by `--document-format`), shown as written,
+/// run like any document; YAML that is not valid says so in one line.
+#[test]
+fn yaml_documents_from_files() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "y-1", &[]);
+    let dir = server.scratch("docs");
+    let yaml = "schemaVersion: '2.2'\ndescription: from YAML\nparameters:\n  who:\n    type: String\nmainSteps:\n  - action: aws:runShellScript\n    name: hello\n    inputs:\n      runCommand:\n        - echo hello {{ who }}\n";
+    let file = dir.join("hello.yaml");
+    std::fs::write(&file, yaml).expect("write");
+    let d = server
+        .cli(&[
+            "documents",
+            "create",
+            "Hello",
+            "--file",
+            file.to_str().expect("utf-8"),
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(d["document_format"], "YAML", "{d}");
+    assert_eq!(d["description"], "from YAML", "{d}");
+    let shown = server
+        .cli(&["documents", "show", "Hello"])
+        .ok()
+        .stdout_str();
+    assert_eq!(shown, yaml);
+    let c = server
+        .cli(&[
+            "send",
+            "--targets",
+            "all",
+            "--document",
+            "Hello",
+            "--parameter",
+            "who=yaml",
+            "--wait",
+            "-o",
+            "json",
+        ])
+        .ok()
+        .json();
+    assert_eq!(invocations(&c)[0]["stdout"], "hello yaml\n", "{c}");
+    // No extension: stdin with --document-format, as version 2.
+    let v2 = yaml.replace("from YAML", "version two");
+    let d = crate::support::run_input(
+        server.cli_cmd(&[
+            "documents",
+            "update",
+            "Hello",
+            "--file",
+            "-",
+            "--document-format",
+            "yaml",
+            "-o",
+            "json",
+        ]),
+        Some(v2.as_bytes()),
+        std::time::Duration::from_secs(60),
+    )
+    .ok()
+    .json();
+    assert_eq!(
+        (
+            d["document_version"].as_str(),
+            d["document_format"].as_str()
+        ),
+        (Some("2"), Some("YAML")),
+        "{d}"
+    );
+    // Bad YAML: one line naming it.
+    let bad = dir.join("bad.yml");
+    std::fs::write(&bad, "schemaVersion: '2.2'\nmainSteps: [unclosed\n").expect("write");
+    let line = server
+        .cli(&[
+            "documents",
+            "create",
+            "Bad",
+            "--file",
+            bad.to_str().expect("utf-8"),
+        ])
+        .one_line_error();
+    assert!(line.contains("not valid YAML"), "{line}");
+}
+
 #[test]
 fn bad_document_sends_and_files_are_one_line_errors() {
     let server = Server::start();

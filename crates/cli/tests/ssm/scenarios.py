@@ -516,6 +516,60 @@ def a_failing_step_stops_the_steps_after_it():
     SSM.delete_document(Name=name)
 
 
+YAML_DOC = """schemaVersion: '2.2'
+description: Says where it runs
+parameters:
+  word:
+    type: String
+    default: yaml
+mainSteps:
+  - action: aws:runShellScript
+    name: speak
+    inputs:
+      runCommand:
+        - echo {{ word }} on $(hostname)
+        - echo done
+"""
+
+
+@scenario
+def a_yaml_document_is_created_run_converted_and_versioned():
+    name = f"Yaml-{uuid.uuid4().hex[:8]}"
+    d = SSM.create_document(Name=name, Content=YAML_DOC, DocumentFormat="YAML")["DocumentDescription"]
+    assert d["DocumentFormat"] == "YAML" and d["SchemaVersion"] == "2.2" and d["Description"] == "Says where it runs", d
+    assert d["Hash"] == hashlib.sha256(YAML_DOC.encode()).hexdigest(), d
+    assert [(p["Name"], p.get("DefaultValue")) for p in d["Parameters"]] == [("word", "yaml")], d
+    # As written, and converted to the format asked for.
+    got = SSM.get_document(Name=name)
+    assert got["Content"] == YAML_DOC and got["DocumentFormat"] == "YAML", got
+    as_json = SSM.get_document(Name=name, DocumentFormat="JSON")
+    assert as_json["DocumentFormat"] == "JSON" and json.loads(as_json["Content"])["mainSteps"][0]["name"] == "speak", as_json
+    # The same round trip through the AWS CLI, then a run by tag that uses the YAML document.
+    cli = aws("get-document", "--name", name, "--document-format", "YAML")
+    assert cli["Content"] == YAML_DOC, cli
+    cid = aws("send-command", "--targets", "Key=tag:role,Values=db", "--document-name", name,
+              "--parameters", json.dumps({"word": ["hello"]}))["Command"]["CommandId"]
+    inv = wait_status(cid, DB1, {"Success", "Failed"})
+    assert inv["Status"] == "Success" and inv["StandardOutputContent"].startswith("hello on ") and inv["StandardOutputContent"].endswith("\ndone\n"), inv
+    # A JSON version 2 (the text of GetDocument's conversion), then the versions listed and paged.
+    v2 = json.loads(as_json["Content"])
+    v2["description"] = "now JSON"
+    SSM.update_document(Name=name, Content=json.dumps(v2), DocumentVersion="$LATEST", DocumentFormat="JSON")
+    versions = [v for page in SSM.get_paginator("list_document_versions").paginate(Name=name, PaginationConfig={"PageSize": 1}) for v in page["DocumentVersions"]]
+    assert [(v["DocumentVersion"], v["DocumentFormat"], v["IsDefaultVersion"]) for v in versions] == [("1", "YAML", True), ("2", "JSON", False)], versions
+    assert error_code(SSM.list_document_versions, Name=f"Missing-{uuid.uuid4().hex[:6]}")[0] == "InvalidDocument"
+    builtin = SSM.list_document_versions(Name="AWS-RunShellScript")["DocumentVersions"]
+    assert [v["DocumentVersion"] for v in builtin] == ["1"], builtin
+    # Bad YAML: a syntax error, an alias bomb, a mapping key given twice and YAML sent as JSON.
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+    for content, fmt in [("schemaVersion: '2.2'\nmainSteps: [unclosed", "YAML"), (bomb, "YAML"),
+                         ("schemaVersion: '2.2'\nschemaVersion: '2.0'\nmainSteps: []\n", "YAML"), (YAML_DOC, "JSON")]:
+        code, msg = error_code(LOOSE.create_document, Name=f"Bad-Yaml-{uuid.uuid4().hex[:6]}", Content=content, DocumentFormat=fmt)
+        assert code == "InvalidDocumentContent", (code, msg, content[:40])
+    assert error_code(LOOSE.create_document, Name=f"Text-{uuid.uuid4().hex[:6]}", Content="x", DocumentFormat="TEXT")[0] == "InvalidDocumentContent"
+    SSM.delete_document(Name=name)
+
+
 @scenario
 def document_errors():
     steps = lambda action, **pre: [{"action": action, "name": "s", **pre, "inputs": {"runCommand": ["true"]}}]
@@ -619,7 +673,8 @@ def conformance():
         ops.add(op)
         check(model.operation_model(op).output_shape, json.loads(raw or b"{}"), op)
     expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation",
-                "CreateDocument", "GetDocument", "DescribeDocument", "ListDocuments", "UpdateDocument", "DeleteDocument", "UpdateDocumentDefaultVersion"}
+                "CreateDocument", "GetDocument", "DescribeDocument", "ListDocuments", "UpdateDocument", "DeleteDocument", "UpdateDocumentDefaultVersion",
+                "ListDocumentVersions"}
     assert expected <= ops, f"not exercised: {expected - ops}"
     assert not problems, "\n".join(problems[:40])
 

@@ -4,7 +4,7 @@ use super::{ApiError, ApiJson};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
-use crate::run::document;
+use crate::run::document::{self, content::Format};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -12,15 +12,24 @@ use fleetrun_proto::api::{CreateDocument, Document, SetDefaultVersion, UpdateDoc
 use serde::Deserialize;
 use std::sync::Arc;
 
-/// The content as text: a JSON string as it is, a JSON object pretty-printed.
+/// The content as text: a string (JSON or YAML) as it is, a JSON object pretty-printed.
 fn content_text(v: &serde_json::Value) -> Result<String, ApiError> {
     match v {
         serde_json::Value::String(s) => Ok(s.clone()),
         serde_json::Value::Object(_) => serde_json::to_string_pretty(v).map_err(ApiError::internal),
         _ => Err(ApiError::new(
             Code::InvalidDocumentContent,
-            "content must be the document's JSON text or the JSON object itself",
+            "content must be the document's JSON or YAML text, or the JSON object itself",
         )),
+    }
+}
+
+/// The declared format: JSON unless `document_format` says YAML (either case).
+fn format_of(given: Option<&str>) -> Result<Format, ApiError> {
+    match given {
+        None => Ok(Format::Json),
+        Some(f) => Ok(Format::parse(&f.to_ascii_uppercase())
+            .map_err(|e| ApiError::new(Code::InvalidParameters, e.message))?),
     }
 }
 
@@ -34,7 +43,15 @@ pub async fn create(
         .authz
         .require(&p, Action::ManageDocuments, Resource::Document(&req.name))?;
     let text = content_text(&req.content)?;
-    let d = document::create(&state.store, &req.name, &text, req.version_name.as_deref()).await?;
+    let format = format_of(req.document_format.as_deref())?;
+    let d = document::create(
+        &state.store,
+        &req.name,
+        &text,
+        format,
+        req.version_name.as_deref(),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(d.to_api(true))))
 }
 
@@ -90,10 +107,12 @@ pub async fn update(
         .authz
         .require(&p, Action::ManageDocuments, Resource::Document(&name))?;
     let text = content_text(&req.content)?;
+    let format = format_of(req.document_format.as_deref())?;
     let d = document::update(
         &state.store,
         &name,
         &text,
+        format,
         req.document_version.as_deref(),
         req.version_name.as_deref(),
     )

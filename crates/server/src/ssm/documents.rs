@@ -1,11 +1,13 @@
 //! CreateDocument, GetDocument, DescribeDocument, ListDocuments, UpdateDocument, DeleteDocument,
-//! UpdateDocumentDefaultVersion: Command documents in JSON (see crate::run::document).
+//! UpdateDocumentDefaultVersion, ListDocumentVersions: Command documents in JSON or YAML (see
+//! crate::run::document).
 
 use super::shapes::*;
 use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
+use crate::run::document::content::Format;
 use crate::run::document::{self, Loaded, OWNER_AMAZON, default_text};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -21,16 +23,11 @@ fn required(value: Option<String>, member: &str) -> Result<String, SsmError> {
     })
 }
 
-/// Only JSON content: YAML and TEXT are refused, naming what to do instead.
-fn check_format(format: Option<&str>, code: Code) -> Result<(), SsmError> {
-    match format {
-        None | Some("JSON") => Ok(()),
-        Some(f) => Err(SsmError::new(
-            code,
-            format!(
-                "DocumentFormat {f} is not supported by fleetrun: documents are JSON (DocumentFormat JSON)."
-            ),
-        )),
+/// The declared format (JSON when none); TEXT is refused, naming what to do instead.
+fn format(given: Option<&str>, code: Code) -> Result<Format, SsmError> {
+    match given {
+        None => Ok(Format::Json),
+        Some(f) => Format::parse(f).map_err(|e| SsmError::new(code, e.message)),
     }
 }
 
@@ -82,7 +79,7 @@ fn description(d: &Loaded) -> Value {
         "SchemaVersion": d.version.schema_version,
         "LatestVersion": d.row.latest_version.to_string(),
         "DefaultVersion": d.row.default_version.to_string(),
-        "DocumentFormat": d.row.document_format,
+        "DocumentFormat": d.format.as_str(),
         "Tags": [],
     });
     if let Some(label) = &d.version.version_name {
@@ -100,7 +97,7 @@ fn identifier(d: &Loaded) -> Value {
         "DocumentVersion": d.version.version.to_string(),
         "DocumentType": d.row.document_type,
         "SchemaVersion": d.version.schema_version,
-        "DocumentFormat": d.row.document_format,
+        "DocumentFormat": d.format.as_str(),
         "Tags": [],
     });
     if let Some(label) = &d.version.version_name {
@@ -130,7 +127,7 @@ pub async fn create_document(
             ));
         }
     }
-    check_format(req.document_format.as_deref(), Code::InvalidDocumentContent)?;
+    let format = format(req.document_format.as_deref(), Code::InvalidDocumentContent)?;
     unsupported("Attachments", req.attachments.is_some())?;
     unsupported("Requires", req.requires.is_some())?;
     unsupported("TargetType", req.target_type.is_some())?;
@@ -141,7 +138,14 @@ pub async fn create_document(
             .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())),
     )?;
     unsupported("DisplayName", req.display_name.is_some())?;
-    let d = document::create(&state.store, &name, &content, req.version_name.as_deref()).await?;
+    let d = document::create(
+        &state.store,
+        &name,
+        &content,
+        format,
+        req.version_name.as_deref(),
+    )
+    .await?;
     Ok(json!({ "DocumentDescription": description(&d) }))
 }
 
@@ -154,7 +158,11 @@ pub async fn get_document(
     state
         .authz
         .require(p, Action::List, Resource::Document(&name))?;
-    check_format(req.document_format.as_deref(), Code::Validation)?;
+    let asked = req
+        .document_format
+        .as_deref()
+        .map(|f| format(Some(f), Code::Validation))
+        .transpose()?;
     let d = document::load(
         &state.store,
         &name,
@@ -167,9 +175,9 @@ pub async fn get_document(
         "CreatedDate": epoch(d.version.created_at),
         "DocumentVersion": d.version.version.to_string(),
         "Status": "Active",
-        "Content": d.version.content,
+        "Content": document::content_as(&d, asked.unwrap_or(d.format))?,
         "DocumentType": d.row.document_type,
-        "DocumentFormat": d.row.document_format,
+        "DocumentFormat": asked.unwrap_or(d.format).as_str(),
     });
     if let Some(label) = &d.version.version_name {
         v["VersionName"] = json!(label);
@@ -289,6 +297,58 @@ pub async fn list_documents(
     Ok(out)
 }
 
+/// Every version of a document, oldest first, a page at a time.
+pub async fn list_document_versions(
+    state: &Arc<AppState>,
+    p: &Principal,
+    req: ListDocumentVersionsRequest,
+) -> SsmResult {
+    let name = required(req.name, "name")?;
+    state
+        .authz
+        .require(p, Action::List, Resource::Document(&name))?;
+    let limit = check_max_results(req.max_results, 1, 50, 50)?;
+    let offset = parse_token(req.next_token.as_deref())?;
+    // Through load: a missing document is SSM's InvalidDocument, a built-in one has one version.
+    let latest = document::load(&state.store, &name, Some("$LATEST"), None).await?;
+    let entry = |version: &fleetrun_store::VersionRow| {
+        let mut v = json!({
+            "Name": latest.row.name,
+            "DocumentVersion": version.version.to_string(),
+            "CreatedDate": epoch(version.created_at),
+            "IsDefaultVersion": version.version == latest.row.default_version,
+            "DocumentFormat": Format::of(&version.content).as_str(),
+            "Status": "Active",
+        });
+        if let Some(label) = &version.version_name {
+            v["VersionName"] = json!(label);
+        }
+        v
+    };
+    let page: Vec<Value> = if latest.built_in {
+        std::iter::once(&latest.version)
+            .filter(|_| offset == 0)
+            .map(entry)
+            .collect()
+    } else {
+        let after = i64::try_from(offset).unwrap_or(i64::MAX);
+        state
+            .store
+            .document_versions(&name, after, i64::from(limit))
+            .await?
+            .iter()
+            .map(entry)
+            .collect()
+    };
+    let mut out = json!({ "DocumentVersions": page });
+    let more = (offset + page.len() as u64) < u64::try_from(latest.row.latest_version).unwrap_or(0);
+    let token = next_token(offset, page.len(), limit);
+    if more && !token.is_null() {
+        out["NextToken"] = token;
+    }
+    Ok(out)
+}
+
 pub async fn update_document(
     state: &Arc<AppState>,
     p: &Principal,
@@ -299,7 +359,7 @@ pub async fn update_document(
     state
         .authz
         .require(p, Action::ManageDocuments, Resource::Document(&name))?;
-    check_format(req.document_format.as_deref(), Code::InvalidDocumentContent)?;
+    let format = format(req.document_format.as_deref(), Code::InvalidDocumentContent)?;
     unsupported("Attachments", req.attachments.is_some())?;
     unsupported("TargetType", req.target_type.is_some())?;
     unsupported("DisplayName", req.display_name.is_some())?;
@@ -307,6 +367,7 @@ pub async fn update_document(
         &state.store,
         &name,
         &content,
+        format,
         req.document_version.as_deref(),
         req.version_name.as_deref(),
     )

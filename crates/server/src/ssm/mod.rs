@@ -270,6 +270,7 @@ async fn dispatch(
         "GetDocument" => documents::get_document(state, p, parse(body)?).await,
         "DescribeDocument" => documents::describe_document(state, p, parse(body)?).await,
         "ListDocuments" => documents::list_documents(state, p, parse(body)?).await,
+        "ListDocumentVersions" => documents::list_document_versions(state, p, parse(body)?).await,
         "UpdateDocument" => documents::update_document(state, p, parse(body)?).await,
         "DeleteDocument" => documents::delete_document(state, p, parse(body)?).await,
         "UpdateDocumentDefaultVersion" => {

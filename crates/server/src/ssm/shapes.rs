@@ -167,6 +167,15 @@ pub struct UpdateDocumentRequest {
     pub attachments: Option<serde_json::Value>,
 }
 
+/// ListDocumentVersions' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListDocumentVersionsRequest {
+    pub name: Option<String>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+}
+
 /// DeleteDocument's input.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]

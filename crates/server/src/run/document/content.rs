@@ -1,5 +1,5 @@
-//! A Command document's content: parsing and validation (SSM schema 1.2, 2.0 and 2.2, JSON), done
-//! once when a document is created or updated, and again when a stored version is run.
+//! A Command document's content: parsing and validation (SSM schema 1.2, 2.0 and 2.2, in JSON or
+//! YAML), done once when a document is created or updated, and again when a stored version is run.
 
 use super::DocError;
 use crate::errors::Code;
@@ -123,8 +123,64 @@ fn bad(message: impl Into<String>) -> DocError {
     DocError::new(Code::InvalidDocumentContent, message)
 }
 
-/// Parses and validates JSON content.
-pub fn parse(text: &str) -> Result<Content, DocError> {
+/// How a document is written (SSM's `DocumentFormat`; TEXT is for document types fleetrun does
+/// not run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// JSON, the default.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+impl Format {
+    /// `JSON` or `YAML` (as SSM spells them); anything else is an error naming the choices.
+    pub fn parse(s: &str) -> Result<Format, DocError> {
+        match s {
+            "JSON" => Ok(Format::Json),
+            "YAML" => Ok(Format::Yaml),
+            other => Err(bad(format!(
+                "DocumentFormat {other} is not one fleetrun runs: use JSON or YAML."
+            ))),
+        }
+    }
+    /// Its SSM name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "JSON",
+            Format::Yaml => "YAML",
+        }
+    }
+    /// The format of stored text: JSON when it is JSON, else YAML (only text that parsed in its
+    /// declared format is ever stored, and JSON text means the same read as YAML).
+    pub fn of(text: &str) -> Format {
+        if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+            Format::Json
+        } else {
+            Format::Yaml
+        }
+    }
+}
+
+/// What a YAML document may cost to read: far above any real document (64 KB at most), far
+/// below what an alias bomb would expand to.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_events: 100_000,
+            max_aliases: 1_000,
+            max_anchors: 1_000,
+            max_depth: 32,
+            max_nodes: 50_000,
+            max_documents: 1,
+            max_total_scalar_bytes: 1 << 20,
+        },
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
+    }
+}
+
+/// The document's text read as a value, in the format it is written in.
+pub fn to_value(text: &str, format: Format) -> Result<Value, DocError> {
     if text.len() > DOCUMENT_MAX {
         return Err(DocError::new(
             Code::MaxDocumentSizeExceeded,
@@ -134,13 +190,46 @@ pub fn parse(text: &str) -> Result<Content, DocError> {
             ),
         ));
     }
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        bad(format!(
-            "The document is not valid JSON ({e}); fleetrun takes JSON documents only."
-        ))
-    })?;
+    match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| {
+            bad(format!(
+                "The document is not valid JSON ({e}); a YAML document needs DocumentFormat YAML."
+            ))
+        }),
+        Format::Yaml => {
+            let mut v: Value =
+                serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
+                    let e = e.to_string().replace('\n', " ");
+                    bad(format!("The document is not valid YAML ({e})."))
+                })?;
+            // `schemaVersion: 2.2` unquoted reads as a number in YAML; SSM takes it as the string.
+            if let Some(n @ Value::Number(_)) = v.get("schemaVersion") {
+                let text = n.to_string();
+                v["schemaVersion"] = Value::String(text);
+            }
+            Ok(v)
+        }
+    }
+}
+
+/// A document's value written in `format` (GetDocument of a format other than the stored one).
+pub fn render(value: &Value, format: Format) -> Result<String, DocError> {
+    match format {
+        Format::Json => serde_json::to_string_pretty(value).map_err(|e| bad(e.to_string())),
+        Format::Yaml => serde_saphyr::to_string(value).map_err(|e| bad(e.to_string())),
+    }
+}
+
+/// Parses and validates stored content (in the format [`Format::of`] finds).
+pub fn parse(text: &str) -> Result<Content, DocError> {
+    parse_as(text, Format::of(text))
+}
+
+/// Parses and validates content written in `format`.
+pub fn parse_as(text: &str, format: Format) -> Result<Content, DocError> {
+    let value = to_value(text, format)?;
     let Value::Object(top) = value else {
-        return Err(bad("The document must be a JSON object."));
+        return Err(bad("The document must be an object (a mapping in YAML)."));
     };
     let schema_version = match top.get("schemaVersion") {
         Some(Value::String(s)) => s.clone(),

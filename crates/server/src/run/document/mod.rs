@@ -8,7 +8,7 @@ pub mod content;
 pub mod params;
 
 use crate::errors::Code;
-use content::Content;
+use content::{Content, Format};
 use fleetrun_proto::api::{DOCUMENT_RUN_SHELL_SCRIPT, Document, DocumentParameter};
 use fleetrun_proto::time::{now_ms, rfc3339};
 use fleetrun_store::{Added, Created, DocumentRow, Store, StoreError, VersionRow};
@@ -130,6 +130,8 @@ pub struct Loaded {
     pub version: VersionRow,
     /// Its content, validated.
     pub content: Content,
+    /// How the version is written.
+    pub format: Format,
     /// Whether fleetrun ships it.
     pub built_in: bool,
 }
@@ -140,7 +142,7 @@ impl Loaded {
         Document {
             name: self.row.name.clone(),
             document_type: self.row.document_type.clone(),
-            document_format: self.row.document_format.clone(),
+            document_format: self.format.as_str().into(),
             owner: self.row.owner.clone(),
             document_version: self.version.version.to_string(),
             version_name: self.version.version_name.clone(),
@@ -204,6 +206,7 @@ fn built_in(name: &str) -> Option<Loaded> {
             created_at: BUILT_IN_CREATED_MS,
         },
         content,
+        format: Format::Json,
         built_in: true,
     })
 }
@@ -267,11 +270,13 @@ pub async fn load(
     let Some(version) = store.get_document_version(name, v).await? else {
         return Err(no_version(&v.to_string()));
     };
-    let content = content::parse(&version.content)?;
+    let format = Format::of(&version.content);
+    let content = content::parse_as(&version.content, format)?;
     Ok(Loaded {
         row,
         version,
         content,
+        format,
         built_in: false,
     })
 }
@@ -280,11 +285,13 @@ pub async fn load(
 pub async fn list(store: &Store) -> Result<Vec<Loaded>, Error> {
     let mut out: Vec<Loaded> = built_in(DOCUMENT_RUN_SHELL_SCRIPT).into_iter().collect();
     for (row, version) in store.list_documents().await? {
-        match content::parse(&version.content) {
+        let format = Format::of(&version.content);
+        match content::parse_as(&version.content, format) {
             Ok(content) => out.push(Loaded {
                 row,
                 version,
                 content,
+                format,
                 built_in: false,
             }),
             Err(e) => {
@@ -351,20 +358,21 @@ fn new_version(text: &str, content: &Content, version_name: Option<&str>) -> Ver
     }
 }
 
-/// Creates a document (version 1).
+/// Creates a document (version 1) from `text` written in `format`.
 pub async fn create(
     store: &Store,
     name: &str,
     text: &str,
+    format: Format,
     version_name: Option<&str>,
 ) -> Result<Loaded, Error> {
     check_name(name)?;
     check_version_name(version_name)?;
-    let content = content::parse(text)?;
+    let content = checked(text, format)?;
     let row = DocumentRow {
         name: name.to_owned(),
         document_type: "Command".into(),
-        document_format: "JSON".into(),
+        document_format: format.as_str().into(),
         owner: OWNER_SELF.into(),
         default_version: 1,
         latest_version: 1,
@@ -394,6 +402,21 @@ pub async fn create(
     load(store, name, Some("1"), None).await
 }
 
+/// Parses new content in its declared format. (YAML text that is also JSON is stored as it is and
+/// read back as JSON: [`Format::of`] decides on load, and both read the same.)
+fn checked(text: &str, format: Format) -> Result<Content, Error> {
+    Ok(content::parse_as(text, format)?)
+}
+
+/// A loaded version's content written in `format`: as stored when it is already, else converted.
+pub fn content_as(d: &Loaded, format: Format) -> Result<String, Error> {
+    if d.format == format {
+        return Ok(d.version.content.clone());
+    }
+    let value = content::to_value(&d.version.content, d.format)?;
+    Ok(content::render(&value, format)?)
+}
+
 fn refuse_built_in(name: &str, what: &str) -> Result<(), Error> {
     if built_in(name).is_some() {
         return Err(invalid(
@@ -404,11 +427,13 @@ fn refuse_built_in(name: &str, what: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Adds a version: `expected` must be `$LATEST` (or none) or the latest version's number.
+/// Adds a version (`text` written in `format`): `expected` must be `$LATEST` (or none) or the
+/// latest version's number.
 pub async fn update(
     store: &Store,
     name: &str,
     text: &str,
+    format: Format,
     expected: Option<&str>,
     version_name: Option<&str>,
 ) -> Result<Loaded, Error> {
@@ -428,7 +453,7 @@ pub async fn update(
             }
         },
     };
-    let content = content::parse(text)?;
+    let content = checked(text, format)?;
     let version = match store
         .add_document_version(name, expected, &new_version(text, &content, version_name))
         .await?
@@ -623,5 +648,43 @@ mod tests {
             "x".repeat(70_000)
         );
         assert_eq!(code(&big).code, Code::MaxDocumentSizeExceeded);
+    }
+
+    #[test]
+    fn yaml_documents_parse_convert_and_refuse_bombs() {
+        let yaml = "schemaVersion: 2.2\ndescription: d\nmainSteps:\n  - action: aws:runShellScript\n    name: step\n    inputs:\n      runCommand: [echo hi]\n";
+        let c = content::parse_as(yaml, Format::Yaml).unwrap();
+        // Unquoted, the version reads as a number: it is taken as the string SSM means.
+        assert_eq!(c.schema_version, "2.2");
+        assert_eq!(Format::of(yaml), Format::Yaml);
+        // Converted to JSON and back, the same document.
+        let value = content::to_value(yaml, Format::Yaml).unwrap();
+        let json = content::render(&value, Format::Json).unwrap();
+        assert_eq!(Format::of(&json), Format::Json);
+        assert_eq!(content::parse(&json).unwrap().steps[0].name, "step");
+        let back = content::render(&value, Format::Yaml).unwrap();
+        assert_eq!(content::to_value(&back, Format::Yaml).unwrap(), value);
+        // YAML given as JSON is refused, naming the way out.
+        let e = content::parse_as(yaml, Format::Json).unwrap_err();
+        assert!(e.message.contains("DocumentFormat YAML"), "{}", e.message);
+        // A billion laughs stops at the budget, quickly, with the reason named.
+        let mut bomb = String::from("schemaVersion: '2.2'\na: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..9u8 {
+            let (prev, this) = ((b'a' + i) as char, (b'b' + i) as char);
+            let refs = vec![format!("*{prev}"); 10].join(", ");
+            bomb.push_str(&format!("{this}: &{this} [{refs}]\n"));
+        }
+        bomb.push_str("mainSteps: []\n");
+        let e = content::parse_as(&bomb, Format::Yaml).unwrap_err();
+        assert_eq!(e.code, Code::InvalidDocumentContent);
+        assert!(e.message.contains("not valid YAML"), "{}", e.message);
+        // A key given twice is an error, not a silent choice.
+        let dup = "schemaVersion: '2.2'\nschemaVersion: '2.0'\nmainSteps: []\n";
+        let e = content::parse_as(dup, Format::Yaml).unwrap_err();
+        assert!(e.message.contains("not valid YAML"), "{}", e.message);
+        assert_eq!(
+            Format::parse("TEXT").unwrap_err().code,
+            Code::InvalidDocumentContent
+        );
     }
 }
