@@ -299,6 +299,19 @@ impl Client {
             .await
     }
 
+    /// `PATCH /v1/nodes/{id}/tags`: sets and removes tags; answers with the node.
+    pub async fn retag_node(
+        &self,
+        id: &NodeId,
+        change: &fleetrun_proto::api::NodeTagsChange,
+    ) -> anyhow::Result<Node> {
+        self.json(
+            self.request(Method::PATCH, &format!("/v1/nodes/{id}/tags"))
+                .json(change),
+        )
+        .await
+    }
+
     /// `GET /v1/sessions?limit=N[&active=true][&before=ID]`: one page, newest first.
     pub async fn sessions(
         &self,

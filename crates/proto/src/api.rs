@@ -459,6 +459,18 @@ pub struct UpdateDocument {
     pub document_format: Option<String>,
 }
 
+/// Body of `PATCH /v1/nodes/{node_id}/tags`: tags to set (added or changed) and keys to remove.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeTagsChange {
+    /// Keys and the values they get.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Keys to remove (a key that is not there is no error).
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
 /// Body of `PUT /v1/documents/{name}/default-version`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -69,6 +69,12 @@ pub enum Code {
     TooManyFailedAuthentications,
     /// A tag key or value outside fleetrun's limits.
     InvalidTag,
+    /// More tags than a resource may carry.
+    TooManyTags,
+    /// A tagged resource's id that is malformed or names nothing (SSM's tagging calls).
+    InvalidResourceId,
+    /// A resource type fleetrun does not tag (SSM's tagging calls).
+    InvalidResourceType,
     /// A node id that is malformed, unknown or not part of the command.
     InvalidNodeId,
     /// A node id given twice.
@@ -168,7 +174,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 72] = [
+    pub const ALL: [Code; 75] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -194,6 +200,9 @@ impl Code {
         Code::TooManyRequests,
         Code::TooManyFailedAuthentications,
         Code::InvalidTag,
+        Code::TooManyTags,
+        Code::InvalidResourceId,
+        Code::InvalidResourceType,
         Code::InvalidNodeId,
         Code::DuplicateNodeId,
         Code::NodeNotFound,
@@ -271,6 +280,9 @@ impl Code {
             Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Code::TooManyFailedAuthentications => StatusCode::TOO_MANY_REQUESTS,
             Code::InvalidTag => StatusCode::BAD_REQUEST,
+            Code::TooManyTags => StatusCode::BAD_REQUEST,
+            Code::InvalidResourceId => StatusCode::BAD_REQUEST,
+            Code::InvalidResourceType => StatusCode::BAD_REQUEST,
             Code::InvalidNodeId => StatusCode::BAD_REQUEST,
             Code::DuplicateNodeId => StatusCode::BAD_REQUEST,
             Code::NodeNotFound => StatusCode::NOT_FOUND,
@@ -349,6 +361,9 @@ impl Code {
             Code::TooManyRequests => "TooManyRequests",
             Code::TooManyFailedAuthentications => "TooManyFailedAuthentications",
             Code::InvalidTag => "InvalidTag",
+            Code::TooManyTags => "TooManyTags",
+            Code::InvalidResourceId => "InvalidResourceId",
+            Code::InvalidResourceType => "InvalidResourceType",
             Code::InvalidNodeId => "InvalidNodeId",
             Code::DuplicateNodeId => "DuplicateNodeId",
             Code::NodeNotFound => "NodeNotFound",
@@ -427,6 +442,9 @@ impl Code {
             Code::TooManyRequests => "ThrottlingException",
             Code::TooManyFailedAuthentications => "ThrottlingException",
             Code::InvalidTag => "ValidationException",
+            Code::TooManyTags => "TooManyTagsError",
+            Code::InvalidResourceId => "InvalidResourceId",
+            Code::InvalidResourceType => "InvalidResourceType",
             Code::InvalidNodeId => "InvalidInstanceId",
             Code::DuplicateNodeId => "DuplicateInstanceId",
             Code::NodeNotFound => "InvalidInstanceId",
@@ -692,7 +710,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 72] = [
+    const TABLE: [(Code, u16, &str, &str); 75] = [
         (
             Code::InvalidRequest,
             400,
@@ -828,6 +846,19 @@ mod tests {
             "ThrottlingException",
         ),
         (Code::InvalidTag, 400, "InvalidTag", "ValidationException"),
+        (Code::TooManyTags, 400, "TooManyTags", "TooManyTagsError"),
+        (
+            Code::InvalidResourceId,
+            400,
+            "InvalidResourceId",
+            "InvalidResourceId",
+        ),
+        (
+            Code::InvalidResourceType,
+            400,
+            "InvalidResourceType",
+            "InvalidResourceType",
+        ),
         (
             Code::InvalidNodeId,
             400,

@@ -401,6 +401,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Replaces a registered node's tags with `new` if they are still `old` (compare and swap, so
+    /// two changes at once never lose one); false when they changed meanwhile or the node is gone.
+    /// The listing copy (`nodes.tags`) and the index (`node_tags`) change in one transaction.
+    pub async fn swap_node_tags(
+        &self,
+        id: &NodeId,
+        old: &BTreeMap<String, String>,
+        new: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        let mut tx = self.write.begin().await?;
+        let swapped = sqlx::query(
+            "UPDATE nodes SET tags = ? WHERE node_id = ? AND tags = ? AND deregistered_at IS NULL",
+        )
+        .bind(serde_json::to_string(new)?)
+        .bind(id.as_str())
+        .bind(serde_json::to_string(old)?)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !swapped {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM node_tags WHERE node_id = ?")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for (k, v) in new {
+            sqlx::query("INSERT INTO node_tags (node_id, key, value) VALUES (?, ?, ?)")
+                .bind(id.as_str())
+                .bind(k)
+                .bind(v)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Sets a node's platform. Every agent of channel protocol 5 and before runs on Linux (the
     /// column's default); the agent's handshake does not carry it yet, so only tests set another.
     pub async fn set_node_platform(&self, id: &NodeId, platform: &str) -> Result<()> {

@@ -21,14 +21,20 @@ permit (principal, action == Action::"use-param", resource is Parameter)
 when { resource.name like "dev/*" };
 "#;
 
-fn call(server: &Server, token: &str, method: &str, path: &str, body: Option<Value>) -> Http {
+pub(crate) fn call(
+    server: &Server,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Http {
     let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
     server
         .http(method, path, Some(token), body)
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
-fn error_of(r: &Http) -> (u16, String, String) {
+pub(crate) fn error_of(r: &Http) -> (u16, String, String) {
     let v = r.json();
     (
         r.status,
@@ -41,7 +47,12 @@ fn error_of(r: &Http) -> (u16, String, String) {
 }
 
 /// Creates a user with the CLI and returns a token for it (`tokens create --user NAME -o json`).
-fn user_with_token(server: &Server, name: &str, role: &str, policy: Option<&str>) -> String {
+pub(crate) fn user_with_token(
+    server: &Server,
+    name: &str,
+    role: &str,
+    policy: Option<&str>,
+) -> String {
     let mut args = vec!["users", "create", name, "--role", role];
     let file = server.dir.path().join(format!("{name}.cedar"));
     if let Some(p) = policy {

@@ -29,6 +29,7 @@ mod hostile_load;
 mod hostile_retry;
 mod limits;
 mod node_identity;
+mod node_tags;
 mod objects;
 mod objects_s3;
 mod output;

@@ -571,6 +571,34 @@ def a_yaml_document_is_created_run_converted_and_versioned():
 
 
 @scenario
+def instance_tags_are_added_listed_used_and_removed():
+    aws("add-tags-to-resource", "--resource-type", "ManagedInstance", "--resource-id", DB1,
+        "--tags", "Key=Environment,Value=Production")
+    SSM.add_tags_to_resource(ResourceType="ManagedInstance", ResourceId=DB1, Tags=[{"Key": "Team", "Value": "data"}])
+    tags = SSM.list_tags_for_resource(ResourceType="ManagedInstance", ResourceId=DB1)["TagList"]
+    assert {"Key": "Environment", "Value": "Production"} in tags and {"Key": "role", "Value": "db"} in tags, tags
+    # A send by the new tag reaches that node at once.
+    cid = SSM.send_command(Targets=[{"Key": "tag:Environment", "Values": ["Production"]}], **shell(["echo tagged"]))["Command"]["CommandId"]
+    inv = wait_status(cid, DB1, {"Success", "Failed"})
+    assert inv["StandardOutputContent"] == "tagged\n", inv
+    assert [i["InstanceId"] for i in SSM.list_command_invocations(CommandId=cid)["CommandInvocations"]] == [DB1]
+    SSM.remove_tags_from_resource(ResourceType="ManagedInstance", ResourceId=DB1, TagKeys=["Environment", "Team", "NotThere"])
+    tags = SSM.list_tags_for_resource(ResourceType="ManagedInstance", ResourceId=DB1)["TagList"]
+    assert all(t["Key"] not in ("Environment", "Team") for t in tags), tags
+    # SSM's errors where SSM answers them.
+    unknown = "mi-0123456789abcdef0"
+    for fn, kw, expected in [
+        (SSM.add_tags_to_resource, dict(ResourceType="ManagedInstance", ResourceId=unknown, Tags=[{"Key": "a", "Value": "b"}]), "InvalidResourceId"),
+        (SSM.list_tags_for_resource, dict(ResourceType="ManagedInstance", ResourceId="i-nothing"), "InvalidResourceId"),
+        (SSM.add_tags_to_resource, dict(ResourceType="Document", ResourceId="AWS-RunShellScript", Tags=[{"Key": "a", "Value": "b"}]), "InvalidResourceType"),
+        (LOOSE.add_tags_to_resource, dict(ResourceType="Spaceship", ResourceId=DB1, Tags=[{"Key": "a", "Value": "b"}]), "ValidationException"),
+        (SSM.add_tags_to_resource, dict(ResourceType="ManagedInstance", ResourceId=DB1, Tags=[{"Key": f"k{i}", "Value": "v"} for i in range(60)]), "TooManyTagsError"),
+    ]:
+        code, msg = error_code(fn, **kw)
+        assert code == expected, (code, msg, kw)
+
+
+@scenario
 def document_errors():
     steps = lambda action, **pre: [{"action": action, "name": "s", **pre, "inputs": {"runCommand": ["true"]}}]
     bad_content = [
@@ -674,7 +702,7 @@ def conformance():
         check(model.operation_model(op).output_shape, json.loads(raw or b"{}"), op)
     expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation",
                 "CreateDocument", "GetDocument", "DescribeDocument", "ListDocuments", "UpdateDocument", "DeleteDocument", "UpdateDocumentDefaultVersion",
-                "ListDocumentVersions"}
+                "ListDocumentVersions", "AddTagsToResource", "RemoveTagsFromResource", "ListTagsForResource"}
     assert expected <= ops, f"not exercised: {expected - ops}"
     assert not problems, "\n".join(problems[:40])
 

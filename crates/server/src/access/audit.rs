@@ -152,6 +152,7 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/nodes") => "nodes.list",
         ("GET", "/v1/nodes/{node_id}") => "nodes.get",
         ("DELETE", "/v1/nodes/{node_id}") => "nodes.deregister",
+        ("PATCH", "/v1/nodes/{node_id}/tags") => "nodes.tag",
         ("GET", "/v1/nodes/{node_id}/exec") => "nodes.exec",
         ("GET", "/v1/nodes/{node_id}/port-forward") => "nodes.port-forward",
         ("GET", "/v1/sessions/{session_id}/tcp") => "sessions.tcp",
@@ -238,6 +239,12 @@ pub fn resources_from_body(entry: &mut AuditEntry, body: &Value, document_member
         }
     }
     if let Some(s) = m.get("InstanceId").and_then(Value::as_str) {
+        entry.node_ids.push(s.to_owned());
+    }
+    // SSM's tagging calls name a node as a resource.
+    if m.get("ResourceType").and_then(Value::as_str) == Some("ManagedInstance")
+        && let Some(s) = m.get("ResourceId").and_then(Value::as_str)
+    {
         entry.node_ids.push(s.to_owned());
     }
     for key in document_member {

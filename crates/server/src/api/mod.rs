@@ -6,7 +6,7 @@ mod audit;
 pub(crate) mod commands;
 mod documents;
 mod errors;
-mod nodes;
+pub(crate) mod nodes;
 mod output;
 mod params;
 mod storage;
@@ -23,7 +23,7 @@ use axum::extract::{ConnectInfo, FromRequest, MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::{Json, Router};
 use fleetrun_proto::api::{ErrorBody, ErrorDetail, Health};
 use fleetrun_proto::time::now_ms;
@@ -46,6 +46,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/nodes/{node_id}",
             get(nodes::get).delete(nodes::deregister),
         )
+        .route("/v1/nodes/{node_id}/tags", patch(nodes::tag))
         .route("/v1/nodes/{node_id}/exec", get(crate::sessions::exec::exec))
         .route(
             "/v1/nodes/{node_id}/files/put",

@@ -9,6 +9,7 @@ mod commands;
 mod documents;
 mod instances;
 mod shapes;
+mod tags;
 
 use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS, CreatedCommand};
@@ -276,6 +277,9 @@ async fn dispatch(
         "UpdateDocumentDefaultVersion" => {
             documents::update_document_default_version(state, p, parse(body)?).await
         }
+        "AddTagsToResource" => tags::add_tags_to_resource(state, p, parse(body)?).await,
+        "RemoveTagsFromResource" => tags::remove_tags_from_resource(state, p, parse(body)?).await,
+        "ListTagsForResource" => tags::list_tags_for_resource(state, p, parse(body)?).await,
         other => Err(SsmError::new(
             Code::UnknownOperation,
             format!("operation {other} is not supported by fleetrun"),

@@ -193,3 +193,37 @@ pub struct UpdateDocumentDefaultVersionRequest {
     pub name: Option<String>,
     pub document_version: Option<String>,
 }
+
+/// A `Tag`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Tag {
+    pub key: Option<String>,
+    pub value: Option<String>,
+}
+
+/// AddTagsToResource's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddTagsToResourceRequest {
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub tags: Option<Vec<Tag>>,
+}
+
+/// RemoveTagsFromResource's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RemoveTagsFromResourceRequest {
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub tag_keys: Option<Vec<String>>,
+}
+
+/// ListTagsForResource's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListTagsForResourceRequest {
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+}
