@@ -76,6 +76,7 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
             serde_json::Value::Object(nodes).to_string(),
         )
         .env("FLEETRUN_SCRATCH", server.dir.path())
+        .env("FLEETRUN_CLI", support::fleetrun_bin())
         .env("AWS_CLI", venv.join("bin").join("aws"))
         .env(
             "AWS_ACCESS_KEY_ID",

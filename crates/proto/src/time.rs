@@ -18,9 +18,14 @@ pub fn rfc3339(ms: i64) -> String {
 
 /// The epoch milliseconds of an RFC 3339 time as [`rfc3339`] writes it (0 if it does not parse).
 pub fn parse_rfc3339_ms(s: &str) -> i64 {
-    humantime::parse_rfc3339(s)
+    try_parse_rfc3339_ms(s).unwrap_or(0)
+}
+
+/// The epoch milliseconds of an RFC 3339 time (`2026-12-01T10:00:00Z`, fractions optional); None
+/// if it does not parse or is before 1970.
+pub fn try_parse_rfc3339_ms(s: &str) -> Option<i64> {
+    humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
 }

@@ -30,7 +30,7 @@ pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
 pub use scripts::{SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite};
-pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd};
+pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd, SessionQuery, SessionState};
 pub use ssm::{CommandMeta, CommandQuery};
 
 use sqlx::SqlitePool;

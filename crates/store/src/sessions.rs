@@ -57,6 +57,37 @@ pub struct SessionEnd {
     pub recording_bytes: u64,
 }
 
+/// Which sessions by where they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionState {
+    /// All.
+    #[default]
+    Any = 0,
+    /// Running.
+    Active = 1,
+    /// Ended, terminated or failed.
+    Over = 2,
+}
+
+/// What a session listing keeps (every condition given must hold).
+#[derive(Clone, Debug, Default)]
+pub struct SessionQuery {
+    /// Running, over, or both.
+    pub state: SessionState,
+    /// On this node.
+    pub node: Option<NodeId>,
+    /// Opened by this principal.
+    pub principal: Option<String>,
+    /// This one.
+    pub session_id: Option<String>,
+    /// Started at or after (epoch ms).
+    pub started_after: Option<i64>,
+    /// Started at or before (epoch ms).
+    pub started_before: Option<i64>,
+    /// In one of these statuses (empty: any).
+    pub statuses: Vec<SessionStatus>,
+}
+
 /// A session's row, as stored.
 pub(crate) struct SessionRecord {
     pub(crate) session_id: String,
@@ -255,18 +286,53 @@ impl Store {
         after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<Session>> {
+        let q = SessionQuery {
+            state: if active {
+                SessionState::Active
+            } else {
+                SessionState::Any
+            },
+            ..SessionQuery::default()
+        };
+        self.find_sessions(&q, visible, after, limit).await
+    }
+
+    /// Sessions matching `q`, newest first, paged as [`Store::list_sessions`]. Every condition is
+    /// in the query, so a page is full whenever more match.
+    pub async fn find_sessions(
+        &self,
+        q: &SessionQuery,
+        visible: Option<&HashSet<NodeId>>,
+        after: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<Session>> {
         // No cursor is one past every session, so the condition is always the index's range seek.
         let (at, id) = after.unwrap_or((i64::MAX, ""));
+        let statuses = (!q.statuses.is_empty()).then(|| {
+            serde_json::to_string(&q.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+                .unwrap_or_else(|_| "[]".into())
+        });
         let rows = sqlx::query(
             "SELECT * FROM sessions WHERE (?1 IS NULL OR node_id IN (SELECT value FROM json_each(?1)))
-               AND (?2 = 0 OR status = 'Active') AND (started_at, session_id) < (?3, ?4)
+               AND (?2 = 0 OR (?2 = 1 AND status = 'Active') OR (?2 = 2 AND status <> 'Active'))
+               AND (started_at, session_id) < (?3, ?4)
+               AND (?6 IS NULL OR node_id = ?6) AND (?7 IS NULL OR principal = ?7)
+               AND (?8 IS NULL OR session_id = ?8)
+               AND (?9 IS NULL OR started_at >= ?9) AND (?10 IS NULL OR started_at <= ?10)
+               AND (?11 IS NULL OR status IN (SELECT value FROM json_each(?11)))
              ORDER BY started_at DESC, session_id DESC LIMIT ?5",
         )
         .bind(visible_json(visible))
-        .bind(active)
+        .bind(q.state as i64)
         .bind(at)
         .bind(id)
         .bind(limit.clamp(1, SESSIONS_PAGE_MAX))
+        .bind(q.node.as_ref().map(NodeId::as_str))
+        .bind(q.principal.as_deref())
+        .bind(q.session_id.as_deref())
+        .bind(q.started_after)
+        .bind(q.started_before)
+        .bind(statuses)
         .fetch_all(&self.read)
         .await?;
         rows.iter().map(|r| record(r).map(Session::from)).collect()

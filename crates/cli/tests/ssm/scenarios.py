@@ -599,6 +599,55 @@ def instance_tags_are_added_listed_used_and_removed():
 
 
 @scenario
+def sessions_are_described_and_terminated():
+    env = dict(os.environ, FLEETRUN_SERVER=ENDPOINT, FLEETRUN_TOKEN=TOKEN,
+               FLEETRUN_CONFIG=os.path.join(SCRATCH, "cli-sessions.toml"))
+    if os.environ.get("AWS_CA_BUNDLE"):
+        env["FLEETRUN_CA_CERT"] = os.environ["AWS_CA_BUNDLE"]
+    shell_proc = subprocess.Popen([os.environ["FLEETRUN_CLI"], "shell", WEB2, "-c", "echo up; sleep 120"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert shell_proc.stdout.readline() == b"up\n"
+        active = wait_for("the shell among active sessions", lambda: [
+            s for s in SSM.describe_sessions(State="Active", Filters=[{"key": "Target", "value": WEB2}])["Sessions"]])
+        assert len(active) == 1 and active[0]["Status"] == "Connected" and active[0]["Target"] == WEB2, active
+        sid = active[0]["SessionId"]
+        assert active[0]["Owner"].endswith(":user/admin") and "sleep 120" in active[0]["Details"], active
+        mine = SSM.describe_sessions(State="Active", Filters=[{"key": "Owner", "value": active[0]["Owner"]}])["Sessions"]
+        assert sid in [s["SessionId"] for s in mine], mine
+        assert SSM.describe_sessions(State="History", Filters=[{"key": "SessionId", "value": sid}])["Sessions"] == []
+        out = aws("terminate-session", "--session-id", sid)
+        assert out == {"SessionId": sid}, out
+        shell_proc.wait(timeout=30)
+        assert shell_proc.returncode != 0, shell_proc.returncode
+    finally:
+        if shell_proc.poll() is None:
+            shell_proc.kill()
+    ended = wait_for("the shell in the history", lambda: SSM.describe_sessions(
+        State="History", Filters=[{"key": "SessionId", "value": sid}])["Sessions"])
+    assert ended[0]["Status"] == "Terminated" and "EndDate" in ended[0] and "terminated by" in ended[0]["Reason"], ended
+    # Terminating it again is not an error; an unknown session is SSM's DoesNotExistException.
+    assert SSM.terminate_session(SessionId=sid)["SessionId"] == sid
+    assert error_code(SSM.terminate_session, SessionId="no-such-session")[0] == "DoesNotExistException"
+    # More sessions, then the history paged one at a time (newest first, nothing twice).
+    for i in range(2):
+        subprocess.run([os.environ["FLEETRUN_CLI"], "shell", WEB2, "-c", f"echo {i}"], env=env, check=True, capture_output=True, timeout=60)
+    pages = list(SSM.get_paginator("describe_sessions").paginate(State="History", PaginationConfig={"PageSize": 1}))
+    ids = [s["SessionId"] for p in pages for s in p["Sessions"]]
+    assert len(ids) >= 3 and len(set(ids)) == len(ids) and sid in ids, ids
+    later = SSM.describe_sessions(State="History", Filters=[{"key": "InvokedAfter", "value": "2100-01-01T00:00:00Z"}])["Sessions"]
+    assert later == [], later
+    for kw, expected in [
+        (dict(State="History", Filters=[{"key": "Colour", "value": "x"}]), ("InvalidFilterKey", "ValidationException")),
+        (dict(State="History", NextToken="bogus"), ("InvalidNextToken",)),
+        (dict(State="History", Filters=[{"key": "InvokedAfter", "value": "yesterday"}]), ("ValidationException",)),
+        (dict(State="Sometime"), ("ValidationException",)),
+    ]:
+        code, msg = error_code(LOOSE.describe_sessions, **kw)
+        assert code in expected, (code, msg, kw)
+
+
+@scenario
 def document_errors():
     steps = lambda action, **pre: [{"action": action, "name": "s", **pre, "inputs": {"runCommand": ["true"]}}]
     bad_content = [
@@ -702,7 +751,8 @@ def conformance():
         check(model.operation_model(op).output_shape, json.loads(raw or b"{}"), op)
     expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation",
                 "CreateDocument", "GetDocument", "DescribeDocument", "ListDocuments", "UpdateDocument", "DeleteDocument", "UpdateDocumentDefaultVersion",
-                "ListDocumentVersions", "AddTagsToResource", "RemoveTagsFromResource", "ListTagsForResource"}
+                "ListDocumentVersions", "AddTagsToResource", "RemoveTagsFromResource", "ListTagsForResource",
+                "DescribeSessions", "TerminateSession"}
     assert expected <= ops, f"not exercised: {expected - ops}"
     assert not problems, "\n".join(problems[:40])
 

@@ -7,7 +7,7 @@ use crate::AppState;
 use crate::access::audit as trail;
 use crate::access::authz::{Action, Principal};
 use crate::api::{ApiError, page_limit};
-use crate::errors::Code;
+use crate::errors::{Answered, Code};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::header;
@@ -65,10 +65,10 @@ pub async fn list(
 }
 
 /// The nodes whose sessions one may see: those one may open a shell or a port forward on.
-async fn session_scope(
+pub(crate) async fn session_scope<D>(
     state: &AppState,
     p: &Principal,
-) -> Result<crate::access::authz::NodeScope, ApiError> {
+) -> Result<crate::access::authz::NodeScope, Answered<D>> {
     let shell = state
         .authz
         .node_scope(&state.store, p, Action::Shell)
@@ -82,8 +82,12 @@ async fn session_scope(
 
 /// A session the caller may see; one on a node outside its scope is not found (as one that does
 /// not exist), so a refusal does not tell whether it exists.
-async fn visible(state: &AppState, p: &Principal, id: &str) -> Result<Session, ApiError> {
-    let missing = || ApiError::new(Code::SessionNotFound, format!("no session {id}"));
+pub(crate) async fn visible<D>(
+    state: &AppState,
+    p: &Principal,
+    id: &str,
+) -> Result<Session, Answered<D>> {
+    let missing = || Answered::new(Code::SessionNotFound, format!("no session {id}"));
     let s = state.store.get_session(id).await?.ok_or_else(missing)?;
     let scope = session_scope(state, p).await?;
     if scope.contains(&s.node_id) {
@@ -110,21 +114,30 @@ pub async fn terminate(
     Path(id): Path<String>,
 ) -> Result<Json<Session>, ApiError> {
     let s = visible(&state, &p, &id).await?;
-    state
-        .authz
-        .require_node(&state.store, &p, Action::TerminateSession, &s.node_id)
-        .await?;
-    if s.status != SessionStatus::Active
-        || !state
-            .sessions
-            .stop(&id, format!("terminated by {}", p.name()))
-    {
+    if !stop(&state, &p, &s).await? {
         return Err(ApiError::new(
             Code::SessionEnded,
             format!("session {id} is not running"),
         ));
     }
     Ok(Json(s))
+}
+
+/// Tells a visible session to end ("terminated by USER"), with `terminate-session` on its node;
+/// false when it was not running. Shared with SSM's TerminateSession.
+pub(crate) async fn stop<D>(
+    state: &AppState,
+    p: &Principal,
+    s: &Session,
+) -> Result<bool, Answered<D>> {
+    state
+        .authz
+        .require_node(&state.store, p, Action::TerminateSession, &s.node_id)
+        .await?;
+    Ok(s.status == SessionStatus::Active
+        && state
+            .sessions
+            .stop(&s.session_id, format!("terminated by {}", p.name())))
 }
 
 /// A session's recording, streamed as stored (asciicast v2, `application/x-asciicast`). Only an

@@ -8,6 +8,7 @@
 mod commands;
 mod documents;
 mod instances;
+mod sessions;
 mod shapes;
 mod tags;
 
@@ -280,6 +281,8 @@ async fn dispatch(
         "AddTagsToResource" => tags::add_tags_to_resource(state, p, parse(body)?).await,
         "RemoveTagsFromResource" => tags::remove_tags_from_resource(state, p, parse(body)?).await,
         "ListTagsForResource" => tags::list_tags_for_resource(state, p, parse(body)?).await,
+        "DescribeSessions" => sessions::describe_sessions(state, p, parse(body)?).await,
+        "TerminateSession" => sessions::terminate_session(state, p, parse(body)?).await,
         other => Err(SsmError::new(
             Code::UnknownOperation,
             format!("operation {other} is not supported by fleetrun"),

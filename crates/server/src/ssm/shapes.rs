@@ -227,3 +227,28 @@ pub struct ListTagsForResourceRequest {
     pub resource_type: Option<String>,
     pub resource_id: Option<String>,
 }
+
+/// A `SessionFilter`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionFilter {
+    pub key: Option<String>,
+    pub value: Option<String>,
+}
+
+/// DescribeSessions' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeSessionsRequest {
+    pub state: Option<String>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+    pub filters: Option<Vec<SessionFilter>>,
+}
+
+/// TerminateSession's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TerminateSessionRequest {
+    pub session_id: Option<String>,
+}
