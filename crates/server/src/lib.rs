@@ -25,6 +25,7 @@ pub mod errors;
 pub mod fleet;
 pub mod net;
 pub mod objects;
+pub mod query;
 pub mod run;
 pub mod scripts;
 pub mod sessions;

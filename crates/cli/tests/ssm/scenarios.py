@@ -79,6 +79,19 @@ def aws(*args, check=True):
     return json.loads(p.stdout) if p.stdout.strip() else None
 
 
+def aws_svc(service, *args):
+    """Runs the AWS CLI for another service (ec2, sts); returns parsed JSON."""
+    cmd = [AWS, "--endpoint-url", ENDPOINT, "--output", "json", service, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if p.returncode != 0:
+        raise AssertionError(f"{service} {' '.join(args)} exited {p.returncode}: {p.stderr}")
+    return json.loads(p.stdout) if p.stdout.strip() else None
+
+
+EC2 = boto3.client("ec2", endpoint_url=ENDPOINT, region_name=REGION, config=Config(retries={"max_attempts": 1}))
+STS = boto3.client("sts", endpoint_url=ENDPOINT, region_name=REGION, config=Config(retries={"max_attempts": 1}))
+
+
 def wait_for(what, fn, timeout=30.0):
     deadline = time.time() + timeout
     while True:
@@ -645,6 +658,58 @@ def sessions_are_described_and_terminated():
     ]:
         code, msg = error_code(LOOSE.describe_sessions, **kw)
         assert code in expected, (code, msg, kw)
+
+
+@scenario
+def ec2_and_sts_lookups_that_ssm_tools_make():
+    me = STS.get_caller_identity()
+    assert me["Arn"].endswith(":user/admin") and me["Account"] == "000000000000", me
+    assert aws_svc("sts", "get-caller-identity")["Arn"] == me["Arn"]
+    # By id, by Name tag (the node's name), by tag, by state; with the AWS CLI and boto3.
+    out = aws_svc("ec2", "describe-instances", "--instance-ids", WEB1)
+    insts = [i for r in out["Reservations"] for i in r["Instances"]]
+    assert [i["InstanceId"] for i in insts] == [WEB1] and insts[0]["State"]["Name"] == "running", out
+    tags = {t["Key"]: t["Value"] for t in insts[0]["Tags"]}
+    assert tags["Name"] == "web-1" and tags["role"] == "web", tags
+    by_name = EC2.describe_instances(Filters=[{"Name": "tag:Name", "Values": ["web-*"]}])
+    assert sorted(i["InstanceId"] for r in by_name["Reservations"] for i in r["Instances"]) == sorted([WEB1, WEB2]), by_name
+    ip = insts[0].get("PrivateIpAddress")
+    if ip:
+        by_ip = aws_svc("ec2", "describe-instances", "--filters", f"Name=private-ip-address,Values={ip}")
+        assert WEB1 in [i["InstanceId"] for r in by_ip["Reservations"] for i in r["Instances"]], by_ip
+    none = EC2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["stopped"]}, {"Name": "tag-key", "Values": ["role"]}])
+    assert none["Reservations"] == [], none
+    pages = list(EC2.get_paginator("describe_instances").paginate(PaginationConfig={"PageSize": 5}))
+    assert {i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]} >= {WEB1, WEB2, DB1}, pages
+    # Tag with ec2 create-tags, then a send by that tag reaches it; delete-tags takes it off.
+    aws_svc("ec2", "create-tags", "--resources", DB1, "--tags", "Key=Environment,Value=Staging")
+    cid = SSM.send_command(Targets=[{"Key": "tag:Environment", "Values": ["Staging"]}], **shell(["echo staged"]))["Command"]["CommandId"]
+    assert wait_status(cid, DB1, {"Success", "Failed"})["StandardOutputContent"] == "staged\n"
+    described = EC2.describe_tags(Filters=[{"Name": "resource-id", "Values": [DB1]}, {"Name": "key", "Values": ["Environment"]}])["Tags"]
+    assert described == [{"ResourceId": DB1, "ResourceType": "instance", "Key": "Environment", "Value": "Staging"}], described
+    EC2.delete_tags(Resources=[DB1], Tags=[{"Key": "Environment", "Value": "Other"}])  # the value differs: kept
+    assert EC2.describe_tags(Filters=[{"Name": "key", "Values": ["Environment"]}])["Tags"] != []
+    EC2.delete_tags(Resources=[DB1], Tags=[{"Key": "Environment"}])
+    assert EC2.describe_tags(Filters=[{"Name": "key", "Values": ["Environment"]}])["Tags"] == []
+    assert EC2.describe_vpcs()["Vpcs"] == [] and EC2.describe_subnets()["Subnets"] == []
+    # Errors by EC2's names; nothing else of EC2 is served.
+    for fn, kw, expected in [
+        (EC2.describe_instances, dict(InstanceIds=["mi-0123456789abcdef0"]), "InvalidInstanceID.NotFound"),
+        (EC2.describe_instances, dict(InstanceIds=["i-bogus"]), "InvalidInstanceID.Malformed"),
+        (EC2.describe_instances, dict(Filters=[{"Name": "vpc-id", "Values": ["x"]}]), "InvalidParameterValue"),
+        (EC2.run_instances, dict(ImageId="ami-12345678", MinCount=1, MaxCount=1), "UnsupportedOperation"),
+        (EC2.create_tags, dict(Resources=[DB1], Tags=[{"Key": f"k{i}", "Value": "v"} for i in range(60)]), "TagLimitExceeded"),
+    ]:
+        code, msg = error_code(fn, **kw)
+        assert code == expected, (code, msg, kw)
+    team = boto3.client("ec2", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id=os.environ["TEAM_KEY_ID"],
+                        aws_secret_access_key=os.environ["TEAM_SECRET"], config=Config(retries={"max_attempts": 1}))
+    seen = {i["InstanceId"] for r in team.describe_instances()["Reservations"] for i in r["Instances"]}
+    assert seen == {WEB1, WEB2}, seen
+    assert error_code(team.create_tags, Resources=[DB1], Tags=[{"Key": "a", "Value": "b"}])[0] == "UnauthorizedOperation"
+    bad = boto3.client("sts", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id=KEY_ID,
+                       aws_secret_access_key="wrong-secret", config=Config(retries={"max_attempts": 1}))
+    assert error_code(bad.get_caller_identity)[0] == "SignatureDoesNotMatch"
 
 
 @scenario

@@ -68,7 +68,10 @@ fn is_json(resp: &Response) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| {
-            t.starts_with("application/json") || t.starts_with("application/x-amz-json")
+            // A door's own error shapes: native JSON, SSM's JSON 1.1, the Query protocol's XML.
+            t.starts_with("application/json")
+                || t.starts_with("application/x-amz-json")
+                || t.starts_with("text/xml")
         })
 }
 

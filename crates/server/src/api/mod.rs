@@ -146,8 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
             "/",
-            post(crate::ssm::handle)
-                .layer(axum::extract::DefaultBodyLimit::max(crate::ssm::BODY_MAX)),
+            post(aws_door).layer(axum::extract::DefaultBodyLimit::max(crate::ssm::BODY_MAX)),
         )
         .route("/v1/health", get(health))
         .route("/v1/agent/connect", get(crate::fleet::channel::connect))
@@ -398,4 +397,21 @@ where
 {
     s.parse()
         .map_err(|e: T::Err| ApiError::new(code, e.to_string()))
+}
+
+/// `POST /`: the AWS doors. SSM's JSON 1.1 names its operation in `X-Amz-Target`; EC2 and STS
+/// (the Query protocol) send a form naming an `Action`.
+async fn aws_door(
+    state: State<Arc<AppState>>,
+    addr: axum::extract::ConnectInfo<std::net::SocketAddr>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> axum::response::Response {
+    if crate::query::is_query_request(&headers) {
+        crate::query::handle(state, addr, method, uri, headers, body).await
+    } else {
+        crate::ssm::handle(state, addr, method, uri, headers, body).await
+    }
 }

@@ -12,6 +12,8 @@ mod sessions;
 mod shapes;
 mod tags;
 
+pub use sessions::owner_arn;
+
 use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS, CreatedCommand};
 use crate::access::authz::Principal;
@@ -189,6 +191,7 @@ pub async fn handle(
                     &uri,
                     &headers,
                     body,
+                    "ssm",
                 ),
             )
             .await;

@@ -61,8 +61,15 @@ pub fn bearer_credential(headers: &HeaderMap) -> Option<String> {
     (!token.is_empty()).then(|| fleetrun_store::token_id(&secrets::hash(token)))
 }
 
-/// The credential id an SSM request presents, for the brute-force guard: the access key id of its
-/// SigV4 `Authorization` header; None when the header names none.
+/// The service a SigV4-signed request's credential is scoped to (`ssm`, `ec2`, `sts`, ...).
+pub fn sigv4_service(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let auth = sigv4::parse_authorization(Some(value)).ok()?;
+    Some(sigv4::scoped_service(&auth).to_owned())
+}
+
+/// The credential id an AWS-protocol request presents, for the brute-force guard: the access key
+/// id of its SigV4 `Authorization` header; None when the header names none.
 pub fn sigv4_credential(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let auth = sigv4::parse_authorization(Some(value)).ok()?;
@@ -104,12 +111,14 @@ pub async fn sigv4(
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
+    service: &str,
 ) -> Result<Principal, AuthnError> {
     let sig_err = |e: sigv4::SigError| AuthnError::refused(e.code, e.message);
     let auth_value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
+    sigv4::check_service(&auth, service).map_err(sig_err)?;
     let Some((nonce, sealed, user)) = store.access_key_secret(&auth.access_key_id).await? else {
         return Err(AuthnError::refused(
             Code::UnrecognizedClient,

@@ -101,12 +101,6 @@ pub fn parse_authorization(value: Option<&str>) -> Result<Authorization, SigErro
             format!("Credential {credential:?} is malformed"),
         ));
     }
-    if service != "ssm" {
-        return Err(err(
-            Code::InvalidSignature,
-            format!("Credential should be scoped to correct service: 'ssm', not {service:?}"),
-        ));
-    }
     Ok(Authorization {
         access_key_id: akid.to_owned(),
         date: date.to_owned(),
@@ -115,6 +109,26 @@ pub fn parse_authorization(value: Option<&str>) -> Result<Authorization, SigErro
         signed_headers: signed.split(';').map(str::to_owned).collect(),
         signature: signature.to_owned(),
     })
+}
+
+/// Refuses a credential scoped to another service than the one the request is for (`ssm`, `ec2`
+/// or `sts`: each door names its own).
+pub fn check_service(auth: &Authorization, expected: &str) -> Result<(), SigError> {
+    if auth.service != expected {
+        return Err(err(
+            Code::InvalidSignature,
+            format!(
+                "Credential should be scoped to correct service: '{expected}', not {:?}",
+                auth.service
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The service a credential is scoped to.
+pub fn scoped_service(auth: &Authorization) -> &str {
+    &auth.service
 }
 
 /// Verifies a request's signature with the access key's secret, at time `now`.
@@ -358,9 +372,14 @@ mod tests {
         };
         let auth = parse_authorization(Some(
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
-        ));
-        // The suite signs for service "service"; fleetrun only accepts "ssm".
-        assert_eq!(auth.unwrap_err().code, Code::InvalidSignature);
+        ))
+        .unwrap();
+        // The suite signs for service "service"; each door accepts its own service only.
+        assert_eq!(
+            check_service(&auth, "ssm").unwrap_err().code,
+            Code::InvalidSignature
+        );
+        assert_eq!(check_service(&auth, "service"), Ok(()));
         let mut auth = parse_authorization(Some(
             "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/ssm/aws4_request, SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
         ))
