@@ -288,6 +288,16 @@ impl Client {
             .await
     }
 
+    /// `DELETE /v1/activations/{id}`.
+    pub async fn delete_activation(&self, id: &str) -> anyhow::Result<()> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            anyhow::bail!("{id:?} is not an activation id (a UUID, as `activation list` shows)");
+        }
+        let path = format!("/v1/activations/{id}");
+        self.send(self.request(Method::DELETE, &path)).await?;
+        Ok(())
+    }
+
     /// `GET /v1/nodes`.
     pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
         self.json(self.request(Method::GET, "/v1/nodes")).await

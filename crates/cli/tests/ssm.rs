@@ -77,6 +77,7 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         )
         .env("FLEETRUN_SCRATCH", server.dir.path())
         .env("FLEETRUN_CLI", support::fleetrun_bin())
+        .env("FLEETRUN_AGENT", support::agent_bin())
         .env("AWS_CLI", venv.join("bin").join("aws"))
         .env(
             "AWS_ACCESS_KEY_ID",

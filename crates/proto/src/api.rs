@@ -111,6 +111,9 @@ pub struct CreateActivation {
     /// A note for operators.
     #[serde(default)]
     pub description: String,
+    /// The name every node registering with it gets ('' keeps each agent's own).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub default_instance_name: String,
 }
 
 /// An activation: a code agents register with.
@@ -139,6 +142,12 @@ pub struct Activation {
     /// its own CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_fingerprint: Option<String>,
+    /// The name every node registering with it gets ('' keeps each agent's own).
+    #[serde(default)]
+    pub default_instance_name: String,
+    /// The IAM role an SSM CreateActivation named (kept to show back; fleetrun has no IAM).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub iam_role: String,
 }
 
 /// A managed node.

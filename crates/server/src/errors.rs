@@ -69,6 +69,8 @@ pub enum Code {
     TooManyFailedAuthentications,
     /// A tag key or value outside fleetrun's limits.
     InvalidTag,
+    /// No such activation.
+    ActivationNotFound,
     /// More tags than a resource may carry.
     TooManyTags,
     /// A tagged resource's id that is malformed or names nothing (SSM's tagging calls).
@@ -174,7 +176,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 75] = [
+    pub const ALL: [Code; 76] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -200,6 +202,7 @@ impl Code {
         Code::TooManyRequests,
         Code::TooManyFailedAuthentications,
         Code::InvalidTag,
+        Code::ActivationNotFound,
         Code::TooManyTags,
         Code::InvalidResourceId,
         Code::InvalidResourceType,
@@ -280,6 +283,7 @@ impl Code {
             Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Code::TooManyFailedAuthentications => StatusCode::TOO_MANY_REQUESTS,
             Code::InvalidTag => StatusCode::BAD_REQUEST,
+            Code::ActivationNotFound => StatusCode::NOT_FOUND,
             Code::TooManyTags => StatusCode::BAD_REQUEST,
             Code::InvalidResourceId => StatusCode::BAD_REQUEST,
             Code::InvalidResourceType => StatusCode::BAD_REQUEST,
@@ -361,6 +365,7 @@ impl Code {
             Code::TooManyRequests => "TooManyRequests",
             Code::TooManyFailedAuthentications => "TooManyFailedAuthentications",
             Code::InvalidTag => "InvalidTag",
+            Code::ActivationNotFound => "ActivationNotFound",
             Code::TooManyTags => "TooManyTags",
             Code::InvalidResourceId => "InvalidResourceId",
             Code::InvalidResourceType => "InvalidResourceType",
@@ -442,6 +447,7 @@ impl Code {
             Code::TooManyRequests => "ThrottlingException",
             Code::TooManyFailedAuthentications => "ThrottlingException",
             Code::InvalidTag => "ValidationException",
+            Code::ActivationNotFound => "InvalidActivationId",
             Code::TooManyTags => "TooManyTagsError",
             Code::InvalidResourceId => "InvalidResourceId",
             Code::InvalidResourceType => "InvalidResourceType",
@@ -710,7 +716,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 75] = [
+    const TABLE: [(Code, u16, &str, &str); 76] = [
         (
             Code::InvalidRequest,
             400,
@@ -846,6 +852,12 @@ mod tests {
             "ThrottlingException",
         ),
         (Code::InvalidTag, 400, "InvalidTag", "ValidationException"),
+        (
+            Code::ActivationNotFound,
+            404,
+            "ActivationNotFound",
+            "InvalidActivationId",
+        ),
         (Code::TooManyTags, 400, "TooManyTags", "TooManyTagsError"),
         (
             Code::InvalidResourceId,

@@ -64,6 +64,8 @@ pub(crate) fn activation(r: ActivationRecord, now: i64) -> Activation {
         expired: r.expires_at <= now,
         description: r.description,
         ca_fingerprint: None,
+        default_instance_name: r.default_instance_name,
+        iam_role: r.iam_role,
     }
 }
 
@@ -322,6 +324,8 @@ mod tests {
             description: "lab".into(),
             created_at: 0,
             expires_at: T,
+            default_instance_name: String::new(),
+            iam_role: String::new(),
         };
         // (now, expired)
         for (now, expired) in [(T - 1, false), (T, true), (T + 1, true)] {
@@ -553,6 +557,7 @@ mod tests {
                 "lab",
                 T,
                 now + 3_600_000,
+                ("", ""),
             )
             .await
             .unwrap();

@@ -83,6 +83,8 @@ pub(crate) struct ActivationRecord {
     pub(crate) created_at: i64,
     /// Epoch ms.
     pub(crate) expires_at: i64,
+    pub(crate) default_instance_name: String,
+    pub(crate) iam_role: String,
 }
 
 /// A node to create at registration.
@@ -117,10 +119,12 @@ impl Store {
         description: &str,
         created_at: i64,
         expires_at: i64,
+        names: (&str, &str),
     ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO activations (activation_id, code_hash, tags, reg_limit, description, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO activations (activation_id, code_hash, tags, reg_limit, description, created_at, expires_at,
+                                      default_instance_name, iam_role)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(activation_id)
         .bind(code_hash)
@@ -129,15 +133,31 @@ impl Store {
         .bind(description)
         .bind(created_at)
         .bind(expires_at)
+        .bind(names.0)
+        .bind(names.1)
         .execute(&self.write)
         .await?;
         Ok(())
     }
 
+    /// Deletes an activation: no node registers with it from then on (those that did stay);
+    /// false when there was none.
+    pub async fn delete_activation(&self, activation_id: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("DELETE FROM activations WHERE activation_id = ?")
+                .bind(activation_id)
+                .execute(&self.write)
+                .await?
+                .rows_affected()
+                == 1,
+        )
+    }
+
     /// Every activation, newest first (codes are not stored, so `code` is empty).
     pub async fn list_activations(&self) -> Result<Vec<Activation>> {
         let rows = sqlx::query(
-            "SELECT activation_id, tags, reg_limit, registrations, description, created_at, expires_at
+            "SELECT activation_id, tags, reg_limit, registrations, description, created_at, expires_at,
+                    default_instance_name, iam_role
              FROM activations ORDER BY created_at DESC",
         )
         .fetch_all(&self.read)
@@ -153,7 +173,7 @@ impl Store {
     pub async fn register_node(&self, code_hash: &str, node: NewNode) -> Result<(), RegisterError> {
         let mut tx = self.write.begin().await.map_err(super::StoreError::from)?;
         let row = sqlx::query(
-            "SELECT activation_id, tags, reg_limit, registrations, expires_at FROM activations WHERE code_hash = ?",
+            "SELECT activation_id, tags, reg_limit, registrations, expires_at, default_instance_name FROM activations WHERE code_hash = ?",
         )
         .bind(code_hash)
         .fetch_optional(&mut *tx)
@@ -170,6 +190,13 @@ impl Store {
             return Err(RegisterError::LimitReached(limit as u64));
         }
         let activation_id: String = row.get("activation_id");
+        // SSM's DefaultInstanceName names every node of the activation.
+        let default_name: String = row.get("default_instance_name");
+        let name = if default_name.is_empty() {
+            node.info.name.clone()
+        } else {
+            default_name
+        };
         let mut tags = node.tags;
         let activation_tags: BTreeMap<String, String> =
             serde_json::from_str(row.get("tags")).map_err(super::StoreError::from)?;
@@ -188,7 +215,7 @@ impl Store {
             )
             .bind(node.node_id.as_str())
             .bind(&node.public_key)
-            .bind(&node.info.name)
+            .bind(&name)
             .bind(&node.info.hostname)
             .bind(&node.info.os)
             .bind(&node.info.arch)
@@ -287,8 +314,12 @@ impl Store {
     /// Records a connect: what the agent reports now, and the time.
     pub async fn node_connected(&self, node_id: &NodeId, info: &NodeInfo) -> Result<()> {
         sqlx::query(
-            "UPDATE nodes SET name = ?, hostname = ?, os = ?, arch = ?, ips = ?, agent_version = ?, last_seen_at = ?
-             WHERE node_id = ?",
+            // A node of an activation with a default instance name keeps that name.
+            "UPDATE nodes SET name = CASE WHEN COALESCE((SELECT default_instance_name FROM activations a
+                                                          WHERE a.activation_id = nodes.activation_id), '') = ''
+                                          THEN ?1 ELSE name END,
+                              hostname = ?2, os = ?3, arch = ?4, ips = ?5, agent_version = ?6, last_seen_at = ?7
+             WHERE node_id = ?8",
         )
         .bind(&info.name)
         .bind(&info.hostname)
@@ -568,6 +599,8 @@ fn activation_record(r: &sqlx::sqlite::SqliteRow) -> Result<ActivationRecord> {
         description: r.get("description"),
         created_at: r.get("created_at"),
         expires_at: r.get("expires_at"),
+        default_instance_name: r.get("default_instance_name"),
+        iam_role: r.get("iam_role"),
     })
 }
 

@@ -21,6 +21,10 @@ struct Args {
     /// Activation code, needed on the first start only
     #[arg(long, env = "FLEETRUN_ACTIVATION_CODE", hide_env_values = true)]
     activation_code: Option<String>,
+    /// The activation's id, as SSM's `CreateActivation` and the SSM agent's `-register` name it.
+    /// Accepted so SSM set-up scripts run unchanged; the code alone identifies the activation
+    #[arg(long, env = "FLEETRUN_ACTIVATION_ID", value_name = "ID")]
+    activation_id: Option<String>,
     /// Display name of the node (default: the hostname)
     #[arg(long)]
     name: Option<String>,
@@ -62,6 +66,13 @@ struct Args {
 
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
     let mut config = AgentConfig::new(args.server, args.state_dir);
+    if let Some(id) = &args.activation_id
+        && (id.is_empty()
+            || id.len() > 64
+            || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+    {
+        anyhow::bail!("--activation-id {id:?} is not an activation id (a UUID)");
+    }
     config.activation_code = args.activation_code;
     config.name = args.name;
     config.tags = parse_tags(&args.tags)?;

@@ -1,4 +1,4 @@
-//! `fleetrun activation create|list`: codes that agents register with.
+//! `fleetrun activation create|list|delete`: codes that agents register with.
 
 use super::Ctx;
 use crate::render::{self, Format};
@@ -14,6 +14,11 @@ pub enum Cmd {
     Create(CreateArgs),
     /// List activations (codes are not shown)
     List,
+    /// Delete an activation: no node registers with it any more (nodes that did stay)
+    Delete {
+        /// The activation id
+        activation_id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -30,12 +35,26 @@ pub struct CreateArgs {
     /// A note for operators
     #[arg(long, default_value = "")]
     description: String,
+    /// The name every node registering with it gets [default: each agent's own --name]
+    #[arg(long, value_name = "NAME")]
+    default_name: Option<String>,
 }
 
 pub async fn run(ctx: &Ctx, cmd: Cmd) -> anyhow::Result<ExitCode> {
     match cmd {
         Cmd::Create(args) => create(ctx, args).await,
         Cmd::List => list(ctx).await,
+        Cmd::Delete { activation_id } => {
+            ctx.client()?
+                .delete_activation(activation_id.trim())
+                .await?;
+            if ctx.format == Format::Table {
+                render::emit(&format!("activation {} deleted\n", activation_id.trim()))?;
+            } else {
+                render::print_json(&serde_json::json!({ "deleted": activation_id.trim() }))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -61,6 +80,7 @@ async fn create(ctx: &Ctx, args: CreateArgs) -> anyhow::Result<ExitCode> {
             limit: args.limit,
             expires_in_secs,
             description: args.description,
+            default_instance_name: args.default_name.unwrap_or_default(),
         })
         .await?;
     if ctx.format == Format::Json {

@@ -136,6 +136,7 @@ async fn activation_code(client: &Client, state_dir: &Path) -> anyhow::Result<Op
             limit: Some(1),
             expires_in_secs: None,
             description: "fleetrun dev".into(),
+            default_instance_name: String::new(),
         })
         .await
         .context("cannot create an activation for the dev agent")?;

@@ -713,6 +713,54 @@ def ec2_and_sts_lookups_that_ssm_tools_make():
 
 
 @scenario
+def an_activation_registers_an_agent_that_is_then_deregistered():
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=2)
+    act = SSM.create_activation(IamRole="SSMServiceRole", RegistrationLimit=1, DefaultInstanceName="edge-box",
+                                Description="edge", ExpirationDate=expires,
+                                Tags=[{"Key": "site", "Value": "lab"}])
+    aid, code = act["ActivationId"], act["ActivationCode"]
+    listed = SSM.describe_activations(Filters=[{"FilterKey": "ActivationIds", "FilterValues": [aid]}])["ActivationList"]
+    assert len(listed) == 1 and listed[0]["RegistrationLimit"] == 1 and listed[0]["RegistrationsCount"] == 0, listed
+    assert listed[0]["DefaultInstanceName"] == "edge-box" and listed[0]["IamRole"] == "SSMServiceRole" and not listed[0]["Expired"], listed
+    assert {"Key": "site", "Value": "lab"} in listed[0]["Tags"], listed
+    assert abs(listed[0]["ExpirationDate"].timestamp() - expires.timestamp()) < 5, listed
+    # An agent registers with the id and code, as the SSM agent's -register takes them.
+    state = os.path.join(SCRATCH, "activation-agent")
+    agent = subprocess.Popen([os.environ["FLEETRUN_AGENT"], "--server", ENDPOINT, "--state-dir", state,
+                              "--activation-id", aid, "--activation-code", code, "--ca-cert", os.environ["AWS_CA_BUNDLE"]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def registered():
+            infos = SSM.describe_instance_information(Filters=[{"Key": "ActivationIds", "Values": [aid]}])["InstanceInformationList"]
+            return [i for i in infos if i["PingStatus"] == "Online"]
+        infos = wait_for("the activated agent online", registered)
+        node = infos[0]["InstanceId"]
+        assert infos[0]["Name"] == "edge-box", infos
+        tags = SSM.list_tags_for_resource(ResourceType="ManagedInstance", ResourceId=node)["TagList"]
+        assert {"Key": "site", "Value": "lab"} in tags, tags
+        assert SSM.describe_activations(Filters=[{"FilterKey": "ActivationIds", "FilterValues": [aid]}])["ActivationList"][0]["RegistrationsCount"] == 1
+        cid = SSM.send_command(InstanceIds=[node], **shell(["echo activated"]))["Command"]["CommandId"]
+        assert wait_status(cid, node, {"Success", "Failed"})["StandardOutputContent"] == "activated\n"
+        # Deregistered: it leaves the fleet and its agent stops.
+        SSM.deregister_managed_instance(InstanceId=node)
+        agent.wait(timeout=30)
+        gone = SSM.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [node]}])["InstanceInformationList"]
+        assert gone == [], gone
+        assert error_code(SSM.deregister_managed_instance, InstanceId=node)[0] == "InvalidInstanceId"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    SSM.delete_activation(ActivationId=aid)
+    assert SSM.describe_activations(Filters=[{"FilterKey": "ActivationIds", "FilterValues": [aid]}])["ActivationList"] == []
+    assert error_code(SSM.delete_activation, ActivationId=aid)[0] == "InvalidActivationId"
+    for kw in [dict(IamRole="r", RegistrationLimit=5000), dict(IamRole="r", ExpirationDate=datetime.datetime(2001, 1, 1)),
+               dict(IamRole="r", Tags=[{"Key": "", "Value": "x"}])]:
+        code_, msg = error_code(LOOSE.create_activation, **kw)
+        assert code_ in ("InvalidParameters", "ValidationException"), (code_, msg, kw)
+    assert error_code(LOOSE.describe_activations, Filters=[{"FilterKey": "Colour", "FilterValues": ["x"]}])[0] == "InvalidFilter"
+
+
+@scenario
 def document_errors():
     steps = lambda action, **pre: [{"action": action, "name": "s", **pre, "inputs": {"runCommand": ["true"]}}]
     bad_content = [
@@ -817,7 +865,8 @@ def conformance():
     expected = {"SendCommand", "ListCommands", "ListCommandInvocations", "GetCommandInvocation", "CancelCommand", "DescribeInstanceInformation",
                 "CreateDocument", "GetDocument", "DescribeDocument", "ListDocuments", "UpdateDocument", "DeleteDocument", "UpdateDocumentDefaultVersion",
                 "ListDocumentVersions", "AddTagsToResource", "RemoveTagsFromResource", "ListTagsForResource",
-                "DescribeSessions", "TerminateSession"}
+                "DescribeSessions", "TerminateSession", "CreateActivation", "DescribeActivations", "DeleteActivation",
+                "DeregisterManagedInstance"}
     assert expected <= ops, f"not exercised: {expected - ops}"
     assert not problems, "\n".join(problems[:40])
 

@@ -148,6 +148,7 @@ pub fn redact(v: Value) -> Value {
 pub fn api_action(method: &Method, route: &str) -> String {
     let name = match (method.as_str(), route) {
         ("POST", "/v1/activations") => "activations.create",
+        ("DELETE", "/v1/activations/{activation_id}") => "activations.delete",
         ("GET", "/v1/activations") => "activations.list",
         ("GET", "/v1/nodes") => "nodes.list",
         ("GET", "/v1/nodes/{node_id}") => "nodes.get",

@@ -2,7 +2,7 @@
 
 use super::{ApiError, ApiJson, page_limit};
 use crate::access::authz::{Action, Principal, Resource};
-use crate::errors::Code;
+use crate::errors::{Answered, Code};
 use crate::{AppState, access::secrets};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,31 +23,56 @@ pub async fn create(
     Extension(p): Extension<Principal>,
     ApiJson(req): ApiJson<CreateActivation>,
 ) -> Result<(StatusCode, Json<Activation>), ApiError> {
+    let activation = create_activation(&state, &p, req, "").await?;
+    Ok((StatusCode::CREATED, Json(activation)))
+}
+
+/// Checks and stores an activation; shared with SSM's CreateActivation (which also names an IAM
+/// role, kept only to be shown back).
+pub(crate) async fn create_activation<D>(
+    state: &AppState,
+    p: &Principal,
+    req: CreateActivation,
+    iam_role: &str,
+) -> Result<Activation, Answered<D>> {
     state
         .authz
-        .require(&p, Action::ManageActivations, Resource::Fleet)?;
+        .require(p, Action::ManageActivations, Resource::Fleet)?;
     if req.tags.len() > MAX_TAGS {
-        return Err(ApiError::new(
+        return Err(Answered::new(
             Code::InvalidTag,
             format!("at most {MAX_TAGS} tags"),
         ));
     }
     for (k, v) in &req.tags {
-        check_tag_key(k).map_err(|e| ApiError::new(Code::InvalidTag, e.0))?;
-        check_tag_value(v).map_err(|e| ApiError::new(Code::InvalidTag, e.0))?;
+        check_tag_key(k).map_err(|e| Answered::new(Code::InvalidTag, e.0))?;
+        check_tag_value(v).map_err(|e| Answered::new(Code::InvalidTag, e.0))?;
     }
-    let limit = page_limit(req.limit, 1, MAX_LIMIT)?;
+    let limit = page_limit(req.limit, 1, MAX_LIMIT).map_err(|e| Answered::from(e.error))?;
     let expires_in = req.expires_in_secs.unwrap_or(DEFAULT_EXPIRY_SECS);
     if !(1..=MAX_EXPIRY_SECS).contains(&expires_in) {
-        return Err(ApiError::new(
+        return Err(Answered::new(
             Code::InvalidParameters,
             format!("expiry must be 1 s to 30 days ({MAX_EXPIRY_SECS} s), got {expires_in} s"),
         ));
     }
     if req.description.len() > 256 {
-        return Err(ApiError::new(
+        return Err(Answered::new(
             Code::InvalidParameters,
             "description is longer than 256 bytes",
+        ));
+    }
+    let name = &req.default_instance_name;
+    if name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(Answered::new(
+            Code::InvalidParameters,
+            "a default instance name is at most 256 bytes, without control characters",
+        ));
+    }
+    if iam_role.len() > 64 {
+        return Err(Answered::new(
+            Code::InvalidParameters,
+            "an IAM role is at most 64 characters",
         ));
     }
     let code = secrets::random_token(20);
@@ -64,9 +89,10 @@ pub async fn create(
             &req.description,
             now,
             expires_at,
+            (name, iam_role),
         )
         .await?;
-    let activation = Activation {
+    Ok(Activation {
         activation_id,
         code,
         tags: req.tags,
@@ -77,8 +103,37 @@ pub async fn create(
         expired: false,
         description: req.description,
         ca_fingerprint: state.ca_fingerprint.clone(),
-    };
-    Ok((StatusCode::CREATED, Json(activation)))
+        default_instance_name: req.default_instance_name,
+        iam_role: iam_role.to_owned(),
+    })
+}
+
+/// Deletes an activation (nodes registered with it stay). Answers 204.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<StatusCode, ApiError> {
+    delete_activation(&state, &p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes an activation; shared with SSM's DeleteActivation.
+pub(crate) async fn delete_activation<D>(
+    state: &AppState,
+    p: &Principal,
+    id: &str,
+) -> Result<(), Answered<D>> {
+    state
+        .authz
+        .require(p, Action::ManageActivations, Resource::Fleet)?;
+    if id.len() > 64 || !state.store.delete_activation(id).await? {
+        return Err(Answered::new(
+            Code::ActivationNotFound,
+            format!("no activation {id:.64}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Lists activations (without codes).

@@ -1,7 +1,7 @@
 //! The native JSON API under `/v1` (routes listed in fleetrun_proto::api): router, errors, auth.
 
 mod access_keys;
-mod activations;
+pub(crate) mod activations;
 mod audit;
 pub(crate) mod commands;
 mod documents;
@@ -40,6 +40,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/activations",
             post(activations::create).get(activations::list),
+        )
+        .route(
+            "/v1/activations/{activation_id}",
+            axum::routing::delete(activations::delete),
         )
         .route("/v1/nodes", get(nodes::list))
         .route(

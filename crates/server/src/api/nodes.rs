@@ -72,21 +72,28 @@ pub async fn deregister(
     Path(node_id): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     let id: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
+    Ok(Json(deregister_node(&state, &p, &id).await?))
+}
+
+/// Deregisters a node (see [`deregister`]); shared with SSM's DeregisterManagedInstance.
+pub(crate) async fn deregister_node<D>(
+    state: &AppState,
+    p: &Principal,
+    id: &NodeId,
+) -> Result<Node, Answered<D>> {
     state
         .authz
-        .require_node(&state.store, &p, Action::ManageNodes, &id)
+        .require_node(&state.store, p, Action::ManageNodes, id)
         .await?;
     let node = state
         .store
-        .get_node(&id, |n| state.hub.is_online(n))
+        .get_node(id, |n| state.hub.is_online(n))
         .await?
-        .ok_or_else(|| ApiError::new(Code::NodeNotFound, format!("no node {id}")))?;
-    state.store.deregister_node(&id, now_ms()).await?;
+        .ok_or_else(|| Error::new(Code::NodeNotFound, format!("no node {id}")))?;
+    state.store.deregister_node(id, now_ms()).await?;
     state.authz.fleet_changed();
-    state
-        .hub
-        .revoke(&id, &format!("node {id} was deregistered"));
-    for (cmd, started) in state.store.open_invocations(&id, false).await? {
+    state.hub.revoke(id, &format!("node {id} was deregistered"));
+    for (cmd, started) in state.store.open_invocations(id, false).await? {
         let (detail, note) = if started {
             (
                 details::TERMINATED,
@@ -96,10 +103,10 @@ pub async fn deregister(
             (details::UNDELIVERABLE, "the node was deregistered")
         };
         let f = Finish::without_running(InvocationStatus::Failed, detail, now_ms(), note);
-        Ender::of(&state).end(&cmd, vec![(id.clone(), f)]).await?;
+        Ender::of(state).end(&cmd, vec![(id.clone(), f)]).await?;
     }
     tracing::info!(node = %id, "node deregistered");
-    Ok(Json(node))
+    Ok(node)
 }
 
 /// Most tags a node carries (SSM's limit per resource).

@@ -386,7 +386,10 @@ mod tests {
         assert_eq!(p.get("Action"), Some("DescribeInstances"));
         assert_eq!(p.list("InstanceId"), ["a", "b"]);
         let filters = p.structs("Filter");
-        assert_eq!(filters, [(1, vec![("Name", "tag:Role"), ("Value.1", "web")])]);
+        assert_eq!(
+            filters,
+            [(1, vec![("Name", "tag:Role"), ("Value.1", "web")])]
+        );
         let many: String = (0..=PARAMS_MAX).map(|i| format!("k{i}=v&")).collect();
         let e = Params::parse(many.as_bytes()).err().map(|e| e.message);
         assert!(e.is_some_and(|m| m.contains("at most")));

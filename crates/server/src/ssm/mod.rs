@@ -5,6 +5,7 @@
 //! Member names, types, enums, limits and error shapes follow botocore's SSM model
 //! (`botocore/data/ssm/2014-11-06/service-2.json`).
 
+mod activations;
 mod commands;
 mod documents;
 mod instances;
@@ -284,6 +285,12 @@ async fn dispatch(
         "AddTagsToResource" => tags::add_tags_to_resource(state, p, parse(body)?).await,
         "RemoveTagsFromResource" => tags::remove_tags_from_resource(state, p, parse(body)?).await,
         "ListTagsForResource" => tags::list_tags_for_resource(state, p, parse(body)?).await,
+        "CreateActivation" => activations::create_activation(state, p, parse(body)?).await,
+        "DescribeActivations" => activations::describe_activations(state, p, parse(body)?).await,
+        "DeleteActivation" => activations::delete_activation(state, p, parse(body)?).await,
+        "DeregisterManagedInstance" => {
+            activations::deregister_managed_instance(state, p, parse(body)?).await
+        }
         "DescribeSessions" => sessions::describe_sessions(state, p, parse(body)?).await,
         "TerminateSession" => sessions::terminate_session(state, p, parse(body)?).await,
         other => Err(SsmError::new(

@@ -252,3 +252,49 @@ pub struct DescribeSessionsRequest {
 pub struct TerminateSessionRequest {
     pub session_id: Option<String>,
 }
+
+/// CreateActivation's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateActivationRequest {
+    pub description: Option<String>,
+    pub default_instance_name: Option<String>,
+    pub iam_role: Option<String>,
+    pub registration_limit: Option<i64>,
+    /// Epoch seconds.
+    pub expiration_date: Option<f64>,
+    pub tags: Option<Vec<Tag>>,
+    pub registration_metadata: Option<serde_json::Value>,
+}
+
+/// A `DescribeActivationsFilter`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeActivationsFilter {
+    pub filter_key: Option<String>,
+    #[serde(default)]
+    pub filter_values: Vec<String>,
+}
+
+/// DescribeActivations' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeActivationsRequest {
+    pub filters: Option<Vec<DescribeActivationsFilter>>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+}
+
+/// DeleteActivation's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeleteActivationRequest {
+    pub activation_id: Option<String>,
+}
+
+/// DeregisterManagedInstance's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeregisterManagedInstanceRequest {
+    pub instance_id: Option<String>,
+}
