@@ -150,7 +150,7 @@ async fn bad_runs_are_refused_naming_what_is_wrong() {
     )
     .await;
     let nodes = json!({"node_ids": [a.node_id]});
-    let cases: [(&str, Value, u16, &str, &str); 9] = [
+    let cases: [(&str, Value, u16, &str, &str); 8] = [
         (
             "/v1/scripts/plain/run",
             json!({"node_ids": [a.node_id], "commands": ["rm -rf /"]}),
@@ -192,13 +192,6 @@ async fn bad_runs_are_refused_naming_what_is_wrong() {
             404,
             "ScriptNotFound",
             "no script named nope",
-        ),
-        (
-            "/v1/scripts/with-files/run",
-            nodes.clone(),
-            400,
-            "InvalidScript",
-            "has an input or an output file",
         ),
         (
             "/v1/scripts/plain/run",
