@@ -318,3 +318,55 @@ fn an_https_input_is_fetched_once_and_reaches_every_node() {
         assert_eq!(r["sha256"], sha256_hex(want.as_bytes()), "{r}");
     }
 }
+
+/// A server killed while a script runs: after its restart the result is still shipped and the
+/// dir removed; an agent killed while one runs: the invocation ends Terminated and the dir goes
+/// once the agent is back.
+#[test]
+fn restarts_mid_run_still_ship_and_clean_up() {
+    let mut server = Server::start();
+    let mut a = Agent::start(&server, "rs", &[]);
+    let node = server.node_id("rs");
+    let release = server.scratch("script-files").join("release");
+    let body = format!(
+        "touch \"$OUTPUT.started\"\n{}\necho shipped > \"$OUTPUT\"\n",
+        crate::support::wait_for_file(&release)
+    );
+    create(&server, "waits", &body, None, "r.txt");
+    let start = |server: &Server| {
+        server
+            .cli(&["scripts", "run", "waits", "--targets", "all"])
+            .ok()
+            .stdout_str()
+            .trim()
+            .to_owned()
+    };
+    let cmd = start(&server);
+    let started = dir_of(&cmd, &node).join("r.txt.started");
+    wait_until("the script to start", Duration::from_secs(20), || {
+        started.exists().then_some(())
+    });
+    server.restart();
+    std::fs::write(&release, b"go").expect("release");
+    let c = server.wait_terminal(&cmd, Duration::from_secs(60));
+    assert_eq!(c["status"], "Success", "{c}");
+    let ran = server
+        .cli(&["scripts", "results", &cmd, "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(ran["results"][0]["size"], 8, "{ran}");
+    wait_removed(&dir_of(&cmd, &node));
+
+    std::fs::remove_file(&release).expect("re-arm");
+    let cmd = start(&server);
+    let started = dir_of(&cmd, &node).join("r.txt.started");
+    wait_until("the script to start", Duration::from_secs(20), || {
+        started.exists().then_some(())
+    });
+    a.kill();
+    a.restart();
+    let c = server.wait_terminal(&cmd, Duration::from_secs(60));
+    let inv = &invocations(&c)[0];
+    assert_eq!(inv["status_details"], "Terminated", "{c}");
+    wait_removed(&dir_of(&cmd, &node));
+}

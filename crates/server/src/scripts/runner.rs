@@ -71,9 +71,15 @@ fn output_basename(output: &str) -> &str {
     output.rsplit('/').next().unwrap_or(output)
 }
 
-/// The object key of a node's result.
+/// The object key of a node's result: the output's basename, or `output` when that is not
+/// something a key may hold (a space, say).
 pub fn result_key(cmd: &CommandId, node: &NodeId, output: &str) -> String {
-    format!("results/{cmd}/{node}/{}", output_basename(output))
+    let key = format!("results/{cmd}/{node}/{}", output_basename(output));
+    if fleetrun_proto::api::check_object_key(&key).is_ok() {
+        key
+    } else {
+        format!("results/{cmd}/{node}/output")
+    }
 }
 
 /// The Run's script: the body in a subshell (its `exit` ends only it) with `INPUT` and `OUTPUT`
@@ -332,5 +338,46 @@ pub async fn janitor(state: Arc<AppState>) {
             _ = online.recv() => {}
             () = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wrapper_exports_quoted_paths_and_runs_the_body_in_a_subshell() {
+        let files = ScriptFiles {
+            input: Some("https://h.example/a/tool.tar.gz?x=1".into()),
+            output: Some("out/it's.txt".into()),
+        };
+        let w = wrap("exit 3", "/tmp/fleetrun-script-c-n", &files);
+        assert_eq!(
+            w,
+            "export INPUT='/tmp/fleetrun-script-c-n/tool.tar.gz'\n\
+             export OUTPUT='/tmp/fleetrun-script-c-n/out/it'\\''s.txt'\n(\nexit 3\n)\n"
+        );
+        let none = ScriptFiles {
+            input: None,
+            output: Some("r".into()),
+        };
+        assert!(!wrap("true", "/d", &none).contains("INPUT"));
+    }
+
+    #[test]
+    fn an_input_name_is_its_last_segment_when_plain_else_input() {
+        assert_eq!(input_name("inputs/collector.tar.gz"), "collector.tar.gz");
+        assert_eq!(input_name("s3://b/k/t.bin"), "t.bin");
+        for odd in ["https://h/", "https://h/a b", "https://h/..", "x/$(id)"] {
+            assert_eq!(input_name(odd), "input", "{odd}");
+        }
+        let cmd: CommandId = "0b5c1a8e-9d0f-4a6e-8f3e-2c1d0e9f8a7b".parse().unwrap();
+        let node: NodeId = "mi-0123456789abcdef0".parse().unwrap();
+        assert_eq!(
+            result_key(&cmd, &node, "out/logs.tar"),
+            "results/0b5c1a8e-9d0f-4a6e-8f3e-2c1d0e9f8a7b/mi-0123456789abcdef0/logs.tar"
+        );
+        assert!(result_key(&cmd, &node, "a+b=c").ends_with("/a+b=c"));
+        assert!(result_key(&cmd, &node, "dir/a b").ends_with("/output"));
     }
 }
