@@ -136,6 +136,7 @@ pub async fn put_object(
     };
     let what = format!("putting {}", target.path);
     let mut stream = open(streams, kind)?;
+    let mut held: Option<bytes::Bytes> = None;
     let mut chunks = objects
         .get(source)
         .await
@@ -150,22 +151,38 @@ pub async fn put_object(
             return Err(format!("{what}: the node's agent disconnected"));
         }
         if started && input.ready() && !ended {
-            // The next chunk, at most a frame's worth at a time.
-            match tokio::time::timeout(idle, chunks.next()).await {
-                Err(_) => return Err(format!("{what}: reading {source} timed out")),
-                Ok(Some(Ok(mut bytes))) => {
-                    let rest = bytes.split_off(bytes.len().min(STREAM_FRAME_MAX));
-                    input.push(bytes).map_err(|e| format!("{what}: {e:?}"))?;
-                    if !rest.is_empty() {
-                        let more = futures_util::stream::once(async move { Ok(rest) });
-                        chunks = more.chain(chunks).boxed();
-                    }
+            // The next frame's worth, gathered from the store's chunks (small ones would make
+            // a frame each).
+            let mut frame = bytes::BytesMut::new();
+            while frame.len() < STREAM_FRAME_MAX {
+                let chunk = match held.take() {
+                    Some(c) => c,
+                    None => match tokio::time::timeout(idle, chunks.next()).await {
+                        Err(_) => return Err(format!("{what}: reading {source} timed out")),
+                        Ok(Some(Ok(c))) => c,
+                        Ok(Some(Err(e))) => return Err(format!("{what}: reading {source}: {e}")),
+                        Ok(None) => {
+                            ended = true;
+                            break;
+                        }
+                    },
+                };
+                let room = STREAM_FRAME_MAX - frame.len();
+                if chunk.len() > room {
+                    let mut chunk = chunk;
+                    held = Some(chunk.split_off(room));
+                    frame.extend_from_slice(&chunk);
+                } else {
+                    frame.extend_from_slice(&chunk);
                 }
-                Ok(Some(Err(e))) => return Err(format!("{what}: reading {source}: {e}")),
-                Ok(None) => {
-                    ended = true;
-                    input.end().map_err(|e| format!("{what}: {e:?}"))?;
-                }
+            }
+            if !frame.is_empty() {
+                input
+                    .push(frame.freeze())
+                    .map_err(|e| format!("{what}: {e:?}"))?;
+            }
+            if ended {
+                input.end().map_err(|e| format!("{what}: {e:?}"))?;
             }
             continue;
         }
