@@ -1039,6 +1039,23 @@ pub struct ScriptRun {
     pub name: String,
     /// The version that ran.
     pub version: u64,
+    /// The output files it shipped into the object store, one per node that produced one, by
+    /// node (download with `fleetrun objects get KEY`).
+    #[serde(default)]
+    pub results: Vec<ScriptResult>,
+}
+
+/// A node's output file of a saved script run, kept as an object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScriptResult {
+    /// The node.
+    pub node_id: NodeId,
+    /// The object's key (`results/COMMAND/NODE/NAME`).
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
 }
 
 /// Checks a script's description, platform, input URI, output path and body (its name apart); the

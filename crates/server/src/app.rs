@@ -44,6 +44,8 @@ pub struct AppState {
     pub exports: crate::objects::export::Exports,
     /// Fetches saved scripts' `https://` inputs.
     pub inputs: crate::scripts::inputs::Fetcher,
+    /// Largest output file a saved script run ships back.
+    pub script_output_max: u64,
     /// Whether and how sessions are recorded.
     pub recording: crate::sessions::recording::Settings,
     /// Permits for agent handshakes in progress.
@@ -215,6 +217,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             config.script_input_ca.as_deref(),
             Default::default(),
         )?,
+        script_output_max: config.script_output_max,
         sessions: crate::sessions::live::Live::new(
             config.session_idle_timeout,
             config.session_max_duration,
@@ -253,6 +256,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     state
         .tasks
         .spawn(crate::objects::export::run(state.clone()));
+    state
+        .tasks
+        .spawn(crate::scripts::runner::janitor(state.clone()));
     state.tasks.spawn(retention::run(
         state.clone(),
         config.retention,

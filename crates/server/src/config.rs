@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub recording: crate::sessions::recording::Settings,
     /// CA certificates (PEM) trusted for `https://` script inputs besides the system's roots.
     pub script_input_ca: Option<PathBuf>,
+    /// Largest output file a saved script run ships back (5 GiB by default).
+    pub script_output_max: u64,
 }
 
 impl ServerConfig {
@@ -116,6 +118,7 @@ impl ServerConfig {
             session_max_duration: None,
             object_store: Default::default(),
             script_input_ca: None,
+            script_output_max: crate::scripts::runner::OUTPUT_MAX_DEFAULT,
             recording: Default::default(),
         }
     }

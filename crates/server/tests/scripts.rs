@@ -150,7 +150,7 @@ async fn bad_runs_are_refused_naming_what_is_wrong() {
     )
     .await;
     let nodes = json!({"node_ids": [a.node_id]});
-    let cases: [(&str, Value, u16, &str, &str); 9] = [
+    let cases: [(&str, Value, u16, &str, &str); 8] = [
         (
             "/v1/scripts/plain/run",
             json!({"node_ids": [a.node_id], "commands": ["rm -rf /"]}),
@@ -192,13 +192,6 @@ async fn bad_runs_are_refused_naming_what_is_wrong() {
             404,
             "ScriptNotFound",
             "no script named nope",
-        ),
-        (
-            "/v1/scripts/with-files/run",
-            nodes.clone(),
-            400,
-            "InvalidScript",
-            "has an input or an output file",
         ),
         (
             "/v1/scripts/plain/run",
@@ -261,4 +254,134 @@ async fn bad_runs_are_refused_naming_what_is_wrong() {
         .call(Method::GET, "/v1/commands/not-an-id/script", None, &[])
         .await;
     assert_eq!(status, 400, "{answer}");
+}
+
+/// A node's agent that lies while a script's output is shipped (more bytes than it announced,
+/// or a wrong SHA-256, or a file over the limit) fails the invocation saying so, leaves no
+/// result object, and the temp dir is still removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_agent_cannot_ship_a_bad_output() {
+    use fleetrun_proto::channel::{AgentFrame, ServerFrame};
+    use fleetrun_proto::stream::{StreamFd, StreamKind};
+    let server = TestServer::start_with(|c| c.script_output_max = 1000).await;
+    let mut a = ScriptedAgent::online(&server, "script-liar").await;
+    create_script(
+        &server,
+        "ships",
+        "echo hi > \"$OUTPUT\"",
+        json!({"output": "r.txt"}),
+    )
+    .await;
+    // (announced size, bytes sent, SHA-256 claimed, what the message says)
+    let sha_of_ten = hex::encode(<sha2::Sha256 as sha2::Digest>::digest([7u8; 10]));
+    let cases = [
+        (10, 10, "0".repeat(64), "the node said"),
+        (10, 20, sha_of_ten.clone(), "the node said"),
+        (5000, 0, sha_of_ten, "more than the 1000"),
+    ];
+    for (announced, sent, sha, want) in cases {
+        let (status, cmd) = run(
+            &server,
+            "/v1/scripts/ships/run",
+            json!({"node_ids": [a.node_id]}),
+        )
+        .await;
+        assert_eq!(status, 201, "{cmd}");
+        let id = cmd["command_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("command id");
+        // The dir is made by a helper command.
+        let (mk, command) = a
+            .expect("the mkdir stream", |f| match f {
+                ServerFrame::StreamOpen {
+                    stream,
+                    kind: StreamKind::Exec { command, .. },
+                    ..
+                } => Some((stream, command)),
+                _ => None,
+            })
+            .await;
+        assert!(command.contains("mkdir -m 0700"), "{command}");
+        a.exit_stream(mk, 0).await;
+        let delivered = a.expect_run().await;
+        assert!(
+            delivered.script.contains("export OUTPUT="),
+            "{}",
+            delivered.script
+        );
+        a.started(&id).await;
+        a.finished(&id, 0, 0).await;
+        let check = a
+            .expect("the output check", |f| match f {
+                ServerFrame::StreamOpen {
+                    stream,
+                    kind: StreamKind::Exec { .. },
+                    ..
+                } => Some(stream),
+                _ => None,
+            })
+            .await;
+        a.exit_stream(check, 0).await;
+        let get = a
+            .expect("the output get", |f| match f {
+                ServerFrame::StreamOpen {
+                    stream,
+                    kind: StreamKind::FileGet { .. },
+                    ..
+                } => Some(stream),
+                _ => None,
+            })
+            .await;
+        a.send(AgentFrame::StreamFileInfo {
+            stream: get,
+            offset: 0,
+            size: announced,
+            mode: 0o644,
+        })
+        .await;
+        if sent > 0 {
+            a.send(AgentFrame::StreamData {
+                stream: get,
+                fd: StreamFd::Stdout,
+                bytes: vec![7; sent],
+            })
+            .await;
+            a.send(AgentFrame::StreamFileDone {
+                stream: get,
+                sha256: sha,
+            })
+            .await;
+            a.send(AgentFrame::StreamClose {
+                stream: get,
+                error: None,
+            })
+            .await;
+        }
+        // Then the dir is removed.
+        let rm = a
+            .expect("the rm stream", |f| match f {
+                ServerFrame::StreamOpen {
+                    stream,
+                    kind: StreamKind::Exec { command, .. },
+                    ..
+                } if command.starts_with("rm -rf") => Some(stream),
+                _ => None,
+            })
+            .await;
+        a.exit_stream(rm, 0).await;
+        let done = server.wait_terminal(&id, Duration::from_secs(30)).await;
+        assert_eq!(done["status"], "Failed", "{done}");
+        let invs = server.get(&format!("/v1/commands/{id}/invocations")).await;
+        let why = invs[0]["message"].as_str().unwrap_or_default();
+        assert!(why.contains(want), "{want}: {why}");
+        let ran = server.get(&format!("/v1/commands/{id}/script")).await;
+        assert_eq!(ran["results"], json!([]), "{ran}");
+        let db = server.store().await;
+        let left = db
+            .list_objects(&format!("results/{id}/"), None, 10)
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
 }

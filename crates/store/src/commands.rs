@@ -71,6 +71,24 @@ pub struct CommandExtras {
     pub ended: Vec<(NodeId, Finish)>,
     /// The saved script (name, version) it runs.
     pub script: Option<(String, i64)>,
+    /// The script's input URI and output path, when it has them.
+    pub script_files: ScriptFiles,
+}
+
+/// A saved script run's files, as recorded with its command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScriptFiles {
+    /// Where the input comes from (an object key, `s3://` or `https://`).
+    pub input: Option<String>,
+    /// The output file's path as the script names it (its basename is what counts).
+    pub output: Option<String>,
+}
+
+impl ScriptFiles {
+    /// Whether the run moves any file.
+    pub fn any(&self) -> bool {
+        self.input.is_some() || self.output.is_some()
+    }
 }
 
 /// A command to create, with its resolved targets.
@@ -314,12 +332,16 @@ impl Store {
             finish_invocations(&mut tx, &c.command_id, &extras.ended).await?;
         }
         if let Some((name, version)) = &extras.script {
-            sqlx::query("INSERT INTO script_runs (command_id, name, version) VALUES (?, ?, ?)")
-                .bind(c.command_id.as_str())
-                .bind(name)
-                .bind(version)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO script_runs (command_id, name, version, input_uri, output_path) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(c.command_id.as_str())
+            .bind(name)
+            .bind(version)
+            .bind(extras.script_files.input.as_deref())
+            .bind(extras.script_files.output.as_deref())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())

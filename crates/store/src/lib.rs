@@ -21,7 +21,7 @@ mod writer;
 pub use audit::AuditEntry;
 pub use commands::{
     CommandCursor, CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError,
-    InvocationRow, NewCommand, OutputState, S3Output, Tally, Totals,
+    InvocationRow, NewCommand, OutputState, S3Output, ScriptFiles, Tally, Totals,
 };
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
@@ -29,7 +29,10 @@ pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
-pub use scripts::{SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite};
+pub use scripts::{
+    SCRIPT_NODES_BATCH, SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptNodeDir,
+    ScriptRow, ScriptWrite,
+};
 pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd, SessionQuery, SessionState};
 pub use ssm::{CommandMeta, CommandQuery};
 

@@ -232,6 +232,116 @@ impl Store {
             .await?;
         Ok(row.map(|r| (r.get("name"), r.get("version"))))
     }
+
+    /// The files of the script run a command is, when it has an input or an output.
+    pub async fn script_files(
+        &self,
+        command_id: &fleetrun_proto::CommandId,
+    ) -> Result<Option<crate::ScriptFiles>> {
+        let row =
+            sqlx::query("SELECT input_uri, output_path FROM script_runs WHERE command_id = ?")
+                .bind(command_id.as_str())
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(row
+            .map(|r| crate::ScriptFiles {
+                input: r.get("input_uri"),
+                output: r.get("output_path"),
+            })
+            .filter(crate::ScriptFiles::any))
+    }
+
+    /// Records the temp dir made on a node for a script run (phase `made`), before anything
+    /// goes into it, so it is removed even if the server stops next.
+    pub async fn script_node_made(
+        &self,
+        command_id: &fleetrun_proto::CommandId,
+        node_id: &fleetrun_proto::NodeId,
+        dir: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO script_run_nodes (command_id, node_id, dir, phase) VALUES (?, ?, ?, 'made')
+             ON CONFLICT (command_id, node_id) DO UPDATE SET dir = excluded.dir, phase = 'made'",
+        )
+        .bind(command_id.as_str())
+        .bind(node_id.as_str())
+        .bind(dir)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// The temp dir of a node's script run and its phase.
+    pub async fn script_node(
+        &self,
+        command_id: &fleetrun_proto::CommandId,
+        node_id: &fleetrun_proto::NodeId,
+    ) -> Result<Option<ScriptNodeDir>> {
+        let row = sqlx::query(
+            "SELECT command_id, node_id, dir, phase FROM script_run_nodes WHERE command_id = ? AND node_id = ?",
+        )
+        .bind(command_id.as_str())
+        .bind(node_id.as_str())
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.as_ref().and_then(script_node_row))
+    }
+
+    /// A node's script run temp dir was removed.
+    pub async fn script_node_removed(
+        &self,
+        command_id: &fleetrun_proto::CommandId,
+        node_id: &fleetrun_proto::NodeId,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE script_run_nodes SET phase = 'removed' WHERE command_id = ? AND node_id = ?",
+        )
+        .bind(command_id.as_str())
+        .bind(node_id.as_str())
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Temp dirs still on nodes whose invocation has ended (so nothing uses them any more), at
+    /// most [`SCRIPT_NODES_BATCH`].
+    pub async fn script_nodes_to_clean(&self) -> Result<Vec<ScriptNodeDir>> {
+        let rows = sqlx::query(
+            "SELECT s.command_id, s.node_id, s.dir, s.phase FROM script_run_nodes s
+             JOIN invocations i ON i.command_id = s.command_id AND i.node_id = s.node_id
+             WHERE s.phase = 'made' AND i.status IN ('Success', 'Failed', 'TimedOut', 'Cancelled')
+             LIMIT ?",
+        )
+        .bind(SCRIPT_NODES_BATCH)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().filter_map(script_node_row).collect())
+    }
+}
+
+/// Most temp dirs one cleanup pass looks at.
+pub const SCRIPT_NODES_BATCH: i64 = 100;
+
+/// A script run's temp dir on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScriptNodeDir {
+    /// The command.
+    pub command_id: fleetrun_proto::CommandId,
+    /// The node.
+    pub node_id: fleetrun_proto::NodeId,
+    /// The dir's absolute path on the node.
+    pub dir: String,
+    /// `made` or `removed`.
+    pub phase: String,
+}
+
+fn script_node_row(r: &SqliteRow) -> Option<ScriptNodeDir> {
+    Some(ScriptNodeDir {
+        command_id: r.get::<String, _>("command_id").parse().ok()?,
+        node_id: r.get::<String, _>("node_id").parse().ok()?,
+        dir: r.get("dir"),
+        phase: r.get("phase"),
+    })
 }
 
 #[cfg(test)]

@@ -160,6 +160,18 @@ async fn results(ctx: &Ctx, args: ResultsArgs) -> anyhow::Result<ExitCode> {
             "command {} ran script {} version {}\n",
             ran.command_id, ran.name, ran.version
         ))?;
+        if !ran.results.is_empty() {
+            let mut t = render::table(&["NODE", "KEY", "SIZE", "SHA-256"]);
+            for r in &ran.results {
+                t.add_row(vec![
+                    r.node_id.to_string(),
+                    r.key.clone(),
+                    render::bytes(r.size),
+                    r.sha256.clone(),
+                ]);
+            }
+            render::print_table(&t)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

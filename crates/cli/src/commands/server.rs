@@ -118,6 +118,9 @@ pub struct Args {
     /// CA certificates (PEM) to trust, besides the system's, for saved scripts' https:// inputs
     #[arg(long, value_name = "FILE")]
     script_input_ca: Option<PathBuf>,
+    /// Largest output file a saved script run ships back into the object store, in bytes [default: 5 GiB]
+    #[arg(long, value_name = "BYTES")]
+    script_output_max: Option<u64>,
     /// Longest wait for a request head, also between requests on a kept-alive connection [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     header_read_timeout: Option<Duration>,
@@ -208,6 +211,7 @@ struct ServerFile {
     session_max_duration: Option<String>,
     object_store: Option<super::object_store::ObjectStoreFile>,
     script_input_ca: Option<PathBuf>,
+    script_output_max: Option<u64>,
     session_recording: Option<bool>,
     record_input: Option<bool>,
     /// "close" or "continue".
@@ -370,6 +374,10 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         rate_limit,
         secrets_key_file: args.secrets_key_file.or(file.secrets_key_file),
         script_input_ca: args.script_input_ca.or(file.script_input_ca),
+        script_output_max: args
+            .script_output_max
+            .or(file.script_output_max)
+            .unwrap_or(fleetrun_server::scripts::runner::OUTPUT_MAX_DEFAULT),
         header_read_timeout,
         body_read_timeout,
         agent_handshake_timeout,
@@ -524,6 +532,7 @@ mod tests {
             rate_limit: None,
             secrets_key_file: None,
             script_input_ca: None,
+            script_output_max: None,
             header_read_timeout: None,
             body_read_timeout: None,
             agent_handshake_timeout: None,

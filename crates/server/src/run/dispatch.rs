@@ -13,7 +13,7 @@ use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::status::details;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
-use fleetrun_store::{CommandRow, Finish, StoreError, Tally};
+use fleetrun_store::{CommandRow, Finish, ScriptFiles, StoreError, Tally};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -40,6 +40,9 @@ struct Handle {
 #[derive(Default)]
 pub struct Dispatchers {
     running: Mutex<HashMap<CommandId, Handle>>,
+    /// Woken when invocations end: saved script runs' temp dirs may be removed
+    /// (`scripts::runner::janitor`).
+    pub cleanup: tokio::sync::Notify,
 }
 
 impl Dispatchers {
@@ -107,6 +110,10 @@ struct Dispatcher {
     stopped: Option<(InvocationStatus, &'static str)>,
     delivery_deadline: Instant,
     expiry: Instant,
+    /// A saved script run's input and output: each node is prepared before its Run.
+    files: Option<ScriptFiles>,
+    /// That run's input, staged once for all its nodes.
+    inputs: Arc<crate::scripts::runner::Inputs>,
 }
 
 impl Dispatcher {
@@ -117,6 +124,7 @@ impl Dispatcher {
     ) -> Result<Self, StoreError> {
         let online = state.hub.subscribe_online();
         let invocations = state.store.invocation_rows(&row.command_id).await?;
+        let files = state.store.script_files(&row.command_id).await?;
         let spec = &row.spec;
         let targets = row.target_count;
         // At least one in flight, whatever a percentage of few targets rounds to.
@@ -149,6 +157,8 @@ impl Dispatcher {
             stopped: None,
             delivery_deadline: at(delivery_end),
             expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + state.result_grace,
+            files,
+            inputs: Arc::default(),
             state,
         };
         for inv in invocations {
@@ -334,6 +344,20 @@ impl Dispatcher {
             .mark_delivered(&self.cmd, &batch, now_ms())
             .await?;
         for node in batch {
+            if let Some(files) = &self.files {
+                // Its dir and input first (a task: they may take a while); then its Run.
+                self.in_flight.insert(node.clone());
+                let prepare = Prepare {
+                    state: self.state.clone(),
+                    cmd: self.cmd.clone(),
+                    node,
+                    files: files.clone(),
+                    inputs: self.inputs.clone(),
+                    run: run.clone(),
+                };
+                self.state.tasks.spawn(prepare.run());
+                continue;
+            }
             if self.state.hub.send(&node, ServerFrame::Run(run.clone())) {
                 self.in_flight.insert(node);
             } else {
@@ -491,6 +515,110 @@ impl Dispatcher {
             .store
             .set_command_status(&self.cmd, status, why)
             .await
+    }
+}
+
+/// A node of a saved script run with files, made ready for its Run and then sent it.
+struct Prepare {
+    state: Arc<AppState>,
+    cmd: CommandId,
+    node: NodeId,
+    files: ScriptFiles,
+    inputs: Arc<crate::scripts::runner::Inputs>,
+    run: RunRequest,
+}
+
+impl Prepare {
+    async fn run(self) {
+        let shutdown = self.state.shutdown.clone();
+        // At shutdown the delivery stays recorded: the agent does not know it when it reconnects,
+        // so it is delivered (and prepared) again.
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            r = self.go() => if let Err(e) = r {
+                tracing::error!("a script run's preparation stopped on a storage error: {e}");
+            },
+        }
+    }
+
+    async fn go(&self) -> Result<(), StoreError> {
+        let Prepare {
+            state, cmd, node, ..
+        } = self;
+        let prepared = crate::scripts::runner::prepare(
+            state,
+            &self.inputs,
+            cmd,
+            node,
+            &self.files,
+            &self.run.script,
+            self.run.run_as.clone(),
+        )
+        .await;
+        let script = match prepared {
+            Ok(s) if s.len() > SCRIPT_MAX => Err(format!(
+                "not delivered: the script with its input and output is {} bytes; the limit is {SCRIPT_MAX}",
+                s.len()
+            )),
+            r => r,
+        };
+        let status = self.status().await?;
+        if status.is_none_or(|s| s.is_terminal()) {
+            // Ended meanwhile (expired, cancelled): its dir goes with the other ended ones.
+            state.dispatchers.cleanup.notify_one();
+            return Ok(());
+        }
+        let end = |status, why, message: &str| {
+            vec![(
+                node.clone(),
+                Finish::without_running(status, why, now_ms(), message),
+            )]
+        };
+        if status == Some(InvocationStatus::Cancelling) {
+            let ends = end(
+                InvocationStatus::Cancelled,
+                details::CANCELLED,
+                "cancelled before it started",
+            );
+            Ender::of(state).end(cmd, ends).await?;
+            return Ok(());
+        }
+        let script = match script {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::info!(%cmd, %node, "script run not started: {why}");
+                let ends = end(InvocationStatus::Failed, details::FAILED, &why);
+                Ender::of(state).end(cmd, ends).await?;
+                return Ok(());
+            }
+        };
+        let run = RunRequest {
+            script,
+            ..self.run.clone()
+        };
+        if !state.hub.send(node, ServerFrame::Run(run)) {
+            state.store.mark_undelivered(cmd, node).await?;
+            state
+                .dispatchers
+                .send(cmd, DispatchMsg::Undelivered(node.clone()));
+        } else if self.status().await? == Some(InvocationStatus::Cancelling) {
+            // A cancel that came while the Run was on its way: sent again after it.
+            state.hub.send(
+                node,
+                ServerFrame::Cancel {
+                    command_id: cmd.clone(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> Result<Option<InvocationStatus>, StoreError> {
+        let rows = self.state.store.invocation_rows(&self.cmd).await?;
+        Ok(rows
+            .into_iter()
+            .find(|r| r.node_id == self.node)
+            .map(|r| r.status))
     }
 }
 

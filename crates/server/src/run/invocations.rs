@@ -82,6 +82,7 @@ impl<'a> Ender<'a> {
             .map(|(n, f)| (n.clone(), f.is_error()))
             .collect();
         self.dispatchers.send(cmd, DispatchMsg::Ended(msg));
+        self.dispatchers.cleanup.notify_one();
         self.dispatchers.bump(cmd);
         Ok(ended)
     }

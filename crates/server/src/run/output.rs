@@ -368,7 +368,9 @@ async fn run_actor(
                 for p in pipes.iter_mut() {
                     flush(sink, &cmd, &node, p).await;
                 }
-                let finish = finish_from_result(&result);
+                let mut finish = finish_from_result(&result);
+                // A saved script's output file is shipped before the result is stored.
+                crate::scripts::runner::on_result(&state, &cmd, &node, &mut finish).await;
                 match Ender::of(&state).end_from_actor(&cmd, &node, finish).await {
                     Ok(_) => {
                         state.hub.send(

@@ -41,6 +41,8 @@ pub struct SendOptions {
     pub platform: Option<String>,
     /// The saved script (name, version) the command runs, recorded with it.
     pub script: Option<(String, i64)>,
+    /// The saved script's input and output, recorded with it (the dispatcher moves them).
+    pub script_files: fleetrun_store::ScriptFiles,
 }
 
 /// An idempotency key as a send gets it from its API.
@@ -377,6 +379,7 @@ async fn persist_and_dispatch(
             None => Vec::new(),
         },
         script: opts.script.clone(),
+        script_files: opts.script_files.clone(),
     };
     match state.store.insert_command_with(&new, &extras).await {
         Ok(()) => {}

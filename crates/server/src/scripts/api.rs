@@ -17,7 +17,8 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use fleetrun_proto::CommandId;
 use fleetrun_proto::api::{
-    CreateScript, Script, ScriptRun, SendCommand, UpdateScript, check_script, check_script_name,
+    CreateScript, Script, ScriptResult, ScriptRun, SendCommand, UpdateScript, check_script,
+    check_script_name,
 };
 use fleetrun_proto::time::rfc3339;
 use fleetrun_store::{SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptRow, ScriptWrite};
@@ -318,15 +319,6 @@ pub async fn run(
         }
     }
     let script = load(&state, &name, version).await?;
-    if script.input_uri.is_some() || script.output_path.is_some() {
-        return Err(ApiError::new(
-            Code::InvalidScript,
-            format!(
-                "script {name} version {} has an input or an output file; running those is not supported yet",
-                script.version
-            ),
-        ));
-    }
     let idempotency = crate::api::commands::idempotency_key(&headers)?.map(|key| Idempotency {
         key: format!("native-script:{key}"),
         request_hash: crate::run::send::request_hash(&(&name, script.version, &req)),
@@ -336,6 +328,10 @@ pub async fn run(
         idempotency,
         platform: Some(script.platform.clone()),
         script: Some((name.clone(), script.version)),
+        script_files: fleetrun_store::ScriptFiles {
+            input: script.input_uri.clone(),
+            output: script.output_path.clone(),
+        },
         ..SendOptions::default()
     };
     let sent = crate::run::send::send_command(&state, &p, req, opts).await?;
@@ -366,9 +362,37 @@ pub async fn of_command(
             format!("command {id} did not run a saved script"),
         )
     })?;
+    // At most one result per node; a command has at most the send's target limit of nodes.
+    let prefix = format!("results/{id}/");
+    let mut results = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .list_objects(&prefix, after.as_deref(), fleetrun_store::OBJECTS_PAGE_MAX)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for o in page {
+            let node = o
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|n| n.parse().ok());
+            if let Some(node_id) = node {
+                results.push(ScriptResult {
+                    node_id,
+                    key: o.key,
+                    size: o.size,
+                    sha256: o.sha256,
+                });
+            }
+        }
+    }
     Ok(Json(ScriptRun {
         command_id: id,
         name,
         version: version.max(0) as u64,
+        results,
     }))
 }

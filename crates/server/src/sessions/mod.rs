@@ -3,7 +3,8 @@
 //! agent side); [`exec`] relays a one-shot command to a client's WebSocket; [`forward`] carries
 //! a port forward's TCP connections, one data WebSocket each; [`files`] puts and gets files; [`live`] holds the running ones
 //! (terminate, timeouts); [`api`] lists, shows and terminates their records and serves their
-//! recordings, which [`recording`] writes.
+//! recordings, which [`recording`] writes. [`transfer`] drives streams from the server itself
+//! (a saved script run's helper commands and files).
 
 pub mod api;
 pub mod exec;
@@ -12,3 +13,4 @@ pub mod forward;
 pub mod live;
 pub mod recording;
 pub mod streams;
+pub mod transfer;

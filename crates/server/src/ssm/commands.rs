@@ -202,6 +202,7 @@ pub async fn send_command(
         idempotency,
         platform: None,
         script: None,
+        script_files: Default::default(),
     };
     let cmd = crate::run::send::send_command(state, p, send, opts)
         .await
