@@ -8,6 +8,7 @@
 mod commands;
 mod documents;
 mod instances;
+mod params;
 mod shapes;
 
 use crate::AppState;
@@ -275,6 +276,14 @@ async fn dispatch(
         "UpdateDocumentDefaultVersion" => {
             documents::update_document_default_version(state, p, parse(body)?).await
         }
+        "PutParameter" => params::put_parameter(state, p, parse(body)?).await,
+        "GetParameter" => params::get_parameter(state, p, parse(body)?).await,
+        "GetParameters" => params::get_parameters(state, p, parse(body)?).await,
+        "GetParametersByPath" => params::get_parameters_by_path(state, p, parse(body)?).await,
+        "DeleteParameter" => params::delete_parameter(state, p, parse(body)?).await,
+        "DeleteParameters" => params::delete_parameters(state, p, parse(body)?).await,
+        "DescribeParameters" => params::describe_parameters(state, p, parse(body)?).await,
+        "GetParameterHistory" => params::get_parameter_history(state, p, parse(body)?).await,
         other => Err(SsmError::new(
             Code::UnknownOperation,
             format!("operation {other} is not supported by fleetrun"),
