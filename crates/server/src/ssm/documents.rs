@@ -2,24 +2,13 @@
 //! UpdateDocumentDefaultVersion: Command documents in JSON (see crate::run::document).
 
 use super::shapes::*;
-use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token};
+use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token, required};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
 use crate::run::document::{self, Loaded, OWNER_AMAZON, default_text};
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-fn required(value: Option<String>, member: &str) -> Result<String, SsmError> {
-    value.ok_or_else(|| {
-        SsmError::new(
-            Code::Validation,
-            format!(
-                "1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"
-            ),
-        )
-    })
-}
 
 /// Only JSON content: YAML and TEXT are refused, naming what to do instead.
 fn check_format(format: Option<&str>, code: Code) -> Result<(), SsmError> {

@@ -305,6 +305,15 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, SsmError> {
     })
 }
 
+/// A member SSM's model requires: its value, else the validation error SSM gives for a null.
+fn required<T>(value: Option<T>, member: &str) -> Result<T, SsmError> {
+    value.ok_or_else(|| {
+        SsmError::validation(format!(
+            "1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"
+        ))
+    })
+}
+
 /// Epoch seconds, as the JSON protocol sends timestamps.
 fn epoch(ms: i64) -> Value {
     json!(ms as f64 / 1000.0)

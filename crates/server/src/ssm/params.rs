@@ -9,7 +9,7 @@
 //! it); otherwise its sealed bytes come back, base64-encoded, as SSM answers with its ciphertext.
 
 use super::shapes::*;
-use super::{SsmError, SsmResult, check_max_results, epoch};
+use super::{SsmError, SsmResult, check_max_results, epoch, required};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
@@ -39,14 +39,6 @@ fn validation(message: String) -> SsmError {
         Code::Validation,
         format!("1 validation error detected: {message}"),
     )
-}
-
-fn required<T>(value: Option<T>, member: &str) -> Result<T, SsmError> {
-    value.ok_or_else(|| {
-        validation(format!(
-            "Value null at '{member}' failed to satisfy constraint: Member must not be null"
-        ))
-    })
 }
 
 /// A name as stored: checked against fleetrun's (and SSM's) name rules.
