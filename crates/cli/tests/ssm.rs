@@ -64,6 +64,29 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
     );
     let team_key = team_key.json();
 
+    // A viewer (reads everything, uses no parameter) for the Parameter Store's refusals.
+    let viewer = server.post_json(
+        "/v1/users",
+        &serde_json::json!({"name": "param-viewer", "role": "viewer"}),
+    );
+    assert_eq!(
+        viewer.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&viewer.body)
+    );
+    let viewer_key = server.post_json(
+        "/v1/access-keys",
+        &serde_json::json!({"name": "viewer", "user": "param-viewer"}),
+    );
+    assert_eq!(
+        viewer_key.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&viewer_key.body)
+    );
+    let viewer_key = viewer_key.json();
+
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ssm/scenarios.py");
     let out = Command::new(venv.join("bin").join("python"))
         .arg(&script)
@@ -95,10 +118,22 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
             "TEAM_SECRET",
             team_key["secret_access_key"].as_str().unwrap_or_default(),
         )
+        .env(
+            "VIEWER_KEY_ID",
+            viewer_key["access_key_id"].as_str().unwrap_or_default(),
+        )
+        .env(
+            "VIEWER_SECRET",
+            viewer_key["secret_access_key"].as_str().unwrap_or_default(),
+        )
         .env("AWS_DEFAULT_REGION", "eu-west-1")
         .env("AWS_CONFIG_FILE", "/dev/null")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
         .env_remove("AWS_PROFILE")
+        .env(
+            "FLEETRUN_SSM_ONLY",
+            std::env::var("FLEETRUN_SSM_ONLY").unwrap_or_default(),
+        )
         .env_remove("AWS_ENDPOINT_URL")
         .output()
         .expect("run scenarios.py");

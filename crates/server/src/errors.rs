@@ -144,6 +144,20 @@ pub enum Code {
     ParameterLimitExceeded,
     /// No such parameter.
     ParameterNotFound,
+    /// A parameter of that name exists (a put without overwrite).
+    ParameterAlreadyExists,
+    /// A parameter version (selector) that does not exist.
+    ParameterVersionNotFound,
+    /// A parameter value that does not match the parameter's allowed pattern.
+    ParameterPatternMismatch,
+    /// An allowed pattern that is not a valid regular expression (or too large).
+    InvalidAllowedPattern,
+    /// A KMS key id other than the one fleetrun seals with (`alias/aws/ssm`).
+    InvalidKeyId,
+    /// A parameter name with more than 15 levels of hierarchy.
+    HierarchyLevelLimitExceeded,
+    /// A listing filter option that is not valid for its key.
+    InvalidFilterOption,
     /// No such document (a route's own resource).
     DocumentNotFound,
     /// A document a request names that does not exist or cannot be used (a send's).
@@ -176,7 +190,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 76] = [
+    pub const ALL: [Code; 83] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -239,6 +253,13 @@ impl Code {
         Code::ParameterValueTooLarge,
         Code::ParameterLimitExceeded,
         Code::ParameterNotFound,
+        Code::ParameterAlreadyExists,
+        Code::ParameterVersionNotFound,
+        Code::ParameterPatternMismatch,
+        Code::InvalidAllowedPattern,
+        Code::InvalidKeyId,
+        Code::HierarchyLevelLimitExceeded,
+        Code::InvalidFilterOption,
         Code::DocumentNotFound,
         Code::InvalidDocument,
         Code::InvalidDocumentVersion,
@@ -320,6 +341,13 @@ impl Code {
             Code::ParameterValueTooLarge => StatusCode::BAD_REQUEST,
             Code::ParameterLimitExceeded => StatusCode::BAD_REQUEST,
             Code::ParameterNotFound => StatusCode::NOT_FOUND,
+            Code::ParameterAlreadyExists => StatusCode::CONFLICT,
+            Code::ParameterVersionNotFound => StatusCode::NOT_FOUND,
+            Code::ParameterPatternMismatch => StatusCode::BAD_REQUEST,
+            Code::InvalidAllowedPattern => StatusCode::BAD_REQUEST,
+            Code::InvalidKeyId => StatusCode::BAD_REQUEST,
+            Code::HierarchyLevelLimitExceeded => StatusCode::BAD_REQUEST,
+            Code::InvalidFilterOption => StatusCode::BAD_REQUEST,
             Code::DocumentNotFound => StatusCode::NOT_FOUND,
             Code::InvalidDocument => StatusCode::BAD_REQUEST,
             Code::InvalidDocumentVersion => StatusCode::BAD_REQUEST,
@@ -402,6 +430,13 @@ impl Code {
             Code::ParameterValueTooLarge => "ParameterValueTooLarge",
             Code::ParameterLimitExceeded => "ParameterLimitExceeded",
             Code::ParameterNotFound => "ParameterNotFound",
+            Code::ParameterAlreadyExists => "ParameterAlreadyExists",
+            Code::ParameterVersionNotFound => "ParameterVersionNotFound",
+            Code::ParameterPatternMismatch => "ParameterPatternMismatch",
+            Code::InvalidAllowedPattern => "InvalidAllowedPattern",
+            Code::InvalidKeyId => "InvalidKeyId",
+            Code::HierarchyLevelLimitExceeded => "HierarchyLevelLimitExceeded",
+            Code::InvalidFilterOption => "InvalidFilterOption",
             Code::DocumentNotFound => "InvalidDocument",
             Code::InvalidDocument => "InvalidDocument",
             Code::InvalidDocumentVersion => "InvalidDocumentVersion",
@@ -484,6 +519,13 @@ impl Code {
             Code::ParameterValueTooLarge => "ValidationException",
             Code::ParameterLimitExceeded => "ParameterLimitExceeded",
             Code::ParameterNotFound => "ParameterNotFound",
+            Code::ParameterAlreadyExists => "ParameterAlreadyExists",
+            Code::ParameterVersionNotFound => "ParameterVersionNotFound",
+            Code::ParameterPatternMismatch => "ParameterPatternMismatchException",
+            Code::InvalidAllowedPattern => "InvalidAllowedPatternException",
+            Code::InvalidKeyId => "InvalidKeyId",
+            Code::HierarchyLevelLimitExceeded => "HierarchyLevelLimitExceededException",
+            Code::InvalidFilterOption => "InvalidFilterOption",
             Code::DocumentNotFound => "InvalidDocument",
             Code::InvalidDocument => "InvalidDocument",
             Code::InvalidDocumentVersion => "InvalidDocumentVersion",
@@ -716,7 +758,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 76] = [
+    const TABLE: [(Code, u16, &str, &str); 83] = [
         (
             Code::InvalidRequest,
             400,
@@ -1048,6 +1090,43 @@ mod tests {
             404,
             "ParameterNotFound",
             "ParameterNotFound",
+        ),
+        (
+            Code::ParameterAlreadyExists,
+            409,
+            "ParameterAlreadyExists",
+            "ParameterAlreadyExists",
+        ),
+        (
+            Code::ParameterVersionNotFound,
+            404,
+            "ParameterVersionNotFound",
+            "ParameterVersionNotFound",
+        ),
+        (
+            Code::ParameterPatternMismatch,
+            400,
+            "ParameterPatternMismatch",
+            "ParameterPatternMismatchException",
+        ),
+        (
+            Code::InvalidAllowedPattern,
+            400,
+            "InvalidAllowedPattern",
+            "InvalidAllowedPatternException",
+        ),
+        (Code::InvalidKeyId, 400, "InvalidKeyId", "InvalidKeyId"),
+        (
+            Code::HierarchyLevelLimitExceeded,
+            400,
+            "HierarchyLevelLimitExceeded",
+            "HierarchyLevelLimitExceededException",
+        ),
+        (
+            Code::InvalidFilterOption,
+            400,
+            "InvalidFilterOption",
+            "InvalidFilterOption",
         ),
         (
             Code::DocumentNotFound,

@@ -27,7 +27,7 @@ pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, Ve
 pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
-pub use params::{PARAMS_MAX, ParamRow, Put, StoredValue};
+pub use params::{NewParam, PARAM_VERSIONS_MAX, PARAMS_MAX, ParamRow, Put, StoredValue};
 pub use principals::{UserError, UserRow, token_id};
 pub use scripts::{
     SCRIPT_NODES_BATCH, SCRIPT_VERSIONS_MAX, SCRIPTS_MAX, SCRIPTS_PAGE_MAX, ScriptNodeDir,

@@ -17,13 +17,19 @@ pub enum StoredValue {
     Sealed(Vec<u8>, Vec<u8>),
 }
 
-/// A stored parameter.
+/// A stored parameter (or one of its versions).
 #[derive(Clone)]
 pub struct ParamRow {
     /// Name.
     pub name: String,
     /// Value.
     pub value: StoredValue,
+    /// Whether a plain value is a StringList (comma-separated items).
+    pub list: bool,
+    /// Description ('' when none).
+    pub description: String,
+    /// The pattern its values must match ('' when any).
+    pub allowed_pattern: String,
     /// Version.
     pub version: i64,
     /// Epoch ms.
@@ -34,12 +40,39 @@ pub struct ParamRow {
 
 // No Debug: a row may hold a secret (sealed, but still nothing for logs).
 
+/// Versions kept per parameter (SSM's): a put past them drops the oldest.
+pub const PARAM_VERSIONS_MAX: i64 = 100;
+
+/// A put: the new value and what goes with it.
+pub struct NewParam<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Value, sealed when secure.
+    pub value: &'a StoredValue,
+    /// A StringList.
+    pub list: bool,
+    /// The description; None keeps the current one.
+    pub description: Option<&'a str>,
+    /// The allowed pattern; None keeps the current one.
+    pub allowed_pattern: Option<&'a str>,
+    /// Replace an existing parameter (else [`Put::Exists`]).
+    pub overwrite: bool,
+    /// Epoch ms.
+    pub at: i64,
+    /// Principal.
+    pub by: &'a str,
+}
+
 /// Outcome of a put.
 pub enum Put {
     /// Stored as this version.
     Ok(i64),
     /// New and there are [`PARAMS_MAX`] parameters.
     LimitExceeded,
+    /// It exists and the put did not say overwrite.
+    Exists,
+    /// The value does not match the pattern that applies (the one given, else the current one).
+    PatternMismatch(String),
 }
 
 fn param_row(r: &SqliteRow) -> ParamRow {
@@ -54,58 +87,154 @@ fn param_row(r: &SqliteRow) -> ParamRow {
         } else {
             StoredValue::Plain(r.get("value"))
         },
+        list: r.get("list"),
+        description: r.get("description"),
+        allowed_pattern: r.get("allowed_pattern"),
         version: r.get("version"),
         updated_at: r.get("updated_at"),
         updated_by: r.get("updated_by"),
     }
 }
 
+/// The upper bound of the names that start with `prefix`: names are printable ASCII (below `\x7f`),
+/// so each of them sorts in `[prefix, prefix + "\x7f")`.
+fn prefix_end(prefix: &str) -> String {
+    format!("{prefix}\u{7f}")
+}
+
 impl Store {
-    /// Creates or replaces a parameter, one version up.
+    /// Creates or replaces a parameter, one version up, and keeps the version in its history.
+    /// `matches(value pattern)` decides whether the value fits the pattern that applies (the one
+    /// given, else the current one; '' for none), inside the same transaction.
     pub async fn put_param(
         &self,
-        name: &str,
-        value: &StoredValue,
-        at: i64,
-        by: &str,
+        p: &NewParam<'_>,
+        matches: impl FnOnce(&str) -> bool,
     ) -> Result<Put> {
         let mut tx = self.write.begin().await?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT version FROM params WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if current.is_none() {
-            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM params")
-                .fetch_one(&mut *tx)
+        let current =
+            sqlx::query("SELECT version, description, allowed_pattern FROM params WHERE name = ?")
+                .bind(p.name)
+                .fetch_optional(&mut *tx)
                 .await?;
-            if count >= PARAMS_MAX {
-                return Ok(Put::LimitExceeded);
+        let (current_version, description, pattern) = match &current {
+            Some(r) => {
+                if !p.overwrite {
+                    return Ok(Put::Exists);
+                }
+                (
+                    Some(r.get::<i64, _>("version")),
+                    r.get::<String, _>("description"),
+                    r.get::<String, _>("allowed_pattern"),
+                )
             }
+            None => {
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM params")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if count >= PARAMS_MAX {
+                    return Ok(Put::LimitExceeded);
+                }
+                (None, String::new(), String::new())
+            }
+        };
+        let description = p.description.map_or(description, str::to_owned);
+        let pattern = p.allowed_pattern.map_or(pattern, str::to_owned);
+        if !pattern.is_empty() && !matches(&pattern) {
+            return Ok(Put::PatternMismatch(pattern));
         }
-        let version = current.unwrap_or(0) + 1;
-        let (secure, plain, nonce, sealed) = match value {
+        let version = current_version.unwrap_or(0) + 1;
+        let (secure, plain, nonce, sealed) = match p.value {
             StoredValue::Plain(v) => (false, v.as_str(), None, None),
             StoredValue::Sealed(n, s) => (true, "", Some(n.as_slice()), Some(s.as_slice())),
         };
+        let list = p.list && !secure;
         sqlx::query(
-            "INSERT INTO params (name, secure, value, nonce, sealed, version, updated_at, updated_by)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            "INSERT INTO params (name, secure, value, nonce, sealed, version, updated_at, updated_by,
+               list, description, allowed_pattern)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET secure = excluded.secure, value = excluded.value,
                nonce = excluded.nonce, sealed = excluded.sealed, version = excluded.version,
-               updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+               updated_at = excluded.updated_at, updated_by = excluded.updated_by,
+               list = excluded.list, description = excluded.description,
+               allowed_pattern = excluded.allowed_pattern",
         )
-        .bind(name)
+        .bind(p.name)
         .bind(secure)
         .bind(plain)
         .bind(nonce)
         .bind(sealed)
         .bind(version)
-        .bind(at)
-        .bind(by)
+        .bind(p.at)
+        .bind(p.by)
+        .bind(list)
+        .bind(&description)
+        .bind(&pattern)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "INSERT INTO param_versions (name, version, secure, list, value, nonce, sealed,
+               description, allowed_pattern, updated_at, updated_by)
+             SELECT name, version, secure, list, value, nonce, sealed, description, allowed_pattern,
+               updated_at, updated_by FROM params WHERE name = ?",
+        )
+        .bind(p.name)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM param_versions WHERE name = ? AND version <= ?")
+            .bind(p.name)
+            .bind(version - PARAM_VERSIONS_MAX)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Put::Ok(version))
+    }
+
+    /// One version of a parameter (None when the parameter or that version is gone).
+    pub async fn get_param_version(&self, name: &str, version: i64) -> Result<Option<ParamRow>> {
+        let row = sqlx::query("SELECT * FROM param_versions WHERE name = ? AND version = ?")
+            .bind(name)
+            .bind(version)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.as_ref().map(param_row))
+    }
+
+    /// Up to `limit` versions of a parameter after `after`, oldest first.
+    pub async fn param_versions(
+        &self,
+        name: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ParamRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM param_versions WHERE name = ? AND version > ? ORDER BY version LIMIT ?",
+        )
+        .bind(name)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().map(param_row).collect())
+    }
+
+    /// Up to `limit` parameters whose names start with `prefix` and sort after `after`, by name.
+    pub async fn params_page(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<ParamRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM params WHERE name >= ? AND name < ? AND name > ? ORDER BY name LIMIT ?",
+        )
+        .bind(prefix)
+        .bind(prefix_end(prefix))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().map(param_row).collect())
     }
 
     /// One parameter.
@@ -137,12 +266,106 @@ impl Store {
         Ok(rows.iter().map(param_row).collect())
     }
 
-    /// Deletes a parameter; false when there was none.
+    /// Deletes a parameter with all its versions; false when there was none.
     pub async fn delete_param(&self, name: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM params WHERE name = ?")
             .bind(name)
             .execute(&self.write)
             .await?;
         Ok(done.rows_affected() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put<'a>(name: &'a str, value: &'a StoredValue, overwrite: bool) -> NewParam<'a> {
+        NewParam {
+            name,
+            value,
+            list: false,
+            description: None,
+            allowed_pattern: None,
+            overwrite,
+            at: 1,
+            by: "admin",
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_are_kept_up_to_the_limit_and_go_with_the_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let v = StoredValue::Plain("one".into());
+        let first = NewParam {
+            description: Some("first"),
+            allowed_pattern: Some("^[a-z]+$"),
+            ..put("/p", &v, false)
+        };
+        assert!(matches!(
+            store.put_param(&first, |_| true).await.unwrap(),
+            Put::Ok(1)
+        ));
+        assert!(matches!(
+            store
+                .put_param(&put("/p", &v, false), |_| true)
+                .await
+                .unwrap(),
+            Put::Exists
+        ));
+        // The pattern that applies is the stored one when the put gives none.
+        let seen = std::sync::Mutex::new(String::new());
+        let refused = store
+            .put_param(&put("/p", &v, true), |p| {
+                *seen.lock().unwrap() = p.to_owned();
+                false
+            })
+            .await
+            .unwrap();
+        assert!(matches!(refused, Put::PatternMismatch(p) if p == "^[a-z]+$"));
+        assert_eq!(*seen.lock().unwrap(), "^[a-z]+$");
+        for want in 2..=PARAM_VERSIONS_MAX + 2 {
+            let got = store
+                .put_param(&put("/p", &v, true), |_| true)
+                .await
+                .unwrap();
+            assert!(matches!(got, Put::Ok(n) if n == want));
+        }
+        let kept = store.param_versions("/p", 0, 1000).await.unwrap();
+        assert_eq!(kept.len() as i64, PARAM_VERSIONS_MAX);
+        assert_eq!(kept[0].version, 3);
+        assert!(kept.iter().all(|r| r.description == "first"));
+        assert!(store.get_param_version("/p", 2).await.unwrap().is_none());
+        assert!(store.delete_param("/p").await.unwrap());
+        assert!(
+            store
+                .param_versions("/p", 0, 1000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Prefix pages hold only the names under the prefix.
+        for n in ["/a/x", "/a/y", "/ab", "/b"] {
+            store.put_param(&put(n, &v, false), |_| true).await.unwrap();
+        }
+        let names: Vec<String> = store
+            .params_page("/a/", "", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["/a/x", "/a/y"]);
+        let after: Vec<String> = store
+            .params_page("", "/a/y", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(after, ["/ab", "/b"]);
     }
 }

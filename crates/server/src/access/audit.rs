@@ -121,15 +121,20 @@ fn is_secret_name(name: &str) -> bool {
 }
 
 /// A copy of a JSON value with every secret-named member replaced by `"[REDACTED]"`, at any depth.
-/// A parameter store body (`{value, secure}`) has its `value` redacted too, secure or not.
+/// A parameter store body (native `{value, secure}`, SSM PutParameter's `{Name, Value, ...}`) has
+/// its value redacted too, secure or not.
 pub fn redact(v: Value) -> Value {
     match v {
         Value::Object(m) => {
             let param_body = m.contains_key("secure");
+            let ssm_put = m.contains_key("Name") && m.contains_key("Value");
             Value::Object(
                 m.into_iter()
                     .map(|(k, v)| {
-                        let v = if is_secret_name(&k) || (param_body && k == "value") {
+                        let v = if is_secret_name(&k)
+                            || (param_body && k == "value")
+                            || (ssm_put && k == "Value")
+                        {
                             Value::String("[REDACTED]".into())
                         } else {
                             redact(v)
@@ -280,6 +285,9 @@ mod tests {
         let p = redact(json!({"value": "s3cr3t", "secure": true}));
         assert_eq!(p["value"], "[REDACTED]");
         assert_eq!(p["secure"], true);
+        let ssm = redact(json!({"Name": "/db/pass", "Value": "s3cr3t", "Type": "SecureString"}));
+        assert_eq!(ssm["Value"], "[REDACTED]");
+        assert_eq!(ssm["Name"], "/db/pass");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `PUT|GET|DELETE /v1/params/{name}`, `GET /v1/params`: the parameter store. A secure value is
-//! sealed before it is stored and never leaves the server again except inside a `Run` frame.
+//! sealed before it is stored and never returned by this API (the SSM API's Get operations return it
+//! `WithDecryption` to a principal allowed `use-param` on it). Puts go through `run::params::put`.
 
 use super::{ApiError, ApiJson};
 use crate::access::authz::{Action, Principal, Resource};
@@ -8,9 +9,9 @@ use crate::{AppState, run::params};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use fleetrun_proto::params::{PARAM_VALUE_MAX, Param, PutParam, name_error};
-use fleetrun_proto::time::{now_ms, rfc3339};
-use fleetrun_store::{ParamRow, Put, StoredValue};
+use fleetrun_proto::params::{Param, PutParam, name_error};
+use fleetrun_proto::time::rfc3339;
+use fleetrun_store::{ParamRow, StoredValue};
 use std::sync::Arc;
 
 fn checked_name(name: &str) -> Result<(), ApiError> {
@@ -46,44 +47,31 @@ pub async fn put(
     state
         .authz
         .require(&p, Action::ManageParams, Resource::Fleet)?;
-    checked_name(&name)?;
-    if req.value.is_empty() {
-        return Err(ApiError::new(Code::InvalidParameterValue, "value is empty"));
-    }
-    if req.value.len() > PARAM_VALUE_MAX {
-        return Err(ApiError::new(
-            Code::ParameterValueTooLarge,
-            format!(
-                "value is {} bytes; the limit is {PARAM_VALUE_MAX}",
-                req.value.len()
-            ),
-        ));
-    }
-    if req.value.contains('\0') {
-        return Err(ApiError::new(
-            Code::InvalidParameterValue,
-            "value contains a NUL byte",
-        ));
-    }
     let by = p.name().to_owned();
-    let stored = params::seal(&state.secret_box, &req.value, req.secure);
-    let at = now_ms();
-    match state.store.put_param(&name, &stored, at, &by).await? {
-        Put::Ok(version) => Ok(Json(view(ParamRow {
-            name,
-            value: stored,
-            version,
-            updated_at: at,
-            updated_by: by,
-        }))),
-        Put::LimitExceeded => Err(ApiError::new(
-            Code::ParameterLimitExceeded,
-            format!(
-                "there are {} parameters already; delete some first",
-                fleetrun_store::PARAMS_MAX
-            ),
-        )),
-    }
+    let ty = if req.secure {
+        params::ParamType::SecureString
+    } else {
+        params::ParamType::String
+    };
+    let put = params::PutRequest {
+        name: &name,
+        value: &req.value,
+        ty,
+        description: None,
+        allowed_pattern: None,
+        overwrite: true,
+    };
+    let stored = params::put(&state, &by, put).await?;
+    Ok(Json(view(ParamRow {
+        name,
+        value: stored.value,
+        list: false,
+        description: String::new(),
+        allowed_pattern: String::new(),
+        version: stored.version,
+        updated_at: stored.at,
+        updated_by: by,
+    })))
 }
 
 /// Every parameter, by name.

@@ -9,9 +9,11 @@
 //! Output served back (the output route, inline copies in listings, both APIs) has the secure values
 //! its script references replaced by `****` ([`Masker`]).
 
+use crate::AppState;
 use crate::access::secrets::SecretBox;
+use crate::errors::{Code, Error};
 use fleetrun_proto::params::{references, substitute};
-use fleetrun_store::{ParamRow, Store, StoreError, StoredValue};
+use fleetrun_store::{NewParam, ParamRow, Put, Store, StoreError, StoredValue};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -33,6 +35,181 @@ pub fn open(secrets: &SecretBox, row: &ParamRow) -> Option<String> {
             .open_sealed(nonce, sealed)
             .and_then(|v| String::from_utf8(v).ok()),
     }
+}
+
+/// A parameter's type, as SSM names them. A StringList is a plain value of comma-separated items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamType {
+    /// Plain text.
+    String,
+    /// Plain comma-separated items.
+    StringList,
+    /// Sealed at rest, shown only to whom may use it.
+    SecureString,
+}
+
+impl ParamType {
+    /// A stored row's type.
+    pub fn of(row: &ParamRow) -> Self {
+        match (&row.value, row.list) {
+            (StoredValue::Sealed(..), _) => ParamType::SecureString,
+            (StoredValue::Plain(_), true) => ParamType::StringList,
+            (StoredValue::Plain(_), false) => ParamType::String,
+        }
+    }
+
+    /// SSM's name of it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamType::String => "String",
+            ParamType::StringList => "StringList",
+            ParamType::SecureString => "SecureString",
+        }
+    }
+}
+
+/// Longest description of a parameter (SSM's).
+pub const DESCRIPTION_MAX: usize = 1024;
+/// Longest allowed pattern (SSM's).
+pub const ALLOWED_PATTERN_MAX: usize = 1024;
+/// Most memory a compiled allowed pattern may take: a pattern is the caller's, and every later put
+/// of the parameter runs it.
+const PATTERN_SIZE_MAX: usize = 1 << 20;
+
+/// A put of a parameter, as either API asks it.
+pub struct PutRequest<'a> {
+    /// Name (checked here).
+    pub name: &'a str,
+    /// Value in clear (checked here).
+    pub value: &'a str,
+    /// Type.
+    pub ty: ParamType,
+    /// Description; None keeps the current one.
+    pub description: Option<&'a str>,
+    /// Allowed pattern; None keeps the current one, '' removes it.
+    pub allowed_pattern: Option<&'a str>,
+    /// Replace an existing parameter (else [`Code::ParameterAlreadyExists`]).
+    pub overwrite: bool,
+}
+
+/// What a put stored.
+pub struct Stored {
+    /// The value as stored (sealed when secure).
+    pub value: StoredValue,
+    /// Its version.
+    pub version: i64,
+    /// When (epoch ms).
+    pub at: i64,
+}
+
+/// The one way a parameter is put, for both APIs: checks the name, value, description and pattern,
+/// seals a secure value, and stores it as one version more. Answers the new version.
+pub async fn put(state: &AppState, by: &str, req: PutRequest<'_>) -> Result<Stored, Error> {
+    use fleetrun_proto::params::{PARAM_VALUE_MAX, name_error};
+    if let Some(e) = name_error(req.name) {
+        return Err(Error::new(Code::InvalidParameterName, e));
+    }
+    if req.value.is_empty() {
+        return Err(Error::new(Code::InvalidParameterValue, "value is empty"));
+    }
+    if req.value.len() > PARAM_VALUE_MAX {
+        return Err(Error::new(
+            Code::ParameterValueTooLarge,
+            format!(
+                "value is {} bytes; the limit is {PARAM_VALUE_MAX}",
+                req.value.len()
+            ),
+        ));
+    }
+    if req.value.contains('\0') {
+        return Err(Error::new(
+            Code::InvalidParameterValue,
+            "value contains a NUL byte",
+        ));
+    }
+    if let Some(d) = req.description
+        && d.chars().count() > DESCRIPTION_MAX
+    {
+        return Err(Error::new(
+            Code::Validation,
+            format!("description is longer than {DESCRIPTION_MAX} characters"),
+        ));
+    }
+    if let Some(p) = req.allowed_pattern {
+        compile_pattern(p)?;
+    }
+    let stored = seal(
+        &state.secret_box,
+        req.value,
+        req.ty == ParamType::SecureString,
+    );
+    let at = fleetrun_proto::time::now_ms();
+    let new = NewParam {
+        name: req.name,
+        value: &stored,
+        list: req.ty == ParamType::StringList,
+        description: req.description,
+        allowed_pattern: req.allowed_pattern,
+        overwrite: req.overwrite,
+        at,
+        by,
+    };
+    let value = req.value;
+    // A stored pattern compiled when it was put; one that no longer compiles matches nothing.
+    let matches = |pattern: &str| compile_pattern(pattern).is_ok_and(|rx| rx.is_match(value));
+    match state.store.put_param(&new, matches).await? {
+        Put::Ok(version) => Ok(Stored {
+            value: stored,
+            version,
+            at,
+        }),
+        Put::LimitExceeded => Err(Error::new(
+            Code::ParameterLimitExceeded,
+            format!(
+                "there are {} parameters already; delete some first",
+                fleetrun_store::PARAMS_MAX
+            ),
+        )),
+        Put::Exists => Err(Error::new(
+            Code::ParameterAlreadyExists,
+            format!(
+                "The parameter {} already exists; to replace its value, overwrite it",
+                req.name
+            ),
+        )),
+        Put::PatternMismatch(pattern) => Err(Error::new(
+            Code::ParameterPatternMismatch,
+            format!(
+                "Parameter value failed to satisfy constraint specified in allowed pattern: {pattern}"
+            ),
+        )),
+    }
+}
+
+/// An allowed pattern, compiled with bounded size.
+fn compile_pattern(pattern: &str) -> Result<regex::Regex, Error> {
+    if pattern.chars().count() > ALLOWED_PATTERN_MAX {
+        return Err(Error::new(
+            Code::InvalidAllowedPattern,
+            format!("the allowed pattern is longer than {ALLOWED_PATTERN_MAX} characters"),
+        ));
+    }
+    regex::RegexBuilder::new(pattern)
+        .size_limit(PATTERN_SIZE_MAX)
+        .build()
+        .map_err(|e| {
+            Error::new(
+                Code::InvalidAllowedPattern,
+                format!(
+                    "the allowed pattern is not a valid regular expression: {}",
+                    one_line(&e.to_string())
+                ),
+            )
+        })
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Why a script cannot be rendered.

@@ -3,7 +3,7 @@
 //! crate::run::document).
 
 use super::shapes::*;
-use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token};
+use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token, required};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
 use crate::errors::Code;
@@ -11,17 +11,6 @@ use crate::run::document::content::Format;
 use crate::run::document::{self, Loaded, OWNER_AMAZON, default_text};
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-fn required(value: Option<String>, member: &str) -> Result<String, SsmError> {
-    value.ok_or_else(|| {
-        SsmError::new(
-            Code::Validation,
-            format!(
-                "1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"
-            ),
-        )
-    })
-}
 
 /// The declared format (JSON when none); TEXT is refused, naming what to do instead.
 fn format(given: Option<&str>, code: Code) -> Result<Format, SsmError> {

@@ -9,6 +9,7 @@ mod activations;
 mod commands;
 mod documents;
 mod instances;
+mod params;
 mod sessions;
 mod shapes;
 mod tags;
@@ -293,6 +294,14 @@ async fn dispatch(
         }
         "DescribeSessions" => sessions::describe_sessions(state, p, parse(body)?).await,
         "TerminateSession" => sessions::terminate_session(state, p, parse(body)?).await,
+        "PutParameter" => params::put_parameter(state, p, parse(body)?).await,
+        "GetParameter" => params::get_parameter(state, p, parse(body)?).await,
+        "GetParameters" => params::get_parameters(state, p, parse(body)?).await,
+        "GetParametersByPath" => params::get_parameters_by_path(state, p, parse(body)?).await,
+        "DeleteParameter" => params::delete_parameter(state, p, parse(body)?).await,
+        "DeleteParameters" => params::delete_parameters(state, p, parse(body)?).await,
+        "DescribeParameters" => params::describe_parameters(state, p, parse(body)?).await,
+        "GetParameterHistory" => params::get_parameter_history(state, p, parse(body)?).await,
         other => Err(SsmError::new(
             Code::UnknownOperation,
             format!("operation {other} is not supported by fleetrun"),
@@ -311,6 +320,15 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, SsmError> {
             Code::InvalidRequest,
             format!("cannot read the request: {e}"),
         )
+    })
+}
+
+/// A member SSM's model requires: its value, else the validation error SSM gives for a null.
+fn required<T>(value: Option<T>, member: &str) -> Result<T, SsmError> {
+    value.ok_or_else(|| {
+        SsmError::validation(format!(
+            "1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"
+        ))
     })
 }
 

@@ -298,3 +298,101 @@ pub struct DeleteActivationRequest {
 pub struct DeregisterManagedInstanceRequest {
     pub instance_id: Option<String>,
 }
+
+/// PutParameter's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PutParameterRequest {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub value: Option<String>,
+    pub r#type: Option<String>,
+    pub key_id: Option<String>,
+    pub overwrite: Option<bool>,
+    pub allowed_pattern: Option<String>,
+    pub tags: Option<serde_json::Value>,
+    pub tier: Option<String>,
+    pub policies: Option<String>,
+    pub data_type: Option<String>,
+}
+
+/// GetParameter's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetParameterRequest {
+    pub name: Option<String>,
+    pub with_decryption: Option<bool>,
+}
+
+/// GetParameters' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetParametersRequest {
+    pub names: Option<Vec<String>>,
+    pub with_decryption: Option<bool>,
+}
+
+/// A `ParameterStringFilter`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ParameterStringFilter {
+    pub key: String,
+    pub option: Option<String>,
+    pub values: Option<Vec<String>>,
+}
+
+/// GetParametersByPath's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetParametersByPathRequest {
+    pub path: Option<String>,
+    pub recursive: Option<bool>,
+    pub parameter_filters: Option<Vec<ParameterStringFilter>>,
+    pub with_decryption: Option<bool>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+}
+
+/// DeleteParameter's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeleteParameterRequest {
+    pub name: Option<String>,
+}
+
+/// DeleteParameters' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DeleteParametersRequest {
+    pub names: Option<Vec<String>>,
+}
+
+/// DescribeParameters' older `Filters` item.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ParametersFilter {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// DescribeParameters' input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeParametersRequest {
+    pub filters: Option<Vec<ParametersFilter>>,
+    pub parameter_filters: Option<Vec<ParameterStringFilter>>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+    pub shared: Option<bool>,
+}
+
+/// GetParameterHistory's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct GetParameterHistoryRequest {
+    pub name: Option<String>,
+    pub with_decryption: Option<bool>,
+    pub max_results: Option<i64>,
+    pub next_token: Option<String>,
+}
