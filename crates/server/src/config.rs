@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub recording: crate::sessions::recording::Settings,
     /// CA certificates (PEM) trusted for `https://` script inputs besides the system's roots.
     pub script_input_ca: Option<PathBuf>,
+    /// Buckets besides the own store's that output to S3 may go to and `s3://` script inputs
+    /// may come from: names or `*` globs; `None`: only the own store's bucket.
+    pub allowed_buckets: Option<Vec<String>>,
 }
 
 impl ServerConfig {
@@ -116,6 +119,7 @@ impl ServerConfig {
             session_max_duration: None,
             object_store: Default::default(),
             script_input_ca: None,
+            allowed_buckets: None,
             recording: Default::default(),
         }
     }

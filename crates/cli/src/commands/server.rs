@@ -118,6 +118,15 @@ pub struct Args {
     /// CA certificates (PEM) to trust, besides the system's, for saved scripts' https:// inputs
     #[arg(long, value_name = "FILE")]
     script_input_ca: Option<PathBuf>,
+    /// Buckets (names, * globs; comma-separated) that output to S3 may go to and s3:// script
+    /// inputs may come from [default: only the object store's own bucket]
+    #[arg(
+        long,
+        env = "FLEETRUN_ALLOWED_BUCKETS",
+        value_name = "PATTERN,...",
+        value_delimiter = ','
+    )]
+    allowed_buckets: Option<Vec<String>>,
     /// Longest wait for a request head, also between requests on a kept-alive connection [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     header_read_timeout: Option<Duration>,
@@ -208,6 +217,7 @@ struct ServerFile {
     session_max_duration: Option<String>,
     object_store: Option<super::object_store::ObjectStoreFile>,
     script_input_ca: Option<PathBuf>,
+    allowed_buckets: Option<Vec<String>>,
     session_recording: Option<bool>,
     record_input: Option<bool>,
     /// "close" or "continue".
@@ -370,6 +380,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         rate_limit,
         secrets_key_file: args.secrets_key_file.or(file.secrets_key_file),
         script_input_ca: args.script_input_ca.or(file.script_input_ca),
+        allowed_buckets: args.allowed_buckets.or(file.allowed_buckets),
         header_read_timeout,
         body_read_timeout,
         agent_handshake_timeout,
@@ -524,6 +535,7 @@ mod tests {
             rate_limit: None,
             secrets_key_file: None,
             script_input_ca: None,
+            allowed_buckets: None,
             header_read_timeout: None,
             body_read_timeout: None,
             agent_handshake_timeout: None,
