@@ -201,6 +201,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Some(path) => secrets::SecretBox::open_existing(path)?,
         None => secrets::SecretBox::open(&config.data_dir.join("secrets.key"))?,
     };
+    if let Some(patterns) = &config.allowed_buckets {
+        crate::objects::buckets::check_allowed_patterns(patterns).map_err(anyhow::Error::msg)?;
+    }
+    // One set of bucket clients for output to S3 and s3:// script inputs.
+    let buckets = Arc::new(crate::objects::buckets::Buckets::new(
+        &config.object_store,
+        config.allowed_buckets.clone(),
+    ));
     let state = Arc::new(AppState {
         store,
         objects,
@@ -212,10 +220,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         retention: config.retention,
         result_grace: config.result_grace,
         uploads: Default::default(),
-        exports: crate::objects::export::Exports::new(&config.object_store),
+        exports: crate::objects::export::Exports::new(buckets.clone()),
         inputs: crate::scripts::inputs::Fetcher::new(
             config.script_input_ca.as_deref(),
             Default::default(),
+            buckets,
         )?,
         script_output_max: config.script_output_max,
         sessions: crate::sessions::live::Live::new(

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub script_input_ca: Option<PathBuf>,
     /// Largest output file a saved script run ships back (5 GiB by default).
     pub script_output_max: u64,
+    /// Buckets besides the own store's that output to S3 may go to and `s3://` script inputs
+    /// may come from: names or `*` globs; `None`: only the own store's bucket.
+    pub allowed_buckets: Option<Vec<String>>,
 }
 
 impl ServerConfig {
@@ -119,6 +122,7 @@ impl ServerConfig {
             object_store: Default::default(),
             script_input_ca: None,
             script_output_max: crate::scripts::runner::OUTPUT_MAX_DEFAULT,
+            allowed_buckets: None,
             recording: Default::default(),
         }
     }

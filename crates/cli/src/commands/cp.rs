@@ -31,9 +31,13 @@ use tokio_tungstenite::tungstenite::Message;
 NODE is a node id, or a target expression as `send --targets` takes (tag:KEY=VALUE, tag-key:KEY,
 id:ID, all; terms ANDed) for many nodes: `fleetrun cp ./f 'tag:role=web:/opt/f'` puts to each
 node it matches (online ones; --max-concurrency at once, none started once more than --max-errors
-failed); `fleetrun cp 'tag:role=web:/var/log/x' DIR` gets each node's file into DIR/NODE_ID/x. The copy is checked end to end (SHA-256 of the whole file) and written to a
-temp file beside the target, renamed into place only once it is whole: the target never holds a
-half file. A dropped connection is retried (at most 8 attempts within 60 s), resuming where the copy
+failed); `fleetrun cp 'tag:role=web:/var/log/x' DIR` gets each node's file into DIR/NODE_ID/x.
+With -r a directory goes up (its files under NODE:PATH) or down (the node's regular files under
+PATH, listed by a one-shot `find` on the node, so it also needs the `shell` action, go under the
+local directory; to many nodes each node's under DIR/NODE_ID); symlinks on the node are skipped,
+at most 100000 files and 32 levels. The copy is checked end to end (SHA-256 of the whole file) and
+written to a temp file beside the target, renamed into place only once it is whole: the target
+never holds a half file. A dropped connection is retried (at most 8 attempts within 60 s), resuming where the copy
 stopped; else the copy fails with the last error.")]
 pub struct Args {
     /// The source: a local file, or NODE:PATH
@@ -48,8 +52,9 @@ pub struct Args {
     /// Owner of the file on the node, USER or USER:GROUP (the agent must run as root)
     #[arg(long, value_name = "USER[:GROUP]")]
     owner: Option<String>,
-    /// Copy a directory to a node: its files (symlinks to files followed) go under NODE:PATH,
-    /// missing directories made (0755)
+    /// Copy a directory: to a node, its files (symlinks to files followed) go under NODE:PATH,
+    /// missing directories made (0755); from a node, its regular files (symlinks skipped) go
+    /// under the local directory
     #[arg(short = 'r', long)]
     recursive: bool,
     /// With a target expression: most nodes copied at once, N or N% [default: 10]
@@ -66,6 +71,16 @@ pub const ATTEMPTS: u32 = 8;
 pub const RETRY_WITHIN: Duration = Duration::from_secs(60);
 /// Bytes a message carries (one stream frame).
 const CHUNK: usize = STREAM_FRAME_MAX;
+/// Most files a `cp -r` from a node copies (its listing is refused beyond).
+pub const TREE_FILES_MAX: usize = 100_000;
+/// Most path segments below the directory a `cp -r` from a node copies (deeper is refused).
+pub const TREE_DEPTH_MAX: usize = 32;
+/// Most bytes of a node's listing of a directory.
+const LISTING_MAX: usize = 16 << 20;
+/// Most bytes of one listed path.
+const LISTED_PATH_MAX: usize = 4096;
+/// How long a node may take to list a directory.
+const LISTING_WAIT: Duration = Duration::from_secs(120);
 
 /// One end of a copy.
 enum End {
@@ -159,6 +174,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
             if mode.is_some() || owner.is_some() {
                 anyhow::bail!("--mode and --owner are for copies to a node");
             }
+            if args.recursive {
+                let print = ctx.format == Format::Table;
+                let copied = get_tree(&client, &node, &path, &dst, show, print).await?;
+                return print_tree(ctx, &copied);
+            }
             get_file(&client, &node, &path, &dst, show).await?
         }
         (End::Local(_), End::Local(_)) => {
@@ -196,6 +216,9 @@ struct NodeOutcome {
     node: String,
     name: String,
     copied: Option<Copied>,
+    /// With -r: each file copied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<Vec<Copied>>,
     error: Option<String>,
 }
 
@@ -224,9 +247,6 @@ async fn many(
     if !put && (mode.is_some() || owner.is_some()) {
         anyhow::bail!("--mode and --owner are for copies to nodes");
     }
-    if args.recursive {
-        anyhow::bail!("-r goes with one node (NODE:PATH), not a target expression");
-    }
     let parsed = TargetExpr::parse(&expr)
         .map_err(|e| anyhow::anyhow!("bad target expression {expr:?}: {e}"))?;
     let nodes: Vec<_> = client
@@ -250,12 +270,22 @@ async fn many(
         None => Rate::Count(0),
     }
     .resolve(total);
-    // A put hashes the file once for every node.
-    let hashed = if put {
+    // A put hashes the file (or each file of the tree) once for every node.
+    let mut tree = None;
+    let hashed = if put && args.recursive {
+        if !local.is_dir() {
+            anyhow::bail!("{} is not a directory (-r copies one)", local.display());
+        }
+        tree = Some(hash_tree(&local).await?);
+        None
+    } else if put {
         let meta = std::fs::metadata(&local)
             .with_context(|| format!("cannot read {}", local.display()))?;
         if !meta.is_file() {
-            anyhow::bail!("{} is not a regular file", local.display());
+            anyhow::bail!(
+                "{} is not a regular file (directories need -r)",
+                local.display()
+            );
         }
         Some(hash_file(&local).await?)
     } else {
@@ -267,6 +297,7 @@ async fn many(
     let json = ctx.format == Format::Json;
     let one = async |n: fleetrun_proto::api::Node| {
         let node = n.node_id.clone();
+        let mut files = None;
         let result = if errors.load(Ordering::Relaxed) > max_errors {
             Err(anyhow::anyhow!(
                 "not started: more than {max_errors} copies failed (--max-errors)"
@@ -286,11 +317,28 @@ async fn many(
                 group: group.clone(),
                 parents: false,
             };
-            put_hashed(client, &local, &spec, sha.clone(), *size, false).await
+            put_hashed(client, &local, &spec, sha.clone(), *size, false)
+                .await
+                .map(Some)
+        } else if let Some(tree) = &tree {
+            let spec = PutSpec {
+                node: node.clone(),
+                path: path.clone(),
+                mode,
+                owner: owner.clone(),
+                group: group.clone(),
+                parents: true,
+            };
+            let r = put_files(client, tree, &spec, false, !json).await;
+            tree_outcome(r, &mut files)
+        } else if args.recursive {
+            let dir = local.join(node.to_string());
+            let r = get_tree(client, &node, &path, &dir, false, !json).await;
+            tree_outcome(r, &mut files)
         } else {
             let dir = local.join(node.to_string());
             match std::fs::create_dir_all(&dir) {
-                Ok(()) => get_file(client, &node, &path, &dir, false).await,
+                Ok(()) => get_file(client, &node, &path, &dir, false).await.map(Some),
                 Err(e) => Err(anyhow::anyhow!("cannot create {}: {e}", dir.display())),
             }
         };
@@ -298,7 +346,7 @@ async fn many(
             errors.fetch_add(1, Ordering::Relaxed);
         }
         let (copied, error) = match result {
-            Ok(c) => (Some(c), None),
+            Ok(c) => (c, None),
             Err(e) => (None, Some(format!("{e:#}"))),
         };
         if !json {
@@ -312,6 +360,7 @@ async fn many(
             node: node.to_string(),
             name: n.name,
             copied,
+            files,
             error,
         }
     };
@@ -509,6 +558,19 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
     Ok(out)
 }
 
+/// A file of a local tree, hashed: its path, its path relative to the tree, SHA-256, length.
+type Hashed = (PathBuf, String, String, u64);
+
+/// Every file of a local tree ([`walk`]), hashed.
+async fn hash_tree(dir: &Path) -> anyhow::Result<Vec<Hashed>> {
+    let mut out = Vec::new();
+    for (local, rel) in walk(dir)? {
+        let (sha, size) = hash_file(&local).await?;
+        out.push((local, rel, sha, size));
+    }
+    Ok(out)
+}
+
 /// `cp -r DIR NODE:PATH`: each file of DIR to PATH/its relative path, one put each.
 async fn put_tree(
     ctx: &Ctx,
@@ -517,10 +579,23 @@ async fn put_tree(
     put: &PutSpec,
     show: bool,
 ) -> anyhow::Result<ExitCode> {
-    let files = walk(src)?;
+    let files = hash_tree(src).await?;
+    let copied = put_files(client, &files, put, show, ctx.format == Format::Table).await?;
+    print_tree(ctx, &copied)
+}
+
+/// The hashed files of a tree to `put.path`/their relative paths on one node, one put each
+/// (a line each when `print`); the first failure ends it.
+async fn put_files(
+    client: &Client,
+    files: &[Hashed],
+    put: &PutSpec,
+    show: bool,
+    print: bool,
+) -> anyhow::Result<Vec<Copied>> {
     let base = put.path.trim_end_matches('/');
     let mut copied = Vec::new();
-    for (local, rel) in files {
+    for (local, rel, sha, size) in files {
         let spec = PutSpec {
             node: put.node.clone(),
             path: format!("{base}/{rel}"),
@@ -529,12 +604,26 @@ async fn put_tree(
             group: put.group.clone(),
             parents: true,
         };
-        let c = put_file(client, &local, &spec, show).await?;
-        if ctx.format == Format::Table {
+        let c = put_hashed(client, local, &spec, sha.clone(), *size, show).await?;
+        if print {
             println!("{}", c.line());
         }
         copied.push(c);
     }
+    Ok(copied)
+}
+
+/// A tree's outcome for one of many nodes: its files go to `files`.
+fn tree_outcome(
+    r: anyhow::Result<Vec<Copied>>,
+    files: &mut Option<Vec<Copied>>,
+) -> anyhow::Result<Option<Copied>> {
+    *files = Some(r?);
+    Ok(None)
+}
+
+/// The end of a tree's copy: the files as JSON, or their count and bytes.
+fn print_tree(ctx: &Ctx, copied: &[Copied]) -> anyhow::Result<ExitCode> {
     match ctx.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&copied)?),
         Format::Table => eprintln!(
@@ -544,6 +633,237 @@ async fn put_tree(
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A string as one `sh` word (single-quoted).
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// What a node listed under a directory: the regular files' relative paths, in order, and the
+/// symlinks skipped.
+#[derive(Debug, Default, PartialEq)]
+struct Listing {
+    files: Vec<String>,
+    symlinks: Vec<String>,
+}
+
+/// Checks one path a node listed under a directory, relative to it: it must stay inside
+/// (no `..`, `.`, empty or absolute segment) and be at most [`TREE_DEPTH_MAX`] deep; returns it
+/// and its depth. The node is not trusted: these paths become local ones.
+fn check_listed(rel: &[u8]) -> Result<(&str, usize), String> {
+    let shown = String::from_utf8_lossy(rel);
+    let rel = std::str::from_utf8(rel)
+        .map_err(|_| format!("the node listed a path that is not UTF-8: {shown:?}"))?;
+    if rel.is_empty() || rel.len() > LISTED_PATH_MAX {
+        return Err(format!(
+            "the node listed a path of {} bytes (1 to {LISTED_PATH_MAX})",
+            rel.len()
+        ));
+    }
+    if rel.starts_with('/') {
+        return Err(format!("the node listed an absolute path: {rel:?}"));
+    }
+    let mut depth = 0;
+    for seg in rel.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." {
+            return Err(format!(
+                "the node listed a path that leaves the directory or is not plain: {rel:?}"
+            ));
+        }
+        depth += 1;
+    }
+    if depth > TREE_DEPTH_MAX {
+        return Err(format!(
+            "{rel:?} is {depth} levels deep: at most {TREE_DEPTH_MAX} are copied"
+        ));
+    }
+    Ok((rel, depth))
+}
+
+/// Parses a node's listing: NUL-terminated entries of a type byte (`f` a regular file, `l` a
+/// symlink, `d` a directory that is not empty) and a relative path. A directory at the deepest
+/// level copied holds what would be deeper: refused.
+fn parse_listing(out: &[u8]) -> Result<Listing, String> {
+    let mut listing = Listing::default();
+    let mut seen = std::collections::HashSet::new();
+    for entry in out.split(|b| *b == 0) {
+        let Some((&kind, rel)) = entry.split_first() else {
+            continue;
+        };
+        let (rel, depth) = check_listed(rel)?;
+        match kind {
+            b'd' if depth == TREE_DEPTH_MAX => {
+                return Err(format!(
+                    "{rel:?} holds paths {} levels deep: at most {TREE_DEPTH_MAX} are copied",
+                    depth + 1
+                ));
+            }
+            b'd' => {}
+            b'f' => {
+                if !seen.insert(rel) {
+                    return Err(format!("the node listed {rel:?} twice"));
+                }
+                if listing.files.len() == TREE_FILES_MAX {
+                    return Err(format!(
+                        "the directory holds more than {TREE_FILES_MAX} files: copy a part of it"
+                    ));
+                }
+                listing.files.push(rel.to_owned());
+            }
+            b'l' => listing.symlinks.push(rel.to_owned()),
+            other => {
+                return Err(format!(
+                    "the node listed an entry of unknown type {:?}",
+                    char::from(other)
+                ));
+            }
+        }
+    }
+    listing.files.sort();
+    Ok(listing)
+}
+
+/// Lists the regular files under `dir` on `node`: a one-shot `find` through the exec session
+/// (so the `shell` action applies), its NUL-separated output at most [`LISTING_MAX`] bytes,
+/// within [`LISTING_WAIT`].
+async fn list_remote(client: &Client, node: &NodeId, dir: &str) -> anyhow::Result<Listing> {
+    use fleetrun_proto::stream::client::{ExecRequest, TAG_STDERR};
+    if !dir.starts_with('/') {
+        anyhow::bail!("{dir:?} is not an absolute path");
+    }
+    // -H: the directory itself may be a symlink; below it none is followed (-type l lists them
+    // to be skipped). Directories that are not empty are listed too, so that a tree deeper than
+    // is copied is refused, not silently cut.
+    let d = sh_quote(dir);
+    let command = format!(
+        "[ -d {d} ] || {{ echo no directory {d} on the node >&2; exit 2; }}; \
+         exec find -H {d} -mindepth 1 -maxdepth {TREE_DEPTH_MAX} \\( -type f -o -type l -o -type d ! -empty \\) \
+         -printf '%y%P\\0'"
+    );
+    let req = ExecRequest {
+        command,
+        run_as: String::new(),
+        env: Default::default(),
+        working_dir: String::new(),
+        pty: None,
+    };
+    let ws = super::exec::open(client, node, &req)
+        .await
+        .with_context(|| format!("cannot list {dir} on {node}"))?;
+    let (mut sink, mut source) = ws.split();
+    let eof = serde_json::to_string(&ClientEvent::Eof)?;
+    sink.send(Message::Text(eof.into()))
+        .await
+        .context("the server closed the session")?;
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let read = async {
+        loop {
+            match source.next().await {
+                Some(Ok(Message::Binary(b))) => match b.split_first() {
+                    Some((&TAG_STDOUT, rest)) => {
+                        if out.len() + rest.len() > LISTING_MAX {
+                            anyhow::bail!(
+                                "the node's listing of {dir} is over {} MiB: copy a part of it",
+                                LISTING_MAX >> 20
+                            );
+                        }
+                        out.extend_from_slice(rest);
+                    }
+                    Some((&TAG_STDERR, rest)) => {
+                        let room = 4096usize.saturating_sub(err.len());
+                        err.extend_from_slice(&rest[..rest.len().min(room)]);
+                    }
+                    _ => anyhow::bail!("the server sent a message this CLI does not know"),
+                },
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerEvent>(&t) {
+                    Ok(ServerEvent::Exit { code, .. }) => return Ok(code),
+                    Ok(ServerEvent::Error { message }) => anyhow::bail!("{message}"),
+                    Ok(_) => {}
+                    Err(e) => anyhow::bail!("bad message from the server: {e}"),
+                },
+                Some(Ok(Message::Close(_))) | None => {
+                    anyhow::bail!("the server closed the session without an exit status")
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => anyhow::bail!("the session broke: {e}"),
+            }
+        }
+    };
+    let code = tokio::time::timeout(LISTING_WAIT, read)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the node did not list {dir} within {} s",
+                LISTING_WAIT.as_secs()
+            )
+        })?
+        .with_context(|| format!("cannot list {dir} on {node}"))?;
+    let _ = sink.close().await;
+    if code != 0 {
+        let err = String::from_utf8_lossy(&err);
+        anyhow::bail!(
+            "cannot list {dir} on {node} (exit status {code}): {}",
+            err.trim()
+        );
+    }
+    parse_listing(&out).map_err(|e| anyhow::anyhow!("refused the listing of {dir} on {node}: {e}"))
+}
+
+/// Makes `rel`'s directories under `root`, one segment at a time, refusing any that is there
+/// but not a directory of its own (a symlink is not followed).
+fn make_parents(root: &Path, rel: &str) -> anyhow::Result<PathBuf> {
+    let mut at = root.to_owned();
+    let segs: Vec<&str> = rel.split('/').collect();
+    for seg in &segs[..segs.len().saturating_sub(1)] {
+        at.push(seg);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => anyhow::bail!("{} is in the way: not a directory", at.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&at)
+                .with_context(|| format!("cannot create {}", at.display()))?,
+            Err(e) => anyhow::bail!("cannot read {}: {e}", at.display()),
+        }
+    }
+    let target = root.join(rel);
+    match std::fs::symlink_metadata(&target) {
+        Ok(m) if m.is_dir() => anyhow::bail!("{} is a directory", target.display()),
+        Ok(m) if m.file_type().is_symlink() => {
+            anyhow::bail!("{} is a symlink: not written through", target.display())
+        }
+        _ => {}
+    }
+    Ok(target)
+}
+
+/// `cp -r NODE:DIR LOCAL`: each regular file under DIR on the node to LOCAL/its relative path
+/// (LOCAL and the missing directories made), one checked get each (a line each when `print`);
+/// the first failure ends it.
+async fn get_tree(
+    client: &Client,
+    node: &NodeId,
+    dir: &str,
+    local: &Path,
+    show: bool,
+    print: bool,
+) -> anyhow::Result<Vec<Copied>> {
+    let listing = list_remote(client, node, dir).await?;
+    for l in &listing.symlinks {
+        eprintln!("skipping {node}:{dir}/{l}: a symlink");
+    }
+    std::fs::create_dir_all(local).with_context(|| format!("cannot create {}", local.display()))?;
+    let base = dir.trim_end_matches('/');
+    let mut copied = Vec::new();
+    for rel in &listing.files {
+        let target = make_parents(local, rel)?;
+        let c = get_file(client, node, &format!("{base}/{rel}"), &target, show).await?;
+        if print {
+            println!("{}", c.line());
+        }
+        copied.push(c);
+    }
+    Ok(copied)
 }
 
 /// The SHA-256 and length of a local file, read in chunks.
@@ -938,4 +1258,81 @@ async fn get_attempt(
     };
     let _ = sink.close().await;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_keeps_files_in_order_and_names_symlinks() {
+        let l = parse_listing(b"fb/c\0fa\0llink\0").unwrap();
+        assert_eq!(l.files, ["a", "b/c"]);
+        assert_eq!(l.symlinks, ["link"]);
+        assert_eq!(parse_listing(b"").unwrap(), Listing::default());
+    }
+
+    #[test]
+    fn a_listing_that_leaves_the_directory_is_refused() {
+        for bad in [
+            &b"f../x\0"[..],
+            b"fa/../../x\0",
+            b"f/etc/passwd\0",
+            b"fa//b\0",
+            b"f./a\0",
+            b"f\0",
+            b"f\xff\0",
+            b"xa\0",
+            b"fa\0fa\0",
+        ] {
+            let e = parse_listing(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad:?}");
+        }
+        let deep = format!("f{}x\0", "d/".repeat(TREE_DEPTH_MAX));
+        let e = parse_listing(deep.as_bytes()).unwrap_err();
+        assert!(e.contains("levels deep"), "{e}");
+        let full = format!("d{}d\0", "d/".repeat(TREE_DEPTH_MAX - 1));
+        let e = parse_listing(full.as_bytes()).unwrap_err();
+        assert!(e.contains("33 levels deep"), "{e}");
+        let ok = format!("d{}d\0fa\0", "d/".repeat(TREE_DEPTH_MAX - 2));
+        assert_eq!(parse_listing(ok.as_bytes()).unwrap().files, ["a"]);
+        let long = format!("f{}\0", "a".repeat(LISTED_PATH_MAX + 1));
+        assert!(
+            parse_listing(long.as_bytes())
+                .unwrap_err()
+                .contains("bytes")
+        );
+    }
+
+    #[test]
+    fn too_many_files_are_refused() {
+        let mut out = Vec::new();
+        for i in 0..=TREE_FILES_MAX {
+            out.extend_from_slice(format!("f{i}\0").as_bytes());
+        }
+        assert!(parse_listing(&out).unwrap_err().contains("more than"));
+    }
+
+    #[test]
+    fn a_quoted_word_survives_the_shell() {
+        let q = sh_quote("/tmp/it's $(x) `y`");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {q}"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/tmp/it's $(x) `y`");
+    }
+
+    #[test]
+    fn local_parents_do_not_follow_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), t.path().join("sub")).unwrap();
+        let e = make_parents(t.path(), "sub/x").unwrap_err();
+        assert!(format!("{e}").contains("not a directory"), "{e}");
+        let p = make_parents(t.path(), "a/b/c").unwrap();
+        assert_eq!(p, t.path().join("a/b/c"));
+        assert!(t.path().join("a/b").is_dir());
+    }
 }

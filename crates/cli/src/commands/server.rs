@@ -121,6 +121,15 @@ pub struct Args {
     /// Largest output file a saved script run ships back into the object store, in bytes [default: 5 GiB]
     #[arg(long, value_name = "BYTES")]
     script_output_max: Option<u64>,
+    /// Buckets (names, * globs; comma-separated) that output to S3 may go to and s3:// script
+    /// inputs may come from [default: only the object store's own bucket]
+    #[arg(
+        long,
+        env = "FLEETRUN_ALLOWED_BUCKETS",
+        value_name = "PATTERN,...",
+        value_delimiter = ','
+    )]
+    allowed_buckets: Option<Vec<String>>,
     /// Longest wait for a request head, also between requests on a kept-alive connection [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     header_read_timeout: Option<Duration>,
@@ -212,6 +221,7 @@ struct ServerFile {
     object_store: Option<super::object_store::ObjectStoreFile>,
     script_input_ca: Option<PathBuf>,
     script_output_max: Option<u64>,
+    allowed_buckets: Option<Vec<String>>,
     session_recording: Option<bool>,
     record_input: Option<bool>,
     /// "close" or "continue".
@@ -378,6 +388,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
             .script_output_max
             .or(file.script_output_max)
             .unwrap_or(fleetrun_server::scripts::runner::OUTPUT_MAX_DEFAULT),
+        allowed_buckets: args.allowed_buckets.or(file.allowed_buckets),
         header_read_timeout,
         body_read_timeout,
         agent_handshake_timeout,
@@ -533,6 +544,7 @@ mod tests {
             secrets_key_file: None,
             script_input_ca: None,
             script_output_max: None,
+            allowed_buckets: None,
             header_read_timeout: None,
             body_read_timeout: None,
             agent_handshake_timeout: None,

@@ -505,3 +505,217 @@ fn a_directory_goes_up_with_r() {
     assert_eq!(std::fs::read(placed.join("sub/deeper/c")).unwrap(), b"");
     assert_eq!(names(&placed), ["a.txt", "link", "sub"]);
 }
+
+/// `cp -r NODE:DIR LOCAL` gets every regular file under DIR (listed by `find` on the node) into
+/// LOCAL with its relative path; symlinks on the node are skipped (one pointing out of the tree
+/// brings nothing), a tree deeper than the limit is refused, a path with shell characters is
+/// quoted, a missing directory is named.
+#[test]
+fn a_directory_comes_down_with_r() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "cp-down", &[]);
+    let node = server.node_id("cp-down");
+    server.wait_online("cp-down");
+    let remote = tempfile::tempdir().expect("tempdir");
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::fs::write(outside.path().join("secret"), b"outside").unwrap();
+    let marker = remote.path().join("pwned");
+    // The directory's name would run a command if it were not quoted.
+    let tree = remote
+        .path()
+        .join(format!("it's $(touch {})", marker.display()));
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::create_dir_all(tree.join("empty")).unwrap();
+    std::fs::write(tree.join("a.txt"), b"a").unwrap();
+    std::fs::write(tree.join("sub/b.bin"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(tree.join("sub/deeper/c"), b"").unwrap();
+    std::fs::set_permissions(tree.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), tree.join("out-file")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), tree.join("out-dir")).unwrap();
+    let local = tempfile::tempdir().expect("tempdir");
+    let into = local.path().join("copy");
+    let src = format!("{node}:{}", tree.display());
+
+    let out = run(server.cli_cmd(&["cp", &src, into.to_str().unwrap()]), LIMIT);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("is a directory"), "{}", out.stderr);
+
+    let out = run(
+        server.cli_cmd(&["cp", "-r", &src, into.to_str().unwrap()]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("3 files, 300001 bytes"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("out-file: a symlink"), "{}", out.stderr);
+    assert!(out.stderr.contains("out-dir: a symlink"), "{}", out.stderr);
+    assert!(!marker.exists(), "the path ran as a command");
+    assert_eq!(std::fs::read(into.join("a.txt")).unwrap(), b"a");
+    assert_eq!(
+        std::fs::metadata(into.join("a.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    assert_eq!(
+        std::fs::read(into.join("sub/b.bin")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    assert_eq!(std::fs::read(into.join("sub/deeper/c")).unwrap(), b"");
+    assert_eq!(names(&into), ["a.txt", "sub"], "no symlink, no empty dir");
+    assert_eq!(
+        names(&into.join("sub")),
+        ["b.bin", "deeper"],
+        "no temp file"
+    );
+
+    // JSON: one entry a file, and the gets are in the trail.
+    let again = local.path().join("again");
+    let out = run(
+        server.cli_cmd(&["cp", "-r", &src, again.to_str().unwrap(), "-o", "json"]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let files = out.json();
+    let mut paths: Vec<&str> = files
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    paths.sort();
+    let base = tree.display().to_string();
+    assert_eq!(
+        paths,
+        [
+            format!("{base}/a.txt"),
+            format!("{base}/sub/b.bin"),
+            format!("{base}/sub/deeper/c")
+        ]
+    );
+    wait_until("the gets in the trail", LIMIT, || {
+        let r = audited(&server, "cp.get");
+        (r.iter().filter(|r| r["result"] == "Done").count() >= 6).then_some(())
+    });
+
+    // Deeper than 32 levels: refused, nothing written.
+    let deep = remote.path().join("deep");
+    let mut d = deep.clone();
+    for _ in 0..33 {
+        d.push("d");
+    }
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("f"), b"x").unwrap();
+    let deep_into = local.path().join("deep");
+    let out = run(
+        server.cli_cmd(&[
+            "cp",
+            "-r",
+            &format!("{node}:{}", deep.display()),
+            deep_into.to_str().unwrap(),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("levels deep: at most 32 are copied"),
+        "{}",
+        out.stderr
+    );
+    assert!(!deep_into.exists());
+
+    // A directory the node does not have.
+    let out = run(
+        server.cli_cmd(&[
+            "cp",
+            "-r",
+            &format!("{node}:{}/nope", remote.path().display()),
+            local.path().to_str().unwrap(),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no directory"), "{}", out.stderr);
+
+    // A local symlink in the way is not written through.
+    let trap = local.path().join("trap");
+    std::fs::create_dir_all(&trap).unwrap();
+    let victim = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(victim.path(), trap.join("sub")).unwrap();
+    let out = run(
+        server.cli_cmd(&["cp", "-r", &src, trap.to_str().unwrap()]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("not a directory"), "{}", out.stderr);
+    assert!(names(victim.path()).is_empty());
+}
+
+/// `cp -r` with a target expression: a tree up to each node the expression matches, and each
+/// node's tree down into DIR/NODE_ID/.
+#[test]
+fn a_directory_goes_to_and_from_many_nodes_with_r() {
+    let server = Server::start();
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&server, &format!("tree-{i}"), &[("role", "tree")]))
+        .collect();
+    let ids: Vec<String> = (0..3)
+        .map(|i| server.node_id(&format!("tree-{i}")))
+        .collect();
+    for i in 0..3 {
+        server.wait_online(&format!("tree-{i}"));
+    }
+    let local = tempfile::tempdir().expect("tempdir");
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("x/y")).unwrap();
+    std::fs::write(tree.join("top"), b"top").unwrap();
+    let sha = generate(&tree.join("x/y/big"), 2 * 1024 * 1024 + 3);
+    let remote = tempfile::tempdir().expect("tempdir");
+    let dst = format!("tag:role=tree:{}/placed", remote.path().display());
+    // The agents share this disk: one at a time, each writes the same tree.
+    let out = run(
+        server.cli_cmd(&[
+            "cp",
+            "-r",
+            tree.to_str().unwrap(),
+            &dst,
+            "--max-concurrency",
+            "1",
+            "-o",
+            "json",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    let outcomes = out.json();
+    let outcomes = outcomes.as_array().expect("one outcome a node");
+    assert_eq!(outcomes.len(), 3);
+    for o in outcomes {
+        assert!(o["error"].is_null(), "{o}");
+        assert_eq!(o["files"].as_array().map(Vec::len), Some(2), "{o}");
+    }
+    let placed = remote.path().join("placed");
+    assert_eq!(std::fs::read(placed.join("top")).unwrap(), b"top");
+    assert_eq!(sha_of(&placed.join("x/y/big")), sha);
+
+    let into = local.path().join("down");
+    let out = run(
+        server.cli_cmd(&["cp", "-r", &dst, into.to_str().unwrap()]),
+        LIMIT,
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("3 of 3 nodes copied"), "{}", out.stderr);
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(names(&into), expected);
+    for id in &ids {
+        assert_eq!(std::fs::read(into.join(id).join("top")).unwrap(), b"top");
+        assert_eq!(sha_of(&into.join(id).join("x/y/big")), sha, "{id}");
+    }
+    drop(agents);
+}

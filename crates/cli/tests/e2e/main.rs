@@ -38,6 +38,7 @@ mod protocol_version;
 mod rate;
 mod recording;
 mod retention;
+mod s3_buckets;
 mod script_files;
 mod scripts;
 mod send;

@@ -16,11 +16,12 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// A server config file keeping the server's own objects in `fleet-objects` of the store: the
-/// output buckets share its endpoint, credentials and path style.
+/// output buckets share its endpoint, credentials and path style; `allowed_buckets` lets output
+/// go to the buckets these tests use (and no other).
 fn config(dir: &Path, s3: &S3Server) -> std::path::PathBuf {
     let path = dir.join("server.toml");
     let text = format!(
-        "[object_store]\nurl = \"s3://fleet-objects/fleet\"\nendpoint = \"{}\"\nallow_http = true\npath_style = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nregion = \"us-east-1\"\n",
+        "allowed_buckets = [\"ssm-out\", \"late-out\", \"after-*\"]\n[object_store]\nurl = \"s3://fleet-objects/fleet\"\nendpoint = \"{}\"\nallow_http = true\npath_style = true\naccess_key_id = \"test\"\nsecret_access_key = \"test\"\nregion = \"us-east-1\"\n",
         s3.url
     );
     std::fs::write(&path, text).expect("write config");
@@ -47,6 +48,7 @@ if sys.argv[1] == "send":
         ("long_prefix", {"OutputS3BucketName": "ssm-out", "OutputS3KeyPrefix": "p" * 501}),
         ("dot_prefix", {"OutputS3BucketName": "ssm-out", "OutputS3KeyPrefix": "a/../b"}),
         ("own_store", {"OutputS3BucketName": "fleet-objects", "OutputS3KeyPrefix": "fleet/files"}),
+        ("not_allowed", {"OutputS3BucketName": "someone-elses"}),
     ]:
         try:
             ssm.send_command(InstanceIds=[node], DocumentName="AWS-RunShellScript",
@@ -134,6 +136,10 @@ fn send_command_through_boto3_writes_the_output_at_ssm_keys() {
     starts(
         "dot_prefix",
         "InvalidParameters: \"a/../b\" is not a valid S3 key prefix",
+    );
+    starts(
+        "not_allowed",
+        "AccessDeniedException: this server may not write output to bucket someone-elses: it is not in the server's allowed_buckets (--allowed-buckets)",
     );
     starts(
         "own_store",

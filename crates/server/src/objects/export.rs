@@ -12,7 +12,7 @@
 //! restart are taken up at start.
 
 use crate::AppState;
-use crate::objects::{ObjectStoreConfig, S3Config, s3_builder};
+use crate::objects::buckets::Buckets;
 use crate::run::output::{pipe_prefix, read_stored};
 use bytes::Bytes;
 use fleetrun_proto::api::OutputS3;
@@ -23,7 +23,6 @@ use fleetrun_store::ExportRow;
 use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +33,6 @@ pub const CONCURRENCY: usize = 4;
 /// Size of the parts of a multipart upload (S3's smallest but the last): with one part in flight,
 /// an upload holds at most about two parts and a segment.
 pub const PART_BYTES: usize = 5 * 1024 * 1024;
-/// Bucket clients kept (one per bucket and region); past it the cache starts over.
-pub const CLIENTS_MAX: usize = 64;
 /// First retry delay after a failed export; it doubles per attempt up to [`RETRY_MAX`].
 pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest retry delay.
@@ -43,60 +40,20 @@ pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Longest time one upload attempt (both pipes) may take before it counts as failed.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// The bucket clients, built from the server's S3 settings (endpoint, region, credentials,
-/// path style, plain HTTP) or, without any, from the AWS environment.
+/// Output to S3 over the shared bucket clients ([`Buckets`]).
 pub struct Exports {
-    /// The server's own bucket and prefix, if its objects are in S3: output may not go there.
-    own: Option<(String, String)>,
-    template: S3Config,
-    /// Whether `template` is the server's own S3 settings (else the AWS environment's alone).
-    configured: bool,
-    /// The endpoint output URLs name (`None`: AWS).
-    endpoint: Option<String>,
-    /// The region when neither the command nor the settings name one.
-    region: String,
-    clients: Mutex<HashMap<(String, String), Arc<dyn ObjectStore>>>,
+    buckets: Arc<Buckets>,
 }
 
 impl Exports {
-    /// The clients for a server whose own objects go where `config` says.
-    pub fn new(config: &ObjectStoreConfig) -> Self {
-        let (template, configured) = match config {
-            ObjectStoreConfig::S3(s3) => (
-                S3Config {
-                    bucket: String::new(),
-                    prefix: String::new(),
-                    ..s3.clone()
-                },
-                true,
-            ),
-            ObjectStoreConfig::Local => (S3Config::default(), false),
-        };
-        let own = match config {
-            ObjectStoreConfig::S3(s3) => Some((s3.bucket.clone(), s3.prefix.clone())),
-            ObjectStoreConfig::Local => None,
-        };
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let endpoint = template
-            .endpoint
-            .clone()
-            .or_else(|| env("AWS_ENDPOINT_URL_S3"))
-            .or_else(|| env("AWS_ENDPOINT_URL"))
-            .map(|e| e.trim_end_matches('/').to_owned());
-        let region = template
-            .region
-            .clone()
-            .or_else(|| env("AWS_REGION"))
-            .or_else(|| env("AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|| "us-east-1".into());
-        Exports {
-            own,
-            template,
-            configured,
-            endpoint,
-            region,
-            clients: Mutex::new(HashMap::new()),
-        }
+    /// Exports through `buckets` (shared with script inputs).
+    pub fn new(buckets: Arc<Buckets>) -> Self {
+        Exports { buckets }
+    }
+
+    /// Refuses a bucket the server may not write to ([`Buckets::check_allowed`]).
+    pub fn check_allowed(&self, t: &OutputS3) -> Result<(), String> {
+        self.buckets.check_allowed(&t.bucket, "write output to")
     }
 
     /// Refuses a bucket and prefix where the server keeps its own objects: a sender could
@@ -104,7 +61,7 @@ impl Exports {
     /// keys are `PREFIX/COMMAND_ID/...`: only the server's own prefix, or one under it, or any
     /// prefix when the server has none, can meet them.)
     pub fn check_not_own(&self, t: &OutputS3) -> Result<(), String> {
-        let Some((bucket, prefix)) = &self.own else {
+        let Some((bucket, prefix)) = &self.buckets.own else {
             return Ok(());
         };
         let given = t.prefix.trim_matches('/');
@@ -123,49 +80,20 @@ impl Exports {
         Ok(())
     }
 
-    fn region<'a>(&'a self, t: &'a OutputS3) -> &'a str {
-        if t.region.is_empty() {
-            &self.region
-        } else {
-            &t.region
-        }
-    }
-
     /// The client of a command's bucket (built once, then cached).
     fn client(&self, t: &OutputS3) -> Result<Arc<dyn ObjectStore>, String> {
-        let key = (t.bucket.clone(), t.region.clone());
-        if let Some(c) = self.clients.lock().get(&key) {
-            return Ok(c.clone());
-        }
-        let mut config = S3Config {
-            bucket: t.bucket.clone(),
-            ..self.template.clone()
-        };
-        if !t.region.is_empty() {
-            config.region = Some(t.region.clone());
-        }
-        let client: Arc<dyn ObjectStore> = Arc::new(
-            s3_builder(&config, self.configured)
-                .build()
-                .map_err(|e| format!("cannot make a client for bucket {}: {e}", t.bucket))?,
-        );
-        let mut clients = self.clients.lock();
-        if clients.len() >= CLIENTS_MAX {
-            clients.clear();
-        }
-        clients.insert(key, client.clone());
-        Ok(client)
+        self.buckets.client(&t.bucket, &t.region)
     }
 
     /// The URL of an output object, as SSM gives it (`https://s3.REGION.amazonaws.com/BUCKET/KEY`,
     /// or `ENDPOINT/BUCKET/KEY` for a store at another endpoint).
     pub fn url(&self, t: &OutputS3, key: &str) -> String {
         let key = encode_key(key);
-        match &self.endpoint {
+        match self.buckets.endpoint() {
             Some(e) => format!("{e}/{}/{key}", t.bucket),
             None => format!(
                 "https://s3.{}.amazonaws.com/{}/{key}",
-                self.region(t),
+                self.buckets.region(&t.region),
                 t.bucket
             ),
         }
@@ -464,13 +392,12 @@ mod tests {
             key(&bare, &cmd, &node, &dir, Pipe::Stdout),
             format!("{cmd}/{node}/awsrunShellScript/0.awsrunShellScript/stdout")
         );
+        let mut buckets = Buckets::new(&crate::objects::ObjectStoreConfig::Local, None);
+        buckets.own = Some(("fleet".into(), "prod".into()));
+        buckets.endpoint = None;
+        buckets.region = "us-east-2".into();
         let aws = Exports {
-            own: Some(("fleet".into(), "prod".into())),
-            template: S3Config::default(),
-            configured: false,
-            endpoint: None,
-            region: "us-east-2".into(),
-            clients: Mutex::new(HashMap::new()),
+            buckets: Arc::new(buckets),
         };
         assert_eq!(
             aws.url(&t, "a b/c"),
@@ -480,9 +407,11 @@ mod tests {
             aws.url(&bare, "k"),
             "https://s3.eu-west-1.amazonaws.com/out/k"
         );
+        let mut buckets = Buckets::new(&crate::objects::ObjectStoreConfig::Local, None);
+        buckets.own = Some(("fleet".into(), "prod".into()));
+        buckets.endpoint = Some("http://127.0.0.1:9000".into());
         let local = Exports {
-            endpoint: Some("http://127.0.0.1:9000".into()),
-            ..aws
+            buckets: Arc::new(buckets),
         };
         assert_eq!(local.url(&t, "k"), "http://127.0.0.1:9000/out/k");
         let mine = |bucket: &str, prefix: &str| OutputS3 {

@@ -5,6 +5,7 @@
 //! command that has output to keep. [`api`] serves the objects kept for users (`/v1/objects`).
 
 pub mod api;
+pub mod buckets;
 pub mod export;
 
 use anyhow::Context;

@@ -159,6 +159,10 @@ pub async fn send_command(
     if let Some(s3) = &checked.output_s3 {
         state
             .exports
+            .check_allowed(s3)
+            .map_err(|m| invalid(Code::AccessDenied, m))?;
+        state
+            .exports
             .check_not_own(s3)
             .map_err(|m| invalid(Code::InvalidParameters, m))?;
     }

@@ -1,7 +1,8 @@
 //! A saved script's input, made ready once per run: an object of the store is used where it lies;
-//! an `https://` URL is fetched by the server, streamed into the object store (never whole in
-//! memory) while its size and SHA-256 are measured, so every node of the run gets the same bytes
-//! from one fetch.
+//! an `https://` URL is fetched by the server, and an `s3://bucket/key` of another bucket read
+//! (in ranges of [`S3_RANGE`] bytes, through the bucket clients output to S3 uses, only from a
+//! bucket of `allowed_buckets`), streamed into the object store (never whole in memory) while its
+//! size and SHA-256 are measured, so every node of the run gets the same bytes from one fetch.
 //!
 //! The fetch is a request the server makes on a user's behalf, so it is fenced: `https://` only
 //! (redirects too, at most [`REDIRECTS_MAX`]), no user info, names resolved by a resolver that
@@ -11,6 +12,7 @@
 
 use crate::errors::{Code, Error};
 use crate::objects::WriteError;
+use crate::objects::buckets::Buckets;
 use fleetrun_store::Store;
 use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
@@ -20,6 +22,9 @@ use std::time::Duration;
 
 /// Redirects one fetch follows.
 pub const REDIRECTS_MAX: usize = 5;
+/// Bytes of an `s3://` input read per request (each request is bounded in time; a whole
+/// object in one would not be).
+pub const S3_RANGE: u64 = 8 * 1024 * 1024;
 
 /// An input ready for a run: where its bytes are in the object store, their size and SHA-256.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,12 +65,18 @@ impl Default for FetchLimits {
 pub struct Fetcher {
     client: reqwest::Client,
     max_bytes: u64,
+    /// The bucket clients (shared with output to S3) and the buckets allowed.
+    buckets: std::sync::Arc<Buckets>,
 }
 
 impl Fetcher {
     /// A fetcher trusting the system's roots and, when given, the CA certificates (PEM) in
-    /// `extra_ca` (for an internal artifact server).
-    pub fn new(extra_ca: Option<&Path>, limits: FetchLimits) -> anyhow::Result<Fetcher> {
+    /// `extra_ca` (for an internal artifact server); `s3://` inputs through `buckets`.
+    pub fn new(
+        extra_ca: Option<&Path>,
+        limits: FetchLimits,
+        buckets: std::sync::Arc<Buckets>,
+    ) -> anyhow::Result<Fetcher> {
         use anyhow::Context;
         let mut builder = reqwest::Client::builder()
             .https_only(true)
@@ -104,6 +115,104 @@ impl Fetcher {
         Ok(Fetcher {
             client,
             max_bytes: limits.max_bytes,
+            buckets,
+        })
+    }
+
+    /// Reads `s3://bucket/key` (of a bucket other than the server's own store, and allowed) into
+    /// `dest`: its size and SHA-256. Nothing is left at `dest` when it fails.
+    pub async fn fetch_s3_into(
+        &self,
+        uri: &str,
+        objects: &dyn ObjectStore,
+        dest: &ObjectPath,
+    ) -> Result<Staged, Error> {
+        use futures_util::StreamExt;
+        use object_store::{GetOptions, GetRange, ObjectStoreExt};
+        let unavailable = |why: String| {
+            Error::new(
+                Code::ScriptInputUnavailable,
+                format!("cannot read the input {uri}: {why}"),
+            )
+        };
+        let rest = uri.strip_prefix("s3://").unwrap_or(uri);
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        self.buckets
+            .check_allowed(bucket, "read an input from")
+            .map_err(|m| Error::new(Code::AccessDenied, m))?;
+        if let Some((own, prefix)) = &self.buckets.own
+            && own == bucket
+            && (prefix.is_empty() || key == prefix || key.starts_with(&format!("{prefix}/")))
+        {
+            // Its objects are read with their keys, under the objects' own authorization.
+            return Err(Error::new(
+                Code::InvalidScript,
+                format!(
+                    "the input {uri} is inside this server's own store: name the object's key (as `fleetrun objects ls` shows it)"
+                ),
+            ));
+        }
+        let path = ObjectPath::parse(key).map_err(|e| unavailable(format!("bad key: {e}")))?;
+        let client = self.buckets.client(bucket, "").map_err(unavailable)?;
+        let why = |e: object_store::Error| match e {
+            object_store::Error::NotFound { .. } => {
+                "no such key in the bucket (or no such bucket)".to_owned()
+            }
+            e => e.to_string(),
+        };
+        let head = client.head(&path).await.map_err(|e| unavailable(why(e)))?;
+        if head.size > self.max_bytes {
+            return Err(unavailable(format!(
+                "it is {} bytes, over the limit of {}",
+                head.size, self.max_bytes
+            )));
+        }
+        // One range at a time, each read only if the object is still the one first seen.
+        let size = head.size;
+        let etag = head.e_tag.clone();
+        let ranges = futures_util::stream::iter((0..size.div_ceil(S3_RANGE)).map(|i| {
+            let start = i * S3_RANGE;
+            start..(start + S3_RANGE).min(size)
+        }))
+        .then(move |r| {
+            let (client, path, etag) = (client.clone(), path.clone(), etag.clone());
+            async move {
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(r)),
+                    if_match: etag,
+                    ..GetOptions::default()
+                };
+                client.get_opts(&path, opts).await?.bytes().await
+            }
+        });
+        let written =
+            crate::objects::write_streamed(objects, dest, Box::pin(ranges), self.max_bytes).await;
+        let (got, sha256) = written.map_err(|e| match e {
+            WriteError::Source(object_store::Error::Precondition { .. }) => {
+                unavailable("the object changed while it was read".into())
+            }
+            WriteError::Source(e) => unavailable(why(e)),
+            WriteError::TooLarge => {
+                unavailable(format!("it is over the limit of {} bytes", self.max_bytes))
+            }
+            WriteError::Store(e) => {
+                tracing::error!(%dest, "cannot store a script input: {e}");
+                Error::new(
+                    Code::Unavailable,
+                    "the object store did not take the script's input; try again",
+                )
+            }
+        })?;
+        if got != size {
+            let _ = objects.delete(dest).await;
+            return Err(unavailable(format!(
+                "read {got} bytes of the {size} the bucket listed"
+            )));
+        }
+        Ok(Staged {
+            path: dest.clone(),
+            size,
+            sha256,
         })
     }
 
@@ -184,7 +293,7 @@ fn reqwest_why(e: &reqwest::Error) -> String {
 }
 
 /// Makes `uri` (a script's input) ready for a run: an object key is used where it lies; an
-/// `https://` URL is fetched into `dest`. `s3://` URIs of other buckets are not served yet.
+/// `https://` URL is fetched into `dest`, an `s3://bucket/key` read into it.
 pub async fn stage(
     uri: &str,
     store: &Store,
@@ -197,12 +306,7 @@ pub async fn stage(
         return fetcher.fetch_into(uri, objects, dest).await;
     }
     if uri.starts_with("s3://") {
-        return Err(Error::new(
-            Code::ScriptInputUnavailable,
-            format!(
-                "the input {uri}: s3:// inputs are not served yet; put the object with `fleetrun objects put` and name its key"
-            ),
-        ));
+        return fetcher.fetch_s3_into(uri, objects, dest).await;
     }
     let row = store.get_object(uri).await?.ok_or_else(|| {
         Error::new(

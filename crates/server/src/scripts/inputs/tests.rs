@@ -148,7 +148,7 @@ async fn setup(limits: FetchLimits) -> Setup {
     std::fs::create_dir(&objects_dir).expect("objects dir");
     Setup {
         base,
-        fetcher: Fetcher::new(Some(&ca_path), limits).expect("fetcher"),
+        fetcher: Fetcher::new(Some(&ca_path), limits, local_buckets()).expect("fetcher"),
         objects: LocalFileSystem::new_with_prefix(&objects_dir).expect("local store"),
         _dir: dir,
     }
@@ -239,11 +239,19 @@ async fn an_input_url_to_a_metadata_address_or_with_user_info_is_refused_before_
 #[tokio::test]
 async fn an_untrusted_certificate_is_refused() {
     let s = setup(FetchLimits::default()).await;
-    let plain = Fetcher::new(None, FetchLimits::default()).expect("fetcher");
+    let plain = Fetcher::new(None, FetchLimits::default(), local_buckets()).expect("fetcher");
     let url = format!("{}/big", s.base);
     let e = plain
         .fetch_into(&url, &s.objects, &dest())
         .await
         .expect_err("an unknown CA is not trusted");
     assert!(e.message.contains("certificate"), "{}", e.message);
+}
+
+/// The bucket clients of a server with a local store and no `allowed_buckets`.
+fn local_buckets() -> std::sync::Arc<crate::objects::buckets::Buckets> {
+    std::sync::Arc::new(crate::objects::buckets::Buckets::new(
+        &crate::objects::ObjectStoreConfig::Local,
+        None,
+    ))
 }
