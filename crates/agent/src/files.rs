@@ -16,7 +16,7 @@
 
 use crate::streams::{Credit, Ended, Input, Stop, Streams, Tag, stopped};
 use fleetrun_proto::channel::AgentFrame;
-use fleetrun_proto::stream::{STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, StreamFd, partial_name};
+use fleetrun_proto::stream::{STREAM_FRAME_MAX, STREAM_WINDOW_BULK, StreamFd, partial_name};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -371,7 +371,7 @@ impl Streams {
                 // Ready: the first grant of the input window tells the server so.
                 AgentFrame::StreamCredit {
                     stream,
-                    bytes: STREAM_WINDOW_DEFAULT,
+                    bytes: STREAM_WINDOW_BULK,
                 },
             ],
         );
@@ -465,7 +465,7 @@ impl Streams {
                 },
                 AgentFrame::StreamCredit {
                     stream,
-                    bytes: STREAM_WINDOW_DEFAULT,
+                    bytes: STREAM_WINDOW_BULK,
                 },
             ],
         );

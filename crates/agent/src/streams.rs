@@ -25,7 +25,8 @@ use crate::shell::{self, ShellSpec};
 use crate::user;
 use fleetrun_proto::channel::AgentFrame;
 use fleetrun_proto::stream::{
-    RecvWindow, STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, SendWindow, StreamFd, StreamKind, StreamNo,
+    RecvWindow, STREAM_FRAME_MAX, STREAM_WINDOW_BULK, STREAM_WINDOW_DEFAULT, SendWindow, StreamFd,
+    StreamKind, StreamNo,
 };
 use nix::sys::signal::Signal;
 use parking_lot::Mutex;
@@ -202,6 +203,12 @@ impl Streams {
         if let Err(e) = kind.check() {
             return refused(format!("bad stream: {e}"));
         }
+        // Port forwards may be many at once: they keep the smaller window.
+        let input_window = if matches!(kind, StreamKind::Tcp { .. }) {
+            STREAM_WINDOW_DEFAULT
+        } else {
+            STREAM_WINDOW_BULK
+        };
         let what = match kind {
             StreamKind::Exec { pty: true, .. } => {
                 return refused(
@@ -285,7 +292,7 @@ impl Streams {
                 Handle {
                     serial,
                     input: input_tx,
-                    recv: RecvWindow::new(STREAM_WINDOW_DEFAULT),
+                    recv: RecvWindow::new(input_window),
                     credit: Arc::clone(&credit),
                     stop: stop_tx,
                 },
@@ -742,7 +749,7 @@ impl Streams {
             generation,
             [AgentFrame::StreamCredit {
                 stream,
-                bytes: STREAM_WINDOW_DEFAULT,
+                bytes: STREAM_WINDOW_BULK,
             }],
         );
 

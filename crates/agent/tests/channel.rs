@@ -8,7 +8,9 @@ use fleetrun_proto::channel::{
     AgentFrame, ErrorCode, Outcome, Pipe, RunRequest, ServerFrame, StreamId,
 };
 use fleetrun_proto::limits::OUTPUT_WINDOW;
-use fleetrun_proto::stream::{STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, StreamFd, StreamKind};
+use fleetrun_proto::stream::{
+    STREAM_FRAME_MAX, STREAM_WINDOW_BULK, STREAM_WINDOW_DEFAULT, StreamFd, StreamKind,
+};
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::version::{PROTOCOL_VERSION, PROTOCOL_VERSION_HEADER};
 use fleetrun_proto::{CommandId, NodeId};
@@ -887,7 +889,7 @@ async fn an_exec_stream_carries_stdout_stderr_and_the_exit_code() {
     )
     .await;
     let seen = stream_until_close(&mut ws, 1, 65_536, false).await;
-    assert_eq!(seen.input_credit, [STREAM_WINDOW_DEFAULT]);
+    assert_eq!(seen.input_credit, [STREAM_WINDOW_BULK]);
     assert_eq!(seen.stdout, b"hi\n");
     assert_eq!(seen.stderr, b"err\n");
     assert_eq!(seen.exit, Some((3, None)));
@@ -1205,9 +1207,9 @@ async fn bad_stream_frames_are_refused_without_a_crash() {
     );
 
     // Past the input credit: stream 2's stdin is never read, so its whole window is used up
-    // by 8 full frames (no credit comes back) and the 9th byte overruns it.
+    // by full frames (no credit comes back) and the next byte overruns it.
     let full = vec![0u8; STREAM_FRAME_MAX];
-    let frames = STREAM_WINDOW_DEFAULT as usize / STREAM_FRAME_MAX;
+    let frames = STREAM_WINDOW_BULK as usize / STREAM_FRAME_MAX;
     for _ in 0..frames {
         let bytes = full.clone();
         send(&mut ws, ServerFrame::StreamData { stream: 2, bytes }).await;
@@ -1433,7 +1435,7 @@ async fn a_shell_command_runs_on_a_pty_of_the_size_asked_for() {
     assert!(out.contains("xterm-256color hi"), "{out}");
     assert!(out.contains("stdin-is-a-tty"), "{out}");
     assert!(seen.stderr.is_empty(), "a PTY has no separate stderr");
-    assert_eq!(seen.input_credit.first(), Some(&STREAM_WINDOW_DEFAULT));
+    assert_eq!(seen.input_credit.first(), Some(&STREAM_WINDOW_BULK));
     assert_eq!(seen.exit, Some((3, None)));
     assert_eq!(seen.closed, Some(None));
 }

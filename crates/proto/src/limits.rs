@@ -43,8 +43,13 @@ pub const STREAM_FRAME_MAX: usize = 128 * 1024;
 /// Largest credit either side may hold for a session stream (initial window plus grants not yet
 /// used): what one stream may have in flight, and so in the receiver's memory.
 pub const STREAM_WINDOW_MAX: u64 = 16 * 1024 * 1024;
-/// The window an agent grants for a session stream's input (the server's `StreamData` to it).
+/// The window an agent grants for a session stream's input (the server's `StreamData` to it), and
+/// the server for its output: port forwards, which may be many at once.
 pub const STREAM_WINDOW_DEFAULT: u64 = 1024 * 1024;
+/// The window of bulk streams (exec and shell input and output, file transfers): one 1 MiB
+/// window crossing CLI, server and agent held a stream near 300 MB/s on loopback, 4 MiB lets it
+/// run at about 400 (BENCHMARKS.md). Still what bounds a stream's memory on each side.
+pub const STREAM_WINDOW_BULK: u64 = 4 * 1024 * 1024;
 /// Most session streams open at once on one agent connection, whatever the agent's own cap.
 pub const STREAMS_PER_CONNECTION_MAX: usize = 256;
 

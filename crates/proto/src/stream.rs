@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 pub type StreamNo = u32;
 
 pub use crate::limits::{
-    STREAM_FRAME_MAX, STREAM_WINDOW_DEFAULT, STREAM_WINDOW_MAX, STREAMS_PER_CONNECTION_MAX,
+    STREAM_FRAME_MAX, STREAM_WINDOW_BULK, STREAM_WINDOW_DEFAULT, STREAM_WINDOW_MAX,
+    STREAMS_PER_CONNECTION_MAX,
 };
 /// Longest command of an `Exec` stream, in bytes (as a script of `Run`).
 pub const STREAM_COMMAND_MAX: usize = crate::limits::SCRIPT_MAX;

@@ -196,8 +196,9 @@ async fn an_exec_session_is_relayed_both_ways_and_audited() {
 async fn output_credit_is_granted_back_as_the_client_reads() {
     let (_server, mut agent, mut ws, stream) = start("yes").await;
     let chunk = vec![b'y'; 64 * 1024];
-    // The window is 1 MiB: half of it consumed earns a grant.
-    for _ in 0..8 {
+    // Half of the output window consumed earns a grant.
+    let half = (fleetrun_server::sessions::exec::OUTPUT_WINDOW / 2 / (64 * 1024)) as usize;
+    for _ in 0..half {
         let bytes = chunk.clone();
         agent
             .send(AgentFrame::StreamData {
@@ -207,7 +208,7 @@ async fn output_credit_is_granted_back_as_the_client_reads() {
             })
             .await;
     }
-    for _ in 0..8 {
+    for _ in 0..half {
         match hear(&mut ws).await {
             Heard::Bytes(TAG_STDOUT, b) => assert_eq!(b.len(), chunk.len()),
             other => panic!("expected stdout, got {other:?}"),
@@ -219,7 +220,7 @@ async fn output_credit_is_granted_back_as_the_client_reads() {
             _ => None,
         })
         .await;
-    assert_eq!(granted, 8 * 64 * 1024);
+    assert_eq!(granted, half as u64 * 64 * 1024);
 }
 
 /// The client leaving hangs the stream up on the agent; the agent's late answers about it are

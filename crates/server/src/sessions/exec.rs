@@ -27,7 +27,7 @@ use fleetrun_proto::api::SessionStatus;
 use fleetrun_proto::stream::client::{
     CLIENT_MESSAGE_MAX, ClientEvent, ExecRequest, ServerEvent, TAG_STDERR, TAG_STDIN, TAG_STDOUT,
 };
-use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, StreamFd, StreamKind};
+use fleetrun_proto::stream::{STREAM_WINDOW_BULK, StreamFd, StreamKind};
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::{AuditEntry, NewSession, SessionEnd};
 use futures_util::stream::{SplitSink, SplitStream};
@@ -40,7 +40,7 @@ use tokio::time::Instant;
 /// How long a client has to send its first message (what to run).
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output credit per stream: what the server may hold of a stream's output for a slow client.
-pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_DEFAULT;
+pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_BULK;
 /// Shortest time between two resizes sent to the agent; a newer size waits and replaces the older.
 pub const RESIZE_INTERVAL: Duration = Duration::from_millis(50);
 

@@ -24,7 +24,7 @@ use fleetrun_proto::NodeId;
 use fleetrun_proto::stream::client::{
     CLIENT_MESSAGE_MAX, ClientEvent, ServerEvent, TAG_STDIN, TAG_STDOUT,
 };
-use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, StreamKind};
+use fleetrun_proto::stream::{STREAM_WINDOW_BULK, StreamKind};
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::AuditEntry;
 use futures_util::{SinkExt, StreamExt};
@@ -34,7 +34,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Output credit per transfer: what the server may hold of a get's bytes for a slow client.
-pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_DEFAULT;
+pub const OUTPUT_WINDOW: u64 = STREAM_WINDOW_BULK;
 
 /// A put's query.
 #[derive(Deserialize)]

@@ -7,7 +7,7 @@
 
 use super::streams::{AgentEvent, Input, StreamHandle, Streams};
 use fleetrun_proto::limits::STREAM_FRAME_MAX;
-use fleetrun_proto::stream::{STREAM_WINDOW_DEFAULT, StreamKind};
+use fleetrun_proto::stream::{STREAM_WINDOW_BULK, StreamKind};
 use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -36,7 +36,7 @@ impl Oneshot {
 
 fn open(streams: &Arc<Streams>, kind: StreamKind) -> Result<StreamHandle, String> {
     streams
-        .open(kind, STREAM_WINDOW_DEFAULT)
+        .open(kind, STREAM_WINDOW_BULK)
         .map_err(|e| e.to_string())
 }
 
