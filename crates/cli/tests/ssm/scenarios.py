@@ -823,6 +823,12 @@ def native_get(path):
     return http(req)
 
 
+def native_put(path, body):
+    req = urllib.request.Request(ENDPOINT + path, data=json.dumps(body).encode(), method="PUT",
+                                 headers={"Authorization": "Bearer " + TOKEN, "Content-Type": "application/json"})
+    return http(req)
+
+
 @scenario
 def a_secure_string_put_with_the_aws_cli_reaches_a_command_and_nothing_else():
     name, secret = f"{PS_ROOT}/db/pass", "s3cr3t-" + uuid.uuid4().hex
@@ -869,6 +875,11 @@ def a_secure_string_put_with_the_aws_cli_reaches_a_command_and_nothing_else():
     assert [(p["Name"], p["Type"], p["Value"]) for p in got["Parameters"]] == [
         (f"{PS_ROOT}/region", "String", "eu-west-3"), (f"{PS_ROOT}/zones", "StringList", "a,b,c")], got
     assert got["InvalidParameters"] == [f"{PS_ROOT}/nope"], got
+    # A plain put on the native API (which knows only plain and secure) keeps a StringList a StringList.
+    status, put = native_put("/v1/params/" + urllib.parse.quote(f"{PS_ROOT}/zones", safe=""), {"value": "d,e"})
+    assert status == 200 and put["version"] == 2 and put["value"] == "d,e", (status, put)
+    zones = SSM.get_parameter(Name=f"{PS_ROOT}/zones")["Parameter"]
+    assert (zones["Type"], zones["Value"], zones["Version"]) == ("StringList", "d,e", 2), zones
     # The audit trail has the puts, never the values.
     status, puts = native_get("/v1/audit?action=ssm.PutParameter&limit=10000")
     assert status == 200, puts

@@ -48,8 +48,19 @@ pub async fn put(
         .authz
         .require(&p, Action::ManageParams, Resource::Fleet)?;
     let by = p.name().to_owned();
+    checked_name(&name)?;
+    // This API knows only plain and secure; a plain put over a StringList (made through the SSM
+    // API) keeps it a StringList rather than silently changing its type.
+    let was_list = !req.secure
+        && state
+            .store
+            .get_param(&name)
+            .await?
+            .is_some_and(|row| row.list && matches!(row.value, StoredValue::Plain(_)));
     let ty = if req.secure {
         params::ParamType::SecureString
+    } else if was_list {
+        params::ParamType::StringList
     } else {
         params::ParamType::String
     };
@@ -65,7 +76,7 @@ pub async fn put(
     Ok(Json(view(ParamRow {
         name,
         value: stored.value,
-        list: false,
+        list: was_list,
         description: String::new(),
         allowed_pattern: String::new(),
         version: stored.version,
