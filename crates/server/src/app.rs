@@ -38,6 +38,8 @@ pub struct AppState {
     pub result_grace: Duration,
     /// The sessions running here (terminate, timeouts).
     pub sessions: crate::sessions::live::Live,
+    /// The sessions SSM's StartSession issued, waiting for their client to connect.
+    pub tickets: crate::sessions::tickets::Tickets,
     /// Keys of `/v1/objects` with an upload in progress.
     pub uploads: crate::objects::api::Uploads,
     /// The clients of the buckets commands write their output to (SSM's `OutputS3BucketName`).
@@ -231,6 +233,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             config.session_idle_timeout,
             config.session_max_duration,
         ),
+        tickets: Default::default(),
         recording: config.recording,
         handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
         handshakes_by_address: conn::Counter::default(),

@@ -97,6 +97,8 @@ pub enum Code {
     SessionNotFound,
     /// A session that is no longer running.
     SessionEnded,
+    /// A node a session cannot start on now (not connected, or its agent has no shells).
+    TargetNotConnected,
     /// An object key is not valid.
     InvalidObjectKey,
     /// No such object.
@@ -190,7 +192,7 @@ pub enum Code {
 
 impl Code {
     /// Every kind, for tables and tests.
-    pub const ALL: [Code; 83] = [
+    pub const ALL: [Code; 84] = [
         Code::InvalidRequest,
         Code::RequestRejected,
         Code::PayloadTooLarge,
@@ -230,6 +232,7 @@ impl Code {
         Code::InvocationNotFound,
         Code::SessionNotFound,
         Code::SessionEnded,
+        Code::TargetNotConnected,
         Code::InvalidObjectKey,
         Code::ObjectNotFound,
         Code::ObjectBusy,
@@ -318,6 +321,7 @@ impl Code {
             Code::InvocationNotFound => StatusCode::NOT_FOUND,
             Code::SessionNotFound => StatusCode::NOT_FOUND,
             Code::SessionEnded => StatusCode::CONFLICT,
+            Code::TargetNotConnected => StatusCode::CONFLICT,
             Code::InvalidObjectKey => StatusCode::BAD_REQUEST,
             Code::ObjectNotFound => StatusCode::NOT_FOUND,
             Code::ObjectBusy => StatusCode::CONFLICT,
@@ -407,6 +411,7 @@ impl Code {
             Code::InvocationNotFound => "InvocationNotFound",
             Code::SessionNotFound => "SessionNotFound",
             Code::SessionEnded => "SessionEnded",
+            Code::TargetNotConnected => "TargetNotConnected",
             Code::InvalidObjectKey => "InvalidObjectKey",
             Code::ObjectNotFound => "ObjectNotFound",
             Code::ObjectBusy => "ObjectBusy",
@@ -496,6 +501,7 @@ impl Code {
             Code::InvocationNotFound => "InvocationDoesNotExist",
             Code::SessionNotFound => "DoesNotExistException",
             Code::SessionEnded => "ValidationException",
+            Code::TargetNotConnected => "TargetNotConnected",
             Code::InvalidObjectKey => "ValidationException",
             Code::ObjectNotFound => "DoesNotExistException",
             Code::ObjectBusy => "ValidationException",
@@ -758,7 +764,7 @@ impl<D: FrontDoor> IntoResponse for Answered<D> {
 mod tests {
     use super::*;
 
-    const TABLE: [(Code, u16, &str, &str); 83] = [
+    const TABLE: [(Code, u16, &str, &str); 84] = [
         (
             Code::InvalidRequest,
             400,
@@ -967,6 +973,12 @@ mod tests {
             409,
             "SessionEnded",
             "ValidationException",
+        ),
+        (
+            Code::TargetNotConnected,
+            409,
+            "TargetNotConnected",
+            "TargetNotConnected",
         ),
         (
             Code::InvalidObjectKey,

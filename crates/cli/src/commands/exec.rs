@@ -69,10 +69,15 @@ pub(super) async fn open(
     node: &NodeId,
     req: &ExecRequest,
 ) -> anyhow::Result<Socket> {
-    let mut ws = client
+    let ws = client
         .socket(&format!("/v1/nodes/{node}/exec"))
         .await
         .with_context(|| format!("cannot open a session on {node}"))?;
+    start(ws, req).await
+}
+
+/// Sends what to run on a session socket (its first message).
+pub(super) async fn start(mut ws: Socket, req: &ExecRequest) -> anyhow::Result<Socket> {
     ws.send(Message::Text(serde_json::to_string(req)?.into()))
         .await
         .context("the server closed the session")?;

@@ -170,6 +170,26 @@ impl Ctx {
         )?;
         Client::new(&conn)
     }
+
+    /// A client for a session's stream URL (`ws://` or `wss://`, SSM StartSession's `StreamUrl`)
+    /// and its token, trusting what `client` would; with the URL's path.
+    fn stream_client(&self, url: &str, token: String) -> anyhow::Result<(Client, String)> {
+        let (scheme, rest) = match url.split_once("://") {
+            Some(("wss", rest)) => ("https", rest),
+            Some(("ws", rest)) => ("http", rest),
+            _ => anyhow::bail!("the stream URL {url} is not ws:// or wss://"),
+        };
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if host.is_empty() || path.is_empty() {
+            anyhow::bail!("the stream URL {url} has no host or no path");
+        }
+        let conn = config::resolve(
+            Some(format!("{scheme}://{host}")),
+            Some(token),
+            self.ca_cert.clone(),
+        )?;
+        Ok((Client::new(&conn)?, path.to_owned()))
+    }
 }
 
 /// Runs the parsed command line; the exit code tells success (0) from failure (1).

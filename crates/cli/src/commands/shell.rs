@@ -27,12 +27,16 @@ With -c CMD: the command, by `sh -c` without a PTY (exactly `fleetrun exec NODE 
 stderr apart, our stdin piped to it when it is not a terminal), or by the user's shell on a PTY
 with -t.
 
+With --stream-url URL --session-token TOKEN: the session SSM's StartSession started (its StreamUrl
+and TokenValue), which runs what StartSession said: the login shell, or AWS-StartInteractiveCommand's
+command, on a PTY. No API token is needed: the session token is good once, for 60 s.
+
 The exit status is the remote shell's or command's (128 + N when signal N ended it).")]
 pub struct Args {
     /// The node: its id; its name or IP address, or a target expression (tag:KEY=VALUE,
     /// tag-key:KEY, id:ID; terms ANDed), when exactly one node has it
-    #[arg(value_name = "NODE")]
-    node: String,
+    #[arg(value_name = "NODE", required_unless_present = "stream_url")]
+    node: Option<String>,
     /// Run this command instead of the interactive shell
     #[arg(short = 'c', long = "command", value_name = "CMD")]
     command: Option<String>,
@@ -45,6 +49,19 @@ pub struct Args {
     /// Working directory on the node (with -c and no PTY; a shell starts in the user's home)
     #[arg(long, value_name = "DIR", requires = "command", conflicts_with = "tty")]
     cwd: Option<String>,
+    /// Join the session SSM's StartSession started: its StreamUrl (the node, and the shell or
+    /// command, are the session's)
+    #[arg(long, value_name = "URL", conflicts_with_all = ["node", "command", "cwd"], requires = "session_token")]
+    stream_url: Option<String>,
+    /// StartSession's TokenValue, for --stream-url (good once, for 60 s)
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FLEETRUN_SESSION_TOKEN",
+        hide_env_values = true,
+        requires = "stream_url"
+    )]
+    session_token: Option<String>,
 }
 
 /// `TERM` sent when ours is unset or empty: what most terminal emulators are today.
@@ -60,8 +77,22 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
             "stdin is not a terminal: give the command with -c CMD (it reads our stdin), or -t for a PTY anyway"
         );
     }
-    let client = ctx.client()?;
-    let node = exec::resolve(&client, &args.node).await?;
+    let (client, path) = match (args.stream_url, args.session_token) {
+        (Some(url), Some(token)) => ctx.stream_client(&url, token)?,
+        _ => {
+            let client = ctx.client()?;
+            let given = args.node.unwrap_or_default();
+            let node = exec::resolve(&client, &given).await?;
+            (client, format!("/v1/nodes/{node}/exec"))
+        }
+    };
+    let open = async |req: &ExecRequest| {
+        let ws = client
+            .socket(&path)
+            .await
+            .context("cannot open the session")?;
+        exec::start(ws, req).await
+    };
     let mut req = ExecRequest {
         command: args.command.unwrap_or_default(),
         run_as: args.run_as.unwrap_or_default(),
@@ -72,7 +103,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
     if !pty {
         // `fleetrun exec`'s path, unchanged.
         let signals = exec::Signals::catch()?;
-        let ws = exec::open(&client, &node, &req).await?;
+        let ws = open(&req).await?;
         return exec::relay(ws, !stdin_is_tty, None, signals).await;
     }
     let (rows, cols) = window_size();
@@ -82,7 +113,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| TERM_DEFAULT.to_owned());
     req.pty = Some(PtyRequest { term, rows, cols });
     let signals = exec::Signals::catch()?;
-    let ws = exec::open(&client, &node, &req).await?;
+    let ws = open(&req).await?;
     let (size_tx, size_rx) = watch::channel((rows, cols));
     let follow = tokio::spawn(follow_window(size_tx));
     let raw = if stdin_is_tty {

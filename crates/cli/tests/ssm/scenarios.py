@@ -662,6 +662,90 @@ def sessions_are_described_and_terminated():
 
 
 @scenario
+def start_session_hands_out_a_stream_that_fleetrun_shell_joins_once():
+    # No API token: the session token alone opens the session.
+    env = {k: v for k, v in os.environ.items() if k not in ("FLEETRUN_TOKEN", "FLEETRUN_SERVER")}
+    env["FLEETRUN_CONFIG"] = os.path.join(SCRATCH, "cli-start-session.toml")
+    if os.environ.get("AWS_CA_BUNDLE"):
+        env["FLEETRUN_CA_CERT"] = os.environ["AWS_CA_BUNDLE"]
+
+    def join(started, *extra, typed=b""):
+        return subprocess.run(
+            [os.environ["FLEETRUN_CLI"], "shell", "-t", "--stream-url", started["StreamUrl"], *extra],
+            env=dict(env, FLEETRUN_SESSION_TOKEN=started["TokenValue"]),
+            input=typed, capture_output=True, timeout=60)
+
+    def history(sid):
+        return wait_for(f"session {sid} in the history", lambda: SSM.describe_sessions(
+            State="History", Filters=[{"key": "SessionId", "value": sid}])["Sessions"])
+
+    started = SSM.start_session(Target=WEB1, DocumentName="AWS-StartInteractiveCommand",
+                                Parameters={"command": ["echo ticket-$((6*7))"]}, Reason="runbook step 3")
+    sid = started["SessionId"]
+    assert started["StreamUrl"].split("://")[0] in ("ws", "wss"), started
+    assert started["StreamUrl"].endswith(f"/v1/sessions/{sid}/stream") and len(started["TokenValue"]) >= 64, started
+    # Nothing runs until the client comes; a wrong token is refused and leaves the ticket usable.
+    assert SSM.describe_sessions(State="Active", Filters=[{"key": "SessionId", "value": sid}])["Sessions"] == []
+    wrong = join(dict(started, TokenValue="0" * 64))
+    assert wrong.returncode != 0 and b"no session ticket" in wrong.stderr, (wrong.returncode, wrong.stderr)
+    p = join(started)
+    assert p.returncode == 0 and b"ticket-42" in p.stdout, (p.returncode, p.stdout, p.stderr)
+    ended = history(sid)
+    assert ended[0]["Target"] == WEB1 and ended[0]["DocumentName"] == "AWS-StartInteractiveCommand", ended
+    assert ended[0]["Owner"].endswith(":user/admin") and "ticket-" in ended[0]["Details"], ended
+    # A token is good once.
+    again = join(started)
+    assert again.returncode != 0 and b"no session ticket" in again.stderr, (again.returncode, again.stderr)
+
+    # The default document is the login shell, typed into.
+    started = SSM.start_session(Target=WEB1)
+    p = join(started, typed=b"echo shell-$((6*7)); exit 3\n")
+    assert p.returncode == 3 and b"shell-42" in p.stdout, (p.returncode, p.stdout, p.stderr)
+    assert history(started["SessionId"])[0]["DocumentName"] == "SSM-SessionManagerRunShell"
+    # A session for a command cannot be joined as another command (the CLI's -c is refused outright).
+    p = join(SSM.start_session(Target=WEB1), "-c", "id")
+    assert p.returncode != 0 and b"cannot be used with" in p.stderr, p.stderr
+
+    # `aws ssm start-session` runs `session-manager-plugin`: fleetrun, linked under that name.
+    plugin_dir = os.path.join(SCRATCH, "plugin-bin")
+    os.makedirs(plugin_dir, exist_ok=True)
+    link = os.path.join(plugin_dir, "session-manager-plugin")
+    if not os.path.lexists(link):
+        os.symlink(os.environ["FLEETRUN_CLI"], link)
+    cli_env = dict(os.environ, PATH=plugin_dir + os.pathsep + os.environ["PATH"])
+    p = subprocess.run([AWS, "--endpoint-url", ENDPOINT, "ssm", "start-session", "--target", WEB2,
+                        "--document-name", "AWS-StartInteractiveCommand",
+                        "--parameters", "command=echo plugin-$((6*7))"],
+                       env=cli_env, input=b"", capture_output=True, timeout=120)
+    assert p.returncode == 0 and b"plugin-42" in p.stdout, (p.returncode, p.stdout, p.stderr)
+    # Without the plugin, the AWS CLI terminates the session it started (its ticket goes) and says so.
+    bare = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not os.path.exists(os.path.join(d, "session-manager-plugin")))
+    p = subprocess.run([AWS, "--endpoint-url", ENDPOINT, "ssm", "start-session", "--target", WEB2],
+                       env=dict(os.environ, PATH=bare), capture_output=True, timeout=120)
+    assert p.returncode != 0 and b"SessionManagerPlugin is not found" in p.stderr, (p.returncode, p.stderr)
+    started = SSM.start_session(Target=WEB2)
+    assert SSM.terminate_session(SessionId=started["SessionId"])["SessionId"] == started["SessionId"]
+    p = join(started)
+    assert p.returncode != 0 and b"no session ticket" in p.stderr, (p.returncode, p.stderr)
+
+    for kw, expected in [
+        (dict(Target=WEB1, DocumentName="AWS-StartPortForwardingSession",
+              Parameters={"portNumber": ["80"]}), ("InvalidDocument", "port-forward")),
+        (dict(Target=WEB1, DocumentName="My-Own-Session"), ("InvalidDocument", "not My-Own-Session")),
+        (dict(Target=WEB1, DocumentName="AWS-StartInteractiveCommand"), ("InvalidParameters", "command")),
+        (dict(Target=WEB1, DocumentName="AWS-StartInteractiveCommand",
+              Parameters={"command": ["id"], "colour": ["red"]}), ("InvalidParameters", "colour")),
+        (dict(Target=WEB1, Parameters={"command": ["id"]}), ("InvalidParameters", "command")),
+        (dict(Target="mi-0123456789abcdef0"), ("TargetNotConnected", "not connected")),
+        (dict(Target="not-an-instance"), ("TargetNotConnected", "not connected")),
+        (dict(Target=WEB1, Reason="x" * 257), ("ValidationException", "reason")),
+    ]:
+        code, msg = error_code(LOOSE.start_session, **kw)
+        assert (code, expected[1] in msg) == (expected[0], True), (code, msg, kw)
+
+
+@scenario
 def ec2_and_sts_lookups_that_ssm_tools_make():
     me = STS.get_caller_identity()
     assert me["Arn"].endswith(":user/admin") and me["Account"] == "000000000000", me

@@ -70,6 +70,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sessions", get(crate::sessions::api::list))
         .route("/v1/sessions/{session_id}", get(crate::sessions::api::get))
+        .route(SESSION_STREAM_ROUTE, get(crate::sessions::exec::ticketed))
         .route(
             "/v1/sessions/{session_id}/recording",
             get(crate::sessions::api::recording),
@@ -230,12 +231,28 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         ip,
         credential: credential.as_deref(),
     };
+    // A session stream's bearer is its ticket (SSM's StartSession), redeemed here once; every
+    // other route's is an API token.
+    let mut grant = None;
+    let ticket_for = session_stream_id(&route, req.uri().path());
+    let headers = req.headers();
+    let authenticate = async {
+        match ticket_for {
+            Some(session_id) => {
+                let ticket = redeem_ticket(&state, session_id, headers)?;
+                let principal = ticket.principal.clone();
+                grant = Some(ticket);
+                Ok(principal)
+            }
+            None => crate::access::authn::bearer(&state.store, headers).await,
+        }
+    };
     let admitted = gate::admit::<Native>(
         &state.auth_guard,
         &state.rate_limiter,
         &caller,
         &mut entry,
-        crate::access::authn::bearer(&state.store, req.headers()),
+        authenticate,
     )
     .await;
     let principal = match admitted {
@@ -253,6 +270,9 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
     };
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(principal.clone());
+    if let Some(ticket) = grant {
+        parts.extensions.insert(ticket);
+    }
     if crate::objects::api::is_streamed_upload(&parts.method, &route) {
         // The handler reads the body as it stores it; the trail keeps its summary of it.
         let resp = next.run(Request::from_parts(parts, body)).await;
@@ -300,6 +320,35 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         subject: "this route",
     };
     gate::conclude::<Native>(&state.store, entry, outcome, resp).await
+}
+
+/// The route a session ticket opens (the `StreamUrl` of SSM's StartSession).
+pub const SESSION_STREAM_ROUTE: &str = "/v1/sessions/{session_id}/stream";
+
+/// The session id of a request to [`SESSION_STREAM_ROUTE`].
+fn session_stream_id<'a>(route: &str, path: &'a str) -> Option<&'a str> {
+    if route != SESSION_STREAM_ROUTE {
+        return None;
+    }
+    path.strip_prefix("/v1/sessions/")?.strip_suffix("/stream")
+}
+
+/// Takes the ticket `Authorization: Bearer TOKEN` redeems for `session_id`.
+fn redeem_ticket(
+    state: &AppState,
+    session_id: &str,
+    headers: &axum::http::HeaderMap,
+) -> Result<crate::sessions::tickets::Ticket, crate::access::authn::AuthnError> {
+    let token = crate::access::authn::bearer_token(headers)?;
+    state.tickets.redeem(session_id, token).ok_or_else(|| {
+        crate::access::authn::AuthnError::Refused {
+            code: Code::Unauthorized,
+            message: format!(
+                "no session ticket {session_id} with that token: it was used, it expired ({} s after StartSession) or it never existed; call StartSession again",
+                crate::sessions::tickets::TICKET_TTL.as_secs()
+            ),
+        }
+    })
 }
 
 /// The native API's door: `{"error":{"code","message"}}` with the status of the kind.

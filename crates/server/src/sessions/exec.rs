@@ -1,4 +1,5 @@
-//! `GET /v1/nodes/{node_id}/exec`: a one-shot command on a node, or with a PTY a shell (the
+//! `GET /v1/nodes/{node_id}/exec` (and `/v1/sessions/{id}/stream`, a session SSM's StartSession
+//! issued, `super::tickets`): a one-shot command on a node, or with a PTY a shell (the
 //! login shell, or a command on a terminal), relayed live to the client's WebSocket (the messages
 //! are `fleetrun_proto::stream::client`). Authorized by the `shell` action on the node; opened and
 //! ended in the audit trail (`exec.open` / `exec.end`, with the session's kind, `exec` or
@@ -13,6 +14,7 @@
 
 use super::recording::{self, Outcome, Recording};
 use super::streams::{AgentEvent, Input, StreamHandle, Streams};
+use super::tickets::{Preset, Ticket};
 use crate::AppState;
 use crate::access::audit as trail;
 use crate::access::authz::{Action, Principal};
@@ -55,6 +57,33 @@ pub async fn exec(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let node: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
+    upgrade(state, p, node, addr, ws, None).await
+}
+
+/// `GET /v1/sessions/{session_id}/stream`: the session a ticket of SSM's StartSession names
+/// (redeemed by authentication, `crate::api`), on the ticket's node, running what the ticket
+/// says. Authorized again now: a policy changed since StartSession applies.
+pub async fn ticketed(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Extension(ticket): Extension<Ticket>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let node = ticket.node.clone();
+    upgrade(state, p, node, addr, ws, Some(ticket)).await
+}
+
+/// Upgrades once `p` may open a shell on `node`; with a ticket, the session takes its id and may
+/// run only what it says.
+async fn upgrade(
+    state: Arc<AppState>,
+    p: Principal,
+    node: NodeId,
+    addr: SocketAddr,
+    ws: WebSocketUpgrade,
+    ticket: Option<Ticket>,
+) -> Result<Response, ApiError> {
     state
         .authz
         .require_node(&state.store, &p, Action::Shell, &node)
@@ -64,6 +93,7 @@ pub async fn exec(
         principal: p.name().to_owned(),
         source: addr.to_string(),
         node: node.clone(),
+        ticket: ticket.map(|t| (t.session_id, t.preset)),
     };
     let Some(streams) = state.hub.streams(&node) else {
         let known = state
@@ -94,6 +124,8 @@ struct Session {
     principal: String,
     source: String,
     node: NodeId,
+    /// The session id and what may run, for a session StartSession issued.
+    ticket: Option<(String, Preset)>,
 }
 
 /// How a relay ended.
@@ -116,7 +148,13 @@ pub(super) type Source = SplitStream<WebSocket>;
 impl Session {
     async fn run(self, socket: WebSocket, streams: Arc<Streams>) {
         let (mut sink, mut source) = socket.split();
-        let req = match first_message(&mut source).await {
+        let first = first_message(&mut source)
+            .await
+            .and_then(|req| match &self.ticket {
+                Some((_, preset)) => ticket_allows(preset, req),
+                None => Ok(req),
+            });
+        let req = match first {
             Ok(req) => req,
             Err(message) => {
                 self.audit("exec.refused", serde_json::json!({}), &message)
@@ -133,8 +171,12 @@ impl Session {
         if let Some(p) = &req.pty {
             params["pty"] = serde_json::json!({"term": p.term, "rows": p.rows, "cols": p.cols});
         }
+        let session_id = match &self.ticket {
+            Some((id, _)) => id.clone(),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
         let mut record = NewSession {
-            session_id: uuid::Uuid::new_v4().to_string(),
+            session_id,
             kind: if pty { "shell" } else { "exec" }.into(),
             node_id: self.node.clone(),
             principal: self.principal.clone(),
@@ -267,8 +309,12 @@ impl Session {
     /// A refusal before the client said what to run (the node is not connected, its agent too
     /// old): a `Failed` record of kind `exec` without a command, and `exec.refused` naming it.
     async fn refused_early(&self, why: &str) {
+        let session_id = match &self.ticket {
+            Some((id, _)) => id.clone(),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
         let record = NewSession {
-            session_id: uuid::Uuid::new_v4().to_string(),
+            session_id,
             kind: "exec".into(),
             node_id: self.node.clone(),
             principal: self.principal.clone(),
@@ -390,6 +436,29 @@ async fn first_message(source: &mut Source) -> Result<ExecRequest, String> {
     })??;
     serde_json::from_str::<ExecRequest>(first.as_str())
         .map_err(|e| format!("bad first message: {e}"))
+}
+
+/// The first message of a ticket's session, if it asks for what the ticket allows: the login
+/// shell (on a PTY) for [`Preset::Shell`], the command (or none, meaning it) for
+/// [`Preset::Command`]. The client
+/// still picks the PTY's size, `TERM`, the environment and run-as, as on `/v1/nodes/{id}/exec`.
+fn ticket_allows(preset: &Preset, req: ExecRequest) -> Result<ExecRequest, String> {
+    match preset {
+        Preset::Shell if req.pty.is_none() || !req.command.is_empty() => Err(
+            "this session was started for the login shell: send an empty command with a \"pty\""
+                .into(),
+        ),
+        // An empty command is "the session's": a client need not repeat it.
+        Preset::Command(c) if req.command.is_empty() => Ok(ExecRequest {
+            command: c.clone(),
+            ..req
+        }),
+        Preset::Command(c) if req.command != *c => Err(format!(
+            "this session was started for the command {c:?}, not {:?}",
+            req.command
+        )),
+        _ => Ok(req),
+    }
 }
 
 /// What a first message asks the node to run: an `Exec` without a PTY, a `Shell` with one (an
@@ -622,4 +691,42 @@ pub(super) async fn refuse(mut sink: Sink, code: u16, message: &str) {
 
 pub(super) fn text(event: &ServerEvent) -> Message {
     Message::Text(serde_json::to_string(event).unwrap_or_default().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetrun_proto::stream::client::PtyRequest;
+
+    fn req(command: &str, pty: bool) -> ExecRequest {
+        ExecRequest {
+            command: command.into(),
+            run_as: String::new(),
+            env: Default::default(),
+            working_dir: String::new(),
+            pty: pty.then(|| PtyRequest {
+                term: "xterm".into(),
+                rows: 24,
+                cols: 80,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_ticket_runs_only_what_start_session_said() {
+        let shell = Preset::Shell;
+        assert!(ticket_allows(&shell, req("", true)).is_ok());
+        let e = ticket_allows(&shell, req("id", true)).expect_err("a command over a shell ticket");
+        assert!(e.contains("login shell"), "{e}");
+        assert!(
+            ticket_allows(&shell, req("", false)).is_err(),
+            "a shell needs a PTY"
+        );
+        let command = Preset::Command("uptime".into());
+        let filled = ticket_allows(&command, req("", true)).expect("the session's command");
+        assert_eq!(filled.command, "uptime");
+        assert!(ticket_allows(&command, req("uptime", false)).is_ok());
+        let e = ticket_allows(&command, req("rm -rf /", true)).expect_err("another command");
+        assert!(e.contains("not \"rm -rf /\""), "{e}");
+    }
 }

@@ -4,7 +4,8 @@
 //! a port forward's TCP connections, one data WebSocket each; [`files`] puts and gets files; [`live`] holds the running ones
 //! (terminate, timeouts); [`api`] lists, shows and terminates their records and serves their
 //! recordings, which [`recording`] writes. [`transfer`] drives streams from the server itself
-//! (a saved script run's helper commands and files).
+//! (a saved script run's helper commands and files). [`tickets`] are the sessions SSM's
+//! StartSession started, waiting for their client.
 
 pub mod api;
 pub mod exec;
@@ -13,4 +14,5 @@ pub mod forward;
 pub mod live;
 pub mod recording;
 pub mod streams;
+pub mod tickets;
 pub mod transfer;

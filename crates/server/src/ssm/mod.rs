@@ -292,6 +292,7 @@ async fn dispatch(
         "DeregisterManagedInstance" => {
             activations::deregister_managed_instance(state, p, parse(body)?).await
         }
+        "StartSession" => sessions::start_session(state, p, parse(body)?).await,
         "DescribeSessions" => sessions::describe_sessions(state, p, parse(body)?).await,
         "TerminateSession" => sessions::terminate_session(state, p, parse(body)?).await,
         "PutParameter" => params::put_parameter(state, p, parse(body)?).await,

@@ -246,6 +246,16 @@ pub struct DescribeSessionsRequest {
     pub filters: Option<Vec<SessionFilter>>,
 }
 
+/// StartSession's input.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct StartSessionRequest {
+    pub target: Option<String>,
+    pub document_name: Option<String>,
+    pub reason: Option<String>,
+    pub parameters: Option<BTreeMap<String, Vec<String>>>,
+}
+
 /// TerminateSession's input.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]

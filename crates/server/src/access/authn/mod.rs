@@ -76,8 +76,8 @@ pub fn sigv4_credential(headers: &HeaderMap) -> Option<String> {
     Some(format!("akid:{}", auth.access_key_id))
 }
 
-/// The principal a request's `Authorization: Bearer TOKEN` acts as.
-pub async fn bearer(store: &Store, headers: &HeaderMap) -> Result<Principal, AuthnError> {
+/// The TOKEN of a request's `Authorization: Bearer TOKEN`.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthnError> {
     let refused = |m: &str| AuthnError::refused(Code::Unauthorized, m);
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(refused(
@@ -89,11 +89,15 @@ pub async fn bearer(store: &Store, headers: &HeaderMap) -> Result<Principal, Aut
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return Err(refused(
-            "malformed Authorization header: expected `Bearer TOKEN`",
-        ));
-    };
+    token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| refused("malformed Authorization header: expected `Bearer TOKEN`"))
+}
+
+/// The principal a request's `Authorization: Bearer TOKEN` acts as.
+pub async fn bearer(store: &Store, headers: &HeaderMap) -> Result<Principal, AuthnError> {
+    let refused = |m: &str| AuthnError::refused(Code::Unauthorized, m);
+    let token = bearer_token(headers)?;
     // Looked up by hash: the comparison is the database's index lookup of a SHA-256, so timing
     // says nothing about how much of a guess was right.
     let (user, token_id) = store
