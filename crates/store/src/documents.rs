@@ -5,6 +5,7 @@ use super::{Result, Store};
 use fleetrun_proto::time::now_ms;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use std::collections::BTreeMap;
 
 /// Most documents (SSM: 500 per account).
 pub const DOCUMENTS_MAX: i64 = 500;
@@ -28,6 +29,8 @@ pub struct DocumentRow {
     pub latest_version: i64,
     /// Epoch ms.
     pub created_at: i64,
+    /// Tags (SSM's document tags).
+    pub tags: BTreeMap<String, String>,
 }
 
 /// One version of a document.
@@ -84,6 +87,7 @@ fn document_row(r: &SqliteRow) -> DocumentRow {
         default_version: r.get("default_version"),
         latest_version: r.get("latest_version"),
         created_at: r.get("created_at"),
+        tags: super::tags::parse_tags(r.get("tags")),
     }
 }
 
@@ -101,7 +105,7 @@ fn version_row(r: &SqliteRow) -> VersionRow {
 
 macro_rules! doc_columns {
     () => {
-        "d.name, d.document_type, d.document_format, d.owner, d.default_version, d.latest_version, d.created_at"
+        "d.name, d.document_type, d.document_format, d.owner, d.default_version, d.latest_version, d.created_at, d.tags"
     };
 }
 macro_rules! version_columns {
@@ -129,13 +133,14 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO documents (name, document_type, document_format, owner, default_version,
-                 latest_version, created_at) VALUES (?, ?, ?, ?, 1, 1, ?)",
+                 latest_version, created_at, tags) VALUES (?, ?, ?, ?, 1, 1, ?, ?)",
         )
         .bind(&doc.name)
         .bind(&doc.document_type)
         .bind(&doc.document_format)
         .bind(&doc.owner)
         .bind(doc.created_at)
+        .bind(serde_json::to_string(&doc.tags)?)
         .execute(&mut *tx)
         .await?;
         insert_version(&mut tx, &doc.name, 1, v).await?;

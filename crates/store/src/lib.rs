@@ -16,6 +16,7 @@ mod principals;
 mod scripts;
 mod sessions;
 mod ssm;
+mod tags;
 mod writer;
 
 pub use audit::AuditEntry;
@@ -35,6 +36,7 @@ pub use scripts::{
 };
 pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd, SessionQuery, SessionState};
 pub use ssm::{CommandMeta, CommandQuery};
+pub use tags::Tagged;
 
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

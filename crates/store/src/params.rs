@@ -4,6 +4,7 @@
 use super::{Result, Store};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use std::collections::BTreeMap;
 
 /// Most parameters (SSM's standard tier: 10,000).
 pub const PARAMS_MAX: i64 = 10_000;
@@ -36,6 +37,8 @@ pub struct ParamRow {
     pub updated_at: i64,
     /// Principal.
     pub updated_by: String,
+    /// Tags (the parameter's; a version keeps none).
+    pub tags: BTreeMap<String, String>,
 }
 
 // No Debug: a row may hold a secret (sealed, but still nothing for logs).
@@ -61,6 +64,8 @@ pub struct NewParam<'a> {
     pub at: i64,
     /// Principal.
     pub by: &'a str,
+    /// Tags of a new parameter (an existing one keeps its own).
+    pub tags: &'a BTreeMap<String, String>,
 }
 
 /// Outcome of a put.
@@ -93,6 +98,11 @@ fn param_row(r: &SqliteRow) -> ParamRow {
         version: r.get("version"),
         updated_at: r.get("updated_at"),
         updated_by: r.get("updated_by"),
+        // `param_versions` rows have no tags column.
+        tags: r
+            .try_get::<String, _>("tags")
+            .map(|t| super::tags::parse_tags(&t))
+            .unwrap_or_default(),
     }
 }
 
@@ -151,8 +161,8 @@ impl Store {
         let list = p.list && !secure;
         sqlx::query(
             "INSERT INTO params (name, secure, value, nonce, sealed, version, updated_at, updated_by,
-               list, description, allowed_pattern)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               list, description, allowed_pattern, tags)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET secure = excluded.secure, value = excluded.value,
                nonce = excluded.nonce, sealed = excluded.sealed, version = excluded.version,
                updated_at = excluded.updated_at, updated_by = excluded.updated_by,
@@ -170,6 +180,7 @@ impl Store {
         .bind(list)
         .bind(&description)
         .bind(&pattern)
+        .bind(serde_json::to_string(p.tags)?)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -280,6 +291,8 @@ impl Store {
 mod tests {
     use super::*;
 
+    static NO_TAGS: BTreeMap<String, String> = BTreeMap::new();
+
     fn put<'a>(name: &'a str, value: &'a StoredValue, overwrite: bool) -> NewParam<'a> {
         NewParam {
             name,
@@ -290,6 +303,7 @@ mod tests {
             overwrite,
             at: 1,
             by: "admin",
+            tags: &NO_TAGS,
         }
     }
 

@@ -604,12 +604,60 @@ def instance_tags_are_added_listed_used_and_removed():
     for fn, kw, expected in [
         (SSM.add_tags_to_resource, dict(ResourceType="ManagedInstance", ResourceId=unknown, Tags=[{"Key": "a", "Value": "b"}]), "InvalidResourceId"),
         (SSM.list_tags_for_resource, dict(ResourceType="ManagedInstance", ResourceId="i-nothing"), "InvalidResourceId"),
-        (SSM.add_tags_to_resource, dict(ResourceType="Document", ResourceId="AWS-RunShellScript", Tags=[{"Key": "a", "Value": "b"}]), "InvalidResourceType"),
+        (SSM.add_tags_to_resource, dict(ResourceType="Association", ResourceId="a-1", Tags=[{"Key": "a", "Value": "b"}]), "InvalidResourceType"),
         (LOOSE.add_tags_to_resource, dict(ResourceType="Spaceship", ResourceId=DB1, Tags=[{"Key": "a", "Value": "b"}]), "ValidationException"),
         (SSM.add_tags_to_resource, dict(ResourceType="ManagedInstance", ResourceId=DB1, Tags=[{"Key": f"k{i}", "Value": "v"} for i in range(60)]), "TooManyTagsError"),
     ]:
         code, msg = error_code(fn, **kw)
         assert code == expected, (code, msg, kw)
+
+
+@scenario
+def documents_and_parameters_carry_tags():
+    name = f"Tagged-{uuid.uuid4().hex[:8]}"
+    d = SSM.create_document(Name=name, Content=doc_content("hi"), DocumentType="Command",
+                            Tags=[{"Key": "team", "Value": "ops"}])["DocumentDescription"]
+    assert d["Tags"] == [{"Key": "team", "Value": "ops"}], d
+    aws("add-tags-to-resource", "--resource-type", "Document", "--resource-id", name, "--tags", "Key=tier,Value=gold")
+    tags = SSM.list_tags_for_resource(ResourceType="Document", ResourceId=name)["TagList"]
+    assert tags == [{"Key": "team", "Value": "ops"}, {"Key": "tier", "Value": "gold"}], tags
+    assert SSM.describe_document(Name=name)["Document"]["Tags"] == tags
+
+    def listed(key, values):
+        pages = SSM.get_paginator("list_documents").paginate(Filters=[{"Key": key, "Values": values}])
+        return [i["Name"] for p in pages for i in p["DocumentIdentifiers"]]
+    assert listed("tag:tier", ["gold"]) == [name] and listed("tag:tier", ["silver"]) == []
+    assert name in listed("tag-key", ["team"])
+    ident = SSM.list_documents(Filters=[{"Key": "tag:tier", "Values": ["gold"]}])["DocumentIdentifiers"][0]
+    assert ident["Tags"] == tags, ident
+    SSM.remove_tags_from_resource(ResourceType="Document", ResourceId=name, TagKeys=["team", "absent"])
+    assert SSM.list_tags_for_resource(ResourceType="Document", ResourceId=name)["TagList"] == [{"Key": "tier", "Value": "gold"}]
+
+    pname = f"/tagged/{uuid.uuid4().hex[:8]}"
+    SSM.put_parameter(Name=pname, Value="v1", Type="String", Tags=[{"Key": "env", "Value": "prod"}])
+    assert SSM.list_tags_for_resource(ResourceType="Parameter", ResourceId=pname)["TagList"] == [{"Key": "env", "Value": "prod"}]
+    described = SSM.describe_parameters(ParameterFilters=[{"Key": "tag:env", "Values": ["prod"]}])["Parameters"]
+    assert [x["Name"] for x in described] == [pname], described
+    assert SSM.describe_parameters(ParameterFilters=[{"Key": "tag:env", "Values": ["dev"]}])["Parameters"] == []
+    # A new version keeps the parameter's tags; tags with Overwrite are SSM's ValidationException.
+    SSM.put_parameter(Name=pname, Value="v2", Type="String", Overwrite=True)
+    SSM.add_tags_to_resource(ResourceType="Parameter", ResourceId=pname, Tags=[{"Key": "owner", "Value": "sre"}])
+    tags = SSM.list_tags_for_resource(ResourceType="Parameter", ResourceId=pname)["TagList"]
+    assert tags == [{"Key": "env", "Value": "prod"}, {"Key": "owner", "Value": "sre"}], tags
+    code, msg = error_code(SSM.put_parameter, Name=pname, Value="v3", Type="String", Overwrite=True,
+                           Tags=[{"Key": "a", "Value": "b"}])
+    assert code == "ValidationException" and "tags and overwrite" in msg, (code, msg)
+    for fn, kw, expected in [
+        (SSM.add_tags_to_resource, dict(ResourceType="Document", ResourceId="No-Such-Doc", Tags=[{"Key": "a", "Value": "b"}]), "InvalidResourceId"),
+        (SSM.list_tags_for_resource, dict(ResourceType="Parameter", ResourceId="/no/such/param"), "InvalidResourceId"),
+        (SSM.add_tags_to_resource, dict(ResourceType="Parameter", ResourceId=pname, Tags=[{"Key": f"k{i}", "Value": "v"} for i in range(60)]), "TooManyTagsError"),
+        (SSM.create_document, dict(Name=f"T-{uuid.uuid4().hex[:8]}", Content=doc_content("hi"), Tags=[{"Key": f"k{i}", "Value": "v"} for i in range(51)]), "TooManyTagsError"),
+        (SSM.add_tags_to_resource, dict(ResourceType="Document", ResourceId=name, Tags=[{"Key": "bad key!", "Value": "v"}]), "ValidationException"),
+    ]:
+        code, msg = error_code(fn, **kw)
+        assert code == expected, (code, msg, kw)
+    SSM.delete_parameter(Name=pname)
+    SSM.delete_document(Name=name)
 
 
 @scenario

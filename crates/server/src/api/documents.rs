@@ -50,6 +50,7 @@ pub async fn create(
         &text,
         format,
         req.version_name.as_deref(),
+        Default::default(),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(d.to_api(true))))

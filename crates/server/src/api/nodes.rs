@@ -114,6 +114,31 @@ pub const NODE_TAGS_MAX: usize = 50;
 /// Most keys one change names (SSM's AddTagsToResource takes up to 1,000 tags).
 pub const TAG_CHANGE_MAX: usize = 1_000;
 
+/// A tag change within limits: keys and values that are valid, none both set and removed. Also
+/// what documents' and parameters' tag changes are checked by (`ssm::tags`).
+pub(crate) fn check_tag_change(change: &NodeTagsChange) -> Result<(), Error> {
+    if change.set.len() + change.remove.len() > TAG_CHANGE_MAX {
+        return Err(Error::new(
+            Code::InvalidTag,
+            format!("a change names at most {TAG_CHANGE_MAX} tags"),
+        ));
+    }
+    for (k, v) in &change.set {
+        check_tag_key(k).map_err(|e| Error::new(Code::InvalidTag, e.0))?;
+        check_tag_value(v).map_err(|e| Error::new(Code::InvalidTag, e.0))?;
+    }
+    for k in &change.remove {
+        check_tag_key(k).map_err(|e| Error::new(Code::InvalidTag, e.0))?;
+        if change.set.contains_key(k) {
+            return Err(Error::new(
+                Code::InvalidTag,
+                format!("tag {k} is both set and removed"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Changes a node's tags: sets `change.set`, removes `change.remove`. The caller needs
 /// `manage-nodes` on the node as it is and as it will be, so a change cannot move a node into
 /// (or out of) a scope the caller does not manage. Target resolution and policies see the new
@@ -125,25 +150,7 @@ pub(crate) async fn retag<D>(
     id: &NodeId,
     change: &NodeTagsChange,
 ) -> Result<BTreeMap<String, String>, Answered<D>> {
-    if change.set.len() + change.remove.len() > TAG_CHANGE_MAX {
-        return Err(Error::new(
-            Code::InvalidTag,
-            format!("a change names at most {TAG_CHANGE_MAX} tags"),
-        )
-        .into());
-    }
-    for (k, v) in &change.set {
-        check_tag_key(k).map_err(|e| Error::new(Code::InvalidTag, e.0))?;
-        check_tag_value(v).map_err(|e| Error::new(Code::InvalidTag, e.0))?;
-    }
-    for k in &change.remove {
-        check_tag_key(k).map_err(|e| Error::new(Code::InvalidTag, e.0))?;
-        if change.set.contains_key(k) {
-            return Err(
-                Error::new(Code::InvalidTag, format!("tag {k} is both set and removed")).into(),
-            );
-        }
-    }
+    check_tag_change(change)?;
     // Compare and swap: a concurrent change makes this one start over from the new tags.
     for _ in 0..5 {
         let node = state

@@ -71,6 +71,7 @@ pub async fn put(
         description: None,
         allowed_pattern: None,
         overwrite: true,
+        tags: &Default::default(),
     };
     let stored = params::put(&state, &by, put).await?;
     Ok(Json(view(ParamRow {
@@ -82,6 +83,7 @@ pub async fn put(
         version: stored.version,
         updated_at: stored.at,
         updated_by: by,
+        tags: Default::default(),
     })))
 }
 

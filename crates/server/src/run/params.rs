@@ -14,7 +14,7 @@ use crate::access::secrets::SecretBox;
 use crate::errors::{Code, Error};
 use fleetrun_proto::params::{references, substitute};
 use fleetrun_store::{NewParam, ParamRow, Put, Store, StoreError, StoredValue};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// The stored form of a value: sealed when secure.
@@ -90,6 +90,8 @@ pub struct PutRequest<'a> {
     pub allowed_pattern: Option<&'a str>,
     /// Replace an existing parameter (else [`Code::ParameterAlreadyExists`]).
     pub overwrite: bool,
+    /// Tags of a new parameter (checked by the caller).
+    pub tags: &'a BTreeMap<String, String>,
 }
 
 /// What a put stored.
@@ -153,6 +155,7 @@ pub async fn put(state: &AppState, by: &str, req: PutRequest<'_>) -> Result<Stor
         overwrite: req.overwrite,
         at,
         by,
+        tags: req.tags,
     };
     let value = req.value;
     // A stored pattern compiled when it was put; one that no longer compiles matches nothing.

@@ -3,6 +3,7 @@
 //! crate::run::document).
 
 use super::shapes::*;
+use super::tags::tag_list;
 use super::{SsmError, SsmResult, check_max_results, epoch, next_token, parse_token, required};
 use crate::AppState;
 use crate::access::authz::{Action, Principal, Resource};
@@ -69,7 +70,7 @@ fn description(d: &Loaded) -> Value {
         "LatestVersion": d.row.latest_version.to_string(),
         "DefaultVersion": d.row.default_version.to_string(),
         "DocumentFormat": d.format.as_str(),
-        "Tags": [],
+        "Tags": tag_list(&d.row.tags),
     });
     if let Some(label) = &d.version.version_name {
         v["VersionName"] = json!(label);
@@ -87,7 +88,7 @@ fn identifier(d: &Loaded) -> Value {
         "DocumentType": d.row.document_type,
         "SchemaVersion": d.version.schema_version,
         "DocumentFormat": d.format.as_str(),
-        "Tags": [],
+        "Tags": tag_list(&d.row.tags),
     });
     if let Some(label) = &d.version.version_name {
         v["VersionName"] = json!(label);
@@ -120,12 +121,7 @@ pub async fn create_document(
     unsupported("Attachments", req.attachments.is_some())?;
     unsupported("Requires", req.requires.is_some())?;
     unsupported("TargetType", req.target_type.is_some())?;
-    unsupported(
-        "Tags",
-        req.tags
-            .as_ref()
-            .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())),
-    )?;
+    let tags = super::tags::tags_given(req.tags)?;
     unsupported("DisplayName", req.display_name.is_some())?;
     let d = document::create(
         &state.store,
@@ -133,6 +129,7 @@ pub async fn create_document(
         &content,
         format,
         req.version_name.as_deref(),
+        tags,
     )
     .await?;
     Ok(json!({ "DocumentDescription": description(&d) }))
@@ -212,7 +209,13 @@ fn filter_matches(d: &Loaded, key: &str, values: &[String]) -> Result<bool, SsmE
         "DocumentType" => any(&|v| d.row.document_type == v),
         "PlatformTypes" => any(&|v| v == "Linux"),
         "SchemaVersion" => any(&|v| d.version.schema_version == v),
-        k if k.starts_with("tag:") || k == "tag-key" => false,
+        // tag:KEY: the key with one of the values; tag-key: one of the keys.
+        k if k.starts_with("tag:") => d
+            .row
+            .tags
+            .get(&k["tag:".len()..])
+            .is_some_and(|v| values.contains(v)),
+        "tag-key" => any(&|v| d.row.tags.contains_key(v)),
         other => {
             return Err(SsmError::new(
                 Code::InvalidFilterKey,

@@ -104,7 +104,7 @@ impl SsmError {
     }
 }
 
-type SsmResult = Result<Value, SsmError>;
+type SsmResult<T = Value> = Result<T, SsmError>;
 
 /// Largest SSM request body read (2 MiB: SSM's largest member, a document's content, is 64 KB).
 pub const BODY_MAX: usize = 2 * 1024 * 1024;

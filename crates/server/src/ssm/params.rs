@@ -264,12 +264,11 @@ pub async fn put_parameter(
     if req.policies.is_some() {
         return Err(unsupported("Policies", "parameters do not expire."));
     }
-    if req
-        .tags
-        .as_ref()
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(unsupported("Tags", "parameters carry no tags."));
+    let tags = super::tags::tags_given(req.tags)?;
+    if !tags.is_empty() && req.overwrite == Some(true) {
+        return Err(validation(
+            "Invalid request: tags and overwrite can't be used together. To create a parameter with tags, please remove overwrite flag. To update tags for an existing parameter, please use AddTagsToResource or RemoveTagsFromResource.".into(),
+        ));
     }
     match req.data_type.as_deref() {
         None | Some("text") => {}
@@ -325,6 +324,7 @@ pub async fn put_parameter(
         description: req.description.as_deref(),
         allowed_pattern: req.allowed_pattern.as_deref(),
         overwrite,
+        tags: &tags,
     };
     let stored = params::put(state, p.name(), put).await?;
     Ok(json!({ "Version": stored.version, "Tier": "Standard" }))
@@ -564,7 +564,12 @@ fn filter_matches(row: &ParamRow, f: &Filter) -> bool {
         "KeyId" => ty == ParamType::SecureString && any(&|v| v == KEY_ID),
         "Tier" => any(&|v| v == "Standard"),
         "DataType" => any(&|v| v == "text"),
-        // No labels and no tags on parameters: such filters match none.
+        // tag:KEY: the key with one of the values (any value when none is given).
+        k if k.starts_with("tag:") => row
+            .tags
+            .get(&k["tag:".len()..])
+            .is_some_and(|v| f.values.is_empty() || f.values.contains(v)),
+        // No labels on parameters: such filters match none.
         _ => false,
     }
 }

@@ -114,7 +114,7 @@ pub struct CreateDocumentRequest {
     pub target_type: Option<String>,
     pub requires: Option<serde_json::Value>,
     pub attachments: Option<serde_json::Value>,
-    pub tags: Option<serde_json::Value>,
+    pub tags: Option<Vec<Tag>>,
 }
 
 /// GetDocument's and DescribeDocument's input.
@@ -320,7 +320,7 @@ pub struct PutParameterRequest {
     pub key_id: Option<String>,
     pub overwrite: Option<bool>,
     pub allowed_pattern: Option<String>,
-    pub tags: Option<serde_json::Value>,
+    pub tags: Option<Vec<Tag>>,
     pub tier: Option<String>,
     pub policies: Option<String>,
     pub data_type: Option<String>,

@@ -1,6 +1,7 @@
-//! AddTagsToResource, RemoveTagsFromResource, ListTagsForResource on managed instances: the
+//! AddTagsToResource, RemoveTagsFromResource, ListTagsForResource. On managed instances: the
 //! native node tags (`crate::api::nodes::retag`), so target resolution and tag policies see a
-//! change at once. Other resource types are refused by name.
+//! change at once; on documents and parameters, their own tags (CreateDocument's and a new
+//! parameter's `Tags` too). Other resource types are refused by name.
 
 use super::shapes::*;
 use super::{SsmError, SsmResult};
@@ -10,6 +11,7 @@ use crate::api::{node_ref, nodes};
 use crate::errors::Code;
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::NodeTagsChange;
+use fleetrun_store::Tagged;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,8 +38,15 @@ fn validation(member: &str, what: &str) -> SsmError {
     )
 }
 
-/// The managed instance a tagging request names.
-fn instance(resource_type: Option<&str>, resource_id: Option<&str>) -> Result<NodeId, SsmError> {
+/// What a tagging request names: a managed instance (the native node tags), a document or a
+/// parameter (their own tags, `fleetrun_store::Tagged`).
+enum Target {
+    Node(NodeId),
+    Other(Tagged, String),
+}
+
+/// The resource a tagging request names.
+fn target(resource_type: Option<&str>, resource_id: Option<&str>) -> Result<Target, SsmError> {
     let ty = resource_type.ok_or_else(|| validation("resourceType", "Member must not be null"))?;
     if !SSM_RESOURCE_TYPES.contains(&ty) {
         return Err(validation(
@@ -48,19 +57,153 @@ fn instance(resource_type: Option<&str>, resource_id: Option<&str>) -> Result<No
             ),
         ));
     }
-    if ty != "ManagedInstance" {
-        return Err(SsmError::new(
-            Code::InvalidResourceType,
-            format!("fleetrun tags ManagedInstance resources only, not {ty}."),
+    let id = resource_id.ok_or_else(|| validation("resourceId", "Member must not be null"))?;
+    if id.is_empty() || id.len() > 2048 {
+        return Err(validation(
+            "resourceId",
+            "Member must have length between 1 and 2048",
         ));
     }
-    let id = resource_id.ok_or_else(|| validation("resourceId", "Member must not be null"))?;
-    id.parse::<NodeId>().map_err(|_| {
-        SsmError::new(
-            Code::InvalidResourceId,
-            format!("{id} is not a managed instance id (mi- and 17 hex digits)."),
-        )
-    })
+    match ty {
+        "ManagedInstance" => id.parse::<NodeId>().map(Target::Node).map_err(|_| {
+            SsmError::new(
+                Code::InvalidResourceId,
+                format!("{id} is not a managed instance id (mi- and 17 hex digits)."),
+            )
+        }),
+        "Document" => Ok(Target::Other(Tagged::Document, id.to_owned())),
+        "Parameter" => Ok(Target::Other(Tagged::Param, id.to_owned())),
+        other => Err(SsmError::new(
+            Code::InvalidResourceType,
+            format!(
+                "fleetrun tags ManagedInstance, Document and Parameter resources, not {other}."
+            ),
+        )),
+    }
+}
+
+/// The tags a request's `Tags` list gives (CreateDocument, PutParameter): checked as a change.
+pub fn tags_given(tags: Option<Vec<Tag>>) -> Result<BTreeMap<String, String>, SsmError> {
+    let change = NodeTagsChange {
+        set: tag_map(tags.unwrap_or_default())?,
+        remove: Vec::new(),
+    };
+    nodes::check_tag_change(&change)?;
+    if change.set.len() > nodes::NODE_TAGS_MAX {
+        return Err(SsmError::new(
+            Code::TooManyTags,
+            format!(
+                "{} tags given; a resource carries at most {}",
+                change.set.len(),
+                nodes::NODE_TAGS_MAX
+            ),
+        ));
+    }
+    Ok(change.set)
+}
+
+fn tag_map(tags: Vec<Tag>) -> Result<BTreeMap<String, String>, SsmError> {
+    let mut map = BTreeMap::new();
+    for t in tags {
+        let key = t
+            .key
+            .ok_or_else(|| validation("tags.member.key", "Member must not be null"))?;
+        let value = t
+            .value
+            .ok_or_else(|| validation("tags.member.value", "Member must not be null"))?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// What changing or reading a document's or parameter's tags needs.
+fn require(
+    state: &AppState,
+    p: &Principal,
+    kind: Tagged,
+    name: &str,
+    write: bool,
+) -> SsmResult<()> {
+    let (action, resource) = match (kind, write) {
+        (Tagged::Document, true) => (Action::ManageDocuments, Resource::Document(name)),
+        (Tagged::Document, false) => (Action::List, Resource::Document(name)),
+        (Tagged::Param, true) => (Action::ManageParams, Resource::Fleet),
+        (Tagged::Param, false) => (Action::List, Resource::Fleet),
+    };
+    state.authz.require(p, action, resource)?;
+    Ok(())
+}
+
+fn no_resource(kind: Tagged, name: &str) -> SsmError {
+    let what = match kind {
+        Tagged::Document => "document",
+        Tagged::Param => "parameter",
+    };
+    SsmError::new(Code::InvalidResourceId, format!("no {what} {name}"))
+}
+
+/// Changes a document's or parameter's tags, by compare and swap as a node's (`nodes::retag`).
+async fn retag_other(
+    state: &AppState,
+    p: &Principal,
+    kind: Tagged,
+    name: &str,
+    change: &NodeTagsChange,
+) -> SsmResult<()> {
+    require(state, p, kind, name, true)?;
+    nodes::check_tag_change(change)?;
+    for _ in 0..5 {
+        let before = state
+            .store
+            .resource_tags(kind, name)
+            .await?
+            .ok_or_else(|| no_resource(kind, name))?;
+        let mut after = before.clone();
+        after.extend(change.set.clone());
+        for k in &change.remove {
+            after.remove(k);
+        }
+        if after.len() > nodes::NODE_TAGS_MAX && after.len() > before.len() {
+            return Err(SsmError::new(
+                Code::TooManyTags,
+                format!(
+                    "{name} would carry {} tags; a resource carries at most {}",
+                    after.len(),
+                    nodes::NODE_TAGS_MAX
+                ),
+            ));
+        }
+        if after == before
+            || state
+                .store
+                .swap_resource_tags(kind, name, &before, &after)
+                .await?
+        {
+            return Ok(());
+        }
+    }
+    Err(SsmError::new(
+        Code::TooManyRequests,
+        format!("the tags of {name} are changing too often to change them now; try again"),
+    ))
+}
+
+/// A tag change on whatever the request names.
+async fn retag(
+    state: &Arc<AppState>,
+    p: &Principal,
+    target: Target,
+    change: NodeTagsChange,
+) -> SsmResult {
+    match target {
+        Target::Node(id) => {
+            nodes::retag(state, p, &id, &change)
+                .await
+                .map_err(resource_error)?;
+        }
+        Target::Other(kind, name) => retag_other(state, p, kind, &name, &change).await?,
+    }
+    Ok(json!({}))
 }
 
 /// A node a tagging call names that is not registered is SSM's InvalidResourceId.
@@ -72,7 +215,7 @@ fn resource_error(e: SsmError) -> SsmError {
     }
 }
 
-fn tag_list(tags: &BTreeMap<String, String>) -> Value {
+pub fn tag_list(tags: &BTreeMap<String, String>) -> Value {
     Value::Array(
         tags.iter()
             .map(|(k, v)| json!({ "Key": k, "Value": v }))
@@ -85,24 +228,15 @@ pub async fn add_tags_to_resource(
     p: &Principal,
     req: AddTagsToResourceRequest,
 ) -> SsmResult {
-    let id = instance(req.resource_type.as_deref(), req.resource_id.as_deref())?;
+    let target = target(req.resource_type.as_deref(), req.resource_id.as_deref())?;
     let tags = req
         .tags
         .ok_or_else(|| validation("tags", "Member must not be null"))?;
-    let mut change = NodeTagsChange::default();
-    for t in tags {
-        let key = t
-            .key
-            .ok_or_else(|| validation("tags.member.key", "Member must not be null"))?;
-        let value = t
-            .value
-            .ok_or_else(|| validation("tags.member.value", "Member must not be null"))?;
-        change.set.insert(key, value);
-    }
-    nodes::retag(state, p, &id, &change)
-        .await
-        .map_err(resource_error)?;
-    Ok(json!({}))
+    let change = NodeTagsChange {
+        set: tag_map(tags)?,
+        remove: Vec::new(),
+    };
+    retag(state, p, target, change).await
 }
 
 pub async fn remove_tags_from_resource(
@@ -110,7 +244,7 @@ pub async fn remove_tags_from_resource(
     p: &Principal,
     req: RemoveTagsFromResourceRequest,
 ) -> SsmResult {
-    let id = instance(req.resource_type.as_deref(), req.resource_id.as_deref())?;
+    let target = target(req.resource_type.as_deref(), req.resource_id.as_deref())?;
     let keys = req
         .tag_keys
         .ok_or_else(|| validation("tagKeys", "Member must not be null"))?;
@@ -118,10 +252,7 @@ pub async fn remove_tags_from_resource(
         set: BTreeMap::new(),
         remove: keys,
     };
-    nodes::retag(state, p, &id, &change)
-        .await
-        .map_err(resource_error)?;
-    Ok(json!({}))
+    retag(state, p, target, change).await
 }
 
 pub async fn list_tags_for_resource(
@@ -129,16 +260,28 @@ pub async fn list_tags_for_resource(
     p: &Principal,
     req: ListTagsForResourceRequest,
 ) -> SsmResult {
-    let id = instance(req.resource_type.as_deref(), req.resource_id.as_deref())?;
-    let node = state
-        .store
-        .get_node(&id, |n| state.hub.is_online(n))
-        .await?
-        .ok_or_else(|| {
-            SsmError::new(Code::InvalidResourceId, format!("no managed instance {id}"))
-        })?;
-    state
-        .authz
-        .require(p, Action::List, Resource::Node(&node_ref(&node)))?;
-    Ok(json!({ "TagList": tag_list(&node.tags) }))
+    let tags = match target(req.resource_type.as_deref(), req.resource_id.as_deref())? {
+        Target::Node(id) => {
+            let node = state
+                .store
+                .get_node(&id, |n| state.hub.is_online(n))
+                .await?
+                .ok_or_else(|| {
+                    SsmError::new(Code::InvalidResourceId, format!("no managed instance {id}"))
+                })?;
+            state
+                .authz
+                .require(p, Action::List, Resource::Node(&node_ref(&node)))?;
+            node.tags
+        }
+        Target::Other(kind, name) => {
+            require(state, p, kind, &name, false)?;
+            state
+                .store
+                .resource_tags(kind, &name)
+                .await?
+                .ok_or_else(|| no_resource(kind, &name))?
+        }
+    };
+    Ok(json!({ "TagList": tag_list(&tags) }))
 }

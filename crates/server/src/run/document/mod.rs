@@ -195,6 +195,7 @@ fn built_in(name: &str) -> Option<Loaded> {
             default_version: 1,
             latest_version: 1,
             created_at: BUILT_IN_CREATED_MS,
+            tags: Default::default(),
         },
         version: VersionRow {
             version: 1,
@@ -365,6 +366,7 @@ pub async fn create(
     text: &str,
     format: Format,
     version_name: Option<&str>,
+    tags: BTreeMap<String, String>,
 ) -> Result<Loaded, Error> {
     check_name(name)?;
     check_version_name(version_name)?;
@@ -377,6 +379,7 @@ pub async fn create(
         default_version: 1,
         latest_version: 1,
         created_at: now_ms(),
+        tags,
     };
     match store
         .insert_document(&row, &new_version(text, &content, version_name))
