@@ -162,6 +162,7 @@ pub fn api_action(method: &Method, route: &str) -> String {
         ("GET", "/v1/nodes/{node_id}/exec") => "nodes.exec",
         ("GET", "/v1/nodes/{node_id}/port-forward") => "nodes.port-forward",
         ("GET", "/v1/sessions/{session_id}/tcp") => "sessions.tcp",
+        ("GET", "/v1/sessions/{session_id}/stream") => "sessions.stream",
         ("GET", "/v1/sessions") => "sessions.list",
         ("GET", "/v1/sessions/{session_id}") => "sessions.get",
         ("GET", "/v1/sessions/{session_id}/recording") => "sessions.recording",
