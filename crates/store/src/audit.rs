@@ -177,7 +177,7 @@ fn anchor_seq(a: &AuditAnchor) -> i64 {
 impl Store {
     /// Appends an audit record; returns once it is committed (group-committed with other writes).
     pub async fn append_audit(&self, entry: AuditEntry) -> Result<()> {
-        self.writer
+        self.writer()?
             .write(|reply| super::writer::WriteOp::Audit { entry, reply })
             .await
     }
@@ -185,13 +185,13 @@ impl Store {
     /// Queues an audit record without waiting for its commit (see `writer.rs`: it cannot delay the
     /// hot writes); a record that cannot be written is logged as lost.
     pub async fn queue_audit(&self, entry: AuditEntry) -> Result<()> {
-        self.writer.queue(entry).await
+        self.writer()?.queue(entry).await
     }
 
     /// Returns once every audit record queued before the call is committed (so a listing or a
     /// verification sees the calls made before it).
     pub async fn flush_audit(&self) -> Result<()> {
-        self.writer.flush_audit().await
+        self.writer()?.flush_audit().await
     }
 
     /// Audit records matching a query, newest first. `since`/`until` are epoch ms.
@@ -230,7 +230,7 @@ impl Store {
             qb.push(" AND at <= ").push_bind(u);
         }
         qb.push(" ORDER BY seq DESC LIMIT ").push_bind(limit as i64);
-        let rows = qb.build().fetch_all(&self.read).await?;
+        let rows = qb.build().fetch_all(&self.sqlite()?.read).await?;
         rows.iter()
             .map(|r| {
                 Ok(AuditLogRow {
@@ -264,7 +264,7 @@ impl Store {
             ))
             .bind(checker.last_seq)
             .bind(VERIFY_PAGE)
-            .fetch_all(&self.read)
+            .fetch_all(&self.sqlite()?.read)
             .await?;
             let n = rows.len() as i64;
             for r in &rows {

@@ -269,7 +269,7 @@ impl Store {
         extras: &CommandExtras,
     ) -> Result<(), InsertError> {
         let spec = &c.spec;
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
                 delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
@@ -358,7 +358,7 @@ impl Store {
         )
         .bind(principal)
         .bind(key)
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let hash: String = row.try_get("idempotency_hash")?;
@@ -393,7 +393,7 @@ impl Store {
         .bind(i64::from(limit))
         .bind(at)
         .bind(id)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         rows.iter().map(|r| Ok(command_record(r)?.into())).collect()
     }
@@ -403,7 +403,7 @@ impl Store {
         let at: Option<i64> =
             sqlx::query_scalar("SELECT requested_at FROM commands WHERE command_id = ?")
                 .bind(id.as_str())
-                .fetch_optional(&self.read)
+                .fetch_optional(&self.sqlite()?.read)
                 .await?;
         Ok(at.map(|requested_at| CommandCursor {
             requested_at,
@@ -415,7 +415,7 @@ impl Store {
     pub async fn get_command(&self, id: &CommandId) -> Result<Option<Command>> {
         let row = sqlx::query("SELECT * FROM commands WHERE command_id = ?")
             .bind(id.as_str())
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row
             .as_ref()
@@ -428,7 +428,7 @@ impl Store {
     pub async fn command_row(&self, id: &CommandId) -> Result<Option<CommandRow>> {
         let row = sqlx::query("SELECT * FROM commands WHERE command_id = ?")
             .bind(id.as_str())
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         let Some(r) = row else { return Ok(None) };
         Ok(Some(CommandRow {
@@ -471,7 +471,7 @@ impl Store {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT command_id FROM commands WHERE status IN ('Pending', 'InProgress', 'Cancelling') ORDER BY requested_at",
         )
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
     }
@@ -480,7 +480,7 @@ impl Store {
     pub async fn list_invocations(&self, id: &CommandId) -> Result<Vec<Invocation>> {
         let rows = sqlx::query("SELECT * FROM invocations WHERE command_id = ? ORDER BY seq")
             .bind(id.as_str())
-            .fetch_all(&self.read)
+            .fetch_all(&self.sqlite()?.read)
             .await?;
         rows.iter()
             .map(|r| Ok(invocation_record(r)?.into()))
@@ -496,7 +496,7 @@ impl Store {
         let row = sqlx::query("SELECT * FROM invocations WHERE command_id = ? AND node_id = ?")
             .bind(id.as_str())
             .bind(node.as_str())
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row
             .as_ref()
@@ -511,7 +511,7 @@ impl Store {
             "SELECT node_id, status, delivered_at, started_at FROM invocations WHERE command_id = ? ORDER BY seq",
         )
         .bind(id.as_str())
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows.iter().filter_map(invocation_row).collect())
     }
@@ -531,7 +531,7 @@ impl Store {
         let rows = sqlx::query(q)
             .bind(node.as_str())
             .bind(delivered_only)
-            .fetch_all(&self.read)
+            .fetch_all(&self.sqlite()?.read)
             .await?;
         Ok(rows
             .iter()
@@ -545,7 +545,7 @@ impl Store {
     /// Marks invocations as delivered (their Run frame is about to be sent), and the command as
     /// InProgress.
     pub async fn mark_delivered(&self, id: &CommandId, nodes: &[NodeId], now: i64) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         for chunk in nodes.chunks(500) {
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("UPDATE invocations SET delivered_at = ");
@@ -581,7 +581,7 @@ impl Store {
         )
         .bind(id.as_str())
         .bind(node.as_str())
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -595,7 +595,7 @@ impl Store {
         started_at: i64,
     ) -> Result<Option<OutputState>> {
         let (id, node) = (id.clone(), node.clone());
-        self.writer
+        self.writer()?
             .write(|reply| WriteOp::MarkStarted {
                 id,
                 node,
@@ -607,7 +607,7 @@ impl Store {
 
     /// Marks invocations Cancelling (a cancel was sent to their nodes).
     pub async fn mark_cancelling(&self, id: &CommandId, nodes: &[NodeId]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         for n in nodes {
             sqlx::query(
                 "UPDATE invocations SET status = 'Cancelling', status_details = 'Cancelling'
@@ -630,7 +630,7 @@ impl Store {
     pub async fn mark_cancel_requested(&self, id: &CommandId) -> Result<()> {
         sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = ?")
             .bind(id.as_str())
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(())
     }
@@ -643,7 +643,7 @@ impl Store {
         ends: &[(NodeId, Finish)],
     ) -> Result<Vec<NodeId>> {
         let (id, ends) = (id.clone(), ends.to_vec());
-        self.writer
+        self.writer()?
             .write(|reply| WriteOp::Finish { id, ends, reply })
             .await
     }
@@ -658,7 +658,7 @@ impl Store {
         inline: &[u8],
     ) -> Result<()> {
         let (id, node, inline) = (id.clone(), node.clone(), inline.to_vec());
-        self.writer
+        self.writer()?
             .write(|reply| WriteOp::UpdateOutput {
                 id,
                 node,
@@ -690,7 +690,7 @@ impl Store {
         )
         .bind(id.as_str())
         .bind(node.as_str())
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.as_ref().map(output_state_from_row))
     }
@@ -706,7 +706,7 @@ impl Store {
             .bind(status.as_str())
             .bind(details)
             .bind(id.as_str())
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(())
     }
@@ -717,7 +717,7 @@ impl Store {
             "SELECT status, status_details, COUNT(*) AS n FROM invocations WHERE command_id = ? GROUP BY status, status_details",
         )
         .bind(id.as_str())
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()
@@ -904,12 +904,12 @@ impl Store {
     /// Counts of what is kept.
     pub async fn totals(&self) -> Result<Totals> {
         let c = sqlx::query("SELECT COUNT(*) AS n, MIN(requested_at) AS oldest FROM commands")
-            .fetch_one(&self.read)
+            .fetch_one(&self.sqlite()?.read)
             .await?;
         let i = sqlx::query(
             "SELECT COUNT(*) AS n, COALESCE(SUM(stdout_bytes + stderr_bytes), 0) AS bytes FROM invocations",
         )
-        .fetch_one(&self.read)
+        .fetch_one(&self.sqlite()?.read)
         .await?;
         Ok(Totals {
             commands: c.get::<i64, _>("n") as u64,
@@ -928,14 +928,14 @@ impl Store {
         )
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
     }
 
     /// Deletes commands and their invocations (their output objects must be deleted first).
     pub async fn delete_commands(&self, ids: &[CommandId]) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         for id in ids {
             sqlx::query("DELETE FROM s3_exports WHERE command_id = ?")
                 .bind(id.as_str())
@@ -1238,7 +1238,7 @@ pub(crate) mod tests {
                 .filename(&path)
                 .create_if_missing(true);
             let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-            sqlx::migrate!("./migrations")
+            sqlx::migrate!("./migrations/sqlite")
                 .run_to(1, &pool)
                 .await
                 .unwrap();
@@ -1339,7 +1339,7 @@ mod rate_tests {
             "UPDATE commands SET max_concurrency = 'lots', max_errors = '' WHERE command_id = ?",
         )
         .bind(id.as_str())
-        .execute(&store.write)
+        .execute(&store.sqlite().unwrap().write)
         .await
         .unwrap();
         let spec = store.command_row(&id).await.unwrap().unwrap().spec;

@@ -117,7 +117,7 @@ macro_rules! version_columns {
 impl Store {
     /// Stores a new document with its version 1.
     pub async fn insert_document(&self, doc: &DocumentRow, v: &VersionRow) -> Result<Created> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM documents WHERE name = ?")
             .bind(&doc.name)
             .fetch_optional(&mut *tx)
@@ -155,7 +155,7 @@ impl Store {
         expected_latest: Option<i64>,
         v: &VersionRow,
     ) -> Result<Added> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT latest_version FROM documents WHERE name = ?")
                 .bind(name)
@@ -211,7 +211,7 @@ impl Store {
             " FROM documents d WHERE d.name = ?"
         ))
         .bind(name)
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.as_ref().map(document_row))
     }
@@ -229,7 +229,7 @@ impl Store {
         ))
         .bind(name)
         .bind(version)
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.as_ref().map(version_row))
     }
@@ -250,7 +250,7 @@ impl Store {
         .bind(name)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows.iter().map(version_row).collect())
     }
@@ -262,7 +262,7 @@ impl Store {
         )
         .bind(name)
         .bind(label)
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?)
     }
 
@@ -276,7 +276,7 @@ impl Store {
             " FROM documents d JOIN document_versions v ON v.name = d.name AND v.version = d.default_version",
             " ORDER BY d.name"
         ))
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()
@@ -286,7 +286,7 @@ impl Store {
 
     /// Deletes a document and all its versions; false when there was none.
     pub async fn delete_document(&self, name: &str) -> Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         sqlx::query("DELETE FROM document_versions WHERE name = ?")
             .bind(name)
             .execute(&mut *tx)
@@ -309,7 +309,7 @@ impl Store {
         .bind(name)
         .bind(name)
         .bind(version)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(r.rows_affected() > 0)
     }

@@ -605,7 +605,7 @@ mod tests {
         )
         .bind(cid.as_str())
         .bind(T)
-        .execute(&store.write)
+        .execute(&store.sqlite().unwrap().write)
         .await
         .unwrap();
         sqlx::query(
@@ -617,7 +617,7 @@ mod tests {
         .bind(id.as_str())
         .bind(T)
         .bind(T + 1_500)
-        .execute(&store.write)
+        .execute(&store.sqlite().unwrap().write)
         .await
         .unwrap();
         let c = store.get_command(&cid).await.unwrap().unwrap();

@@ -70,7 +70,7 @@ impl Store {
         )
         .bind(due_by)
         .bind(i64::from(limit))
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()
@@ -96,14 +96,14 @@ impl Store {
             "SELECT MIN(next_attempt_at) FROM s3_exports WHERE next_attempt_at > ?",
         )
         .bind(after)
-        .fetch_one(&self.read)
+        .fetch_one(&self.sqlite()?.read)
         .await?)
     }
 
     /// How many exports are queued.
     pub async fn queued_exports(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM s3_exports")
-            .fetch_one(&self.read)
+            .fetch_one(&self.sqlite()?.read)
             .await?;
         Ok(n as u64)
     }
@@ -113,7 +113,7 @@ impl Store {
         sqlx::query("DELETE FROM s3_exports WHERE command_id = ? AND node_id = ?")
             .bind(id.as_str())
             .bind(node.as_str())
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(())
     }
@@ -139,7 +139,7 @@ impl Store {
         .bind(next_attempt_at)
         .bind(id.as_str())
         .bind(node.as_str())
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -150,7 +150,7 @@ impl Store {
             "SELECT node_id, attempts, last_error, next_attempt_at FROM s3_exports WHERE command_id = ?",
         )
         .bind(id.as_str())
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()

@@ -1,4 +1,10 @@
-//! Persistent state in SQL: the schema lives in `migrations/`, queries in one file per resource.
+//! Persistent state in SQL: the schema lives in `migrations/` (one folder per database), queries
+//! in one file per resource.
+//!
+//! On SQLite (the default) or PostgreSQL: a query is written once and runs on either through
+//! `with_pool!`; queries still written for SQLite alone reach its pools through `Store::sqlite`,
+//! which answers `NotOnPostgres` on PostgreSQL (the move is under way, module by module; the server
+//! opens only SQLite until it is done).
 //!
 //! SQLite allows one writer at a time, so writes go through a pool of one connection (no `SQLITE_BUSY`
 //! under load) and reads through a separate pool; WAL keeps readers from blocking the writer. The hot
@@ -38,8 +44,8 @@ pub use sessions::{NewSession, SESSIONS_PAGE_MAX, SessionEnd, SessionQuery, Sess
 pub use ssm::{CommandMeta, CommandQuery};
 pub use tags::Tagged;
 
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -47,13 +53,53 @@ use std::time::Duration;
 /// Handle to the database.
 #[derive(Clone)]
 pub struct Store {
-    read: SqlitePool,
-    write: SqlitePool,
-    /// Group commit of the hot writes, on the `write` connection.
-    writer: writer::Writer,
+    db: Db,
+    /// Group commit of the hot writes, on the `write` connection (SQLite only, for now).
+    writer: Option<writer::Writer>,
     /// Wakes the S3 output exporter (see `exports`).
     exports: std::sync::Arc<tokio::sync::Notify>,
 }
+
+/// The database behind a store. A query is written once (`$1` placeholders, which SQLite reads
+/// as PostgreSQL does) and run on either through [`with_pool!`].
+#[derive(Clone)]
+enum Db {
+    /// One writer connection (SQLite allows one writer at a time) and a pool of readers.
+    Sqlite(SqlitePools),
+    /// One pool for reads and writes.
+    Postgres(PgPool),
+}
+
+/// SQLite's two pools.
+#[derive(Clone)]
+struct SqlitePools {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+/// Runs `$body` with `$pool` bound to the store's pool for `read` or `write`, once per kind of
+/// database: the body is written once and compiled for each.
+macro_rules! with_pool {
+    ($store:expr, read, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            $crate::Db::Sqlite(p) => {
+                let $pool = &p.read;
+                $body
+            }
+            $crate::Db::Postgres($pool) => $body,
+        }
+    };
+    ($store:expr, write, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            $crate::Db::Sqlite(p) => {
+                let $pool = &p.write;
+                $body
+            }
+            $crate::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use with_pool;
 
 /// A storage failure. Shown to API clients only as an internal error.
 ///
@@ -73,6 +119,9 @@ pub enum StoreError {
     /// A stored JSON column did not decode.
     #[error("stored JSON: {0}")]
     Json(serde_json::Error),
+    /// A part of the store that does not run on PostgreSQL yet.
+    #[error("{0} is not on PostgreSQL yet")]
+    NotOnPostgres(&'static str),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -110,26 +159,105 @@ impl Store {
             .max_connections(1)
             .connect_with(opts.clone())
             .await?;
-        sqlx::migrate!("./migrations").run(&write).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(opts)
             .await?;
         let writer = writer::Writer::spawn(write.clone());
         Ok(Store {
-            read,
-            write,
-            writer,
+            db: Db::Sqlite(SqlitePools { read, write }),
+            writer: Some(writer),
             exports: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
 
+    /// Connects to the PostgreSQL database at `url` (`postgres://USER@HOST:PORT/DB`) and applies
+    /// migrations.
+    pub async fn open_postgres(url: &str) -> Result<Self> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Store {
+            db: Db::Postgres(pool),
+            writer: None,
+            exports: std::sync::Arc::new(tokio::sync::Notify::new()),
+        })
+    }
+
+    /// SQLite's pools, for the queries not written for both databases yet.
+    fn sqlite(&self) -> Result<&SqlitePools> {
+        match &self.db {
+            Db::Sqlite(p) => Ok(p),
+            Db::Postgres(_) => Err(StoreError::NotOnPostgres("this query")),
+        }
+    }
+
+    /// The group-commit writer.
+    fn writer(&self) -> Result<&writer::Writer> {
+        self.writer
+            .as_ref()
+            .ok_or(StoreError::NotOnPostgres("the group-commit writer"))
+    }
+
     /// Waits until every write queued so far (group-committed ones and queued audit records) is
-    /// committed, then closes both pools; later calls fail. The last step of a server's shutdown.
+    /// committed, then closes the pools; later calls fail. The last step of a server's shutdown.
     pub async fn close(&self) -> Result<()> {
-        self.writer.flush().await?;
-        self.write.close().await;
-        self.read.close().await;
+        if let Some(w) = &self.writer {
+            w.flush().await?;
+        }
+        match &self.db {
+            Db::Sqlite(p) => {
+                p.write.close().await;
+                p.read.close().await;
+            }
+            Db::Postgres(p) => p.close().await,
+        }
         Ok(())
+    }
+}
+
+/// Reading a row's columns the same way from either database. (The other column kinds, NULL
+/// ones, flags and blobs, come with the modules that need them.)
+pub(crate) trait Columns {
+    /// A TEXT column.
+    fn text(&self, column: &str) -> String;
+    /// An INTEGER (BIGINT) column.
+    fn int(&self, column: &str) -> i64;
+}
+
+macro_rules! columns_of {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn text(&self, column: &str) -> String {
+                sqlx::Row::get(self, column)
+            }
+            fn int(&self, column: &str) -> i64 {
+                sqlx::Row::get(self, column)
+            }
+        }
+    };
+}
+columns_of!(sqlx::sqlite::SqliteRow);
+columns_of!(sqlx::postgres::PgRow);
+
+/// The stores unit tests run against: SQLite in a temp dir, and PostgreSQL in a database of the
+/// test binary's own cluster (`fleetrun_testkit`).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Store;
+
+    /// A store of each kind, named, with what keeps the SQLite file alive.
+    pub async fn stores() -> (tempfile::TempDir, Vec<(&'static str, Store)>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sqlite = Store::open_sqlite(&dir.path().join("t.db"))
+            .await
+            .expect("sqlite store");
+        let url = fleetrun_testkit::shared_postgres().create_database();
+        let postgres = Store::open_postgres(&url).await.expect("postgres store");
+        (dir, vec![("sqlite", sqlite), ("postgres", postgres)])
     }
 }

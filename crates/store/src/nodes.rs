@@ -103,7 +103,7 @@ impl Store {
     /// Whether any API token exists (first start creates the admin token).
     pub async fn has_api_tokens(&self) -> Result<bool> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
-            .fetch_one(&self.read)
+            .fetch_one(&self.sqlite()?.read)
             .await?;
         Ok(n > 0)
     }
@@ -135,7 +135,7 @@ impl Store {
         .bind(expires_at)
         .bind(names.0)
         .bind(names.1)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -146,7 +146,7 @@ impl Store {
         Ok(
             sqlx::query("DELETE FROM activations WHERE activation_id = ?")
                 .bind(activation_id)
-                .execute(&self.write)
+                .execute(&self.sqlite()?.write)
                 .await?
                 .rows_affected()
                 == 1,
@@ -160,7 +160,7 @@ impl Store {
                     default_instance_name, iam_role
              FROM activations ORDER BY created_at DESC",
         )
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         let now = now_ms();
         rows.iter()
@@ -171,7 +171,12 @@ impl Store {
     /// Registers a node with an activation code, in one transaction: the activation's count and the
     /// node row move together, so a limit is never exceeded.
     pub async fn register_node(&self, code_hash: &str, node: NewNode) -> Result<(), RegisterError> {
-        let mut tx = self.write.begin().await.map_err(super::StoreError::from)?;
+        let mut tx = self
+            .sqlite()?
+            .write
+            .begin()
+            .await
+            .map_err(super::StoreError::from)?;
         let row = sqlx::query(
             "SELECT activation_id, tags, reg_limit, registrations, expires_at, default_instance_name FROM activations WHERE code_hash = ?",
         )
@@ -248,7 +253,7 @@ impl Store {
             "SELECT public_key, previous_public_key, deregistered_at FROM nodes WHERE node_id = ?",
         )
         .bind(node_id.as_str())
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.map(|(current, previous, d)| NodeKeys {
             current,
@@ -266,7 +271,7 @@ impl Store {
         )
         .bind(node_id.as_str())
         .bind(public_key)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -294,7 +299,7 @@ impl Store {
         .bind(new)
         .bind(now)
         .bind(node_id.as_str())
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(r.rows_affected() > 0)
     }
@@ -306,7 +311,7 @@ impl Store {
         )
         .bind(now)
         .bind(node_id.as_str())
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(r.rows_affected() > 0)
     }
@@ -329,7 +334,7 @@ impl Store {
         .bind(&info.agent_version)
         .bind(now_ms())
         .bind(node_id.as_str())
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -339,14 +344,16 @@ impl Store {
         sqlx::query("UPDATE nodes SET last_seen_at = ? WHERE node_id = ?")
             .bind(now_ms())
             .bind(node_id.as_str())
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(())
     }
 
     /// Every node, by name; `online` tells the ping status.
     pub async fn list_nodes(&self, online: impl Fn(&NodeId) -> bool) -> Result<Vec<Node>> {
-        let rows = sqlx::query(NODE_SELECT_ALL).fetch_all(&self.read).await?;
+        let rows = sqlx::query(NODE_SELECT_ALL)
+            .fetch_all(&self.sqlite()?.read)
+            .await?;
         let now = now_ms();
         rows.iter()
             .map(|r| {
@@ -365,7 +372,7 @@ impl Store {
     ) -> Result<Option<Node>> {
         let row = sqlx::query(NODE_SELECT_ONE)
             .bind(node_id.as_str())
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         let Some(rec) = row.as_ref().map(node_record).transpose()? else {
             return Ok(None);
@@ -379,7 +386,7 @@ impl Store {
     pub async fn node_refs(&self, ids: Option<&[NodeId]>) -> Result<Vec<NodeRef>> {
         let Some(ids) = ids else {
             let rows = sqlx::query("SELECT node_id, name, tags FROM nodes")
-                .fetch_all(&self.read)
+                .fetch_all(&self.sqlite()?.read)
                 .await?;
             return rows.iter().map(node_ref).collect();
         };
@@ -392,7 +399,7 @@ impl Store {
                 sep.push_bind(id.as_str());
             }
             qb.push(")");
-            for r in qb.build().fetch_all(&self.read).await? {
+            for r in qb.build().fetch_all(&self.sqlite()?.read).await? {
                 out.push(node_ref(&r)?);
             }
         }
@@ -406,7 +413,7 @@ impl Store {
              WHERE i.command_id = ? ORDER BY i.seq",
         )
         .bind(command.as_str())
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         rows.iter().map(node_ref).collect()
     }
@@ -423,7 +430,7 @@ impl Store {
                 sep.push_bind(id.as_str());
             }
             qb.push(")");
-            for r in qb.build().fetch_all(&self.read).await? {
+            for r in qb.build().fetch_all(&self.sqlite()?.read).await? {
                 if let Ok(id) = r.get::<String, _>("node_id").parse() {
                     out.push((id, r.get("name")));
                 }
@@ -441,7 +448,7 @@ impl Store {
         old: &BTreeMap<String, String>,
         new: &BTreeMap<String, String>,
     ) -> Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let swapped = sqlx::query(
             "UPDATE nodes SET tags = ? WHERE node_id = ? AND tags = ? AND deregistered_at IS NULL",
         )
@@ -477,7 +484,7 @@ impl Store {
         sqlx::query("UPDATE nodes SET platform = ? WHERE node_id = ?")
             .bind(platform)
             .bind(id.as_str())
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(())
     }
@@ -493,7 +500,7 @@ impl Store {
                 sep.push_bind(id.as_str());
             }
             qb.push(")");
-            for r in qb.build().fetch_all(&self.read).await? {
+            for r in qb.build().fetch_all(&self.sqlite()?.read).await? {
                 if let Ok(id) = r.get::<String, _>("node_id").parse() {
                     out.insert(id, r.get("platform"));
                 }
@@ -535,7 +542,7 @@ impl Store {
             }
         }
         qb.push(" ORDER BY n.node_id");
-        let rows = qb.build().fetch_all(&self.read).await?;
+        let rows = qb.build().fetch_all(&self.sqlite()?.read).await?;
         Ok(rows
             .iter()
             .filter_map(|r| Some((r.get::<String, _>("node_id").parse().ok()?, r.get("name"))))
@@ -619,7 +626,7 @@ mod tests {
             )
             .bind(id.as_str())
             .bind(format!("n{i}"))
-            .execute(&store.write)
+            .execute(&store.sqlite().unwrap().write)
             .await
             .unwrap();
             for (k, v) in [
@@ -630,7 +637,7 @@ mod tests {
                     .bind(id.as_str())
                     .bind(k)
                     .bind(v)
-                    .execute(&store.write)
+                    .execute(&store.sqlite().unwrap().write)
                     .await
                     .unwrap();
             }

@@ -121,7 +121,7 @@ impl Store {
         p: &NewParam<'_>,
         matches: impl FnOnce(&str) -> bool,
     ) -> Result<Put> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let current =
             sqlx::query("SELECT version, description, allowed_pattern FROM params WHERE name = ?")
                 .bind(p.name)
@@ -206,7 +206,7 @@ impl Store {
         let row = sqlx::query("SELECT * FROM param_versions WHERE name = ? AND version = ?")
             .bind(name)
             .bind(version)
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row.as_ref().map(param_row))
     }
@@ -224,7 +224,7 @@ impl Store {
         .bind(name)
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows.iter().map(param_row).collect())
     }
@@ -243,7 +243,7 @@ impl Store {
         .bind(prefix_end(prefix))
         .bind(after)
         .bind(limit)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows.iter().map(param_row).collect())
     }
@@ -252,7 +252,7 @@ impl Store {
     pub async fn get_param(&self, name: &str) -> Result<Option<ParamRow>> {
         let row = sqlx::query("SELECT * FROM params WHERE name = ?")
             .bind(name)
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row.as_ref().map(param_row))
     }
@@ -272,7 +272,7 @@ impl Store {
     /// Every parameter, by name.
     pub async fn list_params(&self) -> Result<Vec<ParamRow>> {
         let rows = sqlx::query("SELECT * FROM params ORDER BY name")
-            .fetch_all(&self.read)
+            .fetch_all(&self.sqlite()?.read)
             .await?;
         Ok(rows.iter().map(param_row).collect())
     }
@@ -281,7 +281,7 @@ impl Store {
     pub async fn delete_param(&self, name: &str) -> Result<bool> {
         let done = sqlx::query("DELETE FROM params WHERE name = ?")
             .bind(name)
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(done.rows_affected() > 0)
     }

@@ -87,7 +87,7 @@ impl Store {
         )
         .bind(token_hash)
         .bind(now_ms())
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.map(|r| (user_row(&r), token_id(token_hash))))
     }
@@ -96,7 +96,7 @@ impl Store {
     pub async fn user(&self, name: &str) -> Result<Option<UserRow>> {
         let row = sqlx::query("SELECT name, role, policy FROM users WHERE name = ?")
             .bind(name)
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row.as_ref().map(user_row))
     }
@@ -112,7 +112,7 @@ impl Store {
         .bind(user.role.as_str())
         .bind(&user.policy)
         .bind(now)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await
         .map_err(StoreError::from)?;
         if done.rows_affected() == 0 {
@@ -126,7 +126,7 @@ impl Store {
     /// Users with their credential counts, by name.
     pub async fn list_users(&self) -> Result<Vec<User>> {
         let rows = sqlx::query(concat!(user_select!(), " ORDER BY u.name"))
-            .fetch_all(&self.read)
+            .fetch_all(&self.sqlite()?.read)
             .await?;
         Ok(rows.iter().map(|r| user_record(r).into()).collect())
     }
@@ -135,7 +135,7 @@ impl Store {
     pub async fn get_user(&self, name: &str) -> Result<Option<User>> {
         let row = sqlx::query(concat!(user_select!(), " WHERE u.name = ?"))
             .bind(name)
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row.as_ref().map(|r| user_record(r).into()))
     }
@@ -147,7 +147,12 @@ impl Store {
         role: Option<Role>,
         policy: Option<&str>,
     ) -> Result<User, UserError> {
-        let mut tx = self.write.begin().await.map_err(StoreError::from)?;
+        let mut tx = self
+            .sqlite()?
+            .write
+            .begin()
+            .await
+            .map_err(StoreError::from)?;
         let current: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE name = ?")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -184,7 +189,12 @@ impl Store {
     /// Deletes a user with its tokens and access keys (they stop working at once). Refuses to delete
     /// the last admin.
     pub async fn delete_user(&self, name: &str) -> Result<(), UserError> {
-        let mut tx = self.write.begin().await.map_err(StoreError::from)?;
+        let mut tx = self
+            .sqlite()?
+            .write
+            .begin()
+            .await
+            .map_err(StoreError::from)?;
         let role: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE name = ?")
             .bind(name)
             .fetch_optional(&mut *tx)
@@ -230,7 +240,7 @@ impl Store {
         .bind(now)
         .bind(user)
         .bind(expires_at)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(TokenRecord {
             token_hash: token_hash.into(),
@@ -249,7 +259,7 @@ impl Store {
              WHERE ?1 IS NULL OR user_name = ?1 ORDER BY created_at DESC",
         )
         .bind(user)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()
@@ -275,7 +285,7 @@ impl Store {
             "SELECT user_name FROM api_tokens WHERE substr(token_hash, 1, 16) = ?",
         )
         .bind(prefix)
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?)
     }
 
@@ -286,7 +296,7 @@ impl Store {
         };
         let done = sqlx::query("DELETE FROM api_tokens WHERE substr(token_hash, 1, 16) = ?")
             .bind(prefix)
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(done.rows_affected() > 0)
     }

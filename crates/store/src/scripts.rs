@@ -86,7 +86,7 @@ macro_rules! script_select {
 impl Store {
     /// Stores a new script as its version 1 (`v.name`, `v.created_by` and the version's fields).
     pub async fn insert_script(&self, v: &ScriptRow) -> Result<ScriptWrite> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM scripts WHERE name = ?")
             .bind(&v.name)
             .fetch_optional(&mut *tx)
@@ -116,7 +116,7 @@ impl Store {
 
     /// Adds a version to a script, made by `by`.
     pub async fn add_script_version(&self, v: &ScriptRow, by: &str) -> Result<ScriptWrite> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT latest_version FROM scripts WHERE name = ?")
                 .bind(&v.name)
@@ -149,7 +149,7 @@ impl Store {
                 ))
                 .bind(name)
                 .bind(n)
-                .fetch_optional(&self.read)
+                .fetch_optional(&self.sqlite()?.read)
                 .await?
             }
             None => {
@@ -158,7 +158,7 @@ impl Store {
                     " WHERE s.name = ? AND v.version = s.latest_version"
                 ))
                 .bind(name)
-                .fetch_optional(&self.read)
+                .fetch_optional(&self.sqlite()?.read)
                 .await?
             }
         };
@@ -173,14 +173,14 @@ impl Store {
         ))
         .bind(after.unwrap_or(""))
         .bind(limit.clamp(1, SCRIPTS_PAGE_MAX))
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows.iter().map(script_row).collect())
     }
 
     /// Deletes a script and all its versions; false when there was none.
     pub async fn delete_script(&self, name: &str) -> Result<bool> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.sqlite()?.write.begin().await?;
         sqlx::query("DELETE FROM script_versions WHERE name = ?")
             .bind(name)
             .execute(&mut *tx)
@@ -228,7 +228,7 @@ impl Store {
     ) -> Result<Option<(String, i64)>> {
         let row = sqlx::query("SELECT name, version FROM script_runs WHERE command_id = ?")
             .bind(command_id.as_str())
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         Ok(row.map(|r| (r.get("name"), r.get("version"))))
     }
@@ -241,7 +241,7 @@ impl Store {
         let row =
             sqlx::query("SELECT input_uri, output_path FROM script_runs WHERE command_id = ?")
                 .bind(command_id.as_str())
-                .fetch_optional(&self.read)
+                .fetch_optional(&self.sqlite()?.read)
                 .await?;
         Ok(row
             .map(|r| crate::ScriptFiles {
@@ -266,7 +266,7 @@ impl Store {
         .bind(command_id.as_str())
         .bind(node_id.as_str())
         .bind(dir)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -282,7 +282,7 @@ impl Store {
         )
         .bind(command_id.as_str())
         .bind(node_id.as_str())
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.as_ref().and_then(script_node_row))
     }
@@ -298,7 +298,7 @@ impl Store {
         )
         .bind(command_id.as_str())
         .bind(node_id.as_str())
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -313,7 +313,7 @@ impl Store {
              LIMIT ?",
         )
         .bind(SCRIPT_NODES_BATCH)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows.iter().filter_map(script_node_row).collect())
     }

@@ -179,7 +179,7 @@ impl Store {
         .bind(recording.as_str())
         .bind(ended.map(|e| e.0))
         .bind(ended.map_or("", |e| e.1))
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(())
     }
@@ -200,7 +200,7 @@ impl Store {
         .bind(end.recording.as_str())
         .bind(clamp(end.recording_bytes))
         .bind(session_id)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -216,7 +216,7 @@ impl Store {
         )
         .bind(at)
         .bind(reason)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(done.rows_affected())
     }
@@ -229,7 +229,7 @@ impl Store {
         )
         .bind(before)
         .bind(limit)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(done.rows_affected())
     }
@@ -244,7 +244,7 @@ impl Store {
         )
         .bind(before)
         .bind(limit)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()
@@ -260,7 +260,7 @@ impl Store {
                AND session_id IN (SELECT value FROM json_each(?))",
         )
         .bind(ids)
-        .execute(&self.write)
+        .execute(&self.sqlite()?.write)
         .await?;
         Ok(done.rows_affected())
     }
@@ -269,7 +269,7 @@ impl Store {
     pub async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
         let row = sqlx::query("SELECT * FROM sessions WHERE session_id = ?")
             .bind(session_id)
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.sqlite()?.read)
             .await?;
         row.as_ref()
             .map(|r| record(r).map(Session::from))
@@ -333,7 +333,7 @@ impl Store {
         .bind(q.started_after)
         .bind(q.started_before)
         .bind(statuses)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         rows.iter().map(|r| record(r).map(Session::from)).collect()
     }
@@ -343,7 +343,7 @@ impl Store {
         let at: Option<i64> =
             sqlx::query_scalar("SELECT started_at FROM sessions WHERE session_id = ?")
                 .bind(session_id)
-                .fetch_optional(&self.read)
+                .fetch_optional(&self.sqlite()?.read)
                 .await?;
         Ok(at.map(|at| (at, session_id.to_owned())))
     }
@@ -628,7 +628,7 @@ mod tests {
                 .filename(&path)
                 .create_if_missing(true);
             let pool = sqlx::SqlitePool::connect_with(opts).await.expect("pool");
-            sqlx::migrate!("./migrations")
+            sqlx::migrate!("./migrations/sqlite")
                 .run_to(10, &pool)
                 .await
                 .expect("migrate to 0010");

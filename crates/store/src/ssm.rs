@@ -63,7 +63,7 @@ impl Store {
             .bind(name)
             .bind(now_ms())
             .bind(user)
-            .execute(&self.write)
+            .execute(&self.sqlite()?.write)
             .await?;
         Ok(())
     }
@@ -74,7 +74,7 @@ impl Store {
             "SELECT secret_nonce, secret_enc, user_name FROM access_keys WHERE access_key_id = ?",
         )
         .bind(id)
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.sqlite()?.read)
         .await?;
         Ok(row.map(|r| {
             (
@@ -95,7 +95,7 @@ impl Store {
              WHERE ?1 IS NULL OR user_name = ?1 ORDER BY created_at DESC",
         )
         .bind(user)
-        .fetch_all(&self.read)
+        .fetch_all(&self.sqlite()?.read)
         .await?;
         Ok(rows
             .iter()
@@ -124,7 +124,7 @@ impl Store {
         qb.push_bind(i64::from(limit));
         qb.push(" OFFSET ");
         qb.push_bind(i64::try_from(offset).unwrap_or(i64::MAX));
-        let rows = qb.build().fetch_all(&self.read).await?;
+        let rows = qb.build().fetch_all(&self.sqlite()?.read).await?;
         rows.iter()
             .map(|r| Ok((command_record(r)?.into(), extra(r))))
             .collect()
@@ -152,7 +152,7 @@ impl Store {
         qb.push_bind(i64::from(limit));
         qb.push(" OFFSET ");
         qb.push_bind(i64::try_from(offset).unwrap_or(i64::MAX));
-        let rows = qb.build().fetch_all(&self.read).await?;
+        let rows = qb.build().fetch_all(&self.sqlite()?.read).await?;
         rows.iter()
             .map(|r| {
                 let meta = CommandMeta {

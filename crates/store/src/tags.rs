@@ -1,7 +1,7 @@
 //! Tags of documents and parameters (a node's are in `nodes.rs`, with their index): a JSON object
 //! per row, changed by compare and swap so two changes at once never lose one.
 
-use super::{Result, Store};
+use super::{Result, Store, with_pool};
 use std::collections::BTreeMap;
 
 /// A kind of resource that carries tags here besides nodes.
@@ -16,15 +16,15 @@ pub enum Tagged {
 impl Tagged {
     fn select(self) -> &'static str {
         match self {
-            Tagged::Document => "SELECT tags FROM documents WHERE name = ?",
-            Tagged::Param => "SELECT tags FROM params WHERE name = ?",
+            Tagged::Document => "SELECT tags FROM documents WHERE name = $1",
+            Tagged::Param => "SELECT tags FROM params WHERE name = $1",
         }
     }
 
     fn swap(self) -> &'static str {
         match self {
-            Tagged::Document => "UPDATE documents SET tags = ? WHERE name = ? AND tags = ?",
-            Tagged::Param => "UPDATE params SET tags = ? WHERE name = ? AND tags = ?",
+            Tagged::Document => "UPDATE documents SET tags = $1 WHERE name = $2 AND tags = $3",
+            Tagged::Param => "UPDATE params SET tags = $1 WHERE name = $2 AND tags = $3",
         }
     }
 }
@@ -41,10 +41,12 @@ impl Store {
         kind: Tagged,
         name: &str,
     ) -> Result<Option<BTreeMap<String, String>>> {
-        let json: Option<String> = sqlx::query_scalar(kind.select())
-            .bind(name)
-            .fetch_optional(&self.read)
-            .await?;
+        let json: Option<String> = with_pool!(self, read, |pool| {
+            sqlx::query_scalar(kind.select())
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(json.as_deref().map(parse_tags))
     }
 
@@ -57,13 +59,16 @@ impl Store {
         old: &BTreeMap<String, String>,
         new: &BTreeMap<String, String>,
     ) -> Result<bool> {
-        let done = sqlx::query(kind.swap())
-            .bind(serde_json::to_string(new)?)
-            .bind(name)
-            .bind(serde_json::to_string(old)?)
-            .execute(&self.write)
-            .await?
-            .rows_affected();
+        let (new, old) = (serde_json::to_string(new)?, serde_json::to_string(old)?);
+        let done = with_pool!(self, write, |pool| {
+            sqlx::query(kind.swap())
+                .bind(&new)
+                .bind(name)
+                .bind(&old)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
         Ok(done == 1)
     }
 }

@@ -317,7 +317,7 @@ mod tests {
             .await
             .unwrap();
         let (id, n) = command_on(&store, 8).await;
-        let before = store.writer.commits();
+        let before = store.writer().unwrap().commits();
 
         // On this single-threaded runtime every write below is queued before the writer task runs.
         let out = |i: usize| {
@@ -352,7 +352,7 @@ mod tests {
         assert_eq!(started.unwrap().map(|s| s.stdout.0), Some(0));
         audited.unwrap();
         assert_eq!(
-            store.writer.commits() - before,
+            store.writer().unwrap().commits() - before,
             1,
             "one transaction for all of them"
         );
