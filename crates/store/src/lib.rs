@@ -70,6 +70,23 @@ enum Db {
     Postgres(PgPool),
 }
 
+/// Which SQL a query is written in, for the few constructs the two spell differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// A subquery over the strings of the JSON array bound as `param` (`x IN (...)`).
+    pub(crate) fn json_strings(self, param: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("SELECT value FROM json_each({param})"),
+            Dialect::Postgres => format!("SELECT json_array_elements_text({param}::json)"),
+        }
+    }
+}
+
 /// SQLite's two pools.
 #[derive(Clone)]
 struct SqlitePools {
@@ -80,6 +97,19 @@ struct SqlitePools {
 /// Runs `$body` with `$pool` bound to the store's pool for `read` or `write`, once per kind of
 /// database: the body is written once and compiled for each.
 macro_rules! with_pool {
+    ($store:expr, $use:ident, |$pool:ident, $dialect:ident| $body:expr) => {
+        match &$store.db {
+            $crate::Db::Sqlite(p) => {
+                let $pool = &p.$use;
+                let $dialect = $crate::Dialect::Sqlite;
+                $body
+            }
+            $crate::Db::Postgres($pool) => {
+                let $dialect = $crate::Dialect::Postgres;
+                $body
+            }
+        }
+    };
     ($store:expr, read, |$pool:ident| $body:expr) => {
         match &$store.db {
             $crate::Db::Sqlite(p) => {
@@ -220,13 +250,15 @@ impl Store {
     }
 }
 
-/// Reading a row's columns the same way from either database. (The other column kinds, NULL
-/// ones, flags and blobs, come with the modules that need them.)
+/// Reading a row's columns the same way from either database. (Flags and blobs come with the
+/// modules that need them.)
 pub(crate) trait Columns {
     /// A TEXT column.
     fn text(&self, column: &str) -> String;
     /// An INTEGER (BIGINT) column.
     fn int(&self, column: &str) -> i64;
+    /// An INTEGER column that may be NULL.
+    fn opt_int(&self, column: &str) -> Option<i64>;
 }
 
 macro_rules! columns_of {
@@ -236,6 +268,9 @@ macro_rules! columns_of {
                 sqlx::Row::get(self, column)
             }
             fn int(&self, column: &str) -> i64 {
+                sqlx::Row::get(self, column)
+            }
+            fn opt_int(&self, column: &str) -> Option<i64> {
                 sqlx::Row::get(self, column)
             }
         }

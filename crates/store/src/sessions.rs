@@ -2,12 +2,10 @@
 //! it and completed when it ended (or inserted `Failed` when it never started); `edge` presents a
 //! row as an API `Session`.
 
-use super::{Result, Store};
+use super::{Columns, Result, Store, with_pool};
 use crate::commands::visible_json;
 use fleetrun_proto::NodeId;
 use fleetrun_proto::api::{RecordingStatus, Session, SessionStatus};
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 use std::collections::HashSet;
 
 /// Most sessions one listing answers.
@@ -108,27 +106,27 @@ pub(crate) struct SessionRecord {
     pub(crate) recording_bytes: i64,
 }
 
-fn record(r: &SqliteRow) -> Result<SessionRecord> {
-    let node_id: String = r.get("node_id");
+fn record(r: &impl Columns) -> Result<SessionRecord> {
     Ok(SessionRecord {
-        session_id: r.get("session_id"),
-        kind: r.get("kind"),
-        node_id: node_id
+        session_id: r.text("session_id"),
+        kind: r.text("kind"),
+        node_id: r
+            .text("node_id")
             .parse()
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        principal: r.get("principal"),
-        source: r.get("source"),
-        run_as: r.get("run_as"),
-        command: r.get("command"),
-        started_at: r.get("started_at"),
-        ended_at: r.get("ended_at"),
-        bytes_in: r.get("bytes_in"),
-        bytes_out: r.get("bytes_out"),
-        exit_code: r.get("exit_code"),
-        end_reason: r.get("end_reason"),
-        status: r.get("status"),
-        recording: r.get("recording"),
-        recording_bytes: r.get("recording_bytes"),
+        principal: r.text("principal"),
+        source: r.text("source"),
+        run_as: r.text("run_as"),
+        command: r.text("command"),
+        started_at: r.int("started_at"),
+        ended_at: r.opt_int("ended_at"),
+        bytes_in: r.int("bytes_in"),
+        bytes_out: r.int("bytes_out"),
+        exit_code: r.opt_int("exit_code"),
+        end_reason: r.text("end_reason"),
+        status: r.text("status"),
+        recording: r.text("recording"),
+        recording_bytes: r.int("recording_bytes"),
     })
 }
 
@@ -162,118 +160,135 @@ impl Store {
         ended: Option<(i64, &str)>,
     ) -> Result<()> {
         let status = if ended.is_some() { "Failed" } else { "Active" };
-        sqlx::query(
-            "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as, command,
-               started_at, status, recording, ended_at, end_reason)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&s.session_id)
-        .bind(&s.kind)
-        .bind(s.node_id.as_str())
-        .bind(&s.principal)
-        .bind(&s.source)
-        .bind(&s.run_as)
-        .bind(&s.command)
-        .bind(s.started_at)
-        .bind(status)
-        .bind(recording.as_str())
-        .bind(ended.map(|e| e.0))
-        .bind(ended.map_or("", |e| e.1))
-        .execute(&self.sqlite()?.write)
-        .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query(
+                "INSERT INTO sessions (session_id, kind, node_id, principal, source, run_as,
+                   command, started_at, status, recording, ended_at, end_reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(&s.session_id)
+            .bind(&s.kind)
+            .bind(s.node_id.as_str())
+            .bind(&s.principal)
+            .bind(&s.source)
+            .bind(&s.run_as)
+            .bind(&s.command)
+            .bind(s.started_at)
+            .bind(status)
+            .bind(recording.as_str())
+            .bind(ended.map(|e| e.0))
+            .bind(ended.map_or("", |e| e.1))
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
     /// Completes an `Active` session; false when there was none (it ended already).
     pub async fn end_session(&self, session_id: &str, end: &SessionEnd) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, exit_code = ?,
-               end_reason = ?, status = ?, recording = ?, recording_bytes = ?
-             WHERE session_id = ? AND status = 'Active'",
-        )
-        .bind(end.ended_at)
-        .bind(clamp(end.bytes_in))
-        .bind(clamp(end.bytes_out))
-        .bind(end.exit_code)
-        .bind(&end.end_reason)
-        .bind(end.status.as_str())
-        .bind(end.recording.as_str())
-        .bind(clamp(end.recording_bytes))
-        .bind(session_id)
-        .execute(&self.sqlite()?.write)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let done = with_pool!(self, write, |pool| {
+            sqlx::query(
+                "UPDATE sessions SET ended_at = $1, bytes_in = $2, bytes_out = $3, exit_code = $4,
+                   end_reason = $5, status = $6, recording = $7, recording_bytes = $8
+                 WHERE session_id = $9 AND status = 'Active'",
+            )
+            .bind(end.ended_at)
+            .bind(clamp(end.bytes_in))
+            .bind(clamp(end.bytes_out))
+            .bind(end.exit_code.map(i64::from))
+            .bind(&end.end_reason)
+            .bind(end.status.as_str())
+            .bind(end.recording.as_str())
+            .bind(clamp(end.recording_bytes))
+            .bind(session_id)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(done > 0)
     }
 
     /// Marks every `Active` session `Terminated` with `reason`: at start-up, their relays died with
     /// the server that ran them (and their recordings' uploads, never completed, with them: a
     /// `recording` one becomes `failed`). Returns how many.
     pub async fn end_active_sessions(&self, at: i64, reason: &str) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE sessions SET ended_at = ?, end_reason = ?, status = 'Terminated',
-               recording = CASE recording WHEN 'recording' THEN 'failed' ELSE recording END
-             WHERE status = 'Active'",
-        )
-        .bind(at)
-        .bind(reason)
-        .execute(&self.sqlite()?.write)
-        .await?;
-        Ok(done.rows_affected())
+        Ok(with_pool!(self, write, |pool| {
+            sqlx::query(
+                "UPDATE sessions SET ended_at = $1, end_reason = $2, status = 'Terminated',
+                   recording = CASE recording WHEN 'recording' THEN 'failed' ELSE recording END
+                 WHERE status = 'Active'",
+            )
+            .bind(at)
+            .bind(reason)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
     }
 
     /// Deletes up to `limit` ended sessions that ended before `before` (epoch ms); returns how many.
     pub async fn purge_sessions(&self, before: i64, limit: i64) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM sessions
-               WHERE ended_at < ? AND status != 'Active' LIMIT ?)",
-        )
-        .bind(before)
-        .bind(limit)
-        .execute(&self.sqlite()?.write)
-        .await?;
-        Ok(done.rows_affected())
+        Ok(with_pool!(self, write, |pool| {
+            sqlx::query(
+                "DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM sessions
+                   WHERE ended_at < $1 AND status != 'Active' LIMIT $2)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
     }
 
     /// Up to `limit` ended sessions that ended before `before` (epoch ms), each with whether it
     /// may have a recording object (complete or failed mid-way), for the retention purge: objects
     /// go first, then [`Store::delete_sessions`].
     pub async fn expired_sessions(&self, before: i64, limit: i64) -> Result<Vec<(String, bool)>> {
-        let rows = sqlx::query(
-            "SELECT session_id, recording != 'none' AS recorded FROM sessions
-             WHERE ended_at < ? AND status != 'Active' LIMIT ?",
-        )
-        .bind(before)
-        .bind(limit)
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT session_id,
+                   CAST(CASE WHEN recording != 'none' THEN 1 ELSE 0 END AS BIGINT) AS recorded
+                 FROM sessions WHERE ended_at < $1 AND status != 'Active' LIMIT $2",
+            )
+            .bind(before)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
             .iter()
-            .map(|r| (r.get("session_id"), r.get("recorded")))
-            .collect())
+            .map(|r| (r.text("session_id"), r.int("recorded") != 0))
+            .collect()
+        }))
     }
 
     /// Deletes ended sessions by id; returns how many.
     pub async fn delete_sessions(&self, ids: &[String]) -> Result<u64> {
         let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
-        let done = sqlx::query(
-            "DELETE FROM sessions WHERE status != 'Active'
-               AND session_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(ids)
-        .execute(&self.sqlite()?.write)
-        .await?;
-        Ok(done.rows_affected())
+        Ok(with_pool!(self, write, |pool, d| {
+            let sql = format!(
+                "DELETE FROM sessions WHERE status != 'Active' AND session_id IN ({})",
+                d.json_strings("$1")
+            );
+            // Only the dialect's fixed fragments are formatted in; values are bound.
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&ids)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
     }
 
     /// One session.
     pub async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
-        let row = sqlx::query("SELECT * FROM sessions WHERE session_id = ?")
-            .bind(session_id)
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        row.as_ref()
-            .map(|r| record(r).map(Session::from))
-            .transpose()
+        with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM sessions WHERE session_id = $1")
+                .bind(session_id)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(|r| record(r).map(Session::from))
+                .transpose()
+        })
     }
 
     /// Sessions, newest first: only `Active` ones if `active`, only on `visible` nodes if given, at
@@ -312,39 +327,49 @@ impl Store {
             serde_json::to_string(&q.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>())
                 .unwrap_or_else(|_| "[]".into())
         });
-        let rows = sqlx::query(
-            "SELECT * FROM sessions WHERE (?1 IS NULL OR node_id IN (SELECT value FROM json_each(?1)))
-               AND (?2 = 0 OR (?2 = 1 AND status = 'Active') OR (?2 = 2 AND status <> 'Active'))
-               AND (started_at, session_id) < (?3, ?4)
-               AND (?6 IS NULL OR node_id = ?6) AND (?7 IS NULL OR principal = ?7)
-               AND (?8 IS NULL OR session_id = ?8)
-               AND (?9 IS NULL OR started_at >= ?9) AND (?10 IS NULL OR started_at <= ?10)
-               AND (?11 IS NULL OR status IN (SELECT value FROM json_each(?11)))
-             ORDER BY started_at DESC, session_id DESC LIMIT ?5",
-        )
-        .bind(visible_json(visible))
-        .bind(q.state as i64)
-        .bind(at)
-        .bind(id)
-        .bind(limit.clamp(1, SESSIONS_PAGE_MAX))
-        .bind(q.node.as_ref().map(NodeId::as_str))
-        .bind(q.principal.as_deref())
-        .bind(q.session_id.as_deref())
-        .bind(q.started_after)
-        .bind(q.started_before)
-        .bind(statuses)
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        rows.iter().map(|r| record(r).map(Session::from)).collect()
+        let visible = visible_json(visible);
+        with_pool!(self, read, |pool, d| {
+            let sql = format!(
+                "SELECT * FROM sessions WHERE ($1 IS NULL OR node_id IN ({}))
+                   AND ($2 = 0 OR ($2 = 1 AND status = 'Active') OR ($2 = 2 AND status <> 'Active'))
+                   AND (started_at, session_id) < ($3, $4)
+                   AND ($6 IS NULL OR node_id = $6) AND ($7 IS NULL OR principal = $7)
+                   AND ($8 IS NULL OR session_id = $8)
+                   AND ($9 IS NULL OR started_at >= $9) AND ($10 IS NULL OR started_at <= $10)
+                   AND ($11 IS NULL OR status IN ({}))
+                 ORDER BY started_at DESC, session_id DESC LIMIT $5",
+                d.json_strings("$1"),
+                d.json_strings("$11")
+            );
+            // Only the dialect's fixed fragments are formatted in; values are bound.
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&visible)
+                .bind(q.state as i64)
+                .bind(at)
+                .bind(id)
+                .bind(limit.clamp(1, SESSIONS_PAGE_MAX))
+                .bind(q.node.as_ref().map(NodeId::as_str))
+                .bind(q.principal.as_deref())
+                .bind(q.session_id.as_deref())
+                .bind(q.started_after)
+                .bind(q.started_before)
+                .bind(&statuses)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| record(r).map(Session::from))
+                .collect()
+        })
     }
 
     /// Where a session sorts in listings (its start and id), for a cursor.
     pub async fn session_cursor(&self, session_id: &str) -> Result<Option<(i64, String)>> {
-        let at: Option<i64> =
-            sqlx::query_scalar("SELECT started_at FROM sessions WHERE session_id = ?")
+        let at: Option<i64> = with_pool!(self, read, |pool| {
+            sqlx::query_scalar("SELECT started_at FROM sessions WHERE session_id = $1")
                 .bind(session_id)
-                .fetch_optional(&self.sqlite()?.read)
-                .await?;
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(at.map(|at| (at, session_id.to_owned())))
     }
 }
@@ -369,10 +394,13 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_start_active_end_once_and_restart_ends_the_rest() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            sessions_start_active_end_once_and_restart_ends_the_rest_on(store).await;
+        }
+    }
+
+    async fn sessions_start_active_end_once_and_restart_ends_the_rest_on(store: Store) {
         let a = NodeId::from_random(1);
         let b = NodeId::from_random(2);
         store
@@ -489,10 +517,13 @@ mod tests {
 
     #[tokio::test]
     async fn recordings_are_recorded_ended_failed_at_restart_and_purged_by_id() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            recordings_are_recorded_ended_failed_at_restart_and_purged_by_id_on(store).await;
+        }
+    }
+
+    async fn recordings_are_recorded_ended_failed_at_restart_and_purged_by_id_on(store: Store) {
         let a = NodeId::from_random(1);
         for (id, at) in [("r1", 1_000), ("r2", 2_000), ("plain", 3_000)] {
             let mut s = new_session(id, &a, at);
@@ -579,10 +610,13 @@ mod tests {
     /// touches it, and retention purges it as any ended one.
     #[tokio::test]
     async fn a_failed_session_is_stored_ended_and_left_alone() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db"))
-            .await
-            .expect("open");
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            a_failed_session_is_stored_ended_and_left_alone_on(store).await;
+        }
+    }
+
+    async fn a_failed_session_is_stored_ended_and_left_alone_on(store: Store) {
         let mut s = new_session("f1", &NodeId::from_random(1), 1_000);
         s.recording = RecordingStatus::Recording;
         store
