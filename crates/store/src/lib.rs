@@ -77,7 +77,34 @@ pub(crate) enum Dialect {
     Postgres,
 }
 
+/// What a read-then-write transaction serializes on, on PostgreSQL (`Dialect::serialize`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lock {
+    Params,
+}
+
+impl Lock {
+    /// The advisory lock's key: the name's bytes, so keys do not collide by accident.
+    fn key(self) -> i64 {
+        let name: &[u8] = match self {
+            Lock::Params => b"params",
+        };
+        name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))
+    }
+}
+
 impl Dialect {
+    /// The statement that makes the transaction it runs in the only writer of `lock`'s rows
+    /// until it ends, as SQLite's one writer connection makes every transaction (so a read,
+    /// then a write that depends on it, stays exact with writers on other connections); None on
+    /// SQLite, where nothing is needed.
+    pub(crate) fn serialize(self, lock: Lock) -> Option<String> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some(format!("SELECT pg_advisory_xact_lock({})", lock.key())),
+        }
+    }
+
     /// A subquery over the strings of the JSON array bound as `param` (`x IN (...)`).
     pub(crate) fn json_strings(self, param: &str) -> String {
         match self {
@@ -250,8 +277,7 @@ impl Store {
     }
 }
 
-/// Reading a row's columns the same way from either database. (Flags and blobs come with the
-/// modules that need them.)
+/// Reading a row's columns the same way from either database.
 pub(crate) trait Columns {
     /// A TEXT column.
     fn text(&self, column: &str) -> String;
@@ -259,6 +285,14 @@ pub(crate) trait Columns {
     fn int(&self, column: &str) -> i64;
     /// An INTEGER column that may be NULL.
     fn opt_int(&self, column: &str) -> Option<i64>;
+    /// A flag: an INTEGER column holding 0 or 1.
+    fn flag(&self, column: &str) -> bool {
+        self.int(column) != 0
+    }
+    /// A BLOB (BYTEA) column that may be NULL.
+    fn opt_bytes(&self, column: &str) -> Option<Vec<u8>>;
+    /// Whether the row has that column.
+    fn has(&self, column: &str) -> bool;
 }
 
 macro_rules! columns_of {
@@ -272,6 +306,12 @@ macro_rules! columns_of {
             }
             fn opt_int(&self, column: &str) -> Option<i64> {
                 sqlx::Row::get(self, column)
+            }
+            fn opt_bytes(&self, column: &str) -> Option<Vec<u8>> {
+                sqlx::Row::get(self, column)
+            }
+            fn has(&self, column: &str) -> bool {
+                sqlx::Row::try_column(self, column).is_ok()
             }
         }
     };

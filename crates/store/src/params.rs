@@ -1,9 +1,7 @@
 //! The parameter store's rows (`params`). A secure value arrives here already sealed; this file never
 //! sees it in clear.
 
-use super::{Result, Store};
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use super::{Columns, Lock, Result, Store, with_pool};
 use std::collections::BTreeMap;
 
 /// Most parameters (SSM's standard tier: 10,000).
@@ -80,29 +78,29 @@ pub enum Put {
     PatternMismatch(String),
 }
 
-fn param_row(r: &SqliteRow) -> ParamRow {
-    let secure: bool = r.get("secure");
+fn param_row(r: &impl Columns) -> ParamRow {
     ParamRow {
-        name: r.get("name"),
-        value: if secure {
+        name: r.text("name"),
+        value: if r.flag("secure") {
             StoredValue::Sealed(
-                r.get::<Option<Vec<u8>>, _>("nonce").unwrap_or_default(),
-                r.get::<Option<Vec<u8>>, _>("sealed").unwrap_or_default(),
+                r.opt_bytes("nonce").unwrap_or_default(),
+                r.opt_bytes("sealed").unwrap_or_default(),
             )
         } else {
-            StoredValue::Plain(r.get("value"))
+            StoredValue::Plain(r.text("value"))
         },
-        list: r.get("list"),
-        description: r.get("description"),
-        allowed_pattern: r.get("allowed_pattern"),
-        version: r.get("version"),
-        updated_at: r.get("updated_at"),
-        updated_by: r.get("updated_by"),
+        list: r.flag("list"),
+        description: r.text("description"),
+        allowed_pattern: r.text("allowed_pattern"),
+        version: r.int("version"),
+        updated_at: r.int("updated_at"),
+        updated_by: r.text("updated_by"),
         // `param_versions` rows have no tags column.
-        tags: r
-            .try_get::<String, _>("tags")
-            .map(|t| super::tags::parse_tags(&t))
-            .unwrap_or_default(),
+        tags: if r.has("tags") {
+            super::tags::parse_tags(&r.text("tags"))
+        } else {
+            BTreeMap::new()
+        },
     }
 }
 
@@ -121,94 +119,106 @@ impl Store {
         p: &NewParam<'_>,
         matches: impl FnOnce(&str) -> bool,
     ) -> Result<Put> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        let current =
-            sqlx::query("SELECT version, description, allowed_pattern FROM params WHERE name = ?")
-                .bind(p.name)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (current_version, description, pattern) = match &current {
-            Some(r) => {
-                if !p.overwrite {
-                    return Ok(Put::Exists);
-                }
-                (
-                    Some(r.get::<i64, _>("version")),
-                    r.get::<String, _>("description"),
-                    r.get::<String, _>("allowed_pattern"),
-                )
-            }
-            None => {
-                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM params")
-                    .fetch_one(&mut *tx)
+        let tags = serde_json::to_string(p.tags)?;
+        with_pool!(self, write, |pool, d| {
+            let mut tx = pool.begin().await?;
+            if let Some(lock) = d.serialize(Lock::Params) {
+                sqlx::query(sqlx::AssertSqlSafe(lock))
+                    .execute(&mut *tx)
                     .await?;
-                if count >= PARAMS_MAX {
-                    return Ok(Put::LimitExceeded);
-                }
-                (None, String::new(), String::new())
             }
-        };
-        let description = p.description.map_or(description, str::to_owned);
-        let pattern = p.allowed_pattern.map_or(pattern, str::to_owned);
-        if !pattern.is_empty() && !matches(&pattern) {
-            return Ok(Put::PatternMismatch(pattern));
-        }
-        let version = current_version.unwrap_or(0) + 1;
-        let (secure, plain, nonce, sealed) = match p.value {
-            StoredValue::Plain(v) => (false, v.as_str(), None, None),
-            StoredValue::Sealed(n, s) => (true, "", Some(n.as_slice()), Some(s.as_slice())),
-        };
-        let list = p.list && !secure;
-        sqlx::query(
-            "INSERT INTO params (name, secure, value, nonce, sealed, version, updated_at, updated_by,
-               list, description, allowed_pattern, tags)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (name) DO UPDATE SET secure = excluded.secure, value = excluded.value,
-               nonce = excluded.nonce, sealed = excluded.sealed, version = excluded.version,
-               updated_at = excluded.updated_at, updated_by = excluded.updated_by,
-               list = excluded.list, description = excluded.description,
-               allowed_pattern = excluded.allowed_pattern",
-        )
-        .bind(p.name)
-        .bind(secure)
-        .bind(plain)
-        .bind(nonce)
-        .bind(sealed)
-        .bind(version)
-        .bind(p.at)
-        .bind(p.by)
-        .bind(list)
-        .bind(&description)
-        .bind(&pattern)
-        .bind(serde_json::to_string(p.tags)?)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO param_versions (name, version, secure, list, value, nonce, sealed,
-               description, allowed_pattern, updated_at, updated_by)
-             SELECT name, version, secure, list, value, nonce, sealed, description, allowed_pattern,
-               updated_at, updated_by FROM params WHERE name = ?",
-        )
-        .bind(p.name)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM param_versions WHERE name = ? AND version <= ?")
+            let current = sqlx::query(
+                "SELECT version, description, allowed_pattern FROM params WHERE name = $1",
+            )
             .bind(p.name)
-            .bind(version - PARAM_VERSIONS_MAX)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let (current_version, description, pattern) = match &current {
+                Some(r) => {
+                    if !p.overwrite {
+                        return Ok(Put::Exists);
+                    }
+                    (
+                        Some(r.int("version")),
+                        r.text("description"),
+                        r.text("allowed_pattern"),
+                    )
+                }
+                None => {
+                    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM params")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    if count >= PARAMS_MAX {
+                        return Ok(Put::LimitExceeded);
+                    }
+                    (None, String::new(), String::new())
+                }
+            };
+            let description = p.description.map_or(description, str::to_owned);
+            let pattern = p.allowed_pattern.map_or(pattern, str::to_owned);
+            if !pattern.is_empty() && !matches(&pattern) {
+                return Ok(Put::PatternMismatch(pattern));
+            }
+            let version = current_version.unwrap_or(0) + 1;
+            let (secure, plain, nonce, sealed) = match p.value {
+                StoredValue::Plain(v) => (false, v.as_str(), None, None),
+                StoredValue::Sealed(n, s) => (true, "", Some(n.as_slice()), Some(s.as_slice())),
+            };
+            let list = p.list && !secure;
+            sqlx::query(
+                "INSERT INTO params (name, secure, value, nonce, sealed, version, updated_at,
+                   updated_by, list, description, allowed_pattern, tags)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                 ON CONFLICT (name) DO UPDATE SET secure = excluded.secure, value = excluded.value,
+                   nonce = excluded.nonce, sealed = excluded.sealed, version = excluded.version,
+                   updated_at = excluded.updated_at, updated_by = excluded.updated_by,
+                   list = excluded.list, description = excluded.description,
+                   allowed_pattern = excluded.allowed_pattern",
+            )
+            .bind(p.name)
+            .bind(i64::from(secure))
+            .bind(plain)
+            .bind(nonce)
+            .bind(sealed)
+            .bind(version)
+            .bind(p.at)
+            .bind(p.by)
+            .bind(i64::from(list))
+            .bind(&description)
+            .bind(&pattern)
+            .bind(&tags)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(Put::Ok(version))
+            sqlx::query(
+                "INSERT INTO param_versions (name, version, secure, list, value, nonce, sealed,
+                   description, allowed_pattern, updated_at, updated_by)
+                 SELECT name, version, secure, list, value, nonce, sealed, description,
+                   allowed_pattern, updated_at, updated_by FROM params WHERE name = $1",
+            )
+            .bind(p.name)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM param_versions WHERE name = $1 AND version <= $2")
+                .bind(p.name)
+                .bind(version - PARAM_VERSIONS_MAX)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Put::Ok(version))
+        })
     }
 
     /// One version of a parameter (None when the parameter or that version is gone).
     pub async fn get_param_version(&self, name: &str, version: i64) -> Result<Option<ParamRow>> {
-        let row = sqlx::query("SELECT * FROM param_versions WHERE name = ? AND version = ?")
-            .bind(name)
-            .bind(version)
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        Ok(row.as_ref().map(param_row))
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM param_versions WHERE name = $1 AND version = $2")
+                .bind(name)
+                .bind(version)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(param_row)
+        }))
     }
 
     /// Up to `limit` versions of a parameter after `after`, oldest first.
@@ -218,15 +228,20 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<ParamRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM param_versions WHERE name = ? AND version > ? ORDER BY version LIMIT ?",
-        )
-        .bind(name)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows.iter().map(param_row).collect())
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT * FROM param_versions WHERE name = $1 AND version > $2
+                 ORDER BY version LIMIT $3",
+            )
+            .bind(name)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(param_row)
+            .collect()
+        }))
     }
 
     /// Up to `limit` parameters whose names start with `prefix` and sort after `after`, by name.
@@ -236,25 +251,34 @@ impl Store {
         after: &str,
         limit: i64,
     ) -> Result<Vec<ParamRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM params WHERE name >= ? AND name < ? AND name > ? ORDER BY name LIMIT ?",
-        )
-        .bind(prefix)
-        .bind(prefix_end(prefix))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows.iter().map(param_row).collect())
+        let end = prefix_end(prefix);
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT * FROM params WHERE name >= $1 AND name < $2 AND name > $3
+                 ORDER BY name LIMIT $4",
+            )
+            .bind(prefix)
+            .bind(&end)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(param_row)
+            .collect()
+        }))
     }
 
     /// One parameter.
     pub async fn get_param(&self, name: &str) -> Result<Option<ParamRow>> {
-        let row = sqlx::query("SELECT * FROM params WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        Ok(row.as_ref().map(param_row))
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM params WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(param_row)
+        }))
     }
 
     /// Some parameters by name (those that exist).
@@ -271,19 +295,26 @@ impl Store {
 
     /// Every parameter, by name.
     pub async fn list_params(&self) -> Result<Vec<ParamRow>> {
-        let rows = sqlx::query("SELECT * FROM params ORDER BY name")
-            .fetch_all(&self.sqlite()?.read)
-            .await?;
-        Ok(rows.iter().map(param_row).collect())
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM params ORDER BY name")
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(param_row)
+                .collect()
+        }))
     }
 
     /// Deletes a parameter with all its versions; false when there was none.
     pub async fn delete_param(&self, name: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM params WHERE name = ?")
-            .bind(name)
-            .execute(&self.sqlite()?.write)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        let done = with_pool!(self, write, |pool| {
+            sqlx::query("DELETE FROM params WHERE name = $1")
+                .bind(name)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
     }
 }
 
@@ -309,10 +340,59 @@ mod tests {
 
     #[tokio::test]
     async fn versions_are_kept_up_to_the_limit_and_go_with_the_parameter() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            versions_kept(store).await;
+        }
+    }
+
+    /// Puts racing on one new name from several connections: one creates it, the others find
+    /// it there; overwrites number their versions once each (on PostgreSQL the transactions are
+    /// serialized, as SQLite's one writer serializes them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_puts_create_once_and_number_versions_once() {
+        let (_dir, stores) = crate::testing::stores().await;
+        for (kind, store) in stores {
+            let puts = (0..8).map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let v = StoredValue::Plain("v".into());
+                    match store.put_param(&put("/race", &v, false), |_| true).await {
+                        Ok(Put::Ok(1)) => "created",
+                        Ok(Put::Exists) => "exists",
+                        Ok(_) => "other",
+                        Err(_) => "failed",
+                    }
+                })
+            });
+            let mut outcomes = Vec::new();
+            for p in puts {
+                outcomes.push(p.await.expect("task"));
+            }
+            outcomes.sort_unstable();
+            let mut expected = vec!["exists"; 7];
+            expected.insert(0, "created");
+            assert_eq!(outcomes, expected, "{kind}");
+            let overwrites = (0..8).map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let v = StoredValue::Plain("w".into());
+                    match store.put_param(&put("/race", &v, true), |_| true).await {
+                        Ok(Put::Ok(n)) => n,
+                        _ => 0,
+                    }
+                })
+            });
+            let mut versions = Vec::new();
+            for p in overwrites {
+                versions.push(p.await.expect("task"));
+            }
+            versions.sort_unstable();
+            assert_eq!(versions, (2..=9).collect::<Vec<i64>>(), "{kind}");
+        }
+    }
+
+    async fn versions_kept(store: Store) {
         let v = StoredValue::Plain("one".into());
         let first = NewParam {
             description: Some("first"),
