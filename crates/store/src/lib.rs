@@ -80,6 +80,7 @@ pub(crate) enum Dialect {
 /// What a read-then-write transaction serializes on, on PostgreSQL (`Dialect::serialize`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Lock {
+    Documents,
     Params,
 }
 
@@ -87,6 +88,7 @@ impl Lock {
     /// The advisory lock's key: the name's bytes, so keys do not collide by accident.
     fn key(self) -> i64 {
         let name: &[u8] = match self {
+            Lock::Documents => b"documents",
             Lock::Params => b"params",
         };
         name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))
@@ -285,6 +287,8 @@ pub(crate) trait Columns {
     fn int(&self, column: &str) -> i64;
     /// An INTEGER column that may be NULL.
     fn opt_int(&self, column: &str) -> Option<i64>;
+    /// A TEXT column that may be NULL.
+    fn opt_text(&self, column: &str) -> Option<String>;
     /// A flag: an INTEGER column holding 0 or 1.
     fn flag(&self, column: &str) -> bool {
         self.int(column) != 0
@@ -305,6 +309,9 @@ macro_rules! columns_of {
                 sqlx::Row::get(self, column)
             }
             fn opt_int(&self, column: &str) -> Option<i64> {
+                sqlx::Row::get(self, column)
+            }
+            fn opt_text(&self, column: &str) -> Option<String> {
                 sqlx::Row::get(self, column)
             }
             fn opt_bytes(&self, column: &str) -> Option<Vec<u8>> {
