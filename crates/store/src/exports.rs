@@ -2,10 +2,9 @@
 //! invocation of a command that asked for it, written with its end (see `finish_invocations`),
 //! drained by the server's exporter, and deleted only once the output is in the bucket.
 
-use super::{Result, Store};
+use super::{Columns, Result, Store, with_pool};
 use fleetrun_proto::api::OutputS3;
 use fleetrun_proto::{CommandId, NodeId};
-use sqlx::Row;
 use std::collections::HashMap;
 
 /// Longest upload error kept with a row (the rest is cut).
@@ -55,66 +54,73 @@ impl ExportState {
     }
 }
 
-fn attempts(r: &sqlx::sqlite::SqliteRow) -> u32 {
-    r.get::<i64, _>("attempts").clamp(0, i64::from(u32::MAX)) as u32
+fn attempts(r: &impl Columns) -> u32 {
+    r.int("attempts").clamp(0, i64::from(u32::MAX)) as u32
 }
 
 impl Store {
     /// Up to `limit` queued exports due at `due_by` (epoch ms) or before, the oldest due first.
     pub async fn due_exports(&self, due_by: i64, limit: u32) -> Result<Vec<ExportRow>> {
-        let rows = sqlx::query(
-            "SELECT e.command_id, e.node_id, e.attempts, c.output_s3_bucket, c.output_s3_prefix,
-                    c.output_s3_region, c.output_s3_plugin_dir
-             FROM s3_exports e JOIN commands c ON c.command_id = e.command_id
-             WHERE e.next_attempt_at <= ? ORDER BY e.next_attempt_at LIMIT ?",
-        )
-        .bind(due_by)
-        .bind(i64::from(limit))
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT e.command_id, e.node_id, e.attempts, c.output_s3_bucket,
+                        c.output_s3_prefix, c.output_s3_region, c.output_s3_plugin_dir
+                 FROM s3_exports e JOIN commands c ON c.command_id = e.command_id
+                 WHERE e.next_attempt_at <= $1 ORDER BY e.next_attempt_at LIMIT $2",
+            )
+            .bind(due_by)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
             .iter()
             .filter_map(|r| {
                 Some(ExportRow {
-                    command_id: r.get::<String, _>("command_id").parse().ok()?,
-                    node_id: r.get::<String, _>("node_id").parse().ok()?,
+                    command_id: r.text("command_id").parse().ok()?,
+                    node_id: r.text("node_id").parse().ok()?,
                     attempts: attempts(r),
                     target: OutputS3 {
-                        bucket: r.get("output_s3_bucket"),
-                        prefix: r.get("output_s3_prefix"),
-                        region: r.get("output_s3_region"),
+                        bucket: r.text("output_s3_bucket"),
+                        prefix: r.text("output_s3_prefix"),
+                        region: r.text("output_s3_region"),
                     },
-                    plugin_dir: r.get("output_s3_plugin_dir"),
+                    plugin_dir: r.text("output_s3_plugin_dir"),
                 })
             })
-            .collect())
+            .collect()
+        }))
     }
 
     /// Epoch ms of the earliest next attempt after `after` (epoch ms), if any is queued.
     pub async fn next_export_after(&self, after: i64) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM s3_exports WHERE next_attempt_at > ?",
-        )
-        .bind(after)
-        .fetch_one(&self.sqlite()?.read)
-        .await?)
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query_scalar(
+                "SELECT MIN(next_attempt_at) FROM s3_exports WHERE next_attempt_at > $1",
+            )
+            .bind(after)
+            .fetch_one(pool)
+            .await?
+        }))
     }
 
     /// How many exports are queued.
     pub async fn queued_exports(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM s3_exports")
-            .fetch_one(&self.sqlite()?.read)
-            .await?;
-        Ok(n as u64)
+        let n: i64 = with_pool!(self, read, |pool| {
+            sqlx::query_scalar("SELECT COUNT(*) FROM s3_exports")
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The export is done: its row goes.
     pub async fn export_done(&self, id: &CommandId, node: &NodeId) -> Result<()> {
-        sqlx::query("DELETE FROM s3_exports WHERE command_id = ? AND node_id = ?")
-            .bind(id.as_str())
-            .bind(node.as_str())
-            .execute(&self.sqlite()?.write)
-            .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query("DELETE FROM s3_exports WHERE command_id = $1 AND node_id = $2")
+                .bind(id.as_str())
+                .bind(node.as_str())
+                .execute(pool)
+                .await?;
+        });
         Ok(())
     }
 
@@ -131,39 +137,44 @@ impl Store {
         while !error.is_char_boundary(cut) {
             cut -= 1;
         }
-        sqlx::query(
-            "UPDATE s3_exports SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?
-             WHERE command_id = ? AND node_id = ?",
-        )
-        .bind(&error[..cut])
-        .bind(next_attempt_at)
-        .bind(id.as_str())
-        .bind(node.as_str())
-        .execute(&self.sqlite()?.write)
-        .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query(
+                "UPDATE s3_exports SET attempts = attempts + 1, last_error = $1,
+                   next_attempt_at = $2
+                 WHERE command_id = $3 AND node_id = $4",
+            )
+            .bind(&error[..cut])
+            .bind(next_attempt_at)
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
     /// The exports of a command's invocations that have not succeeded yet, by node.
     pub async fn export_states(&self, id: &CommandId) -> Result<HashMap<NodeId, ExportState>> {
-        let rows = sqlx::query(
-            "SELECT node_id, attempts, last_error, next_attempt_at FROM s3_exports WHERE command_id = ?",
-        )
-        .bind(id.as_str())
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT node_id, attempts, last_error, next_attempt_at FROM s3_exports
+                 WHERE command_id = $1",
+            )
+            .bind(id.as_str())
+            .fetch_all(pool)
+            .await?
             .iter()
             .filter_map(|r| {
-                let node = r.get::<String, _>("node_id").parse().ok()?;
+                let node = r.text("node_id").parse().ok()?;
                 let state = ExportState {
                     attempts: attempts(r),
-                    last_error: r.get("last_error"),
-                    next_attempt_at: r.get("next_attempt_at"),
+                    last_error: r.text("last_error"),
+                    next_attempt_at: r.int("next_attempt_at"),
                 };
                 Some((node, state))
             })
-            .collect())
+            .collect()
+        }))
     }
 
     /// The notify the exporter waits on; [`Store::wake_exports`] fires it.

@@ -82,6 +82,7 @@ pub(crate) enum Dialect {
 pub(crate) enum Lock {
     Documents,
     Params,
+    Users,
 }
 
 impl Lock {
@@ -90,6 +91,7 @@ impl Lock {
         let name: &[u8] = match self {
             Lock::Documents => b"documents",
             Lock::Params => b"params",
+            Lock::Users => b"users",
         };
         name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))
     }
