@@ -605,6 +605,28 @@ async fn bad_trailers_are_refused_and_hang_the_put_up() {
             })
             .await;
     }
+    // The client goes without a trailer: a hang-up, never an end (the agent keeps its temp
+    // file for a resume and renames nothing); the trail says the client left.
+    let mut ws = dial(&server, &keyed, &server.token).await.expect("upgrade");
+    let stream = start_put(&mut agent, &mut ws, 100).await;
+    ws.send(Message::Binary(b"\0hello".to_vec().into()))
+        .await
+        .unwrap();
+    ws.close(None).await.unwrap();
+    let heard = agent
+        .expect("StreamClose", |f| match f {
+            ServerFrame::StreamClose { stream: s, reason } if s == stream => Some(Some(reason)),
+            ServerFrame::StreamEof { stream: s } if s == stream => Some(None),
+            _ => None,
+        })
+        .await;
+    assert_eq!(heard.as_deref(), Some("the client left"));
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
     let put = |q: &str| format!("/v1/nodes/{node}/files/put?path=/opt/f&size=5{q}");
     for (q, says) in [
         ("", "needs one of sha256= "),
