@@ -964,11 +964,14 @@ fn resume_key(meta: &std::fs::Metadata) -> String {
     hex_of(&Sha256::digest(id.as_bytes()))[..fleetrun_proto::stream::FILE_KEY_LEN].to_owned()
 }
 
-/// Whether the server refused a trailer put because the node's agent needs the hash first.
+/// Whether the server refused a trailer put because the node's agent needs the hash first, or
+/// because the server itself is older than keyed puts (it knows no `key`).
 fn needs_hash_first(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<ApiError>()
-            .is_some_and(|a| a.code == "Unavailable" && a.message.contains("sha256="))
+        c.downcast_ref::<ApiError>().is_some_and(|a| {
+            (a.code == "Unavailable" && a.message.contains("sha256="))
+                || (a.code == "InvalidParameters" && a.message.contains("unknown field `key`"))
+        })
     })
 }
 
@@ -1480,6 +1483,11 @@ mod tests {
             "node mi-1 is not connected"
         )));
         assert!(!needs_hash_first(&e("InvalidParameters", "bad sha256=")));
+        // A server of protocol version 5 knows no key.
+        assert!(needs_hash_first(&e(
+            "InvalidParameters",
+            "a file put needs Failed to deserialize query string: unknown field `key`, expected one of ..."
+        )));
     }
 
     #[test]
