@@ -3,31 +3,47 @@
 //! `streams.rs` and docs/protocol.md, "File transfers").
 //!
 //! A put writes into a temp file beside its target, named after the target and the expected
-//! SHA-256 (`fleetrun_proto::stream::partial_name`), created `O_EXCL | O_NOFOLLOW` with mode 0600.
-//! It reports the offset it starts at (`StreamFileInfo`: 0, or with `resume` the temp file's
-//! length, whose bytes are hashed from disk), takes the bytes from there, and at `StreamEof`
-//! checks the count and the SHA-256 of the whole file, syncs it, sets mode and owner and renames
-//! it over the target (then syncs the directory). A mismatch or data past the size deletes the
-//! temp file; a hang-up keeps it for a resume. The target never holds a partial file.
+//! SHA-256, or (since version 6) the sender's resume key (`fleetrun_proto::stream::partial_name`),
+//! created `O_EXCL | O_NOFOLLOW` with mode 0600. It reports the offset it starts at
+//! (`StreamFileInfo`: 0, or with `resume` the temp file's length, whose bytes are hashed from
+//! disk), takes the bytes from there (with a resume key, then the 32-byte trailer: the whole
+//! file's SHA-256), and at `StreamEof` checks the count and the SHA-256 of the whole file, syncs
+//! it, sets mode and owner and renames it over the target (then syncs the directory). A mismatch
+//! or data past the size (and trailer) deletes the temp file; a hang-up keeps it for a resume. The
+//! target never holds a partial file.
 //!
 //! A get sends `StreamFileInfo` (size, mode), the bytes from the offset within the credit, and
 //! `StreamFileDone` with the SHA-256 of the whole file (the prefix before the offset hashed from
 //! disk).
+//!
+//! Cost model: the stream's task decodes frames and keeps the credit; the file's bytes are
+//! written (a put) or read (a get) and hashed on one blocking thread per transfer, fed through a
+//! bounded channel, so hashing and disk work run beside the socket on another core. A put's
+//! thread starts the kernel's writeback every [`WRITEBACK_EVERY`] bytes, so the one fsync
+//! before the rename finds little left to write.
 
 use crate::streams::{Credit, Ended, Input, Stop, Streams, Tag, stopped};
 use fleetrun_proto::channel::AgentFrame;
-use fleetrun_proto::stream::{STREAM_FRAME_MAX, STREAM_WINDOW_BULK, StreamFd, partial_name};
+use fleetrun_proto::stream::{
+    FILE_TRAILER_LEN, PutHash, STREAM_FRAME_MAX, STREAM_WINDOW_BULK, StreamFd, partial_name,
+};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 /// Mode of a put's file when neither the put nor an existing target gives one.
 pub const DEFAULT_MODE: u32 = 0o644;
+
+/// A put starts the writeback of what it wrote after this many bytes (`sync_file_range`), so
+/// dirty pages never pile up for the final fsync.
+pub const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Chunks a get reads ahead of the credit (at most this many frames in memory besides it).
+const READ_AHEAD: usize = 8;
 
 /// What a `FilePut` stream writes.
 pub(crate) struct Put {
@@ -44,11 +60,10 @@ pub(crate) struct Put {
 /// The uid and gid a put sets (either may be left as it is).
 type Owner = Option<(Option<u32>, Option<u32>)>;
 
-/// A put ready for its bytes.
+/// A put ready for its bytes (a resumed temp file's prefix not hashed yet).
 struct Prepared {
     file: File,
     offset: u64,
-    hasher: Sha256,
     tmp: PathBuf,
     target: PathBuf,
     mode: u32,
@@ -179,7 +194,6 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
     let owner = resolve_owner(put.owner.as_deref(), put.group.as_deref())?;
     let tmp = parent.join(partial_name(name, &put.sha256));
     let cannot = |e: io::Error| format!("cannot write {}: {e}", tmp.display());
-    let mut hasher = Sha256::new();
     if put.resume {
         match OpenOptions::new()
             .read(true)
@@ -197,13 +211,10 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
                         file.set_len(0).map_err(cannot)?;
                         offset = 0;
                     }
-                    hash_prefix(&mut file, offset, &mut hasher).map_err(cannot)?;
-                    use std::io::Seek;
                     file.seek(io::SeekFrom::Start(offset)).map_err(cannot)?;
                     return Ok(Prepared {
                         file,
                         offset,
-                        hasher,
                         tmp,
                         target,
                         mode,
@@ -236,7 +247,6 @@ fn prepare_put(put: &Put) -> Result<Prepared, String> {
     Ok(Prepared {
         file,
         offset: 0,
-        hasher,
         tmp,
         target,
         mode,
@@ -289,9 +299,9 @@ fn finish_put(
     Ok(got)
 }
 
-/// A get's file, opened and checked, with the hash of the bytes before the offset.
-fn prepare_get(path: &str, offset: u64) -> Result<(File, u64, u32, Sha256), String> {
-    let mut file = match File::open(path) {
+/// A get's file, opened and checked: the file, its size and mode.
+fn prepare_get(path: &str, offset: u64) -> Result<(File, u64, u32), String> {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(format!("no such file {path} on the node"));
@@ -313,9 +323,7 @@ fn prepare_get(path: &str, offset: u64) -> Result<(File, u64, u32, Sha256), Stri
             "offset {offset} is past the end of {path} ({size} bytes)"
         ));
     }
-    let mut hasher = Sha256::new();
-    hash_prefix(&mut file, offset, &mut hasher).map_err(|e| format!("cannot read {path}: {e}"))?;
-    Ok((file, size, meta.mode() & 0o7777, hasher))
+    Ok((file, size, meta.mode() & 0o7777))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -324,6 +332,192 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(format!("the file task failed: {e}")))
+}
+
+/// What a put's stream task hands its writer.
+enum Job {
+    Data(Vec<u8>),
+    End,
+}
+
+/// How a put's writer ended.
+enum Written {
+    /// Checked and renamed into place: the whole file's SHA-256.
+    Done(String),
+    Failed(String),
+    /// The input stopped before its end: the temp file stays for a resume.
+    HungUp,
+}
+
+/// Asks the kernel to start writing `len` bytes at `from` back to disk, without waiting.
+fn start_writeback(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) on a descriptor this File owns; no memory is involved. Only a
+    // hint: a failure leaves the work to the final fsync.
+    let _ =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// A put's writer, on a blocking thread: hashes a resumed prefix from disk, then writes and
+/// hashes each chunk, hands its bytes back to the credit (`consumed`), keeps the trailer, and at
+/// the end checks and renames (`finish_put`). Every failure deletes the temp file.
+fn write_put(
+    p: Prepared,
+    put: &Put,
+    jobs: &mut mpsc::Receiver<Job>,
+    consumed: impl Fn(usize),
+) -> Written {
+    let Prepared {
+        mut file,
+        offset,
+        tmp,
+        target,
+        mode,
+        owner,
+    } = p;
+    let fail = |file: File, why: String| {
+        drop(file);
+        remove_quietly(&tmp);
+        Written::Failed(why)
+    };
+    let cannot = |e: io::Error| format!("cannot write {}: {e}", tmp.display());
+    let mut hasher = Sha256::new();
+    if offset > 0 {
+        let hashed = file
+            .seek(io::SeekFrom::Start(0))
+            .and_then(|_| hash_prefix(&mut file, offset, &mut hasher));
+        if let Err(e) = hashed {
+            return fail(file, cannot(e));
+        }
+    }
+    let size = put.size;
+    let hash = PutHash::parse(&put.sha256);
+    let mut trailer = match hash {
+        Ok(PutHash::Trailer(_)) => Some(Vec::with_capacity(FILE_TRAILER_LEN)),
+        _ => None,
+    };
+    let mut got = offset;
+    let mut synced = offset;
+    loop {
+        match jobs.blocking_recv() {
+            Some(Job::Data(bytes)) => {
+                let n = bytes.len();
+                let body = usize::try_from(size - got).map_or(n, |room| room.min(n));
+                let (body, extra) = bytes.split_at(body);
+                if !extra.is_empty() {
+                    match trailer.as_mut() {
+                        Some(t) if t.len() + extra.len() <= FILE_TRAILER_LEN => {
+                            t.extend_from_slice(extra);
+                        }
+                        Some(_) => {
+                            return fail(
+                                file,
+                                format!(
+                                    "bad input: bytes after the trailer (the file's {size} bytes and its {FILE_TRAILER_LEN}-byte SHA-256)"
+                                ),
+                            );
+                        }
+                        None => {
+                            return fail(
+                                file,
+                                format!("bad input: more bytes than the file's size ({size})"),
+                            );
+                        }
+                    }
+                }
+                if !body.is_empty() {
+                    hasher.update(body);
+                    if let Err(e) = file.write_all(body) {
+                        return fail(file, cannot(e));
+                    }
+                    got += body.len() as u64;
+                    if got - synced >= WRITEBACK_EVERY {
+                        start_writeback(&file, synced, got - synced);
+                        synced = got;
+                    }
+                }
+                consumed(n);
+            }
+            Some(Job::End) => break,
+            None => return Written::HungUp,
+        }
+    }
+    if got != size {
+        return fail(
+            file,
+            format!(
+                "got {got} bytes of {size} ({} was not written)",
+                target.display()
+            ),
+        );
+    }
+    let expected = match (hash, trailer) {
+        (Ok(PutHash::Upfront(h)), _) => h.to_owned(),
+        (Ok(PutHash::Trailer(_)), Some(t)) if t.len() == FILE_TRAILER_LEN => hex::encode(t),
+        (Ok(PutHash::Trailer(_)), _) => {
+            return fail(
+                file,
+                format!(
+                    "the put ended without its trailer (the file's SHA-256 after its {size} bytes; {} was not written)",
+                    target.display()
+                ),
+            );
+        }
+        // The stream's kind was checked at its open.
+        (Err(e), _) => return fail(file, format!("bad stream: {e}")),
+    };
+    match finish_put(file, hasher, &expected, &tmp, &target, mode, owner) {
+        Ok(sha256) => Written::Done(sha256),
+        Err(e) => Written::Failed(e),
+    }
+}
+
+/// What a get's reader hands its stream task.
+enum Chunk {
+    Data(Vec<u8>),
+    /// All read: the whole file's SHA-256.
+    Done(String),
+    Failed(String),
+}
+
+/// A get's reader, on a blocking thread: hashes the prefix before `offset`, then reads the rest
+/// in frames, hashing each, at most [`READ_AHEAD`] frames ahead of the stream task.
+fn read_get(
+    mut file: File,
+    path: &str,
+    offset: u64,
+    size: u64,
+    chunks: &mpsc::Sender<Chunk>,
+) -> Option<()> {
+    let mut hasher = Sha256::new();
+    let cannot = |e: io::Error| Chunk::Failed(format!("cannot read {path}: {e}"));
+    if let Err(e) = hash_prefix(&mut file, offset, &mut hasher) {
+        return chunks.blocking_send(cannot(e)).ok();
+    }
+    let mut left = size - offset;
+    while left > 0 {
+        let want = usize::try_from(left).map_or(STREAM_FRAME_MAX, |l| l.min(STREAM_FRAME_MAX));
+        let mut buf = Vec::with_capacity(want);
+        match (&file).take(want as u64).read_to_end(&mut buf) {
+            Ok(0) => {
+                let why = format!(
+                    "{path} shrank while being read ({} of {size} bytes)",
+                    size - left
+                );
+                return chunks.blocking_send(Chunk::Failed(why)).ok();
+            }
+            Ok(n) => left -= n as u64,
+            Err(e) => return chunks.blocking_send(cannot(e)).ok(),
+        }
+        hasher.update(&buf);
+        chunks.blocking_send(Chunk::Data(buf)).ok()?;
+    }
+    chunks
+        .blocking_send(Chunk::Done(hex::encode(hasher.finalize())))
+        .ok()
 }
 
 impl Streams {
@@ -341,18 +535,11 @@ impl Streams {
             r = blocking(move || prepare_put(&p)) => r,
             _ = stop.changed() => return stopped(&stop),
         };
-        let Prepared {
-            file,
-            offset,
-            mut hasher,
-            tmp,
-            target,
-            mode,
-            owner,
-        } = match prepared {
+        let prepared = match prepared {
             Ok(p) => p,
             Err(e) => return Ended::failed(e),
         };
+        let offset = prepared.offset;
         let size = put.size;
         let Tag {
             stream,
@@ -375,60 +562,57 @@ impl Streams {
                 },
             ],
         );
-        let mut file = tokio::fs::File::from_std(file);
-        let mut got = offset;
+        // The credit bounds what is in flight; the channel only needs room for a window of
+        // frames, so a send never waits in practice.
+        let (jobs, mut rx) = mpsc::channel(64);
+        let me = Arc::clone(self);
+        let writer = tokio::task::spawn_blocking(move || {
+            write_put(prepared, &put, &mut rx, |n| {
+                me.consumed(stream, serial, generation, n);
+            })
+        });
+        let mut hung_up = false;
         loop {
             tokio::select! {
+                // Input first: what arrived before a hang-up is written, for the resume.
+                biased;
                 msg = input.recv() => match msg {
                     Some(Input::Data(bytes)) => {
-                        let n = bytes.len() as u64;
-                        if got + n > size {
-                            drop(file);
-                            remove_quietly(&tmp);
-                            return Ended::failed(format!(
-                                "bad input: more bytes than the file's size ({size})"
-                            ));
+                        // An error: the writer ended (it says why below).
+                        if jobs.send(Job::Data(bytes)).await.is_err() {
+                            break;
                         }
-                        hasher.update(&bytes);
-                        if let Err(e) = file.write_all(&bytes).await {
-                            drop(file);
-                            remove_quietly(&tmp);
-                            return Ended::failed(format!("cannot write {}: {e}", tmp.display()));
-                        }
-                        got += n;
-                        self.consumed(stream, serial, generation, bytes.len());
                     }
-                    Some(Input::Eof) => break,
+                    Some(Input::Eof) => {
+                        let _ = jobs.send(Job::End).await;
+                        break;
+                    }
                     Some(Input::Resize(..)) => {}
                     // Hung up: the partial file stays for a resume.
-                    None => return stopped(&stop),
+                    None => {
+                        hung_up = true;
+                        break;
+                    }
                 },
-                _ = stop.changed() => return stopped(&stop),
+                _ = stop.changed() => {
+                    hung_up = true;
+                    break;
+                }
             }
         }
-        if got != size {
-            drop(file);
-            remove_quietly(&tmp);
-            return Ended::failed(format!(
-                "got {got} bytes of {size} ({} was not written)",
-                target.display()
-            ));
-        }
-        if let Err(e) = file.flush().await {
-            drop(file);
-            remove_quietly(&tmp);
-            return Ended::failed(format!("cannot write {}: {e}", tmp.display()));
-        }
-        let file = file.into_std().await;
-        let expected = put.sha256.clone();
-        let done =
-            blocking(move || finish_put(file, hasher, &expected, &tmp, &target, mode, owner)).await;
-        match done {
-            Ok(sha256) => {
+        // Waited for even on a hang-up: the temp file stays locked until the writer lets go.
+        drop(jobs);
+        let written = writer
+            .await
+            .unwrap_or_else(|e| Written::Failed(format!("the file task failed: {e}")));
+        match written {
+            Written::Done(sha256) => {
                 self.push(generation, [AgentFrame::StreamFileDone { stream, sha256 }]);
                 Ended::ok()
             }
-            Err(e) => Ended::failed(e),
+            Written::Failed(e) => Ended::failed(e),
+            Written::HungUp if hung_up => stopped(&stop),
+            Written::HungUp => Ended::failed("the file's writer stopped".into()),
         }
     }
 
@@ -447,7 +631,7 @@ impl Streams {
             r = blocking(move || prepare_get(&p, offset)) => r,
             _ = stop.changed() => return stopped(&stop),
         };
-        let (file, size, mode, mut hasher) = match prepared {
+        let (file, size, mode) = match prepared {
             Ok(p) => p,
             Err(e) => return Ended::failed(e),
         };
@@ -469,15 +653,12 @@ impl Streams {
                 },
             ],
         );
-        let mut file = tokio::fs::File::from_std(file);
-        let mut left = size - offset;
-        let mut buf = vec![0u8; STREAM_FRAME_MAX];
-        while left > 0 {
-            let want = usize::try_from(left)
-                .unwrap_or(STREAM_FRAME_MAX)
-                .min(STREAM_FRAME_MAX);
-            let n = tokio::select! {
-                n = credit.take(want) => n,
+        let (tx, mut chunks) = mpsc::channel(READ_AHEAD);
+        // Ends by itself once `chunks` is dropped (its next send fails).
+        tokio::task::spawn_blocking(move || read_get(file, &path, offset, size, &tx));
+        loop {
+            let chunk = tokio::select! {
+                c = chunks.recv() => c,
                 _ = stop.changed() => return stopped(&stop),
                 msg = input.recv() => match msg {
                     Some(Input::Data(_)) => {
@@ -487,31 +668,43 @@ impl Streams {
                     None => return stopped(&stop),
                 },
             };
-            let read = match file.read(&mut buf[..n]).await {
-                Ok(0) => {
-                    return Ended::failed(format!(
-                        "{path} shrank while being read ({} of {size} bytes)",
-                        size - left
-                    ));
+            let mut bytes = match chunk {
+                Some(Chunk::Data(b)) => b,
+                Some(Chunk::Done(sha256)) => {
+                    self.push(generation, [AgentFrame::StreamFileDone { stream, sha256 }]);
+                    return Ended::ok();
                 }
-                Ok(r) => r,
-                Err(e) => return Ended::failed(format!("cannot read {path}: {e}")),
+                Some(Chunk::Failed(e)) => return Ended::failed(e),
+                None => return Ended::failed("the file's reader stopped".into()),
             };
-            credit.window.lock().give_back(n - read);
-            hasher.update(&buf[..read]);
-            left -= read as u64;
-            let bytes = buf[..read].to_vec();
-            self.push(
-                generation,
-                [AgentFrame::StreamData {
-                    stream,
-                    fd: StreamFd::Stdout,
-                    bytes,
-                }],
-            );
+            while !bytes.is_empty() {
+                let n = tokio::select! {
+                    n = credit.take(bytes.len()) => n,
+                    _ = stop.changed() => return stopped(&stop),
+                    msg = input.recv() => match msg {
+                        Some(Input::Data(_)) => {
+                            return Ended::failed("bad input: a file get takes no input".into());
+                        }
+                        Some(_) => continue,
+                        None => return stopped(&stop),
+                    },
+                };
+                // Whole frames as read, without a copy, while the credit allows.
+                let rest = if n < bytes.len() {
+                    bytes.split_off(n)
+                } else {
+                    Vec::new()
+                };
+                self.push(
+                    generation,
+                    [AgentFrame::StreamData {
+                        stream,
+                        fd: StreamFd::Stdout,
+                        bytes,
+                    }],
+                );
+                bytes = rest;
+            }
         }
-        let sha256 = hex::encode(hasher.finalize());
-        self.push(generation, [AgentFrame::StreamFileDone { stream, sha256 }]);
-        Ended::ok()
     }
 }

@@ -2306,3 +2306,81 @@ async fn bad_file_streams_say_why_and_leave_no_file() {
     assert_eq!(seen.closed, Some(None), "{seen:?}");
     assert_eq!(std::fs::read(&small).unwrap(), b"hello");
 }
+
+fn keyed_open(stream: u32, path: &std::path::Path, size: usize, resume: bool) -> ServerFrame {
+    ServerFrame::StreamOpen {
+        stream,
+        kind: StreamKind::FilePut {
+            path: path.to_str().unwrap().into(),
+            mode: None,
+            owner: None,
+            group: None,
+            size: size as u64,
+            sha256: "00112233aabbccdd".into(),
+            resume,
+            parents: false,
+        },
+        window: 65_536,
+    }
+}
+
+/// `data` and then `trailer` as a keyed put's input.
+fn with_trailer(data: &[u8], trailer: &[u8]) -> Vec<u8> {
+    let mut body = data.to_vec();
+    body.extend_from_slice(trailer);
+    body
+}
+
+/// A put with a resume key (protocol version 6) takes the whole file's SHA-256 after its bytes:
+/// a good trailer lands the file (its temp file named after the key, so a cut put resumes from
+/// it); a wrong hash, a missing or short trailer and bytes after it each end the put with a clear
+/// error and leave neither the target nor a temp file.
+#[tokio::test]
+async fn keyed_puts_check_their_trailer_and_resume_by_key() {
+    use sha2::Digest;
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("f");
+    let data = noise(300_000, 9);
+    let hash = sha2::Sha256::digest(&data).to_vec();
+    let closed = |seen: &FileSeen| seen.closed.clone().flatten().unwrap_or_default();
+
+    // Cut midway: the temp file, named after the key, stays; no target.
+    send(&mut ws, keyed_open(1, &target, data.len(), true)).await;
+    let body = with_trailer(&data, &hash);
+    let seen = drive_put(&mut ws, 1, &body, Some(100_000), 0).await;
+    assert_eq!(seen.info, Some((0, 300_000, 0)), "{seen:?}");
+    assert_eq!(leftovers(dir.path()), [".f.fleetrun-00112233aabbccdd.part"]);
+    // Resumed from it, then the trailer: the whole file, checked.
+    send(&mut ws, keyed_open(2, &target, data.len(), true)).await;
+    let seen = drive_put(&mut ws, 2, &body, None, 0).await;
+    assert_eq!(seen.closed, Some(None), "{seen:?}");
+    assert_eq!(seen.info, Some((100_000, 300_000, 0)), "{seen:?}");
+    assert_eq!(seen.done, Some(sha_hex(&data)));
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    assert_eq!(leftovers(dir.path()), ["f"]);
+    std::fs::remove_file(&target).unwrap();
+
+    let mut wrong = hash.clone();
+    wrong[3] ^= 1;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (with_trailer(&data, &wrong), "sha256 mismatch"),
+        (data.clone(), "without its trailer"),
+        (with_trailer(&data, &hash[..16]), "without its trailer"),
+        (
+            with_trailer(&with_trailer(&data, &hash), b"x"),
+            "bytes after the trailer",
+        ),
+    ];
+    for (i, (body, says)) in cases.into_iter().enumerate() {
+        let stream = 3 + i as u32;
+        send(&mut ws, keyed_open(stream, &target, data.len(), false)).await;
+        let seen = drive_put(&mut ws, stream, &body, None, 0).await;
+        assert!(closed(&seen).contains(says), "{says}: {seen:?}");
+        assert_eq!(seen.done, None, "{says}");
+        assert_eq!(leftovers(dir.path()), Vec::<String>::new(), "{says}");
+    }
+}

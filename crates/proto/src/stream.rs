@@ -79,6 +79,10 @@ pub enum StreamKind {
     /// file), synced and renamed over `path` at `StreamEof`; the agent then sends
     /// `StreamFileDone` and closes. A hang-up keeps the temp file for a resume; a mismatch
     /// deletes it. `path` itself never holds a partial file.
+    ///
+    /// Since version 6 `sha256` may instead be a resume key ([`PutHash::Trailer`]): the hash
+    /// then comes after the bytes, as [`FILE_TRAILER_LEN`] more bytes of input, so a sender
+    /// starts at once and hashes as it sends.
     FilePut {
         /// Absolute path of the target on the node.
         path: String,
@@ -90,9 +94,10 @@ pub enum StreamKind {
         group: Option<String>,
         /// The whole file's length in bytes.
         size: u64,
-        /// The whole file's SHA-256, 64 lowercase hex digits.
+        /// The whole file's SHA-256, 64 lowercase hex digits; or (since version 6) a resume key
+        /// of 16 (see [`PutHash::parse`]).
         sha256: String,
-        /// Continue a temp file an earlier put of the same target and hash left.
+        /// Continue a temp file an earlier put of the same target and hash (or key) left.
         resume: bool,
         /// Create the target's missing parent directories (mode 0755; `cp -r`).
         parents: bool,
@@ -162,8 +167,59 @@ pub fn check_sha256(sha256: &str) -> Result<(), String> {
     }
 }
 
-/// The temp file name a put of `name` with hash `sha256` writes beside its target (the same for
-/// a retried put, so it resumes).
+/// Length of a put's trailer: the raw SHA-256 that follows a file's bytes (since version 6).
+pub const FILE_TRAILER_LEN: usize = 32;
+/// Length of a put's resume key, in hex digits (since version 6).
+pub const FILE_KEY_LEN: usize = 16;
+
+/// Where a `FilePut`'s SHA-256 comes from (its `sha256` field).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutHash<'a> {
+    /// 64 lowercase hex digits, known before the bytes (version 5's only form).
+    Upfront(&'a str),
+    /// Since version 6: [`FILE_KEY_LEN`] lowercase hex digits naming this version of the
+    /// sender's file (it picks them, e.g. from the file's size and mtime): the temp file is named
+    /// after the key, so a retry resumes it, and the whole file's SHA-256 follows the file's
+    /// `size` bytes as [`FILE_TRAILER_LEN`] raw bytes, before `StreamEof`.
+    Trailer(&'a str),
+}
+
+impl<'a> PutHash<'a> {
+    /// Reads a `FilePut`'s `sha256` field.
+    pub fn parse(sha256: &'a str) -> Result<Self, String> {
+        let hex = sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match sha256.len() {
+            64 if hex => Ok(PutHash::Upfront(sha256)),
+            FILE_KEY_LEN if hex => Ok(PutHash::Trailer(sha256)),
+            _ => Err(format!(
+                "bad sha256 {sha256:?} (64 lowercase hex digits, or a resume key of {FILE_KEY_LEN})"
+            )),
+        }
+    }
+
+    /// The first protocol version that has this form.
+    pub fn since(&self) -> u32 {
+        match self {
+            PutHash::Upfront(_) => crate::version::FILES_SINCE,
+            PutHash::Trailer(_) => crate::version::FILE_TRAILER_SINCE,
+        }
+    }
+}
+
+/// Checks a resume key: [`FILE_KEY_LEN`] lowercase hex digits.
+pub fn check_file_key(key: &str) -> Result<(), String> {
+    match PutHash::parse(key) {
+        Ok(PutHash::Trailer(_)) => Ok(()),
+        _ => Err(format!(
+            "bad key {key:?} ({FILE_KEY_LEN} lowercase hex digits)"
+        )),
+    }
+}
+
+/// The temp file name a put of `name` with hash `sha256` (or resume key) writes beside its target
+/// (the same for a retried put, so it resumes).
 pub fn partial_name(name: &str, sha256: &str) -> String {
     let short = sha256.get(..16).unwrap_or(sha256);
     format!(".{name}.fleetrun-{short}.part")
@@ -275,7 +331,7 @@ impl StreamKind {
                 if let Some(g) = group {
                     check_owner_name("group", g)?;
                 }
-                check_sha256(sha256)
+                PutHash::parse(sha256).map(|_| ())
             }
             StreamKind::FileGet { path, .. } => check_file_path(path),
         }
@@ -289,7 +345,10 @@ impl StreamKind {
             StreamKind::Shell { .. } | StreamKind::Tcp { .. } => {
                 crate::version::SHELLS_AND_TCP_SINCE
             }
-            StreamKind::FilePut { .. } | StreamKind::FileGet { .. } => crate::version::FILES_SINCE,
+            StreamKind::FilePut { sha256, .. } => PutHash::parse(sha256)
+                .map(|h| h.since())
+                .unwrap_or(crate::version::FILES_SINCE),
+            StreamKind::FileGet { .. } => crate::version::FILES_SINCE,
         }
     }
 
@@ -483,6 +542,14 @@ pub mod client {
     pub enum ClientEvent {
         /// Stdin ends (the remote stdin is closed after the bytes before it; a PTY ignores it).
         Eof,
+        /// A put's trailer (since protocol version 6, a put opened with `key=` instead of
+        /// `sha256=`): the file's bytes end, and these are its size and SHA-256.
+        End {
+            /// The whole file's length.
+            size: u64,
+            /// The whole file's SHA-256, 64 lowercase hex digits.
+            sha256: String,
+        },
         /// The client's window changed size (only with a PTY; each side 1 to 4096).
         Resize {
             /// Rows.
@@ -534,6 +601,40 @@ pub mod client {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_puts_hash_is_up_front_or_a_key_for_the_trailer() {
+        let sha = "ab".repeat(32);
+        assert_eq!(PutHash::parse(&sha), Ok(PutHash::Upfront(&sha)));
+        assert_eq!(
+            PutHash::parse("0123456789abcdef"),
+            Ok(PutHash::Trailer("0123456789abcdef"))
+        );
+        for bad in ["", "0123456789ABCDEF", "0123456789abcde", &"g".repeat(64)] {
+            assert!(PutHash::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_file_key(&sha).is_err());
+        // A keyed put needs an agent of version 6; a hashed one, 5.
+        let put = |sha256: &str| StreamKind::FilePut {
+            path: "/f".into(),
+            mode: None,
+            owner: None,
+            group: None,
+            size: 1,
+            sha256: sha256.into(),
+            resume: false,
+            parents: false,
+        };
+        assert_eq!(put(&sha).since(), crate::version::FILES_SINCE);
+        assert_eq!(
+            put("0123456789abcdef").since(),
+            crate::version::FILE_TRAILER_SINCE
+        );
+        assert_eq!(
+            partial_name("f", "0123456789abcdef"),
+            ".f.fleetrun-0123456789abcdef.part"
+        );
+    }
 
     #[test]
     fn a_sender_takes_at_most_its_credit_and_a_frame() {

@@ -14,13 +14,15 @@
 /// `StreamResize` from the server; appended again, so version 3's frames keep their encoding.
 /// Since version 5: file transfers, the stream kinds `FilePut` and `FileGet` and the agent's
 /// `StreamFileInfo` and `StreamFileDone`; appended again.
+/// Since version 6: a `FilePut` may name a resume key instead of the hash, which then follows the
+/// file's bytes as a trailer (`stream::PutHash`); no frame's layout changed.
 ///
 /// Versioned in the handshake: every version's first agent frame begins with the same bytes, the
 /// frame's variant and then this number ([`crate::channel::handshake_version`] reads them without
 /// decoding the rest), so a server refuses an agent of another version with `ProtocolVersion`
 /// whatever the rest of its layout; and the server names its own version in the upgrade response's
 /// [`PROTOCOL_VERSION_HEADER`], so an agent refused can say which versions disagree.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The oldest agent protocol version a server accepts. Versions 3 to 5 only appended frames
 /// (session streams, [`crate::stream`]) to version 2, so a server speaks to all of them and opens
@@ -38,6 +40,10 @@ pub const SHELLS_AND_TCP_SINCE: u32 = 4;
 /// The first protocol version with file transfers (`StreamKind::FilePut`, `StreamKind::FileGet`,
 /// `AgentFrame::StreamFileInfo`, `AgentFrame::StreamFileDone`).
 pub const FILES_SINCE: u32 = 5;
+
+/// The first protocol version whose `FilePut` takes its SHA-256 after the bytes
+/// (`stream::PutHash::Trailer`).
+pub const FILE_TRAILER_SINCE: u32 = 6;
 
 /// HTTP header of the server's WebSocket upgrade response (`101`) that carries its
 /// [`PROTOCOL_VERSION`] (since version 2; absent from older servers).

@@ -415,3 +415,243 @@ async fn transfers_are_checked_before_the_upgrade() {
         "{trail:?}"
     );
 }
+
+/// Opens a put's stream on the scripted agent (offset 0, `credit` bytes) and waits for the
+/// client's start.
+async fn start_put(agent: &mut ScriptedAgent, ws: &mut ClientWs, credit: u64) -> StreamNo {
+    let (stream, _) = expect_open(agent).await;
+    agent
+        .send(AgentFrame::StreamFileInfo {
+            stream,
+            offset: 0,
+            size: 5,
+            mode: 0,
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream,
+            bytes: credit,
+        })
+        .await;
+    expect_event(ws, "file").await;
+    expect_event(ws, "started").await;
+    stream
+}
+
+const KEY: &str = "0123456789abcdef";
+
+/// A put with `key=` (protocol version 6): the client sends at once and ends with the trailer,
+/// which reaches the agent as the stream's last 32 bytes (the raw SHA-256) before its end; the
+/// trail has the agent's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_put_hands_the_trailers_hash_to_the_agent_after_the_bytes() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "cp-trailer").await;
+    let node = agent.node_id.to_string();
+    let path = format!("/v1/nodes/{node}/files/put?path=/opt/f&size=5&key={KEY}&resume=true");
+    let mut ws = dial(&server, &path, &server.token).await.expect("upgrade");
+    let (stream, kind) = {
+        let (stream, kind) = expect_open(&mut agent).await;
+        agent
+            .send(AgentFrame::StreamFileInfo {
+                stream,
+                offset: 0,
+                size: 5,
+                mode: 0,
+            })
+            .await;
+        agent
+            .send(AgentFrame::StreamCredit { stream, bytes: 100 })
+            .await;
+        (stream, kind)
+    };
+    assert!(
+        matches!(&kind, StreamKind::FilePut { sha256, size: 5, resume: true, .. } if sha256 == KEY),
+        "{kind:?}"
+    );
+    expect_event(&mut ws, "file").await;
+    expect_event(&mut ws, "started").await;
+    ws.send(Message::Binary(b"\0hello".to_vec().into()))
+        .await
+        .unwrap();
+    let end = json!({"type": "end", "size": 5, "sha256": SHA});
+    ws.send(Message::Text(end.to_string().into()))
+        .await
+        .unwrap();
+    for want in [b"hello".to_vec(), hex::decode(SHA).unwrap()] {
+        let got = agent
+            .expect("StreamData", |f| match f {
+                ServerFrame::StreamData { stream: s, bytes } if s == stream => Some(bytes),
+                _ => None,
+            })
+            .await;
+        assert_eq!(got, want);
+    }
+    agent
+        .expect("StreamEof", |f| {
+            matches!(f, ServerFrame::StreamEof { stream: s } if s == stream).then_some(())
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamFileDone {
+            stream,
+            sha256: SHA.into(),
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    assert_eq!(expect_event(&mut ws, "done").await["sha256"], SHA);
+    let trail = audited(&server, "cp.put", 1).await;
+    let p = &trail[0]["params"];
+    assert_eq!(trail[0]["result"], "Done", "{trail:?}");
+    assert_eq!((&p["sha256"], &p["key"]), (&json!(SHA), &json!(KEY)), "{p}");
+}
+
+/// A keyed put's hostile ends: a trailer whose size is not the declared one, or not what was
+/// sent; a bad hash in it; the plain end without a trailer; bytes after it; a trailer on a put
+/// that named its hash. Each is the client's error and hangs the stream up (the agent renames
+/// nothing); bad or missing keys are refused before the upgrade, and an agent of version 5 (no
+/// trailers) is refused a keyed put, naming `sha256=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_trailers_are_refused_and_hang_the_put_up() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "cp-bad-trailer").await;
+    let node = agent.node_id.to_string();
+    let keyed = format!("/v1/nodes/{node}/files/put?path=/opt/f&size=5&key={KEY}");
+    let hashed = format!("/v1/nodes/{node}/files/put?path=/opt/f&size=5&sha256={SHA}");
+    let end = |size: u64, sha: &str| {
+        Message::Text(
+            json!({"type": "end", "size": size, "sha256": sha})
+                .to_string()
+                .into(),
+        )
+    };
+    let cases: Vec<(&str, Vec<Message>, &str)> = vec![
+        (
+            &keyed,
+            vec![Message::Binary(b"\0hello".to_vec().into()), end(6, SHA)],
+            "size 6, but the put declared 5",
+        ),
+        (
+            &keyed,
+            vec![Message::Binary(b"\0hel".to_vec().into()), end(5, SHA)],
+            "but 3 bytes were sent",
+        ),
+        (
+            &keyed,
+            vec![Message::Binary(b"\0hello".to_vec().into()), end(5, "abc")],
+            "bad trailer: bad sha256",
+        ),
+        (
+            &keyed,
+            vec![
+                Message::Binary(b"\0hello".to_vec().into()),
+                Message::Text(json!({"type": "eof"}).to_string().into()),
+            ],
+            "without its trailer",
+        ),
+        (
+            &keyed,
+            vec![
+                Message::Binary(b"\0hello".to_vec().into()),
+                end(5, SHA),
+                Message::Binary(b"\0x".to_vec().into()),
+            ],
+            "after their end",
+        ),
+        (
+            &hashed,
+            vec![Message::Binary(b"\0hello".to_vec().into()), end(5, SHA)],
+            "not a trailer",
+        ),
+    ];
+    for (path, msgs, says) in cases {
+        let mut ws = dial(&server, path, &server.token).await.expect("upgrade");
+        // Little credit: the bytes after the trailer reach the relay while it still holds them.
+        let stream = start_put(&mut agent, &mut ws, 100).await;
+        for m in msgs {
+            ws.send(m).await.unwrap();
+        }
+        expect_error(&mut ws, says).await;
+        // Hung up, never ended: the agent renames nothing. (Bytes after a good trailer come
+        // after the end went: the agent's own check of its trailer stands.)
+        let mut ended = false;
+        let why = loop {
+            let heard = agent
+                .expect("StreamClose", |f| match f {
+                    ServerFrame::StreamClose { stream: s, reason } if s == stream => {
+                        Some(Some(reason))
+                    }
+                    ServerFrame::StreamEof { stream: s } if s == stream => Some(None),
+                    _ => None,
+                })
+                .await;
+            match heard {
+                Some(why) => break why,
+                None => ended = true,
+            }
+        };
+        assert!(why.contains(says), "{says}: the agent heard {why:?}");
+        assert_eq!(ended, says == "after their end", "{says}");
+        agent
+            .send(AgentFrame::StreamClose {
+                stream,
+                error: None,
+            })
+            .await;
+    }
+    // The client goes without a trailer: a hang-up, never an end (the agent keeps its temp
+    // file for a resume and renames nothing); the trail says the client left.
+    let mut ws = dial(&server, &keyed, &server.token).await.expect("upgrade");
+    let stream = start_put(&mut agent, &mut ws, 100).await;
+    ws.send(Message::Binary(b"\0hello".to_vec().into()))
+        .await
+        .unwrap();
+    ws.close(None).await.unwrap();
+    let heard = agent
+        .expect("StreamClose", |f| match f {
+            ServerFrame::StreamClose { stream: s, reason } if s == stream => Some(Some(reason)),
+            ServerFrame::StreamEof { stream: s } if s == stream => Some(None),
+            _ => None,
+        })
+        .await;
+    assert_eq!(heard.as_deref(), Some("the client left"));
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    let put = |q: &str| format!("/v1/nodes/{node}/files/put?path=/opt/f&size=5{q}");
+    for (q, says) in [
+        ("", "needs one of sha256= "),
+        (
+            &format!("&key={KEY}&sha256={SHA}")[..],
+            "needs one of sha256= ",
+        ),
+        ("&key=0123", "bad key"),
+        ("&key=0123456789ABCDEF", "bad key"),
+    ] {
+        let (status, m) = refused(&server, &put(q), &server.token).await;
+        assert_eq!(status, 400, "{q}: {m}");
+        assert!(m.contains(says), "{q}: {m:?} should say {says:?}");
+    }
+    let mut old = ScriptedAgent::register(&server, "cp-v5").await;
+    old.connect_as_version(&server, &[], fleetrun_proto::version::FILES_SINCE)
+        .await;
+    let path = format!(
+        "/v1/nodes/{}/files/put?path=/a&size=1&key={KEY}",
+        old.node_id
+    );
+    let (status, m) = refused(&server, &path, &server.token).await;
+    assert_eq!(status, 503, "{m}");
+    assert!(
+        m.contains("protocol version 5") && m.contains("sha256="),
+        "{m}"
+    );
+}

@@ -6,7 +6,8 @@ mod support;
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, ServerFrame};
 use fleetrun_proto::stream::StreamFd;
 use fleetrun_proto::version::{
-    FILES_SINCE, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SHELLS_AND_TCP_SINCE, STREAMS_SINCE,
+    FILE_TRAILER_SINCE, FILES_SINCE, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SHELLS_AND_TCP_SINCE,
+    STREAMS_SINCE,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -20,9 +21,10 @@ async fn an_agent_of_the_previous_version_is_served() {
             PROTOCOL_VERSION_MIN,
             STREAMS_SINCE,
             SHELLS_AND_TCP_SINCE,
-            FILES_SINCE
+            FILES_SINCE,
+            FILE_TRAILER_SINCE
         ),
-        (2, 3, 4, PROTOCOL_VERSION)
+        (2, 3, 4, 5, PROTOCOL_VERSION)
     );
     let server = TestServer::start().await;
     let mut agent = ScriptedAgent::register(&server, "v2-node").await;

@@ -1,10 +1,14 @@
 //! `fleetrun cp SRC DST`: a file to a node (`LOCAL NODE:PATH`) or from one (`NODE:PATH LOCAL`),
 //! over the server's file sockets (`/v1/nodes/{node}/files/put|get`, one session stream each).
 //!
-//! The file is streamed in chunks, never whole in memory; a put hashes the local file first and
-//! the agent checks that hash over the whole file before it renames its temp file into place; a
-//! get writes a temp file beside the local target and renames it once the agent's hash of the
-//! whole file matches ours. A dropped connection is retried with resume (at most
+//! The file is streamed in chunks, never whole in memory. A put of one file starts at once: it
+//! names a resume key (from the file's identity, size and mtime), hashes as it sends, and ends
+//! with a trailer holding the size and SHA-256, which the agent checks over the whole file before
+//! it renames its temp file into place (an agent before protocol version 6 needs the hash first:
+//! the put is then made again with the file hashed first, as copies to many nodes and of trees
+//! always are, hashed once for all). A get writes a temp file beside the local target and renames
+//! it once the agent's hash of the whole file matches ours. Reading and hashing (a put), writing
+//! and hashing (a get) run on a blocking thread of their own beside the socket. A dropped connection is retried with resume (at most
 //! [`ATTEMPTS`] attempts within [`RETRY_WITHIN`]): a put from the offset the agent reports (the
 //! length of its temp file), a get from the length of our temp file.
 
@@ -23,7 +27,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Debug, clap::Args)]
@@ -916,7 +919,6 @@ async fn put_file(
             .ok_or_else(|| anyhow::anyhow!("{} has no file name", src.display()))?;
         path.push_str(name);
     }
-    let (sha256, size) = hash_file(src).await?;
     let spec = PutSpec {
         node: put.node.clone(),
         path,
@@ -925,7 +927,52 @@ async fn put_file(
         group: put.group.clone(),
         parents: put.parents,
     };
-    put_hashed(client, src, &spec, sha256, size, show).await
+    let key = Hashing::Trailer(resume_key(&meta));
+    match put_one(client, src, &spec, key, meta.len(), show).await {
+        Err(e) if needs_hash_first(&e) => {
+            let (sha256, size) = hash_file(src).await?;
+            put_hashed(client, src, &spec, sha256, size, show).await
+        }
+        r => r,
+    }
+}
+
+/// Where a put's SHA-256 comes from.
+#[derive(Clone)]
+enum Hashing {
+    /// Hashed before: sent up front (`sha256=`).
+    Known(String),
+    /// Hashed while sending, sent in the trailer; the resume key (`key=`).
+    Trailer(String),
+}
+
+/// A put's resume key: 16 hex digits of a hash of the file's identity, size and times, so a
+/// retry (or a later `cp` of the unchanged file) continues the node's temp file and a changed
+/// file starts afresh.
+fn resume_key(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let id = format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    hex_of(&Sha256::digest(id.as_bytes()))[..fleetrun_proto::stream::FILE_KEY_LEN].to_owned()
+}
+
+/// Whether the server refused a trailer put because the node's agent needs the hash first, or
+/// because the server itself is older than keyed puts (it knows no `key`).
+fn needs_hash_first(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<ApiError>().is_some_and(|a| {
+            (a.code == "Unavailable" && a.message.contains("sha256="))
+                || (a.code == "InvalidParameters" && a.message.contains("unknown field `key`"))
+        })
+    })
 }
 
 /// A put of a file already hashed.
@@ -937,6 +984,18 @@ async fn put_hashed(
     size: u64,
     show: bool,
 ) -> anyhow::Result<Copied> {
+    put_one(client, src, put, Hashing::Known(sha256), size, show).await
+}
+
+/// A put, hashed up front or in its trailer.
+async fn put_one(
+    client: &Client,
+    src: &Path,
+    put: &PutSpec,
+    hashing: Hashing,
+    size: u64,
+    show: bool,
+) -> anyhow::Result<Copied> {
     let mut path = put.path.clone();
     if path.ends_with('/') {
         let name = src
@@ -945,10 +1004,11 @@ async fn put_hashed(
             .ok_or_else(|| anyhow::anyhow!("{} has no file name", src.display()))?;
         path.push_str(name);
     }
-    let mut query = format!(
-        "path={}&size={size}&sha256={sha256}&resume=true",
-        enc(&path)
-    );
+    let hash = match &hashing {
+        Hashing::Known(sha256) => format!("sha256={sha256}"),
+        Hashing::Trailer(key) => format!("key={key}"),
+    };
+    let mut query = format!("path={}&size={size}&{hash}&resume=true", enc(&path));
     if let Some(m) = put.mode {
         query.push_str(&format!("&mode={m:04o}"));
     }
@@ -968,8 +1028,8 @@ async fn put_hashed(
         &format!("{} → {}:{path}", src.display(), put.node),
     );
     let what = format!("copy to {}:{path}", put.node);
-    let ((), attempts) = with_retries(&what, async |_| {
-        put_attempt(client, &url, src, size, &sha256, bar.as_ref()).await
+    let (sha256, attempts) = with_retries(&what, async |_| {
+        put_attempt(client, &url, src, size, &hashing, bar.as_ref()).await
     })
     .await?;
     if let Some(b) = &bar {
@@ -986,14 +1046,80 @@ async fn put_hashed(
     })
 }
 
+/// What a put's reader hands its sender.
+enum Outgoing {
+    /// A message: the data tag and a chunk of the file.
+    Data(Vec<u8>),
+    /// All read: the whole file's SHA-256 (when hashed here).
+    Done(Option<String>),
+    Failed(String),
+}
+
+/// A put's reader, on a blocking thread: the file from `offset`, in messages of [`CHUNK`]
+/// behind the data tag, hashed (the prefix before `offset` too) when `hash`.
+fn read_put(
+    path: &Path,
+    offset: u64,
+    size: u64,
+    hash: bool,
+    out: &tokio::sync::mpsc::Sender<Outgoing>,
+) -> Option<()> {
+    use std::io::Seek;
+    let cannot =
+        |e: std::io::Error| Outgoing::Failed(format!("cannot read {}: {e}", path.display()));
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return out.blocking_send(cannot(e)).ok(),
+    };
+    let mut hasher = hash.then(Sha256::new);
+    if let Some(h) = hasher.as_mut()
+        && offset > 0
+    {
+        let mut prefix = (&file).take(offset);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match prefix.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => h.update(&buf[..n]),
+                Err(e) => return out.blocking_send(cannot(e)).ok(),
+            }
+        }
+    }
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(offset)) {
+        return out.blocking_send(cannot(e)).ok();
+    }
+    let mut left = size - offset;
+    while left > 0 {
+        let want = usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK));
+        let mut msg = Vec::with_capacity(want + 1);
+        msg.push(TAG_STDIN);
+        match (&file).take(want as u64).read_to_end(&mut msg) {
+            Ok(0) => {
+                let why = format!("{} shrank while being copied", path.display());
+                return out.blocking_send(Outgoing::Failed(why)).ok();
+            }
+            Ok(n) => left -= n as u64,
+            Err(e) => return out.blocking_send(cannot(e)).ok(),
+        }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&msg[1..]);
+        }
+        out.blocking_send(Outgoing::Data(msg)).ok()?;
+    }
+    let sha = hasher.map(|h| hex_of(&h.finalize()));
+    out.blocking_send(Outgoing::Done(sha)).ok()
+}
+
+/// One attempt of a put, from the offset the agent reports: the whole file's SHA-256, once the
+/// agent's matches ours.
 async fn put_attempt(
     client: &Client,
     url: &str,
     src: &Path,
     size: u64,
-    sha256: &str,
+    hashing: &Hashing,
     bar: Option<&ProgressBar>,
-) -> Result<(), Failure> {
+) -> Result<String, Failure> {
     let ws = client.socket(url).await.map_err(dial_failure)?;
     let (mut sink, mut source) = ws.split();
     // The agent says where to start (a resume: what its temp file holds).
@@ -1015,63 +1141,81 @@ async fn put_attempt(
     if let Some(b) = bar {
         b.set_position(offset);
     }
-    let mut file = tokio::fs::File::open(src)
-        .await
-        .map_err(|e| final_(anyhow::anyhow!("cannot open {}: {e}", src.display())))?;
-    file.seek(std::io::SeekFrom::Start(offset))
-        .await
-        .map_err(|e| final_(anyhow::anyhow!("cannot read {}: {e}", src.display())))?;
-    let bar2 = bar.cloned();
+    // A few messages read ahead: the reader thread reads and hashes while this one sends.
+    let (tx, mut chunks) = tokio::sync::mpsc::channel(8);
     let path = src.to_owned();
-    // The sender: chunks of the file behind the data tag, then the end; the socket's own
-    // backpressure (the server reads as the agent's credit allows) paces it.
+    let trailer = matches!(hashing, Hashing::Trailer(_));
+    tokio::task::spawn_blocking(move || read_put(&path, offset, size, trailer, &tx));
+    let bar2 = bar.cloned();
+    // The sender: the reader's messages, then the end (with a key, the trailer); the socket's
+    // own backpressure (the server reads as the agent's credit allows) paces it.
     let mut sender = tokio::spawn(async move {
-        let mut left = size - offset;
-        while left > 0 {
-            let want = usize::try_from(left).unwrap_or(CHUNK).min(CHUNK);
-            let mut msg = vec![0u8; want + 1];
-            msg[0] = TAG_STDIN;
-            let n = file
-                .read(&mut msg[1..])
-                .await
-                .map_err(|e| final_(anyhow::anyhow!("cannot read {}: {e}", path.display())))?;
-            if n == 0 {
-                return Err(final_(anyhow::anyhow!(
-                    "{} shrank while being copied",
-                    path.display()
-                )));
-            }
-            msg.truncate(n + 1);
-            sink.send(Message::Binary(msg.into()))
-                .await
-                .map_err(|e| retry(anyhow::anyhow!("the connection broke: {e}")))?;
-            left -= n as u64;
-            if let Some(b) = &bar2 {
-                b.inc(n as u64);
+        let broke = |e| retry(anyhow::anyhow!("the connection broke: {e}"));
+        loop {
+            match chunks.recv().await {
+                Some(Outgoing::Data(msg)) => {
+                    let n = msg.len() as u64 - 1;
+                    sink.send(Message::Binary(msg.into()))
+                        .await
+                        .map_err(broke)?;
+                    if let Some(b) = &bar2 {
+                        b.inc(n);
+                    }
+                }
+                Some(Outgoing::Done(sha256)) => {
+                    let end = match &sha256 {
+                        Some(sha256) => ClientEvent::End {
+                            size,
+                            sha256: sha256.clone(),
+                        },
+                        None => ClientEvent::Eof,
+                    };
+                    let end = serde_json::to_string(&end).unwrap_or_default();
+                    sink.send(Message::Text(end.into())).await.map_err(broke)?;
+                    return Ok::<_, Failure>((sink, sha256));
+                }
+                Some(Outgoing::Failed(why)) => return Err(final_(anyhow::anyhow!(why))),
+                None => return Err(final_(anyhow::anyhow!("the file's reader stopped"))),
             }
         }
-        let eof = serde_json::to_string(&ClientEvent::Eof).unwrap_or_default();
-        sink.send(Message::Text(eof.into()))
-            .await
-            .map_err(|e| retry(anyhow::anyhow!("the connection broke: {e}")))?;
-        Ok::<_, Failure>(sink)
     });
-    let mut sent: Option<Result<_, Failure>> = None;
+    let mut sent: Option<String> = None;
+    let mut sender_done = false;
+    // Kept open until the agent's answer.
+    let mut _sink = None;
     let outcome = loop {
         tokio::select! {
-            r = &mut sender, if sent.is_none() => {
-                let r = r.unwrap_or_else(|e| Err(final_(anyhow::anyhow!("the sender failed: {e}"))));
-                if let Err(f) = r {
-                    break Err(f);
+            r = &mut sender, if !sender_done => {
+                sender_done = true;
+                match r.unwrap_or_else(|e| Err(final_(anyhow::anyhow!("the sender failed: {e}")))) {
+                    Err(f) => break Err(f),
+                    Ok((sink, sha)) => {
+                        sent = sha;
+                        _sink = Some(sink);
+                    }
                 }
-                sent = Some(r);
             }
             ev = next_event(&mut source) => match ev {
                 Ok(Incoming::Event(ServerEvent::Done { sha256: got })) => {
-                    if got != sha256 {
-                        break Err(final_(anyhow::anyhow!("the node's file has sha256 {got}, ours {sha256}")));
+                    let ours = match hashing {
+                        Hashing::Known(sha256) => sha256.clone(),
+                        // The agent's done follows the trailer, so the sender has ended.
+                        Hashing::Trailer(_) => match (sent.take(), sender_done) {
+                            (Some(sha), _) => sha,
+                            (None, false) => match (&mut sender).await {
+                                Ok(Ok((sink, Some(sha)))) => {
+                                    _sink = Some(sink);
+                                    sha
+                                }
+                                _ => break Err(final_(anyhow::anyhow!("the node finished before the file was sent"))),
+                            },
+                            (None, true) => break Err(final_(anyhow::anyhow!("the node finished before the file was sent"))),
+                        },
+                    };
+                    if got != ours {
+                        break Err(final_(anyhow::anyhow!("the node's file has sha256 {got}, ours {ours}")));
                     }
-                    break Ok(());
+                    break Ok(ours);
                 }
                 Ok(Incoming::Event(ServerEvent::Error { message })) => break Err(server_error(message)),
                 Ok(_) => {}
@@ -1150,6 +1294,65 @@ async fn get_file(
     })
 }
 
+/// A get starts the writeback of what it wrote after this many bytes, so the fsync before its
+/// rename finds little left to write (1 GiB of dirty pages took ~0.5 s to sync here).
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `len` bytes at `from` back to disk, without waiting.
+fn start_writeback(file: &std::fs::File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(from), Ok(len)) = (i64::try_from(from), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range(2) on a descriptor this File owns; no memory is involved. Only a
+    // hint: a failure leaves the work to the final fsync.
+    let _ =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// A get's writer, on a blocking thread: hashes the `have` bytes `tmp` already holds, then
+/// appends and hashes each chunk; at the end of `chunks` (the sender dropped) the SHA-256 of it
+/// all and its length.
+fn write_get(
+    tmp: &Path,
+    have: u64,
+    chunks: &mut tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> Result<(String, u64), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| format!("cannot write {}: {e}", tmp.display());
+    let mut hasher = Sha256::new();
+    if have > 0 {
+        let f = std::fs::File::open(tmp).map_err(io)?;
+        let mut prefix = f.take(have);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match prefix.read(&mut buf).map_err(io)? {
+                0 => break,
+                n => hasher.update(&buf[..n]),
+            }
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io)?;
+    let mut got = have;
+    let mut synced = have;
+    while let Some(data) = chunks.blocking_recv() {
+        hasher.update(&data);
+        file.write_all(&data).map_err(io)?;
+        got += data.len() as u64;
+        if got - synced >= WRITEBACK_EVERY {
+            start_writeback(&file, synced, got - synced);
+            synced = got;
+        }
+    }
+    Ok((hex_of(&hasher.finalize()), got))
+}
+
 /// One attempt of a get, resuming from what `tmp` holds: the size, hash and mode, once the
 /// agent's hash of the whole file matches ours.
 async fn get_attempt(
@@ -1159,39 +1362,22 @@ async fn get_attempt(
     tmp: &Path,
     bar_for: impl Fn(u64) -> Option<ProgressBar>,
 ) -> Result<(u64, String, u32), Failure> {
-    let io = |e: std::io::Error| final_(anyhow::anyhow!("cannot write {}: {e}", tmp.display()));
     let have = match tokio::fs::metadata(tmp).await {
         Ok(m) => m.len(),
         Err(_) => 0,
     };
-    // The bytes we hold, hashed first.
-    let mut hasher = Sha256::new();
-    if have > 0 {
-        let mut f = tokio::fs::File::open(tmp).await.map_err(io)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = have;
-        while left > 0 {
-            let n = f.read(&mut buf).await.map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            left = left.saturating_sub(n as u64);
-        }
-    }
     let url = format!(
         "/v1/nodes/{node}/files/get?path={}&offset={have}",
         enc(path)
     );
     let ws = client.socket(&url).await.map_err(dial_failure)?;
     let (mut sink, mut source) = ws.split();
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(tmp)
-        .await
-        .map_err(io)?;
+    // The writer thread writes and hashes while this one reads the socket; a few chunks queue
+    // between them, so a slow disk slows the socket (and so the agent), not memory.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+    let dest = tmp.to_owned();
+    let writer = tokio::task::spawn_blocking(move || write_get(&dest, have, &mut rx));
+    let mut tx = Some(tx);
     let mut info: Option<(u64, u32)> = None;
     let mut got = have;
     let mut bar = None;
@@ -1213,19 +1399,25 @@ async fn get_attempt(
                 let Some((size, _)) = info else {
                     break Err(final_(anyhow::anyhow!("bytes before the file's size")));
                 };
-                let Some((&TAG_STDOUT, data)) = b.split_first() else {
+                if b.first() != Some(&TAG_STDOUT) {
                     break Err(final_(anyhow::anyhow!("a message without the data tag")));
-                };
+                }
+                let data = b.slice(1..);
                 if got + data.len() as u64 > size {
                     break Err(final_(anyhow::anyhow!(
                         "the node sent more than the file's {size} bytes"
                     )));
                 }
-                hasher.update(data);
-                if let Err(e) = file.write_all(data).await {
-                    break Err(io(e));
-                }
                 got += data.len() as u64;
+                let sent = match &tx {
+                    Some(tx) => tx.send(data).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    // The writer failed: it says why below.
+                    tx = None;
+                    break Ok(None);
+                }
                 if let Some(b) = &bar {
                     b.set_position(got);
                 }
@@ -1237,17 +1429,7 @@ async fn get_attempt(
                 if got != size {
                     break Err(final_(anyhow::anyhow!("got {got} bytes of {size}")));
                 }
-                let ours = hex_of(&std::mem::take(&mut hasher).finalize());
-                if ours != sha256 {
-                    let _ = tokio::fs::remove_file(tmp).await;
-                    break Err(final_(anyhow::anyhow!(
-                        "sha256 mismatch: the node's file is {sha256}, what arrived {ours}"
-                    )));
-                }
-                if let Err(e) = file.flush().await {
-                    break Err(io(e));
-                }
-                break Ok((size, sha256, mode));
+                break Ok(Some((size, sha256, mode)));
             }
             Ok(Incoming::Event(ServerEvent::Error { message })) => {
                 break Err(server_error(message));
@@ -1257,11 +1439,73 @@ async fn get_attempt(
         }
     };
     let _ = sink.close().await;
-    outcome
+    // The writer ends once its channel does; what it wrote stays for a resume.
+    drop(tx);
+    let written = writer
+        .await
+        .unwrap_or_else(|e| Err(format!("the file task failed: {e}")));
+    let (size, sha256, mode) = match (outcome, written) {
+        (Err(f), _) => return Err(f),
+        (Ok(_), Err(e)) => return Err(final_(anyhow::anyhow!(e))),
+        (Ok(None), Ok(_)) => return Err(final_(anyhow::anyhow!("the file's writer stopped"))),
+        (Ok(Some(done)), Ok((ours, len))) => {
+            if ours != done.1 || len != done.0 {
+                let _ = tokio::fs::remove_file(tmp).await;
+                return Err(final_(anyhow::anyhow!(
+                    "sha256 mismatch: the node's file is {}, what arrived {ours}",
+                    done.1
+                )));
+            }
+            done
+        }
+    };
+    Ok((size, sha256, mode))
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_an_agent_that_needs_the_hash_first_makes_a_put_hash_first() {
+        let e = |code: &str, message: &str| {
+            anyhow::Error::new(ApiError {
+                code: code.into(),
+                message: message.into(),
+            })
+            .context("copy to mi-1:/f failed")
+        };
+        assert!(needs_hash_first(&e(
+            "Unavailable",
+            "the node's agent speaks channel protocol version 5, which takes a file's SHA-256 \
+             only before its bytes: put with sha256= (or upgrade the agent)"
+        )));
+        assert!(!needs_hash_first(&e(
+            "Unavailable",
+            "node mi-1 is not connected"
+        )));
+        assert!(!needs_hash_first(&e("InvalidParameters", "bad sha256=")));
+        // A server of protocol version 5 knows no key.
+        assert!(needs_hash_first(&e(
+            "InvalidParameters",
+            "a file put needs Failed to deserialize query string: unknown field `key`, expected one of ..."
+        )));
+    }
+
+    #[test]
+    fn a_resume_key_names_one_version_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"one").unwrap();
+        let key = resume_key(&std::fs::metadata(&f).unwrap());
+        assert_eq!(key.len(), fleetrun_proto::stream::FILE_KEY_LEN);
+        assert!(
+            fleetrun_proto::stream::check_file_key(&key).is_ok(),
+            "{key}"
+        );
+        assert_eq!(resume_key(&std::fs::metadata(&f).unwrap()), key);
+        std::fs::write(&f, b"two!").unwrap();
+        assert_ne!(resume_key(&std::fs::metadata(&f).unwrap()), key);
+    }
+
     use super::*;
 
     #[test]

@@ -265,13 +265,22 @@ fn a_copy_cut_by_a_network_drop_resumes_and_never_leaves_a_half_file() {
     let src = local.path().join("big.bin");
     let sha = generate(&src, 200 * 1024 * 1024);
     let target = remote.path().join("big.bin");
-    let partial = remote
-        .path()
-        .join(format!(".big.bin.fleetrun-{}.part", &sha[..16]));
     let dst = format!("{node}:{}", target.display());
 
-    let cut_when = |what: &str, file: &Path| {
+    // The put's temp file is named after its resume key (from the file's identity and times),
+    // the get's after the target.
+    let partial_in = |dir: &Path, prefix: &str| {
+        std::fs::read_dir(dir).ok().and_then(|entries| {
+            entries.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".part"))
+            })
+        })
+    };
+    let cut_when = |what: &str, dir: &Path, prefix: &str| {
         wait_until(what, LIMIT, || {
+            let file = partial_in(dir, prefix)?;
             let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
             (len > 8 * 1024 * 1024).then_some(())
         });
@@ -286,7 +295,11 @@ fn a_copy_cut_by_a_network_drop_resumes_and_never_leaves_a_half_file() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn cp");
-    cut_when("the put to be under way", &partial);
+    cut_when(
+        "the put to be under way",
+        remote.path(),
+        ".big.bin.fleetrun-",
+    );
     assert!(!target.exists(), "a half file under the final name");
     let out = child.wait_with_output().expect("cp");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -316,7 +329,8 @@ fn a_copy_cut_by_a_network_drop_resumes_and_never_leaves_a_half_file() {
         .expect("spawn cp");
     cut_when(
         "the get to be under way",
-        &back.path().join(".down.bin.fleetrun-get.part"),
+        back.path(),
+        ".down.bin.fleetrun-get",
     );
     assert!(!down.exists(), "a half file under the final name");
     let out = child.wait_with_output().expect("cp");

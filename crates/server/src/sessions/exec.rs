@@ -627,6 +627,9 @@ async fn relay(
                     Ok(ClientEvent::Eof) => if input.end().is_err() {
                         return broken(stream, ended, "stdin ended twice".into());
                     },
+                    Ok(ClientEvent::End { .. }) => {
+                        return broken(stream, ended, "a trailer ({\"type\":\"end\"}) ends a file put, not a command's stdin".into());
+                    }
                     Ok(ClientEvent::Resize { .. }) if !pty => {
                         return broken(stream, ended, "a resize needs a PTY (this session has none)".into());
                     }

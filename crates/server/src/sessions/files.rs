@@ -1,9 +1,16 @@
-//! File transfers (`fleetrun cp`): `GET /v1/nodes/{node_id}/files/put?path=&size=&sha256=...`
-//! and `GET /v1/nodes/{node_id}/files/get?path=&offset=`, WebSockets speaking the exec
-//! socket's messages (`fleetrun_proto::stream::client`) over one `FilePut` / `FileGet` session
-//! stream on the node's connection (protocol version 5). Authorized by the `cp` action on the
-//! node (tag conditions apply as for `shell`); each transfer is audited as `cp.put` / `cp.get`
-//! with node, path, size, SHA-256 and outcome.
+//! File transfers (`fleetrun cp`): `GET /v1/nodes/{node_id}/files/put?path=&size=&key=...`
+//! (or `&sha256=` instead of `key`) and `GET /v1/nodes/{node_id}/files/get?path=&offset=`,
+//! WebSockets speaking the exec socket's messages (`fleetrun_proto::stream::client`) over one
+//! `FilePut` / `FileGet` session stream on the node's connection (protocol version 5). Authorized
+//! by the `cp` action on the node (tag conditions apply as for `shell`); each transfer is audited
+//! as `cp.put` / `cp.get` with node, path, size, SHA-256 and outcome.
+//!
+//! A put names its hash up front (`sha256=`, the client hashed the file first; ends with
+//! `{"type":"eof"}`) or a resume key (`key=`, since protocol version 6): the client then sends at
+//! once, hashing as it goes, and ends with the trailer `{"type":"end","size":N,"sha256":H}`. The
+//! relay checks the trailer (the size it declared, the bytes it sent) and hands the hash to the
+//! agent as the stream's last 32 bytes of input (`fleetrun_proto::stream::PutHash`), which the
+//! agent checks before its rename.
 //!
 //! Flow control as for exec: the agent's output credit goes back only once the client's socket
 //! took the bytes, and the client's next message is read only when the agent's credit took the
@@ -24,7 +31,9 @@ use fleetrun_proto::NodeId;
 use fleetrun_proto::stream::client::{
     CLIENT_MESSAGE_MAX, ClientEvent, ServerEvent, TAG_STDIN, TAG_STDOUT,
 };
-use fleetrun_proto::stream::{STREAM_WINDOW_BULK, StreamKind};
+use fleetrun_proto::stream::{
+    FILE_TRAILER_LEN, PutHash, STREAM_WINDOW_BULK, StreamKind, check_file_key, check_sha256,
+};
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::AuditEntry;
 use futures_util::{SinkExt, StreamExt};
@@ -44,8 +53,11 @@ pub struct PutQuery {
     path: String,
     /// The file's length.
     size: u64,
-    /// Its SHA-256, 64 lowercase hex digits.
-    sha256: String,
+    /// Its SHA-256, 64 lowercase hex digits, when the client has it before the bytes.
+    sha256: Option<String>,
+    /// Instead of `sha256`: 16 lowercase hex digits naming this version of the client's file (a
+    /// retry with the same key resumes); the hash then comes in the trailer.
+    key: Option<String>,
     /// Permission bits in octal (`0755`).
     mode: Option<String>,
     /// Owner, a user name or uid.
@@ -104,18 +116,35 @@ pub async fn put(
         })?),
     };
     let empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let hash = match (empty(q.sha256.clone()), empty(q.key.clone())) {
+        (Some(sha256), None) => {
+            check_sha256(&sha256).map_err(|e| ApiError::new(Code::InvalidParameters, e))?;
+            sha256
+        }
+        (None, Some(key)) => {
+            check_file_key(&key).map_err(|e| ApiError::new(Code::InvalidParameters, e))?;
+            key
+        }
+        _ => {
+            return Err(ApiError::new(
+                Code::InvalidParameters,
+                "a file put needs one of sha256= (the file's SHA-256, before its bytes) and key= (16 hex digits naming this version of the file; the hash then follows the bytes)",
+            ));
+        }
+    };
     let kind = StreamKind::FilePut {
         path: q.path.clone(),
         mode,
         owner: empty(q.owner.clone()),
         group: empty(q.group.clone()),
         size: q.size,
-        sha256: q.sha256.clone(),
+        sha256: hash,
         resume: q.resume,
         parents: q.parents,
     };
     let params = serde_json::json!({
-        "path": q.path, "size": q.size, "sha256": q.sha256, "mode": mode.map(|m| format!("{m:04o}")),
+        "path": q.path, "size": q.size, "sha256": q.sha256, "key": q.key,
+        "mode": mode.map(|m| format!("{m:04o}")),
         "owner": q.owner, "group": q.group, "resume": q.resume, "parents": q.parents,
     });
     start(state, p, node, addr, ws, kind, params, "cp.put").await
@@ -189,12 +218,22 @@ async fn start(
         return Err(ApiError::new(Code::Unavailable, message));
     };
     if streams.version() < kind.since() {
-        let message = OpenError::KindTooNew {
-            kind: kind.name(),
-            since: kind.since(),
-            version: streams.version(),
-        }
-        .to_string();
+        let message = match &kind {
+            StreamKind::FilePut { .. }
+                if streams.version() >= fleetrun_proto::version::FILES_SINCE =>
+            {
+                format!(
+                    "the node's agent speaks channel protocol version {}, which takes a file's SHA-256 only before its bytes: put with sha256= (or upgrade the agent)",
+                    streams.version()
+                )
+            }
+            _ => OpenError::KindTooNew {
+                kind: kind.name(),
+                since: kind.since(),
+                version: streams.version(),
+            }
+            .to_string(),
+        };
         transfer.audit(serde_json::json!({}), &message).await;
         return Err(ApiError::new(Code::Unavailable, message));
     }
@@ -219,6 +258,15 @@ impl Transfer {
     async fn run(self, socket: WebSocket, streams: Arc<Streams>, kind: StreamKind) {
         let (mut sink, mut source) = socket.split();
         let is_put = matches!(kind, StreamKind::FilePut { .. });
+        // A put whose hash comes in the trailer: its declared size.
+        let trailer = match &kind {
+            StreamKind::FilePut { sha256, size, .. }
+                if matches!(PutHash::parse(sha256), Ok(PutHash::Trailer(_))) =>
+            {
+                Some(*size)
+            }
+            _ => None,
+        };
         let stream = match streams.open(kind, OUTPUT_WINDOW) {
             Ok(s) => s,
             Err(e) => {
@@ -228,7 +276,9 @@ impl Transfer {
             }
         };
         tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), action = self.action, "file transfer opened");
-        let ended = self.relay(&mut sink, &mut source, stream, is_put).await;
+        let ended = self
+            .relay(&mut sink, &mut source, stream, is_put, trailer)
+            .await;
         let mut end = serde_json::json!({ "bytes": ended.bytes });
         if let Some((offset, size)) = ended.info {
             end["offset"] = offset.into();
@@ -264,6 +314,7 @@ impl Transfer {
         source: &mut Source,
         mut stream: StreamHandle,
         is_put: bool,
+        trailer: Option<u64>,
     ) -> Ended {
         let mut ended = Ended::default();
         let idle = self.state.sessions.idle_timeout;
@@ -347,10 +398,44 @@ impl Transfer {
                         _ => return broken(stream, ended, "a binary message must be a data tag byte (0) and bytes".into()),
                     },
                     Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
+                        Ok(ClientEvent::Eof) if is_put && trailer.is_some() => {
+                            return broken(stream, ended, "the put ended without its trailer ({\"type\":\"end\",\"size\":N,\"sha256\":\"…\"}): a put with key= sends the file's size and SHA-256 after its bytes".into());
+                        }
                         Ok(ClientEvent::Eof) if is_put => if input.end().is_err() {
                             return broken(stream, ended, "the file ended twice".into());
                         },
-                        Ok(_) => return broken(stream, ended, "only a put's end ({\"type\":\"eof\"}) is a valid text message here".into()),
+                        Ok(ClientEvent::End { size, sha256 }) if is_put => {
+                            let Some(declared) = trailer else {
+                                return broken(stream, ended, "a put with sha256= ends with {\"type\":\"eof\"}, not a trailer".into());
+                            };
+                            let offset = ended.info.map_or(0, |(offset, _)| offset);
+                            let sent = offset + ended.bytes;
+                            let hash = check_sha256(&sha256).and_then(|()| {
+                                hex::decode(&sha256).map_err(|e| format!("bad sha256 in the trailer: {e}"))
+                            });
+                            let why = match &hash {
+                                Err(e) => Some(format!("bad trailer: {e}")),
+                                Ok(_) if size != declared => Some(format!(
+                                    "bad trailer: size {size}, but the put declared {declared} bytes"
+                                )),
+                                Ok(_) if sent != size => Some(format!(
+                                    "bad trailer: size {size}, but {sent} bytes were sent (from offset {offset})"
+                                )),
+                                Ok(h) if h.len() != FILE_TRAILER_LEN => Some("bad trailer: a SHA-256 is 32 bytes".into()),
+                                Ok(_) => None,
+                            };
+                            if let Some(why) = why {
+                                return broken(stream, ended, why);
+                            }
+                            // Ready here (nothing waits for credit): the hash is the stream's
+                            // last input, then its end.
+                            if let Ok(h) = hash
+                                && (input.push(h.into()).is_err() || input.end().is_err())
+                            {
+                                return broken(stream, ended, "the file ended twice".into());
+                            }
+                        }
+                        Ok(_) => return broken(stream, ended, "only a put's end ({\"type\":\"eof\"}, or with key= the trailer {\"type\":\"end\",...}) is a valid text message here".into()),
                         Err(e) => return broken(stream, ended, format!("bad message: {e}")),
                     },
                 },

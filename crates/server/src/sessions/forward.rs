@@ -466,6 +466,9 @@ async fn pipe(
                 }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ClientEvent>(t.as_str()) {
                     Ok(ClientEvent::Eof) => input.end().map_err(|_| "the input ended twice".to_owned())?,
+                    Ok(ClientEvent::End { .. }) => {
+                        return Err("a trailer ({\"type\":\"end\"}) ends a file put, not a connection".into());
+                    }
                     // A terminal's message: a TCP connection has no window.
                     Ok(ClientEvent::Resize { .. }) => {
                         return Err("a resize needs a PTY (a TCP connection has none)".into());
