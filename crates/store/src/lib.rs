@@ -82,6 +82,7 @@ pub(crate) enum Dialect {
 pub(crate) enum Lock {
     Documents,
     Params,
+    Scripts,
     Users,
 }
 
@@ -91,6 +92,7 @@ impl Lock {
         let name: &[u8] = match self {
             Lock::Documents => b"documents",
             Lock::Params => b"params",
+            Lock::Scripts => b"scripts",
             Lock::Users => b"users",
         };
         name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))

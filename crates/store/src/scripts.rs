@@ -1,10 +1,8 @@
 //! Saved scripts and their versions, numbered from 1 like documents' ([`super::documents`]): a
 //! script's versions are added and its latest pointer moved in one transaction each.
 
-use super::{Result, Store};
+use super::{Columns, Lock, Result, Store, with_pool};
 use fleetrun_proto::time::now_ms;
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
 /// Most saved scripts.
 pub const SCRIPTS_MAX: i64 = 1_000;
@@ -56,21 +54,21 @@ pub enum ScriptWrite {
     LimitExceeded,
 }
 
-fn script_row(r: &SqliteRow) -> ScriptRow {
+fn script_row(r: &impl Columns) -> ScriptRow {
     ScriptRow {
-        name: r.get("name"),
-        version: r.get("version"),
-        latest_version: r.get("latest_version"),
-        description: r.get("description"),
-        platform: r.get("platform"),
-        input_uri: r.get("input_uri"),
-        output_path: r.get("output_path"),
-        body: r.get("body"),
-        hash: r.get("hash"),
-        created_at: r.get("created_at"),
-        created_by: r.get("created_by"),
-        updated_at: r.get("v_created_at"),
-        updated_by: r.get("v_created_by"),
+        name: r.text("name"),
+        version: r.int("version"),
+        latest_version: r.int("latest_version"),
+        description: r.text("description"),
+        platform: r.text("platform"),
+        input_uri: r.opt_text("input_uri"),
+        output_path: r.opt_text("output_path"),
+        body: r.text("body"),
+        hash: r.text("hash"),
+        created_at: r.int("created_at"),
+        created_by: r.text("created_by"),
+        updated_at: r.int("v_created_at"),
+        updated_by: r.text("v_created_by"),
     }
 }
 
@@ -83,141 +81,164 @@ macro_rules! script_select {
     };
 }
 
+/// Inserts a version of script `$v.name` in the transaction `$tx`.
+macro_rules! insert_script_version {
+    ($tx:expr, $version:expr, $at:expr, $by:expr, $v:expr) => {{
+        let v: &ScriptRow = $v;
+        sqlx::query(
+            "INSERT INTO script_versions (name, version, description, platform, input_uri,
+                 output_path, body, hash, created_at, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&v.name)
+        .bind($version)
+        .bind(&v.description)
+        .bind(&v.platform)
+        .bind(&v.input_uri)
+        .bind(&v.output_path)
+        .bind(&v.body)
+        .bind(&v.hash)
+        .bind($at)
+        .bind($by)
+        .execute(&mut *$tx)
+        .await?;
+    }};
+}
+
 impl Store {
     /// Stores a new script as its version 1 (`v.name`, `v.created_by` and the version's fields).
     pub async fn insert_script(&self, v: &ScriptRow) -> Result<ScriptWrite> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM scripts WHERE name = ?")
+        with_pool!(self, write, |pool, d| {
+            let mut tx = pool.begin().await?;
+            if let Some(lock) = d.serialize(Lock::Scripts) {
+                sqlx::query(sqlx::AssertSqlSafe(lock))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM scripts WHERE name = $1)")
+                    .bind(&v.name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if exists {
+                return Ok(ScriptWrite::Exists);
+            }
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM scripts")
+                .fetch_one(&mut *tx)
+                .await?;
+            if n >= SCRIPTS_MAX {
+                return Ok(ScriptWrite::LimitExceeded);
+            }
+            let now = now_ms();
+            sqlx::query(
+                "INSERT INTO scripts (name, latest_version, created_at, created_by)
+                 VALUES ($1, 1, $2, $3)",
+            )
             .bind(&v.name)
-            .fetch_optional(&mut *tx)
+            .bind(now)
+            .bind(&v.created_by)
+            .execute(&mut *tx)
             .await?;
-        if exists.is_some() {
-            return Ok(ScriptWrite::Exists);
-        }
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM scripts")
-            .fetch_one(&mut *tx)
-            .await?;
-        if n >= SCRIPTS_MAX {
-            return Ok(ScriptWrite::LimitExceeded);
-        }
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO scripts (name, latest_version, created_at, created_by) VALUES (?, 1, ?, ?)",
-        )
-        .bind(&v.name)
-        .bind(now)
-        .bind(&v.created_by)
-        .execute(&mut *tx)
-        .await?;
-        insert_version(&mut tx, 1, now, &v.created_by, v).await?;
-        tx.commit().await?;
-        Ok(ScriptWrite::Ok(1))
+            insert_script_version!(tx, 1i64, now, &v.created_by, v);
+            tx.commit().await?;
+            Ok(ScriptWrite::Ok(1))
+        })
     }
 
     /// Adds a version to a script, made by `by`.
     pub async fn add_script_version(&self, v: &ScriptRow, by: &str) -> Result<ScriptWrite> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        let latest: Option<i64> =
-            sqlx::query_scalar("SELECT latest_version FROM scripts WHERE name = ?")
+        with_pool!(self, write, |pool, d| {
+            let mut tx = pool.begin().await?;
+            if let Some(lock) = d.serialize(Lock::Scripts) {
+                sqlx::query(sqlx::AssertSqlSafe(lock))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let latest: Option<i64> =
+                sqlx::query_scalar("SELECT latest_version FROM scripts WHERE name = $1")
+                    .bind(&v.name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(latest) = latest else {
+                return Ok(ScriptWrite::Missing);
+            };
+            if latest >= SCRIPT_VERSIONS_MAX {
+                return Ok(ScriptWrite::LimitExceeded);
+            }
+            let version = latest + 1;
+            insert_script_version!(tx, version, now_ms(), by, v);
+            sqlx::query("UPDATE scripts SET latest_version = $1 WHERE name = $2")
+                .bind(version)
                 .bind(&v.name)
-                .fetch_optional(&mut *tx)
+                .execute(&mut *tx)
                 .await?;
-        let Some(latest) = latest else {
-            return Ok(ScriptWrite::Missing);
-        };
-        if latest >= SCRIPT_VERSIONS_MAX {
-            return Ok(ScriptWrite::LimitExceeded);
-        }
-        let version = latest + 1;
-        insert_version(&mut tx, version, now_ms(), by, v).await?;
-        sqlx::query("UPDATE scripts SET latest_version = ? WHERE name = ?")
-            .bind(version)
-            .bind(&v.name)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(ScriptWrite::Ok(version))
+            tx.commit().await?;
+            Ok(ScriptWrite::Ok(version))
+        })
     }
 
     /// One version of a script (None: the latest); None when either does not exist.
     pub async fn get_script(&self, name: &str, version: Option<i64>) -> Result<Option<ScriptRow>> {
-        let row = match version {
-            Some(n) => {
-                sqlx::query(concat!(
-                    script_select!(),
-                    " WHERE s.name = ? AND v.version = ?"
-                ))
-                .bind(name)
-                .bind(n)
-                .fetch_optional(&self.sqlite()?.read)
-                .await?
+        Ok(with_pool!(self, read, |pool| {
+            match version {
+                Some(n) => {
+                    sqlx::query(concat!(
+                        script_select!(),
+                        " WHERE s.name = $1 AND v.version = $2"
+                    ))
+                    .bind(name)
+                    .bind(n)
+                    .fetch_optional(pool)
+                    .await?
+                }
+                None => {
+                    sqlx::query(concat!(
+                        script_select!(),
+                        " WHERE s.name = $1 AND v.version = s.latest_version"
+                    ))
+                    .bind(name)
+                    .fetch_optional(pool)
+                    .await?
+                }
             }
-            None => {
-                sqlx::query(concat!(
-                    script_select!(),
-                    " WHERE s.name = ? AND v.version = s.latest_version"
-                ))
-                .bind(name)
-                .fetch_optional(&self.sqlite()?.read)
-                .await?
-            }
-        };
-        Ok(row.as_ref().map(script_row))
+            .as_ref()
+            .map(script_row)
+        }))
     }
 
     /// Scripts at their latest versions, by name: at most `limit` after the name `after`.
     pub async fn list_scripts(&self, after: Option<&str>, limit: i64) -> Result<Vec<ScriptRow>> {
-        let rows = sqlx::query(concat!(
-            script_select!(),
-            " AND v.version = s.latest_version WHERE s.name > ? ORDER BY s.name LIMIT ?"
-        ))
-        .bind(after.unwrap_or(""))
-        .bind(limit.clamp(1, SCRIPTS_PAGE_MAX))
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows.iter().map(script_row).collect())
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(concat!(
+                script_select!(),
+                " AND v.version = s.latest_version WHERE s.name > $1 ORDER BY s.name LIMIT $2"
+            ))
+            .bind(after.unwrap_or(""))
+            .bind(limit.clamp(1, SCRIPTS_PAGE_MAX))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(script_row)
+            .collect()
+        }))
     }
 
     /// Deletes a script and all its versions; false when there was none.
     pub async fn delete_script(&self, name: &str) -> Result<bool> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        sqlx::query("DELETE FROM script_versions WHERE name = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        let r = sqlx::query("DELETE FROM scripts WHERE name = ?")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(r.rows_affected() > 0)
+        with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM script_versions WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            let r = sqlx::query("DELETE FROM scripts WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(r.rows_affected() > 0)
+        })
     }
-}
-
-async fn insert_version(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    version: i64,
-    at: i64,
-    by: &str,
-    v: &ScriptRow,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO script_versions (name, version, description, platform, input_uri, output_path,
-             body, hash, created_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&v.name)
-    .bind(version)
-    .bind(&v.description)
-    .bind(&v.platform)
-    .bind(&v.input_uri)
-    .bind(&v.output_path)
-    .bind(&v.body)
-    .bind(&v.hash)
-    .bind(at)
-    .bind(by)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 impl Store {
@@ -226,11 +247,13 @@ impl Store {
         &self,
         command_id: &fleetrun_proto::CommandId,
     ) -> Result<Option<(String, i64)>> {
-        let row = sqlx::query("SELECT name, version FROM script_runs WHERE command_id = ?")
-            .bind(command_id.as_str())
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        Ok(row.map(|r| (r.get("name"), r.get("version"))))
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query("SELECT name, version FROM script_runs WHERE command_id = $1")
+                .bind(command_id.as_str())
+                .fetch_optional(pool)
+                .await?
+                .map(|r| (r.text("name"), r.int("version")))
+        }))
     }
 
     /// The files of the script run a command is, when it has an input or an output.
@@ -238,17 +261,17 @@ impl Store {
         &self,
         command_id: &fleetrun_proto::CommandId,
     ) -> Result<Option<crate::ScriptFiles>> {
-        let row =
-            sqlx::query("SELECT input_uri, output_path FROM script_runs WHERE command_id = ?")
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query("SELECT input_uri, output_path FROM script_runs WHERE command_id = $1")
                 .bind(command_id.as_str())
-                .fetch_optional(&self.sqlite()?.read)
-                .await?;
-        Ok(row
-            .map(|r| crate::ScriptFiles {
-                input: r.get("input_uri"),
-                output: r.get("output_path"),
-            })
-            .filter(crate::ScriptFiles::any))
+                .fetch_optional(pool)
+                .await?
+                .map(|r| crate::ScriptFiles {
+                    input: r.opt_text("input_uri"),
+                    output: r.opt_text("output_path"),
+                })
+        })
+        .filter(crate::ScriptFiles::any))
     }
 
     /// Records the temp dir made on a node for a script run (phase `made`), before anything
@@ -259,15 +282,18 @@ impl Store {
         node_id: &fleetrun_proto::NodeId,
         dir: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO script_run_nodes (command_id, node_id, dir, phase) VALUES (?, ?, ?, 'made')
-             ON CONFLICT (command_id, node_id) DO UPDATE SET dir = excluded.dir, phase = 'made'",
-        )
-        .bind(command_id.as_str())
-        .bind(node_id.as_str())
-        .bind(dir)
-        .execute(&self.sqlite()?.write)
-        .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query(
+                "INSERT INTO script_run_nodes (command_id, node_id, dir, phase)
+                 VALUES ($1, $2, $3, 'made')
+                 ON CONFLICT (command_id, node_id) DO UPDATE SET dir = excluded.dir, phase = 'made'",
+            )
+            .bind(command_id.as_str())
+            .bind(node_id.as_str())
+            .bind(dir)
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
@@ -277,14 +303,18 @@ impl Store {
         command_id: &fleetrun_proto::CommandId,
         node_id: &fleetrun_proto::NodeId,
     ) -> Result<Option<ScriptNodeDir>> {
-        let row = sqlx::query(
-            "SELECT command_id, node_id, dir, phase FROM script_run_nodes WHERE command_id = ? AND node_id = ?",
-        )
-        .bind(command_id.as_str())
-        .bind(node_id.as_str())
-        .fetch_optional(&self.sqlite()?.read)
-        .await?;
-        Ok(row.as_ref().and_then(script_node_row))
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT command_id, node_id, dir, phase FROM script_run_nodes
+                 WHERE command_id = $1 AND node_id = $2",
+            )
+            .bind(command_id.as_str())
+            .bind(node_id.as_str())
+            .fetch_optional(pool)
+            .await?
+            .as_ref()
+            .and_then(script_node_row)
+        }))
     }
 
     /// A node's script run temp dir was removed.
@@ -293,29 +323,37 @@ impl Store {
         command_id: &fleetrun_proto::CommandId,
         node_id: &fleetrun_proto::NodeId,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE script_run_nodes SET phase = 'removed' WHERE command_id = ? AND node_id = ?",
-        )
-        .bind(command_id.as_str())
-        .bind(node_id.as_str())
-        .execute(&self.sqlite()?.write)
-        .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query(
+                "UPDATE script_run_nodes SET phase = 'removed'
+                 WHERE command_id = $1 AND node_id = $2",
+            )
+            .bind(command_id.as_str())
+            .bind(node_id.as_str())
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
     /// Temp dirs still on nodes whose invocation has ended (so nothing uses them any more), at
     /// most [`SCRIPT_NODES_BATCH`].
     pub async fn script_nodes_to_clean(&self) -> Result<Vec<ScriptNodeDir>> {
-        let rows = sqlx::query(
-            "SELECT s.command_id, s.node_id, s.dir, s.phase FROM script_run_nodes s
-             JOIN invocations i ON i.command_id = s.command_id AND i.node_id = s.node_id
-             WHERE s.phase = 'made' AND i.status IN ('Success', 'Failed', 'TimedOut', 'Cancelled')
-             LIMIT ?",
-        )
-        .bind(SCRIPT_NODES_BATCH)
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows.iter().filter_map(script_node_row).collect())
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT s.command_id, s.node_id, s.dir, s.phase FROM script_run_nodes s
+                 JOIN invocations i ON i.command_id = s.command_id AND i.node_id = s.node_id
+                 WHERE s.phase = 'made'
+                   AND i.status IN ('Success', 'Failed', 'TimedOut', 'Cancelled')
+                 LIMIT $1",
+            )
+            .bind(SCRIPT_NODES_BATCH)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .filter_map(script_node_row)
+            .collect()
+        }))
     }
 }
 
@@ -335,12 +373,12 @@ pub struct ScriptNodeDir {
     pub phase: String,
 }
 
-fn script_node_row(r: &SqliteRow) -> Option<ScriptNodeDir> {
+fn script_node_row(r: &impl Columns) -> Option<ScriptNodeDir> {
     Some(ScriptNodeDir {
-        command_id: r.get::<String, _>("command_id").parse().ok()?,
-        node_id: r.get::<String, _>("node_id").parse().ok()?,
-        dir: r.get("dir"),
-        phase: r.get("phase"),
+        command_id: r.text("command_id").parse().ok()?,
+        node_id: r.text("node_id").parse().ok()?,
+        dir: r.text("dir"),
+        phase: r.text("phase"),
     })
 }
 
@@ -368,10 +406,13 @@ mod tests {
 
     #[tokio::test]
     async fn versions_are_kept_until_delete() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .expect("open");
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            versions_kept(store).await;
+        }
+    }
+
+    async fn versions_kept(store: Store) {
         assert!(matches!(
             store
                 .insert_script(&row("a", "echo 1"))
