@@ -17,6 +17,9 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
+# No agent asks EC2's instance metadata service at registration (this machine may answer on its
+# address, and a bench node is no EC2 instance); the variable, not --no-imds, so an older BENCH_BIN ignores it.
+export FLEETRUN_NO_IMDS=true
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export FLEETRUN_SERVER="https://127.0.0.1:$port" FLEETRUN_CONFIG="$work/cli.toml" FLEETRUN_CA_CERT="$work/server/ca.pem"
 RUST_LOG=warn "$bin/fleetrun" server --data-dir "$work/server" --listen "127.0.0.1:$port" ${SERVER_ARGS:-} >"$work/server.log" 2>&1 &

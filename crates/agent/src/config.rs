@@ -59,6 +59,13 @@ pub struct AgentConfig {
     pub ca_fingerprint: Option<String>,
     /// Allows a plain `http://` server URL (`--insecure-http`).
     pub insecure_http: bool,
+    /// The EC2 instance id to register under (`--instance-id`) instead of a server-made `mi-`
+    /// id; used at registration only.
+    pub instance_id: Option<String>,
+    /// Where to ask IMDS for the instance id when registering without `instance_id`
+    /// (`--imds-endpoint`); `None` does not ask (`--no-imds`, and the default of an embedded
+    /// agent, which [`AgentConfig::new`] makes).
+    pub imds_endpoint: Option<String>,
 }
 
 /// Default of [`AgentConfig::sweep_after`]: run directories are removed in batches, off the command
@@ -84,6 +91,8 @@ impl AgentConfig {
             ca_cert: None,
             ca_fingerprint: None,
             insecure_http: false,
+            instance_id: None,
+            imds_endpoint: None,
         }
     }
 
@@ -148,6 +157,14 @@ impl AgentConfig {
             }
             fleetrun_proto::channel::check_node_text("name", name)
                 .map_err(|e| AgentError::Config(format!("invalid --name: {e}")))?;
+        }
+        if let Some(id) = &self.instance_id {
+            fleetrun_proto::NodeId::ec2(id)
+                .map_err(|e| AgentError::Config(format!("--instance-id: {e}")))?;
+        }
+        if let Some(endpoint) = &self.imds_endpoint {
+            crate::imds::authority(endpoint)
+                .map_err(|e| AgentError::Config(format!("--imds-endpoint: {e}")))?;
         }
         for (k, v) in &self.tags {
             check_tag_key(k)
@@ -264,6 +281,18 @@ mod tests {
         c.heartbeat_secs = 1;
         c.tags.insert("bad key".into(), "v".into());
         assert!(c.validate().is_err());
+        c.tags.clear();
+        c.instance_id = Some("i-0123456789abcdef0".into());
+        assert!(c.validate().is_ok());
+        for bad in ["mi-0123456789abcdef0", "i-XYZ", ""] {
+            c.instance_id = Some(bad.into());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("--instance-id") && e.contains("`i-`"), "{e}");
+        }
+        c.instance_id = None;
+        c.imds_endpoint = Some("https://169.254.169.254".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--imds-endpoint"), "{e}");
     }
 
     #[test]

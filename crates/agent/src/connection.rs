@@ -11,6 +11,7 @@ use crate::identity::{self, Identity};
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
 use crate::streams::Streams;
+use fleetrun_proto::NodeId;
 use fleetrun_proto::auth;
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, NodeInfo, ServerFrame};
 use fleetrun_proto::time::now_ms;
@@ -135,6 +136,8 @@ pub struct Channel {
     tls: crate::tls::Tls,
     state_dir: PathBuf,
     activation_code: Option<String>,
+    /// The EC2 instance id to register under (`RegisterInstance`), if any.
+    instance_id: Option<NodeId>,
     tags: BTreeMap<String, String>,
     heartbeat: Duration,
     max_concurrent: usize,
@@ -157,6 +160,11 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// Registers under this EC2 instance id (when the node registers at all).
+    pub fn register_as(&mut self, instance_id: Option<NodeId>) {
+        self.instance_id = instance_id;
+    }
+
     /// A channel to `url` (the WebSocket URL) for an agent with these settings. With an identity,
     /// it takes over what an earlier agent process left in the state directory.
     pub fn new(
@@ -173,6 +181,7 @@ impl Channel {
             tls,
             state_dir: config.state_dir.clone(),
             activation_code: config.activation_code.clone(),
+            instance_id: None,
             tags: config.tags.clone(),
             heartbeat: Duration::from_secs(config.heartbeat_secs.max(1)),
             max_concurrent: config.max_concurrent_commands,
@@ -310,13 +319,28 @@ impl Channel {
                 };
                 let key = identity::generate_key();
                 let public_key = key.public_key();
-                let hello = AgentFrame::Register {
-                    protocol_version: PROTOCOL_VERSION,
-                    activation_code,
-                    public_key: public_key.to_vec(),
-                    signature: key.sign(&auth::register_message(&nonce, &public_key)),
-                    info: self.info.clone(),
-                    tags: self.tags.clone(),
+                let hello = match &self.instance_id {
+                    None => AgentFrame::Register {
+                        protocol_version: PROTOCOL_VERSION,
+                        activation_code,
+                        public_key: public_key.to_vec(),
+                        signature: key.sign(&auth::register_message(&nonce, &public_key)),
+                        info: self.info.clone(),
+                        tags: self.tags.clone(),
+                    },
+                    Some(id) => AgentFrame::RegisterInstance {
+                        protocol_version: PROTOCOL_VERSION,
+                        activation_code,
+                        public_key: public_key.to_vec(),
+                        signature: key.sign(&auth::register_instance_message(
+                            &nonce,
+                            &public_key,
+                            id.as_str(),
+                        )),
+                        info: self.info.clone(),
+                        tags: self.tags.clone(),
+                        instance_id: id.to_string(),
+                    },
                 };
                 match exchange(&mut ws, hello, answer_timeout).await? {
                     ServerFrame::Registered { node_id } => {

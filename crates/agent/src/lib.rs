@@ -10,6 +10,7 @@
 //! - [`config`]: settings and their validation;
 //! - [`identity`]: the node id and its Ed25519 keys kept in the state directory, and their rotation;
 //! - [`sysinfo`]: the facts reported about the machine;
+//! - [`imds`]: the EC2 instance id from the instance metadata service, at registration;
 //! - [`connection`]: the connection state machine, its reader and writer;
 //! - [`tls`]: whom the agent trusts on `wss://` (CA file, pinned CA fingerprint, system roots);
 //! - [`outbox`]: invocations held and the frames due for the server;
@@ -30,6 +31,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod identity;
+pub mod imds;
 pub mod journal;
 pub mod limits;
 pub mod outbox;
@@ -77,6 +79,7 @@ pub async fn run_until(
     if identity.is_none() && config.activation_code.is_none() {
         return Err(AgentError::NoIdentity(config.state_dir.clone()).into());
     }
+    let instance_id = instance_id(&config, identity.as_ref()).await;
     let info = sysinfo::node_info(config.name.as_deref());
     tracing::info!(
         state_dir = %config.state_dir.display(),
@@ -91,11 +94,47 @@ pub async fn run_until(
     // Takes over `runs/` of an earlier agent process (see `scheduler::Scheduler::recover`).
     let tls = tls::Tls::new(&config, &url)?;
     let mut channel = connection::Channel::new(&config, url, tls, info, outbox, identity)?;
+    channel.register_as(instance_id);
     tokio::select! {
         r = channel.run() => Err(r.err().map_or_else(|| anyhow::anyhow!("agent stopped"), Into::into)),
         () = shutdown => {
             tracing::info!("agent stopping");
             Ok(())
+        }
+    }
+}
+
+/// The EC2 instance id to register under: `--instance-id`, else IMDS's answer (unless
+/// `--no-imds`), else none (a server-made `mi-` id). Only a node that registers asks.
+async fn instance_id(
+    config: &AgentConfig,
+    identity: Option<&identity::Identity>,
+) -> Option<fleetrun_proto::NodeId> {
+    if let Some(identity) = identity {
+        if let Some(id) = &config.instance_id
+            && id != identity.node_id.as_str()
+        {
+            tracing::warn!(
+                node_id = %identity.node_id,
+                instance_id = %id,
+                "--instance-id is used at registration only: this node is registered already"
+            );
+        }
+        return None;
+    }
+    if let Some(id) = &config.instance_id {
+        // Checked by `validate`.
+        return fleetrun_proto::NodeId::ec2(id).ok();
+    }
+    let endpoint = config.imds_endpoint.as_deref()?;
+    match imds::instance_id(endpoint, imds::IMDS_BUDGET).await {
+        Ok(id) => {
+            tracing::info!(instance_id = %id, "on EC2: registering under the instance id");
+            Some(id)
+        }
+        Err(why) => {
+            tracing::info!(%why, "no EC2 instance id from IMDS: registering as a managed node");
+            None
         }
     }
 }

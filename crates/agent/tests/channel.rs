@@ -470,6 +470,7 @@ impl AgentProcess {
                 "--server",
                 &format!("http://{addr}"),
                 "--insecure-http",
+                "--no-imds",
                 "--sweep-after",
                 "0s",
                 "--state-dir",

@@ -19,6 +19,7 @@ pub const PRIVATE_KEY_LEN: usize = 32;
 
 const HELLO_CONTEXT: &[u8] = b"fleetrun-node-auth-v2\0hello";
 const REGISTER_CONTEXT: &[u8] = b"fleetrun-node-auth-v2\0register";
+const REGISTER_INSTANCE_CONTEXT: &[u8] = b"fleetrun-node-auth-v2\0register-instance";
 const ROTATE_CONTEXT: &[u8] = b"fleetrun-node-auth-v2\0rotate";
 
 /// Why a signature was not accepted.
@@ -43,6 +44,15 @@ pub fn hello_message(node_id: &NodeId, nonce: &[u8], public_key: &[u8]) -> Vec<u
 /// The message a `Register` signs: a new node proves it holds the key it enrols.
 pub fn register_message(nonce: &[u8], public_key: &[u8]) -> Vec<u8> {
     message(REGISTER_CONTEXT, &[nonce, public_key])
+}
+
+/// The message a `RegisterInstance` signs (since version 7): as [`register_message`], and the
+/// instance id the node asks for, so a captured frame cannot be replayed under another id.
+pub fn register_instance_message(nonce: &[u8], public_key: &[u8], instance_id: &str) -> Vec<u8> {
+    message(
+        REGISTER_INSTANCE_CONTEXT,
+        &[nonce, public_key, instance_id.as_bytes()],
+    )
 }
 
 /// The message a `RotateKey` signs with the new key: binds the node and its old and new keys.

@@ -259,7 +259,34 @@ pub enum AgentFrame {
         /// The whole file's SHA-256.
         sha256: String,
     },
+    /// Since version 7. First frame of a new agent on an EC2 instance: `Register`, plus the
+    /// instance id the node asks to be known by instead of a server-made `mi-` id (as SSM
+    /// registers EC2 instances under their own ids). `protocol_version` stays the first field, so
+    /// [`handshake_version`] reads it as it reads `Register`'s.
+    RegisterInstance {
+        /// The agent's protocol version.
+        protocol_version: u32,
+        /// The activation code.
+        activation_code: String,
+        /// The new node's Ed25519 public key.
+        #[serde(with = "serde_bytes")]
+        public_key: Vec<u8>,
+        /// Signature over [`crate::auth::register_instance_message`] of the challenge (it binds
+        /// the instance id too).
+        #[serde(with = "serde_bytes")]
+        signature: Vec<u8>,
+        /// Facts about the node.
+        info: NodeInfo,
+        /// Tags the node asks for, added to the activation's.
+        tags: BTreeMap<String, String>,
+        /// The EC2 instance id (`i-` + 17 or 8 lowercase hex digits), as text: the server checks
+        /// it and answers a malformed one with `BadNodeInfo` naming it, not `BadFrame`.
+        instance_id: String,
+    },
 }
+
+/// The index of [`AgentFrame::RegisterInstance`] in the postcard encoding (appended in version 7).
+const REGISTER_INSTANCE_INDEX: u32 = 13;
 
 /// How an invocation ended on the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,13 +474,16 @@ pub enum ErrorCode {
     ProtocolError,
     /// Since version 1. The server could not do its part (e.g. write its database).
     InternalError,
+    /// Since version 7. The instance id a `RegisterInstance` asks for is already another node's
+    /// (held by another key, deregistered nodes included: their history keeps the id). Fatal.
+    NodeIdTaken,
     /// A code this side does not know (a newer peer's): not fatal.
     Other(String),
 }
 
 impl ErrorCode {
     /// Every known code, for tests and documentation.
-    pub const KNOWN: [ErrorCode; 11] = [
+    pub const KNOWN: [ErrorCode; 12] = [
         ErrorCode::ProtocolVersion,
         ErrorCode::InvalidActivation,
         ErrorCode::UnknownNode,
@@ -465,6 +495,7 @@ impl ErrorCode {
         ErrorCode::TooManyFailedAuthentications,
         ErrorCode::ProtocolError,
         ErrorCode::InternalError,
+        ErrorCode::NodeIdTaken,
     ];
 
     /// The code as it travels in `Error.code`.
@@ -481,6 +512,7 @@ impl ErrorCode {
             ErrorCode::TooManyFailedAuthentications => "TooManyFailedAuthentications",
             ErrorCode::ProtocolError => "ProtocolError",
             ErrorCode::InternalError => "InternalError",
+            ErrorCode::NodeIdTaken => "NodeIdTaken",
             ErrorCode::Other(code) => code,
         }
     }
@@ -505,6 +537,7 @@ impl ErrorCode {
                 | ErrorCode::BadSignature
                 | ErrorCode::BadNodeInfo
                 | ErrorCode::InvalidTag
+                | ErrorCode::NodeIdTaken
         )
     }
 }
@@ -527,13 +560,14 @@ impl ServerFrame {
 
 /// The protocol version at the frozen start of the agent's first frame, read without decoding the
 /// rest (whose layout may be another version's). Every version's `Hello` and `Register` begin with
-/// the variant's index (postcard varint: 0 for `Hello`, 1 for `Register`) followed by
-/// `protocol_version` (postcard varint `u32`): these indices and that first field never move, so a
-/// server reads any agent's version and can refuse it with [`ErrorCode::ProtocolVersion`]. `None`
-/// when the message is not a `Hello` or `Register`, or ends before the version.
+/// the variant's index (postcard varint: 0 for `Hello`, 1 for `Register`, 13 for
+/// `RegisterInstance` since version 7) followed by `protocol_version` (postcard varint `u32`):
+/// these indices and that first field never move, so a server reads any agent's version and can
+/// refuse it with [`ErrorCode::ProtocolVersion`]. `None` when the message is not one of those, or
+/// ends before the version.
 pub fn handshake_version(first_frame: &[u8]) -> Option<u32> {
     let (variant, rest) = postcard::take_from_bytes::<u32>(first_frame).ok()?;
-    if variant > 1 {
+    if variant > 1 && variant != REGISTER_INSTANCE_INDEX {
         return None;
     }
     postcard::take_from_bytes::<u32>(rest).ok().map(|(v, _)| v)
@@ -783,6 +817,28 @@ mod tests {
         assert_eq!(handshake_version(&[]), None);
         assert_eq!(handshake_version(&[0x00]), None);
         assert_eq!(handshake_version(&[0x01, 0x80]), None);
+        // Version 7's RegisterInstance: appended, and its version read like Register's.
+        let instance = AgentFrame::RegisterInstance {
+            protocol_version: 7,
+            activation_code: "code".into(),
+            public_key: vec![],
+            signature: vec![],
+            info: NodeInfo::default(),
+            tags: BTreeMap::new(),
+            instance_id: "i-0123456789abcdef0".into(),
+        };
+        assert_eq!(
+            instance.encode()[..2],
+            [REGISTER_INSTANCE_INDEX as u8, 0x07]
+        );
+        assert_eq!(handshake_version(&instance.encode()), Some(7));
+        assert_eq!(AgentFrame::decode(&instance.encode()).unwrap(), instance);
+        // Earlier versions' frames keep their bytes: StreamFileDone is still variant 12.
+        let done = AgentFrame::StreamFileDone {
+            stream: 1,
+            sha256: String::new(),
+        };
+        assert_eq!(done.encode()[0], 12);
     }
 
     #[test]
@@ -803,7 +859,8 @@ mod tests {
                 "UnknownNode",
                 "BadSignature",
                 "BadNodeInfo",
-                "InvalidTag"
+                "InvalidTag",
+                "NodeIdTaken"
             ]
         );
         // A newer peer's code arrives intact and is retried.

@@ -1,10 +1,13 @@
-//! Identifiers: node ids in SSM's managed-instance form, command ids as UUIDs.
+//! Identifiers: node ids in SSM's managed-instance or EC2-instance form, command ids as UUIDs.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// A managed node's id: `mi-` followed by 17 lowercase hex digits, as SSM's managed instances.
+/// A node's id, as SSM names nodes: `mi-` followed by 17 lowercase hex digits for a managed
+/// (hybrid) instance, the id the server hands out; or an EC2 instance's id, `i-` followed by 17
+/// lowercase hex digits (or 8, EC2's older form, which SSM's pattern still admits), which an agent
+/// on EC2 registers under.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct NodeId(String);
@@ -17,9 +20,16 @@ pub struct CommandId(String);
 /// An id that did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
-    /// Not `mi-` + 17 lowercase hex digits.
-    #[error("invalid node id {0:?}: expected `mi-` followed by 17 lowercase hex digits")]
+    /// Neither `mi-` + 17 nor `i-` + 17 (or 8) lowercase hex digits.
+    #[error(
+        "invalid node id {0:?}: expected `mi-` followed by 17 lowercase hex digits, or an EC2 instance id (`i-` followed by 17 or 8)"
+    )]
     Node(String),
+    /// Not an EC2 instance id.
+    #[error(
+        "invalid EC2 instance id {0:?}: expected `i-` followed by 17 lowercase hex digits (or 8, the older form)"
+    )]
+    Instance(String),
     /// Not a hyphenated UUID.
     #[error("invalid command id {0:?}: expected a UUID like 0b5c1a8e-9d0f-4a6e-8f3e-2c1d0e9f8a7b")]
     Command(String),
@@ -34,6 +44,18 @@ impl NodeId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+    /// Whether this is an EC2 instance's id (`i-`), not one the server handed out (`mi-`).
+    pub fn is_ec2(&self) -> bool {
+        self.0.starts_with("i-")
+    }
+    /// An EC2 instance id (`i-` + 17 or 8 lowercase hex digits), and nothing else: what an agent
+    /// may register under.
+    pub fn ec2(s: &str) -> Result<Self, IdError> {
+        match s.parse::<NodeId>() {
+            Ok(id) if id.is_ec2() => Ok(id),
+            _ => Err(IdError::Instance(s.to_owned())),
+        }
     }
 }
 
@@ -60,11 +82,15 @@ impl CommandId {
 impl FromStr for NodeId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let ok = s.len() == 20
-            && s.starts_with("mi-")
-            && s[3..]
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex = |h: &str| {
+            h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        let ok = match (s.strip_prefix("mi-"), s.strip_prefix("i-")) {
+            (Some(h), _) => h.len() == 17 && hex(h),
+            (None, Some(h)) => (h.len() == 17 || h.len() == 8) && hex(h),
+            (None, None) => false,
+        };
         if ok {
             Ok(NodeId(s.to_owned()))
         } else {
@@ -125,13 +151,32 @@ mod tests {
         for bad in [
             "",
             "mi-",
-            "i-0123456789abcdef0",
+            "i-",
             "mi-0123456789ABCDEF0",
             "mi-0123456789abcdef",
             "mi-0123456789abcdef01",
+            "i-0123456789ABCDEF0",
+            "i-0123456789abcdef",
+            "i-0123456789",
+            "i-0123456789abcdef01",
+            "mi-01234567",
+            "x-0123456789abcdef0",
         ] {
             assert!(bad.parse::<NodeId>().is_err(), "{bad}");
+            assert!(NodeId::ec2(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ec2_instance_ids_are_node_ids_of_their_own_kind() {
+        for good in ["i-0123456789abcdef0", "i-0123abcd"] {
+            let id: NodeId = good.parse().unwrap();
+            assert!(id.is_ec2() && NodeId::ec2(good) == Ok(id.clone()), "{good}");
+        }
+        let managed = NodeId::from_random(7);
+        assert!(!managed.is_ec2());
+        let e = NodeId::ec2(managed.as_str()).unwrap_err().to_string();
+        assert!(e.contains("EC2 instance id") && e.contains("`i-`"), "{e}");
     }
 
     #[test]

@@ -16,15 +16,17 @@
 /// `StreamFileInfo` and `StreamFileDone`; appended again.
 /// Since version 6: a `FilePut` may name a resume key instead of the hash, which then follows the
 /// file's bytes as a trailer (`stream::PutHash`); no frame's layout changed.
+/// Since version 7: EC2 instance ids, the agent's `RegisterInstance` (appended) and the error code
+/// `NodeIdTaken`.
 ///
 /// Versioned in the handshake: every version's first agent frame begins with the same bytes, the
 /// frame's variant and then this number ([`crate::channel::handshake_version`] reads them without
 /// decoding the rest), so a server refuses an agent of another version with `ProtocolVersion`
 /// whatever the rest of its layout; and the server names its own version in the upgrade response's
 /// [`PROTOCOL_VERSION_HEADER`], so an agent refused can say which versions disagree.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
-/// The oldest agent protocol version a server accepts. Versions 3 to 5 only appended frames
+/// The oldest agent protocol version a server accepts. Versions 3 to 7 only appended frames
 /// (session streams, [`crate::stream`]) to version 2, so a server speaks to all of them and opens
 /// streams only on connections whose agent said version [`STREAMS_SINCE`] or later, and only of
 /// kinds the agent's version has ([`crate::stream::StreamKind::since`]).
@@ -44,6 +46,9 @@ pub const FILES_SINCE: u32 = 5;
 /// The first protocol version whose `FilePut` takes its SHA-256 after the bytes
 /// (`stream::PutHash::Trailer`).
 pub const FILE_TRAILER_SINCE: u32 = 6;
+
+/// The first protocol version with EC2 instance ids (`AgentFrame::RegisterInstance`).
+pub const INSTANCE_IDS_SINCE: u32 = 7;
 
 /// HTTP header of the server's WebSocket upgrade response (`101`) that carries its
 /// [`PROTOCOL_VERSION`] (since version 2; absent from older servers).

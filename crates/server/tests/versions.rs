@@ -6,8 +6,8 @@ mod support;
 use fleetrun_proto::channel::{AgentFrame, ErrorCode, ServerFrame};
 use fleetrun_proto::stream::StreamFd;
 use fleetrun_proto::version::{
-    FILE_TRAILER_SINCE, FILES_SINCE, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, SHELLS_AND_TCP_SINCE,
-    STREAMS_SINCE,
+    FILE_TRAILER_SINCE, FILES_SINCE, INSTANCE_IDS_SINCE, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    SHELLS_AND_TCP_SINCE, STREAMS_SINCE,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -22,9 +22,10 @@ async fn an_agent_of_the_previous_version_is_served() {
             STREAMS_SINCE,
             SHELLS_AND_TCP_SINCE,
             FILES_SINCE,
-            FILE_TRAILER_SINCE
+            FILE_TRAILER_SINCE,
+            INSTANCE_IDS_SINCE
         ),
-        (2, 3, 4, 5, PROTOCOL_VERSION)
+        (2, 3, 4, 5, 6, PROTOCOL_VERSION)
     );
     let server = TestServer::start().await;
     let mut agent = ScriptedAgent::register(&server, "v2-node").await;
@@ -43,6 +44,10 @@ async fn an_agent_of_the_previous_version_is_served() {
     agent.expect_result_ack(&id).await;
     let done = server.wait_terminal(&id, Duration::from_secs(20)).await;
     assert_eq!(done["status"], "Success", "{done}");
+    // The version before EC2 instance ids (6) is served too.
+    agent
+        .connect_as_version(&server, &[], FILE_TRAILER_SINCE)
+        .await;
 }
 
 /// A stream frame for a stream the server never opened is a protocol error (and no crash).

@@ -32,6 +32,9 @@ pub enum RegisterError {
     /// The activation's registration limit is used up.
     #[error("the activation's registration limit ({0}) is used up")]
     LimitReached(u64),
+    /// The node id asked for (an EC2 instance id) is already a node's, deregistered or not.
+    #[error("the node id is already another node's")]
+    IdTaken,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] super::StoreError),
@@ -195,6 +198,16 @@ impl Store {
             return Err(RegisterError::LimitReached(limit as u64));
         }
         let activation_id: String = row.get("activation_id");
+        // An EC2 instance id is the node's own: one already in the table (a deregistered node's
+        // too, whose history keeps it) is refused before the activation is counted.
+        let taken = sqlx::query("SELECT 1 FROM nodes WHERE node_id = ?")
+            .bind(node.node_id.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(super::StoreError::from)?;
+        if taken.is_some() {
+            return Err(RegisterError::IdTaken);
+        }
         // SSM's DefaultInstanceName names every node of the activation.
         let default_name: String = row.get("default_instance_name");
         let name = if default_name.is_empty() {

@@ -62,6 +62,16 @@ struct Args {
     /// Allow a plain http:// server URL: commands, output and parameters cross the network in clear
     #[arg(long)]
     insecure_http: bool,
+    /// Register under this EC2 instance id (i- and 17 hex digits) instead of a server-made mi- id,
+    /// as SSM registers EC2 instances; used at registration only
+    #[arg(long, env = "FLEETRUN_INSTANCE_ID", value_name = "ID")]
+    instance_id: Option<String>,
+    /// Do not ask the EC2 instance metadata service (IMDSv2) for the instance id at registration
+    #[arg(long, env = "FLEETRUN_NO_IMDS")]
+    no_imds: bool,
+    /// Where the EC2 instance metadata service answers (asked at registration, within 1 s)
+    #[arg(long, env = "FLEETRUN_IMDS_ENDPOINT", value_name = "URL", default_value = fleetrun_agent::imds::IMDS_ENDPOINT_DEFAULT)]
+    imds_endpoint: String,
 }
 
 fn config(args: Args) -> anyhow::Result<AgentConfig> {
@@ -85,6 +95,8 @@ fn config(args: Args) -> anyhow::Result<AgentConfig> {
     config.ca_cert = args.ca_cert;
     config.ca_fingerprint = args.ca_fingerprint;
     config.insecure_http = args.insecure_http;
+    config.instance_id = args.instance_id;
+    config.imds_endpoint = (!args.no_imds).then_some(args.imds_endpoint);
     config.validate()?;
     Ok(config)
 }

@@ -27,6 +27,7 @@ mod hostile_conn;
 mod hostile_input;
 mod hostile_load;
 mod hostile_retry;
+mod instance_ids;
 mod limits;
 mod node_identity;
 mod node_tags;

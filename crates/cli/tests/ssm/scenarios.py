@@ -860,7 +860,7 @@ def an_activation_registers_an_agent_that_is_then_deregistered():
     # An agent registers with the id and code, as the SSM agent's -register takes them.
     state = os.path.join(SCRATCH, "activation-agent")
     agent = subprocess.Popen([os.environ["FLEETRUN_AGENT"], "--server", ENDPOINT, "--state-dir", state,
-                              "--activation-id", aid, "--activation-code", code, "--ca-cert", os.environ["AWS_CA_BUNDLE"]],
+                              "--activation-id", aid, "--activation-code", code, "--ca-cert", os.environ["AWS_CA_BUNDLE"], "--no-imds"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def registered():
@@ -1181,6 +1181,54 @@ def a_sent_command_is_visible_at_once_and_cancelling_a_finished_one_is_no_error(
     code, _ = error_code(LOOSE.get_command_invocation, CommandId=cid, InstanceId="mi-0123456789abcdef0")
     assert code == "InvocationDoesNotExist", code
     assert SSM.list_command_invocations(CommandId=cid, InstanceId=WEB2)["CommandInvocations"] == []
+
+
+@scenario
+def an_ec2_instance_registers_under_its_instance_id_and_is_reached_by_it():
+    """An agent given an EC2 instance id (as IMDS would give it) is that instance to SSM and EC2."""
+    instance = "i-0" + uuid.uuid4().hex[:16]
+    act = SSM.create_activation(IamRole="SSMServiceRole", RegistrationLimit=1, DefaultInstanceName="ec2-box")
+    state = os.path.join(SCRATCH, "ec2-agent-" + instance)
+    agent = subprocess.Popen([os.environ["FLEETRUN_AGENT"], "--server", ENDPOINT, "--state-dir", state,
+                              "--activation-code", act["ActivationCode"], "--instance-id", instance,
+                              "--ca-cert", os.environ["AWS_CA_BUNDLE"], "--no-imds"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        info = wait_for("the EC2 node online", lambda: [
+            i for i in SSM.describe_instance_information(Filters=[{"Key": "InstanceIds", "Values": [instance]}])["InstanceInformationList"]
+            if i["PingStatus"] == "Online"])[0]
+        assert info["ResourceType"] == "EC2Instance" and info["SourceType"] == "AWS::EC2::Instance", info
+        assert info["Name"] == "ec2-box", info
+        by_type = SSM.describe_instance_information(Filters=[{"Key": "ResourceType", "Values": ["EC2Instance"]}])["InstanceInformationList"]
+        assert [i["InstanceId"] for i in by_type] == [instance], by_type
+        found = aws_svc("ec2", "describe-instances", "--instance-ids", instance)
+        insts = [i for r in found["Reservations"] for i in r["Instances"]]
+        assert [(i["InstanceId"], i["State"]["Name"]) for i in insts] == [(instance, "running")], found
+        by_filter = EC2.describe_instances(Filters=[{"Name": "instance-id", "Values": [instance]}])
+        assert [i["InstanceId"] for r in by_filter["Reservations"] for i in r["Instances"]] == [instance], by_filter
+        cmd = aws("send-command", "--instance-ids", instance, "--document-name", "AWS-RunShellScript",
+                  "--parameters", 'commands=["echo I am $FLEETRUN_NODE_ID"]')["Command"]
+        assert cmd["InstanceIds"] == [instance], cmd
+        aws("wait", "command-executed", "--command-id", cmd["CommandId"], "--instance-id", instance)
+        inv = SSM.get_command_invocation(CommandId=cmd["CommandId"], InstanceId=instance)
+        assert inv["Status"] == "Success" and inv["StandardOutputContent"] == f"I am {instance}\n", inv
+        # SSM deregisters managed instances only, and tags an EC2 instance through EC2.
+        code, msg = error_code(LOOSE.deregister_managed_instance, InstanceId=instance)
+        assert code == "InvalidInstanceId" and instance in msg, (code, msg)
+        code, msg = error_code(LOOSE.add_tags_to_resource, ResourceType="ManagedInstance", ResourceId=instance, Tags=[{"Key": "a", "Value": "b"}])
+        assert code == "InvalidResourceId" and "CreateTags" in msg, (code, msg)
+        EC2.create_tags(Resources=[instance], Tags=[{"Key": "Fleet", "Value": "ec2"}])
+        cid = SSM.send_command(Targets=[{"Key": "tag:Fleet", "Values": ["ec2"]}], **shell(["echo by tag"]))["Command"]["CommandId"]
+        assert wait_status(cid, instance, {"Success", "Failed"})["StandardOutputContent"] == "by tag\n"
+    finally:
+        # The native API removes it (SSM's call refuses EC2 instances), so later listings are as before.
+        req = urllib.request.Request(f"{ENDPOINT}/v1/nodes/{instance}", method="DELETE", headers={"Authorization": "Bearer " + TOKEN})
+        status, _ = http(req)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+    assert status == 200, status
 
 
 def conformance():

@@ -824,9 +824,17 @@ impl Agent {
         for (k, v) in &self.opts.tags {
             c.arg("--tag").arg(format!("{k}={v}"));
         }
+        // This machine answers connects to IMDS's address: no test agent asks it, unless the test
+        // gives its own IMDS.
+        if !self.opts.args.iter().any(|a| a == "--imds-endpoint") {
+            c.arg("--no-imds");
+        }
         c.args(&self.opts.args);
         let child = c
             .env("RUST_LOG", "info")
+            .env_remove("FLEETRUN_INSTANCE_ID")
+            .env_remove("FLEETRUN_NO_IMDS")
+            .env_remove("FLEETRUN_IMDS_ENDPOINT")
             .env_remove("FLEETRUN_SERVER")
             .env_remove("FLEETRUN_STATE_DIR")
             .env_remove("FLEETRUN_ACTIVATION_CODE")

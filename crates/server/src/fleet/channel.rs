@@ -169,6 +169,26 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
                 signature,
                 info,
                 tags,
+                instance_id: None,
+            };
+            on_register(&state, socket, &peer, register).await;
+        }
+        AgentFrame::RegisterInstance {
+            protocol_version: _,
+            activation_code,
+            public_key,
+            signature,
+            info,
+            tags,
+            instance_id,
+        } => {
+            let register = RegisterFrame {
+                activation_code,
+                public_key,
+                signature,
+                info,
+                tags,
+                instance_id: Some(instance_id),
             };
             on_register(&state, socket, &peer, register).await;
         }
@@ -191,7 +211,7 @@ async fn serve(state: Arc<AppState>, mut socket: WebSocket, permit: Handshake, a
             on_hello(state, socket, peer, hello, permit).await;
         }
         _ => {
-            let message = "the first frame must be Hello or Register";
+            let message = "the first frame must be Hello, Register or RegisterInstance";
             refuse(socket, ErrorCode::BadFrame, message).await;
         }
     }
@@ -247,31 +267,40 @@ struct RegisterFrame {
     signature: Vec<u8>,
     info: NodeInfo,
     tags: BTreeMap<String, String>,
+    /// A `RegisterInstance`'s EC2 instance id, unchecked.
+    instance_id: Option<String>,
 }
 
 /// A new node enrols: the key's proof, the activation, the node stored; audited either way.
 /// Answers `Registered` and closes (the agent comes back with `Hello`), or refuses.
 async fn on_register(state: &AppState, mut socket: WebSocket, peer: &Peer, frame: RegisterFrame) {
-    let params = serde_json::json!({
+    let mut params = serde_json::json!({
         "name": frame.info.name, "hostname": frame.info.hostname, "tags": frame.tags,
         "key": fingerprint(&frame.public_key),
     });
-    let registered =
-        match authn::node::check_register(&peer.nonce, &frame.public_key, &frame.signature) {
-            Ok(key) => {
-                let code = &frame.activation_code;
-                register(
-                    &state.store,
-                    &state.authz,
-                    code,
-                    key,
-                    frame.info,
-                    frame.tags,
-                )
-                .await
-            }
-            Err(r) => Err((r.code, r.message)),
-        };
+    if let Some(id) = &frame.instance_id {
+        // At most a frame's worth of text: the audit trail keeps a bounded prefix of a bad one.
+        params["instance_id"] = id.chars().take(64).collect::<String>().into();
+    }
+    let instance_id = frame.instance_id.as_deref();
+    let registered = match authn::node::check_register(
+        &peer.nonce,
+        &frame.public_key,
+        &frame.signature,
+        instance_id,
+    ) {
+        Ok(key) => {
+            let code = &frame.activation_code;
+            let node = NewRegistration {
+                public_key: key,
+                info: frame.info,
+                tags: frame.tags,
+                instance_id: frame.instance_id,
+            };
+            register(&state.store, &state.authz, code, node).await
+        }
+        Err(r) => Err((r.code, r.message)),
+    };
     let (principal, node, result) = match &registered {
         Ok(id) => (id.to_string(), Some(id), "Registered"),
         Err((code, _)) => (ANONYMOUS.to_owned(), None, code.as_str()),
@@ -748,7 +777,9 @@ async fn route(
             }
             state.outputs.send(state, &key, OutputMsg::Finished(result));
         }
-        AgentFrame::Hello { .. } | AgentFrame::Register { .. } => {
+        AgentFrame::Hello { .. }
+        | AgentFrame::Register { .. }
+        | AgentFrame::RegisterInstance { .. } => {
             return Err("Hello and Register are only valid as the first frame".into());
         }
         AgentFrame::RotateKey { .. } | AgentFrame::KeyConfirmed { .. } => {
@@ -796,20 +827,44 @@ async fn reconcile(
     Ok(())
 }
 
+/// A registration whose key is proven.
+struct NewRegistration {
+    /// Hex.
+    public_key: String,
+    info: NodeInfo,
+    tags: BTreeMap<String, String>,
+    /// The EC2 instance id asked for (unchecked); `None` gets a new `mi-` id.
+    instance_id: Option<String>,
+}
+
 async fn register(
     store: &Store,
     authz: &Authz,
     code: &str,
-    public_key: String,
-    info: NodeInfo,
-    tags: BTreeMap<String, String>,
+    node: NewRegistration,
 ) -> Result<NodeId, Refused> {
+    let NewRegistration {
+        public_key,
+        info,
+        tags,
+        instance_id,
+    } = node;
     check_info(&info).map_err(|m| (ErrorCode::BadNodeInfo, m))?;
     for (k, v) in &tags {
         check_tag_key(k).map_err(|e| (ErrorCode::InvalidTag, e.0))?;
         check_tag_value(v).map_err(|e| (ErrorCode::InvalidTag, e.0))?;
     }
-    let node_id = NodeId::from_random(secrets::random_u128());
+    let node_id = match instance_id {
+        Some(id) => NodeId::ec2(&id).map_err(|_| {
+            // Shown cut short: the frame may hold up to a message's worth of it.
+            let shown: String = id.chars().take(64).collect();
+            let message = format!(
+                "registration refused: instance id {shown:?} is not an EC2 instance id (`i-` followed by 17 lowercase hex digits, or 8)"
+            );
+            (ErrorCode::BadNodeInfo, message)
+        })?,
+        None => NodeId::from_random(secrets::random_u128()),
+    };
     let new = NewNode {
         node_id: node_id.clone(),
         public_key,
@@ -821,6 +876,12 @@ async fn register(
             authz.fleet_changed();
             Ok(node_id)
         }
+        Err(RegisterError::IdTaken) => Err((
+            ErrorCode::NodeIdTaken,
+            format!(
+                "registration refused: node id {node_id} is already another node's (a node registered under it before; deregistered nodes keep their ids)"
+            ),
+        )),
         Err(RegisterError::Store(e)) => {
             tracing::error!("cannot register node: {e}");
             Err((

@@ -218,7 +218,7 @@ fn parse_ids(ids: &[&str]) -> Result<Vec<NodeId>, Error> {
                 Error::new(
                     Code::InvalidNodeId,
                     format!(
-                        "Invalid id: \"{id:.64}\" (fleetrun instance ids are mi- and 17 hex digits)"
+                        "Invalid id: \"{id:.64}\" (instance ids are i- or mi- and 17 hex digits)"
                     ),
                 )
             })

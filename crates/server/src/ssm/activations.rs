@@ -184,6 +184,16 @@ pub async fn deregister_managed_instance(
             format!("Instance id {id:.64} is not valid."),
         )
     })?;
+    // SSM deregisters managed (mi-) instances only; an EC2 instance leaves by being terminated.
+    // The native API (`fleetrun nodes deregister`) still removes one.
+    if id.is_ec2() {
+        return Err(SsmError::new(
+            Code::InvalidNodeId,
+            format!(
+                "Instance id {id} is an EC2 instance: DeregisterManagedInstance takes managed instances (mi-) only"
+            ),
+        ));
+    }
     nodes::deregister_node(state, p, &id).await?;
     Ok(json!({}))
 }

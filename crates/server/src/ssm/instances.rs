@@ -187,7 +187,7 @@ fn matches_filter(n: &Node, key: &str, values: &[String]) -> bool {
         "PingStatus" => any(&n.ping_status),
         "PlatformTypes" => any(platform_type(&n.platform)),
         "ActivationIds" => any(&n.activation_id),
-        "ResourceType" => any("ManagedInstance"),
+        "ResourceType" => any(resource_type(n).0),
         "IamRole" | "AssociationStatus" => false,
         _ => true, // tag filters were applied through the index
     }
@@ -215,7 +215,18 @@ fn platform(os: &str) -> (String, String) {
     (name.join(" "), String::new())
 }
 
+/// SSM's ResourceType and SourceType of a node: an EC2 instance (registered under its `i-` id)
+/// or a managed (hybrid) instance.
+fn resource_type(n: &Node) -> (&'static str, &'static str) {
+    if n.node_id.is_ec2() {
+        ("EC2Instance", "AWS::EC2::Instance")
+    } else {
+        ("ManagedInstance", "AWS::SSM::ManagedInstance")
+    }
+}
+
 fn instance(n: &Node) -> Value {
+    let (resource_type, source_type) = resource_type(n);
     let (platform_name, platform_version) = platform(&n.os);
     let ms = fleetrun_proto::time::parse_rfc3339_ms;
     let mut v = json!({
@@ -229,11 +240,11 @@ fn instance(n: &Node) -> Value {
         "PlatformVersion": platform_version,
         "ActivationId": n.activation_id,
         "RegistrationDate": epoch(ms(&n.registered_at)),
-        "ResourceType": "ManagedInstance",
+        "ResourceType": resource_type,
         "Name": n.name,
         "ComputerName": n.hostname,
         "SourceId": n.node_id,
-        "SourceType": "AWS::SSM::ManagedInstance",
+        "SourceType": source_type,
     });
     // SSM's IPAddress has a minimum length of 1: leave it out rather than send "".
     if let Some(ip) = n.ips.first() {

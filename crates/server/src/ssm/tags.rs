@@ -65,12 +65,24 @@ fn target(resource_type: Option<&str>, resource_id: Option<&str>) -> Result<Targ
         ));
     }
     match ty {
-        "ManagedInstance" => id.parse::<NodeId>().map(Target::Node).map_err(|_| {
-            SsmError::new(
-                Code::InvalidResourceId,
-                format!("{id} is not a managed instance id (mi- and 17 hex digits)."),
-            )
-        }),
+        "ManagedInstance" => {
+            let node = id.parse::<NodeId>().map_err(|_| {
+                SsmError::new(
+                    Code::InvalidResourceId,
+                    format!("{id:.64} is not a managed instance id (mi- and 17 hex digits)."),
+                )
+            })?;
+            // As SSM: an EC2 instance's tags are EC2's (`aws ec2 create-tags`, served here too).
+            if node.is_ec2() {
+                return Err(SsmError::new(
+                    Code::InvalidResourceId,
+                    format!(
+                        "{id} is an EC2 instance, not a ManagedInstance: tag it with ec2 CreateTags / DeleteTags / DescribeTags."
+                    ),
+                ));
+            }
+            Ok(Target::Node(node))
+        }
         "Document" => Ok(Target::Other(Tagged::Document, id.to_owned())),
         "Parameter" => Ok(Target::Other(Tagged::Param, id.to_owned())),
         other => Err(SsmError::new(

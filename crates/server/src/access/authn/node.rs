@@ -46,6 +46,7 @@ pub fn check_register(
     nonce: &[u8],
     public_key: &[u8],
     signature: &[u8],
+    instance_id: Option<&str>,
 ) -> Result<String, Refusal> {
     let bad = |e: AuthError| {
         Refusal::new(
@@ -58,12 +59,11 @@ pub fn check_register(
         )
     };
     auth::check_public_key(public_key).map_err(bad)?;
-    auth::verify(
-        public_key,
-        &auth::register_message(nonce, public_key),
-        signature,
-    )
-    .map_err(bad)?;
+    let message = match instance_id {
+        Some(id) => auth::register_instance_message(nonce, public_key, id),
+        None => auth::register_message(nonce, public_key),
+    };
+    auth::verify(public_key, &message, signature).map_err(bad)?;
     Ok(hex::encode(public_key))
 }
 
@@ -272,11 +272,17 @@ mod tests {
         let nonce = challenge();
         let pk = k.public_key();
         let sig = k.sign(&auth::register_message(&nonce, &pk));
-        assert_eq!(check_register(&nonce, &pk, &sig), Ok(hex::encode(pk)));
+        assert_eq!(check_register(&nonce, &pk, &sig, None), Ok(hex::encode(pk)));
         assert_eq!(
-            check_register(&[0; 32], &pk, &sig).unwrap_err().code,
+            check_register(&[0; 32], &pk, &sig, None).unwrap_err().code,
             ErrorCode::BadSignature
         );
-        assert!(check_register(&nonce, &[0; 32], &sig).is_err());
+        assert!(check_register(&nonce, &[0; 32], &sig, None).is_err());
+        // An instance's registration binds its id: the plain message, or another id, fails.
+        let id = "i-0123456789abcdef0";
+        let sig = k.sign(&auth::register_instance_message(&nonce, &pk, id));
+        assert!(check_register(&nonce, &pk, &sig, Some(id)).is_ok());
+        assert!(check_register(&nonce, &pk, &sig, Some("i-0123456789abcdef1")).is_err());
+        assert!(check_register(&nonce, &pk, &sig, None).is_err());
     }
 }
