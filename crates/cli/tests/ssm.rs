@@ -1,6 +1,8 @@
-//! The SSM-compatible API driven by the real AWS CLI (v1) and boto3 from PyPI, against a real server
-//! and real agents. The clients live in a venv the harness creates on first use (python3 and the
-//! PyPI registry are required: the test fails, it does not skip, when they are missing).
+//! The SSM-compatible API driven by the real AWS CLI (v1 and boto3 from PyPI, v2 from Debian's
+//! `awscli` package), against a real server and real agents. The PyPI clients live in a venv the
+//! harness creates on first use, AWS CLI v2 is installed with apt-get when missing and the test runs
+//! as root (python3, the PyPI registry and AWS CLI v2 are required: the test fails, it does not
+//! skip, when they are missing).
 //!
 //! The scenarios themselves are Python (tests/ssm/scenarios.py): that is where the clients are.
 
@@ -23,6 +25,7 @@ permit (
 #[test]
 fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
     let venv = support::python_venv();
+    let aws_v2 = support::aws_cli_v2();
     let server = Server::start();
     let agents: Vec<Agent> = [("web-1", "web"), ("web-2", "web"), ("db-1", "db")]
         .iter()
@@ -102,6 +105,7 @@ fn the_aws_cli_and_boto3_run_commands_on_fleetrun() {
         .env("FLEETRUN_CLI", support::fleetrun_bin())
         .env("FLEETRUN_AGENT", support::agent_bin())
         .env("AWS_CLI", venv.join("bin").join("aws"))
+        .env("AWS_CLI_V2", &aws_v2)
         .env(
             "AWS_ACCESS_KEY_ID",
             key["access_key_id"].as_str().unwrap_or_default(),

@@ -2,7 +2,8 @@
 
 Started by tests/ssm.rs, which runs the server and agents and passes, in the environment:
 FLEETRUN_ENDPOINT, FLEETRUN_TOKEN, FLEETRUN_NODES (JSON name -> node id), FLEETRUN_SCRATCH (a dir the
-agents can see), AWS_CLI (path of `aws`) and the access key. Prints one line per scenario and
+agents can see), AWS_CLI (path of AWS CLI v1's `aws`), AWS_CLI_V2 (AWS CLI v2's) and the access key.
+The seed runbook flows of issue 13 run with both CLI major versions (`runbook_flows`). Prints one line per scenario and
 "N passed, N failed"; exits non-zero on any failure.
 
 Every raw response boto3 receives is also checked against the SSM model shipped in botocore: member
@@ -39,6 +40,7 @@ TOKEN = os.environ["FLEETRUN_TOKEN"]
 NODES = json.loads(os.environ["FLEETRUN_NODES"])
 SCRATCH = os.environ["FLEETRUN_SCRATCH"]
 AWS = os.environ["AWS_CLI"]
+AWS_V2 = os.environ["AWS_CLI_V2"]
 KEY_ID = os.environ["AWS_ACCESS_KEY_ID"]
 SECRET = os.environ["AWS_SECRET_ACCESS_KEY"]
 REGION = os.environ["AWS_DEFAULT_REGION"]
@@ -1181,6 +1183,133 @@ def a_sent_command_is_visible_at_once_and_cancelling_a_finished_one_is_no_error(
     code, _ = error_code(LOOSE.get_command_invocation, CommandId=cid, InstanceId="mi-0123456789abcdef0")
     assert code == "InvocationDoesNotExist", code
     assert SSM.list_command_invocations(CommandId=cid, InstanceId=WEB2)["CommandInvocations"] == []
+
+
+# ---- The seed runbook flows, with AWS CLI v1 and v2 -------------------------------------------------
+
+
+def cli(path, service, *args, check=True):
+    """Runs one AWS CLI (`path`) for `service`; parsed JSON, or the CompletedProcess when not `check`."""
+    cmd = [path, "--endpoint-url", ENDPOINT, "--output", "json", service, *args]
+    # v2 pages its output through `less` unless told not to.
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, AWS_PAGER=""))
+    if not check:
+        return p
+    if p.returncode != 0:
+        raise AssertionError(f"{path} {service} {' '.join(args)} exited {p.returncode}: {p.stderr}")
+    return json.loads(p.stdout) if p.stdout.strip() else None
+
+
+def runbook_flows(path, label, node, shell_node):
+    """What set-up guides and runbooks do with the AWS CLI, through the CLI at `path` only (boto3
+    just waits for events). `node` takes the sends; `shell_node` the shell session."""
+    ssm = lambda *a, **kw: cli(path, "ssm", *a, **kw)  # noqa: E731
+    mark = f"{label}-{uuid.uuid4().hex[:8]}"
+    # 1. put-parameter SecureString, then a send that uses {{ssm-secure:NAME}}; the output masks it.
+    name, secret = f"{PS_ROOT}/runbook/{mark}", "pw-" + uuid.uuid4().hex
+    assert ssm("put-parameter", "--name", name, "--type", "SecureString", "--value", secret)["Version"] == 1
+    cmd = ssm("send-command", "--instance-ids", node, "--document-name", "AWS-RunShellScript", "--comment", mark,
+              "--parameters", json.dumps({"commands": [f"printf %s '{{{{ssm-secure:{name}}}}}' | sha256sum | cut -c1-64",
+                                                       f"echo 'raw={{{{ssm-secure:{name}}}}}'"]}))["Command"]
+    assert secret not in json.dumps(cmd), cmd
+    ssm("wait", "command-executed", "--command-id", cmd["CommandId"], "--instance-id", node)
+    inv = ssm("get-command-invocation", "--command-id", cmd["CommandId"], "--instance-id", node)
+    assert inv["StandardOutputContent"] == hashlib.sha256(secret.encode()).hexdigest() + "\nraw=****\n", inv
+    # 2. add-tags-to-resource, then a send by the new tag reaches that node alone.
+    # (The CLI runs the runbook's steps; boto3 checks their effects, as CLI v2 starts slower.)
+    ssm("add-tags-to-resource", "--resource-type", "ManagedInstance", "--resource-id", node, "--tags", f"Key=Runbook,Value={mark}")
+    cmd = ssm("send-command", "--targets", f"Key=tag:Runbook,Values={mark}", "--document-name", "AWS-RunShellScript",
+              "--parameters", 'commands=["echo tagged"]')["Command"]
+    assert cmd["TargetCount"] == 1, cmd
+    assert wait_status(cmd["CommandId"], node, {"Success", "Failed"})["StandardOutputContent"] == "tagged\n"
+    SSM.remove_tags_from_resource(ResourceType="ManagedInstance", ResourceId=node, TagKeys=["Runbook"])
+    # 3. A YAML 2.2 document created from a file and run.
+    doc, yaml_file = f"Runbook-{mark}", os.path.join(SCRATCH, f"runbook-{mark}.yaml")
+    with open(yaml_file, "w") as f:
+        f.write(YAML_DOC)
+    d = ssm("create-document", "--name", doc, "--document-type", "Command", "--document-format", "YAML",
+            "--content", f"file://{yaml_file}")["DocumentDescription"]
+    assert d["DocumentFormat"] == "YAML" and d["SchemaVersion"] == "2.2", d
+    cmd = ssm("send-command", "--instance-ids", node, "--document-name", doc, "--parameters", f"word={label}")["Command"]
+    out = wait_status(cmd["CommandId"], node, {"Success", "Failed"})["StandardOutputContent"]
+    assert out.startswith(f"{label} on ") and out.endswith("\ndone\n"), out
+    SSM.delete_document(Name=doc)
+    # 4. describe-sessions lists an open shell; terminate-session ends it.
+    env = dict(os.environ, FLEETRUN_SERVER=ENDPOINT, FLEETRUN_TOKEN=TOKEN, FLEETRUN_CA_CERT=os.environ["AWS_CA_BUNDLE"],
+               FLEETRUN_CONFIG=os.path.join(SCRATCH, f"cli-{mark}.toml"))
+    shell_proc = subprocess.Popen([os.environ["FLEETRUN_CLI"], "shell", shell_node, "-c", f"echo up; sleep 120 # {mark}"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert shell_proc.stdout.readline() == b"up\n"
+        listed = ssm("describe-sessions", "--state", "Active", "--filters", f"key=Target,value={shell_node}")["Sessions"]
+        mine = [x for x in listed if mark in x.get("Details", "")]
+        assert len(mine) == 1 and mine[0]["Status"] == "Connected", listed
+        assert ssm("terminate-session", "--session-id", mine[0]["SessionId"]) == {"SessionId": mine[0]["SessionId"]}
+        shell_proc.wait(timeout=30)
+    finally:
+        if shell_proc.poll() is None:
+            shell_proc.kill()
+    # 5. EC2 lookups by private IP and by Name tag; ec2 create-tags, then a send by that tag.
+    ec2 = lambda *a: cli(path, "ec2", *a)  # noqa: E731
+    found = ec2("describe-instances", "--instance-ids", node)["Reservations"][0]["Instances"][0]
+    ip, name_tag = found["PrivateIpAddress"], {t["Key"]: t["Value"] for t in found["Tags"]}["Name"]
+    by_ip = [i for r in ec2("describe-instances", "--filters", f"Name=private-ip-address,Values={ip}")["Reservations"] for i in r["Instances"]]
+    assert node in [i["InstanceId"] for i in by_ip] and all(i["PrivateIpAddress"] == ip for i in by_ip), by_ip
+    by_name = [i["InstanceId"] for r in ec2("describe-instances", "--filters", f"Name=tag:Name,Values={name_tag}")["Reservations"] for i in r["Instances"]]
+    assert by_name == [node], by_name
+    ec2("create-tags", "--resources", node, "--tags", f"Key=Ec2Runbook,Value={mark}")
+    cmd = ssm("send-command", "--targets", f"Key=tag:Ec2Runbook,Values={mark}", "--document-name", "AWS-RunShellScript",
+              "--parameters", 'commands=["echo ec2-tagged"]')["Command"]
+    assert cmd["TargetCount"] == 1, cmd
+    assert wait_status(cmd["CommandId"], node, {"Success", "Failed"})["StandardOutputContent"] == "ec2-tagged\n"
+    EC2.delete_tags(Resources=[node], Tags=[{"Key": "Ec2Runbook"}])
+    # 6. sts get-caller-identity names the fleetrun user.
+    me = cli(path, "sts", "get-caller-identity")
+    assert me["Arn"].endswith(":user/admin") and me["Account"] == "000000000000", me
+    # 7. create-activation, then an agent registers with it (and leaves again).
+    act = ssm("create-activation", "--iam-role", "SSMServiceRole", "--registration-limit", "1",
+              "--default-instance-name", f"act-{mark}", "--tags", f"Key=Runbook,Value={mark}")
+    agent = subprocess.Popen([os.environ["FLEETRUN_AGENT"], "--server", ENDPOINT, "--state-dir", os.path.join(SCRATCH, f"agent-{mark}"),
+                              "--activation-id", act["ActivationId"], "--activation-code", act["ActivationCode"],
+                              "--ca-cert", os.environ["AWS_CA_BUNDLE"], "--no-imds"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def online():
+            infos = SSM.describe_instance_information(Filters=[{"Key": "ActivationIds", "Values": [act["ActivationId"]]}])["InstanceInformationList"]
+            return [i["InstanceId"] for i in infos if i["PingStatus"] == "Online"]
+        new = wait_for(f"the agent of {mark}'s activation online", online)[0]
+        listed = ssm("describe-instance-information", "--filters", f"Key=tag:Runbook,Values={mark}")["InstanceInformationList"]
+        assert [(i["InstanceId"], i["Name"]) for i in listed] == [(new, f"act-{mark}")], listed
+        ssm("deregister-managed-instance", "--instance-id", new)
+        agent.wait(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    SSM.delete_activation(ActivationId=act["ActivationId"])
+
+
+@scenario
+def the_seed_runbook_flows_with_aws_cli_v1_and_v2():
+    # Both CLIs at once, each on its own node and names: CLI v2 starts slower, and this halves the wait.
+    import threading
+    failures = []
+
+    def run(path, label, node, shell_node):
+        try:
+            runbook_flows(path, label, node, shell_node)
+        except BaseException:  # noqa: B036 - reported below, with the CLI's name
+            failures.append(f"AWS CLI {label}:\n{traceback.format_exc()}")
+
+    version = subprocess.run([AWS_V2, "--version"], capture_output=True, text=True).stdout
+    assert version.startswith("aws-cli/2"), version
+    threads = [threading.Thread(target=run, args=(AWS, "v1", WEB1, WEB1)),
+               threading.Thread(target=run, args=(AWS_V2, "v2", DB1, DB1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a runbook flow did not end within 300 s"
+    assert not failures, "\n".join(failures)
 
 
 @scenario

@@ -1190,6 +1190,58 @@ pub fn python_venv() -> PathBuf {
     dir
 }
 
+/// AWS CLI v2 (Debian's `awscli` package: PyPI's `awscli` is v1): `/usr/bin/aws` when it reports
+/// `aws-cli/2`; else, as root, installed once with apt-get under a file lock (test binaries run in
+/// parallel); else the test fails naming what is missing and how to install it (never skips).
+pub fn aws_cli_v2() -> PathBuf {
+    let aws = PathBuf::from("/usr/bin/aws");
+    let version = || {
+        Command::new(&aws).arg("--version").output().ok().map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+    };
+    let is_v2 = || version().is_some_and(|v| v.starts_with("aws-cli/2"));
+    if is_v2() {
+        return aws;
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "the SSM tests need AWS CLI v2 at /usr/bin/aws (found: {:?}); install it: sudo apt-get install -y awscli (Debian's package is v2)",
+        version()
+    );
+    let lock_path = std::env::temp_dir().join("fleetrun-awscli-v2.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("lock {}: {e}", lock_path.display()));
+    if is_v2() {
+        return aws;
+    }
+    for args in [
+        &["update"][..],
+        &["install", "-y", "--no-install-recommends", "awscli"],
+    ] {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .unwrap_or_else(|e| panic!("apt-get {args:?} (to install AWS CLI v2): {e}"));
+        assert!(
+            out.status.success(),
+            "apt-get {args:?} failed (AWS CLI v2 is Debian's awscli package):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        is_v2(),
+        "apt-get installed awscli, but /usr/bin/aws reports {:?}, not aws-cli/2",
+        version()
+    );
+    aws
+}
+
 /// A real S3-compatible server (moto's, from the harness's venv) on a free loopback port, killed
 /// when dropped. It checks no signatures; any access key works.
 pub struct S3Server {

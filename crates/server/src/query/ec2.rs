@@ -81,17 +81,22 @@ fn is_public(ip: &IpAddr) -> bool {
     }
 }
 
-/// The node's IPv4 addresses, private ones and public ones.
+/// The node's IPv4 addresses as EC2 names them: every address on its interfaces is a private
+/// address (EC2's `PrivateIpAddress` is the interface's, whatever its range: a VPC may use any
+/// CIDR, and the documentation or public ranges appear on hybrid nodes), and those in public ranges
+/// are public ones too (on EC2 the public address is NATed and never on the interface, so a node
+/// with one on its interface is a hybrid node reachable there).
 fn addresses(n: &Node) -> (Vec<String>, Vec<String>) {
     let mut private = Vec::new();
     let mut public = Vec::new();
     for a in &n.ips {
         // Agents may report `addr/prefix`.
         let bare = a.split('/').next().unwrap_or(a);
-        match bare.parse::<IpAddr>() {
-            Ok(ip @ IpAddr::V4(_)) if is_public(&ip) => public.push(bare.to_owned()),
-            Ok(IpAddr::V4(_)) => private.push(bare.to_owned()),
-            _ => {}
+        if let Ok(ip @ IpAddr::V4(_)) = bare.parse::<IpAddr>() {
+            if is_public(&ip) {
+                public.push(bare.to_owned());
+            }
+            private.push(bare.to_owned());
         }
     }
     (private, public)
