@@ -7,7 +7,8 @@ The seed runbook flows of issue 13 run with both CLI major versions (`runbook_fl
 "N passed, N failed"; exits non-zero on any failure.
 
 Every raw response boto3 receives is also checked against the SSM model shipped in botocore: member
-names, types, enums, lengths and patterns (`conformance`).
+names, types, enums, lengths and patterns (`conformance`); every EC2 and STS XML answer, errors too,
+against the ec2 and sts models and the Query protocol's error shapes (`xml_conformance`).
 """
 
 import datetime
@@ -25,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import xml.etree.ElementTree as ET
 
 import boto3
 import botocore.session
@@ -91,8 +93,22 @@ def aws_svc(service, *args):
     return json.loads(p.stdout) if p.stdout.strip() else None
 
 
-EC2 = boto3.client("ec2", endpoint_url=ENDPOINT, region_name=REGION, config=Config(retries={"max_attempts": 1}))
-STS = boto3.client("sts", endpoint_url=ENDPOINT, region_name=REGION, config=Config(retries={"max_attempts": 1}))
+RAW_XML = []  # (service, operation, status, raw XML body) of every EC2 and STS answer boto3 receives
+
+
+def query_client(service, **kw):
+    """An EC2 or STS client whose every raw answer, errors included, is checked (`xml_conformance`)."""
+    c = boto3.client(service, endpoint_url=ENDPOINT, region_name=REGION, config=Config(retries={"max_attempts": 1}), **kw)
+
+    def capture_xml(http_response, model, **_):
+        RAW_XML.append((service, model.name, http_response.status_code, http_response.content))
+
+    c.meta.events.register(f"after-call.{service}.*", capture_xml)
+    return c
+
+
+EC2 = query_client("ec2")
+STS = query_client("sts")
 
 
 def wait_for(what, fn, timeout=30.0):
@@ -837,13 +853,11 @@ def ec2_and_sts_lookups_that_ssm_tools_make():
     ]:
         code, msg = error_code(fn, **kw)
         assert code == expected, (code, msg, kw)
-    team = boto3.client("ec2", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id=os.environ["TEAM_KEY_ID"],
-                        aws_secret_access_key=os.environ["TEAM_SECRET"], config=Config(retries={"max_attempts": 1}))
+    team = query_client("ec2", aws_access_key_id=os.environ["TEAM_KEY_ID"], aws_secret_access_key=os.environ["TEAM_SECRET"])
     seen = {i["InstanceId"] for r in team.describe_instances()["Reservations"] for i in r["Instances"]}
     assert seen == {WEB1, WEB2}, seen
     assert error_code(team.create_tags, Resources=[DB1], Tags=[{"Key": "a", "Value": "b"}])[0] == "UnauthorizedOperation"
-    bad = boto3.client("sts", endpoint_url=ENDPOINT, region_name=REGION, aws_access_key_id=KEY_ID,
-                       aws_secret_access_key="wrong-secret", config=Config(retries={"max_attempts": 1}))
+    bad = query_client("sts", aws_access_key_id=KEY_ID, aws_secret_access_key="wrong-secret")
     assert error_code(bad.get_caller_identity)[0] == "SignatureDoesNotMatch"
 
 
@@ -1185,6 +1199,38 @@ def a_sent_command_is_visible_at_once_and_cancelling_a_finished_one_is_no_error(
     assert SSM.list_command_invocations(CommandId=cid, InstanceId=WEB2)["CommandInvocations"] == []
 
 
+@scenario
+def hostile_query_bodies_get_the_query_xml_error_shape():
+    """An oversize form body, too many or too long members, bytes that are no form: each a 4xx in
+    the EC2 or STS XML error shape (checked by `xml_conformance`), never JSON, a 500 or a hang."""
+    host = ENDPOINT.split("://", 1)[1]
+    sts_scope = f"AWS4-HMAC-SHA256 Credential={KEY_ID}/20260101/{REGION}/sts/aws4_request, SignedHeaders=host, Signature=" + "0" * 64
+    cases = [
+        ("ec2", "oversize", b"Action=DescribeInstances&Version=2016-11-15&Pad=" + b"a" * (3 * 1024 * 1024), {}),
+        ("sts", "oversize", b"Action=GetCallerIdentity&Version=2011-06-15&Pad=" + b"a" * (3 * 1024 * 1024), {"Authorization": sts_scope}),
+        ("ec2", "too many members", "&".join(["Action=DescribeInstances"] + [f"Filter.{i}.Name=tag-key" for i in range(2100)]).encode(), {}),
+        ("ec2", "a long member", b"Action=DescribeInstances&InstanceId.1=i-" + b"0" * 5000, {}),
+        ("ec2", "not a form", b"Action=%ff%fe%00\xff\xfe&&&==", {}),
+    ]
+    for service, what, body, extra in cases:
+        headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8", "Host": host, **extra}
+        req = urllib.request.Request(ENDPOINT + "/", data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status, ctype, raw = r.status, r.headers.get("Content-Type", ""), r.read()
+        except urllib.error.HTTPError as e:
+            status, ctype, raw = e.code, e.headers.get("Content-Type", ""), e.read()
+        assert 400 <= status < 500, (what, status, raw[:200])
+        assert ctype.startswith("text/xml"), (what, ctype, raw[:200])
+        RAW_XML.append((service, f"hostile {what}", status, raw))
+        root = ET.fromstring(raw)
+        assert xml_local(root.tag) == ("Response" if service == "ec2" else "ErrorResponse"), (what, raw[:200])
+        message = root.find(".//{*}Message") if service == "sts" else root.find("./Errors/Error/Message")
+        assert message is not None and message.text, (what, raw[:200])
+        if what == "oversize":
+            assert "larger than 2097152 bytes" in message.text, message.text
+
+
 # ---- The seed runbook flows, with AWS CLI v1 and v2 -------------------------------------------------
 
 
@@ -1432,12 +1478,157 @@ def conformance():
 SCENARIOS.append(conformance)
 
 
+def xml_local(tag):
+    return tag.split("}", 1)[-1]
+
+
+def xml_conformance():
+    """Checks every captured EC2 and STS answer against botocore's ec2 and sts models: the root
+    element and namespace, each element a member of its shape (by its XML name), lists of the
+    member's element name, scalars of the member's type; errors in the Query protocol's shapes."""
+    from botocore.utils import parse_timestamp
+    session = botocore.session.get_session()
+    models = {svc: session.get_service_model(svc) for svc in ("ec2", "sts")}
+    problems = []
+
+    def check_scalar(shape, el, path):
+        if len(el):
+            return problems.append(f"{path}: {shape.name} is a {shape.type_name}, has elements {[xml_local(c.tag) for c in el][:3]}")
+        text, t = el.text or "", shape.type_name
+        try:
+            if t == "string":
+                if shape.enum and text not in shape.enum:
+                    problems.append(f"{path}: {text!r} is not one of {shape.enum[:8]}")
+                if "max" in shape.metadata and len(text) > shape.metadata["max"]:
+                    problems.append(f"{path}: longer than {shape.metadata['max']}")
+            elif t in ("integer", "long"):
+                int(text)
+            elif t == "boolean":
+                if text not in ("true", "false"):
+                    problems.append(f"{path}: {text!r} is not a boolean")
+            elif t in ("double", "float"):
+                float(text)
+            elif t == "timestamp":
+                parse_timestamp(text)
+            elif t == "blob":
+                import base64
+                base64.b64decode(text, validate=True)
+        except (ValueError, TypeError) as e:
+            problems.append(f"{path}: {text!r} is not a {t} ({e})")
+
+    def check(shape, el, path):
+        t = shape.type_name
+        if t == "structure":
+            check_struct(shape, list(el), path)
+        elif t == "list":
+            item = shape.member.serialization.get("name", "member")
+            for i, child in enumerate(el):
+                if xml_local(child.tag) != item:
+                    problems.append(f"{path}: list item <{xml_local(child.tag)}>, the model says <{item}>")
+                check(shape.member, child, f"{path}[{i}]")
+        elif t == "map":
+            for child in el:
+                names = [xml_local(c.tag) for c in child]
+                if xml_local(child.tag) != "entry" or names != ["key", "value"]:
+                    problems.append(f"{path}: map entry <{xml_local(child.tag)}> {names}")
+        else:
+            check_scalar(shape, el, path)
+
+    def check_struct(shape, children, path, extra=()):
+        by_name = {}
+        for name, m in shape.members.items():
+            if m.type_name == "list" and m.serialization.get("flattened"):
+                by_name[m.member.serialization.get("name", name)] = (m, True)
+            else:
+                by_name[m.serialization.get("name", name)] = (m, False)
+        seen = set()
+        for child in children:
+            name = xml_local(child.tag)
+            if name in extra:
+                continue
+            if name not in by_name:
+                problems.append(f"{path}: <{name}> is not a member of {shape.name}")
+                continue
+            member, flattened = by_name[name]
+            if flattened:
+                check(member.member, child, f"{path}.{name}")
+                continue
+            if name in seen:
+                problems.append(f"{path}: <{name}> given twice")
+            seen.add(name)
+            check(member, child, f"{path}.{name}")
+
+    # The checker itself finds what it should: an unknown element, a list item misnamed, a bad integer.
+    bad = ET.fromstring("<r><reservationSet><member><bogus/></member></reservationSet><nextToken><x/></nextToken></r>")
+    check_struct(models["ec2"].operation_model("DescribeInstances").output_shape, list(bad), "selftest")
+    found, problems[:] = list(problems), []
+    assert len(found) >= 3 and any("bogus" in f for f in found), found
+
+    ops = {"ec2": set(), "sts": set()}
+    errors = {"ec2": set(), "sts": set()}
+    for service, op, status, raw in RAW_XML:
+        where = f"{service}.{op} ({status})"
+        try:
+            root = ET.fromstring(raw)
+        except ET.ParseError as e:
+            problems.append(f"{where}: not XML ({e}): {raw[:80]!r}")
+            continue
+        model = models[service]
+        if status == 200:
+            ops[service].add(op)
+            namespace = model.metadata.get("xmlNamespace")
+            # EC2 answers with the model's namespace and a trailing slash.
+            if root.tag.replace("/}", "}") != f"{{{namespace.rstrip('/')}}}{op}Response":
+                problems.append(f"{where}: root <{root.tag}>, the model says <{op}Response xmlns={namespace!r}>")
+            output = model.operation_model(op).output_shape
+            if service == "ec2":
+                # The ec2 protocol: the output's members right under the root, beside requestId.
+                if output is not None:
+                    check_struct(output, list(root), op, extra=("requestId",))
+                if "requestId" not in [xml_local(c.tag) for c in root]:
+                    problems.append(f"{where}: no requestId")
+            else:
+                # The query protocol: the members in the result wrapper, then ResponseMetadata.
+                names = [xml_local(c.tag) for c in root]
+                wrapper = output.serialization.get("resultWrapper") if output is not None else None
+                if names != [wrapper, "ResponseMetadata"] or [xml_local(c.tag) for c in root[1]] != ["RequestId"]:
+                    problems.append(f"{where}: children {names}, the model says [{wrapper!r}, 'ResponseMetadata/RequestId']")
+                elif output is not None:
+                    check_struct(output, list(root[0]), op)
+        else:
+            # EC2's error shape (Response/Errors/Error, RequestID); the query protocol's (ErrorResponse/Error, RequestId).
+            if service == "ec2":
+                errs = root.findall("./Errors/Error")
+                shape_ok = xml_local(root.tag) == "Response" and [xml_local(c.tag) for c in root] == ["Errors", "RequestID"] and len(errs) == 1
+                fields = ["Code", "Message"]
+            else:
+                errs = root.findall("./{*}Error")
+                shape_ok = xml_local(root.tag) == "ErrorResponse" and [xml_local(c.tag) for c in root] == ["Error", "RequestId"] and len(errs) == 1
+                fields = ["Type", "Code", "Message"]
+            if not shape_ok or [xml_local(c.tag) for c in errs[0]] != fields or not all((c.text or "").strip() for c in errs[0]):
+                problems.append(f"{where}: not the {service} error shape: {raw[:300]!r}")
+                continue
+            errors[service].add(errs[0][fields.index("Code")].text)
+            if service == "sts" and errs[0][0].text not in ("Sender", "Receiver"):
+                problems.append(f"{where}: error Type {errs[0][0].text!r}")
+    if not os.environ.get("FLEETRUN_SSM_ONLY"):
+        expected = {"ec2": {"DescribeInstances", "DescribeTags", "CreateTags", "DeleteTags", "DescribeVpcs", "DescribeSubnets"},
+                    "sts": {"GetCallerIdentity"}}
+        for svc in expected:
+            assert expected[svc] <= ops[svc], f"{svc}: not exercised: {expected[svc] - ops[svc]}"
+        assert errors["ec2"] and errors["sts"], f"no error answers checked: {errors}"
+    assert not problems, "\n".join(problems[:40])
+
+
+SCENARIOS.append(xml_conformance)
+
+
 def main():
     passed = failed = 0
     # A developer's filter: only scenarios whose names hold one of these |-separated words.
     only = [w for w in os.environ.get("FLEETRUN_SSM_ONLY", "").split("|") if w]
     for fn in SCENARIOS:
-        if only and not any(w in fn.__name__ for w in only) and fn is not conformance:
+        if only and not any(w in fn.__name__ for w in only) and fn not in (conformance, xml_conformance):
             continue
         start = time.time()
         try:

@@ -234,6 +234,30 @@ impl Params {
     }
 }
 
+/// The error for a body that could not be read: not within the body read timeout, over the
+/// limit (named, as the SSM door names it), or cut off.
+fn body_rejection(r: &BytesRejection) -> crate::errors::Error {
+    if let Some(limit) = crate::net::conn::body_timed_out(r) {
+        return crate::errors::Error::new(
+            Code::RequestTimeout,
+            crate::net::conn::BodyTimedOut(limit).to_string(),
+        );
+    }
+    if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        return crate::errors::Error::new(
+            Code::InvalidRequest,
+            format!(
+                "the request body is larger than {} bytes, the most the EC2 and STS APIs read",
+                crate::ssm::BODY_MAX
+            ),
+        );
+    }
+    crate::errors::Error::new(
+        Code::InvalidRequest,
+        format!("cannot read the request body: {}", r.body_text()),
+    )
+}
+
 /// Which of the two services a request is for: its credential's scope, else (unsigned) its action.
 fn service_of(headers: &HeaderMap, params: Option<&Params>) -> &'static str {
     match crate::access::authn::sigv4_service(headers).as_deref() {
@@ -298,10 +322,7 @@ async fn serve<D: FrontDoor>(
     let principal;
     let recorded;
     let resp = match (body, params) {
-        (Err(r), _) => render::<D>(crate::errors::Error::new(
-            Code::InvalidRequest,
-            format!("cannot read the request body: {}", r.body_text()),
-        )),
+        (Err(r), _) => render::<D>(body_rejection(&r)),
         (Ok(_), Some(Err(e))) => render::<D>(e),
         (Ok(body), params) => {
             let admitted = gate::admit::<D>(
