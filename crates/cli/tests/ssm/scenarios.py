@@ -1200,6 +1200,42 @@ def a_sent_command_is_visible_at_once_and_cancelling_a_finished_one_is_no_error(
 
 
 @scenario
+def the_listings_without_a_paging_test_page_with_their_paginators():
+    """ListCommandInvocations, DescribeActivations, GetParameterHistory and EC2 DescribeTags: more
+    items than a page, each seen exactly once, in more than one page."""
+    def paged(client, op, key, size, **kw):
+        pages = list(client.get_paginator(op).paginate(PaginationConfig={"PageSize": size}, **kw))
+        return [item for p in pages for item in p[key]], len(pages)
+
+    cid = SSM.send_command(InstanceIds=[WEB1, WEB2, DB1], **shell(["true"]))["Command"]["CommandId"]
+    for details in (False, True):
+        invs, pages = paged(SSM, "list_command_invocations", "CommandInvocations", 1, CommandId=cid, Details=details)
+        assert sorted(i["InstanceId"] for i in invs) == sorted([WEB1, WEB2, DB1]) and pages == 3, (invs, pages)
+    role = f"PagedRole-{uuid.uuid4().hex[:8]}"
+    made = {SSM.create_activation(IamRole=role, Description=f"page {i}")["ActivationId"] for i in range(7)}
+    acts, pages = paged(SSM, "describe_activations", "ActivationList", 2, Filters=[{"FilterKey": "IamRole", "FilterValues": [role]}])
+    ids = [a["ActivationId"] for a in acts]
+    assert sorted(ids) == sorted(made) and pages == 4, (ids, pages)
+    for a in made:
+        SSM.delete_activation(ActivationId=a)
+    name = f"{PS_ROOT}/paged-history"
+    for v in range(7):
+        SSM.put_parameter(Name=name, Value=f"v{v}", Type="String", Overwrite=v > 0)
+    hist, pages = paged(SSM, "get_parameter_history", "Parameters", 2, Name=name)
+    assert [(h["Version"], h["Value"]) for h in hist] == [(v + 1, f"v{v}") for v in range(7)] and pages == 4, (hist, pages)
+    EC2.create_tags(Resources=[DB1], Tags=[{"Key": f"Page{i}", "Value": str(i)} for i in range(7)])
+    tags, pages = paged(EC2, "describe_tags", "Tags", 5, Filters=[{"Name": "resource-id", "Values": [DB1]}, {"Name": "key", "Values": ["Page*"]}])
+    assert [t["Key"] for t in tags] == [f"Page{i}" for i in range(7)] and pages == 2, (tags, pages)
+    every = EC2.describe_tags()["Tags"]
+    tags, pages = paged(EC2, "describe_tags", "Tags", 5)
+    assert tags == every and pages >= 3, (len(tags), len(every), pages)
+    EC2.delete_tags(Resources=[DB1], Tags=[{"Key": f"Page{i}"} for i in range(7)])
+    for kw, expected in [(dict(MaxResults=4), "InvalidParameterValue"), (dict(NextToken="bogus"), "InvalidNextToken.Malformed")]:
+        code, msg = error_code(EC2.describe_tags, **kw)
+        assert code == expected, (code, msg, kw)
+
+
+@scenario
 def hostile_query_bodies_get_the_query_xml_error_shape():
     """An oversize form body, too many or too long members, bytes that are no form: each a 4xx in
     the EC2 or STS XML error shape (checked by `xml_conformance`), never JSON, a 500 or a hang."""

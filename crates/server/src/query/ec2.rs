@@ -231,6 +231,11 @@ fn parse_ids(ids: &[&str]) -> Result<Vec<NodeId>, Error> {
         .collect()
 }
 
+/// The hex digits of a node id (after `mi-` or `i-`), for ids derived from it.
+fn id_digits(id: &NodeId) -> &str {
+    id.as_str().split_once('-').map_or(id.as_str(), |(_, d)| d)
+}
+
 fn tag_set(tags: &BTreeMap<String, String>) -> String {
     let items: String = tags
         .iter()
@@ -268,17 +273,13 @@ fn instance_xml(n: &Node) -> String {
     x
 }
 
-async fn describe_instances(
-    state: &AppState,
-    p: &Principal,
-    params: &Params,
-) -> Result<String, Error> {
-    let ids = parse_ids(&params.list("InstanceId"))?;
-    let filters = filters(params)?;
+/// A listing's page: `MaxResults` (5 to 1000, EC2's range; `None`: everything) and the offset
+/// `NextToken` carries (`fr1.N`). EC2 refuses `MaxResults` beside explicit ids.
+fn paging(params: &Params, ids_given: bool) -> Result<(Option<usize>, usize), Error> {
     let limit = match params.get("MaxResults") {
         None => None,
         Some(m) => match m.parse::<usize>() {
-            Ok(n) if (5..=1000).contains(&n) && ids.is_empty() => Some(n),
+            Ok(n) if (5..=1000).contains(&n) && !ids_given => Some(n),
             _ => {
                 return Err(Error::new(
                     Code::InvalidParameters,
@@ -296,6 +297,17 @@ async fn describe_instances(
                 Error::new(Code::InvalidNextToken, format!("Invalid NextToken {t:.64}"))
             })?,
     };
+    Ok((limit, offset))
+}
+
+async fn describe_instances(
+    state: &AppState,
+    p: &Principal,
+    params: &Params,
+) -> Result<String, Error> {
+    let ids = parse_ids(&params.list("InstanceId"))?;
+    let filters = filters(params)?;
+    let (limit, offset) = paging(params, !ids.is_empty())?;
     let nodes = visible_nodes(state, p).await?;
     if let Some(missing) = ids
         .iter()
@@ -330,7 +342,7 @@ async fn describe_instances(
         .map(|n| {
             format!(
                 "<item>{}<ownerId>{}</ownerId><groupSet/><instancesSet>{}</instancesSet></item>",
-                el("reservationId", &format!("r-{}", &n.node_id.as_str()[3..])),
+                el("reservationId", &format!("r-{}", id_digits(&n.node_id))),
                 crate::run::document::OWNER_SELF,
                 instance_xml(n)
             )
@@ -345,8 +357,9 @@ async fn describe_instances(
 
 async fn describe_tags(state: &AppState, p: &Principal, params: &Params) -> Result<String, Error> {
     let filters = filters(params)?;
+    let (limit, offset) = paging(params, false)?;
     let nodes = visible_nodes(state, p).await?;
-    let mut items = String::new();
+    let mut items = Vec::new();
     for n in &nodes {
         for (k, v) in ec2_tags(n) {
             let mut keep = true;
@@ -367,16 +380,23 @@ async fn describe_tags(state: &AppState, p: &Principal, params: &Params) -> Resu
                 };
             }
             if keep {
-                items += &format!(
+                items.push(format!(
                     "<item>{}<resourceType>instance</resourceType>{}{}</item>",
                     el("resourceId", n.node_id.as_str()),
                     el("key", &k),
                     el("value", &v)
-                );
+                ));
             }
         }
     }
-    Ok(format!("<tagSet>{items}</tagSet>"))
+    // Nodes come in (name, id) order and each one's tags in key order: offsets are stable pages.
+    let end = limit.map_or(items.len(), |l| items.len().min(offset.saturating_add(l)));
+    let page = items.get(offset..end).unwrap_or_default().concat();
+    let mut out = format!("<tagSet>{page}</tagSet>");
+    if end < items.len() {
+        out += &el("nextToken", &format!("fr1.{end}"));
+    }
+    Ok(out)
 }
 
 /// The nodes a CreateTags / DeleteTags names, each known.

@@ -517,14 +517,17 @@ pub async fn list_commands(
     let offset = parse_token(req.next_token.as_deref())?;
     ensure_command_exists(state, &q).await?;
     q.visible = visible(state, p, &q).await?;
-    let page = state.store.query_commands(&q, offset, limit).await?;
+    // One more than the page says whether a next page exists: no NextToken to an empty page.
+    let mut page = state.store.query_commands(&q, offset, limit + 1).await?;
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
     let commands: Vec<Value> = page
         .iter()
         .map(|(c, extra)| ssm_command(c, extra))
         .collect();
     let mut out = json!({ "Commands": commands });
     let token = next_token(offset, page.len(), limit);
-    if !token.is_null() {
+    if more && !token.is_null() {
         out["NextToken"] = token;
     }
     Ok(out)
@@ -540,7 +543,9 @@ pub async fn list_command_invocations(
     let offset = parse_token(req.next_token.as_deref())?;
     ensure_command_exists(state, &q).await?;
     q.visible = visible(state, p, &q).await?;
-    let mut page = state.store.query_invocations(&q, offset, limit).await?;
+    let mut page = state.store.query_invocations(&q, offset, limit + 1).await?;
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
     if req.details {
         crate::run::params::mask_each(&state.store, &state.secret_box, &mut page, |(inv, _)| inv)
             .await?;
@@ -551,7 +556,7 @@ pub async fn list_command_invocations(
         .collect();
     let mut out = json!({ "CommandInvocations": items });
     let token = next_token(offset, page.len(), limit);
-    if !token.is_null() {
+    if more && !token.is_null() {
         out["NextToken"] = token;
     }
     Ok(out)
