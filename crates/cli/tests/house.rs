@@ -1,6 +1,7 @@
 //! The house rules that can be checked mechanically, over the whole workspace: every Rust file opens
-//! with a `//!` line, and the crates keep their layering (what each may depend on, transitively,
-//! through normal dependencies), read from `cargo metadata`.
+//! with a `//!` line, the crates keep their layering (what each may depend on, transitively,
+//! through normal dependencies), read from `cargo metadata`, and README's table of SSM, EC2 and
+//! STS operations is the servers' dispatch.
 
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -167,5 +168,47 @@ fn only_the_store_depends_on_sqlx_directly() {
             .lines()
             .any(|l| l.trim_start().starts_with("sqlx") && !l.trim_start().starts_with("sqlx-"));
         assert!(!direct, "{} names sqlx", path.display());
+    }
+}
+
+/// The operation names a dispatch `match` in `file` answers (`"Name" =>` arms).
+fn dispatched(file: &Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.trim_start().strip_prefix('"')?;
+            let (name, after) = rest.split_once('"')?;
+            let arm = after.trim_start().starts_with("=>");
+            (arm && name.starts_with(|c: char| c.is_ascii_uppercase())
+                && name.chars().all(|c| c.is_ascii_alphanumeric()))
+            .then(|| name.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_table_lists_every_ssm_ec2_and_sts_operation_served_and_no_other() {
+    let root = workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let mut listed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for line in readme.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if let [_, api @ ("SSM" | "EC2" | "STS"), op, ..] = cells[..] {
+            listed.entry(api).or_default().insert(op.to_owned());
+        }
+    }
+    let server = root.join("crates/server/src");
+    for (api, file) in [
+        ("SSM", "ssm/mod.rs"),
+        ("EC2", "query/ec2.rs"),
+        ("STS", "query/sts.rs"),
+    ] {
+        let served = dispatched(&server.join(file));
+        let table = listed.get(api).cloned().unwrap_or_default();
+        assert!(!served.is_empty(), "no operations found in {file}");
+        assert_eq!(
+            table, served,
+            "README.md's operation table ({api} rows) and {file}'s dispatch disagree"
+        );
     }
 }
