@@ -326,7 +326,7 @@ fn prepare_get(path: &str, offset: u64) -> Result<(File, u64, u32), String> {
     Ok((file, size, meta.mode() & 0o7777))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
@@ -475,10 +475,10 @@ fn write_put(
     }
 }
 
-/// What a get's reader hands its stream task.
-enum Chunk {
+/// What a get's reader (or a list's walker) hands its stream task.
+pub(crate) enum Chunk {
     Data(Vec<u8>),
-    /// All read: the whole file's SHA-256.
+    /// All read: the whole file's SHA-256 (a list: empty).
     Done(String),
     Failed(String),
 }
@@ -656,37 +656,65 @@ impl Streams {
         let (tx, mut chunks) = mpsc::channel(READ_AHEAD);
         // Ends by itself once `chunks` is dropped (its next send fails).
         tokio::task::spawn_blocking(move || read_get(file, &path, offset, size, &tx));
+        let sent = self
+            .send_chunks(
+                tag,
+                &credit,
+                &mut chunks,
+                &mut input,
+                &mut stop,
+                "a file get",
+            )
+            .await;
+        match sent {
+            Ok(sha256) => {
+                self.push(generation, [AgentFrame::StreamFileDone { stream, sha256 }]);
+                Ended::ok()
+            }
+            Err(ended) => ended,
+        }
+    }
+
+    /// Sends what a reader thread hands over as `StreamData` `Stdout` within the credit, until
+    /// its `Done` (returned) or how the stream ended otherwise. `what` names the stream for the
+    /// refusal of input (it takes none).
+    pub(crate) async fn send_chunks(
+        self: &Arc<Self>,
+        tag: Tag,
+        credit: &Credit,
+        chunks: &mut mpsc::Receiver<Chunk>,
+        input: &mut mpsc::UnboundedReceiver<Input>,
+        stop: &mut watch::Receiver<Option<Stop>>,
+        what: &str,
+    ) -> Result<String, Ended> {
+        let Tag {
+            stream, generation, ..
+        } = tag;
+        let no_input = || Ended::failed(format!("bad input: {what} takes no input"));
         loop {
             let chunk = tokio::select! {
                 c = chunks.recv() => c,
-                _ = stop.changed() => return stopped(&stop),
+                _ = stop.changed() => return Err(stopped(stop)),
                 msg = input.recv() => match msg {
-                    Some(Input::Data(_)) => {
-                        return Ended::failed("bad input: a file get takes no input".into());
-                    }
+                    Some(Input::Data(_)) => return Err(no_input()),
                     Some(_) => continue,
-                    None => return stopped(&stop),
+                    None => return Err(stopped(stop)),
                 },
             };
             let mut bytes = match chunk {
                 Some(Chunk::Data(b)) => b,
-                Some(Chunk::Done(sha256)) => {
-                    self.push(generation, [AgentFrame::StreamFileDone { stream, sha256 }]);
-                    return Ended::ok();
-                }
-                Some(Chunk::Failed(e)) => return Ended::failed(e),
-                None => return Ended::failed("the file's reader stopped".into()),
+                Some(Chunk::Done(end)) => return Ok(end),
+                Some(Chunk::Failed(e)) => return Err(Ended::failed(e)),
+                None => return Err(Ended::failed("the file's reader stopped".into())),
             };
             while !bytes.is_empty() {
                 let n = tokio::select! {
                     n = credit.take(bytes.len()) => n,
-                    _ = stop.changed() => return stopped(&stop),
+                    _ = stop.changed() => return Err(stopped(stop)),
                     msg = input.recv() => match msg {
-                        Some(Input::Data(_)) => {
-                            return Ended::failed("bad input: a file get takes no input".into());
-                        }
+                        Some(Input::Data(_)) => return Err(no_input()),
                         Some(_) => continue,
-                        None => return stopped(&stop),
+                        None => return Err(stopped(stop)),
                     },
                 };
                 // Whole frames as read, without a copy, while the credit allows.

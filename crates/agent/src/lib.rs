@@ -19,6 +19,8 @@
 //!   `Shell`s on a PTY, whose bytes move within each stream's credit window, hung up on close or
 //!   a lost connection;
 //! - [`shell`]: starting a `Shell` stream's login shell on a new PTY;
+//! - [`files`]: file transfers on streams (`FilePut`, `FileGet`);
+//! - [`listing`]: a directory's tree on a stream (`FileList`, for `cp -r` down);
 //! - [`journal`]: the durable record of invocations (request, start marker, result, completed);
 //! - [`scheduler`]: exactly-once acceptance, queueing, concurrency, recovery after a restart;
 //! - [`exec`]: spawning, waiting for and killing one command;
@@ -34,6 +36,7 @@ pub mod identity;
 pub mod imds;
 pub mod journal;
 pub mod limits;
+pub mod listing;
 pub mod outbox;
 pub mod scheduler;
 pub mod shell;

@@ -264,6 +264,7 @@ impl Streams {
                 parents,
             }),
             StreamKind::FileGet { path, offset } => What::FileGet { path, offset },
+            StreamKind::FileList { path } => What::FileList { path },
         };
         let send = match SendWindow::new(window) {
             Ok(w) => w,
@@ -316,6 +317,7 @@ impl Streams {
                     me.run_get(tag, path, offset, credit, input_rx, stop_rx)
                         .await
                 }
+                What::FileList { path } => me.run_list(tag, path, credit, input_rx, stop_rx).await,
                 process => me.run(tag, process, credit, input_rx, stop_rx).await,
             };
             me.finish(stream, serial, generation, ended);
@@ -466,6 +468,10 @@ enum What {
         path: String,
         offset: u64,
     },
+    /// A directory's tree listed.
+    FileList {
+        path: String,
+    },
 }
 
 /// What an `Exec` stream runs.
@@ -510,6 +516,14 @@ impl Ended {
     pub(crate) fn ok() -> Self {
         Ended {
             exit: None,
+            error: None,
+        }
+    }
+
+    /// Ended well with an exit status of its own (a listing's 0).
+    pub(crate) fn exited(code: i32) -> Self {
+        Ended {
+            exit: Some((code, None)),
             error: None,
         }
     }
@@ -729,7 +743,7 @@ impl Streams {
                 pid,
                 io: Io::Pty(pty),
             }),
-            What::Tcp { .. } | What::FilePut(_) | What::FileGet { .. } => {
+            What::Tcp { .. } | What::FilePut(_) | What::FileGet { .. } | What::FileList { .. } => {
                 Err("a TCP or file stream runs no process".into())
             }
         };

@@ -2385,3 +2385,152 @@ async fn keyed_puts_check_their_trailer_and_resume_by_key() {
         assert_eq!(leftovers(dir.path()), Vec::<String>::new(), "{says}");
     }
 }
+
+/// What a list's stream said: its records, whether it started, its exit status and close.
+#[derive(Debug, Default)]
+struct ListSeen {
+    records: Vec<u8>,
+    started: bool,
+    exit: Option<i32>,
+    closed: Option<Option<String>>,
+    most_in_flight: u64,
+}
+
+/// Opens a `FileList` of `path` with `window` bytes of credit, granting each frame back only
+/// after the next one arrived, until the stream's close.
+async fn drive_list(ws: &mut Ws, stream: u32, path: &str, window: u64) -> ListSeen {
+    let kind = StreamKind::FileList { path: path.into() };
+    send(
+        ws,
+        ServerFrame::StreamOpen {
+            stream,
+            kind,
+            window,
+        },
+    )
+    .await;
+    let mut seen = ListSeen::default();
+    let mut in_flight = 0u64;
+    loop {
+        match recv(ws).await {
+            AgentFrame::StreamCredit { stream: s, .. } if s == stream => seen.started = true,
+            AgentFrame::StreamData {
+                stream: s, bytes, ..
+            } if s == stream => {
+                let n = bytes.len() as u64;
+                in_flight += n;
+                assert!(
+                    in_flight <= window,
+                    "{in_flight} bytes with {window} of credit"
+                );
+                seen.most_in_flight = seen.most_in_flight.max(in_flight);
+                seen.records.extend_from_slice(&bytes);
+                in_flight -= n;
+                send(ws, ServerFrame::StreamCredit { stream, bytes: n }).await;
+            }
+            AgentFrame::StreamExit {
+                stream: s, code, ..
+            } if s == stream => seen.exit = Some(code),
+            AgentFrame::StreamClose { stream: s, error } if s == stream => {
+                seen.closed = Some(error);
+                return seen;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A `FileList` sends the tree as `find -printf '%y%P\0'` would, within a credit smaller than
+/// the listing, symlinks named and not followed, then exit 0; a missing path, a file, a relative
+/// path or `..` and input to the list each end it with an error naming why.
+#[tokio::test]
+async fn a_directory_is_listed_within_the_credit_and_bad_lists_say_why() {
+    let server = Server::new().await;
+    let node_id = server.enrol();
+    let _agent = server.start(server.config());
+    let (mut ws, _) = server.welcome(&node_id).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), b"s").unwrap();
+    let root = dir.path().join("tree");
+    std::fs::create_dir_all(root.join("sub/empty")).unwrap();
+    let mut want = vec!["dsub".to_owned()];
+    // Enough names that the listing is many times the credit.
+    for i in 0..400 {
+        let name = format!("sub/file-with-a-longish-name-{i:04}");
+        std::fs::write(root.join(&name), b"x").unwrap();
+        want.push(format!("f{name}"));
+    }
+    std::os::unix::fs::symlink(outside.path(), root.join("out")).unwrap();
+    want.push("lout".into());
+    want.sort();
+    let root_s = root.to_str().unwrap().to_owned();
+
+    let seen = drive_list(&mut ws, 1, &root_s, 4096).await;
+    assert_eq!(seen.closed, Some(None), "{seen:?}");
+    assert_eq!(seen.exit, Some(0));
+    assert!(seen.started);
+    assert!(seen.records.len() > 3 * 4096, "{}", seen.records.len());
+    let mut got: Vec<String> = seen
+        .records
+        .split(|b| *b == 0)
+        .filter(|r| !r.is_empty())
+        .map(|r| String::from_utf8(r.to_vec()).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "empty directories and what symlinks point at are not listed"
+    );
+
+    let closed = |seen: &ListSeen| seen.closed.clone().flatten().unwrap_or_default();
+    let missing = format!("{root_s}/nope");
+    let seen = drive_list(&mut ws, 2, &missing, 4096).await;
+    assert_eq!(closed(&seen), format!("no directory {missing} on the node"));
+    assert_eq!(seen.exit, None);
+    let file = format!("{root_s}/sub/file-with-a-longish-name-0001");
+    let seen = drive_list(&mut ws, 3, &file, 4096).await;
+    assert_eq!(closed(&seen), format!("{file} is not a directory"));
+    for (n, bad) in [
+        (4, "relative/dir".to_owned()),
+        (5, format!("{root_s}/../tree")),
+    ] {
+        let seen = drive_list(&mut ws, n, &bad, 4096).await;
+        assert!(
+            closed(&seen).contains("bad stream: bad path"),
+            "{bad}: {seen:?}"
+        );
+    }
+
+    // Input to a list ends it (the credit is small, so the list is still running).
+    let kind = StreamKind::FileList { path: root_s };
+    send(
+        &mut ws,
+        ServerFrame::StreamOpen {
+            stream: 6,
+            kind,
+            window: 16,
+        },
+    )
+    .await;
+    send(
+        &mut ws,
+        ServerFrame::StreamData {
+            stream: 6,
+            bytes: vec![1],
+        },
+    )
+    .await;
+    let error = within("the list's close", async {
+        loop {
+            if let AgentFrame::StreamClose { stream: 6, error } = recv(&mut ws).await {
+                return error;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        error.as_deref(),
+        Some("bad input: a file list takes no input")
+    );
+}

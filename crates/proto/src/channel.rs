@@ -1044,6 +1044,10 @@ mod tests {
                 path: "/opt/f".into(),
                 offset: 0,
             },
+            // Version 7's, after those.
+            StreamKind::FileList {
+                path: "/opt".into(),
+            },
         ]
         .into_iter()
         .enumerate()

@@ -111,6 +111,38 @@ pub enum StreamKind {
         /// Where to start (a resumed download), at most the file's size.
         offset: u64,
     },
+    /// Since version 7. List the tree under a directory on the node (`cp -r` down): the agent
+    /// sends a `StreamCredit` (started), then records of a type byte and a path relative to
+    /// `path`, each ending in NUL (as `find -H PATH -mindepth 1 -maxdepth 32 \( -type f -o
+    /// -type l -o -type d ! -empty \) -printf '%y%P\0'`: `f` a regular file, `l` a symlink,
+    /// never followed, `d` a directory that is not empty), as `StreamData` within the credit,
+    /// then `StreamExit` 0 and closes. At most [`LIST_FILES_MAX`] files, [`LIST_DEPTH_MAX`]
+    /// levels, [`LIST_BYTES_MAX`] bytes and [`LIST_TIME_MAX`]. The stream takes no input.
+    FileList {
+        /// Absolute path of the directory on the node (a symlink to one is followed).
+        path: String,
+    },
+}
+
+/// Most regular files a `FileList` lists (more ends it with an error).
+pub const LIST_FILES_MAX: usize = 100_000;
+/// Deepest level a `FileList` lists (a directory there that is not empty is still listed, so
+/// that a reader refuses a tree deeper than it copies instead of cutting it).
+pub const LIST_DEPTH_MAX: usize = 32;
+/// Most bytes of a `FileList`'s records.
+pub const LIST_BYTES_MAX: usize = 16 << 20;
+/// Longest a `FileList`'s walk may take.
+pub const LIST_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Checks a `FileList`'s path: as [`check_file_path`], and no `..` segment.
+pub fn check_dir_path(path: &str) -> Result<(), String> {
+    check_file_path(path)?;
+    if path.split('/').any(|seg| seg == "..") {
+        return Err(format!(
+            "bad path {path:?} (an absolute path of a directory, without `..`)"
+        ));
+    }
+    Ok(())
 }
 
 /// Longest path of a file stream, in bytes (as Linux's PATH_MAX).
@@ -334,6 +366,7 @@ impl StreamKind {
                 PutHash::parse(sha256).map(|_| ())
             }
             StreamKind::FileGet { path, .. } => check_file_path(path),
+            StreamKind::FileList { path } => check_dir_path(path),
         }
     }
 
@@ -349,6 +382,7 @@ impl StreamKind {
                 .map(|h| h.since())
                 .unwrap_or(crate::version::FILES_SINCE),
             StreamKind::FileGet { .. } => crate::version::FILES_SINCE,
+            StreamKind::FileList { .. } => crate::version::FILE_LIST_SINCE,
         }
     }
 
@@ -359,6 +393,7 @@ impl StreamKind {
             StreamKind::Shell { .. } => "shell",
             StreamKind::Tcp { .. } => "tcp",
             StreamKind::FilePut { .. } | StreamKind::FileGet { .. } => "file transfer",
+            StreamKind::FileList { .. } => "file list",
         }
     }
 }
@@ -797,6 +832,19 @@ mod tests {
         assert!(get.check().unwrap_err().contains("bad path"));
         assert_eq!(get.since(), crate::version::FILES_SINCE);
         assert_eq!(partial_name("f", &sha), ".f.fleetrun-abababababababab.part");
+        let list = |path: &str| StreamKind::FileList { path: path.into() }.check();
+        assert_eq!(list("/var/log/app"), Ok(()));
+        for bad in ["var/log", "/var/../etc", "/..", "/a\0b", "/"] {
+            assert!(list(bad).unwrap_err().contains("bad path"), "{bad:?}");
+        }
+        let long = format!("/{}", "a".repeat(FILE_PATH_MAX));
+        assert!(list(&long).unwrap_err().contains("more than"));
+        // `..` inside a name is a name.
+        assert_eq!(list("/a..b/c.."), Ok(()));
+        assert_eq!(
+            StreamKind::FileList { path: "/a".into() }.since(),
+            crate::version::FILE_LIST_SINCE
+        );
     }
 
     fn exec_kind() -> StreamKind {

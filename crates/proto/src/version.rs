@@ -17,7 +17,8 @@
 /// Since version 6: a `FilePut` may name a resume key instead of the hash, which then follows the
 /// file's bytes as a trailer (`stream::PutHash`); no frame's layout changed.
 /// Since version 7: EC2 instance ids, the agent's `RegisterInstance` (appended) and the error code
-/// `NodeIdTaken`.
+/// `NodeIdTaken`; and the stream kind `FileList` (a directory's tree, for `cp -r` down), appended
+/// after `FileGet` (an agent of version 6 cannot decode it, so it is opened only to 7).
 ///
 /// Versioned in the handshake: every version's first agent frame begins with the same bytes, the
 /// frame's variant and then this number ([`crate::channel::handshake_version`] reads them without
@@ -49,6 +50,9 @@ pub const FILE_TRAILER_SINCE: u32 = 6;
 
 /// The first protocol version with EC2 instance ids (`AgentFrame::RegisterInstance`).
 pub const INSTANCE_IDS_SINCE: u32 = 7;
+
+/// The first protocol version with directory listings on streams (`StreamKind::FileList`).
+pub const FILE_LIST_SINCE: u32 = 7;
 
 /// HTTP header of the server's WebSocket upgrade response (`101`) that carries its
 /// [`PROTOCOL_VERSION`] (since version 2; absent from older servers).
