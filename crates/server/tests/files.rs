@@ -655,3 +655,139 @@ async fn bad_trailers_are_refused_and_hang_the_put_up() {
         "{m}"
     );
 }
+
+/// A list: the query becomes a `FileList` stream, the agent's records reach the client as
+/// stdout bytes, its exit 0 is the client's (then a normal close), the trail says `cp.list`.
+/// Bad paths are 400s before the upgrade, no `cp` a 403, an agent before version 6 a 503
+/// naming its version, and bytes from the client hang the list up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_relays_the_agents_records_and_refusals() {
+    let server = TestServer::start().await;
+    let mut agent = ScriptedAgent::online(&server, "cp-list").await;
+    let node = agent.node_id.to_string();
+    let list = |q: &str| format!("/v1/nodes/{node}/files/list?{q}");
+    let mut ws = dial(&server, &list("path=/var/log/app"), &server.token)
+        .await
+        .expect("upgrade");
+    let (stream, kind) = expect_open(&mut agent).await;
+    assert_eq!(
+        kind,
+        StreamKind::FileList {
+            path: "/var/log/app".into()
+        }
+    );
+    agent
+        .send(AgentFrame::StreamCredit {
+            stream,
+            bytes: 1 << 20,
+        })
+        .await;
+    let records = b"fa.txt\0dsub\0fsub/b\0lout\0".to_vec();
+    agent
+        .send(AgentFrame::StreamData {
+            stream,
+            fd: StreamFd::Stdout,
+            bytes: records.clone(),
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamExit {
+            stream,
+            code: 0,
+            signal: None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    expect_event(&mut ws, "started").await;
+    assert!(matches!(hear(&mut ws).await, Heard::Bytes(b) if b == [&[1u8][..], &records].concat()));
+    assert_eq!(expect_event(&mut ws, "exit").await["code"], 0);
+    assert!(matches!(hear(&mut ws).await, Heard::Closed(Some(1000))));
+    let trail = audited(&server, "cp.list", 1).await;
+    assert_eq!(trail[0]["result"], "Done", "{trail:?}");
+    assert_eq!(trail[0]["params"]["path"], "/var/log/app");
+    assert_eq!(trail[0]["params"]["bytes"], records.len());
+
+    // The agent refuses (a missing directory): the client hears why, the trail has it.
+    let mut ws = dial(&server, &list("path=/nope"), &server.token)
+        .await
+        .expect("upgrade");
+    let (stream, _) = expect_open(&mut agent).await;
+    let error = Some("no directory /nope on the node".into());
+    agent.send(AgentFrame::StreamClose { stream, error }).await;
+    expect_error(&mut ws, "no directory /nope on the node").await;
+    let trail = audited(&server, "cp.list", 2).await;
+    assert!(
+        trail
+            .iter()
+            .any(|r| r["result"] == "no directory /nope on the node"),
+        "{trail:?}"
+    );
+
+    // An agent that closes without its exit did not finish.
+    let mut ws = dial(&server, &list("path=/x"), &server.token)
+        .await
+        .expect("upgrade");
+    let (stream, _) = expect_open(&mut agent).await;
+    agent
+        .send(AgentFrame::StreamClose {
+            stream,
+            error: None,
+        })
+        .await;
+    expect_error(&mut ws, "without finishing").await;
+
+    // Bytes from the client break the list; the agent's stream is hung up.
+    let mut ws = dial(&server, &list("path=/y"), &server.token)
+        .await
+        .expect("upgrade");
+    let (stream, _) = expect_open(&mut agent).await;
+    ws.send(Message::Binary(vec![0, 1].into())).await.unwrap();
+    expect_error(&mut ws, "a list takes no bytes").await;
+    agent
+        .expect("StreamClose", |f| {
+            matches!(f, ServerFrame::StreamClose { stream: s, .. } if s == stream).then_some(())
+        })
+        .await;
+
+    // Refused before the upgrade, each naming what is wrong.
+    let long = format!("path=/{}", "a".repeat(5000));
+    for (q, says) in [
+        ("path=var/log", "bad path"),
+        ("path=/var/../etc", "without `..`"),
+        ("path=/a%00b", "bad path"),
+        ("path=/", "bad path"),
+        (long.as_str(), "more than 4096"),
+        ("", "path"),
+        ("path=/a&offset=1", "unknown field"),
+    ] {
+        let (status, m) = refused(&server, &list(q), &server.token).await;
+        assert_eq!(status, 400, "{q}: {m}");
+        assert!(m.contains(says), "{q}: {m:?} should say {says:?}");
+    }
+    let shell_only = server
+        .token_for(
+            "sh-list",
+            "none",
+            Some(r#"permit (principal, action == Action::"shell", resource is Node);"#),
+        )
+        .await;
+    let (status, m) = refused(&server, &list("path=/a"), &shell_only).await;
+    assert_eq!(status, 403, "{m}");
+    assert!(m.contains("cp"), "{m}");
+
+    let mut old = ScriptedAgent::register(&server, "cp-list-v5").await;
+    old.connect_as_version(&server, &[], fleetrun_proto::version::FILES_SINCE)
+        .await;
+    let path = format!("/v1/nodes/{}/files/list?path=/a", old.node_id);
+    let (status, m) = refused(&server, &path, &server.token).await;
+    assert_eq!(status, 503, "{m}");
+    assert!(
+        m.contains("protocol version 5, without file list sessions (version 6 or later"),
+        "{m}"
+    );
+}

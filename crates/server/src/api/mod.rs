@@ -61,6 +61,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(crate::sessions::files::get),
         )
         .route(
+            "/v1/nodes/{node_id}/files/list",
+            get(crate::sessions::files::list),
+        )
+        .route(
             "/v1/nodes/{node_id}/port-forward",
             get(crate::sessions::forward::open),
         )

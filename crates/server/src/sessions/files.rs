@@ -1,9 +1,13 @@
 //! File transfers (`fleetrun cp`): `GET /v1/nodes/{node_id}/files/put?path=&size=&key=...`
-//! (or `&sha256=` instead of `key`) and `GET /v1/nodes/{node_id}/files/get?path=&offset=`,
+//! (or `&sha256=` instead of `key`), `GET /v1/nodes/{node_id}/files/get?path=&offset=` and
+//! `GET /v1/nodes/{node_id}/files/list?path=` (the tree `cp -r` copies down, protocol version 6),
 //! WebSockets speaking the exec socket's messages (`fleetrun_proto::stream::client`) over one
-//! `FilePut` / `FileGet` session stream on the node's connection (protocol version 5). Authorized
-//! by the `cp` action on the node (tag conditions apply as for `shell`); each transfer is audited
-//! as `cp.put` / `cp.get` with node, path, size, SHA-256 and outcome.
+//! `FilePut` / `FileGet` / `FileList` session stream on the node's connection (protocol version
+//! 5). Authorized by the `cp` action on the node (tag conditions apply as for `shell`); each is
+//! audited as `cp.put` / `cp.get` / `cp.list` with node, path, size, SHA-256 and outcome.
+//!
+//! A list relays the agent's records (binary tag 1) and ends, as an exec does, with
+//! `{"type":"exit","code":0}` and a normal close.
 //!
 //! A put names its hash up front (`sha256=`, the client hashed the file first; ends with
 //! `{"type":"eof"}`) or a resume key (`key=`, since protocol version 6): the client then sends at
@@ -81,6 +85,14 @@ pub struct GetQuery {
     /// Where to start (a resumed download).
     #[serde(default)]
     offset: u64,
+}
+
+/// A list's query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Absolute path of the directory on the node.
+    path: String,
 }
 
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
@@ -170,6 +182,23 @@ pub async fn get(
     start(state, p, node, addr, ws, kind, params, "cp.get").await
 }
 
+/// Upgrades to a list's socket once the caller may copy files from the node and its agent
+/// lists directories (version 6).
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(node_id): Path<String>,
+    q: QueryResult<ListQuery>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let node: NodeId = parse_id(&node_id, Code::InvalidNodeId)?;
+    let q = bad_query(q, "list")?;
+    let params = serde_json::json!({ "path": q.path });
+    let kind = StreamKind::FileList { path: q.path };
+    start(state, p, node, addr, ws, kind, params, "cp.list").await
+}
+
 /// A transfer, for its relay and the audit trail.
 struct Transfer {
     state: Arc<AppState>,
@@ -252,12 +281,27 @@ struct Ended {
     /// The file's size and the offset its bytes started at, once the agent said.
     info: Option<(u64, u64)>,
     bytes: u64,
+    /// A list's exit status, once the agent said.
+    exit: Option<i32>,
+}
+
+impl Ended {
+    /// Whether the agent finished: a transfer with its hash, a list with exit status 0.
+    fn finished(&self, is_list: bool) -> bool {
+        self.error.is_none()
+            && if is_list {
+                self.exit == Some(0)
+            } else {
+                self.done.is_some()
+            }
+    }
 }
 
 impl Transfer {
     async fn run(self, socket: WebSocket, streams: Arc<Streams>, kind: StreamKind) {
         let (mut sink, mut source) = socket.split();
         let is_put = matches!(kind, StreamKind::FilePut { .. });
+        let is_list = matches!(kind, StreamKind::FileList { .. });
         // A put whose hash comes in the trailer: its declared size.
         let trailer = match &kind {
             StreamKind::FilePut { sha256, size, .. }
@@ -277,7 +321,7 @@ impl Transfer {
         };
         tracing::info!(node = %self.node, principal = %self.principal, stream = stream.number(), action = self.action, "file transfer opened");
         let ended = self
-            .relay(&mut sink, &mut source, stream, is_put, trailer)
+            .relay(&mut sink, &mut source, stream, is_put, is_list, trailer)
             .await;
         let mut end = serde_json::json!({ "bytes": ended.bytes });
         if let Some((offset, size)) = ended.info {
@@ -285,7 +329,21 @@ impl Transfer {
             end["size"] = size.into();
         }
         let result = match (&ended.done, &ended.error) {
-            (Some(sha256), None) => {
+            _ if is_list && ended.finished(true) => {
+                let event = ServerEvent::Exit {
+                    code: 0,
+                    signal: None,
+                };
+                let _ = sink.send(text(&event)).await;
+                let close = CloseFrame {
+                    code: close_code::NORMAL,
+                    reason: "done".into(),
+                };
+                let _ = sink.send(Message::Close(Some(close))).await;
+                let _ = sink.close().await;
+                "Done".to_owned()
+            }
+            (Some(sha256), None) if !is_list => {
                 end["sha256"] = sha256.clone().into();
                 let event = ServerEvent::Done {
                     sha256: sha256.clone(),
@@ -314,6 +372,7 @@ impl Transfer {
         source: &mut Source,
         mut stream: StreamHandle,
         is_put: bool,
+        is_list: bool,
         trailer: Option<u64>,
     ) -> Ended {
         let mut ended = Ended::default();
@@ -365,15 +424,18 @@ impl Transfer {
                         stream.consumed(n);
                     }
                     Some(AgentEvent::FileDone(sha256)) => ended.done = Some(sha256),
-                    Some(AgentEvent::Exit { .. }) => {}
+                    Some(AgentEvent::Exit { code, .. }) => ended.exit = Some(code),
                     Some(AgentEvent::Close(error)) => {
                         match error {
                             Some(e) => {
                                 ended.done = None;
                                 ended.error = Some(e);
                             }
-                            None if ended.done.is_none() => {
-                                ended.error = Some("the agent ended the transfer without finishing it".into());
+                            None if !ended.finished(is_list) => {
+                                ended.error = Some(match ended.exit {
+                                    Some(code) if is_list => format!("the listing ended with exit status {code}"),
+                                    _ => "the agent ended the transfer without finishing it".into(),
+                                });
                             }
                             None => {}
                         }
@@ -391,6 +453,9 @@ impl Transfer {
                             }
                             ended.bytes += n;
                             last = Instant::now();
+                        }
+                        _ if is_list => {
+                            return broken(stream, ended, "a list takes no bytes from the client".into());
                         }
                         _ if !is_put => {
                             return broken(stream, ended, "a get takes no bytes from the client".into());
