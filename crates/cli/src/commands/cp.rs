@@ -36,8 +36,9 @@ id:ID, all; terms ANDed) for many nodes: `fleetrun cp ./f 'tag:role=web:/opt/f'`
 node it matches (online ones; --max-concurrency at once, none started once more than --max-errors
 failed); `fleetrun cp 'tag:role=web:/var/log/x' DIR` gets each node's file into DIR/NODE_ID/x.
 With -r a directory goes up (its files under NODE:PATH) or down (the node's regular files under
-PATH, listed by a one-shot `find` on the node, so it also needs the `shell` action, go under the
-local directory; to many nodes each node's under DIR/NODE_ID); symlinks on the node are skipped,
+PATH, listed by the node's agent, go under the local directory; to many nodes each node's under
+DIR/NODE_ID; an agent before protocol version 6 lists by a one-shot `find`, which also needs the
+`shell` action); symlinks on the node are skipped,
 at most 100000 files and 32 levels. The copy is checked end to end (SHA-256 of the whole file) and
 written to a temp file beside the target, renamed into place only once it is whole: the target
 never holds a half file. A dropped connection is retried (at most 8 attempts within 60 s), resuming where the copy
@@ -75,15 +76,17 @@ pub const RETRY_WITHIN: Duration = Duration::from_secs(60);
 /// Bytes a message carries (one stream frame).
 const CHUNK: usize = STREAM_FRAME_MAX;
 /// Most files a `cp -r` from a node copies (its listing is refused beyond).
-pub const TREE_FILES_MAX: usize = 100_000;
+pub const TREE_FILES_MAX: usize = fleetrun_proto::stream::LIST_FILES_MAX;
 /// Most path segments below the directory a `cp -r` from a node copies (deeper is refused).
-pub const TREE_DEPTH_MAX: usize = 32;
+pub const TREE_DEPTH_MAX: usize = fleetrun_proto::stream::LIST_DEPTH_MAX;
 /// Most bytes of a node's listing of a directory.
-const LISTING_MAX: usize = 16 << 20;
+const LISTING_MAX: usize = fleetrun_proto::stream::LIST_BYTES_MAX;
 /// Most bytes of one listed path.
 const LISTED_PATH_MAX: usize = 4096;
-/// How long a node may take to list a directory.
-const LISTING_WAIT: Duration = Duration::from_secs(120);
+/// How long a node may take to list a directory (its walk's bound, and a few seconds more for
+/// the last records to arrive).
+const LISTING_WAIT: Duration =
+    Duration::from_secs(fleetrun_proto::stream::LIST_TIME_MAX.as_secs() + 5);
 
 /// One end of a copy.
 enum End {
@@ -727,14 +730,42 @@ fn parse_listing(out: &[u8]) -> Result<Listing, String> {
     Ok(listing)
 }
 
-/// Lists the regular files under `dir` on `node`: a one-shot `find` through the exec session
-/// (so the `shell` action applies), its NUL-separated output at most [`LISTING_MAX`] bytes,
-/// within [`LISTING_WAIT`].
+/// Lists the regular files under `dir` on `node`: a `FileList` stream through the server's list
+/// socket (the `cp` action), or, from a server or agent that predates it (protocol version 6), a
+/// one-shot `find` through the exec session (the `shell` action). Either way the NUL-separated
+/// records are at most [`LISTING_MAX`] bytes, within [`LISTING_WAIT`], checked by
+/// [`parse_listing`].
 async fn list_remote(client: &Client, node: &NodeId, dir: &str) -> anyhow::Result<Listing> {
-    use fleetrun_proto::stream::client::{ExecRequest, TAG_STDERR};
     if !dir.starts_with('/') {
         anyhow::bail!("{dir:?} is not an absolute path");
     }
+    let url = format!("/v1/nodes/{node}/files/list?path={}", enc(dir));
+    let ws = match client.socket(&url).await {
+        Ok(ws) => Some(ws),
+        Err(e) if predates_list(&e) => None,
+        Err(e) => return Err(e.context(format!("cannot list {dir} on {node}"))),
+    };
+    let (ws, eof) = match ws {
+        Some(ws) => (ws, false),
+        None => (find_over_exec(client, node, dir).await?, true),
+    };
+    let out = read_listing(ws, node, dir, eof).await?;
+    parse_listing(&out).map_err(|e| anyhow::anyhow!("refused the listing of {dir} on {node}: {e}"))
+}
+
+/// Whether a refused list socket means the server (no such route) or the node's agent (before
+/// protocol version 6) has no listing, so `find` over exec does it.
+fn predates_list(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ApiError>().is_some_and(|a| {
+        a.code == "RouteNotFound"
+            || (a.code == "Unavailable" && a.message.contains("without file list sessions"))
+    })
+}
+
+/// Starts `find -H DIR ... -printf '%y%P\0'` on the node through an exec session: the listing of
+/// agents before protocol version 6 (it needs the `shell` action).
+async fn find_over_exec(client: &Client, node: &NodeId, dir: &str) -> anyhow::Result<Socket> {
+    use fleetrun_proto::stream::client::ExecRequest;
     // -H: the directory itself may be a symlink; below it none is followed (-type l lists them
     // to be skipped). Directories that are not empty are listed too, so that a tree deeper than
     // is copied is refused, not silently cut.
@@ -751,14 +782,22 @@ async fn list_remote(client: &Client, node: &NodeId, dir: &str) -> anyhow::Resul
         working_dir: String::new(),
         pty: None,
     };
-    let ws = super::exec::open(client, node, &req)
+    super::exec::open(client, node, &req)
         .await
-        .with_context(|| format!("cannot list {dir} on {node}"))?;
+        .with_context(|| format!("cannot list {dir} on {node}"))
+}
+
+/// Reads a listing's records from a list socket or a `find`'s exec session (`eof`: close its
+/// stdin first) until its exit status, which must be 0.
+async fn read_listing(ws: Socket, node: &NodeId, dir: &str, eof: bool) -> anyhow::Result<Vec<u8>> {
+    use fleetrun_proto::stream::client::TAG_STDERR;
     let (mut sink, mut source) = ws.split();
-    let eof = serde_json::to_string(&ClientEvent::Eof)?;
-    sink.send(Message::Text(eof.into()))
-        .await
-        .context("the server closed the session")?;
+    if eof {
+        let eof = serde_json::to_string(&ClientEvent::Eof)?;
+        sink.send(Message::Text(eof.into()))
+            .await
+            .context("the server closed the session")?;
+    }
     let mut out = Vec::new();
     let mut err = Vec::new();
     let read = async {
@@ -811,7 +850,7 @@ async fn list_remote(client: &Client, node: &NodeId, dir: &str) -> anyhow::Resul
             err.trim()
         );
     }
-    parse_listing(&out).map_err(|e| anyhow::anyhow!("refused the listing of {dir} on {node}: {e}"))
+    Ok(out)
 }
 
 /// Makes `rel`'s directories under `root`, one segment at a time, refusing any that is there
@@ -1464,6 +1503,29 @@ async fn get_attempt(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_server_or_agent_without_listings_makes_cp_r_list_by_find() {
+        let e = |code: &str, message: &str| {
+            anyhow::Error::new(ApiError {
+                code: code.into(),
+                message: message.into(),
+            })
+        };
+        assert!(predates_list(&e("RouteNotFound", "no such route")));
+        assert!(predates_list(&e(
+            "Unavailable",
+            "the node's agent speaks channel protocol version 5, without file list sessions \
+             (version 6 or later is needed: upgrade the agent)"
+        )));
+        assert!(!predates_list(&e(
+            "Unavailable",
+            "node mi-1 is not connected"
+        )));
+        assert!(!predates_list(&e("AccessDenied", "not allowed to cp")));
+        assert!(!predates_list(&e("InvalidParameters", "bad path")));
+        assert!(!predates_list(&anyhow::anyhow!("cannot reach server")));
+    }
+
     #[test]
     fn only_an_agent_that_needs_the_hash_first_makes_a_put_hash_first() {
         let e = |code: &str, message: &str| {

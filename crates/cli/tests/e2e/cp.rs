@@ -733,3 +733,94 @@ fn a_directory_goes_to_and_from_many_nodes_with_r() {
     }
     drop(agents);
 }
+
+/// Issue 12: copies are authorized by `cp` alone. A user allowed `cp` but not `shell` copies a
+/// tree down with `-r` (the agent lists it on a `FileList` stream, audited `cp.list`) and is
+/// refused an exec; a user without `cp` is refused the listing (403); a relative path, `..`, a
+/// file and a missing directory are each refused naming why, and write nothing.
+#[test]
+fn cp_alone_lists_and_copies_a_tree_down_and_bad_lists_say_why() {
+    let server = Server::start();
+    let _agent = Agent::start(&server, "cp-only", &[]);
+    let node = server.node_id("cp-only");
+    server.wait_online("cp-only");
+    let cp_only = crate::authz::user_with_token(
+        &server,
+        "copier",
+        "none",
+        Some(r#"permit (principal, action == Action::"cp", resource is Node);"#),
+    );
+    let shell_only = crate::authz::user_with_token(
+        &server,
+        "sheller",
+        "none",
+        Some(r#"permit (principal, action == Action::"shell", resource is Node);"#),
+    );
+    let as_user = |token: &str, args: &[&str]| {
+        let mut c = server.cli_cmd(args);
+        c.env("FLEETRUN_TOKEN", token);
+        run(c, LIMIT)
+    };
+    let remote = tempfile::tempdir().expect("tempdir");
+    let tree = remote.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::write(tree.join("a.txt"), b"a").unwrap();
+    std::fs::write(tree.join("sub/deeper/c"), vec![3u8; 200_000]).unwrap();
+    std::os::unix::fs::symlink("/etc", tree.join("sub/etc")).unwrap();
+    let local = tempfile::tempdir().expect("tempdir");
+    let into = local.path().join("copy");
+    let src = format!("{node}:{}", tree.display());
+
+    let out = as_user(&cp_only, &["cp", "-r", &src, into.to_str().unwrap()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("2 files, 200001 bytes"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("sub/etc: a symlink"), "{}", out.stderr);
+    assert_eq!(std::fs::read(into.join("a.txt")).unwrap(), b"a");
+    assert_eq!(
+        std::fs::read(into.join("sub/deeper/c")).unwrap(),
+        vec![3u8; 200_000]
+    );
+    assert_eq!(names(&into.join("sub")), ["deeper"], "no symlink");
+    wait_until("the listing in the trail", LIMIT, || {
+        let r = audited(&server, "cp.list");
+        r.iter()
+            .find(|r| r["principal"] == "copier" && r["result"] == "Done")
+            .map(|r| assert_eq!(r["params"]["path"], tree.display().to_string()))
+    });
+    // The same user may not run a command.
+    let out = as_user(&cp_only, &["exec", &node, "--", "true"]);
+    assert_ne!(out.code(), Some(0), "{}", out.stderr);
+    assert!(out.stderr.contains("shell"), "{}", out.stderr);
+
+    // Without `cp` the listing is refused, and nothing is written.
+    let denied = local.path().join("denied");
+    let out = as_user(&shell_only, &["cp", "-r", &src, denied.to_str().unwrap()]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("AccessDenied") && out.stderr.contains("cp"),
+        "{}",
+        out.stderr
+    );
+    assert!(!denied.exists());
+
+    let base = tree.display().to_string();
+    for (path, says) in [
+        ("relative/dir".to_owned(), "is not an absolute path"),
+        (format!("{base}/sub/../sub"), "without `..`"),
+        (format!("{base}/a.txt"), "a.txt is not a directory"),
+        (format!("{base}/nope"), "no directory"),
+    ] {
+        let to = local.path().join("bad");
+        let out = as_user(
+            &cp_only,
+            &["cp", "-r", &format!("{node}:{path}"), to.to_str().unwrap()],
+        );
+        assert_eq!(out.code(), Some(1), "{path}: {}", out.stderr);
+        assert!(out.stderr.contains(says), "{path}: {}", out.stderr);
+        assert!(!to.exists(), "{path}: wrote {}", to.display());
+    }
+}
