@@ -778,18 +778,20 @@ def start_session_hands_out_a_stream_that_fleetrun_shell_joins_once():
     link = os.path.join(plugin_dir, "session-manager-plugin")
     if not os.path.lexists(link):
         os.symlink(os.environ["FLEETRUN_CLI"], link)
-    cli_env = dict(os.environ, PATH=plugin_dir + os.pathsep + os.environ["PATH"])
-    p = subprocess.run([AWS, "--endpoint-url", ENDPOINT, "ssm", "start-session", "--target", WEB2,
-                        "--document-name", "AWS-StartInteractiveCommand",
-                        "--parameters", "command=echo plugin-$((6*7))"],
-                       env=cli_env, input=b"", capture_output=True, timeout=120)
-    assert p.returncode == 0 and b"plugin-42" in p.stdout, (p.returncode, p.stdout, p.stderr)
+    cli_env = dict(os.environ, PATH=plugin_dir + os.pathsep + os.environ["PATH"], AWS_PAGER="")
+    for path in (AWS, AWS_V2):
+        p = subprocess.run([path, "--endpoint-url", ENDPOINT, "ssm", "start-session", "--target", WEB2,
+                            "--document-name", "AWS-StartInteractiveCommand",
+                            "--parameters", "command=echo plugin-$((6*7))"],
+                           env=cli_env, input=b"", capture_output=True, timeout=120)
+        assert p.returncode == 0 and b"plugin-42" in p.stdout, (path, p.returncode, p.stdout, p.stderr)
     # Without the plugin, the AWS CLI terminates the session it started (its ticket goes) and says so.
     bare = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
                            if not os.path.exists(os.path.join(d, "session-manager-plugin")))
-    p = subprocess.run([AWS, "--endpoint-url", ENDPOINT, "ssm", "start-session", "--target", WEB2],
-                       env=dict(os.environ, PATH=bare), capture_output=True, timeout=120)
-    assert p.returncode != 0 and b"SessionManagerPlugin is not found" in p.stderr, (p.returncode, p.stderr)
+    for path in (AWS, AWS_V2):
+        p = subprocess.run([path, "--endpoint-url", ENDPOINT, "ssm", "start-session", "--target", WEB2],
+                           env=dict(os.environ, PATH=bare, AWS_PAGER=""), capture_output=True, timeout=120)
+        assert p.returncode != 0 and b"SessionManagerPlugin is not found" in p.stderr, (path, p.returncode, p.stderr)
     started = SSM.start_session(Target=WEB2)
     assert SSM.terminate_session(SessionId=started["SessionId"])["SessionId"] == started["SessionId"]
     p = join(started)
