@@ -1,7 +1,7 @@
 //! Documents and their versions. Versions are numbered from 1; a document's versions are created
 //! and its latest/default pointers moved in one transaction each.
 
-use super::{Columns, Lock, Result, Store, with_pool};
+use super::{Columns, Lock, Result, Store, serialize, with_pool};
 use fleetrun_proto::time::now_ms;
 use std::collections::BTreeMap;
 
@@ -144,11 +144,7 @@ impl Store {
         let tags = serde_json::to_string(&doc.tags)?;
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await?;
-            if let Some(lock) = d.serialize(Lock::Documents) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            serialize!(tx, d, Lock::Documents);
             let exists: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM documents WHERE name = $1)")
                     .bind(&doc.name)
@@ -191,11 +187,7 @@ impl Store {
     ) -> Result<Added> {
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await?;
-            if let Some(lock) = d.serialize(Lock::Documents) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            serialize!(tx, d, Lock::Documents);
             let latest: Option<i64> =
                 sqlx::query_scalar("SELECT latest_version FROM documents WHERE name = $1")
                     .bind(name)

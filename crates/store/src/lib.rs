@@ -120,6 +120,20 @@ impl Dialect {
     }
 }
 
+/// Makes the transaction `$tx` the only writer of `$lock`'s rows on PostgreSQL
+/// ([`Dialect::serialize`]); nothing on SQLite.
+macro_rules! serialize {
+    ($tx:expr, $dialect:expr, $lock:expr) => {
+        if let Some(lock) = $dialect.serialize($lock) {
+            sqlx::query(sqlx::AssertSqlSafe(lock))
+                .execute(&mut *$tx)
+                .await
+                .map_err($crate::StoreError::from)?;
+        }
+    };
+}
+pub(crate) use serialize;
+
 /// SQLite's two pools.
 #[derive(Clone)]
 struct SqlitePools {

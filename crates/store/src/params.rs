@@ -1,7 +1,7 @@
 //! The parameter store's rows (`params`). A secure value arrives here already sealed; this file never
 //! sees it in clear.
 
-use super::{Columns, Lock, Result, Store, with_pool};
+use super::{Columns, Lock, Result, Store, serialize, with_pool};
 use std::collections::BTreeMap;
 
 /// Most parameters (SSM's standard tier: 10,000).
@@ -122,11 +122,7 @@ impl Store {
         let tags = serde_json::to_string(p.tags)?;
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await?;
-            if let Some(lock) = d.serialize(Lock::Params) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            serialize!(tx, d, Lock::Params);
             let current = sqlx::query(
                 "SELECT version, description, allowed_pattern FROM params WHERE name = $1",
             )

@@ -1,6 +1,6 @@
 //! Users, their API tokens and their access keys' owners: who a credential acts as.
 
-use super::{Columns, Lock, Result, Store, StoreError, with_pool};
+use super::{Columns, Lock, Result, Store, StoreError, serialize, with_pool};
 use fleetrun_proto::api::{Role, Token, User};
 use fleetrun_proto::time::now_ms;
 
@@ -165,12 +165,7 @@ impl Store {
     ) -> Result<User, UserError> {
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
-            if let Some(lock) = d.serialize(Lock::Users) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
+            serialize!(tx, d, Lock::Users);
             let current: Option<String> =
                 sqlx::query_scalar("SELECT role FROM users WHERE name = $1")
                     .bind(name)
@@ -211,12 +206,7 @@ impl Store {
     pub async fn delete_user(&self, name: &str) -> Result<(), UserError> {
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
-            if let Some(lock) = d.serialize(Lock::Users) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
+            serialize!(tx, d, Lock::Users);
             let role: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE name = $1")
                 .bind(name)
                 .fetch_optional(&mut *tx)

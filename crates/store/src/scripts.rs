@@ -1,7 +1,7 @@
 //! Saved scripts and their versions, numbered from 1 like documents' ([`super::documents`]): a
 //! script's versions are added and its latest pointer moved in one transaction each.
 
-use super::{Columns, Lock, Result, Store, with_pool};
+use super::{Columns, Lock, Result, Store, serialize, with_pool};
 use fleetrun_proto::time::now_ms;
 
 /// Most saved scripts.
@@ -110,11 +110,7 @@ impl Store {
     pub async fn insert_script(&self, v: &ScriptRow) -> Result<ScriptWrite> {
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await?;
-            if let Some(lock) = d.serialize(Lock::Scripts) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            serialize!(tx, d, Lock::Scripts);
             let exists: bool =
                 sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM scripts WHERE name = $1)")
                     .bind(&v.name)
@@ -149,11 +145,7 @@ impl Store {
     pub async fn add_script_version(&self, v: &ScriptRow, by: &str) -> Result<ScriptWrite> {
         with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await?;
-            if let Some(lock) = d.serialize(Lock::Scripts) {
-                sqlx::query(sqlx::AssertSqlSafe(lock))
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            serialize!(tx, d, Lock::Scripts);
             let latest: Option<i64> =
                 sqlx::query_scalar("SELECT latest_version FROM scripts WHERE name = $1")
                     .bind(&v.name)
