@@ -787,7 +787,7 @@ async fn a_list_relays_the_agents_records_and_refusals() {
     let (status, m) = refused(&server, &path, &server.token).await;
     assert_eq!(status, 503, "{m}");
     assert!(
-        m.contains("protocol version 5, without file list sessions (version 6 or later"),
+        m.contains("protocol version 5, without file list sessions (version 7 or later"),
         "{m}"
     );
 }

@@ -1515,7 +1515,7 @@ mod tests {
         assert!(predates_list(&e(
             "Unavailable",
             "the node's agent speaks channel protocol version 5, without file list sessions \
-             (version 6 or later is needed: upgrade the agent)"
+             (version 7 or later is needed: upgrade the agent)"
         )));
         assert!(!predates_list(&e(
             "Unavailable",
