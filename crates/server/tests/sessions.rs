@@ -1073,11 +1073,20 @@ async fn a_session_that_never_started_is_recorded_failed_with_why() {
     );
     assert_eq!(s.end_reason, "no such user: nobody-here");
     assert_eq!((s.exit_code, s.bytes_in, s.bytes_out), (None, 0, 0));
-    let records = audit_actions(&server, &node).await;
-    let end = records
-        .iter()
-        .find(|(a, p, _)| a == "exec.end" && p["session_id"] == s.session_id.as_str())
-        .expect("the end names the record");
+    // The end is audited after the client heard of it: waited for.
+    let end = within("the end in the audit trail, naming the record", async {
+        loop {
+            let records = audit_actions(&server, &node).await;
+            if let Some(end) = records
+                .into_iter()
+                .find(|(a, p, _)| a == "exec.end" && p["session_id"] == s.session_id.as_str())
+            {
+                return end;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert_eq!(end.2, "Failed", "{end:?}");
     // Failed is not running: not listed as active, not terminable.
     assert!(
