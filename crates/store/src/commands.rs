@@ -5,16 +5,13 @@
 //! so a counter can never count one invocation twice.
 
 /// SQL true for a command (table alias given) with an invocation on a node in the JSON array bound
-/// as `?1`, or for every command when NULL is bound (see [`visible_json`]). A macro so queries stay
-/// literal strings.
-macro_rules! visible_clause {
-    ($alias:literal) => {
-        concat!(
-            "(?1 IS NULL OR EXISTS (SELECT 1 FROM invocations vi WHERE vi.command_id = ",
-            $alias,
-            ".command_id AND vi.node_id IN (SELECT value FROM json_each(?1))))"
-        )
-    };
+/// as `$1`, or for every command when NULL is bound (see [`visible_json`]).
+fn visible_clause(d: Dialect, alias: &str) -> String {
+    format!(
+        "($1 IS NULL OR EXISTS (SELECT 1 FROM invocations vi WHERE vi.command_id = {alias}.command_id
+           AND vi.node_id IN ({})))",
+        d.json_strings("$1")
+    )
 }
 
 /// A position in the newest-first listing of commands: listings with it start after it.
@@ -27,15 +24,19 @@ pub struct CommandCursor {
 }
 
 use super::writer::WriteOp;
-use super::{Result, Store};
+use super::{
+    Columns, Conn, Dialect, Result, Store, StoreError, placeholders, value_rows, with_conn,
+    with_pool,
+};
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::status::details;
 use fleetrun_proto::targets::{ParseError, Rate};
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Invocations stored per `INSERT` (6 bound values each).
+const INVOCATIONS_PER_INSERT: usize = 200;
 
 /// What a command asks of each node and how it is rolled out: the part of a command the dispatcher
 /// works from, the same when it is created and when it is resumed.
@@ -263,87 +264,108 @@ impl Store {
     }
 
     /// Creates a command and all its invocations in one transaction, with what `extras` adds.
+    ///
+    /// Two sends with the same idempotency key cannot both be stored: the key's unique index
+    /// refuses the second `INSERT` (on PostgreSQL it waits for the first transaction's end, and
+    /// is refused if that one committed).
     pub async fn insert_command_with(
         &self,
         c: &NewCommand,
         extras: &CommandExtras,
     ) -> Result<(), InsertError> {
         let spec = &c.spec;
-        let mut tx = self.sqlite()?.write.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
-                delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, run_as,
-                memory_limit_mb, cpu_limit_percent, status, status_details, requested_at, target_count,
-                ssm_extra, document_version, parameters, idempotency_principal, idempotency_key,
-                idempotency_hash, output_s3_bucket, output_s3_prefix, output_s3_region,
-                output_s3_plugin_dir)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'Pending', 'Pending', ?, ?, ?, ?, ?, ?, ?, ?,
-                ?, ?, ?, ?)",
-        )
-        .bind(c.command_id.as_str())
-        .bind(&c.document_name)
-        .bind(serde_json::to_string(&spec.commands)?)
-        .bind(&spec.working_dir)
-        .bind(spec.execution_timeout as i64)
-        .bind(spec.delivery_timeout as i64)
-        .bind(&c.comment)
-        .bind(serde_json::to_string(&c.node_ids)?)
-        .bind(&c.targets)
-        .bind(spec.max_concurrency.to_string())
-        .bind(spec.max_errors.to_string())
-        .bind(&spec.run_as)
-        .bind(spec.memory_limit_mb.map(|v| v as i64))
-        .bind(spec.cpu_limit_percent.map(i64::from))
-        .bind(spec.requested_at)
-        .bind(c.invocations.len() as i64)
-        .bind(c.ssm_extra.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into()))
-        .bind(&c.document_version)
-        .bind(serde_json::to_string(&c.parameters)?)
-        .bind(c.idempotency.as_ref().map(|k| k.principal.as_str()))
-        .bind(c.idempotency.as_ref().map(|k| k.key.as_str()))
-        .bind(c.idempotency.as_ref().map(|k| k.request_hash.as_str()))
-        .bind(c.output_s3.as_ref().map_or("", |o| o.target.bucket.as_str()))
-        .bind(c.output_s3.as_ref().map_or("", |o| o.target.prefix.as_str()))
-        .bind(c.output_s3.as_ref().map_or("", |o| o.target.region.as_str()))
-        .bind(c.output_s3.as_ref().map_or("", |o| o.plugin_dir.as_str()))
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() && c.idempotency.is_some() => {
-                return Err(InsertError::DuplicateKey);
-            }
-            r => r?,
-        };
-        for (chunk_no, chunk) in c.invocations.chunks(200).enumerate() {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO invocations (command_id, node_id, seq, node_name, status, status_details) ",
-            );
-            qb.push_values(chunk.iter().enumerate(), |mut b, (i, (node, name))| {
-                b.push_bind(c.command_id.as_str())
-                    .push_bind(node.as_str())
-                    .push_bind((chunk_no * 200 + i) as i64)
-                    .push_bind(name.as_str())
-                    .push_bind("Pending")
-                    .push_bind(details::PENDING);
-            });
-            qb.build().execute(&mut *tx).await?;
-        }
-        if !extras.ended.is_empty() {
-            finish_invocations(&mut tx, &c.command_id, &extras.ended).await?;
-        }
-        if let Some((name, version)) = &extras.script {
-            sqlx::query(
-                "INSERT INTO script_runs (command_id, name, version, input_uri, output_path) VALUES (?, ?, ?, ?, ?)",
+        let commands = serde_json::to_string(&spec.commands)?;
+        let node_ids = serde_json::to_string(&c.node_ids)?;
+        let parameters = serde_json::to_string(&c.parameters)?;
+        let ssm_extra = c
+            .ssm_extra
+            .as_ref()
+            .map_or_else(|| "{}".into(), |v| v.to_string());
+        let key = c.idempotency.as_ref();
+        let s3 = c.output_s3.as_ref();
+        with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO commands (command_id, document_name, commands, working_dir,
+                    execution_timeout, delivery_timeout, comment, node_ids, targets, max_concurrency,
+                    max_errors, run_as, memory_limit_mb, cpu_limit_percent, status, status_details,
+                    requested_at, target_count, ssm_extra, document_version, parameters,
+                    idempotency_principal, idempotency_key, idempotency_hash, output_s3_bucket,
+                    output_s3_prefix, output_s3_region, output_s3_plugin_dir)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'Pending',
+                    'Pending', $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
             )
             .bind(c.command_id.as_str())
-            .bind(name)
-            .bind(version)
-            .bind(extras.script_files.input.as_deref())
-            .bind(extras.script_files.output.as_deref())
+            .bind(&c.document_name)
+            .bind(&commands)
+            .bind(&spec.working_dir)
+            .bind(spec.execution_timeout as i64)
+            .bind(spec.delivery_timeout as i64)
+            .bind(&c.comment)
+            .bind(&node_ids)
+            .bind(&c.targets)
+            .bind(spec.max_concurrency.to_string())
+            .bind(spec.max_errors.to_string())
+            .bind(&spec.run_as)
+            .bind(spec.memory_limit_mb.map(|v| v as i64))
+            .bind(spec.cpu_limit_percent.map(i64::from))
+            .bind(spec.requested_at)
+            .bind(c.invocations.len() as i64)
+            .bind(&ssm_extra)
+            .bind(&c.document_version)
+            .bind(&parameters)
+            .bind(key.map(|k| k.principal.as_str()))
+            .bind(key.map(|k| k.key.as_str()))
+            .bind(key.map(|k| k.request_hash.as_str()))
+            .bind(s3.map_or("", |o| o.target.bucket.as_str()))
+            .bind(s3.map_or("", |o| o.target.prefix.as_str()))
+            .bind(s3.map_or("", |o| o.target.region.as_str()))
+            .bind(s3.map_or("", |o| o.plugin_dir.as_str()))
             .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+            .await;
+            match inserted {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && key.is_some() => {
+                    return Err(InsertError::DuplicateKey);
+                }
+                r => r?,
+            };
+            for (chunk_no, chunk) in c.invocations.chunks(INVOCATIONS_PER_INSERT).enumerate() {
+                let sql = format!(
+                    "INSERT INTO invocations (command_id, node_id, seq, node_name, status,
+                       status_details) VALUES {}",
+                    value_rows(chunk.len(), 6)
+                );
+                // Only placeholders are formatted in; values are bound.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for (i, (node, name)) in chunk.iter().enumerate() {
+                    q = q
+                        .bind(c.command_id.as_str())
+                        .bind(node.as_str())
+                        .bind((chunk_no * INVOCATIONS_PER_INSERT + i) as i64)
+                        .bind(name.as_str())
+                        .bind("Pending")
+                        .bind(details::PENDING);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            if !extras.ended.is_empty() {
+                finish_invocations(Conn::from(&mut *tx), &c.command_id, &extras.ended).await?;
+            }
+            if let Some((name, version)) = &extras.script {
+                sqlx::query(
+                    "INSERT INTO script_runs (command_id, name, version, input_uri, output_path)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(c.command_id.as_str())
+                .bind(name)
+                .bind(version)
+                .bind(extras.script_files.input.as_deref())
+                .bind(extras.script_files.output.as_deref())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
@@ -353,16 +375,20 @@ impl Store {
         principal: &str,
         key: &str,
     ) -> Result<Option<(Command, String)>> {
-        let row = sqlx::query(
-            "SELECT * FROM commands WHERE idempotency_principal = ? AND idempotency_key = ?",
-        )
-        .bind(principal)
-        .bind(key)
-        .fetch_optional(&self.sqlite()?.read)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let hash: String = row.try_get("idempotency_hash")?;
-        Ok(Some((command_record(&row)?.into(), hash)))
+        with_pool!(self, read, |pool| {
+            let row = sqlx::query(
+                "SELECT * FROM commands WHERE idempotency_principal = $1 AND idempotency_key = $2",
+            )
+            .bind(principal)
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let hash = row
+                .opt_text("idempotency_hash")
+                .ok_or(StoreError::Missing("idempotency key's request hash"))?;
+            Ok(Some((command_record(&row)?.into(), hash)))
+        })
     }
 
     /// Commands, newest first, without invocations.
@@ -378,33 +404,40 @@ impl Store {
         before: Option<&CommandCursor>,
     ) -> Result<Vec<Command>> {
         // No cursor is one past every command, so the condition is always the index's range seek
-        // (an `?3 IS NULL OR` would turn it into a scan from the newest).
+        // (a `$3 IS NULL OR` would turn it into a scan from the newest).
         let (at, id) = match before {
             Some(c) => (c.requested_at, c.command_id.as_str()),
             None => (i64::MAX, ""),
         };
-        let rows = sqlx::query(concat!(
-            "SELECT * FROM commands c WHERE ",
-            visible_clause!("c"),
-            " AND (c.requested_at, c.command_id) < (?3, ?4)",
-            " ORDER BY requested_at DESC, command_id DESC LIMIT ?2"
-        ))
-        .bind(visible_json(visible))
-        .bind(i64::from(limit))
-        .bind(at)
-        .bind(id)
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        rows.iter().map(|r| Ok(command_record(r)?.into())).collect()
+        let visible = visible_json(visible);
+        with_pool!(self, read, |pool, d| {
+            let sql = format!(
+                "SELECT * FROM commands c WHERE {} AND (c.requested_at, c.command_id) < ($3, $4)
+                 ORDER BY requested_at DESC, command_id DESC LIMIT $2",
+                visible_clause(d, "c")
+            );
+            // Only the dialect's fixed fragments are formatted in; values are bound.
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&visible)
+                .bind(i64::from(limit))
+                .bind(at)
+                .bind(id)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| Ok(command_record(r)?.into()))
+                .collect()
+        })
     }
 
     /// Where a command sorts in listings (its requested time and id), for a `before` cursor.
     pub async fn command_cursor(&self, id: &CommandId) -> Result<Option<CommandCursor>> {
-        let at: Option<i64> =
-            sqlx::query_scalar("SELECT requested_at FROM commands WHERE command_id = ?")
+        let at: Option<i64> = with_pool!(self, read, |pool| {
+            sqlx::query_scalar("SELECT requested_at FROM commands WHERE command_id = $1")
                 .bind(id.as_str())
-                .fetch_optional(&self.sqlite()?.read)
-                .await?;
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(at.map(|requested_at| CommandCursor {
             requested_at,
             command_id: id.to_string(),
@@ -413,78 +446,55 @@ impl Store {
 
     /// One command, without invocations.
     pub async fn get_command(&self, id: &CommandId) -> Result<Option<Command>> {
-        let row = sqlx::query("SELECT * FROM commands WHERE command_id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        Ok(row
-            .as_ref()
-            .map(command_record)
-            .transpose()?
-            .map(Command::from))
+        with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM commands WHERE command_id = $1")
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(|r| command_record(r).map(Command::from))
+                .transpose()
+        })
     }
 
     /// The dispatcher's view of a command.
     pub async fn command_row(&self, id: &CommandId) -> Result<Option<CommandRow>> {
-        let row = sqlx::query("SELECT * FROM commands WHERE command_id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(CommandRow {
-            command_id: id.clone(),
-            spec: CommandSpec {
-                commands: serde_json::from_str(r.get("commands"))?,
-                working_dir: r.get("working_dir"),
-                execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
-                delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
-                max_concurrency: stored_rate(
-                    id,
-                    "max_concurrency",
-                    r.get("max_concurrency"),
-                    Rate::parse_concurrency,
-                    Rate::DEFAULT_CONCURRENCY,
-                ),
-                max_errors: stored_rate(
-                    id,
-                    "max_errors",
-                    r.get("max_errors"),
-                    Rate::parse_errors,
-                    Rate::DEFAULT_ERRORS,
-                ),
-                run_as: r.get("run_as"),
-                memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
-                cpu_limit_percent: r
-                    .get::<Option<i64>, _>("cpu_limit_percent")
-                    .map(|v| v as u32),
-                requested_at: r.get("requested_at"),
-            },
-            status: parse_command_status(r.get("status")),
-            target_count: r.get::<i64, _>("target_count") as u64,
-            error_count: r.get::<i64, _>("error_count") as u64,
-            cancel_requested: r.get::<i64, _>("cancel_requested") != 0,
-        }))
+        with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM commands WHERE command_id = $1")
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(|r| command_row(id, r))
+                .transpose()
+        })
     }
 
-    /// Ids of commands that have not ended (to resume their dispatch after a restart).
+    /// Ids of commands that have not ended (to resume their dispatch after a restart), oldest
+    /// first.
     pub async fn active_command_ids(&self) -> Result<Vec<CommandId>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT command_id FROM commands WHERE status IN ('Pending', 'InProgress', 'Cancelling') ORDER BY requested_at",
-        )
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
+        let ids: Vec<String> = with_pool!(self, read, |pool| {
+            sqlx::query_scalar(
+                "SELECT command_id FROM commands WHERE status IN ('Pending', 'InProgress', 'Cancelling')
+                 ORDER BY requested_at, command_id",
+            )
+            .fetch_all(pool)
+            .await?
+        });
         Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
     }
 
     /// A command's invocations, in dispatch order.
     pub async fn list_invocations(&self, id: &CommandId) -> Result<Vec<Invocation>> {
-        let rows = sqlx::query("SELECT * FROM invocations WHERE command_id = ? ORDER BY seq")
-            .bind(id.as_str())
-            .fetch_all(&self.sqlite()?.read)
-            .await?;
-        rows.iter()
-            .map(|r| Ok(invocation_record(r)?.into()))
-            .collect()
+        with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM invocations WHERE command_id = $1 ORDER BY seq")
+                .bind(id.as_str())
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(|r| Ok(invocation_record(r)?.into()))
+                .collect()
+        })
     }
 
     /// One invocation.
@@ -493,27 +503,32 @@ impl Store {
         id: &CommandId,
         node: &NodeId,
     ) -> Result<Option<Invocation>> {
-        let row = sqlx::query("SELECT * FROM invocations WHERE command_id = ? AND node_id = ?")
-            .bind(id.as_str())
-            .bind(node.as_str())
-            .fetch_optional(&self.sqlite()?.read)
-            .await?;
-        Ok(row
-            .as_ref()
-            .map(invocation_record)
-            .transpose()?
-            .map(Invocation::from))
+        with_pool!(self, read, |pool| {
+            sqlx::query("SELECT * FROM invocations WHERE command_id = $1 AND node_id = $2")
+                .bind(id.as_str())
+                .bind(node.as_str())
+                .fetch_optional(pool)
+                .await?
+                .as_ref()
+                .map(|r| invocation_record(r).map(Invocation::from))
+                .transpose()
+        })
     }
 
     /// The dispatcher's view of a command's invocations, in dispatch order.
     pub async fn invocation_rows(&self, id: &CommandId) -> Result<Vec<InvocationRow>> {
-        let rows = sqlx::query(
-            "SELECT node_id, status, delivered_at, started_at FROM invocations WHERE command_id = ? ORDER BY seq",
-        )
-        .bind(id.as_str())
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows.iter().filter_map(invocation_row).collect())
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT node_id, status, delivered_at, started_at FROM invocations
+                 WHERE command_id = $1 ORDER BY seq",
+            )
+            .bind(id.as_str())
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .filter_map(invocation_row)
+            .collect()
+        }))
     }
 
     /// Invocations on a node that have not ended — only those already delivered when
@@ -523,66 +538,71 @@ impl Store {
         node: &NodeId,
         delivered_only: bool,
     ) -> Result<Vec<(CommandId, bool)>> {
-        let q = concat!(
-            "SELECT command_id, started_at FROM invocations WHERE node_id = ?",
-            " AND (delivered_at IS NOT NULL OR NOT ?)",
-            " AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
-        );
-        let rows = sqlx::query(q)
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT command_id, started_at FROM invocations WHERE node_id = $1
+                   AND (delivered_at IS NOT NULL OR $2 = 0)
+                   AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')",
+            )
             .bind(node.as_str())
-            .bind(delivered_only)
-            .fetch_all(&self.sqlite()?.read)
-            .await?;
-        Ok(rows
+            .bind(i64::from(delivered_only))
+            .fetch_all(pool)
+            .await?
             .iter()
             .filter_map(|r| {
-                let id = r.get::<String, _>("command_id").parse().ok()?;
-                Some((id, r.get::<Option<i64>, _>("started_at").is_some()))
+                let id = r.text("command_id").parse().ok()?;
+                Some((id, r.opt_int("started_at").is_some()))
             })
-            .collect())
+            .collect()
+        }))
     }
 
     /// Marks invocations as delivered (their Run frame is about to be sent), and the command as
     /// InProgress.
     pub async fn mark_delivered(&self, id: &CommandId, nodes: &[NodeId], now: i64) -> Result<()> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        for chunk in nodes.chunks(500) {
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("UPDATE invocations SET delivered_at = ");
-            qb.push_bind(now);
-            qb.push(", status_details = ");
-            qb.push_bind(details::DELIVERED);
-            qb.push(" WHERE command_id = ");
-            qb.push_bind(id.as_str());
-            qb.push(" AND status = 'Pending' AND node_id IN (");
-            let mut sep = qb.separated(", ");
-            for n in chunk {
-                sep.push_bind(n.as_str());
+        with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            for chunk in nodes.chunks(500) {
+                let sql = format!(
+                    "UPDATE invocations SET delivered_at = $1, status_details = $2
+                     WHERE command_id = $3 AND status = 'Pending' AND node_id IN ({})",
+                    placeholders(4, chunk.len())
+                );
+                // Only placeholders are formatted in; values are bound.
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(details::DELIVERED)
+                    .bind(id.as_str());
+                for n in chunk {
+                    q = q.bind(n.as_str());
+                }
+                q.execute(&mut *tx).await?;
             }
-            qb.push(")");
-            qb.build().execute(&mut *tx).await?;
-        }
-        sqlx::query(
-            "UPDATE commands SET status = 'InProgress', status_details = 'InProgress'
-             WHERE command_id = ? AND status = 'Pending'",
-        )
-        .bind(id.as_str())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+            sqlx::query(
+                "UPDATE commands SET status = 'InProgress', status_details = 'InProgress'
+                 WHERE command_id = $1 AND status = 'Pending'",
+            )
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// Returns a delivered, not started invocation to Pending (its node lost it before starting).
     pub async fn mark_undelivered(&self, id: &CommandId, node: &NodeId) -> Result<()> {
-        sqlx::query(
-            "UPDATE invocations SET delivered_at = NULL, status_details = 'Pending'
-             WHERE command_id = ? AND node_id = ? AND status = 'Pending' AND started_at IS NULL",
-        )
-        .bind(id.as_str())
-        .bind(node.as_str())
-        .execute(&self.sqlite()?.write)
-        .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query(
+                "UPDATE invocations SET delivered_at = NULL, status_details = 'Pending'
+                 WHERE command_id = $1 AND node_id = $2 AND status = 'Pending'
+                   AND started_at IS NULL",
+            )
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .execute(pool)
+            .await?;
+        });
         Ok(())
     }
 
@@ -595,7 +615,7 @@ impl Store {
         started_at: i64,
     ) -> Result<Option<OutputState>> {
         let (id, node) = (id.clone(), node.clone());
-        self.writer()?
+        self.writer
             .write(|reply| WriteOp::MarkStarted {
                 id,
                 node,
@@ -607,31 +627,35 @@ impl Store {
 
     /// Marks invocations Cancelling (a cancel was sent to their nodes).
     pub async fn mark_cancelling(&self, id: &CommandId, nodes: &[NodeId]) -> Result<()> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        for n in nodes {
-            sqlx::query(
-                "UPDATE invocations SET status = 'Cancelling', status_details = 'Cancelling'
-                 WHERE command_id = ? AND node_id = ? AND status IN ('Pending', 'InProgress')",
-            )
-            .bind(id.as_str())
-            .bind(n.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = ?")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            for n in nodes {
+                sqlx::query(
+                    "UPDATE invocations SET status = 'Cancelling', status_details = 'Cancelling'
+                     WHERE command_id = $1 AND node_id = $2 AND status IN ('Pending', 'InProgress')",
+                )
+                .bind(id.as_str())
+                .bind(n.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// Records that an operator cancelled the command.
     pub async fn mark_cancel_requested(&self, id: &CommandId) -> Result<()> {
-        sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = ?")
-            .bind(id.as_str())
-            .execute(&self.sqlite()?.write)
-            .await?;
+        with_pool!(self, write, |pool| {
+            sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = $1")
+                .bind(id.as_str())
+                .execute(pool)
+                .await?;
+        });
         Ok(())
     }
 
@@ -643,7 +667,7 @@ impl Store {
         ends: &[(NodeId, Finish)],
     ) -> Result<Vec<NodeId>> {
         let (id, ends) = (id.clone(), ends.to_vec());
-        self.writer()?
+        self.writer
             .write(|reply| WriteOp::Finish { id, ends, reply })
             .await
     }
@@ -658,7 +682,7 @@ impl Store {
         inline: &[u8],
     ) -> Result<()> {
         let (id, node, inline) = (id.clone(), node.clone(), inline.to_vec());
-        self.writer()?
+        self.writer
             .write(|reply| WriteOp::UpdateOutput {
                 id,
                 node,
@@ -684,15 +708,18 @@ impl Store {
         id: &CommandId,
         node: &NodeId,
     ) -> Result<Option<OutputState>> {
-        let row = sqlx::query(
-            "SELECT stdout_bytes, stdout_inline, stderr_bytes, stderr_inline FROM invocations
-             WHERE command_id = ? AND node_id = ?",
-        )
-        .bind(id.as_str())
-        .bind(node.as_str())
-        .fetch_optional(&self.sqlite()?.read)
-        .await?;
-        Ok(row.as_ref().map(output_state_from_row))
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT stdout_bytes, stdout_inline, stderr_bytes, stderr_inline FROM invocations
+                 WHERE command_id = $1 AND node_id = $2",
+            )
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .fetch_optional(pool)
+            .await?
+            .as_ref()
+            .map(output_state_from_row)
+        }))
     }
 
     /// Sets a command's final (or Cancelling) status.
@@ -702,32 +729,37 @@ impl Store {
         status: CommandStatus,
         details: &str,
     ) -> Result<()> {
-        sqlx::query("UPDATE commands SET status = ?, status_details = ? WHERE command_id = ?")
+        with_pool!(self, write, |pool| {
+            sqlx::query(
+                "UPDATE commands SET status = $1, status_details = $2 WHERE command_id = $3",
+            )
             .bind(status.as_str())
             .bind(details)
             .bind(id.as_str())
-            .execute(&self.sqlite()?.write)
+            .execute(pool)
             .await?;
+        });
         Ok(())
     }
 
     /// Counts of a command's invocations by (status, details).
     pub async fn invocation_tally(&self, id: &CommandId) -> Result<Tally> {
-        let rows = sqlx::query(
-            "SELECT status, status_details, COUNT(*) AS n FROM invocations WHERE command_id = ? GROUP BY status, status_details",
-        )
-        .bind(id.as_str())
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
-        Ok(rows
+        Ok(with_pool!(self, read, |pool| {
+            sqlx::query(
+                "SELECT status, status_details, COUNT(*) AS n FROM invocations WHERE command_id = $1
+                 GROUP BY status, status_details",
+            )
+            .bind(id.as_str())
+            .fetch_all(pool)
+            .await?
             .iter()
             .filter_map(|r| {
                 // A status this build does not know (a hand-edited row) counts as nothing.
-                let status = InvocationStatus::parse(r.get("status"))?;
-                let n = r.get::<i64, _>("n") as u64;
-                Some(((status, r.get("status_details")), n))
+                let status = InvocationStatus::parse(&r.text("status"))?;
+                Some(((status, r.text("status_details")), r.int("n") as u64))
             })
-            .collect())
+            .collect()
+        }))
     }
 }
 
@@ -753,12 +785,47 @@ fn parse_command_status(s: &str) -> CommandStatus {
     CommandStatus::parse(s).unwrap_or(CommandStatus::Failed)
 }
 
-fn invocation_row(r: &SqliteRow) -> Option<InvocationRow> {
+fn invocation_row(r: &impl Columns) -> Option<InvocationRow> {
     Some(InvocationRow {
-        node_id: r.get::<String, _>("node_id").parse().ok()?,
-        status: InvocationStatus::parse(r.get("status"))?,
-        delivered: r.get::<Option<i64>, _>("delivered_at").is_some(),
-        started: r.get::<Option<i64>, _>("started_at").is_some(),
+        node_id: r.text("node_id").parse().ok()?,
+        status: InvocationStatus::parse(&r.text("status"))?,
+        delivered: r.opt_int("delivered_at").is_some(),
+        started: r.opt_int("started_at").is_some(),
+    })
+}
+
+/// The dispatcher's view of command `id`'s row.
+fn command_row(id: &CommandId, r: &impl Columns) -> Result<CommandRow> {
+    Ok(CommandRow {
+        command_id: id.clone(),
+        spec: CommandSpec {
+            commands: serde_json::from_str(&r.text("commands"))?,
+            working_dir: r.text("working_dir"),
+            execution_timeout: r.int("execution_timeout") as u64,
+            delivery_timeout: r.int("delivery_timeout") as u64,
+            max_concurrency: stored_rate(
+                id,
+                "max_concurrency",
+                &r.text("max_concurrency"),
+                Rate::parse_concurrency,
+                Rate::DEFAULT_CONCURRENCY,
+            ),
+            max_errors: stored_rate(
+                id,
+                "max_errors",
+                &r.text("max_errors"),
+                Rate::parse_errors,
+                Rate::DEFAULT_ERRORS,
+            ),
+            run_as: r.text("run_as"),
+            memory_limit_mb: r.opt_int("memory_limit_mb").map(|v| v as u64),
+            cpu_limit_percent: r.opt_int("cpu_limit_percent").map(|v| v as u32),
+            requested_at: r.int("requested_at"),
+        },
+        status: parse_command_status(&r.text("status")),
+        target_count: r.int("target_count") as u64,
+        error_count: r.int("error_count") as u64,
+        cancel_requested: r.flag("cancel_requested"),
     })
 }
 
@@ -828,64 +895,68 @@ pub(crate) struct InvocationRecord {
     pub(crate) message: String,
 }
 
-pub(super) fn command_record(r: &SqliteRow) -> Result<CommandRecord> {
-    let given: &str = r.get("parameters");
+pub(super) fn command_record(r: &impl Columns) -> Result<CommandRecord> {
+    let given = r.text("parameters");
     Ok(CommandRecord {
-        command_id: decode_id(r.get("command_id"))?,
-        document_name: r.get("document_name"),
-        document_version: r.get("document_version"),
+        command_id: decode_id(r.text("command_id"))?,
+        document_name: r.text("document_name"),
+        document_version: r.text("document_version"),
         parameters: if given.is_empty() {
             None
         } else {
-            Some(serde_json::from_str(given)?)
+            Some(serde_json::from_str(&given)?)
         },
-        commands: serde_json::from_str(r.get("commands"))?,
-        working_dir: r.get("working_dir"),
-        comment: r.get("comment"),
-        node_ids: serde_json::from_str(r.get("node_ids"))?,
-        targets: r.get("targets"),
-        status: parse_command_status(r.get("status")),
-        status_details: r.get("status_details"),
-        requested_at: r.get("requested_at"),
-        max_concurrency: r.get("max_concurrency"),
-        max_errors: r.get("max_errors"),
-        delivery_timeout: r.get::<i64, _>("delivery_timeout") as u64,
-        execution_timeout: r.get::<i64, _>("execution_timeout") as u64,
-        run_as: r.get("run_as"),
-        memory_limit_mb: r.get::<Option<i64>, _>("memory_limit_mb").map(|v| v as u64),
-        cpu_limit_percent: r
-            .get::<Option<i64>, _>("cpu_limit_percent")
-            .map(|v| v as u32),
-        target_count: r.get::<i64, _>("target_count") as u64,
-        completed_count: r.get::<i64, _>("completed_count") as u64,
-        error_count: r.get::<i64, _>("error_count") as u64,
-        delivery_timed_out_count: r.get::<i64, _>("delivery_timed_out_count") as u64,
+        commands: serde_json::from_str(&r.text("commands"))?,
+        working_dir: r.text("working_dir"),
+        comment: r.text("comment"),
+        node_ids: serde_json::from_str(&r.text("node_ids"))?,
+        targets: r.text("targets"),
+        status: parse_command_status(&r.text("status")),
+        status_details: r.text("status_details"),
+        requested_at: r.int("requested_at"),
+        max_concurrency: r.text("max_concurrency"),
+        max_errors: r.text("max_errors"),
+        delivery_timeout: r.int("delivery_timeout") as u64,
+        execution_timeout: r.int("execution_timeout") as u64,
+        run_as: r.text("run_as"),
+        memory_limit_mb: r.opt_int("memory_limit_mb").map(|v| v as u64),
+        cpu_limit_percent: r.opt_int("cpu_limit_percent").map(|v| v as u32),
+        target_count: r.int("target_count") as u64,
+        completed_count: r.int("completed_count") as u64,
+        error_count: r.int("error_count") as u64,
+        delivery_timed_out_count: r.int("delivery_timed_out_count") as u64,
         output_s3: fleetrun_proto::api::OutputS3 {
-            bucket: r.get("output_s3_bucket"),
-            prefix: r.get("output_s3_prefix"),
-            region: r.get("output_s3_region"),
+            bucket: r.text("output_s3_bucket"),
+            prefix: r.text("output_s3_prefix"),
+            region: r.text("output_s3_region"),
         },
     })
 }
 
-pub(super) fn invocation_record(r: &SqliteRow) -> Result<InvocationRecord> {
+pub(super) fn invocation_record(r: &impl Columns) -> Result<InvocationRecord> {
     Ok(InvocationRecord {
-        command_id: decode_id(r.get("command_id"))?,
-        node_id: decode_id(r.get("node_id"))?,
-        node_name: r.get("node_name"),
-        status: InvocationStatus::parse(r.get("status")).unwrap_or(InvocationStatus::Failed),
-        status_details: r.get("status_details"),
-        exit_code: r.get("exit_code"),
-        signal: r.get("signal"),
+        command_id: decode_id(r.text("command_id"))?,
+        node_id: decode_id(r.text("node_id"))?,
+        node_name: r.text("node_name"),
+        status: InvocationStatus::parse(&r.text("status")).unwrap_or(InvocationStatus::Failed),
+        status_details: r.text("status_details"),
+        exit_code: int32(r.int("exit_code")),
+        signal: r.opt_int("signal").map(int32),
         output: output_state_from_row(r),
-        started_at: r.get("started_at"),
-        finished_at: r.get("finished_at"),
-        limits_applied: r.get("limits_applied"),
-        cpu_user_ms: r.get::<Option<i64>, _>("cpu_user_ms").map(|v| v as u64),
-        cpu_system_ms: r.get::<Option<i64>, _>("cpu_system_ms").map(|v| v as u64),
-        max_rss_kb: r.get::<Option<i64>, _>("max_rss_kb").map(|v| v as u64),
-        message: r.get("message"),
+        started_at: r.opt_int("started_at"),
+        finished_at: r.opt_int("finished_at"),
+        limits_applied: r.text("limits_applied"),
+        cpu_user_ms: r.opt_int("cpu_user_ms").map(|v| v as u64),
+        cpu_system_ms: r.opt_int("cpu_system_ms").map(|v| v as u64),
+        max_rss_kb: r.opt_int("max_rss_kb").map(|v| v as u64),
+        message: r.text("message"),
     })
+}
+
+/// An INTEGER column the store wrote from an `i32` (exit code, signal); a hand-edited value out of
+/// range reads as -1.
+fn int32(v: i64) -> i32 {
+    i32::try_from(v).unwrap_or(-1)
 }
 
 /// Totals for `GET /v1/storage`.
@@ -903,54 +974,58 @@ pub struct Totals {
 impl Store {
     /// Counts of what is kept.
     pub async fn totals(&self) -> Result<Totals> {
-        let c = sqlx::query("SELECT COUNT(*) AS n, MIN(requested_at) AS oldest FROM commands")
-            .fetch_one(&self.sqlite()?.read)
+        with_pool!(self, read, |pool| {
+            let c = sqlx::query("SELECT COUNT(*) AS n, MIN(requested_at) AS oldest FROM commands")
+                .fetch_one(pool)
+                .await?;
+            // PostgreSQL's SUM of BIGINTs is NUMERIC: cast back, as SQLite's is INTEGER.
+            let i = sqlx::query(
+                "SELECT COUNT(*) AS n,
+                   CAST(COALESCE(SUM(stdout_bytes + stderr_bytes), 0) AS BIGINT) AS bytes
+                 FROM invocations",
+            )
+            .fetch_one(pool)
             .await?;
-        let i = sqlx::query(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(stdout_bytes + stderr_bytes), 0) AS bytes FROM invocations",
-        )
-        .fetch_one(&self.sqlite()?.read)
-        .await?;
-        Ok(Totals {
-            commands: c.get::<i64, _>("n") as u64,
-            oldest_command_at: c.get("oldest"),
-            invocations: i.get::<i64, _>("n") as u64,
-            output_bytes: i.get::<i64, _>("bytes") as u64,
+            Ok(Totals {
+                commands: c.int("n") as u64,
+                oldest_command_at: c.opt_int("oldest"),
+                invocations: i.int("n") as u64,
+                output_bytes: i.int("bytes") as u64,
+            })
         })
     }
 
     /// Up to `limit` ended commands requested before `before` (epoch ms), oldest first.
     pub async fn expired_commands(&self, before: i64, limit: u32) -> Result<Vec<CommandId>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT command_id FROM commands
-             WHERE requested_at < ? AND status IN ('Success', 'Failed', 'TimedOut', 'Cancelled')
-             ORDER BY requested_at LIMIT ?",
-        )
-        .bind(before)
-        .bind(i64::from(limit))
-        .fetch_all(&self.sqlite()?.read)
-        .await?;
+        let ids: Vec<String> = with_pool!(self, read, |pool| {
+            sqlx::query_scalar(
+                "SELECT command_id FROM commands
+                 WHERE requested_at < $1 AND status IN ('Success', 'Failed', 'TimedOut', 'Cancelled')
+                 ORDER BY requested_at, command_id LIMIT $2",
+            )
+            .bind(before)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
         Ok(ids.into_iter().filter_map(|s| s.parse().ok()).collect())
     }
 
     /// Deletes commands and their invocations (their output objects must be deleted first).
     pub async fn delete_commands(&self, ids: &[CommandId]) -> Result<()> {
-        let mut tx = self.sqlite()?.write.begin().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM s3_exports WHERE command_id = ?")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM invocations WHERE command_id = ?")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM commands WHERE command_id = ?")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            for id in ids {
+                for q in [
+                    "DELETE FROM s3_exports WHERE command_id = $1",
+                    "DELETE FROM invocations WHERE command_id = $1",
+                    "DELETE FROM commands WHERE command_id = $1",
+                ] {
+                    sqlx::query(q).bind(id.as_str()).execute(&mut *tx).await?;
+                }
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 }
@@ -974,42 +1049,45 @@ impl OutputState {
     }
 }
 
-fn output_state_from_row(r: &SqliteRow) -> OutputState {
+fn output_state_from_row(r: &impl Columns) -> OutputState {
     OutputState {
         stdout: (
-            r.get::<i64, _>("stdout_bytes") as u64,
-            r.get("stdout_inline"),
+            r.int("stdout_bytes") as u64,
+            r.opt_bytes("stdout_inline").unwrap_or_default(),
         ),
         stderr: (
-            r.get::<i64, _>("stderr_bytes") as u64,
-            r.get("stderr_inline"),
+            r.int("stderr_bytes") as u64,
+            r.opt_bytes("stderr_inline").unwrap_or_default(),
         ),
     }
 }
 
 pub(super) async fn mark_started(
-    conn: &mut SqliteConnection,
+    conn: Conn<'_>,
     id: &CommandId,
     node: &NodeId,
     started_at: i64,
 ) -> Result<Option<OutputState>> {
-    let row = sqlx::query(
-        "UPDATE invocations SET started_at = COALESCE(started_at, ?),
-             status = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END,
-             status_details = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END
-         WHERE command_id = ? AND node_id = ? AND status IN ('Pending', 'InProgress', 'Cancelling')
-         RETURNING stdout_bytes, stdout_inline, stderr_bytes, stderr_inline",
-    )
-    .bind(started_at)
-    .bind(id.as_str())
-    .bind(node.as_str())
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.as_ref().map(output_state_from_row))
+    Ok(with_conn!(conn, |c| {
+        sqlx::query(
+            "UPDATE invocations SET started_at = COALESCE(started_at, $1),
+                 status = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END,
+                 status_details = CASE status WHEN 'Cancelling' THEN 'Cancelling' ELSE 'InProgress' END
+             WHERE command_id = $2 AND node_id = $3 AND status IN ('Pending', 'InProgress', 'Cancelling')
+             RETURNING stdout_bytes, stdout_inline, stderr_bytes, stderr_inline",
+        )
+        .bind(started_at)
+        .bind(id.as_str())
+        .bind(node.as_str())
+        .fetch_optional(c)
+        .await?
+        .as_ref()
+        .map(output_state_from_row)
+    }))
 }
 
 pub(super) async fn update_output(
-    conn: &mut SqliteConnection,
+    conn: Conn<'_>,
     id: &CommandId,
     node: &NodeId,
     stderr: bool,
@@ -1017,81 +1095,96 @@ pub(super) async fn update_output(
     inline: &[u8],
 ) -> Result<()> {
     let q = if stderr {
-        "UPDATE invocations SET stderr_bytes = ?, stderr_inline = ? WHERE command_id = ? AND node_id = ?"
+        "UPDATE invocations SET stderr_bytes = $1, stderr_inline = $2 WHERE command_id = $3 AND node_id = $4"
     } else {
-        "UPDATE invocations SET stdout_bytes = ?, stdout_inline = ? WHERE command_id = ? AND node_id = ?"
+        "UPDATE invocations SET stdout_bytes = $1, stdout_inline = $2 WHERE command_id = $3 AND node_id = $4"
     };
-    sqlx::query(q)
-        .bind(stored as i64)
-        .bind(inline)
-        .bind(id.as_str())
-        .bind(node.as_str())
-        .execute(&mut *conn)
-        .await?;
+    with_conn!(conn, |c| {
+        sqlx::query(q)
+            .bind(stored as i64)
+            .bind(inline)
+            .bind(id.as_str())
+            .bind(node.as_str())
+            .execute(c)
+            .await?;
+    });
     Ok(())
 }
 
+/// Ends the invocations of `ends` that have not ended yet, in the caller's transaction on `conn`.
+///
+/// Each end is one `UPDATE` conditioned on a non-terminal status, and the counters move by the
+/// rows it changed: on PostgreSQL a concurrent end of the same invocation waits for this one's
+/// row lock, then finds it terminal and changes nothing, so no end is counted twice.
 pub(super) async fn finish_invocations(
-    conn: &mut SqliteConnection,
+    conn: Conn<'_>,
     id: &CommandId,
     ends: &[(NodeId, Finish)],
 ) -> Result<Vec<NodeId>> {
     let mut ended = Vec::new();
     let (mut errors, mut delivery_timeouts) = (0i64, 0i64);
     let q = concat!(
-        "UPDATE invocations SET status = ?, status_details = ?, exit_code = ?, signal = ?,",
-        " started_at = COALESCE(started_at, ?), finished_at = ?, cpu_user_ms = ?, cpu_system_ms = ?,",
-        " max_rss_kb = ?, message = ?, limits_applied = ?",
-        " WHERE command_id = ? AND node_id = ? AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
+        "UPDATE invocations SET status = $1, status_details = $2, exit_code = $3, signal = $4,",
+        " started_at = COALESCE(started_at, $5), finished_at = $6, cpu_user_ms = $7,",
+        " cpu_system_ms = $8, max_rss_kb = $9, message = $10, limits_applied = $11",
+        " WHERE command_id = $12 AND node_id = $13",
+        " AND status NOT IN ('Success', 'Failed', 'TimedOut', 'Cancelled')"
     );
-    for (node, f) in ends {
-        let r = sqlx::query(q)
-            .bind(f.status.as_str())
-            .bind(f.details)
-            .bind(f.exit_code)
-            .bind(f.signal)
-            .bind(f.started_at)
-            .bind(f.finished_at)
-            .bind(f.cpu_user_ms.map(|v| v as i64))
-            .bind(f.cpu_system_ms.map(|v| v as i64))
-            .bind(f.max_rss_kb.map(|v| v as i64))
-            .bind(&f.message)
-            .bind(&f.limits_applied)
-            .bind(id.as_str())
-            .bind(node.as_str())
-            .execute(&mut *conn)
-            .await?;
-        if r.rows_affected() > 0 {
-            ended.push(node.clone());
-            errors += i64::from(f.is_error());
-            delivery_timeouts += i64::from(f.details == details::DELIVERY_TIMED_OUT);
+    with_conn!(conn, |c| {
+        for (node, f) in ends {
+            let r = sqlx::query(q)
+                .bind(f.status.as_str())
+                .bind(f.details)
+                .bind(i64::from(f.exit_code))
+                .bind(f.signal.map(i64::from))
+                .bind(f.started_at)
+                .bind(f.finished_at)
+                .bind(f.cpu_user_ms.map(|v| v as i64))
+                .bind(f.cpu_system_ms.map(|v| v as i64))
+                .bind(f.max_rss_kb.map(|v| v as i64))
+                .bind(&f.message)
+                .bind(&f.limits_applied)
+                .bind(id.as_str())
+                .bind(node.as_str())
+                .execute(&mut *c)
+                .await?;
+            if r.rows_affected() > 0 {
+                ended.push(node.clone());
+                errors += i64::from(f.is_error());
+                delivery_timeouts += i64::from(f.details == details::DELIVERY_TIMED_OUT);
+            }
         }
-    }
-    // The export of an ended invocation's output to its command's bucket is queued in the same
-    // transaction as its end: a crash cannot lose it.
-    for node in &ended {
-        sqlx::query(
-            "INSERT OR IGNORE INTO s3_exports (command_id, node_id, queued_at, next_attempt_at)
-             SELECT command_id, ?, ?, ? FROM commands WHERE command_id = ? AND output_s3_bucket != ''",
-        )
-        .bind(node.as_str())
-        .bind(now_ms())
-        .bind(now_ms())
-        .bind(id.as_str())
-        .execute(&mut *conn)
-        .await?;
-    }
-    sqlx::query(
-        "UPDATE commands SET completed_count = completed_count + ?, error_count = error_count + ?,
-             delivery_timed_out_count = delivery_timed_out_count + ?
-         WHERE command_id = ?",
-    )
-    .bind(ended.len() as i64)
-    .bind(errors)
-    .bind(delivery_timeouts)
-    .bind(id.as_str())
-    .execute(&mut *conn)
-    .await?;
+        // The export of an ended invocation's output to its command's bucket is queued in the same
+        // transaction as its end: a crash cannot lose it.
+        for node in &ended {
+            sqlx::query(
+                "INSERT INTO s3_exports (command_id, node_id, queued_at, next_attempt_at)
+                 SELECT command_id, $1, $2, $2 FROM commands
+                 WHERE command_id = $3 AND output_s3_bucket != ''
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(node.as_str())
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&mut *c)
+            .await?;
+        }
+        // Nothing ended, nothing to count (and no lock on the command's row).
+        if !ended.is_empty() {
+            sqlx::query(
+                "UPDATE commands SET completed_count = completed_count + $1,
+                     error_count = error_count + $2,
+                     delivery_timed_out_count = delivery_timed_out_count + $3
+                 WHERE command_id = $4",
+            )
+            .bind(ended.len() as i64)
+            .bind(errors)
+            .bind(delivery_timeouts)
+            .bind(id.as_str())
+            .execute(&mut *c)
+            .await?;
+        }
+    });
     Ok(ended)
 }
 
@@ -1163,11 +1256,14 @@ pub(crate) mod tests {
     /// command's counters; a non-terminal status (Cancelling) can still end.
     #[tokio::test]
     async fn finish_invocations_moves_only_from_a_non_terminal_status() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
-        let (id, n) = command_on(&store, 3).await;
+        let (_dir, stores) = crate::testing::stores().await;
+        for (kind, store) in stores {
+            finish_only_from_non_terminal(kind, &store).await;
+        }
+    }
+
+    async fn finish_only_from_non_terminal(kind: &str, store: &Store) {
+        let (id, n) = command_on(store, 3).await;
         let success = ended(InvocationStatus::Success, details::SUCCESS);
         let failed = ended(InvocationStatus::Failed, details::FAILED);
 
@@ -1175,7 +1271,7 @@ pub(crate) mod tests {
             .finish_invocations(&id, &[(n[0].clone(), success)])
             .await
             .unwrap();
-        assert_eq!(first, vec![n[0].clone()]);
+        assert_eq!(first, vec![n[0].clone()], "{kind}");
         let second = store
             .finish_invocations(
                 &id,
@@ -1183,7 +1279,11 @@ pub(crate) mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(second, vec![n[1].clone()], "n0 was terminal already");
+        assert_eq!(
+            second,
+            vec![n[1].clone()],
+            "{kind}: n0 was terminal already"
+        );
 
         store.mark_cancelling(&id, &[n[2].clone()]).await.unwrap();
         let timed_out = ended(InvocationStatus::TimedOut, details::DELIVERY_TIMED_OUT);
@@ -1191,7 +1291,11 @@ pub(crate) mod tests {
             .finish_invocations(&id, &[(n[2].clone(), timed_out)])
             .await
             .unwrap();
-        assert_eq!(third, vec![n[2].clone()], "Cancelling is not terminal");
+        assert_eq!(
+            third,
+            vec![n[2].clone()],
+            "{kind}: Cancelling is not terminal"
+        );
         let again = store
             .finish_invocations(
                 &id,
@@ -1202,7 +1306,7 @@ pub(crate) mod tests {
             )
             .await
             .unwrap();
-        assert!(again.is_empty());
+        assert!(again.is_empty(), "{kind}");
 
         let cmd = store.get_command(&id).await.unwrap().unwrap();
         assert_eq!(
@@ -1211,7 +1315,8 @@ pub(crate) mod tests {
                 cmd.error_count,
                 cmd.delivery_timed_out_count
             ),
-            (3, 1, 1)
+            (3, 1, 1),
+            "{kind}"
         );
         let statuses: Vec<_> = store
             .invocation_rows(&id)
@@ -1221,14 +1326,316 @@ pub(crate) mod tests {
             .map(|r| r.status)
             .collect();
         use InvocationStatus::{Failed, Success, TimedOut};
-        assert_eq!(statuses, vec![Success, Failed, TimedOut]);
+        assert_eq!(statuses, vec![Success, Failed, TimedOut], "{kind}");
         let tally = store.invocation_tally(&id).await.unwrap();
-        assert_eq!(tally.get(&(Success, details::SUCCESS.to_owned())), Some(&1));
-        assert_eq!(tally.values().sum::<u64>(), 3);
+        assert_eq!(
+            tally.get(&(Success, details::SUCCESS.to_owned())),
+            Some(&1),
+            "{kind}"
+        );
+        assert_eq!(tally.values().sum::<u64>(), 3, "{kind}");
+    }
+
+    /// Sends racing with one idempotency key (each with its own command id): exactly one is
+    /// stored, the others are told the key is taken, and the key then finds the one stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_sends_with_one_idempotency_key_store_one_command() {
+        let (_dir, stores) = crate::testing::stores().await;
+        for (kind, store) in stores {
+            let sends = (0..8u128).map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let id = CommandId::from_random(100 + i);
+                    let mut c = new_command(&id, &[NodeId::from_random(i)]);
+                    c.idempotency = Some(IdempotencyKey {
+                        principal: "alice".into(),
+                        key: "native:k1".into(),
+                        request_hash: "h1".into(),
+                    });
+                    match store.insert_command(&c).await {
+                        Ok(()) => Ok(Some(id)),
+                        Err(InsertError::DuplicateKey) => Ok(None),
+                        Err(InsertError::Store(e)) => Err(e.to_string()),
+                    }
+                })
+            });
+            let mut won = Vec::new();
+            for s in sends {
+                if let Some(id) = s.await.expect("task").expect("no storage error") {
+                    won.push(id);
+                }
+            }
+            assert_eq!(won.len(), 1, "{kind}: {won:?}");
+            let (cmd, hash) = store
+                .command_by_idempotency_key("alice", "native:k1")
+                .await
+                .unwrap()
+                .expect("the stored send");
+            assert_eq!((&cmd.command_id, hash.as_str()), (&won[0], "h1"), "{kind}");
+            // The refused sends left nothing behind.
+            let totals = store.totals().await.unwrap();
+            assert_eq!((totals.commands, totals.invocations), (1, 1), "{kind}");
+        }
+    }
+
+    /// A command's life, from its creation to its deletion, through every store call on it:
+    /// each answers as expected, and the same on both databases.
+    #[tokio::test]
+    async fn a_command_lifecycle_answers_the_same_on_both() {
+        let (_dir, stores) = crate::testing::stores().await;
+        let mut seen = Vec::new();
+        for (kind, store) in stores {
+            seen.push((kind, lifecycle(kind, &store).await));
+        }
+        assert_eq!(
+            seen[0].1, seen[1].1,
+            "{} and {} differ",
+            seen[0].0, seen[1].0
+        );
+    }
+
+    /// Runs the life of three commands on `store`; what its reads answered, to compare.
+    async fn lifecycle(kind: &str, store: &Store) -> Vec<serde_json::Value> {
+        let (a, b, c) = (
+            NodeId::from_random(1),
+            NodeId::from_random(2),
+            NodeId::from_random(3),
+        );
+        let (id1, id2, id3) = (
+            CommandId::from_random(11),
+            CommandId::from_random(12),
+            CommandId::from_random(13),
+        );
+        let mut seen = Vec::new();
+
+        // id1 on a and b, b refused at once, with a script run; id2 and id3 in one millisecond.
+        let mut c1 = new_command(&id1, &[a.clone(), b.clone()]);
+        c1.spec.requested_at = 10;
+        let refused = Finish::without_running(InvocationStatus::Failed, details::FAILED, 10, "no");
+        let extras = CommandExtras {
+            ended: vec![(b.clone(), refused)],
+            script: Some(("deploy".into(), 2)),
+            script_files: ScriptFiles {
+                input: Some("in.txt".into()),
+                output: None,
+            },
+        };
+        store.insert_command_with(&c1, &extras).await.unwrap();
+        let mut c2 = new_command(&id2, std::slice::from_ref(&c));
+        c2.spec.requested_at = 20;
+        store.insert_command(&c2).await.unwrap();
+        let mut c3 = new_command(&id3, std::slice::from_ref(&a));
+        c3.spec.requested_at = 20;
+        store.insert_command(&c3).await.unwrap();
+
+        let ids = |cs: Vec<Command>| cs.into_iter().map(|c| c.command_id).collect::<Vec<_>>();
+        let mut at_20 = vec![id2.clone(), id3.clone()];
+        at_20.sort_by(|x, y| y.as_str().cmp(x.as_str()));
+        let all = ids(store.list_commands(10, None, None).await.unwrap());
+        assert_eq!(all, [at_20.clone(), vec![id1.clone()]].concat(), "{kind}");
+        let on_c = ids(store
+            .list_commands(10, Some(&HashSet::from([c.clone()])), None)
+            .await
+            .unwrap());
+        assert_eq!(on_c, vec![id2.clone()], "{kind}");
+        let on_none = store
+            .list_commands(10, Some(&HashSet::new()), None)
+            .await
+            .unwrap();
+        assert!(on_none.is_empty(), "{kind}");
+        let cursor = store
+            .command_cursor(&at_20[0])
+            .await
+            .unwrap()
+            .expect("cursor");
+        let after = ids(store.list_commands(10, None, Some(&cursor)).await.unwrap());
+        assert_eq!(after, vec![at_20[1].clone(), id1.clone()], "{kind}");
+        let first = ids(store.list_commands(1, None, None).await.unwrap());
+        assert_eq!(first, vec![at_20[0].clone()], "{kind}");
+
+        // Delivery: only the Pending invocation is delivered; the command goes InProgress.
+        store
+            .mark_delivered(&id1, &[a.clone(), b.clone()], 11)
+            .await
+            .unwrap();
+        let rows = store.invocation_rows(&id1).await.unwrap();
+        let delivered: Vec<_> = rows.iter().map(|r| (r.delivered, r.status)).collect();
+        assert_eq!(
+            delivered,
+            vec![
+                (true, InvocationStatus::Pending),
+                (false, InvocationStatus::Failed)
+            ],
+            "{kind}"
+        );
+        let mut open = store.open_invocations(&a, false).await.unwrap();
+        open.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        let mut expected = vec![(id1.clone(), false), (id3.clone(), false)];
+        expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+        assert_eq!(open, expected, "{kind}");
+        let open = store.open_invocations(&a, true).await.unwrap();
+        assert_eq!(open, vec![(id1.clone(), false)], "{kind}");
+
+        // Start, output, end.
+        let started = store.mark_started(&id1, &a, 12).await.unwrap();
+        assert_eq!(started.map(|s| s.stdout), Some((0, Vec::new())), "{kind}");
+        assert!(
+            store.mark_started(&id1, &b, 12).await.unwrap().is_none(),
+            "{kind}"
+        );
+        store
+            .update_output(&id1, &a, false, 5, b"hello")
+            .await
+            .unwrap();
+        store
+            .update_output(&id1, &a, true, 3, b"err")
+            .await
+            .unwrap();
+        let out = store.output_state(&id1, &a).await.unwrap();
+        assert_eq!(
+            (out.stdout, out.stderr),
+            ((5, b"hello".to_vec()), (3, b"err".to_vec())),
+            "{kind}"
+        );
+        assert!(
+            store
+                .invocation_output_state(&id1, &c)
+                .await
+                .unwrap()
+                .is_none(),
+            "{kind}"
+        );
+        let done = Finish {
+            status: InvocationStatus::Success,
+            details: details::SUCCESS,
+            exit_code: 0,
+            signal: Some(15),
+            started_at: Some(99),
+            finished_at: 14,
+            cpu_user_ms: Some(7),
+            cpu_system_ms: Some(8),
+            max_rss_kb: Some(9),
+            message: "ok".into(),
+            limits_applied: "cgroup".into(),
+        };
+        let ended = store
+            .finish_invocations(&id1, &[(a.clone(), done)])
+            .await
+            .unwrap();
+        assert_eq!(ended, vec![a.clone()], "{kind}");
+        store
+            .set_command_status(&id1, CommandStatus::Success, "Success")
+            .await
+            .unwrap();
+        let inv = store.get_invocation(&id1, &a).await.unwrap().expect("inv");
+        assert_eq!(
+            (inv.exit_code, inv.stdout.as_str(), inv.stderr.as_str()),
+            (0, "hello", "err"),
+            "{kind}"
+        );
+        seen.push(serde_json::to_value(inv).unwrap());
+        seen.push(serde_json::to_value(store.list_invocations(&id1).await.unwrap()).unwrap());
+        let cmd = store.get_command(&id1).await.unwrap().expect("id1");
+        assert_eq!(
+            (cmd.status, cmd.completed_count, cmd.error_count),
+            (CommandStatus::Success, 2, 1),
+            "{kind}"
+        );
+        seen.push(serde_json::to_value(cmd).unwrap());
+
+        // A delivery undone, a cancel, the command rows.
+        store
+            .mark_delivered(&id3, std::slice::from_ref(&a), 15)
+            .await
+            .unwrap();
+        store.mark_undelivered(&id3, &a).await.unwrap();
+        let rows = store.invocation_rows(&id3).await.unwrap();
+        assert!(!rows[0].delivered, "{kind}");
+        store
+            .mark_cancelling(&id2, std::slice::from_ref(&c))
+            .await
+            .unwrap();
+        let row = store.command_row(&id2).await.unwrap().expect("id2");
+        assert!(row.cancel_requested, "{kind}");
+        let rows = store.invocation_rows(&id2).await.unwrap();
+        assert_eq!(rows[0].status, InvocationStatus::Cancelling, "{kind}");
+        assert!(
+            !store
+                .command_row(&id3)
+                .await
+                .unwrap()
+                .expect("id3")
+                .cancel_requested
+        );
+        store.mark_cancel_requested(&id3).await.unwrap();
+        assert!(
+            store
+                .command_row(&id3)
+                .await
+                .unwrap()
+                .expect("id3")
+                .cancel_requested
+        );
+        assert!(
+            store
+                .command_row(&CommandId::from_random(99))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let active = store.active_command_ids().await.unwrap();
+        let oldest_first: Vec<_> = at_20.iter().rev().cloned().collect();
+        assert_eq!(active, oldest_first, "{kind}: oldest first, then by id");
+        let mut tally: Vec<_> = store
+            .invocation_tally(&id1)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        tally.sort_by_key(|((s, _), _)| s.as_str());
+        seen.push(serde_json::to_value(format!("{tally:?}")).unwrap());
+
+        // What is kept, what expired, deletion.
+        let t = store.totals().await.unwrap();
+        assert_eq!(
+            (
+                t.commands,
+                t.invocations,
+                t.output_bytes,
+                t.oldest_command_at
+            ),
+            (3, 4, 8, Some(10)),
+            "{kind}"
+        );
+        assert_eq!(
+            store.expired_commands(100, 10).await.unwrap(),
+            vec![id1.clone()]
+        );
+        assert!(store.expired_commands(10, 10).await.unwrap().is_empty());
+        store
+            .delete_commands(std::slice::from_ref(&id1))
+            .await
+            .unwrap();
+        assert!(store.get_command(&id1).await.unwrap().is_none(), "{kind}");
+        assert!(
+            store.list_invocations(&id1).await.unwrap().is_empty(),
+            "{kind}"
+        );
+        let t = store.totals().await.unwrap();
+        assert_eq!(
+            (t.commands, t.invocations, t.output_bytes),
+            (2, 2, 0),
+            "{kind}"
+        );
+        seen.push(
+            serde_json::to_value(store.list_commands(10, None, None).await.unwrap()).unwrap(),
+        );
+        seen
     }
 
     /// A command stored by the first schema (before commands kept their parameters) reads with
-    /// AWS-RunShellScript's parameters derived from its script, working dir and timeout.
+    /// AWS-RunShellScript's parameters derived from its script, working dir and timeout. (SQLite
+    /// alone: PostgreSQL's history starts at the baseline, which keeps them.)
     #[tokio::test]
     async fn a_command_stored_by_the_first_schema_reads_with_derived_parameters() {
         let dir = tempfile::tempdir().unwrap();
@@ -1315,10 +1722,13 @@ mod rate_tests {
     // that does not parse runs with SSM's default, as the dispatcher's own fallback did.
     #[tokio::test]
     async fn rates_are_stored_as_text_and_read_back_parsed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            rates_read_back(&store).await;
+        }
+    }
+
+    async fn rates_read_back(store: &Store) {
         let id = CommandId::from_random(1);
         store
             .insert_command(&command(&id, Rate::Percent(25), Rate::Count(3)))
@@ -1335,13 +1745,15 @@ mod rate_tests {
             ("25%", "3")
         );
 
-        sqlx::query(
-            "UPDATE commands SET max_concurrency = 'lots', max_errors = '' WHERE command_id = ?",
-        )
-        .bind(id.as_str())
-        .execute(&store.sqlite().unwrap().write)
-        .await
-        .unwrap();
+        crate::with_pool!(store, write, |pool| {
+            sqlx::query(
+                "UPDATE commands SET max_concurrency = 'lots', max_errors = '' WHERE command_id = $1",
+            )
+            .bind(id.as_str())
+            .execute(pool)
+            .await
+            .unwrap();
+        });
         let spec = store.command_row(&id).await.unwrap().unwrap().spec;
         assert_eq!(
             (spec.max_concurrency, spec.max_errors),

@@ -201,17 +201,20 @@ mod tests {
     /// deleting the command drops its rows.
     #[tokio::test]
     async fn an_end_queues_the_export_of_a_command_with_a_bucket() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, stores) = crate::testing::stores().await;
+        for (_, store) in stores {
+            end_queues_export(&store).await;
+        }
+    }
+
+    async fn end_queues_export(store: &Store) {
         let end = |n: &NodeId| {
             vec![(
                 n.clone(),
                 Finish::without_running(InvocationStatus::Success, details::SUCCESS, 5, ""),
             )]
         };
-        let (plain, plain_nodes) = command_on(&store, 1).await;
+        let (plain, plain_nodes) = command_on(store, 1).await;
         store
             .finish_invocations(&plain, &end(&plain_nodes[0]))
             .await

@@ -2,13 +2,14 @@
 //! in one file per resource.
 //!
 //! On SQLite (the default) or PostgreSQL: a query is written once and runs on either through
-//! `with_pool!`; queries still written for SQLite alone reach its pools through `Store::sqlite`,
-//! which answers `NotOnPostgres` on PostgreSQL (the move is under way, module by module; the server
-//! opens only SQLite until it is done).
+//! `with_pool!` (or `with_conn!`, inside a caller's transaction); queries still written for SQLite
+//! alone reach its pools through `Store::sqlite`, which answers `NotOnPostgres` on PostgreSQL (the
+//! move is under way, module by module; the server opens only SQLite until it is done).
 //!
 //! SQLite allows one writer at a time, so writes go through a pool of one connection (no `SQLITE_BUSY`
 //! under load) and reads through a separate pool; WAL keeps readers from blocking the writer. The hot
-//! writes (starts, output lengths, results, audit records) are group-committed by one task (`writer.rs`).
+//! writes (starts, output lengths, results, audit records) are group-committed by one task
+//! (`writer.rs`), on either database.
 
 pub mod audit;
 mod commands;
@@ -54,8 +55,8 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct Store {
     db: Db,
-    /// Group commit of the hot writes, on the `write` connection (SQLite only, for now).
-    writer: Option<writer::Writer>,
+    /// Group commit of the hot writes (on SQLite's `write` connection, or PostgreSQL's pool).
+    writer: writer::Writer,
     /// Wakes the S3 output exporter (see `exports`).
     exports: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -84,6 +85,8 @@ pub(crate) enum Lock {
     Params,
     Scripts,
     Users,
+    /// The audit chain's head, read then extended by each append.
+    Audit,
 }
 
 impl Lock {
@@ -94,6 +97,7 @@ impl Lock {
             Lock::Params => b"params",
             Lock::Scripts => b"scripts",
             Lock::Users => b"users",
+            Lock::Audit => b"audit",
         };
         name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))
     }
@@ -178,6 +182,81 @@ macro_rules! with_pool {
 }
 pub(crate) use with_pool;
 
+/// A connection inside a caller's transaction, on either database: for the writes that run in a
+/// transaction they do not own (the writer's batches, a command's creation).
+pub(crate) enum Conn<'c> {
+    Sqlite(&'c mut sqlx::SqliteConnection),
+    Postgres(&'c mut sqlx::PgConnection),
+}
+
+impl Conn<'_> {
+    /// The same connection for one more call, the original usable again after it.
+    pub(crate) fn reborrow(&mut self) -> Conn<'_> {
+        match self {
+            Conn::Sqlite(c) => Conn::Sqlite(c),
+            Conn::Postgres(c) => Conn::Postgres(c),
+        }
+    }
+}
+
+impl<'c> From<&'c mut sqlx::SqliteConnection> for Conn<'c> {
+    fn from(c: &'c mut sqlx::SqliteConnection) -> Self {
+        Conn::Sqlite(c)
+    }
+}
+
+impl<'c> From<&'c mut sqlx::PgConnection> for Conn<'c> {
+    fn from(c: &'c mut sqlx::PgConnection) -> Self {
+        Conn::Postgres(c)
+    }
+}
+
+/// Runs `$body` with `$c` bound to the connection `$conn` (a [`Conn`], consumed) holds, once per
+/// kind of database, as [`with_pool!`] does for a pool.
+macro_rules! with_conn {
+    ($conn:expr, |$c:ident, $dialect:ident| $body:expr) => {
+        match $conn {
+            $crate::Conn::Sqlite($c) => {
+                let $dialect = $crate::Dialect::Sqlite;
+                $body
+            }
+            $crate::Conn::Postgres($c) => {
+                let $dialect = $crate::Dialect::Postgres;
+                $body
+            }
+        }
+    };
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::Conn::Sqlite($c) => $body,
+            $crate::Conn::Postgres($c) => $body,
+        }
+    };
+}
+pub(crate) use with_conn;
+
+/// `$first, $first+1, ..`: `n` numbered placeholders, for a list of values written once for both
+/// databases (the text is then passed as `sqlx::AssertSqlSafe`: it holds no value).
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 5);
+    for i in first..first + n {
+        if i > first {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&i.to_string());
+    }
+    s
+}
+
+/// `($1, .., $columns), (..)`: the placeholders of a multi-row `VALUES` of `rows` rows.
+pub(crate) fn value_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A storage failure. Shown to API clients only as an internal error.
 ///
 /// Each variant's message includes its cause, so the cause is not also exposed as `source()`
@@ -241,10 +320,10 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        let writer = writer::Writer::spawn(write.clone());
+        let db = Db::Sqlite(SqlitePools { read, write });
         Ok(Store {
-            db: Db::Sqlite(SqlitePools { read, write }),
-            writer: Some(writer),
+            writer: writer::Writer::spawn(db.clone()),
+            db,
             exports: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -258,9 +337,10 @@ impl Store {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let db = Db::Postgres(pool);
         Ok(Store {
-            db: Db::Postgres(pool),
-            writer: None,
+            writer: writer::Writer::spawn(db.clone()),
+            db,
             exports: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
     }
@@ -273,19 +353,10 @@ impl Store {
         }
     }
 
-    /// The group-commit writer.
-    fn writer(&self) -> Result<&writer::Writer> {
-        self.writer
-            .as_ref()
-            .ok_or(StoreError::NotOnPostgres("the group-commit writer"))
-    }
-
     /// Waits until every write queued so far (group-committed ones and queued audit records) is
     /// committed, then closes the pools; later calls fail. The last step of a server's shutdown.
     pub async fn close(&self) -> Result<()> {
-        if let Some(w) = &self.writer {
-            w.flush().await?;
-        }
+        self.writer.flush().await?;
         match &self.db {
             Db::Sqlite(p) => {
                 p.write.close().await;

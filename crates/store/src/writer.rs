@@ -1,7 +1,8 @@
 //! Group commit for the hot write paths (starts, output lengths, results, audit records).
 //!
 //! Every SQLite statement costs a hand-off to sqlx's worker thread, and a transaction of its own costs
-//! three (begin, statement, commit) on the single writer connection. Under a fan-out to many nodes the
+//! three (begin, statement, commit) on the single writer connection; on PostgreSQL every commit is a
+//! round trip and a WAL flush. Under a fan-out to many nodes the
 //! hot writes arrive together, so one task takes every queued write (up to [`BATCH_MAX`]), runs them
 //! in one transaction, and only after the commit answers each caller: a caller still returns only
 //! once its own write is durable. When the batch fails, each write is retried in a transaction of its
@@ -13,12 +14,15 @@
 //! that the writer drains after the hot writes of each batch, so a flood of reads cannot delay a
 //! write; at least [`AUDIT_PER_BATCH_MIN`] of them ride along with every batch, so they cannot
 //! starve either. A batch's audit records are chained in memory and stored with one `INSERT`.
+//!
+//! On PostgreSQL the task runs its transactions on the store's one pool; other connections (and
+//! other servers' writers) write beside it, which the writes allow: each is one conditional
+//! statement, and the audit append takes the chain's lock (`audit::append`).
 
 use super::audit::{self, AuditEntry};
 use super::commands::{self, OutputState};
-use super::{Finish, Result, StoreError};
+use super::{Conn, Db, Finish, Result, StoreError};
 use fleetrun_proto::{CommandId, NodeId};
-use sqlx::{SqliteConnection, SqlitePool};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
@@ -71,11 +75,7 @@ enum Done {
 
 impl WriteOp {
     /// Runs the write; an audit record is only added to `audits`, stored at the end of the batch.
-    async fn exec<'a>(
-        &'a self,
-        conn: &mut SqliteConnection,
-        audits: &mut Vec<&'a AuditEntry>,
-    ) -> Result<Done> {
+    async fn exec<'a>(&'a self, conn: Conn<'_>, audits: &mut Vec<&'a AuditEntry>) -> Result<Done> {
         Ok(match self {
             WriteOp::MarkStarted {
                 id,
@@ -156,12 +156,12 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task on `pool` (the single writer connection).
-    pub(super) fn spawn(pool: SqlitePool) -> Self {
+    /// Starts the writer task on `db` (SQLite's single writer connection, or PostgreSQL's pool).
+    pub(super) fn spawn(db: Db) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (audit, audit_rx) = mpsc::channel(AUDIT_QUEUE_MAX);
         let commits = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(pool, rx, audit_rx, commits.clone()));
+        tokio::spawn(run(db, rx, audit_rx, commits.clone()));
         Writer { tx, audit, commits }
     }
 
@@ -227,7 +227,7 @@ impl Writer {
 }
 
 async fn run(
-    pool: SqlitePool,
+    db: Db,
     mut rx: mpsc::UnboundedReceiver<WriteOp>,
     mut audit: mpsc::Receiver<WriteOp>,
     commits: Arc<AtomicU64>,
@@ -256,7 +256,7 @@ async fn run(
                 Err(_) => break,
             }
         }
-        match commit(&pool, &batch, &commits).await {
+        match commit(&db, &batch, &commits).await {
             Ok(done) => {
                 for (op, d) in batch.drain(..).zip(done) {
                     op.answer(Ok(d));
@@ -273,7 +273,7 @@ async fn run(
                     "batched write failed ({e}); retrying each write on its own"
                 );
                 for op in batch.drain(..) {
-                    let r = commit(&pool, std::slice::from_ref(&op), &commits)
+                    let r = commit(&db, std::slice::from_ref(&op), &commits)
                         .await
                         .and_then(|mut d| d.pop().ok_or(StoreError::Missing("write result")));
                     op.answer(r);
@@ -285,18 +285,36 @@ async fn run(
 
 /// Runs `ops` in one transaction; their results, once it committed.
 ///
-/// The transaction takes the write lock at `BEGIN` (`IMMEDIATE`): a deferred one that read first
-/// and then found the lock held (by some other process) would fail at once, without the busy timeout.
-async fn commit(pool: &SqlitePool, ops: &[WriteOp], commits: &AtomicU64) -> Result<Vec<Done>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+/// On SQLite the transaction takes the write lock at `BEGIN` (`IMMEDIATE`): a deferred one that read
+/// first and then found the lock held (by some other process) would fail at once, without the busy
+/// timeout.
+async fn commit(db: &Db, ops: &[WriteOp], commits: &AtomicU64) -> Result<Vec<Done>> {
+    let done = match db {
+        Db::Sqlite(p) => {
+            let mut tx = p.write.begin_with("BEGIN IMMEDIATE").await?;
+            let done = exec_all(Conn::from(&mut *tx), ops).await?;
+            tx.commit().await?;
+            done
+        }
+        Db::Postgres(pool) => {
+            let mut tx = pool.begin().await?;
+            let done = exec_all(Conn::from(&mut *tx), ops).await?;
+            tx.commit().await?;
+            done
+        }
+    };
+    commits.fetch_add(1, Ordering::Relaxed);
+    Ok(done)
+}
+
+/// Runs `ops` on `conn` (in a transaction), their audit records stored last with one append.
+async fn exec_all(mut conn: Conn<'_>, ops: &[WriteOp]) -> Result<Vec<Done>> {
     let mut done = Vec::with_capacity(ops.len());
     let mut audits = Vec::new();
     for op in ops {
-        done.push(op.exec(&mut tx, &mut audits).await?);
+        done.push(op.exec(conn.reborrow(), &mut audits).await?);
     }
-    audit::append(&mut tx, &audits).await?;
-    tx.commit().await?;
-    commits.fetch_add(1, Ordering::Relaxed);
+    audit::append(conn, &audits).await?;
     Ok(done)
 }
 
@@ -312,17 +330,20 @@ mod tests {
     /// answer: output lengths, a finish with the nodes it ended, a starts' stored state, an audit.
     #[tokio::test]
     async fn queued_writes_commit_together_and_each_caller_is_answered() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
-        let (id, n) = command_on(&store, 8).await;
-        let before = store.writer().unwrap().commits();
+        let (_dir, stores) = crate::testing::stores().await;
+        for (kind, store) in stores {
+            commit_together(kind, &store).await;
+        }
+    }
+
+    async fn commit_together(kind: &str, store: &Store) {
+        let (id, n) = command_on(store, 8).await;
+        let before = store.writer.commits();
 
         // On this single-threaded runtime every write below is queued before the writer task runs.
         let out = |i: usize| {
             let line = format!("out {i}");
-            let (store, id, node) = (&store, &id, &n[i]);
+            let (id, node) = (&id, &n[i]);
             async move {
                 store
                     .update_output(id, node, false, line.len() as u64, line.as_bytes())
@@ -347,21 +368,26 @@ mod tests {
             store.append_audit(audit),
         );
         let outputs = [o0, o1, o2, o3];
-        assert!(outputs.iter().all(|r| r.is_ok()), "{outputs:?}");
-        assert_eq!(finished.unwrap(), vec![n[4].clone(), n[5].clone()]);
-        assert_eq!(started.unwrap().map(|s| s.stdout.0), Some(0));
+        assert!(outputs.iter().all(|r| r.is_ok()), "{kind}: {outputs:?}");
+        assert_eq!(
+            finished.unwrap(),
+            vec![n[4].clone(), n[5].clone()],
+            "{kind}"
+        );
+        assert_eq!(started.unwrap().map(|s| s.stdout.0), Some(0), "{kind}");
         audited.unwrap();
         assert_eq!(
-            store.writer().unwrap().commits() - before,
+            store.writer.commits() - before,
             1,
-            "one transaction for all of them"
+            "{kind}: one transaction for all of them"
         );
 
         for (i, node) in n[..4].iter().enumerate() {
             let s = store.output_state(&id, node).await.unwrap();
-            assert_eq!(s.stdout.1, format!("out {i}").into_bytes());
+            assert_eq!(s.stdout.1, format!("out {i}").into_bytes(), "{kind}");
         }
         let cmd = store.get_command(&id).await.unwrap().unwrap();
-        assert_eq!((cmd.completed_count, cmd.error_count), (2, 2));
+        assert_eq!((cmd.completed_count, cmd.error_count), (2, 2), "{kind}");
+        assert_eq!(store.verify_audit(None).await.unwrap().records, 1, "{kind}");
     }
 }
