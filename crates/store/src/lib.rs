@@ -84,6 +84,8 @@ pub(crate) enum Lock {
     Params,
     Scripts,
     Users,
+    /// Activations' registration counts and the node ids taken (`register_node`).
+    Registrations,
 }
 
 impl Lock {
@@ -94,6 +96,8 @@ impl Lock {
             Lock::Params => b"params",
             Lock::Scripts => b"scripts",
             Lock::Users => b"users",
+            // Eight bytes: the key keeps the last eight of a name.
+            Lock::Registrations => b"register",
         };
         name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))
     }
@@ -117,6 +121,91 @@ impl Dialect {
             Dialect::Sqlite => format!("SELECT value FROM json_each({param})"),
             Dialect::Postgres => format!("SELECT json_array_elements_text({param}::json)"),
         }
+    }
+}
+
+/// A statement built at run time (filters, target expressions): its text, with `$n` placeholders
+/// numbered as values are added, and the values, bound in that order on either database.
+#[derive(Debug, Default)]
+pub(crate) struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+}
+
+/// A value of a [`Sql`] statement.
+#[derive(Debug)]
+pub(crate) enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl From<String> for Bind {
+    fn from(v: String) -> Self {
+        Bind::Text(v)
+    }
+}
+
+impl From<&str> for Bind {
+    fn from(v: &str) -> Self {
+        Bind::Text(v.to_owned())
+    }
+}
+
+impl From<i64> for Bind {
+    fn from(v: i64) -> Self {
+        Bind::Int(v)
+    }
+}
+
+impl Sql {
+    /// A statement starting with `text` (no placeholders in it).
+    pub(crate) fn new(text: &str) -> Self {
+        Sql {
+            text: text.to_owned(),
+            binds: Vec::new(),
+        }
+    }
+
+    /// Appends fixed text (never a value: values go through [`Sql::bind`]).
+    pub(crate) fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// Appends the placeholder of a new value.
+    pub(crate) fn bind(&mut self, value: impl Into<Bind>) -> &mut Self {
+        let p = self.param(value);
+        self.text.push_str(&p);
+        self
+    }
+
+    /// A new value's placeholder (`$n`), for text that wraps it (`Dialect::json_strings`).
+    pub(crate) fn param(&mut self, value: impl Into<Bind>) -> String {
+        self.binds.push(value.into());
+        format!("${}", self.binds.len())
+    }
+
+    /// How many values are bound.
+    #[cfg(test)]
+    pub(crate) fn binds(&self) -> usize {
+        self.binds.len()
+    }
+
+    /// The query, its values bound.
+    pub(crate) fn query<'a, DB: sqlx::Database>(self) -> sqlx::query::Query<'a, DB, DB::Arguments>
+    where
+        String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+        i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    {
+        // Only fixed fragments are in the text; every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(self.text));
+        for b in self.binds {
+            q = match b {
+                Bind::Text(v) => q.bind(v),
+                Bind::Int(v) => q.bind(v),
+            };
+        }
+        q
     }
 }
 
