@@ -539,13 +539,16 @@ mod tests {
         assert_eq!(a.node_ids, ["mi-00000000000000007"]);
     }
 
-    /// Through a real database: what the SQL modules decode is what the edge presents.
+    /// Through a real database, each of them: what the SQL modules decode is what the edge presents.
     #[tokio::test]
     async fn store_calls_present_their_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_sqlite(&dir.path().join("db.sqlite"))
-            .await
-            .unwrap();
+        let (_dir, stores) = crate::testing::stores().await;
+        for (db, store) in stores {
+            store_calls_present_their_rows_on(db, store).await;
+        }
+    }
+
+    async fn store_calls_present_their_rows_on(db: &str, store: Store) {
         let now = fleetrun_proto::time::now_ms();
 
         store
@@ -582,12 +585,13 @@ mod tests {
         assert_eq!(acts.len(), 1);
         assert_eq!(
             (acts[0].created_at.as_str(), acts[0].expired),
-            (T_TEXT, false)
+            (T_TEXT, false),
+            "{db}"
         );
         assert_eq!(acts[0].registrations, 1);
 
         let lost = store.get_node(&id, |_| false).await.unwrap().unwrap();
-        assert_eq!(lost.ping_status, PING_CONNECTION_LOST);
+        assert_eq!(lost.ping_status, PING_CONNECTION_LOST, "{db}");
         assert_eq!(lost.key_fingerprint, fingerprint(&key));
         assert_eq!(lost.key_rotated_at, None);
         let online = store.list_nodes(|n| *n == id).await.unwrap();
@@ -596,41 +600,47 @@ mod tests {
 
         // A command stored before parameters were kept, with one finished invocation.
         let cid = CommandId::from_random(9);
-        sqlx::query(
-            "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
-                delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, status,
-                status_details, requested_at, target_count)
-             VALUES (?, 'AWS-RunShellScript', '[\"uptime\"]', '', 60, 600, '', '[]', '', '50', '0',
-                'Success', 'Success', ?, 1)",
-        )
-        .bind(cid.as_str())
-        .bind(T)
-        .execute(&store.sqlite().unwrap().write)
-        .await
-        .unwrap();
-        sqlx::query(
-            "INSERT INTO invocations (command_id, node_id, seq, node_name, status, status_details,
-                started_at, finished_at, exit_code, stdout_inline, stdout_bytes)
-             VALUES (?, ?, 0, 'web-1', 'Success', 'Success', ?, ?, 0, X'6869', 30000)",
-        )
-        .bind(cid.as_str())
-        .bind(id.as_str())
-        .bind(T)
-        .bind(T + 1_500)
-        .execute(&store.sqlite().unwrap().write)
-        .await
-        .unwrap();
-        let c = store.get_command(&cid).await.unwrap().unwrap();
-        assert_eq!(c.requested_at, T_TEXT);
-        assert_eq!(c.parameters["executionTimeout"], ["60"]);
-        let inv = store.list_invocations(&cid).await.unwrap();
-        assert_eq!(inv.len(), 1);
+        crate::with_pool!(store, write, |pool| {
+            sqlx::query(
+                "INSERT INTO commands (command_id, document_name, commands, working_dir, execution_timeout,
+                    delivery_timeout, comment, node_ids, targets, max_concurrency, max_errors, status,
+                    status_details, requested_at, target_count)
+                 VALUES ($1, 'AWS-RunShellScript', '[\"uptime\"]', '', 60, 600, '', '[]', '', '50', '0',
+                    'Success', 'Success', $2, 1)",
+            )
+            .bind(cid.as_str())
+            .bind(T)
+            .execute(pool)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO invocations (command_id, node_id, seq, node_name, status, status_details,
+                    started_at, finished_at, exit_code, stdout_inline, stdout_bytes)
+                 VALUES ($1, $2, 0, 'web-1', 'Success', 'Success', $3, $4, 0, $5, 30000)",
+            )
+            .bind(cid.as_str())
+            .bind(id.as_str())
+            .bind(T)
+            .bind(T + 1_500)
+            .bind(b"hi".to_vec())
+            .execute(pool)
+            .await
+            .unwrap();
+        });
+        // Through the SSM listings (on both databases).
+        let all = crate::CommandQuery::default();
+        let listed = store.query_commands(&all, 0, 10).await.unwrap();
+        assert_eq!(listed.len(), 1, "{db}");
+        assert_eq!(listed[0].0.requested_at, T_TEXT);
+        assert_eq!(listed[0].0.parameters["executionTimeout"], ["60"]);
+        let inv = store.query_invocations(&all, 0, 10).await.unwrap();
+        assert_eq!(inv.len(), 1, "{db}");
         assert_eq!(
-            (inv[0].stdout.as_str(), inv[0].stdout_truncated),
+            (inv[0].0.stdout.as_str(), inv[0].0.stdout_truncated),
             ("hi", true)
         );
         assert_eq!(
-            (inv[0].started_at.as_deref(), inv[0].wall_ms),
+            (inv[0].0.started_at.as_deref(), inv[0].0.wall_ms),
             (Some(T_TEXT), Some(1_500))
         );
 
@@ -649,13 +659,28 @@ mod tests {
         assert_eq!(listed.len(), 1);
         assert_eq!(
             (listed[0].id.as_str(), listed[0].expires_at.as_deref()),
-            ("tok_abababababababab", Some(T_TEXT))
+            ("tok_abababababababab", Some(T_TEXT)),
+            "{db}"
         );
         assert_eq!(
             (made.id, made.expires_at),
             (listed[0].id.clone(), listed[0].expires_at.clone())
         );
         assert_eq!(store.get_user("alice").await.unwrap().unwrap().tokens, 1);
+
+        let c = store.get_command(&cid).await.unwrap().unwrap();
+        assert_eq!(c.requested_at, T_TEXT);
+        assert_eq!(c.parameters["executionTimeout"], ["60"]);
+        let inv = store.list_invocations(&cid).await.unwrap();
+        assert_eq!(inv.len(), 1);
+        assert_eq!(
+            (inv[0].stdout.as_str(), inv[0].stdout_truncated),
+            ("hi", true)
+        );
+        assert_eq!(
+            (inv[0].started_at.as_deref(), inv[0].wall_ms),
+            (Some(T_TEXT), Some(1_500))
+        );
 
         store
             .append_audit(AuditEntry {

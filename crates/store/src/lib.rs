@@ -2,9 +2,8 @@
 //! in one file per resource.
 //!
 //! On SQLite (the default) or PostgreSQL: a query is written once and runs on either through
-//! `with_pool!` (or `with_conn!`, inside a caller's transaction); queries still written for SQLite
-//! alone reach its pools through `Store::sqlite`, which answers `NotOnPostgres` on PostgreSQL (the
-//! move is under way, module by module; the server opens only SQLite until it is done).
+//! `with_pool!` (or `with_conn!`, inside a caller's transaction); [`Database`] names which one a
+//! server keeps (`--database`).
 //!
 //! SQLite allows one writer at a time, so writes go through a pool of one connection (no `SQLITE_BUSY`
 //! under load) and reads through a separate pool; WAL keeps readers from blocking the writer. The hot
@@ -87,6 +86,8 @@ pub(crate) enum Lock {
     Users,
     /// The audit chain's head, read then extended by each append.
     Audit,
+    /// Activations' registration counts and the node ids taken (`register_node`).
+    Registrations,
 }
 
 impl Lock {
@@ -98,6 +99,8 @@ impl Lock {
             Lock::Scripts => b"scripts",
             Lock::Users => b"users",
             Lock::Audit => b"audit",
+            // Eight bytes: the key keeps the last eight of a name.
+            Lock::Registrations => b"register",
         };
         name.iter().fold(0i64, |k, b| (k << 8) | i64::from(*b))
     }
@@ -121,6 +124,91 @@ impl Dialect {
             Dialect::Sqlite => format!("SELECT value FROM json_each({param})"),
             Dialect::Postgres => format!("SELECT json_array_elements_text({param}::json)"),
         }
+    }
+}
+
+/// A statement built at run time (filters, target expressions): its text, with `$n` placeholders
+/// numbered as values are added, and the values, bound in that order on either database.
+#[derive(Debug, Default)]
+pub(crate) struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+}
+
+/// A value of a [`Sql`] statement.
+#[derive(Debug)]
+pub(crate) enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl From<String> for Bind {
+    fn from(v: String) -> Self {
+        Bind::Text(v)
+    }
+}
+
+impl From<&str> for Bind {
+    fn from(v: &str) -> Self {
+        Bind::Text(v.to_owned())
+    }
+}
+
+impl From<i64> for Bind {
+    fn from(v: i64) -> Self {
+        Bind::Int(v)
+    }
+}
+
+impl Sql {
+    /// A statement starting with `text` (no placeholders in it).
+    pub(crate) fn new(text: &str) -> Self {
+        Sql {
+            text: text.to_owned(),
+            binds: Vec::new(),
+        }
+    }
+
+    /// Appends fixed text (never a value: values go through [`Sql::bind`]).
+    pub(crate) fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// Appends the placeholder of a new value.
+    pub(crate) fn bind(&mut self, value: impl Into<Bind>) -> &mut Self {
+        let p = self.param(value);
+        self.text.push_str(&p);
+        self
+    }
+
+    /// A new value's placeholder (`$n`), for text that wraps it (`Dialect::json_strings`).
+    pub(crate) fn param(&mut self, value: impl Into<Bind>) -> String {
+        self.binds.push(value.into());
+        format!("${}", self.binds.len())
+    }
+
+    /// How many values are bound.
+    #[cfg(test)]
+    pub(crate) fn binds(&self) -> usize {
+        self.binds.len()
+    }
+
+    /// The query, its values bound.
+    pub(crate) fn query<'a, DB: sqlx::Database>(self) -> sqlx::query::Query<'a, DB, DB::Arguments>
+    where
+        String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+        i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    {
+        // Only fixed fragments are in the text; every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(self.text));
+        for b in self.binds {
+            q = match b {
+                Bind::Text(v) => q.bind(v),
+                Bind::Int(v) => q.bind(v),
+            };
+        }
+        q
     }
 }
 
@@ -275,9 +363,6 @@ pub enum StoreError {
     /// A stored JSON column did not decode.
     #[error("stored JSON: {0}")]
     Json(serde_json::Error),
-    /// A part of the store that does not run on PostgreSQL yet.
-    #[error("{0} is not on PostgreSQL yet")]
-    NotOnPostgres(&'static str),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -343,14 +428,6 @@ impl Store {
             db,
             exports: std::sync::Arc::new(tokio::sync::Notify::new()),
         })
-    }
-
-    /// SQLite's pools, for the queries not written for both databases yet.
-    fn sqlite(&self) -> Result<&SqlitePools> {
-        match &self.db {
-            Db::Sqlite(p) => Ok(p),
-            Db::Postgres(_) => Err(StoreError::NotOnPostgres("this query")),
-        }
     }
 
     /// Waits until every write queued so far (group-committed ones and queued audit records) is
