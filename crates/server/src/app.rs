@@ -148,11 +148,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     );
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let db_path = config.data_dir.join("fleetrun.db");
-    let store = Store::open_sqlite(&db_path)
+    let database = config
+        .database
+        .clone()
+        .unwrap_or_else(|| fleetrun_store::Database::in_data_dir(&config.data_dir));
+    let store = Store::open(&database)
         .await
-        .with_context(|| format!("cannot open database {}", db_path.display()))?;
-    tracing::info!(path = %db_path.display(), "database open");
+        .with_context(|| format!("cannot open database {database}"))?;
+    tracing::info!(%database, "database open");
     // A session still Active belonged to a server that stopped: its relay is gone with it.
     let orphans = store
         .end_active_sessions(fleetrun_proto::time::now_ms(), "server restarted")

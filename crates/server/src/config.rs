@@ -9,8 +9,11 @@ use std::time::Duration;
 /// Settings of one server process.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Where the SQLite database, output objects and admin token live.
+    /// Where the SQLite database (unless `database` names another), output objects and the
+    /// admin token live.
     pub data_dir: PathBuf,
+    /// The database, when not SQLite in `data_dir`: PostgreSQL, which several replicas share.
+    pub database: Option<fleetrun_store::Database>,
     /// Address to listen on; port 0 picks a free one.
     pub listen: SocketAddr,
     /// Seconds between agent pings.
@@ -100,6 +103,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
         ServerConfig {
             data_dir,
+            database: None,
             listen,
             heartbeat_secs: 15,
             retention: Self::DEFAULT_RETENTION,

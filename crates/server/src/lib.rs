@@ -33,3 +33,5 @@ pub mod ssm;
 
 pub use app::{AppState, Ended, RunningServer, start};
 pub use config::ServerConfig;
+/// Where a server's database is (`ServerConfig::database`).
+pub use fleetrun_store::Database;

@@ -12,6 +12,7 @@
 
 pub mod audit;
 mod commands;
+mod database;
 mod documents;
 mod edge;
 mod exports;
@@ -30,6 +31,7 @@ pub use commands::{
     CommandCursor, CommandExtras, CommandRow, CommandSpec, Finish, IdempotencyKey, InsertError,
     InvocationRow, NewCommand, OutputState, S3Output, ScriptFiles, Tally, Totals,
 };
+pub use database::Database;
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};

@@ -26,6 +26,15 @@ pub struct Args {
         value_name = "DIR"
     )]
     data_dir: Option<PathBuf>,
+    /// The database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB, which several replicas can share,
+    /// or sqlite:PATH [default: SQLite in the data dir]
+    #[arg(
+        long,
+        env = "FLEETRUN_DATABASE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database: Option<String>,
     /// Address to listen on [default: 127.0.0.1:8080]
     #[arg(
         long,
@@ -87,7 +96,7 @@ pub struct Args {
     /// Serve plain HTTP, without TLS: tokens, scripts and output cross the network in clear text
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_sans"])]
     insecure_http: bool,
-    /// A TOML file with data_dir, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
+    /// A TOML file with data_dir, database, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
     /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans, insecure_http and the timeouts,
     /// connection caps and recording settings below
     #[arg(
@@ -194,6 +203,7 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 #[serde(deny_unknown_fields)]
 struct ServerFile {
     data_dir: Option<PathBuf>,
+    database: Option<String>,
     listen: Option<SocketAddr>,
     heartbeat_secs: Option<u64>,
     /// A duration such as "30d".
@@ -250,6 +260,12 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         Some(d) => d,
         None => default_data_dir()?,
     };
+    let database = args
+        .database
+        .or(file.database)
+        .map(|d| fleetrun_server::Database::parse(&d))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let listen = match args.listen.or(file.listen) {
         Some(l) => l,
         None => LISTEN_DEFAULT
@@ -374,6 +390,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         on_failure,
     };
     Ok(fleetrun_server::ServerConfig {
+        database,
         object_store,
         tls,
         recording,
@@ -529,6 +546,7 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:9\"\nheartbeat_secs = 3\n").unwrap();
         let args = |config: Option<PathBuf>| Args {
             data_dir: Some(dir.path().into()),
+            database: None,
             listen: None,
             heartbeat_secs: None,
             retention: None,
@@ -662,6 +680,29 @@ mod tests {
         ));
         std::fs::write(&path, "tls_cert = \"c.pem\"\n").unwrap();
         assert!(resolve(args(Some(path.clone()))).is_err());
+
+        // The database: SQLite in the data dir unless the file or the flag names one.
+        assert_eq!(c.database, None);
+        std::fs::write(&path, "database = \"postgres://fleet:pw@db/fleetrun\"\n").unwrap();
+        let c = resolve(args(Some(path.clone()))).unwrap();
+        assert_eq!(
+            c.database,
+            Some(fleetrun_server::Database::Postgres(
+                "postgres://fleet:pw@db/fleetrun".into()
+            ))
+        );
+        let mut a = args(Some(path.clone()));
+        a.database = Some("sqlite:/tmp/other.db".into());
+        assert_eq!(
+            resolve(a).unwrap().database,
+            Some(fleetrun_server::Database::Sqlite("/tmp/other.db".into()))
+        );
+        std::fs::write(&path, "database = \"mysql://root:pw@db/x\"\n").unwrap();
+        let err = format!("{:#}", resolve(args(Some(path.clone()))).unwrap_err());
+        assert!(
+            err.contains("postgres://") && !err.contains(":pw@"),
+            "{err}"
+        );
 
         std::fs::write(&path, "listn = \"127.0.0.1:9\"\n").unwrap();
         let err = load_file(&path).unwrap_err().to_string();
