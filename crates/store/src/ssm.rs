@@ -1,11 +1,11 @@
 //! Queries of the SSM-compatible API: access keys, and command/invocation listings with SSM's filters
 //! and offset pagination.
 
-use super::commands::{CommandRecord, InvocationRecord, OutputState, visible_json};
+use super::commands::visible_json;
 use super::{Columns, Dialect, Result, Sql, Store, with_pool};
 use fleetrun_proto::api::{Command, Invocation};
 use fleetrun_proto::time::now_ms;
-use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
+use fleetrun_proto::{CommandId, NodeId};
 use std::collections::HashSet;
 
 /// Which commands (or their invocations) a listing wants.
@@ -188,14 +188,6 @@ fn push_page(sql: &mut Sql, offset: u64, limit: u32) {
         .bind(i64::try_from(offset).unwrap_or(i64::MAX));
 }
 
-fn decode_id<T: std::str::FromStr>(s: String) -> Result<T>
-where
-    T::Err: std::error::Error + Send + Sync + 'static,
-{
-    s.parse()
-        .map_err(|e: T::Err| sqlx::Error::Decode(Box::new(e)).into())
-}
-
 fn output_s3(r: &impl Columns) -> Option<super::S3Output> {
     let bucket = r.text("output_s3_bucket");
     (!bucket.is_empty()).then(|| super::S3Output {
@@ -278,6 +270,7 @@ mod tests {
     use super::*;
     use crate::principals::UserRow;
     use fleetrun_proto::api::Role;
+    use fleetrun_proto::{CommandStatus, InvocationStatus};
 
     /// Access keys keep their sealed secret and user; listings are newest first, per user when
     /// asked; a key's user must exist.
