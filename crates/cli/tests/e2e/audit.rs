@@ -3,7 +3,6 @@
 
 use crate::support::{Agent, Http, Server, run};
 use serde_json::Value;
-use std::process::Command;
 use std::time::Duration;
 
 fn audit(server: &Server, args: &[&str]) -> Vec<Value> {
@@ -101,23 +100,11 @@ fn audit_records_calls_and_detects_a_tampered_row() {
     let v = server.cli(&["audit", "verify"]).ok().stdout_str();
     assert!(v.contains("audit chain intact"), "{v}");
 
-    // Edit the send's record in place (SQLite accepts a write while the server runs: WAL).
+    // Edit the send's record in place, from outside the server, while it runs.
     let seq = s["seq"].as_u64().expect("seq");
-    let db = server.data_dir.join("fleetrun.db");
-    let out = Command::new("sqlite3")
-        .arg("-cmd")
-        .arg(".timeout 10000")
-        .arg(&db)
-        .arg(format!(
-            "UPDATE audit_log SET params = replace(params, 'audited-script-marker', 'innocent') WHERE seq = {seq};"
-        ))
-        .output()
-        .expect("sqlite3 (install the sqlite3 CLI)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.sql(&format!(
+        "UPDATE audit_log SET params = replace(params, 'audited-script-marker', 'innocent') WHERE seq = {seq};"
+    ));
     let bad = server.cli(&["audit", "verify"]);
     assert_eq!(bad.code(), Some(1), "{}", bad.stdout_str());
     let line = bad.stderr.trim();
@@ -190,19 +177,7 @@ fn an_anchor_kept_outside_finds_the_newest_records_removed() {
     assert!(seq2 > seq);
 
     // Remove the newest records, the anchor's among them: the chain alone still links up...
-    let db = server.data_dir.join("fleetrun.db");
-    let out = Command::new("sqlite3")
-        .arg("-cmd")
-        .arg(".timeout 10000")
-        .arg(&db)
-        .arg(format!("DELETE FROM audit_log WHERE seq >= {seq2};"))
-        .output()
-        .expect("sqlite3 (install the sqlite3 CLI)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.sql(&format!("DELETE FROM audit_log WHERE seq >= {seq2};"));
     let plain = server.cli(&["audit", "verify", "-o", "json"]).json();
     assert_eq!(plain["ok"], true, "{plain}");
     // ...but not with the anchor.

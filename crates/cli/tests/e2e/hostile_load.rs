@@ -32,7 +32,8 @@ fn request(
 
 #[test]
 fn big_refused_bodies_are_audited_as_a_digest_not_kept_whole() {
-    let server = Server::start();
+    // SQLite, whatever the run's database: the test weighs the database files.
+    let server = Server::start_sqlite();
     // Sends refused with 400 (no node matches; malformed JSON), each body ~1 MiB.
     let filler = "x".repeat(1024 * 1024);
     let denied = json!({"targets": "all", "commands": [filler]}).to_string();
@@ -100,7 +101,8 @@ fn big_refused_bodies_are_audited_as_a_digest_not_kept_whole() {
 
 #[test]
 fn refused_requests_and_reads_are_answered_while_the_writer_is_blocked() {
-    let server = Server::start();
+    // SQLite, whatever the run's database: the test holds the SQLite file's write lock.
+    let server = Server::start_sqlite();
     // Hold SQLite's write lock from outside: the server's writer cannot commit until it is released.
     let db = server.data_dir.join("fleetrun.db");
     let mut lock = Command::new("sqlite3")

@@ -272,6 +272,29 @@ pub fn raw_request(server: &Server, req: RawRequest<'_>) -> Result<RawAnswer, St
     })
 }
 
+/// Which database the servers of this run keep: `FLEETRUN_TEST_DATABASE` unset or `sqlite`, SQLite
+/// in the data dir (the default); `postgres`, a fresh database of this test binary's own
+/// PostgreSQL cluster (`fleetrun_testkit`), so the whole suite also runs on PostgreSQL.
+fn test_database() -> Option<String> {
+    match std::env::var("FLEETRUN_TEST_DATABASE").as_deref() {
+        Err(_) | Ok("" | "sqlite") => None,
+        Ok("postgres") => Some(fleetrun_testkit::shared_postgres().create_database()),
+        Ok(other) => panic!("FLEETRUN_TEST_DATABASE={other}: use sqlite or postgres"),
+    }
+}
+
+/// A server's flags with the run's database added, unless they name one already (a test about
+/// the SQLite file itself names `--database sqlite:PATH`).
+fn with_test_database(args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    if !args.contains(&"--database")
+        && let Some(url) = test_database()
+    {
+        all.extend(["--database".to_owned(), url]);
+    }
+    all
+}
+
 /// A running `fleetrun server`. It can be killed and started again on the same data dir and the same
 /// address, so agents re-dial the URL they know.
 pub struct Server {
@@ -303,14 +326,24 @@ impl Server {
 
     /// A server listening on `ip` (a veth address in a network test), with extra flags.
     pub fn start_on(ip: &str, args: &[&str]) -> Server {
+        Server::start_full(ip, with_test_database(args))
+    }
+
+    /// A server on SQLite in its data dir whatever the run's database, for a test about the
+    /// SQLite file itself.
+    pub fn start_sqlite() -> Server {
+        Server::start_full("127.0.0.1", Vec::new())
+    }
+
+    fn start_full(ip: &str, args: Vec<String>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         let port = free_port(ip);
-        let insecure = args.contains(&"--insecure-http");
+        let insecure = args.iter().any(|a| a == "--insecure-http");
         let scheme = if insecure { "http" } else { "https" };
         let operator_cert = args
             .iter()
-            .position(|a| *a == "--tls-cert")
+            .position(|a| a == "--tls-cert")
             .and_then(|i| args.get(i + 1))
             .map(PathBuf::from);
         let own_ca = !insecure && operator_cert.is_none();
@@ -326,7 +359,7 @@ impl Server {
             dir,
             data_dir,
             listen: format!("{ip}:{port}"),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            args,
             child: None,
             starts: 0,
         };
@@ -406,6 +439,33 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Runs `sql` on the server's database from outside the server, as someone with access to
+    /// the database would (sqlite3 on the file, or psql); panics when it fails.
+    pub fn sql(&self, sql: &str) -> String {
+        let database = self
+            .args
+            .iter()
+            .position(|a| a == "--database")
+            .and_then(|i| self.args.get(i + 1));
+        if let Some(url) = database {
+            let name = url.rsplit('/').next().expect("a database name");
+            return fleetrun_testkit::shared_postgres().psql(name, sql);
+        }
+        let out = Command::new("sqlite3")
+            .arg("-cmd")
+            .arg(".timeout 10000")
+            .arg(self.data_dir.join("fleetrun.db"))
+            .arg(sql)
+            .output()
+            .expect("sqlite3 (install the sqlite3 CLI)");
+        assert!(
+            out.status.success(),
+            "sqlite3 {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
     }
 
     /// The server's pid.
