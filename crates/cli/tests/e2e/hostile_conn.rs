@@ -259,6 +259,70 @@ fn a_body_that_stops_is_answered_408_on_both_apis() {
     assert_eq!(nodes.map(|r| r.status), Ok(200));
 }
 
+/// One HTTP/1.1 answer read off `conn`: its head and body (by Content-Length).
+fn read_answer(conn: &mut Tls) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut buf).expect("read an answer");
+        assert!(n > 0, "closed before an answer: {}", text(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = text(&got[..head_end]);
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().expect("content-length"))
+        })
+        .expect("a content-length");
+    while got.len() < head_end + length {
+        let n = conn.read(&mut buf).expect("read the body");
+        assert!(n > 0, "closed mid-body: {head}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    (head, got[head_end..head_end + length].to_vec())
+}
+
+/// A body over the SSM door's 2 MiB is answered while the client is still sending it, the rest is
+/// read and dropped (not reset: a client still writing would get the reset instead of the answer),
+/// and the connection then serves the next request.
+#[test]
+fn an_oversize_body_is_answered_while_it_is_still_coming_and_the_connection_lives_on() {
+    let server = Server::start();
+    let mut conn = tls(&server);
+    let total = 3 * 1024 * 1024;
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Amz-Target: AmazonSSM.ListCommands\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {total}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).expect("send the head");
+    let first = total - 512 * 1024;
+    conn.write_all(&vec![b' '; first])
+        .expect("send most of the body");
+    conn.flush().expect("flush");
+    let (head, body) = read_answer(&mut conn);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("larger than 2097152 bytes")),
+        "{v}"
+    );
+    // The rest goes through, then the same connection answers another request.
+    conn.write_all(&vec![b' '; total - first])
+        .expect("send the rest of the body (the server reads it)");
+    conn.write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("send a second request");
+    conn.flush().expect("flush");
+    let (head, _) = read_answer(&mut conn);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
 #[test]
 fn connections_over_the_per_address_cap_are_refused_while_other_clients_are_served() {
     let server = Server::start_with(&["--max-connections-per-address", "3"]);
