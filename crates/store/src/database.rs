@@ -104,6 +104,33 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Bytes the database takes: SQLite's file with its WAL and shared-memory files, or
+    /// PostgreSQL's database as `pg_database_size` counts it.
+    pub async fn database_bytes(&self) -> Result<u64> {
+        match &self.db {
+            crate::Db::Sqlite(p) => {
+                let name = p.path.as_os_str();
+                Ok(["", "-wal", "-shm"]
+                    .iter()
+                    .filter_map(|suffix| {
+                        let mut file = name.to_owned();
+                        file.push(suffix);
+                        std::fs::metadata(file).ok()
+                    })
+                    .map(|m| m.len())
+                    .sum())
+            }
+            crate::Db::Postgres(pool) => {
+                let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+                    .fetch_one(pool)
+                    .await?;
+                Ok(bytes.max(0) as u64)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +157,14 @@ mod tests {
             Database::Sqlite("/var/lib/fleetrun/db".into())
         );
         assert!(!Database::in_data_dir(Path::new("/d")).is_shared());
+    }
+
+    #[tokio::test]
+    async fn each_database_says_how_big_it_is() {
+        let (_dir, stores) = crate::testing::stores().await;
+        for (db, store) in stores {
+            assert!(store.database_bytes().await.expect("size") > 0, "{db}");
+        }
     }
 
     #[test]

@@ -233,6 +233,8 @@ pub(crate) use serialize;
 struct SqlitePools {
     read: SqlitePool,
     write: SqlitePool,
+    /// The database file (for its size).
+    path: std::path::PathBuf,
 }
 
 /// Runs `$body` with `$pool` bound to the store's pool for `read` or `write`, once per kind of
@@ -407,7 +409,11 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        let db = Db::Sqlite(SqlitePools { read, write });
+        let db = Db::Sqlite(SqlitePools {
+            read,
+            write,
+            path: path.to_owned(),
+        });
         Ok(Store {
             writer: writer::Writer::spawn(db.clone()),
             db,
@@ -445,6 +451,13 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Whether a text can be stored at all: PostgreSQL's text holds no NUL (SQLite's does), and
+/// binding one is an error there, so a lookup by such a key (an id from a URL) is "not found" on
+/// both instead of a database error on one.
+pub(crate) fn storable(text: &str) -> bool {
+    !text.contains('\0')
 }
 
 /// Reading a row's columns the same way from either database.

@@ -186,6 +186,9 @@ impl Store {
 
     /// Completes an `Active` session; false when there was none (it ended already).
     pub async fn end_session(&self, session_id: &str, end: &SessionEnd) -> Result<bool> {
+        if !crate::storable(session_id) {
+            return Ok(false);
+        }
         let done = with_pool!(self, write, |pool| {
             sqlx::query(
                 "UPDATE sessions SET ended_at = $1, bytes_in = $2, bytes_out = $3, exit_code = $4,
@@ -280,6 +283,9 @@ impl Store {
 
     /// One session.
     pub async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
+        if !crate::storable(session_id) {
+            return Ok(None);
+        }
         with_pool!(self, read, |pool| {
             sqlx::query("SELECT * FROM sessions WHERE session_id = $1")
                 .bind(session_id)
@@ -364,6 +370,9 @@ impl Store {
 
     /// Where a session sorts in listings (its start and id), for a cursor.
     pub async fn session_cursor(&self, session_id: &str) -> Result<Option<(i64, String)>> {
+        if !crate::storable(session_id) {
+            return Ok(None);
+        }
         let at: Option<i64> = with_pool!(self, read, |pool| {
             sqlx::query_scalar("SELECT started_at FROM sessions WHERE session_id = $1")
                 .bind(session_id)
@@ -639,6 +648,10 @@ mod tests {
             recording_bytes: 0,
         };
         assert!(!store.end_session("f1", &end).await.expect("end"));
+        // An id no session can have (PostgreSQL's text holds no NUL) is not found, not an error.
+        assert!(store.get_session("f\u{0}1").await.expect("get").is_none());
+        assert!(store.session_cursor("\0").await.expect("cursor").is_none());
+        assert!(!store.end_session("\0", &end).await.expect("end"));
         assert_eq!(
             store
                 .end_active_sessions(2_000, "restart")

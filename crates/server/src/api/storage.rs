@@ -16,11 +16,7 @@ pub async fn get(
 ) -> Result<Json<Storage>, ApiError> {
     state.authz.require(&p, Action::List, Resource::Fleet)?;
     let totals = state.store.totals().await?;
-    let database_bytes = ["fleetrun.db", "fleetrun.db-wal", "fleetrun.db-shm"]
-        .iter()
-        .filter_map(|f| std::fs::metadata(state.data_dir.join(f)).ok())
-        .map(|m| m.len())
-        .sum();
+    let database_bytes = state.store.database_bytes().await?;
     Ok(Json(Storage {
         database_bytes,
         output_bytes: totals.output_bytes,
