@@ -155,6 +155,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let store = Store::open(&database)
         .await
         .with_context(|| format!("cannot open database {database}"))?;
+    if !store.claim_database().await? {
+        anyhow::bail!(
+            "another fleetrun server uses database {database}: several servers on one database \
+             (replicas) are not supported yet; stop the other one or give this one its own database"
+        );
+    }
     tracing::info!(%database, "database open");
     // A session still Active belonged to a server that stopped: its relay is gone with it.
     let orphans = store

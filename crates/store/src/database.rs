@@ -131,6 +131,37 @@ impl Store {
     }
 }
 
+/// The session-level advisory lock of the one server on a PostgreSQL database ("fleetsrv").
+const ONE_SERVER_LOCK: i64 = 0x666c_6565_7473_7276;
+
+impl Store {
+    /// Makes this store the one server's on its database, until [`Store::close`] or the end of
+    /// the process: on PostgreSQL a session-level advisory lock, held on a connection of its own;
+    /// false when another server holds it. Several replicas on one database need command
+    /// ownership among them (not built yet): until then a second server must be refused, not
+    /// left to dispatch the same commands. Always true on SQLite (one process opens the file).
+    pub async fn claim_database(&self) -> Result<bool> {
+        let crate::Db::Postgres(pool) = &self.db else {
+            return Ok(true);
+        };
+        let mut held = self.claim.lock().await;
+        if held.is_some() {
+            return Ok(true);
+        }
+        let mut conn = pool.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(ONE_SERVER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            *held = Some(conn);
+        } else {
+            sqlx::Connection::close(conn).await?;
+        }
+        Ok(got)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +196,24 @@ mod tests {
         for (db, store) in stores {
             assert!(store.database_bytes().await.expect("size") > 0, "{db}");
         }
+    }
+
+    #[tokio::test]
+    async fn one_server_claims_a_postgres_database_until_it_closes() {
+        let url = fleetrun_testkit::shared_postgres().create_database();
+        let first = Store::open_postgres(&url).await.expect("first");
+        let second = Store::open_postgres(&url).await.expect("second");
+        assert!(first.claim_database().await.expect("claim"));
+        assert!(
+            first.claim_database().await.expect("claim again"),
+            "its own"
+        );
+        assert!(!second.claim_database().await.expect("refused"));
+        first.close().await.expect("close");
+        assert!(second.claim_database().await.expect("claim after close"));
+        let (_dir, stores) = crate::testing::stores().await;
+        let (_, sqlite) = &stores[0];
+        assert!(sqlite.claim_database().await.expect("sqlite"));
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct Store {
     writer: writer::Writer,
     /// Wakes the S3 output exporter (see `exports`).
     exports: std::sync::Arc<tokio::sync::Notify>,
+    /// On PostgreSQL, the connection holding the one-server lock (`Store::claim_database`).
+    claim: std::sync::Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
 /// The database behind a store. A query is written once (`$1` placeholders, which SQLite reads
@@ -418,6 +420,7 @@ impl Store {
             writer: writer::Writer::spawn(db.clone()),
             db,
             exports: std::sync::Arc::new(tokio::sync::Notify::new()),
+            claim: Default::default(),
         })
     }
 
@@ -435,6 +438,7 @@ impl Store {
             writer: writer::Writer::spawn(db.clone()),
             db,
             exports: std::sync::Arc::new(tokio::sync::Notify::new()),
+            claim: Default::default(),
         })
     }
 
@@ -442,6 +446,9 @@ impl Store {
     /// committed, then closes the pools; later calls fail. The last step of a server's shutdown.
     pub async fn close(&self) -> Result<()> {
         self.writer.flush().await?;
+        if let Some(conn) = self.claim.lock().await.take() {
+            sqlx::Connection::close(conn).await?;
+        }
         match &self.db {
             Db::Sqlite(p) => {
                 p.write.close().await;

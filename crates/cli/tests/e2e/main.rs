@@ -11,6 +11,7 @@ mod authz;
 mod bad_input;
 mod brute_force;
 mod cp;
+mod database;
 mod deregister;
 mod dev;
 mod documents;
