@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 pub enum Database {
     /// A SQLite file, created when missing: one server on one machine (the default).
     Sqlite(PathBuf),
-    /// A PostgreSQL server (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?OPTIONS]`), which several
-    /// server replicas can share.
+    /// A PostgreSQL server (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?OPTIONS]`), which server
+    /// replicas will share (one server per database until they are built: `claim_database`).
     Postgres(String),
 }
 

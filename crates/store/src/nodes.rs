@@ -564,7 +564,7 @@ impl Store {
 
     /// Nodes (id, name) matching every term of a target expression, ordered by id. Each term's values
     /// are bound as one JSON array (`Dialect::json_strings`), so a term's size changes neither the
-    /// number of bound values nor the expression depth; the terms go [`TERMS_PER_QUERY`] to a query
+    /// number of bound values nor the expression depth; the terms go `TERMS_PER_QUERY` to a query
     /// (`TargetExpr::parse` allows fewer), whose answers are intersected.
     pub async fn resolve_targets(&self, expr: &TargetExpr) -> Result<Vec<(NodeId, String)>> {
         // No term: one query, for every node.

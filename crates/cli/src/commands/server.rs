@@ -26,8 +26,8 @@ pub struct Args {
         value_name = "DIR"
     )]
     data_dir: Option<PathBuf>,
-    /// The database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB, which several replicas can share,
-    /// or sqlite:PATH [default: SQLite in the data dir]
+    /// The database: postgres://USER:PASSWORD@HOST:PORT/DB (PostgreSQL) or sqlite:PATH
+    /// [default: SQLite in the data dir]
     #[arg(
         long,
         env = "FLEETRUN_DATABASE",
