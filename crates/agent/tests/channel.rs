@@ -1519,8 +1519,15 @@ async fn a_hang_up_ends_the_shell_and_its_jobs_but_not_nohup() {
     type_keys(&mut ws, 1, keys).await;
     let out = output_until(&mut ws, 1, ".\r\n").await;
     let sid = printed_pid(&out);
-    // The shell, the nohup'd sleep, the background sleep and the foreground one.
-    eventually("the jobs to run", || session_members(sid).len() >= 4).await;
+    // The shell, the nohup'd sleep, the background sleep and the foreground one; the nohup'd one
+    // must have exec'd sleep (nohup ignores SIGHUP just before: a hang-up sooner, under load, once
+    // killed it with the rest).
+    let cmdline = |p: &i32| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+    eventually("the jobs to run", || {
+        let members = session_members(sid);
+        members.len() >= 4 && members.iter().any(|p| cmdline(p) == b"sleep\x00103\x00")
+    })
+    .await;
     send(
         &mut ws,
         ServerFrame::StreamClose {
