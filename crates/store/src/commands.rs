@@ -23,6 +23,7 @@ pub struct CommandCursor {
     pub command_id: String,
 }
 
+use super::leases::{self, Fence, Owner};
 use super::writer::WriteOp;
 use super::{
     Columns, Conn, Dialect, Result, Store, StoreError, placeholders, value_rows, with_conn,
@@ -118,6 +119,19 @@ pub struct NewCommand {
     pub idempotency: Option<IdempotencyKey>,
     /// Where each invocation's output is also written (S3), if asked.
     pub output_s3: Option<S3Output>,
+    /// The replica that creates it, owning it (epoch 1) for a first lease; None: owned by
+    /// nobody, so any replica's next claim takes it.
+    pub owner: Option<Owner>,
+}
+
+impl NewCommand {
+    /// The fence of its creator's writes, once it is stored (None when it has no owner).
+    pub fn fence(&self) -> Option<Fence> {
+        self.owner.as_ref().map(|o| Fence {
+            owner: o.replica_id.clone(),
+            epoch: 1,
+        })
+    }
 }
 
 /// A command's S3 output: the bucket, prefix and region asked for, and the part of each key after
@@ -283,46 +297,60 @@ impl Store {
             .map_or_else(|| "{}".into(), |v| v.to_string());
         let key = c.idempotency.as_ref();
         let s3 = c.output_s3.as_ref();
-        with_pool!(self, write, |pool| {
+        // Owned: epoch 1 and a lease from now by the database's clock. Unowned: '', 0 and a lease
+        // already over (NULL + now is NULL), so the first claim takes it.
+        let (owner, epoch, lease_ms) = match &c.owner {
+            Some(o) => (o.replica_id.as_str(), 1i64, Some(i64::from(o.lease_ms))),
+            None => ("", 0, None),
+        };
+        with_pool!(self, write, |pool, d| {
             let mut tx = pool.begin().await?;
-            let inserted = sqlx::query(
+            let sql = format!(
                 "INSERT INTO commands (command_id, document_name, commands, working_dir,
                     execution_timeout, delivery_timeout, comment, node_ids, targets, max_concurrency,
                     max_errors, run_as, memory_limit_mb, cpu_limit_percent, status, status_details,
                     requested_at, target_count, ssm_extra, document_version, parameters,
                     idempotency_principal, idempotency_key, idempotency_hash, output_s3_bucket,
-                    output_s3_prefix, output_s3_region, output_s3_plugin_dir)
+                    output_s3_prefix, output_s3_region, output_s3_plugin_dir, owner, owner_epoch,
+                    lease_until)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'Pending',
-                    'Pending', $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
-            )
-            .bind(c.command_id.as_str())
-            .bind(&c.document_name)
-            .bind(&commands)
-            .bind(&spec.working_dir)
-            .bind(spec.execution_timeout as i64)
-            .bind(spec.delivery_timeout as i64)
-            .bind(&c.comment)
-            .bind(&node_ids)
-            .bind(&c.targets)
-            .bind(spec.max_concurrency.to_string())
-            .bind(spec.max_errors.to_string())
-            .bind(&spec.run_as)
-            .bind(spec.memory_limit_mb.map(|v| v as i64))
-            .bind(spec.cpu_limit_percent.map(i64::from))
-            .bind(spec.requested_at)
-            .bind(c.invocations.len() as i64)
-            .bind(&ssm_extra)
-            .bind(&c.document_version)
-            .bind(&parameters)
-            .bind(key.map(|k| k.principal.as_str()))
-            .bind(key.map(|k| k.key.as_str()))
-            .bind(key.map(|k| k.request_hash.as_str()))
-            .bind(s3.map_or("", |o| o.target.bucket.as_str()))
-            .bind(s3.map_or("", |o| o.target.prefix.as_str()))
-            .bind(s3.map_or("", |o| o.target.region.as_str()))
-            .bind(s3.map_or("", |o| o.plugin_dir.as_str()))
-            .execute(&mut *tx)
-            .await;
+                    'Pending', $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
+                    COALESCE({} + $29, 0))",
+                d.now_ms()
+            );
+            // Only the dialect's clock is formatted in; values are bound.
+            let inserted = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(c.command_id.as_str())
+                .bind(&c.document_name)
+                .bind(&commands)
+                .bind(&spec.working_dir)
+                .bind(spec.execution_timeout as i64)
+                .bind(spec.delivery_timeout as i64)
+                .bind(&c.comment)
+                .bind(&node_ids)
+                .bind(&c.targets)
+                .bind(spec.max_concurrency.to_string())
+                .bind(spec.max_errors.to_string())
+                .bind(&spec.run_as)
+                .bind(spec.memory_limit_mb.map(|v| v as i64))
+                .bind(spec.cpu_limit_percent.map(i64::from))
+                .bind(spec.requested_at)
+                .bind(c.invocations.len() as i64)
+                .bind(&ssm_extra)
+                .bind(&c.document_version)
+                .bind(&parameters)
+                .bind(key.map(|k| k.principal.as_str()))
+                .bind(key.map(|k| k.key.as_str()))
+                .bind(key.map(|k| k.request_hash.as_str()))
+                .bind(s3.map_or("", |o| o.target.bucket.as_str()))
+                .bind(s3.map_or("", |o| o.target.prefix.as_str()))
+                .bind(s3.map_or("", |o| o.target.region.as_str()))
+                .bind(s3.map_or("", |o| o.plugin_dir.as_str()))
+                .bind(owner)
+                .bind(epoch)
+                .bind(lease_ms)
+                .execute(&mut *tx)
+                .await;
             match inserted {
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() && key.is_some() => {
                     return Err(InsertError::DuplicateKey);
@@ -558,10 +586,18 @@ impl Store {
     }
 
     /// Marks invocations as delivered (their Run frame is about to be sent), and the command as
-    /// InProgress.
-    pub async fn mark_delivered(&self, id: &CommandId, nodes: &[NodeId], now: i64) -> Result<()> {
+    /// InProgress. With a fence, only while its owner holds the command (else `Fenced`, and
+    /// nothing changes), as for every dispatch write below.
+    pub async fn mark_delivered(
+        &self,
+        id: &CommandId,
+        nodes: &[NodeId],
+        now: i64,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         with_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
+            leases::hold(Conn::from(&mut *tx), id, fence).await?;
             for chunk in nodes.chunks(500) {
                 let sql = format!(
                     "UPDATE invocations SET delivered_at = $1, status_details = $2
@@ -591,8 +627,15 @@ impl Store {
     }
 
     /// Returns a delivered, not started invocation to Pending (its node lost it before starting).
-    pub async fn mark_undelivered(&self, id: &CommandId, node: &NodeId) -> Result<()> {
+    pub async fn mark_undelivered(
+        &self,
+        id: &CommandId,
+        node: &NodeId,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            leases::hold(Conn::from(&mut *tx), id, fence).await?;
             sqlx::query(
                 "UPDATE invocations SET delivered_at = NULL, status_details = 'Pending'
                  WHERE command_id = $1 AND node_id = $2 AND status = 'Pending'
@@ -600,8 +643,9 @@ impl Store {
             )
             .bind(id.as_str())
             .bind(node.as_str())
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
         });
         Ok(())
     }
@@ -626,9 +670,15 @@ impl Store {
     }
 
     /// Marks invocations Cancelling (a cancel was sent to their nodes).
-    pub async fn mark_cancelling(&self, id: &CommandId, nodes: &[NodeId]) -> Result<()> {
+    pub async fn mark_cancelling(
+        &self,
+        id: &CommandId,
+        nodes: &[NodeId],
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         with_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
+            leases::hold(Conn::from(&mut *tx), id, fence).await?;
             for n in nodes {
                 sqlx::query(
                     "UPDATE invocations SET status = 'Cancelling', status_details = 'Cancelling'
@@ -649,26 +699,38 @@ impl Store {
     }
 
     /// Records that an operator cancelled the command.
-    pub async fn mark_cancel_requested(&self, id: &CommandId) -> Result<()> {
+    pub async fn mark_cancel_requested(&self, id: &CommandId, fence: Option<&Fence>) -> Result<()> {
         with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            leases::hold(Conn::from(&mut *tx), id, fence).await?;
             sqlx::query("UPDATE commands SET cancel_requested = 1 WHERE command_id = $1")
                 .bind(id.as_str())
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
         });
         Ok(())
     }
 
     /// Ends invocations, moving the command's counters in the same transaction. Returns the nodes
     /// whose invocation this call ended (an invocation already terminal is left as it is).
+    ///
+    /// The dispatcher's ends (timeouts, cancels, skips) carry its fence; results an agent reported
+    /// carry none: they are facts about the node, whichever replica holds its connection.
     pub async fn finish_invocations(
         &self,
         id: &CommandId,
         ends: &[(NodeId, Finish)],
+        fence: Option<&Fence>,
     ) -> Result<Vec<NodeId>> {
-        let (id, ends) = (id.clone(), ends.to_vec());
+        let (id, ends, fence) = (id.clone(), ends.to_vec(), fence.cloned());
         self.writer
-            .write(|reply| WriteOp::Finish { id, ends, reply })
+            .write(|reply| WriteOp::Finish {
+                id,
+                ends,
+                fence,
+                reply,
+            })
             .await
     }
 
@@ -728,16 +790,20 @@ impl Store {
         id: &CommandId,
         status: CommandStatus,
         details: &str,
+        fence: Option<&Fence>,
     ) -> Result<()> {
         with_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            leases::hold(Conn::from(&mut *tx), id, fence).await?;
             sqlx::query(
                 "UPDATE commands SET status = $1, status_details = $2 WHERE command_id = $3",
             )
             .bind(status.as_str())
             .bind(details)
             .bind(id.as_str())
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
         });
         Ok(())
     }
@@ -1245,6 +1311,7 @@ pub(crate) mod tests {
             ssm_extra: None,
             idempotency: None,
             output_s3: None,
+            owner: None,
         }
     }
 
@@ -1268,7 +1335,7 @@ pub(crate) mod tests {
         let failed = ended(InvocationStatus::Failed, details::FAILED);
 
         let first = store
-            .finish_invocations(&id, &[(n[0].clone(), success)])
+            .finish_invocations(&id, &[(n[0].clone(), success)], None)
             .await
             .unwrap();
         assert_eq!(first, vec![n[0].clone()], "{kind}");
@@ -1276,6 +1343,7 @@ pub(crate) mod tests {
             .finish_invocations(
                 &id,
                 &[(n[0].clone(), failed.clone()), (n[1].clone(), failed)],
+                None,
             )
             .await
             .unwrap();
@@ -1285,10 +1353,13 @@ pub(crate) mod tests {
             "{kind}: n0 was terminal already"
         );
 
-        store.mark_cancelling(&id, &[n[2].clone()]).await.unwrap();
+        store
+            .mark_cancelling(&id, &[n[2].clone()], None)
+            .await
+            .unwrap();
         let timed_out = ended(InvocationStatus::TimedOut, details::DELIVERY_TIMED_OUT);
         let third = store
-            .finish_invocations(&id, &[(n[2].clone(), timed_out)])
+            .finish_invocations(&id, &[(n[2].clone(), timed_out)], None)
             .await
             .unwrap();
         assert_eq!(
@@ -1303,6 +1374,7 @@ pub(crate) mod tests {
                     n[2].clone(),
                     ended(InvocationStatus::Cancelled, details::CANCELLED),
                 )],
+                None,
             )
             .await
             .unwrap();
@@ -1455,7 +1527,7 @@ pub(crate) mod tests {
 
         // Delivery: only the Pending invocation is delivered; the command goes InProgress.
         store
-            .mark_delivered(&id1, &[a.clone(), b.clone()], 11)
+            .mark_delivered(&id1, &[a.clone(), b.clone()], 11, None)
             .await
             .unwrap();
         let rows = store.invocation_rows(&id1).await.unwrap();
@@ -1519,12 +1591,12 @@ pub(crate) mod tests {
             limits_applied: "cgroup".into(),
         };
         let ended = store
-            .finish_invocations(&id1, &[(a.clone(), done)])
+            .finish_invocations(&id1, &[(a.clone(), done)], None)
             .await
             .unwrap();
         assert_eq!(ended, vec![a.clone()], "{kind}");
         store
-            .set_command_status(&id1, CommandStatus::Success, "Success")
+            .set_command_status(&id1, CommandStatus::Success, "Success", None)
             .await
             .unwrap();
         let inv = store.get_invocation(&id1, &a).await.unwrap().expect("inv");
@@ -1545,14 +1617,14 @@ pub(crate) mod tests {
 
         // A delivery undone, a cancel, the command rows.
         store
-            .mark_delivered(&id3, std::slice::from_ref(&a), 15)
+            .mark_delivered(&id3, std::slice::from_ref(&a), 15, None)
             .await
             .unwrap();
-        store.mark_undelivered(&id3, &a).await.unwrap();
+        store.mark_undelivered(&id3, &a, None).await.unwrap();
         let rows = store.invocation_rows(&id3).await.unwrap();
         assert!(!rows[0].delivered, "{kind}");
         store
-            .mark_cancelling(&id2, std::slice::from_ref(&c))
+            .mark_cancelling(&id2, std::slice::from_ref(&c), None)
             .await
             .unwrap();
         let row = store.command_row(&id2).await.unwrap().expect("id2");
@@ -1567,7 +1639,7 @@ pub(crate) mod tests {
                 .expect("id3")
                 .cancel_requested
         );
-        store.mark_cancel_requested(&id3).await.unwrap();
+        store.mark_cancel_requested(&id3, None).await.unwrap();
         assert!(
             store
                 .command_row(&id3)
@@ -1715,6 +1787,7 @@ mod rate_tests {
             ssm_extra: None,
             idempotency: None,
             output_s3: None,
+            owner: None,
         }
     }
 

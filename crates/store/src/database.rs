@@ -138,8 +138,9 @@ impl Store {
     /// Makes this store the one server's on its database, until [`Store::close`] or the end of
     /// the process: on PostgreSQL a session-level advisory lock, held on a connection of its own;
     /// false when another server holds it. Several replicas on one database need command
-    /// ownership among them (not built yet): until then a second server must be refused, not
-    /// left to dispatch the same commands. Always true on SQLite (one process opens the file).
+    /// ownership among them (the store has it, `leases.rs`; the server does not use it yet):
+    /// until then a second server must be refused, not left to dispatch the same commands.
+    /// Always true on SQLite (one process opens the file).
     pub async fn claim_database(&self) -> Result<bool> {
         let crate::Db::Postgres(pool) = &self.db else {
             return Ok(true);

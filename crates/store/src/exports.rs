@@ -216,7 +216,7 @@ mod tests {
         };
         let (plain, plain_nodes) = command_on(store, 1).await;
         store
-            .finish_invocations(&plain, &end(&plain_nodes[0]))
+            .finish_invocations(&plain, &end(&plain_nodes[0]), None)
             .await
             .unwrap();
         assert_eq!(store.queued_exports().await.unwrap(), 0);
@@ -237,9 +237,15 @@ mod tests {
         let shown = store.get_command(&id).await.unwrap().unwrap();
         assert_eq!(shown.output_s3.as_ref(), Some(&target));
         assert_eq!(store.due_exports(i64::MAX, 10).await.unwrap(), vec![]);
-        store.finish_invocations(&id, &end(&node)).await.unwrap();
+        store
+            .finish_invocations(&id, &end(&node), None)
+            .await
+            .unwrap();
         // A second end changes nothing (and queues nothing twice).
-        store.finish_invocations(&id, &end(&node)).await.unwrap();
+        store
+            .finish_invocations(&id, &end(&node), None)
+            .await
+            .unwrap();
         let due = store.due_exports(i64::MAX, 10).await.unwrap();
         assert_eq!(due.len(), 1);
         assert_eq!(
@@ -259,7 +265,10 @@ mod tests {
         assert_eq!(store.queued_exports().await.unwrap(), 0);
         assert_eq!(store.next_export_after(0).await.unwrap(), None);
 
-        store.finish_invocations(&id, &end(&other)).await.unwrap();
+        store
+            .finish_invocations(&id, &end(&other), None)
+            .await
+            .unwrap();
         assert_eq!(store.queued_exports().await.unwrap(), 1);
         store.delete_commands(&[id]).await.unwrap();
         assert_eq!(store.queued_exports().await.unwrap(), 0);

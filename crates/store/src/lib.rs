@@ -16,6 +16,7 @@ mod database;
 mod documents;
 mod edge;
 mod exports;
+mod leases;
 mod nodes;
 mod objects;
 mod params;
@@ -34,6 +35,7 @@ pub use commands::{
 pub use database::Database;
 pub use documents::{Added, Created, DOCUMENTS_MAX, DocumentRow, VERSIONS_MAX, VersionRow};
 pub use exports::{EXPORT_ERROR_MAX, ExportRow, ExportState};
+pub use leases::{CommandLease, Fence, Owner, Replica};
 pub use nodes::{NewNode, NodeKeys, NodeRef, RegisterError};
 pub use objects::{OBJECTS_PAGE_MAX, ObjectRow};
 pub use params::{NewParam, PARAM_VERSIONS_MAX, PARAMS_MAX, ParamRow, Put, StoredValue};
@@ -119,6 +121,38 @@ impl Dialect {
         match self {
             Dialect::Sqlite => None,
             Dialect::Postgres => Some(format!("SELECT pg_advisory_xact_lock({})", lock.key())),
+        }
+    }
+
+    /// The database's clock in epoch ms, as an SQL expression: every lease is set and compared
+    /// by it, so replicas whose own clocks disagree agree on whose lease has expired.
+    pub(crate) fn now_ms(self) -> &'static str {
+        match self {
+            // Julian day 2440587.5 is the Unix epoch; 'now' has ms precision.
+            Dialect::Sqlite => {
+                "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
+            }
+            // The statement's own time, not the transaction's start (`now()`).
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
+    /// What a `SELECT` ends with to lock the rows it reads until the transaction ends, against
+    /// any other writer of them (PostgreSQL); nothing on SQLite, whose one writer serializes.
+    /// `NO KEY UPDATE`: the `UPDATE`s of other writers wait, foreign-key checks do not.
+    pub(crate) fn lock_rows(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR NO KEY UPDATE",
+        }
+    }
+
+    /// As [`Dialect::lock_rows`], skipping the rows another transaction holds (so writers racing
+    /// for rows each take different ones).
+    pub(crate) fn lock_rows_skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR NO KEY UPDATE SKIP LOCKED",
         }
     }
 
@@ -369,6 +403,20 @@ pub enum StoreError {
     /// A stored JSON column did not decode.
     #[error("stored JSON: {0}")]
     Json(serde_json::Error),
+    /// A command's write carried a [`Fence`] its owner no longer matches: another replica took
+    /// the command over (or it was claimed again), and the write changed nothing.
+    #[error(
+        "command {command} is now held by replica {held_by:?} at epoch {epoch}: \
+         a write of an earlier owner changed nothing"
+    )]
+    Fenced {
+        /// The command written.
+        command: fleetrun_proto::CommandId,
+        /// The replica that owns it now ("" for none).
+        held_by: String,
+        /// Its owner's epoch now.
+        epoch: i64,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {

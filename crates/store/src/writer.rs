@@ -6,7 +6,8 @@
 //! hot writes arrive together, so one task takes every queued write (up to [`BATCH_MAX`]), runs them
 //! in one transaction, and only after the commit answers each caller: a caller still returns only
 //! once its own write is durable. When the batch fails, each write is retried in a transaction of its
-//! own, so one bad write cannot fail the others.
+//! own, so one bad write cannot fail the others. A fenced write whose fence no longer holds
+//! (`leases::hold`) fails before it writes anything, without failing its batch.
 //!
 //! Audit records come in two kinds. A write's record (and a caller who must see it committed) goes
 //! through the hot queue with the other writes. The records of reads and refused requests are only
@@ -17,10 +18,12 @@
 //!
 //! On PostgreSQL the task runs its transactions on the store's one pool; other connections (and
 //! other servers' writers) write beside it, which the writes allow: each is one conditional
-//! statement, and the audit append takes the chain's lock (`audit::append`).
+//! statement, a fenced end first locks its command's row (`leases::hold`), and the audit append
+//! takes the chain's lock (`audit::append`).
 
 use super::audit::{self, AuditEntry};
 use super::commands::{self, OutputState};
+use super::leases::{self, Fence};
 use super::{Conn, Db, Finish, Result, StoreError};
 use fleetrun_proto::{CommandId, NodeId};
 use std::sync::Arc;
@@ -55,6 +58,8 @@ pub(super) enum WriteOp {
     Finish {
         id: CommandId,
         ends: Vec<(NodeId, Finish)>,
+        /// The dispatcher's: checked before the ends are written (`leases::hold`).
+        fence: Option<Fence>,
         reply: oneshot::Sender<Result<Vec<NodeId>>>,
     },
     Audit {
@@ -71,6 +76,8 @@ enum Done {
     Output,
     Finished(Vec<NodeId>),
     Audited,
+    /// Its fence no longer holds: it wrote nothing, and the rest of its batch commits.
+    Refused(StoreError),
 }
 
 impl WriteOp {
@@ -94,8 +101,17 @@ impl WriteOp {
                 commands::update_output(conn, id, node, *stderr, *stored, inline).await?;
                 Done::Output
             }
-            WriteOp::Finish { id, ends, .. } => {
-                Done::Finished(commands::finish_invocations(conn, id, ends).await?)
+            WriteOp::Finish {
+                id, ends, fence, ..
+            } => {
+                let mut conn = conn;
+                match leases::hold(conn.reborrow(), id, fence.as_ref()).await {
+                    Err(e) if leases::refused(&e) => Done::Refused(e),
+                    held => {
+                        held?;
+                        Done::Finished(commands::finish_invocations(conn, id, ends).await?)
+                    }
+                }
             }
             WriteOp::Audit { entry, .. } => {
                 audits.push(entry);
@@ -108,7 +124,10 @@ impl WriteOp {
     /// Sends the result to the caller (who may have gone away: then nothing happens).
     fn answer(self, r: Result<Done>) {
         fn pick<T>(r: Result<Done>, f: impl FnOnce(Done) -> Option<T>) -> Result<T> {
-            r.and_then(|d| f(d).ok_or(StoreError::Missing("write result")))
+            r.and_then(|d| match d {
+                Done::Refused(e) => Err(e),
+                d => f(d).ok_or(StoreError::Missing("write result")),
+            })
         }
         match self {
             WriteOp::MarkStarted { reply, .. } => {
@@ -363,7 +382,7 @@ mod tests {
             out(1),
             out(2),
             out(3),
-            store.finish_invocations(&id, &ends),
+            store.finish_invocations(&id, &ends, None),
             store.mark_started(&id, &n[6], 7),
             store.append_audit(audit),
         );
@@ -389,5 +408,61 @@ mod tests {
         let cmd = store.get_command(&id).await.unwrap().unwrap();
         assert_eq!((cmd.completed_count, cmd.error_count), (2, 2), "{kind}");
         assert_eq!(store.verify_audit(None).await.unwrap().records, 1, "{kind}");
+    }
+
+    /// A fenced end whose fence no longer holds, queued with other writes: it alone is refused
+    /// (Fenced, nothing written), and the batch still commits in one transaction, unretried.
+    #[tokio::test]
+    async fn a_refused_fenced_write_does_not_fail_its_batch() {
+        let (_dir, stores) = crate::testing::stores().await;
+        for (kind, store) in stores {
+            let (id, n) = command_on(&store, 3).await;
+            // Unowned: the first claim takes it at epoch 1.
+            let taken = store.claim_commands("b", 600_000, 10).await.unwrap();
+            assert_eq!(taken, vec![(id.clone(), 1)], "{kind}");
+            let (stale, held) = (
+                Fence {
+                    owner: "a".into(),
+                    epoch: 1,
+                },
+                Fence {
+                    owner: "b".into(),
+                    epoch: 1,
+                },
+            );
+            let before = store.writer.commits();
+            let end = |i: usize| {
+                vec![(
+                    n[i].clone(),
+                    Finish::without_running(InvocationStatus::Failed, details::FAILED, 5, "x"),
+                )]
+            };
+            let (e0, e1, e2) = (end(0), end(1), end(2));
+            let (refused, agent, owner) = tokio::join!(
+                store.finish_invocations(&id, &e0, Some(&stale)),
+                store.finish_invocations(&id, &e1, None),
+                store.finish_invocations(&id, &e2, Some(&held)),
+            );
+            assert!(
+                matches!(refused, Err(StoreError::Fenced { ref held_by, epoch: 1, .. }) if held_by == "b"),
+                "{kind}: {refused:?}"
+            );
+            assert_eq!(agent.unwrap(), vec![n[1].clone()], "{kind}");
+            assert_eq!(owner.unwrap(), vec![n[2].clone()], "{kind}");
+            assert_eq!(
+                store.writer.commits() - before,
+                1,
+                "{kind}: one transaction"
+            );
+            let statuses: Vec<_> = store
+                .invocation_rows(&id)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.status)
+                .collect();
+            use InvocationStatus::{Failed, Pending};
+            assert_eq!(statuses, [Pending, Failed, Failed], "{kind}");
+        }
     }
 }

@@ -820,7 +820,7 @@ async fn reconcile(
                 .end(&cmd, vec![(node.clone(), f)])
                 .await?;
         } else {
-            store.mark_undelivered(&cmd, node).await?;
+            store.mark_undelivered(&cmd, node, None).await?;
             dispatchers.send(&cmd, DispatchMsg::Undelivered(node.clone()));
         }
     }

@@ -341,7 +341,7 @@ impl Dispatcher {
         };
         self.state
             .store
-            .mark_delivered(&self.cmd, &batch, now_ms())
+            .mark_delivered(&self.cmd, &batch, now_ms(), None)
             .await?;
         for node in batch {
             if let Some(files) = &self.files {
@@ -362,7 +362,10 @@ impl Dispatcher {
                 self.in_flight.insert(node);
             } else {
                 // Went offline between the check and the send: it waits for the node again.
-                self.state.store.mark_undelivered(&self.cmd, &node).await?;
+                self.state
+                    .store
+                    .mark_undelivered(&self.cmd, &node, None)
+                    .await?;
                 self.waiting.insert(node);
             }
         }
@@ -432,7 +435,10 @@ impl Dispatcher {
         let chosen = |n: &NodeId| all || nodes.contains(n);
         if all {
             self.stopped = Some((InvocationStatus::Cancelled, details::CANCELLED));
-            self.state.store.mark_cancel_requested(&self.cmd).await?;
+            self.state
+                .store
+                .mark_cancel_requested(&self.cmd, None)
+                .await?;
         }
         // Not delivered: they end now.
         let now = now_ms();
@@ -468,7 +474,10 @@ impl Dispatcher {
             .cloned()
             .collect();
         if !flying.is_empty() {
-            self.state.store.mark_cancelling(&self.cmd, &flying).await?;
+            self.state
+                .store
+                .mark_cancelling(&self.cmd, &flying, None)
+                .await?;
             for n in flying {
                 self.send_cancel(&n);
                 self.cancelling.insert(n);
@@ -476,7 +485,12 @@ impl Dispatcher {
             if all {
                 self.state
                     .store
-                    .set_command_status(&self.cmd, CommandStatus::Cancelling, details::CANCELLING)
+                    .set_command_status(
+                        &self.cmd,
+                        CommandStatus::Cancelling,
+                        details::CANCELLING,
+                        None,
+                    )
                     .await?;
             }
         }
@@ -513,7 +527,7 @@ impl Dispatcher {
         let (status, why) = roll_up(&tally, ending);
         self.state
             .store
-            .set_command_status(&self.cmd, status, why)
+            .set_command_status(&self.cmd, status, why, None)
             .await
     }
 }
@@ -597,7 +611,7 @@ impl Prepare {
             ..self.run.clone()
         };
         if !state.hub.send(node, ServerFrame::Run(run)) {
-            state.store.mark_undelivered(cmd, node).await?;
+            state.store.mark_undelivered(cmd, node, None).await?;
             state
                 .dispatchers
                 .send(cmd, DispatchMsg::Undelivered(node.clone()));

@@ -64,7 +64,7 @@ impl<'a> Ender<'a> {
         ends: Vec<(NodeId, Finish)>,
         actor: Option<&NodeId>,
     ) -> Result<Vec<NodeId>, StoreError> {
-        let ended = self.store.finish_invocations(cmd, &ends).await?;
+        let ended = self.store.finish_invocations(cmd, &ends, None).await?;
         if ended.is_empty() {
             return Ok(ended);
         }

@@ -376,6 +376,7 @@ async fn persist_and_dispatch(
             target,
             plugin_dir: doc.plugin_dir,
         }),
+        owner: None,
     };
     let extras = CommandExtras {
         ended: match &opts.platform {
