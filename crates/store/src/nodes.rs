@@ -468,22 +468,12 @@ impl Store {
 
     /// Node ids and names among `ids` that are registered, by id.
     pub async fn node_names(&self, ids: &[NodeId]) -> Result<Vec<(NodeId, String)>> {
-        let ids = ids_json(ids);
-        Ok(with_pool!(self, read, |pool, d| {
-            let sql = format!(
-                "SELECT node_id, name FROM nodes WHERE deregistered_at IS NULL AND node_id IN ({})
-                 ORDER BY node_id",
-                d.json_strings("$1")
-            );
-            // Only the dialect's fixed fragment is formatted in; the ids are bound.
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(&ids)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .filter_map(|r| Some((r.text("node_id").parse().ok()?, r.text("name"))))
-                .collect()
-        }))
+        self.column_of_nodes(
+            ids,
+            "name",
+            "deregistered_at IS NULL AND node_id IN ({ids}) ORDER BY node_id",
+        )
+        .await
     }
 
     /// Replaces a registered node's tags with `new` if they are still `old` (compare and swap, so
@@ -545,19 +535,34 @@ impl Store {
 
     /// The platform of each of `ids` that is registered (`linux` for nodes that never said).
     pub async fn node_platforms(&self, ids: &[NodeId]) -> Result<HashMap<NodeId, String>> {
+        let found = self
+            .column_of_nodes(ids, "platform", "node_id IN ({ids})")
+            .await?;
+        Ok(found.into_iter().collect())
+    }
+
+    /// (id, `column`) of the nodes that `filter` picks, where `{ids}` in it stands for the ids
+    /// of `ids` (one bound JSON array, so a list of any length is one value).
+    async fn column_of_nodes(
+        &self,
+        ids: &[NodeId],
+        column: &'static str,
+        filter: &'static str,
+    ) -> Result<Vec<(NodeId, String)>> {
         let ids = ids_json(ids);
         Ok(with_pool!(self, read, |pool, d| {
             let sql = format!(
-                "SELECT node_id, platform FROM nodes WHERE node_id IN ({})",
-                d.json_strings("$1")
+                "SELECT node_id, {column} FROM nodes WHERE {}",
+                filter.replace("{ids}", &d.json_strings("$1"))
             );
-            // Only the dialect's fixed fragment is formatted in; the ids are bound.
+            // Only fixed fragments (the column, the filter, the dialect's) are formatted in; the
+            // ids are bound.
             sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(&ids)
                 .fetch_all(pool)
                 .await?
                 .iter()
-                .filter_map(|r| Some((r.text("node_id").parse().ok()?, r.text("platform"))))
+                .filter_map(|r| Some((r.text("node_id").parse().ok()?, r.text(column))))
                 .collect()
         }))
     }
