@@ -77,6 +77,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The background tasks (dispatchers, output actors, retention) shutdown waits for.
     pub tasks: TaskTracker,
+    /// This server as a replica: its id, its leases, its estimate of the database's clock.
+    pub replica: crate::cluster::replica::Replica,
 }
 
 /// A server that is listening.
@@ -101,6 +103,8 @@ pub struct RunningServer {
     sockets: conn::Counter,
     state: Arc<AppState>,
     shutdown_grace: Duration,
+    /// Held while the server runs: no second server on the same data dir (and replica id).
+    _data_dir_lock: crate::cluster::replica::DataDirLock,
 }
 
 /// How a server's shutdown ended.
@@ -128,6 +132,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ("body read timeout", config.body_read_timeout),
         ("agent handshake timeout", config.agent_handshake_timeout),
         ("session idle timeout", config.session_idle_timeout),
+        ("replica lease", config.replica_lease),
     ] {
         if d.is_zero() {
             anyhow::bail!("{what} must be more than 0");
@@ -148,6 +153,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     );
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let (replica_id, data_dir_lock) = crate::cluster::replica::identify(&config.data_dir)?;
     let database = config
         .database
         .clone()
@@ -265,14 +271,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ca_fingerprint: tls.ca_fingerprint.clone(),
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        replica: crate::cluster::replica::Replica::new(replica_id, config.replica_lease),
     });
     let public_url = state.public_url.clone();
-    for id in state.store.active_command_ids().await? {
-        if let Some(row) = state.store.command_row(&id).await? {
-            tracing::info!(command = %id, "resuming dispatch");
-            dispatch::spawn(state.clone(), row);
-        }
-    }
+    tracing::info!(replica = state.replica.id(), "joining the replicas");
+    crate::cluster::replica::join(&state).await?;
+    state
+        .tasks
+        .spawn(crate::cluster::replica::run(state.clone()));
 
     state
         .tasks
@@ -315,6 +321,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         sockets,
         state,
         shutdown_grace: config.shutdown_grace,
+        _data_dir_lock: data_dir_lock,
     })
 }
 
@@ -358,7 +365,8 @@ impl RunningServer {
     /// 3. close the agent channels (agents reconnect, to this server once it is back);
     /// 4. stop the background tasks: dispatchers (resumed from the database at the next start),
     ///    output actors (which store what they buffer first) and the retention purge;
-    /// 5. flush the store's group-commit writer and close its pools.
+    /// 5. leave the replicas (its commands' leases end now, for a peer to take over), then flush
+    ///    the store's group-commit writer and close its pools.
     ///
     /// Returns [`Ended::GraceExpired`] when steps 2 to 4 did not finish in time (what was left
     /// is dropped, as a crash would, which every step is built to survive), and an error when the
@@ -405,6 +413,8 @@ impl RunningServer {
             );
             ended = Ended::GraceExpired;
         }
+        // Its dispatchers stopped: peers may take its commands now rather than at lease expiry.
+        crate::cluster::replica::leave(&self.state).await;
         match tokio::time::timeout(STORE_CLOSE_TIMEOUT, self.state.store.close()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

@@ -54,6 +54,10 @@ pub struct ServerConfig {
     /// Time past a command's expiry (delivery + execution timeout) a result in flight still has
     /// before unfinished invocations end TimedOut.
     pub result_grace: Duration,
+    /// How long a command stays this server's to dispatch without a heartbeat renewing it
+    /// (every third of it): a peer on the same database takes over the commands of a server
+    /// silent for this long.
+    pub replica_lease: Duration,
     /// A session with no bytes either way for this long is ended ("idle timeout").
     pub session_idle_timeout: Duration,
     /// A session running this long is ended ("max duration"); None (the default): no limit.
@@ -98,6 +102,8 @@ impl ServerConfig {
 
     /// Default session idle timeout (20 minutes, as SSM's).
     pub const DEFAULT_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+    /// A dead replica's commands are taken over within this (plus one heartbeat).
+    pub const DEFAULT_REPLICA_LEASE: Duration = Duration::from_secs(6);
 
     /// Settings with defaults for everything but where to keep data and where to listen.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
@@ -121,6 +127,7 @@ impl ServerConfig {
             max_handshakes_per_address: Self::DEFAULT_MAX_HANDSHAKES_PER_ADDRESS,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             result_grace: Self::DEFAULT_RESULT_GRACE,
+            replica_lease: Self::DEFAULT_REPLICA_LEASE,
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
             session_max_duration: None,
             object_store: Default::default(),

@@ -12,6 +12,8 @@
 //! - [`sessions`]: live session streams to agents, relayed to clients (exec).
 //! - [`net`]: the listener (TLS, connection limits and timeouts).
 //! - [`objects`]: the object store (a local directory, or an S3-compatible bucket).
+//! - [`cluster`]: this server as one replica of several on one database (membership, command
+//!   ownership under leases, takeover).
 //! - [`app`] and [`config`]: the process's settings and shared state, and its start.
 //! - [`errors`]: the error kinds both front doors answer, and the trait they answer through.
 //!
@@ -20,6 +22,7 @@
 pub mod access;
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod errors;
 pub mod fleet;

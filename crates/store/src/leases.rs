@@ -256,6 +256,37 @@ impl Store {
         })
     }
 
+    /// Takes back, for a new run of replica `replica_id` (a restart on the same data dir), the
+    /// active commands its earlier run owned, whether or not their lease ran out: each one's epoch
+    /// goes up by one, so a write of that earlier run still under way is fenced, and the lease is
+    /// `lease_ms` from now. Returns the commands with their new epoch, in no particular order.
+    ///
+    /// Only for a replica id no other live process uses (the server locks its data dir, where
+    /// the id is kept).
+    pub async fn reclaim_own_commands(
+        &self,
+        replica_id: &str,
+        lease_ms: u32,
+    ) -> Result<Vec<(CommandId, i64)>> {
+        with_pool!(self, write, |pool, d| {
+            let sql = format!(
+                "UPDATE commands SET owner_epoch = owner_epoch + 1, lease_until = {} + $2
+                 WHERE owner = $1 AND status IN {ACTIVE}
+                 RETURNING command_id, owner_epoch",
+                d.now_ms()
+            );
+            // Only the dialect's fixed fragment is formatted in; values are bound.
+            Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(replica_id)
+                .bind(i64::from(lease_ms))
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .filter_map(|r| Some((r.text("command_id").parse().ok()?, r.int("owner_epoch"))))
+                .collect())
+        })
+    }
+
     /// Who owns command `id`, at which epoch, until when; None when it does not exist.
     pub async fn command_lease(&self, id: &CommandId) -> Result<Option<CommandLease>> {
         with_pool!(self, read, |pool| {
@@ -460,6 +491,43 @@ mod tests {
                 lease_of(&store, &ended).await.owner,
                 "a",
                 "{kind}: never taken"
+            );
+        }
+    }
+
+    /// A restarted replica takes back its own active commands at once, live lease or not, with
+    /// a new epoch that fences its earlier run; never another's, never an ended one.
+    #[tokio::test]
+    async fn a_restarted_replica_takes_back_its_own_commands_with_a_new_epoch() {
+        let (_dir, stores) = crate::testing::stores().await;
+        for (kind, store) in stores {
+            let n = [NodeId::from_random(1)];
+            let live = stored(&store, 1, &n, Some(("a", LONG))).await;
+            let lapsed = stored(&store, 2, &n, Some(("a", 1))).await;
+            let ended = stored(&store, 3, &n, Some(("a", LONG))).await;
+            let theirs = stored(&store, 4, &n, Some(("b", 1))).await;
+            store
+                .set_command_status(&ended, CommandStatus::Success, "Success", None)
+                .await
+                .unwrap();
+            db_clock_past(&store, lease_of(&store, &lapsed).await.lease_until).await;
+            let before = store.db_now_ms().await.unwrap();
+            let mut back = store.reclaim_own_commands("a", LONG).await.unwrap();
+            back.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+            let mut expected = vec![(live.clone(), 2), (lapsed.clone(), 2)];
+            expected.sort_by(|x, y| x.0.as_str().cmp(y.0.as_str()));
+            assert_eq!(back, expected, "{kind}");
+            assert!(lease_of(&store, &lapsed).await.lease_until >= before + i64::from(LONG));
+            let l = lease_of(&store, &theirs).await;
+            assert_eq!((l.owner.as_str(), l.epoch), ("b", 1), "{kind}");
+            assert_eq!(lease_of(&store, &ended).await.epoch, 1, "{kind}");
+            // The earlier run's fence no longer holds.
+            let refused = store
+                .set_command_status(&live, CommandStatus::Failed, "Failed", Some(&lease("a", 1)))
+                .await;
+            assert!(
+                matches!(refused, Err(StoreError::Fenced { .. })),
+                "{kind}: {refused:?}"
             );
         }
     }

@@ -166,6 +166,10 @@ pub struct Args {
     /// A session running this long is ended; 0 = no limit [default: 0]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     session_max_duration: Option<Duration>,
+    /// A replica silent this long (no heartbeat, every third of it) has its commands taken over by
+    /// the others on the database [default: 6s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    replica_lease: Option<Duration>,
     /// Record interactive sessions as asciicast files in the object store: on or off [default: on]
     #[arg(
         long,
@@ -228,6 +232,8 @@ struct ServerFile {
     session_idle_timeout: Option<String>,
     /// "0" for no limit.
     session_max_duration: Option<String>,
+    /// A duration such as "6s".
+    replica_lease: Option<String>,
     object_store: Option<super::object_store::ObjectStoreFile>,
     script_input_ca: Option<PathBuf>,
     script_output_max: Option<u64>,
@@ -347,6 +353,12 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         file.session_idle_timeout,
         D::DEFAULT_SESSION_IDLE_TIMEOUT,
     )?;
+    let replica_lease = timeout(
+        "replica_lease",
+        args.replica_lease,
+        file.replica_lease,
+        D::DEFAULT_REPLICA_LEASE,
+    )?;
     let session_max_duration = match args.session_max_duration {
         Some(d) => Some(d),
         None => file_duration("session_max_duration", file.session_max_duration)?,
@@ -415,6 +427,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         shutdown_grace,
         session_idle_timeout,
         session_max_duration,
+        replica_lease,
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -572,6 +585,7 @@ mod tests {
             shutdown_grace: None,
             session_idle_timeout: None,
             session_max_duration: None,
+            replica_lease: None,
             session_recording: None,
             record_input: false,
             recording_failure: None,

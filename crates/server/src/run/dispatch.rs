@@ -5,6 +5,10 @@
 //! and the rest end as skipped; an invocation not delivered before the delivery timeout ends as
 //! Delivery Timed Out; a node that is offline waits (without a slot) until it comes back in time.
 //! Every state change is persisted before the frame it leads to is sent.
+//!
+//! Each write carries the fence of this replica's hold on the command (`cluster::replica`): once
+//! another replica, or a later run of this one, has taken the command, the store refuses the
+//! write and the dispatcher stops there, leaving the command to its new owner.
 
 use crate::AppState;
 use crate::run::invocations::Ender;
@@ -13,13 +17,14 @@ use fleetrun_proto::limits::SCRIPT_MAX;
 use fleetrun_proto::status::details;
 use fleetrun_proto::time::now_ms;
 use fleetrun_proto::{CommandId, CommandStatus, InvocationStatus, NodeId};
-use fleetrun_store::{CommandRow, Finish, ScriptFiles, StoreError, Tally};
+use fleetrun_store::{CommandRow, Fence, Finish, ScriptFiles, StoreError, Tally};
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// A message to a command's dispatcher.
 pub enum DispatchMsg {
@@ -34,12 +39,17 @@ pub enum DispatchMsg {
 struct Handle {
     tx: mpsc::UnboundedSender<DispatchMsg>,
     progress: watch::Sender<u64>,
+    /// Which dispatcher of the command this is (a later one replaces it).
+    generation: u64,
+    /// Cancelled when a later dispatcher of the same command replaces this one.
+    retired: CancellationToken,
 }
 
 /// The registry of running dispatchers.
 #[derive(Default)]
 pub struct Dispatchers {
     running: Mutex<HashMap<CommandId, Handle>>,
+    generations: std::sync::atomic::AtomicU64,
     /// Woken when invocations end: saved script runs' temp dirs may be removed
     /// (`scripts::runner::janitor`).
     pub cleanup: tokio::sync::Notify,
@@ -65,35 +75,114 @@ impl Dispatchers {
     pub fn watch(&self, cmd: &CommandId) -> Option<watch::Receiver<u64>> {
         self.running.lock().get(cmd).map(|h| h.progress.subscribe())
     }
+
+    /// Whether a dispatcher of `cmd` runs here.
+    pub fn is_running(&self, cmd: &CommandId) -> bool {
+        self.running.lock().contains_key(cmd)
+    }
+
+    /// Removes the handle of dispatcher `generation` of `cmd`, unless a later one replaced it.
+    fn remove(&self, cmd: &CommandId, generation: u64) {
+        let mut running = self.running.lock();
+        if running.get(cmd).is_some_and(|h| h.generation == generation) {
+            running.remove(cmd);
+        }
+    }
 }
 
-/// Starts the dispatcher of a command (new, or resumed after a restart).
-pub fn spawn(state: Arc<AppState>, row: CommandRow) {
+/// Starts the dispatcher of a command this replica holds with `fence` (new, resumed after a
+/// restart, or taken over). One that ran here already for the command (at an earlier epoch) is
+/// retired: its writes would be fenced anyway, and the new one reads the stored state afresh.
+pub fn spawn(state: Arc<AppState>, row: CommandRow, fence: Fence) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (progress, _) = watch::channel(0);
-    state
+    let generation = state
+        .dispatchers
+        .generations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let retired = CancellationToken::new();
+    let handle = Handle {
+        tx,
+        progress,
+        generation,
+        retired: retired.clone(),
+    };
+    let earlier = state
         .dispatchers
         .running
         .lock()
-        .insert(row.command_id.clone(), Handle { tx, progress });
+        .insert(row.command_id.clone(), handle);
+    if let Some(earlier) = earlier {
+        earlier.retired.cancel();
+    }
     let tasks = state.tasks.clone();
     tasks.spawn(async move {
         let cmd = row.command_id.clone();
-        match Dispatcher::load(state.clone(), row, rx).await {
-            Ok(d) => d.run_loop().await,
-            Err(e) => {
-                tracing::error!(%cmd, "cannot load command for dispatch: {e}");
-                state.dispatchers.running.lock().remove(&cmd);
+        let mut rx = rx;
+        let mut row = Some(row);
+        loop {
+            let loaded = match row.take() {
+                Some(row) => Ok(Some(row)),
+                None => state.store.command_row(&cmd).await,
+            };
+            let stopped = match loaded {
+                Ok(Some(row)) => {
+                    match Dispatcher::load(state.clone(), row, fence.clone()).await {
+                        Ok(d) => d.run_loop(&mut rx, &retired).await,
+                        Err(e) => Stopped::Failed(e),
+                    }
+                }
+                Ok(None) => Stopped::Done,
+                Err(e) => Stopped::Failed(e),
+            };
+            match stopped {
+                Stopped::Done => break,
+                // Shutdown: left as it stands, resumed from the database at the next start.
+                // Retired: a later dispatcher here owns the handle now.
+                Stopped::Shutdown | Stopped::Retired => return,
+                Stopped::Failed(StoreError::Fenced { held_by, epoch, .. }) => {
+                    tracing::info!(%cmd, %held_by, epoch, "command taken over by another owner: dispatch stops here");
+                    break;
+                }
+                // The database failed (unreachable, say): this replica still holds the command,
+                // so it tries again from what is stored. Messages that came meanwhile wait in
+                // `rx`; ends already stored are not counted twice (`handle`).
+                Stopped::Failed(e) => {
+                    tracing::error!(%cmd, "dispatch stopped on a storage error, retrying in {RETRY:?}: {e}");
+                    tokio::select! {
+                        () = state.shutdown.cancelled() => return,
+                        () = retired.cancelled() => return,
+                        () = tokio::time::sleep(RETRY) => {}
+                    }
+                }
             }
         }
+        // Dropping the handle closes watchers' channels: they read the state from storage.
+        state.dispatchers.remove(&cmd, generation);
     });
+}
+
+/// Wait before a dispatcher stopped by a storage error loads its command again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Why a dispatcher's run stopped.
+enum Stopped {
+    /// Every invocation ended and the command's final status is stored.
+    Done,
+    /// The server is shutting down.
+    Shutdown,
+    /// A later dispatcher of the command replaced this one.
+    Retired,
+    /// A write failed: fenced (another owner holds the command) or the database failed.
+    Failed(StoreError),
 }
 
 struct Dispatcher {
     state: Arc<AppState>,
     cmd: CommandId,
+    /// This replica's hold on the command, carried by every write.
+    fence: Fence,
     run: RunRequest,
-    rx: mpsc::UnboundedReceiver<DispatchMsg>,
     online: broadcast::Receiver<NodeId>,
     /// Not delivered, in dispatch order.
     pending: VecDeque<NodeId>,
@@ -117,11 +206,7 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    async fn load(
-        state: Arc<AppState>,
-        row: CommandRow,
-        rx: mpsc::UnboundedReceiver<DispatchMsg>,
-    ) -> Result<Self, StoreError> {
+    async fn load(state: Arc<AppState>, row: CommandRow, fence: Fence) -> Result<Self, StoreError> {
         let online = state.hub.subscribe_online();
         let invocations = state.store.invocation_rows(&row.command_id).await?;
         let files = state.store.script_files(&row.command_id).await?;
@@ -130,12 +215,15 @@ impl Dispatcher {
         // At least one in flight, whatever a percentage of few targets rounds to.
         let max_concurrency = spec.max_concurrency.resolve(targets).max(1);
         let max_errors = spec.max_errors.resolve(targets);
-        let now = now_ms();
+        // Deadlines are absolute times by the database's clock (the send's `requested_at` too),
+        // so a replica taking over keeps them whatever its own clock says.
+        let now = state.replica.now_ms();
         let at =
             |ms: i64| Instant::now() + Duration::from_millis(ms.saturating_sub(now).max(0) as u64);
         let delivery_end = spec.requested_at + spec.delivery_timeout as i64 * 1000;
         let mut d = Dispatcher {
             cmd: row.command_id.clone(),
+            fence,
             run: RunRequest {
                 command_id: row.command_id.clone(),
                 script: spec.commands.join("\n"),
@@ -145,7 +233,6 @@ impl Dispatcher {
                 memory_limit_bytes: spec.memory_limit_mb.map(|mb| mb * 1024 * 1024),
                 cpu_limit_percent: spec.cpu_limit_percent,
             },
-            rx,
             online,
             pending: VecDeque::new(),
             waiting: HashSet::new(),
@@ -182,27 +269,33 @@ impl Dispatcher {
         Ok(d)
     }
 
-    async fn run_loop(mut self) {
+    async fn run_loop(
+        mut self,
+        rx: &mut mpsc::UnboundedReceiver<DispatchMsg>,
+        retired: &CancellationToken,
+    ) -> Stopped {
         let shutdown = self.state.shutdown.clone();
         let driven = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => None,
-            r = self.drive() => Some(r),
+            _ = shutdown.cancelled() => return Stopped::Shutdown,
+            _ = retired.cancelled() => return Stopped::Retired,
+            r = self.drive(rx) => r,
         };
         // At shutdown the dispatch is left as it stands: the next start resumes it from the
         // database (deliveries are recorded before they are sent), as after a crash.
-        let Some(driven) = driven else { return };
-        if let Err(e) = driven {
-            tracing::error!(cmd = %self.cmd, "dispatch stopped on a storage error: {e}");
+        match driven {
+            Ok(()) => match self.finalize().await {
+                Ok(()) => Stopped::Done,
+                Err(e) => Stopped::Failed(e),
+            },
+            Err(e) => Stopped::Failed(e),
         }
-        if let Err(e) = self.finalize().await {
-            tracing::error!(cmd = %self.cmd, "cannot store final command status: {e}");
-        }
-        // Dropping the handle closes watchers' channels: they read the final state from storage.
-        self.state.dispatchers.running.lock().remove(&self.cmd);
     }
 
-    async fn drive(&mut self) -> Result<(), StoreError> {
+    async fn drive(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<DispatchMsg>,
+    ) -> Result<(), StoreError> {
         loop {
             if let Some((status, why)) = self.stopped {
                 self.end_undelivered(status, why).await?;
@@ -214,7 +307,7 @@ impl Dispatcher {
             }
             let undelivered = !self.pending.is_empty() || !self.waiting.is_empty();
             tokio::select! {
-                msg = self.rx.recv() => match msg {
+                msg = rx.recv() => match msg {
                     Some(m) => self.handle(m).await?,
                     None => return Ok(()),
                 },
@@ -243,11 +336,16 @@ impl Dispatcher {
         match msg {
             DispatchMsg::Ended(ends) => {
                 for (node, is_error) in ends {
-                    self.in_flight.remove(&node);
-                    self.cancelling.remove(&node);
+                    let pending = self.pending.len();
                     self.pending.retain(|n| n != &node);
-                    self.waiting.remove(&node);
-                    self.errors += u64::from(is_error);
+                    let tracked = self.in_flight.remove(&node)
+                        | self.waiting.remove(&node)
+                        | (self.pending.len() != pending);
+                    self.cancelling.remove(&node);
+                    // An end this dispatcher loaded as stored already is in `errors`.
+                    if tracked {
+                        self.errors += u64::from(is_error);
+                    }
                 }
                 if self.errors > self.max_errors && self.stopped.is_none() {
                     self.stopped =
@@ -341,7 +439,7 @@ impl Dispatcher {
         };
         self.state
             .store
-            .mark_delivered(&self.cmd, &batch, now_ms(), None)
+            .mark_delivered(&self.cmd, &batch, now_ms(), Some(&self.fence))
             .await?;
         for node in batch {
             if let Some(files) = &self.files {
@@ -354,6 +452,7 @@ impl Dispatcher {
                     files: files.clone(),
                     inputs: self.inputs.clone(),
                     run: run.clone(),
+                    fence: self.fence.clone(),
                 };
                 self.state.tasks.spawn(prepare.run());
                 continue;
@@ -364,7 +463,7 @@ impl Dispatcher {
                 // Went offline between the check and the send: it waits for the node again.
                 self.state
                     .store
-                    .mark_undelivered(&self.cmd, &node, None)
+                    .mark_undelivered(&self.cmd, &node, Some(&self.fence))
                     .await?;
                 self.waiting.insert(node);
             }
@@ -437,7 +536,7 @@ impl Dispatcher {
             self.stopped = Some((InvocationStatus::Cancelled, details::CANCELLED));
             self.state
                 .store
-                .mark_cancel_requested(&self.cmd, None)
+                .mark_cancel_requested(&self.cmd, Some(&self.fence))
                 .await?;
         }
         // Not delivered: they end now.
@@ -476,7 +575,7 @@ impl Dispatcher {
         if !flying.is_empty() {
             self.state
                 .store
-                .mark_cancelling(&self.cmd, &flying, None)
+                .mark_cancelling(&self.cmd, &flying, Some(&self.fence))
                 .await?;
             for n in flying {
                 self.send_cancel(&n);
@@ -489,7 +588,7 @@ impl Dispatcher {
                         &self.cmd,
                         CommandStatus::Cancelling,
                         details::CANCELLING,
-                        None,
+                        Some(&self.fence),
                     )
                     .await?;
             }
@@ -507,9 +606,10 @@ impl Dispatcher {
         );
     }
 
-    /// Ends invocations through the one place that does (it closes their output actors too).
+    /// Ends invocations through the one place that does (it closes their output actors too),
+    /// under this dispatcher's fence.
     fn ender(&self) -> Ender<'_> {
-        Ender::of(&self.state)
+        Ender::of(&self.state).fenced(&self.fence)
     }
 
     /// Rolls the invocations' statuses up into the command's final status.
@@ -527,7 +627,7 @@ impl Dispatcher {
         let (status, why) = roll_up(&tally, ending);
         self.state
             .store
-            .set_command_status(&self.cmd, status, why, None)
+            .set_command_status(&self.cmd, status, why, Some(&self.fence))
             .await
     }
 }
@@ -540,6 +640,8 @@ struct Prepare {
     files: ScriptFiles,
     inputs: Arc<crate::scripts::runner::Inputs>,
     run: RunRequest,
+    /// The dispatcher's hold on the command: a taken-over command is not prepared further.
+    fence: Fence,
 }
 
 impl Prepare {
@@ -549,8 +651,12 @@ impl Prepare {
         // so it is delivered (and prepared) again.
         tokio::select! {
             () = shutdown.cancelled() => {}
-            r = self.go() => if let Err(e) = r {
-                tracing::error!("a script run's preparation stopped on a storage error: {e}");
+            r = self.go() => match r {
+                Ok(()) => {}
+                Err(StoreError::Fenced { held_by, .. }) => {
+                    tracing::info!(cmd = %self.cmd, %held_by, "command taken over: its preparation stops here");
+                }
+                Err(e) => tracing::error!("a script run's preparation stopped on a storage error: {e}"),
             },
         }
     }
@@ -594,7 +700,7 @@ impl Prepare {
                 details::CANCELLED,
                 "cancelled before it started",
             );
-            Ender::of(state).end(cmd, ends).await?;
+            Ender::of(state).fenced(&self.fence).end(cmd, ends).await?;
             return Ok(());
         }
         let script = match script {
@@ -602,7 +708,7 @@ impl Prepare {
             Err(why) => {
                 tracing::info!(%cmd, %node, "script run not started: {why}");
                 let ends = end(InvocationStatus::Failed, details::FAILED, &why);
-                Ender::of(state).end(cmd, ends).await?;
+                Ender::of(state).fenced(&self.fence).end(cmd, ends).await?;
                 return Ok(());
             }
         };
@@ -611,7 +717,10 @@ impl Prepare {
             ..self.run.clone()
         };
         if !state.hub.send(node, ServerFrame::Run(run)) {
-            state.store.mark_undelivered(cmd, node, None).await?;
+            state
+                .store
+                .mark_undelivered(cmd, node, Some(&self.fence))
+                .await?;
             state
                 .dispatchers
                 .send(cmd, DispatchMsg::Undelivered(node.clone()));

@@ -9,7 +9,7 @@ use crate::AppState;
 use crate::run::dispatch::{DispatchMsg, Dispatchers};
 use crate::run::output::Outputs;
 use fleetrun_proto::{CommandId, NodeId};
-use fleetrun_store::{Finish, Store, StoreError};
+use fleetrun_store::{Fence, Finish, Store, StoreError};
 use std::collections::HashSet;
 
 /// What ending invocations touches: the store, the output actors and the dispatchers.
@@ -18,6 +18,9 @@ pub struct Ender<'a> {
     store: &'a Store,
     outputs: &'a Outputs,
     dispatchers: &'a Dispatchers,
+    /// The dispatcher's hold on the command, for the ends it decides (None for an agent's
+    /// results and a node's deregistration: facts about the node).
+    fence: Option<&'a Fence>,
 }
 
 impl<'a> Ender<'a> {
@@ -27,6 +30,16 @@ impl<'a> Ender<'a> {
             store,
             outputs,
             dispatchers,
+            fence: None,
+        }
+    }
+
+    /// The same, for a dispatcher holding its command with `fence`: nothing ends once another
+    /// owner holds the command (`StoreError::Fenced`).
+    pub fn fenced(self, fence: &'a Fence) -> Self {
+        Ender {
+            fence: Some(fence),
+            ..self
         }
     }
 
@@ -64,7 +77,10 @@ impl<'a> Ender<'a> {
         ends: Vec<(NodeId, Finish)>,
         actor: Option<&NodeId>,
     ) -> Result<Vec<NodeId>, StoreError> {
-        let ended = self.store.finish_invocations(cmd, &ends, None).await?;
+        let ended = self
+            .store
+            .finish_invocations(cmd, &ends, self.fence)
+            .await?;
         if ended.is_empty() {
             return Ok(ended);
         }

@@ -367,7 +367,8 @@ async fn persist_and_dispatch(
             run_as: checked.run_as,
             memory_limit_mb: checked.memory_limit_mb,
             cpu_limit_percent: checked.cpu_limit_percent,
-            requested_at: now_ms(),
+            // By the database's clock, as every deadline derived from it (`cluster::replica`).
+            requested_at: state.replica.now_ms(),
         },
         invocations: targets.nodes,
         ssm_extra: Some(ssm_extra),
@@ -376,7 +377,7 @@ async fn persist_and_dispatch(
             target,
             plugin_dir: doc.plugin_dir,
         }),
-        owner: None,
+        owner: Some(state.replica.owner()),
     };
     let extras = CommandExtras {
         ended: match &opts.platform {
@@ -409,7 +410,8 @@ async fn persist_and_dispatch(
         error_count: extras.ended.iter().filter(|(_, f)| f.is_error()).count() as u64,
         cancel_requested: false,
     };
-    dispatch::spawn(state.clone(), row);
+    // Its creator holds it at epoch 1 (`Owner`).
+    dispatch::spawn(state.clone(), row, state.replica.fence(1));
     let cmd = state
         .store
         .get_command(&command_id)
