@@ -79,6 +79,8 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// This server as a replica: its id, its leases, its estimate of the database's clock.
     pub replica: crate::cluster::replica::Replica,
+    /// The bus to the other replicas (`--nats-url`); None for a server on its own.
+    pub bus: Option<Arc<crate::cluster::bus::Bus>>,
 }
 
 /// A server that is listening.
@@ -161,12 +163,37 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let store = Store::open(&database)
         .await
         .with_context(|| format!("cannot open database {database}"))?;
-    if !store.claim_database().await? {
-        anyhow::bail!(
-            "another fleetrun server uses database {database}: several servers on one database \
-             (replicas) are not supported yet; stop the other one or give this one its own database"
-        );
-    }
+    // Replicas reach each other's agents through the bus; without one, a second server on the
+    // database would dispatch commands to agents it cannot reach.
+    let bus = match &config.nats_url {
+        None => {
+            if !store.claim_database().await? {
+                anyhow::bail!(
+                    "another fleetrun server uses database {database}: several servers on one \
+                     database (replicas) each need --nats-url, the NATS server they share; or \
+                     stop the other one, or give this one a database of its own"
+                );
+            }
+            None
+        }
+        Some(_) if !database.is_shared() => anyhow::bail!(
+            "--nats-url is for several replicas, which share a PostgreSQL database: give \
+             --database postgres://...; SQLite serves one server on its own"
+        ),
+        Some(url) => {
+            if matches!(
+                config.object_store,
+                crate::objects::ObjectStoreConfig::Local
+            ) {
+                tracing::warn!(
+                    "replicas with objects in each one's data dir: output past its inline copy, \
+                     recordings and files are readable only on the replica that wrote them; \
+                     give every replica the same --object-store s3://..."
+                );
+            }
+            Some(crate::cluster::bus::Bus::connect(url, &replica_id).await?)
+        }
+    };
     tracing::info!(%database, "database open");
     // A session still Active belonged to a server that stopped: its relay is gone with it.
     let orphans = store
@@ -231,7 +258,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         objects,
         hub: hub::Hub::default(),
         outputs: output::Outputs::default(),
-        dispatchers: dispatch::Dispatchers::default(),
+        dispatchers: dispatch::Dispatchers::new(bus.clone()),
         heartbeat_secs: config.heartbeat_secs,
         data_dir: config.data_dir.clone(),
         retention: config.retention,
@@ -272,6 +299,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         replica: crate::cluster::replica::Replica::new(replica_id, config.replica_lease),
+        bus,
     });
     let public_url = state.public_url.clone();
     tracing::info!(replica = state.replica.id(), "joining the replicas");
@@ -279,6 +307,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     state
         .tasks
         .spawn(crate::cluster::replica::run(state.clone()));
+    if let Some(bus) = &state.bus {
+        tracing::info!("on the bus to the other replicas");
+        state
+            .tasks
+            .spawn(crate::cluster::bus::run(state.clone(), bus.clone()));
+    }
 
     state
         .tasks

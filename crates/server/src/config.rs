@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// (every third of it): a peer on the same database takes over the commands of a server
     /// silent for this long.
     pub replica_lease: Duration,
+    /// The NATS server the replicas on one PostgreSQL database share (`nats://host:4222`); None
+    /// for a server on its own.
+    pub nats_url: Option<String>,
     /// A session with no bytes either way for this long is ended ("idle timeout").
     pub session_idle_timeout: Duration,
     /// A session running this long is ended ("max duration"); None (the default): no limit.
@@ -128,6 +131,7 @@ impl ServerConfig {
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             result_grace: Self::DEFAULT_RESULT_GRACE,
             replica_lease: Self::DEFAULT_REPLICA_LEASE,
+            nats_url: None,
             session_idle_timeout: Self::DEFAULT_SESSION_IDLE_TIMEOUT,
             session_max_duration: None,
             object_store: Default::default(),

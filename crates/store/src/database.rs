@@ -9,7 +9,7 @@ pub enum Database {
     /// A SQLite file, created when missing: one server on one machine (the default).
     Sqlite(PathBuf),
     /// A PostgreSQL server (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?OPTIONS]`), which server
-    /// replicas will share (one server per database until they are built: `claim_database`).
+    /// replicas share (with a NATS server between them; one server per database without).
     Postgres(String),
 }
 

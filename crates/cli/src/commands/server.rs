@@ -35,6 +35,15 @@ pub struct Args {
         value_name = "URL"
     )]
     database: Option<String>,
+    /// The NATS server that several replicas on one PostgreSQL database share, e.g.
+    /// nats://127.0.0.1:4222 (README: "Running several replicas") [default: none, one server]
+    #[arg(
+        long,
+        env = "FLEETRUN_NATS_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    nats_url: Option<String>,
     /// Address to listen on [default: 127.0.0.1:8080]
     #[arg(
         long,
@@ -96,7 +105,7 @@ pub struct Args {
     /// Serve plain HTTP, without TLS: tokens, scripts and output cross the network in clear text
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_sans"])]
     insecure_http: bool,
-    /// A TOML file with data_dir, database, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
+    /// A TOML file with data_dir, database, nats_url, listen, heartbeat_secs, retention, purge_interval, max_handshakes,
     /// rate_limit, secrets_key_file, tls_cert, tls_key, tls_sans, insecure_http and the timeouts,
     /// connection caps and recording settings below
     #[arg(
@@ -208,6 +217,7 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 struct ServerFile {
     data_dir: Option<PathBuf>,
     database: Option<String>,
+    nats_url: Option<String>,
     listen: Option<SocketAddr>,
     heartbeat_secs: Option<u64>,
     /// A duration such as "30d".
@@ -272,6 +282,13 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         .map(|d| fleetrun_server::Database::parse(&d))
         .transpose()
         .map_err(anyhow::Error::msg)?;
+    let nats_url = args.nats_url.or(file.nats_url).map(|u| u.trim().to_owned());
+    if let Some(url) = &nats_url
+        && !(url.starts_with("nats://") || url.starts_with("tls://"))
+    {
+        // Not echoed: it may hold a password.
+        bail!("nats_url is not a nats:// or tls:// URL; use e.g. nats://127.0.0.1:4222");
+    }
     let listen = match args.listen.or(file.listen) {
         Some(l) => l,
         None => LISTEN_DEFAULT
@@ -428,6 +445,7 @@ fn resolve(args: Args) -> anyhow::Result<fleetrun_server::ServerConfig> {
         session_idle_timeout,
         session_max_duration,
         replica_lease,
+        nats_url,
         ..fleetrun_server::ServerConfig::new(data_dir, listen)
     })
 }
@@ -560,6 +578,7 @@ mod tests {
         let args = |config: Option<PathBuf>| Args {
             data_dir: Some(dir.path().into()),
             database: None,
+            nats_url: None,
             listen: None,
             heartbeat_secs: None,
             retention: None,

@@ -243,7 +243,9 @@ pub async fn watch(
         .command_scope(&state.store, &p, Action::ReadOutput, &first.command_id)
         .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    // Subscribed before the state is read again below, so no change falls between the two.
     let mut changes = state.dispatchers.watch(&first.command_id);
+    let first = load(&state, &id).await?;
     tokio::spawn(async move {
         let line = |c: &Command| {
             let mut v = serde_json::to_vec(c).unwrap_or_default();
@@ -273,8 +275,13 @@ pub async fn watch(
                 last = now;
             }
             if !alive && !terminal {
-                // No dispatcher runs (ended between reads, or failed): the stored state is final.
-                return;
+                // No dispatcher runs here any more: taken over by another replica (watched
+                // through the bus from now on), or, on its own, ended or failed: the stored
+                // state is final.
+                changes = state.dispatchers.watch(&id);
+                if changes.is_none() {
+                    return;
+                }
             }
         }
     });

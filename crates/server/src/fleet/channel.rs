@@ -487,6 +487,20 @@ async fn session(
     {
         tracing::error!(%node, "cannot reconcile deliveries: {e}");
     }
+    // Other replicas reach the node through this one while it is connected here.
+    let serving = match &state.bus {
+        Some(bus) => match bus.serve_node(&state, &node).await {
+            Ok(serving) => {
+                bus.announce_online(&node);
+                Some(serving)
+            }
+            Err(e) => {
+                tracing::warn!(%node, "other replicas cannot reach the node through NATS: {e}");
+                None
+            }
+        },
+        None => None,
+    };
     state.hub.announce_online(&node);
     // The handshake's work is done; the session itself costs little.
     drop(permit);
@@ -562,6 +576,7 @@ async fn session(
             owned.foreign_commands
         );
     }
+    drop(serving);
     state.hub.disconnect(&node, conn_id);
     // The relays of its streams hear that the agent is gone.
     streams.close_all();

@@ -84,6 +84,18 @@ impl Hub {
         true
     }
 
+    /// Closes a node's connection here without a word to its agent, which has a newer one on
+    /// another replica. Returns whether it was connected here.
+    pub fn close_stale(&self, node: &NodeId) -> bool {
+        let Some(mut conn) = self.conns.lock().remove(node) else {
+            return false;
+        };
+        if let Some(r) = conn.revoked.take() {
+            let _ = r.send(());
+        }
+        true
+    }
+
     /// Tells every live session to close (shutdown): the agents see the socket close and reconnect
     /// later. The entries stay until each session ends and disconnects.
     pub fn close_all(&self) {

@@ -11,6 +11,7 @@
 //! write and the dispatcher stops there, leaving the command to its new owner.
 
 use crate::AppState;
+use crate::cluster::bus::{Bus, Delivery};
 use crate::run::invocations::Ender;
 use fleetrun_proto::channel::{RunRequest, ServerFrame};
 use fleetrun_proto::limits::SCRIPT_MAX;
@@ -26,7 +27,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// A message to a command's dispatcher.
+/// A message to a command's dispatcher (over the bus too, when it runs on another replica).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum DispatchMsg {
     /// These invocations ended (already persisted).
     Ended(Vec<(NodeId, bool)>),
@@ -43,6 +45,8 @@ struct Handle {
     generation: u64,
     /// Cancelled when a later dispatcher of the same command replaces this one.
     retired: CancellationToken,
+    /// The replica's hold on the command, to load it again with (`Dispatchers::reload_all`).
+    fence: Fence,
 }
 
 /// The registry of running dispatchers.
@@ -50,30 +54,120 @@ struct Handle {
 pub struct Dispatchers {
     running: Mutex<HashMap<CommandId, Handle>>,
     generations: std::sync::atomic::AtomicU64,
+    /// Where messages for dispatchers running on other replicas go.
+    bus: Option<Arc<Bus>>,
+    /// Change notifications of commands dispatched on other replicas that someone watches here,
+    /// fed by the bus.
+    elsewhere: Mutex<HashMap<CommandId, watch::Sender<u64>>>,
     /// Woken when invocations end: saved script runs' temp dirs may be removed
     /// (`scripts::runner::janitor`).
     pub cleanup: tokio::sync::Notify,
 }
 
 impl Dispatchers {
+    /// The registry, passing messages for commands dispatched elsewhere to `bus` (when there is
+    /// one: several replicas).
+    pub fn new(bus: Option<Arc<Bus>>) -> Self {
+        Dispatchers {
+            bus,
+            ..Default::default()
+        }
+    }
+
     /// Sends a message to a command's dispatcher; false if none runs.
-    pub fn send(&self, cmd: &CommandId, msg: DispatchMsg) -> bool {
+    pub fn send(&self, cmd: &CommandId, msg: DispatchMsg) {
+        let msg = match self.running.lock().get(cmd) {
+            Some(h) => match h.tx.send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(msg)) => msg,
+            },
+            None => msg,
+        };
+        // Not dispatched here: the replica that does takes it from the bus.
+        if let Some(bus) = &self.bus {
+            bus.to_dispatcher(cmd, &msg);
+        }
+    }
+
+    /// Passes `msg` to the dispatcher of `cmd` if it runs here (a message from the bus).
+    pub fn send_here(&self, cmd: &CommandId, msg: DispatchMsg) -> bool {
         self.running
             .lock()
             .get(cmd)
             .is_some_and(|h| h.tx.send(msg).is_ok())
     }
 
-    /// Tells watchers of a command that it changed.
+    /// Loads every command dispatched here again from the database, at the same fence: after the
+    /// bus was lost, messages for them may have been too. Each new dispatcher retires the old one.
+    pub fn reload_all(&self, state: &Arc<AppState>) {
+        let held: Vec<(CommandId, Fence)> = self
+            .running
+            .lock()
+            .iter()
+            .map(|(cmd, h)| (cmd.clone(), h.fence.clone()))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        tracing::info!(
+            commands = held.len(),
+            "loading the commands dispatched here again"
+        );
+        let state2 = state.clone();
+        state.tasks.spawn(async move {
+            for (cmd, fence) in held {
+                match state2.store.command_row(&cmd).await {
+                    Ok(Some(row)) if !row.status.is_terminal() => spawn(state2.clone(), row, fence),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(%cmd, "cannot load the command again: {e}"),
+                }
+            }
+        });
+    }
+
+    /// Tells watchers of a command that it changed, here and (through the bus) on the other
+    /// replicas.
     pub fn bump(&self, cmd: &CommandId) {
-        if let Some(h) = self.running.lock().get(cmd) {
-            h.progress.send_modify(|v| *v += 1);
+        self.bump_here(cmd);
+        if let Some(bus) = &self.bus {
+            bus.changed(cmd);
         }
     }
 
-    /// Change notifications of a running command; None when it is not running (it has ended).
+    /// Tells watchers here that a command changed (on another replica, says the bus).
+    pub fn bump_here(&self, cmd: &CommandId) {
+        if let Some(h) = self.running.lock().get(cmd) {
+            h.progress.send_modify(|v| *v += 1);
+            return;
+        }
+        let mut elsewhere = self.elsewhere.lock();
+        if let Some(tx) = elsewhere.get(cmd) {
+            if tx.receiver_count() == 0 {
+                elsewhere.remove(cmd);
+            } else {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
+    /// Change notifications of a running command; None when it is not running here and there
+    /// are no other replicas (it has ended). With replicas, a command dispatched elsewhere is
+    /// watched through the bus, and its notifications never close: the watcher ends when the
+    /// command does.
     pub fn watch(&self, cmd: &CommandId) -> Option<watch::Receiver<u64>> {
-        self.running.lock().get(cmd).map(|h| h.progress.subscribe())
+        if let Some(h) = self.running.lock().get(cmd) {
+            return Some(h.progress.subscribe());
+        }
+        self.bus.as_ref()?;
+        let mut elsewhere = self.elsewhere.lock();
+        // Those nobody watches any more go (at most one per watched command stays).
+        elsewhere.retain(|_, tx| tx.receiver_count() > 0);
+        Some(
+            elsewhere
+                .entry(cmd.clone())
+                .or_insert_with(|| watch::channel(0).0)
+                .subscribe(),
+        )
     }
 
     /// Whether a dispatcher of `cmd` runs here.
@@ -106,6 +200,7 @@ pub fn spawn(state: Arc<AppState>, row: CommandRow, fence: Fence) {
         progress,
         generation,
         retired: retired.clone(),
+        fence: fence.clone(),
     };
     let earlier = state
         .dispatchers
@@ -157,9 +252,21 @@ pub fn spawn(state: Arc<AppState>, row: CommandRow, fence: Fence) {
                 }
             }
         }
-        // Dropping the handle closes watchers' channels: they read the state from storage.
+        // Watchers on other replicas read the final state; dropping the handle closes the
+        // channels of those here, which read it from storage.
+        if state.bus.is_some() {
+            state.dispatchers.bump(&cmd);
+        }
         state.dispatchers.remove(&cmd, generation);
     });
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Wait before a dispatcher stopped by a storage error loads its command again.
@@ -199,6 +306,10 @@ struct Dispatcher {
     stopped: Option<(InvocationStatus, &'static str)>,
     delivery_deadline: Instant,
     expiry: Instant,
+    /// Waiting because the bus failed when their turn came (not because they were offline):
+    /// tried again at `retry_at`.
+    unreachable: HashSet<NodeId>,
+    retry_at: Option<Instant>,
     /// A saved script run's input and output: each node is prepared before its Run.
     files: Option<ScriptFiles>,
     /// That run's input, staged once for all its nodes.
@@ -243,6 +354,8 @@ impl Dispatcher {
             errors: row.error_count,
             stopped: None,
             delivery_deadline: at(delivery_end),
+            unreachable: HashSet::new(),
+            retry_at: None,
             expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + state.result_grace,
             files,
             inputs: Arc::default(),
@@ -328,6 +441,14 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(self.expiry) => {
                     self.expire().await?;
                 }
+                _ = sleep_until_some(self.retry_at) => {
+                    self.retry_at = None;
+                    for node in std::mem::take(&mut self.unreachable) {
+                        if self.waiting.remove(&node) {
+                            self.pending.push_back(node);
+                        }
+                    }
+                }
             }
         }
     }
@@ -382,7 +503,8 @@ impl Dispatcher {
             let Some(node) = self.pending.pop_front() else {
                 break;
             };
-            if self.state.hub.is_online(&node) {
+            // With other replicas, the node may be connected to one of them: try it.
+            if self.state.hub.is_online(&node) || self.state.bus.is_some() {
                 batch.push(node);
             } else {
                 self.waiting.insert(node);
@@ -441,6 +563,7 @@ impl Dispatcher {
             .store
             .mark_delivered(&self.cmd, &batch, now_ms(), Some(&self.fence))
             .await?;
+        let mut direct = Vec::with_capacity(batch.len());
         for node in batch {
             if let Some(files) = &self.files {
                 // Its dir and input first (a task: they may take a while); then its Run.
@@ -457,16 +580,31 @@ impl Dispatcher {
                 self.state.tasks.spawn(prepare.run());
                 continue;
             }
-            if self.state.hub.send(&node, ServerFrame::Run(run.clone())) {
+            direct.push(node);
+        }
+        let state = self.state.clone();
+        let sent = futures_util::future::join_all(
+            direct
+                .iter()
+                .map(|node| crate::cluster::deliver(&state, node, ServerFrame::Run(run.clone()))),
+        )
+        .await;
+        for (node, delivery) in direct.into_iter().zip(sent) {
+            if delivery == Delivery::Sent {
                 self.in_flight.insert(node);
-            } else {
-                // Went offline between the check and the send: it waits for the node again.
-                self.state
-                    .store
-                    .mark_undelivered(&self.cmd, &node, Some(&self.fence))
-                    .await?;
-                self.waiting.insert(node);
+                continue;
             }
+            // Offline (or gone between the check and the send): it waits for the node again;
+            // past a failure of the bus, it is also tried again shortly.
+            self.state
+                .store
+                .mark_undelivered(&self.cmd, &node, Some(&self.fence))
+                .await?;
+            if delivery == Delivery::Unreachable {
+                self.retry_at.get_or_insert(Instant::now() + RETRY);
+                self.unreachable.insert(node.clone());
+            }
+            self.waiting.insert(node);
         }
         self.state.dispatchers.bump(&self.cmd);
         Ok(())
@@ -598,12 +736,17 @@ impl Dispatcher {
     }
 
     fn send_cancel(&self, node: &NodeId) {
-        self.state.hub.send(
-            node,
-            ServerFrame::Cancel {
-                command_id: self.cmd.clone(),
-            },
-        );
+        let frame = ServerFrame::Cancel {
+            command_id: self.cmd.clone(),
+        };
+        if self.state.hub.send(node, frame.clone()) || self.state.bus.is_none() {
+            return;
+        }
+        // Perhaps connected to another replica.
+        let (state, node) = (self.state.clone(), node.clone());
+        self.state.tasks.spawn(async move {
+            crate::cluster::deliver(&state, &node, frame).await;
+        });
     }
 
     /// Ends invocations through the one place that does (it closes their output actors too),
@@ -716,7 +859,7 @@ impl Prepare {
             script,
             ..self.run.clone()
         };
-        if !state.hub.send(node, ServerFrame::Run(run)) {
+        if crate::cluster::deliver(state, node, ServerFrame::Run(run)).await != Delivery::Sent {
             state
                 .store
                 .mark_undelivered(cmd, node, Some(&self.fence))
@@ -726,12 +869,10 @@ impl Prepare {
                 .send(cmd, DispatchMsg::Undelivered(node.clone()));
         } else if self.status().await? == Some(InvocationStatus::Cancelling) {
             // A cancel that came while the Run was on its way: sent again after it.
-            state.hub.send(
-                node,
-                ServerFrame::Cancel {
-                    command_id: cmd.clone(),
-                },
-            );
+            let cancel = ServerFrame::Cancel {
+                command_id: cmd.clone(),
+            };
+            crate::cluster::deliver(state, node, cancel).await;
         }
         Ok(())
     }

@@ -65,6 +65,8 @@ pub struct TestServer {
     pub data: PathBuf,
     pub addr: SocketAddr,
     pub token: String,
+    /// Its database when not the default (SQLite in the data dir).
+    database: Option<fleetrun_store::Database>,
     http: reqwest::Client,
     rt: Option<tokio::runtime::Runtime>,
     _running: Option<RunningServer>,
@@ -138,6 +140,7 @@ impl TestServer {
         // Short, so an expiry test waits seconds, not the default half minute.
         config.result_grace = RESULT_GRACE;
         configure(&mut config);
+        let database = config.database.clone();
         let running = rt
             .spawn(fleetrun_server::start(config))
             .await
@@ -148,11 +151,26 @@ impl TestServer {
             data,
             addr: running.local_addr,
             token,
+            database,
             http: reqwest::Client::new(),
             rt: Some(rt),
             _running: Some(running),
             _dir: None,
         }
+    }
+
+    /// Another replica of this server's database, on a fresh data dir, with settings changed by
+    /// `configure` (give it the same database, and the NATS server they share).
+    pub async fn replica(&self, configure: impl FnOnce(&mut ServerConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut s = Self::start_in(
+            dir.path().to_path_buf(),
+            Some(self.token.clone()),
+            configure,
+        )
+        .await;
+        s._dir = Some(dir);
+        s
     }
 
     /// Kills the server as a crash would (every task dropped where it stands, nothing flushed
@@ -175,9 +193,11 @@ impl TestServer {
 
     /// A second handle on the server's database: what it reads is what was committed.
     pub async fn store(&self) -> Store {
-        Store::open_sqlite(&self.data.join("fleetrun.db"))
-            .await
-            .expect("open the database")
+        match &self.database {
+            Some(database) => Store::open(database).await,
+            None => Store::open_sqlite(&self.data.join("fleetrun.db")).await,
+        }
+        .expect("open the database")
     }
 
     fn url(&self, path: &str) -> String {
