@@ -81,6 +81,8 @@ pub struct AppState {
     pub replica: crate::cluster::replica::Replica,
     /// The bus to the other replicas (`--nats-url`); None for a server on its own.
     pub bus: Option<Arc<crate::cluster::bus::Bus>>,
+    /// Followers on other replicas of output produced here.
+    pub forwarders: crate::cluster::follow::Forwarders,
 }
 
 /// A server that is listening.
@@ -300,6 +302,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         tasks: TaskTracker::new(),
         replica: crate::cluster::replica::Replica::new(replica_id, config.replica_lease),
         bus,
+        forwarders: Default::default(),
     });
     let public_url = state.public_url.clone();
     tracing::info!(replica = state.replica.id(), "joining the replicas");

@@ -187,8 +187,8 @@ async fn a_bus_without_postgres_is_refused() {
     assert!(e.contains("--database postgres://"), "{e}");
 }
 
-/// Hostile messages on the bus (a bad frame for a node, a bad online or dispatcher message)
-/// are refused with a warning; the replicas go on serving.
+/// Hostile messages on the bus (a bad frame for a node, a bad follow request, a bad online or
+/// dispatcher message) are refused with a warning; the replicas go on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_on_the_bus_change_nothing() {
     let nats = Nats::start();
@@ -203,6 +203,15 @@ async fn bad_messages_on_the_bus_change_nothing() {
         .await
         .unwrap();
     assert_eq!(reply.payload.as_ref(), b"0");
+    let reply = raw
+        .request(
+            format!("fleetrun.node.{}.follow", agent.node_id),
+            "not a request".into(),
+        )
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(answer, json!({"live": null}));
     for (subject, payload) in [
         ("fleetrun.online", "no-space-here"),
         ("fleetrun.online", "other mi-not-a-node"),
@@ -225,4 +234,120 @@ async fn bad_messages_on_the_bus_change_nothing() {
     agent.expect_result_ack(&id).await;
     let done = a.wait_terminal(&id, DEADLINE).await;
     assert_eq!(done["status"], "Success", "{done}");
+}
+
+/// Output produced on B, followed on A from before it starts: A serves the stored bytes and then
+/// B's live chunks, byte-exact, each chunk as it comes (the follower reads chunk 1 before chunk 2
+/// is written), past the inline copy and across the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_produced_on_one_replica_is_followed_live_on_another() {
+    let nats = Nats::start();
+    let (a, b) = replicas(&nats).await;
+    let mut agent = ScriptedAgent::online(&b, "talker").await;
+    let id = a
+        .send(json!({"node_ids": [agent.node_id], "commands": ["talk"]}))
+        .await;
+    agent.expect_run().await;
+    let mut follow = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v1/commands/{id}/invocations/{}/output/stdout?follow=true",
+            a.addr, agent.node_id
+        ))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    agent.started(&id).await;
+    // Three chunks of distinct bytes, 200 KiB each: past the inline copy (24,000 bytes).
+    let chunks: Vec<Vec<u8>> = (0..3u32)
+        .map(|c| (0..200 * 1024u32).map(|i| (i * 7 + c * 13) as u8).collect())
+        .collect();
+    let mut sent = 0u64;
+    let mut got = Vec::new();
+    for chunk in &chunks {
+        agent.output(&id, sent, chunk).await;
+        sent += chunk.len() as u64;
+        assert_eq!(agent.expect_ack(&id).await, sent);
+        support::within("the chunk on A", async {
+            while (got.len() as u64) < sent {
+                let part = follow.chunk().await.unwrap().expect("follow ended early");
+                got.extend_from_slice(&part);
+            }
+        })
+        .await;
+        assert_eq!(got.len() as u64, sent, "more than was written");
+    }
+    agent.finished(&id, 0, sent).await;
+    agent.expect_result_ack(&id).await;
+    support::within("the follow to end", async {
+        while let Some(part) = follow.chunk().await.unwrap() {
+            got.extend_from_slice(&part);
+        }
+    })
+    .await;
+    assert!(
+        got == chunks.concat(),
+        "followed bytes differ ({} of {sent})",
+        got.len()
+    );
+}
+
+/// The owner of a command dies mid-fan-out (its process gone at once, as kill -9 would): another
+/// replica takes the command over when the lease runs out and finishes the fan-out from the
+/// database. Every invocation ends once, the counts are exact, and no node gets its Run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owners_command_is_taken_over_and_finished_once() {
+    let nats = Nats::start();
+    let database = Database::parse(&shared_postgres().create_database()).unwrap();
+    let on = |c: &mut fleetrun_server::ServerConfig| {
+        c.database = Some(database.clone());
+        c.nats_url = Some(nats.url());
+        c.replica_lease = std::time::Duration::from_millis(900);
+    };
+    let mut a = TestServer::start_with(on).await;
+    let b = a.replica(on).await;
+    let mut agents = Vec::new();
+    for n in 0..4 {
+        agents.push(ScriptedAgent::online(&b, &format!("fan-{n}")).await);
+    }
+    let nodes: Vec<_> = agents.iter().map(|g| g.node_id.clone()).collect();
+    let id = a
+        .send(json!({"node_ids": nodes, "commands": ["true"], "max_concurrency": "1"}))
+        .await;
+    // One at a time in target order: the first runs, then A dies.
+    agents[0].expect_run().await;
+    a.kill();
+    for (n, agent) in agents.iter_mut().enumerate() {
+        if n > 0 {
+            // Delivered by B once it holds the command.
+            let run = agent.expect_run().await;
+            assert_eq!(run.command_id, id);
+        }
+        agent.started(&id).await;
+        agent.finished(&id, 0, 0).await;
+        agent.expect_result_ack(&id).await;
+    }
+    let done = b.wait_terminal(&id, DEADLINE).await;
+    assert_eq!(done["status"], "Success", "{done}");
+    assert_eq!(done["completed_count"], 4, "{done}");
+    assert_eq!(done["error_count"], 0, "{done}");
+    let db = b.store().await;
+    let lease = db.command_lease(&id).await.unwrap().unwrap();
+    let b_id = std::fs::read_to_string(b.data.join("replica.id")).unwrap();
+    assert_eq!(lease.owner, b_id.trim(), "taken over by B");
+    assert_eq!(lease.epoch, 2, "one takeover");
+    // Nothing delivered twice: a result sent again is acknowledged (and changes nothing); any
+    // Run sent to the agent before would come first.
+    for agent in &mut agents {
+        agent.finished(&id, 0, 0).await;
+        let next = agent
+            .expect("the ResultAck", |f| match f {
+                ServerFrame::Run(r) => Some(Err(r.command_id)),
+                ServerFrame::ResultAck { .. } => Some(Ok(())),
+                _ => None,
+            })
+            .await;
+        assert_eq!(next, Ok(()), "a second Run");
+    }
 }

@@ -23,6 +23,7 @@ use fleetrun_proto::{CommandId, NodeId};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Query of the output route.
@@ -214,6 +215,11 @@ async fn follow(
             copy_stored(state, cmd, node, pipe, pos, tx).await?;
             return Ok(());
         }
+        if state.bus.is_some() && !state.outputs.has(&key) {
+            // Its output actor is on another replica (the agent's), or not started yet.
+            pos = follow_elsewhere(state, cmd, node, pipe, pos, tx).await?;
+            continue;
+        }
         // Subscribe through the actor, so stored + pending + live covers every byte exactly once.
         let (reply, answer) = oneshot::channel();
         state
@@ -244,6 +250,50 @@ async fn follow(
             }
         }
     }
+}
+
+/// Longest a follower waits for news of a command before it reads storage again, when live
+/// output from another replica cannot be had (not started yet, NATS down, its replica gone).
+const CATCH_UP: Duration = Duration::from_secs(2);
+
+/// One round of following output produced on another replica: the stored bytes, then the live
+/// chunks its replica publishes, until that stream ends (the invocation's end, a lag, a silence);
+/// or, without live output, the stored bytes and a wait for the command to change. Returns the
+/// new position.
+async fn follow_elsewhere(
+    state: &Arc<AppState>,
+    cmd: &CommandId,
+    node: &NodeId,
+    pipe: Pipe,
+    from: u64,
+    tx: &Tx,
+) -> Result<u64, String> {
+    let changes = state.dispatchers.watch(cmd);
+    let Some((stored, mut live)) = crate::cluster::follow::start(state, cmd, node, pipe).await
+    else {
+        let pos = copy_stored(state, cmd, node, pipe, from, tx).await?;
+        match changes {
+            Some(mut rx) => {
+                let _ = tokio::time::timeout(CATCH_UP, rx.changed()).await;
+            }
+            None => tokio::time::sleep(CATCH_UP).await,
+        }
+        return Ok(pos);
+    };
+    let mut pos = copy_stored(state, cmd, node, pipe, from, tx).await?;
+    if stored > pos {
+        return Err(format!(
+            "stored output is shorter ({pos}) than recorded ({stored})"
+        ));
+    }
+    while let Some(chunk) = live.next().await {
+        if chunk.offset > pos {
+            // A gap: read storage again.
+            break;
+        }
+        pos = emit(tx, pos, chunk.offset, chunk.data).await?;
+    }
+    Ok(pos)
 }
 
 /// Sends the part of `data` (at `offset`) past `pos`; returns the new position.

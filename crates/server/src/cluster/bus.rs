@@ -4,6 +4,8 @@
 //! - `fleetrun.node.<node>.frame`: a request holding a frame for a node, answered by the replica
 //!   that holds the node's connection (it subscribes to `fleetrun.node.<node>.*` while the agent
 //!   is connected). No responder means the node is offline.
+//! - `fleetrun.node.<node>.follow`: a follower's request for live output of the node's
+//!   invocation (`cluster::follow`).
 //! - `fleetrun.online`: a node came online on some replica; dispatchers waiting for it wake, and
 //!   a replica still holding an older connection of the node closes it.
 //! - `fleetrun.command.<command>`: a message for the command's dispatcher (an end reported by an
@@ -107,6 +109,11 @@ impl Bus {
         }))
     }
 
+    /// The NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// Hands `frame` to the replica holding `node`'s connection.
     pub async fn deliver(&self, node: &NodeId, frame: &ServerFrame) -> Delivery {
         let payload = Bytes::from(frame.encode());
@@ -162,8 +169,16 @@ impl Bus {
         let mut requests = self.client.subscribe(node_subject(node, "*")).await?;
         let (state, node, client) = (state.clone(), node.clone(), self.client.clone());
         let frames = node_subject(&node, "frame");
+        let follows = node_subject(&node, "follow");
         let task = tokio::spawn(async move {
             while let Some(msg) = requests.next().await {
+                if msg.subject.as_str() == follows {
+                    let (state, client, node) = (state.clone(), client.clone(), node.clone());
+                    tokio::spawn(async move {
+                        crate::cluster::follow::serve(&state, &client, &node, msg).await
+                    });
+                    continue;
+                }
                 if msg.subject.as_str() != frames {
                     continue;
                 }

@@ -1,8 +1,10 @@
 //! This server as one replica of several on one database: its identity, its heartbeat, and the
 //! commands it owns (dispatches) under a lease, taken over from a replica that went silent
-//! (`replica`); and the bus that carries frames and messages between replicas (`bus`).
+//! (`replica`); the bus that carries frames and messages between replicas (`bus`); and live
+//! output followed from another replica than the agent's (`follow`).
 
 pub mod bus;
+pub mod follow;
 pub mod replica;
 
 use crate::AppState;

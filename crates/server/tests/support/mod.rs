@@ -160,9 +160,12 @@ impl TestServer {
     }
 
     /// Another replica of this server's database, on a fresh data dir, with settings changed by
-    /// `configure` (give it the same database, and the NATS server they share).
+    /// `configure` (give it the same database, and the NATS server they share). Its objects are
+    /// this server's (a link to its objects dir), as replicas share one object store.
     pub async fn replica(&self, configure: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        std::os::unix::fs::symlink(self.data.join("objects"), dir.path().join("objects"))
+            .expect("link the objects dir");
         let mut s = Self::start_in(
             dir.path().to_path_buf(),
             Some(self.token.clone()),
