@@ -39,6 +39,7 @@ mod params;
 mod protocol_version;
 mod rate;
 mod recording;
+mod replicas;
 mod retention;
 mod s3_buckets;
 mod script_files;

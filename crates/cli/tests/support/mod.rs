@@ -335,7 +335,22 @@ impl Server {
         Server::start_full("127.0.0.1", Vec::new())
     }
 
+    /// Another replica of this server's database: its own data dir, address and CA, this
+    /// server's admin token (tokens live in the database; only the first start makes one).
+    /// `args` name the shared database and NATS server.
+    pub fn replica(&self, args: &[&str]) -> Server {
+        Server::start_full_as(
+            "127.0.0.1",
+            args.iter().map(|a| (*a).to_owned()).collect(),
+            Some(self.token.clone()),
+        )
+    }
+
     fn start_full(ip: &str, args: Vec<String>) -> Server {
+        Server::start_full_as(ip, args, None)
+    }
+
+    fn start_full_as(ip: &str, args: Vec<String>, token: Option<String>) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         let port = free_port(ip);
@@ -364,6 +379,10 @@ impl Server {
             starts: 0,
         };
         server.spawn_ready();
+        if let Some(token) = token {
+            server.token = token;
+            return server;
+        }
         let token_path = server.data_dir.join("admin.token");
         server.token = std::fs::read_to_string(&token_path)
             .unwrap_or_else(|e| panic!("read {}: {e}", token_path.display()))
