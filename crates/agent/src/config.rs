@@ -19,6 +19,8 @@ pub const SPOOL_MAX_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 pub const KEY_ROTATION_DEFAULT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Smallest spool accepted (one pipe read).
 pub const SPOOL_MAX_BYTES_MIN: u64 = 64 * 1024;
+/// Most server URLs an agent takes (replicas of one server).
+pub const SERVER_URLS_MAX: usize = 16;
 /// The WebSocket path of the agent channel, under the server's base URL.
 pub const CONNECT_PATH: &str = "/v1/agent/connect";
 
@@ -26,7 +28,8 @@ pub const CONNECT_PATH: &str = "/v1/agent/connect";
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// The server's base URL, e.g. `https://fleet.example:8080` (`wss://` is accepted too; `http://`
-    /// and `ws://` only with `insecure_http`).
+    /// and `ws://` only with `insecure_http`); or several, comma-separated, for server replicas:
+    /// the agent dials the next one when the one it uses cannot be reached.
     pub server_url: String,
     /// Where the agent keeps its identity and per-command directories.
     pub state_dir: PathBuf,
@@ -98,7 +101,7 @@ impl AgentConfig {
 
     /// Checks every setting; the error says which one is wrong and why.
     pub fn validate(&self) -> Result<(), AgentError> {
-        self.connect_url()?;
+        self.connect_urls()?;
         if self.ca_cert.is_some() && self.ca_fingerprint.is_some() {
             return Err(AgentError::Config(
                 "give --ca-cert or --ca-fingerprint, not both".into(),
@@ -174,16 +177,42 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The WebSocket URL of the agent channel on the configured server.
-    pub fn connect_url(&self) -> Result<String, AgentError> {
-        let url = connect_url(&self.server_url)?;
-        if url.starts_with("ws://") && !self.insecure_http {
+    /// The WebSocket URLs of the agent channel on the configured server(s), in the order given.
+    pub fn connect_urls(&self) -> Result<Vec<String>, AgentError> {
+        let given: Vec<&str> = self
+            .server_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if given.is_empty() {
+            return Err(AgentError::Config("no server URL given".into()));
+        }
+        if given.len() > SERVER_URLS_MAX {
             return Err(AgentError::Config(format!(
-                "server URL {:?} is plain HTTP: the node's secret and every command would cross the network in clear text; use https://, or pass --insecure-http to accept that",
-                self.server_url.trim()
+                "{} server URLs given; at most {SERVER_URLS_MAX}",
+                given.len()
             )));
         }
-        Ok(url)
+        let mut urls = Vec::with_capacity(given.len());
+        for server in given {
+            let url = connect_url(server)?;
+            if url.starts_with("ws://") && !self.insecure_http {
+                return Err(AgentError::Config(format!(
+                    "server URL {server:?} is plain HTTP: the node's secret and every command would cross the network in clear text; use https://, or pass --insecure-http to accept that"
+                )));
+            }
+            urls.push(url);
+        }
+        // One trust for all of them: TLS everywhere or nowhere.
+        if urls.iter().any(|u| u.starts_with("ws://"))
+            && urls.iter().any(|u| u.starts_with("wss://"))
+        {
+            return Err(AgentError::Config(
+                "server URLs mix https:// and http://: give them all the same scheme".into(),
+            ));
+        }
+        Ok(urls)
     }
 }
 
@@ -254,6 +283,27 @@ mod tests {
         );
         assert!(connect_url("ftp://h").is_err());
         assert!(connect_url("http://").is_err());
+    }
+
+    /// Replicas: several URLs, comma-separated, in order; all of one scheme, at most 16.
+    #[test]
+    fn several_server_urls_are_taken_in_order() {
+        let mut c = AgentConfig::new("https://a:1, https://b:2/x,", "/tmp/x");
+        assert_eq!(
+            c.connect_urls().unwrap(),
+            ["wss://a:1/v1/agent/connect", "wss://b:2/x/v1/agent/connect"]
+        );
+        c.insecure_http = true;
+        c.server_url = "https://a:1,http://b:2".into();
+        let mixed = c.connect_urls().unwrap_err().to_string();
+        assert!(mixed.contains("same scheme"), "{mixed}");
+        c.server_url = " , ".into();
+        assert!(c.connect_urls().is_err());
+        c.server_url = vec!["https://a:1"; SERVER_URLS_MAX + 1].join(",");
+        let many = c.connect_urls().unwrap_err().to_string();
+        assert!(many.contains("at most 16"), "{many}");
+        c.server_url = "https://a:1,ftp://b".into();
+        assert!(c.connect_urls().is_err());
     }
 
     #[test]

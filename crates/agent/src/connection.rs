@@ -132,6 +132,8 @@ fn dial_error(e: tokio_tungstenite::tungstenite::Error) -> ConnError {
 
 /// What the connection needs to know and to drive.
 pub struct Channel {
+    /// The server's channel URLs (several for replicas), and the one dialled now.
+    urls: Vec<String>,
     url: String,
     tls: crate::tls::Tls,
     state_dir: PathBuf,
@@ -165,11 +167,11 @@ impl Channel {
         self.instance_id = instance_id;
     }
 
-    /// A channel to `url` (the WebSocket URL) for an agent with these settings. With an identity,
+    /// A channel to `urls` (the WebSocket URLs, tried in turn) for an agent with these settings. With an identity,
     /// it takes over what an earlier agent process left in the state directory.
     pub fn new(
         config: &crate::AgentConfig,
-        url: String,
+        urls: Vec<String>,
         tls: crate::tls::Tls,
         info: NodeInfo,
         outbox: Arc<Outbox>,
@@ -177,7 +179,8 @@ impl Channel {
     ) -> Result<Self, AgentError> {
         let outbox_for_streams = Arc::clone(&outbox);
         let mut channel = Channel {
-            url,
+            url: urls.first().cloned().unwrap_or_default(),
+            urls,
             tls,
             state_dir: config.state_dir.clone(),
             activation_code: config.activation_code.clone(),
@@ -239,6 +242,7 @@ impl Channel {
                     Err(ConnError::Fatal(e)) => return Err(e),
                     Err(ConnError::Transport(why)) => {
                         tracing::warn!(url = %self.url, "cannot connect: {why}");
+                        self.next_url();
                         State::Disconnected { retry_after: None }
                     }
                     Err(ConnError::Throttled { why, retry_after }) => {
@@ -257,6 +261,8 @@ impl Channel {
                             tracing::warn!("disconnected: {why}");
                         }
                     }
+                    // The same server first (a blip, a restart); the next one if it cannot be
+                    // reached (`connect` failing above).
                     if since.elapsed() > STABLE_AFTER {
                         backoff.reset();
                     }
@@ -273,6 +279,15 @@ impl Channel {
                     State::Connecting
                 }
             };
+        }
+    }
+
+    /// Turns to the next server URL (replicas), if there are several.
+    fn next_url(&mut self) {
+        if self.urls.len() > 1
+            && let Some(i) = self.urls.iter().position(|u| *u == self.url)
+        {
+            self.url = self.urls[(i + 1) % self.urls.len()].clone();
         }
     }
 

@@ -70,7 +70,8 @@ pub async fn run_until(
             Some(fleetrun_proto::tls::parse_fingerprint(f).map_err(AgentError::Config)?);
     }
     config.validate()?;
-    let url = config.connect_url()?;
+    let urls = config.connect_urls()?;
+    let url = urls[0].clone();
     if url.starts_with("ws://") {
         tracing::warn!(
             url = %url,
@@ -96,7 +97,7 @@ pub async fn run_until(
     let _stop = StopOnDrop(Arc::clone(&outbox));
     // Takes over `runs/` of an earlier agent process (see `scheduler::Scheduler::recover`).
     let tls = tls::Tls::new(&config, &url)?;
-    let mut channel = connection::Channel::new(&config, url, tls, info, outbox, identity)?;
+    let mut channel = connection::Channel::new(&config, urls, tls, info, outbox, identity)?;
     channel.register_as(instance_id);
     tokio::select! {
         r = channel.run() => Err(r.err().map_or_else(|| anyhow::anyhow!("agent stopped"), Into::into)),

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "fleetrun-agent", version)]
 struct Args {
-    /// The server's URL, e.g. https://fleet.example:8080
+    /// The server's URL, e.g. https://fleet.example:8080; for server replicas, several,
+    /// comma-separated (the next is dialled when the one in use cannot be reached)
     #[arg(long, env = "FLEETRUN_SERVER")]
     server: String,
     /// Directory for the node's identity and per-command files

@@ -123,3 +123,58 @@ fn an_owner_frozen_past_its_lease_is_taken_over_and_its_writes_are_refused() {
     }
     drop(agents);
 }
+
+/// The replica holding an agent's connection (A) is killed (-9) while the agent runs a command
+/// another replica (B) dispatches. The agent, given both replicas' URLs, reconnects to B with the
+/// command it holds; B re-attaches it, its output resumes where storage has it, and its result
+/// is taken once: output byte-exact, the script run once.
+#[test]
+fn the_agents_replica_killed_mid_command_loses_nothing() {
+    let nats = Nats::start();
+    let (mut a, b) = replicas(&nats, "2s");
+    // One trust for both replicas' own CAs.
+    let cas = b.scratch("trust").join("cas.pem");
+    let mut bundle = std::fs::read(a.ca.as_ref().expect("A's CA")).expect("A's CA");
+    bundle.extend(std::fs::read(b.ca.as_ref().expect("B's CA")).expect("B's CA"));
+    std::fs::write(&cas, bundle).expect("write the CA bundle");
+    let opts = AgentOpts {
+        server: Some(format!("{},{}", a.url, b.url)),
+        ..AgentOpts::args(&["--ca-cert", &cas.display().to_string()])
+    };
+    let code = a.activation_code(&[], 1);
+    let agent = Agent::spawn_with_code(&a, "moving", opts, &code);
+    let node = a.wait_online("moving")["node_id"]
+        .as_str()
+        .expect("node id")
+        .to_owned();
+    let dir = b.scratch("moving");
+    let gate = dir.join("go");
+    let script = format!(
+        "echo run >> '{d}/runs'; echo before; {wait}; for i in $(seq 20); do echo \"line $i\"; sleep 0.05; done",
+        d = dir.display(),
+        wait = wait_for_file(&gate),
+    );
+    let id = b.send(&["--node", &node], &script);
+    wait_until("the first line stored", Duration::from_secs(30), || {
+        (b.output(&id, &node) == b"before\n").then_some(())
+    });
+    a.kill9();
+    std::fs::write(&gate, b"").expect("open the gate");
+
+    let done = b.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(done["status"], "Success", "{done}\n{}", b.logs());
+    let mut expected = b"before\n".to_vec();
+    for i in 1..=20 {
+        expected.extend_from_slice(format!("line {i}\n").as_bytes());
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&b.output(&id, &node)),
+        String::from_utf8_lossy(&expected)
+    );
+    assert_eq!(
+        runs(&dir.join("runs")),
+        1,
+        "the script ran more or less than once"
+    );
+    drop(agent);
+}

@@ -777,6 +777,8 @@ pub struct AgentOpts {
     pub netns: Option<String>,
     /// The state dir's name when not the node name (two nodes of one name).
     pub state_name: Option<String>,
+    /// `--server` when not the server's URL (several replicas' URLs, comma-separated).
+    pub server: Option<String>,
 }
 
 impl AgentOpts {
@@ -856,7 +858,7 @@ impl Agent {
                 .path()
                 .join("agents")
                 .join(opts.state_name.as_deref().unwrap_or(name)),
-            url: server.url.clone(),
+            url: opts.server.clone().unwrap_or_else(|| server.url.clone()),
             // A test that says how to trust the server itself gets nothing added.
             trust: if opts
                 .args
