@@ -636,7 +636,25 @@ impl From<crate::access::authz::CheckError> for Error {
 
 impl From<fleetrun_store::StoreError> for Error {
     fn from(e: fleetrun_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!("database unavailable: {e}");
+            return Error::unavailable_database();
+        }
         Error::internal(e)
+    }
+}
+
+/// How long a client is told to wait when the database cannot be reached.
+const DATABASE_RETRY: Duration = Duration::from_secs(2);
+
+impl Error {
+    /// The database cannot be reached: 503, try again shortly (agents keep running and spooling).
+    pub fn unavailable_database() -> Self {
+        Error::new(
+            Code::Unavailable,
+            "the server cannot reach its database; try again shortly",
+        )
+        .retry_after(DATABASE_RETRY)
     }
 }
 
@@ -647,6 +665,7 @@ impl From<crate::access::authn::AuthnError> for Error {
                 Error::new(code, message)
             }
             crate::access::authn::AuthnError::Internal(e) => Error::internal(e),
+            crate::access::authn::AuthnError::Unavailable => Error::unavailable_database(),
         }
     }
 }

@@ -351,3 +351,48 @@ async fn a_dead_owners_command_is_taken_over_and_finished_once() {
         assert_eq!(next, Ok(()), "a second Run");
     }
 }
+
+/// NATS goes down while a command runs on B for A: the agent's result is stored by B while the
+/// bus is down (its message to A lost, or held by B's client until it reconnects). When NATS is
+/// back, A reloads what it dispatches from the database and ends the command: nothing waits for
+/// a message that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_command_heals_from_the_database() {
+    let mut nats = Nats::start();
+    let (a, b) = replicas(&nats).await;
+    let mut agent = ScriptedAgent::online(&b, "through-the-blip").await;
+    let id = a
+        .send(json!({"node_ids": [agent.node_id], "commands": ["true"]}))
+        .await;
+    agent.expect_run().await;
+    agent.started(&id).await;
+    let mut on_a = Watch::open(&a, &id).await;
+    assert_eq!(on_a.next().await["status"], "InProgress");
+
+    nats.stop();
+    agent.finished(&id, 0, 0).await;
+    agent.expect_result_ack(&id).await;
+    let db = a.store().await;
+    let inv = db
+        .get_invocation(&id, &agent.node_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inv.status, fleetrun_proto::InvocationStatus::Success);
+    nats.start_again();
+
+    let done = a.wait_terminal(&id, DEADLINE).await;
+    assert_eq!(done["status"], "Success", "{done}");
+    // A's watch from before the blip ends with the command too.
+    let seen = support::within("A's watch to end", async {
+        loop {
+            match on_a.next().await {
+                Value::Null => panic!("A's watch ended before the command did"),
+                v if v["status"] == "Success" => return v,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen["completed_count"], 1, "{seen}");
+}

@@ -32,6 +32,8 @@ pub enum AuthnError {
     },
     /// The server could not check (storage, a sealed secret that does not open).
     Internal(String),
+    /// The database cannot be reached now.
+    Unavailable,
 }
 
 impl AuthnError {
@@ -45,6 +47,10 @@ impl AuthnError {
 
 impl From<fleetrun_store::StoreError> for AuthnError {
     fn from(e: fleetrun_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!("database unavailable: {e}");
+            return AuthnError::Unavailable;
+        }
         AuthnError::Internal(e.to_string())
     }
 }
