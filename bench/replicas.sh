@@ -79,7 +79,7 @@ fanout() {  # LABEL: ROUNDS of send --wait echo to all, through FLEETRUN_SERVER
   for _ in $(seq "$rounds"); do
     local t0 t1
     t0=$(now)
-    "$bin/fleetrun" send --wait --targets all --max-concurrency 100% -- echo hello >/dev/null
+    "$bin/fleetrun" send --wait --targets all --max-concurrency 100% -- echo hello >/dev/null 2>>"$work/sends.log"
     t1=$(now)
     times+=("$(ms "$t0" "$t1")")
   done

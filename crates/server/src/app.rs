@@ -85,6 +85,17 @@ pub struct AppState {
     pub forwarders: crate::cluster::follow::Forwarders,
 }
 
+impl AppState {
+    /// Whether a node is connected now: here, or (with replicas) to another replica alive at
+    /// the last heartbeat, `connected_to` being the replica its last connect recorded.
+    pub fn node_online(&self, node: &fleetrun_proto::NodeId, connected_to: &str) -> bool {
+        self.hub.is_online(node)
+            || (self.bus.is_some()
+                && !connected_to.is_empty()
+                && self.replica.is_live_peer(connected_to))
+    }
+}
+
 /// A server that is listening.
 pub struct RunningServer {
     /// The address it listens on.

@@ -122,6 +122,13 @@ async fn a_node_coming_online_on_another_replica_gets_what_waited_for_it() {
     agent.connect(&b, &[]).await;
     let run = agent.expect_run().await;
     assert_eq!(run.command_id, id);
+    // A heard of it (that is how the Run came): A shows the node Online, connected to B.
+    let nodes = a.get("/v1/nodes").await;
+    let node = nodes
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["node_id"] == agent.node_id.as_str()))
+        .expect("the node listed on A");
+    assert_eq!(node["ping_status"], "Online", "{node}");
     agent.started(&id).await;
     agent.finished(&id, 0, 0).await;
     agent.expect_result_ack(&id).await;

@@ -246,6 +246,7 @@ mod tests {
             activation_id: "act-1".into(),
             registered_at: 0,
             last_seen_at: T,
+            connected_to: String::new(),
             public_key: None,
             key_rotated_at: None,
         }
@@ -590,11 +591,11 @@ mod tests {
         );
         assert_eq!(acts[0].registrations, 1);
 
-        let lost = store.get_node(&id, |_| false).await.unwrap().unwrap();
+        let lost = store.get_node(&id, |_, _| false).await.unwrap().unwrap();
         assert_eq!(lost.ping_status, PING_CONNECTION_LOST, "{db}");
         assert_eq!(lost.key_fingerprint, fingerprint(&key));
         assert_eq!(lost.key_rotated_at, None);
-        let online = store.list_nodes(|n| *n == id).await.unwrap();
+        let online = store.list_nodes(|n, _| *n == id).await.unwrap();
         assert_eq!(online.len(), 1);
         assert_eq!(online[0].ping_status, PING_ONLINE);
 

@@ -67,6 +67,8 @@ pub(crate) struct NodeRecord {
     pub(crate) registered_at: i64,
     /// Epoch ms: the last connect, or the last time a connection was seen alive.
     pub(crate) last_seen_at: i64,
+    /// The replica holding its connection ('' for none), as last recorded.
+    pub(crate) connected_to: String,
     /// Hex Ed25519 public key; `None` for a node registered with protocol version 1.
     pub(crate) public_key: Option<String>,
     /// Epoch ms of the last key rotation, if any.
@@ -350,7 +352,12 @@ impl Store {
     }
 
     /// Records a connect: what the agent reports now, and the time.
-    pub async fn node_connected(&self, node_id: &NodeId, info: &NodeInfo) -> Result<()> {
+    pub async fn node_connected(
+        &self,
+        node_id: &NodeId,
+        info: &NodeInfo,
+        replica_id: &str,
+    ) -> Result<()> {
         let ips = serde_json::to_string(&info.ips)?;
         with_pool!(self, write, |pool| {
             sqlx::query(
@@ -358,7 +365,8 @@ impl Store {
                 "UPDATE nodes SET name = CASE WHEN COALESCE((SELECT default_instance_name FROM activations a
                                                               WHERE a.activation_id = nodes.activation_id), '') = ''
                                               THEN $1 ELSE name END,
-                                  hostname = $2, os = $3, arch = $4, ips = $5, agent_version = $6, last_seen_at = $7
+                                  hostname = $2, os = $3, arch = $4, ips = $5, agent_version = $6, last_seen_at = $7,
+                                  connected_to = $9
                  WHERE node_id = $8",
             )
             .bind(&info.name)
@@ -369,26 +377,34 @@ impl Store {
             .bind(&info.agent_version)
             .bind(now_ms())
             .bind(node_id.as_str())
+            .bind(replica_id)
             .execute(pool)
             .await?;
         });
         Ok(())
     }
 
-    /// Records the time a node was last connected.
-    pub async fn node_seen(&self, node_id: &NodeId) -> Result<()> {
+    /// Records the time a node was last connected, its connection to replica `replica_id`
+    /// ended (unless it has connected to another since).
+    pub async fn node_seen(&self, node_id: &NodeId, replica_id: &str) -> Result<()> {
         with_pool!(self, write, |pool| {
-            sqlx::query("UPDATE nodes SET last_seen_at = $1 WHERE node_id = $2")
-                .bind(now_ms())
-                .bind(node_id.as_str())
-                .execute(pool)
-                .await?;
+            sqlx::query(
+                "UPDATE nodes SET last_seen_at = $1,
+                    connected_to = CASE WHEN connected_to = $3 THEN '' ELSE connected_to END
+                 WHERE node_id = $2",
+            )
+            .bind(now_ms())
+            .bind(node_id.as_str())
+            .bind(replica_id)
+            .execute(pool)
+            .await?;
         });
         Ok(())
     }
 
-    /// Every node, by name; `online` tells the ping status.
-    pub async fn list_nodes(&self, online: impl Fn(&NodeId) -> bool) -> Result<Vec<Node>> {
+    /// Every node, by name; `online` tells the ping status from the node's id and the replica
+    /// last recorded as holding its connection ('' for none).
+    pub async fn list_nodes(&self, online: impl Fn(&NodeId, &str) -> bool) -> Result<Vec<Node>> {
         let recs = with_pool!(self, read, |pool| {
             sqlx::query(NODE_SELECT_ALL)
                 .fetch_all(pool)
@@ -401,7 +417,7 @@ impl Store {
         Ok(recs
             .into_iter()
             .map(|rec| {
-                let online = online(&rec.node_id);
+                let online = online(&rec.node_id, &rec.connected_to);
                 edge::node(rec, online, now)
             })
             .collect())
@@ -411,7 +427,7 @@ impl Store {
     pub async fn get_node(
         &self,
         node_id: &NodeId,
-        online: impl Fn(&NodeId) -> bool,
+        online: impl Fn(&NodeId, &str) -> bool,
     ) -> Result<Option<Node>> {
         let rec = with_pool!(self, read, |pool| {
             sqlx::query(NODE_SELECT_ONE)
@@ -425,7 +441,7 @@ impl Store {
         let Some(rec) = rec else {
             return Ok(None);
         };
-        let online = online(&rec.node_id);
+        let online = online(&rec.node_id, &rec.connected_to);
         Ok(Some(edge::node(rec, online, now_ms())))
     }
 
@@ -646,7 +662,7 @@ fn ids_json(ids: &[NodeId]) -> String {
 
 macro_rules! node_columns {
     () => {
-        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at, public_key, key_rotated_at, platform"
+        "node_id, name, hostname, os, arch, ips, agent_version, tags, activation_id, registered_at, last_seen_at, public_key, key_rotated_at, platform, connected_to"
     };
 }
 const NODE_SELECT_ALL: &str = concat!(
@@ -688,6 +704,7 @@ fn node_record(r: &impl Columns) -> Result<NodeRecord> {
         activation_id: r.text("activation_id"),
         registered_at: r.int("registered_at"),
         last_seen_at: r.int("last_seen_at"),
+        connected_to: r.text("connected_to"),
         public_key: r.opt_text("public_key"),
         key_rotated_at: r.opt_int("key_rotated_at"),
     })
@@ -918,7 +935,7 @@ mod tests {
                 .expect("third");
 
             let n1 = store
-                .get_node(&NodeId::from_random(1), |_| false)
+                .get_node(&NodeId::from_random(1), |_, _| false)
                 .await
                 .expect("get")
                 .expect("node 1");
@@ -931,7 +948,7 @@ mod tests {
                 BTreeMap::from([("env".into(), "prod".into()), ("team".into(), "web".into())])
             );
             let n4 = store
-                .get_node(&NodeId::from_random(4), |_| true)
+                .get_node(&NodeId::from_random(4), |_, _| true)
                 .await
                 .expect("get")
                 .expect("node 4");
@@ -968,7 +985,7 @@ mod tests {
             // Its nodes stay.
             assert!(
                 store
-                    .get_node(&NodeId::from_random(4), |_| false)
+                    .get_node(&NodeId::from_random(4), |_, _| false)
                     .await
                     .expect("get")
                     .is_some()
@@ -1028,7 +1045,10 @@ mod tests {
                 .map(|a| (a.activation_id.as_str(), a.registrations))
                 .collect();
             assert_eq!(regs, [("other", 1), ("act", 3)], "{db}");
-            assert_eq!(store.list_nodes(|_| false).await.expect("nodes").len(), 4);
+            assert_eq!(
+                store.list_nodes(|_, _| false).await.expect("nodes").len(),
+                4
+            );
         }
     }
 
@@ -1082,7 +1102,7 @@ mod tests {
                 "{db}"
             );
             let shown = store
-                .get_node(&id, |_| false)
+                .get_node(&id, |_, _| false)
                 .await
                 .expect("get")
                 .expect("node");
@@ -1126,7 +1146,13 @@ mod tests {
                 Some(keys(Some("k2"), None, true)),
                 "{db}"
             );
-            assert!(store.get_node(&id, |_| false).await.expect("get").is_none());
+            assert!(
+                store
+                    .get_node(&id, |_, _| false)
+                    .await
+                    .expect("get")
+                    .is_none()
+            );
         }
     }
 
@@ -1150,7 +1176,7 @@ mod tests {
                 .await
                 .expect("register");
             let listed: Vec<(String, NodeId, String)> = store
-                .list_nodes(|n| *n == NodeId::from_random(1))
+                .list_nodes(|n, _| *n == NodeId::from_random(1))
                 .await
                 .expect("list")
                 .into_iter()
@@ -1179,12 +1205,12 @@ mod tests {
             };
             for i in [2, 4] {
                 store
-                    .node_connected(&NodeId::from_random(i), &info)
+                    .node_connected(&NodeId::from_random(i), &info, "r")
                     .await
                     .expect("connected");
             }
             let n2 = store
-                .get_node(&NodeId::from_random(2), |_| false)
+                .get_node(&NodeId::from_random(2), |_, _| false)
                 .await
                 .expect("get")
                 .expect("n2");
@@ -1199,22 +1225,45 @@ mod tests {
             );
             assert_eq!(n2.ips, info.ips);
             let n4 = store
-                .get_node(&NodeId::from_random(4), |_| false)
+                .get_node(&NodeId::from_random(4), |_, _| false)
                 .await
                 .expect("get")
                 .expect("n4");
             assert_eq!((n4.name.as_str(), n4.hostname.as_str()), ("fixed", "h2"));
             let before = n4.last_seen.clone();
             store
-                .node_seen(&NodeId::from_random(4))
+                .node_seen(&NodeId::from_random(4), "r")
                 .await
                 .expect("seen");
             let n4 = store
-                .get_node(&NodeId::from_random(4), |_| false)
+                .get_node(&NodeId::from_random(4), |_, _| false)
                 .await
                 .expect("get")
                 .expect("n4");
             assert!(n4.last_seen >= before, "{db}");
+            // The replica holding a connection is recorded at connect and cleared by the same
+            // replica at disconnect, never by another.
+            let held_by = |id| {
+                let store = &store;
+                async move {
+                    let at = std::sync::Mutex::new(String::new());
+                    store
+                        .get_node(&NodeId::from_random(id), |_, to| {
+                            *at.lock().unwrap() = to.to_owned();
+                            false
+                        })
+                        .await
+                        .expect("get");
+                    at.into_inner().unwrap()
+                }
+            };
+            assert_eq!(held_by(4).await, "", "{db}");
+            assert_eq!(held_by(2).await, "r", "{db}");
+            store
+                .node_seen(&NodeId::from_random(2), "other")
+                .await
+                .expect("seen");
+            assert_eq!(held_by(2).await, "r", "{db}");
 
             // Lookups by id: a deregistered node is a policy's still, not a name.
             assert!(
@@ -1294,7 +1343,7 @@ mod tests {
                     .expect("swap")
             );
             let shown = store
-                .get_node(&id, |_| false)
+                .get_node(&id, |_, _| false)
                 .await
                 .expect("get")
                 .expect("node");

@@ -24,7 +24,10 @@ pub async fn list(
     State(state): State<Arc<AppState>>,
     Extension(p): Extension<Principal>,
 ) -> Result<Json<Vec<Node>>, ApiError> {
-    let mut nodes = state.store.list_nodes(|n| state.hub.is_online(n)).await?;
+    let mut nodes = state
+        .store
+        .list_nodes(|n, at| state.node_online(n, at))
+        .await?;
     state.authz.filtered(&p);
     nodes.retain(|n| {
         state
@@ -56,7 +59,7 @@ pub async fn get(
         .await?;
     state
         .store
-        .get_node(&id, |n| state.hub.is_online(n))
+        .get_node(&id, |n, at| state.node_online(n, at))
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::new(Code::NodeNotFound, format!("no node {id}")))
@@ -87,7 +90,7 @@ pub(crate) async fn deregister_node<D>(
         .await?;
     let node = state
         .store
-        .get_node(id, |n| state.hub.is_online(n))
+        .get_node(id, |n, at| state.node_online(n, at))
         .await?
         .ok_or_else(|| Error::new(Code::NodeNotFound, format!("no node {id}")))?;
     state.store.deregister_node(id, now_ms()).await?;
@@ -155,7 +158,7 @@ pub(crate) async fn retag<D>(
     for _ in 0..5 {
         let node = state
             .store
-            .get_node(id, |n| state.hub.is_online(n))
+            .get_node(id, |n, at| state.node_online(n, at))
             .await?
             .ok_or_else(|| Error::new(Code::NodeNotFound, format!("no node {id}")))?;
         let before = node_ref(&node);
@@ -211,7 +214,7 @@ pub async fn tag(
     retag(&state, &p, &id, &change).await?;
     state
         .store
-        .get_node(&id, |n| state.hub.is_online(n))
+        .get_node(&id, |n, at| state.node_online(n, at))
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::new(Code::NodeNotFound, format!("no node {id}")))

@@ -268,6 +268,8 @@ fn on_online(state: &AppState, bus: &Bus, payload: &[u8]) {
     if replica == bus.replica_id {
         return;
     }
+    // Its nodes show Online here at once, not only after this replica's next heartbeat.
+    state.replica.saw_peer(replica);
     // The agent has one connection: one held here is older than the one it just made there.
     if state.hub.close_stale(&node) {
         tracing::info!(%node, replica, "node reconnected to another replica; closing its old connection here");

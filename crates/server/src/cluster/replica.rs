@@ -15,6 +15,7 @@ use fleetrun_proto::CommandId;
 use fleetrun_proto::time::now_ms;
 use fleetrun_store::{Fence, Owner, StoreError};
 use nix::fcntl::{Flock, FlockArg};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub struct Replica {
     lease: Duration,
     /// The database's clock minus this process's, in ms, as the last heartbeat measured it.
     clock_offset: AtomicI64,
+    /// The other replicas alive at the last heartbeat (their heartbeat within a lease).
+    peers: parking_lot::RwLock<HashSet<String>>,
 }
 
 impl Replica {
@@ -42,6 +45,7 @@ impl Replica {
             id,
             lease,
             clock_offset: AtomicI64::new(0),
+            peers: Default::default(),
         }
     }
 
@@ -74,6 +78,29 @@ impl Replica {
     /// are measured by it, so replicas whose clocks disagree still agree on them.
     pub fn now_ms(&self) -> i64 {
         now_ms().saturating_add(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// Whether `replica` is another replica alive at the last heartbeat.
+    pub fn is_live_peer(&self, replica: &str) -> bool {
+        replica != self.id && self.peers.read().contains(replica)
+    }
+
+    /// Takes `replica` as alive until the next heartbeat says otherwise: it just spoke on the bus.
+    pub fn saw_peer(&self, replica: &str) {
+        if replica != self.id && !self.peers.read().contains(replica) {
+            self.peers.write().insert(replica.to_owned());
+        }
+    }
+
+    /// Reads the other replicas alive now (one lease) and keeps them.
+    async fn see_peers(&self, store: &fleetrun_store::Store) -> Result<(), StoreError> {
+        let live = store.live_replicas(self.lease_ms()).await?;
+        *self.peers.write() = live
+            .into_iter()
+            .map(|r| r.replica_id)
+            .filter(|id| *id != self.id)
+            .collect();
+        Ok(())
     }
 
     /// Reads the database's clock and keeps its offset from ours (taken at the read's midpoint).
@@ -170,6 +197,7 @@ pub async fn join(state: &Arc<AppState>) -> Result<(), StoreError> {
         .store
         .heartbeat_replica(replica.id(), &state.public_url, replica.lease_ms())
         .await?;
+    replica.see_peers(&state.store).await?;
     let own = state
         .store
         .reclaim_own_commands(replica.id(), replica.lease_ms())
@@ -202,6 +230,7 @@ async fn beat_once(state: &Arc<AppState>) -> Result<(), StoreError> {
         .store
         .heartbeat_replica(replica.id(), &state.public_url, replica.lease_ms())
         .await?;
+    replica.see_peers(&state.store).await?;
     claim_expired(state).await
 }
 

@@ -445,7 +445,11 @@ async fn session(
     known: HashSet<fleetrun_proto::CommandId>,
     permit: Handshake,
 ) {
-    if let Err(e) = state.store.node_connected(&node, &info).await {
+    if let Err(e) = state
+        .store
+        .node_connected(&node, &info, state.replica.id())
+        .await
+    {
         tracing::error!(%node, "cannot record connect: {e}");
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<ServerFrame>();
@@ -583,7 +587,7 @@ async fn session(
     drop(tx);
     // Give queued frames (an error, acks) a moment to leave, then close.
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-    if let Err(e) = state.store.node_seen(&node).await {
+    if let Err(e) = state.store.node_seen(&node, state.replica.id()).await {
         tracing::error!(%node, "cannot record disconnect: {e}");
     }
     tracing::info!(%node, "agent disconnected");

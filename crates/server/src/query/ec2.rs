@@ -198,7 +198,7 @@ fn instance_matches(n: &Node, name: &str, values: &[String]) -> Result<bool, Err
 async fn visible_nodes(state: &AppState, p: &Principal) -> Result<Vec<Node>, Error> {
     let mut nodes = state
         .store
-        .list_nodes(|n| state.hub.is_online(n))
+        .list_nodes(|n, at| state.node_online(n, at))
         .await
         .map_err(Error::from)?;
     state.authz.filtered(p);
@@ -454,7 +454,7 @@ async fn delete_tags(state: &AppState, p: &Principal, params: &Params) -> Result
     for id in &ids {
         let node = state
             .store
-            .get_node(id, |n| state.hub.is_online(n))
+            .get_node(id, |n, at| state.node_online(n, at))
             .await
             .map_err(Error::from)?
             .ok_or_else(|| {

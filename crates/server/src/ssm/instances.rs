@@ -154,7 +154,10 @@ pub async fn describe_instance_information(
                 .collect(),
         )
     };
-    let mut nodes = state.store.list_nodes(|n| state.hub.is_online(n)).await?;
+    let mut nodes = state
+        .store
+        .list_nodes(|n, at| state.node_online(n, at))
+        .await?;
     state.authz.filtered(p);
     nodes.retain(|n| {
         let r = crate::api::node_ref(n);

@@ -276,7 +276,7 @@ pub async fn list_tags_for_resource(
         Target::Node(id) => {
             let node = state
                 .store
-                .get_node(&id, |n| state.hub.is_online(n))
+                .get_node(&id, |n, at| state.node_online(n, at))
                 .await?
                 .ok_or_else(|| {
                     SsmError::new(Code::InvalidResourceId, format!("no managed instance {id}"))
