@@ -6,6 +6,7 @@
 
 mod support;
 
+use fleetrun_proto::CommandId;
 use fleetrun_proto::channel::{AgentFrame, ExecResult, Outcome, ServerFrame};
 use fleetrun_store::Database;
 use fleetrun_testkit::{Nats, shared_postgres};
@@ -33,6 +34,17 @@ impl Watch {
         }
     }
 
+    /// The first state that is Success; a stream that ends before is a failure.
+    async fn until_success(&mut self) -> Value {
+        loop {
+            match self.next().await {
+                Value::Null => panic!("the watch ended before the command did"),
+                v if v["status"] == "Success" => return v,
+                _ => {}
+            }
+        }
+    }
+
     /// The next state, or Null at the end of the stream.
     async fn next(&mut self) -> Value {
         loop {
@@ -49,6 +61,15 @@ impl Watch {
             }
         }
     }
+}
+
+/// The agent runs `id` (already delivered) to a Success, which `server` then reports.
+async fn run_to_success(agent: &mut ScriptedAgent, server: &TestServer, id: &CommandId) {
+    agent.started(id).await;
+    agent.finished(id, 0, 0).await;
+    agent.expect_result_ack(id).await;
+    let done = server.wait_terminal(id, DEADLINE).await;
+    assert_eq!(done["status"], "Success", "{done}");
 }
 
 /// Replicas `a` and `b` on a fresh database of the tests' PostgreSQL, sharing `nats`.
@@ -86,16 +107,7 @@ async fn a_command_sent_to_one_replica_runs_on_an_agent_of_another() {
     agent.expect_result_ack(&id).await;
     let done = a.wait_terminal(&id, DEADLINE).await;
     assert_eq!(done["status"], "Success", "{done}");
-    let seen = support::within("B's watch to end", async {
-        loop {
-            match on_b.next().await {
-                Value::Null => panic!("B's watch ended before the command did"),
-                v if v["status"] == "Success" => return v,
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let seen = on_b.until_success().await;
     assert_eq!(seen["completed_count"], 1, "{seen}");
     let inv = a.get(&format!("/v1/commands/{id}/invocations")).await;
     assert_eq!(inv[0]["stdout"], "hi\n", "{inv}");
@@ -129,11 +141,7 @@ async fn a_node_coming_online_on_another_replica_gets_what_waited_for_it() {
         .and_then(|ns| ns.iter().find(|n| n["node_id"] == agent.node_id.as_str()))
         .expect("the node listed on A");
     assert_eq!(node["ping_status"], "Online", "{node}");
-    agent.started(&id).await;
-    agent.finished(&id, 0, 0).await;
-    agent.expect_result_ack(&id).await;
-    let done = a.wait_terminal(&id, DEADLINE).await;
-    assert_eq!(done["status"], "Success", "{done}");
+    run_to_success(&mut agent, &a, &id).await;
 }
 
 /// A cancel through B of a command A dispatches reaches A's dispatcher, which sends the Cancel
@@ -236,11 +244,7 @@ async fn bad_messages_on_the_bus_change_nothing() {
         .send(json!({"node_ids": [agent.node_id], "commands": ["true"]}))
         .await;
     agent.expect_run().await;
-    agent.started(&id).await;
-    agent.finished(&id, 0, 0).await;
-    agent.expect_result_ack(&id).await;
-    let done = a.wait_terminal(&id, DEADLINE).await;
-    assert_eq!(done["status"], "Success", "{done}");
+    run_to_success(&mut agent, &a, &id).await;
 }
 
 /// Output produced on B, followed on A from before it starts: A serves the stored bytes and then
@@ -391,15 +395,6 @@ async fn a_nats_restart_mid_command_heals_from_the_database() {
     let done = a.wait_terminal(&id, DEADLINE).await;
     assert_eq!(done["status"], "Success", "{done}");
     // A's watch from before the blip ends with the command too.
-    let seen = support::within("A's watch to end", async {
-        loop {
-            match on_a.next().await {
-                Value::Null => panic!("A's watch ended before the command did"),
-                v if v["status"] == "Success" => return v,
-                _ => {}
-            }
-        }
-    })
-    .await;
+    let seen = on_a.until_success().await;
     assert_eq!(seen["completed_count"], 1, "{seen}");
 }

@@ -191,13 +191,8 @@ fn new_id() -> String {
 /// Joins the replicas at start: the first heartbeat, then the commands this replica's earlier run
 /// owned (back at once, a new epoch fencing that run), then any whose lease ran out.
 pub async fn join(state: &Arc<AppState>) -> Result<(), StoreError> {
+    heartbeat(state).await?;
     let replica = &state.replica;
-    replica.measure_clock(&state.store).await?;
-    state
-        .store
-        .heartbeat_replica(replica.id(), &state.public_url, replica.lease_ms())
-        .await?;
-    replica.see_peers(&state.store).await?;
     let own = state
         .store
         .reclaim_own_commands(replica.id(), replica.lease_ms())
@@ -224,14 +219,20 @@ pub async fn run(state: Arc<AppState>) {
 }
 
 async fn beat_once(state: &Arc<AppState>) -> Result<(), StoreError> {
+    heartbeat(state).await?;
+    claim_expired(state).await
+}
+
+/// One heartbeat: the database's clock measured, this replica's row and leases renewed, the
+/// live peers read.
+async fn heartbeat(state: &AppState) -> Result<(), StoreError> {
     let replica = &state.replica;
     replica.measure_clock(&state.store).await?;
     state
         .store
         .heartbeat_replica(replica.id(), &state.public_url, replica.lease_ms())
         .await?;
-    replica.see_peers(&state.store).await?;
-    claim_expired(state).await
+    replica.see_peers(&state.store).await
 }
 
 /// Leaves the replicas at a clean shutdown, once its dispatchers stopped: its row goes and its
