@@ -398,3 +398,58 @@ async fn a_nats_restart_mid_command_heals_from_the_database() {
     let seen = on_a.until_success().await;
     assert_eq!(seen["completed_count"], 1, "{seen}");
 }
+
+/// A cancel through B while the command's owner A is dead and B has not taken it over yet: no
+/// dispatcher hears it, but it is stored; B takes the command over, reads the cancel and sends
+/// it to the running invocation. The command ends Cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_no_replica_dispatches_is_kept_for_the_next_owner() {
+    let nats = Nats::start();
+    let database = Database::parse(&shared_postgres().create_database()).unwrap();
+    let on = |c: &mut fleetrun_server::ServerConfig| {
+        c.database = Some(database.clone());
+        c.nats_url = Some(nats.url());
+        // Long enough that the cancel comes before B's takeover.
+        c.replica_lease = std::time::Duration::from_secs(3);
+    };
+    let mut a = TestServer::start_with(on).await;
+    let b = a.replica(on).await;
+    let mut agent = ScriptedAgent::online(&b, "orphaned").await;
+    let id = a
+        .send(json!({"node_ids": [agent.node_id], "commands": ["sleep 100"]}))
+        .await;
+    agent.expect_run().await;
+    agent.started(&id).await;
+    a.kill();
+    let (status, _, body) = b
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/commands/{id}/cancel"),
+            Some(&json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let db = b.store().await;
+    let lease = db.command_lease(&id).await.unwrap().unwrap();
+    assert_eq!(lease.epoch, 1, "B took the command over before the cancel");
+    agent
+        .expect("Cancel", |f| match f {
+            ServerFrame::Cancel { command_id } if command_id == id => Some(()),
+            _ => None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::Finished {
+            command_id: id.clone(),
+            result: ExecResult {
+                outcome: Outcome::Cancelled,
+                signal: Some(15),
+                ..support::result(-1, 0)
+            },
+        })
+        .await;
+    agent.expect_result_ack(&id).await;
+    let done = b.wait_terminal(&id, DEADLINE).await;
+    assert_eq!(done["status"], "Cancelled", "{done}");
+}

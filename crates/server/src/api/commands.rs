@@ -5,7 +5,6 @@ use crate::AppState;
 use crate::access::audit::CreatedCommand;
 use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
-use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions, Sent};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -222,9 +221,7 @@ pub async fn cancel(
         }
     }
     if !cmd.status.is_terminal() {
-        state
-            .dispatchers
-            .send(&cmd.command_id, DispatchMsg::Cancel(req.node_ids));
+        crate::run::dispatch::cancel(&state, &cmd.command_id, req.node_ids).await?;
     }
     // The dispatcher applies the cancel in order with everything else; answer with what is stored now.
     let cmd = load(&state, &id).await?;

@@ -184,6 +184,29 @@ impl Dispatchers {
     }
 }
 
+/// An operator's cancel (all nodes when `nodes` is empty), from either API. A cancel of the
+/// whole command is stored first, so the command's next owner reads it should this message be
+/// lost; then it goes to the replica the database names as the command's owner: here, or over
+/// the bus (a dispatcher here that lost the command, and would be fenced, is not trusted with it).
+pub async fn cancel(
+    state: &AppState,
+    cmd: &CommandId,
+    nodes: Vec<NodeId>,
+) -> Result<(), StoreError> {
+    if nodes.is_empty() {
+        state.store.mark_cancel_requested(cmd, None).await?;
+    }
+    if let Some(bus) = &state.bus
+        && let Some(lease) = state.store.command_lease(cmd).await?
+        && lease.owner != state.replica.id()
+    {
+        bus.to_dispatcher(cmd, &DispatchMsg::Cancel(nodes));
+        return Ok(());
+    }
+    state.dispatchers.send(cmd, DispatchMsg::Cancel(nodes));
+    Ok(())
+}
+
 /// Starts the dispatcher of a command this replica holds with `fence` (new, resumed after a
 /// restart, or taken over). One that ran here already for the command (at an earlier epoch) is
 /// retired: its writes would be fenced anyway, and the new one reads the stored state afresh.
@@ -310,6 +333,9 @@ struct Dispatcher {
     /// tried again at `retry_at`.
     unreachable: HashSet<NodeId>,
     retry_at: Option<Instant>,
+    /// A stored cancel of the whole command that did not reach every invocation in flight (it
+    /// came while no dispatcher ran it, or one stopped halfway): applied when the drive starts.
+    resume_cancel: bool,
     /// A saved script run's input and output: each node is prepared before its Run.
     files: Option<ScriptFiles>,
     /// That run's input, staged once for all its nodes.
@@ -356,6 +382,7 @@ impl Dispatcher {
             delivery_deadline: at(delivery_end),
             unreachable: HashSet::new(),
             retry_at: None,
+            resume_cancel: false,
             expiry: at(delivery_end + spec.execution_timeout as i64 * 1000) + state.result_grace,
             files,
             inputs: Arc::default(),
@@ -376,6 +403,7 @@ impl Dispatcher {
         }
         if row.cancel_requested {
             d.stopped = Some((InvocationStatus::Cancelled, details::CANCELLED));
+            d.resume_cancel = d.in_flight.iter().any(|n| !d.cancelling.contains(n));
         } else if d.errors > d.max_errors {
             d.stopped = Some((InvocationStatus::Cancelled, details::MAX_ERRORS_EXCEEDED));
         }
@@ -409,6 +437,9 @@ impl Dispatcher {
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<DispatchMsg>,
     ) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.resume_cancel) {
+            self.cancel(Vec::new()).await?;
+        }
         loop {
             if let Some((status, why)) = self.stopped {
                 self.end_undelivered(status, why).await?;

@@ -9,7 +9,6 @@ use crate::AppState;
 use crate::access::authz::{Action, Principal};
 use crate::errors::Code;
 use crate::objects::export;
-use crate::run::dispatch::DispatchMsg;
 use crate::run::send::{Idempotency, SendOptions};
 use fleetrun_proto::api::{Command, Invocation, OutputS3, PLUGIN_RUN_SHELL_SCRIPT, SendCommand};
 use fleetrun_proto::channel::Pipe;
@@ -812,7 +811,7 @@ pub async fn cancel_command(
         .require_command_nodes(&state.store, p, Action::Cancel, &id, &nodes)
         .await?;
     if !cmd.status.is_terminal() {
-        state.dispatchers.send(&id, DispatchMsg::Cancel(nodes));
+        crate::run::dispatch::cancel(state, &id, nodes).await?;
     }
     Ok(json!({}))
 }
