@@ -86,6 +86,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The fleet changed (a node registered, left, or had its tags changed): authorization
+    /// scopes cached from it are dropped here and, through the bus, on every other replica.
+    pub fn fleet_changed(&self) {
+        self.authz.fleet_changed();
+        if let Some(bus) = &self.bus {
+            bus.fleet_changed();
+        }
+    }
+
     /// Whether a node is connected now: here, or (with replicas) to another replica alive at
     /// the last heartbeat, `connected_to` being the replica its last connect recorded.
     pub fn node_online(&self, node: &fleetrun_proto::NodeId, connected_to: &str) -> bool {

@@ -453,3 +453,58 @@ async fn a_cancel_while_no_replica_dispatches_is_kept_for_the_next_owner() {
     let done = b.wait_terminal(&id, DEADLINE).await;
     assert_eq!(done["status"], "Cancelled", "{done}");
 }
+
+/// Authorization scopes cached from the fleet follow a tag change made on another replica: a
+/// user limited to `env=dev` nodes who read a command's node through B stops seeing it there
+/// once A retags the node `env=prod`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_change_on_one_replica_narrows_access_on_another() {
+    let nats = Nats::start();
+    let (a, b) = replicas(&nats).await;
+    let policy = r#"permit (principal, action in [Action::"list", Action::"read-output"], resource is Node)
+        when { resource.hasTag("env") && resource.getTag("env") == "dev" };"#;
+    let dev = a.token_for("dev", "none", Some(policy)).await;
+    let mut agent = ScriptedAgent::online(&b, "retagged").await;
+    let node = agent.node_id.clone();
+    let retag = |env: &'static str| {
+        let (a, node) = (&a, node.clone());
+        async move {
+            let (status, _, body) = a
+                .call(
+                    reqwest::Method::PATCH,
+                    &format!("/v1/nodes/{node}/tags"),
+                    Some(&json!({"set": {"env": env}})),
+                    &[],
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    retag("dev").await;
+    let id = a
+        .send(json!({"node_ids": [agent.node_id], "commands": ["true"]}))
+        .await;
+    agent.expect_run().await;
+    run_to_success(&mut agent, &a, &id).await;
+    let listed_on_b = || async {
+        let (status, _, body) = b
+            .call_as(&dev, reqwest::Method::GET, "/v1/commands", None, &[])
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["command_id"] == id.as_str()))
+    };
+    assert!(
+        listed_on_b().await,
+        "dev cannot see its dev node's command on B"
+    );
+
+    retag("prod").await;
+    // B hears of the change on the bus (a message, not a heartbeat): bounded wait for it.
+    support::within("B to drop the scope it cached", async {
+        while listed_on_b().await {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

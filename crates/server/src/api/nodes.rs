@@ -94,7 +94,7 @@ pub(crate) async fn deregister_node<D>(
         .await?
         .ok_or_else(|| Error::new(Code::NodeNotFound, format!("no node {id}")))?;
     state.store.deregister_node(id, now_ms()).await?;
-    state.authz.fleet_changed();
+    state.fleet_changed();
     state.hub.revoke(id, &format!("node {id} was deregistered"));
     for (cmd, started) in state.store.open_invocations(id, false).await? {
         let (detail, note) = if started {
@@ -191,7 +191,7 @@ pub(crate) async fn retag<D>(
             .swap_node_tags(id, &before.tags, &after.tags)
             .await?
         {
-            state.authz.fleet_changed();
+            state.fleet_changed();
             tracing::info!(node = %id, "node tags changed");
             return Ok(after.tags);
         }

@@ -10,6 +10,8 @@
 //!   a replica still holding an older connection of the node closes it.
 //! - `fleetrun.command.<command>`: a message for the command's dispatcher (an end reported by an
 //!   agent, a cancel from the API, a lost delivery), taken by whichever replica runs it.
+//! - `fleetrun.fleet`: a node registered, left or had its tags changed: every replica drops the
+//!   authorization scopes it cached from the fleet.
 //! - `fleetrun.changed.<command>`: the command changed (a start, an end, its final status), for
 //!   its watchers on every replica.
 //!
@@ -39,6 +41,7 @@ const OUTBOX: usize = 65_536;
 const ONLINE: &str = "fleetrun.online";
 const COMMANDS: &str = "fleetrun.command.*";
 const CHANGED: &str = "fleetrun.changed.*";
+const FLEET: &str = "fleetrun.fleet";
 
 fn node_subject(node: &NodeId, what: &str) -> String {
     format!("fleetrun.node.{node}.{what}")
@@ -147,6 +150,11 @@ impl Bus {
         }
     }
 
+    /// Tells the other replicas that the fleet changed (`AppState::fleet_changed`).
+    pub fn fleet_changed(&self) {
+        self.post(FLEET.to_owned(), Bytes::from(self.replica_id.clone()));
+    }
+
     /// Tells the other replicas' watchers of `cmd` that it changed.
     pub fn changed(&self, cmd: &CommandId) {
         let subject = format!("fleetrun.changed.{cmd}");
@@ -236,9 +244,10 @@ pub async fn run(state: Arc<AppState>, bus: Arc<Bus>) {
         let online = bus.client.subscribe(ONLINE).await?;
         let commands = bus.client.subscribe(COMMANDS).await?;
         let changed = bus.client.subscribe(CHANGED).await?;
-        Ok::<_, async_nats::SubscribeError>((online, commands, changed))
+        let fleet = bus.client.subscribe(FLEET).await?;
+        Ok::<_, async_nats::SubscribeError>((online, commands, changed, fleet))
     };
-    let (mut online, mut commands, mut changed) = match subscribed.await {
+    let (mut online, mut commands, mut changed, mut fleet) = match subscribed.await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot subscribe to the other replicas' messages: {e}");
@@ -248,10 +257,16 @@ pub async fn run(state: Arc<AppState>, bus: Arc<Bus>) {
     loop {
         tokio::select! {
             () = state.shutdown.cancelled() => return,
-            () = bus.reconnected.notified() => state.dispatchers.reload_all(&state),
+            () = bus.reconnected.notified() => {
+                // What the bus dropped meanwhile is read from the database again.
+                state.dispatchers.reload_all(&state);
+                state.authz.fleet_changed();
+            }
             Some(msg) = online.next() => on_online(&state, &bus, &msg.payload),
             Some(msg) = commands.next() => on_command(&state, &msg),
             Some(msg) = changed.next() => on_changed(&state, &bus, &msg),
+            // Whoever sent it (itself included: it dropped its own already), scopes go.
+            Some(_) = fleet.next() => state.authz.fleet_changed(),
         }
     }
 }

@@ -7,7 +7,6 @@
 use crate::AppState;
 use crate::access::audit::{self as trail, ANONYMOUS};
 use crate::access::authn;
-use crate::access::authz::Authz;
 use crate::access::secrets;
 use crate::run::dispatch::DispatchMsg;
 use crate::run::invocations::Ender;
@@ -297,7 +296,7 @@ async fn on_register(state: &AppState, mut socket: WebSocket, peer: &Peer, frame
                 tags: frame.tags,
                 instance_id: frame.instance_id,
             };
-            register(&state.store, &state.authz, code, node).await
+            register(state, code, node).await
         }
         Err(r) => Err((r.code, r.message)),
     };
@@ -856,12 +855,7 @@ struct NewRegistration {
     instance_id: Option<String>,
 }
 
-async fn register(
-    store: &Store,
-    authz: &Authz,
-    code: &str,
-    node: NewRegistration,
-) -> Result<NodeId, Refused> {
+async fn register(state: &AppState, code: &str, node: NewRegistration) -> Result<NodeId, Refused> {
     let NewRegistration {
         public_key,
         info,
@@ -890,9 +884,9 @@ async fn register(
         info,
         tags,
     };
-    match store.register_node(&secrets::hash(code), new).await {
+    match state.store.register_node(&secrets::hash(code), new).await {
         Ok(()) => {
-            authz.fleet_changed();
+            state.fleet_changed();
             Ok(node_id)
         }
         Err(RegisterError::IdTaken) => Err((
