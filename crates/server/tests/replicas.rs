@@ -72,6 +72,39 @@ async fn run_to_success(agent: &mut ScriptedAgent, server: &TestServer, id: &Com
     assert_eq!(done["status"], "Success", "{done}");
 }
 
+/// Cancels `id` (all its nodes) through `server`'s API.
+async fn cancel_through(server: &TestServer, id: &CommandId) {
+    let (status, _, body) = server
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/commands/{id}/cancel"),
+            Some(&json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The agent gets the Cancel of `id` and reports the run killed by it, as an agent does.
+async fn cancelled_on(agent: &mut ScriptedAgent, id: &CommandId) {
+    agent
+        .expect("Cancel", |f| match f {
+            ServerFrame::Cancel { command_id } if command_id == *id => Some(()),
+            _ => None,
+        })
+        .await;
+    agent
+        .send(AgentFrame::Finished {
+            command_id: id.clone(),
+            result: ExecResult {
+                outcome: Outcome::Cancelled,
+                signal: Some(15),
+                ..support::result(-1, 0)
+            },
+        })
+        .await;
+}
+
 /// Replicas `a` and `b` on a fresh database of the tests' PostgreSQL, sharing `nats`.
 async fn replicas(nats: &Nats) -> (TestServer, TestServer) {
     let database = Database::parse(&shared_postgres().create_database()).unwrap();
@@ -156,32 +189,8 @@ async fn a_cancel_through_another_replica_reaches_the_owner() {
         .await;
     agent.expect_run().await;
     agent.started(&id).await;
-    let (status, _, body) = b
-        .call(
-            reqwest::Method::POST,
-            &format!("/v1/commands/{id}/cancel"),
-            Some(&json!({})),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    agent
-        .expect("Cancel", |f| match f {
-            ServerFrame::Cancel { command_id } if command_id == id => Some(()),
-            _ => None,
-        })
-        .await;
-    // Killed by the cancel, as an agent reports it.
-    agent
-        .send(AgentFrame::Finished {
-            command_id: id.clone(),
-            result: ExecResult {
-                outcome: Outcome::Cancelled,
-                signal: Some(15),
-                ..support::result(-1, 0)
-            },
-        })
-        .await;
+    cancel_through(&b, &id).await;
+    cancelled_on(&mut agent, &id).await;
     agent.expect_result_ack(&id).await;
     let done = a.wait_terminal(&id, DEADLINE).await;
     assert_eq!(done["status"], "Cancelled", "{done}");
@@ -421,34 +430,11 @@ async fn a_cancel_while_no_replica_dispatches_is_kept_for_the_next_owner() {
     agent.expect_run().await;
     agent.started(&id).await;
     a.kill();
-    let (status, _, body) = b
-        .call(
-            reqwest::Method::POST,
-            &format!("/v1/commands/{id}/cancel"),
-            Some(&json!({})),
-            &[],
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    cancel_through(&b, &id).await;
     let db = b.store().await;
     let lease = db.command_lease(&id).await.unwrap().unwrap();
     assert_eq!(lease.epoch, 1, "B took the command over before the cancel");
-    agent
-        .expect("Cancel", |f| match f {
-            ServerFrame::Cancel { command_id } if command_id == id => Some(()),
-            _ => None,
-        })
-        .await;
-    agent
-        .send(AgentFrame::Finished {
-            command_id: id.clone(),
-            result: ExecResult {
-                outcome: Outcome::Cancelled,
-                signal: Some(15),
-                ..support::result(-1, 0)
-            },
-        })
-        .await;
+    cancelled_on(&mut agent, &id).await;
     agent.expect_result_ack(&id).await;
     let done = b.wait_terminal(&id, DEADLINE).await;
     assert_eq!(done["status"], "Cancelled", "{done}");
